@@ -1,0 +1,75 @@
+#pragma once
+
+// Vectorized CPU loops of the fake-quantize kernels. fake_quantize_loops_impl.h is
+// compiled once per CPU capability (fake_quantize_loops_{default,avx2}.cpp, each with
+// its own compiler flags); the kernels call the best one the processor supports.
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../fake_quantize_common.h"
+
+namespace qat {
+namespace cpu {
+
+struct ForwardLoopArgs {
+  const void* input = nullptr;
+  void* output = nullptr;
+  // Optional per-element code for the backward: 0 inside the range, 1 clamped below,
+  // 2 clamped above, 3 NaN. Null when no backward will need it.
+  uint8_t* code = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  detail::ChannelLayout layout;
+  const float* scale = nullptr; // one per channel
+  const float* zero_point = nullptr; // one per channel, integer-valued
+  int64_t quant_min = 0;
+  int64_t quant_max = 255;
+};
+
+struct BackwardLoopArgs {
+  const void* grad = nullptr;
+  // Exactly one of input / code is set: the learnable estimators recompute from the
+  // input, the others read the code cached by the forward.
+  const void* input = nullptr;
+  const uint8_t* code = nullptr;
+  void* grad_input = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  detail::ChannelLayout layout;
+  const float* scale = nullptr;
+  const float* zero_point = nullptr;
+  int64_t quant_min = 0;
+  int64_t quant_max = 255;
+  // Scale gradient: clamped elements contribute (bound - zero_point) * g; with
+  // scale_grad_inside, in-range elements add (round(x/s) - x/s) * g (LSQ).
+  bool scale_grad = false;
+  bool scale_grad_inside = false;
+  // Zero-point gradient: clamped elements contribute -scale * g (LSQ+).
+  bool zero_point_grad = false;
+  // EWGS: in-range gradients scaled by 1 + delta * sign(g) * (x/s - round(x/s)).
+  double ewgs_delta = 0.0;
+  // Outputs, one double per channel, unscaled sums.
+  double* grad_scale = nullptr;
+  double* grad_zero_point = nullptr;
+};
+
+enum class Capability { kDefault, kAvx2 };
+
+// The capability the kernels use: the best the processor supports unless overridden.
+Capability capability();
+void set_capability(Capability capability);
+Capability best_supported_capability();
+const char* capability_name(Capability capability);
+
+namespace DEFAULT {
+void forward_loop(const ForwardLoopArgs& args);
+void backward_loop(const BackwardLoopArgs& args);
+} // namespace DEFAULT
+namespace AVX2 {
+void forward_loop(const ForwardLoopArgs& args);
+void backward_loop(const BackwardLoopArgs& args);
+} // namespace AVX2
+
+} // namespace cpu
+} // namespace qat

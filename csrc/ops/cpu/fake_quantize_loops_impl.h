@@ -1,0 +1,533 @@
+// Body of the vectorized fake-quantize loops, included once per CPU capability with
+// CPU_CAPABILITY set (DEFAULT or AVX2), so every definition lands in its own namespace.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "fake_quantize_loops.h"
+
+namespace qat {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// Elements per task of at::parallel_for: large enough that two threads do not pay
+// more in scheduling than they save on a tensor of a few hundred kilobytes.
+constexpr int64_t kGrain = 32768;
+// Channels whose memory runs are shorter than this are walked with per-element
+// parameters instead of one run per channel.
+constexpr int64_t kMinUniformRun = 64;
+// Per-element parameter tables repeat the channel pattern up to at least this length,
+// so that each contiguous stretch of work is long enough to vectorize.
+constexpr int64_t kMinPeriod = 256;
+// Float partial sums are moved into doubles this often, bounding rounding error.
+constexpr int64_t kFlushEvery = 512;
+// Backward reductions use a fixed chunking of the tensor, so results do not depend on
+// the number of threads.
+constexpr int64_t kMaxChunks = 64;
+
+// Adding and subtracting 1.5 * 2^mantissa rounds to the nearest integer, ties to even
+// (the default IEEE mode, as nearbyint), for |v| < 2^(mantissa-1).
+template <typename T>
+struct RoundMagic;
+template <>
+struct RoundMagic<float> {
+  static constexpr float value = 12582912.0f;
+};
+template <>
+struct RoundMagic<double> {
+  static constexpr double value = 6755399441055744.0;
+};
+
+// Constants of one channel in the math type M. lo/hi are the clamping bounds relative
+// to the zero point: quant_min - zero_point and quant_max - zero_point.
+template <typename M>
+struct Channel {
+  M scale, inv_scale, lo, hi;
+};
+
+template <typename M>
+Channel<M> make_channel(float scale, float zero_point, int64_t quant_min, int64_t quant_max) {
+  // As PyTorch's kernels: the reciprocal is taken in float32, then x * inv_scale in M.
+  const float inv = 1.0f / scale;
+  return {static_cast<M>(scale), static_cast<M>(inv),
+          static_cast<M>(static_cast<float>(quant_min) - zero_point),
+          static_cast<M>(static_cast<float>(quant_max) - zero_point)};
+}
+
+// One channel for a whole run of elements.
+template <typename M>
+struct UniformParams {
+  using Vec = Vectorized<M>;
+  Vec scale, inv_scale, lo, hi;
+  explicit UniformParams(const Channel<M>& c)
+      : scale(c.scale), inv_scale(c.inv_scale), lo(c.lo), hi(c.hi) {}
+  Vec get_scale(int64_t, int64_t) const { return scale; }
+  Vec get_inv_scale(int64_t, int64_t) const { return inv_scale; }
+  Vec get_lo(int64_t, int64_t) const { return lo; }
+  Vec get_hi(int64_t, int64_t) const { return hi; }
+  UniformParams shifted(int64_t) const { return *this; }
+};
+
+// Parameters that change from element to element (channels with short memory runs).
+template <typename M>
+struct ElementwiseParams {
+  using Vec = Vectorized<M>;
+  const M* scale;
+  const M* inv_scale;
+  const M* lo;
+  const M* hi;
+  Vec get_scale(int64_t i, int64_t n) const { return Vec::loadu(scale + i, n); }
+  Vec get_inv_scale(int64_t i, int64_t n) const { return Vec::loadu(inv_scale + i, n); }
+  Vec get_lo(int64_t i, int64_t n) const { return Vec::loadu(lo + i, n); }
+  Vec get_hi(int64_t i, int64_t n) const { return Vec::loadu(hi + i, n); }
+  ElementwiseParams shifted(int64_t i) const {
+    return {scale + i, inv_scale + i, lo + i, hi + i};
+  }
+};
+
+// v = x / s clamped to [lo - 1, hi + 1] (NaN stays NaN) and r = round-half-even(v).
+// Clamping first keeps the rounding trick exact, and since rounding is monotonic,
+// clamp(round(v), lo, hi) equals round(clamp(v, lo, hi)) for the integer bounds.
+template <typename M>
+inline void levels(
+    const Vectorized<M>& x,
+    const Vectorized<M>& inv_scale,
+    const Vectorized<M>& lo,
+    const Vectorized<M>& hi,
+    Vectorized<M>& v,
+    Vectorized<M>& r) {
+  using Vec = Vectorized<M>;
+  const Vec one(M(1));
+  const Vec magic(RoundMagic<M>::value);
+  v = at::vec::minimum(at::vec::maximum(x * inv_scale, lo - one), hi + one);
+  r = (v + magic) - magic;
+}
+
+template <typename M, typename P>
+void forward_run(const M* x, M* out, uint8_t* code, int64_t n, const P& p) {
+  using Vec = Vectorized<M>;
+  constexpr int64_t W = Vec::size();
+  for (int64_t i = 0; i < n; i += W) {
+    const int64_t m = std::min<int64_t>(W, n - i);
+    const Vec lo = p.get_lo(i, m);
+    const Vec hi = p.get_hi(i, m);
+    Vec v, r;
+    levels(Vec::loadu(x + i, m), p.get_inv_scale(i, m), lo, hi, v, r);
+    (at::vec::minimum(at::vec::maximum(r, lo), hi) * p.get_scale(i, m)).store(out + i, m);
+    if (code != nullptr) {
+      const Vec c = r.lt(lo) + Vec(M(2)) * r.gt(hi) + Vec(M(3)) * r.ne(r);
+      M buf[W];
+      c.store(buf, m);
+      for (int64_t j = 0; j < m; ++j) {
+        code[i + j] = static_cast<uint8_t>(buf[j]);
+      }
+    }
+  }
+}
+
+// Scale / zero-point partial sums of one uniform run, flushed into doubles.
+template <typename M>
+struct UniformAccumulator {
+  using Vec = Vectorized<M>;
+  Vec scale_sum{M(0)};
+  Vec zero_point_sum{M(0)};
+  int64_t pending = 0;
+  double scale_total = 0.0;
+  double zero_point_total = 0.0;
+
+  void add(int64_t, int64_t, const Vec& ds, const Vec& dz) {
+    scale_sum = scale_sum + ds;
+    zero_point_sum = zero_point_sum + dz;
+    if (++pending == kFlushEvery) {
+      flush();
+    }
+  }
+  void flush() {
+    M buf[Vec::size()];
+    scale_sum.store(buf);
+    for (const M value : buf) {
+      scale_total += value;
+    }
+    zero_point_sum.store(buf);
+    for (const M value : buf) {
+      zero_point_total += value;
+    }
+    scale_sum = Vec(M(0));
+    zero_point_sum = Vec(M(0));
+    pending = 0;
+  }
+  UniformAccumulator& shifted(int64_t) { return *this; }
+};
+
+// Per-position partial sums for elementwise parameters; folded into channels later.
+template <typename M>
+struct ElementwiseAccumulator {
+  using Vec = Vectorized<M>;
+  M* scale_sum;
+  M* zero_point_sum;
+  void add(int64_t i, int64_t n, const Vec& ds, const Vec& dz) {
+    (Vec::loadu(scale_sum + i, n) + ds).store(scale_sum + i, n);
+    (Vec::loadu(zero_point_sum + i, n) + dz).store(zero_point_sum + i, n);
+  }
+  ElementwiseAccumulator shifted(int64_t i) const {
+    return {scale_sum + i, zero_point_sum + i};
+  }
+};
+
+struct BackwardFlags {
+  bool scale_grad;
+  bool scale_grad_inside;
+  bool zero_point_grad;
+  double ewgs_delta;
+};
+
+// Backward from the cached code (ste, pact): reads g and one byte per element.
+template <typename M, typename P, typename A>
+void backward_code_run(
+    const M* g, const uint8_t* code, M* dx, int64_t n, const P& p, A&& acc,
+    const BackwardFlags& f) {
+  using Vec = Vectorized<M>;
+  constexpr int64_t W = Vec::size();
+  const Vec zero(M(0));
+  for (int64_t i = 0; i < n; i += W) {
+    const int64_t m = std::min<int64_t>(W, n - i);
+    M buf[W];
+    for (int64_t j = 0; j < m; ++j) {
+      buf[j] = static_cast<M>(code[i + j]);
+    }
+    const Vec c = Vec::loadu(buf, m);
+    const Vec gv = Vec::loadu(g + i, m);
+    (gv * c.eq(zero)).store(dx + i, m);
+    if (f.scale_grad) {
+      const Vec bound = c.eq(Vec(M(1))) * p.get_lo(i, m) + c.eq(Vec(M(2))) * p.get_hi(i, m);
+      acc.add(i, m, gv * bound, zero);
+    }
+  }
+}
+
+// Backward from the input (lsq, lsq_plus, ewgs): recomputes the levels in one pass.
+template <typename M, typename P, typename A>
+void backward_input_run(
+    const M* g, const M* x, M* dx, int64_t n, const P& p, A&& acc, const BackwardFlags& f) {
+  using Vec = Vectorized<M>;
+  constexpr int64_t W = Vec::size();
+  const Vec zero(M(0));
+  const Vec one(M(1));
+  const Vec delta(static_cast<M>(f.ewgs_delta));
+  const bool ewgs = f.ewgs_delta != 0.0;
+  for (int64_t i = 0; i < n; i += W) {
+    const int64_t m = std::min<int64_t>(W, n - i);
+    const Vec lo = p.get_lo(i, m);
+    const Vec hi = p.get_hi(i, m);
+    const Vec gv = Vec::loadu(g + i, m);
+    Vec v, r;
+    levels(Vec::loadu(x + i, m), p.get_inv_scale(i, m), lo, hi, v, r);
+    // Bit masks (all ones where true) select; 1.0/0.0 values multiply. NaN inputs are
+    // in no class, and blends keep their NaN residual out of the sums.
+    const Vec inside_mask = (r >= lo) & (r <= hi);
+    const Vec below = r.lt(lo);
+    const Vec above = r.gt(hi);
+    if (ewgs) {
+      const Vec sign = gv.gt(zero) - gv.lt(zero);
+      const Vec scaled = gv * (one + delta * sign * (v - r));
+      Vec::blendv(zero, scaled, inside_mask).store(dx + i, m);
+    } else {
+      (gv * (inside_mask & one)).store(dx + i, m);
+    }
+    if (f.scale_grad || f.zero_point_grad) {
+      Vec ds = zero;
+      Vec dz = zero;
+      if (f.scale_grad) {
+        ds = gv * (below * lo + above * hi);
+        if (f.scale_grad_inside) {
+          ds = ds + Vec::blendv(zero, gv * (r - v), inside_mask);
+        }
+      }
+      if (f.zero_point_grad) {
+        dz = gv * (below + above) * p.get_scale(i, m);
+      }
+      acc.add(i, m, ds, dz);
+    }
+  }
+}
+
+// Float16 / bfloat16 go through float32 buffers: math in float32, storage in the
+// input's dtype.
+constexpr int64_t kConvertBlock = 512;
+
+template <typename T>
+const float* widen(const T* src, float* buf, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    buf[j] = static_cast<float>(src[j]);
+  }
+  return buf;
+}
+
+template <typename T>
+void narrow(const float* buf, T* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    dst[j] = static_cast<T>(buf[j]);
+  }
+}
+
+template <typename T, typename M, typename P>
+void forward_any(const T* x, T* out, uint8_t* code, int64_t n, const P& p) {
+  if constexpr (std::is_same<T, M>::value) {
+    forward_run<M>(x, out, code, n, p);
+  } else {
+    M xb[kConvertBlock];
+    M ob[kConvertBlock];
+    for (int64_t i = 0; i < n; i += kConvertBlock) {
+      const int64_t m = std::min(kConvertBlock, n - i);
+      forward_run<M>(widen(x + i, xb, m), ob, code ? code + i : nullptr, m, p.shifted(i));
+      narrow(ob, out + i, m);
+    }
+  }
+}
+
+template <typename T, typename M, typename P, typename A>
+void backward_any(
+    const T* g, const T* x, const uint8_t* code, T* dx, int64_t n, const P& p, A&& acc,
+    const BackwardFlags& f) {
+  if constexpr (std::is_same<T, M>::value) {
+    if (code != nullptr) {
+      backward_code_run<M>(g, code, dx, n, p, acc, f);
+    } else {
+      backward_input_run<M>(g, x, dx, n, p, acc, f);
+    }
+  } else {
+    M gb[kConvertBlock];
+    M xb[kConvertBlock];
+    M db[kConvertBlock];
+    for (int64_t i = 0; i < n; i += kConvertBlock) {
+      const int64_t m = std::min(kConvertBlock, n - i);
+      const M* gm = widen(g + i, gb, m);
+      auto&& sub = acc.shifted(i);
+      if (code != nullptr) {
+        backward_code_run<M>(gm, code + i, db, m, p.shifted(i), sub, f);
+      } else {
+        backward_input_run<M>(gm, widen(x + i, xb, m), db, m, p.shifted(i), sub, f);
+      }
+      narrow(db, dx + i, m);
+    }
+  }
+}
+
+// Tables of per-element parameters that repeat the channel pattern with a period that
+// is a multiple of channels * inner and at least kMinPeriod long.
+template <typename M>
+struct PeriodicTables {
+  int64_t period = 0;
+  int64_t pattern = 0; // channels * inner
+  int64_t inner = 1;
+  std::vector<M> scale, inv_scale, lo, hi;
+
+  PeriodicTables(const std::vector<Channel<M>>& channels, int64_t inner_) : inner(inner_) {
+    pattern = static_cast<int64_t>(channels.size()) * inner;
+    period = pattern * ((kMinPeriod + pattern - 1) / pattern);
+    scale.resize(period);
+    inv_scale.resize(period);
+    lo.resize(period);
+    hi.resize(period);
+    for (int64_t k = 0; k < period; ++k) {
+      const auto& c = channels[(k % pattern) / inner];
+      scale[k] = c.scale;
+      inv_scale[k] = c.inv_scale;
+      lo[k] = c.lo;
+      hi[k] = c.hi;
+    }
+  }
+  ElementwiseParams<M> at(int64_t phase) const {
+    return {scale.data() + phase, inv_scale.data() + phase, lo.data() + phase, hi.data() + phase};
+  }
+  int64_t channel_of(int64_t phase) const { return (phase % pattern) / inner; }
+};
+
+// Calls f(begin, length, channel) for the pieces of [begin, end) that lie in one
+// channel's run of memory.
+template <typename F>
+void for_each_uniform_run(const detail::ChannelLayout& l, int64_t begin, int64_t end, F&& f) {
+  int64_t pos = begin;
+  while (pos < end) {
+    const int64_t run = pos / l.inner;
+    const int64_t stop = std::min(end, (run + 1) * l.inner);
+    f(pos, stop - pos, run % l.channels);
+    pos = stop;
+  }
+}
+
+// Calls f(begin, length, phase) for the pieces of [begin, end) that do not wrap the
+// period of the parameter tables.
+template <typename F>
+void for_each_period(int64_t period, int64_t begin, int64_t end, F&& f) {
+  int64_t pos = begin;
+  while (pos < end) {
+    const int64_t phase = pos % period;
+    const int64_t stop = std::min(end, pos + (period - phase));
+    f(pos, stop - pos, phase);
+    pos = stop;
+  }
+}
+
+template <typename M>
+std::vector<Channel<M>> make_channels(
+    const float* scale, const float* zero_point, int64_t channels, int64_t quant_min,
+    int64_t quant_max) {
+  std::vector<Channel<M>> out(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    out[c] = make_channel<M>(scale[c], zero_point[c], quant_min, quant_max);
+  }
+  return out;
+}
+
+bool use_uniform_runs(const detail::ChannelLayout& l) {
+  return l.channels == 1 || l.inner >= kMinUniformRun;
+}
+
+template <typename T, typename M>
+void forward_typed(const ForwardLoopArgs& a) {
+  const auto& l = a.layout;
+  const int64_t numel = l.outer * l.channels * l.inner;
+  const T* x = static_cast<const T*>(a.input);
+  T* out = static_cast<T*>(a.output);
+  uint8_t* code = a.code;
+  const auto channels =
+      make_channels<M>(a.scale, a.zero_point, l.channels, a.quant_min, a.quant_max);
+  if (use_uniform_runs(l)) {
+    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+      for_each_uniform_run(l, begin, end, [&](int64_t pos, int64_t len, int64_t c) {
+        forward_any<T, M>(x + pos, out + pos, code ? code + pos : nullptr, len,
+                          UniformParams<M>(channels[c]));
+      });
+    });
+    return;
+  }
+  const PeriodicTables<M> tables(channels, l.inner);
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    for_each_period(tables.period, begin, end, [&](int64_t pos, int64_t len, int64_t phase) {
+      forward_any<T, M>(x + pos, out + pos, code ? code + pos : nullptr, len, tables.at(phase));
+    });
+  });
+}
+
+template <typename T, typename M>
+void backward_typed(const BackwardLoopArgs& a) {
+  const auto& l = a.layout;
+  const int64_t numel = l.outer * l.channels * l.inner;
+  const T* g = static_cast<const T*>(a.grad);
+  const T* x = static_cast<const T*>(a.input);
+  const uint8_t* code = a.code;
+  T* dx = static_cast<T*>(a.grad_input);
+  const BackwardFlags flags{a.scale_grad, a.scale_grad_inside, a.zero_point_grad, a.ewgs_delta};
+  const auto channels =
+      make_channels<M>(a.scale, a.zero_point, l.channels, a.quant_min, a.quant_max);
+  const int64_t num_chunks = std::max<int64_t>(
+      1, std::min<int64_t>(kMaxChunks, (numel + kGrain - 1) / kGrain));
+  const int64_t chunk = (numel + num_chunks - 1) / num_chunks;
+  const int64_t C = l.channels;
+  // Per chunk and channel, so that the final sum runs in a fixed order.
+  std::vector<double> scale_sums(num_chunks * C, 0.0);
+  std::vector<double> zero_point_sums(num_chunks * C, 0.0);
+
+  if (use_uniform_runs(l)) {
+    at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t k = first; k < last; ++k) {
+        const int64_t begin = k * chunk;
+        const int64_t end = std::min(numel, begin + chunk);
+        for_each_uniform_run(l, begin, end, [&](int64_t pos, int64_t len, int64_t c) {
+          UniformAccumulator<M> acc;
+          backward_any<T, M>(g + pos, x ? x + pos : nullptr, code ? code + pos : nullptr,
+                             dx + pos, len, UniformParams<M>(channels[c]), acc, flags);
+          acc.flush();
+          scale_sums[k * C + c] += acc.scale_total;
+          zero_point_sums[k * C + c] += acc.zero_point_total;
+        });
+      }
+    });
+  } else {
+    const PeriodicTables<M> tables(channels, l.inner);
+    const int64_t P = tables.period;
+    const bool reduce = flags.scale_grad || flags.zero_point_grad;
+    at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
+      std::vector<M> scale_acc(reduce ? P : 0);
+      std::vector<M> zero_point_acc(reduce ? P : 0);
+      for (int64_t k = first; k < last; ++k) {
+        std::fill(scale_acc.begin(), scale_acc.end(), M(0));
+        std::fill(zero_point_acc.begin(), zero_point_acc.end(), M(0));
+        const int64_t begin = k * chunk;
+        const int64_t end = std::min(numel, begin + chunk);
+        for_each_period(P, begin, end, [&](int64_t pos, int64_t len, int64_t phase) {
+          ElementwiseAccumulator<M> acc{
+              reduce ? scale_acc.data() + phase : nullptr,
+              reduce ? zero_point_acc.data() + phase : nullptr};
+          backward_any<T, M>(g + pos, x ? x + pos : nullptr, code ? code + pos : nullptr,
+                             dx + pos, len, tables.at(phase), acc, flags);
+        });
+        for (int64_t phase = 0; reduce && phase < P; ++phase) {
+          const int64_t c = tables.channel_of(phase);
+          scale_sums[k * C + c] += scale_acc[phase];
+          zero_point_sums[k * C + c] += zero_point_acc[phase];
+        }
+      }
+    });
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    double s = 0.0;
+    double z = 0.0;
+    for (int64_t k = 0; k < num_chunks; ++k) {
+      s += scale_sums[k * C + c];
+      z += zero_point_sums[k * C + c];
+    }
+    if (a.grad_scale != nullptr) {
+      a.grad_scale[c] = s;
+    }
+    if (a.grad_zero_point != nullptr) {
+      a.grad_zero_point[c] = -z;
+    }
+  }
+}
+
+} // namespace
+
+void forward_loop(const ForwardLoopArgs& args) {
+  switch (args.dtype) {
+    case at::kFloat:
+      return forward_typed<float, float>(args);
+    case at::kDouble:
+      return forward_typed<double, double>(args);
+    case at::kHalf:
+      return forward_typed<c10::Half, float>(args);
+    case at::kBFloat16:
+      return forward_typed<c10::BFloat16, float>(args);
+    default:
+      TORCH_CHECK(false, "qat::fake_quantize: unsupported dtype ", args.dtype);
+  }
+}
+
+void backward_loop(const BackwardLoopArgs& args) {
+  switch (args.dtype) {
+    case at::kFloat:
+      return backward_typed<float, float>(args);
+    case at::kDouble:
+      return backward_typed<double, double>(args);
+    case at::kHalf:
+      return backward_typed<c10::Half, float>(args);
+    case at::kBFloat16:
+      return backward_typed<c10::BFloat16, float>(args);
+    default:
+      TORCH_CHECK(false, "qat::fake_quantize backward: unsupported dtype ", args.dtype);
+  }
+}
+
+} // namespace CPU_CAPABILITY
+} // namespace cpu
+} // namespace qat

@@ -1,0 +1,131 @@
+#include "fake_quantize_common.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+
+#include <cmath>
+
+namespace qat {
+namespace detail {
+
+c10::optional<int64_t> check_arguments(
+    const char* op,
+    const at::Tensor& input,
+    const at::Tensor& scale,
+    const at::Tensor& zero_point,
+    int64_t quant_min,
+    int64_t quant_max,
+    c10::optional<int64_t> axis) {
+  TORCH_CHECK(input.defined(), op, ": input is undefined");
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      op, ": input must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
+      dtype);
+  TORCH_CHECK(
+      scale.defined() && at::isFloatingType(scale.scalar_type()),
+      op, ": scale must be a floating-point tensor, got ",
+      scale.defined() ? c10::toString(scale.scalar_type()) : "an undefined tensor");
+  TORCH_CHECK(
+      zero_point.defined() && zero_point.scalar_type() != at::kBool &&
+          !at::isComplexType(zero_point.scalar_type()),
+      op, ": zero_point must be an integer or floating-point tensor");
+  TORCH_CHECK(
+      quant_min < quant_max, op, ": quant_min (", quant_min, ") must be less than quant_max (",
+      quant_max, ")");
+  TORCH_CHECK(
+      quant_max - quant_min < kMaxLevels && quant_min >= kMinQuantMin && quant_max <= kMaxQuantMax,
+      op, ": the range [quant_min, quant_max] = [", quant_min, ", ", quant_max,
+      "] is wider than 16 bits; at most ", kMaxLevels, " levels within [", kMinQuantMin, ", ",
+      kMaxQuantMax, "] are supported");
+
+  if (!axis.has_value()) {
+    TORCH_CHECK(
+        scale.numel() == 1, op, ": per-tensor quantization (axis=None) needs one scale, got ",
+        scale.numel());
+    TORCH_CHECK(
+        zero_point.numel() == 1,
+        op, ": per-tensor quantization (axis=None) needs one zero_point, got ",
+        zero_point.numel());
+    return c10::nullopt;
+  }
+  const int64_t dim = input.dim();
+  TORCH_CHECK(dim > 0, op, ": per-channel quantization needs an input with at least one dimension");
+  const int64_t a = *axis;
+  TORCH_CHECK(
+      a >= -dim && a < dim, op, ": axis ", a, " is out of range for an input with ", dim,
+      " dimensions (expected an axis in [", -dim, ", ", dim - 1, "])");
+  const int64_t normalized = a < 0 ? a + dim : a;
+  const int64_t channels = input.size(normalized);
+  TORCH_CHECK(
+      scale.dim() <= 1 && scale.numel() == channels,
+      op, ": scale must be 1-D with one entry per channel of axis ", a, " (", channels,
+      "), got shape ", scale.sizes());
+  TORCH_CHECK(
+      zero_point.dim() <= 1 && zero_point.numel() == channels,
+      op, ": zero_point must be 1-D with one entry per channel of axis ", a, " (", channels,
+      "), got shape ", zero_point.sizes());
+  return normalized;
+}
+
+QParams read_qparams(
+    const char* op,
+    const at::Tensor& scale,
+    const at::Tensor& zero_point,
+    int64_t quant_min,
+    int64_t quant_max) {
+  const auto s = scale.detach().to(at::kCPU, at::kDouble).contiguous();
+  const auto z = zero_point.detach().to(at::kCPU, at::kDouble).contiguous();
+  const double* sp = s.data_ptr<double>();
+  const double* zp = z.data_ptr<double>();
+  QParams q;
+  q.scale.resize(s.numel());
+  q.zero_point.resize(z.numel());
+  for (const auto i : c10::irange(s.numel())) {
+    // Kernels use the float32 scale, as PyTorch's fake-quant ops do.
+    const float sf = static_cast<float>(sp[i]);
+    TORCH_CHECK(
+        std::isfinite(sp[i]) && sf > 0.0f && std::isfinite(1.0f / sf),
+        op, ": scale must be positive and finite (and its float32 reciprocal finite), got scale[",
+        i, "] = ", sp[i]);
+    q.scale[i] = sf;
+  }
+  for (const auto i : c10::irange(z.numel())) {
+    TORCH_CHECK(std::isfinite(zp[i]), op, ": zero_point must be finite, got zero_point[", i, "] = ",
+                zp[i]);
+    const double rounded = std::nearbyint(zp[i]);
+    TORCH_CHECK(
+        rounded >= static_cast<double>(quant_min) && rounded <= static_cast<double>(quant_max),
+        op, ": zero_point[", i, "] = ", zp[i], " is outside [quant_min, quant_max] = [", quant_min,
+        ", ", quant_max, "]");
+    q.zero_point[i] = static_cast<float>(rounded);
+  }
+  return q;
+}
+
+ChannelLayout channel_layout(const at::Tensor& input, c10::optional<int64_t> axis) {
+  ChannelLayout layout;
+  if (!axis.has_value()) {
+    layout.inner = input.numel();
+    return layout;
+  }
+  layout.channels = input.size(*axis);
+  layout.inner = layout.channels > 1 ? input.stride(*axis) : 1;
+  const int64_t block = layout.inner * layout.channels;
+  layout.outer = block == 0 ? 0 : input.numel() / block;
+  return layout;
+}
+
+at::Tensor dense(const at::Tensor& input) {
+  return input.is_non_overlapping_and_dense() ? input : input.contiguous();
+}
+
+at::Tensor match_layout(const at::Tensor& grad, const at::Tensor& like) {
+  if (grad.strides() == like.strides()) {
+    return grad;
+  }
+  return at::empty_strided(like.sizes(), like.strides(), grad.options()).copy_(grad);
+}
+
+} // namespace detail
+} // namespace qat

@@ -1,0 +1,5 @@
+#pragma once
+
+/// Umbrella header of qat's C++ API.
+#include <qat/estimator.h>
+#include <qat/fake_quantize.h>
