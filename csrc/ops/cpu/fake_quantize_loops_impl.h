@@ -94,6 +94,35 @@ struct ElementwiseParams {
   }
 };
 
+// max(v, lo) and min(v, hi) that keep a NaN v as NaN, in one instruction where the
+// processor's max/min already return their second operand on NaN.
+template <typename M>
+inline Vectorized<M> raise_to(const Vectorized<M>& v, const Vectorized<M>& lo) {
+  return Vectorized<M>::blendv(v, lo, v < lo);
+}
+template <typename M>
+inline Vectorized<M> lower_to(const Vectorized<M>& v, const Vectorized<M>& hi) {
+  return Vectorized<M>::blendv(v, hi, v > hi);
+}
+#if defined(CPU_CAPABILITY_AVX2)
+template <>
+inline Vectorized<float> raise_to(const Vectorized<float>& v, const Vectorized<float>& lo) {
+  return _mm256_max_ps(lo, v);
+}
+template <>
+inline Vectorized<float> lower_to(const Vectorized<float>& v, const Vectorized<float>& hi) {
+  return _mm256_min_ps(hi, v);
+}
+template <>
+inline Vectorized<double> raise_to(const Vectorized<double>& v, const Vectorized<double>& lo) {
+  return _mm256_max_pd(lo, v);
+}
+template <>
+inline Vectorized<double> lower_to(const Vectorized<double>& v, const Vectorized<double>& hi) {
+  return _mm256_min_pd(hi, v);
+}
+#endif
+
 // v = x / s clamped to [lo - 1, hi + 1] (NaN stays NaN) and r = round-half-even(v).
 // Clamping first keeps the rounding trick exact, and since rounding is monotonic,
 // clamp(round(v), lo, hi) equals round(clamp(v, lo, hi)) for the integer bounds.
@@ -108,27 +137,44 @@ inline void levels(
   using Vec = Vectorized<M>;
   const Vec one(M(1));
   const Vec magic(RoundMagic<M>::value);
-  v = at::vec::minimum(at::vec::maximum(x * inv_scale, lo - one), hi + one);
+  v = lower_to(raise_to(x * inv_scale, lo - one), hi + one);
   r = (v + magic) - magic;
 }
+
+// Codes are converted between bytes and the math type a block at a time: with a
+// fixed trip count the compiler vectorizes the conversion loops.
+constexpr int64_t kCodeBlock = 64;
 
 template <typename M, typename P>
 void forward_run(const M* x, M* out, uint8_t* code, int64_t n, const P& p) {
   using Vec = Vectorized<M>;
   constexpr int64_t W = Vec::size();
-  for (int64_t i = 0; i < n; i += W) {
-    const int64_t m = std::min<int64_t>(W, n - i);
-    const Vec lo = p.get_lo(i, m);
-    const Vec hi = p.get_hi(i, m);
-    Vec v, r;
-    levels(Vec::loadu(x + i, m), p.get_inv_scale(i, m), lo, hi, v, r);
-    (at::vec::minimum(at::vec::maximum(r, lo), hi) * p.get_scale(i, m)).store(out + i, m);
-    if (code != nullptr) {
-      const Vec c = r.lt(lo) + Vec(M(2)) * r.gt(hi) + Vec(M(3)) * r.ne(r);
-      M buf[W];
-      c.store(buf, m);
-      for (int64_t j = 0; j < m; ++j) {
-        code[i + j] = static_cast<uint8_t>(buf[j]);
+  static_assert(kCodeBlock % W == 0, "code blocks hold whole vectors");
+  M codes[kCodeBlock];
+  for (int64_t b = 0; b < n; b += kCodeBlock) {
+    const int64_t block = std::min(kCodeBlock, n - b);
+    for (int64_t j = 0; j < block; j += W) {
+      const int64_t i = b + j;
+      const int64_t m = std::min<int64_t>(W, n - i);
+      const Vec lo = p.get_lo(i, m);
+      const Vec hi = p.get_hi(i, m);
+      Vec v, r;
+      levels(Vec::loadu(x + i, m), p.get_inv_scale(i, m), lo, hi, v, r);
+      (lower_to(raise_to(r, lo), hi) * p.get_scale(i, m)).store(out + i, m);
+      if (code != nullptr) {
+        (r.lt(lo) + Vec(M(2)) * r.gt(hi) + Vec(M(3)) * r.ne(r)).store(codes + j);
+      }
+    }
+    if (code == nullptr) {
+      continue;
+    }
+    if (block == kCodeBlock) {
+      for (int64_t j = 0; j < kCodeBlock; ++j) {
+        code[b + j] = static_cast<uint8_t>(static_cast<int32_t>(codes[j]));
+      }
+    } else {
+      for (int64_t j = 0; j < block; ++j) {
+        code[b + j] = static_cast<uint8_t>(static_cast<int32_t>(codes[j]));
       }
     }
   }
@@ -198,18 +244,28 @@ void backward_code_run(
   using Vec = Vectorized<M>;
   constexpr int64_t W = Vec::size();
   const Vec zero(M(0));
-  for (int64_t i = 0; i < n; i += W) {
-    const int64_t m = std::min<int64_t>(W, n - i);
-    M buf[W];
-    for (int64_t j = 0; j < m; ++j) {
-      buf[j] = static_cast<M>(code[i + j]);
+  M codes[kCodeBlock];
+  for (int64_t b = 0; b < n; b += kCodeBlock) {
+    const int64_t block = std::min(kCodeBlock, n - b);
+    if (block == kCodeBlock) {
+      for (int64_t j = 0; j < kCodeBlock; ++j) {
+        codes[j] = static_cast<M>(static_cast<int32_t>(code[b + j]));
+      }
+    } else {
+      for (int64_t j = 0; j < block; ++j) {
+        codes[j] = static_cast<M>(static_cast<int32_t>(code[b + j]));
+      }
     }
-    const Vec c = Vec::loadu(buf, m);
-    const Vec gv = Vec::loadu(g + i, m);
-    (gv * c.eq(zero)).store(dx + i, m);
-    if (f.scale_grad) {
-      const Vec bound = c.eq(Vec(M(1))) * p.get_lo(i, m) + c.eq(Vec(M(2))) * p.get_hi(i, m);
-      acc.add(i, m, gv * bound, zero);
+    for (int64_t j = 0; j < block; j += W) {
+      const int64_t i = b + j;
+      const int64_t m = std::min<int64_t>(W, n - i);
+      const Vec c = Vec::loadu(codes + j, m);
+      const Vec gv = Vec::loadu(g + i, m);
+      (gv * c.eq(zero)).store(dx + i, m);
+      if (f.scale_grad) {
+        const Vec bound = c.eq(Vec(M(1))) * p.get_lo(i, m) + c.eq(Vec(M(2))) * p.get_hi(i, m);
+        acc.add(i, m, gv * bound, zero);
+      }
     }
   }
 }

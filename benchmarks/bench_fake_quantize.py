@@ -1,0 +1,124 @@
+"""Times qat's fake-quantize forward and forward+backward against PyTorch's own ops and
+against the memory-bandwidth floor (copying the same tensor into a preallocated one),
+all measured side by side in one run.
+
+    .venv/bin/python benchmarks/bench_fake_quantize.py [--elements 4194304] [--threads 2]
+
+Targets (issue 2): forward <= 1.5x one copy, forward+backward <= 1.5x two copies, for
+ste and lsq, per-tensor and per-channel. The ratios are the result; absolute times
+depend on the machine and its load.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import qat
+
+
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--elements", type=int, default=4 * 1024 * 1024)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=41)
+    args = parser.parse_args()
+    if args.elements < 64 * 64 or args.elements % 64:
+        parser.error("--elements must be a multiple of 64, at least 4096")
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    channels = 64
+    # NCHW-like activations: per-channel quantization along axis 1.
+    shape = (4, channels, args.elements // (4 * channels))
+    x = torch.randn(shape)
+    grad = torch.randn(shape)
+    dst = torch.empty_like(x)
+    qmin, qmax = -128, 127
+
+    per_tensor_scale = torch.tensor([x.abs().max().item() / 127])
+    per_tensor_zp = torch.zeros(1, dtype=torch.int32)
+    per_channel_scale = x.abs().amax(dim=(0, 2)) / 127
+    per_channel_zp = torch.zeros(channels, dtype=torch.int32)
+
+    copy_ms = median_ms(lambda: dst.copy_(x), args.repeats)
+
+    def forward_backward(make_output, leaves):
+        def step():
+            for leaf in leaves:
+                leaf.grad = None
+            make_output().backward(grad)
+
+        return step
+
+    xr = x.clone().requires_grad_()
+    cases = []
+    for granularity in ("per-tensor", "per-channel"):
+        per_channel = granularity == "per-channel"
+        scale = per_channel_scale if per_channel else per_tensor_scale
+        zp = per_channel_zp if per_channel else per_tensor_zp
+        axis = 1 if per_channel else None
+        for estimator in ("ste", "lsq"):
+            s = scale.clone().requires_grad_(estimator == "lsq")
+            leaves = [xr, s] if estimator == "lsq" else [xr]
+
+            def ours(s=s, zp=zp, axis=axis, estimator=estimator):
+                return qat.fake_quantize(xr, s, zp, qmin, qmax, axis, estimator, 1.0)
+
+            if estimator == "ste" and per_channel:
+                def aten(s=s, zp=zp):
+                    return torch.fake_quantize_per_channel_affine(xr, s, zp, 1, qmin, qmax)
+            elif estimator == "ste":
+                def aten(s=s, zp=zp):
+                    return torch.fake_quantize_per_tensor_affine(xr, s, zp, qmin, qmax)
+            elif per_channel:
+                zpf = zp.float()
+
+                def aten(s=s, zpf=zpf):
+                    return torch._fake_quantize_learnable_per_channel_affine(
+                        xr, s, zpf, 1, qmin, qmax, 1.0)
+            else:
+                zpf = zp.float()
+
+                def aten(s=s, zpf=zpf):
+                    return torch._fake_quantize_learnable_per_tensor_affine(
+                        xr, s, zpf, qmin, qmax, 1.0)
+
+            assert torch.equal(ours(), aten()), f"{granularity} {estimator}: forward differs"
+            cases.append((granularity, estimator, {
+                "ours_fwd": median_ms(ours, args.repeats),
+                "aten_fwd": median_ms(aten, args.repeats),
+                "ours_fb": median_ms(forward_backward(ours, leaves), args.repeats),
+                "aten_fb": median_ms(forward_backward(aten, leaves), args.repeats),
+            }))
+
+    print(f"qat {qat.__version__}, torch {torch.__version__}, {x.numel()} float32 elements "
+          f"({x.numel() * 4 / 2**20:.0f} MiB), {args.threads} threads, "
+          f"CPU kernels: {qat._C._cpu_capability()}, median of {args.repeats}")
+    print(f"copy into a preallocated tensor (floor): {copy_ms:.3f} ms")
+    header = (f"{'case':<22}{'qat fwd':>9}{'ATen fwd':>10}{'fwd/copy':>10}{'ATen/qat':>10}"
+              f"{'qat f+b':>9}{'ATen f+b':>10}{'f+b/2copy':>11}{'ATen/qat':>10}")
+    print(header)
+    for granularity, estimator, t in cases:
+        print(f"{granularity + ' ' + estimator:<22}"
+              f"{t['ours_fwd']:>9.3f}{t['aten_fwd']:>10.3f}"
+              f"{t['ours_fwd'] / copy_ms:>10.2f}{t['aten_fwd'] / t['ours_fwd']:>10.1f}"
+              f"{t['ours_fb']:>9.3f}{t['aten_fb']:>10.3f}"
+              f"{t['ours_fb'] / (2 * copy_ms):>11.2f}{t['aten_fb'] / t['ours_fb']:>10.1f}")
+    print("targets: fwd/copy <= 1.5, f+b/2copy <= 1.5 (times in ms)")
+
+
+if __name__ == "__main__":
+    main()

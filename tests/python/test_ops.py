@@ -1,0 +1,428 @@
+"""qat.ops.fake_quantize / torch.ops.qat.fake_quantize: forward and straight-through
+backward against ATen's fake-quantize ops (or, where ATen has no kernel, a plain-PyTorch
+reference), layouts, special values, argument checking."""
+
+import math
+
+import pytest
+import torch
+
+import qat
+from conftest import (
+    all_ranges,
+    broadcast_shape,
+    reference_fake_quantize,
+    reference_ste_grad,
+    sample_values,
+)
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def aten_fake_quantize(x, scale, zero_point, quant_min, quant_max, axis=None):
+    """ATen's fake quantization: the tensor-qparams per-tensor op or the per-channel op."""
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(
+            x, scale.reshape(1).to(torch.float32), zero_point.reshape(1).to(torch.int32),
+            quant_min, quant_max)
+    return torch.fake_quantize_per_channel_affine(
+        x, scale.to(torch.float32), zero_point.to(torch.int32), axis % x.dim(), quant_min,
+        quant_max)
+
+
+def has_aten_kernel(dtype, scale):
+    # torch 1.13 has no bfloat16 fake-quantize kernel, nor a per-channel one for 0 channels.
+    return dtype != torch.bfloat16 and scale.numel() > 0
+
+
+def make_qparams(channels, quant_min, quant_max, generator):
+    """float32 scales (one a power of two, so its ties are exact) and int32 zero points."""
+    scale = torch.rand(channels, generator=generator) * 0.2 + 0.005
+    if channels > 0:
+        scale[0] = 2.0**-5
+    zero_point = torch.randint(quant_min, quant_max + 1, (channels,), generator=generator,
+                               dtype=torch.int32)
+    return scale, zero_point
+
+
+def check_against_aten(x, scale, zero_point, quant_min, quant_max, axis, generator):
+    """Forward bit-identical and straight-through input gradient identical to ATen's ops
+    (to the plain-PyTorch reference for bfloat16), through both entry points."""
+    use_aten = has_aten_kernel(x.dtype, scale)
+    xq = x.detach().clone().requires_grad_()
+    out = qat.ops.fake_quantize(xq, scale, zero_point, quant_min, quant_max, axis=axis)
+    out_op = torch.ops.qat.fake_quantize(x, scale, zero_point, quant_min, quant_max, axis)
+    if use_aten:
+        xa = x.detach().clone().requires_grad_()
+        expected = aten_fake_quantize(xa, scale, zero_point, quant_min, quant_max, axis)
+    else:
+        expected = reference_fake_quantize(x, scale, zero_point, quant_min, quant_max, axis)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert torch.equal(out, expected)
+    assert torch.equal(out_op, expected)
+
+    grad = torch.randn(x.shape, generator=generator).to(x.dtype)
+    out.backward(grad)
+    if use_aten:
+        expected.backward(grad)
+        expected_grad = xa.grad
+    else:
+        expected_grad = reference_ste_grad(grad, x, scale, zero_point, quant_min, quant_max, axis)
+    assert xq.grad.dtype == x.dtype
+    assert torch.equal(xq.grad, expected_grad)
+
+
+# ---------------------------------------------------------------------------------------
+# Package surface
+# ---------------------------------------------------------------------------------------
+
+
+def test_version_is_a_string():
+    assert isinstance(qat.__version__, str)
+    assert qat.__version__.count(".") >= 1 and qat.__version__[0].isdigit()
+
+
+def test_fake_quantize_has_a_docstring():
+    doc = qat.ops.fake_quantize.__doc__
+    assert doc and "quant_min" in doc and "estimator" in doc
+    assert qat.fake_quantize is qat.ops.fake_quantize
+
+
+def test_python_scalars_and_tensors_give_the_same_result():
+    x = torch.randn(5, 7)
+    scalar = qat.ops.fake_quantize(x, 0.05, 3, -128, 127)
+    tensor = torch.ops.qat.fake_quantize(
+        x, torch.tensor([0.05]), torch.tensor([3], dtype=torch.int32), -128, 127)
+    assert torch.equal(scalar, tensor)
+    assert torch.equal(scalar, reference_fake_quantize(x, 0.05, 3, -128, 127))
+
+
+# ---------------------------------------------------------------------------------------
+# Forward and STE backward against ATen
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1, -1])
+@pytest.mark.parametrize("quant_range", all_ranges(), ids=lambda r: f"{r[0]}..{r[1]}")
+def test_matches_aten_for_every_range(cpu_capability, quant_range, axis):
+    quant_min, quant_max = quant_range
+    gen = torch.Generator().manual_seed(quant_max * 7 + (axis or 0))
+    shape = (6, 9, 13)
+    channels = 1 if axis is None else shape[axis]
+    scale, zero_point = make_qparams(channels, quant_min, quant_max, gen)
+    x = sample_values(shape, scale, zero_point, quant_min, quant_max, axis, gen)
+    # The samples reach both clamps and the inside of the range, so all branches are hit.
+    ref = reference_fake_quantize(x, scale, zero_point, quant_min, quant_max, axis)
+    zp = zero_point.view(broadcast_shape(x, axis)).float()
+    s = scale.view(broadcast_shape(x, axis))
+    assert (ref == (quant_max - zp) * s).any() and (ref == (quant_min - zp) * s).any()
+    check_against_aten(x, scale, zero_point, quant_min, quant_max, axis, gen)
+
+
+# (shape, axis): scalars, vectors, per-channel along every axis of 2-D to 4-D tensors, a
+# single channel, short channel runs (per-element parameters) and long ones, and tensors
+# large enough to be split across threads and reduction chunks.
+SHAPES_AXES = [
+    ((), None),
+    ((1,), None),
+    ((1,), 0),
+    ((17,), None),
+    ((17,), 0),
+    ((4, 33), None),
+    ((4, 33), 0),
+    ((4, 33), 1),
+    ((4, 33), -1),
+    ((4, 33), -2),
+    ((4, 1, 5), 1),
+    ((2, 3, 5, 7), 0),
+    ((2, 3, 5, 7), 1),
+    ((2, 3, 5, 7), -2),
+    ((2, 3, 5, 7), 3),
+    ((3, 130, 70), 1),
+    ((40, 700), 1),
+    ((40000,), None),
+    ((2, 300, 100), 1),
+    ((600, 100), -1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,axis", SHAPES_AXES, ids=str)
+def test_matches_aten_for_shapes_axes_dtypes(cpu_capability, shape, axis, dtype):
+    quant_min, quant_max = -128, 127
+    gen = torch.Generator().manual_seed(len(shape) * 100 + sum(shape) + (axis or 0))
+    channels = 1 if axis is None else shape[axis]
+    scale, zero_point = make_qparams(channels, -20, 20, gen)
+    x = sample_values(shape, scale, zero_point, quant_min, quant_max, axis, gen, dtype)
+    check_against_aten(x, scale, zero_point, quant_min, quant_max, axis, gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quant_range", [(-32768, 32767), (0, 65535)], ids=str)
+@pytest.mark.parametrize("axis", [None, 1])
+def test_16_bit_ranges(cpu_capability, quant_range, axis, dtype):
+    quant_min, quant_max = quant_range
+    gen = torch.Generator().manual_seed(16)
+    shape = (5, 8, 9)
+    channels = 1 if axis is None else shape[axis]
+    scale, zero_point = make_qparams(channels, quant_min, quant_max, gen)
+    scale = scale * 1e-3
+    x = sample_values(shape, scale, zero_point, quant_min, quant_max, axis, gen, dtype)
+    check_against_aten(x, scale, zero_point, quant_min, quant_max, axis, gen)
+
+
+def bfloat16_reference(x, scale, zero_point, quant_min, quant_max, axis):
+    """The bfloat16 recipe written out: math in float32 with the float32 reciprocal."""
+    shape = broadcast_shape(x, axis)
+    s = scale.to(torch.float32).view(shape)
+    zp = zero_point.to(torch.float32).view(shape)
+    inv = 1.0 / s
+    q = torch.clamp(torch.round(x.float() * inv) + zp, quant_min, quant_max)
+    return ((q - zp) * s).to(x.dtype)
+
+
+@pytest.mark.parametrize("axis", [None, 0, -1])
+def test_bfloat16_matches_float32_recipe(cpu_capability, axis):
+    gen = torch.Generator().manual_seed(3)
+    shape = (33, 65)
+    channels = 1 if axis is None else shape[axis]
+    scale, zero_point = make_qparams(channels, -10, 10, gen)
+    x = sample_values(shape, scale, zero_point, -128, 127, axis, gen, torch.bfloat16)
+    out = qat.ops.fake_quantize(x, scale, zero_point, -128, 127, axis=axis)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, bfloat16_reference(x, scale, zero_point, -128, 127, axis))
+
+
+def test_float16_and_bfloat16_round_like_float32_then_cast(cpu_capability):
+    # Math in float32, result cast: the same as fake-quantizing the widened input.
+    gen = torch.Generator().manual_seed(4)
+    scale, zero_point = make_qparams(1, -5, 5, gen)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = sample_values((1000,), scale, zero_point, -128, 127, None, gen, dtype)
+        low = qat.ops.fake_quantize(x, scale, zero_point, -128, 127)
+        wide = qat.ops.fake_quantize(x.float(), scale, zero_point, -128, 127)
+        assert torch.equal(low, wide.to(dtype))
+
+
+# ---------------------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------------------
+
+
+def transposed(shape, gen):
+    return torch.randn(tuple(reversed(shape)), generator=gen).t()
+
+
+LAYOUTS = {
+    # name: (make(gen) -> tensor, axes to test)
+    "transposed": (lambda g: torch.randn(33, 12, generator=g).t(), [None, 0, 1, -1]),
+    "permuted3d": (lambda g: torch.randn(4, 6, 70, generator=g).permute(2, 0, 1),
+                   [None, 0, 1, 2]),
+    "sliced": (lambda g: torch.randn(8, 40, generator=g)[1:7:2, ::3], [None, 0, 1]),
+    "sliced_last": (lambda g: torch.randn(5, 6, 9, generator=g)[..., 2], [None, 0, 1]),
+    "expanded": (lambda g: torch.randn(5, 1, generator=g).expand(5, 8), [None, 0, 1]),
+    "channels_last": (
+        lambda g: torch.randn(2, 8, 5, 6, generator=g).contiguous(
+            memory_format=torch.channels_last), [None, 0, 1, 3]),
+    "channels_last_wide": (
+        lambda g: torch.randn(2, 300, 3, 4, generator=g).contiguous(
+            memory_format=torch.channels_last), [1]),
+}
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.float16), ids=str)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_non_contiguous_layouts_match_aten(cpu_capability, layout, dtype):
+    make, axes = LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(11)
+    for axis in axes:
+        x = (make(gen) * 2.0).to(dtype)
+        assert not x.is_contiguous()
+        channels = 1 if axis is None else x.shape[axis]
+        scale, zero_point = make_qparams(channels, -8, 8, gen)
+        check_against_aten(x, scale, zero_point, -64, 63, axis, gen)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "permuted3d", "channels_last"])
+def test_dense_layouts_are_kept(cpu_capability, layout):
+    make, axes = LAYOUTS[layout]
+    x = make(torch.Generator().manual_seed(0))
+    for axis in axes:
+        channels = 1 if axis is None else x.shape[axis]
+        out = qat.ops.fake_quantize(x, torch.full((channels,), 0.05),
+                                    torch.zeros(channels, dtype=torch.int32), -128, 127,
+                                    axis=axis)
+        assert out.stride() == x.stride()
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gradient_in_another_layout(cpu_capability):
+    # Autograd may hand over a gradient whose strides differ from the input's.
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 5, 6, generator=gen).contiguous(memory_format=torch.channels_last)
+    scale, zero_point = make_qparams(8, -3, 3, gen)
+    for grad in (torch.randn(2, 8, 5, 6, generator=gen),
+                 torch.randn(6, 5, 8, 2, generator=gen).permute(3, 2, 1, 0),
+                 torch.randn(1, 8, 1, 1, generator=gen).expand(2, 8, 5, 6)):
+        xq = x.clone().requires_grad_()
+        qat.ops.fake_quantize(xq, scale, zero_point, -16, 15, axis=1).backward(grad)
+        xa = x.clone().requires_grad_()
+        aten_fake_quantize(xa, scale, zero_point, -16, 15, axis=1).backward(grad)
+        assert torch.equal(xq.grad, xa.grad)
+
+
+@pytest.mark.parametrize("estimator", ["ste", "lsq", "lsq_plus", "pact", "ewgs"])
+@pytest.mark.parametrize("shape,axis", [((0,), None), ((0, 5), None), ((0, 5), 1),
+                                        ((3, 0), 0), ((2, 0, 4), 1), ((2, 0, 4), -1)],
+                         ids=str)
+def test_empty_tensors(cpu_capability, shape, axis, estimator):
+    channels = 1 if axis is None else shape[axis]
+    scale = torch.full((channels,), 0.1, requires_grad=True)
+    zero_point = torch.zeros(channels)
+    zero_point.requires_grad_(estimator == "lsq_plus")
+    x = torch.empty(shape, requires_grad=True)
+    out = qat.ops.fake_quantize(x, scale, zero_point, -8, 7, axis=axis, estimator=estimator)
+    assert out.shape == shape and out.dtype == torch.float32
+    if channels > 0:
+        expected = aten_fake_quantize(x.detach(), scale.detach(), zero_point, -8, 7, axis)
+        assert expected.shape == out.shape
+    out.sum().backward()
+    assert x.grad.shape == shape
+    learns_scale = estimator in ("lsq", "lsq_plus", "pact")
+    if learns_scale:
+        # Nothing to learn from: the scale gradient exists and is zero.
+        assert torch.equal(scale.grad, torch.zeros(channels))
+    else:
+        assert scale.grad is None
+
+
+# ---------------------------------------------------------------------------------------
+# Special values
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("axis", [None, 1])
+def test_nan_propagates_and_infinities_saturate(cpu_capability, dtype, axis):
+    quant_min, quant_max = -8, 7
+    scale = torch.tensor([0.25, 0.5, 0.125])
+    zero_point = torch.tensor([2, -3, 0], dtype=torch.int32)
+    if axis is None:
+        scale, zero_point = scale[:1], zero_point[:1]
+    special = torch.tensor([math.nan, math.inf, -math.inf, 0.3, math.nan, math.inf, -math.inf])
+    # A long enough row that the vector loops, not only their tails, see the values.
+    x = torch.cat([special.repeat(5), torch.linspace(-3, 3, 29)]).repeat(3, 1).to(dtype)
+    out = qat.ops.fake_quantize(x, scale, zero_point, quant_min, quant_max, axis=axis)
+    s = scale.view(broadcast_shape(x, axis)).expand_as(x).to(torch.float32)
+    zp = zero_point.view(broadcast_shape(x, axis)).expand_as(x).to(torch.float32)
+    assert torch.equal(torch.isnan(out), torch.isnan(x))
+    pos, neg = x == math.inf, x == -math.inf
+    assert torch.equal(out[pos], ((quant_max - zp) * s).to(dtype)[pos])
+    assert torch.equal(out[neg], ((quant_min - zp) * s).to(dtype)[neg])
+    finite = torch.isfinite(x)
+    expected = reference_fake_quantize(x, scale, zero_point, quant_min, quant_max, axis)
+    assert torch.equal(out[finite], expected[finite])
+
+
+def test_values_far_outside_the_range_saturate(cpu_capability):
+    x = torch.tensor([1e30, -1e30, 3e38, -3e38, 1e6, -1e6] * 4)
+    out = qat.ops.fake_quantize(x, 1e-3, 10, -128, 127)
+    expected = torch.where(x > 0, torch.tensor(117 * 1e-3), torch.tensor(-138 * 1e-3))
+    assert torch.equal(out, expected.to(torch.float32))
+
+
+def test_float_zero_point_is_rounded_half_to_even(cpu_capability):
+    x = torch.linspace(-5, 5, 101)
+    for zp, rounded in ((2.5, 2), (3.5, 4), (-1.5, -2), (0.49, 0)):
+        out = qat.ops.fake_quantize(x, 0.1, torch.tensor(zp), -16, 15)
+        assert torch.equal(out, reference_fake_quantize(x, 0.1, rounded, -16, 15))
+
+
+def test_capability_names_are_checked():
+    with pytest.raises(ValueError, match="capability"):
+        qat._C._set_cpu_capability("sse9")
+    assert qat._C._cpu_capability() in ("default", "avx2")
+
+
+# ---------------------------------------------------------------------------------------
+# Argument checking
+# ---------------------------------------------------------------------------------------
+
+
+def fq(x=None, scale=0.1, zero_point=0, quant_min=-128, quant_max=127, **kwargs):
+    x = torch.randn(4, 3) if x is None else x
+    return qat.ops.fake_quantize(x, scale, zero_point, quant_min, quant_max, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(scale=0.0), r"scale must be positive"),
+        (dict(scale=-0.1), r"scale must be positive"),
+        (dict(scale=math.nan), r"scale must be positive and finite"),
+        (dict(scale=math.inf), r"scale must be positive and finite"),
+        (dict(scale=torch.tensor([1e-45], dtype=torch.float64)), r"scale"),
+        (dict(scale=torch.tensor([0.1, 0.0, 0.1]), zero_point=torch.zeros(3), axis=1),
+         r"scale\[1\]"),
+        (dict(scale=torch.tensor([1, 2])), r"scale"),
+        (dict(zero_point=128), r"zero_point\[0\] = 128 is outside \[quant_min, quant_max\]"),
+        (dict(zero_point=-129), r"zero_point.*outside"),
+        (dict(zero_point=torch.tensor(math.nan)), r"zero_point must be finite"),
+        (dict(zero_point=torch.tensor(True)), r"zero_point"),
+        (dict(quant_min=5, quant_max=5, zero_point=5), r"quant_min \(5\) must be less than quant_max"),
+        (dict(quant_min=10, quant_max=0), r"quant_min"),
+        (dict(quant_min=0, quant_max=65536), r"wider than 16 bits"),
+        (dict(quant_min=-32769, quant_max=32767), r"wider than 16 bits"),
+        (dict(quant_min=-100000, quant_max=-90000, zero_point=-95000), r"quant_min"),
+        (dict(x=torch.randint(0, 5, (4, 3))), r"input must be a floating-point tensor"),
+        (dict(x=torch.ones(4, 3, dtype=torch.bool)), r"input must be a floating-point tensor"),
+        (dict(x=torch.ones(4, 3, dtype=torch.complex64)), r"input must be a floating-point"),
+        (dict(scale=torch.full((2,), 0.1), zero_point=torch.zeros(3), axis=1),
+         r"scale must be 1-D with one entry per channel of axis 1 \(3\)"),
+        (dict(scale=torch.full((3,), 0.1), zero_point=torch.zeros(4), axis=1),
+         r"zero_point must be 1-D with one entry per channel"),
+        (dict(scale=torch.full((3, 1), 0.1), zero_point=torch.zeros(3), axis=1), r"scale must be 1-D"),
+        (dict(scale=torch.full((3,), 0.1), zero_point=torch.zeros(3)),
+         r"per-tensor quantization \(axis=None\) needs one scale"),
+        (dict(zero_point=torch.zeros(2)), r"needs one zero_point"),
+        (dict(axis=2), r"axis 2 is out of range"),
+        (dict(axis=-3), r"axis -3 is out of range"),
+        (dict(x=torch.tensor(1.0), axis=0), r"at least one dimension"),
+        (dict(grad_scale=-1.0), r"grad_scale must be finite and non-negative"),
+        (dict(grad_scale=math.nan), r"grad_scale"),
+        (dict(ewgs_delta=-0.1, estimator="ewgs"), r"ewgs_delta"),
+        (dict(scale=torch.tensor([1], dtype=torch.int32)), r"scale must be a floating-point"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    with pytest.raises(RuntimeError, match=match):
+        fq(**kwargs)
+
+
+@pytest.mark.parametrize("estimator", ["ste", "lsq", "pact"])
+def test_bad_arguments_are_caught_when_tracking_gradients(estimator):
+    x = torch.randn(4, 3, requires_grad=True)
+    scale = torch.tensor([0.0], requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"scale must be positive"):
+        qat.ops.fake_quantize(x, scale, 0, -8, 7, estimator=estimator)
+    with pytest.raises(RuntimeError, match=r"zero_point"):
+        qat.ops.fake_quantize(x, 0.1, 9, -8, 7, estimator=estimator)
+
+
+def test_bad_arguments_through_torch_ops():
+    x = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match=r"axis 5 is out of range"):
+        torch.ops.qat.fake_quantize(x, torch.ones(3), torch.zeros(3), -8, 7, 5)
+    with pytest.raises(RuntimeError, match=r"scale must be positive"):
+        torch.ops.qat.fake_quantize(x, torch.tensor([-1.0]), torch.zeros(1), -8, 7)
+
+
+@pytest.mark.parametrize("estimator", ["ste", "lsq", "lsq_plus", "pact", "ewgs"])
+def test_double_backward_is_refused(estimator):
+    x = torch.randn(10, requires_grad=True)
+    scale = torch.tensor([0.1], requires_grad=True)
+    zero_point = torch.tensor([0.0], requires_grad=estimator == "lsq_plus")
+    out = qat.ops.fake_quantize(x, scale, zero_point, -8, 7, estimator=estimator)
+    with pytest.raises(RuntimeError, match=r"double backward"):
+        torch.autograd.grad((out * out).sum(), x, create_graph=True)
