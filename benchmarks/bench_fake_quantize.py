@@ -18,15 +18,19 @@ import torch
 import qat
 
 
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+def median_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
+    """Median milliseconds of each callable, timed round-robin so that a change in the
+    machine's load touches every measurement alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -53,7 +57,7 @@ def main() -> None:
     per_channel_scale = x.abs().amax(dim=(0, 2)) / 127
     per_channel_zp = torch.zeros(channels, dtype=torch.int32)
 
-    copy_ms = median_ms(lambda: dst.copy_(x), args.repeats)
+    timed = {"copy": lambda: dst.copy_(x)}
 
     def forward_backward(make_output, leaves):
         def step():
@@ -97,12 +101,15 @@ def main() -> None:
                         xr, s, zpf, qmin, qmax, 1.0)
 
             assert torch.equal(ours(), aten()), f"{granularity} {estimator}: forward differs"
-            cases.append((granularity, estimator, {
-                "ours_fwd": median_ms(ours, args.repeats),
-                "aten_fwd": median_ms(aten, args.repeats),
-                "ours_fb": median_ms(forward_backward(ours, leaves), args.repeats),
-                "aten_fb": median_ms(forward_backward(aten, leaves), args.repeats),
-            }))
+            case = f"{granularity} {estimator}"
+            cases.append(case)
+            timed[(case, "ours_fwd")] = ours
+            timed[(case, "aten_fwd")] = aten
+            timed[(case, "ours_fb")] = forward_backward(ours, leaves)
+            timed[(case, "aten_fb")] = forward_backward(aten, leaves)
+
+    ms = median_ms(timed, args.repeats)
+    copy_ms = ms["copy"]
 
     print(f"qat {qat.__version__}, torch {torch.__version__}, {x.numel()} float32 elements "
           f"({x.numel() * 4 / 2**20:.0f} MiB), {args.threads} threads, "
@@ -111,8 +118,9 @@ def main() -> None:
     header = (f"{'case':<22}{'qat fwd':>9}{'ATen fwd':>10}{'fwd/copy':>10}{'ATen/qat':>10}"
               f"{'qat f+b':>9}{'ATen f+b':>10}{'f+b/2copy':>11}{'ATen/qat':>10}")
     print(header)
-    for granularity, estimator, t in cases:
-        print(f"{granularity + ' ' + estimator:<22}"
+    for case in cases:
+        t = {kind: ms[(case, kind)] for kind in ("ours_fwd", "aten_fwd", "ours_fb", "aten_fb")}
+        print(f"{case:<22}"
               f"{t['ours_fwd']:>9.3f}{t['aten_fwd']:>10.3f}"
               f"{t['ours_fwd'] / copy_ms:>10.2f}{t['aten_fwd'] / t['ours_fwd']:>10.1f}"
               f"{t['ours_fb']:>9.3f}{t['aten_fb']:>10.3f}"

@@ -42,6 +42,8 @@ at::Tensor fake_quantize_composite(
   TORCH_CHECK(
       std::isfinite(ewgs_delta) && ewgs_delta >= 0.0,
       op, ": ewgs_delta must be finite and non-negative, got ", ewgs_delta);
+  // Every estimator, built in or registered from Python, gets checked qparam values.
+  detail::read_qparams(op, scale, zero_point, quant_min, quant_max);
   args.grad_scale = grad_scale;
   args.ewgs_delta = ewgs_delta;
   // Per-tensor qparams may live on the CPU while the input is on an accelerator.

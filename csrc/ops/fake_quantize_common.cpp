@@ -110,7 +110,12 @@ ChannelLayout channel_layout(const at::Tensor& input, c10::optional<int64_t> axi
     return layout;
   }
   layout.channels = input.size(*axis);
-  layout.inner = layout.channels > 1 ? input.stride(*axis) : 1;
+  if (layout.channels == 1) {
+    // One channel is per-tensor: a single run instead of one per element.
+    layout.inner = input.numel();
+    return layout;
+  }
+  layout.inner = input.stride(*axis);
   const int64_t block = layout.inner * layout.channels;
   layout.outer = block == 0 ? 0 : input.numel() / block;
   return layout;

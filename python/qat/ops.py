@@ -9,9 +9,11 @@ __all__ = ["fake_quantize"]
 _Qparam = Union[torch.Tensor, float, int]
 
 
-def _as_tensor(value: _Qparam, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+def _as_tensor(value: _Qparam, like: torch.Tensor) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
+    # A Python float stays float (the op rounds it half to even); an int stays integral.
+    dtype = torch.int32 if isinstance(value, int) else torch.float32
     return torch.tensor(value, dtype=dtype, device=like.device)
 
 
@@ -54,8 +56,8 @@ def fake_quantize(
     Returns:
         The fake-quantized tensor.
     """
-    scale_t = _as_tensor(scale, torch.float32, input)
-    zero_point_t = _as_tensor(zero_point, torch.int32, input)
+    scale_t = _as_tensor(float(scale) if isinstance(scale, int) else scale, input)
+    zero_point_t = _as_tensor(zero_point, input)
     return torch.ops.qat.fake_quantize(
         input, scale_t, zero_point_t, quant_min, quant_max, axis, estimator, grad_scale, ewgs_delta
     )

@@ -31,7 +31,8 @@ def cpu_capability(request):
 
 
 def int_range(bits: int, kind: str) -> Tuple[int, int]:
-    """(quant_min, quant_max) of a ``bits``-wide signed, unsigned or narrow (symmetric signed) range."""
+    """(quant_min, quant_max) of a ``bits``-wide signed, unsigned or narrow (symmetric
+    signed) range."""
     if kind == "signed":
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if kind == "unsigned":
@@ -108,17 +109,22 @@ def per_channel_sum(t: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
 
 
 def sample_values(shape, scale, zero_point, quant_min, quant_max, axis=None, generator=None,
-                  dtype=torch.float32):
-    """Values over the whole range and three levels beyond each end, with exact ties
+                  dtype=torch.float32, ties=True):
+    """Values over the whole range and, for a tenth of them each, up to three levels beyond
+    either end, with exact ties
     (level + 0.5) * scale on about a third of the elements (exact when the scale is a power
-    of two) and uniform offsets elsewhere."""
+    of two) and uniform offsets elsewhere (everywhere without ``ties``)."""
     bshape = [1] * len(shape)
     if axis is not None:
         bshape[axis] = -1
     s = torch.as_tensor(scale, dtype=torch.float64).reshape(-1).view(bshape)
     z = torch.as_tensor(zero_point, dtype=torch.float64).reshape(-1).view(bshape)
-    level = torch.randint(quant_min - 3, quant_max + 4, shape, generator=generator)
+    level = torch.randint(quant_min, quant_max + 1, shape, generator=generator)
+    beyond = torch.randint(1, 4, shape, generator=generator)
+    side = torch.rand(shape, generator=generator)
+    level = torch.where(side < 0.1, quant_min - beyond, level)
+    level = torch.where(side > 0.9, quant_max + beyond, level)
     frac = torch.rand(shape, generator=generator, dtype=torch.float64) - 0.5
-    tie = torch.rand(shape, generator=generator) < 1.0 / 3.0
+    tie = torch.rand(shape, generator=generator) < (1.0 / 3.0 if ties else 0.0)
     frac = torch.where(tie, torch.full_like(frac, 0.5), frac)
     return ((level.to(torch.float64) - z + frac) * s).to(dtype)

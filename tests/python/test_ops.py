@@ -49,11 +49,13 @@ def check_against_aten(x, scale, zero_point, quant_min, quant_max, axis, generat
     """Forward bit-identical and straight-through input gradient identical to ATen's ops
     (to the plain-PyTorch reference for bfloat16), through both entry points."""
     use_aten = has_aten_kernel(x.dtype, scale)
-    xq = x.detach().clone().requires_grad_()
+    # detach() keeps the strides that clone() would compact for a non-dense view.
+    xq = x.detach().requires_grad_()
+    assert xq.stride() == x.stride()
     out = qat.ops.fake_quantize(xq, scale, zero_point, quant_min, quant_max, axis=axis)
     out_op = torch.ops.qat.fake_quantize(x, scale, zero_point, quant_min, quant_max, axis)
     if use_aten:
-        xa = x.detach().clone().requires_grad_()
+        xa = x.detach().requires_grad_()
         expected = aten_fake_quantize(xa, scale, zero_point, quant_min, quant_max, axis)
     else:
         expected = reference_fake_quantize(x, scale, zero_point, quant_min, quant_max, axis)
@@ -209,35 +211,35 @@ def test_float16_and_bfloat16_round_like_float32_then_cast(cpu_capability):
 # ---------------------------------------------------------------------------------------
 
 
-def transposed(shape, gen):
-    return torch.randn(tuple(reversed(shape)), generator=gen).t()
+CHANNELS_LAST = torch.channels_last
 
-
+# name: (shape of the dense base tensor, view of it under test, axes to test)
 LAYOUTS = {
-    # name: (make(gen) -> tensor, axes to test)
-    "transposed": (lambda g: torch.randn(33, 12, generator=g).t(), [None, 0, 1, -1]),
-    "permuted3d": (lambda g: torch.randn(4, 6, 70, generator=g).permute(2, 0, 1),
-                   [None, 0, 1, 2]),
-    "sliced": (lambda g: torch.randn(8, 40, generator=g)[1:7:2, ::3], [None, 0, 1]),
-    "sliced_last": (lambda g: torch.randn(5, 6, 9, generator=g)[..., 2], [None, 0, 1]),
-    "expanded": (lambda g: torch.randn(5, 1, generator=g).expand(5, 8), [None, 0, 1]),
-    "channels_last": (
-        lambda g: torch.randn(2, 8, 5, 6, generator=g).contiguous(
-            memory_format=torch.channels_last), [None, 0, 1, 3]),
-    "channels_last_wide": (
-        lambda g: torch.randn(2, 300, 3, 4, generator=g).contiguous(
-            memory_format=torch.channels_last), [1]),
+    "transposed": ((33, 12), lambda t: t.t(), [None, 0, 1, -1]),
+    "permuted3d": ((4, 6, 70), lambda t: t.permute(2, 0, 1), [None, 0, 1, 2]),
+    "sliced": ((8, 40), lambda t: t[1:7:2, ::3], [None, 0, 1]),
+    "sliced_last": ((5, 6, 9), lambda t: t[..., 2], [None, 0, 1]),
+    "expanded": ((5, 1), lambda t: t.expand(5, 8), [None, 0, 1]),
+    "channels_last": ((2, 8, 5, 6), lambda t: t.contiguous(memory_format=CHANNELS_LAST),
+                      [None, 0, 1, 3]),
+    "channels_last_wide": ((2, 300, 3, 4),
+                           lambda t: t.contiguous(memory_format=CHANNELS_LAST), [1]),
 }
+
+
+def make_layout(layout, gen, dtype=torch.float32):
+    shape, view, _ = LAYOUTS[layout]
+    x = view((torch.randn(shape, generator=gen) * 2.0).to(dtype))
+    assert not x.is_contiguous()
+    return x
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.float16), ids=str)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_non_contiguous_layouts_match_aten(cpu_capability, layout, dtype):
-    make, axes = LAYOUTS[layout]
     gen = torch.Generator().manual_seed(11)
-    for axis in axes:
-        x = (make(gen) * 2.0).to(dtype)
-        assert not x.is_contiguous()
+    for axis in LAYOUTS[layout][2]:
+        x = make_layout(layout, gen, dtype)
         channels = 1 if axis is None else x.shape[axis]
         scale, zero_point = make_qparams(channels, -8, 8, gen)
         check_against_aten(x, scale, zero_point, -64, 63, axis, gen)
@@ -245,9 +247,8 @@ def test_non_contiguous_layouts_match_aten(cpu_capability, layout, dtype):
 
 @pytest.mark.parametrize("layout", ["transposed", "permuted3d", "channels_last"])
 def test_dense_layouts_are_kept(cpu_capability, layout):
-    make, axes = LAYOUTS[layout]
-    x = make(torch.Generator().manual_seed(0))
-    for axis in axes:
+    x = make_layout(layout, torch.Generator().manual_seed(0))
+    for axis in LAYOUTS[layout][2]:
         channels = 1 if axis is None else x.shape[axis]
         out = qat.ops.fake_quantize(x, torch.full((channels,), 0.05),
                                     torch.zeros(channels, dtype=torch.int32), -128, 127,
@@ -303,16 +304,19 @@ def test_empty_tensors(cpu_capability, shape, axis, estimator):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("axis", [None, 1])
-def test_nan_propagates_and_infinities_saturate(cpu_capability, dtype, axis):
+@pytest.mark.parametrize("per_channel", ["per_tensor", "long_runs", "short_runs"])
+def test_nan_propagates_and_infinities_saturate(cpu_capability, dtype, per_channel):
     quant_min, quant_max = -8, 7
     scale = torch.tensor([0.25, 0.5, 0.125])
     zero_point = torch.tensor([2, -3, 0], dtype=torch.int32)
-    if axis is None:
-        scale, zero_point = scale[:1], zero_point[:1]
     special = torch.tensor([math.nan, math.inf, -math.inf, 0.3, math.nan, math.inf, -math.inf])
-    # A long enough row that the vector loops, not only their tails, see the values.
+    # Rows long enough that the vector loops, not only their tails, see the values.
     x = torch.cat([special.repeat(5), torch.linspace(-3, 3, 29)]).repeat(3, 1).to(dtype)
+    axis = 0
+    if per_channel == "per_tensor":
+        scale, zero_point, axis = scale[:1], zero_point[:1], None
+    elif per_channel == "short_runs":
+        x, axis = x.t().contiguous(), 1
     out = qat.ops.fake_quantize(x, scale, zero_point, quant_min, quant_max, axis=axis)
     s = scale.view(broadcast_shape(x, axis)).expand_as(x).to(torch.float32)
     zp = zero_point.view(broadcast_shape(x, axis)).expand_as(x).to(torch.float32)
@@ -328,8 +332,9 @@ def test_nan_propagates_and_infinities_saturate(cpu_capability, dtype, axis):
 def test_values_far_outside_the_range_saturate(cpu_capability):
     x = torch.tensor([1e30, -1e30, 3e38, -3e38, 1e6, -1e6] * 4)
     out = qat.ops.fake_quantize(x, 1e-3, 10, -128, 127)
-    expected = torch.where(x > 0, torch.tensor(117 * 1e-3), torch.tensor(-138 * 1e-3))
-    assert torch.equal(out, expected.to(torch.float32))
+    scale32 = torch.tensor(1e-3, dtype=torch.float32)
+    expected = torch.where(x > 0, 117 * scale32, -138 * scale32)
+    assert torch.equal(out, expected)
 
 
 def test_float_zero_point_is_rounded_half_to_even(cpu_capability):
@@ -337,6 +342,13 @@ def test_float_zero_point_is_rounded_half_to_even(cpu_capability):
     for zp, rounded in ((2.5, 2), (3.5, 4), (-1.5, -2), (0.49, 0)):
         out = qat.ops.fake_quantize(x, 0.1, torch.tensor(zp), -16, 15)
         assert torch.equal(out, reference_fake_quantize(x, 0.1, rounded, -16, 15))
+
+
+def test_python_float_zero_point_is_rounded_half_to_even():
+    x = torch.tensor([-20.0, 20.0])
+    for zp in (2.7, -1.7, 3.5):
+        assert torch.equal(qat.ops.fake_quantize(x, 1.0, zp, -8, 7),
+                           reference_fake_quantize(x, 1.0, zp, -8, 7)), zp
 
 
 def test_capability_names_are_checked():
@@ -370,7 +382,8 @@ def fq(x=None, scale=0.1, zero_point=0, quant_min=-128, quant_max=127, **kwargs)
         (dict(zero_point=-129), r"zero_point.*outside"),
         (dict(zero_point=torch.tensor(math.nan)), r"zero_point must be finite"),
         (dict(zero_point=torch.tensor(True)), r"zero_point"),
-        (dict(quant_min=5, quant_max=5, zero_point=5), r"quant_min \(5\) must be less than quant_max"),
+        (dict(quant_min=5, quant_max=5, zero_point=5),
+         r"quant_min \(5\) must be less than quant_max"),
         (dict(quant_min=10, quant_max=0), r"quant_min"),
         (dict(quant_min=0, quant_max=65536), r"wider than 16 bits"),
         (dict(quant_min=-32769, quant_max=32767), r"wider than 16 bits"),
@@ -382,7 +395,8 @@ def fq(x=None, scale=0.1, zero_point=0, quant_min=-128, quant_max=127, **kwargs)
          r"scale must be 1-D with one entry per channel of axis 1 \(3\)"),
         (dict(scale=torch.full((3,), 0.1), zero_point=torch.zeros(4), axis=1),
          r"zero_point must be 1-D with one entry per channel"),
-        (dict(scale=torch.full((3, 1), 0.1), zero_point=torch.zeros(3), axis=1), r"scale must be 1-D"),
+        (dict(scale=torch.full((3, 1), 0.1), zero_point=torch.zeros(3), axis=1),
+         r"scale must be 1-D"),
         (dict(scale=torch.full((3,), 0.1), zero_point=torch.zeros(3)),
          r"per-tensor quantization \(axis=None\) needs one scale"),
         (dict(zero_point=torch.zeros(2)), r"needs one zero_point"),
