@@ -132,5 +132,50 @@ at::Tensor match_layout(const at::Tensor& grad, const at::Tensor& like) {
   return at::empty_strided(like.sizes(), like.strides(), grad.options()).copy_(grad);
 }
 
+BackwardInputs prepare_backward(
+    const char* op,
+    const at::Tensor& grad,
+    const at::Tensor& saved,
+    const at::Tensor& scale,
+    const at::Tensor& zero_point,
+    int64_t quant_min,
+    int64_t quant_max,
+    c10::optional<int64_t> axis,
+    bool scale_grad_inside,
+    double ewgs_delta) {
+  BackwardInputs in;
+  in.from_code = saved.scalar_type() == at::kByte;
+  TORCH_CHECK(
+      !in.from_code || (!scale_grad_inside && ewgs_delta == 0.0),
+      op, ": in-range scale gradients and EWGS need the saved input, not the code");
+  TORCH_CHECK(
+      grad.sizes() == saved.sizes(), op, ": grad has shape ", grad.sizes(),
+      " but the saved tensor has shape ", saved.sizes());
+  TORCH_CHECK(
+      grad.device() == saved.device(), op, ": grad and the saved tensor must be on one device, got ",
+      grad.device(), " and ", saved.device());
+  // The code carries no dtype of its own: the gradient's dtype is checked instead.
+  const at::Tensor& typed = in.from_code ? grad : saved;
+  in.axis = check_arguments(op, typed, scale, zero_point, quant_min, quant_max, axis);
+  in.qparams = read_qparams(op, scale, zero_point, quant_min, quant_max);
+  in.saved = dense(saved);
+  in.grad = match_layout(grad.to(typed.scalar_type()), in.saved);
+  return in;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_result(
+    const at::Tensor& grad_input,
+    const at::Tensor& scale_sums,
+    const at::Tensor& zero_point_sums,
+    const at::Tensor& scale,
+    const at::Tensor& zero_point) {
+  const auto zero_point_options = scale.options().dtype(
+      at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type() : at::kFloat);
+  return {
+      grad_input,
+      scale_sums.to(scale.options()).reshape(scale.sizes()),
+      zero_point_sums.to(zero_point_options).reshape(zero_point.sizes())};
+}
+
 } // namespace detail
 } // namespace qat

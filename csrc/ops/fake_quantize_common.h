@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <tuple>
 #include <vector>
 
 namespace qat {
@@ -63,6 +64,38 @@ at::Tensor dense(const at::Tensor& input);
 // `grad` (keeping its dtype) laid out with exactly the strides of `like`, a dense
 // tensor, copying only when autograd hands over a gradient in another layout.
 at::Tensor match_layout(const at::Tensor& grad, const at::Tensor& like);
+
+// The checked, laid-out arguments of a backward kernel.
+struct BackwardInputs {
+  c10::optional<int64_t> axis;
+  QParams qparams;
+  // The forward's code (uint8) or its input, dense.
+  at::Tensor saved;
+  bool from_code = false;
+  // The output gradient in the input's dtype and with `saved`'s strides.
+  at::Tensor grad;
+};
+
+BackwardInputs prepare_backward(
+    const char* op,
+    const at::Tensor& grad,
+    const at::Tensor& saved,
+    const at::Tensor& scale,
+    const at::Tensor& zero_point,
+    int64_t quant_min,
+    int64_t quant_max,
+    c10::optional<int64_t> axis,
+    bool scale_grad_inside,
+    double ewgs_delta);
+
+// (grad_input, grad_scale, grad_zero_point) from per-channel float64 sums: shaped and
+// typed like scale, and like zero_point with a floating dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_result(
+    const at::Tensor& grad_input,
+    const at::Tensor& scale_sums,
+    const at::Tensor& zero_point_sums,
+    const at::Tensor& scale,
+    const at::Tensor& zero_point);
 
 } // namespace detail
 } // namespace qat

@@ -677,3 +677,24 @@ def test_python_estimator_sees_validated_arguments(registered):
     with pytest.raises(RuntimeError, match=r"quant_min"):
         qat.ops.fake_quantize(torch.randn(3), 0.1, 0, 7, -8, estimator="test_spy")
     assert calls == []
+
+
+def test_backward_from_code_and_from_input_agree(cpu_capability):
+    # The cached-code backward (ste, pact) and the input backward (lsq family) must give
+    # the same clamped-element sums; an empty zero-point sum is +0.
+    torch.manual_seed(11)
+    x = torch.randn(3, 5, 257) * 4
+    g = torch.randn_like(x)
+    s = torch.rand(5) * 0.2 + 0.05
+    z = torch.randint(-3, 3, (5,)).float()
+    _, code = torch.ops.qat._fake_quantize_forward(x, s, z, -8, 7, 1, True)
+    from_code = torch.ops.qat._fake_quantize_backward(g, code, s, z, -8, 7, 1, True, False, True, 0.0)
+    from_input = torch.ops.qat._fake_quantize_backward(g, x, s, z, -8, 7, 1, True, False, True, 0.0)
+    assert torch.equal(from_code[0], from_input[0])
+    for a, b in zip(from_code[1:], from_input[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    inside = torch.zeros(4)
+    _, code = torch.ops.qat._fake_quantize_forward(inside, s[:1], z[:1], -8, 7, None, True)
+    dz = torch.ops.qat._fake_quantize_backward(
+        torch.ones(4), code, s[:1], z[:1], -8, 7, None, False, False, True, 0.0)[2]
+    assert dz.item() == 0.0 and not torch.signbit(dz).item()

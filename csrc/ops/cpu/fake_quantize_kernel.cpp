@@ -95,34 +95,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
     bool scale_grad_inside,
     bool zero_point_grad,
     double ewgs_delta) {
-  const bool from_code = saved_arg.scalar_type() == at::kByte;
-  TORCH_CHECK(
-      !from_code || (!scale_grad_inside && ewgs_delta == 0.0),
-      kBackward, ": in-range scale gradients and EWGS need the saved input, not the code");
-  TORCH_CHECK(
-      grad_arg.sizes() == saved_arg.sizes(), kBackward, ": grad has shape ", grad_arg.sizes(),
-      " but the saved tensor has shape ", saved_arg.sizes());
-  // The code carries no dtype of its own: the gradient's dtype is checked instead.
-  const at::Tensor& typed = from_code ? grad_arg : saved_arg;
-  const auto axis = detail::check_arguments(
-      kBackward, typed, scale, zero_point, quant_min, quant_max, axis_arg);
-  const auto qparams = detail::read_qparams(kBackward, scale, zero_point, quant_min, quant_max);
-  const at::Tensor saved = detail::dense(saved_arg);
-  const at::Tensor grad = detail::match_layout(grad_arg.to(typed.scalar_type()), saved);
-  at::Tensor grad_input = at::empty_like(grad);
-  const int64_t channels = static_cast<int64_t>(qparams.scale.size());
+  const auto in = detail::prepare_backward(
+      kBackward, grad_arg, saved_arg, scale, zero_point, quant_min, quant_max, axis_arg,
+      scale_grad_inside, ewgs_delta);
+  at::Tensor grad_input = at::empty_like(in.grad);
+  const int64_t channels = static_cast<int64_t>(in.qparams.scale.size());
   at::Tensor scale_sums = at::zeros({channels}, at::kDouble);
   at::Tensor zero_point_sums = at::zeros({channels}, at::kDouble);
-  if (grad.numel() > 0) {
+  if (in.grad.numel() > 0) {
     BackwardLoopArgs args;
-    args.grad = grad.data_ptr();
-    args.input = from_code ? nullptr : saved.data_ptr();
-    args.code = from_code ? saved.data_ptr<uint8_t>() : nullptr;
+    args.grad = in.grad.data_ptr();
+    args.input = in.from_code ? nullptr : in.saved.data_ptr();
+    args.code = in.from_code ? in.saved.data_ptr<uint8_t>() : nullptr;
     args.grad_input = grad_input.data_ptr();
-    args.dtype = grad.scalar_type();
-    args.layout = detail::channel_layout(saved, axis);
-    args.scale = qparams.scale.data();
-    args.zero_point = qparams.zero_point.data();
+    args.dtype = in.grad.scalar_type();
+    args.layout = detail::channel_layout(in.saved, in.axis);
+    args.scale = in.qparams.scale.data();
+    args.zero_point = in.qparams.zero_point.data();
     args.quant_min = quant_min;
     args.quant_max = quant_max;
     args.scale_grad = scale_grad;
@@ -137,12 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
       DEFAULT::backward_loop(args);
     }
   }
-  const auto float_options = scale.options().dtype(
-      at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type() : at::kFloat);
-  return {
-      grad_input,
-      scale_sums.to(scale.options()).reshape(scale.sizes()),
-      zero_point_sums.to(float_options).reshape(zero_point.sizes())};
+  return detail::backward_result(grad_input, scale_sums, zero_point_sums, scale, zero_point);
 }
 
 } // namespace

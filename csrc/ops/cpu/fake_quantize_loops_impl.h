@@ -146,7 +146,7 @@ inline void levels(
 constexpr int64_t kCodeBlock = 64;
 
 template <typename M, typename P>
-void forward_run(const M* x, M* out, uint8_t* code, int64_t n, const P& p) {
+void forward_run_portable(const M* x, M* out, uint8_t* code, int64_t n, const P& p) {
   using Vec = Vectorized<M>;
   constexpr int64_t W = Vec::size();
   static_assert(kCodeBlock % W == 0, "code blocks hold whole vectors");
@@ -236,9 +236,10 @@ struct BackwardFlags {
   double ewgs_delta;
 };
 
-// Backward from the cached code (ste, pact): reads g and one byte per element.
+// Backward from the cached code (ste, pact): reads g and one byte per element; clamped
+// elements feed the scale and zero-point sums as in backward_input_run.
 template <typename M, typename P, typename A>
-void backward_code_run(
+void backward_code_run_portable(
     const M* g, const uint8_t* code, M* dx, int64_t n, const P& p, A&& acc,
     const BackwardFlags& f) {
   using Vec = Vectorized<M>;
@@ -262,12 +263,113 @@ void backward_code_run(
       const Vec c = Vec::loadu(codes + j, m);
       const Vec gv = Vec::loadu(g + i, m);
       (gv * c.eq(zero)).store(dx + i, m);
-      if (f.scale_grad) {
-        const Vec bound = c.eq(Vec(M(1))) * p.get_lo(i, m) + c.eq(Vec(M(2))) * p.get_hi(i, m);
-        acc.add(i, m, gv * bound, zero);
+      if (f.scale_grad || f.zero_point_grad) {
+        const Vec below = c.eq(Vec(M(1)));
+        const Vec above = c.eq(Vec(M(2)));
+        const Vec ds = f.scale_grad ? gv * (below * p.get_lo(i, m) + above * p.get_hi(i, m)) : zero;
+        const Vec dz = f.zero_point_grad ? gv * (below + above) * p.get_scale(i, m) : zero;
+        acc.add(i, m, ds, dz);
       }
     }
   }
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+// float32 codes straight from the comparison masks, packed eight to a 64-bit store,
+// and read back as lane masks: a few integer instructions instead of conversions.
+
+inline void store_codes8(const __m256 r, const __m256 lo, const __m256 hi, uint8_t* dst) {
+  const __m256i below = _mm256_castps_si256(_mm256_cmp_ps(r, lo, _CMP_LT_OQ));
+  const __m256i above = _mm256_castps_si256(_mm256_cmp_ps(r, hi, _CMP_GT_OQ));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(r, r, _CMP_UNORD_Q));
+  const __m256i code = _mm256_or_si256(
+      _mm256_or_si256(
+          _mm256_and_si256(below, _mm256_set1_epi32(1)),
+          _mm256_and_si256(above, _mm256_set1_epi32(2))),
+      _mm256_and_si256(nan, _mm256_set1_epi32(3)));
+  const __m128i words =
+      _mm_packs_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(words, words));
+}
+
+inline __m256i load_codes8(const uint8_t* src) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+}
+
+inline __m256 lanes_equal(const __m256i codes, int value) {
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(codes, _mm256_set1_epi32(value)));
+}
+
+template <typename P>
+void forward_run_fast_codes(const float* x, float* out, uint8_t* code, int64_t n, const P& p) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const int64_t full = n - n % W;
+  for (int64_t i = 0; i < full; i += W) {
+    const Vec lo = p.get_lo(i, W);
+    const Vec hi = p.get_hi(i, W);
+    Vec v, r;
+    levels(Vec::loadu(x + i), p.get_inv_scale(i, W), lo, hi, v, r);
+    (lower_to(raise_to(r, lo), hi) * p.get_scale(i, W)).store(out + i);
+    store_codes8(r, lo, hi, code + i);
+  }
+  forward_run_portable(x + full, out + full, code + full, n - full, p.shifted(full));
+}
+
+template <typename P, typename A>
+void backward_code_run_fast(
+    const float* g, const uint8_t* code, float* dx, int64_t n, const P& p, A&& acc,
+    const BackwardFlags& f) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const Vec zero(0.0f);
+  const Vec one(1.0f);
+  const int64_t full = n - n % W;
+  for (int64_t i = 0; i < full; i += W) {
+    const __m256i codes = load_codes8(code + i);
+    const Vec gv = Vec::loadu(g + i);
+    // g * 1 or g * 0, as ATen's g * mask, so a NaN gradient stays NaN everywhere.
+    (gv * Vec(_mm256_and_ps(lanes_equal(codes, 0), one))).store(dx + i);
+    if (f.scale_grad || f.zero_point_grad) {
+      const __m256 below = lanes_equal(codes, 1);
+      const __m256 above = lanes_equal(codes, 2);
+      const Vec ds = f.scale_grad
+          ? gv * Vec(_mm256_or_ps(_mm256_and_ps(below, p.get_lo(i, W)),
+                                  _mm256_and_ps(above, p.get_hi(i, W))))
+          : zero;
+      const Vec dz = f.zero_point_grad
+          ? gv * Vec(_mm256_and_ps(_mm256_or_ps(below, above), p.get_scale(i, W)))
+          : zero;
+      acc.add(i, W, ds, dz);
+    }
+  }
+  backward_code_run_portable(
+      g + full, code + full, dx + full, n - full, p.shifted(full), acc.shifted(full), f);
+}
+#endif
+
+template <typename M, typename P>
+void forward_run(const M* x, M* out, uint8_t* code, int64_t n, const P& p) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same<M, float>::value) {
+    if (code != nullptr) {
+      return forward_run_fast_codes(x, out, code, n, p);
+    }
+  }
+#endif
+  forward_run_portable(x, out, code, n, p);
+}
+
+template <typename M, typename P, typename A>
+void backward_code_run(
+    const M* g, const uint8_t* code, M* dx, int64_t n, const P& p, A&& acc,
+    const BackwardFlags& f) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same<M, float>::value) {
+    return backward_code_run_fast(g, code, dx, n, p, acc, f);
+  }
+#endif
+  backward_code_run_portable(g, code, dx, n, p, acc, f);
 }
 
 // Backward from the input (lsq, lsq_plus, ewgs): recomputes the levels in one pass.
@@ -547,7 +649,8 @@ void backward_typed(const BackwardLoopArgs& a) {
       a.grad_scale[c] = s;
     }
     if (a.grad_zero_point != nullptr) {
-      a.grad_zero_point[c] = -z;
+      // 0 - z rather than -z: no contribution gives +0, not -0.
+      a.grad_zero_point[c] = 0.0 - z;
     }
   }
 }

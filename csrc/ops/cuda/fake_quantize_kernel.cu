@@ -133,14 +133,18 @@ struct ElementGrad {
   M dx, ds, dz;
 };
 
-// From the code cached by the forward (ste, pact). As in the CPU loops, this path sends
-// nothing to the zero point.
+// From the code cached by the forward (ste, pact).
 template <typename M>
 __device__ __forceinline__ ElementGrad<M> backward_from_code(
     M g, uint8_t code, const Channel<M>& c, const BackwardFlags<M>& f) {
+  const M below = M(code == 1);
+  const M above = M(code == 2);
   ElementGrad<M> e{mul(g, M(code == 0)), M(0), M(0)};
   if (f.scale_grad) {
-    e.ds = mul(g, add(mul(M(code == 1), c.lo), mul(M(code == 2), c.hi)));
+    e.ds = mul(g, add(mul(below, c.lo), mul(above, c.hi)));
+  }
+  if (f.zero_point_grad) {
+    e.dz = mul(mul(g, add(below, above)), c.scale);
   }
   return e;
 }
@@ -248,7 +252,7 @@ __global__ void backward_reduce_cuda_kernel(
     scale_shared[threadIdx.x] = scale_sum;
     zero_point_shared[threadIdx.x] = zero_point_sum;
     __syncthreads();
-    for (int half = kThreads / 2; half > 0; half /= 2) {
+    for (unsigned int half = kThreads / 2; half > 0; half /= 2) {
       if (threadIdx.x < half) {
         scale_shared[threadIdx.x] += scale_shared[threadIdx.x + half];
         zero_point_shared[threadIdx.x] += zero_point_shared[threadIdx.x + half];
@@ -339,22 +343,6 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_forward_kernel(
   return {output, code};
 }
 
-// The sums as the CPU kernel returns them: shaped and typed like scale, and like
-// zero_point with a floating dtype.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_result(
-    const at::Tensor& grad_input,
-    const at::Tensor& scale_sums,
-    const at::Tensor& zero_point_sums,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point) {
-  const auto float_options = scale.options().dtype(
-      at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type() : at::kFloat);
-  return {
-      grad_input,
-      scale_sums.to(scale.options()).reshape(scale.sizes()),
-      zero_point_sums.to(float_options).reshape(zero_point.sizes())};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
     const at::Tensor& grad_arg,
     const at::Tensor& saved_arg,
@@ -367,37 +355,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
     bool scale_grad_inside,
     bool zero_point_grad,
     double ewgs_delta) {
-  const bool from_code = saved_arg.scalar_type() == at::kByte;
   TORCH_CHECK(
-      !from_code || (!scale_grad_inside && ewgs_delta == 0.0),
-      kBackward, ": in-range scale gradients and EWGS need the saved input, not the code");
-  TORCH_CHECK(
-      grad_arg.sizes() == saved_arg.sizes(), kBackward, ": grad has shape ", grad_arg.sizes(),
-      " but the saved tensor has shape ", saved_arg.sizes());
-  // The code carries no dtype of its own: the gradient's dtype is checked instead.
-  const at::Tensor& typed = from_code ? grad_arg : saved_arg;
-  const auto axis = detail::check_arguments(
-      kBackward, typed, scale, zero_point, quant_min, quant_max, axis_arg);
-  TORCH_CHECK(
-      saved_arg.is_cuda() && grad_arg.device() == saved_arg.device(), kBackward,
-      ": grad and the saved tensor must be on the same CUDA device, got ", grad_arg.device(),
-      " and ", saved_arg.device());
+      saved_arg.is_cuda(), kBackward, ": the saved tensor must be on a CUDA device, got ",
+      saved_arg.device());
   const c10::cuda::CUDAGuard device_guard(saved_arg.device());
-  const auto qparams = detail::read_qparams(kBackward, scale, zero_point, quant_min, quant_max);
-  const at::Tensor saved = detail::dense(saved_arg);
-  const at::Tensor grad = detail::match_layout(grad_arg.to(typed.scalar_type()), saved);
+  const auto in = detail::prepare_backward(
+      kBackward, grad_arg, saved_arg, scale, zero_point, quant_min, quant_max, axis_arg,
+      scale_grad_inside, ewgs_delta);
+  const bool from_code = in.from_code;
+  const auto& qparams = in.qparams;
+  const at::Tensor& saved = in.saved;
+  const at::Tensor& grad = in.grad;
+  const auto axis = in.axis;
   at::Tensor grad_input = at::empty_like(grad);
   const int64_t channels = static_cast<int64_t>(qparams.scale.size());
   const auto sum_options = grad.options().dtype(at::kDouble);
   const int64_t numel = grad.numel();
   if (numel == 0) {
-    return backward_result(
+    return detail::backward_result(
         grad_input, at::zeros({channels}, sum_options), at::zeros({channels}, sum_options),
         scale, zero_point);
   }
   const auto layout = detail::channel_layout(saved, axis);
-  // Which sums the CPU loops accumulate: the code path only ever feeds the scale.
-  const bool reduce = from_code ? scale_grad : (scale_grad || zero_point_grad);
+  const bool reduce = scale_grad || zero_point_grad;
   const int64_t per_channel = layout.outer * layout.inner;
   const int64_t slices = std::max<int64_t>(
       1, std::min(ceil_div(per_channel, kElementsPerTask), kMaxTasks / channels));
@@ -429,14 +409,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   if (!reduce) {
-    // The CPU loops return minus the (empty) zero-point sum here too: -0.
-    return backward_result(
-        grad_input, at::zeros({channels}, sum_options),
-        at::zeros({channels}, sum_options).neg(), scale, zero_point);
+    return detail::backward_result(
+        grad_input, at::zeros({channels}, sum_options), at::zeros({channels}, sum_options),
+        scale, zero_point);
   }
   const at::Tensor sums = partials.sum(2);
-  // The zero point receives minus the sum of the clamped elements' g * scale.
-  return backward_result(grad_input, sums[0], sums[1].neg(), scale, zero_point);
+  // The zero point receives minus the sum of the clamped elements' g * scale; 0 - sum
+  // keeps an empty sum at +0, as the CPU kernel does.
+  return detail::backward_result(grad_input, sums[0], at::rsub(sums[1], 0.0), scale, zero_point);
 }
 
 } // namespace
