@@ -10,6 +10,8 @@ depend on the machine and its load.
 """
 
 import argparse
+import ctypes
+import ctypes.util
 import statistics
 import time
 
@@ -33,12 +35,29 @@ def median_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing 16 MiB blocks back to the OS after every free.
+
+    By default each new output of that size may be fresh memory, and its page faults
+    then cost more than the arithmetic; which op pays depends on what ran before it.
+    Keeping freed memory in the heap (as jemalloc or tcmalloc would) applies to every
+    measurement alike, copy and ATen included."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(
+        libc.mallopt(m_trim_threshold, 2**30))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--elements", type=int, default=4 * 1024 * 1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=41)
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's default trimming on (see keep_freed_memory)")
     args = parser.parse_args()
+    malloc = "glibc defaults" if args.system_malloc else (
+        "glibc keeping freed memory" if keep_freed_memory() else "glibc defaults (mallopt failed)")
     if args.elements < 64 * 64 or args.elements % 64:
         parser.error("--elements must be a multiple of 64, at least 4096")
 
@@ -113,7 +132,7 @@ def main() -> None:
 
     print(f"qat {qat.__version__}, torch {torch.__version__}, {x.numel()} float32 elements "
           f"({x.numel() * 4 / 2**20:.0f} MiB), {args.threads} threads, "
-          f"CPU kernels: {qat._C._cpu_capability()}, median of {args.repeats}")
+          f"CPU kernels: {qat._C._cpu_capability()}, median of {args.repeats}, {malloc}")
     print(f"copy into a preallocated tensor (floor): {copy_ms:.3f} ms")
     header = (f"{'case':<22}{'qat fwd':>9}{'ATen fwd':>10}{'fwd/copy':>10}{'ATen/qat':>10}"
               f"{'qat f+b':>9}{'ATen f+b':>10}{'f+b/2copy':>11}{'ATen/qat':>10}")

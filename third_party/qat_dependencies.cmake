@@ -32,6 +32,9 @@ endif()
 
 qat_require_package(Torch "libtorch-dev python3-torch")
 qat_require_package(fmt "libfmt-dev")
+# at::parallel_for is an inline `#pragma omp parallel` when ATen's backend is OpenMP (as
+# in Debian's and the pip builds): without -fopenmp our kernels would run on one thread.
+find_package(OpenMP REQUIRED COMPONENTS CXX)
 if(QAT_BUILD_PYTHON)
   set(PYBIND11_FINDPYTHON ON)
   qat_require_package(pybind11 "pybind11-dev python3-dev")
