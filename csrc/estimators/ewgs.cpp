@@ -10,7 +10,7 @@ qat::GradientRule ewgs_rule() {
   rule.ewgs = true;
   return rule;
 }
-} // namespace
+}  // namespace
 
 QAT_REGISTER_RULE_ESTIMATOR(
     "ewgs",

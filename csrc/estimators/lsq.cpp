@@ -12,7 +12,7 @@ qat::GradientRule lsq_rule() {
   rule.lsq_grad_scale = true;
   return rule;
 }
-} // namespace
+}  // namespace
 
 QAT_REGISTER_RULE_ESTIMATOR(
     "lsq",

@@ -13,7 +13,7 @@ qat::GradientRule lsq_plus_rule() {
   rule.lsq_grad_scale = true;
   return rule;
 }
-} // namespace
+}  // namespace
 
 QAT_REGISTER_RULE_ESTIMATOR(
     "lsq_plus",

@@ -9,7 +9,7 @@ qat::GradientRule pact_rule() {
   rule.scale_grad = true;
   return rule;
 }
-} // namespace
+}  // namespace
 
 QAT_REGISTER_RULE_ESTIMATOR(
     "pact",

@@ -67,4 +67,4 @@ std::vector<std::string> EstimatorRegistry::names() const {
   return out;
 }
 
-} // namespace qat
+}  // namespace qat

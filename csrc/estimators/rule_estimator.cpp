@@ -21,17 +21,12 @@ c10::IValue optional_int(c10::optional<int64_t> value) {
 class RuleFunction : public torch::autograd::Function<RuleFunction> {
  public:
   static at::Tensor forward(
-      AutogradContext* ctx,
-      const at::Tensor& input,
-      const at::Tensor& scale,
-      const at::Tensor& zero_point,
-      const EstimatorArgs& args,
-      const GradientRule& rule,
+      AutogradContext* ctx, const at::Tensor& input, const at::Tensor& scale,
+      const at::Tensor& zero_point, const EstimatorArgs& args, const GradientRule& rule,
       double grad_factor) {
     auto result = ops::fake_quantize_forward(
         input, scale, zero_point, args.quant_min, args.quant_max, args.axis, !rule.save_input);
-    ctx->save_for_backward(
-        {rule.save_input ? input : std::get<1>(result), scale, zero_point});
+    ctx->save_for_backward({rule.save_input ? input : std::get<1>(result), scale, zero_point});
     ctx->saved_data["quant_min"] = args.quant_min;
     ctx->saved_data["quant_max"] = args.quant_max;
     ctx->saved_data["axis"] = optional_int(args.axis);
@@ -63,32 +58,30 @@ class RuleFunction : public torch::autograd::Function<RuleFunction> {
         ctx->saved_data["ewgs_delta"].toDouble());
     const double factor = ctx->saved_data["grad_factor"].toDouble();
     at::Tensor grad_scale = want_scale ? std::get<1>(grads).mul_(factor) : at::Tensor();
-    at::Tensor grad_zero_point =
-        want_zero_point ? std::get<2>(grads).mul_(factor) : at::Tensor();
+    at::Tensor grad_zero_point = want_zero_point ? std::get<2>(grads).mul_(factor) : at::Tensor();
     // One entry per forward argument; the non-tensor ones get none.
-    return {std::get<0>(grads), grad_scale, grad_zero_point, at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    return {std::get<0>(grads), grad_scale,   grad_zero_point,
+            at::Tensor(),       at::Tensor(), at::Tensor()};
   }
 };
 
 // LSQ's gradient scale 1/sqrt(N * Qp): N elements share each scale, Qp is the number of
 // positive levels.
 double lsq_grad_factor(const at::Tensor& input, const at::Tensor& scale, const EstimatorArgs& a) {
-  const double per_scale =
-      std::max<double>(1.0, static_cast<double>(input.numel()) / std::max<int64_t>(1, scale.numel()));
+  const double per_scale = std::max<double>(
+      1.0, static_cast<double>(input.numel()) / std::max<int64_t>(1, scale.numel()));
   const double positive_levels =
       static_cast<double>(a.quant_max > 0 ? a.quant_max : a.quant_max - a.quant_min);
   return 1.0 / std::sqrt(per_scale * positive_levels);
 }
 
-} // namespace
+}  // namespace
 
 at::Tensor RuleEstimator::apply(
-    const at::Tensor& input,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
+    const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
     const EstimatorArgs& args) const {
-  const bool tracks_grad = at::GradMode::is_enabled() &&
+  const bool tracks_grad =
+      at::GradMode::is_enabled() &&
       (input.requires_grad() || scale.requires_grad() || zero_point.requires_grad());
   if (!tracks_grad) {
     // Inference: no graph, no cached code.
@@ -96,9 +89,9 @@ at::Tensor RuleEstimator::apply(
         input, scale, zero_point, args.quant_min, args.quant_max, args.axis, false));
   }
   const double factor = args.grad_scale.has_value()
-      ? *args.grad_scale
-      : (rule_.lsq_grad_scale ? lsq_grad_factor(input, scale, args) : 1.0);
+                            ? *args.grad_scale
+                            : (rule_.lsq_grad_scale ? lsq_grad_factor(input, scale, args) : 1.0);
   return RuleFunction::apply(input, scale, zero_point, args, rule_, factor);
 }
 
-} // namespace qat
+}  // namespace qat

@@ -27,9 +27,7 @@ class RuleEstimator final : public Estimator {
  public:
   explicit RuleEstimator(GradientRule rule) : rule_(rule) {}
   at::Tensor apply(
-      const at::Tensor& input,
-      const at::Tensor& scale,
-      const at::Tensor& zero_point,
+      const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
       const EstimatorArgs& args) const override;
 
  private:
@@ -37,9 +35,9 @@ class RuleEstimator final : public Estimator {
 };
 
 // Registers a rule-based estimator at load time.
-#define QAT_REGISTER_RULE_ESTIMATOR(NAME, DESCRIPTION, RULE)                        \
-  QAT_REGISTER_ESTIMATOR(                                                            \
+#define QAT_REGISTER_RULE_ESTIMATOR(NAME, DESCRIPTION, RULE)                                \
+  QAT_REGISTER_ESTIMATOR(                                                                   \
       (::qat::EstimatorInfo{NAME, DESCRIPTION, (RULE).scale_grad, (RULE).zero_point_grad}), \
       std::make_shared<::qat::RuleEstimator>(RULE))
 
-} // namespace qat
+}  // namespace qat

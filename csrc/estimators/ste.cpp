@@ -5,7 +5,7 @@
 
 namespace {
 constexpr qat::GradientRule kSte{};
-} // namespace
+}  // namespace
 
 QAT_REGISTER_RULE_ESTIMATOR(
     "ste",

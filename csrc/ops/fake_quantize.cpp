@@ -21,27 +21,20 @@ namespace qat {
 namespace {
 
 at::Tensor fake_quantize_composite(
-    const at::Tensor& input,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
-    int64_t quant_min,
-    int64_t quant_max,
-    c10::optional<int64_t> axis,
-    c10::string_view estimator,
-    c10::optional<double> grad_scale,
-    double ewgs_delta) {
+    const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis, c10::string_view estimator,
+    c10::optional<double> grad_scale, double ewgs_delta) {
   constexpr const char* op = "qat::fake_quantize";
   EstimatorArgs args;
   args.quant_min = quant_min;
   args.quant_max = quant_max;
-  args.axis =
-      detail::check_arguments(op, input, scale, zero_point, quant_min, quant_max, axis);
+  args.axis = detail::check_arguments(op, input, scale, zero_point, quant_min, quant_max, axis);
   TORCH_CHECK(
-      !grad_scale.has_value() || (std::isfinite(*grad_scale) && *grad_scale >= 0.0),
-      op, ": grad_scale must be finite and non-negative, got ", *grad_scale);
+      !grad_scale.has_value() || (std::isfinite(*grad_scale) && *grad_scale >= 0.0), op,
+      ": grad_scale must be finite and non-negative, got ", *grad_scale);
   TORCH_CHECK(
-      std::isfinite(ewgs_delta) && ewgs_delta >= 0.0,
-      op, ": ewgs_delta must be finite and non-negative, got ", ewgs_delta);
+      std::isfinite(ewgs_delta) && ewgs_delta >= 0.0, op,
+      ": ewgs_delta must be finite and non-negative, got ", ewgs_delta);
   // Every estimator, built in or registered from Python, gets checked qparam values.
   detail::read_qparams(op, scale, zero_point, quant_min, quant_max);
   args.grad_scale = grad_scale;
@@ -53,18 +46,12 @@ at::Tensor fake_quantize_composite(
       ->apply(input, scale.to(device), zero_point.to(device), args);
 }
 
-} // namespace
+}  // namespace
 
 at::Tensor fake_quantize(
-    const at::Tensor& input,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
-    int64_t quant_min,
-    int64_t quant_max,
-    c10::optional<int64_t> axis,
-    const std::string& estimator,
-    c10::optional<double> grad_scale,
-    double ewgs_delta) {
+    const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis, const std::string& estimator,
+    c10::optional<double> grad_scale, double ewgs_delta) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qat::fake_quantize", "")
                        .typed<decltype(fake_quantize_composite)>();
@@ -79,13 +66,8 @@ const char* version() {
 namespace ops {
 
 std::tuple<at::Tensor, at::Tensor> fake_quantize_forward(
-    const at::Tensor& input,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
-    int64_t quant_min,
-    int64_t quant_max,
-    c10::optional<int64_t> axis,
-    bool compute_code) {
+    const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis, bool compute_code) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qat::_fake_quantize_forward", "")
                        .typed<decltype(fake_quantize_forward)>();
@@ -93,17 +75,9 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_forward(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward(
-    const at::Tensor& grad,
-    const at::Tensor& saved,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
-    int64_t quant_min,
-    int64_t quant_max,
-    c10::optional<int64_t> axis,
-    bool scale_grad,
-    bool scale_grad_inside,
-    bool zero_point_grad,
-    double ewgs_delta) {
+    const at::Tensor& grad, const at::Tensor& saved, const at::Tensor& scale,
+    const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis,
+    bool scale_grad, bool scale_grad_inside, bool zero_point_grad, double ewgs_delta) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qat::_fake_quantize_backward", "")
                        .typed<decltype(fake_quantize_backward)>();
@@ -112,8 +86,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward(
       zero_point_grad, ewgs_delta);
 }
 
-} // namespace ops
-} // namespace qat
+}  // namespace ops
+}  // namespace qat
 
 TORCH_LIBRARY(qat, m) {
   m.def(

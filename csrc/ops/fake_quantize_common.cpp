@@ -9,13 +9,8 @@ namespace qat {
 namespace detail {
 
 c10::optional<int64_t> check_arguments(
-    const char* op,
-    const at::Tensor& input,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
-    int64_t quant_min,
-    int64_t quant_max,
-    c10::optional<int64_t> axis) {
+    const char* op, const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis) {
   TORCH_CHECK(input.defined(), op, ": input is undefined");
   const auto dtype = input.scalar_type();
   TORCH_CHECK(
@@ -23,8 +18,8 @@ c10::optional<int64_t> check_arguments(
       op, ": input must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
       dtype);
   TORCH_CHECK(
-      scale.defined() && at::isFloatingType(scale.scalar_type()),
-      op, ": scale must be a floating-point tensor, got ",
+      scale.defined() && at::isFloatingType(scale.scalar_type()), op,
+      ": scale must be a floating-point tensor, got ",
       scale.defined() ? c10::toString(scale.scalar_type()) : "an undefined tensor");
   TORCH_CHECK(
       zero_point.defined() && zero_point.scalar_type() != at::kBool &&
@@ -44,9 +39,8 @@ c10::optional<int64_t> check_arguments(
         scale.numel() == 1, op, ": per-tensor quantization (axis=None) needs one scale, got ",
         scale.numel());
     TORCH_CHECK(
-        zero_point.numel() == 1,
-        op, ": per-tensor quantization (axis=None) needs one zero_point, got ",
-        zero_point.numel());
+        zero_point.numel() == 1, op,
+        ": per-tensor quantization (axis=None) needs one zero_point, got ", zero_point.numel());
     return c10::nullopt;
   }
   const int64_t dim = input.dim();
@@ -58,21 +52,18 @@ c10::optional<int64_t> check_arguments(
   const int64_t normalized = a < 0 ? a + dim : a;
   const int64_t channels = input.size(normalized);
   TORCH_CHECK(
-      scale.dim() <= 1 && scale.numel() == channels,
-      op, ": scale must be 1-D with one entry per channel of axis ", a, " (", channels,
-      "), got shape ", scale.sizes());
+      scale.dim() <= 1 && scale.numel() == channels, op,
+      ": scale must be 1-D with one entry per channel of axis ", a, " (", channels, "), got shape ",
+      scale.sizes());
   TORCH_CHECK(
-      zero_point.dim() <= 1 && zero_point.numel() == channels,
-      op, ": zero_point must be 1-D with one entry per channel of axis ", a, " (", channels,
+      zero_point.dim() <= 1 && zero_point.numel() == channels, op,
+      ": zero_point must be 1-D with one entry per channel of axis ", a, " (", channels,
       "), got shape ", zero_point.sizes());
   return normalized;
 }
 
 QParams read_qparams(
-    const char* op,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
-    int64_t quant_min,
+    const char* op, const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
     int64_t quant_max) {
   const auto s = scale.detach().to(at::kCPU, at::kDouble).contiguous();
   const auto z = zero_point.detach().to(at::kCPU, at::kDouble).contiguous();
@@ -85,18 +76,18 @@ QParams read_qparams(
     // Kernels use the float32 scale, as PyTorch's fake-quant ops do.
     const float sf = static_cast<float>(sp[i]);
     TORCH_CHECK(
-        std::isfinite(sp[i]) && sf > 0.0f && std::isfinite(1.0f / sf),
-        op, ": scale must be positive and finite (and its float32 reciprocal finite), got scale[",
-        i, "] = ", sp[i]);
+        std::isfinite(sp[i]) && sf > 0.0f && std::isfinite(1.0f / sf), op,
+        ": scale must be positive and finite (and its float32 reciprocal finite), got scale[", i,
+        "] = ", sp[i]);
     q.scale[i] = sf;
   }
   for (const auto i : c10::irange(z.numel())) {
-    TORCH_CHECK(std::isfinite(zp[i]), op, ": zero_point must be finite, got zero_point[", i, "] = ",
-                zp[i]);
+    TORCH_CHECK(
+        std::isfinite(zp[i]), op, ": zero_point must be finite, got zero_point[", i, "] = ", zp[i]);
     const double rounded = std::nearbyint(zp[i]);
     TORCH_CHECK(
-        rounded >= static_cast<double>(quant_min) && rounded <= static_cast<double>(quant_max),
-        op, ": zero_point[", i, "] = ", zp[i], " is outside [quant_min, quant_max] = [", quant_min,
+        rounded >= static_cast<double>(quant_min) && rounded <= static_cast<double>(quant_max), op,
+        ": zero_point[", i, "] = ", zp[i], " is outside [quant_min, quant_max] = [", quant_min,
         ", ", quant_max, "]");
     q.zero_point[i] = static_cast<float>(rounded);
   }
@@ -133,27 +124,21 @@ at::Tensor match_layout(const at::Tensor& grad, const at::Tensor& like) {
 }
 
 BackwardInputs prepare_backward(
-    const char* op,
-    const at::Tensor& grad,
-    const at::Tensor& saved,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
-    int64_t quant_min,
-    int64_t quant_max,
-    c10::optional<int64_t> axis,
-    bool scale_grad_inside,
-    double ewgs_delta) {
+    const char* op, const at::Tensor& grad, const at::Tensor& saved, const at::Tensor& scale,
+    const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis,
+    bool scale_grad_inside, double ewgs_delta) {
   BackwardInputs in;
   in.from_code = saved.scalar_type() == at::kByte;
   TORCH_CHECK(
-      !in.from_code || (!scale_grad_inside && ewgs_delta == 0.0),
-      op, ": in-range scale gradients and EWGS need the saved input, not the code");
+      !in.from_code || (!scale_grad_inside && ewgs_delta == 0.0), op,
+      ": in-range scale gradients and EWGS need the saved input, not the code");
   TORCH_CHECK(
       grad.sizes() == saved.sizes(), op, ": grad has shape ", grad.sizes(),
       " but the saved tensor has shape ", saved.sizes());
   TORCH_CHECK(
-      grad.device() == saved.device(), op, ": grad and the saved tensor must be on one device, got ",
-      grad.device(), " and ", saved.device());
+      grad.device() == saved.device(), op,
+      ": grad and the saved tensor must be on one device, got ", grad.device(), " and ",
+      saved.device());
   // The code carries no dtype of its own: the gradient's dtype is checked instead.
   const at::Tensor& typed = in.from_code ? grad : saved;
   in.axis = check_arguments(op, typed, scale, zero_point, quant_min, quant_max, axis);
@@ -164,18 +149,14 @@ BackwardInputs prepare_backward(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_result(
-    const at::Tensor& grad_input,
-    const at::Tensor& scale_sums,
-    const at::Tensor& zero_point_sums,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point) {
+    const at::Tensor& grad_input, const at::Tensor& scale_sums, const at::Tensor& zero_point_sums,
+    const at::Tensor& scale, const at::Tensor& zero_point) {
   const auto zero_point_options = scale.options().dtype(
       at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type() : at::kFloat);
   return {
-      grad_input,
-      scale_sums.to(scale.options()).reshape(scale.sizes()),
+      grad_input, scale_sums.to(scale.options()).reshape(scale.sizes()),
       zero_point_sums.to(zero_point_options).reshape(zero_point.sizes())};
 }
 
-} // namespace detail
-} // namespace qat
+}  // namespace detail
+}  // namespace qat

@@ -21,13 +21,8 @@ constexpr int64_t kMaxQuantMax = 65535;
 // Checks dtype, range, axis and qparam shapes; returns the axis normalized to
 // [0, input.dim()) (or nullopt for per-tensor). `op` prefixes every message.
 c10::optional<int64_t> check_arguments(
-    const char* op,
-    const at::Tensor& input,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
-    int64_t quant_min,
-    int64_t quant_max,
-    c10::optional<int64_t> axis);
+    const char* op, const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis);
 
 // Per-channel quantization parameters after validation, one entry per channel:
 // the float32 scale and the integer-valued zero point that the kernels use.
@@ -40,10 +35,7 @@ struct QParams {
 // half-to-even into [quant_min, quant_max]). Reads through the CPU, so a CUDA qparam
 // costs one synchronization.
 QParams read_qparams(
-    const char* op,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
-    int64_t quant_min,
+    const char* op, const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
     int64_t quant_max);
 
 // Memory layout of a dense tensor seen as [outer, channels, inner]: the element at
@@ -77,25 +69,15 @@ struct BackwardInputs {
 };
 
 BackwardInputs prepare_backward(
-    const char* op,
-    const at::Tensor& grad,
-    const at::Tensor& saved,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
-    int64_t quant_min,
-    int64_t quant_max,
-    c10::optional<int64_t> axis,
-    bool scale_grad_inside,
-    double ewgs_delta);
+    const char* op, const at::Tensor& grad, const at::Tensor& saved, const at::Tensor& scale,
+    const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis,
+    bool scale_grad_inside, double ewgs_delta);
 
 // (grad_input, grad_scale, grad_zero_point) from per-channel float64 sums: shaped and
 // typed like scale, and like zero_point with a floating dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_result(
-    const at::Tensor& grad_input,
-    const at::Tensor& scale_sums,
-    const at::Tensor& zero_point_sums,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point);
+    const at::Tensor& grad_input, const at::Tensor& scale_sums, const at::Tensor& zero_point_sums,
+    const at::Tensor& scale, const at::Tensor& zero_point);
 
-} // namespace detail
-} // namespace qat
+}  // namespace detail
+}  // namespace qat

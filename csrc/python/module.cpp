@@ -27,25 +27,23 @@ class PythonEstimator final : public qat::Estimator {
   }
 
   at::Tensor apply(
-      const at::Tensor& input,
-      const at::Tensor& scale,
-      const at::Tensor& zero_point,
+      const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
       const qat::EstimatorArgs& args) const override {
     py::gil_scoped_acquire gil;
     py::object result;
     try {
-      result = fn_(
-          input, scale, zero_point, args.quant_min, args.quant_max,
-          args.axis.has_value() ? py::object(py::int_(*args.axis)) : py::object(py::none()),
-          args.grad_scale.has_value() ? py::object(py::float_(*args.grad_scale))
-                                      : py::object(py::none()),
-          args.ewgs_delta);
+      result =
+          fn_(input, scale, zero_point, args.quant_min, args.quant_max,
+              args.axis.has_value() ? py::object(py::int_(*args.axis)) : py::object(py::none()),
+              args.grad_scale.has_value() ? py::object(py::float_(*args.grad_scale))
+                                          : py::object(py::none()),
+              args.ewgs_delta);
     } catch (py::error_already_set& e) {
       TORCH_CHECK(false, "qat: estimator '", name_, "' raised ", e.what());
     }
     TORCH_CHECK(
-        THPVariable_Check(result.ptr()), "qat: estimator '", name_,
-        "' must return a Tensor, got ", std::string(py::str(result.get_type())));
+        THPVariable_Check(result.ptr()), "qat: estimator '", name_, "' must return a Tensor, got ",
+        std::string(py::str(result.get_type())));
     return result.cast<at::Tensor>();
   }
 
@@ -73,7 +71,7 @@ qat::cpu::Capability parse_capability(const std::string& name) {
   throw py::value_error("capability must be 'default' or 'avx2', got '" + name + "'");
 }
 
-} // namespace
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "qat's compiled core: estimator registry and library facts";

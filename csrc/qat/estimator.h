@@ -31,9 +31,7 @@ class Estimator {
  public:
   virtual ~Estimator() = default;
   virtual at::Tensor apply(
-      const at::Tensor& input,
-      const at::Tensor& scale,
-      const at::Tensor& zero_point,
+      const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
       const EstimatorArgs& args) const = 0;
 };
 
@@ -80,7 +78,7 @@ struct EstimatorRegistration {
   }
 };
 
-} // namespace qat
+}  // namespace qat
 
 #define QAT_CONCAT_INNER(a, b) a##b
 #define QAT_CONCAT(a, b) QAT_CONCAT_INNER(a, b)
@@ -89,6 +87,6 @@ struct EstimatorRegistration {
 /// (a qat::EstimatorInfo) at load time, from any translation unit:
 ///   QAT_REGISTER_ESTIMATOR(qat::EstimatorInfo{"mine", "what it does", true, false},
 ///                          std::make_shared<MyEstimator>());
-#define QAT_REGISTER_ESTIMATOR(INFO, INSTANCE)                        \
-  static const ::qat::EstimatorRegistration QAT_CONCAT(               \
-      qat_estimator_registration_, __COUNTER__)(INFO, INSTANCE)
+#define QAT_REGISTER_ESTIMATOR(INFO, INSTANCE)                                                    \
+  static const ::qat::EstimatorRegistration QAT_CONCAT(qat_estimator_registration_, __COUNTER__)( \
+      INFO, INSTANCE)

@@ -29,17 +29,12 @@ namespace qat {
 ///        estimator's default (1/sqrt(N * quant_max) for LSQ, 1 for PACT).
 /// @param ewgs_delta EWGS gradient-scaling factor delta (ignored by other estimators).
 at::Tensor fake_quantize(
-    const at::Tensor& input,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
-    int64_t quant_min,
-    int64_t quant_max,
-    c10::optional<int64_t> axis = c10::nullopt,
-    const std::string& estimator = "ste",
-    c10::optional<double> grad_scale = c10::nullopt,
+    const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis = c10::nullopt,
+    const std::string& estimator = "ste", c10::optional<double> grad_scale = c10::nullopt,
     double ewgs_delta = 1e-3);
 
 /// Version of the qat library, e.g. "0.1.0".
 const char* version();
 
-} // namespace qat
+}  // namespace qat

@@ -43,17 +43,18 @@ int64_t parse_elements(int argc, char** argv) {
   return elements;
 }
 
-} // namespace
+}  // namespace
 
 int main(int argc, char** argv) try {
   const int64_t elements = parse_elements(argc, argv);
   torch::manual_seed(0);
   const int64_t channels = 64;
   const auto x = torch::randn({channels, elements / channels}) *
-      torch::linspace(0.1, 4.0, channels).unsqueeze(1);
+                 torch::linspace(0.1, 4.0, channels).unsqueeze(1);
 
-  fmt::print("qat {}: fake-quantizing {} Gaussian values in {} channels of growing spread\n",
-             qat::version(), x.numel(), channels);
+  fmt::print(
+      "qat {}: fake-quantizing {} Gaussian values in {} channels of growing spread\n",
+      qat::version(), x.numel(), channels);
   fmt::print("{:<10} {:<12} {:>12} {:>10}\n", "bits", "granularity", "max |error|", "SQNR dB");
   for (const int bits : {8, 4, 2}) {
     // Symmetric signed range with the scale chosen from the absolute maximum.
@@ -61,15 +62,17 @@ int main(int argc, char** argv) try {
     const int64_t qmin = -qmax - 1;
     const auto per_tensor_scale = (x.abs().max() / static_cast<double>(qmax)).reshape({1});
     const auto per_channel_scale = std::get<0>(x.abs().max(1)) / static_cast<double>(qmax);
-    const auto y_tensor = qat::fake_quantize(
-        x, per_tensor_scale, torch::zeros({1}, torch::kInt), qmin, qmax);
+    const auto y_tensor =
+        qat::fake_quantize(x, per_tensor_scale, torch::zeros({1}, torch::kInt), qmin, qmax);
     const auto y_channel = qat::fake_quantize(
         x, per_channel_scale, torch::zeros({channels}, torch::kInt), qmin, qmax, 0);
-    for (const auto& [name, y] : {std::pair<const char*, torch::Tensor>{"per-tensor", y_tensor},
-                                  {"per-channel", y_channel}}) {
+    for (const auto& [name, y] :
+         {std::pair<const char*, torch::Tensor>{"per-tensor", y_tensor},
+          {"per-channel", y_channel}}) {
       const auto e = error_of(x, y);
-      fmt::print("{:<10} {:<12} {:>12.5f} {:>10.2f}\n", fmt::format("int{}", bits), name,
-                 e.max_abs, e.sqnr_db);
+      fmt::print(
+          "{:<10} {:<12} {:>12.5f} {:>10.2f}\n", fmt::format("int{}", bits), name, e.max_abs,
+          e.sqnr_db);
     }
   }
 

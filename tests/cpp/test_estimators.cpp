@@ -24,16 +24,18 @@ struct Frozen {
 Frozen freeze(const torch::Tensor& x, double s, double z, int64_t qmin, int64_t qmax) {
   const auto v = x / s;
   const auto q = torch::round(v) + z;
-  return {(q >= qmin) & (q <= qmax), q < qmin, q > qmax, torch::round(v) - v};
+  return {(q >= qmin) & (q <= qmax), q<qmin, q> qmax, torch::round(v) - v};
 }
 
 // sum(g * y) of the surrogate at (s, z), classes and residuals taken from `f`.
-double surrogate(const torch::Tensor& x, const torch::Tensor& g, const Frozen& f, double s,
-                 double z, int64_t qmin, int64_t qmax, bool lsq_inside) {
+double surrogate(
+    const torch::Tensor& x, const torch::Tensor& g, const Frozen& f, double s, double z,
+    int64_t qmin, int64_t qmax, bool lsq_inside) {
   const auto in = lsq_inside ? s * (x / s + f.residual) : x;
-  const auto y = torch::where(f.inside, in,
-                              torch::where(f.below, torch::full_like(x, s * (qmin - z)),
-                                           torch::full_like(x, s * (qmax - z))));
+  const auto y = torch::where(
+      f.inside, in,
+      torch::where(
+          f.below, torch::full_like(x, s * (qmin - z)), torch::full_like(x, s * (qmax - z))));
   return (g * y).sum().item<double>();
 }
 
@@ -43,10 +45,11 @@ struct Case {
   bool zero_point;
 };
 
-} // namespace
+}  // namespace
 
-CATCH_TEST_CASE("scale and zero-point gradients match finite differences of the surrogate",
-          "[estimators][gradients]") {
+CATCH_TEST_CASE(
+    "scale and zero-point gradients match finite differences of the surrogate",
+    "[estimators][gradients]") {
   torch::manual_seed(4);
   const int64_t qmin = -8;
   const int64_t qmax = 7;
@@ -55,8 +58,8 @@ CATCH_TEST_CASE("scale and zero-point gradients match finite differences of the 
   const auto x = torch::randn({2000}, torch::kDouble) * 1.5;
   const auto g = torch::randn({2000}, torch::kDouble);
   const double h = 1e-7;
-  for (const Case c : {Case{"lsq", true, false}, Case{"lsq_plus", true, true},
-                       Case{"pact", false, false}}) {
+  for (const Case c :
+       {Case{"lsq", true, false}, Case{"lsq_plus", true, true}, Case{"pact", false, false}}) {
     CATCH_DYNAMIC_SECTION(c.estimator) {
       auto s = torch::tensor({s0}, torch::kDouble).requires_grad_();
       auto z = torch::tensor({z0}, torch::kDouble).requires_grad_(c.zero_point);
@@ -65,12 +68,12 @@ CATCH_TEST_CASE("scale and zero-point gradients match finite differences of the 
       const auto f = freeze(x, s0, z0, qmin, qmax);
       const double fd_s = (surrogate(x, g, f, s0 + h, z0, qmin, qmax, c.lsq_inside) -
                            surrogate(x, g, f, s0 - h, z0, qmin, qmax, c.lsq_inside)) /
-          (2 * h);
+                          (2 * h);
       CATCH_CHECK(s.grad().item<double>() == Approx(fd_s).epsilon(1e-6));
       if (c.zero_point) {
         const double fd_z = (surrogate(x, g, f, s0, z0 + h, qmin, qmax, c.lsq_inside) -
                              surrogate(x, g, f, s0, z0 - h, qmin, qmax, c.lsq_inside)) /
-            (2 * h);
+                            (2 * h);
         CATCH_CHECK(z.grad().item<double>() == Approx(fd_z).epsilon(1e-6));
       }
       // Both the in-range and the clamped terms were exercised.
@@ -80,8 +83,9 @@ CATCH_TEST_CASE("scale and zero-point gradients match finite differences of the 
   }
 }
 
-CATCH_TEST_CASE("per-channel scale gradients match finite differences channel by channel",
-          "[estimators][gradients]") {
+CATCH_TEST_CASE(
+    "per-channel scale gradients match finite differences channel by channel",
+    "[estimators][gradients]") {
   torch::manual_seed(5);
   const auto x = torch::randn({6, 3, 50}, torch::kDouble) * 2;
   const auto g = torch::randn({6, 3, 50}, torch::kDouble);
@@ -97,13 +101,12 @@ CATCH_TEST_CASE("per-channel scale gradients match finite differences channel by
     const auto f = freeze(xc, scales[c], zc, -16, 15);
     const double fd = (surrogate(xc, gc, f, scales[c] + h, zc, -16, 15, true) -
                        surrogate(xc, gc, f, scales[c] - h, zc, -16, 15, true)) /
-        (2 * h);
+                      (2 * h);
     CATCH_CHECK(s.grad()[c].item<double>() == Approx(fd).epsilon(1e-6));
   }
 }
 
-CATCH_TEST_CASE("LSQ scales its gradient by 1/sqrt(N * Qp) unless told otherwise",
-          "[estimators]") {
+CATCH_TEST_CASE("LSQ scales its gradient by 1/sqrt(N * Qp) unless told otherwise", "[estimators]") {
   const auto x = torch::randn({4, 100}, torch::kDouble);
   auto grad_with = [&](c10::optional<double> factor) {
     auto s = torch::tensor({0.2}, torch::kDouble).requires_grad_();
@@ -115,15 +118,16 @@ CATCH_TEST_CASE("LSQ scales its gradient by 1/sqrt(N * Qp) unless told otherwise
   CATCH_CHECK(grad_with(c10::nullopt) == Approx(grad_with(1.0) / std::sqrt(400.0 * 127.0)));
 }
 
-CATCH_TEST_CASE("EWGS scales in-range gradients by 1 + delta * sign(g) * (x/s - round(x/s))",
-          "[estimators]") {
+CATCH_TEST_CASE(
+    "EWGS scales in-range gradients by 1 + delta * sign(g) * (x/s - round(x/s))", "[estimators]") {
   const auto x = torch::randn({500}, torch::kDouble) * 2;
   const auto g = torch::randn({500}, torch::kDouble);
   const auto xr = x.clone().requires_grad_();
   const double s = 0.1;
   const double delta = 0.2;
-  qat::fake_quantize(xr, torch::tensor({s}), torch::tensor({0}), -16, 15, c10::nullopt, "ewgs",
-                     c10::nullopt, delta)
+  qat::fake_quantize(
+      xr, torch::tensor({s}), torch::tensor({0}), -16, 15, c10::nullopt, "ewgs", c10::nullopt,
+      delta)
       .backward(g);
   const auto v = x * static_cast<double>(1.0f / static_cast<float>(s));
   const auto inside = (torch::round(v) >= -16) & (torch::round(v) <= 15);
@@ -147,10 +151,11 @@ namespace {
 // Halves the incoming gradient everywhere: a user-defined rule registered from C++.
 class HalfGradient final : public qat::Estimator {
  public:
-  at::Tensor apply(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zp,
-                   const qat::EstimatorArgs& args) const override {
-    const auto fq = qat::fake_quantize(input.detach(), scale, zp, args.quant_min,
-                                       args.quant_max, args.axis, "ste");
+  at::Tensor apply(
+      const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zp,
+      const qat::EstimatorArgs& args) const override {
+    const auto fq = qat::fake_quantize(
+        input.detach(), scale, zp, args.quant_min, args.quant_max, args.axis, "ste");
     return fq + 0.5 * (input - input.detach());
   }
 };
@@ -159,7 +164,7 @@ QAT_REGISTER_ESTIMATOR(
     (qat::EstimatorInfo{"test_half_gradient", "halves gradients", false, false}),
     std::make_shared<HalfGradient>());
 
-} // namespace
+}  // namespace
 
 CATCH_TEST_CASE("the registry lists, finds, extends and refuses", "[registry]") {
   auto& registry = qat::EstimatorRegistry::global();
@@ -171,14 +176,15 @@ CATCH_TEST_CASE("the registry lists, finds, extends and refuses", "[registry]") 
   CATCH_CHECK_FALSE(registry.info("ste").learns_scale);
 
   const auto x = torch::randn({8}).requires_grad_();
-  qat::fake_quantize(x, torch::tensor({0.1f}), torch::tensor({0}), -128, 127, c10::nullopt,
-                     "test_half_gradient")
+  qat::fake_quantize(
+      x, torch::tensor({0.1f}), torch::tensor({0}), -128, 127, c10::nullopt, "test_half_gradient")
       .sum()
       .backward();
   CATCH_CHECK(torch::equal(x.grad(), torch::full({8}, 0.5f)));
 
-  CATCH_CHECK_THROWS_WITH(registry.add({"ste", "again", false, false}, std::make_shared<HalfGradient>()),
-                    Catch::Matchers::Contains("already registered"));
+  CATCH_CHECK_THROWS_WITH(
+      registry.add({"ste", "again", false, false}, std::make_shared<HalfGradient>()),
+      Catch::Matchers::Contains("already registered"));
   CATCH_CHECK_THROWS_WITH(registry.get("missing"), Catch::Matchers::Contains("known estimators"));
   registry.add({"temporary", "", false, false}, std::make_shared<HalfGradient>());
   CATCH_CHECK(registry.remove("temporary"));
@@ -189,6 +195,7 @@ CATCH_TEST_CASE("the registry lists, finds, extends and refuses", "[registry]") 
 CATCH_TEST_CASE("double backward is refused", "[estimators]") {
   const auto x = torch::randn({5}).requires_grad_();
   const auto y = qat::fake_quantize(x, torch::tensor({0.1f}), torch::tensor({0}), 0, 255);
-  CATCH_CHECK_THROWS_WITH(torch::autograd::grad({y.sum()}, {x}, {}, true, true),
-                    Catch::Matchers::Contains("double backward"));
+  CATCH_CHECK_THROWS_WITH(
+      torch::autograd::grad({y.sum()}, {x}, {}, true, true),
+      Catch::Matchers::Contains("double backward"));
 }

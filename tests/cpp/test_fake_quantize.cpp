@@ -16,7 +16,8 @@ namespace {
 // One element, in double unless the input is float-like, where x * (1/s) is float math.
 double reference_element(double x, float s, double z, int64_t qmin, int64_t qmax, bool wide) {
   const float inv = 1.0f / s;
-  const double v = wide ? x * static_cast<double>(inv) : static_cast<double>(static_cast<float>(x) * inv);
+  const double v =
+      wide ? x * static_cast<double>(inv) : static_cast<double>(static_cast<float>(x) * inv);
   if (std::isnan(v)) {
     return std::numeric_limits<double>::quiet_NaN();
   }
@@ -41,8 +42,8 @@ torch::Tensor reference(
   double* op = out.data_ptr<double>();
   for (int64_t i = 0; i < xd.numel(); ++i) {
     const int64_t c = ax >= 0 ? (i / inner) % channels : 0;
-    op[i] = reference_element(
-        xp[i], s.data_ptr<float>()[c], z.data_ptr<double>()[c], qmin, qmax, wide);
+    op[i] =
+        reference_element(xp[i], s.data_ptr<float>()[c], z.data_ptr<double>()[c], qmin, qmax, wide);
   }
   return out.to(x.scalar_type());
 }
@@ -56,7 +57,9 @@ void for_each_capability(F&& body) {
       continue;
     }
     qat::cpu::set_capability(cap);
-    CATCH_DYNAMIC_SECTION("capability " << qat::cpu::capability_name(cap)) { body(); }
+    CATCH_DYNAMIC_SECTION("capability " << qat::cpu::capability_name(cap)) {
+      body();
+    }
   }
   qat::cpu::set_capability(best);
 }
@@ -64,11 +67,12 @@ void for_each_capability(F&& body) {
 bool same(const torch::Tensor& a, const torch::Tensor& b) {
   // NaN == NaN here: both sides must agree on where NaN is.
   return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
-      torch::equal(torch::nan_to_num(a, 1e30, 2e30, -2e30), torch::nan_to_num(b, 1e30, 2e30, -2e30)) &&
-      torch::equal(torch::isnan(a), torch::isnan(b));
+         torch::equal(
+             torch::nan_to_num(a, 1e30, 2e30, -2e30), torch::nan_to_num(b, 1e30, 2e30, -2e30)) &&
+         torch::equal(torch::isnan(a), torch::isnan(b));
 }
 
-} // namespace
+}  // namespace
 
 CATCH_TEST_CASE("per-tensor forward equals the scalar reference", "[forward]") {
   for_each_capability([] {
@@ -125,9 +129,11 @@ CATCH_TEST_CASE("NaN propagates; infinities saturate; empty tensors pass through
     CATCH_CHECK(out[2].item<float>() == (0 - 3) * 0.5f);
     CATCH_CHECK(out[3].item<float>() == 1.0f);
     const auto empty = torch::empty({0, 4});
-    CATCH_CHECK(qat::fake_quantize(empty, torch::tensor({1.0f}), torch::tensor({0}), 0, 255).sizes() ==
-          empty.sizes());
-    CATCH_CHECK(qat::fake_quantize(empty, torch::ones({4}), torch::zeros({4}), 0, 255, 1).numel() == 0);
+    CATCH_CHECK(
+        qat::fake_quantize(empty, torch::tensor({1.0f}), torch::tensor({0}), 0, 255).sizes() ==
+        empty.sizes());
+    CATCH_CHECK(
+        qat::fake_quantize(empty, torch::ones({4}), torch::zeros({4}), 0, 255, 1).numel() == 0);
   });
 }
 
@@ -164,10 +170,13 @@ CATCH_TEST_CASE("bad arguments name the argument", "[errors]") {
   CATCH_CHECK_THROWS_WITH(qat::fake_quantize(x, s, z, 0, 1 << 17), Contains("16 bits"));
   CATCH_CHECK_THROWS_WITH(
       qat::fake_quantize(x.to(torch::kInt), s, z, 0, 255), Contains("floating-point"));
-  CATCH_CHECK_THROWS_WITH(qat::fake_quantize(x, torch::ones({2}), torch::zeros({2}), 0, 255, 1),
-                    Contains("one entry per channel"));
-  CATCH_CHECK_THROWS_WITH(qat::fake_quantize(x, torch::ones({3}), torch::zeros({3}), 0, 255, 2),
-                    Contains("axis 2 is out of range"));
-  CATCH_CHECK_THROWS_WITH(qat::fake_quantize(x, s, z, 0, 255, c10::nullopt, "nope"),
-                    Contains("known estimators: ewgs, lsq, lsq_plus, pact, ste"));
+  CATCH_CHECK_THROWS_WITH(
+      qat::fake_quantize(x, torch::ones({2}), torch::zeros({2}), 0, 255, 1),
+      Contains("one entry per channel"));
+  CATCH_CHECK_THROWS_WITH(
+      qat::fake_quantize(x, torch::ones({3}), torch::zeros({3}), 0, 255, 2),
+      Contains("axis 2 is out of range"));
+  CATCH_CHECK_THROWS_WITH(
+      qat::fake_quantize(x, s, z, 0, 255, c10::nullopt, "nope"),
+      Contains("known estimators: ewgs, lsq, lsq_plus, pact, ste"));
 }

@@ -46,13 +46,8 @@ constexpr const char* kForward = "qat::_fake_quantize_forward";
 constexpr const char* kBackward = "qat::_fake_quantize_backward";
 
 std::tuple<at::Tensor, at::Tensor> fake_quantize_forward_kernel(
-    const at::Tensor& input_arg,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
-    int64_t quant_min,
-    int64_t quant_max,
-    c10::optional<int64_t> axis_arg,
-    bool compute_code) {
+    const at::Tensor& input_arg, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis_arg, bool compute_code) {
   const auto axis = detail::check_arguments(
       kForward, input_arg, scale, zero_point, quant_min, quant_max, axis_arg);
   const auto qparams = detail::read_qparams(kForward, scale, zero_point, quant_min, quant_max);
@@ -84,16 +79,9 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_forward_kernel(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
-    const at::Tensor& grad_arg,
-    const at::Tensor& saved_arg,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
-    int64_t quant_min,
-    int64_t quant_max,
-    c10::optional<int64_t> axis_arg,
-    bool scale_grad,
-    bool scale_grad_inside,
-    bool zero_point_grad,
+    const at::Tensor& grad_arg, const at::Tensor& saved_arg, const at::Tensor& scale,
+    const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+    c10::optional<int64_t> axis_arg, bool scale_grad, bool scale_grad_inside, bool zero_point_grad,
     double ewgs_delta) {
   const auto in = detail::prepare_backward(
       kBackward, grad_arg, saved_arg, scale, zero_point, quant_min, quant_max, axis_arg,
@@ -129,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
   return detail::backward_result(grad_input, scale_sums, zero_point_sums, scale, zero_point);
 }
 
-} // namespace
+}  // namespace
 
 Capability capability() {
   return current_capability();
@@ -142,8 +130,8 @@ void set_capability(Capability capability) {
   current_capability() = capability;
 }
 
-} // namespace cpu
-} // namespace qat
+}  // namespace cpu
+}  // namespace qat
 
 TORCH_LIBRARY_IMPL(qat, CPU, m) {
   m.impl("_fake_quantize_forward", &qat::cpu::fake_quantize_forward_kernel);

@@ -22,8 +22,8 @@ struct ForwardLoopArgs {
   uint8_t* code = nullptr;
   at::ScalarType dtype = at::kFloat;
   detail::ChannelLayout layout;
-  const float* scale = nullptr; // one per channel
-  const float* zero_point = nullptr; // one per channel, integer-valued
+  const float* scale = nullptr;       // one per channel
+  const float* zero_point = nullptr;  // one per channel, integer-valued
   int64_t quant_min = 0;
   int64_t quant_max = 255;
 };
@@ -65,11 +65,11 @@ const char* capability_name(Capability capability);
 namespace DEFAULT {
 void forward_loop(const ForwardLoopArgs& args);
 void backward_loop(const BackwardLoopArgs& args);
-} // namespace DEFAULT
+}  // namespace DEFAULT
 namespace AVX2 {
 void forward_loop(const ForwardLoopArgs& args);
 void backward_loop(const BackwardLoopArgs& args);
-} // namespace AVX2
+}  // namespace AVX2
 
-} // namespace cpu
-} // namespace qat
+}  // namespace cpu
+}  // namespace qat

@@ -58,9 +58,10 @@ template <typename M>
 Channel<M> make_channel(float scale, float zero_point, int64_t quant_min, int64_t quant_max) {
   // As PyTorch's kernels: the reciprocal is taken in float32, then x * inv_scale in M.
   const float inv = 1.0f / scale;
-  return {static_cast<M>(scale), static_cast<M>(inv),
-          static_cast<M>(static_cast<float>(quant_min) - zero_point),
-          static_cast<M>(static_cast<float>(quant_max) - zero_point)};
+  return {
+      static_cast<M>(scale), static_cast<M>(inv),
+      static_cast<M>(static_cast<float>(quant_min) - zero_point),
+      static_cast<M>(static_cast<float>(quant_max) - zero_point)};
 }
 
 // One channel for a whole run of elements.
@@ -89,9 +90,7 @@ struct ElementwiseParams {
   Vec get_inv_scale(int64_t i, int64_t n) const { return Vec::loadu(inv_scale + i, n); }
   Vec get_lo(int64_t i, int64_t n) const { return Vec::loadu(lo + i, n); }
   Vec get_hi(int64_t i, int64_t n) const { return Vec::loadu(hi + i, n); }
-  ElementwiseParams shifted(int64_t i) const {
-    return {scale + i, inv_scale + i, lo + i, hi + i};
-  }
+  ElementwiseParams shifted(int64_t i) const { return {scale + i, inv_scale + i, lo + i, hi + i}; }
 };
 
 // max(v, lo) and min(v, hi) that keep a NaN v as NaN, in one instruction where the
@@ -128,12 +127,8 @@ inline Vectorized<double> lower_to(const Vectorized<double>& v, const Vectorized
 // clamp(round(v), lo, hi) equals round(clamp(v, lo, hi)) for the integer bounds.
 template <typename M>
 inline void levels(
-    const Vectorized<M>& x,
-    const Vectorized<M>& inv_scale,
-    const Vectorized<M>& lo,
-    const Vectorized<M>& hi,
-    Vectorized<M>& v,
-    Vectorized<M>& r) {
+    const Vectorized<M>& x, const Vectorized<M>& inv_scale, const Vectorized<M>& lo,
+    const Vectorized<M>& hi, Vectorized<M>& v, Vectorized<M>& r) {
   using Vec = Vectorized<M>;
   const Vec one(M(1));
   const Vec magic(RoundMagic<M>::value);
@@ -224,9 +219,7 @@ struct ElementwiseAccumulator {
     (Vec::loadu(scale_sum + i, n) + ds).store(scale_sum + i, n);
     (Vec::loadu(zero_point_sum + i, n) + dz).store(zero_point_sum + i, n);
   }
-  ElementwiseAccumulator shifted(int64_t i) const {
-    return {scale_sum + i, zero_point_sum + i};
-  }
+  ElementwiseAccumulator shifted(int64_t i) const { return {scale_sum + i, zero_point_sum + i}; }
 };
 
 struct BackwardFlags {
@@ -333,13 +326,13 @@ void backward_code_run_fast(
     if (f.scale_grad || f.zero_point_grad) {
       const __m256 below = lanes_equal(codes, 1);
       const __m256 above = lanes_equal(codes, 2);
-      const Vec ds = f.scale_grad
-          ? gv * Vec(_mm256_or_ps(_mm256_and_ps(below, p.get_lo(i, W)),
-                                  _mm256_and_ps(above, p.get_hi(i, W))))
-          : zero;
+      const Vec ds = f.scale_grad ? gv * Vec(_mm256_or_ps(
+                                             _mm256_and_ps(below, p.get_lo(i, W)),
+                                             _mm256_and_ps(above, p.get_hi(i, W))))
+                                  : zero;
       const Vec dz = f.zero_point_grad
-          ? gv * Vec(_mm256_and_ps(_mm256_or_ps(below, above), p.get_scale(i, W)))
-          : zero;
+                         ? gv * Vec(_mm256_and_ps(_mm256_or_ps(below, above), p.get_scale(i, W)))
+                         : zero;
       acc.add(i, W, ds, dz);
     }
   }
@@ -485,7 +478,7 @@ void backward_any(
 template <typename M>
 struct PeriodicTables {
   int64_t period = 0;
-  int64_t pattern = 0; // channels * inner
+  int64_t pattern = 0;  // channels * inner
   int64_t inner = 1;
   std::vector<M> scale, inv_scale, lo, hi;
 
@@ -563,8 +556,8 @@ void forward_typed(const ForwardLoopArgs& a) {
   if (use_uniform_runs(l)) {
     at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
       for_each_uniform_run(l, begin, end, [&](int64_t pos, int64_t len, int64_t c) {
-        forward_any<T, M>(x + pos, out + pos, code ? code + pos : nullptr, len,
-                          UniformParams<M>(channels[c]));
+        forward_any<T, M>(
+            x + pos, out + pos, code ? code + pos : nullptr, len, UniformParams<M>(channels[c]));
       });
     });
     return;
@@ -588,8 +581,8 @@ void backward_typed(const BackwardLoopArgs& a) {
   const BackwardFlags flags{a.scale_grad, a.scale_grad_inside, a.zero_point_grad, a.ewgs_delta};
   const auto channels =
       make_channels<M>(a.scale, a.zero_point, l.channels, a.quant_min, a.quant_max);
-  const int64_t num_chunks = std::max<int64_t>(
-      1, std::min<int64_t>(kMaxChunks, (numel + kGrain - 1) / kGrain));
+  const int64_t num_chunks =
+      std::max<int64_t>(1, std::min<int64_t>(kMaxChunks, (numel + kGrain - 1) / kGrain));
   const int64_t chunk = (numel + num_chunks - 1) / num_chunks;
   const int64_t C = l.channels;
   // Per chunk and channel, so that the final sum runs in a fixed order.
@@ -603,8 +596,9 @@ void backward_typed(const BackwardLoopArgs& a) {
         const int64_t end = std::min(numel, begin + chunk);
         for_each_uniform_run(l, begin, end, [&](int64_t pos, int64_t len, int64_t c) {
           UniformAccumulator<M> acc;
-          backward_any<T, M>(g + pos, x ? x + pos : nullptr, code ? code + pos : nullptr,
-                             dx + pos, len, UniformParams<M>(channels[c]), acc, flags);
+          backward_any<T, M>(
+              g + pos, x ? x + pos : nullptr, code ? code + pos : nullptr, dx + pos, len,
+              UniformParams<M>(channels[c]), acc, flags);
           acc.flush();
           scale_sums[k * C + c] += acc.scale_total;
           zero_point_sums[k * C + c] += acc.zero_point_total;
@@ -627,8 +621,9 @@ void backward_typed(const BackwardLoopArgs& a) {
           ElementwiseAccumulator<M> acc{
               reduce ? scale_acc.data() + phase : nullptr,
               reduce ? zero_point_acc.data() + phase : nullptr};
-          backward_any<T, M>(g + pos, x ? x + pos : nullptr, code ? code + pos : nullptr,
-                             dx + pos, len, tables.at(phase), acc, flags);
+          backward_any<T, M>(
+              g + pos, x ? x + pos : nullptr, code ? code + pos : nullptr, dx + pos, len,
+              tables.at(phase), acc, flags);
         });
         for (int64_t phase = 0; reduce && phase < P; ++phase) {
           const int64_t c = tables.channel_of(phase);
@@ -655,7 +650,7 @@ void backward_typed(const BackwardLoopArgs& a) {
   }
 }
 
-} // namespace
+}  // namespace
 
 void forward_loop(const ForwardLoopArgs& args) {
   switch (args.dtype) {
@@ -687,6 +682,6 @@ void backward_loop(const BackwardLoopArgs& args) {
   }
 }
 
-} // namespace CPU_CAPABILITY
-} // namespace cpu
-} // namespace qat
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace qat

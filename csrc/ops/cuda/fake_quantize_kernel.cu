@@ -95,13 +95,8 @@ __device__ __forceinline__ void levels(M x, const Channel<M>& c, M& v, M& r) {
 
 template <typename T, typename M>
 __global__ void forward_cuda_kernel(
-    const T* __restrict__ input,
-    T* __restrict__ output,
-    uint8_t* __restrict__ code,
-    const M* __restrict__ params,
-    int64_t numel,
-    int64_t channels,
-    int64_t inner) {
+    const T* __restrict__ input, T* __restrict__ output, uint8_t* __restrict__ code,
+    const M* __restrict__ params, int64_t numel, int64_t channels, int64_t inner) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t m = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; m < numel;
        m += stride) {
@@ -181,11 +176,7 @@ __device__ __forceinline__ ElementGrad<M> backward_from_input(
 
 template <typename T, typename M>
 __device__ __forceinline__ ElementGrad<M> backward_element(
-    const T* grad,
-    const T* input,
-    const uint8_t* code,
-    int64_t m,
-    const Channel<M>& c,
+    const T* grad, const T* input, const uint8_t* code, int64_t m, const Channel<M>& c,
     const BackwardFlags<M>& f) {
   const M g = static_cast<M>(grad[m]);
   return code != nullptr ? backward_from_code(g, code[m], c, f)
@@ -195,15 +186,9 @@ __device__ __forceinline__ ElementGrad<M> backward_element(
 // Input gradient only, in memory order.
 template <typename T, typename M>
 __global__ void backward_cuda_kernel(
-    const T* __restrict__ grad,
-    const T* __restrict__ input,
-    const uint8_t* __restrict__ code,
-    T* __restrict__ grad_input,
-    const M* __restrict__ params,
-    BackwardFlags<M> flags,
-    int64_t numel,
-    int64_t channels,
-    int64_t inner) {
+    const T* __restrict__ grad, const T* __restrict__ input, const uint8_t* __restrict__ code,
+    T* __restrict__ grad_input, const M* __restrict__ params, BackwardFlags<M> flags, int64_t numel,
+    int64_t channels, int64_t inner) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t m = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; m < numel;
        m += stride) {
@@ -217,17 +202,9 @@ __global__ void backward_cuda_kernel(
 // double in a fixed order and writes one partial sum per task.
 template <typename T, typename M>
 __global__ void backward_reduce_cuda_kernel(
-    const T* __restrict__ grad,
-    const T* __restrict__ input,
-    const uint8_t* __restrict__ code,
-    T* __restrict__ grad_input,
-    const M* __restrict__ params,
-    BackwardFlags<M> flags,
-    int64_t outer,
-    int64_t channels,
-    int64_t inner,
-    int64_t slices,
-    double* __restrict__ scale_partials,
+    const T* __restrict__ grad, const T* __restrict__ input, const uint8_t* __restrict__ code,
+    T* __restrict__ grad_input, const M* __restrict__ params, BackwardFlags<M> flags, int64_t outer,
+    int64_t channels, int64_t inner, int64_t slices, double* __restrict__ scale_partials,
     double* __restrict__ zero_point_partials) {
   __shared__ double scale_shared[kThreads];
   __shared__ double zero_point_shared[kThreads];
@@ -291,9 +268,8 @@ at::Tensor channel_params(
 
 int64_t grid_size(int64_t blocks) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  const int64_t resident =
-      static_cast<int64_t>(props->multiProcessorCount) *
-      std::max(1, props->maxThreadsPerMultiProcessor / kThreads);
+  const int64_t resident = static_cast<int64_t>(props->multiProcessorCount) *
+                           std::max(1, props->maxThreadsPerMultiProcessor / kThreads);
   return std::max<int64_t>(1, std::min(blocks, resident * kWaves));
 }
 
@@ -302,13 +278,8 @@ int64_t ceil_div(int64_t a, int64_t b) {
 }
 
 std::tuple<at::Tensor, at::Tensor> fake_quantize_forward_kernel(
-    const at::Tensor& input_arg,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
-    int64_t quant_min,
-    int64_t quant_max,
-    c10::optional<int64_t> axis_arg,
-    bool compute_code) {
+    const at::Tensor& input_arg, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis_arg, bool compute_code) {
   const auto axis = detail::check_arguments(
       kForward, input_arg, scale, zero_point, quant_min, quant_max, axis_arg);
   TORCH_CHECK(
@@ -332,8 +303,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_forward_kernel(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "qat_fake_quantize_forward_cuda", [&] {
         using M = at::opmath_type<scalar_t>;
-        const at::Tensor params =
-            channel_params<M>(qparams, quant_min, quant_max, input.device());
+        const at::Tensor params = channel_params<M>(qparams, quant_min, quant_max, input.device());
         forward_cuda_kernel<scalar_t, M><<<grid, kThreads, 0, stream>>>(
             input.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(),
             compute_code ? code.data_ptr<uint8_t>() : nullptr, params.data_ptr<M>(), numel,
@@ -344,16 +314,9 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_forward_kernel(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
-    const at::Tensor& grad_arg,
-    const at::Tensor& saved_arg,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
-    int64_t quant_min,
-    int64_t quant_max,
-    c10::optional<int64_t> axis_arg,
-    bool scale_grad,
-    bool scale_grad_inside,
-    bool zero_point_grad,
+    const at::Tensor& grad_arg, const at::Tensor& saved_arg, const at::Tensor& scale,
+    const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+    c10::optional<int64_t> axis_arg, bool scale_grad, bool scale_grad_inside, bool zero_point_grad,
     double ewgs_delta) {
   TORCH_CHECK(
       saved_arg.is_cuda(), kBackward, ": the saved tensor must be on a CUDA device, got ",
@@ -373,21 +336,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
   const int64_t numel = grad.numel();
   if (numel == 0) {
     return detail::backward_result(
-        grad_input, at::zeros({channels}, sum_options), at::zeros({channels}, sum_options),
-        scale, zero_point);
+        grad_input, at::zeros({channels}, sum_options), at::zeros({channels}, sum_options), scale,
+        zero_point);
   }
   const auto layout = detail::channel_layout(saved, axis);
   const bool reduce = scale_grad || zero_point_grad;
   const int64_t per_channel = layout.outer * layout.inner;
-  const int64_t slices = std::max<int64_t>(
-      1, std::min(ceil_div(per_channel, kElementsPerTask), kMaxTasks / channels));
+  const int64_t slices =
+      std::max<int64_t>(1, std::min(ceil_div(per_channel, kElementsPerTask), kMaxTasks / channels));
   at::Tensor partials = reduce ? at::empty({2, channels, slices}, sum_options) : at::Tensor();
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "qat_fake_quantize_backward_cuda", [&] {
         using M = at::opmath_type<scalar_t>;
-        const at::Tensor params =
-            channel_params<M>(qparams, quant_min, quant_max, grad.device());
+        const at::Tensor params = channel_params<M>(qparams, quant_min, quant_max, grad.device());
         const BackwardFlags<M> flags{
             scale_grad, scale_grad_inside, zero_point_grad, ewgs_delta != 0.0,
             static_cast<M>(ewgs_delta)};
@@ -410,8 +372,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
       });
   if (!reduce) {
     return detail::backward_result(
-        grad_input, at::zeros({channels}, sum_options), at::zeros({channels}, sum_options),
-        scale, zero_point);
+        grad_input, at::zeros({channels}, sum_options), at::zeros({channels}, sum_options), scale,
+        zero_point);
   }
   const at::Tensor sums = partials.sum(2);
   // The zero point receives minus the sum of the clamped elements' g * scale; 0 - sum
@@ -419,9 +381,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
   return detail::backward_result(grad_input, sums[0], at::rsub(sums[1], 0.0), scale, zero_point);
 }
 
-} // namespace
-} // namespace cuda
-} // namespace qat
+}  // namespace
+}  // namespace cuda
+}  // namespace qat
 
 TORCH_LIBRARY_IMPL(qat, CUDA, m) {
   m.impl("_fake_quantize_forward", &qat::cuda::fake_quantize_forward_kernel);
