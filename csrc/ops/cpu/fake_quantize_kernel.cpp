@@ -17,7 +17,7 @@ const char* capability_name(Capability capability) {
 }
 
 Capability best_supported_capability() {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(QAT_AVX2_LOOPS)
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c")) {
     return Capability::kAvx2;
@@ -40,6 +40,26 @@ Capability initial_capability() {
 Capability& current_capability() {
   static Capability value = initial_capability();
   return value;
+}
+
+// The loops of the selected capability; only the portable ones exist when the build
+// had no AVX2 support (see CMakeLists.txt).
+void run_forward_loop(const ForwardLoopArgs& args) {
+#if defined(QAT_AVX2_LOOPS)
+  if (capability() == Capability::kAvx2) {
+    return AVX2::forward_loop(args);
+  }
+#endif
+  DEFAULT::forward_loop(args);
+}
+
+void run_backward_loop(const BackwardLoopArgs& args) {
+#if defined(QAT_AVX2_LOOPS)
+  if (capability() == Capability::kAvx2) {
+    return AVX2::backward_loop(args);
+  }
+#endif
+  DEFAULT::backward_loop(args);
 }
 
 constexpr const char* kForward = "qat::_fake_quantize_forward";
@@ -70,11 +90,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_forward_kernel(
   args.zero_point = qparams.zero_point.data();
   args.quant_min = quant_min;
   args.quant_max = quant_max;
-  if (capability() == Capability::kAvx2) {
-    AVX2::forward_loop(args);
-  } else {
-    DEFAULT::forward_loop(args);
-  }
+  run_forward_loop(args);
   return {output, code};
 }
 
@@ -108,11 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
     args.ewgs_delta = ewgs_delta;
     args.grad_scale = scale_sums.data_ptr<double>();
     args.grad_zero_point = zero_point_sums.data_ptr<double>();
-    if (capability() == Capability::kAvx2) {
-      AVX2::backward_loop(args);
-    } else {
-      DEFAULT::backward_loop(args);
-    }
+    run_backward_loop(args);
   }
   return detail::backward_result(grad_input, scale_sums, zero_point_sums, scale, zero_point);
 }
