@@ -29,9 +29,19 @@ execute_process(
 if(_qat_torch_rc EQUAL 0 AND _qat_torch_prefix)
   list(APPEND CMAKE_PREFIX_PATH "${_qat_torch_prefix}")
 endif()
+# A pip-installed pybind11 (as next to a pip torch) keeps its CMake files in the package.
+execute_process(
+  COMMAND "${QAT_PYTHON_EXECUTABLE}" -c "import pybind11; print(pybind11.get_cmake_dir())"
+  OUTPUT_VARIABLE _qat_pybind11_dir OUTPUT_STRIP_TRAILING_WHITESPACE
+  RESULT_VARIABLE _qat_pybind11_rc ERROR_QUIET)
+if(_qat_pybind11_rc EQUAL 0 AND _qat_pybind11_dir)
+  list(APPEND CMAKE_PREFIX_PATH "${_qat_pybind11_dir}")
+endif()
 
 qat_require_package(Torch "libtorch-dev python3-torch")
-qat_require_package(fmt "libfmt-dev")
+if(QAT_BUILD_EXAMPLES OR QAT_BUILD_TESTS)
+  qat_require_package(fmt "libfmt-dev")
+endif()
 # at::parallel_for is an inline `#pragma omp parallel` when ATen's backend is OpenMP (as
 # in Debian's and the pip builds): without -fopenmp our kernels would run on one thread.
 find_package(OpenMP REQUIRED COMPONENTS CXX)
