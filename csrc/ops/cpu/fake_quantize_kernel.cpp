@@ -42,26 +42,6 @@ Capability& current_capability() {
   return value;
 }
 
-// The loops of the selected capability; only the portable ones exist when the build
-// had no AVX2 support (see CMakeLists.txt).
-void run_forward_loop(const ForwardLoopArgs& args) {
-#if defined(QAT_AVX2_LOOPS)
-  if (capability() == Capability::kAvx2) {
-    return AVX2::forward_loop(args);
-  }
-#endif
-  DEFAULT::forward_loop(args);
-}
-
-void run_backward_loop(const BackwardLoopArgs& args) {
-#if defined(QAT_AVX2_LOOPS)
-  if (capability() == Capability::kAvx2) {
-    return AVX2::backward_loop(args);
-  }
-#endif
-  DEFAULT::backward_loop(args);
-}
-
 constexpr const char* kForward = "qat::_fake_quantize_forward";
 constexpr const char* kBackward = "qat::_fake_quantize_backward";
 
@@ -133,6 +113,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
 
 Capability capability() {
   return current_capability();
+}
+
+// Only the portable loops exist when the build had no AVX2 support (CMakeLists.txt).
+void run_forward_loop(const ForwardLoopArgs& args) {
+#if defined(QAT_AVX2_LOOPS)
+  if (capability() == Capability::kAvx2) {
+    return AVX2::forward_loop(args);
+  }
+#endif
+  DEFAULT::forward_loop(args);
+}
+
+void run_backward_loop(const BackwardLoopArgs& args) {
+#if defined(QAT_AVX2_LOOPS)
+  if (capability() == Capability::kAvx2) {
+    return AVX2::backward_loop(args);
+  }
+#endif
+  DEFAULT::backward_loop(args);
+}
+
+void run_aminmax_loop(const AminmaxLoopArgs& args) {
+#if defined(QAT_AVX2_LOOPS)
+  if (capability() == Capability::kAvx2) {
+    return AVX2::aminmax_loop(args);
+  }
+#endif
+  DEFAULT::aminmax_loop(args);
 }
 
 void set_capability(Capability capability) {

@@ -54,6 +54,16 @@ struct BackwardLoopArgs {
   double* grad_zero_point = nullptr;
 };
 
+// Range statistics of a float32 tensor: per channel, the min and max of the finite
+// values and the count of the others.
+struct AminmaxLoopArgs {
+  const float* input = nullptr;
+  detail::ChannelLayout layout;
+  float* min = nullptr;  // one per channel, +inf where no finite value
+  float* max = nullptr;  // one per channel, -inf where no finite value
+  int64_t* nonfinite = nullptr;  // one per channel
+};
+
 enum class Capability { kDefault, kAvx2 };
 
 // The capability the kernels use: the best the processor supports unless overridden.
@@ -62,13 +72,20 @@ void set_capability(Capability capability);
 Capability best_supported_capability();
 const char* capability_name(Capability capability);
 
+// The loops of the capability `capability()` selects.
+void run_forward_loop(const ForwardLoopArgs& args);
+void run_backward_loop(const BackwardLoopArgs& args);
+void run_aminmax_loop(const AminmaxLoopArgs& args);
+
 namespace DEFAULT {
 void forward_loop(const ForwardLoopArgs& args);
 void backward_loop(const BackwardLoopArgs& args);
+void aminmax_loop(const AminmaxLoopArgs& args);
 }  // namespace DEFAULT
 namespace AVX2 {
 void forward_loop(const ForwardLoopArgs& args);
 void backward_loop(const BackwardLoopArgs& args);
+void aminmax_loop(const AminmaxLoopArgs& args);
 }  // namespace AVX2
 
 }  // namespace cpu

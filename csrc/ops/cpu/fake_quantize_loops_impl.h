@@ -8,6 +8,8 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "fake_quantize_loops.h"
@@ -650,6 +652,80 @@ void backward_typed(const BackwardLoopArgs& a) {
   }
 }
 
+// Min / max of the finite values of a run with one channel (or, with elementwise
+// accumulators, of every position of a periodic pattern). x - x is 0 exactly for finite
+// x, NaN for NaN and inf; non-finite lanes are replaced by the identities and counted.
+struct AminmaxVectors {
+  Vectorized<float> min{std::numeric_limits<float>::infinity()};
+  Vectorized<float> max{-std::numeric_limits<float>::infinity()};
+  Vectorized<float> nonfinite{0.0f};
+};
+
+inline void aminmax_step(const Vectorized<float>& x, AminmaxVectors& a) {
+  using Vec = Vectorized<float>;
+  const Vec finite = (x - x) == Vec(0.0f);
+  a.min = at::vec::minimum(a.min, Vec::blendv(a.min, x, finite));
+  a.max = at::vec::maximum(a.max, Vec::blendv(a.max, x, finite));
+  a.nonfinite = a.nonfinite + (Vec(1.0f) - (finite & Vec(1.0f)));
+}
+
+struct ChannelStats {
+  float min = std::numeric_limits<float>::infinity();
+  float max = -std::numeric_limits<float>::infinity();
+  int64_t nonfinite = 0;
+  void merge(float lo, float hi, int64_t count) {
+    min = std::min(min, lo);
+    max = std::max(max, hi);
+    nonfinite += count;
+  }
+};
+
+// Lane counts are exact in float32 up to 2^24; runs are folded well before that.
+constexpr int64_t kAminmaxFold = 1 << 20;
+
+void aminmax_uniform_run(const float* x, int64_t n, ChannelStats& out) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  for (int64_t begin = 0; begin < n; begin += kAminmaxFold) {
+    const int64_t len = std::min(kAminmaxFold, n - begin);
+    AminmaxVectors a;
+    int64_t i = 0;
+    for (; i + W <= len; i += W) {
+      aminmax_step(Vec::loadu(x + begin + i), a);
+    }
+    float lo[W], hi[W], cnt[W];
+    a.min.store(lo);
+    a.max.store(hi);
+    a.nonfinite.store(cnt);
+    for (int64_t j = 0; j < W; ++j) {
+      out.merge(lo[j], hi[j], static_cast<int64_t>(cnt[j]));
+    }
+    for (; i < len; ++i) {
+      const float v = x[begin + i];
+      if (std::isfinite(v)) {
+        out.merge(v, v, 0);
+      } else {
+        out.merge(std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(), 1);
+      }
+    }
+  }
+}
+
+// Folds x[0, n) into per-position accumulators lo/hi/cnt (position k takes x[k]).
+void aminmax_elementwise(const float* x, int64_t n, float* lo, float* hi, float* cnt) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  for (int64_t i = 0; i < n; i += W) {
+    const int64_t m = std::min<int64_t>(W, n - i);
+    AminmaxVectors a{Vec::loadu(lo + i, m), Vec::loadu(hi + i, m), Vec::loadu(cnt + i, m)};
+    // Lanes past m load as 0 and are never stored back.
+    aminmax_step(Vec::loadu(x + i, m), a);
+    a.min.store(lo + i, m);
+    a.max.store(hi + i, m);
+    a.nonfinite.store(cnt + i, m);
+  }
+}
+
 }  // namespace
 
 void forward_loop(const ForwardLoopArgs& args) {
@@ -679,6 +755,60 @@ void backward_loop(const BackwardLoopArgs& args) {
       return backward_typed<c10::BFloat16, float>(args);
     default:
       TORCH_CHECK(false, "qat::fake_quantize backward: unsupported dtype ", args.dtype);
+  }
+}
+
+void aminmax_loop(const AminmaxLoopArgs& a) {
+  const auto& l = a.layout;
+  const int64_t numel = l.outer * l.channels * l.inner;
+  const int64_t C = l.channels;
+  const int64_t num_chunks =
+      std::max<int64_t>(1, std::min<int64_t>(kMaxChunks, (numel + kGrain - 1) / kGrain));
+  const int64_t chunk = (numel + num_chunks - 1) / num_chunks;
+  std::vector<ChannelStats> stats(num_chunks * C);
+  if (use_uniform_runs(l)) {
+    at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t k = first; k < last; ++k) {
+        const int64_t begin = k * chunk;
+        const int64_t end = std::min(numel, begin + chunk);
+        for_each_uniform_run(l, begin, end, [&](int64_t pos, int64_t len, int64_t c) {
+          aminmax_uniform_run(a.input + pos, len, stats[k * C + c]);
+        });
+      }
+    });
+  } else {
+    // One accumulator per position of the channel pattern, repeated to a vector-friendly
+    // period as the fake-quantize tables are.
+    const int64_t pattern = C * l.inner;
+    const int64_t period = pattern * ((kMinPeriod + pattern - 1) / pattern);
+    at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
+      std::vector<float> lo(period), hi(period), cnt(period);
+      for (int64_t k = first; k < last; ++k) {
+        std::fill(lo.begin(), lo.end(), std::numeric_limits<float>::infinity());
+        std::fill(hi.begin(), hi.end(), -std::numeric_limits<float>::infinity());
+        std::fill(cnt.begin(), cnt.end(), 0.0f);
+        const int64_t begin = k * chunk;
+        const int64_t end = std::min(numel, begin + chunk);
+        for_each_period(period, begin, end, [&](int64_t pos, int64_t len, int64_t phase) {
+          aminmax_elementwise(a.input + pos, len, lo.data() + phase, hi.data() + phase,
+                              cnt.data() + phase);
+        });
+        for (int64_t phase = 0; phase < period; ++phase) {
+          stats[k * C + (phase % pattern) / l.inner].merge(
+              lo[phase], hi[phase], static_cast<int64_t>(cnt[phase]));
+        }
+      }
+    });
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    ChannelStats total;
+    for (int64_t k = 0; k < num_chunks; ++k) {
+      const auto& s = stats[k * C + c];
+      total.merge(s.min, s.max, s.nonfinite);
+    }
+    a.min[c] = total.min;
+    a.max[c] = total.max;
+    a.nonfinite[c] = total.nonfinite;
   }
 }
 

@@ -1,0 +1,251 @@
+// Range statistics, qparam math and the fused observe + fake-quantize operator.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <qat/fake_quantize.h>
+#include <qat/observers.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../ops/cpu/fake_quantize_loops.h"
+#include "../ops/fake_quantize_common.h"
+
+namespace qat {
+
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// The reductions of aminmax for a device without qat's CPU loops, in ATen ops.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aminmax_with_aten(
+    const at::Tensor& x, c10::optional<int64_t> axis) {
+  const auto finite = at::isfinite(x);
+  const auto lo = at::where(finite, x, at::full({}, kInf, x.options()));
+  const auto hi = at::where(finite, x, at::full({}, -kInf, x.options()));
+  std::vector<int64_t> dims;
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (!axis.has_value() || d != *axis) {
+      dims.push_back(d);
+    }
+  }
+  const int64_t size = axis.has_value() ? x.size(*axis) : 1;
+  if (x.numel() == 0) {
+    return {
+        at::full({size}, kInf, x.options()), at::full({size}, -kInf, x.options()),
+        at::zeros({size}, x.options().dtype(at::kLong))};
+  }
+  return {
+      lo.amin(dims).reshape({size}), hi.amax(dims).reshape({size}),
+      finite.logical_not().sum(dims).reshape({size})};
+}
+
+float default_zero_point(int64_t quant_min, int64_t quant_max, bool symmetric) {
+  if (symmetric) {
+    return quant_min < 0 ? 0.0f : static_cast<float>((quant_min + quant_max + 1) / 2);
+  }
+  return static_cast<float>(std::min<int64_t>(std::max<int64_t>(0, quant_min), quant_max));
+}
+
+// One channel's qparams, in float32 arithmetic as PyTorch's observers compute them.
+std::pair<float, float> qparams_of(
+    float lo, float hi, int64_t quant_min, int64_t quant_max, bool symmetric) {
+  const float eps = std::numeric_limits<float>::epsilon();
+  if (!(lo <= hi)) {
+    return {1.0f, default_zero_point(quant_min, quant_max, symmetric)};
+  }
+  const float min_neg = std::min(lo, 0.0f);
+  const float max_pos = std::max(hi, 0.0f);
+  if (symmetric) {
+    const float bound = std::max(-min_neg, max_pos);
+    const float scale =
+        std::max(bound / static_cast<float>(static_cast<double>(quant_max - quant_min) / 2), eps);
+    return {scale, default_zero_point(quant_min, quant_max, true)};
+  }
+  const float scale =
+      std::max((max_pos - min_neg) / static_cast<float>(quant_max - quant_min), eps);
+  const float zero_point = static_cast<float>(quant_min) - std::nearbyint(min_neg / scale);
+  return {
+      scale,
+      std::min(std::max(zero_point, static_cast<float>(quant_min)), static_cast<float>(quant_max))};
+}
+
+void check_range_args(const char* op, int64_t quant_min, int64_t quant_max) {
+  TORCH_CHECK(
+      quant_min < quant_max, op, ": quant_min (", quant_min, ") must be less than quant_max (",
+      quant_max, ")");
+  TORCH_CHECK(
+      quant_max - quant_min < detail::kMaxLevels && quant_min >= detail::kMinQuantMin &&
+          quant_max <= detail::kMaxQuantMax,
+      op, ": the range [", quant_min, ", ", quant_max, "] is wider than 16 bits");
+}
+
+std::tuple<int64_t, int64_t> quant_range_op(int64_t bits, bool is_signed, bool narrow) {
+  const auto range = quant_range(bits, is_signed, narrow);
+  return {range.first, range.second};
+}
+
+at::Tensor fused_observe_fake_quantize(
+    const at::Tensor& input, at::Tensor& running_min, at::Tensor& running_max, at::Tensor& scale,
+    at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis,
+    c10::optional<double> averaging_constant, bool symmetric, bool observe,
+    bool fake_quantize_enabled, c10::string_view estimator) {
+  constexpr const char* op = "qat::fused_observe_fake_quantize";
+  check_range_args(op, quant_min, quant_max);
+  TORCH_CHECK(
+      !averaging_constant.has_value() || (*averaging_constant > 0.0 && *averaging_constant <= 1.0),
+      op, ": averaging_constant must be in (0, 1], got ", *averaging_constant);
+  if (observe) {
+    TORCH_CHECK(
+        !scale.requires_grad() && !zero_point.requires_grad(), op,
+        ": scale and zero_point are overwritten when observe=True, so they must not require "
+        "grad (estimators that learn them are initialized by an observer, then observe=False)");
+    for (const auto* buffer : {&running_min, &running_max}) {
+      TORCH_CHECK(
+          buffer->scalar_type() == at::kFloat, op,
+          ": running_min and running_max must be float32 tensors, got ", buffer->scalar_type());
+    }
+    const auto batch = qat::aminmax(input.detach(), axis);
+    const int64_t channels = std::get<0>(batch).numel();
+    // Per-channel state learns its size from the first batch.
+    for (auto* buffer : {&running_min, &running_max}) {
+      if (buffer->numel() == 0) {
+        buffer->resize_({channels});
+        buffer->fill_(buffer == &running_min ? kInf : -kInf);
+      }
+      TORCH_CHECK(
+          buffer->numel() == channels, op, ": the running range has ", buffer->numel(),
+          " entries but the input has ", channels, " channels");
+    }
+    const auto batch_min = std::get<0>(batch).cpu();
+    const auto batch_max = std::get<1>(batch).cpu();
+    auto run_min = running_min.detach().to(at::kCPU).contiguous();
+    auto run_max = running_max.detach().to(at::kCPU).contiguous();
+    float* lo = run_min.data_ptr<float>();
+    float* hi = run_max.data_ptr<float>();
+    const float* blo = batch_min.data_ptr<float>();
+    const float* bhi = batch_max.data_ptr<float>();
+    for (int64_t c = 0; c < channels; ++c) {
+      if (!(blo[c] <= bhi[c])) {
+        continue;  // no finite value in this channel of the batch
+      }
+      if (!averaging_constant.has_value() || !(lo[c] <= hi[c])) {
+        // MinMax, or the first observation of a moving average.
+        lo[c] = averaging_constant.has_value() ? blo[c] : std::min(lo[c], blo[c]);
+        hi[c] = averaging_constant.has_value() ? bhi[c] : std::max(hi[c], bhi[c]);
+      } else {
+        const float k = static_cast<float>(*averaging_constant);
+        lo[c] = lo[c] + k * (blo[c] - lo[c]);
+        hi[c] = hi[c] + k * (bhi[c] - hi[c]);
+      }
+    }
+    running_min.copy_(run_min);
+    running_max.copy_(run_max);
+    const auto qparams = qat::choose_qparams(run_min, run_max, quant_min, quant_max, symmetric);
+    for (auto* target : {&scale, &zero_point}) {
+      if (target->numel() != channels) {
+        target->resize_({channels});
+      }
+    }
+    scale.copy_(std::get<0>(qparams));
+    zero_point.copy_(std::get<1>(qparams));
+  }
+  if (!fake_quantize_enabled) {
+    return input.clone();
+  }
+  return qat::fake_quantize(
+      input, scale, zero_point, quant_min, quant_max, axis,
+      std::string(estimator.data(), estimator.size()));
+}
+
+}  // namespace
+
+std::pair<int64_t, int64_t> quant_range(int64_t bits, bool is_signed, bool narrow) {
+  TORCH_CHECK(bits >= 2 && bits <= 16, "qat::quant_range: bits must be in [2, 16], got ", bits);
+  if (is_signed) {
+    const int64_t half = int64_t{1} << (bits - 1);
+    return {narrow ? -half + 1 : -half, half - 1};
+  }
+  const int64_t top = (int64_t{1} << bits) - 1;
+  return {0, narrow ? top - 1 : top};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aminmax(
+    const at::Tensor& input, c10::optional<int64_t> axis_arg) {
+  constexpr const char* op = "qat::aminmax";
+  TORCH_CHECK(
+      input.defined() && at::isFloatingType(input.scalar_type()), op,
+      ": input must be a floating-point tensor");
+  c10::optional<int64_t> axis;
+  if (axis_arg.has_value()) {
+    const int64_t dim = input.dim();
+    TORCH_CHECK(dim > 0, op, ": per-channel statistics need an input with at least one dimension");
+    TORCH_CHECK(
+        *axis_arg >= -dim && *axis_arg < dim, op, ": axis ", *axis_arg,
+        " is out of range for an input with ", dim, " dimensions");
+    axis = *axis_arg < 0 ? *axis_arg + dim : *axis_arg;
+  }
+  if (!input.device().is_cpu()) {
+    return aminmax_with_aten(input.to(at::kFloat), axis);
+  }
+  const auto x = detail::dense(input.to(at::kFloat));
+  const int64_t channels = axis.has_value() ? x.size(*axis) : 1;
+  auto lo = at::full({channels}, kInf, x.options());
+  auto hi = at::full({channels}, -kInf, x.options());
+  auto count = at::zeros({channels}, x.options().dtype(at::kLong));
+  if (x.numel() > 0) {
+    cpu::AminmaxLoopArgs args;
+    args.input = x.data_ptr<float>();
+    args.layout = detail::channel_layout(x, axis);
+    args.min = lo.data_ptr<float>();
+    args.max = hi.data_ptr<float>();
+    args.nonfinite = count.data_ptr<int64_t>();
+    cpu::run_aminmax_loop(args);
+  }
+  return {lo, hi, count};
+}
+
+std::tuple<at::Tensor, at::Tensor> choose_qparams(
+    const at::Tensor& min, const at::Tensor& max, int64_t quant_min, int64_t quant_max,
+    bool symmetric) {
+  constexpr const char* op = "qat::choose_qparams";
+  check_range_args(op, quant_min, quant_max);
+  TORCH_CHECK(
+      min.sizes() == max.sizes(), op, ": min and max must have one shape, got ", min.sizes(),
+      " and ", max.sizes());
+  const auto lo = min.detach().to(at::kCPU, at::kFloat).contiguous();
+  const auto hi = max.detach().to(at::kCPU, at::kFloat).contiguous();
+  auto scale = at::empty(lo.sizes(), lo.options());
+  auto zero_point = at::empty(lo.sizes(), lo.options().dtype(at::kInt));
+  const float* lp = lo.data_ptr<float>();
+  const float* hp = hi.data_ptr<float>();
+  for (int64_t i = 0; i < lo.numel(); ++i) {
+    const auto q = qparams_of(lp[i], hp[i], quant_min, quant_max, symmetric);
+    scale.data_ptr<float>()[i] = q.first;
+    zero_point.data_ptr<int32_t>()[i] = static_cast<int32_t>(q.second);
+  }
+  return {scale.to(min.device()), zero_point.to(min.device())};
+}
+
+}  // namespace qat
+
+TORCH_LIBRARY_FRAGMENT(qat, m) {
+  m.def(
+      "quant_range(int bits, bool is_signed, bool narrow=False) -> (int, int)",
+      TORCH_FN(qat::quant_range_op));
+  m.def(
+      "aminmax(Tensor input, int? axis=None) -> (Tensor, Tensor, Tensor)", TORCH_FN(qat::aminmax));
+  m.def(
+      "choose_qparams(Tensor min, Tensor max, int quant_min, int quant_max, bool symmetric) -> "
+      "(Tensor, Tensor)",
+      TORCH_FN(qat::choose_qparams));
+  m.def(
+      "fused_observe_fake_quantize(Tensor input, Tensor(a!) running_min, Tensor(b!) running_max, "
+      "Tensor(c!) scale, Tensor(d!) zero_point, int quant_min, int quant_max, int? axis=None, "
+      "float? averaging_constant=None, bool symmetric=False, bool observe=True, "
+      "bool fake_quantize=True, str estimator=\"ste\") -> Tensor",
+      torch::dispatch(
+          c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(qat::fused_observe_fake_quantize)));
+}
