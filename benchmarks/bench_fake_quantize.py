@@ -5,7 +5,8 @@ all measured side by side in one run.
     .venv/bin/python benchmarks/bench_fake_quantize.py [--elements 4194304] [--threads 2]
 
 Targets (issue 2): forward <= 1.5x one copy, forward+backward <= 1.5x two copies, for
-ste and lsq, per-tensor and per-channel. The ratios are the result; absolute times
+ste and lsq, per-tensor and per-channel. Issue 3: the fused observe + fake-quantize op
+(moving-average observer) faster than torch.fused_moving_avg_obs_fake_quant. The ratios are the result; absolute times
 depend on the machine and its load.
 """
 
@@ -127,6 +128,39 @@ def main() -> None:
             timed[(case, "ours_fb")] = forward_backward(ours, leaves)
             timed[(case, "aten_fb")] = forward_backward(aten, leaves)
 
+    # Fused moving-average observer + fake quantization, training forward, affine uint8
+    # (PyTorch's fused op computes symmetric qparams with other formulas than its
+    # observers, while qat follows the observers). PyTorch's op takes per-channel
+    # statistics along axis 0 only, so that case puts the channels first.
+    fused_cases = []
+    on = torch.ones(1, dtype=torch.long)
+    for granularity in ("per-tensor", "per-channel"):
+        per_channel = granularity == "per-channel"
+        xf = (x.transpose(0, 1).contiguous() if per_channel else x).requires_grad_()
+        size = channels if per_channel else 1
+        axis = 0 if per_channel else None
+        state_ours = [torch.full((size,), float("inf")), torch.full((size,), float("-inf")),
+                      torch.ones(size), torch.zeros(size, dtype=torch.int32)]
+        state_aten = [t.clone() for t in state_ours]
+
+        def fused_ours(xf=xf, st=state_ours, axis=axis):
+            return torch.ops.qat.fused_observe_fake_quantize(
+                xf, st[0], st[1], st[2], st[3], 0, 255, axis, 0.01, False)
+
+        def fused_aten(xf=xf, st=state_aten, per_channel=per_channel):
+            return torch.fused_moving_avg_obs_fake_quant(
+                xf, on, on, st[0], st[1], st[2], st[3], 0.01, 0, 255, 0, per_channel, False)
+
+        # PyTorch's per-channel scales are computed in double and may differ by one float32
+        # ulp, which can move an element by one step.
+        y_ours, y_aten = fused_ours(), fused_aten()
+        torch.testing.assert_close(state_ours[2], state_aten[2], rtol=1e-6, atol=0)
+        assert torch.equal(state_ours[3], state_aten[3]), f"fused {granularity}: zero point"
+        assert ((y_ours - y_aten).abs() <= state_ours[2].max() * 1.001).all(), granularity
+        fused_cases.append(granularity)
+        timed[(granularity, "fused_ours")] = fused_ours
+        timed[(granularity, "fused_aten")] = fused_aten
+
     ms = median_ms(timed, args.repeats)
     copy_ms = ms["copy"]
 
@@ -145,6 +179,14 @@ def main() -> None:
               f"{t['ours_fb']:>9.3f}{t['aten_fb']:>10.3f}"
               f"{t['ours_fb'] / (2 * copy_ms):>11.2f}{t['aten_fb'] / t['ours_fb']:>10.1f}")
     print("targets: fwd/copy <= 1.5, f+b/2copy <= 1.5 (times in ms)")
+    print()
+    print("fused moving-average observe + fake-quantize (training forward, affine uint8)")
+    print(f"{'case':<22}{'qat':>9}{'ATen':>10}{'ATen/qat':>10}{'qat/copy':>10}")
+    for granularity in fused_cases:
+        ours_ms, aten_ms = ms[(granularity, "fused_ours")], ms[(granularity, "fused_aten")]
+        print(f"{granularity:<22}{ours_ms:>9.3f}{aten_ms:>10.3f}{aten_ms / ours_ms:>10.1f}"
+              f"{ours_ms / copy_ms:>10.2f}")
+    print("target: ATen/qat > 1 (times in ms)")
 
 
 if __name__ == "__main__":
