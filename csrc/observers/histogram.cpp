@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "ops/fake_quantize_common.h"
+#include "qparams_math.h"
 
 namespace qat {
 namespace {
@@ -326,22 +327,10 @@ struct Grid {
 };
 
 Grid grid_for(double lo, double hi, int64_t quant_min, int64_t quant_max, bool symmetric) {
-  const double eps = std::numeric_limits<float>::epsilon();
-  const double steps = static_cast<double>(quant_max - quant_min);
-  double scale;
-  double zero_point;
-  if (symmetric) {
-    scale = std::max(std::max(-lo, hi) / (steps / 2.0), eps);
-    zero_point = quant_min < 0 ? 0.0 : static_cast<double>((quant_min + quant_max + 1) / 2);
-  } else {
-    scale = std::max((hi - lo) / steps, eps);
-    zero_point = std::min<double>(
-        quant_max,
-        std::max<double>(quant_min, static_cast<double>(quant_min) - std::nearbyint(lo / scale)));
-  }
+  const auto q = detail::qparams_for_range<double>(lo, hi, quant_min, quant_max, symmetric);
   return {
-      scale, (static_cast<double>(quant_min) - zero_point) * scale,
-      (static_cast<double>(quant_max) - zero_point) * scale};
+      q.first, (static_cast<double>(quant_min) - q.second) * q.first,
+      (static_cast<double>(quant_max) - q.second) * q.first};
 }
 
 // Integral of (x - v)^2 over [x0, x1], in a form that keeps its precision for short spans

@@ -12,6 +12,7 @@
 
 #include "../ops/cpu/fake_quantize_loops.h"
 #include "../ops/fake_quantize_common.h"
+#include "qparams_math.h"
 
 namespace qat {
 
@@ -42,34 +43,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aminmax_with_aten(
       finite.logical_not().sum(dims).reshape({size})};
 }
 
-float default_zero_point(int64_t quant_min, int64_t quant_max, bool symmetric) {
-  if (symmetric) {
-    return quant_min < 0 ? 0.0f : static_cast<float>((quant_min + quant_max + 1) / 2);
-  }
-  return static_cast<float>(std::min<int64_t>(std::max<int64_t>(0, quant_min), quant_max));
-}
-
-// One channel's qparams, in float32 arithmetic as PyTorch's observers compute them.
+// One channel's qparams; a channel with nothing observed (min > max) gets scale 1 and
+// the zero point a range of zeros would get.
 std::pair<float, float> qparams_of(
     float lo, float hi, int64_t quant_min, int64_t quant_max, bool symmetric) {
-  const float eps = std::numeric_limits<float>::epsilon();
   if (!(lo <= hi)) {
-    return {1.0f, default_zero_point(quant_min, quant_max, symmetric)};
+    return {
+        1.0f, static_cast<float>(
+                  symmetric ? detail::symmetric_zero_point(quant_min, quant_max)
+                            : std::min<int64_t>(std::max<int64_t>(0, quant_min), quant_max))};
   }
-  const float min_neg = std::min(lo, 0.0f);
-  const float max_pos = std::max(hi, 0.0f);
-  if (symmetric) {
-    const float bound = std::max(-min_neg, max_pos);
-    const float scale =
-        std::max(bound / static_cast<float>(static_cast<double>(quant_max - quant_min) / 2), eps);
-    return {scale, default_zero_point(quant_min, quant_max, true)};
-  }
-  const float scale =
-      std::max((max_pos - min_neg) / static_cast<float>(quant_max - quant_min), eps);
-  const float zero_point = static_cast<float>(quant_min) - std::nearbyint(min_neg / scale);
-  return {
-      scale,
-      std::min(std::max(zero_point, static_cast<float>(quant_min)), static_cast<float>(quant_max))};
+  return detail::qparams_for_range<float>(lo, hi, quant_min, quant_max, symmetric);
 }
 
 void check_range_args(const char* op, int64_t quant_min, int64_t quant_max) {
