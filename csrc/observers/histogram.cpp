@@ -438,29 +438,25 @@ std::pair<double, double> mse_affine(
     return squared_error(row, grid_for(lows[l], highs[h], quant_min, quant_max, false));
   };
 
-  int64_t l = 0;
-  int64_t h = nh - 1;
-  int64_t best_l = l;
-  int64_t best_h = h;
-  double best = error(l, h);
-  while (true) {
-    const double raise_low = error(l + 1, h);
-    const double lower_high = error(l, h - 1);
-    if (std::isinf(raise_low) && std::isinf(lower_high)) {
-      break;
-    }
-    double e;
-    if (raise_low <= lower_high) {
-      ++l;
-      e = raise_low;
-    } else {
-      --h;
-      e = lower_high;
-    }
-    if (e < best) {
-      best = e;
-      best_l = l;
-      best_h = h;
+  // A coarse grid over both ends first: shrinking one end at a time can lock onto a
+  // lopsided range on heavy tails. Then single-bin moves refine the best grid point.
+  constexpr int64_t kGridPoints = 64;
+  const auto grid_index = [](int64_t k, int64_t n) {
+    return kGridPoints <= 1 || n <= 1 ? 0 : k * (n - 1) / (kGridPoints - 1);
+  };
+  int64_t best_l = 0;
+  int64_t best_h = nh - 1;
+  double best = error(best_l, best_h);
+  for (int64_t a = 0; a < kGridPoints; ++a) {
+    for (int64_t b = 0; b < kGridPoints; ++b) {
+      const int64_t l = grid_index(a, nl);
+      const int64_t h = grid_index(b, nh);
+      const double e = error(l, h);
+      if (e < best) {
+        best = e;
+        best_l = l;
+        best_h = h;
+      }
     }
   }
 

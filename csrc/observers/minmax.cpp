@@ -75,7 +75,8 @@ at::Tensor fused_observe_fake_quantize(
     const at::Tensor& input, at::Tensor& running_min, at::Tensor& running_max, at::Tensor& scale,
     at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis,
     c10::optional<double> averaging_constant, bool symmetric, bool observe,
-    bool fake_quantize_enabled, c10::string_view estimator) {
+    bool fake_quantize_enabled, c10::string_view estimator,
+    const c10::optional<at::Tensor>& nonfinite_count) {
   constexpr const char* op = "qat::fused_observe_fake_quantize";
   check_range_args(op, quant_min, quant_max);
   TORCH_CHECK(
@@ -93,6 +94,18 @@ at::Tensor fused_observe_fake_quantize(
     }
     const auto batch = qat::aminmax(input.detach(), axis);
     const int64_t channels = std::get<0>(batch).numel();
+    if (nonfinite_count.has_value() && nonfinite_count->defined()) {
+      // Skipped NaN/inf values are counted for reports, per tensor or per channel.
+      auto count = *nonfinite_count;
+      if (count.numel() == 1) {
+        count.add_(std::get<2>(batch).sum().to(count.device()));
+      } else {
+        TORCH_CHECK(
+            count.numel() == channels, op, ": nonfinite_count has ", count.numel(),
+            " entries; expected 1 or one per channel (", channels, ")");
+        count.add_(std::get<2>(batch).to(count.device()).reshape(count.sizes()));
+      }
+    }
     // Per-channel state learns its size from the first batch.
     for (auto* buffer : {&running_min, &running_max}) {
       if (buffer->numel() == 0) {
@@ -229,7 +242,7 @@ TORCH_LIBRARY_FRAGMENT(qat, m) {
       "fused_observe_fake_quantize(Tensor input, Tensor(a!) running_min, Tensor(b!) running_max, "
       "Tensor(c!) scale, Tensor(d!) zero_point, int quant_min, int quant_max, int? axis=None, "
       "float? averaging_constant=None, bool symmetric=False, bool observe=True, "
-      "bool fake_quantize=True, str estimator=\"ste\") -> Tensor",
+      "bool fake_quantize=True, str estimator=\"ste\", Tensor(e!)? nonfinite_count=None) -> Tensor",
       torch::dispatch(
           c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(qat::fused_observe_fake_quantize)));
 }

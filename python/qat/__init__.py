@@ -1,7 +1,9 @@
 """qat: quantization-aware training for PyTorch.
 
 Fake-quantize operators with a registry of straight-through estimators, implemented in
-C++ and reachable as ``qat.ops.fake_quantize`` and ``torch.ops.qat.fake_quantize``.
+C++ and reachable as ``qat.ops.fake_quantize`` and ``torch.ops.qat.fake_quantize``;
+observers (``qat.observers``), ``qat.QuantSpec``, the ``qat.FakeQuantize`` module and
+``qat.calibrate``.
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
@@ -17,7 +19,30 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
 
 from . import estimators, ops  # noqa: E402
 from .ops import fake_quantize  # noqa: E402
+from .config import QuantSpec  # noqa: E402
+from . import observers  # noqa: E402
+from .fake_quant import FakeQuantize  # noqa: E402
+from .calibrate import (  # noqa: E402
+    calibrate,
+    disable_fake_quant,
+    disable_observer,
+    enable_fake_quant,
+    enable_observer,
+)
 
 __version__ = _C.__version__
 
-__all__ = ["__version__", "estimators", "fake_quantize", "ops"]
+__all__ = [
+    "FakeQuantize",
+    "QuantSpec",
+    "__version__",
+    "calibrate",
+    "disable_fake_quant",
+    "disable_observer",
+    "enable_fake_quant",
+    "enable_observer",
+    "estimators",
+    "fake_quantize",
+    "observers",
+    "ops",
+]

@@ -110,17 +110,18 @@ CATCH_TEST_CASE("the fused op observes, updates qparams and fake-quantizes", "[o
                       .typed<at::Tensor(
                           const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
                           int64_t, int64_t, c10::optional<int64_t>, c10::optional<double>, bool,
-                          bool, bool, c10::string_view)>();
+                          bool, bool, c10::string_view, const c10::optional<at::Tensor>&)>();
   auto run_min = torch::empty({0});
   auto run_max = torch::empty({0});
   auto scale = torch::empty({0});
   auto zp = torch::empty({0}, torch::kInt);
+  auto count = torch::zeros({}, torch::kLong);
   const double k = 0.25;
   std::vector<float> ema_lo(4), ema_hi(4);
   for (int step = 0; step < 3; ++step) {
     const auto x = torch::randn({8, 4, 16}) * (step + 1);
     const auto y =
-        op.call(x, run_min, run_max, scale, zp, -128, 127, 1, k, true, true, true, "ste");
+        op.call(x, run_min, run_max, scale, zp, -128, 127, 1, k, true, true, true, "ste", count);
     for (int c = 0; c < 4; ++c) {
       const float lo = x.select(1, c).min().item<float>();
       const float hi = x.select(1, c).max().item<float>();
@@ -135,10 +136,21 @@ CATCH_TEST_CASE("the fused op observes, updates qparams and fake-quantizes", "[o
         torch::equal(y, torch::fake_quantize_per_channel_affine(x, scale, zp, 1, -128, 127)));
   }
   // observe=false keeps the state; fake_quantize=false returns the input's values.
+  CATCH_CHECK(count.item<int64_t>() == 0);
   const auto frozen = run_min.clone();
-  const auto x = torch::randn({8, 4, 16}) * 10;
+  auto x = torch::randn({8, 4, 16}) * 10;
   const auto y =
-      op.call(x, run_min, run_max, scale, zp, -128, 127, 1, k, true, false, false, "ste");
+      op.call(x, run_min, run_max, scale, zp, -128, 127, 1, k, true, false, false, "ste", count);
   CATCH_CHECK(torch::equal(run_min, frozen));
   CATCH_CHECK(torch::equal(y, x));
+  // NaN and inf are left out of the range and counted: x * 0 keeps the NaN and turns the
+  // inf into NaN, so two batches count four.
+  x.index_put_({0, 2, 5}, std::numeric_limits<float>::quiet_NaN());
+  x.index_put_({3, 1, 0}, std::numeric_limits<float>::infinity());
+  op.call(x * 0, run_min, run_max, scale, zp, -128, 127, 1, k, true, true, true, "ste", count);
+  op.call(
+      x, run_min, run_max, scale, zp, -128, 127, 1, c10::nullopt, true, true, true, "ste", count);
+  CATCH_CHECK(count.item<int64_t>() == 4);
+  CATCH_CHECK(std::isfinite(run_max.max().item<float>()));
+  CATCH_CHECK(std::isfinite(run_min.min().item<float>()));
 }

@@ -1,0 +1,113 @@
+"""Calibration: running data through a model to set its observers' ranges, and the
+switches that freeze and re-enable observation and fake quantization."""
+
+import itertools
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .fake_quant import FakeQuantize
+
+__all__ = [
+    "calibrate",
+    "disable_fake_quant",
+    "disable_observer",
+    "enable_fake_quant",
+    "enable_observer",
+]
+
+
+def _fake_quantizers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, FakeQuantize)]
+
+
+def enable_observer(model: nn.Module) -> nn.Module:
+    """Turns observation on in every FakeQuantize of ``model`` (learned qparams are then
+    re-initialized from the next batch); returns ``model``."""
+    for m in _fake_quantizers(model):
+        m.enable_observer()
+    return model
+
+
+def disable_observer(model: nn.Module) -> nn.Module:
+    """Freezes the ranges and qparams of every FakeQuantize of ``model``; returns ``model``."""
+    for m in _fake_quantizers(model):
+        m.disable_observer()
+    return model
+
+
+def enable_fake_quant(model: nn.Module) -> nn.Module:
+    """Turns fake quantization on in every FakeQuantize of ``model``; returns ``model``."""
+    for m in _fake_quantizers(model):
+        m.enable_fake_quant()
+    return model
+
+
+def disable_fake_quant(model: nn.Module) -> nn.Module:
+    """Lets every FakeQuantize of ``model`` pass its input through; returns ``model``."""
+    for m in _fake_quantizers(model):
+        m.disable_fake_quant()
+    return model
+
+
+def _run(model: nn.Module, batch):
+    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def calibrate(model: nn.Module, batches: Iterable, num_batches: Optional[int] = None,
+              progress: bool = True) -> nn.Module:
+    """Runs ``batches`` through ``model`` with its observers on and fake quantization off,
+    so that the observers see the float activations; then turns fake quantization back on
+    (in each module where it was on before).
+
+    The model runs in eval mode (batch norm uses its running statistics, no dropout) and
+    without gradients; each module's training flag is restored afterwards, and the
+    observers stay on. The scales and zero points (learned ones too) are set from the
+    observers once, at the end.
+
+    Args:
+        model: a module holding :class:`qat.FakeQuantize` modules.
+        batches: an iterable of batches. A tensor is called as ``model(batch)``; a tuple or
+            list is ``(inputs, *rest)`` as a DataLoader yields it (``inputs``: a tensor, a
+            tuple of positional inputs or a dict of keyword inputs); a dict is called as
+            ``model(**batch)``.
+        num_batches: stop after this many batches (default: all of them).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``model``.
+    """
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(
+            num_batches, int) or num_batches < 0):
+        raise ValueError(f"qat.calibrate: num_batches must be None or an integer >= 0, "
+                         f"got {num_batches!r}")
+    total = len(batches) if hasattr(batches, "__len__") else None
+    if num_batches is not None:
+        total = num_batches if total is None else min(total, num_batches)
+        batches = itertools.islice(batches, num_batches)
+    training = {m: m.training for m in model.modules()}
+    quantizing = {m: bool(m.fake_quant_enabled[0]) for m in _fake_quantizers(model)}
+    enable_observer(model)
+    disable_fake_quant(model)
+    model.eval()
+    for m in quantizing:
+        m._defer_qparams = True
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, total=total, desc="qat.calibrate", disable=not progress):
+                _run(model, batch)
+    finally:
+        for m, quantize in quantizing.items():
+            m._defer_qparams = False
+            m.update_qparams()
+            m.enable_fake_quant(quantize)
+        for m, mode in training.items():
+            m.training = mode
+    return model

@@ -1,0 +1,164 @@
+"""``qat.FakeQuantize``: an observer, the qparams it chooses, and the estimator that
+fake-quantizes with them. (Not ``fake_quantize.py``: that name would hide the function
+``qat.fake_quantize`` behind a submodule.)"""
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import estimators, observers
+from .config import QuantSpec
+from .observers import _QuantState, _format, distributed_active
+from .ops import fake_quantize
+
+__all__ = ["FakeQuantize"]
+
+# Observers whose update the fused operator performs itself.
+_FUSED_OBSERVERS = ("minmax", "moving_average")
+
+
+class FakeQuantize(_QuantState):
+    """Observes its input, chooses a scale and zero point from what it saw, and
+    fake-quantizes the input with them (gradients as the spec's estimator defines).
+
+    Args:
+        spec: the quantization spec (default ``QuantSpec()``).
+        **overrides: QuantSpec fields to set on ``spec``.
+
+    State:
+        ``scale`` (float32) and ``zero_point`` (int32): buffers, one element or one per
+        channel (empty until the first batch sizes them). When the estimator learns them
+        (``lsq``, ``pact``: the scale; ``lsq_plus``: scale and a float zero point) they are
+        ``nn.Parameter``\\ s instead: the observer initializes them on every batch it
+        observes while fake quantization is off (:func:`qat.calibrate`: once, at the end),
+        and on the first batch it observes with fake quantization on, after which it is
+        switched off and the parameters are trained (the scale kept at or above float32
+        eps). Re-enable the observer to re-initialize them.
+        ``observer_enabled``, ``fake_quant_enabled``: uint8 [1] switches, buffers so that
+        they are saved with the model and broadcast by DDP.
+        ``observer``: the :mod:`qat.observers` module that tracks the range.
+
+    For the ``minmax`` and ``moving_average`` observers with an estimator that learns
+    nothing, and outside ``torch.distributed``, one fused operator
+    (``torch.ops.qat.fused_observe_fake_quantize``) observes, updates the qparams and
+    fake-quantizes, counting NaN / inf values into the observer's ``nonfinite_count``;
+    everywhere else the observer runs as a module first.
+
+    Per-channel parameters (learned scales) get their size on the first batch: run one
+    batch (or :func:`qat.calibrate`) before wrapping the model in DDP, whose gradient
+    buckets are laid out when it is built.
+    """
+
+    def __init__(self, spec: Optional[QuantSpec] = None, **overrides):
+        super().__init__()
+        spec = QuantSpec() if spec is None else spec
+        self.spec = dataclasses.replace(spec, **overrides) if overrides else spec
+        self.quant_min, self.quant_max = self.spec.quant_range
+        info = estimators.describe(self.spec.estimator)
+        self.learns_scale = bool(info["learns_scale"])
+        self.learns_zero_point = bool(info["learns_zero_point"])
+        self.observer = observers.build(self.spec)
+
+        shape = (0,) if self.spec.per_channel else (1,)
+        scale = torch.ones(shape)
+        if self.learns_scale:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        if self.learns_zero_point:
+            self.zero_point = nn.Parameter(torch.zeros(shape))
+        else:
+            self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.register_buffer("observer_enabled", torch.ones(1, dtype=torch.uint8))
+        self.register_buffer("fake_quant_enabled", torch.ones(1, dtype=torch.uint8))
+        self._channel_state = {"scale": (1.0, ()), "zero_point": (0, ())}
+        # Set by qat.calibrate: choosing a histogram observer's range costs milliseconds per
+        # channel, so while it runs the qparams are set once, at the end.
+        self._defer_qparams = False
+
+    @property
+    def learns_qparams(self) -> bool:
+        return self.learns_scale or self.learns_zero_point
+
+    def _config(self):
+        return dict(super()._config(), estimator=self.spec.estimator)
+
+    # -- switches -----------------------------------------------------------------------
+
+    def enable_observer(self, enabled: bool = True) -> "FakeQuantize":
+        self.observer_enabled.fill_(int(enabled))
+        return self
+
+    def disable_observer(self) -> "FakeQuantize":
+        return self.enable_observer(False)
+
+    def enable_fake_quant(self, enabled: bool = True) -> "FakeQuantize":
+        self.fake_quant_enabled.fill_(int(enabled))
+        return self
+
+    def disable_fake_quant(self) -> "FakeQuantize":
+        return self.enable_fake_quant(False)
+
+    # -- forward ------------------------------------------------------------------------
+
+    def _uses_fused_op(self) -> bool:
+        return (self.spec.observer in _FUSED_OBSERVERS and not self.learns_qparams
+                and not distributed_active())
+
+    @torch.no_grad()
+    def update_qparams(self) -> None:
+        """Sets ``scale`` and ``zero_point`` (learned ones too) from the observer's state."""
+        scale, zero_point = self.observer.calculate_qparams()
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        observe = bool(self.observer_enabled[0])
+        quantize = bool(self.fake_quant_enabled[0])
+        if not observe and not quantize:
+            return x
+        axis = self._axis(x)
+        if observe:
+            if axis is not None:
+                self.observer._ensure_channels(x.shape[axis])
+                self._ensure_channels(x.shape[axis])
+            if self._uses_fused_op():
+                average = (self.spec.averaging_constant
+                           if self.spec.observer == "moving_average" else None)
+                return torch.ops.qat.fused_observe_fake_quantize(
+                    x, self.observer.min_val, self.observer.max_val, self.scale,
+                    self.zero_point, self.quant_min, self.quant_max, axis, average,
+                    self.spec.symmetric, True, quantize, self.spec.estimator,
+                    self.observer.nonfinite_count)
+            self.observer(x.detach())
+            if not self._defer_qparams:
+                self.update_qparams()
+            if self.learns_qparams and quantize and x.numel() > 0:
+                self.disable_observer()
+        if not quantize:
+            return x
+        if self.learns_scale:
+            # As torch.ao's learnable fake quantize: an optimizer step may push the scale
+            # to or below zero, where the operator rightly refuses it.
+            with torch.no_grad():
+                self.scale.clamp_(min=torch.finfo(torch.float32).eps)
+        if axis is not None and self.scale.numel() == 0:
+            raise RuntimeError(
+                "FakeQuantize: the per-channel scale is not known yet: the observer was "
+                "disabled before it saw a batch")
+        return fake_quantize(x, self.scale, self.zero_point, self.quant_min, self.quant_max,
+                             axis, self.spec.estimator)
+
+    def calculate_qparams(self):
+        """The observer's (scale, zero_point) for what it has seen."""
+        return self.observer.calculate_qparams()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self._describe_spec()}, scale={_format(self.scale)}, "
+            f"zero_point={_format(self.zero_point)}, estimator={self.spec.estimator}, "
+            f"observer_enabled={int(self.observer_enabled[0])}, "
+            f"fake_quant_enabled={int(self.fake_quant_enabled[0])}"
+        )
