@@ -640,12 +640,7 @@ at::Tensor histogram(
     const at::Tensor& input, const at::Tensor& min, const at::Tensor& max, int64_t bins,
     c10::optional<int64_t> axis) {
   constexpr const char* op = "qat::histogram";
-  TORCH_CHECK(input.defined(), op, ": input is undefined");
-  const auto dtype = input.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-      op, ": input must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
-      dtype);
+  detail::check_floating_input(op, input);
   TORCH_CHECK(bins >= 1, op, ": bins must be at least 1, got ", bins);
 
   c10::optional<int64_t> dim;
@@ -683,9 +678,9 @@ at::Tensor histogram(
     // The pass reads raw memory of any dense layout (channels-last included).
     const auto x = detail::dense(input.detach().to(at::kCPU));
     const auto layout = detail::channel_layout(x, dim);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "qat::histogram", [&] {
-      count_all<scalar_t>(x, layout, row_bins, bins, counts.data_ptr<double>());
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, input.scalar_type(), "qat::histogram",
+        [&] { count_all<scalar_t>(x, layout, row_bins, bins, counts.data_ptr<double>()); });
   }
   if (!axis.has_value()) {
     counts = counts.reshape({bins});
@@ -764,15 +759,7 @@ std::tuple<at::Tensor, at::Tensor> histogram_range(
         percentile > 0.0 && percentile <= 100.0, op,
         ": percentile must be in (0, 100] for method \"percentile\", got ", percentile);
   }
-  TORCH_CHECK(
-      quant_min < quant_max, op, ": quant_min (", quant_min, ") must be less than quant_max (",
-      quant_max, ")");
-  TORCH_CHECK(
-      quant_max - quant_min < detail::kMaxLevels && quant_min >= detail::kMinQuantMin &&
-          quant_max <= detail::kMaxQuantMax,
-      op, ": the range [quant_min, quant_max] = [", quant_min, ", ", quant_max,
-      "] is wider than 16 bits; at most ", detail::kMaxLevels, " levels within [",
-      detail::kMinQuantMin, ", ", detail::kMaxQuantMax, "] are supported");
+  detail::check_quant_range(op, quant_min, quant_max);
 
   const auto counts = read_histogram(op, histogram);
   const int64_t rows = counts.size(0);

@@ -56,16 +56,6 @@ std::pair<float, float> qparams_of(
   return detail::qparams_for_range<float>(lo, hi, quant_min, quant_max, symmetric);
 }
 
-void check_range_args(const char* op, int64_t quant_min, int64_t quant_max) {
-  TORCH_CHECK(
-      quant_min < quant_max, op, ": quant_min (", quant_min, ") must be less than quant_max (",
-      quant_max, ")");
-  TORCH_CHECK(
-      quant_max - quant_min < detail::kMaxLevels && quant_min >= detail::kMinQuantMin &&
-          quant_max <= detail::kMaxQuantMax,
-      op, ": the range [", quant_min, ", ", quant_max, "] is wider than 16 bits");
-}
-
 std::tuple<int64_t, int64_t> quant_range_op(int64_t bits, bool is_signed, bool narrow) {
   const auto range = quant_range(bits, is_signed, narrow);
   return {range.first, range.second};
@@ -78,7 +68,7 @@ at::Tensor fused_observe_fake_quantize(
     bool fake_quantize_enabled, c10::string_view estimator,
     const c10::optional<at::Tensor>& nonfinite_count) {
   constexpr const char* op = "qat::fused_observe_fake_quantize";
-  check_range_args(op, quant_min, quant_max);
+  detail::check_quant_range(op, quant_min, quant_max);
   TORCH_CHECK(
       !averaging_constant.has_value() || (*averaging_constant > 0.0 && *averaging_constant <= 1.0),
       op, ": averaging_constant must be in (0, 1], got ", *averaging_constant);
@@ -208,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> choose_qparams(
     const at::Tensor& min, const at::Tensor& max, int64_t quant_min, int64_t quant_max,
     bool symmetric) {
   constexpr const char* op = "qat::choose_qparams";
-  check_range_args(op, quant_min, quant_max);
+  detail::check_quant_range(op, quant_min, quant_max);
   TORCH_CHECK(
       min.sizes() == max.sizes(), op, ": min and max must have one shape, got ", min.sizes(),
       " and ", max.sizes());

@@ -8,23 +8,16 @@
 namespace qat {
 namespace detail {
 
-c10::optional<int64_t> check_arguments(
-    const char* op, const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
-    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis) {
+void check_floating_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.defined(), op, ": input is undefined");
   const auto dtype = input.scalar_type();
   TORCH_CHECK(
       dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
       op, ": input must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
       dtype);
-  TORCH_CHECK(
-      scale.defined() && at::isFloatingType(scale.scalar_type()), op,
-      ": scale must be a floating-point tensor, got ",
-      scale.defined() ? c10::toString(scale.scalar_type()) : "an undefined tensor");
-  TORCH_CHECK(
-      zero_point.defined() && zero_point.scalar_type() != at::kBool &&
-          !at::isComplexType(zero_point.scalar_type()),
-      op, ": zero_point must be an integer or floating-point tensor");
+}
+
+void check_quant_range(const char* op, int64_t quant_min, int64_t quant_max) {
   TORCH_CHECK(
       quant_min < quant_max, op, ": quant_min (", quant_min, ") must be less than quant_max (",
       quant_max, ")");
@@ -33,6 +26,21 @@ c10::optional<int64_t> check_arguments(
       op, ": the range [quant_min, quant_max] = [", quant_min, ", ", quant_max,
       "] is wider than 16 bits; at most ", kMaxLevels, " levels within [", kMinQuantMin, ", ",
       kMaxQuantMax, "] are supported");
+}
+
+c10::optional<int64_t> check_arguments(
+    const char* op, const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis) {
+  check_floating_input(op, input);
+  TORCH_CHECK(
+      scale.defined() && at::isFloatingType(scale.scalar_type()), op,
+      ": scale must be a floating-point tensor, got ",
+      scale.defined() ? c10::toString(scale.scalar_type()) : "an undefined tensor");
+  TORCH_CHECK(
+      zero_point.defined() && zero_point.scalar_type() != at::kBool &&
+          !at::isComplexType(zero_point.scalar_type()),
+      op, ": zero_point must be an integer or floating-point tensor");
+  check_quant_range(op, quant_min, quant_max);
 
   if (!axis.has_value()) {
     TORCH_CHECK(

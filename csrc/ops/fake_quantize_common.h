@@ -18,6 +18,12 @@ constexpr int64_t kMaxLevels = 65536;
 constexpr int64_t kMinQuantMin = -65536;
 constexpr int64_t kMaxQuantMax = 65535;
 
+// Checks that `input` is a defined float32/float64/float16/bfloat16 tensor.
+void check_floating_input(const char* op, const at::Tensor& input);
+
+// Checks quant_min < quant_max within the supported 16-bit span.
+void check_quant_range(const char* op, int64_t quant_min, int64_t quant_max);
+
 // Checks dtype, range, axis and qparam shapes; returns the axis normalized to
 // [0, input.dim()) (or nullopt for per-tensor). `op` prefixes every message.
 c10::optional<int64_t> check_arguments(
