@@ -2,8 +2,9 @@
 
 Fake-quantize operators with a registry of straight-through estimators, implemented in
 C++ and reachable as ``qat.ops.fake_quantize`` and ``torch.ops.qat.fake_quantize``;
-observers (``qat.observers``), ``qat.QuantSpec``, the ``qat.FakeQuantize`` module and
-``qat.calibrate``.
+observers (``qat.observers``), ``qat.QuantSpec`` and ``qat.Config`` (presets in
+``qat.presets``), the ``qat.FakeQuantize`` module, QAT modules (``qat.modules``, extended
+with ``qat.register_module``) and ``qat.calibrate``.
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
@@ -19,7 +20,7 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
 
 from . import estimators, ops  # noqa: E402
 from .ops import fake_quantize  # noqa: E402
-from .config import QuantSpec  # noqa: E402
+from .config import Config, QuantSpec  # noqa: E402
 from . import observers  # noqa: E402
 from .fake_quant import FakeQuantize  # noqa: E402
 from .calibrate import (  # noqa: E402
@@ -29,10 +30,13 @@ from .calibrate import (  # noqa: E402
     enable_fake_quant,
     enable_observer,
 )
+from . import modules, presets  # noqa: E402
+from .modules import register_module  # noqa: E402
 
 __version__ = _C.__version__
 
 __all__ = [
+    "Config",
     "FakeQuantize",
     "QuantSpec",
     "__version__",
@@ -43,6 +47,9 @@ __all__ = [
     "enable_observer",
     "estimators",
     "fake_quantize",
+    "modules",
     "observers",
     "ops",
+    "presets",
+    "register_module",
 ]

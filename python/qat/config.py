@@ -1,13 +1,16 @@
-"""How one tensor is quantized: :class:`QuantSpec`, validated when it is built."""
+"""How one tensor is quantized (:class:`QuantSpec`) and how a model is (:class:`Config`),
+both validated when they are built."""
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import nn
 
 from . import estimators
 
-__all__ = ["OBSERVERS", "QuantSpec"]
+__all__ = ["BACKENDS", "Config", "OBSERVERS", "QuantSpec"]
 
 #: Observer names a QuantSpec accepts (see :mod:`qat.observers`).
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "entropy")
@@ -107,3 +110,146 @@ class QuantSpec:
     @property
     def quant_max(self) -> int:
         return self.quant_range[1]
+
+
+#: Target backends a Config accepts: the integer kernels the converted model will run on.
+BACKENDS = ("qnnpack", "fbgemm")
+
+_Key = Union[str, type]
+_SpecPair = Tuple[QuantSpec, QuantSpec]
+
+
+def _default_weight() -> QuantSpec:
+    return QuantSpec(bits=8, symmetric=True, per_channel=True, axis=0, observer="minmax")
+
+
+def _default_activation() -> QuantSpec:
+    # qnnpack's quantized kernels take uint8 activations with one scale per tensor.
+    return QuantSpec(bits=8, symmetric=False, per_channel=False, observer="moving_average")
+
+
+def _is_pattern(key: str) -> bool:
+    return any(c in key for c in "*?[")
+
+
+def _check_key(field_name: str, key) -> None:
+    if isinstance(key, str):
+        if not key:
+            raise ValueError(f"Config.{field_name}: a module name must not be empty")
+        return
+    if isinstance(key, type) and issubclass(key, nn.Module):
+        return
+    raise ValueError(
+        f"Config.{field_name}: keys must be module names, fnmatch-style name patterns or "
+        f"nn.Module subclasses, got {key!r}")
+
+
+@dataclass
+class Config:
+    """How a model is quantized: the default weight and activation specs, per-layer
+    overrides, the layers left in float and the target backend.
+
+    Args:
+        weight: spec of the weights (default: int8 symmetric, per channel along axis 0,
+            ``minmax`` observer).
+        activation: spec of the activations (default: uint8 affine per tensor,
+            ``moving_average`` observer, as qnnpack's kernels require).
+        overrides: module name, fnmatch-style name pattern (``"features.*"``) or module
+            type -> ``(weight_spec, activation_spec)`` or a dict with ``"weight"`` and/or
+            ``"activation"`` keys; a missing entry (or None) keeps the default. An exact
+            name wins over a pattern, a pattern over a type; among patterns the first
+            given wins, among types the most derived class.
+        skip: module names, patterns or types left in float. Skip wins over overrides.
+        backend: ``qnnpack`` (mobile, the default) or ``fbgemm`` (x86 servers).
+        dynamic: activations are quantized at run time (dynamic quantization) instead of
+            with qparams learned in training; the activation spec gives their range.
+
+    Raises:
+        ValueError: naming the field, when one is invalid.
+    """
+
+    weight: QuantSpec = field(default_factory=_default_weight)
+    activation: QuantSpec = field(default_factory=_default_activation)
+    overrides: Mapping[_Key, object] = field(default_factory=dict)
+    skip: Sequence[_Key] = ()
+    backend: str = "qnnpack"
+    dynamic: bool = False
+
+    def __post_init__(self):
+        for name in ("weight", "activation"):
+            if not isinstance(getattr(self, name), QuantSpec):
+                raise ValueError(
+                    f"Config.{name} must be a QuantSpec, got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
+            raise ValueError(
+                f"Config.backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if not isinstance(self.dynamic, bool):
+            raise ValueError(f"Config.dynamic must be True or False, got {self.dynamic!r}")
+        if not isinstance(self.overrides, Mapping):
+            raise ValueError(
+                f"Config.overrides must be a mapping, got {type(self.overrides).__name__}")
+        self.overrides = {key: self._normalize(key, value)
+                          for key, value in self.overrides.items()}
+        if isinstance(self.skip, (str, type)):
+            self.skip = (self.skip,)
+        try:
+            self.skip = tuple(self.skip)
+        except TypeError:
+            raise ValueError(
+                f"Config.skip must be a sequence of module names, patterns or types, "
+                f"got {self.skip!r}") from None
+        for key in self.skip:
+            _check_key("skip", key)
+
+    def _normalize(self, key, value) -> Tuple[Optional[QuantSpec], Optional[QuantSpec]]:
+        """An override as ``(weight or None, activation or None)``; None keeps the default."""
+        _check_key("overrides", key)
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"weight", "activation"}
+            if unknown:
+                raise ValueError(
+                    f"Config.overrides[{key!r}]: unknown keys {sorted(map(str, unknown))}; "
+                    f"allowed: 'weight', 'activation'")
+            pair = (value.get("weight"), value.get("activation"))
+        elif isinstance(value, (tuple, list)) and len(value) == 2:
+            pair = tuple(value)
+        else:
+            raise ValueError(
+                f"Config.overrides[{key!r}] must be a (weight, activation) pair of QuantSpecs "
+                f"or a dict with 'weight' / 'activation' keys, got {value!r}")
+        for role, spec in zip(("weight", "activation"), pair):
+            if spec is not None and not isinstance(spec, QuantSpec):
+                raise ValueError(
+                    f"Config.overrides[{key!r}]: the {role} spec must be a QuantSpec or None, "
+                    f"got {type(spec).__name__}")
+        return pair
+
+    @staticmethod
+    def _match(keys, name: str, module: nn.Module):
+        """The first key that matches: exact name, then pattern (first given), then type
+        (most derived class first); None if none does."""
+        if name in keys:
+            return name
+        for key in keys:
+            if isinstance(key, str) and _is_pattern(key) and fnmatch.fnmatchcase(name, key):
+                return key
+        for cls in type(module).__mro__:
+            if cls in keys:
+                return cls
+        return None
+
+    def is_skipped(self, name: str, module: nn.Module) -> bool:
+        """Whether the module called ``name`` stays in float."""
+        return self._match(self.skip, name, module) is not None
+
+    def spec_for(self, name: str, module: nn.Module) -> Optional[_SpecPair]:
+        """``(weight_spec, activation_spec)`` of the module called ``name``, or None when it
+        stays in float (``skip``)."""
+        if self.is_skipped(name, module):
+            return None
+        key = self._match(self.overrides, name, module)
+        if key is None:
+            return self.weight, self.activation
+        weight, activation = self.overrides[key]
+        return (self.weight if weight is None else weight,
+                self.activation if activation is None else activation)

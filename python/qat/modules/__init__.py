@@ -1,0 +1,28 @@
+"""QAT versions of PyTorch modules, built with ``QatCls.from_float(float_module,
+weight_spec)``, and the registry that maps float classes to them
+(:func:`qat.register_module`, :func:`lookup`)."""
+
+from .conv import Conv1d, Conv2d, Conv3d
+from .conv_transpose import ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
+from .conv_bn import ConvBn2d, ConvBnReLU2d
+from .linear import Linear
+from .registry import lookup, register_module
+
+__all__ = [
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvBn2d",
+    "ConvBnReLU2d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "Linear",
+    "lookup",
+    "register_module",
+]
+
+for _qat_cls in (Linear, Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d,
+                 ConvTranspose3d, ConvBn2d, ConvBnReLU2d):
+    register_module(_qat_cls._FLOAT_MODULE, _qat_cls)
+del _qat_cls

@@ -1,0 +1,60 @@
+"""QAT ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (grouped and depthwise included): the
+weight is fake-quantized in every forward."""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import QuantSpec
+from ..fake_quant import FakeQuantize
+from ._common import check_float, weight_spec_for
+
+__all__ = ["Conv1d", "Conv2d", "Conv3d"]
+
+
+class _ConvNd:
+    """The QAT behaviour mixed into an ``nn.ConvNd`` subclass."""
+
+    _FLOAT_MODULE: type
+
+    def __init__(self, *args, weight_spec: Optional[QuantSpec] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Conv weights are [out_channels, in_channels / groups, *kernel]: one scale per
+        # output channel, depthwise included.
+        self.weight_fake_quant = FakeQuantize(weight_spec_for(weight_spec, 0)).to(
+            self.weight.device)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(input, self.weight_fake_quant(self.weight), self.bias)
+
+    @classmethod
+    def from_float(cls, mod, weight_spec: Optional[QuantSpec] = None):
+        """The QAT version of ``mod``, sharing its parameters."""
+        check_float(cls, mod, cls._FLOAT_MODULE)
+        qat_mod = cls(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride,
+                      padding=mod.padding, dilation=mod.dilation, groups=mod.groups,
+                      bias=mod.bias is not None, padding_mode=mod.padding_mode,
+                      device=mod.weight.device, dtype=mod.weight.dtype,
+                      weight_spec=weight_spec)
+        qat_mod.weight = mod.weight
+        qat_mod.bias = mod.bias
+        return qat_mod.train(mod.training)
+
+
+class Conv1d(_ConvNd, nn.Conv1d):
+    """``nn.Conv1d`` with a fake-quantized weight (``weight_fake_quant``)."""
+
+    _FLOAT_MODULE = nn.Conv1d
+
+
+class Conv2d(_ConvNd, nn.Conv2d):
+    """``nn.Conv2d`` with a fake-quantized weight (``weight_fake_quant``)."""
+
+    _FLOAT_MODULE = nn.Conv2d
+
+
+class Conv3d(_ConvNd, nn.Conv3d):
+    """``nn.Conv3d`` with a fake-quantized weight (``weight_fake_quant``)."""
+
+    _FLOAT_MODULE = nn.Conv3d

@@ -1,0 +1,118 @@
+"""Conv2d + BatchNorm2d (+ ReLU) for QAT, with the batch norm folded into the weight
+before it is fake-quantized, as the integer model will hold it."""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import QuantSpec
+from ..fake_quant import FakeQuantize
+from ._common import check_float, weight_spec_for
+
+try:  # torch >= 2.0
+    from torch.ao.nn import intrinsic as _intrinsic
+except ImportError:  # torch 1.13
+    from torch.nn import intrinsic as _intrinsic
+
+__all__ = ["ConvBn2d", "ConvBnReLU2d"]
+
+
+class ConvBn2d(nn.Conv2d):
+    """A conv followed by a batch norm, trained as the folded conv the integer model runs
+    (Jacob et al. 2018, Krishnamoorthi 2018; the formula of PyTorch's
+    ``torch.ao.nn.intrinsic.qat.ConvBn2d``).
+
+    The weight is scaled by ``gamma / sqrt(running_var + eps)`` and then fake-quantized, so
+    the quantization error is that of the folded weight; the conv output is divided by the
+    same factor and goes through ``bn``, which in training normalizes with the batch
+    statistics (and updates the running ones) and in eval with the running ones, where the
+    whole equals the folded conv. :meth:`freeze_bn_stats` makes ``bn`` use and keep its
+    running statistics in training too, as is done late in training.
+
+    Args:
+        in_channels ... padding_mode, device, dtype: as ``nn.Conv2d`` (bias defaults to
+            False, as a conv before a batch norm has none).
+        eps, momentum: as ``nn.BatchNorm2d``.
+        freeze_bn: start with the batch-norm statistics frozen.
+        weight_spec: the weight's QuantSpec (default: ``qat.Config().weight``).
+    """
+
+    _FLOAT_MODULE = _intrinsic.ConvBn2d
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros",
+                 eps: float = 1e-5, momentum: Optional[float] = 0.1, freeze_bn: bool = False,
+                 weight_spec: Optional[QuantSpec] = None, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device=device, dtype=dtype)
+        self.bn = nn.BatchNorm2d(out_channels, eps, momentum, device=device, dtype=dtype)
+        self.weight_fake_quant = FakeQuantize(weight_spec_for(weight_spec, 0)).to(device)
+        self.freeze_bn = freeze_bn
+        self.train(self.training)
+
+    def freeze_bn_stats(self) -> "ConvBn2d":
+        """Normalize with the running statistics and stop updating them, in training too."""
+        self.freeze_bn = True
+        self.bn.train(False)
+        return self
+
+    def unfreeze_bn_stats(self) -> "ConvBn2d":
+        """Back to batch statistics (and running-statistic updates) in training."""
+        self.freeze_bn = False
+        self.bn.train(self.training)
+        return self
+
+    def train(self, mode: bool = True) -> "ConvBn2d":
+        # nn.Module.train would switch bn back to batch statistics after a freeze.
+        self.training = mode
+        self.weight_fake_quant.train(mode)
+        self.bn.train(mode and not self.freeze_bn)
+        return self
+
+    def _conv_bn(self, input: torch.Tensor) -> torch.Tensor:
+        running_std = torch.sqrt(self.bn.running_var + self.bn.eps)
+        scale_factor = self.bn.weight / running_std
+        scaled_weight = self.weight_fake_quant(self.weight * scale_factor.reshape(-1, 1, 1, 1))
+        # The conv bias is added after undoing the scale: it is not part of the folded
+        # weight's product.
+        conv = self._conv_forward(input, scaled_weight, None)
+        conv = conv / scale_factor.reshape(1, -1, 1, 1)
+        if self.bias is not None:
+            conv = conv + self.bias.reshape(1, -1, 1, 1)
+        return self.bn(conv)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_bn(input)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, freeze_bn={self.freeze_bn}"
+
+    @classmethod
+    def from_float(cls, mod, weight_spec: Optional[QuantSpec] = None):
+        """The QAT version of a fused ``ConvBn2d`` (``torch.ao.nn.intrinsic``), sharing the
+        conv's and the batch norm's parameters and running statistics."""
+        check_float(cls, mod, cls._FLOAT_MODULE)
+        conv, bn = mod[0], mod[1]
+        qat_mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                      conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                      conv.padding_mode, bn.eps, bn.momentum, weight_spec=weight_spec,
+                      device=conv.weight.device, dtype=conv.weight.dtype)
+        qat_mod.weight = conv.weight
+        qat_mod.bias = conv.bias
+        qat_mod.bn.weight = bn.weight
+        qat_mod.bn.bias = bn.bias
+        qat_mod.bn.running_mean = bn.running_mean
+        qat_mod.bn.running_var = bn.running_var
+        qat_mod.bn.num_batches_tracked = bn.num_batches_tracked
+        return qat_mod.train(mod.training)
+
+
+class ConvBnReLU2d(ConvBn2d):
+    """:class:`ConvBn2d` followed by a ReLU."""
+
+    _FLOAT_MODULE = _intrinsic.ConvBnReLU2d
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.relu(self._conv_bn(input))

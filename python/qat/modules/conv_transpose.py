@@ -1,0 +1,76 @@
+"""QAT ``nn.ConvTranspose1d`` / ``2d`` / ``3d``: the weight is fake-quantized in every
+forward."""
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import QuantSpec
+from ..fake_quant import FakeQuantize
+from ._common import check_float, weight_spec_for
+
+__all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
+
+
+class _ConvTransposeNd:
+    """The QAT behaviour mixed into an ``nn.ConvTransposeNd`` subclass."""
+
+    _FLOAT_MODULE: type
+    _NUM_SPATIAL_DIMS: int
+
+    def __init__(self, *args, weight_spec: Optional[QuantSpec] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Transposed conv weights are [in_channels, out_channels / groups, *kernel]: the
+        # output channels are axis 1 (with groups > 1, one scale serves that channel of
+        # every group).
+        self.weight_fake_quant = FakeQuantize(weight_spec_for(weight_spec, 1)).to(
+            self.weight.device)
+
+    def forward(self, input: torch.Tensor, output_size: Optional[List[int]] = None):
+        if self.padding_mode != "zeros":
+            raise ValueError(
+                f"{type(self).__name__}: only the 'zeros' padding_mode is supported, got "
+                f"{self.padding_mode!r}")
+        output_padding = self._output_padding(
+            input, output_size, self.stride, self.padding, self.kernel_size,
+            self._NUM_SPATIAL_DIMS, self.dilation)
+        conv = (F.conv_transpose1d, F.conv_transpose2d,
+                F.conv_transpose3d)[self._NUM_SPATIAL_DIMS - 1]
+        return conv(input, self.weight_fake_quant(self.weight), self.bias, self.stride,
+                    self.padding, output_padding, self.groups, self.dilation)
+
+    @classmethod
+    def from_float(cls, mod, weight_spec: Optional[QuantSpec] = None):
+        """The QAT version of ``mod``, sharing its parameters."""
+        check_float(cls, mod, cls._FLOAT_MODULE)
+        qat_mod = cls(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride,
+                      padding=mod.padding, output_padding=mod.output_padding,
+                      groups=mod.groups, bias=mod.bias is not None, dilation=mod.dilation,
+                      padding_mode=mod.padding_mode, device=mod.weight.device,
+                      dtype=mod.weight.dtype, weight_spec=weight_spec)
+        qat_mod.weight = mod.weight
+        qat_mod.bias = mod.bias
+        return qat_mod.train(mod.training)
+
+
+class ConvTranspose1d(_ConvTransposeNd, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` with a fake-quantized weight (``weight_fake_quant``)."""
+
+    _FLOAT_MODULE = nn.ConvTranspose1d
+    _NUM_SPATIAL_DIMS = 1
+
+
+class ConvTranspose2d(_ConvTransposeNd, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with a fake-quantized weight (``weight_fake_quant``)."""
+
+    _FLOAT_MODULE = nn.ConvTranspose2d
+    _NUM_SPATIAL_DIMS = 2
+
+
+class ConvTranspose3d(_ConvTransposeNd, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` with a fake-quantized weight (``weight_fake_quant``)."""
+
+    _FLOAT_MODULE = nn.ConvTranspose3d
+    _NUM_SPATIAL_DIMS = 3
