@@ -4,7 +4,7 @@ Fake-quantize operators with a registry of straight-through estimators, implemen
 C++ and reachable as ``qat.ops.fake_quantize`` and ``torch.ops.qat.fake_quantize``;
 observers (``qat.observers``), ``qat.QuantSpec`` and ``qat.Config`` (presets in
 ``qat.presets``), the ``qat.FakeQuantize`` module, QAT modules (``qat.modules``, extended
-with ``qat.register_module``) and ``qat.calibrate``.
+with ``qat.register_module``), ``qat.prepare`` and ``qat.calibrate``.
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
@@ -32,6 +32,7 @@ from .calibrate import (  # noqa: E402
 )
 from . import modules, presets  # noqa: E402
 from .modules import register_module  # noqa: E402
+from .prepare import prepare  # noqa: E402
 
 __version__ = _C.__version__
 
@@ -50,6 +51,7 @@ __all__ = [
     "modules",
     "observers",
     "ops",
+    "prepare",
     "presets",
     "register_module",
 ]

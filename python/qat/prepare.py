@@ -1,0 +1,359 @@
+"""``qat.prepare``: a float model becomes a QAT model. It is traced with ``torch.fx``,
+conv + batch norm (+ ReLU) are fused, each module the registry knows is swapped for its QAT
+version, and activation :class:`qat.FakeQuantize` modules are inserted where the integer
+model will hold a quantized tensor. A model that cannot be traced has its modules swapped
+in place instead (eager fallback)."""
+
+import copy
+import fnmatch
+import operator
+import warnings
+from typing import Dict, List, Optional, Set
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config, QuantSpec, _is_pattern
+from .fake_quant import FakeQuantize
+from .modules import lookup
+
+try:  # torch >= 2.0
+    from torch.ao.nn import intrinsic as _intrinsic
+except ImportError:  # torch 1.13
+    from torch.nn import intrinsic as _intrinsic
+
+__all__ = ["prepare"]
+
+# Ops whose output the integer model requantizes, so it gets its own FakeQuantize.
+_QUANTIZED_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul,
+                        torch.mul, torch.cat, torch.mean, F.adaptive_avg_pool2d,
+                        F.avg_pool2d}
+_QUANTIZED_METHODS = {"add", "add_", "mul", "mul_", "mean"}
+_QUANTIZED_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+
+# Ops whose integer kernels keep their input's qparams: no FakeQuantize of their own.
+_PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, F.max_pool2d, torch.flatten,
+                   torch.reshape, F.dropout}
+_PASS_METHODS = {"relu", "relu_", "flatten", "reshape", "view", "contiguous"}
+_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d, nn.Flatten, nn.Dropout,
+                 nn.Identity)
+
+_RELU_FUNCTIONS = (F.relu, torch.relu)
+
+
+def _check_not_prepared(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantize):
+            raise ValueError(
+                f"qat.prepare: the model is already prepared: it contains a "
+                f"qat.FakeQuantize ({name!r}); prepare the float model instead")
+
+
+def _check_keys(model: nn.Module, config: Config) -> None:
+    """Every override and skip key names, matches or types at least one module."""
+    named = list(model.named_modules())
+    for field_name, keys in (("overrides", config.overrides), ("skip", config.skip)):
+        for key in keys:
+            if isinstance(key, type):
+                found = any(isinstance(m, key) for _, m in named)
+            elif _is_pattern(key):
+                found = any(fnmatch.fnmatchcase(n, key) for n, _ in named)
+            else:
+                found = any(n == key for n, _ in named)
+            if not found:
+                shown = key.__name__ if isinstance(key, type) else key
+                raise ValueError(
+                    f"qat.prepare: Config.{field_name} key {shown!r} matches no module "
+                    f"of the model")
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
+
+
+def _has_own_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def _warn_float(names: List[str]) -> None:
+    if names:
+        warnings.warn(
+            f"qat.prepare: no QAT version is registered for these layers with parameters, so "
+            f"they stay in float: {', '.join(names)} (qat.register_module adds one)",
+            stacklevel=3)
+
+
+def _swap(float_module: nn.Module, name: str, spec_module: nn.Module, config: Config):
+    """``(qat_module, activation_spec)``, or None when the module stays in float."""
+    qat_cls = lookup(float_module)
+    if qat_cls is None:
+        return None
+    specs = config.spec_for(name, spec_module)
+    if specs is None:
+        return None
+    return qat_cls.from_float(float_module, specs[0]), specs[1]
+
+
+def _quantize_output(module: nn.Module, inputs, output):
+    return module.activation_post_process(output)
+
+
+def _prepare_eager(model: nn.Module, config: Config) -> nn.Module:
+    """Swaps registered modules in place by name. Each swapped module quantizes its output
+    with a FakeQuantize child, ``activation_post_process``, called by a forward hook (as
+    PyTorch's eager QAT does). Without a graph there is no conv + bn fusion and no
+    FakeQuantize at the inputs or after functional ops."""
+    unsupported = []
+    for name, module in list(model.named_modules()):
+        if not name:
+            continue
+        swapped = _swap(module, name, module, config)
+        if swapped is not None:
+            qat_module, activation_spec = swapped
+            if not config.dynamic:
+                qat_module.activation_post_process = FakeQuantize(activation_spec)
+                qat_module.register_forward_hook(_quantize_output)
+            _set_module(model, name, qat_module)
+        elif (lookup(module) is None and _has_own_parameters(module)
+              and not config.is_skipped(name, module)):
+            unsupported.append(name)
+    _warn_float(unsupported)
+    return model.train()
+
+
+def _single_user(node: fx.Node) -> Optional[fx.Node]:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _fuse_conv_bn(gm: fx.GraphModule, config: Config, spec_modules: Dict[str, nn.Module]):
+    """Conv2d -> BatchNorm2d (-> ReLU) become one ``ConvBn2d`` / ``ConvBnReLU2d`` of
+    ``torch.nn.intrinsic`` under the conv's name, when the conv feeds only the batch norm and
+    is called once."""
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for bn_node in list(gm.graph.nodes):
+        if bn_node.op != "call_module" or not isinstance(
+                gm.get_submodule(bn_node.target), nn.BatchNorm2d):
+            continue
+        conv_node = bn_node.args[0] if bn_node.args else None
+        if not (isinstance(conv_node, fx.Node) and conv_node.op == "call_module"
+                and len(conv_node.users) == 1 and calls[conv_node.target] == 1
+                and calls[bn_node.target] == 1):
+            continue
+        conv = gm.get_submodule(conv_node.target)
+        bn = gm.get_submodule(bn_node.target)
+        if type(conv) is not nn.Conv2d or config.spec_for(conv_node.target, conv) is None:
+            continue
+        relu_node = _single_user(bn_node)
+        is_relu = relu_node is not None and (
+            (relu_node.op == "call_module"
+             and type(gm.get_submodule(relu_node.target)) is nn.ReLU)
+            or (relu_node.op == "call_function" and relu_node.target in _RELU_FUNCTIONS
+                and len(relu_node.args) == 1 and set(relu_node.kwargs) <= {"inplace"})
+            or (relu_node.op == "call_method" and relu_node.target == "relu"))
+        if is_relu:
+            fused = _intrinsic.ConvBnReLU2d(conv, bn, nn.ReLU())
+        else:
+            fused = _intrinsic.ConvBn2d(conv, bn)
+        _set_module(gm, conv_node.target, fused)
+        spec_modules[conv_node.target] = conv
+        bn_node.replace_all_uses_with(conv_node)
+        gm.graph.erase_node(bn_node)
+        if is_relu:
+            relu_node.replace_all_uses_with(conv_node)
+            gm.graph.erase_node(relu_node)
+
+
+# Calls that return sizes and other Python values, not tensors.
+_NON_TENSOR_METHODS = {"size", "dim", "numel", "item", "tolist"}
+_NON_TENSOR_FUNCTIONS = {getattr, len}
+
+
+def _tensor_nodes(graph: fx.Graph) -> Set[fx.Node]:
+    """The nodes that (probably) produce tensors: without example values, a call on a
+    tensor is taken to return one unless it reads a size or the like, so that ``x.size(0)
+    * 2`` gets no FakeQuantize."""
+    tensors: Set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op in ("placeholder", "get_attr", "call_module"):
+            tensors.add(node)
+        elif node.op in ("call_function", "call_method"):
+            if node.target in _NON_TENSOR_FUNCTIONS or node.target in _NON_TENSOR_METHODS:
+                continue
+            inputs: List[fx.Node] = []
+            fx.node.map_arg((node.args, node.kwargs), inputs.append)
+            if any(n in tensors for n in inputs):
+                tensors.add(node)
+    return tensors
+
+
+def _is_quantized_op(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_function":
+        return node.target in _QUANTIZED_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _QUANTIZED_METHODS
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _QUANTIZED_MODULES)
+    return False
+
+
+def _is_pass_through(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_function":
+        return node.target in _PASS_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _PASS_METHODS
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _PASS_MODULES)
+    return False
+
+
+class _Inserter:
+    """Adds activation FakeQuantize modules to a graph, one per quantized tensor."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.quantized: Set[fx.Node] = set()
+
+    def after(self, node: fx.Node, spec: QuantSpec, users=None) -> fx.Node:
+        """A FakeQuantize on ``node``'s output, feeding ``users`` (default: all of them)."""
+        everyone = users is None
+        users = list(node.users) if everyone else users
+        name = f"{node.name}_activation_fake_quant"
+        self.gm.add_submodule(name, FakeQuantize(spec))
+        with self.gm.graph.inserting_after(node):
+            fq_node = self.gm.graph.call_module(name, (node,))
+        for user in users:
+            user.replace_input_with(node, fq_node)
+        self.quantized.add(fq_node)
+        if everyone:
+            self.quantized.add(node)
+        return fq_node
+
+
+def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
+    spec_modules: Dict[str, nn.Module] = {}
+    _fuse_conv_bn(gm, config, spec_modules)
+
+    activation: Dict[fx.Node, QuantSpec] = {}
+    unsupported = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        spec_module = spec_modules.get(node.target, module)
+        swapped = _swap(module, node.target, spec_module, config)
+        if swapped is not None:
+            _set_module(gm, node.target, swapped[0])
+            activation[node] = swapped[1]
+        elif (lookup(module) is None and _has_own_parameters(module)
+              and not config.is_skipped(node.target, spec_module)):
+            unsupported.append(node.target)
+    gm.delete_all_unused_submodules()
+    _warn_float(unsupported)
+    if config.dynamic:
+        # Dynamic quantization chooses activation qparams at run time, from each tensor.
+        return
+
+    inserter = _Inserter(gm)
+    tensors = _tensor_nodes(gm.graph)
+    for node in list(gm.graph.nodes):
+        if node.op == "placeholder":
+            # A placeholder with a default is an optional argument, often not a tensor.
+            if not node.args:
+                inserter.after(node, config.activation)
+            continue
+        if node in inserter.quantized:
+            continue
+        first = node.args[0] if node.args else None
+        if node in activation:
+            # The integer module takes a quantized input: quantize a float one first.
+            if isinstance(first, fx.Node) and first not in inserter.quantized:
+                inserter.after(first, activation[node], users=[node])
+            spec = activation[node]
+        elif _is_quantized_op(node, gm) and node in tensors:
+            spec = config.activation
+            if node.op == "call_module":
+                specs = config.spec_for(node.target, gm.get_submodule(node.target))
+                if specs is None:
+                    continue
+                spec = specs[1]
+        else:
+            if _is_pass_through(node, gm) and first in inserter.quantized:
+                inserter.quantized.add(node)
+            continue
+        users = list(node.users)
+        if users and all(u.op == "call_function" and u.target is torch.cat for u in users):
+            # cat requantizes its inputs to its output's qparams: the FakeQuantize after the
+            # cat stands for them all.
+            inserter.quantized.add(node)
+            continue
+        inserter.after(node, spec)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=None,
+            inplace: bool = False) -> nn.Module:
+    """Turns a float model into a QAT model, in train mode.
+
+    With ``torch.fx.symbolic_trace``: Conv2d -> BatchNorm2d (-> ReLU) are fused into
+    :class:`qat.modules.ConvBn2d` / :class:`qat.modules.ConvBnReLU2d` (batch norm folded
+    into the fake-quantized weight); every module with a registered QAT class
+    (:func:`qat.register_module`) is swapped for it, with the weight spec
+    ``config.spec_for(name, module)`` gives (None: it stays in float); a
+    :class:`qat.FakeQuantize` with the activation spec is inserted at each input and after
+    each op whose output the integer model holds quantized: swapped modules, ``+``, ``*``,
+    ``torch.add``, ``torch.mul``, ``torch.cat``, ``mean``, average pooling. Ops that keep
+    their input's qparams (relu, relu6, max pooling, flatten / reshape / view, dropout,
+    identity) get none. The inputs of ``torch.cat`` have no FakeQuantize of their own when
+    the cat is their only user: the one after the cat quantizes them all, as the integer
+    cat requantizes its inputs to its output's qparams. A float tensor entering a swapped
+    module is quantized first. With ``config.dynamic`` no activation FakeQuantize is added.
+
+    When tracing fails (e.g. Python control flow on tensors) the registered modules are
+    swapped in place instead, with one warning naming the exception. Each swapped module
+    then quantizes its output with a FakeQuantize child, ``activation_post_process``, called
+    by a forward hook; there is no conv + bn fusion and no FakeQuantize at the inputs or
+    after functional ops.
+
+    Layers with parameters and no registered QAT class stay in float, with one warning
+    naming them.
+
+    Args:
+        model: the float model.
+        config: a :class:`qat.Config` (default: ``qat.presets.int8()``).
+        example_inputs: unused by symbolic tracing; accepted for API compatibility with
+            the C++ front end and future tracers.
+        inplace: modify ``model`` itself instead of a deep copy. The traced result is a new
+            ``torch.fx.GraphModule`` that shares ``model``'s submodules.
+
+    Returns:
+        The QAT model (a ``GraphModule`` when traced), in train mode.
+
+    Raises:
+        ValueError: when ``model`` is already prepared, or an override or skip key of
+            ``config`` matches no module (naming it).
+    """
+    del example_inputs
+    config = Config() if config is None else config
+    if not isinstance(config, Config):
+        raise TypeError(f"qat.prepare: config must be a qat.Config, got {type(config).__name__}")
+    _check_not_prepared(model)
+    _check_keys(model, config)
+    if not inplace:
+        model = copy.deepcopy(model)
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as error:  # noqa: BLE001 - any tracing failure takes the fallback
+        warnings.warn(
+            f"qat.prepare: torch.fx tracing failed ({type(error).__name__}: {error}); used "
+            f"the eager fallback: modules swapped in place, without conv+bn fusion or "
+            f"activation FakeQuantize", stacklevel=2)
+        return _prepare_eager(model, config)
+    _prepare_graph(gm, config)
+    return gm.train()

@@ -1,0 +1,269 @@
+"""qat.prepare: torchvision models prepared, trained a few steps and saved / loaded; where
+activation FakeQuantize modules go (residual add, cat); conv + bn folding against the float
+model; the eager fallback; and the refusals and warnings on bad input."""
+
+import operator
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import qat
+
+
+def _prepare_quietly(model, config=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return qat.prepare(model, config)
+
+
+@pytest.mark.parametrize("factory", [torchvision.models.resnet18,
+                                     torchvision.models.mobilenet_v2])
+def test_torchvision_model_trains_and_round_trips(factory):
+    torch.manual_seed(0)
+    float_model = factory(weights=None)
+    qmodel = _prepare_quietly(float_model)
+    assert qmodel.training
+    folded = [m.bn for m in qmodel.modules() if isinstance(m, qat.modules.ConvBn2d)]
+    assert folded
+    assert all(any(m is bn for bn in folded) for m in qmodel.modules()
+               if isinstance(m, nn.BatchNorm2d)), "every conv + batch norm pair is fused"
+    assert isinstance(qmodel.get_submodule(
+        "fc" if factory is torchvision.models.resnet18 else "classifier.1"), qat.modules.Linear)
+
+    x = torch.randn(4, 3, 64, 64)
+    y = torch.randint(0, 1000, (4,))
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.01)
+    losses = []
+    for _ in range(4):
+        loss = F.cross_entropy(qmodel(x), y)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < losses[0], losses
+
+    restored = _prepare_quietly(factory(weights=None))
+    restored.load_state_dict(qmodel.state_dict())
+    qmodel.eval()
+    restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), qmodel(x), rtol=0, atol=0)
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.relu(self.conv1(x))) + x)
+
+
+def _fake_quant_users_of(gm: fx.GraphModule, node: fx.Node):
+    return [u for u in node.users if u.op == "call_module"
+            and isinstance(gm.get_submodule(u.target), qat.FakeQuantize)]
+
+
+def _node(gm: fx.GraphModule, op, target):
+    return next(n for n in gm.graph.nodes if n.op == op and n.target == target)
+
+
+def test_residual_block_quantizes_after_the_add():
+    gm = _prepare_quietly(_Residual())
+    add = _node(gm, "call_function", operator.add)
+    assert len(_fake_quant_users_of(gm, add)) == 1
+    # relu after the quantized add keeps its qparams: no FakeQuantize after it.
+    (fq,) = add.users
+    (relu,) = fq.users
+    assert relu.op == "call_module" and relu.target == "relu"
+    assert not _fake_quant_users_of(gm, relu)
+    # The input (shared by conv1 and the add) is quantized once, at the input.
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    (input_fq,) = placeholder.users
+    assert isinstance(gm.get_submodule(input_fq.target), qat.FakeQuantize)
+    assert add.args[1] is input_fq
+    for name in ("conv1", "conv2"):
+        assert len(_fake_quant_users_of(gm, _node(gm, "call_module", name))) == 1
+    assert sum(isinstance(m, qat.FakeQuantize) for m in gm.modules()) == 4 + 2  # + weights
+    gm(torch.randn(2, 4, 8, 8)).sum().backward()
+
+
+class _Cat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.left = nn.Conv2d(3, 4, 1)
+        self.right = nn.Conv2d(3, 4, 1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return torch.flatten(self.pool(torch.cat([self.left(x), self.right(x)], dim=1)), 1)
+
+
+def test_cat_inputs_share_the_cat_output_fake_quantize():
+    gm = _prepare_quietly(_Cat())
+    cat = _node(gm, "call_function", torch.cat)
+    assert [n.target for n in cat.args[0]] == ["left", "right"]
+    for name in ("left", "right"):
+        assert not _fake_quant_users_of(gm, _node(gm, "call_module", name))
+    assert len(_fake_quant_users_of(gm, cat)) == 1
+    activation_fqs = [n for n in gm.graph.nodes if n.op == "call_module"
+                      and isinstance(gm.get_submodule(n.target), qat.FakeQuantize)]
+    assert len(activation_fqs) == 2  # the input's and the cat's; none after pool / flatten
+    assert gm(torch.randn(2, 3, 8, 8)).shape == (2, 8 * 4 * 4)
+
+
+class _ConvBnReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 3, bias=True)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(F.relu(self.bn(self.conv(x)))))
+
+
+def test_conv_bn_folding_matches_float_model_in_eval():
+    torch.manual_seed(0)
+    model = _ConvBnReLU()
+    with torch.no_grad():
+        for bn in (model.bn, model.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1, 1)
+    qmodel = _prepare_quietly(model)
+    assert type(qmodel.conv) is qat.modules.ConvBnReLU2d
+    assert type(qmodel.conv2) is qat.modules.ConvBn2d
+    assert not hasattr(qmodel, "bn") and not hasattr(qmodel, "bn2")
+    qat.disable_fake_quant(qmodel)
+    qmodel.eval()
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+class _ControlFlow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.sum() > 0:
+            x = x * 2
+        return self.fc(x.mean((2, 3)))
+
+
+def test_control_flow_takes_the_eager_fallback_with_one_warning():
+    model = _ControlFlow()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qmodel = qat.prepare(model)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "tracing failed" in messages[0] and "eager fallback" in messages[0]
+    assert "TraceError" in messages[0]
+    assert type(qmodel) is _ControlFlow and qmodel is not model and qmodel.training
+    assert type(qmodel.conv) is qat.modules.Conv2d
+    assert type(qmodel.fc) is qat.modules.Linear
+    assert type(model.conv) is nn.Conv2d, "the input model is left as it was"
+    x = torch.randn(2, 3, 8, 8)
+    qmodel(x).sum().backward()
+    # The swapped modules quantize their outputs.
+    for layer in (qmodel.conv, qmodel.fc):
+        assert isinstance(layer.activation_post_process, qat.FakeQuantize)
+        assert layer.activation_post_process.scale.item() != 1.0
+
+    with pytest.warns(UserWarning, match="tracing failed"):
+        restored = qat.prepare(_ControlFlow())
+    restored.load_state_dict(qmodel.state_dict())
+    qmodel.eval()
+    restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), qmodel(x), rtol=0, atol=0)
+
+
+def test_inplace_eager_fallback_swaps_the_given_model():
+    model = _ControlFlow()
+    with pytest.warns(UserWarning, match="tracing failed"):
+        qmodel = qat.prepare(model, inplace=True)
+    assert qmodel is model and type(model.fc) is qat.modules.Linear
+
+
+class _SizeArithmetic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.reshape(x.size(0) * 2, -1) + 1
+
+
+def test_size_arithmetic_gets_no_fake_quantize():
+    gm = _prepare_quietly(_SizeArithmetic())
+    mul = _node(gm, "call_function", operator.mul)
+    add = _node(gm, "call_function", operator.add)
+    assert not _fake_quant_users_of(gm, mul)
+    assert len(_fake_quant_users_of(gm, add)) == 1
+    assert gm(torch.randn(2, 3, 4, 4)).shape == (4, 32)
+
+
+def test_already_prepared_model_is_refused():
+    qmodel = _prepare_quietly(_Residual())
+    with pytest.raises(ValueError, match="already prepared"):
+        qat.prepare(qmodel)
+    with pytest.raises(ValueError, match="already prepared"):
+        qat.prepare(nn.Sequential(qat.modules.Linear(2, 2)))
+
+
+def test_override_or_skip_matching_no_module_is_refused():
+    spec = qat.QuantSpec(bits=4, symmetric=True, per_channel=True)
+    for config, key in ((qat.Config(overrides={"conv9": (spec, None)}), "conv9"),
+                        (qat.Config(overrides={"block.*": (spec, None)}), r"block\.\*"),
+                        (qat.Config(overrides={nn.Linear: (spec, None)}), "Linear"),
+                        (qat.Config(skip=["nothing"]), "nothing")):
+        with pytest.raises(ValueError, match=key):
+            qat.prepare(_Residual(), config)
+
+
+def test_overrides_and_skip_reach_the_modules():
+    spec4 = qat.QuantSpec(bits=4, symmetric=True, per_channel=True)
+    config = qat.Config(overrides={"conv1": (spec4, None)}, skip=["conv2"])
+    gm = _prepare_quietly(_Residual(), config)
+    assert type(gm.conv1) is qat.modules.Conv2d
+    assert gm.conv1.weight_fake_quant.spec.bits == 4
+    assert type(gm.conv2) is nn.Conv2d
+    assert not _fake_quant_users_of(gm, _node(gm, "call_module", "conv2"))
+
+
+class _WithUnsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.conv(x)).mean((2, 3)))
+
+
+def test_unsupported_layer_with_parameters_stays_float_with_a_warning():
+    with pytest.warns(UserWarning, match="stay in float: norm") as caught:
+        gm = qat.prepare(_WithUnsupported())
+    assert len(caught) == 1
+    assert type(gm.norm) is nn.GroupNorm
+    assert type(gm.conv) is qat.modules.Conv2d and type(gm.fc) is qat.modules.Linear
+    # The float GroupNorm output is quantized again before the mean reaches fc.
+    gm(torch.randn(2, 3, 8, 8)).sum().backward()
