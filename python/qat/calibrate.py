@@ -23,33 +23,31 @@ def _fake_quantizers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, FakeQuantize)]
 
 
+def _set(model: nn.Module, switch: str, enabled: bool) -> nn.Module:
+    for m in _fake_quantizers(model):
+        getattr(m, switch)(enabled)
+    return model
+
+
 def enable_observer(model: nn.Module) -> nn.Module:
     """Turns observation on in every FakeQuantize of ``model`` (learned qparams are then
     re-initialized from the next batch); returns ``model``."""
-    for m in _fake_quantizers(model):
-        m.enable_observer()
-    return model
+    return _set(model, "enable_observer", True)
 
 
 def disable_observer(model: nn.Module) -> nn.Module:
     """Freezes the ranges and qparams of every FakeQuantize of ``model``; returns ``model``."""
-    for m in _fake_quantizers(model):
-        m.disable_observer()
-    return model
+    return _set(model, "enable_observer", False)
 
 
 def enable_fake_quant(model: nn.Module) -> nn.Module:
     """Turns fake quantization on in every FakeQuantize of ``model``; returns ``model``."""
-    for m in _fake_quantizers(model):
-        m.enable_fake_quant()
-    return model
+    return _set(model, "enable_fake_quant", True)
 
 
 def disable_fake_quant(model: nn.Module) -> nn.Module:
     """Lets every FakeQuantize of ``model`` pass its input through; returns ``model``."""
-    for m in _fake_quantizers(model):
-        m.disable_fake_quant()
-    return model
+    return _set(model, "enable_fake_quant", False)
 
 
 def _run(model: nn.Module, batch):

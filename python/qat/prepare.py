@@ -192,24 +192,24 @@ def _tensor_nodes(graph: fx.Graph) -> Set[fx.Node]:
     return tensors
 
 
-def _is_quantized_op(node: fx.Node, gm: fx.GraphModule) -> bool:
+def _calls_one_of(node: fx.Node, gm: fx.GraphModule, functions, methods, modules) -> bool:
+    """Whether ``node`` calls one of ``functions``, a method named in ``methods``, or a
+    submodule of one of the ``modules`` types."""
     if node.op == "call_function":
-        return node.target in _QUANTIZED_FUNCTIONS
+        return node.target in functions
     if node.op == "call_method":
-        return node.target in _QUANTIZED_METHODS
+        return node.target in methods
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _QUANTIZED_MODULES)
+        return isinstance(gm.get_submodule(node.target), modules)
     return False
+
+
+def _is_quantized_op(node: fx.Node, gm: fx.GraphModule) -> bool:
+    return _calls_one_of(node, gm, _QUANTIZED_FUNCTIONS, _QUANTIZED_METHODS, _QUANTIZED_MODULES)
 
 
 def _is_pass_through(node: fx.Node, gm: fx.GraphModule) -> bool:
-    if node.op == "call_function":
-        return node.target in _PASS_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _PASS_METHODS
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _PASS_MODULES)
-    return False
+    return _calls_one_of(node, gm, _PASS_FUNCTIONS, _PASS_METHODS, _PASS_MODULES)
 
 
 class _Inserter:
