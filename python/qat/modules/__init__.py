@@ -5,6 +5,7 @@ weight_spec)``, and the registry that maps float classes to them
 from .conv import Conv1d, Conv2d, Conv3d
 from .conv_transpose import ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
 from .conv_bn import ConvBn2d, ConvBnReLU2d
+from .embedding import Embedding, EmbeddingBag
 from .linear import Linear
 from .registry import lookup, register_module
 
@@ -17,12 +18,14 @@ __all__ = [
     "ConvTranspose1d",
     "ConvTranspose2d",
     "ConvTranspose3d",
+    "Embedding",
+    "EmbeddingBag",
     "Linear",
     "lookup",
     "register_module",
 ]
 
 for _qat_cls in (Linear, Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d,
-                 ConvTranspose3d, ConvBn2d, ConvBnReLU2d):
+                 ConvTranspose3d, ConvBn2d, ConvBnReLU2d, Embedding, EmbeddingBag):
     register_module(_qat_cls._FLOAT_MODULE, _qat_cls)
 del _qat_cls

@@ -1,0 +1,273 @@
+"""qat.modules.Embedding / EmbeddingBag against F.embedding / F.embedding_bag on a table
+fake-quantized per row by plain torch; gradients (straight through, none for padding_idx),
+max_norm, parameter sharing, argument errors, state_dict and training."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qat
+from qat import QuantSpec
+
+EPS = torch.finfo(torch.float32).eps
+
+
+def reference_table(weight, quant_min=0, quant_max=255, symmetric=False):
+    """(fake-quantized table, scale, zero_point): per-row min/max qparams computed here with
+    plain tensor ops (the range widened to contain 0, scale at least float32 eps), then
+    fake-quantized by ATen."""
+    w = weight.detach()
+    lo = torch.clamp(w.amin(dim=1), max=0)
+    hi = torch.clamp(w.amax(dim=1), min=0)
+    if symmetric:
+        scale = torch.clamp(torch.maximum(-lo, hi) / ((quant_max - quant_min) / 2), min=EPS)
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = torch.clamp((hi - lo) / (quant_max - quant_min), min=EPS)
+        zero_point = torch.clamp(quant_min - torch.round(lo / scale), quant_min,
+                                 quant_max).to(torch.int32)
+    table = torch.fake_quantize_per_channel_affine(w, scale, zero_point, 0, quant_min,
+                                                   quant_max)
+    return table, scale, zero_point
+
+
+def check_qparams(fq, scale, zero_point):
+    torch.testing.assert_close(fq.scale, scale, rtol=0, atol=0)
+    assert torch.equal(fq.zero_point, zero_point)
+
+
+def test_embedding_matches_reference():
+    torch.manual_seed(0)
+    float_mod = nn.Embedding(20, 8, padding_idx=3)
+    mod = qat.modules.Embedding.from_float(float_mod)
+    idx = torch.randint(0, 20, (4, 6))
+    idx[0, 0] = 3
+    out = mod(idx)
+    table, scale, zero_point = reference_table(float_mod.weight)
+    check_qparams(mod.weight_fake_quant, scale, zero_point)
+    torch.testing.assert_close(out, F.embedding(idx, table), rtol=0, atol=0)
+    assert not torch.equal(out, float_mod(idx))  # the table really was quantized
+    assert torch.all(out[0, 0] == 0)  # the padding row is zero and stays zero quantized
+
+
+def test_default_spec_is_per_row_affine_uint8():
+    fq = qat.modules.Embedding(5, 3).weight_fake_quant
+    assert fq.spec.per_channel and fq.spec.axis == 0 and not fq.spec.symmetric
+    assert (fq.quant_min, fq.quant_max) == (0, 255)
+
+
+def test_weight_spec_is_per_row_whatever_axis_it_names():
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=4, symmetric=True, per_channel=True, axis=1, observer="minmax")
+    mod = qat.modules.Embedding.from_float(nn.Embedding(12, 5), spec)
+    assert mod.weight_fake_quant.spec.axis == 0 and spec.axis == 1
+    idx = torch.arange(12)
+    table, scale, zero_point = reference_table(mod.weight, -8, 7, symmetric=True)
+    out = mod(idx)
+    check_qparams(mod.weight_fake_quant, scale, zero_point)
+    torch.testing.assert_close(out, table, rtol=0, atol=0)
+
+
+def test_empty_input():
+    mod = qat.modules.Embedding(7, 3)
+    assert mod(torch.zeros(0, dtype=torch.long)).shape == (0, 3)
+    bag = qat.modules.EmbeddingBag(7, 3, mode="sum")
+    out = bag(torch.tensor([1, 2]), torch.tensor([0, 0, 2]))  # the first bag is empty
+    assert out.shape == (3, 3) and torch.all(out[0] == 0)
+
+
+@pytest.mark.parametrize("scale_grad_by_freq", [False, True])
+def test_embedding_gradients_straight_through(scale_grad_by_freq):
+    torch.manual_seed(0)
+    mod = qat.modules.Embedding(10, 4, padding_idx=1, scale_grad_by_freq=scale_grad_by_freq)
+    idx = torch.tensor([[1, 2, 2, 5], [1, 9, 2, 0]])
+    upstream = torch.randn(2, 4, 4)
+    mod(idx).backward(upstream)
+
+    # The per-row min/max range holds every element, so the straight-through estimator
+    # passes the lookup's gradient unchanged to the float table.
+    table = reference_table(mod.weight)[0].requires_grad_()
+    F.embedding(idx, table, padding_idx=1, scale_grad_by_freq=scale_grad_by_freq).backward(
+        upstream)
+    torch.testing.assert_close(mod.weight.grad, table.grad, rtol=0, atol=0)
+    assert torch.all(mod.weight.grad[1] == 0)  # padding_idx
+    assert torch.all(mod.weight.grad[2] != 0)
+    assert torch.all(mod.weight.grad[3] == 0)  # not looked up
+
+
+BAGS = [
+    dict(mode="sum"),
+    dict(mode="mean"),
+    dict(mode="max"),
+    dict(mode="mean", include_last_offset=True),
+    dict(mode="sum", padding_idx=0),
+]
+
+
+@pytest.mark.parametrize("kwargs", BAGS, ids=["sum", "mean", "max", "last_offset", "padding"])
+def test_embedding_bag_matches_reference(kwargs):
+    torch.manual_seed(0)
+    float_mod = nn.EmbeddingBag(15, 6, **kwargs)
+    mod = qat.modules.EmbeddingBag.from_float(float_mod)
+    idx = torch.tensor([0, 3, 4, 0, 7, 14, 2, 2, 9])
+    offsets = torch.tensor([0, 2, 5, 9] if kwargs.get("include_last_offset") else [0, 2, 5])
+    out = mod(idx, offsets)
+    table = reference_table(float_mod.weight)[0].requires_grad_()
+    expected = F.embedding_bag(idx, table, offsets, **kwargs)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert not torch.equal(out, float_mod(idx, offsets))
+
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    expected.backward(upstream)
+    torch.testing.assert_close(float_mod.weight.grad, table.grad, rtol=0, atol=0)
+    if "padding_idx" in kwargs:
+        assert torch.all(float_mod.weight.grad[0] == 0)
+
+
+def test_embedding_bag_2d_input():
+    torch.manual_seed(0)
+    mod = qat.modules.EmbeddingBag(10, 4, mode="max")
+    idx = torch.randint(0, 10, (3, 5))
+    out = mod(idx)
+    table = reference_table(mod.weight)[0]
+    torch.testing.assert_close(out, F.embedding_bag(idx, table, mode="max"), rtol=0, atol=0)
+
+
+def test_embedding_bag_per_sample_weights():
+    torch.manual_seed(0)
+    mod = qat.modules.EmbeddingBag(10, 4, mode="sum")
+    idx = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9])
+    offsets = torch.tensor([0, 4])
+    weights = torch.rand(8, requires_grad=True)
+    out = mod(idx, offsets, per_sample_weights=weights)
+
+    table = reference_table(mod.weight)[0]
+    expected = torch.stack([
+        (table[idx[:4]] * weights[:4, None]).sum(0),
+        (table[idx[4:]] * weights[4:, None]).sum(0),
+    ])
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    # d(sum of bag)/d(weight_i) is the sum of row idx[i] of the quantized table.
+    torch.testing.assert_close(weights.grad, table[idx].sum(1))
+    assert mod.weight.grad is not None and torch.all(mod.weight.grad[0] == 0)
+
+
+def test_per_sample_weights_need_sum_mode():
+    mod = qat.modules.EmbeddingBag(10, 4, mode="mean")
+    with pytest.raises(NotImplementedError, match="per_sample_weights"):
+        mod(torch.tensor([1, 2]), torch.tensor([0]), torch.ones(2))
+
+
+@pytest.mark.parametrize("bag", [False, True], ids=["embedding", "bag"])
+def test_max_norm_renormalizes_the_float_table(bag):
+    torch.manual_seed(0)
+    kwargs = dict(max_norm=1.0, norm_type=2.0)
+    if bag:
+        float_mod, qat_cls = nn.EmbeddingBag(10, 4, mode="sum", **kwargs), qat.modules.EmbeddingBag
+    else:
+        float_mod, qat_cls = nn.Embedding(10, 4, **kwargs), qat.modules.Embedding
+    with torch.no_grad():
+        float_mod.weight.mul_(3)  # every row's norm above max_norm
+    twin = type(float_mod)(10, 4, **kwargs)
+    twin.load_state_dict(float_mod.state_dict())
+    mod = qat_cls.from_float(float_mod)
+    before = float_mod.weight.detach().clone()
+    idx = torch.tensor([[1, 2, 2, 5]])
+    out = mod(idx)
+    twin(idx)  # nn.Embedding(Bag)'s own in-place renormalization
+
+    torch.testing.assert_close(float_mod.weight, twin.weight, rtol=0, atol=0)
+    norms = float_mod.weight.detach().norm(dim=1)
+    assert torch.all(norms[[1, 2, 5]] <= 1.0 + 1e-6)
+    torch.testing.assert_close(float_mod.weight[0], before[0], rtol=0, atol=0)  # not looked up
+    table = reference_table(float_mod.weight)[0]
+    expected = F.embedding_bag(idx, table, mode="sum") if bag else F.embedding(idx, table)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_from_float_shares_parameters_and_settings():
+    float_mod = nn.Embedding(9, 3, padding_idx=-1, max_norm=2.0, norm_type=1.0,
+                             scale_grad_by_freq=True).eval()
+    mod = qat.modules.lookup(float_mod).from_float(float_mod)
+    assert type(mod) is qat.modules.Embedding
+    assert mod.weight is float_mod.weight and list(mod.parameters()) == [float_mod.weight]
+    assert (mod.padding_idx, mod.max_norm, mod.norm_type, mod.scale_grad_by_freq) == (
+        8, 2.0, 1.0, True)
+    assert not mod.training
+
+    float_bag = nn.EmbeddingBag(9, 3, mode="max", include_last_offset=True, padding_idx=2)
+    bag = qat.modules.lookup(float_bag).from_float(float_bag)
+    assert type(bag) is qat.modules.EmbeddingBag and bag.weight is float_bag.weight
+    assert (bag.mode, bag.include_last_offset, bag.padding_idx) == ("max", True, 2)
+    assert bag.training
+
+
+def test_weight_only_attribute():
+    assert qat.modules.Embedding.weight_only is True
+    assert qat.modules.EmbeddingBag.weight_only is True
+    assert getattr(qat.modules.Linear, "weight_only", False) is False
+
+
+@pytest.mark.parametrize("qat_cls", [qat.modules.Embedding, qat.modules.EmbeddingBag])
+def test_from_float_rejects_other_classes(qat_cls):
+    expected = rf"expected a torch\.nn\.modules\.sparse\.{qat_cls._FLOAT_MODULE.__name__}, "
+    with pytest.raises(TypeError, match=expected + "got Linear"):
+        qat_cls.from_float(nn.Linear(3, 4))
+
+    class MyEmbedding(qat_cls._FLOAT_MODULE):
+        pass
+
+    with pytest.raises(TypeError, match="got MyEmbedding"):
+        qat_cls.from_float(MyEmbedding(5, 2))
+
+
+@pytest.mark.parametrize("float_cls", [nn.Embedding, nn.EmbeddingBag])
+def test_sparse_is_refused(float_cls):
+    qat_cls = qat.modules.lookup(float_cls)
+    with pytest.raises(ValueError, match="sparse=True"):
+        qat_cls(5, 2, sparse=True)
+    with pytest.raises(ValueError, match="sparse=True"):
+        qat_cls.from_float(float_cls(5, 2, sparse=True))
+
+
+@pytest.mark.parametrize("bag", [False, True], ids=["embedding", "bag"])
+def test_state_dict_round_trip(bag):
+    torch.manual_seed(0)
+    qat_cls = qat.modules.EmbeddingBag if bag else qat.modules.Embedding
+    mod = qat_cls(11, 4)
+    idx = torch.randint(0, 11, (3, 4))
+    out = mod(idx)
+    state = mod.state_dict()
+    assert state["weight_fake_quant.scale"].shape == (11,)
+
+    fresh = qat_cls(11, 4)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict().keys() == state.keys()
+    for name, value in fresh.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, state[name], rtol=0, atol=0, msg=name)
+        else:  # the FakeQuantize's extra state: its spec
+            assert value == state[name], name
+    fresh.weight_fake_quant.disable_observer()  # the loaded qparams alone must reproduce it
+    torch.testing.assert_close(fresh(idx), out, rtol=0, atol=0)
+
+
+def test_training_reduces_loss():
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(30, 8, mode="mean")
+    mod = qat.modules.EmbeddingBag.from_float(bag)
+    head = nn.Linear(8, 1)
+    idx = torch.randint(0, 30, (64, 5))
+    target = torch.randn(64, 1)
+    optimizer = torch.optim.SGD(list(bag.parameters()) + list(head.parameters()), lr=0.5)
+    losses = []
+    for _ in range(30):
+        loss = F.mse_loss(head(mod(idx)), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
