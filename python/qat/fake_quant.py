@@ -11,7 +11,6 @@ from torch import nn
 from . import estimators, observers
 from .config import QuantSpec
 from .observers import _QuantState, _format, distributed_active
-from .ops import fake_quantize
 
 __all__ = ["FakeQuantize"]
 
@@ -51,14 +50,23 @@ class FakeQuantize(_QuantState):
     buckets are laid out when it is built.
     """
 
+    averaging_constant: Optional[float]
+
     def __init__(self, spec: Optional[QuantSpec] = None, **overrides):
         super().__init__()
         spec = QuantSpec() if spec is None else spec
-        self.spec = dataclasses.replace(spec, **overrides) if overrides else spec
-        self.quant_min, self.quant_max = self.spec.quant_range
+        self._set_spec(dataclasses.replace(spec, **overrides) if overrides else spec)
         info = estimators.describe(self.spec.estimator)
         self.learns_scale = bool(info["learns_scale"])
         self.learns_zero_point = bool(info["learns_zero_point"])
+        self.learns_qparams = self.learns_scale or self.learns_zero_point
+        self.estimator = self.spec.estimator
+        self.symmetric = self.spec.symmetric
+        # The fused operator's EMA weight; None: plain running min / max.
+        self.averaging_constant = (
+            self.spec.averaging_constant if self.spec.observer == "moving_average" else None)
+        self.min_scale = torch.finfo(torch.float32).eps
+        self.fused = self.spec.observer in _FUSED_OBSERVERS and not self.learns_qparams
         self.observer = observers.build(self.spec)
 
         shape = (0,) if self.spec.per_channel else (1,)
@@ -77,10 +85,6 @@ class FakeQuantize(_QuantState):
         # Set by qat.calibrate: choosing a histogram observer's range costs milliseconds per
         # channel, so while it runs the qparams are set once, at the end.
         self._defer_qparams = False
-
-    @property
-    def learns_qparams(self) -> bool:
-        return self.learns_scale or self.learns_zero_point
 
     def _config(self):
         return dict(super()._config(), estimator=self.spec.estimator)
@@ -103,10 +107,6 @@ class FakeQuantize(_QuantState):
 
     # -- forward ------------------------------------------------------------------------
 
-    def _uses_fused_op(self) -> bool:
-        return (self.spec.observer in _FUSED_OBSERVERS and not self.learns_qparams
-                and not distributed_active())
-
     @torch.no_grad()
     def update_qparams(self) -> None:
         """Sets ``scale`` and ``zero_point`` (learned ones too) from the observer's state."""
@@ -114,42 +114,62 @@ class FakeQuantize(_QuantState):
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
 
+    def _uses_fused_op(self) -> bool:
+        return self.fused and not distributed_active()
+
+    def _observe(self, x: torch.Tensor, axis: Optional[int], quantize: bool) -> None:
+        """The observer runs as a module (Python only), then sets the qparams."""
+        self.observer(x.detach())
+        if not self._defer_qparams:
+            self.update_qparams()
+        if self.learns_qparams and quantize and x.numel() > 0:
+            self.disable_observer()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Written for torch.jit.script too, so that a scripted QAT model keeps training
+        # (from Python or a C++ trainer): scripted, the fused operator observes, and the
+        # Python-only paths (other observers, the first batch of learned qparams,
+        # torch.distributed) raise or are left out.
         observe = bool(self.observer_enabled[0])
         quantize = bool(self.fake_quant_enabled[0])
         if not observe and not quantize:
             return x
         axis = self._axis(x)
         if observe:
-            if axis is not None:
-                self.observer._ensure_channels(x.shape[axis])
-                self._ensure_channels(x.shape[axis])
-            if self._uses_fused_op():
-                average = (self.spec.averaging_constant
-                           if self.spec.observer == "moving_average" else None)
+            if torch.jit.is_scripting():
+                if not self.fused:
+                    raise RuntimeError(
+                        "qat.FakeQuantize: in TorchScript only the minmax and moving_average "
+                        "observers of an estimator that learns nothing can observe; calibrate "
+                        "or train one batch in Python before scripting, or disable the "
+                        "observer")
+                fused = True
+            else:
+                if axis is not None:
+                    self.observer._ensure_channels(x.shape[axis])
+                    self._ensure_channels(x.shape[axis])
+                fused = self._uses_fused_op()
+            if fused:
                 return torch.ops.qat.fused_observe_fake_quantize(
                     x, self.observer.min_val, self.observer.max_val, self.scale,
-                    self.zero_point, self.quant_min, self.quant_max, axis, average,
-                    self.spec.symmetric, True, quantize, self.spec.estimator,
+                    self.zero_point, self.quant_min, self.quant_max, axis,
+                    self.averaging_constant, self.symmetric, True, quantize, self.estimator,
                     self.observer.nonfinite_count)
-            self.observer(x.detach())
-            if not self._defer_qparams:
-                self.update_qparams()
-            if self.learns_qparams and quantize and x.numel() > 0:
-                self.disable_observer()
+            if not torch.jit.is_scripting():
+                self._observe(x, axis, quantize)
         if not quantize:
             return x
         if self.learns_scale:
             # As torch.ao's learnable fake quantize: an optimizer step may push the scale
             # to or below zero, where the operator rightly refuses it.
             with torch.no_grad():
-                self.scale.clamp_(min=torch.finfo(torch.float32).eps)
+                self.scale.clamp_(min=self.min_scale)
         if axis is not None and self.scale.numel() == 0:
             raise RuntimeError(
-                "FakeQuantize: the per-channel scale is not known yet: the observer was "
+                "qat.FakeQuantize: the per-channel scale is not known yet: the observer was "
                 "disabled before it saw a batch")
-        return fake_quantize(x, self.scale, self.zero_point, self.quant_min, self.quant_max,
-                             axis, self.spec.estimator)
+        return torch.ops.qat.fake_quantize(x, self.scale, self.zero_point, self.quant_min,
+                                           self.quant_max, axis, self.estimator, None, 1e-3)
 
     def calculate_qparams(self):
         """The observer's (scale, zero_point) for what it has seen."""

@@ -76,6 +76,15 @@ class _QuantState(nn.Module):
     spec: QuantSpec
     # name -> (fill value, trailing shape) of the per-channel tensors sized on first use.
     _channel_state: Dict[str, Tuple[float, Tuple[int, ...]]]
+    # torch.jit.script compiles forward from plain attributes (per_channel, ch_axis, ...);
+    # the spec dataclass and the Python-side bookkeeping stay out of the scripted module.
+    __jit_ignored_attributes__ = ["spec", "_channel_state"]
+
+    def _set_spec(self, spec: QuantSpec) -> None:
+        self.spec = spec
+        self.quant_min, self.quant_max = spec.quant_range
+        self.per_channel = spec.per_channel
+        self.ch_axis = spec.axis
 
     def _config(self) -> Dict[str, object]:
         s = self.spec
@@ -103,12 +112,12 @@ class _QuantState(nn.Module):
 
     def _axis(self, x: torch.Tensor) -> Optional[int]:
         """The channel axis of ``x`` (non-negative), or None per tensor."""
-        if not self.spec.per_channel:
+        if not self.per_channel:
             return None
-        axis = self.spec.axis
+        axis = self.ch_axis
         if x.dim() == 0 or not -x.dim() <= axis < x.dim():
             raise IndexError(
-                f"{type(self).__name__}: axis {axis} is out of range for an input of shape "
+                f"qat: channel axis {axis} is out of range for an input of shape "
                 f"{list(x.shape)}")
         return axis % x.dim()
 
@@ -215,16 +224,17 @@ class ObserverBase(_QuantState):
     def __init__(self, spec: Optional[QuantSpec] = None, **overrides):
         super().__init__()
         spec = QuantSpec() if spec is None else spec
-        self.spec = dataclasses.replace(spec, observer=self.observer_name, **overrides)
-        self.quant_min, self.quant_max = self.spec.quant_range
+        self._set_spec(dataclasses.replace(spec, observer=self.observer_name, **overrides))
         shape = (0,) if self.spec.per_channel else (1,)
         self.register_buffer("min_val", torch.full(shape, _INF))
         self.register_buffer("max_val", torch.full(shape, -_INF))
         self.register_buffer("nonfinite_count", torch.zeros(1, dtype=torch.int64))
         self._channel_state = {"min_val": (_INF, ()), "max_val": (-_INF, ())}
 
+    @torch.jit.unused
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Observes ``x`` and returns it unchanged."""
+        """Observes ``x`` and returns it unchanged. (Python only: in a scripted model the
+        fused operator of :class:`qat.FakeQuantize` observes.)"""
         # Under torch.distributed every rank takes part in the reduction, even with an
         # empty batch (whose statistics are the identities), or the others would wait.
         if x.numel() == 0 and not distributed_active():

@@ -5,10 +5,14 @@ model will hold a quantized tensor. A model that cannot be traced has its module
 in place instead (eager fallback)."""
 
 import copy
+import dataclasses
+import dis
 import fnmatch
+import functools
+import inspect
 import operator
 import warnings
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -41,6 +45,52 @@ _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d, nn.Flatten, nn.Dr
                  nn.Identity)
 
 _RELU_FUNCTIONS = (F.relu, torch.relu)
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_training(cls: type) -> bool:
+    """Whether ``cls.forward`` reads ``self.training`` (by its source)."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "self.training" in source
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+class _Tracer(fx.Tracer):
+    """``torch.fx``'s tracer, able to unpack a traced value (``n, c, h, w = x.size()``, as
+    torchvision's shufflenet does) on Python 3.11 too: ``Proxy.__iter__`` finds the unpacking
+    instruction by an index that the 3.11 inline caches put off, so it lands here, where
+    the instruction is found by its offset."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # A parameter-free module whose forward reads self.training (torchvision's
+        # StochasticDepth, custom dropouts) stays a module: traced, the flag's value at
+        # trace time would be baked into the graph and eval() would not reach it.
+        return super().is_leaf_module(m, module_qualified_name) or (
+            not _has_parameters(m) and _reads_training(type(m)))
+
+    def iter(self, obj: fx.Proxy):
+        frame = inspect.currentframe()
+        # This frame <- Proxy.__iter__ <- the traced code that unpacks.
+        caller = frame.f_back.f_back if frame is not None and frame.f_back else None
+        if caller is not None:
+            for inst in dis.get_instructions(caller.f_code):
+                if inst.offset == caller.f_lasti:
+                    if inst.opname == "UNPACK_SEQUENCE":
+                        return iter([obj[i] for i in range(inst.argval)])
+                    break
+        return super().iter(obj)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def _check_not_prepared(model: nn.Module) -> None:
@@ -97,8 +147,21 @@ def _swap(float_module: nn.Module, name: str, spec_module: nn.Module, config: Co
     return qat_cls.from_float(float_module, specs[0]), specs[1]
 
 
-def _quantize_output(module: nn.Module, inputs, output):
+# Forward hooks that quantize a swapped module's output in the eager fallback. torch.jit.script
+# compiles hooks and wants their input type to be exactly the module's forward arguments, so
+# there is one per forward signature.
+def _quantize_output(module: nn.Module, inputs: Tuple[torch.Tensor],
+                     output: torch.Tensor) -> torch.Tensor:
     return module.activation_post_process(output)
+
+
+def _quantize_transposed_output(module: nn.Module,
+                                inputs: Tuple[torch.Tensor, Optional[List[int]]],
+                                output: torch.Tensor) -> torch.Tensor:
+    return module.activation_post_process(output)
+
+
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _prepare_eager(model: nn.Module, config: Config) -> nn.Module:
@@ -115,7 +178,9 @@ def _prepare_eager(model: nn.Module, config: Config) -> nn.Module:
             qat_module, activation_spec = swapped
             if not config.dynamic:
                 qat_module.activation_post_process = FakeQuantize(activation_spec)
-                qat_module.register_forward_hook(_quantize_output)
+                qat_module.register_forward_hook(
+                    _quantize_transposed_output if isinstance(qat_module, _TRANSPOSED)
+                    else _quantize_output)
             _set_module(model, name, qat_module)
         elif (lookup(module) is None and _has_own_parameters(module)
               and not config.is_skipped(name, module)):
@@ -218,15 +283,24 @@ class _Inserter:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.quantized: Set[fx.Node] = set()
+        # node -> the FakeQuantize node on its output, so that a float tensor feeding
+        # several swapped modules is quantized once (one module, one set of qparams).
+        self.fake_quant: Dict[Tuple[fx.Node, tuple], fx.Node] = {}
 
     def after(self, node: fx.Node, spec: QuantSpec, users=None) -> fx.Node:
         """A FakeQuantize on ``node``'s output, feeding ``users`` (default: all of them)."""
         everyone = users is None
         users = list(node.users) if everyone else users
-        name = f"{node.name}_activation_fake_quant"
-        self.gm.add_submodule(name, FakeQuantize(spec))
-        with self.gm.graph.inserting_after(node):
-            fq_node = self.gm.graph.call_module(name, (node,))
+        key = (node, dataclasses.astuple(spec))
+        fq_node = self.fake_quant.get(key)
+        if fq_node is None:
+            name = f"{node.name}_activation_fake_quant"
+            if hasattr(self.gm, name):  # users wanting other specs have one already
+                name = f"{name}_{len(self.fake_quant)}"
+            self.gm.add_submodule(name, FakeQuantize(spec))
+            with self.gm.graph.inserting_after(node):
+                fq_node = self.gm.graph.call_module(name, (node,))
+            self.fake_quant[key] = fq_node
         for user in users:
             user.replace_input_with(node, fq_node)
         self.quantized.add(fq_node)
@@ -348,7 +422,7 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
     if not inplace:
         model = copy.deepcopy(model)
     try:
-        gm = fx.symbolic_trace(model)
+        gm = _trace(model)
     except Exception as error:  # noqa: BLE001 - any tracing failure takes the fallback
         warnings.warn(
             f"qat.prepare: torch.fx tracing failed ({type(error).__name__}: {error}); used "

@@ -79,8 +79,9 @@ class ConvBn2d(nn.Conv2d):
         # weight's product.
         conv = self._conv_forward(input, scaled_weight, None)
         conv = conv / scale_factor.reshape(1, -1, 1, 1)
-        if self.bias is not None:
-            conv = conv + self.bias.reshape(1, -1, 1, 1)
+        bias = self.bias
+        if bias is not None:
+            conv = conv + bias.reshape(1, -1, 1, 1)
         return self.bn(conv)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
