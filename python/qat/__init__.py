@@ -22,7 +22,7 @@ from . import estimators, ops  # noqa: E402
 from .ops import fake_quantize  # noqa: E402
 from .config import Config, QuantSpec  # noqa: E402
 from . import observers  # noqa: E402
-from .fake_quant import FakeQuantize  # noqa: E402
+from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize  # noqa: E402
 from .calibrate import (  # noqa: E402
     calibrate,
     disable_fake_quant,
@@ -39,6 +39,7 @@ __version__ = _C.__version__
 __all__ = [
     "Config",
     "FakeQuantize",
+    "FixedQParamsFakeQuantize",
     "QuantSpec",
     "__version__",
     "calibrate",

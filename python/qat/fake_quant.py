@@ -12,7 +12,7 @@ from . import estimators, observers
 from .config import QuantSpec
 from .observers import _QuantState, _format, distributed_active
 
-__all__ = ["FakeQuantize"]
+__all__ = ["FakeQuantize", "FixedQParamsFakeQuantize"]
 
 # Observers whose update the fused operator performs itself.
 _FUSED_OBSERVERS = ("minmax", "moving_average")
@@ -182,3 +182,38 @@ class FakeQuantize(_QuantState):
             f"observer_enabled={int(self.observer_enabled[0])}, "
             f"fake_quant_enabled={int(self.fake_quant_enabled[0])}"
         )
+
+
+class FixedQParamsFakeQuantize(FakeQuantize):
+    """A :class:`FakeQuantize` whose qparams are fixed by the op before it, whose output
+    range is known: the integer kernels of sigmoid, hardsigmoid ([0, 1]) and tanh
+    ([-1, 1]) write their output with fixed qparams, so the simulation uses the same.
+    The observer stays off (``enable_observer`` leaves it so).
+
+    Args:
+        spec: the activation spec; its integer range sets the qparams.
+        output_range: ``(lo, hi)`` of the op's output: (0, 1) or (-1, 1).
+    """
+
+    def __init__(self, spec: Optional[QuantSpec], output_range):
+        super().__init__(spec)
+        if self.learns_qparams or self.spec.per_channel:
+            raise ValueError(
+                f"qat.FixedQParamsFakeQuantize: spec must be per tensor with an estimator "
+                f"that learns nothing, got per_channel={self.spec.per_channel}, "
+                f"estimator={self.spec.estimator!r}")
+        lo, hi = output_range
+        levels = self.quant_max - self.quant_min + 1
+        # As PyTorch's quantized kernels: the range splits into `levels` equal steps, the
+        # low end on quant_min (sigmoid on quint8: scale 1/256, zero point 0; tanh: 2/256,
+        # 128).
+        with torch.no_grad():
+            self.scale.fill_((hi - lo) / levels)
+            self.zero_point.fill_(self.quant_min + round(-lo * levels / (hi - lo)))
+        self.observer_enabled.fill_(0)
+
+    def enable_observer(self, enabled: bool = True) -> "FakeQuantize":
+        return self
+
+    def update_qparams(self) -> None:
+        pass

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config, QuantSpec, _is_pattern
-from .fake_quant import FakeQuantize
+from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
 from .modules import lookup
 
 try:  # torch >= 2.0
@@ -33,9 +33,9 @@ __all__ = ["prepare"]
 # Ops whose output the integer model requantizes, so it gets its own FakeQuantize.
 _QUANTIZED_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul,
                         torch.mul, torch.cat, torch.mean, F.adaptive_avg_pool2d,
-                        F.avg_pool2d}
+                        F.avg_pool2d, F.hardswish}
 _QUANTIZED_METHODS = {"add", "add_", "mul", "mul_", "mean"}
-_QUANTIZED_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+_QUANTIZED_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Hardswish)
 
 # Ops whose integer kernels keep their input's qparams: no FakeQuantize of their own.
 _PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, F.max_pool2d, torch.flatten,
@@ -45,6 +45,12 @@ _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d, nn.Flatten, nn.Dr
                  nn.Identity)
 
 _RELU_FUNCTIONS = (F.relu, torch.relu)
+
+# Ops whose integer kernels write their output with fixed qparams: the output range.
+_FIXED_RANGES = {F.sigmoid: (0.0, 1.0), torch.sigmoid: (0.0, 1.0), "sigmoid": (0.0, 1.0),
+                 nn.Sigmoid: (0.0, 1.0), F.hardsigmoid: (0.0, 1.0), nn.Hardsigmoid: (0.0, 1.0),
+                 F.tanh: (-1.0, 1.0), torch.tanh: (-1.0, 1.0), "tanh": (-1.0, 1.0),
+                 nn.Tanh: (-1.0, 1.0)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,50 +153,90 @@ def _swap(float_module: nn.Module, name: str, spec_module: nn.Module, config: Co
     return qat_cls.from_float(float_module, specs[0]), specs[1]
 
 
-# Forward hooks that quantize a swapped module's output in the eager fallback. torch.jit.script
-# compiles hooks and wants their input type to be exactly the module's forward arguments, so
-# there is one per forward signature.
+# The forward hook that quantizes a swapped module's output in the eager fallback, typed
+# for torch.jit.script, which compiles hooks. (The QAT transposed convs, whose forward takes
+# an optional second argument, quantize their output themselves.)
 def _quantize_output(module: nn.Module, inputs: Tuple[torch.Tensor],
                      output: torch.Tensor) -> torch.Tensor:
-    return module.activation_post_process(output)
-
-
-def _quantize_transposed_output(module: nn.Module,
-                                inputs: Tuple[torch.Tensor, Optional[List[int]]],
-                                output: torch.Tensor) -> torch.Tensor:
     return module.activation_post_process(output)
 
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def _prepare_eager(model: nn.Module, config: Config) -> nn.Module:
-    """Swaps registered modules in place by name. Each swapped module quantizes its output
-    with a FakeQuantize child, ``activation_post_process``, called by a forward hook (as
-    PyTorch's eager QAT does). Without a graph there is no conv + bn fusion and no
-    FakeQuantize at the inputs or after functional ops."""
+def _swap_in_place(root: nn.Module, config: Config, prefix: str = "") -> List[str]:
+    """Swaps the registered modules under ``root`` (named ``prefix`` in the whole model)
+    by name. Each swapped module quantizes its output with a FakeQuantize child,
+    ``activation_post_process``, called by a forward hook (as PyTorch's eager QAT does).
+    Returns the names of the layers with parameters left in float."""
     unsupported = []
-    for name, module in list(model.named_modules()):
+    for name, module in list(root.named_modules()):
         if not name:
             continue
-        swapped = _swap(module, name, module, config)
+        full_name = f"{prefix}.{name}" if prefix else name
+        swapped = _swap(module, full_name, module, config)
         if swapped is not None:
             qat_module, activation_spec = swapped
-            if not config.dynamic:
+            if not (config.dynamic or getattr(type(qat_module), "weight_only", False)):
                 qat_module.activation_post_process = FakeQuantize(activation_spec)
-                qat_module.register_forward_hook(
-                    _quantize_transposed_output if isinstance(qat_module, _TRANSPOSED)
-                    else _quantize_output)
-            _set_module(model, name, qat_module)
+                if not isinstance(qat_module, _TRANSPOSED):
+                    qat_module.register_forward_hook(_quantize_output)
+            _set_module(root, name, qat_module)
         elif (lookup(module) is None and _has_own_parameters(module)
-              and not config.is_skipped(name, module)):
-            unsupported.append(name)
-    _warn_float(unsupported)
+              and not config.is_skipped(full_name, module)):
+            unsupported.append(full_name)
+    return unsupported
+
+
+def _prepare_eager(model: nn.Module, config: Config) -> nn.Module:
+    """The fallback for models that cannot be traced: modules swapped in place. Without a
+    graph there is no conv + bn fusion and no FakeQuantize at the inputs or after
+    functional ops."""
+    _warn_float(_swap_in_place(model, config))
+    _keep_transformer_layers_in_python(model)
     return model.train()
+
+
+def _keep_transformer_layers_in_python(model: nn.Module) -> None:
+    """In eval mode without gradients, ``nn.TransformerEncoderLayer`` runs one fused native
+    kernel on its children's float weights, bypassing their forwards and so their fake
+    quantization. That kernel is only taken when ``activation_relu_or_gelu`` is set: clear
+    it where a child was swapped."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and any(
+                isinstance(child, FakeQuantize) for child in module.modules()):
+            module.activation_relu_or_gelu = 0
 
 
 def _single_user(node: fx.Node) -> Optional[fx.Node]:
     return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _is_relu(node: Optional[fx.Node], gm: fx.GraphModule) -> bool:
+    """Whether ``node`` is a plain ReLU of its one input."""
+    return node is not None and (
+        (node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU)
+        or (node.op == "call_function" and node.target in _RELU_FUNCTIONS
+            and len(node.args) == 1 and set(node.kwargs) <= {"inplace"})
+        or (node.op == "call_method" and node.target in ("relu", "relu_")
+            and len(node.args) == 1))
+
+
+def _is_weight_only(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` calls a QAT module that quantizes only its weight (embeddings)."""
+    return node.op == "call_module" and getattr(
+        type(gm.get_submodule(node.target)), "weight_only", False)
+
+
+def _fixed_range(node: fx.Node, gm: fx.GraphModule):
+    """The fixed output range of a sigmoid / hardsigmoid / tanh call, or None."""
+    if node.op == "call_function":
+        return _FIXED_RANGES.get(node.target)
+    if node.op == "call_method":
+        return _FIXED_RANGES.get(node.target)
+    if node.op == "call_module":
+        return _FIXED_RANGES.get(type(gm.get_submodule(node.target)))
+    return None
 
 
 def _fuse_conv_bn(gm: fx.GraphModule, config: Config, spec_modules: Dict[str, nn.Module]):
@@ -215,12 +261,7 @@ def _fuse_conv_bn(gm: fx.GraphModule, config: Config, spec_modules: Dict[str, nn
         if type(conv) is not nn.Conv2d or config.spec_for(conv_node.target, conv) is None:
             continue
         relu_node = _single_user(bn_node)
-        is_relu = relu_node is not None and (
-            (relu_node.op == "call_module"
-             and type(gm.get_submodule(relu_node.target)) is nn.ReLU)
-            or (relu_node.op == "call_function" and relu_node.target in _RELU_FUNCTIONS
-                and len(relu_node.args) == 1 and set(relu_node.kwargs) <= {"inplace"})
-            or (relu_node.op == "call_method" and relu_node.target == "relu"))
+        is_relu = _is_relu(relu_node, gm)
         if is_relu:
             fused = _intrinsic.ConvBnReLU2d(conv, bn, nn.ReLU())
         else:
@@ -285,19 +326,23 @@ class _Inserter:
         self.quantized: Set[fx.Node] = set()
         # node -> the FakeQuantize node on its output, so that a float tensor feeding
         # several swapped modules is quantized once (one module, one set of qparams).
-        self.fake_quant: Dict[Tuple[fx.Node, tuple], fx.Node] = {}
+        self.fake_quant: Dict[tuple, fx.Node] = {}
 
-    def after(self, node: fx.Node, spec: QuantSpec, users=None) -> fx.Node:
-        """A FakeQuantize on ``node``'s output, feeding ``users`` (default: all of them)."""
+    def after(self, node: fx.Node, spec: QuantSpec, users=None,
+              fixed_range=None) -> fx.Node:
+        """A FakeQuantize on ``node``'s output, feeding ``users`` (default: all of them);
+        a :class:`FixedQParamsFakeQuantize` for an op with the output range
+        ``fixed_range``."""
         everyone = users is None
         users = list(node.users) if everyone else users
-        key = (node, dataclasses.astuple(spec))
+        key = (node, dataclasses.astuple(spec), fixed_range)
         fq_node = self.fake_quant.get(key)
         if fq_node is None:
             name = f"{node.name}_activation_fake_quant"
             if hasattr(self.gm, name):  # users wanting other specs have one already
                 name = f"{name}_{len(self.fake_quant)}"
-            self.gm.add_submodule(name, FakeQuantize(spec))
+            self.gm.add_submodule(name, FakeQuantize(spec) if fixed_range is None
+                                  else FixedQParamsFakeQuantize(spec, fixed_range))
             with self.gm.graph.inserting_after(node):
                 fq_node = self.gm.graph.call_module(name, (node,))
             self.fake_quant[key] = fq_node
@@ -324,9 +369,12 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
         if swapped is not None:
             _set_module(gm, node.target, swapped[0])
             activation[node] = swapped[1]
-        elif (lookup(module) is None and _has_own_parameters(module)
-              and not config.is_skipped(node.target, spec_module)):
-            unsupported.append(node.target)
+        elif lookup(module) is None and not config.is_skipped(node.target, spec_module):
+            if _has_own_parameters(module):
+                unsupported.append(node.target)
+            # A leaf with children (a torch.nn container such as TransformerEncoderLayer,
+            # whose forward is not traced) has its children swapped in place.
+            unsupported.extend(_swap_in_place(module, config, node.target))
     gm.delete_all_unused_submodules()
     _warn_float(unsupported)
     if config.dynamic:
@@ -335,20 +383,37 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
 
     inserter = _Inserter(gm)
     tensors = _tensor_nodes(gm.graph)
+    after_relu: Dict[fx.Node, QuantSpec] = {}
     for node in list(gm.graph.nodes):
         if node.op == "placeholder":
-            # A placeholder with a default is an optional argument, often not a tensor.
-            if not node.args:
-                inserter.after(node, config.activation)
+            # A placeholder with a default is an optional argument, often not a tensor;
+            # indices for an embedding stay as they are.
+            users = [u for u in node.users if not _is_weight_only(u, gm)]
+            if not node.args and users:
+                inserter.after(node, config.activation,
+                               users=None if len(users) == len(node.users) else users)
             continue
         if node in inserter.quantized:
             continue
         first = node.args[0] if node.args else None
         if node in activation:
+            if _is_weight_only(node, gm):
+                continue  # its input is indices, its output stays float
             # The integer module takes a quantized input: quantize a float one first.
             if isinstance(first, fx.Node) and first not in inserter.quantized:
                 inserter.after(first, activation[node], users=[node])
             spec = activation[node]
+            relu = _single_user(node)
+            if _is_relu(relu, gm):
+                # The integer kernel applies the ReLU before it requantizes (conv2d_relu,
+                # linear_relu): one FakeQuantize, after the ReLU, with its range.
+                after_relu[relu] = spec
+                continue
+        elif node in after_relu:
+            spec = after_relu[node]
+        elif _fixed_range(node, gm) is not None and first in inserter.quantized:
+            inserter.after(node, config.activation, fixed_range=_fixed_range(node, gm))
+            continue
         elif _is_quantized_op(node, gm) and node in tensors:
             spec = config.activation
             if node.op == "call_module":
@@ -430,4 +495,5 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
             f"activation FakeQuantize", stacklevel=2)
         return _prepare_eager(model, config)
     _prepare_graph(gm, config)
+    _keep_transformer_layers_in_python(gm)
     return gm.train()

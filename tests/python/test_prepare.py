@@ -2,6 +2,7 @@
 activation FakeQuantize modules go (residual add, cat); conv + bn folding against the float
 model; the eager fallback; and the refusals and warnings on bad input."""
 
+import copy
 import io
 import operator
 import warnings
@@ -41,6 +42,8 @@ def _script_round_trip(qmodel):
         # torch.fx's GraphModule.__init__ annotates an attribute in a way torch.jit warns
         # about; the attribute is not part of the scripted model.
         warnings.filterwarnings("ignore", message="The TorchScript type system")
+        # And nn.TransformerEncoderLayer declares a constant it does not set.
+        warnings.filterwarnings("ignore", message="'batch_first' was found")
         scripted = torch.jit.script(qmodel)
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer)
@@ -139,8 +142,12 @@ def test_residual_block_quantizes_after_the_add():
     (input_fq,) = placeholder.users
     assert isinstance(gm.get_submodule(input_fq.target), qat.FakeQuantize)
     assert add.args[1] is input_fq
-    for name in ("conv1", "conv2"):
-        assert len(_fake_quant_users_of(gm, _node(gm, "call_module", name))) == 1
+    assert len(_fake_quant_users_of(gm, _node(gm, "call_module", "conv2"))) == 1
+    # conv1 -> relu runs as one integer conv2d_relu: quantized after the relu only.
+    conv1 = _node(gm, "call_module", "conv1")
+    assert not _fake_quant_users_of(gm, conv1)
+    (relu_after_conv1,) = conv1.users
+    assert len(_fake_quant_users_of(gm, relu_after_conv1)) == 1
     assert sum(isinstance(m, qat.FakeQuantize) for m in gm.modules()) == 4 + 2  # + weights
     gm(torch.randn(2, 4, 8, 8)).sum().backward()
 
@@ -234,6 +241,7 @@ def test_control_flow_takes_the_eager_fallback_with_one_warning():
     for layer in (qmodel.conv, qmodel.fc):
         assert isinstance(layer.activation_post_process, qat.FakeQuantize)
         assert layer.activation_post_process.scale.item() != 1.0
+    _check_scripted_matches_and_trains(copy.deepcopy(qmodel), x, torch.tensor([0, 1]))
 
     with pytest.warns(UserWarning, match="tracing failed"):
         restored = qat.prepare(_ControlFlow())
@@ -317,3 +325,166 @@ def test_unsupported_layer_with_parameters_stays_float_with_a_warning():
     assert type(gm.conv) is qat.modules.Conv2d and type(gm.fc) is qat.modules.Linear
     # The float GroupNorm output is quantized again before the mean reaches fc.
     gm(torch.randn(2, 3, 8, 8)).sum().backward()
+
+
+def test_linear_relu_is_quantized_after_the_relu():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(8, 8)
+            self.act = nn.ReLU()
+            self.fc2 = nn.Linear(8, 8)
+            self.fc3 = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc3(F.relu(self.fc2(self.act(self.fc1(x)))))
+
+    gm = _prepare_quietly(Head())
+    for linear, relu in (("fc1", ("call_module", "act")), ("fc2", ("call_function", F.relu))):
+        node = _node(gm, "call_module", linear)
+        assert not _fake_quant_users_of(gm, node), linear
+        assert len(_fake_quant_users_of(gm, _node(gm, *relu))) == 1, linear
+    assert len(_fake_quant_users_of(gm, _node(gm, "call_module", "fc3"))) == 1
+    # Quantizing after the ReLU: the FakeQuantize sees no negative values.
+    x = torch.randn(64, 8)
+    gm(x)
+    (fq,) = _fake_quant_users_of(gm, _node(gm, "call_module", "act"))
+    fq = gm.get_submodule(fq.target)
+    assert fq.observer.min_val.item() == 0.0 and fq.zero_point.item() == 0
+
+
+class _Gates(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.sigmoid(y), torch.tanh(y), F.hardsigmoid(y), F.hardswish(y), F.silu(y)
+
+
+def test_sigmoid_tanh_hardsigmoid_get_fixed_qparams():
+    gm = _prepare_quietly(_Gates())
+    x = torch.randn(2, 3, 8, 8) * 4
+    qat.calibrate(gm, [x], progress=False)
+    qat.enable_observer(gm)
+    fixed = [m for m in gm.modules() if isinstance(m, qat.FixedQParamsFakeQuantize)]
+    assert len(fixed) == 3
+    assert all(not m.observer_enabled.item() for m in fixed)
+    qat.disable_observer(gm)
+    outputs = gm(x)
+    y = gm.conv(gm.get_submodule("x_activation_fake_quant")(x))
+    y = gm.get_submodule("conv_activation_fake_quant")(y)
+    # PyTorch's quantized kernels on quint8: sigmoid / hardsigmoid at scale 1/256 and
+    # zero point 0, tanh at 2/256 and 128.
+    expected = [
+        torch.fake_quantize_per_tensor_affine(torch.sigmoid(y), 1 / 256, 0, 0, 255),
+        torch.fake_quantize_per_tensor_affine(torch.tanh(y), 2 / 256, 128, 0, 255),
+        torch.fake_quantize_per_tensor_affine(F.hardsigmoid(y), 1 / 256, 0, 0, 255),
+    ]
+    for output, reference in zip(outputs[:3], expected):
+        torch.testing.assert_close(output, reference, rtol=0, atol=0)
+    # hardswish has an integer kernel that requantizes: a FakeQuantize of its own; silu
+    # has none and runs in float.
+    hardswish = _node(gm, "call_function", F.hardswish)
+    assert len(_fake_quant_users_of(gm, hardswish)) == 1
+    assert not _fake_quant_users_of(gm, _node(gm, "call_function", F.silu))
+
+
+def test_fixed_qparams_follow_a_signed_range_and_refuse_learned_scales():
+    fq = qat.FixedQParamsFakeQuantize(qat.QuantSpec(signed=True), (-1.0, 1.0))
+    assert fq.scale.item() == 2 / 256 and fq.zero_point.item() == 0
+    with pytest.raises(ValueError, match="estimator='lsq'"):
+        qat.FixedQParamsFakeQuantize(qat.QuantSpec(estimator="lsq"), (0.0, 1.0))
+
+
+class _TextEncoder(nn.Module):
+    """Embedding, a two-layer transformer encoder and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
+
+
+def test_transformer_encoder_trains_scripts_and_round_trips():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="stay in float") as caught:
+        qmodel = qat.prepare(_TextEncoder())
+    (message,) = [str(w.message) for w in caught]
+    assert "encoder.layers.0.self_attn" in message and "encoder.layers.1.norm2" in message
+    swapped = {n for n, m in qmodel.named_modules() if isinstance(m, qat.modules.Linear)}
+    assert swapped == {"head", "encoder.layers.0.linear1", "encoder.layers.0.linear2",
+                       "encoder.layers.1.linear1", "encoder.layers.1.linear2"}
+    assert isinstance(qmodel.embed, qat.modules.Embedding)
+    # The token ids reach the embedding as they are.
+    placeholder = next(n for n in qmodel.graph.nodes if n.op == "placeholder")
+    assert [u.target for u in placeholder.users] == ["embed"]
+
+    tokens = torch.randint(0, 50, (8, 10))
+    y = torch.randint(0, 3, (8,))
+    losses = _train(qmodel, tokens, y, steps=6, lr=0.05)
+    assert losses[-1] < losses[0], losses
+
+    with pytest.warns(UserWarning, match="stay in float"):
+        restored = qat.prepare(_TextEncoder())
+    restored.load_state_dict(qmodel.state_dict())
+    qat.disable_observer(qmodel)
+    qat.disable_observer(restored)
+    qmodel.eval()
+    restored.eval()
+    with_grad = qmodel(tokens)
+    with torch.no_grad():
+        # Without gradients in eval, the layers would take PyTorch's fused native kernel
+        # on the float weights; prepare keeps them on the fake-quantized path.
+        torch.testing.assert_close(qmodel(tokens), with_grad, rtol=0, atol=0)
+        torch.testing.assert_close(restored(tokens), with_grad, rtol=0, atol=0)
+    qat.enable_observer(qmodel)
+    _check_scripted_matches_and_trains(qmodel, tokens, y)
+
+
+def test_embedding_model_quantizes_the_table_not_the_indices():
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Flatten(), nn.Linear(24, 4))
+    gm = _prepare_quietly(model)
+    assert isinstance(gm.get_submodule("0"), qat.modules.Embedding)
+    embedding = _node(gm, "call_module", "0")
+    assert embedding.args[0].op == "placeholder"
+    assert not _fake_quant_users_of(gm, embedding)
+    # The float embedding output is quantized where the linear takes it.
+    linear = _node(gm, "call_module", "2")
+    assert isinstance(gm.get_submodule(linear.args[0].target), qat.FakeQuantize)
+    gm(torch.randint(0, 20, (5, 3))).sum().backward()
+
+
+class _ControlFlowUpsample(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 4, 2, stride=2)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return self.head(self.up(x).mean((2, 3)))
+
+
+def test_eager_fallback_transposed_conv_quantizes_its_output_and_scripts():
+    with pytest.warns(UserWarning, match="tracing failed"):
+        qmodel = qat.prepare(_ControlFlowUpsample())
+    x = torch.randn(2, 3, 4, 4)
+    qmodel(x)
+    fq = qmodel.up.activation_post_process
+    assert fq.scale.item() != 1.0
+    qat.disable_observer(qmodel)
+    up = qmodel.up
+    weight = up.weight_fake_quant(up.weight)
+    expected = fq(F.conv_transpose2d(x, weight, up.bias, stride=2))
+    torch.testing.assert_close(up(x), expected, rtol=0, atol=0)
+    qat.enable_observer(qmodel)
+    _check_scripted_matches_and_trains(qmodel, x, torch.tensor([0, 1]))

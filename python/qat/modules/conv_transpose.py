@@ -27,19 +27,33 @@ class _ConvTransposeNd:
         # every group).
         self.weight_fake_quant = FakeQuantize(weight_spec_for(weight_spec, 1)).to(
             self.weight.device)
+        # An attribute, not the class constant alone: torch.jit.script reads it.
+        self.num_spatial_dims = self._NUM_SPATIAL_DIMS
 
     def forward(self, input: torch.Tensor, output_size: Optional[List[int]] = None):
         if self.padding_mode != "zeros":
             raise ValueError(
-                f"{type(self).__name__}: only the 'zeros' padding_mode is supported, got "
-                f"{self.padding_mode!r}")
+                f"qat.modules.ConvTranspose{self.num_spatial_dims}d: only the 'zeros' "
+                f"padding_mode is supported, got '{self.padding_mode}'")
         output_padding = self._output_padding(
             input, output_size, self.stride, self.padding, self.kernel_size,
-            self._NUM_SPATIAL_DIMS, self.dilation)
-        conv = (F.conv_transpose1d, F.conv_transpose2d,
-                F.conv_transpose3d)[self._NUM_SPATIAL_DIMS - 1]
-        return conv(input, self.weight_fake_quant(self.weight), self.bias, self.stride,
-                    self.padding, output_padding, self.groups, self.dilation)
+            self.num_spatial_dims, self.dilation)
+        weight = self.weight_fake_quant(self.weight)
+        if self.num_spatial_dims == 1:
+            output = F.conv_transpose1d(input, weight, self.bias, self.stride, self.padding,
+                                        output_padding, self.groups, self.dilation)
+        elif self.num_spatial_dims == 2:
+            output = F.conv_transpose2d(input, weight, self.bias, self.stride, self.padding,
+                                        output_padding, self.groups, self.dilation)
+        else:
+            output = F.conv_transpose3d(input, weight, self.bias, self.stride, self.padding,
+                                        output_padding, self.groups, self.dilation)
+        # qat.prepare's eager fallback quantizes the output here, not with a forward hook:
+        # a scripted hook would have to take the optional output_size argument, which
+        # TorchScript does not pass when the caller leaves it out.
+        if hasattr(self, "activation_post_process"):
+            output = self.activation_post_process(output)
+        return output
 
     @classmethod
     def from_float(cls, mod, weight_spec: Optional[QuantSpec] = None):
