@@ -89,14 +89,7 @@ def free_port() -> int:
 
 
 def test_two_ranks_agree_with_one_process_over_all_data(tmp_path):
-    context = mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the two ranks did not finish within {TIMEOUT_S} s")
+    _run_ranks(_worker, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
     assert not (dist.is_available() and dist.is_initialized())
     single = observe_all()
@@ -110,3 +103,73 @@ def test_two_ranks_agree_with_one_process_over_all_data(tmp_path):
     # The shards did differ: the observers really had something to reduce.
     assert single["minmax/tensor"]["nonfinite_count"].item() == 2
     assert single["percentile/channel"]["histogram"].sum() == 12 * 4 * 3 * 5 - 2
+
+
+def _small_cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(8 * 6 * 6, 4))
+
+
+def _training_data():
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 3, 6, 6, generator=gen), torch.randint(0, 4, (8,), generator=gen))
+            for _ in range(3)]
+
+
+def train_prepared(rank=None):
+    """A prepared model calibrated on the first batch, then trained on the rest, wrapped
+    in DDP on each rank (which gets half of every batch), or alone on whole batches.
+    Returns its state."""
+    model = qat.prepare(_small_cnn())
+    batches = _training_data()
+    if rank is not None:
+        batches = [(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]) for x, y in batches]
+    qat.calibrate(model, batches[:1], progress=False)
+    trained = model
+    if rank is not None:
+        trained = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    for x, y in batches[1:]:
+        loss = torch.nn.functional.cross_entropy(trained(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _ddp_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD_SIZE)
+    try:
+        torch.save(train_prepared(rank), f"{out_dir}/ddp{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ranks(worker, out_dir):
+    context = mp.start_processes(worker, args=(free_port(), out_dir), nprocs=WORLD_SIZE,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the two ranks did not finish within {TIMEOUT_S} s")
+
+
+def test_ddp_trains_a_prepared_model_as_one_process_on_whole_batches(tmp_path):
+    _run_ranks(_ddp_worker, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"ddp{rank}.pt") for rank in range(WORLD_SIZE)]
+    single = train_prepared()
+    assert ranks[0].keys() == ranks[1].keys() == single.keys()
+    for key, expected in single.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        # Gradients averaged over the ranks and observer statistics reduced across them:
+        # the same training as one process on whole batches, up to summation order.
+        torch.testing.assert_close(ranks[0][key], expected, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{key}: {m}")
+    assert not torch.equal(single["0.weight"], _small_cnn()[0].weight), "it trained"
