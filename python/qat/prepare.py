@@ -239,8 +239,16 @@ def _fixed_range(node: fx.Node, gm: fx.GraphModule):
     return None
 
 
+# conv type -> (its batch norm, the fused float classes without and with a ReLU).
+_CONV_BN = {
+    nn.Conv1d: (nn.BatchNorm1d, _intrinsic.ConvBn1d, _intrinsic.ConvBnReLU1d),
+    nn.Conv2d: (nn.BatchNorm2d, _intrinsic.ConvBn2d, _intrinsic.ConvBnReLU2d),
+    nn.Conv3d: (nn.BatchNorm3d, _intrinsic.ConvBn3d, _intrinsic.ConvBnReLU3d),
+}
+
+
 def _fuse_conv_bn(gm: fx.GraphModule, config: Config, spec_modules: Dict[str, nn.Module]):
-    """Conv2d -> BatchNorm2d (-> ReLU) become one ``ConvBn2d`` / ``ConvBnReLU2d`` of
+    """ConvNd -> BatchNormNd (-> ReLU) become one ``ConvBnNd`` / ``ConvBnReLUNd`` of
     ``torch.nn.intrinsic`` under the conv's name, when the conv feeds only the batch norm and
     is called once."""
     calls: Dict[str, int] = {}
@@ -248,8 +256,7 @@ def _fuse_conv_bn(gm: fx.GraphModule, config: Config, spec_modules: Dict[str, nn
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     for bn_node in list(gm.graph.nodes):
-        if bn_node.op != "call_module" or not isinstance(
-                gm.get_submodule(bn_node.target), nn.BatchNorm2d):
+        if bn_node.op != "call_module":
             continue
         conv_node = bn_node.args[0] if bn_node.args else None
         if not (isinstance(conv_node, fx.Node) and conv_node.op == "call_module"
@@ -258,14 +265,16 @@ def _fuse_conv_bn(gm: fx.GraphModule, config: Config, spec_modules: Dict[str, nn
             continue
         conv = gm.get_submodule(conv_node.target)
         bn = gm.get_submodule(bn_node.target)
-        if type(conv) is not nn.Conv2d or config.spec_for(conv_node.target, conv) is None:
+        if (type(conv) not in _CONV_BN or type(bn) is not _CONV_BN[type(conv)][0]
+                or config.spec_for(conv_node.target, conv) is None):
             continue
+        _, conv_bn, conv_bn_relu = _CONV_BN[type(conv)]
         relu_node = _single_user(bn_node)
         is_relu = _is_relu(relu_node, gm)
         if is_relu:
-            fused = _intrinsic.ConvBnReLU2d(conv, bn, nn.ReLU())
+            fused = conv_bn_relu(conv, bn, nn.ReLU())
         else:
-            fused = _intrinsic.ConvBn2d(conv, bn)
+            fused = conv_bn(conv, bn)
         _set_module(gm, conv_node.target, fused)
         spec_modules[conv_node.target] = conv
         bn_node.replace_all_uses_with(conv_node)

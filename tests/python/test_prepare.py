@@ -177,20 +177,23 @@ def test_cat_inputs_share_the_cat_output_fake_quantize():
 
 
 class _ConvBnReLU(nn.Module):
-    def __init__(self):
+    def __init__(self, dims):
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 4, 3, bias=True)
-        self.bn2 = nn.BatchNorm2d(4)
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+        bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
+        self.conv = conv(3, 8, 3, padding=1, bias=False)
+        self.bn = bn(8)
+        self.conv2 = conv(8, 4, 3, bias=True)
+        self.bn2 = bn(4)
 
     def forward(self, x):
         return self.bn2(self.conv2(F.relu(self.bn(self.conv(x)))))
 
 
-def test_conv_bn_folding_matches_float_model_in_eval():
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_conv_bn_folding_matches_float_model_in_eval(dims):
     torch.manual_seed(0)
-    model = _ConvBnReLU()
+    model = _ConvBnReLU(dims)
     with torch.no_grad():
         for bn in (model.bn, model.bn2):
             bn.running_mean.uniform_(-1, 1)
@@ -198,15 +201,18 @@ def test_conv_bn_folding_matches_float_model_in_eval():
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.uniform_(-1, 1)
     qmodel = _prepare_quietly(model)
-    assert type(qmodel.conv) is qat.modules.ConvBnReLU2d
-    assert type(qmodel.conv2) is qat.modules.ConvBn2d
+    assert type(qmodel.conv) is getattr(qat.modules, f"ConvBnReLU{dims}d")
+    assert type(qmodel.conv2) is getattr(qat.modules, f"ConvBn{dims}d")
     assert not hasattr(qmodel, "bn") and not hasattr(qmodel, "bn2")
     qat.disable_fake_quant(qmodel)
     qmodel.eval()
     model.eval()
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, 3, *([10] * dims))
     with torch.no_grad():
         torch.testing.assert_close(qmodel(x), model(x), rtol=1e-4, atol=1e-4)
+        qat.enable_fake_quant(qmodel)
+        qat.disable_observer(qmodel)
+        torch.testing.assert_close(_script_round_trip(qmodel)(x), qmodel(x), rtol=0, atol=0)
 
 
 class _ControlFlow(nn.Module):

@@ -4,7 +4,7 @@ weight_spec)``, and the registry that maps float classes to them
 
 from .conv import Conv1d, Conv2d, Conv3d
 from .conv_transpose import ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
-from .conv_bn import ConvBn2d, ConvBnReLU2d
+from .conv_bn import ConvBn1d, ConvBn2d, ConvBn3d, ConvBnReLU1d, ConvBnReLU2d, ConvBnReLU3d
 from .embedding import Embedding, EmbeddingBag
 from .linear import Linear
 from .registry import lookup, register_module
@@ -13,8 +13,12 @@ __all__ = [
     "Conv1d",
     "Conv2d",
     "Conv3d",
+    "ConvBn1d",
     "ConvBn2d",
+    "ConvBn3d",
+    "ConvBnReLU1d",
     "ConvBnReLU2d",
+    "ConvBnReLU3d",
     "ConvTranspose1d",
     "ConvTranspose2d",
     "ConvTranspose3d",
@@ -26,6 +30,7 @@ __all__ = [
 ]
 
 for _qat_cls in (Linear, Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d,
-                 ConvTranspose3d, ConvBn2d, ConvBnReLU2d, Embedding, EmbeddingBag):
+                 ConvTranspose3d, ConvBn1d, ConvBn2d, ConvBn3d, ConvBnReLU1d, ConvBnReLU2d,
+                 ConvBnReLU3d, Embedding, EmbeddingBag):
     register_module(_qat_cls._FLOAT_MODULE, _qat_cls)
 del _qat_cls

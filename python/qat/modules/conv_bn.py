@@ -1,5 +1,5 @@
-"""Conv2d + BatchNorm2d (+ ReLU) for QAT, with the batch norm folded into the weight
-before it is fake-quantized, as the integer model will hold it."""
+"""ConvNd + BatchNormNd (+ ReLU) for QAT, 1d, 2d and 3d, with the batch norm folded into the
+weight before it is fake-quantized, as the integer model will hold it."""
 
 from typing import Optional
 
@@ -16,13 +16,14 @@ try:  # torch >= 2.0
 except ImportError:  # torch 1.13
     from torch.nn import intrinsic as _intrinsic
 
-__all__ = ["ConvBn2d", "ConvBnReLU2d"]
+__all__ = ["ConvBn1d", "ConvBn2d", "ConvBn3d", "ConvBnReLU1d", "ConvBnReLU2d",
+           "ConvBnReLU3d"]
 
 
-class ConvBn2d(nn.Conv2d):
+class _ConvBnNd:
     """A conv followed by a batch norm, trained as the folded conv the integer model runs
     (Jacob et al. 2018, Krishnamoorthi 2018; the formula of PyTorch's
-    ``torch.ao.nn.intrinsic.qat.ConvBn2d``).
+    ``torch.ao.nn.intrinsic.qat.ConvBn2d``), mixed into an ``nn.ConvNd`` subclass.
 
     The weight is scaled by ``gamma / sqrt(running_var + eps)`` and then fake-quantized, so
     the quantization error is that of the folded weight; the conv output is divided by the
@@ -32,14 +33,15 @@ class ConvBn2d(nn.Conv2d):
     running statistics in training too, as is done late in training.
 
     Args:
-        in_channels ... padding_mode, device, dtype: as ``nn.Conv2d`` (bias defaults to
+        in_channels ... padding_mode, device, dtype: as ``nn.ConvNd`` (bias defaults to
             False, as a conv before a batch norm has none).
-        eps, momentum: as ``nn.BatchNorm2d``.
+        eps, momentum: as ``nn.BatchNormNd``.
         freeze_bn: start with the batch-norm statistics frozen.
         weight_spec: the weight's QuantSpec (default: ``qat.Config().weight``).
     """
 
-    _FLOAT_MODULE = _intrinsic.ConvBn2d
+    _FLOAT_MODULE: type
+    _BN_CLASS: type
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros",
@@ -47,24 +49,24 @@ class ConvBn2d(nn.Conv2d):
                  weight_spec: Optional[QuantSpec] = None, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device=device, dtype=dtype)
-        self.bn = nn.BatchNorm2d(out_channels, eps, momentum, device=device, dtype=dtype)
+        self.bn = self._BN_CLASS(out_channels, eps, momentum, device=device, dtype=dtype)
         self.weight_fake_quant = FakeQuantize(weight_spec_for(weight_spec, 0)).to(device)
         self.freeze_bn = freeze_bn
         self.train(self.training)
 
-    def freeze_bn_stats(self) -> "ConvBn2d":
+    def freeze_bn_stats(self):
         """Normalize with the running statistics and stop updating them, in training too."""
         self.freeze_bn = True
         self.bn.train(False)
         return self
 
-    def unfreeze_bn_stats(self) -> "ConvBn2d":
+    def unfreeze_bn_stats(self):
         """Back to batch statistics (and running-statistic updates) in training."""
         self.freeze_bn = False
         self.bn.train(self.training)
         return self
 
-    def train(self, mode: bool = True) -> "ConvBn2d":
+    def train(self, mode: bool = True):
         # nn.Module.train would switch bn back to batch statistics after a freeze.
         self.training = mode
         self.weight_fake_quant.train(mode)
@@ -74,14 +76,17 @@ class ConvBn2d(nn.Conv2d):
     def _conv_bn(self, input: torch.Tensor) -> torch.Tensor:
         running_std = torch.sqrt(self.bn.running_var + self.bn.eps)
         scale_factor = self.bn.weight / running_std
-        scaled_weight = self.weight_fake_quant(self.weight * scale_factor.reshape(-1, 1, 1, 1))
+        # [C, 1, ...] against the weight, [1, C, 1, ...] against the output.
+        ones = [1] * (self.weight.dim() - 1)
+        scaled_weight = self.weight_fake_quant(self.weight * scale_factor.reshape([-1] + ones))
         # The conv bias is added after undoing the scale: it is not part of the folded
         # weight's product.
         conv = self._conv_forward(input, scaled_weight, None)
-        conv = conv / scale_factor.reshape(1, -1, 1, 1)
+        channels = [1, -1] + ones[1:]
+        conv = conv / scale_factor.reshape(channels)
         bias = self.bias
         if bias is not None:
-            conv = conv + bias.reshape(1, -1, 1, 1)
+            conv = conv + bias.reshape(channels)
         return self.bn(conv)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -92,7 +97,7 @@ class ConvBn2d(nn.Conv2d):
 
     @classmethod
     def from_float(cls, mod, weight_spec: Optional[QuantSpec] = None):
-        """The QAT version of a fused ``ConvBn2d`` (``torch.ao.nn.intrinsic``), sharing the
+        """The QAT version of a fused ``ConvBnNd`` (``torch.ao.nn.intrinsic``), sharing the
         conv's and the batch norm's parameters and running statistics."""
         check_float(cls, mod, cls._FLOAT_MODULE)
         conv, bn = mod[0], mod[1]
@@ -110,10 +115,46 @@ class ConvBn2d(nn.Conv2d):
         return qat_mod.train(mod.training)
 
 
-class ConvBnReLU2d(ConvBn2d):
+class ConvBn1d(_ConvBnNd, nn.Conv1d):
+    """``Conv1d`` + ``BatchNorm1d`` with the batch norm folded (see :class:`ConvBn2d`)."""
+
+    _FLOAT_MODULE = _intrinsic.ConvBn1d
+    _BN_CLASS = nn.BatchNorm1d
+
+
+class ConvBn2d(_ConvBnNd, nn.Conv2d):
+    __doc__ = _ConvBnNd.__doc__
+    _FLOAT_MODULE = _intrinsic.ConvBn2d
+    _BN_CLASS = nn.BatchNorm2d
+
+
+class ConvBn3d(_ConvBnNd, nn.Conv3d):
+    """``Conv3d`` + ``BatchNorm3d`` with the batch norm folded (see :class:`ConvBn2d`)."""
+
+    _FLOAT_MODULE = _intrinsic.ConvBn3d
+    _BN_CLASS = nn.BatchNorm3d
+
+
+class _ReLU:
+    """A ReLU after the folded conv + batch norm."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.relu(self._conv_bn(input))
+
+
+class ConvBnReLU1d(_ReLU, ConvBn1d):
+    """:class:`ConvBn1d` followed by a ReLU."""
+
+    _FLOAT_MODULE = _intrinsic.ConvBnReLU1d
+
+
+class ConvBnReLU2d(_ReLU, ConvBn2d):
     """:class:`ConvBn2d` followed by a ReLU."""
 
     _FLOAT_MODULE = _intrinsic.ConvBnReLU2d
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.relu(self._conv_bn(input))
+
+class ConvBnReLU3d(_ReLU, ConvBn3d):
+    """:class:`ConvBn3d` followed by a ReLU."""
+
+    _FLOAT_MODULE = _intrinsic.ConvBnReLU3d
