@@ -26,7 +26,12 @@ class RuleFunction : public torch::autograd::Function<RuleFunction> {
       double grad_factor) {
     auto result = ops::fake_quantize_forward(
         input, scale, zero_point, args.quant_min, args.quant_max, args.axis, !rule.save_input);
-    ctx->save_for_backward({rule.save_input ? input : std::get<1>(result), scale, zero_point});
+    // Observers overwrite their scale and zero point in place on the next forward, which
+    // may come before this backward (gradient accumulation, a module called twice): keep
+    // the values this forward used. Learned qparams change only in optimizer steps.
+    const auto keep = [](const at::Tensor& t) { return t.requires_grad() ? t : t.clone(); };
+    ctx->save_for_backward(
+        {rule.save_input ? input : std::get<1>(result), keep(scale), keep(zero_point)});
     ctx->saved_data["quant_min"] = args.quant_min;
     ctx->saved_data["quant_max"] = args.quant_max;
     ctx->saved_data["axis"] = optional_int(args.axis);

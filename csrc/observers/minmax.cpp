@@ -1,6 +1,7 @@
 // Range statistics, qparam math and the fused observe + fake-quantize operator.
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <qat/fake_quantize.h>
@@ -106,10 +107,22 @@ at::Tensor fused_observe_fake_quantize(
           buffer->numel() == channels, op, ": the running range has ", buffer->numel(),
           " entries but the input has ", channels, " channels");
     }
+    for (auto* target : {&scale, &zero_point}) {
+      if (target->numel() != channels) {
+        target->resize_({channels});
+      }
+    }
     const auto batch_min = std::get<0>(batch).cpu();
     const auto batch_max = std::get<1>(batch).cpu();
-    auto run_min = running_min.detach().to(at::kCPU).contiguous();
-    auto run_max = running_max.detach().to(at::kCPU).contiguous();
+    // On the CPU, with the buffers in the dtypes FakeQuantize keeps, the state is updated
+    // where it lies: a per-batch call on a small tensor is otherwise mostly copies.
+    const bool in_place = running_min.is_cpu() && running_max.is_cpu() && scale.is_cpu() &&
+                          zero_point.is_cpu() && running_min.is_contiguous() &&
+                          running_max.is_contiguous() && scale.is_contiguous() &&
+                          zero_point.is_contiguous() && scale.scalar_type() == at::kFloat &&
+                          zero_point.scalar_type() == at::kInt;
+    auto run_min = in_place ? running_min : running_min.detach().to(at::kCPU).contiguous();
+    auto run_max = in_place ? running_max : running_max.detach().to(at::kCPU).contiguous();
     float* lo = run_min.data_ptr<float>();
     float* hi = run_max.data_ptr<float>();
     const float* blo = batch_min.data_ptr<float>();
@@ -128,16 +141,26 @@ at::Tensor fused_observe_fake_quantize(
         hi[c] = hi[c] + k * (bhi[c] - hi[c]);
       }
     }
-    running_min.copy_(run_min);
-    running_max.copy_(run_max);
-    const auto qparams = qat::choose_qparams(run_min, run_max, quant_min, quant_max, symmetric);
-    for (auto* target : {&scale, &zero_point}) {
-      if (target->numel() != channels) {
-        target->resize_({channels});
+    if (in_place) {
+      float* s = scale.data_ptr<float>();
+      int32_t* z = zero_point.data_ptr<int32_t>();
+      for (int64_t c = 0; c < channels; ++c) {
+        const auto q = qparams_of(lo[c], hi[c], quant_min, quant_max, symmetric);
+        s[c] = q.first;
+        z[c] = static_cast<int32_t>(q.second);
       }
+      // Writes through data_ptr bypass autograd's version counters: bump them as copy_
+      // would, so that a backward still holding the old values notices.
+      for (auto* t : {&running_min, &running_max, &scale, &zero_point}) {
+        torch::autograd::impl::bump_version(*t);
+      }
+    } else {
+      running_min.copy_(run_min);
+      running_max.copy_(run_max);
+      const auto qparams = qat::choose_qparams(run_min, run_max, quant_min, quant_max, symmetric);
+      scale.copy_(std::get<0>(qparams));
+      zero_point.copy_(std::get<1>(qparams));
     }
-    scale.copy_(std::get<0>(qparams));
-    zero_point.copy_(std::get<1>(qparams));
   }
   if (!fake_quantize_enabled) {
     return input.clone();

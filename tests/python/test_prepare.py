@@ -69,7 +69,7 @@ def _check_scripted_matches_and_trains(qmodel, x, y):
         torch.manual_seed(1)  # the same dropout masks for both
         losses = _train(loaded, x, y)
     torch.manual_seed(1)
-    torch.testing.assert_close(losses, _train(qmodel, x, y))
+    torch.testing.assert_close(losses, _train(qmodel, x, y), rtol=0, atol=0)
 
 
 _TORCHVISION_MODELS = [

@@ -82,6 +82,16 @@ class _ConvBnNd:
         # The conv bias is added after undoing the scale: it is not part of the folded
         # weight's product.
         conv = self._conv_forward(input, scaled_weight, None)
+        if self.bn.training and self.bn.track_running_stats:
+            # bn(conv / scale_factor + bias) with batch statistics, in one operator whose
+            # backward skips a pass over the output (see torch.ops.qat.unscaled_batch_norm).
+            self.bn.num_batches_tracked.add_(1)
+            momentum = self.bn.momentum
+            factor = (1.0 / float(self.bn.num_batches_tracked) if momentum is None
+                      else momentum)
+            return torch.ops.qat.unscaled_batch_norm(
+                conv, scale_factor, self.bias, self.bn.weight, self.bn.bias,
+                self.bn.running_mean, self.bn.running_var, factor, self.bn.eps)
         channels = [1, -1] + ones[1:]
         conv = conv / scale_factor.reshape(channels)
         bias = self.bias
