@@ -343,3 +343,20 @@ def test_cuda_module_matches_cpu(observer, estimator):
             on_gpu = gpu.state_dict()[key]
             assert on_gpu.device.type == "cuda", key
             assert torch.equal(on_gpu.cpu(), value), key
+
+
+def test_two_forwards_then_one_backward_use_each_forwards_qparams():
+    """Gradient accumulation: the observer rewrites scale and zero point on the second
+    forward; the first forward's backward still sees the qparams it used."""
+    fq = FakeQuantize(QuantSpec(observer="minmax"))
+    a = torch.linspace(-1, 1, 11, requires_grad=True)
+    b = torch.linspace(-4, 4, 11, requires_grad=True)
+    first = fq(a)
+    first_scale = fq.scale.clone()
+    second = fq(b * 0.5)
+    assert fq.scale.item() != first_scale.item()
+    (first.sum() + second.sum()).backward()
+    # STE: gradient 1 inside each forward's own clamping range (both ranges hold all
+    # of their inputs here).
+    torch.testing.assert_close(a.grad, torch.ones(11))
+    torch.testing.assert_close(b.grad, torch.full((11,), 0.5))
