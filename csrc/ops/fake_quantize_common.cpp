@@ -70,17 +70,43 @@ c10::optional<int64_t> check_arguments(
   return normalized;
 }
 
+namespace {
+
+// The values of a small tensor as doubles. A CPU tensor is read where it lies: this runs
+// several times per fake-quantize call, where converting copies would cost more than the
+// arithmetic on a small activation.
+std::vector<double> values_of(const at::Tensor& t) {
+  const auto src = t.detach();
+  std::vector<double> out(static_cast<size_t>(src.numel()));
+  const auto read = [&out](const at::Tensor& cpu) {
+    AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, cpu.scalar_type(), "values_of", [&] {
+      const scalar_t* p = cpu.data_ptr<scalar_t>();
+      for (size_t i = 0; i < out.size(); ++i) {
+        out[i] = static_cast<double>(p[i]);
+      }
+    });
+  };
+  if (src.is_cpu() && src.is_contiguous()) {
+    read(src);
+  } else {
+    read(src.to(at::kCPU).contiguous());
+  }
+  return out;
+}
+
+}  // namespace
+
 QParams read_qparams(
     const char* op, const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
     int64_t quant_max) {
-  const auto s = scale.detach().to(at::kCPU, at::kDouble).contiguous();
-  const auto z = zero_point.detach().to(at::kCPU, at::kDouble).contiguous();
-  const double* sp = s.data_ptr<double>();
-  const double* zp = z.data_ptr<double>();
+  const auto s = values_of(scale);
+  const auto z = values_of(zero_point);
+  const double* sp = s.data();
+  const double* zp = z.data();
   QParams q;
-  q.scale.resize(s.numel());
-  q.zero_point.resize(z.numel());
-  for (const auto i : c10::irange(s.numel())) {
+  q.scale.resize(s.size());
+  q.zero_point.resize(z.size());
+  for (const auto i : c10::irange(s.size())) {
     // Kernels use the float32 scale, as PyTorch's fake-quant ops do.
     const float sf = static_cast<float>(sp[i]);
     TORCH_CHECK(
@@ -89,7 +115,7 @@ QParams read_qparams(
         "] = ", sp[i]);
     q.scale[i] = sf;
   }
-  for (const auto i : c10::irange(z.numel())) {
+  for (const auto i : c10::irange(z.size())) {
     TORCH_CHECK(
         std::isfinite(zp[i]), op, ": zero_point must be finite, got zero_point[", i, "] = ", zp[i]);
     const double rounded = std::nearbyint(zp[i]);
