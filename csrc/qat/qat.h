@@ -1,7 +1,6 @@
 #pragma once
 
 /// Umbrella header of qat's C++ API.
-#include <qat/batch_norm.h>
 #include <qat/estimator.h>
 #include <qat/fake_quantize.h>
 #include <qat/observers.h>

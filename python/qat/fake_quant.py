@@ -171,6 +171,56 @@ class FakeQuantize(_QuantState):
         return torch.ops.qat.fake_quantize(x, self.scale, self.zero_point, self.quant_min,
                                            self.quant_max, axis, self.estimator, None, 1e-3)
 
+    def fake_quantize_folded(self, weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """``self(weight * f) / f`` with one factor ``f`` per output channel (axis 0): the
+        fake-quantized folded weight of a conv + batch norm, folded back, so that
+        ``conv(x, result) == conv(x, self(weight * f)) / f``.
+
+        The qparams are those of ``weight * f`` (what the integer model stores), but for
+        the minmax and moving-average observers per channel along axis 0 the scaled weight
+        is never built: its range per channel is ``f`` times that of ``weight``, and
+        quantizing ``weight * f`` with scale ``S`` and zero point ``Z`` equals ``f`` times
+        quantizing ``weight`` with scale ``S / |f|`` and zero point ``Z`` (``f > 0``) or
+        ``quant_min + quant_max - Z`` (``f < 0``: the range flips). That saves a multiply,
+        a divide and their backward passes over the weight every step. Its gradient
+        treats the rounding error of the folded weight as constant with respect to ``f``
+        (the straight-through estimator of the unfolded formula differentiates it).
+        """
+        shape = [-1] + [1] * (weight.dim() - 1)
+        observe = bool(self.observer_enabled[0])
+        quantize = bool(self.fake_quant_enabled[0])
+        folds = self.per_channel and self.ch_axis == 0 and (
+            (self.fused and not self.learns_qparams) or (self.learns_qparams and not observe))
+        if not torch.jit.is_scripting():
+            folds = folds and not distributed_active()
+        if not folds:
+            f = factor.reshape(shape)
+            return self(weight * f) / f
+        if observe:
+            # The per-channel extremes of weight * f, as a [C, 2] tensor for the fused
+            # operator to observe; channels without a finite value stay unobserved.
+            lo, hi, nonfinite = torch.ops.qat.aminmax(weight.detach(), 0)
+            f = factor.detach()
+            ends = torch.stack([lo * f, hi * f], 1)
+            self.observer.nonfinite_count += nonfinite.sum()
+            torch.ops.qat.fused_observe_fake_quantize(
+                ends, self.observer.min_val, self.observer.max_val, self.scale,
+                self.zero_point, self.quant_min, self.quant_max, 0, self.averaging_constant,
+                self.symmetric, True, False, self.estimator, None)
+        if not quantize:
+            return weight
+        if self.learns_scale:
+            with torch.no_grad():
+                self.scale.clamp_(min=self.min_scale)
+        magnitude = factor.abs().clamp(min=self.min_scale)
+        if not self.learns_scale:
+            magnitude = magnitude.detach()
+        folded_zero_point = torch.where(
+            factor < 0, self.quant_min + self.quant_max - self.zero_point, self.zero_point)
+        return torch.ops.qat.fake_quantize(
+            weight, self.scale / magnitude, folded_zero_point, self.quant_min, self.quant_max,
+            0, self.estimator, None, 1e-3)
+
     def calculate_qparams(self):
         """The observer's (scale, zero_point) for what it has seen."""
         return self.observer.calculate_qparams()

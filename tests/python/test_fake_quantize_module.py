@@ -360,3 +360,47 @@ def test_two_forwards_then_one_backward_use_each_forwards_qparams():
     # of their inputs here).
     torch.testing.assert_close(a.grad, torch.ones(11))
     torch.testing.assert_close(b.grad, torch.full((11,), 0.5))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fake_quantize_folded_equals_quantizing_the_scaled_weight(symmetric):
+    """fake_quantize_folded(w, f) against fq(w * f) / f computed with PyTorch's own
+    per-channel fake quantization on the explicitly scaled weight, with a negative and a
+    tiny factor among the channels."""
+    torch.manual_seed(0)
+    spec = QuantSpec(observer="minmax", symmetric=symmetric, per_channel=True, axis=0)
+    fq = FakeQuantize(spec)
+    weight = torch.randn(5, 3, 3, 3, requires_grad=True)
+    factor = torch.tensor([0.5, -2.0, 1.0, 3e-3, -0.7])
+    out = fq.fake_quantize_folded(weight, factor)
+
+    scaled = (weight * factor.reshape(-1, 1, 1, 1)).detach()
+    torch.testing.assert_close(fq.observer.min_val, scaled.amin((1, 2, 3)), rtol=0, atol=0)
+    torch.testing.assert_close(fq.observer.max_val, scaled.amax((1, 2, 3)), rtol=0, atol=0)
+    expected = torch.fake_quantize_per_channel_affine(
+        scaled, fq.scale, fq.zero_point, 0, fq.quant_min, fq.quant_max)
+    expected = expected / factor.reshape(-1, 1, 1, 1)
+    step = (fq.scale / factor.abs()).reshape(-1, 1, 1, 1)
+    difference = (out - expected).abs() / step
+    # The same integers, but for a rare tie rounded the other way in float32.
+    assert difference.max() <= 1.0 + 1e-3
+    assert (difference < 1e-3).float().mean() >= 0.99
+    out.sum().backward()
+    # Straight through where the reference does not clamp (its own STE mask).
+    ref_weight = weight.detach().clone().requires_grad_()
+    torch.fake_quantize_per_channel_affine(
+        ref_weight * factor.reshape(-1, 1, 1, 1), fq.scale, fq.zero_point, 0, fq.quant_min,
+        fq.quant_max).div(factor.reshape(-1, 1, 1, 1)).sum().backward()
+    assert (weight.grad == ref_weight.grad).float().mean() >= 0.99
+
+
+def test_fake_quantize_folded_falls_back_for_histogram_observers():
+    torch.manual_seed(0)
+    fq = FakeQuantize(QuantSpec(observer="mse", symmetric=True, per_channel=True, bins=64))
+    weight = torch.randn(4, 6)
+    factor = torch.tensor([1.5, -0.5, 2.0, 0.25])
+    out = fq.fake_quantize_folded(weight, factor)
+    reference = FakeQuantize(QuantSpec(observer="mse", symmetric=True, per_channel=True,
+                                       bins=64))
+    expected = reference(weight * factor.reshape(-1, 1)) / factor.reshape(-1, 1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -177,17 +177,21 @@ def test_conv_bn_train_matches_pytorch_qat(bias):
         strict=False)
     ref.weight_fake_quant.disable_fake_quant()
     ref.weight_fake_quant.disable_observer()
-    mod.train()
-    ref.train()
+    # In float64: PyTorch divides the conv output by the fold factor, qat the weight,
+    # which rounds differently in float32.
+    mod.double().train()
+    ref.double().train()
     for step in range(3):
-        x = torch.randn(4, 3, 6, 6) + step
+        x = torch.randn(4, 3, 6, 6, dtype=torch.float64) + step
         out, ref_out = mod(x), ref(x)
-        torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
-        torch.testing.assert_close(mod.bn.running_mean, ref.bn.running_mean, rtol=0, atol=1e-5)
-        torch.testing.assert_close(mod.bn.running_var, ref.bn.running_var, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out, ref_out)
+        torch.testing.assert_close(mod.bn.running_mean, ref.bn.running_mean)
+        torch.testing.assert_close(mod.bn.running_var, ref.bn.running_var)
         out.square().sum().backward()
         ref_out.square().sum().backward()
-        torch.testing.assert_close(mod.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+        for name in ("weight", "bn.weight", "bn.bias"):
+            torch.testing.assert_close(mod.get_parameter(name).grad,
+                                       ref.get_parameter(name).grad, msg=name)
 
 
 def test_conv_bn_relu_applies_relu_and_quantizes_the_folded_weight():
@@ -248,56 +252,3 @@ def test_registry(monkeypatch):
         qat.register_module(Scale, "QatScale")
     with pytest.raises(TypeError, match="qat_cls .*from_float"):
         qat.register_module(Scale, Scale)
-
-
-@pytest.mark.parametrize("with_b, affine", [(False, True), (True, True), (True, False)])
-def test_unscaled_batch_norm_matches_the_plain_composition(with_b, affine):
-    """torch.ops.qat.unscaled_batch_norm against autograd through F.batch_norm(z / s + b):
-    the output, every gradient (the fold factor's by its closed form) and the running
-    statistics, in float64."""
-    gen = torch.Generator().manual_seed(0)
-
-    def leaf(*shape, low=-1.0, high=1.0):
-        t = torch.rand(*shape, generator=gen, dtype=torch.float64) * (high - low) + low
-        return t.requires_grad_()
-
-    z = leaf(4, 3, 5, 5, low=-3, high=3)
-    s = torch.tensor([0.7, -1.3, 2.0], dtype=torch.float64, requires_grad=True)
-    b = leaf(3) if with_b else None
-    weight = leaf(3, low=0.5, high=1.5) if affine else None
-    bias = leaf(3) if affine else None
-    # A small-variance channel, where eps matters to the fold factor's gradient.
-    with torch.no_grad():
-        z[:, 2] *= 1e-3
-    stats = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
-    ref_stats = [t.clone() for t in stats]
-    grad_out = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)
-    eps = 1e-3
-
-    out = torch.ops.qat.unscaled_batch_norm(z, s, b, weight, bias, *stats, 0.25, eps)
-    inputs = [t for t in (z, s, b, weight, bias) if t is not None]
-    grads = torch.autograd.grad(out, inputs, grad_out)
-
-    u = z / s.reshape(1, -1, 1, 1)
-    if b is not None:
-        u = u + b.reshape(1, -1, 1, 1)
-    expected = F.batch_norm(u, *ref_stats, weight, bias, True, 0.25, eps)
-    expected_grads = torch.autograd.grad(expected, inputs, grad_out)
-    torch.testing.assert_close(out, expected)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want)
-    for got, want in zip(stats, ref_stats):
-        torch.testing.assert_close(got, want)
-
-
-def test_unscaled_batch_norm_rejects_mismatched_shapes():
-    z = torch.randn(2, 3, 4)
-    with pytest.raises(RuntimeError, match="s must hold one value per channel"):
-        torch.ops.qat.unscaled_batch_norm(z, torch.ones(4), None, None, None, None, None,
-                                          0.1, 1e-5)
-    with pytest.raises(RuntimeError, match="b must be shaped like s"):
-        torch.ops.qat.unscaled_batch_norm(z, torch.ones(3), torch.ones(2), None, None, None,
-                                          None, 0.1, 1e-5)
-    with pytest.raises(RuntimeError, match="z must be"):
-        torch.ops.qat.unscaled_batch_norm(torch.randn(3), torch.ones(3), None, None, None,
-                                          None, None, 0.1, 1e-5)

@@ -76,28 +76,12 @@ class _ConvBnNd:
     def _conv_bn(self, input: torch.Tensor) -> torch.Tensor:
         running_std = torch.sqrt(self.bn.running_var + self.bn.eps)
         scale_factor = self.bn.weight / running_std
-        # [C, 1, ...] against the weight, [1, C, 1, ...] against the output.
-        ones = [1] * (self.weight.dim() - 1)
-        scaled_weight = self.weight_fake_quant(self.weight * scale_factor.reshape([-1] + ones))
-        # The conv bias is added after undoing the scale: it is not part of the folded
-        # weight's product.
-        conv = self._conv_forward(input, scaled_weight, None)
-        if self.bn.training and self.bn.track_running_stats:
-            # bn(conv / scale_factor + bias) with batch statistics, in one operator whose
-            # backward skips a pass over the output (see torch.ops.qat.unscaled_batch_norm).
-            self.bn.num_batches_tracked.add_(1)
-            momentum = self.bn.momentum
-            factor = (1.0 / float(self.bn.num_batches_tracked) if momentum is None
-                      else momentum)
-            return torch.ops.qat.unscaled_batch_norm(
-                conv, scale_factor, self.bias, self.bn.weight, self.bn.bias,
-                self.bn.running_mean, self.bn.running_var, factor, self.bn.eps)
-        channels = [1, -1] + ones[1:]
-        conv = conv / scale_factor.reshape(channels)
-        bias = self.bias
-        if bias is not None:
-            conv = conv + bias.reshape(channels)
-        return self.bn(conv)
+        # conv(x, fq(w * f)) / f per channel, as conv(x, fq(w * f) / f): the division
+        # lands on the weight, not on the (usually larger) output, and the folded weight
+        # need not be built (FakeQuantize.fake_quantize_folded). The conv bias is added
+        # after the division: it is not part of the folded weight's product.
+        weight = self.weight_fake_quant.fake_quantize_folded(self.weight, scale_factor)
+        return self.bn(self._conv_forward(input, weight, self.bias))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._conv_bn(input)
