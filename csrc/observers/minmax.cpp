@@ -62,6 +62,127 @@ std::tuple<int64_t, int64_t> quant_range_op(int64_t bits, bool is_signed, bool n
   return {range.first, range.second};
 }
 
+struct ObserverState {
+  at::Tensor& running_min;
+  at::Tensor& running_max;
+  at::Tensor& scale;
+  at::Tensor& zero_point;
+  int64_t quant_min;
+  int64_t quant_max;
+  c10::optional<double> averaging_constant;
+  bool symmetric;
+};
+
+void check_observer_state(const char* op, const ObserverState& state) {
+  detail::check_quant_range(op, state.quant_min, state.quant_max);
+  const auto& average = state.averaging_constant;
+  TORCH_CHECK(
+      !average.has_value() || (*average > 0.0 && *average <= 1.0), op,
+      ": averaging_constant must be in (0, 1], got ", *average);
+  TORCH_CHECK(
+      !state.scale.requires_grad() && !state.zero_point.requires_grad(), op,
+      ": scale and zero_point are overwritten when observe=True, so they must not require "
+      "grad (estimators that learn them are initialized by an observer, then observe=False)");
+  for (const auto* buffer : {&state.running_min, &state.running_max}) {
+    TORCH_CHECK(
+        buffer->scalar_type() == at::kFloat, op,
+        ": running_min and running_max must be float32 tensors, got ", buffer->scalar_type());
+  }
+}
+
+// Adds NaN/inf counts to the optional nonfinite_count buffer (one entry, or one per
+// channel).
+void count_nonfinite(
+    const char* op, const c10::optional<at::Tensor>& nonfinite_count, const at::Tensor& counts) {
+  if (!nonfinite_count.has_value() || !nonfinite_count->defined()) {
+    return;
+  }
+  auto count = *nonfinite_count;
+  if (count.numel() == 1) {
+    count.add_(counts.sum().to(count.device()));
+  } else {
+    TORCH_CHECK(
+        count.numel() == counts.numel(), op, ": nonfinite_count has ", count.numel(),
+        " entries; expected 1 or one per channel (", counts.numel(), ")");
+    count.add_(counts.to(count.device()).reshape(count.sizes()));
+  }
+}
+
+// Folds one batch's per-channel range (CPU float32; min > max where the batch had no
+// finite value) into the running range, and sets scale and zero point from it.
+void update_observer_state(
+    const char* op, ObserverState& state, const at::Tensor& batch_min,
+    const at::Tensor& batch_max) {
+  const int64_t channels = batch_min.numel();
+  // Per-channel state learns its size from the first batch.
+  for (auto* buffer : {&state.running_min, &state.running_max}) {
+    if (buffer->numel() == 0) {
+      buffer->resize_({channels});
+      buffer->fill_(buffer == &state.running_min ? kInf : -kInf);
+    }
+    TORCH_CHECK(
+        buffer->numel() == channels, op, ": the running range has ", buffer->numel(),
+        " entries but the input has ", channels, " channels");
+  }
+  for (auto* target : {&state.scale, &state.zero_point}) {
+    if (target->numel() != channels) {
+      target->resize_({channels});
+    }
+  }
+  // On the CPU, with the buffers in the dtypes FakeQuantize keeps, the state is updated
+  // where it lies: a per-batch call on a small tensor is otherwise mostly copies.
+  const bool in_place =
+      state.running_min.is_cpu() && state.running_max.is_cpu() && state.scale.is_cpu() &&
+      state.zero_point.is_cpu() && state.running_min.is_contiguous() &&
+      state.running_max.is_contiguous() && state.scale.is_contiguous() &&
+      state.zero_point.is_contiguous() && state.scale.scalar_type() == at::kFloat &&
+      state.zero_point.scalar_type() == at::kInt;
+  auto run_min =
+      in_place ? state.running_min : state.running_min.detach().to(at::kCPU).contiguous();
+  auto run_max =
+      in_place ? state.running_max : state.running_max.detach().to(at::kCPU).contiguous();
+  float* lo = run_min.data_ptr<float>();
+  float* hi = run_max.data_ptr<float>();
+  const float* blo = batch_min.data_ptr<float>();
+  const float* bhi = batch_max.data_ptr<float>();
+  const auto& average = state.averaging_constant;
+  for (int64_t c = 0; c < channels; ++c) {
+    if (!(blo[c] <= bhi[c])) {
+      continue;  // no finite value in this channel of the batch
+    }
+    if (!average.has_value() || !(lo[c] <= hi[c])) {
+      // MinMax, or the first observation of a moving average.
+      lo[c] = average.has_value() ? blo[c] : std::min(lo[c], blo[c]);
+      hi[c] = average.has_value() ? bhi[c] : std::max(hi[c], bhi[c]);
+    } else {
+      const float k = static_cast<float>(*average);
+      lo[c] = lo[c] + k * (blo[c] - lo[c]);
+      hi[c] = hi[c] + k * (bhi[c] - hi[c]);
+    }
+  }
+  if (in_place) {
+    float* sp = state.scale.data_ptr<float>();
+    int32_t* zp = state.zero_point.data_ptr<int32_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      const auto q = qparams_of(lo[c], hi[c], state.quant_min, state.quant_max, state.symmetric);
+      sp[c] = q.first;
+      zp[c] = static_cast<int32_t>(q.second);
+    }
+    // Writes through data_ptr bypass autograd's version counters: bump them as copy_
+    // would, so that a backward still holding the old values notices.
+    for (auto* t : {&state.running_min, &state.running_max, &state.scale, &state.zero_point}) {
+      torch::autograd::impl::bump_version(*t);
+    }
+  } else {
+    state.running_min.copy_(run_min);
+    state.running_max.copy_(run_max);
+    const auto qparams =
+        qat::choose_qparams(run_min, run_max, state.quant_min, state.quant_max, state.symmetric);
+    state.scale.copy_(std::get<0>(qparams));
+    state.zero_point.copy_(std::get<1>(qparams));
+  }
+}
+
 at::Tensor fused_observe_fake_quantize(
     const at::Tensor& input, at::Tensor& running_min, at::Tensor& running_max, at::Tensor& scale,
     at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis,
@@ -69,98 +190,15 @@ at::Tensor fused_observe_fake_quantize(
     bool fake_quantize_enabled, c10::string_view estimator,
     const c10::optional<at::Tensor>& nonfinite_count) {
   constexpr const char* op = "qat::fused_observe_fake_quantize";
+  ObserverState state{running_min, running_max, scale,
+                      zero_point,  quant_min,   quant_max,
+                      averaging_constant, symmetric};
   detail::check_quant_range(op, quant_min, quant_max);
-  TORCH_CHECK(
-      !averaging_constant.has_value() || (*averaging_constant > 0.0 && *averaging_constant <= 1.0),
-      op, ": averaging_constant must be in (0, 1], got ", *averaging_constant);
   if (observe) {
-    TORCH_CHECK(
-        !scale.requires_grad() && !zero_point.requires_grad(), op,
-        ": scale and zero_point are overwritten when observe=True, so they must not require "
-        "grad (estimators that learn them are initialized by an observer, then observe=False)");
-    for (const auto* buffer : {&running_min, &running_max}) {
-      TORCH_CHECK(
-          buffer->scalar_type() == at::kFloat, op,
-          ": running_min and running_max must be float32 tensors, got ", buffer->scalar_type());
-    }
+    check_observer_state(op, state);
     const auto batch = qat::aminmax(input.detach(), axis);
-    const int64_t channels = std::get<0>(batch).numel();
-    if (nonfinite_count.has_value() && nonfinite_count->defined()) {
-      // Skipped NaN/inf values are counted for reports, per tensor or per channel.
-      auto count = *nonfinite_count;
-      if (count.numel() == 1) {
-        count.add_(std::get<2>(batch).sum().to(count.device()));
-      } else {
-        TORCH_CHECK(
-            count.numel() == channels, op, ": nonfinite_count has ", count.numel(),
-            " entries; expected 1 or one per channel (", channels, ")");
-        count.add_(std::get<2>(batch).to(count.device()).reshape(count.sizes()));
-      }
-    }
-    // Per-channel state learns its size from the first batch.
-    for (auto* buffer : {&running_min, &running_max}) {
-      if (buffer->numel() == 0) {
-        buffer->resize_({channels});
-        buffer->fill_(buffer == &running_min ? kInf : -kInf);
-      }
-      TORCH_CHECK(
-          buffer->numel() == channels, op, ": the running range has ", buffer->numel(),
-          " entries but the input has ", channels, " channels");
-    }
-    for (auto* target : {&scale, &zero_point}) {
-      if (target->numel() != channels) {
-        target->resize_({channels});
-      }
-    }
-    const auto batch_min = std::get<0>(batch).cpu();
-    const auto batch_max = std::get<1>(batch).cpu();
-    // On the CPU, with the buffers in the dtypes FakeQuantize keeps, the state is updated
-    // where it lies: a per-batch call on a small tensor is otherwise mostly copies.
-    const bool in_place = running_min.is_cpu() && running_max.is_cpu() && scale.is_cpu() &&
-                          zero_point.is_cpu() && running_min.is_contiguous() &&
-                          running_max.is_contiguous() && scale.is_contiguous() &&
-                          zero_point.is_contiguous() && scale.scalar_type() == at::kFloat &&
-                          zero_point.scalar_type() == at::kInt;
-    auto run_min = in_place ? running_min : running_min.detach().to(at::kCPU).contiguous();
-    auto run_max = in_place ? running_max : running_max.detach().to(at::kCPU).contiguous();
-    float* lo = run_min.data_ptr<float>();
-    float* hi = run_max.data_ptr<float>();
-    const float* blo = batch_min.data_ptr<float>();
-    const float* bhi = batch_max.data_ptr<float>();
-    for (int64_t c = 0; c < channels; ++c) {
-      if (!(blo[c] <= bhi[c])) {
-        continue;  // no finite value in this channel of the batch
-      }
-      if (!averaging_constant.has_value() || !(lo[c] <= hi[c])) {
-        // MinMax, or the first observation of a moving average.
-        lo[c] = averaging_constant.has_value() ? blo[c] : std::min(lo[c], blo[c]);
-        hi[c] = averaging_constant.has_value() ? bhi[c] : std::max(hi[c], bhi[c]);
-      } else {
-        const float k = static_cast<float>(*averaging_constant);
-        lo[c] = lo[c] + k * (blo[c] - lo[c]);
-        hi[c] = hi[c] + k * (bhi[c] - hi[c]);
-      }
-    }
-    if (in_place) {
-      float* s = scale.data_ptr<float>();
-      int32_t* z = zero_point.data_ptr<int32_t>();
-      for (int64_t c = 0; c < channels; ++c) {
-        const auto q = qparams_of(lo[c], hi[c], quant_min, quant_max, symmetric);
-        s[c] = q.first;
-        z[c] = static_cast<int32_t>(q.second);
-      }
-      // Writes through data_ptr bypass autograd's version counters: bump them as copy_
-      // would, so that a backward still holding the old values notices.
-      for (auto* t : {&running_min, &running_max, &scale, &zero_point}) {
-        torch::autograd::impl::bump_version(*t);
-      }
-    } else {
-      running_min.copy_(run_min);
-      running_max.copy_(run_max);
-      const auto qparams = qat::choose_qparams(run_min, run_max, quant_min, quant_max, symmetric);
-      scale.copy_(std::get<0>(qparams));
-      zero_point.copy_(std::get<1>(qparams));
-    }
+    count_nonfinite(op, nonfinite_count, std::get<2>(batch));
+    update_observer_state(op, state, std::get<0>(batch).cpu(), std::get<1>(batch).cpu());
   }
   if (!fake_quantize_enabled) {
     return input.clone();
@@ -168,6 +206,62 @@ at::Tensor fused_observe_fake_quantize(
   return qat::fake_quantize(
       input, scale, zero_point, quant_min, quant_max, axis,
       std::string(estimator.data(), estimator.size()));
+}
+
+at::Tensor fake_quantize_folded(
+    const at::Tensor& weight, const at::Tensor& factor, at::Tensor& running_min,
+    at::Tensor& running_max, at::Tensor& scale, at::Tensor& zero_point, int64_t quant_min,
+    int64_t quant_max, c10::optional<double> averaging_constant, bool symmetric, bool observe,
+    bool fake_quantize_enabled, c10::string_view estimator,
+    const c10::optional<at::Tensor>& nonfinite_count) {
+  constexpr const char* op = "qat::fake_quantize_folded";
+  ObserverState state{running_min, running_max, scale,
+                      zero_point,  quant_min,   quant_max,
+                      averaging_constant, symmetric};
+  detail::check_quant_range(op, quant_min, quant_max);
+  TORCH_CHECK(
+      weight.dim() >= 1 && factor.dim() == 1 && factor.numel() == weight.size(0), op,
+      ": factor must hold one value per output channel (axis 0) of the weight, got shape ",
+      factor.sizes(), " for a weight of shape ", weight.sizes());
+  if (observe) {
+    check_observer_state(op, state);
+    // The range of weight * f per channel is f times the weight's, its ends swapped where
+    // f < 0: the scaled weight is never built.
+    const auto batch = qat::aminmax(weight.detach(), 0);
+    count_nonfinite(op, nonfinite_count, std::get<2>(batch));
+    const auto f = factor.detach().to(at::kCPU, at::kFloat).contiguous();
+    auto lo = std::get<0>(batch).cpu().contiguous();
+    auto hi = std::get<1>(batch).cpu().contiguous();
+    float* lp = lo.data_ptr<float>();
+    float* hp = hi.data_ptr<float>();
+    const float* fp = f.data_ptr<float>();
+    for (int64_t c = 0; c < lo.numel(); ++c) {
+      if (!(lp[c] <= hp[c])) {
+        continue;  // nothing finite: stays unobserved
+      }
+      const float a = lp[c] * fp[c];
+      const float b = hp[c] * fp[c];
+      lp[c] = std::min(a, b);
+      hp[c] = std::max(a, b);
+    }
+    update_observer_state(op, state, lo, hi);
+  }
+  if (!fake_quantize_enabled) {
+    return weight.clone();
+  }
+  // Quantizing w * f with (S, Z) is f times quantizing w with (S / |f|, Z), or with zero
+  // point quant_min + quant_max - Z where f < 0 (the integer range flips).
+  auto magnitude = factor.abs().clamp_min(std::numeric_limits<float>::epsilon());
+  if (!scale.requires_grad()) {
+    magnitude = magnitude.detach();
+  }
+  const auto device = weight.device();
+  const auto folded_zero_point = at::where(
+      factor.detach().lt(0).to(zero_point.device()), zero_point.neg().add(quant_min + quant_max),
+      zero_point);
+  return qat::fake_quantize(
+      weight, (scale / magnitude.to(scale.device())).to(device), folded_zero_point.to(device),
+      quant_min, quant_max, 0, std::string(estimator.data(), estimator.size()));
 }
 
 }  // namespace
@@ -258,4 +352,12 @@ TORCH_LIBRARY_FRAGMENT(qat, m) {
       "bool fake_quantize=True, str estimator=\"ste\", Tensor(e!)? nonfinite_count=None) -> Tensor",
       torch::dispatch(
           c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(qat::fused_observe_fake_quantize)));
+  m.def(
+      "fake_quantize_folded(Tensor weight, Tensor factor, Tensor(a!) running_min, "
+      "Tensor(b!) running_max, Tensor(c!) scale, Tensor(d!) zero_point, int quant_min, "
+      "int quant_max, float? averaging_constant=None, bool symmetric=False, bool observe=True, "
+      "bool fake_quantize=True, str estimator=\"ste\", Tensor(e!)? nonfinite_count=None) -> "
+      "Tensor",
+      torch::dispatch(
+          c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(qat::fake_quantize_folded)));
 }

@@ -181,8 +181,9 @@ class FakeQuantize(_QuantState):
         is never built: its range per channel is ``f`` times that of ``weight``, and
         quantizing ``weight * f`` with scale ``S`` and zero point ``Z`` equals ``f`` times
         quantizing ``weight`` with scale ``S / |f|`` and zero point ``Z`` (``f > 0``) or
-        ``quant_min + quant_max - Z`` (``f < 0``: the range flips). That saves a multiply,
-        a divide and their backward passes over the weight every step. Its gradient
+        ``quant_min + quant_max - Z`` (``f < 0``: the range flips): one operator,
+        ``torch.ops.qat.fake_quantize_folded``, saves a multiply, a divide and their
+        backward passes over the weight every step. Its gradient
         treats the rounding error of the folded weight as constant with respect to ``f``
         (the straight-through estimator of the unfolded formula differentiates it).
         """
@@ -196,30 +197,13 @@ class FakeQuantize(_QuantState):
         if not folds:
             f = factor.reshape(shape)
             return self(weight * f) / f
-        if observe:
-            # The per-channel extremes of weight * f, as a [C, 2] tensor for the fused
-            # operator to observe; channels without a finite value stay unobserved.
-            lo, hi, nonfinite = torch.ops.qat.aminmax(weight.detach(), 0)
-            f = factor.detach()
-            ends = torch.stack([lo * f, hi * f], 1)
-            self.observer.nonfinite_count += nonfinite.sum()
-            torch.ops.qat.fused_observe_fake_quantize(
-                ends, self.observer.min_val, self.observer.max_val, self.scale,
-                self.zero_point, self.quant_min, self.quant_max, 0, self.averaging_constant,
-                self.symmetric, True, False, self.estimator, None)
-        if not quantize:
-            return weight
-        if self.learns_scale:
+        if self.learns_scale and quantize:
             with torch.no_grad():
                 self.scale.clamp_(min=self.min_scale)
-        magnitude = factor.abs().clamp(min=self.min_scale)
-        if not self.learns_scale:
-            magnitude = magnitude.detach()
-        folded_zero_point = torch.where(
-            factor < 0, self.quant_min + self.quant_max - self.zero_point, self.zero_point)
-        return torch.ops.qat.fake_quantize(
-            weight, self.scale / magnitude, folded_zero_point, self.quant_min, self.quant_max,
-            0, self.estimator, None, 1e-3)
+        return torch.ops.qat.fake_quantize_folded(
+            weight, factor, self.observer.min_val, self.observer.max_val, self.scale,
+            self.zero_point, self.quant_min, self.quant_max, self.averaging_constant,
+            self.symmetric, observe, quantize, self.estimator, self.observer.nonfinite_count)
 
     def calculate_qparams(self):
         """The observer's (scale, zero_point) for what it has seen."""

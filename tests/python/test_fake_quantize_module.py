@@ -404,3 +404,31 @@ def test_fake_quantize_folded_falls_back_for_histogram_observers():
                                        bins=64))
     expected = reference(weight * factor.reshape(-1, 1)) / factor.reshape(-1, 1)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_fake_quantize_folded_operator_rejects_a_factor_of_the_wrong_size():
+    fq = FakeQuantize(QuantSpec(observer="minmax", symmetric=True, per_channel=True))
+    with pytest.raises(RuntimeError, match="factor must hold one value per output channel"):
+        torch.ops.qat.fake_quantize_folded(
+            torch.randn(4, 3), torch.ones(3), fq.observer.min_val, fq.observer.max_val,
+            fq.scale, fq.zero_point, -128, 127)
+
+
+def test_fake_quantize_folded_learned_scale_gets_the_unfolded_gradient():
+    """With a learned (LSQ) scale, the folded path gives the scale the gradient that
+    fq(w * f) / f gives it, negative factors included."""
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=4, symmetric=True, per_channel=True, estimator="lsq")
+    weight = torch.randn(4, 8)
+    factor = torch.tensor([0.5, -2.0, 1.5, -0.3])
+    grads = []
+    for folded in (True, False):
+        fq = FakeQuantize(spec)
+        fq(weight * factor.reshape(-1, 1))  # the observer initializes the scale, then stops
+        assert not fq.observer_enabled.item()
+        out = (fq.fake_quantize_folded(weight, factor) if folded
+               else fq(weight * factor.reshape(-1, 1)) / factor.reshape(-1, 1))
+        (out * torch.arange(32.0).reshape(4, 8)).sum().backward()
+        grads.append((out.detach(), fq.scale.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
