@@ -449,28 +449,39 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
             inplace: bool = False) -> nn.Module:
     """Turns a float model into a QAT model, in train mode.
 
-    With ``torch.fx.symbolic_trace``: Conv2d -> BatchNorm2d (-> ReLU) are fused into
-    :class:`qat.modules.ConvBn2d` / :class:`qat.modules.ConvBnReLU2d` (batch norm folded
-    into the fake-quantized weight); every module with a registered QAT class
-    (:func:`qat.register_module`) is swapped for it, with the weight spec
-    ``config.spec_for(name, module)`` gives (None: it stays in float); a
+    With ``torch.fx``: ConvNd -> BatchNormNd (-> ReLU) are fused into
+    :class:`qat.modules.ConvBn2d` / :class:`qat.modules.ConvBnReLU2d` (and the 1d / 3d
+    ones; batch norm folded into the fake-quantized weight); every module with a
+    registered QAT class (:func:`qat.register_module`) is swapped for it, with the weight
+    spec ``config.spec_for(name, module)`` gives (None: it stays in float); a
     :class:`qat.FakeQuantize` with the activation spec is inserted at each input and after
     each op whose output the integer model holds quantized: swapped modules, ``+``, ``*``,
-    ``torch.add``, ``torch.mul``, ``torch.cat``, ``mean``, average pooling. Ops that keep
-    their input's qparams (relu, relu6, max pooling, flatten / reshape / view, dropout,
-    identity) get none. The inputs of ``torch.cat`` have no FakeQuantize of their own when
-    the cat is their only user: the one after the cat quantizes them all, as the integer
-    cat requantizes its inputs to its output's qparams. A float tensor entering a swapped
-    module is quantized first. With ``config.dynamic`` no activation FakeQuantize is added.
+    ``torch.add``, ``torch.mul``, ``torch.cat``, ``mean``, average pooling, hardswish. A
+    swapped module followed by a ReLU is quantized after the ReLU (the integer kernels
+    fuse it). Ops that keep their input's qparams (relu, relu6, max pooling, flatten /
+    reshape / view, dropout, identity) get none. The inputs of ``torch.cat`` have no
+    FakeQuantize of their own when the cat is their only user: the one after the cat
+    quantizes them all, as the integer cat requantizes its inputs to its output's qparams.
+    Sigmoid, hardsigmoid and tanh of a quantized tensor get a
+    :class:`qat.FixedQParamsFakeQuantize` (the fixed qparams of the integer kernels). A
+    float tensor entering a swapped module is quantized first. Weight-only modules
+    (embeddings) take their input as it is and get no output FakeQuantize. With
+    ``config.dynamic`` no activation FakeQuantize is added.
+
+    torch.nn containers that are not traced into (e.g. ``nn.TransformerEncoder``) have
+    their registered children swapped in place, each quantizing its output with a
+    FakeQuantize child, ``activation_post_process``; transformer layers with QAT children
+    are kept off PyTorch's fused eval kernel, which reads the float weights directly.
+    Parameter-free modules whose forward reads ``self.training`` stay modules, so that
+    ``eval()`` reaches them.
 
     When tracing fails (e.g. Python control flow on tensors) the registered modules are
-    swapped in place instead, with one warning naming the exception. Each swapped module
-    then quantizes its output with a FakeQuantize child, ``activation_post_process``, called
-    by a forward hook; there is no conv + bn fusion and no FakeQuantize at the inputs or
-    after functional ops.
+    swapped in place instead, with one warning naming the exception; there is then no
+    conv + bn fusion and no FakeQuantize at the inputs or after functional ops.
 
     Layers with parameters and no registered QAT class stay in float, with one warning
-    naming them.
+    naming them. The result can be scripted with ``torch.jit.script`` and keeps training
+    scripted (its FakeQuantize modules observe with the fused operator).
 
     Args:
         model: the float model.
