@@ -98,7 +98,12 @@ void count_nonfinite(
     return;
   }
   auto count = *nonfinite_count;
-  if (count.numel() == 1) {
+  if (count.numel() == 1 && counts.numel() == 1 && count.is_cpu() &&
+      count.scalar_type() == at::kLong && counts.is_cpu()) {
+    // The per-tensor case, every batch: one addition, not three small tensor ops.
+    count.data_ptr<int64_t>()[0] += counts.item<int64_t>();
+    torch::autograd::impl::bump_version(count);
+  } else if (count.numel() == 1) {
     count.add_(counts.sum().to(count.device()));
   } else {
     TORCH_CHECK(

@@ -185,6 +185,9 @@ BackwardInputs prepare_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_result(
     const at::Tensor& grad_input, const at::Tensor& scale_sums, const at::Tensor& zero_point_sums,
     const at::Tensor& scale, const at::Tensor& zero_point) {
+  if (!scale_sums.defined()) {
+    return {grad_input, at::Tensor(), at::Tensor()};  // neither gradient was asked for
+  }
   const auto zero_point_options = scale.options().dtype(
       at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type() : at::kFloat);
   return {

@@ -80,7 +80,8 @@ BackwardInputs prepare_backward(
     bool scale_grad_inside, double ewgs_delta);
 
 // (grad_input, grad_scale, grad_zero_point) from per-channel float64 sums: shaped and
-// typed like scale, and like zero_point with a floating dtype.
+// typed like scale, and like zero_point with a floating dtype; undefined sums (neither
+// gradient asked for) give undefined gradients.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_result(
     const at::Tensor& grad_input, const at::Tensor& scale_sums, const at::Tensor& zero_point_sums,
     const at::Tensor& scale, const at::Tensor& zero_point);

@@ -21,7 +21,8 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_forward(
 // Gradients of a fake-quantize call from `saved`: the code of the forward (uint8) or the
 // input itself (floating point, needed for in-range scale gradients and EWGS).
 // Returns (grad_input, grad_scale, grad_zero_point); the last two are unscaled sums
-// shaped like scale, zero where not requested.
+// shaped like scale: zero for one not requested when the other is, undefined (None in
+// Python) when neither is.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward(
     const at::Tensor& grad, const at::Tensor& saved, const at::Tensor& scale,
     const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis,

@@ -130,8 +130,8 @@ class FakeQuantize(_QuantState):
         # (from Python or a C++ trainer): scripted, the fused operator observes, and the
         # Python-only paths (other observers, the first batch of learned qparams,
         # torch.distributed) raise or are left out.
-        observe = bool(self.observer_enabled[0])
-        quantize = bool(self.fake_quant_enabled[0])
+        observe = bool(self.observer_enabled)
+        quantize = bool(self.fake_quant_enabled)
         if not observe and not quantize:
             return x
         axis = self._axis(x)
@@ -188,8 +188,8 @@ class FakeQuantize(_QuantState):
         (the straight-through estimator of the unfolded formula differentiates it).
         """
         shape = [-1] + [1] * (weight.dim() - 1)
-        observe = bool(self.observer_enabled[0])
-        quantize = bool(self.fake_quant_enabled[0])
+        observe = bool(self.observer_enabled)
+        quantize = bool(self.fake_quant_enabled)
         folds = self.per_channel and self.ch_axis == 0 and (
             (self.fused and not self.learns_qparams) or (self.learns_qparams and not observe))
         if not torch.jit.is_scripting():

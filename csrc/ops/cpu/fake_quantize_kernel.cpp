@@ -84,8 +84,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
       scale_grad_inside, ewgs_delta);
   at::Tensor grad_input = at::empty_like(in.grad);
   const int64_t channels = static_cast<int64_t>(in.qparams.scale.size());
-  at::Tensor scale_sums = at::zeros({channels}, at::kDouble);
-  at::Tensor zero_point_sums = at::zeros({channels}, at::kDouble);
+  // Only asked-for sums are made: a backward that wants neither (the common case of a
+  // fixed scale) returns undefined ones and allocates nothing for them.
+  const bool reduce = scale_grad || zero_point_grad;
+  at::Tensor scale_sums = reduce ? at::zeros({channels}, at::kDouble) : at::Tensor();
+  at::Tensor zero_point_sums = reduce ? at::zeros({channels}, at::kDouble) : at::Tensor();
   if (in.grad.numel() > 0) {
     BackwardLoopArgs args;
     args.grad = in.grad.data_ptr();
@@ -102,8 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
     args.scale_grad_inside = scale_grad_inside;
     args.zero_point_grad = zero_point_grad;
     args.ewgs_delta = ewgs_delta;
-    args.grad_scale = scale_sums.data_ptr<double>();
-    args.grad_zero_point = zero_point_sums.data_ptr<double>();
+    args.grad_scale = reduce ? scale_sums.data_ptr<double>() : nullptr;
+    args.grad_zero_point = reduce ? zero_point_sums.data_ptr<double>() : nullptr;
     run_backward_loop(args);
   }
   return detail::backward_result(grad_input, scale_sums, zero_point_sums, scale, zero_point);

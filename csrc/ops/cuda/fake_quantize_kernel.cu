@@ -334,13 +334,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
   const int64_t channels = static_cast<int64_t>(qparams.scale.size());
   const auto sum_options = grad.options().dtype(at::kDouble);
   const int64_t numel = grad.numel();
+  const bool reduce = scale_grad || zero_point_grad;
   if (numel == 0) {
-    return detail::backward_result(
-        grad_input, at::zeros({channels}, sum_options), at::zeros({channels}, sum_options), scale,
-        zero_point);
+    const auto none = reduce ? at::zeros({channels}, sum_options) : at::Tensor();
+    return detail::backward_result(grad_input, none, none, scale, zero_point);
   }
   const auto layout = detail::channel_layout(saved, axis);
-  const bool reduce = scale_grad || zero_point_grad;
   const int64_t per_channel = layout.outer * layout.inner;
   const int64_t slices =
       std::max<int64_t>(1, std::min(ceil_div(per_channel, kElementsPerTask), kMaxTasks / channels));
@@ -371,9 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   if (!reduce) {
-    return detail::backward_result(
-        grad_input, at::zeros({channels}, sum_options), at::zeros({channels}, sum_options), scale,
-        zero_point);
+    return detail::backward_result(grad_input, at::Tensor(), at::Tensor(), scale, zero_point);
   }
   const at::Tensor sums = partials.sum(2);
   // The zero point receives minus the sum of the clamped elements' g * scale; 0 - sum
