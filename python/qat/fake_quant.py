@@ -220,16 +220,20 @@ class FakeQuantize(_QuantState):
 
 class FixedQParamsFakeQuantize(FakeQuantize):
     """A :class:`FakeQuantize` whose qparams are fixed by the op before it, whose output
-    range is known: the integer kernels of sigmoid, hardsigmoid ([0, 1]) and tanh
-    ([-1, 1]) write their output with fixed qparams, so the simulation uses the same.
-    The observer stays off (``enable_observer`` leaves it so).
+    range is known: the integer kernels of sigmoid, hardsigmoid ([0, 1)) and tanh
+    ([-1, 1)) write their output with fixed qparams, so the simulation uses the same; a
+    ReLU6 after a conv or linear runs in the integer model as the fused ReLU kernel whose
+    output scale 6/255 saturates at exactly 6 ([0, 6], ``inclusive``). The observer stays
+    off (``enable_observer`` leaves it so).
 
     Args:
         spec: the activation spec; its integer range sets the qparams.
-        output_range: ``(lo, hi)`` of the op's output: (0, 1) or (-1, 1).
+        output_range: ``(lo, hi)`` of the op's output, e.g. (0, 1), (-1, 1), (0, 6).
+        inclusive: ``hi`` is the top level (scale ``(hi - lo) / (levels - 1)``) instead of
+            one step above it (``(hi - lo) / levels``, PyTorch's sigmoid and tanh).
     """
 
-    def __init__(self, spec: Optional[QuantSpec], output_range):
+    def __init__(self, spec: Optional[QuantSpec], output_range, inclusive: bool = False):
         super().__init__(spec)
         if self.learns_qparams or self.spec.per_channel:
             raise ValueError(
@@ -237,13 +241,12 @@ class FixedQParamsFakeQuantize(FakeQuantize):
                 f"that learns nothing, got per_channel={self.spec.per_channel}, "
                 f"estimator={self.spec.estimator!r}")
         lo, hi = output_range
-        levels = self.quant_max - self.quant_min + 1
-        # As PyTorch's quantized kernels: the range splits into `levels` equal steps, the
-        # low end on quant_min (sigmoid on quint8: scale 1/256, zero point 0; tanh: 2/256,
-        # 128).
+        steps = self.quant_max - self.quant_min + (0 if inclusive else 1)
+        # The low end on quant_min (sigmoid on quint8: scale 1/256, zero point 0; tanh:
+        # 2/256, 128; ReLU6: 6/255, 0).
         with torch.no_grad():
-            self.scale.fill_((hi - lo) / levels)
-            self.zero_point.fill_(self.quant_min + round(-lo * levels / (hi - lo)))
+            self.scale.fill_((hi - lo) / steps)
+            self.zero_point.fill_(self.quant_min + round(-lo * steps / (hi - lo)))
         self.observer_enabled.fill_(0)
 
     def enable_observer(self, enabled: bool = True) -> "FakeQuantize":

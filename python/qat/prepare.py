@@ -228,6 +228,14 @@ def _is_weight_only(node: fx.Node, gm: fx.GraphModule) -> bool:
         type(gm.get_submodule(node.target)), "weight_only", False)
 
 
+def _is_relu6(node: Optional[fx.Node], gm: fx.GraphModule) -> bool:
+    """Whether ``node`` is a ReLU6 of its one input."""
+    return node is not None and len(node.args) == 1 and (
+        (node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU6)
+        or (node.op == "call_function" and node.target is F.relu6
+            and set(node.kwargs) <= {"inplace"}))
+
+
 def _fixed_range(node: fx.Node, gm: fx.GraphModule):
     """The fixed output range of a sigmoid / hardsigmoid / tanh call, or None."""
     if node.op == "call_function":
@@ -341,7 +349,7 @@ class _Inserter:
               fixed_range=None) -> fx.Node:
         """A FakeQuantize on ``node``'s output, feeding ``users`` (default: all of them);
         a :class:`FixedQParamsFakeQuantize` for an op with the output range
-        ``fixed_range``."""
+        ``fixed_range``, ``(lo, hi, inclusive)``."""
         everyone = users is None
         users = list(node.users) if everyone else users
         key = (node, dataclasses.astuple(spec), fixed_range)
@@ -351,7 +359,8 @@ class _Inserter:
             if hasattr(self.gm, name):  # users wanting other specs have one already
                 name = f"{name}_{len(self.fake_quant)}"
             self.gm.add_submodule(name, FakeQuantize(spec) if fixed_range is None
-                                  else FixedQParamsFakeQuantize(spec, fixed_range))
+                                  else FixedQParamsFakeQuantize(spec, fixed_range[:2],
+                                                                fixed_range[2]))
             with self.gm.graph.inserting_after(node):
                 fq_node = self.gm.graph.call_module(name, (node,))
             self.fake_quant[key] = fq_node
@@ -393,6 +402,7 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
     inserter = _Inserter(gm)
     tensors = _tensor_nodes(gm.graph)
     after_relu: Dict[fx.Node, QuantSpec] = {}
+    after_relu6: Dict[fx.Node, QuantSpec] = {}
     for node in list(gm.graph.nodes):
         if node.op == "placeholder":
             # A placeholder with a default is an optional argument, often not a tensor;
@@ -418,10 +428,17 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
                 # linear_relu): one FakeQuantize, after the ReLU, with its range.
                 after_relu[relu] = spec
                 continue
+            if _is_relu6(relu, gm):
+                # Likewise with the output scale 6/255, whose saturation is the 6.
+                after_relu6[relu] = spec
+                continue
         elif node in after_relu:
             spec = after_relu[node]
+        elif node in after_relu6:
+            inserter.after(node, after_relu6[node], fixed_range=(0.0, 6.0, True))
+            continue
         elif _fixed_range(node, gm) is not None and first in inserter.quantized:
-            inserter.after(node, config.activation, fixed_range=_fixed_range(node, gm))
+            inserter.after(node, config.activation, fixed_range=(*_fixed_range(node, gm), False))
             continue
         elif _is_quantized_op(node, gm) and node in tensors:
             spec = config.activation
@@ -458,8 +475,10 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
     each op whose output the integer model holds quantized: swapped modules, ``+``, ``*``,
     ``torch.add``, ``torch.mul``, ``torch.cat``, ``mean``, average pooling, hardswish. A
     swapped module followed by a ReLU is quantized after the ReLU (the integer kernels
-    fuse it). Ops that keep their input's qparams (relu, relu6, max pooling, flatten /
-    reshape / view, dropout, identity) get none. The inputs of ``torch.cat`` have no
+    fuse it); after a ReLU6 it gets a :class:`qat.FixedQParamsFakeQuantize` for [0, 6]
+    (scale 6/255: the integer ReLU kernel's saturation is the 6). Ops that keep their
+    input's qparams (relu, relu6, max pooling, flatten / reshape / view, dropout,
+    identity) get none. The inputs of ``torch.cat`` have no
     FakeQuantize of their own when the cat is their only user: the one after the cat
     quantizes them all, as the integer cat requantizes its inputs to its output's qparams.
     Sigmoid, hardsigmoid and tanh of a quantized tensor get a

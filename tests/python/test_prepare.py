@@ -494,3 +494,21 @@ def test_eager_fallback_transposed_conv_quantizes_its_output_and_scripts():
     torch.testing.assert_close(up(x), expected, rtol=0, atol=0)
     qat.enable_observer(qmodel)
     _check_scripted_matches_and_trains(qmodel, x, torch.tensor([0, 1]))
+
+
+def test_relu6_after_a_conv_gets_the_fixed_range_of_the_fused_kernel():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6(), nn.Conv2d(4, 2, 1))
+    gm = _prepare_quietly(model)
+    relu6 = _node(gm, "call_module", "2")
+    conv_bn = _node(gm, "call_module", "0")
+    assert not _fake_quant_users_of(gm, conv_bn)
+    (fq_node,) = _fake_quant_users_of(gm, relu6)
+    fq = gm.get_submodule(fq_node.target)
+    assert isinstance(fq, qat.FixedQParamsFakeQuantize)
+    assert fq.scale.item() == pytest.approx(6 / 255) and fq.zero_point.item() == 0
+    x = torch.randn(2, 3, 8, 8) * 10
+    y = F.relu6(gm.get_submodule("0")(gm.get_submodule("input_1_activation_fake_quant")(x)))
+    qat.disable_observer(gm)
+    torch.testing.assert_close(
+        fq(y), torch.fake_quantize_per_tensor_affine(y, 6 / 255, 0, 0, 255), rtol=0, atol=0)
+    assert fq(torch.tensor([6.0])).item() == 6.0
