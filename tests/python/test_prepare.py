@@ -512,3 +512,45 @@ def test_relu6_after_a_conv_gets_the_fixed_range_of_the_fused_kernel():
     torch.testing.assert_close(
         fq(y), torch.fake_quantize_per_tensor_affine(y, 6 / 255, 0, 0, 255), rtol=0, atol=0)
     assert fq(torch.tensor([6.0])).item() == 6.0
+
+
+def test_mixed_precision_config_gives_each_layer_exactly_its_bits():
+    """Overrides by exact name, pattern and type on resnet18: every layer's weight and
+    output FakeQuantize carry the bits the config names for it, and print() shows them."""
+    w4 = qat.QuantSpec(bits=4, symmetric=True, per_channel=True)
+    w2 = qat.QuantSpec(bits=2, symmetric=True, per_channel=True)
+    w6 = qat.QuantSpec(bits=6, symmetric=True, per_channel=True)
+    a4 = qat.QuantSpec(bits=4)
+    config = qat.Config(overrides={
+        "layer1.0.conv1": (w2, a4),  # an exact name beats the pattern below
+        "layer1.*": (w4, None),
+        nn.Linear: (w6, a4),
+    })
+    gm = _prepare_quietly(torchvision.models.resnet18(weights=None, num_classes=10), config)
+    gm(torch.randn(2, 3, 32, 32))
+
+    def expected(name):
+        if name == "layer1.0.conv1":
+            return 2, 4
+        if name.startswith("layer1."):
+            return 4, 8
+        if name == "fc":
+            return 6, 4
+        return 8, 8
+
+    layers = {n: m for n, m in gm.named_modules()
+              if isinstance(m, (qat.modules.ConvBn2d, qat.modules.Conv2d, qat.modules.Linear))}
+    assert len(layers) == 21  # 20 convs (each folded with its batch norm) and fc
+    for name, layer in layers.items():
+        weight_bits, activation_bits = expected(name)
+        assert layer.weight_fake_quant.spec.bits == weight_bits, name
+        assert layer.weight_fake_quant.quant_max - layer.weight_fake_quant.quant_min == (
+            2 ** weight_bits - 1), name
+        # The FakeQuantize that quantizes this layer's output (after its ReLU if fused).
+        node = _node(gm, "call_module", name)
+        while not _fake_quant_users_of(gm, node):
+            (node,) = node.users
+        (fq_node,) = _fake_quant_users_of(gm, node)
+        assert gm.get_submodule(fq_node.target).spec.bits == activation_bits, name
+    text = str(gm)
+    assert "bits=2" in text and "bits=4" in text and "bits=6" in text and "scale=" in text
