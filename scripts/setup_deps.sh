@@ -10,6 +10,7 @@ PACKAGES=(
   python3-venv python3-pip python3-setuptools     # the venv that `pip install -e .` uses
   python3-numpy python3-pytest python3-hypothesis python3-tqdm  # Python tests
   python3-torchvision                             # real architectures for prepare tests
+  dataset-fashion-mnist                           # real data (convert parity test, examples)
 )
 
 missing=()

@@ -4,7 +4,9 @@ Fake-quantize operators with a registry of straight-through estimators, implemen
 C++ and reachable as ``qat.ops.fake_quantize`` and ``torch.ops.qat.fake_quantize``;
 observers (``qat.observers``), ``qat.QuantSpec`` and ``qat.Config`` (presets in
 ``qat.presets``), the ``qat.FakeQuantize`` module, QAT modules (``qat.modules``, extended
-with ``qat.register_module``), ``qat.prepare`` and ``qat.calibrate``.
+with ``qat.register_module``), ``qat.prepare`` and ``qat.calibrate``; ``qat.convert`` to
+an integer model on PyTorch's quantized kernels (``qat.quantized``), ``qat.compare`` of the
+two, and Fashion-MNIST from Debian's package (``qat.datasets``).
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
@@ -33,16 +35,21 @@ from .calibrate import (  # noqa: E402
 from . import modules, presets  # noqa: E402
 from .modules import register_module  # noqa: E402
 from .prepare import prepare  # noqa: E402
+from . import quantized  # noqa: E402
+from .convert import ConversionReport, compare, convert  # noqa: E402
 
 __version__ = _C.__version__
 
 __all__ = [
     "Config",
+    "ConversionReport",
     "FakeQuantize",
     "FixedQParamsFakeQuantize",
     "QuantSpec",
     "__version__",
     "calibrate",
+    "compare",
+    "convert",
     "disable_fake_quant",
     "disable_observer",
     "enable_fake_quant",
@@ -54,5 +61,6 @@ __all__ = [
     "ops",
     "prepare",
     "presets",
+    "quantized",
     "register_module",
 ]

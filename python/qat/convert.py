@@ -1,0 +1,426 @@
+"""``qat.convert``: a prepared (and trained or calibrated) QAT model becomes an integer model
+on PyTorch's native quantized operators, and ``qat.compare`` measures how closely the
+integer model follows the simulation it was trained as.
+
+Each integer op takes its qparams from the simulation: a conv's weights are the very
+integers its FakeQuantize produced (for a folded conv + batch norm, those of the folded
+weight, with the folded bias), and its output scale and zero point are those of the
+FakeQuantize after it. Nothing is re-derived, so the simulation and the integer model round
+the same numbers."""
+
+import copy
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from . import quantized
+from .calibrate import disable_observer
+from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
+from .modules import ConvBn2d, ConvBnReLU2d, Conv2d, Linear
+
+__all__ = ["ConversionReport", "compare", "convert"]
+
+_QParams = Tuple[float, int, torch.dtype]
+
+_ADD = {operator.add, operator.iadd, torch.add}
+_MUL = {operator.mul, operator.imul, torch.mul}
+_ADD_METHODS = {"add", "add_"}
+_MUL_METHODS = {"mul", "mul_"}
+# Ops that run on a quantized tensor and keep its qparams.
+_PASS_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, torch.flatten, torch.reshape}
+_PASS_METHODS = {"relu", "relu_", "flatten", "reshape", "view", "contiguous"}
+_PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+# Ops whose quantized kernels write their output with the fixed qparams the simulation
+# uses (prepare's FixedQParamsFakeQuantize), rounding once. Averages (pooling, mean) are
+# not among them: their kernels round to the input's grid, and the requantization after
+# would round a second time where the simulation rounds once; they run in float.
+_FIXED_QPARAMS_FUNCTIONS = {torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardsigmoid}
+_FIXED_QPARAMS_METHODS = {"sigmoid", "tanh"}
+_FIXED_QPARAMS_MODULES = (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid)
+_RELU_FUNCTIONS = {F.relu, torch.relu}
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did: ``integer`` names the ops that run on integer kernels,
+    ``float`` those that run in float between a dequantize and a quantize (no integer
+    kernel, or a float input)."""
+
+    integer: List[str] = field(default_factory=list)
+    float: List[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.integer)} ops on integer kernels, {len(self.float)} in float"]
+        lines += [f"  float: {name}" for name in self.float]
+        return "\n".join(lines)
+
+
+def _qparams(fq: FakeQuantize) -> _QParams:
+    if fq.per_channel or fq.scale.numel() != 1:
+        raise ValueError("qat.convert: activations must be quantized per tensor")
+    return (float(fq.scale), int(round(float(fq.zero_point))),
+            quantized.activation_dtype(fq.quant_min, fq.quant_max))
+
+
+def _describe(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(
+        node.target, "__name__", str(node.target))
+    return f"{node.name} ({node.op} {target})"
+
+
+def _integer_weight(fq_weight: torch.Tensor, fq: FakeQuantize) -> torch.Tensor:
+    """The int8 tensor (per channel along axis 0, or per tensor) whose dequantized values
+    are the fake-quantized weight ``fq_weight`` with ``fq``'s qparams."""
+    if fq.quant_min < -128 or fq.quant_max > 127:
+        raise ValueError(
+            f"qat.convert: weights quantized to [{fq.quant_min}, {fq.quant_max}] do not fit "
+            f"int8; the integer kernels take signed 8-bit weights (at most)")
+    scale = fq.scale.detach().double()
+    zero_point = fq.zero_point.detach().round().long()
+    if fq.per_channel:
+        shape = [-1] + [1] * (fq_weight.dim() - 1)
+        ints = torch.round(fq_weight.double() / scale.reshape(shape)) + zero_point.reshape(shape)
+        return torch._make_per_channel_quantized_tensor(
+            ints.to(torch.int8), scale, zero_point, 0)
+    ints = torch.round(fq_weight.double() / scale) + zero_point
+    return torch._make_per_tensor_quantized_tensor(
+        ints.to(torch.int8), float(scale), int(zero_point))
+
+
+def _folded(module: ConvBn2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(fake-quantized folded weight, folded bias) of a conv + batch norm in eval: what
+    ``bn(conv(x, weight))`` computes with the running statistics."""
+    bn = module.bn
+    factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shape = [-1] + [1] * (module.weight.dim() - 1)
+    weight = module.weight_fake_quant.fake_quantize_folded(module.weight, factor)
+    bias = module.bias if module.bias is not None else torch.zeros_like(bn.running_mean)
+    return weight * factor.reshape(shape), bn.bias + factor * (bias - bn.running_mean)
+
+
+def _integer_module(module: nn.Module, out: _QParams, relu: bool) -> Optional[nn.Module]:
+    """The integer version of a QAT conv / linear, or None when it has none here."""
+    scale, zero_point, _ = out
+    with torch.no_grad():
+        if isinstance(module, ConvBn2d):
+            weight, bias = _folded(module)
+            relu = relu or isinstance(module, ConvBnReLU2d)
+        elif isinstance(module, (Conv2d, Linear)):
+            weight = module.weight_fake_quant(module.weight)
+            bias = module.bias
+        else:
+            return None
+        qweight = _integer_weight(weight, module.weight_fake_quant)
+        bias = None if bias is None else bias.detach().float()
+        if isinstance(module, Linear):
+            return quantized.Linear(qweight, bias, scale, zero_point, relu)
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return None
+        return quantized.Conv2d(qweight, bias, list(module.stride), list(module.padding),
+                                list(module.dilation), module.groups, scale, zero_point, relu)
+
+
+class _Converter:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.graph = fx.Graph()
+        self.env: Dict[fx.Node, fx.Node] = {}
+        self.qparams: Dict[fx.Node, _QParams] = {}  # new node -> its qparams if quantized
+        self.dequantized: Dict[fx.Node, fx.Node] = {}
+        self.report = ConversionReport()
+        self.count = 0
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def module(self, node: fx.Node) -> Optional[nn.Module]:
+        return self.gm.get_submodule(node.target) if node.op == "call_module" else None
+
+    def fake_quant(self, node: Optional[fx.Node]) -> Optional[FakeQuantize]:
+        module = self.module(node) if node is not None else None
+        return module if isinstance(module, FakeQuantize) else None
+
+    def add_module(self, prefix: str, module: nn.Module, args) -> fx.Node:
+        self.count += 1
+        name = f"_int_{prefix}_{self.count}"
+        self.gm.add_module(name, module)
+        return self.graph.call_module(name, tuple(args))
+
+    def as_float(self, old: fx.Node) -> fx.Node:
+        new = self.env[old]
+        if new not in self.qparams:
+            return new
+        if new not in self.dequantized:
+            self.dequantized[new] = self.add_module("dequantize", quantized.DeQuantize(), [new])
+        return self.dequantized[new]
+
+    def quantized_input(self, old) -> Optional[fx.Node]:
+        if isinstance(old, fx.Node) and self.env.get(old) in self.qparams:
+            return self.env[old]
+        return None
+
+    def output_fake_quant(self, node: fx.Node, relu_ok: bool):
+        """(FakeQuantize node whose qparams ``node``'s output takes, ReLU node between them
+        or None, whether that FakeQuantize quantizes ``node``'s output itself)."""
+        users = list(node.users)
+        if len(users) != 1:
+            return None, None, False
+        user, relu = users[0], None
+        if relu_ok and self.is_relu(user) and len(user.users) == 1:
+            relu, (user,) = user, user.users
+        if self.fake_quant(user) is not None:
+            return user, relu, True
+        if user.op == "call_function" and user.target is torch.cat:
+            # prepare quantizes a cat's inputs with the FakeQuantize after the cat: the op
+            # writes its output with those qparams, and the cat requantizes nothing.
+            fq_node, _, _ = self.output_fake_quant(user, relu_ok=False)
+            if fq_node is not None:
+                return fq_node, relu, False
+        return None, None, False
+
+    def is_relu(self, node: fx.Node) -> bool:
+        module = self.module(node)
+        return (isinstance(module, (nn.ReLU, nn.ReLU6))
+                or (node.op == "call_function" and node.target in _RELU_FUNCTIONS | {F.relu6})
+                or (node.op == "call_method" and node.target in ("relu", "relu_")))
+
+    def fusable(self, relu: Optional[fx.Node], fq_node: fx.Node) -> bool:
+        """Whether the integer kernel's ReLU covers ``relu``: a ReLU always; a ReLU6 when
+        the FakeQuantize after it saturates at 6 (prepare's fixed [0, 6] qparams)."""
+        if relu is None:
+            return True
+        six = isinstance(self.module(relu), nn.ReLU6) or relu.target is F.relu6
+        return not six or isinstance(self.fake_quant(fq_node), FixedQParamsFakeQuantize)
+
+    def bind_output(self, new: fx.Node, node: fx.Node, fq_node: fx.Node, relu,
+                    owns: bool = True) -> None:
+        """``new`` (an integer op's quantized output) stands for ``node``, the ReLU after it
+        and (``owns``) the FakeQuantize after that."""
+        qparams = _qparams(self.fake_quant(fq_node))
+        for old in (node, relu, fq_node if owns else None):
+            if old is not None:
+                self.env[old] = new
+        self.qparams[new] = qparams
+        self.report.integer.append(_describe(node))
+
+    def copy(self, node: fx.Node, quantized_args: bool) -> fx.Node:
+        if quantized_args:
+            return self.graph.node_copy(node, lambda n: self.env[n])
+        return self.graph.node_copy(node, self.as_float)
+
+    # -- the walk -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node in self.env:
+                continue  # folded into an integer op before it
+            if node.op == "placeholder":
+                self.env[node] = self.graph.node_copy(node, lambda n: self.env[n])
+            elif node.op == "output":
+                self.graph.output(fx.node.map_arg(node.args[0], self.as_float))
+            elif self.fake_quant(node) is not None:
+                self.quantize(node)
+            elif not self.integer_op(node):
+                self.float_op(node)
+
+    def quantize(self, node: fx.Node) -> None:
+        qparams = _qparams(self.fake_quant(node))
+        source = node.args[0]
+        new_input = self.env[source]
+        if self.qparams.get(new_input) == qparams:
+            self.env[node] = new_input
+            return
+        if new_input in self.qparams:
+            new = self.add_module("requantize", quantized.Requantize(*qparams), [new_input])
+        else:
+            new = self.add_module("quantize", quantized.Quantize(*qparams), [new_input])
+        self.env[node] = new
+        self.qparams[new] = qparams
+
+    def integer_op(self, node: fx.Node) -> bool:
+        """Emits ``node`` on an integer kernel when it has one and its inputs are
+        quantized; False otherwise."""
+        module = self.module(node)
+        first = node.args[0] if node.args else None
+        x = self.quantized_input(first)
+        if isinstance(module, (ConvBn2d, Conv2d, Linear)):
+            fq_node, relu, owns = self.output_fake_quant(node, relu_ok=True)
+            if x is None or fq_node is None or not self.fusable(relu, fq_node):
+                return False
+            integer = _integer_module(module, _qparams(self.fake_quant(fq_node)),
+                                      relu is not None)
+            if integer is None:
+                return False
+            self.bind_output(self.add_module("layer", integer, [x]), node, fq_node, relu, owns)
+            return True
+        is_add = (node.op == "call_function" and node.target in _ADD) or (
+            node.op == "call_method" and node.target in _ADD_METHODS)
+        is_mul = (node.op == "call_function" and node.target in _MUL) or (
+            node.op == "call_method" and node.target in _MUL_METHODS)
+        if (is_add or is_mul) and len(node.args) == 2 and not node.kwargs:
+            y = self.quantized_input(node.args[1])
+            fq_node, relu, owns = self.output_fake_quant(node, relu_ok=True)
+            if x is None or y is None or fq_node is None or not self.fusable(relu, fq_node):
+                return False
+            scale, zero_point, _ = _qparams(self.fake_quant(fq_node))
+            op = (quantized.Add if is_add else quantized.Mul)(scale, zero_point, relu is not None)
+            self.bind_output(self.add_module("add" if is_add else "mul", op, [x, y]), node,
+                             fq_node, relu, owns)
+            return True
+        if node.op == "call_function" and node.target is torch.cat:
+            tensors = node.args[0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            inputs = [self.quantized_input(t) for t in tensors]
+            fq_node, _, owns = self.output_fake_quant(node, relu_ok=False)
+            if fq_node is None or not owns or any(i is None for i in inputs):
+                return False
+            scale, zero_point, _ = _qparams(self.fake_quant(fq_node))
+            self.bind_output(
+                self.add_module("cat", quantized.Cat(dim, scale, zero_point), [inputs]), node,
+                fq_node, None)
+            return True
+        if x is None:
+            return False
+        if self.passes(node, module):
+            new = self.copy(node, quantized_args=True)
+            self.env[node] = new
+            self.qparams[new] = self.qparams[x]
+            return True
+        if self.fixed_qparams(node, module):
+            fq_node, _, owns = self.output_fake_quant(node, relu_ok=False)
+            if fq_node is None or not owns:
+                return False
+            qparams = _qparams(self.fake_quant(fq_node))
+            new = self.add_module("requantize", quantized.Requantize(*qparams),
+                                  [self.copy(node, quantized_args=True)])
+            self.env[node] = self.env[fq_node] = new
+            self.qparams[new] = qparams
+            self.report.integer.append(_describe(node))
+            return True
+        return False
+
+    @staticmethod
+    def passes(node: fx.Node, module) -> bool:
+        if module is not None:
+            return isinstance(module, _PASS_MODULES)
+        if node.op == "call_function":
+            return node.target in _PASS_FUNCTIONS
+        return node.op == "call_method" and node.target in _PASS_METHODS
+
+    @staticmethod
+    def fixed_qparams(node: fx.Node, module) -> bool:
+        if module is not None:
+            return isinstance(module, _FIXED_QPARAMS_MODULES)
+        if node.op == "call_function":
+            return node.target in _FIXED_QPARAMS_FUNCTIONS
+        return node.op == "call_method" and node.target in _FIXED_QPARAMS_METHODS
+
+    def float_op(self, node: fx.Node) -> None:
+        inputs: List[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), inputs.append)
+        if any(self.env[n] in self.qparams for n in inputs):
+            self.report.float.append(_describe(node))
+        self.env[node] = self.copy(node, quantized_args=False)
+
+
+def convert(qmodel: nn.Module, backend: str = "qnnpack",
+            return_report: bool = False):
+    """The integer model of a prepared, trained or calibrated QAT model, in eval mode.
+
+    Conv2d / ConvBn2d / ConvBnReLU2d / Linear (followed by a ReLU or not), ``+``, ``*`` and
+    ``torch.cat`` of quantized tensors run on ``torch.ops.quantized`` kernels with the
+    integers and qparams of the simulation; relu, max pooling and reshapes run on the
+    quantized tensors; sigmoid, tanh and hardsigmoid run on their fixed-qparams kernels.
+    Everything else (average pooling and mean among them: their kernels round twice where
+    the simulation rounds once) runs in float between a dequantize and a quantize, and is
+    listed in the report.
+
+    Args:
+        qmodel: a model from :func:`qat.prepare` (a ``torch.fx.GraphModule``). It is not
+            modified.
+        backend: the quantized engine whose kernels the weights are packed for
+            (``qnnpack``, PyTorch Mobile's, or ``fbgemm``).
+        return_report: also return a :class:`ConversionReport`.
+
+    Returns:
+        The integer model (a ``torch.fx.GraphModule``; ``torch.jit.script`` works on it),
+        or ``(model, report)``.
+
+    Raises:
+        TypeError: when ``qmodel`` is not a traced QAT model.
+        ValueError: when a weight or activation range has no 8-bit integer kernel.
+    """
+    if not isinstance(qmodel, fx.GraphModule) or not any(
+            isinstance(m, FakeQuantize) for m in qmodel.modules()):
+        raise TypeError(
+            "qat.convert: expected a model prepared by qat.prepare and traced with torch.fx "
+            f"(a GraphModule holding qat.FakeQuantize modules), got {type(qmodel).__name__}; "
+            "models that took the eager fallback cannot be converted yet")
+    if backend not in torch.backends.quantized.supported_engines:
+        raise ValueError(
+            f"qat.convert: backend {backend!r} is not a quantized engine of this PyTorch "
+            f"build (supported: {', '.join(torch.backends.quantized.supported_engines)})")
+    torch.backends.quantized.engine = backend
+    gm = copy.deepcopy(qmodel).eval()
+    disable_observer(gm)
+    converter = _Converter(gm)
+    converter.run()
+    converted = fx.GraphModule(gm, converter.graph, type(qmodel).__name__)
+    converted.delete_all_unused_submodules()
+    converted.eval()
+    return (converted, converter.report) if return_report else converted
+
+
+def _output_step(qmodel: nn.Module) -> float:
+    """The quantization step of the model's output: the scale of the FakeQuantize that
+    feeds the graph's output."""
+    output = next(n for n in reversed(qmodel.graph.nodes) if n.op == "output")
+    source = output.args[0]
+    while isinstance(source, fx.Node):
+        module = qmodel.get_submodule(source.target) if source.op == "call_module" else None
+        if isinstance(module, FakeQuantize) and module.scale.numel() == 1:
+            return float(module.scale)
+        if not (_Converter.passes(source, module) and source.args):
+            break
+        source = source.args[0]  # relu, flatten, ...: the step of their input
+    raise ValueError("qat.compare: the model's output does not come from a per-tensor "
+                     "qat.FakeQuantize, so it has no quantization step")
+
+
+def compare(qmodel: nn.Module, int_model: nn.Module, inputs) -> Dict[str, float]:
+    """Parity of the integer model with the simulation it was converted from, on
+    ``inputs`` (a tensor, or an iterable of tensors / ``(input, ...)`` batches).
+
+    Returns a dict: ``max_steps`` (the largest output difference in quantization steps of
+    the output), ``within_one_step`` (the share of output elements within one step),
+    ``top1_agreement`` (share of rows whose argmax agrees, for 2-D outputs; NaN
+    otherwise) and ``sqnr_db`` (signal-to-quantization-noise ratio of the integer output
+    against the simulation's, in dB).
+    """
+    step = _output_step(qmodel)
+    simulation = copy.deepcopy(qmodel).eval()
+    disable_observer(simulation)
+    batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    expected, got = [], []
+    with torch.no_grad():
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            expected.append(simulation(x).float())
+            got.append(int_model(x).float())
+    a = torch.cat([t.reshape(len(t), -1) for t in expected])
+    b = torch.cat([t.reshape(len(t), -1) for t in got])
+    steps = (a - b).abs() / step
+    noise = (a - b).pow(2).sum().item()
+    signal = a.pow(2).sum().item()
+    return {
+        "max_steps": steps.max().item() if steps.numel() else 0.0,
+        "within_one_step": (steps <= 1 + 1e-3).float().mean().item(),
+        "top1_agreement": ((a.argmax(1) == b.argmax(1)).float().mean().item()
+                           if expected[0].dim() == 2 else math.nan),
+        "sqnr_db": math.inf if noise == 0 else 10 * math.log10(signal / noise),
+    }

@@ -1,0 +1,214 @@
+"""qat.convert and qat.compare: the integer model against the QAT simulation it was
+converted from, on a Fashion-MNIST CNN trained for real (whole model) and on resnet18 (each
+integer op on the simulation's own inputs); the report, scripting and the lite
+interpreter, and the refusals."""
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import qat
+from qat.convert import _Converter
+from qat.datasets import load_fashion_mnist
+
+
+class _FashionNet(nn.Module):
+    """conv-bn-relu blocks, a residual add, a cat, average pooling and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.conv3 = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(32)
+        self.conv4 = nn.Conv2d(32, 32, 1, bias=False)
+        self.bn4 = nn.BatchNorm2d(32)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        y = F.relu(self.bn3(self.conv3(x)) + x)
+        z = torch.cat([y, F.relu(self.bn4(self.conv4(y)))], 1)
+        return self.fc(torch.flatten(self.pool(z), 1))
+
+
+def _train(model, images, labels, steps, lr, gen):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(images), (128,), generator=gen)
+        loss = F.cross_entropy(model(images[idx]), labels[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.fixture(scope="module")
+def fashion_qat_model():
+    """A Fashion-MNIST CNN trained in float, then QAT fine-tuned; the test split."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    train_x, train_y = load_fashion_mnist(train=True)
+    test_x, test_y = load_fashion_mnist(train=False)
+    model = _FashionNet()
+    _train(model, train_x, train_y, 300, 0.05, gen)
+    qmodel = qat.prepare(model)
+    _train(qmodel, train_x, train_y, 150, 0.01, gen)
+    qat.disable_observer(qmodel)
+    return qmodel.eval(), test_x, test_y
+
+
+def test_fashion_mnist_integer_model_matches_the_simulation(fashion_qat_model):
+    qmodel, test_x, test_y = fashion_qat_model
+    int_model, report = qat.convert(qmodel, return_report=True)
+    batches = [test_x[i:i + 1000] for i in range(0, len(test_x), 1000)]
+    parity = qat.compare(qmodel, int_model, batches)
+    with torch.no_grad():
+        accuracy = {name: (m(test_x).argmax(1) == test_y).float().mean().item()
+                    for name, m in (("simulation", qmodel), ("integer", int_model))}
+    print(f"\nFashion-MNIST test set (10,000): {parity}, accuracy {accuracy}\n{report}")
+    assert parity["within_one_step"] >= 0.99
+    assert parity["top1_agreement"] >= 0.995
+    assert accuracy["simulation"] > 0.6, "the model did learn"
+    # Everything but the average pooling runs on integer kernels.
+    assert [name.split(" ")[0] for name in report.float] == ["pool"]
+    assert len(report.integer) == 7
+
+
+def test_converted_model_scripts_and_runs_in_the_lite_interpreter(fashion_qat_model, tmp_path):
+    from torch.jit.mobile import _load_for_lite_interpreter
+    from torch.utils.mobile_optimizer import optimize_for_mobile
+
+    qmodel, test_x, _ = fashion_qat_model
+    int_model = qat.convert(qmodel)
+    x = test_x[:64]
+    with torch.no_grad():
+        expected = int_model(x)
+    with warnings.catch_warnings():
+        # torch.fx's GraphModule.__init__ annotates an attribute in a way torch.jit warns
+        # about; the attribute is not part of the scripted model.
+        warnings.filterwarnings("ignore", message="The TorchScript type system")
+        scripted = torch.jit.script(int_model)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.jit.load(buffer)(x), expected, rtol=0, atol=0)
+    mobile = optimize_for_mobile(torch.jit.freeze(scripted.eval()))
+    path = str(tmp_path / "model.ptl")
+    mobile._save_for_lite_interpreter(path)
+    torch.testing.assert_close(_load_for_lite_interpreter(path)(x), expected, rtol=0, atol=0)
+
+
+def _settled_resnet18():
+    """resnet18 with batch-norm statistics settled on random data and calibrated."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    data = [torch.randn(4, 3, 32, 32) for _ in range(4)]
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average, as in a trained model
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    qmodel = qat.prepare(model)
+    qat.calibrate(qmodel, data, progress=False)
+    return qmodel.eval(), data[0]
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, module):
+        super().__init__(module)
+        self.values = {}
+
+    def run_node(self, n):
+        value = super().run_node(n)
+        self.values[n] = value
+        return value
+
+
+def test_each_integer_op_matches_the_simulation_on_its_own_inputs():
+    """Every integer op of resnet18, given the simulation's own (quantized) inputs, writes
+    the simulation's output to within one step, and almost always exactly: errors that
+    compound through a chain are not the ops' own."""
+    qmodel, x = _settled_resnet18()
+    torch.backends.quantized.engine = "qnnpack"
+    gm = copy.deepcopy(qmodel)
+    qat.disable_observer(gm)
+    converter = _Converter(gm)
+    converter.run()
+    int_model = fx.GraphModule(gm, converter.graph)
+    simulation = _Recorder(gm)
+    with torch.no_grad():
+        simulation.run(x)
+    # The simulation's node behind each value of the integer graph: its FakeQuantize where
+    # it has one (an op's output), else the first (max pooling passing a value on).
+    source, any_source = {}, {}
+    for old, new in converter.env.items():
+        any_source.setdefault(new, old)
+        if old.op == "call_module" and isinstance(gm.get_submodule(old.target), qat.FakeQuantize):
+            source.setdefault(new, old)
+    checked = 0
+    for node in converter.graph.nodes:
+        if node.op != "call_module" or node not in source or not node.target.startswith(
+                "_int_layer"):
+            continue
+        (arg,) = node.args
+        scale, zero_point, dtype = converter.qparams[arg]
+        q_input = torch.quantize_per_tensor(simulation.values[any_source[arg]], scale,
+                                            zero_point, dtype)
+        with torch.no_grad():
+            out = int_model.get_submodule(node.target)(q_input).dequantize()
+        steps = (out - simulation.values[source[node]]).abs() / converter.qparams[node][0]
+        assert steps.max() <= 1.0 + 1e-3, (node.target, steps.max())
+        assert (steps > 0.5).float().mean() <= 0.005, node.target
+        checked += 1
+    assert checked == 21  # 20 convs (batch norm folded) and fc
+
+
+def test_convert_leaves_the_qat_model_as_it_was(fashion_qat_model):
+    qmodel, test_x, _ = fashion_qat_model
+    before = copy.deepcopy(qmodel.state_dict())
+    qat.convert(qmodel)
+    after = qmodel.state_dict()
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(after[key], value), key
+
+
+def test_convert_refuses_models_it_cannot_convert():
+    with pytest.raises(TypeError, match="qat.prepare"):
+        qat.convert(nn.Linear(2, 2))
+
+    class ControlFlow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else x
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = qat.prepare(ControlFlow())
+    with pytest.raises(TypeError, match="eager fallback"):
+        qat.convert(eager)
+    traced = qat.prepare(nn.Sequential(nn.Linear(2, 2)))
+    traced(torch.randn(4, 2))
+    with pytest.raises(ValueError, match="backend 'nope'"):
+        qat.convert(traced, backend="nope")
+    wide = qat.prepare(nn.Sequential(nn.Linear(2, 2)),
+                       qat.Config(activation=qat.QuantSpec(bits=12)))
+    wide(torch.randn(4, 2))
+    with pytest.raises(ValueError, match=r"\[0, 4095\]"):
+        qat.convert(wide)
