@@ -6,7 +6,8 @@ observers (``qat.observers``), ``qat.QuantSpec`` and ``qat.Config`` (presets in
 ``qat.presets``), the ``qat.FakeQuantize`` module, QAT modules (``qat.modules``, extended
 with ``qat.register_module``), ``qat.prepare`` and ``qat.calibrate``; ``qat.convert`` to
 an integer model on PyTorch's quantized kernels (``qat.quantized``), ``qat.compare`` of the
-two, and Fashion-MNIST from Debian's package (``qat.datasets``).
+two, ``qat.export`` to a mobile (``.ptl``) or TorchScript file with metadata, and
+Fashion-MNIST from Debian's package (``qat.datasets``).
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
@@ -37,6 +38,7 @@ from .modules import register_module  # noqa: E402
 from .prepare import prepare  # noqa: E402
 from . import quantized  # noqa: E402
 from .convert import ConversionReport, compare, convert  # noqa: E402
+from .export import export, read_metadata  # noqa: E402
 
 __version__ = _C.__version__
 
@@ -55,6 +57,7 @@ __all__ = [
     "enable_fake_quant",
     "enable_observer",
     "estimators",
+    "export",
     "fake_quantize",
     "modules",
     "observers",
@@ -62,5 +65,6 @@ __all__ = [
     "prepare",
     "presets",
     "quantized",
+    "read_metadata",
     "register_module",
 ]

@@ -2,7 +2,7 @@
 both validated when they are built."""
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -253,3 +253,23 @@ class Config:
         weight, activation = self.overrides[key]
         return (self.weight if weight is None else weight,
                 self.activation if activation is None else activation)
+
+    def to_dict(self) -> dict:
+        """The config as plain data, ready for JSON: specs as dicts of their fields,
+        override and skip keys as strings (a module type by its qualified name)."""
+
+        def key(k) -> str:
+            return f"{k.__module__}.{k.__qualname__}" if isinstance(k, type) else k
+
+        def spec(s: Optional[QuantSpec]):
+            return None if s is None else asdict(s)
+
+        return {
+            "weight": spec(self.weight),
+            "activation": spec(self.activation),
+            "overrides": {key(k): {"weight": spec(w), "activation": spec(a)}
+                          for k, (w, a) in self.overrides.items()},
+            "skip": [key(k) for k in self.skip],
+            "backend": self.backend,
+            "dynamic": self.dynamic,
+        }

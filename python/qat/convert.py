@@ -118,12 +118,14 @@ def _integer_module(module: nn.Module, out: _QParams, relu: bool) -> Optional[nn
             return None
         qweight = _integer_weight(weight, module.weight_fake_quant)
         bias = None if bias is None else bias.detach().float()
+        bits = module.weight_fake_quant.spec.bits
         if isinstance(module, Linear):
-            return quantized.Linear(qweight, bias, scale, zero_point, relu)
+            return quantized.Linear(qweight, bias, scale, zero_point, relu, bits)
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             return None
         return quantized.Conv2d(qweight, bias, list(module.stride), list(module.padding),
-                                list(module.dilation), module.groups, scale, zero_point, relu)
+                                list(module.dilation), module.groups, scale, zero_point, relu,
+                                bits)
 
 
 class _Converter:
@@ -135,6 +137,7 @@ class _Converter:
         self.dequantized: Dict[fx.Node, fx.Node] = {}
         self.report = ConversionReport()
         self.count = 0
+        self.named = set()
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -145,10 +148,20 @@ class _Converter:
         module = self.module(node) if node is not None else None
         return module if isinstance(module, FakeQuantize) else None
 
-    def add_module(self, prefix: str, module: nn.Module, args) -> fx.Node:
-        self.count += 1
-        name = f"_int_{prefix}_{self.count}"
-        self.gm.add_module(name, module)
+    def add_module(self, name: str, module: nn.Module, args) -> fx.Node:
+        """Calls ``module`` under ``name`` (a layer keeps its QAT module's qualified name,
+        which it replaces), or a fresh variant of it when taken."""
+        taken = name in self.named
+        if taken:
+            self.count += 1
+            name = f"{name}_{self.count}".replace(".", "_")
+        self.named.add(name)
+        if "." in name and not taken:
+            self.gm.get_submodule(name)  # exists: the QAT module being replaced
+            parent, _, attr = name.rpartition(".")
+            setattr(self.gm.get_submodule(parent), attr, module)
+        else:
+            setattr(self.gm, name, module)
         return self.graph.call_module(name, tuple(args))
 
     def as_float(self, old: fx.Node) -> fx.Node:
@@ -156,7 +169,8 @@ class _Converter:
         if new not in self.qparams:
             return new
         if new not in self.dequantized:
-            self.dequantized[new] = self.add_module("dequantize", quantized.DeQuantize(), [new])
+            self.dequantized[new] = self.add_module(f"{new.name}_dequantize",
+                                                    quantized.DeQuantize(), [new])
         return self.dequantized[new]
 
     def quantized_input(self, old) -> Optional[fx.Node]:
@@ -236,9 +250,11 @@ class _Converter:
             self.env[node] = new_input
             return
         if new_input in self.qparams:
-            new = self.add_module("requantize", quantized.Requantize(*qparams), [new_input])
+            new = self.add_module(f"{node.name}_requantize", quantized.Requantize(*qparams),
+                                  [new_input])
         else:
-            new = self.add_module("quantize", quantized.Quantize(*qparams), [new_input])
+            new = self.add_module(f"{node.name}_quantize", quantized.Quantize(*qparams),
+                                  [new_input])
         self.env[node] = new
         self.qparams[new] = qparams
 
@@ -256,7 +272,8 @@ class _Converter:
                                       relu is not None)
             if integer is None:
                 return False
-            self.bind_output(self.add_module("layer", integer, [x]), node, fq_node, relu, owns)
+            self.bind_output(self.add_module(node.target, integer, [x]), node, fq_node, relu,
+                             owns)
             return True
         is_add = (node.op == "call_function" and node.target in _ADD) or (
             node.op == "call_method" and node.target in _ADD_METHODS)
@@ -269,8 +286,8 @@ class _Converter:
                 return False
             scale, zero_point, _ = _qparams(self.fake_quant(fq_node))
             op = (quantized.Add if is_add else quantized.Mul)(scale, zero_point, relu is not None)
-            self.bind_output(self.add_module("add" if is_add else "mul", op, [x, y]), node,
-                             fq_node, relu, owns)
+            self.bind_output(self.add_module(f"{node.name}_int", op, [x, y]), node, fq_node,
+                             relu, owns)
             return True
         if node.op == "call_function" and node.target is torch.cat:
             tensors = node.args[0]
@@ -281,8 +298,8 @@ class _Converter:
                 return False
             scale, zero_point, _ = _qparams(self.fake_quant(fq_node))
             self.bind_output(
-                self.add_module("cat", quantized.Cat(dim, scale, zero_point), [inputs]), node,
-                fq_node, None)
+                self.add_module(f"{node.name}_int", quantized.Cat(dim, scale, zero_point),
+                                [inputs]), node, fq_node, None)
             return True
         if x is None:
             return False
@@ -296,7 +313,7 @@ class _Converter:
             if fq_node is None or not owns:
                 return False
             qparams = _qparams(self.fake_quant(fq_node))
-            new = self.add_module("requantize", quantized.Requantize(*qparams),
+            new = self.add_module(f"{node.name}_requantize", quantized.Requantize(*qparams),
                                   [self.copy(node, quantized_args=True)])
             self.env[node] = self.env[fq_node] = new
             self.qparams[new] = qparams
@@ -351,9 +368,14 @@ def convert(qmodel: nn.Module, backend: str = "qnnpack",
         The integer model (a ``torch.fx.GraphModule``; ``torch.jit.script`` works on it),
         or ``(model, report)``.
 
+    Layers keep their names (``layer1.0.conv1`` is the integer conv of that QAT layer);
+    the model keeps prepare's config as JSON in ``qat_config``.
+
     Raises:
         TypeError: when ``qmodel`` is not a traced QAT model.
-        ValueError: when a weight or activation range has no 8-bit integer kernel.
+        ValueError: when a FakeQuantize never observed data (the model was neither
+            calibrated nor trained), or a weight or activation range has no 8-bit
+            integer kernel.
     """
     if not isinstance(qmodel, fx.GraphModule) or not any(
             isinstance(m, FakeQuantize) for m in qmodel.modules()):
@@ -365,6 +387,15 @@ def convert(qmodel: nn.Module, backend: str = "qnnpack",
         raise ValueError(
             f"qat.convert: backend {backend!r} is not a quantized engine of this PyTorch "
             f"build (supported: {', '.join(torch.backends.quantized.supported_engines)})")
+    unobserved = [name for name, m in qmodel.named_modules()
+                  if isinstance(m, FakeQuantize) and not isinstance(m, FixedQParamsFakeQuantize)
+                  and not bool(torch.isfinite(m.observer.min_val).any())]
+    if unobserved:
+        shown = ", ".join(unobserved[:5]) + (", ..." if len(unobserved) > 5 else "")
+        raise ValueError(
+            f"qat.convert: {len(unobserved)} FakeQuantize modules never observed data, so "
+            f"their qparams are still the initial ones ({shown}); calibrate the model "
+            f"(qat.calibrate) or train it before converting")
     torch.backends.quantized.engine = backend
     gm = copy.deepcopy(qmodel).eval()
     disable_observer(gm)
@@ -372,6 +403,7 @@ def convert(qmodel: nn.Module, backend: str = "qnnpack",
     converter.run()
     converted = fx.GraphModule(gm, converter.graph, type(qmodel).__name__)
     converted.delete_all_unused_submodules()
+    converted.qat_config = getattr(qmodel, "qat_config", "{}")
     converted.eval()
     return (converted, converter.report) if return_report else converted
 

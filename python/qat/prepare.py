@@ -10,6 +10,7 @@ import dis
 import fnmatch
 import functools
 import inspect
+import json
 import operator
 import warnings
 from typing import Dict, List, Optional, Set, Tuple
@@ -535,4 +536,7 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
         return _prepare_eager(model, config)
     _prepare_graph(gm, config)
     _keep_transformer_layers_in_python(gm)
+    # Carried to the converted model and the exported file's metadata (a string, which
+    # torch.jit.script keeps as it is).
+    gm.qat_config = json.dumps(config.to_dict())
     return gm.train()

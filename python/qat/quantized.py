@@ -81,12 +81,14 @@ class _WithOutputQParams(nn.Module):
 
 
 class Conv2d(_WithOutputQParams):
-    """``quantized::conv2d`` (``conv2d_relu`` with ``relu``) with packed int8 weights."""
+    """``quantized::conv2d`` (``conv2d_relu`` with ``relu``) with packed int8 weights;
+    ``weight_bits`` records the width they were trained at."""
 
     def __init__(self, weight: torch.Tensor, bias, stride: List[int], padding: List[int],
                  dilation: List[int], groups: int, scale: float, zero_point: int,
-                 relu: bool = False):
+                 relu: bool = False, weight_bits: int = 8):
         super().__init__(scale, zero_point, relu)
+        self.weight_bits = weight_bits
         self._packed_params = torch.ops.quantized.conv2d_prepack(
             weight, bias, stride, padding, dilation, groups)
 
@@ -98,11 +100,13 @@ class Conv2d(_WithOutputQParams):
 
 
 class Linear(_WithOutputQParams):
-    """``quantized::linear`` (``linear_relu`` with ``relu``) with packed int8 weights."""
+    """``quantized::linear`` (``linear_relu`` with ``relu``) with packed int8 weights;
+    ``weight_bits`` records the width they were trained at."""
 
     def __init__(self, weight: torch.Tensor, bias, scale: float, zero_point: int,
-                 relu: bool = False):
+                 relu: bool = False, weight_bits: int = 8):
         super().__init__(scale, zero_point, relu)
+        self.weight_bits = weight_bits
         self._packed_params = torch.ops.quantized.linear_prepack(weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

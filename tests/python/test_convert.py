@@ -133,7 +133,7 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n):
         value = super().run_node(n)
-        self.values[n] = value
+        self.values[n.name] = value
         return value
 
 
@@ -143,12 +143,12 @@ def test_each_integer_op_matches_the_simulation_on_its_own_inputs():
     compound through a chain are not the ops' own."""
     qmodel, x = _settled_resnet18()
     torch.backends.quantized.engine = "qnnpack"
-    gm = copy.deepcopy(qmodel)
-    qat.disable_observer(gm)
+    qat.disable_observer(qmodel)
+    gm = copy.deepcopy(qmodel)  # the converter swaps integer modules into it
     converter = _Converter(gm)
     converter.run()
     int_model = fx.GraphModule(gm, converter.graph)
-    simulation = _Recorder(gm)
+    simulation = _Recorder(qmodel)
     with torch.no_grad():
         simulation.run(x)
     # The simulation's node behind each value of the integer graph: its FakeQuantize where
@@ -156,20 +156,21 @@ def test_each_integer_op_matches_the_simulation_on_its_own_inputs():
     source, any_source = {}, {}
     for old, new in converter.env.items():
         any_source.setdefault(new, old)
-        if old.op == "call_module" and isinstance(gm.get_submodule(old.target), qat.FakeQuantize):
+        if old.op == "call_module" and isinstance(qmodel.get_submodule(old.target),
+                                                  qat.FakeQuantize):
             source.setdefault(new, old)
     checked = 0
     for node in converter.graph.nodes:
-        if node.op != "call_module" or node not in source or not node.target.startswith(
-                "_int_layer"):
+        if node.op != "call_module" or node not in source or not isinstance(
+                int_model.get_submodule(node.target), (qat.quantized.Conv2d, qat.quantized.Linear)):
             continue
         (arg,) = node.args
         scale, zero_point, dtype = converter.qparams[arg]
-        q_input = torch.quantize_per_tensor(simulation.values[any_source[arg]], scale,
+        q_input = torch.quantize_per_tensor(simulation.values[any_source[arg].name], scale,
                                             zero_point, dtype)
         with torch.no_grad():
             out = int_model.get_submodule(node.target)(q_input).dequantize()
-        steps = (out - simulation.values[source[node]]).abs() / converter.qparams[node][0]
+        steps = (out - simulation.values[source[node].name]).abs() / converter.qparams[node][0]
         assert steps.max() <= 1.0 + 1e-3, (node.target, steps.max())
         assert (steps > 0.5).float().mean() <= 0.005, node.target
         checked += 1

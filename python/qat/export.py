@@ -1,0 +1,214 @@
+"""``qat.export``: an integer model as a frozen TorchScript file for PyTorch Mobile (``.ptl``,
+the lite interpreter) or full TorchScript (``.pt``), with qat's metadata inside, checked
+against the in-memory model after it is written; and ``read_metadata`` to get it back."""
+
+import json
+import os
+import warnings
+import zipfile
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import quantized
+from .convert import convert
+from .fake_quant import FakeQuantize
+
+__all__ = ["METADATA_FILE", "describe", "export", "read_metadata"]
+
+# The extra file of the archive that holds qat's metadata (JSON).
+METADATA_FILE = "qat/metadata.json"
+
+
+def _check_writable(path: str) -> None:
+    """Fails before any work when ``path`` cannot be written."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"qat.export: path must be a file path, got {type(path).__name__}")
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    if os.path.isdir(path):
+        raise ValueError(f"qat.export: path {path!r} is a directory, not a file")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"qat.export: the folder of {path!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise PermissionError(f"qat.export: {path!r} is not writable")
+
+
+def _layer_info(name: str, module: nn.Module) -> Optional[Dict[str, object]]:
+    """What the metadata says of one integer module."""
+    info: Dict[str, object] = {"name": name, "type": type(module).__name__}
+    if isinstance(module, (quantized.Conv2d, quantized.Linear)):
+        unpack = (torch.ops.quantized.conv2d_unpack if isinstance(module, quantized.Conv2d)
+                  else torch.ops.quantized.linear_unpack)
+        weight = unpack(module._packed_params)[0]
+        if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            scales = weight.q_per_channel_scales()
+        else:
+            scales = torch.tensor([weight.q_scale()])
+        info.update(weight_bits=module.weight_bits, weight_shape=list(weight.shape),
+                    weight_scale_min=scales.min().item(), weight_scale_max=scales.max().item(),
+                    relu=module.relu)
+    elif not isinstance(module, (quantized.Quantize, quantized.Add, quantized.Mul,
+                                 quantized.Cat)):
+        return None
+    info.update(scale=module.scale, zero_point=module.zero_point)
+    return info
+
+
+def _metadata(model: nn.Module) -> Dict[str, object]:
+    from . import __version__
+
+    layers = [_layer_info(name, m) for name, m in model.named_modules()]
+    return {
+        "qat_version": __version__,
+        "torch_version": torch.__version__,
+        "quantized_engine": torch.backends.quantized.engine,
+        "config": json.loads(getattr(model, "qat_config", "{}") or "{}"),
+        "layers": [info for info in layers if info is not None],
+    }
+
+
+def _as_tuple(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(
+            isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise TypeError("qat.export: example_inputs must be a tensor or a tuple of tensors, got "
+                    f"{type(example_inputs).__name__}")
+
+
+def _script(model: nn.Module, inputs: tuple):
+    try:
+        with warnings.catch_warnings():
+            # torch.fx's GraphModule.__init__ annotates an attribute in a way torch.jit
+            # warns about; the attribute is not part of the scripted model.
+            warnings.filterwarnings("ignore", message="The TorchScript type system")
+            return torch.jit.script(model)
+    except Exception as error:  # noqa: BLE001 - any scripting failure tries tracing
+        message = str(error).strip()
+    warnings.warn(
+        f"qat.export: torch.jit.script failed, so the model was traced with example_inputs "
+        f"instead (control flow is fixed to what they took): {message.splitlines()[0]}",
+        stacklevel=3)
+    try:
+        return torch.jit.trace(model, inputs)
+    except Exception as error:  # noqa: BLE001
+        raise RuntimeError(
+            f"qat.export: the model can be neither scripted nor traced. Scripting said:\n"
+            f"{message}\nTracing said: {error}") from error
+
+
+def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
+           mobile: bool = True) -> nn.Module:
+    """Writes ``model`` as a frozen TorchScript file and returns the converted integer
+    model it holds.
+
+    A QAT model (holding :class:`qat.FakeQuantize` modules) is converted first with
+    :func:`qat.convert`; an integer model is taken as it is. The model is scripted
+    (traced with ``example_inputs`` only when scripting fails, with a warning), frozen,
+    and with ``mobile`` optimized with ``optimize_for_mobile`` and saved for the lite
+    interpreter (``.ptl``); without, saved as full TorchScript (``.pt``). The archive
+    carries ``qat/metadata.json`` (qat and torch versions, the quantized engine, the
+    config of :func:`qat.prepare`, and per layer its type, weight bits and scales and
+    output qparams), which :func:`read_metadata` and ``python -m qat inspect FILE`` read.
+    The file is then loaded back and must give the in-memory model's outputs on
+    ``example_inputs``, bit for bit.
+
+    Raises:
+        FileNotFoundError, PermissionError, ValueError: ``path`` cannot be written (before
+            any work is done).
+        ValueError: a QAT model that was never calibrated or trained (from
+            :func:`qat.convert`).
+        RuntimeError: the model can be neither scripted nor traced, or the written file
+            does not reproduce the model's outputs.
+    """
+    _check_writable(path)
+    inputs = _as_tuple(example_inputs)
+    int_model = convert(model) if any(isinstance(m, FakeQuantize) for m in model.modules()) \
+        else model
+    int_model.eval()
+    with torch.no_grad():
+        expected = int_model(*inputs)
+    scripted = _script(int_model, inputs)
+    frozen = torch.jit.freeze(scripted.eval())
+    extra = {METADATA_FILE: json.dumps(_metadata(int_model), indent=1)}
+    path = os.fspath(path)
+    if mobile:
+        from torch.utils.mobile_optimizer import optimize_for_mobile
+
+        optimize_for_mobile(frozen)._save_for_lite_interpreter(path, _extra_files=extra)
+        from torch.jit.mobile import _load_for_lite_interpreter
+
+        loaded = _load_for_lite_interpreter(path)
+    else:
+        torch.jit.save(frozen, path, _extra_files=extra)
+        loaded = torch.jit.load(path)
+    with torch.no_grad():
+        got = loaded(*inputs)
+    _check_same(expected, got, path)
+    return int_model
+
+
+def _check_same(expected, got, path: str) -> None:
+    if isinstance(expected, torch.Tensor):
+        expected, got = [expected], [got]
+    for a, b in zip(expected, got):
+        a = a.dequantize() if a.is_quantized else a
+        b = b.dequantize() if b.is_quantized else b
+        if a.shape != b.shape or not torch.equal(a, b):
+            difference = (a - b).abs().max().item() if a.shape == b.shape else "shape"
+            raise RuntimeError(
+                f"qat.export: the file written to {path!r} computes other outputs than the "
+                f"in-memory model (max difference {difference})")
+
+
+def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, object]:
+    """The metadata :func:`export` put in the file at ``path`` (a ``.ptl`` or ``.pt``).
+
+    Raises:
+        ValueError: when the file is not a TorchScript archive written by qat.export.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/extra/" + METADATA_FILE)]
+            if not names:
+                raise ValueError(f"qat: {os.fspath(path)!r} holds no {METADATA_FILE}: it was "
+                                 f"not written by qat.export")
+            return json.loads(archive.read(names[0]))
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"qat: {os.fspath(path)!r} is not a TorchScript archive") from error
+
+
+def _format_table(rows: Sequence[Sequence[object]]) -> str:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+                     for row in rows)
+
+
+def describe(path: Union[str, os.PathLike]) -> str:
+    """A text report of an exported file: size, versions, config and layers."""
+    meta = read_metadata(path)
+    config = meta.get("config") or {}
+    lines = [
+        f"{os.fspath(path)}: {os.path.getsize(path):,} bytes",
+        f"qat {meta.get('qat_version')}, torch {meta.get('torch_version')}, engine "
+        f"{meta.get('quantized_engine')}",
+    ]
+    for role in ("weight", "activation"):
+        spec = config.get(role)
+        if spec:
+            lines.append(f"{role}: {spec['bits']} bits, "
+                         f"{'symmetric' if spec['symmetric'] else 'affine'}, "
+                         f"{'per channel' if spec['per_channel'] else 'per tensor'}")
+    for key, pair in (config.get("overrides") or {}).items():
+        parts = [f"{role} {spec['bits']} bits" for role, spec in pair.items() if spec]
+        lines.append(f"override {key}: {', '.join(parts) or 'defaults'}")
+    rows = [("layer", "type", "weight bits", "weight scales", "out scale", "out zero point")]
+    for layer in meta.get("layers", []):
+        scales = (f"{layer['weight_scale_min']:.3g}..{layer['weight_scale_max']:.3g}"
+                  if "weight_scale_min" in layer else "")
+        rows.append((layer["name"], layer["type"], layer.get("weight_bits", ""), scales,
+                     f"{layer['scale']:.4g}", layer["zero_point"]))
+    lines.append(_format_table(rows))
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""qat.export: the .ptl loads in a process that never imports qat and gives the in-memory
+integer model's outputs; metadata and ``python -m qat inspect``; full TorchScript; the
+refusals."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import qat
+from test_convert import _FashionNet
+
+_ENV = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "..",
+                                                "python"))
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """A Fashion-MNIST-shaped CNN, fc at 4-bit weights, calibrated on random images."""
+    torch.manual_seed(0)
+    config = qat.Config(overrides={"fc": (qat.QuantSpec(bits=4, symmetric=True,
+                                                        per_channel=True), None)})
+    qmodel = qat.prepare(_FashionNet(), config)
+    data = [torch.rand(16, 1, 28, 28) for _ in range(3)]
+    qat.calibrate(qmodel, data, progress=False)
+    return qmodel, data[0]
+
+
+# PyTorch Mobile runs qnnpack; on x86 a fresh process defaults to fbgemm, whose kernels
+# round differently, so the script selects qnnpack as the phone would have it.
+_FRESH = """
+import sys, torch
+from torch.jit.mobile import _load_for_lite_interpreter
+torch.backends.quantized.engine = "qnnpack"
+model = _load_for_lite_interpreter(sys.argv[1])
+out = model(torch.load(sys.argv[2]))
+assert "qat" not in sys.modules, "the lite model pulled in qat"
+torch.save(out, sys.argv[3])
+"""
+
+
+def test_ptl_runs_in_a_process_without_qat(calibrated, tmp_path):
+    qmodel, x = calibrated
+    path, inputs, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
+    int_model = qat.export(qmodel, path, x)
+    torch.save(x, inputs)
+    subprocess.run([sys.executable, "-c", _FRESH, path, inputs, outputs], check=True,
+                   env=dict(os.environ, PYTHONPATH=""))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(outputs), int_model(x), rtol=0, atol=0)
+
+
+def test_metadata_and_inspect(calibrated, tmp_path):
+    qmodel, x = calibrated
+    path = str(tmp_path / "model.ptl")
+    qat.export(qmodel, path, x)
+    meta = qat.read_metadata(path)
+    assert meta["qat_version"] == qat.__version__
+    assert meta["torch_version"] == torch.__version__
+    assert meta["config"]["weight"]["bits"] == 8
+    layers = {layer["name"]: layer for layer in meta["layers"]}
+    assert layers["fc"]["weight_bits"] == 4 and layers["conv1"]["weight_bits"] == 8
+    assert layers["fc"]["scale"] == pytest.approx(
+        float(qmodel.get_submodule("fc_activation_fake_quant").scale))
+    result = subprocess.run([sys.executable, "-m", "qat", "inspect", path], env=_ENV,
+                            capture_output=True, text=True, check=True)
+    assert "override fc: weight 4 bits" in result.stdout
+    fc_row = next(line for line in result.stdout.splitlines() if line.startswith("fc "))
+    assert fc_row.split()[1:3] == ["Linear", "4"]
+
+
+def test_inspect_says_when_a_file_is_not_from_qat(tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), str(path))
+    result = subprocess.run([sys.executable, "-m", "qat", "inspect", str(path)], env=_ENV,
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "not written by qat.export" in result.stderr
+
+
+def test_full_torchscript_file(calibrated, tmp_path):
+    qmodel, x = calibrated
+    path = str(tmp_path / "model.pt")
+    int_model = qat.export(qmodel, path, x, mobile=False)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(path)(x), int_model(x), rtol=0, atol=0)
+    assert qat.read_metadata(path)["layers"]
+
+
+def test_export_refuses_bad_paths_before_any_work(tmp_path):
+    # The model was never calibrated; the path error comes first all the same.
+    fresh = qat.prepare(_FashionNet())
+    x = torch.rand(1, 1, 28, 28)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        qat.export(fresh, str(tmp_path / "missing" / "m.ptl"), x)
+    with pytest.raises(ValueError, match="is a directory"):
+        qat.export(fresh, str(tmp_path), x)
+    with pytest.raises(ValueError, match="never observed data"):
+        qat.export(fresh, str(tmp_path / "m.ptl"), x)
+    assert not (tmp_path / "m.ptl").exists()
+
+
+def test_export_traces_what_cannot_be_scripted_and_says_so(tmp_path):
+    class Unscriptable(nn.Module):
+        def forward(self, x):
+            return x * len(list(x.shape.__iter__()))
+
+    x = torch.rand(2, 3)
+    with pytest.warns(UserWarning, match="torch.jit.script failed"):
+        qat.export(Unscriptable(), str(tmp_path / "m.pt"), x, mobile=False)
+    torch.testing.assert_close(torch.jit.load(str(tmp_path / "m.pt"))(x), x * 2)
