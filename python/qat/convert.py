@@ -9,6 +9,7 @@ FakeQuantize after it. Nothing is re-derived, so the simulation and the integer 
 the same numbers."""
 
 import copy
+import json
 import math
 import operator
 from dataclasses import dataclass, field
@@ -104,6 +105,28 @@ def _folded(module: ConvBn2d) -> Tuple[torch.Tensor, torch.Tensor]:
     return weight * factor.reshape(shape), bn.bias + factor * (bias - bn.running_mean)
 
 
+def _weights_of(module: nn.Module) -> torch.Tensor:
+    """The fake-quantized weight a QAT conv / linear uses (folded for conv + bn)."""
+    if isinstance(module, ConvBn2d):
+        return _folded(module)[0]
+    return module.weight_fake_quant(module.weight)
+
+
+def _observe_weights(gm: nn.Module) -> None:
+    """Lets weight FakeQuantize modules that never ran observe their weight: weights are
+    known without data (dynamic quantization needs no calibration)."""
+    with torch.no_grad():
+        for module in gm.modules():
+            fq = getattr(module, "weight_fake_quant", None)
+            if isinstance(fq, FakeQuantize) and not bool(
+                    torch.isfinite(fq.observer.min_val).any()):
+                fq.enable_observer()
+                if isinstance(module, ConvBn2d):
+                    _folded(module)
+                else:
+                    fq(module.weight)
+
+
 def _integer_module(module: nn.Module, out: _QParams, relu: bool) -> Optional[nn.Module]:
     """The integer version of a QAT conv / linear, or None when it has none here."""
     scale, zero_point, _ = out
@@ -112,7 +135,7 @@ def _integer_module(module: nn.Module, out: _QParams, relu: bool) -> Optional[nn
             weight, bias = _folded(module)
             relu = relu or isinstance(module, ConvBnReLU2d)
         elif isinstance(module, (Conv2d, Linear)):
-            weight = module.weight_fake_quant(module.weight)
+            weight = _weights_of(module)
             bias = module.bias
         else:
             return None
@@ -129,8 +152,9 @@ def _integer_module(module: nn.Module, out: _QParams, relu: bool) -> Optional[nn
 
 
 class _Converter:
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, dynamic: bool = False):
         self.gm = gm
+        self.dynamic = dynamic
         self.graph = fx.Graph()
         self.env: Dict[fx.Node, fx.Node] = {}
         self.qparams: Dict[fx.Node, _QParams] = {}  # new node -> its qparams if quantized
@@ -264,6 +288,14 @@ class _Converter:
         module = self.module(node)
         first = node.args[0] if node.args else None
         x = self.quantized_input(first)
+        if isinstance(module, Linear) and x is None and self.dynamic:
+            with torch.no_grad():
+                weight = _integer_weight(_weights_of(module), module.weight_fake_quant)
+                bias = None if module.bias is None else module.bias.detach().float()
+            layer = quantized.LinearDynamic(weight, bias, module.weight_fake_quant.spec.bits)
+            self.env[node] = self.add_module(node.target, layer, [self.as_float(first)])
+            self.report.integer.append(_describe(node) + " dynamic")
+            return True
         if isinstance(module, (ConvBn2d, Conv2d, Linear)):
             fq_node, relu, owns = self.output_fake_quant(node, relu_ok=True)
             if x is None or fq_node is None or not self.fusable(relu, fq_node):
@@ -349,6 +381,10 @@ def convert(qmodel: nn.Module, backend: str = "qnnpack",
             return_report: bool = False):
     """The integer model of a prepared, trained or calibrated QAT model, in eval mode.
 
+    With a dynamic config (``qat.presets.w8a8_dynamic``), Linear layers become
+    ``quantized::linear_dynamic`` (float in and out, the input quantized at run time), and
+    weights that never ran are observed here: no calibration is needed.
+
     Conv2d / ConvBn2d / ConvBnReLU2d / Linear (followed by a ReLU or not), ``+``, ``*`` and
     ``torch.cat`` of quantized tensors run on ``torch.ops.quantized`` kernels with the
     integers and qparams of the simulation; relu, max pooling and reshapes run on the
@@ -387,7 +423,10 @@ def convert(qmodel: nn.Module, backend: str = "qnnpack",
         raise ValueError(
             f"qat.convert: backend {backend!r} is not a quantized engine of this PyTorch "
             f"build (supported: {', '.join(torch.backends.quantized.supported_engines)})")
-    unobserved = [name for name, m in qmodel.named_modules()
+    torch.backends.quantized.engine = backend
+    gm = copy.deepcopy(qmodel).eval()
+    _observe_weights(gm)
+    unobserved = [name for name, m in gm.named_modules()
                   if isinstance(m, FakeQuantize) and not isinstance(m, FixedQParamsFakeQuantize)
                   and not bool(torch.isfinite(m.observer.min_val).any())]
     if unobserved:
@@ -396,10 +435,9 @@ def convert(qmodel: nn.Module, backend: str = "qnnpack",
             f"qat.convert: {len(unobserved)} FakeQuantize modules never observed data, so "
             f"their qparams are still the initial ones ({shown}); calibrate the model "
             f"(qat.calibrate) or train it before converting")
-    torch.backends.quantized.engine = backend
-    gm = copy.deepcopy(qmodel).eval()
     disable_observer(gm)
-    converter = _Converter(gm)
+    config = json.loads(getattr(qmodel, "qat_config", "{}") or "{}")
+    converter = _Converter(gm, dynamic=bool(config.get("dynamic")))
     converter.run()
     converted = fx.GraphModule(gm, converter.graph, type(qmodel).__name__)
     converted.delete_all_unused_submodules()

@@ -19,6 +19,7 @@ __all__ = [
     "Conv2d",
     "DeQuantize",
     "Linear",
+    "LinearDynamic",
     "Mul",
     "Quantize",
     "Requantize",
@@ -114,6 +115,20 @@ class Linear(_WithOutputQParams):
             return torch.ops.quantized.linear_relu(x, self._packed_params, self.scale,
                                                    self.zero_point)
         return torch.ops.quantized.linear(x, self._packed_params, self.scale, self.zero_point)
+
+
+class LinearDynamic(nn.Module):
+    """``quantized::linear_dynamic``: float in and out, int8 weights; the input is
+    quantized at run time from its own range (dynamic quantization)."""
+
+    def __init__(self, weight: torch.Tensor, bias, weight_bits: int = 8):
+        super().__init__()
+        self.weight_bits = weight_bits
+        self._packed_params = torch.ops.quantized.linear_prepack(weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # qnnpack takes the full 8-bit activation range (reduce_range is for fbgemm).
+        return torch.ops.quantized.linear_dynamic(x, self._packed_params, False)
 
 
 class Add(_WithOutputQParams):

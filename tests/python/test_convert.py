@@ -43,6 +43,14 @@ class _FashionNet(nn.Module):
         return self.fc(torch.flatten(self.pool(z), 1))
 
 
+def _script(model):
+    with warnings.catch_warnings():
+        # torch.fx's GraphModule.__init__ annotates an attribute in a way torch.jit warns
+        # about; the attribute is not part of the scripted model.
+        warnings.filterwarnings("ignore", message="The TorchScript type system")
+        return torch.jit.script(model)
+
+
 def _train(model, images, labels, steps, lr, gen):
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     model.train()
@@ -95,11 +103,7 @@ def test_converted_model_scripts_and_runs_in_the_lite_interpreter(fashion_qat_mo
     x = test_x[:64]
     with torch.no_grad():
         expected = int_model(x)
-    with warnings.catch_warnings():
-        # torch.fx's GraphModule.__init__ annotates an attribute in a way torch.jit warns
-        # about; the attribute is not part of the scripted model.
-        warnings.filterwarnings("ignore", message="The TorchScript type system")
-        scripted = torch.jit.script(int_model)
+    scripted = _script(int_model)
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer)
     buffer.seek(0)
@@ -213,3 +217,36 @@ def test_convert_refuses_models_it_cannot_convert():
     wide(torch.randn(4, 2))
     with pytest.raises(ValueError, match=r"\[0, 4095\]"):
         qat.convert(wide)
+
+
+class _TextClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.EmbeddingBag(100, 32)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 4)
+
+    def forward(self, tokens):
+        return self.fc2(torch.relu(self.fc1(self.embed(tokens))))
+
+
+def test_dynamic_config_converts_linears_to_dynamic_kernels_without_calibration():
+    torch.manual_seed(0)
+    qmodel = qat.prepare(_TextClassifier(), qat.presets.w8a8_dynamic())
+    int_model, report = qat.convert(qmodel, return_report=True)  # no batch ever ran
+    assert isinstance(int_model.fc1, qat.quantized.LinearDynamic)
+    assert isinstance(int_model.fc2, qat.quantized.LinearDynamic)
+    assert report.float == [] and len(report.integer) == 2
+    tokens = torch.randint(0, 100, (16, 12))
+    with torch.no_grad():
+        simulation = qmodel.eval()(tokens)  # float activations, fake-quantized weights
+        got = int_model(tokens)
+    # The kernels also quantize the activations at run time, which the simulation does
+    # not: close, not equal.
+    sqnr = 10 * torch.log10(simulation.pow(2).sum() / (simulation - got).pow(2).sum())
+    assert sqnr > 30, sqnr
+    # The integer weights are those of the simulation.
+    weight = torch.ops.quantized.linear_unpack(int_model.fc1._packed_params)[0]
+    torch.testing.assert_close(weight.dequantize(),
+                               qmodel.fc1.weight_fake_quant(qmodel.fc1.weight), rtol=0, atol=0)
+    torch.testing.assert_close(_script(int_model)(tokens), got, rtol=0, atol=0)

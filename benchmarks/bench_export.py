@@ -1,0 +1,210 @@
+"""Compares, for torchvision's resnet18 and mobilenet_v2, three PyTorch Mobile files of the
+same model, written and measured in one run: the float model, our int8 model
+(``qat.prepare``, ``qat.calibrate`` on a few random batches, ``qat.export``) and PyTorch's
+own int8 model from the same kind of flow (``prepare_qat_fx`` with the qnnpack default QAT
+qconfig mapping, calibrated in eval with observers on, ``convert_fx``). Each file is
+scripted, frozen, passed through ``optimize_for_mobile`` and saved for the lite
+interpreter (``.ptl``).
+
+    PYTHONPATH=python /usr/bin/python3 benchmarks/bench_export.py \\
+        [--models resnet18 mobilenet_v2] [--size 224] [--num-classes 1000]
+        [--iterations 20] [--warmup 3] [--threads 2] [--calibration-batches 4]
+        [--out-dir DIR]
+
+It prints, per model, the size of each file (MB, 10^6 bytes, and the ratio to the float
+file) and its latency at batch 1 in the lite interpreter (``_load_for_lite_interpreter``
+on the file written, qnnpack engine): the median of ``--iterations`` calls, timed
+round-robin (float, ours, PyTorch's, repeat) after warm-up so that a change in the
+machine's load touches every file alike. Files go to a temporary folder, removed at the
+end, unless ``--out-dir`` is given. When PyTorch's flow fails on a model, the reason is
+printed and its column is left empty.
+
+The int8 files differ in weight granularity: ours is per channel (qat's default config),
+PyTorch 1.13's qnnpack default is per tensor; per-channel qparams add their scales and zero
+points to the file. The line under each table names the ops ours runs in float.
+
+Target: our int8 file <= 0.27x the float file. The script reports; it does not assert.
+Weights are random (no pretrained weights here), which changes no size and no latency.
+"""
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+import traceback
+import warnings
+
+import torch
+import torchvision
+# The same names and signatures in torch 1.13 and 2.x.
+from torch.ao.quantization import (disable_fake_quant, enable_fake_quant,
+                                   get_default_qat_qconfig_mapping)
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+from torch.jit.mobile import _load_for_lite_interpreter
+from torch.utils.mobile_optimizer import optimize_for_mobile
+
+import qat
+
+MODELS = ("resnet18", "mobilenet_v2")
+VARIANTS = ("float", "ours int8", "torch int8")
+SIZE_TARGET = 0.27
+
+
+def save_mobile(model: torch.nn.Module, path: str) -> None:
+    """Scripts, freezes, optimizes for mobile and saves ``model`` for the lite interpreter."""
+    with warnings.catch_warnings():
+        # torch.fx's GraphModule annotates an attribute in a way torch.jit warns about.
+        warnings.filterwarnings("ignore", message="The TorchScript type system")
+        scripted = torch.jit.script(model.eval())
+    optimize_for_mobile(torch.jit.freeze(scripted))._save_for_lite_interpreter(path)
+
+
+def write_ours(model: torch.nn.Module, batches, example: torch.Tensor, path: str) -> str:
+    """Writes our int8 file; returns a line on how many ops run on integer kernels."""
+    qmodel = qat.prepare(model)
+    qat.calibrate(qmodel, batches, progress=False)
+    # The report is only printed; qat.export converts on its own.
+    _, report = qat.convert(qmodel, return_report=True)
+    qat.export(qmodel, path, example, mobile=True)
+    return str(report)
+
+
+def write_torch(model: torch.nn.Module, batches, example: torch.Tensor, path: str) -> None:
+    prepared = prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping("qnnpack"),
+                              (example,))
+    # Observers on and fake quantization off, as qat.calibrate does, so that both int8
+    # models are calibrated on the float activations.
+    prepared.eval().apply(disable_fake_quant)
+    with torch.no_grad():
+        for batch in batches:
+            prepared(batch)
+    prepared.apply(enable_fake_quant)
+    save_mobile(convert_fx(prepared), path)
+
+
+def latency_ms(paths: dict, x: torch.Tensor, iterations: int, warmup: int) -> dict:
+    """(median, min) milliseconds per call of each file in the lite interpreter, timed
+    round-robin."""
+    modules = {name: _load_for_lite_interpreter(path) for name, path in paths.items()}
+    times = {name: [] for name in modules}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for module in modules.values():
+                module(x)
+        for _ in range(iterations):
+            for name, module in modules.items():
+                start = time.perf_counter()
+                module(x)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
+
+
+def measure(name: str, args, folder: str) -> dict:
+    """Writes the three files of one model and times them; returns the figures."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None, num_classes=args.num_classes).eval()
+    example = torch.randn(1, 3, args.size, args.size)
+    batches = [torch.randn(args.calibration_batch, 3, args.size, args.size)
+               for _ in range(args.calibration_batches)]
+    paths = {variant: os.path.join(folder, f"{name}_{variant.replace(' ', '_')}.ptl")
+             for variant in VARIANTS}
+    seconds, notes = {}, []
+
+    start = time.perf_counter()
+    save_mobile(copy.deepcopy(model), paths["float"])
+    seconds["float"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    notes.append("ours: " + write_ours(copy.deepcopy(model), batches, example,
+                                       paths["ours int8"]))
+    seconds["ours int8"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    try:
+        write_torch(copy.deepcopy(model), batches, example, paths["torch int8"])
+        seconds["torch int8"] = time.perf_counter() - start
+    except Exception as error:  # noqa: BLE001 - reported, and the other two still run
+        notes.append(f"torch int8 failed: {type(error).__name__}: {error}".strip())
+        notes.append(traceback.format_exc().rstrip())
+        del paths["torch int8"]
+
+    sizes = {variant: os.path.getsize(path) / 1e6 for variant, path in paths.items()}
+    timed = latency_ms(paths, example, args.iterations, args.warmup)
+    return {"sizes": sizes, "ms": {v: median for v, (median, _) in timed.items()},
+            "min_ms": {v: fastest for v, (_, fastest) in timed.items()}, "seconds": seconds,
+            "notes": notes}
+
+
+def print_model(name: str, result: dict) -> None:
+    sizes, ms, seconds = result["sizes"], result["ms"], result["seconds"]
+    print(f"\n{name}")
+    print(f"{'file':<12}{'MB':>9}{'/ float':>9}{'median ms':>11}{'/ float':>9}{'min ms':>9}"
+          f"{'written in s':>14}")
+    for variant in VARIANTS:
+        if variant not in sizes:
+            print(f"{variant:<12}" + "".join(f"{'-':>{w}}" for w in (9, 9, 11, 9, 9, 14)))
+            continue
+        print(f"{variant:<12}{sizes[variant]:>9.2f}{sizes[variant] / sizes['float']:>9.3f}"
+              f"{ms[variant]:>11.2f}{ms[variant] / ms['float']:>9.2f}"
+              f"{result['min_ms'][variant]:>9.2f}{seconds[variant]:>14.1f}")
+    line = f"median latency: ours / float {ms['ours int8'] / ms['float']:.2f}x"
+    if "torch int8" in ms:
+        line += (f", ours / torch int8 {ms['ours int8'] / ms['torch int8']:.2f}x; size: ours / "
+                 f"torch int8 {sizes['ours int8'] / sizes['torch int8']:.3f}x")
+    print(line)
+    for note in result["notes"]:
+        print(note)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--size", type=int, default=224, help="input height and width")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--iterations", type=int, default=20, help="timed calls per file")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per file")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calibration-batches", type=int, default=4)
+    parser.add_argument("--calibration-batch", type=int, default=2,
+                        help="images per calibration batch")
+    parser.add_argument("--out-dir", help="keep the files here (default: a temporary folder)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    # The int8 weights are packed for, and run on, PyTorch Mobile's engine.
+    torch.backends.quantized.engine = "qnnpack"
+    print(f"qat {qat.__version__}, torch {torch.__version__}, torchvision "
+          f"{torchvision.__version__}, input [1, 3, {args.size}, {args.size}], "
+          f"{args.num_classes} classes, {args.threads} threads, qnnpack, lite interpreter, "
+          f"median of {args.iterations} calls after {args.warmup} warm-up, calibration on "
+          f"{args.calibration_batches}x{args.calibration_batch} random images")
+    # Their weight granularity differs from ours by default, which shows in the sizes.
+    ours_weights = "per channel" if qat.Config().weight.per_channel else "per tensor"
+    theirs = get_default_qat_qconfig_mapping("qnnpack").global_qconfig.weight().qscheme
+    print(f"weights: ours {ours_weights} (qat's default config), torch int8 {theirs} "
+          f"(torch's qnnpack default)")
+
+    results = {}
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = temporary
+        if args.out_dir:
+            os.makedirs(args.out_dir, exist_ok=True)
+            folder = args.out_dir
+        for name in args.models:
+            results[name] = measure(name, args, folder)
+            print_model(name, results[name])
+    if args.out_dir:
+        print(f"\nfiles in {args.out_dir}")
+
+    print()
+    verdicts = {name: r["sizes"]["ours int8"] / r["sizes"]["float"] for name, r in results.items()}
+    print(f"target (ours int8 <= {SIZE_TARGET}x float): " + "; ".join(
+        f"{name}: {ratio:.3f}x" for name, ratio in verdicts.items())
+        + (" -> holds" if all(r <= SIZE_TARGET for r in verdicts.values())
+           else " -> does not hold"))
+
+
+if __name__ == "__main__":
+    main()
