@@ -8,23 +8,29 @@ interpreter (``.ptl``).
 
     PYTHONPATH=python /usr/bin/python3 benchmarks/bench_export.py \\
         [--models resnet18 mobilenet_v2] [--size 224] [--num-classes 1000]
-        [--iterations 20] [--warmup 3] [--threads 2] [--calibration-batches 4]
+        [--iterations 50] [--warmup 5] [--threads 2] [--calibration-batches 4]
         [--out-dir DIR]
 
 It prints, per model, the size of each file (MB, 10^6 bytes, and the ratio to the float
 file) and its latency at batch 1 in the lite interpreter (``_load_for_lite_interpreter``
 on the file written, qnnpack engine): the median of ``--iterations`` calls, timed
 round-robin (float, ours, PyTorch's, repeat) after warm-up so that a change in the
-machine's load touches every file alike. Files go to a temporary folder, removed at the
-end, unless ``--out-dir`` is given. When PyTorch's flow fails on a model, the reason is
-printed and its column is left empty.
+machine's load touches every file alike. OpenMP threads wait passively (see below) unless
+OMP_WAIT_POLICY is set. Files go to a temporary folder, removed at the end, unless
+``--out-dir`` is given. When PyTorch's flow fails on a model, the reason is printed and its
+column is left empty.
 
 The int8 files differ in weight granularity: ours is per channel (qat's default config),
 PyTorch 1.13's qnnpack default is per tensor; per-channel qparams add their scales and zero
 points to the file. The line under each table names the ops ours runs in float.
 
 Target: our int8 file <= 0.27x the float file. The script reports; it does not assert.
-Weights are random (no pretrained weights here), which changes no size and no latency.
+Latency on x86 is not latency on a phone: float runs on XNNPACK's AVX kernels, int8 on
+qnnpack's SSE2 ones, so the int8/float ratio is the figure to read with care.
+
+Weights are random (no pretrained weights here) and batch norm keeps its initial
+statistics, so activations shrink layer by layer and the int8 models output zeros; sizes do
+not depend on the values, and the kernels' times should hardly.
 """
 
 import argparse
@@ -36,16 +42,22 @@ import time
 import traceback
 import warnings
 
-import torch
-import torchvision
-# The same names and signatures in torch 1.13 and 2.x.
-from torch.ao.quantization import (disable_fake_quant, enable_fake_quant,
-                                   get_default_qat_qconfig_mapping)
-from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
-from torch.jit.mobile import _load_for_lite_interpreter
-from torch.utils.mobile_optimizer import optimize_for_mobile
+# Set before torch loads libgomp, which reads it once. ATen's OpenMP threads otherwise spin
+# for a while after each parallel op and take the cores from the pthreadpool that qnnpack
+# and XNNPACK run on; on 2 cores that made calls 10-60x slower (mobile builds of PyTorch
+# have no OpenMP). Set OMP_WAIT_POLICY=ACTIVE to see it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import qat
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+# The same names and signatures in torch 1.13 and 2.x.
+from torch.ao.quantization import (disable_fake_quant, enable_fake_quant,  # noqa: E402
+                                   get_default_qat_qconfig_mapping)
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx  # noqa: E402
+from torch.jit.mobile import _load_for_lite_interpreter  # noqa: E402
+from torch.utils.mobile_optimizer import optimize_for_mobile  # noqa: E402
+
+import qat  # noqa: E402
 
 MODELS = ("resnet18", "mobilenet_v2")
 VARIANTS = ("float", "ours int8", "torch int8")
@@ -163,8 +175,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--size", type=int, default=224, help="input height and width")
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--iterations", type=int, default=20, help="timed calls per file")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per file")
+    parser.add_argument("--iterations", type=int, default=50, help="timed calls per file")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls per file")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calibration-batches", type=int, default=4)
     parser.add_argument("--calibration-batch", type=int, default=2,
@@ -179,7 +191,9 @@ def main() -> None:
           f"{torchvision.__version__}, input [1, 3, {args.size}, {args.size}], "
           f"{args.num_classes} classes, {args.threads} threads, qnnpack, lite interpreter, "
           f"median of {args.iterations} calls after {args.warmup} warm-up, calibration on "
-          f"{args.calibration_batches}x{args.calibration_batch} random images")
+          f"{args.calibration_batches}x{args.calibration_batch} random images, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, load average "
+          f"{os.getloadavg()[0]:.2f}")
     # Their weight granularity differs from ours by default, which shows in the sizes.
     ours_weights = "per channel" if qat.Config().weight.per_channel else "per tensor"
     theirs = get_default_qat_qconfig_mapping("qnnpack").global_qconfig.weight().qscheme
@@ -197,6 +211,8 @@ def main() -> None:
             print_model(name, results[name])
     if args.out_dir:
         print(f"\nfiles in {args.out_dir}")
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f} (other work on the machine "
+          f"slows the timings)")
 
     print()
     verdicts = {name: r["sizes"]["ours int8"] / r["sizes"]["float"] for name, r in results.items()}
