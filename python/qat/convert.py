@@ -33,10 +33,19 @@ _ADD = {operator.add, operator.iadd, torch.add}
 _MUL = {operator.mul, operator.imul, torch.mul}
 _ADD_METHODS = {"add", "add_"}
 _MUL_METHODS = {"mul", "mul_"}
-# Ops that run on a quantized tensor and keep its qparams.
-_PASS_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, torch.flatten, torch.reshape}
-_PASS_METHODS = {"relu", "relu_", "flatten", "reshape", "view", "contiguous"}
+# Ops that run on a quantized tensor and keep its qparams: ReLU, max pooling and data
+# movement (the integer model moves the same integers the simulation moves values).
+_PASS_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, torch.flatten, torch.reshape,
+                   torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
+                   operator.getitem}
+_PASS_METHODS = {"relu", "relu_", "flatten", "reshape", "view", "contiguous", "transpose",
+                 "permute", "squeeze", "unsqueeze"}
 _PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+# Ops that split a quantized tensor into a tuple of quantized tensors (read by getitem).
+_SPLIT_FUNCTIONS = {torch.chunk, torch.split}
+_SPLIT_METHODS = {"chunk", "split"}
+# Calls that read sizes, not values: they take the quantized tensor and return no tensor.
+_SIZE_METHODS = {"size", "dim", "numel"}
 # Ops whose quantized kernels write their output with the fixed qparams the simulation
 # uses (prepare's FixedQParamsFakeQuantize), rounding once. Averages (pooling, mean) are
 # not among them: their kernels round to the input's grid, and the requantization after
@@ -159,6 +168,7 @@ class _Converter:
         self.env: Dict[fx.Node, fx.Node] = {}
         self.qparams: Dict[fx.Node, _QParams] = {}  # new node -> its qparams if quantized
         self.dequantized: Dict[fx.Node, fx.Node] = {}
+        self.tuples: Dict[fx.Node, _QParams] = {}  # new split node -> its parts' qparams
         self.report = ConversionReport()
         self.count = 0
         self.named = set()
@@ -201,6 +211,16 @@ class _Converter:
         if isinstance(old, fx.Node) and self.env.get(old) in self.qparams:
             return self.env[old]
         return None
+
+    def getitem_of_split(self, node: fx.Node) -> bool:
+        """Takes ``split[i]`` of a quantized split as a quantized tensor."""
+        if not (node.op == "call_function" and node.target is operator.getitem
+                and isinstance(node.args[0], fx.Node) and self.env[node.args[0]] in self.tuples):
+            return False
+        new = self.graph.node_copy(node, lambda n: self.env[n])
+        self.env[node] = new
+        self.qparams[new] = self.tuples[self.env[node.args[0]]]
+        return True
 
     def output_fake_quant(self, node: fx.Node, relu_ok: bool):
         """(FakeQuantize node whose qparams ``node``'s output takes, ReLU node between them
@@ -263,7 +283,7 @@ class _Converter:
                 self.graph.output(fx.node.map_arg(node.args[0], self.as_float))
             elif self.fake_quant(node) is not None:
                 self.quantize(node)
-            elif not self.integer_op(node):
+            elif not self.getitem_of_split(node) and not self.integer_op(node):
                 self.float_op(node)
 
     def quantize(self, node: fx.Node) -> None:
@@ -333,8 +353,32 @@ class _Converter:
                 self.add_module(f"{node.name}_int", quantized.Cat(dim, scale, zero_point),
                                 [inputs]), node, fq_node, None)
             return True
+        if node.op == "call_function" and node.target is F.hardswish or isinstance(
+                module, nn.Hardswish):
+            fq_node, _, owns = self.output_fake_quant(node, relu_ok=False)
+            if x is None or fq_node is None or not owns:
+                return False
+            scale, zero_point, _ = _qparams(self.fake_quant(fq_node))
+            self.bind_output(self.add_module(f"{node.name}_int",
+                                             quantized.Hardswish(scale, zero_point), [x]),
+                             node, fq_node, None)
+            return True
         if x is None:
             return False
+        if node.op == "call_method" and node.target in _SIZE_METHODS or (
+                node.op == "call_function" and node.target is getattr):
+            self.env[node] = self.copy(node, quantized_args=True)
+            return True
+        splits = (node.op == "call_function" and node.target in _SPLIT_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _SPLIT_METHODS)
+        if splits:
+            if not all(u.op == "call_function" and u.target is operator.getitem
+                       for u in node.users):
+                return False
+            new = self.copy(node, quantized_args=True)
+            self.env[node] = new
+            self.tuples[new] = self.qparams[x]
+            return True
         if self.passes(node, module):
             new = self.copy(node, quantized_args=True)
             self.env[node] = new

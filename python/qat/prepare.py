@@ -68,11 +68,30 @@ def _has_parameters(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
+class _Proxy(fx.Proxy):
+    """``torch.fx``'s proxy, able to unpack a traced value (``n, c, h, w = x.size()``, as
+    torchvision's shufflenet does) on Python 3.11 too: ``fx.Proxy.__iter__`` finds the
+    unpacking instruction by an index that the 3.11 inline caches put off (reading the
+    wrong instruction, or past the end); here it is found by its offset."""
+
+    def __iter__(self):
+        frame = inspect.currentframe()
+        caller = frame.f_back if frame is not None else None
+        if caller is not None:
+            for inst in dis.get_instructions(caller.f_code):
+                if inst.offset == caller.f_lasti:
+                    if inst.opname == "UNPACK_SEQUENCE":
+                        return iter([self[i] for i in range(inst.argval)])
+                    break
+        return self.tracer.iter(self)
+
+
 class _Tracer(fx.Tracer):
-    """``torch.fx``'s tracer, able to unpack a traced value (``n, c, h, w = x.size()``, as
-    torchvision's shufflenet does) on Python 3.11 too: ``Proxy.__iter__`` finds the unpacking
-    instruction by an index that the 3.11 inline caches put off, so it lands here, where
-    the instruction is found by its offset."""
+    """``torch.fx``'s tracer with :class:`_Proxy` values, keeping parameter-free modules
+    that read ``self.training`` as modules."""
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # A parameter-free module whose forward reads self.training (torchvision's
@@ -80,18 +99,6 @@ class _Tracer(fx.Tracer):
         # trace time would be baked into the graph and eval() would not reach it.
         return super().is_leaf_module(m, module_qualified_name) or (
             not _has_parameters(m) and _reads_training(type(m)))
-
-    def iter(self, obj: fx.Proxy):
-        frame = inspect.currentframe()
-        # This frame <- Proxy.__iter__ <- the traced code that unpacks.
-        caller = frame.f_back.f_back if frame is not None and frame.f_back else None
-        if caller is not None:
-            for inst in dis.get_instructions(caller.f_code):
-                if inst.offset == caller.f_lasti:
-                    if inst.opname == "UNPACK_SEQUENCE":
-                        return iter([obj[i] for i in range(inst.argval)])
-                    break
-        return super().iter(obj)
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:

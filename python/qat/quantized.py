@@ -18,6 +18,7 @@ __all__ = [
     "Cat",
     "Conv2d",
     "DeQuantize",
+    "Hardswish",
     "Linear",
     "LinearDynamic",
     "Mul",
@@ -148,6 +149,13 @@ class Mul(_WithOutputQParams):
         if self.relu:
             return torch.ops.quantized.mul_relu(a, b, self.scale, self.zero_point)
         return torch.ops.quantized.mul(a, b, self.scale, self.zero_point)
+
+
+class Hardswish(_WithOutputQParams):
+    """``quantized::hardswish``, written with the output qparams."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.hardswish(x, self.scale, self.zero_point)
 
 
 class Cat(_WithOutputQParams):

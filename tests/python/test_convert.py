@@ -250,3 +250,35 @@ def test_dynamic_config_converts_linears_to_dynamic_kernels_without_calibration(
     torch.testing.assert_close(weight.dequantize(),
                                qmodel.fc1.weight_fake_quant(qmodel.fc1.weight), rtol=0, atol=0)
     torch.testing.assert_close(_script(int_model)(tokens), got, rtol=0, atol=0)
+
+
+class _ShuffleBlock(nn.Module):
+    """shufflenet's moves (chunk, channel shuffle through sizes, view and transpose) with a
+    hardswish."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.hardswish(self.stem(x))
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([a, F.relu(self.branch(b))], 1)
+        n, c, h, w = x.size()
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_data_movement_and_hardswish_run_on_quantized_tensors():
+    torch.manual_seed(0)
+    qmodel = qat.prepare(_ShuffleBlock())
+    data = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    qat.calibrate(qmodel, data, progress=False)
+    int_model, report = qat.convert(qmodel, return_report=True)
+    assert [name.split(" ")[0] for name in report.float] == ["mean"]
+    assert isinstance(int_model.get_submodule("hardswish_int"), qat.quantized.Hardswish)
+    parity = qat.compare(qmodel, int_model, data)
+    assert parity["within_one_step"] >= 0.99 and parity["max_steps"] <= 2, parity
+    torch.testing.assert_close(_script(int_model)(data[0]), int_model(data[0]), rtol=0, atol=0)
