@@ -24,6 +24,7 @@ from . import quantized
 from .calibrate import disable_observer
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
 from .modules import ConvBn2d, ConvBnReLU2d, Conv2d, Linear
+from .prepare import _calls_one_of
 
 __all__ = ["ConversionReport", "compare", "convert"]
 
@@ -379,12 +380,12 @@ class _Converter:
             self.env[node] = new
             self.tuples[new] = self.qparams[x]
             return True
-        if self.passes(node, module):
+        if self.passes(node):
             new = self.copy(node, quantized_args=True)
             self.env[node] = new
             self.qparams[new] = self.qparams[x]
             return True
-        if self.fixed_qparams(node, module):
+        if self.fixed_qparams(node):
             fq_node, _, owns = self.output_fake_quant(node, relu_ok=False)
             if fq_node is None or not owns:
                 return False
@@ -397,21 +398,12 @@ class _Converter:
             return True
         return False
 
-    @staticmethod
-    def passes(node: fx.Node, module) -> bool:
-        if module is not None:
-            return isinstance(module, _PASS_MODULES)
-        if node.op == "call_function":
-            return node.target in _PASS_FUNCTIONS
-        return node.op == "call_method" and node.target in _PASS_METHODS
+    def passes(self, node: fx.Node) -> bool:
+        return _calls_one_of(node, self.gm, _PASS_FUNCTIONS, _PASS_METHODS, _PASS_MODULES)
 
-    @staticmethod
-    def fixed_qparams(node: fx.Node, module) -> bool:
-        if module is not None:
-            return isinstance(module, _FIXED_QPARAMS_MODULES)
-        if node.op == "call_function":
-            return node.target in _FIXED_QPARAMS_FUNCTIONS
-        return node.op == "call_method" and node.target in _FIXED_QPARAMS_METHODS
+    def fixed_qparams(self, node: fx.Node) -> bool:
+        return _calls_one_of(node, self.gm, _FIXED_QPARAMS_FUNCTIONS, _FIXED_QPARAMS_METHODS,
+                             _FIXED_QPARAMS_MODULES)
 
     def float_op(self, node: fx.Node) -> None:
         inputs: List[fx.Node] = []
@@ -499,7 +491,8 @@ def _output_step(qmodel: nn.Module) -> float:
         module = qmodel.get_submodule(source.target) if source.op == "call_module" else None
         if isinstance(module, FakeQuantize) and module.scale.numel() == 1:
             return float(module.scale)
-        if not (_Converter.passes(source, module) and source.args):
+        if not (_calls_one_of(source, qmodel, _PASS_FUNCTIONS, _PASS_METHODS, _PASS_MODULES)
+                and source.args):
             break
         source = source.args[0]  # relu, flatten, ...: the step of their input
     raise ValueError("qat.compare: the model's output does not come from a per-tensor "
