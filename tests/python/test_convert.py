@@ -137,7 +137,8 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n):
         value = super().run_node(n)
-        self.values[n.name] = value
+        # A copy: in-place ops later in the graph (ReLU(inplace=True)) would change it.
+        self.values[n.name] = value.clone() if isinstance(value, torch.Tensor) else value
         return value
 
 
