@@ -283,3 +283,46 @@ def test_data_movement_and_hardswish_run_on_quantized_tensors():
     parity = qat.compare(qmodel, int_model, data)
     assert parity["within_one_step"] >= 0.99 and parity["max_steps"] <= 2, parity
     torch.testing.assert_close(_script(int_model)(data[0]), int_model(data[0]), rtol=0, atol=0)
+
+
+def _fashion_rgb32(images):
+    """Fashion-MNIST as the torchvision models take it: 3 channels, 32x32."""
+    return F.interpolate(images, size=32, mode="bilinear", align_corners=False).repeat(
+        1, 3, 1, 1)
+
+
+# Only resnet18 so far: briefly trained mobilenet_v2 lands at 30.1-32.0 dB depending on
+# the number of steps, too close to the 30 dB target for a stable test (issue 5's note).
+@pytest.mark.parametrize("factory", [torchvision.models.resnet18], ids=lambda f: f.__name__)
+def test_torchvision_integer_model_follows_the_simulation(factory):
+    """Briefly trained on Fashion-MNIST (an untrained network is chaotic: one step of
+    noise on 0.1% of its inputs moves its own simulation's output to 10-23 dB), batch-norm
+    statistics settled, calibrated: the integer model's SQNR against the simulation."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    images, labels = load_fashion_mnist(train=True)
+    test_images, _ = load_fashion_mnist(train=False)
+    model = factory(weights=None, num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    for _ in range(100):
+        idx = torch.randint(0, len(images), (32,), generator=gen)
+        loss = F.cross_entropy(model(_fashion_rgb32(images[idx])), labels[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # the cumulative average of the batches below
+    with torch.no_grad():
+        for i in range(8):
+            model(_fashion_rgb32(images[i * 64:(i + 1) * 64]))
+    qmodel = qat.prepare(model)
+    qat.calibrate(qmodel, [_fashion_rgb32(images[i * 64:(i + 1) * 64]) for i in range(8, 12)],
+                  progress=False)
+    int_model = qat.convert(qmodel)
+    parity = qat.compare(qmodel, int_model,
+                         [_fashion_rgb32(test_images[i:i + 250]) for i in range(0, 500, 250)])
+    print(f"\n{factory.__name__}: {parity}")
+    assert parity["sqnr_db"] >= 30, parity
+    assert parity["within_one_step"] >= 0.99, parity
