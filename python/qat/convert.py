@@ -151,14 +151,15 @@ def _integer_module(module: nn.Module, out: _QParams, relu: bool) -> Optional[nn
             return None
         qweight = _integer_weight(weight, module.weight_fake_quant)
         bias = None if bias is None else bias.detach().float()
-        bits = module.weight_fake_quant.spec.bits
+        fq = module.weight_fake_quant
         if isinstance(module, Linear):
-            return quantized.Linear(qweight, bias, scale, zero_point, relu, bits)
+            return quantized.Linear(qweight, bias, scale, zero_point, relu, fq.spec.bits,
+                                    fq.quant_min)
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             return None
         return quantized.Conv2d(qweight, bias, list(module.stride), list(module.padding),
                                 list(module.dilation), module.groups, scale, zero_point, relu,
-                                bits)
+                                fq.spec.bits, fq.quant_min)
 
 
 class _Converter:
@@ -313,7 +314,8 @@ class _Converter:
             with torch.no_grad():
                 weight = _integer_weight(_weights_of(module), module.weight_fake_quant)
                 bias = None if module.bias is None else module.bias.detach().float()
-            layer = quantized.LinearDynamic(weight, bias, module.weight_fake_quant.spec.bits)
+            fq = module.weight_fake_quant
+            layer = quantized.LinearDynamic(weight, bias, fq.spec.bits, fq.quant_min)
             self.env[node] = self.add_module(node.target, layer, [self.as_float(first)])
             self.report.integer.append(_describe(node) + " dynamic")
             return True

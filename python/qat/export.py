@@ -37,15 +37,9 @@ def _check_writable(path: str) -> None:
 def _layer_info(name: str, module: nn.Module) -> Optional[Dict[str, object]]:
     """What the metadata says of one integer module."""
     info: Dict[str, object] = {"name": name, "type": type(module).__name__}
-    if isinstance(module, (quantized.Conv2d, quantized.Linear)):
-        unpack = (torch.ops.quantized.conv2d_unpack if isinstance(module, quantized.Conv2d)
-                  else torch.ops.quantized.linear_unpack)
-        weight = unpack(module._packed_params)[0]
-        if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            scales = weight.q_per_channel_scales()
-        else:
-            scales = torch.tensor([weight.q_scale()])
-        info.update(weight_bits=module.weight_bits, weight_shape=list(weight.shape),
+    if isinstance(module, quantized._IntegerLayer):
+        scales = module.weight_scale
+        info.update(weight_bits=module.weight_bits, weight_shape=module.weight_shape,
                     weight_scale_min=scales.min().item(), weight_scale_max=scales.max().item(),
                     relu=module.relu)
     elif not isinstance(module, (quantized.Quantize, quantized.Add, quantized.Mul,
@@ -130,6 +124,11 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
     int_model.eval()
     with torch.no_grad():
         expected = int_model(*inputs)
+    # The file gets the stored weights, not the kernels' packed form (rebuilt on the first
+    # forward after loading).
+    for module in int_model.modules():
+        if isinstance(module, quantized._IntegerLayer):
+            module._packed_params = None
     scripted = _script(int_model, inputs)
     frozen = torch.jit.freeze(scripted.eval())
     extra = {METADATA_FILE: json.dumps(_metadata(int_model), indent=1)}

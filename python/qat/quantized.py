@@ -3,12 +3,13 @@ native quantized operators (``torch.ops.quantized.*``, the qnnpack kernels PyTor
 ships), built by :func:`qat.convert` from a QAT model's learned qparams.
 
 Activations cross between them as quantized tensors (``torch.quint8`` for the default
-unsigned 8-bit activations). Weights are stored as integers with their per-channel
-scales, packed for the kernels; biases stay float, and the kernels quantize them to int32
-at ``input_scale * weight_scale``.
+unsigned 8-bit activations). Weights are stored as integers (two or four to a byte when
+trained at 4 or 2 bits) with float32 per-channel scales, and packed for the kernels on
+the first forward; biases stay float, and the kernels quantize them to int32 at
+``input_scale * weight_scale``.
 """
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -82,54 +83,166 @@ class _WithOutputQParams(nn.Module):
         return f"scale={self.scale:.6g}, zero_point={self.zero_point}{relu}"
 
 
-class Conv2d(_WithOutputQParams):
-    """``quantized::conv2d`` (``conv2d_relu`` with ``relu``) with packed int8 weights;
-    ``weight_bits`` records the width they were trained at."""
+def _pack(ints: torch.Tensor, values_per_byte: int, offset: int) -> torch.Tensor:
+    """``ints`` (int8) as stored: as they are, or ``values_per_byte`` unsigned values
+    (``ints + offset``) per byte, the first in the low bits."""
+    if values_per_byte == 1:
+        return ints.to(torch.int8).clone()
+    bits = 8 // values_per_byte
+    values = ints.flatten().to(torch.int16) + offset
+    if values.numel() and not (0 <= int(values.min()) and int(values.max()) < 2 ** bits):
+        raise ValueError(f"qat.quantized: weights do not fit {bits} bits after offset {offset}")
+    pad = (-values.numel()) % values_per_byte
+    values = torch.cat([values, values.new_zeros(pad)]).reshape(-1, values_per_byte)
+    packed = torch.zeros(values.shape[0], dtype=torch.int16)
+    for j in range(values_per_byte):
+        packed |= values[:, j] << (bits * j)
+    return packed.to(torch.uint8)
+
+
+class _IntegerLayer(_WithOutputQParams):
+    """A conv or linear layer's weight as the file stores it: the integers (packed two or
+    four to a byte when trained at 4 bits or fewer), float32 scales and int32 zero points
+    (none when all are 0) per channel, and a float bias. The kernels' packed form is built on the first forward
+    and cached in ``_packed_params``.
+
+    That first forward also writes the stored tensors back to themselves: torch.jit.freeze
+    folds every attribute that nothing writes into a constant, and would fold the unpacking
+    with it, so that the file held the expanded int8 weights (and PyTorch's 16 bytes of
+    scale and zero point per channel) instead."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], weight_bits: int,
+                 weight_quant_min: int, scale: float, zero_point: int, relu: bool):
+        super().__init__(scale, zero_point, relu)
+        self.weight_bits = weight_bits
+        ints = weight.int_repr()
+        self.weight_shape: List[int] = list(ints.shape)
+        self.per_channel = weight.qscheme() in (torch.per_channel_affine,
+                                                torch.per_channel_symmetric)
+        if self.per_channel:
+            scales, zero_points = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
+        else:
+            scales = torch.tensor([weight.q_scale()])
+            zero_points = torch.tensor([weight.q_zero_point()])
+        self.values_per_byte = 8 // weight_bits if weight_bits <= 4 else 1
+        self.weight_offset = -weight_quant_min
+        self.register_buffer("weight_data", _pack(ints, self.values_per_byte,
+                                                  self.weight_offset))
+        self.register_buffer("weight_scale", scales.float())
+        # Symmetric weights (the default) have zero points of 0: none stored.
+        self.register_buffer("weight_zero_point", zero_points.to(torch.int32)
+                             if bool(zero_points.any()) else torch.zeros(0, dtype=torch.int32))
+        # A zero bias computes what no bias does.
+        self.register_buffer("bias", torch.zeros(ints.shape[0]) if bias is None
+                             else bias.detach().float().clone())
+
+    def _ints(self) -> torch.Tensor:
+        if self.values_per_byte == 1:
+            return self.weight_data
+        bits = 8 // self.values_per_byte
+        parts: List[torch.Tensor] = []
+        for i in range(self.values_per_byte):
+            parts.append(torch.bitwise_and(
+                torch.bitwise_right_shift(self.weight_data, bits * i), (1 << bits) - 1))
+        numel = 1
+        for size in self.weight_shape:
+            numel *= size
+        ints = torch.stack(parts, 1).flatten()[:numel].to(torch.int16) - self.weight_offset
+        return ints.to(torch.int8).reshape(self.weight_shape)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as a quantized int8 tensor."""
+        ints = self._ints()
+        zero_points = self.weight_zero_point.long()
+        if zero_points.numel() == 0:
+            zero_points = torch.zeros(self.weight_scale.numel(), dtype=torch.long)
+        if self.per_channel:
+            return torch._make_per_channel_quantized_tensor(
+                ints, self.weight_scale.double(), zero_points, 0)
+        return torch._make_per_tensor_quantized_tensor(
+            ints, float(self.weight_scale[0]), int(zero_points[0]))
+
+    def _keep_stored(self) -> None:
+        self.weight_data = self.weight_data
+        self.weight_scale = self.weight_scale
+        self.weight_zero_point = self.weight_zero_point
+        self.bias = self.bias
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_bits={self.weight_bits}"
+
+
+class Conv2d(_IntegerLayer):
+    """``quantized::conv2d`` (``conv2d_relu`` with ``relu``)."""
+
+    _packed_params: Optional[torch.classes.quantized.Conv2dPackedParamsBase]
 
     def __init__(self, weight: torch.Tensor, bias, stride: List[int], padding: List[int],
                  dilation: List[int], groups: int, scale: float, zero_point: int,
-                 relu: bool = False, weight_bits: int = 8):
-        super().__init__(scale, zero_point, relu)
-        self.weight_bits = weight_bits
-        self._packed_params = torch.ops.quantized.conv2d_prepack(
-            weight, bias, stride, padding, dilation, groups)
+                 relu: bool = False, weight_bits: int = 8, weight_quant_min: int = -128):
+        super().__init__(weight, bias, weight_bits, weight_quant_min, scale, zero_point, relu)
+        self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
+        self.groups = groups
+        self._packed_params = None
+
+    def _packed(self) -> torch.classes.quantized.Conv2dPackedParamsBase:
+        packed = self._packed_params
+        if packed is None:
+            packed = torch.ops.quantized.conv2d_prepack(
+                self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation,
+                self.groups)
+            self._packed_params = packed
+            self._keep_stored()
+        return packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.relu:
-            return torch.ops.quantized.conv2d_relu(x, self._packed_params, self.scale,
+            return torch.ops.quantized.conv2d_relu(x, self._packed(), self.scale,
                                                    self.zero_point)
-        return torch.ops.quantized.conv2d(x, self._packed_params, self.scale, self.zero_point)
+        return torch.ops.quantized.conv2d(x, self._packed(), self.scale, self.zero_point)
 
 
-class Linear(_WithOutputQParams):
-    """``quantized::linear`` (``linear_relu`` with ``relu``) with packed int8 weights;
-    ``weight_bits`` records the width they were trained at."""
+class _LinearBase(_IntegerLayer):
+    _packed_params: Optional[torch.classes.quantized.LinearPackedParamsBase]
+
+    def __init__(self, weight, bias, weight_bits, weight_quant_min, scale, zero_point, relu):
+        super().__init__(weight, bias, weight_bits, weight_quant_min, scale, zero_point, relu)
+        self._packed_params = None
+
+    def _packed(self) -> torch.classes.quantized.LinearPackedParamsBase:
+        packed = self._packed_params
+        if packed is None:
+            packed = torch.ops.quantized.linear_prepack(self.quantized_weight(), self.bias)
+            self._packed_params = packed
+            self._keep_stored()
+        return packed
+
+
+class Linear(_LinearBase):
+    """``quantized::linear`` (``linear_relu`` with ``relu``)."""
 
     def __init__(self, weight: torch.Tensor, bias, scale: float, zero_point: int,
-                 relu: bool = False, weight_bits: int = 8):
-        super().__init__(scale, zero_point, relu)
-        self.weight_bits = weight_bits
-        self._packed_params = torch.ops.quantized.linear_prepack(weight, bias)
+                 relu: bool = False, weight_bits: int = 8, weight_quant_min: int = -128):
+        super().__init__(weight, bias, weight_bits, weight_quant_min, scale, zero_point, relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.relu:
-            return torch.ops.quantized.linear_relu(x, self._packed_params, self.scale,
+            return torch.ops.quantized.linear_relu(x, self._packed(), self.scale,
                                                    self.zero_point)
-        return torch.ops.quantized.linear(x, self._packed_params, self.scale, self.zero_point)
+        return torch.ops.quantized.linear(x, self._packed(), self.scale, self.zero_point)
 
 
-class LinearDynamic(nn.Module):
+class LinearDynamic(_LinearBase):
     """``quantized::linear_dynamic``: float in and out, int8 weights; the input is
     quantized at run time from its own range (dynamic quantization)."""
 
-    def __init__(self, weight: torch.Tensor, bias, weight_bits: int = 8):
-        super().__init__()
-        self.weight_bits = weight_bits
-        self._packed_params = torch.ops.quantized.linear_prepack(weight, bias)
+    def __init__(self, weight: torch.Tensor, bias, weight_bits: int = 8,
+                 weight_quant_min: int = -128):
+        super().__init__(weight, bias, weight_bits, weight_quant_min, 1.0, 0, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # qnnpack takes the full 8-bit activation range (reduce_range is for fbgemm).
-        return torch.ops.quantized.linear_dynamic(x, self._packed_params, False)
+        return torch.ops.quantized.linear_dynamic(x, self._packed(), False)
 
 
 class Add(_WithOutputQParams):

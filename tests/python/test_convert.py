@@ -247,7 +247,7 @@ def test_dynamic_config_converts_linears_to_dynamic_kernels_without_calibration(
     sqnr = 10 * torch.log10(simulation.pow(2).sum() / (simulation - got).pow(2).sum())
     assert sqnr > 30, sqnr
     # The integer weights are those of the simulation.
-    weight = torch.ops.quantized.linear_unpack(int_model.fc1._packed_params)[0]
+    weight = int_model.fc1.quantized_weight()
     torch.testing.assert_close(weight.dequantize(),
                                qmodel.fc1.weight_fake_quant(qmodel.fc1.weight), rtol=0, atol=0)
     torch.testing.assert_close(_script(int_model)(tokens), got, rtol=0, atol=0)

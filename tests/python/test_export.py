@@ -112,3 +112,36 @@ def test_export_traces_what_cannot_be_scripted_and_says_so(tmp_path):
     with pytest.warns(UserWarning, match="torch.jit.script failed"):
         qat.export(Unscriptable(), str(tmp_path / "m.pt"), x, mobile=False)
     torch.testing.assert_close(torch.jit.load(str(tmp_path / "m.pt"))(x), x * 2)
+
+
+@pytest.mark.parametrize("bits, values_per_byte", [(8, 1), (4, 2), (3, 2), (2, 4)])
+def test_weights_are_stored_packed_and_unpack_exactly(bits, values_per_byte):
+    torch.manual_seed(0)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    ints = torch.randint(low, high + 1, (5, 3, 3, 3), dtype=torch.int8)
+    scales = torch.rand(5, dtype=torch.float64) * 0.1 + 0.01
+    weight = torch._make_per_channel_quantized_tensor(ints, scales, torch.zeros(5).long(), 0)
+    layer = qat.quantized.Conv2d(weight, None, [1, 1], [0, 0], [1, 1], 1, 0.1, 0,
+                                 weight_bits=bits, weight_quant_min=low)
+    assert layer.weight_data.numel() == -(-ints.numel() // values_per_byte)
+    assert layer.weight_zero_point.numel() == 0  # symmetric: no zero points stored
+    restored = layer.quantized_weight()
+    assert torch.equal(restored.int_repr(), ints)
+    torch.testing.assert_close(restored.q_per_channel_scales(), scales.float().double())
+
+
+def test_four_bit_weights_make_a_smaller_file_that_runs_alike(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(64 * 4 * 4, 10))
+    data = [torch.rand(4, 8, 8, 8) for _ in range(2)]
+    sizes = {}
+    for name, config in (("int8", qat.presets.int8()), ("w4a8", qat.presets.w4a8())):
+        qmodel = qat.prepare(model, config)
+        qat.calibrate(qmodel, data, progress=False)
+        path = tmp_path / f"{name}.ptl"
+        qat.export(qmodel, str(path), data[0])  # checks the reloaded file's outputs
+        sizes[name] = path.stat().st_size
+    weight_bytes = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
+    # Half the weight bytes saved, give or take the per-file overhead.
+    assert sizes["int8"] - sizes["w4a8"] >= 0.45 * weight_bytes, sizes
