@@ -73,8 +73,8 @@ struct ObserverState {
   bool symmetric;
 };
 
+// The callers have checked the quant range already (observing or not).
 void check_observer_state(const char* op, const ObserverState& state) {
-  detail::check_quant_range(op, state.quant_min, state.quant_max);
   const auto& average = state.averaging_constant;
   TORCH_CHECK(
       !average.has_value() || (*average > 0.0 && *average <= 1.0), op,

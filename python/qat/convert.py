@@ -24,7 +24,10 @@ from . import quantized
 from .calibrate import disable_observer
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
 from .modules import ConvBn2d, ConvBnReLU2d, Conv2d, Linear
-from .prepare import _calls_one_of
+from .prepare import _PASS_FUNCTIONS as _PREPARE_PASS_FUNCTIONS
+from .prepare import _PASS_METHODS as _PREPARE_PASS_METHODS
+from .prepare import _PASS_MODULES as _PREPARE_PASS_MODULES
+from .prepare import _calls_one_of, _is_relu, _is_relu6
 
 __all__ = ["ConversionReport", "compare", "convert"]
 
@@ -34,14 +37,15 @@ _ADD = {operator.add, operator.iadd, torch.add}
 _MUL = {operator.mul, operator.imul, torch.mul}
 _ADD_METHODS = {"add", "add_"}
 _MUL_METHODS = {"mul", "mul_"}
-# Ops that run on a quantized tensor and keep its qparams: ReLU, max pooling and data
-# movement (the integer model moves the same integers the simulation moves values).
-_PASS_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, torch.flatten, torch.reshape,
-                   torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
-                   operator.getitem}
-_PASS_METHODS = {"relu", "relu_", "flatten", "reshape", "view", "contiguous", "transpose",
-                 "permute", "squeeze", "unsqueeze"}
-_PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+# Ops that run on a quantized tensor and keep its qparams: prepare's pass-through ops but
+# the clamps (qnnpack's quantized clamp scrambles channels-last tensors in torch 1.13; a
+# ReLU6 after a conv is fused into it instead) and functional dropout, plus data movement
+# (the integer model moves the same integers the simulation moves values).
+_CLAMP_FUNCTIONS = {F.relu6, F.hardtanh}
+_PASS_FUNCTIONS = (_PREPARE_PASS_FUNCTIONS - _CLAMP_FUNCTIONS - {F.dropout}) | {
+    torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, operator.getitem}
+_PASS_METHODS = _PREPARE_PASS_METHODS | {"transpose", "permute", "squeeze", "unsqueeze"}
+_PASS_MODULES = tuple(m for m in _PREPARE_PASS_MODULES if m not in (nn.ReLU6, nn.Hardtanh))
 # Ops that split a quantized tensor into a tuple of quantized tensors (read by getitem).
 _SPLIT_FUNCTIONS = {torch.chunk, torch.split}
 _SPLIT_METHODS = {"chunk", "split"}
@@ -54,7 +58,6 @@ _SIZE_METHODS = {"size", "dim", "numel"}
 _FIXED_QPARAMS_FUNCTIONS = {torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardsigmoid}
 _FIXED_QPARAMS_METHODS = {"sigmoid", "tanh"}
 _FIXED_QPARAMS_MODULES = (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid)
-_RELU_FUNCTIONS = {F.relu, torch.relu}
 
 
 @dataclass
@@ -244,10 +247,9 @@ class _Converter:
         return None, None, False
 
     def is_relu(self, node: fx.Node) -> bool:
-        module = self.module(node)
-        return (isinstance(module, (nn.ReLU, nn.ReLU6))
-                or (node.op == "call_function" and node.target in _RELU_FUNCTIONS | {F.relu6})
-                or (node.op == "call_method" and node.target in ("relu", "relu_")))
+        """A ReLU or ReLU6, as prepare recognized it when it placed the FakeQuantize after
+        it."""
+        return _is_relu(node, self.gm) or _is_relu6(node, self.gm)
 
     def fusable(self, relu: Optional[fx.Node], fq_node: fx.Node) -> bool:
         """Whether the integer kernel's ReLU covers ``relu``: a ReLU always; a ReLU6 when
