@@ -47,6 +47,9 @@ endif()
 find_package(OpenMP REQUIRED COMPONENTS CXX)
 if(QAT_BUILD_PYTHON)
   set(PYBIND11_FINDPYTHON ON)
+  # Torch's CMake files may already have found Python without its development part,
+  # and pybind11 then lacks python_add_library: ask for the module part first.
+  find_package(Python COMPONENTS Interpreter Development.Module REQUIRED)
   qat_require_package(pybind11 "pybind11-dev python3-dev")
   # torch's pybind11 casters for at::Tensor live in libtorch_python.
   find_library(QAT_TORCH_PYTHON_LIBRARY torch_python
@@ -63,8 +66,10 @@ if(QAT_BUILD_TESTS)
   qat_require_package(Catch2 "catch2")
 endif()
 
-# CUDA kernels are built exactly when the LibTorch found was built with CUDA.
+# CUDA kernels are built when the LibTorch found was built with CUDA, unless turned off
+# (a CUDA build of torch without nvcc at hand, say).
+option(QAT_ENABLE_CUDA "Build the CUDA kernels when torch was built with CUDA" ON)
 set(QAT_WITH_CUDA OFF)
-if(TARGET torch_cuda OR TORCH_CUDA_LIBRARIES)
+if(QAT_ENABLE_CUDA AND (TARGET torch_cuda OR TORCH_CUDA_LIBRARIES))
   set(QAT_WITH_CUDA ON)
 endif()

@@ -45,10 +45,12 @@ def make_qparams(channels, quant_min, quant_max, generator):
     return scale, zero_point
 
 
-def check_against_aten(x, scale, zero_point, quant_min, quant_max, axis, generator):
+def check_against_aten(x, scale, zero_point, quant_min, quant_max, axis, generator,
+                       use_aten=True):
     """Forward bit-identical and straight-through input gradient identical to ATen's ops
-    (to the plain-PyTorch reference for bfloat16), through both entry points."""
-    use_aten = has_aten_kernel(x.dtype, scale)
+    (to the plain-PyTorch reference for bfloat16, or where ``use_aten`` is False), through
+    both entry points."""
+    use_aten = use_aten and has_aten_kernel(x.dtype, scale)
     # detach() keeps the strides that clone() would compact for a non-dense view.
     xq = x.detach().requires_grad_()
     assert xq.stride() == x.stride()
@@ -170,7 +172,12 @@ def test_16_bit_ranges(cpu_capability, quant_range, axis, dtype):
     scale, zero_point = make_qparams(channels, quant_min, quant_max, gen)
     scale = scale * 1e-3
     x = sample_values(shape, scale, zero_point, quant_min, quant_max, axis, gen, dtype)
-    check_against_aten(x, scale, zero_point, quant_min, quant_max, axis, gen)
+    # torch 2.x's per-tensor kernel rounds its float64 results for these ranges to float32
+    # (measured on torch 2.11: all 360 values off the exact (q - z) * s in their low bits),
+    # where torch 1.13 and qat keep them exact; there the plain-PyTorch reference decides.
+    aten_is_exact = not (dtype == torch.float64 and axis is None
+                         and int(torch.__version__.split(".")[0]) >= 2)
+    check_against_aten(x, scale, zero_point, quant_min, quant_max, axis, gen, aten_is_exact)
 
 
 def bfloat16_reference(x, scale, zero_point, quant_min, quant_max, axis):

@@ -36,6 +36,12 @@ def _train(model, x, y, steps=4, lr=0.01):
     return losses
 
 
+def _loss_with_seed(model, x, y, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return F.cross_entropy(model(x), y).item()
+
+
 def _script_round_trip(qmodel):
     """``qmodel`` scripted, saved and loaded back."""
     with warnings.catch_warnings():
@@ -96,8 +102,13 @@ def test_torchvision_model_trains_scripts_and_round_trips(factory):
 
     x = torch.randn(4, 3, 64, 64)
     y = torch.randint(0, 10, (4,))
-    losses = _train(qmodel, x, y)
-    assert losses[-1] < losses[0], losses
+    # The loss on the batch before and after training, with the same dropout and
+    # stochastic-depth draws: the losses seen while training draw new ones each step,
+    # which on efficientnet can outweigh four steps' progress.
+    before = _loss_with_seed(qmodel, x, y, seed=3)
+    _train(qmodel, x, y)
+    after = _loss_with_seed(qmodel, x, y, seed=3)
+    assert after < before, (before, after)
 
     restored = _prepare_quietly(factory(weights=None, num_classes=10))
     restored.load_state_dict(qmodel.state_dict())
