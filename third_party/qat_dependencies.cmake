@@ -39,9 +39,7 @@ if(_qat_pybind11_rc EQUAL 0 AND _qat_pybind11_dir)
 endif()
 
 qat_require_package(Torch "libtorch-dev python3-torch")
-if(QAT_BUILD_EXAMPLES OR QAT_BUILD_TESTS)
-  qat_require_package(fmt "libfmt-dev")
-endif()
+qat_require_package(fmt "libfmt-dev")
 # at::parallel_for is an inline `#pragma omp parallel` when ATen's backend is OpenMP (as
 # in Debian's and the pip builds): without -fopenmp our kernels would run on one thread.
 find_package(OpenMP REQUIRED COMPONENTS CXX)
