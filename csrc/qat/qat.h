@@ -1,6 +1,9 @@
 #pragma once
 
 /// Umbrella header of qat's C++ API.
+#include <qat/config.h>
 #include <qat/estimator.h>
 #include <qat/fake_quantize.h>
+#include <qat/nn.h>
 #include <qat/observers.h>
+#include <qat/prepare.h>

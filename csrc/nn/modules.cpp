@@ -1,0 +1,572 @@
+// The observer, qat::FakeQuantize and the QAT layers of the C++ front end. Their numerics
+// are the registered operators (called through the dispatcher), shared with Python and
+// TorchScript.
+
+#include <qat/estimator.h>
+#include <qat/fake_quantize.h>
+#include <qat/nn.h>
+#include <qat/observers.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/enum.h>
+#include <torch/nn/functional/conv.h>
+#include <torch/nn/functional/linear.h>
+#include <torch/nn/init.h>
+#include <torch/utils.h>
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+namespace qat {
+
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+// Learned scales are kept at or above float32 eps: an optimizer step may push them to or
+// below zero, where the operator rightly refuses them.
+constexpr double kMinScale = std::numeric_limits<float>::epsilon();
+
+// The signatures of the kernels registered in csrc/observers/minmax.cpp, which typed()
+// checks against the registration.
+using FusedObserveFakeQuantizeFn = at::Tensor(
+    const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, int64_t, int64_t,
+    c10::optional<int64_t>, c10::optional<double>, bool, bool, bool, c10::string_view,
+    const c10::optional<at::Tensor>&);
+using FakeQuantizeFoldedFn = at::Tensor(
+    const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+    int64_t, int64_t, c10::optional<double>, bool, bool, bool, c10::string_view,
+    const c10::optional<at::Tensor>&);
+
+void check_observer_name(const char* module, const QuantSpec& spec) {
+  if (spec.observer() != "minmax" && spec.observer() != "moving_average") {
+    throw std::invalid_argument(fmt::format(
+        "{}: the '{}' observer is not available in C++ yet; use 'minmax' or "
+        "'moving_average' (or calibrate the histogram observers in Python)",
+        module, spec.observer()));
+  }
+}
+
+// The state shape before the first batch: one element per tensor, or empty per channel
+// (the channel count comes with the first batch).
+std::vector<int64_t> initial_shape(const QuantSpec& spec) {
+  return {spec.per_channel() ? 0 : 1};
+}
+
+// Sizes a per-channel state tensor on first use (set_data keeps the tensor object that
+// optimizers and the registered buffer share); afterwards checks the channel count.
+void size_channels(
+    const char* module, const char* name, torch::Tensor& tensor, int64_t channels, double fill) {
+  if (tensor.numel() == channels && tensor.dim() == 1) {
+    return;
+  }
+  if (tensor.numel() != 0) {
+    throw std::invalid_argument(fmt::format(
+        "{}: the input has {} channels, but the observed state ('{}') has {}", module, channels,
+        name, tensor.numel()));
+  }
+  torch::NoGradGuard no_grad;
+  tensor.set_data(torch::full({channels}, fill, tensor.options()));
+}
+
+// Per-channel specs of a weight are forced to the output-channel axis: the integer kernels
+// keep one scale per output channel, whatever axis a shared spec names.
+QuantSpec weight_spec_for(QuantSpec spec) {
+  if (spec.per_channel() && spec.axis() != 0) {
+    spec.axis(0);
+  }
+  return spec;
+}
+
+std::string format_values(const torch::Tensor& t) {
+  const auto values = t.detach().reshape({-1}).to(torch::kCPU, torch::kDouble).contiguous();
+  const double* data = values.data_ptr<double>();
+  if (values.numel() == 1) {
+    return fmt::format("{:.6g}", data[0]);
+  }
+  std::string shown;
+  for (int64_t i = 0; i < std::min<int64_t>(values.numel(), 4); ++i) {
+    shown += fmt::format(i == 0 ? "{:.6g}" : ", {:.6g}", data[i]);
+  }
+  return values.numel() > 4 ? fmt::format("[{}, ...] ({})", shown, values.numel())
+                            : fmt::format("[{}]", shown);
+}
+
+// torch::nn::Linear's and Conv2d's initialization: kaiming-uniform weight, bias uniform
+// in +-1/sqrt(fan_in).
+void init_like_torch(torch::Tensor& weight, torch::Tensor& bias) {
+  torch::NoGradGuard no_grad;
+  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+  if (bias.defined()) {
+    const auto fans = torch::nn::init::_calculate_fan_in_and_fan_out(weight);
+    const double bound = 1.0 / std::sqrt(static_cast<double>(std::get<0>(fans)));
+    torch::nn::init::uniform_(bias, -bound, bound);
+  }
+}
+
+void check_padding_mode(const char* module, const torch::nn::Conv2dOptions& options) {
+  const auto mode = torch::enumtype::get_enum_name(options.padding_mode());
+  if (mode != "kZeros") {
+    throw std::invalid_argument(fmt::format(
+        "{}: padding_mode {} is not supported (PyTorch's quantized conv pads with zeros)", module,
+        mode));
+  }
+}
+
+// A float Conv2d keeps its options as the internal ConvNdOptions<2>; qat::Conv2d takes the
+// public Conv2dOptions.
+template <typename Options>
+torch::nn::Conv2dOptions conv2d_options(const Options& o) {
+  return torch::nn::Conv2dOptions(o.in_channels(), o.out_channels(), o.kernel_size())
+      .stride(o.stride())
+      .padding(o.padding())
+      .dilation(o.dilation())
+      .groups(o.groups())
+      .bias(o.bias())
+      .padding_mode(o.padding_mode());
+}
+
+torch::Tensor conv2d(
+    const torch::nn::Conv2dOptions& options, const torch::Tensor& input,
+    const torch::Tensor& weight, const torch::Tensor& bias) {
+  namespace F = torch::nn::functional;
+  return F::conv2d(
+      input, weight,
+      F::Conv2dFuncOptions()
+          .bias(bias)
+          .stride(options.stride())
+          .padding(options.padding())
+          .dilation(options.dilation())
+          .groups(options.groups()));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// Observer
+
+ObserverImpl::ObserverImpl(QuantSpec spec) : spec_(std::move(spec)) {
+  check_observer_name("qat::Observer", spec_);
+  reset();
+}
+
+void ObserverImpl::reset() {
+  const auto shape = initial_shape(spec_);
+  min_val = register_buffer("min_val", torch::full(shape, kInf));
+  max_val = register_buffer("max_val", torch::full(shape, -kInf));
+  nonfinite_count = register_buffer("nonfinite_count", torch::zeros({1}, torch::kLong));
+}
+
+void ObserverImpl::ensure_channels(int64_t channels) {
+  size_channels("qat::Observer", "min_val", min_val, channels, kInf);
+  size_channels("qat::Observer", "max_val", max_val, channels, -kInf);
+}
+
+torch::Tensor ObserverImpl::forward(const torch::Tensor& input) {
+  if (input.numel() == 0) {
+    return input;
+  }
+  c10::optional<int64_t> axis;
+  if (spec_.per_channel()) {
+    axis = spec_.axis() < 0 ? spec_.axis() + input.dim() : spec_.axis();
+    TORCH_CHECK(
+        input.dim() > 0 && *axis >= 0 && *axis < input.dim(), "qat::Observer: channel axis ",
+        spec_.axis(), " is out of range for an input of shape ", input.sizes());
+    ensure_channels(input.size(*axis));
+  }
+  torch::NoGradGuard no_grad;
+  const auto batch = qat::aminmax(input.detach(), axis);
+  nonfinite_count.add_(std::get<2>(batch).sum().reshape({1}).to(nonfinite_count.device()));
+  const auto& batch_min = std::get<0>(batch);
+  const auto& batch_max = std::get<1>(batch);
+  if (spec_.observer() == "minmax") {
+    min_val.copy_(torch::minimum(min_val, batch_min));
+    max_val.copy_(torch::maximum(max_val, batch_max));
+    return input;
+  }
+  // The first batch (of a channel) sets the running value; a batch with no finite value
+  // (in a channel) leaves it.
+  const double c = spec_.averaging_constant();
+  for (auto* pair : {&min_val, &max_val}) {
+    auto& running = *pair;
+    const auto& value = pair == &min_val ? batch_min : batch_max;
+    const auto ema = running + c * (value - running);
+    const auto updated = torch::where(torch::isfinite(running), ema, value);
+    running.copy_(torch::where(torch::isfinite(value), updated, running));
+  }
+  return input;
+}
+
+std::pair<torch::Tensor, torch::Tensor> ObserverImpl::calculate_qparams() const {
+  const auto qparams = qat::choose_qparams(
+      min_val, max_val, spec_.quant_min(), spec_.quant_max(), spec_.symmetric());
+  return {std::get<0>(qparams), std::get<1>(qparams)};
+}
+
+void ObserverImpl::to(torch::Device device, torch::Dtype /*dtype*/, bool non_blocking) {
+  to(device, non_blocking);
+}
+
+void ObserverImpl::to(torch::Dtype /*dtype*/, bool /*non_blocking*/) {
+  // The range stays float32 and the count int64, whatever dtype the model moves to.
+}
+
+void ObserverImpl::to(torch::Device device, bool non_blocking) {
+  torch::nn::Module::to(device, non_blocking);
+}
+
+void ObserverImpl::pretty_print(std::ostream& stream) const {
+  const auto qparams = calculate_qparams();
+  stream << fmt::format(
+      "qat::Observer({}, min={}, max={}, scale={}, zero_point={}, nonfinite_count={})",
+      spec_.to_string(), format_values(min_val), format_values(max_val),
+      format_values(qparams.first), format_values(qparams.second),
+      nonfinite_count.sum().item<int64_t>());
+}
+
+// ---------------------------------------------------------------------------------------
+// FakeQuantize
+
+FakeQuantizeImpl::FakeQuantizeImpl(QuantSpec spec)
+    : spec_(std::move(spec)),
+      quant_min_(spec_.quant_min()),
+      quant_max_(spec_.quant_max()),
+      learns_scale_(EstimatorRegistry::global().info(spec_.estimator()).learns_scale),
+      learns_zero_point_(EstimatorRegistry::global().info(spec_.estimator()).learns_zero_point) {
+  check_observer_name("qat::FakeQuantize", spec_);
+  reset();
+}
+
+void FakeQuantizeImpl::reset() {
+  const auto shape = initial_shape(spec_);
+  scale = learns_scale_ ? register_parameter("scale", torch::ones(shape))
+                        : register_buffer("scale", torch::ones(shape));
+  zero_point = learns_zero_point_ ? register_parameter("zero_point", torch::zeros(shape))
+                                  : register_buffer("zero_point", torch::zeros(shape, torch::kInt));
+  observer_enabled = register_buffer("observer_enabled", torch::ones({1}, torch::kUInt8));
+  fake_quant_enabled = register_buffer("fake_quant_enabled", torch::ones({1}, torch::kUInt8));
+  observer = register_module("observer", Observer(spec_));
+}
+
+void FakeQuantizeImpl::enable_observer(bool enabled) {
+  observer_enabled.fill_(enabled ? 1 : 0);
+}
+
+void FakeQuantizeImpl::enable_fake_quant(bool enabled) {
+  fake_quant_enabled.fill_(enabled ? 1 : 0);
+}
+
+bool FakeQuantizeImpl::is_observer_enabled() const {
+  return observer_enabled.item<uint8_t>() != 0;
+}
+
+bool FakeQuantizeImpl::is_fake_quant_enabled() const {
+  return fake_quant_enabled.item<uint8_t>() != 0;
+}
+
+c10::optional<int64_t> FakeQuantizeImpl::channel_axis(const torch::Tensor& input) const {
+  if (!spec_.per_channel()) {
+    return c10::nullopt;
+  }
+  const int64_t dim = input.dim();
+  if (dim == 0 || spec_.axis() < -dim || spec_.axis() >= dim) {
+    throw std::invalid_argument(fmt::format(
+        "qat::FakeQuantize: channel axis {} is out of range for an input with {} dimensions",
+        spec_.axis(), dim));
+  }
+  return spec_.axis() < 0 ? spec_.axis() + dim : spec_.axis();
+}
+
+void FakeQuantizeImpl::ensure_channels(int64_t channels) {
+  observer->ensure_channels(channels);
+  size_channels("qat::FakeQuantize", "scale", scale, channels, 1.0);
+  size_channels("qat::FakeQuantize", "zero_point", zero_point, channels, 0.0);
+}
+
+void FakeQuantizeImpl::update_qparams() {
+  const auto qparams = observer->calculate_qparams();
+  torch::NoGradGuard no_grad;
+  scale.copy_(qparams.first);
+  zero_point.copy_(qparams.second);
+}
+
+void FakeQuantizeImpl::clamp_learned_scale() {
+  if (learns_scale_) {
+    torch::NoGradGuard no_grad;
+    scale.clamp_min_(kMinScale);
+  }
+}
+
+torch::Tensor FakeQuantizeImpl::forward(const torch::Tensor& input) {
+  const bool observe = is_observer_enabled();
+  const bool quantize = is_fake_quant_enabled();
+  if (!observe && !quantize) {
+    return input;
+  }
+  const auto axis = channel_axis(input);
+  if (observe) {
+    if (axis.has_value()) {
+      ensure_channels(input.size(*axis));
+    }
+    if (!learns_scale_ && !learns_zero_point_) {
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("qat::fused_observe_fake_quantize", "")
+                           .typed<FusedObserveFakeQuantizeFn>();
+      const c10::optional<double> average = spec_.observer() == "moving_average"
+                                                ? c10::optional<double>(spec_.averaging_constant())
+                                                : c10::nullopt;
+      return op.call(
+          input, observer->min_val, observer->max_val, scale, zero_point, quant_min_, quant_max_,
+          axis, average, spec_.symmetric(), true, quantize, spec_.estimator(),
+          observer->nonfinite_count);
+    }
+    // Learned qparams are parameters, which the fused operator must not overwrite: the
+    // observer runs on its own and initializes them, then hands over to the optimizer.
+    observer->forward(input);
+    update_qparams();
+    if (quantize && input.numel() > 0) {
+      disable_observer();
+    }
+  }
+  if (!quantize) {
+    return input;
+  }
+  clamp_learned_scale();
+  if (axis.has_value() && scale.numel() == 0) {
+    throw std::invalid_argument(
+        "qat::FakeQuantize: the per-channel scale is not known yet: the observer was "
+        "disabled before it saw a batch");
+  }
+  return qat::fake_quantize(
+      input, scale, zero_point, quant_min_, quant_max_, axis, spec_.estimator());
+}
+
+torch::Tensor FakeQuantizeImpl::forward_folded(
+    const torch::Tensor& weight, const torch::Tensor& factor) {
+  const bool observe = is_observer_enabled();
+  const bool quantize = is_fake_quant_enabled();
+  const bool learns = learns_scale_ || learns_zero_point_;
+  // The operator quantizes weight * f without building it, per output channel; other
+  // specs (and a learned qparam still being initialized) take the plain route.
+  const bool folds = spec_.per_channel() && spec_.axis() == 0 && (!learns || !observe);
+  if (!folds) {
+    std::vector<int64_t> shape(weight.dim(), 1);
+    shape[0] = -1;
+    const auto f = factor.reshape(shape);
+    return forward(weight * f) / f;
+  }
+  if (observe) {
+    ensure_channels(weight.size(0));
+  }
+  if (quantize) {
+    clamp_learned_scale();
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qat::fake_quantize_folded", "")
+                       .typed<FakeQuantizeFoldedFn>();
+  const c10::optional<double> average = spec_.observer() == "moving_average"
+                                            ? c10::optional<double>(spec_.averaging_constant())
+                                            : c10::nullopt;
+  return op.call(
+      weight, factor, observer->min_val, observer->max_val, scale, zero_point, quant_min_,
+      quant_max_, average, spec_.symmetric(), observe, quantize, spec_.estimator(),
+      observer->nonfinite_count);
+}
+
+void FakeQuantizeImpl::to(torch::Device device, torch::Dtype /*dtype*/, bool non_blocking) {
+  to(device, non_blocking);
+}
+
+void FakeQuantizeImpl::to(torch::Dtype /*dtype*/, bool /*non_blocking*/) {
+  // The operators want float32 scales and int32 zero points, whatever the model's dtype.
+}
+
+void FakeQuantizeImpl::to(torch::Device device, bool non_blocking) {
+  torch::nn::Module::to(device, non_blocking);
+}
+
+void FakeQuantizeImpl::pretty_print(std::ostream& stream) const {
+  stream << fmt::format(
+      "qat::FakeQuantize({}, scale={}, zero_point={}, observer_enabled={}, "
+      "fake_quant_enabled={})",
+      spec_.to_string(), format_values(scale), format_values(zero_point),
+      is_observer_enabled() ? 1 : 0, is_fake_quant_enabled() ? 1 : 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Linear
+
+LinearImpl::LinearImpl(
+    torch::nn::LinearOptions linear_options, QuantSpec weight_spec, bool fuse_relu)
+    : options(std::move(linear_options)),
+      relu(fuse_relu),
+      weight_spec_(weight_spec_for(std::move(weight_spec))) {
+  reset();
+}
+
+LinearImpl::LinearImpl(
+    const std::shared_ptr<torch::nn::LinearImpl>& linear, QuantSpec weight_spec, bool fuse_relu)
+    : LinearImpl(linear->options, std::move(weight_spec), fuse_relu) {
+  // Share the float module's parameters (the fresh ones reset() made are dropped).
+  weight = parameters_["weight"] = linear->weight;
+  if (bias.defined()) {
+    bias = parameters_["bias"] = linear->bias;
+  }
+}
+
+void LinearImpl::reset() {
+  weight =
+      register_parameter("weight", torch::empty({options.out_features(), options.in_features()}));
+  bias = options.bias() ? register_parameter("bias", torch::empty({options.out_features()}))
+                        : register_parameter("bias", {}, /*requires_grad=*/false);
+  init_like_torch(weight, bias);
+  weight_fake_quant = register_module("weight_fake_quant", FakeQuantize(weight_spec_));
+}
+
+torch::Tensor LinearImpl::forward(const torch::Tensor& input) {
+  auto output = torch::nn::functional::linear(input, weight_fake_quant(weight), bias);
+  return relu ? torch::relu(output) : output;
+}
+
+void LinearImpl::pretty_print(std::ostream& stream) const {
+  stream << fmt::format(
+      "qat::Linear(in_features={}, out_features={}, bias={}, relu={})", options.in_features(),
+      options.out_features(), options.bias(), relu);
+}
+
+// ---------------------------------------------------------------------------------------
+// Conv2d
+
+Conv2dImpl::Conv2dImpl(torch::nn::Conv2dOptions conv_options, QuantSpec weight_spec, bool fuse_relu)
+    : options(std::move(conv_options)),
+      relu(fuse_relu),
+      weight_spec_(weight_spec_for(std::move(weight_spec))) {
+  check_padding_mode("qat::Conv2d", options);
+  reset();
+}
+
+Conv2dImpl::Conv2dImpl(
+    const std::shared_ptr<torch::nn::Conv2dImpl>& conv, QuantSpec weight_spec, bool fuse_relu)
+    : Conv2dImpl(conv2d_options(conv->options), std::move(weight_spec), fuse_relu) {
+  weight = parameters_["weight"] = conv->weight;
+  if (bias.defined()) {
+    bias = parameters_["bias"] = conv->bias;
+  }
+}
+
+void Conv2dImpl::reset() {
+  const auto kernel = *options.kernel_size();
+  weight = register_parameter(
+      "weight", torch::empty(
+                    {options.out_channels(), options.in_channels() / options.groups(), kernel[0],
+                     kernel[1]}));
+  bias = options.bias() ? register_parameter("bias", torch::empty({options.out_channels()}))
+                        : register_parameter("bias", {}, /*requires_grad=*/false);
+  init_like_torch(weight, bias);
+  weight_fake_quant = register_module("weight_fake_quant", FakeQuantize(weight_spec_));
+}
+
+torch::Tensor Conv2dImpl::forward(const torch::Tensor& input) {
+  auto output = conv2d(options, input, weight_fake_quant(weight), bias);
+  return relu ? torch::relu(output) : output;
+}
+
+void Conv2dImpl::pretty_print(std::ostream& stream) const {
+  const auto kernel = *options.kernel_size();
+  const auto stride = *options.stride();
+  stream << fmt::format(
+      "qat::Conv2d({}, {}, kernel_size=[{}, {}], stride=[{}, {}], groups={}, bias={}, relu={})",
+      options.in_channels(), options.out_channels(), kernel[0], kernel[1], stride[0], stride[1],
+      options.groups(), options.bias(), relu);
+}
+
+// ---------------------------------------------------------------------------------------
+// ConvBn2d
+
+ConvBn2dImpl::ConvBn2dImpl(
+    torch::nn::Conv2dOptions conv_options, torch::nn::BatchNorm2dOptions bn_options,
+    QuantSpec weight_spec, bool fuse_relu)
+    : options(std::move(conv_options)),
+      relu(fuse_relu),
+      bn_options_(std::move(bn_options)),
+      weight_spec_(weight_spec_for(std::move(weight_spec))) {
+  check_padding_mode("qat::ConvBn2d", options);
+  if (bn_options_.num_features() != options.out_channels()) {
+    throw std::invalid_argument(fmt::format(
+        "qat::ConvBn2d: the batch norm has {} features but the conv {} output channels",
+        bn_options_.num_features(), options.out_channels()));
+  }
+  if (!bn_options_.affine() || !bn_options_.track_running_stats()) {
+    throw std::invalid_argument(
+        "qat::ConvBn2d: the batch norm must be affine and track running statistics to be "
+        "folded into the conv");
+  }
+  reset();
+}
+
+ConvBn2dImpl::ConvBn2dImpl(
+    const std::shared_ptr<torch::nn::Conv2dImpl>& conv,
+    const std::shared_ptr<torch::nn::BatchNorm2dImpl>& float_bn, QuantSpec weight_spec,
+    bool fuse_relu)
+    : ConvBn2dImpl(
+          conv2d_options(conv->options), float_bn->options, std::move(weight_spec), fuse_relu) {
+  weight = parameters_["weight"] = conv->weight;
+  if (bias.defined()) {
+    bias = parameters_["bias"] = conv->bias;
+  }
+  bn = replace_module("bn", torch::nn::BatchNorm2d(float_bn));
+  train(conv->is_training());
+}
+
+void ConvBn2dImpl::reset() {
+  const auto kernel = *options.kernel_size();
+  weight = register_parameter(
+      "weight", torch::empty(
+                    {options.out_channels(), options.in_channels() / options.groups(), kernel[0],
+                     kernel[1]}));
+  bias = options.bias() ? register_parameter("bias", torch::empty({options.out_channels()}))
+                        : register_parameter("bias", {}, /*requires_grad=*/false);
+  init_like_torch(weight, bias);
+  bn = register_module("bn", torch::nn::BatchNorm2d(bn_options_));
+  weight_fake_quant = register_module("weight_fake_quant", FakeQuantize(weight_spec_));
+}
+
+torch::Tensor ConvBn2dImpl::forward(const torch::Tensor& input) {
+  const auto running_std = torch::sqrt(bn->running_var + bn->options.eps());
+  const auto factor = bn->weight / running_std;
+  // conv(x, fq(w * f)) / f per channel, as conv(x, fq(w * f) / f): the division lands on
+  // the weight, not on the (usually larger) output. The conv bias is added after it: it
+  // is not part of the folded weight's product.
+  const auto folded = weight_fake_quant->forward_folded(weight, factor);
+  auto output = bn(conv2d(options, input, folded, bias));
+  return relu ? torch::relu(output) : output;
+}
+
+void ConvBn2dImpl::train(bool on) {
+  torch::nn::Module::train(on);
+  bn->train(on && !freeze_bn_);
+}
+
+void ConvBn2dImpl::freeze_bn_stats() {
+  freeze_bn_ = true;
+  bn->train(false);
+}
+
+void ConvBn2dImpl::unfreeze_bn_stats() {
+  freeze_bn_ = false;
+  bn->train(is_training());
+}
+
+void ConvBn2dImpl::pretty_print(std::ostream& stream) const {
+  const auto kernel = *options.kernel_size();
+  const auto stride = *options.stride();
+  stream << fmt::format(
+      "qat::ConvBn2d({}, {}, kernel_size=[{}, {}], stride=[{}, {}], groups={}, bias={}, "
+      "relu={}, freeze_bn={})",
+      options.in_channels(), options.out_channels(), kernel[0], kernel[1], stride[0], stride[1],
+      options.groups(), options.bias(), relu, freeze_bn_);
+}
+
+}  // namespace qat

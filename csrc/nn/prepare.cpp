@@ -1,0 +1,423 @@
+// qat::prepare and its module registry, calibration and the observer / fake-quant switches.
+
+#include <qat/prepare.h>
+
+#include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/pooling.h>
+#include <torch/utils.h>
+
+#include <c10/util/Type.h>
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+
+namespace qat {
+
+namespace {
+
+std::string join(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& name : names) {
+    out += out.empty() ? name : ", " + name;
+  }
+  return out;
+}
+
+std::string type_name(std::type_index type) {
+  return c10::demangle(type.name());
+}
+
+std::string path(const std::string& prefix, const std::string& name) {
+  return prefix.empty() ? name : prefix + "." + name;
+}
+
+template <typename Impl>
+bool is_exactly(const torch::nn::Module& module) {
+  return typeid(module) == typeid(Impl);
+}
+
+template <typename... Impl>
+bool is_one_of(const torch::nn::Module& module) {
+  return (... || (dynamic_cast<const Impl*>(&module) != nullptr));
+}
+
+// Modules whose integer kernels keep their input's qparams: a fake-quantized input stays
+// fake-quantized through them.
+bool passes_qparams(const torch::nn::Module& module) {
+  return is_one_of<
+      torch::nn::ReLUImpl, torch::nn::ReLU6Impl, torch::nn::HardtanhImpl, torch::nn::MaxPool2dImpl,
+      torch::nn::FlattenImpl, torch::nn::DropoutImpl, torch::nn::IdentityImpl>(module);
+}
+
+// Modules whose integer kernels requantize their output, which so gets a FakeQuantize.
+bool requantizes(const torch::nn::Module& module) {
+  return is_one_of<torch::nn::AvgPool2dImpl, torch::nn::AdaptiveAvgPool2dImpl>(module);
+}
+
+bool is_prepared_layer(const torch::nn::Module& module) {
+  return is_one_of<LinearImpl, Conv2dImpl, ConvBn2dImpl>(module);
+}
+
+bool is_pattern(const std::string& key) {
+  return key.find_first_of("*?[") != std::string::npos;
+}
+
+void check_not_prepared(torch::nn::Module& root) {
+  if (is_prepared_layer(root)) {
+    throw std::invalid_argument(
+        fmt::format("qat::prepare: the model is prepared already (it is a {})", root.name()));
+  }
+  for (const auto& item : root.named_modules("", /*include_self=*/false)) {
+    if (is_prepared_layer(*item.value())) {
+      throw std::invalid_argument(fmt::format(
+          "qat::prepare: the model is prepared already ('{}' is a {}); prepare the float "
+          "model instead",
+          item.key(), item.value()->name()));
+    }
+  }
+}
+
+// An exact layer name in the config that names no module is a typo that would otherwise
+// silently leave the layer with the defaults.
+void check_config_names(torch::nn::Module& root, const Config& config) {
+  const auto named = root.named_modules("", /*include_self=*/false);
+  auto check = [&](const char* field, const std::string& key) {
+    if (!is_pattern(key) && !named.contains(key)) {
+      throw std::invalid_argument(fmt::format(
+          "qat::prepare: Config.{} names '{}', which is not a module of the model", field, key));
+    }
+  };
+  for (const auto& item : config.overrides()) {
+    check("overrides", item.first);
+  }
+  for (const auto& key : config.skipped()) {
+    check("skip", key);
+  }
+}
+
+// Walks the module tree and swaps, folds and inserts as qat::prepare documents.
+class Preparer {
+ public:
+  Preparer(const Config& config, const ModuleRegistry& registry)
+      : config_(config), registry_(registry) {}
+
+  void module(torch::nn::Module& module, const std::string& prefix) {
+    if (auto* sequential = dynamic_cast<torch::nn::SequentialImpl*>(&module)) {
+      this->sequential(*sequential, prefix);
+      return;
+    }
+    // named_children() is a copy, so replacing children while iterating is safe.
+    for (const auto& item : module.named_children()) {
+      const auto name = path(prefix, item.key());
+      const auto& child = item.value();
+      if (config_.is_skipped(name)) {
+        continue;
+      }
+      if (swappable(*child)) {
+        module.replace_module(item.key(), swap(child, name, false).ptr());
+      } else {
+        this->module(*child, name);
+      }
+    }
+  }
+
+ private:
+  bool swappable(const torch::nn::Module& module) const {
+    return registry_.contains(std::type_index(typeid(module)));
+  }
+
+  torch::nn::AnyModule swap(
+      const std::shared_ptr<torch::nn::Module>& module, const std::string& name, bool relu) {
+    const auto specs = *config_.spec_for(name);
+    return registry_.swap(module, SwapOptions{specs.weight, specs.activation, relu, name});
+  }
+
+  static bool folds(const std::vector<std::shared_ptr<torch::nn::Module>>& modules, size_t i) {
+    return is_exactly<torch::nn::Conv2dImpl>(*modules[i]) && i + 1 < modules.size() &&
+           is_exactly<torch::nn::BatchNorm2dImpl>(*modules[i + 1]);
+  }
+
+  // SequentialImpl keeps its modules in a private vector with no insert or erase, so the
+  // chain is rebuilt and assigned over the original object: every holder pointing at it
+  // (a custom module's member, a parent Sequential) sees the prepared chain.
+  void sequential(torch::nn::SequentialImpl& sequential, const std::string& prefix) {
+    std::vector<std::string> names;
+    std::vector<std::shared_ptr<torch::nn::Module>> modules;
+    std::vector<torch::nn::AnyModule> originals;
+    for (const auto& item : sequential.named_children()) {
+      names.push_back(item.key());
+    }
+    for (auto& any : sequential) {
+      originals.push_back(any);
+      modules.push_back(any.ptr());
+    }
+    const size_t n = modules.size();
+    auto skipped = [&](size_t i) { return config_.is_skipped(path(prefix, names[i])); };
+    auto relu_at = [&](size_t i) {
+      return i < n && is_exactly<torch::nn::ReLUImpl>(*modules[i]) && !skipped(i);
+    };
+
+    std::vector<std::pair<std::string, torch::nn::AnyModule>> chain;
+    bool quantized = false;  // whether the tensor at this point of the chain is fake-quantized
+    auto fake_quant = [&](const std::string& name, const QuantSpec& spec) {
+      if (!config_.dynamic()) {
+        chain.emplace_back(name, torch::nn::AnyModule(FakeQuantize(spec)));
+      }
+      quantized = true;
+    };
+    for (size_t i = 0; i < n;) {
+      const auto name = path(prefix, names[i]);
+      const bool fold = !skipped(i) && folds(modules, i) && !skipped(i + 1);
+      if (!skipped(i) && (fold || swappable(*modules[i]))) {
+        const auto activation = config_.spec_for(name)->activation;
+        if (!quantized) {
+          fake_quant(
+              chain.empty() ? "input_fake_quant" : names[i] + "_input_fake_quant", activation);
+        }
+        const size_t after = fold ? i + 2 : i + 1;
+        const bool relu =
+            relu_at(after) && (fold || registry_.fuses_relu(std::type_index(typeid(*modules[i]))));
+        chain.emplace_back(
+            names[i], fold ? fold_conv_bn(modules[i], modules[i + 1], name, relu)
+                           : swap(modules[i], name, relu));
+        fake_quant(names[i] + "_fake_quant", activation);
+        i = after + (relu ? 1 : 0);
+        continue;
+      }
+      if (!skipped(i)) {
+        this->module(*modules[i], name);
+      }
+      chain.emplace_back(names[i], originals[i]);
+      if (skipped(i) || !(passes_qparams(*modules[i]) || requantizes(*modules[i]))) {
+        quantized = false;
+      } else if (requantizes(*modules[i]) && quantized) {
+        fake_quant(names[i] + "_fake_quant", config_.spec_for(name)->activation);
+      }
+      ++i;
+    }
+
+    torch::nn::SequentialImpl rebuilt;
+    for (auto& item : chain) {
+      rebuilt.push_back(item.first, std::move(item.second));
+    }
+    sequential = rebuilt;
+  }
+
+  torch::nn::AnyModule fold_conv_bn(
+      const std::shared_ptr<torch::nn::Module>& conv, const std::shared_ptr<torch::nn::Module>& bn,
+      const std::string& name, bool relu) {
+    const auto specs = *config_.spec_for(name);
+    return torch::nn::AnyModule(std::make_shared<ConvBn2dImpl>(
+        std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(conv),
+        std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(bn), specs.weight, relu));
+  }
+
+  const Config& config_;
+  const ModuleRegistry& registry_;
+};
+
+void set_all(torch::nn::Module& root, void (FakeQuantizeImpl::*set)(bool), bool enabled) {
+  for (const auto& fake_quant : fake_quantizers(root)) {
+    ((*fake_quant).*set)(enabled);
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// Registry
+
+struct ModuleRegistry::State {
+  struct Entry {
+    ModuleFactory factory;
+    bool fuses_relu;
+  };
+  mutable std::mutex mutex;
+  std::map<std::type_index, Entry> entries;
+};
+
+ModuleRegistry& ModuleRegistry::global() {
+  static ModuleRegistry registry;
+  return registry;
+}
+
+ModuleRegistry::ModuleRegistry() : state_(std::make_shared<State>()) {
+  add(
+      std::type_index(typeid(torch::nn::LinearImpl)),
+      [](const std::shared_ptr<torch::nn::Module>& module, const SwapOptions& options) {
+        return torch::nn::AnyModule(std::make_shared<LinearImpl>(
+            std::dynamic_pointer_cast<torch::nn::LinearImpl>(module), options.weight,
+            options.relu));
+      },
+      /*fuses_relu=*/true);
+  add(
+      std::type_index(typeid(torch::nn::Conv2dImpl)),
+      [](const std::shared_ptr<torch::nn::Module>& module, const SwapOptions& options) {
+        return torch::nn::AnyModule(std::make_shared<Conv2dImpl>(
+            std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(module), options.weight,
+            options.relu));
+      },
+      /*fuses_relu=*/true);
+}
+
+void ModuleRegistry::add(
+    std::type_index type, ModuleFactory factory, bool fuses_relu, bool replace) {
+  if (!factory) {
+    throw std::invalid_argument(
+        fmt::format("qat::register_module: the factory for {} is empty", type_name(type)));
+  }
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  if (!replace && state_->entries.count(type) != 0) {
+    throw std::invalid_argument(fmt::format(
+        "qat::register_module: {} is registered already; pass replace=true to replace it",
+        type_name(type)));
+  }
+  state_->entries[type] = State::Entry{std::move(factory), fuses_relu};
+}
+
+bool ModuleRegistry::remove(std::type_index type) {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->entries.erase(type) != 0;
+}
+
+bool ModuleRegistry::contains(std::type_index type) const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->entries.count(type) != 0;
+}
+
+bool ModuleRegistry::fuses_relu(std::type_index type) const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  const auto found = state_->entries.find(type);
+  return found != state_->entries.end() && found->second.fuses_relu;
+}
+
+std::vector<std::string> ModuleRegistry::names() const {
+  std::vector<std::string> names;
+  {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    for (const auto& item : state_->entries) {
+      names.push_back(type_name(item.first));
+    }
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+torch::nn::AnyModule ModuleRegistry::swap(
+    const std::shared_ptr<torch::nn::Module>& float_module, const SwapOptions& options) const {
+  const std::type_index type(typeid(*float_module));
+  ModuleFactory factory;
+  {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    const auto found = state_->entries.find(type);
+    if (found != state_->entries.end()) {
+      factory = found->second.factory;
+    }
+  }
+  // The factory runs unlocked: it may consult the registry itself.
+  if (!factory) {
+    throw std::invalid_argument(fmt::format(
+        "qat::ModuleRegistry: no QAT module is registered for {} ('{}'); registered: {}; add "
+        "one with qat::register_module<{}>(factory)",
+        type_name(type), options.name, join(names()), type_name(type)));
+  }
+  auto module = factory(float_module, options);
+  if (module.is_empty()) {
+    throw std::invalid_argument(fmt::format(
+        "qat::ModuleRegistry: the factory for {} ('{}') returned no module", type_name(type),
+        options.name));
+  }
+  return module;
+}
+
+// ---------------------------------------------------------------------------------------
+// prepare, calibrate, switches
+
+void prepare(torch::nn::Module& root, const Config& config) {
+  auto& registry = ModuleRegistry::global();
+  if (registry.contains(std::type_index(typeid(root)))) {
+    throw std::invalid_argument(fmt::format(
+        "qat::prepare: the root module itself ({}) cannot be replaced in place; wrap it in a "
+        "torch::nn::Sequential",
+        root.name()));
+  }
+  check_not_prepared(root);
+  check_config_names(root, config);
+  Preparer(config, registry).module(root, "");
+  root.train(true);
+}
+
+std::vector<std::shared_ptr<FakeQuantizeImpl>> fake_quantizers(torch::nn::Module& root) {
+  std::vector<std::shared_ptr<FakeQuantizeImpl>> found;
+  if (dynamic_cast<FakeQuantizeImpl*>(&root) != nullptr) {
+    found.push_back(std::dynamic_pointer_cast<FakeQuantizeImpl>(root.shared_from_this()));
+  }
+  for (const auto& module : root.modules(/*include_self=*/false)) {
+    if (auto fake_quant = std::dynamic_pointer_cast<FakeQuantizeImpl>(module)) {
+      found.push_back(std::move(fake_quant));
+    }
+  }
+  return found;
+}
+
+void calibrate_with(torch::nn::Module& root, const std::function<void()>& run) {
+  const auto fake_quants = fake_quantizers(root);
+  std::vector<bool> quantizing;
+  for (const auto& fake_quant : fake_quants) {
+    quantizing.push_back(fake_quant->is_fake_quant_enabled());
+    fake_quant->enable_observer();
+    fake_quant->disable_fake_quant();
+  }
+  // Module::train recurses, so restoring in tree order (parents first) gives every module
+  // its own flag back.
+  const bool root_training = root.is_training();
+  std::vector<std::pair<std::shared_ptr<torch::nn::Module>, bool>> training;
+  for (const auto& module : root.modules(/*include_self=*/false)) {
+    training.emplace_back(module, module->is_training());
+  }
+  auto restore = [&]() {
+    for (size_t i = 0; i < fake_quants.size(); ++i) {
+      fake_quants[i]->update_qparams();
+      fake_quants[i]->enable_fake_quant(quantizing[i]);
+    }
+    root.train(root_training);
+    for (const auto& item : training) {
+      item.first->train(item.second);
+    }
+  };
+  root.eval();
+  try {
+    torch::NoGradGuard no_grad;
+    run();
+  } catch (...) {
+    restore();
+    throw;
+  }
+  restore();
+}
+
+void enable_observer(torch::nn::Module& root) {
+  set_all(root, &FakeQuantizeImpl::enable_observer, true);
+}
+
+void disable_observer(torch::nn::Module& root) {
+  set_all(root, &FakeQuantizeImpl::enable_observer, false);
+}
+
+void enable_fake_quant(torch::nn::Module& root) {
+  set_all(root, &FakeQuantizeImpl::enable_fake_quant, true);
+}
+
+void disable_fake_quant(torch::nn::Module& root) {
+  set_all(root, &FakeQuantizeImpl::enable_fake_quant, false);
+}
+
+}  // namespace qat

@@ -1,0 +1,263 @@
+#pragma once
+
+// QAT modules for torch::nn: the observer, qat::FakeQuantize, and the QAT versions of
+// Linear, Conv2d and Conv2d + BatchNorm2d. State (buffers, parameters) carries the names of
+// the Python modules (qat.FakeQuantize, qat.modules.Linear, ...), so that
+// named_parameters() / named_buffers() read the same in both languages.
+
+#include <torch/nn/cloneable.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include <qat/config.h>
+
+#include <memory>
+#include <ostream>
+#include <utility>
+
+namespace qat {
+
+/// Tracks the range of the tensors it sees: the running minimum and maximum ("minmax") or
+/// their exponential moving average ("moving_average"), skipping NaN and +/-inf.
+///
+/// Buffers (as Python's qat.observers): `min_val` / `max_val` (float32; one element, or one
+/// per channel once the first batch has sized them; +inf / -inf before any value),
+/// `nonfinite_count` (int64 [1]). The buffers keep their dtype when the module is moved
+/// to another dtype: the operators want float32 ranges.
+class ObserverImpl : public torch::nn::Cloneable<ObserverImpl> {
+ public:
+  /// @param spec the quantization spec; its observer must be "minmax" or "moving_average"
+  ///        (the histogram observers are Python-only for now).
+  explicit ObserverImpl(QuantSpec spec = QuantSpec());
+
+  void reset() override;
+
+  /// Observes `input` and returns it unchanged.
+  torch::Tensor forward(const torch::Tensor& input);
+
+  /// (scale float32, zero_point int32) for the range seen so far, one element or one per
+  /// channel; scale 1 and the default zero point where nothing was seen yet.
+  std::pair<torch::Tensor, torch::Tensor> calculate_qparams() const;
+
+  /// Sizes per-channel state for `channels` on the first batch; later checks the count.
+  void ensure_channels(int64_t channels);
+
+  const QuantSpec& spec() const { return spec_; }
+
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Device device, bool non_blocking = false) override;
+  void pretty_print(std::ostream& stream) const override;
+
+  torch::Tensor min_val;
+  torch::Tensor max_val;
+  torch::Tensor nonfinite_count;
+
+ private:
+  QuantSpec spec_;
+};
+TORCH_MODULE(Observer);
+
+/// Observes its input, chooses a scale and zero point from what it saw, and
+/// fake-quantizes the input with them (gradients as the spec's estimator defines); the
+/// C++ twin of Python's qat.FakeQuantize.
+///
+/// While observing, forward runs one fused operator, `qat::fused_observe_fake_quantize`
+/// (torch.ops.qat.fused_observe_fake_quantize), that updates the range, the qparams and
+/// fake-quantizes; otherwise `qat::fake_quantize`. Estimators that learn their qparams
+/// ("lsq", "pact": the scale; "lsq_plus": scale and a float zero point) hold them as
+/// parameters, initialized by the observer on the first batch it observes with fake
+/// quantization on (after which the observer switches itself off and the parameters are
+/// trained), or on every batch observed with fake quantization off (qat::calibrate).
+///
+/// State, named as in Python: `scale` (float32) and `zero_point` (int32), buffers or
+/// parameters, one element or one per channel (per-channel ones are empty until the first
+/// batch sizes them); `observer_enabled` and `fake_quant_enabled` (uint8 [1] switches,
+/// saved with the model); the child `observer` (min_val, max_val, nonfinite_count).
+///
+/// @code
+///   qat::FakeQuantize fq(qat::QuantSpec().bits(8));
+///   auto y = fq(x);                 // observes x and fake-quantizes it
+///   fq->disable_observer();         // freeze the qparams
+/// @endcode
+class FakeQuantizeImpl : public torch::nn::Cloneable<FakeQuantizeImpl> {
+ public:
+  /// @param spec how the input is quantized (observer "minmax" or "moving_average").
+  explicit FakeQuantizeImpl(QuantSpec spec = QuantSpec());
+
+  void reset() override;
+
+  /// Observes `input` (if enabled) and returns it fake-quantized (if enabled).
+  torch::Tensor forward(const torch::Tensor& input);
+
+  /// `forward(weight * f) / f` with one factor `f` per output channel (axis 0), computed
+  /// without building `weight * f` where the spec allows (the
+  /// `qat::fake_quantize_folded` operator): the fake-quantized, batch-norm-folded weight
+  /// of a conv, folded back. The qparams are those of `weight * f`.
+  /// @param weight the conv weight, output channels along axis 0.
+  /// @param factor one folding factor per output channel (gamma / sqrt(var + eps)).
+  torch::Tensor forward_folded(const torch::Tensor& weight, const torch::Tensor& factor);
+
+  /// Sets scale and zero point (learned ones too) from the observer's range.
+  void update_qparams();
+
+  void enable_observer(bool enabled = true);
+  void disable_observer() { enable_observer(false); }
+  void enable_fake_quant(bool enabled = true);
+  void disable_fake_quant() { enable_fake_quant(false); }
+  bool is_observer_enabled() const;
+  bool is_fake_quant_enabled() const;
+
+  const QuantSpec& spec() const { return spec_; }
+  int64_t quant_min() const { return quant_min_; }
+  int64_t quant_max() const { return quant_max_; }
+  /// Whether the estimator trains the scale / zero point (they are parameters).
+  bool learns_scale() const { return learns_scale_; }
+  bool learns_zero_point() const { return learns_zero_point_; }
+
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Device device, bool non_blocking = false) override;
+  void pretty_print(std::ostream& stream) const override;
+
+  torch::Tensor scale;
+  torch::Tensor zero_point;
+  torch::Tensor observer_enabled;
+  torch::Tensor fake_quant_enabled;
+  Observer observer{nullptr};
+
+ private:
+  c10::optional<int64_t> channel_axis(const torch::Tensor& input) const;
+  void ensure_channels(int64_t channels);
+  void clamp_learned_scale();
+
+  QuantSpec spec_;
+  int64_t quant_min_;
+  int64_t quant_max_;
+  bool learns_scale_;
+  bool learns_zero_point_;
+};
+TORCH_MODULE(FakeQuantize);
+
+/// QAT torch::nn::Linear: the weight goes through `weight_fake_quant` (per channel along
+/// the output features when the spec is per channel) before the matmul; the bias stays in
+/// float (the integer kernels quantize it to int32 with input scale x weight scale).
+/// Parameters `weight`, `bias`; child `weight_fake_quant`.
+class LinearImpl : public torch::nn::Cloneable<LinearImpl> {
+ public:
+  /// A fresh layer, initialized as torch::nn::Linear.
+  /// @param options as torch::nn::Linear's.
+  /// @param weight_spec the weight's spec; a per-channel one is forced to axis 0.
+  /// @param relu apply a ReLU to the output (a fused Linear + ReLU).
+  explicit LinearImpl(
+      torch::nn::LinearOptions options, QuantSpec weight_spec = Config().weight(),
+      bool relu = false);
+  /// The QAT version of `linear`, sharing its weight and bias (an optimizer built on the
+  /// float model keeps training them).
+  explicit LinearImpl(
+      const std::shared_ptr<torch::nn::LinearImpl>& linear,
+      QuantSpec weight_spec = Config().weight(), bool relu = false);
+
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& input);
+  void pretty_print(std::ostream& stream) const override;
+
+  torch::nn::LinearOptions options;
+  bool relu;
+  torch::Tensor weight;
+  torch::Tensor bias;
+  FakeQuantize weight_fake_quant{nullptr};
+
+ private:
+  QuantSpec weight_spec_;
+};
+TORCH_MODULE(Linear);
+
+/// QAT torch::nn::Conv2d: the weight goes through `weight_fake_quant` (per output channel,
+/// axis 0, when the spec is per channel) before the convolution. Only the "zeros" padding
+/// mode is supported, as in PyTorch's quantized conv. Parameters `weight`, `bias`; child
+/// `weight_fake_quant`.
+class Conv2dImpl : public torch::nn::Cloneable<Conv2dImpl> {
+ public:
+  /// A fresh layer, initialized as torch::nn::Conv2d.
+  /// @param options as torch::nn::Conv2d's.
+  /// @param weight_spec the weight's spec; a per-channel one is forced to axis 0.
+  /// @param relu apply a ReLU to the output (a fused Conv2d + ReLU).
+  explicit Conv2dImpl(
+      torch::nn::Conv2dOptions options, QuantSpec weight_spec = Config().weight(),
+      bool relu = false);
+  /// The QAT version of `conv`, sharing its weight and bias.
+  explicit Conv2dImpl(
+      const std::shared_ptr<torch::nn::Conv2dImpl>& conv, QuantSpec weight_spec = Config().weight(),
+      bool relu = false);
+
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& input);
+  void pretty_print(std::ostream& stream) const override;
+
+  torch::nn::Conv2dOptions options;
+  bool relu;
+  torch::Tensor weight;
+  torch::Tensor bias;
+  FakeQuantize weight_fake_quant{nullptr};
+
+ private:
+  QuantSpec weight_spec_;
+};
+TORCH_MODULE(Conv2d);
+
+/// Conv2d + BatchNorm2d (+ ReLU) trained as the folded conv the integer model runs (the
+/// formula of Python's qat.modules.ConvBn2d and PyTorch's ConvBn2d): the weight is scaled
+/// by gamma / sqrt(running_var + eps) and fake-quantized, so the quantization error is that
+/// of the folded weight; the conv output is divided by the same factor and goes through
+/// `bn`, which in training normalizes with the batch statistics (and updates the running
+/// ones) and in eval with the running ones, where the whole equals the folded conv.
+/// Parameters `weight`, `bias` (the conv's); children `bn`, `weight_fake_quant`.
+class ConvBn2dImpl : public torch::nn::Cloneable<ConvBn2dImpl> {
+ public:
+  /// A fresh layer.
+  /// @param conv_options as torch::nn::Conv2d's (usually without bias).
+  /// @param bn_options as torch::nn::BatchNorm2d's; num_features must equal out_channels,
+  ///        affine and track_running_stats must be on.
+  /// @param weight_spec the weight's spec; a per-channel one is forced to axis 0.
+  /// @param relu apply a ReLU after the batch norm.
+  ConvBn2dImpl(
+      torch::nn::Conv2dOptions conv_options, torch::nn::BatchNorm2dOptions bn_options,
+      QuantSpec weight_spec = Config().weight(), bool relu = false);
+  /// The QAT fold of `conv` followed by `bn`, sharing the conv's parameters and the batch
+  /// norm module itself (parameters and running statistics).
+  ConvBn2dImpl(
+      const std::shared_ptr<torch::nn::Conv2dImpl>& conv,
+      const std::shared_ptr<torch::nn::BatchNorm2dImpl>& bn,
+      QuantSpec weight_spec = Config().weight(), bool relu = false);
+
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& input);
+  /// Keeps `bn` in eval mode while the statistics are frozen.
+  void train(bool on = true) override;
+  /// Normalize with the running statistics and stop updating them, in training too (as is
+  /// done late in training).
+  void freeze_bn_stats();
+  /// Back to batch statistics (and running-statistic updates) in training.
+  void unfreeze_bn_stats();
+  bool bn_frozen() const { return freeze_bn_; }
+  void pretty_print(std::ostream& stream) const override;
+
+  torch::nn::Conv2dOptions options;
+  bool relu;
+  torch::Tensor weight;
+  torch::Tensor bias;
+  torch::nn::BatchNorm2d bn{nullptr};
+  FakeQuantize weight_fake_quant{nullptr};
+
+ private:
+  torch::nn::BatchNorm2dOptions bn_options_;
+  QuantSpec weight_spec_;
+  bool freeze_bn_ = false;
+};
+TORCH_MODULE(ConvBn2d);
+
+}  // namespace qat
