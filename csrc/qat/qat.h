@@ -3,6 +3,7 @@
 /// Umbrella header of qat's C++ API.
 #include <qat/config.h>
 #include <qat/estimator.h>
+#include <qat/export.h>
 #include <qat/fake_quantize.h>
 #include <qat/nn.h>
 #include <qat/observers.h>

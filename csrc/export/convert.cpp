@@ -1,0 +1,566 @@
+// qat::convert: a prepared torch::nn::Sequential becomes a TorchScript module on PyTorch's
+// native quantized operators, the C++ twin of python/qat/convert.py for Sequential chains.
+//
+// Each integer op takes its qparams from the simulation: a conv's weights are the very
+// integers its FakeQuantize produces, its output scale and zero point those of the
+// FakeQuantize after it. Nothing is re-derived, so the simulation and the integer model round
+// the same numbers.
+
+#include "integer_model.h"
+
+#include <qat/nn.h>
+#include <qat/prepare.h>
+
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/jit/frontend/resolver.h>
+#include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/pooling.h>
+#include <torch/utils.h>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <cctype>
+#include <cmath>
+#include <stdexcept>
+
+namespace qat {
+namespace detail {
+namespace {
+
+// A quantized tensor's qparams, as the FakeQuantize that gave them holds them.
+struct QParams {
+  double scale;
+  int64_t zero_point;
+  c10::ScalarType dtype;
+
+  bool operator==(const QParams& other) const {
+    return scale == other.scale && zero_point == other.zero_point && dtype == other.dtype;
+  }
+};
+
+std::string path(const std::string& prefix, const std::string& name) {
+  return prefix.empty() ? name : prefix + "." + name;
+}
+
+// A float literal of TorchScript source that reads back as exactly `value` (and always as a
+// float: "1" would be an int).
+std::string literal(double value) {
+  return fmt::format("{:.17e}", value);
+}
+
+std::string literal(bool value) {
+  return value ? "True" : "False";
+}
+
+std::string literal(at::IntArrayRef values) {
+  return fmt::format("[{}]", fmt::join(values, ", "));
+}
+
+// TorchScript compiled without Python resolves no `torch.quint8`; a dtype argument is the
+// ScalarType's number.
+std::string dtype_literal(c10::ScalarType dtype) {
+  return std::to_string(static_cast<int>(dtype));
+}
+
+// The quantized dtype holding an activation range, as Python's quantized.activation_dtype.
+c10::ScalarType activation_dtype(const FakeQuantizeImpl& fq, const std::string& name) {
+  if (fq.quant_min() >= 0 && fq.quant_max() <= 255) {
+    return c10::kQUInt8;
+  }
+  if (fq.quant_min() >= -128 && fq.quant_max() <= 127) {
+    return c10::kQInt8;
+  }
+  throw std::invalid_argument(fmt::format(
+      "qat::convert: '{}' quantizes activations to [{}, {}], which no 8-bit quantized dtype "
+      "holds; the integer kernels take [0, 255] or [-128, 127]",
+      name, fq.quant_min(), fq.quant_max()));
+}
+
+QParams qparams_of(const FakeQuantizeImpl& fq, const std::string& name) {
+  if (fq.spec().per_channel() || fq.scale.numel() != 1) {
+    throw std::invalid_argument(fmt::format(
+        "qat::convert: '{}' quantizes activations per channel; the integer kernels take "
+        "per-tensor activations",
+        name));
+  }
+  // A learned (float) zero point is rounded half to even, as the simulation rounds it.
+  const double zero_point =
+      std::nearbyint(fq.zero_point.detach().to(torch::kDouble).item<double>());
+  return {
+      fq.scale.detach().to(torch::kDouble).item<double>(), static_cast<int64_t>(zero_point),
+      activation_dtype(fq, name)};
+}
+
+// Runs a weight FakeQuantize as the simulation does in eval (fake quantization on, observer
+// off), then puts its switches back.
+template <typename Fn>
+torch::Tensor simulate_weight(FakeQuantizeImpl& fq, Fn fn) {
+  const bool observing = fq.is_observer_enabled();
+  const bool quantizing = fq.is_fake_quant_enabled();
+  fq.disable_observer();
+  fq.enable_fake_quant();
+  torch::NoGradGuard no_grad;
+  auto result = fn();
+  fq.enable_observer(observing);
+  fq.enable_fake_quant(quantizing);
+  return result.detach();
+}
+
+// The int8 tensor (per channel along axis 0, or per tensor) whose dequantized values are
+// `fq_weight`, the fake-quantized weight with `fq`'s qparams.
+torch::Tensor integer_weight(
+    const torch::Tensor& fq_weight, const FakeQuantizeImpl& fq, const std::string& name) {
+  if (fq.quant_min() < -128 || fq.quant_max() > 127) {
+    throw std::invalid_argument(fmt::format(
+        "qat::convert: '{}' quantizes its weight to [{}, {}], which does not fit int8; the "
+        "integer kernels take signed 8-bit weights (at most)",
+        name, fq.quant_min(), fq.quant_max()));
+  }
+  // The quantized kernels run on the CPU, whatever device the model trained on.
+  const auto scale = fq.scale.detach().to(torch::kCPU, torch::kDouble);
+  const auto zero_point =
+      fq.zero_point.detach().to(torch::kCPU, torch::kDouble).round().to(torch::kLong);
+  const auto weight = fq_weight.to(torch::kCPU, torch::kDouble);
+  if (fq.spec().per_channel()) {
+    std::vector<int64_t> shape(weight.dim(), 1);
+    shape[0] = -1;
+    const auto ints = torch::round(weight / scale.reshape(shape)) + zero_point.reshape(shape);
+    return at::_make_per_channel_quantized_tensor(ints.to(torch::kChar), scale, zero_point, 0);
+  }
+  const auto ints = torch::round(weight / scale) + zero_point;
+  return at::_make_per_tensor_quantized_tensor(
+      ints.to(torch::kChar), scale.item<double>(), zero_point.item<int64_t>());
+}
+
+// Calls a registered operator by name (the quantized prepack ops return custom-class objects
+// whose C++ types are not in LibTorch's public headers).
+c10::IValue call_op(const char* name, torch::jit::Stack stack) {
+  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+  op.callBoxed(&stack);
+  return stack.at(0);
+}
+
+// A conv's padding as a list, or nullopt for "same" (no symmetric list in general).
+// Conv2dOptions::padding() is a c10::variant in LibTorch 1.x and a std::variant in 2.x;
+// unqualified `visit` finds the one of its namespace.
+struct PaddingList {
+  c10::optional<std::vector<int64_t>> operator()(const torch::ExpandingArray<2>& padding) const {
+    return at::IntArrayRef(padding).vec();
+  }
+  c10::optional<std::vector<int64_t>> operator()(const torch::enumtype::kValid&) const {
+    return std::vector<int64_t>{0, 0};
+  }
+  c10::optional<std::vector<int64_t>> operator()(const torch::enumtype::kSame&) const {
+    return c10::nullopt;
+  }
+};
+
+template <typename Options>
+std::vector<int64_t> conv_padding(const Options& options, const std::string& name) {
+  const auto mode = torch::enumtype::get_enum_name(options.padding_mode());
+  const auto padding = visit(PaddingList{}, options.padding());
+  if (mode != "kZeros" || !padding.has_value()) {
+    throw std::invalid_argument(fmt::format(
+        "qat::convert: '{}' pads with padding_mode {} or padding 'same', which the integer "
+        "conv does not; use zero padding with explicit sizes",
+        name, mode));
+  }
+  return *padding;
+}
+
+std::string list_of(const torch::ExpandingArray<2>& values) {
+  return literal(at::IntArrayRef(values));
+}
+
+// Resolves the names of the generated source without Python: `torch` as the aten operators
+// (as LibTorch's native resolver does) and `quantized` as PyTorch's quantized ones.
+struct OperatorResolver : torch::jit::Resolver {
+  std::shared_ptr<torch::jit::SugaredValue> resolveValue(
+      const std::string& name, torch::jit::GraphFunction& /*method*/,
+      const torch::jit::SourceRange& /*location*/) override {
+    if (name == "torch") {
+      return std::make_shared<torch::jit::BuiltinModule>("aten");
+    }
+    if (name == "quantized") {
+      return std::make_shared<torch::jit::BuiltinModule>("quantized");
+    }
+    return nullptr;
+  }
+
+  torch::jit::TypePtr resolveType(
+      const std::string& /*name*/, const torch::jit::SourceRange& /*location*/) override {
+    return nullptr;
+  }
+};
+
+// Builds the TorchScript module: one `forward` over the chain, with the packed weights and
+// float tensors as attributes.
+class Converter {
+ public:
+  Converter() : module_(c10::QualifiedName("__torch__.qat.IntegerModel")) {}
+
+  IntegerModel run(torch::nn::SequentialImpl& root) {
+    chain(root, "");
+    emit(quantized_ ? "return x.dequantize()" : "return x");
+    module_.define(
+        "def forward(self, x: Tensor) -> Tensor:\n" + body_, std::make_shared<OperatorResolver>());
+    module_.eval();
+    return {module_, layers_};
+  }
+
+ private:
+  void emit(const std::string& line) { body_ += "    " + line + "\n"; }
+
+  // An attribute name for the module at `name` ("features.0" -> "features_0_<what>").
+  static std::string attribute(const std::string& name, const std::string& what) {
+    std::string out;
+    for (const char c : name) {
+      out += std::isalnum(static_cast<unsigned char>(c)) ? c : '_';
+    }
+    if (out.empty() || std::isdigit(static_cast<unsigned char>(out[0]))) {
+      out = "_" + out;
+    }
+    return out + "_" + what;
+  }
+
+  std::string tensor_attribute(
+      const std::string& name, const std::string& what, const torch::Tensor& t) {
+    if (!t.defined()) {
+      return "None";
+    }
+    const auto attr = attribute(name, what);
+    module_.register_buffer(attr, t.detach().to(torch::kCPU).clone());
+    return "self." + attr;
+  }
+
+  void chain(torch::nn::SequentialImpl& sequential, const std::string& prefix) {
+    std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> items;
+    for (const auto& item : sequential.named_children()) {
+      items.emplace_back(item.key(), item.value());
+    }
+    for (size_t i = 0; i < items.size(); ++i) {
+      const auto name = path(prefix, items[i].first);
+      auto& module = *items[i].second;
+      if (auto* nested = dynamic_cast<torch::nn::SequentialImpl*>(&module)) {
+        chain(*nested, name);
+      } else if (auto* fq = dynamic_cast<FakeQuantizeImpl*>(&module)) {
+        quantize(*fq, name);
+      } else if (is_layer(module)) {
+        auto* out = i + 1 < items.size()
+                        ? dynamic_cast<FakeQuantizeImpl*>(items[i + 1].second.get())
+                        : nullptr;
+        if (out == nullptr) {
+          throw std::invalid_argument(fmt::format(
+              "qat::convert: '{}' ({}) has no qat::FakeQuantize after it, so its output has "
+              "no qparams; convert a model from qat::prepare (dynamic quantization, "
+              "Config::dynamic, has no C++ conversion yet)",
+              name, module.name()));
+        }
+        layer(module, name, *out, path(prefix, items[i + 1].first));
+        ++i;  // the FakeQuantize is the layer's output quantization
+      } else if (!passes(module) && !float_op(module, name)) {
+        throw std::invalid_argument(fmt::format(
+            "qat::convert: '{}' is a {}, which has no integer or float conversion (supported: "
+            "qat::FakeQuantize, qat::Conv2d, qat::ConvBn2d, qat::Linear, Sequential, ReLU, "
+            "MaxPool2d, Flatten, Dropout, Identity, and in float Linear, Conv2d, BatchNorm2d, "
+            "AvgPool2d, AdaptiveAvgPool2d, ReLU6, Hardtanh, Sigmoid, Tanh)",
+            name, module.name()));
+      }
+    }
+  }
+
+  static bool is_layer(const torch::nn::Module& module) {
+    return dynamic_cast<const Conv2dImpl*>(&module) != nullptr ||
+           dynamic_cast<const ConvBn2dImpl*>(&module) != nullptr ||
+           dynamic_cast<const LinearImpl*>(&module) != nullptr;
+  }
+
+  void quantize(FakeQuantizeImpl& fq, const std::string& name) {
+    const auto q = qparams_of(fq, name);
+    if (quantized_ && *quantized_ == q) {
+      return;
+    }
+    const auto call = fmt::format(
+        "torch.quantize_per_tensor(x{}, {}, {}, {})", quantized_ ? ".dequantize()" : "",
+        literal(q.scale), q.zero_point, dtype_literal(q.dtype));
+    LayerInfo info;
+    info.name = name;
+    info.type = quantized_ ? "Requantize" : "Quantize";
+    info.activation_spec = fq.spec();
+    info.scale = q.scale;
+    info.zero_point = q.zero_point;
+    layers_.push_back(info);
+    emit("x = " + call);
+    quantized_ = q;
+  }
+
+  void layer(
+      torch::nn::Module& module, const std::string& name, FakeQuantizeImpl& out,
+      const std::string& out_name) {
+    if (!quantized_) {
+      throw std::invalid_argument(fmt::format(
+          "qat::convert: '{}' ({}) takes a float input; qat::prepare places a "
+          "qat::FakeQuantize before it",
+          name, module.name()));
+    }
+    const auto q = qparams_of(out, out_name);
+    torch::Tensor weight;
+    torch::Tensor bias;
+    FakeQuantizeImpl* weight_fq = nullptr;
+    bool relu = false;
+    if (auto* linear = dynamic_cast<LinearImpl*>(&module)) {
+      weight_fq = linear->weight_fake_quant.get();
+      weight = simulate_weight(*weight_fq, [&] { return weight_fq->forward(linear->weight); });
+      bias = linear->bias;
+      relu = linear->relu;
+    } else if (auto* conv = dynamic_cast<Conv2dImpl*>(&module)) {
+      weight_fq = conv->weight_fake_quant.get();
+      weight = simulate_weight(*weight_fq, [&] { return weight_fq->forward(conv->weight); });
+      bias = conv->bias;
+      relu = conv->relu;
+    } else {
+      auto& fold = dynamic_cast<ConvBn2dImpl&>(module);
+      weight_fq = fold.weight_fake_quant.get();
+      const auto& bn = *fold.bn;
+      torch::NoGradGuard no_grad;
+      // What the simulation's eval forward computes: bn(conv(x, fq(w * f) / f) + b) with
+      // the running statistics is conv(x, fq(w * f)) + beta + f * (b - mean).
+      const auto factor = bn.weight / torch::sqrt(bn.running_var + bn.options.eps());
+      std::vector<int64_t> shape(fold.weight.dim(), 1);
+      shape[0] = -1;
+      weight = simulate_weight(
+                   *weight_fq, [&] { return weight_fq->forward_folded(fold.weight, factor); }) *
+               factor.reshape(shape);
+      const auto conv_bias = fold.bias.defined() ? fold.bias : torch::zeros_like(bn.running_mean);
+      bias = bn.bias + factor * (conv_bias - bn.running_mean);
+      relu = fold.relu;
+    }
+    const auto qweight = integer_weight(weight, *weight_fq, name);
+    const c10::IValue bias_value =
+        bias.defined() ? c10::IValue(bias.detach().to(torch::kCPU, torch::kFloat).clone())
+                       : c10::IValue();
+    c10::IValue packed_params;
+    std::string op;
+    const auto* linear = dynamic_cast<LinearImpl*>(&module);
+    if (linear != nullptr) {
+      packed_params = call_op("quantized::linear_prepack", {qweight, bias_value});
+      op = relu ? "linear_relu" : "linear";
+    } else {
+      const auto& options = dynamic_cast<Conv2dImpl*>(&module) != nullptr
+                                ? dynamic_cast<Conv2dImpl&>(module).options
+                                : dynamic_cast<ConvBn2dImpl&>(module).options;
+      packed_params = call_op(
+          "quantized::conv2d_prepack",
+          {qweight, bias_value, at::IntArrayRef(options.stride()).vec(),
+           conv_padding(options, name), at::IntArrayRef(options.dilation()).vec(),
+           options.groups()});
+      op = relu ? "conv2d_relu" : "conv2d";
+    }
+    const auto attr = attribute(name, "packed_params");
+    module_.register_attribute(attr, packed_params.type(), packed_params);
+    emit(fmt::format(
+        "x = quantized.{}(x, self.{}, {}, {})", op, attr, literal(q.scale), q.zero_point));
+    quantized_ = q;
+
+    LayerInfo info;
+    info.name = name;
+    info.type = linear != nullptr ? "Linear" : "Conv2d";
+    info.weight_spec = weight_fq->spec();
+    info.weight_shape = weight.sizes().vec();
+    info.weight_scale_min = weight_fq->scale.min().item<double>();
+    info.weight_scale_max = weight_fq->scale.max().item<double>();
+    info.relu = relu;
+    info.activation_spec = out.spec();
+    info.scale = q.scale;
+    info.zero_point = q.zero_point;
+    layers_.push_back(info);
+  }
+
+  // Ops that run on a quantized tensor as on a float one and keep its qparams (or vanish).
+  bool passes(torch::nn::Module& module) {
+    if (dynamic_cast<torch::nn::DropoutImpl*>(&module) != nullptr ||
+        dynamic_cast<torch::nn::Dropout2dImpl*>(&module) != nullptr ||
+        dynamic_cast<torch::nn::IdentityImpl*>(&module) != nullptr) {
+      return true;  // identities in eval
+    }
+    if (dynamic_cast<torch::nn::ReLUImpl*>(&module) != nullptr) {
+      emit("x = torch.relu(x)");
+    } else if (auto* pool = dynamic_cast<torch::nn::MaxPool2dImpl*>(&module)) {
+      const auto& o = pool->options;
+      emit(fmt::format(
+          "x = torch.max_pool2d(x, {}, {}, {}, {}, {})", list_of(o.kernel_size()),
+          list_of(o.stride()), list_of(o.padding()), list_of(o.dilation()),
+          literal(o.ceil_mode())));
+    } else if (auto* flatten = dynamic_cast<torch::nn::FlattenImpl*>(&module)) {
+      emit(fmt::format(
+          "x = torch.flatten(x, {}, {})", flatten->options.start_dim(),
+          flatten->options.end_dim()));
+    } else {
+      return false;
+    }
+    return true;
+  }
+
+  // Ops without an integer kernel here: they run in float between a dequantize and (where
+  // qat::prepare kept the input's fake quantization through them: ReLU6, Hardtanh) a
+  // quantize back to the input's qparams.
+  bool float_op(torch::nn::Module& module, const std::string& name) {
+    std::string call;
+    bool keeps_qparams = false;
+    if (auto* linear = dynamic_cast<torch::nn::LinearImpl*>(&module)) {
+      call = fmt::format(
+          "torch.linear(x, {}, {})", tensor_attribute(name, "weight", linear->weight),
+          tensor_attribute(name, "bias", linear->bias));
+    } else if (auto* conv = dynamic_cast<torch::nn::Conv2dImpl*>(&module)) {
+      const auto& o = conv->options;
+      call = fmt::format(
+          "torch.conv2d(x, {}, {}, {}, {}, {}, {})", tensor_attribute(name, "weight", conv->weight),
+          tensor_attribute(name, "bias", conv->bias), list_of(o.stride()),
+          literal(conv_padding(o, name)), list_of(o.dilation()), o.groups());
+    } else if (auto* bn = dynamic_cast<torch::nn::BatchNorm2dImpl*>(&module)) {
+      if (!bn->options.track_running_stats()) {
+        throw std::invalid_argument(fmt::format(
+            "qat::convert: '{}' (BatchNorm2d) keeps no running statistics, so it has no eval "
+            "form",
+            name));
+      }
+      call = fmt::format(
+          "torch.batch_norm(x, {}, {}, {}, {}, False, 0.0, {}, False)",
+          tensor_attribute(name, "weight", bn->weight), tensor_attribute(name, "bias", bn->bias),
+          tensor_attribute(name, "running_mean", bn->running_mean),
+          tensor_attribute(name, "running_var", bn->running_var), literal(bn->options.eps()));
+    } else if (auto* pool = dynamic_cast<torch::nn::AvgPool2dImpl*>(&module)) {
+      const auto& o = pool->options;
+      call = fmt::format(
+          "torch.avg_pool2d(x, {}, {}, {}, {}, {}, {})", list_of(o.kernel_size()),
+          list_of(o.stride()), list_of(o.padding()), literal(o.ceil_mode()),
+          literal(o.count_include_pad()),
+          o.divisor_override() ? std::to_string(*o.divisor_override()) : "None");
+    } else if (auto* adaptive = dynamic_cast<torch::nn::AdaptiveAvgPool2dImpl*>(&module)) {
+      const auto& size = *adaptive->options.output_size();
+      // A missing size keeps the input's.
+      call = fmt::format(
+          "torch.adaptive_avg_pool2d(x, [{}, {}])",
+          size[0] ? std::to_string(*size[0]) : "x.size(-2)",
+          size[1] ? std::to_string(*size[1]) : "x.size(-1)");
+    } else if (dynamic_cast<torch::nn::ReLU6Impl*>(&module) != nullptr) {
+      call = "torch.clamp(x, 0.0, 6.0)";
+      keeps_qparams = true;
+    } else if (auto* hardtanh = dynamic_cast<torch::nn::HardtanhImpl*>(&module)) {
+      call = fmt::format(
+          "torch.clamp(x, {}, {})", literal(hardtanh->options.min_val()),
+          literal(hardtanh->options.max_val()));
+      keeps_qparams = true;
+    } else if (dynamic_cast<torch::nn::SigmoidImpl*>(&module) != nullptr) {
+      call = "torch.sigmoid(x)";
+    } else if (dynamic_cast<torch::nn::TanhImpl*>(&module) != nullptr) {
+      call = "torch.tanh(x)";
+    } else {
+      return false;
+    }
+    const auto input = quantized_;
+    if (input) {
+      emit("x = x.dequantize()");
+      quantized_ = c10::nullopt;
+    }
+    emit("x = " + call);
+    if (input && keeps_qparams) {
+      emit(fmt::format(
+          "x = torch.quantize_per_tensor(x, {}, {}, {})", literal(input->scale), input->zero_point,
+          dtype_literal(input->dtype)));
+      quantized_ = input;
+    }
+    return true;
+  }
+
+  torch::jit::Module module_;
+  std::string body_;
+  c10::optional<QParams> quantized_;  // the qparams of `x` at this point, when quantized
+  std::vector<LayerInfo> layers_;
+};
+
+at::QEngine engine_of(const std::string& backend) {
+  std::vector<std::string> names;
+  for (const auto engine : at::globalContext().supportedQEngines()) {
+    std::string name = c10::toString(engine);
+    for (auto& c : name) {
+      c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    }
+    if (name == backend) {
+      return engine;
+    }
+    names.push_back(name);
+  }
+  throw std::invalid_argument(fmt::format(
+      "qat::convert: backend '{}' is not a quantized engine of this LibTorch (supported: {})",
+      backend, fmt::join(names, ", ")));
+}
+
+// FakeQuantize modules that never observed data still hold their initial qparams (scale 1),
+// which would make an integer model of garbage.
+void check_calibrated(torch::nn::Module& prepared) {
+  std::vector<std::string> unobserved;
+  for (const auto& item : prepared.named_modules()) {
+    if (auto* fq = dynamic_cast<FakeQuantizeImpl*>(item.value().get())) {
+      if (!torch::isfinite(fq->observer->min_val).any().item<bool>()) {
+        unobserved.push_back(item.key());
+      }
+    }
+  }
+  if (unobserved.empty()) {
+    return;
+  }
+  const size_t shown = std::min<size_t>(unobserved.size(), 5);
+  throw std::invalid_argument(fmt::format(
+      "qat::convert: {} FakeQuantize modules never observed data, so their qparams are still "
+      "the initial ones ({}{}); calibrate the model (qat::calibrate) or train it before "
+      "converting",
+      unobserved.size(),
+      fmt::join(unobserved.begin(), unobserved.begin() + static_cast<std::ptrdiff_t>(shown), ", "),
+      unobserved.size() > shown ? ", ..." : ""));
+}
+
+}  // namespace
+
+IntegerModel build_integer_model(torch::nn::Module& prepared, const std::string& backend) {
+  at::globalContext().setQEngine(engine_of(backend));
+  auto* root = dynamic_cast<torch::nn::SequentialImpl*>(&prepared);
+  if (root == nullptr) {
+    throw std::invalid_argument(fmt::format(
+        "qat::convert: expected a torch::nn::Sequential prepared by qat::prepare, got a {}",
+        prepared.name()));
+  }
+  if (fake_quantizers(prepared).empty()) {
+    throw std::invalid_argument(
+        "qat::convert: the model holds no qat::FakeQuantize; prepare it with qat::prepare "
+        "(and train or calibrate it) first");
+  }
+  check_calibrated(prepared);
+  return Converter().run(*root);
+}
+
+}  // namespace detail
+
+torch::jit::Module convert(
+    torch::nn::Module& prepared, const torch::Tensor& example_input, const ExportOptions& options) {
+  auto model = detail::build_integer_model(prepared, options.backend);
+  try {
+    torch::NoGradGuard no_grad;
+    model.module.forward({example_input.to(torch::kCPU)});
+  } catch (const c10::Error& error) {
+    const std::string message = error.what_without_backtrace();
+    throw std::runtime_error(fmt::format(
+        "qat::convert: the integer model fails on example_input: {}",
+        message.substr(0, message.find('\n'))));
+  }
+  return model.module;
+}
+
+}  // namespace qat

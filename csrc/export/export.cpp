@@ -1,0 +1,194 @@
+// qat::export_model: the integer model of qat::convert as a frozen TorchScript file with qat's
+// metadata inside, checked against the in-memory model after it is written; the same kind of
+// file as python/qat/export.py writes.
+
+#include "integer_model.h"
+
+#include <qat/fake_quantize.h>
+
+#include <torch/csrc/jit/mobile/import.h>
+#include <torch/csrc/jit/mobile/module.h>
+#include <torch/csrc/jit/passes/xnnpack_rewrite.h>
+#include <torch/csrc/jit/serialization/import.h>
+#include <torch/utils.h>
+#include <torch/version.h>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <stdexcept>
+
+namespace qat {
+namespace {
+
+// The extra file of the archive that holds qat's metadata (JSON), as Python's
+// qat.export.METADATA_FILE.
+constexpr const char* kMetadataFile = "qat/metadata.json";
+
+// Fails before any work when `path` cannot be written.
+void check_writable(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code error;
+  if (path.empty()) {
+    throw std::invalid_argument("qat::export_model: the path is empty");
+  }
+  if (fs::is_directory(path, error)) {
+    throw std::invalid_argument(
+        fmt::format("qat::export_model: '{}' is a directory, not a file", path));
+  }
+  const auto folder = fs::absolute(path, error).parent_path();
+  if (!fs::is_directory(folder, error)) {
+    throw std::invalid_argument(
+        fmt::format("qat::export_model: the folder of '{}' does not exist", path));
+  }
+  if (::access(folder.c_str(), W_OK) != 0 ||
+      (fs::exists(path, error) && ::access(path.c_str(), W_OK) != 0)) {
+    throw std::invalid_argument(fmt::format("qat::export_model: '{}' is not writable", path));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Metadata: the JSON of Python's qat.export (read by qat.export.read_metadata and
+// `python -m qat inspect`).
+
+std::string json(const std::string& text) {
+  std::string out = "\"";
+  for (const char c : text) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      out += fmt::format("\\u{:04x}", static_cast<int>(c));
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
+std::string json(double value) {
+  return fmt::format("{}", value);
+}
+
+std::string json(bool value) {
+  return value ? "true" : "false";
+}
+
+// A spec as Python's dataclasses.asdict(QuantSpec) gives it.
+std::string json(const QuantSpec& spec) {
+  const auto is_signed = spec.signed_range();
+  return fmt::format(
+      "{{\"bits\": {}, \"symmetric\": {}, \"signed\": {}, \"per_channel\": {}, \"axis\": {}, "
+      "\"narrow_range\": {}, \"observer\": {}, \"estimator\": {}, \"averaging_constant\": {}, "
+      "\"percentile\": {}, \"bins\": {}}}",
+      spec.bits(), json(spec.symmetric()), is_signed ? json(*is_signed) : "null",
+      json(spec.per_channel()), spec.axis(), json(spec.narrow_range()), json(spec.observer()),
+      json(spec.estimator()), json(spec.averaging_constant()), json(spec.percentile()),
+      spec.bins());
+}
+
+// The config as Python's Config.to_dict writes it. A C++ model does not keep the Config it
+// was prepared with, so it is read back from the modules: the first layer's specs are the
+// defaults, and a layer quantized otherwise is an override under its name.
+std::string config_json(const std::vector<detail::LayerInfo>& layers, const std::string& backend) {
+  c10::optional<QuantSpec> weight;
+  c10::optional<QuantSpec> activation;
+  for (const auto& layer : layers) {
+    if (!weight && layer.weight_spec) {
+      weight = layer.weight_spec;
+    }
+    if (!activation) {
+      activation = layer.activation_spec;
+    }
+  }
+  std::vector<std::string> overrides;
+  for (const auto& layer : layers) {
+    const bool other_weight = layer.weight_spec && *layer.weight_spec != *weight;
+    const bool other_activation = layer.activation_spec != *activation;
+    if (other_weight || other_activation) {
+      overrides.push_back(fmt::format(
+          "{}: {{\"weight\": {}, \"activation\": {}}}", json(layer.name),
+          other_weight ? json(*layer.weight_spec) : "null",
+          other_activation ? json(layer.activation_spec) : "null"));
+    }
+  }
+  return fmt::format(
+      "{{\"weight\": {}, \"activation\": {}, \"overrides\": {{{}}}, \"skip\": [], \"backend\": "
+      "{}, \"dynamic\": false}}",
+      weight ? json(*weight) : "null", activation ? json(*activation) : "null",
+      fmt::join(overrides, ", "), json(backend));
+}
+
+std::string layer_json(const detail::LayerInfo& layer) {
+  std::string weight;
+  if (layer.weight_spec) {
+    weight = fmt::format(
+        ", \"weight_bits\": {}, \"weight_shape\": [{}], \"weight_scale_min\": {}, "
+        "\"weight_scale_max\": {}, \"relu\": {}",
+        layer.weight_spec->bits(), fmt::join(layer.weight_shape, ", "),
+        json(layer.weight_scale_min), json(layer.weight_scale_max), json(layer.relu));
+  }
+  return fmt::format(
+      "{{\"name\": {}, \"type\": {}{}, \"scale\": {}, \"zero_point\": {}}}", json(layer.name),
+      json(layer.type), weight, json(layer.scale), layer.zero_point);
+}
+
+std::string metadata(const std::vector<detail::LayerInfo>& layers, const std::string& backend) {
+  std::vector<std::string> entries;
+  for (const auto& layer : layers) {
+    entries.push_back(layer_json(layer));
+  }
+  return fmt::format(
+      "{{\n \"qat_version\": {},\n \"torch_version\": {},\n \"quantized_engine\": {},\n "
+      "\"config\": {},\n \"layers\": [\n  {}\n ]\n}}\n",
+      json(std::string(qat::version())), json(std::string(TORCH_VERSION)), json(backend),
+      config_json(layers, backend), fmt::join(entries, ",\n  "));
+}
+
+torch::Tensor as_float(const c10::IValue& output, const std::string& path) {
+  if (!output.isTensor()) {
+    throw std::runtime_error(fmt::format(
+        "qat::export_model: the model loaded from '{}' returns a {}, not a tensor", path,
+        output.tagKind()));
+  }
+  const auto tensor = output.toTensor();
+  return tensor.is_quantized() ? tensor.dequantize() : tensor;
+}
+
+}  // namespace
+
+void export_model(
+    torch::nn::Module& prepared, const torch::Tensor& example_input, const std::string& path,
+    const ExportOptions& options) {
+  check_writable(path);
+  auto model = detail::build_integer_model(prepared, options.backend);
+  torch::NoGradGuard no_grad;
+  // The quantized kernels run on the CPU, whatever device the model trained on.
+  const auto input = example_input.to(torch::kCPU);
+  const auto expected = as_float(model.module.forward({input}), path);
+  auto frozen = torch::jit::freeze(model.module);
+  const torch::jit::ExtraFilesMap extra{{kMetadataFile, metadata(model.layers, options.backend)}};
+  c10::IValue got;
+  if (options.mobile) {
+    torch::jit::optimizeForMobile(frozen)._save_for_mobile(path, extra);
+    got = torch::jit::_load_for_mobile(path).forward({input});
+  } else {
+    frozen.save(path, extra);
+    got = torch::jit::load(path).forward({input});
+  }
+  const auto output = as_float(got, path);
+  if (!output.sizes().equals(expected.sizes()) || !torch::equal(output, expected)) {
+    throw std::runtime_error(fmt::format(
+        "qat::export_model: the file written to '{}' computes other outputs than the in-memory "
+        "integer model (max difference {})",
+        path,
+        output.sizes().equals(expected.sizes())
+            ? fmt::format("{}", (output - expected).abs().max().item<double>())
+            : std::string("in shape")));
+  }
+}
+
+}  // namespace qat

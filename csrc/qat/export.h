@@ -1,0 +1,79 @@
+#pragma once
+
+// From a prepared, trained or calibrated model to the integer model that ships: qat::convert
+// builds it as TorchScript on PyTorch's native quantized operators, qat::export_model writes
+// it as the same kind of file as Python's qat.export (a frozen TorchScript archive with
+// qat/metadata.json inside, which `python -m qat inspect FILE` prints).
+//
+// @code
+//   qat::prepare(*net, qat::presets::int8());
+//   // ... train / calibrate ...
+//   qat::export_model(*net, example_batch, "model.ptl");           // lite interpreter
+//   qat::export_model(*net, example_batch, "model.pt", {"qnnpack", false});  // TorchScript
+// @endcode
+
+#include <torch/csrc/jit/api/module.h>
+#include <torch/nn/module.h>
+
+#include <string>
+
+namespace qat {
+
+/// Options of convert / export_model.
+struct ExportOptions {
+  /// Quantized engine the integer model is built for: "qnnpack" (PyTorch Mobile's) or
+  /// "fbgemm", where this LibTorch has it.
+  std::string backend = "qnnpack";
+  /// Write a lite-interpreter `.ptl` optimized for mobile (true) or full TorchScript `.pt`.
+  bool mobile = true;
+};
+
+/// The integer TorchScript module (in eval mode, ready for torch::jit::freeze) of a
+/// prepared, trained or calibrated module, the C++ twin of qat.convert.
+///
+/// `prepared` must be a torch::nn::Sequential that qat::prepare rewrote (nested Sequentials
+/// are followed). Its qat::Conv2d / qat::ConvBn2d / qat::Linear layers (with their fused
+/// ReLU) become `quantized::conv2d(_relu)` / `quantized::linear(_relu)` with the very integers
+/// their weight FakeQuantize produces (per channel where the spec says so; a ConvBn2d's
+/// folded weight, with bias beta + f * (b - running_mean)) and the qparams of the
+/// FakeQuantize after them; ReLU, MaxPool2d and Flatten run on the quantized tensors; float
+/// layers (Linear, Conv2d, BatchNorm2d, AvgPool2d, AdaptiveAvgPool2d, ReLU6, Hardtanh,
+/// Sigmoid, Tanh) run between a dequantize and a quantize; Dropout and Identity vanish.
+/// The module's forward takes and returns a float tensor.
+///
+/// Sets the process's quantized engine to `options.backend`, as qat.convert does: packed
+/// weights belong to an engine, and a file loaded later is repacked for the current one.
+///
+/// @param prepared the model from qat::prepare, trained or calibrated; it is not modified.
+/// @param example_input an input the integer model is run on once, to check that it runs.
+/// @param options the backend (`mobile` is not used here).
+/// @throws std::invalid_argument when the model was never calibrated or trained (its
+///         qparams are still the initial ones), holds a module that has no conversion (named
+///         with its path and type), has weights or activations outside 8 bits, or the
+///         backend is not an engine of this LibTorch.
+/// @throws std::runtime_error when the integer model fails on `example_input`.
+torch::jit::Module convert(
+    torch::nn::Module& prepared, const torch::Tensor& example_input,
+    const ExportOptions& options = {});
+
+/// qat::convert, then freeze (and with `options.mobile` torch::jit::optimizeForMobile), then
+/// write to `path`: a lite-interpreter file (`_save_for_mobile`) with `mobile`, else full
+/// TorchScript (`save`). The archive carries `qat/metadata.json` (qat and torch versions,
+/// the engine, the config the layers were prepared with and, per layer, its type, weight
+/// bits, weight scales and output qparams), as Python's qat.export writes it. The file is
+/// then loaded back (torch::jit::_load_for_mobile or torch::jit::load) and must give the
+/// in-memory integer model's output on `example_input`, bit for bit.
+///
+/// @param prepared the model from qat::prepare, trained or calibrated; it is not modified.
+/// @param example_input an input of the model (a batch of one or more).
+/// @param path the file to write (`.ptl` for mobile, `.pt` otherwise, by convention).
+/// @param options backend and file kind.
+/// @throws std::invalid_argument when `path` cannot be written (before any work), and as
+///         qat::convert.
+/// @throws std::runtime_error when the written file computes another output than the
+///         in-memory integer model.
+void export_model(
+    torch::nn::Module& prepared, const torch::Tensor& example_input, const std::string& path,
+    const ExportOptions& options = {});
+
+}  // namespace qat

@@ -1,0 +1,224 @@
+// qat::convert and qat::export_model: parity of the integer model with the simulation it was
+// trained as, the written files reloaded in C++ (full TorchScript and lite interpreter), and
+// the refusals.
+
+#include <catch2/catch.hpp>
+#include <torch/csrc/jit/mobile/import.h>
+#include <torch/csrc/jit/mobile/module.h>
+#include <torch/csrc/jit/serialization/import.h>
+#include <torch/torch.h>
+
+#include <qat/qat.h>
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <iostream>
+#include <stdexcept>
+#include <string>
+
+namespace {
+
+template <typename Exception, typename Fn>
+std::string message_of(Fn fn) {
+  try {
+    fn();
+  } catch (const Exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// A temporary folder, removed with what it holds when the test ends.
+struct TempDir {
+  TempDir()
+      : path(
+            std::filesystem::temp_directory_path() / ("qat_export_" + std::to_string(::getpid()))) {
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+  std::filesystem::path path;
+};
+
+// Conv + BN + ReLU, max pooling, flatten, Linear + ReLU, Linear: what a small CNN is.
+torch::nn::Sequential cnn() {
+  return torch::nn::Sequential(
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 8, 3).bias(false)), torch::nn::BatchNorm2d(8),
+      torch::nn::ReLU(), torch::nn::MaxPool2d(2), torch::nn::Flatten(),
+      torch::nn::Linear(8 * 5 * 5, 32), torch::nn::ReLU(), torch::nn::Linear(32, 10));
+}
+
+// A few steps of QAT (fake quantization and observers on, batch norm in training mode) on
+// a fixed random classification task.
+void train(torch::nn::Sequential& net, const torch::Tensor& x, const torch::Tensor& labels) {
+  torch::optim::SGD optimizer(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  net->train();
+  for (int step = 0; step < 20; ++step) {
+    optimizer.zero_grad();
+    torch::nn::functional::cross_entropy(net->forward(x), labels).backward();
+    optimizer.step();
+  }
+}
+
+// The simulation in eval: fake quantization on, observers off.
+torch::Tensor simulate(torch::nn::Sequential& net, const torch::Tensor& x) {
+  net->eval();
+  qat::disable_observer(*net);
+  torch::NoGradGuard no_grad;
+  return net->forward(x);
+}
+
+// The quantization step of the output: the scale of the chain's last FakeQuantize.
+double output_step(torch::nn::Sequential& net) {
+  return qat::fake_quantizers(*net).back()->scale.item<double>();
+}
+
+torch::Tensor run(torch::jit::Module& module, const torch::Tensor& x) {
+  torch::NoGradGuard no_grad;
+  return module.forward({x}).toTensor();
+}
+
+// The share of elements of `got` within one step (and a rounding slack) of `expected`.
+double within_one_step(const torch::Tensor& got, const torch::Tensor& expected, double step) {
+  const auto steps = (got - expected).abs() / step;
+  return (steps <= 1 + 1e-3).to(torch::kDouble).mean().item<double>();
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("convert: the integer model follows the simulation within one step", "[export]") {
+  torch::manual_seed(0);
+  auto net = cnn();
+  qat::prepare(*net, qat::presets::int8());
+  const auto x = torch::randn({64, 1, 12, 12});
+  const auto labels = torch::randint(0, 10, {64});
+  train(net, x, labels);
+
+  const auto test = torch::randn({32, 1, 12, 12});
+  auto integer = qat::convert(*net, test);
+  const auto expected = simulate(net, test);
+  const auto got = run(integer, test);
+  const double step = output_step(net);
+  const double share = within_one_step(got, expected, step);
+  const double max_steps = ((got - expected).abs() / step).max().item<double>();
+  std::cout << "[export] integer vs simulation: " << share * 100 << "% within one step, max "
+            << max_steps << " steps, top-1 agreement "
+            << (got.argmax(1) == expected.argmax(1)).to(torch::kDouble).mean().item<double>() * 100
+            << "%\n";
+  CATCH_CHECK(got.sizes() == expected.sizes());
+  CATCH_CHECK(share >= 0.99);
+  // The model runs PyTorch's quantized operators on packed weights.
+  const auto code = integer.get_method("forward").graph()->toString();
+  CATCH_CHECK(code.find("quantized::conv2d_relu") != std::string::npos);
+  CATCH_CHECK(code.find("quantized::linear_relu") != std::string::npos);
+  CATCH_CHECK(code.find("quantized::linear(") != std::string::npos);
+}
+
+CATCH_TEST_CASE("convert: float layers run between a dequantize and a quantize", "[export]") {
+  torch::manual_seed(1);
+  torch::nn::Sequential net(
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3)), torch::nn::ReLU(),
+      torch::nn::AdaptiveAvgPool2d(2), torch::nn::Flatten(), torch::nn::Linear(16, 8),
+      torch::nn::Sigmoid(), torch::nn::Linear(8, 4), torch::nn::Linear(4, 3));
+  // A skipped layer stays a float torch::nn::Linear.
+  qat::prepare(*net, qat::presets::int8().skip("7"));
+  const auto x = torch::randn({64, 1, 8, 8});
+  train(net, x, torch::randint(0, 3, {64}));
+
+  auto integer = qat::convert(*net, x);
+  const auto expected = simulate(net, x);
+  const auto got = run(integer, x);
+  // The output comes from the float layer: compare against the scale of its input.
+  const double step = output_step(net);
+  const double share = within_one_step(got, expected, step);
+  std::cout << "[export] with float layers: " << share * 100
+            << "% within one step of the last FakeQuantize\n";
+  CATCH_CHECK(share >= 0.99);
+}
+
+CATCH_TEST_CASE(
+    "export_model writes .pt and .ptl files that reload to the same outputs", "[export]") {
+  torch::manual_seed(2);
+  auto net = cnn();
+  qat::prepare(*net, qat::presets::int8());
+  const auto x = torch::randn({16, 1, 12, 12});
+  train(net, x, torch::randint(0, 10, {16}));
+  auto integer = qat::convert(*net, x);
+  const auto expected = run(integer, x);
+
+  TempDir dir;
+  const auto pt = dir.file("model.pt");
+  qat::export_model(*net, x, pt, {"qnnpack", false});
+  torch::jit::ExtraFilesMap extra{{"qat/metadata.json", ""}};
+  auto loaded = torch::jit::load(pt, c10::nullopt, extra);
+  CATCH_CHECK(torch::equal(run(loaded, x), expected));
+  const auto& metadata = extra["qat/metadata.json"];
+  CATCH_CHECK(metadata.find("\"qat_version\"") != std::string::npos);
+  CATCH_CHECK(metadata.find("\"quantized_engine\": \"qnnpack\"") != std::string::npos);
+  CATCH_CHECK(metadata.find("\"weight_bits\": 8") != std::string::npos);
+
+  const auto ptl = dir.file("model.ptl");
+  qat::export_model(*net, x, ptl);
+  auto mobile = torch::jit::_load_for_mobile(ptl);
+  torch::NoGradGuard no_grad;
+  CATCH_CHECK(torch::equal(mobile.forward({x}).toTensor(), expected));
+  std::cout << "[export] model.pt " << std::filesystem::file_size(pt) << " bytes, model.ptl "
+            << std::filesystem::file_size(ptl) << " bytes\n";
+}
+
+CATCH_TEST_CASE("convert and export_model refuse bad input with one-line errors", "[export]") {
+  torch::manual_seed(3);
+  const auto x = torch::randn({4, 1, 12, 12});
+  TempDir dir;
+
+  CATCH_SECTION("a model never calibrated or trained") {
+    auto net = cnn();
+    qat::prepare(*net, qat::presets::int8());
+    const auto message = message_of<std::invalid_argument>([&] { qat::convert(*net, x); });
+    CATCH_CHECK(message.find("never observed data") != std::string::npos);
+    CATCH_CHECK(message.find("calibrate") != std::string::npos);
+    CATCH_CHECK(message.find('\n') == std::string::npos);
+  }
+
+  CATCH_SECTION("an unwritable path, before any work") {
+    // Uncalibrated too: the path is what is refused, so it is checked first.
+    auto net = cnn();
+    qat::prepare(*net, qat::presets::int8());
+    const auto missing = dir.file("missing/model.ptl");
+    auto message = message_of<std::invalid_argument>([&] { qat::export_model(*net, x, missing); });
+    CATCH_CHECK(message.find("does not exist") != std::string::npos);
+    message =
+        message_of<std::invalid_argument>([&] { qat::export_model(*net, x, dir.path.string()); });
+    CATCH_CHECK(message.find("is a directory") != std::string::npos);
+    CATCH_CHECK(!std::filesystem::exists(missing));
+  }
+
+  CATCH_SECTION("a module without a conversion, named with its path and type") {
+    torch::nn::Sequential net(torch::nn::Linear(4, 4), torch::nn::GELU(), torch::nn::Linear(4, 2));
+    qat::prepare(*net, qat::presets::int8());
+    const auto input = torch::randn({8, 4});
+    net->forward(input);
+    const auto message = message_of<std::invalid_argument>([&] { qat::convert(*net, input); });
+    CATCH_CHECK(message.find("'1'") != std::string::npos);
+    CATCH_CHECK(message.find("GELU") != std::string::npos);
+    CATCH_CHECK(message.find('\n') == std::string::npos);
+  }
+
+  CATCH_SECTION("a model that is not a Sequential") {
+    torch::nn::Linear linear(4, 2);
+    const auto message = message_of<std::invalid_argument>([&] {
+      qat::convert(*linear, torch::randn({1, 4}));
+    });
+    CATCH_CHECK(message.find("torch::nn::Sequential") != std::string::npos);
+  }
+
+  CATCH_SECTION("a backend this LibTorch does not have") {
+    auto net = cnn();
+    qat::prepare(*net, qat::presets::int8());
+    const auto message = message_of<std::invalid_argument>([&] {
+      qat::convert(*net, x, {"no-such-engine", true});
+    });
+    CATCH_CHECK(message.find("no-such-engine") != std::string::npos);
+  }
+}
