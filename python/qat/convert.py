@@ -82,6 +82,12 @@ def _qparams(fq: FakeQuantize) -> _QParams:
             quantized.activation_dtype(fq.quant_min, fq.quant_max))
 
 
+def _is_input_scale(node: fx.Node) -> bool:
+    """A get_attr of a FakeQuantize's scale that prepare passes to layers as input_scale."""
+    return node.op == "get_attr" and bool(node.users) and all(
+        node in user.kwargs.values() and node not in user.args for user in node.users)
+
+
 def _describe(node: fx.Node) -> str:
     target = node.target if isinstance(node.target, str) else getattr(
         node.target, "__name__", str(node.target))
@@ -285,6 +291,8 @@ class _Converter:
                 self.env[node] = self.graph.node_copy(node, lambda n: self.env[n])
             elif node.op == "output":
                 self.graph.output(fx.node.map_arg(node.args[0], self.as_float))
+            elif _is_input_scale(node):
+                continue  # read by the simulation's layers only: the kernels quantize bias
             elif self.fake_quant(node) is not None:
                 self.quantize(node)
             elif not self.getitem_of_split(node) and not self.integer_op(node):
@@ -412,8 +420,16 @@ class _Converter:
     def float_op(self, node: fx.Node) -> None:
         inputs: List[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), inputs.append)
+        inputs = [n for n in inputs if not _is_input_scale(n)]
         if any(self.env[n] in self.qparams for n in inputs):
             self.report.float.append(_describe(node))
+        if "input_scale" in node.kwargs:
+            # A layer left in float keeps its float bias, as it runs without a kernel.
+            kwargs = {k: v for k, v in node.kwargs.items() if k != "input_scale"}
+            self.env[node] = self.graph.create_node(
+                node.op, node.target, fx.node.map_arg(node.args, self.as_float),
+                fx.node.map_arg(kwargs, self.as_float), node.name)
+            return
         self.env[node] = self.copy(node, quantized_args=False)
 
 

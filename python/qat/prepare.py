@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import Config, QuantSpec, _is_pattern
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
-from .modules import lookup
+from .modules import Conv2d, ConvBn2d, Linear, lookup
 
 try:  # torch >= 2.0
     from torch.ao.nn import intrinsic as _intrinsic
@@ -162,14 +162,16 @@ def _swap(float_module: nn.Module, name: str, spec_module: nn.Module, config: Co
 
 
 # The forward hook that quantizes a swapped module's output in the eager fallback, typed
-# for torch.jit.script, which compiles hooks. (The QAT transposed convs, whose forward takes
-# an optional second argument, quantize their output themselves.)
+# for torch.jit.script, which compiles hooks with the argument tuple of each call site.
+# Modules whose forward takes an optional second argument (transposed convs: output_size;
+# conv and linear layers: input_scale) quantize their output themselves instead.
 def _quantize_output(module: nn.Module, inputs: Tuple[torch.Tensor],
                      output: torch.Tensor) -> torch.Tensor:
     return module.activation_post_process(output)
 
 
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _quantizes_own_output(module: nn.Module) -> bool:
+    return len(inspect.signature(module.forward).parameters) > 1
 
 
 def _swap_in_place(root: nn.Module, config: Config, prefix: str = "") -> List[str]:
@@ -187,7 +189,7 @@ def _swap_in_place(root: nn.Module, config: Config, prefix: str = "") -> List[st
             qat_module, activation_spec = swapped
             if not (config.dynamic or getattr(type(qat_module), "weight_only", False)):
                 qat_module.activation_post_process = FakeQuantize(activation_spec)
-                if not isinstance(qat_module, _TRANSPOSED):
+                if not _quantizes_own_output(qat_module):
                     qat_module.register_forward_hook(_quantize_output)
             _set_module(root, name, qat_module)
         elif (lookup(module) is None and _has_own_parameters(module)
@@ -466,8 +468,28 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
             inserter.quantized.add(node)
             continue
         inserter.after(node, spec)
+    _pass_input_scales(gm, activation)
     gm.graph.lint()
     gm.recompile()
+
+
+def _pass_input_scales(gm: fx.GraphModule, swapped) -> None:
+    """Gives each layer that the integer model runs with an int32 bias (Linear, Conv2d,
+    ConvBn2d, ConvBnReLU2d) the scale of the FakeQuantize before it, ``input_scale=``, so
+    that it rounds its bias as the kernel will (``qat.modules.round_bias``)."""
+    for node in swapped:
+        if not isinstance(gm.get_submodule(node.target), (Conv2d, ConvBn2d, Linear)):
+            continue
+        source = node.args[0] if node.args else None
+        # Ops such as flatten, relu and max pooling keep their input's qparams.
+        while isinstance(source, fx.Node) and _is_pass_through(source, gm) and source.args:
+            source = source.args[0]
+        if not (isinstance(source, fx.Node) and source.op == "call_module"
+                and isinstance(gm.get_submodule(source.target), FakeQuantize)):
+            continue
+        with gm.graph.inserting_before(node):
+            scale = gm.graph.get_attr(f"{source.target}.scale")
+        node.kwargs = {**node.kwargs, "input_scale": scale}
 
 
 def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=None,

@@ -252,3 +252,60 @@ def test_registry(monkeypatch):
         qat.register_module(Scale, "QatScale")
     with pytest.raises(TypeError, match="qat_cls .*from_float"):
         qat.register_module(Scale, Scale)
+
+
+def _kernel_bias(bias, input_scale, weight_scale):
+    """The int32 bias of the integer kernels, back in float: each channel's bias rounded to
+    a multiple of input_scale * weight_scale, computed one channel at a time in float64."""
+    steps = (input_scale * weight_scale).double().expand(bias.numel())
+    rounded = [round(b / s) * s for b, s in zip(bias.double().tolist(), steps.tolist())]
+    return torch.tensor(rounded, dtype=bias.dtype)
+
+
+def test_linear_adds_its_bias_on_the_kernel_grid_given_the_input_scale():
+    torch.manual_seed(0)
+    layer = qat.modules.Linear(6, 4)
+    x = torch.randn(5, 6)
+    layer(x)  # the weight observer sets the weight's qparams
+    layer.weight_fake_quant.disable_observer()
+    input_scale = torch.tensor([0.037])
+    out = layer(x, input_scale=input_scale)
+    weight = layer.weight_fake_quant(layer.weight).detach()
+    bias = _kernel_bias(layer.bias.detach(), input_scale, layer.weight_fake_quant.scale)
+    assert not torch.equal(bias, layer.bias.detach())  # the grid is coarse enough to show
+    torch.testing.assert_close(out, x @ weight.T + bias)
+    out.sum().backward()
+    # Straight through: the bias learns as if it were not rounded.
+    torch.testing.assert_close(layer.bias.grad, torch.full((4,), 5.0))
+    # Without the input scale (a model called outside qat.prepare's graph), the float bias.
+    torch.testing.assert_close(layer(x), x @ weight.T + layer.bias.detach())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_bn_eval_with_input_scale_is_the_integer_kernels_folded_conv(bias):
+    """In eval, given its input's scale, ConvBn2d is conv(x, fq(w * f)) plus the folded bias
+    beta + f * (b - mean) rounded to the kernel's grid; the reference uses PyTorch's own
+    per-channel fake quantization of the folded weight."""
+    torch.manual_seed(0)
+    fused = make_conv_bn(bias=bias)
+    with torch.no_grad():
+        fused[1].running_mean.normal_()
+        fused[1].running_var.uniform_(0.5, 2.0)
+    mod = qat.modules.ConvBn2d.from_float(fused.train())
+    mod(torch.randn(2, 3, 8, 8))  # the weight observer sees the folded weight
+    mod.weight_fake_quant.disable_observer()
+    mod.eval()
+    x = torch.randn(2, 3, 8, 8)
+    input_scale = torch.tensor([0.5])  # a coarse grid, so that the rounding shows
+    bn, fq = mod.bn, mod.weight_fake_quant
+    with torch.no_grad():
+        f = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        folded = torch.fake_quantize_per_channel_affine(
+            mod.weight * f.reshape(-1, 1, 1, 1), fq.scale, fq.zero_point, 0, fq.quant_min,
+            fq.quant_max)
+        b = bn.bias - f * bn.running_mean + (f * mod.bias if bias else 0)
+        expected = F.conv2d(x, folded, padding=1) + _kernel_bias(b, input_scale, fq.scale).reshape(
+            1, -1, 1, 1)
+        torch.testing.assert_close(mod(x, input_scale), expected, rtol=1e-5, atol=1e-5)
+        # Without the input scale, the running-statistics batch norm: the float bias.
+        assert (mod(x) - expected).abs().max() > 1e-4

@@ -565,3 +565,26 @@ def test_mixed_precision_config_gives_each_layer_exactly_its_bits():
         assert gm.get_submodule(fq_node.target).spec.bits == activation_bits, name
     text = str(gm)
     assert "bits=2" in text and "bits=4" in text and "bits=6" in text and "scale=" in text
+
+
+def test_layers_read_the_scale_of_the_fake_quantize_before_them():
+    """Conv and linear layers get their input's scale (input_scale=) to round their bias as
+    the integer kernels will; convert leaves it out of the integer graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 5))
+    qmodel = _prepare_quietly(model)
+    layers = [n for n in qmodel.graph.nodes if n.op == "call_module"
+              and isinstance(qmodel.get_submodule(n.target), (qat.modules.ConvBnReLU2d,
+                                                                qat.modules.Linear))]
+    assert len(layers) == 2
+    # The conv reads the FakeQuantize on the input; the linear, after the flatten (which
+    # keeps its input's qparams), the one after the conv's ReLU.
+    expected = ["input_1_activation_fake_quant.scale", "_0_activation_fake_quant.scale"]
+    for node, target in zip(layers, expected):
+        scale = node.kwargs["input_scale"]
+        assert scale.op == "get_attr" and scale.target == target
+        assert isinstance(qmodel.get_submodule(target.rsplit(".", 1)[0]), qat.FakeQuantize)
+    qat.calibrate(qmodel, [torch.randn(4, 3, 8, 8)], progress=False)
+    int_model = qat.convert(qmodel)
+    assert not [n for n in int_model.graph.nodes if n.op == "get_attr"]

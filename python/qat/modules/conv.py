@@ -8,7 +8,7 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..fake_quant import FakeQuantize
-from ._common import check_float, weight_spec_for
+from ._common import check_float, kernel_bias, weight_spec_for
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d"]
 
@@ -25,8 +25,18 @@ class _ConvNd:
         self.weight_fake_quant = FakeQuantize(weight_spec_for(weight_spec, 0)).to(
             self.weight.device)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, self.weight_fake_quant(self.weight), self.bias)
+    def forward(self, input: torch.Tensor,
+                input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # input_scale: the bias on the integer kernels' grid (see qat.modules.Linear).
+        weight = self.weight_fake_quant(self.weight)
+        bias = kernel_bias(self.bias, input_scale, self.weight_fake_quant.scale,
+                           bool(self.weight_fake_quant.fake_quant_enabled))
+        output = self._conv_forward(input, weight, bias)
+        if hasattr(self, "activation_post_process"):
+            # The eager fallback of qat.prepare quantizes the output here (no hook: see
+            # qat.prepare._quantize_output).
+            output = self.activation_post_process(output)
+        return output
 
     @classmethod
     def from_float(cls, mod, weight_spec: Optional[QuantSpec] = None):

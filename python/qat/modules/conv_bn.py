@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..fake_quant import FakeQuantize
-from ._common import check_float, weight_spec_for
+from ._common import check_float, round_bias, weight_spec_for
 
 try:  # torch >= 2.0
     from torch.ao.nn import intrinsic as _intrinsic
@@ -73,7 +73,8 @@ class _ConvBnNd:
         self.bn.train(mode and not self.freeze_bn)
         return self
 
-    def _conv_bn(self, input: torch.Tensor) -> torch.Tensor:
+    def _conv_bn(self, input: torch.Tensor,
+                 input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         running_std = torch.sqrt(self.bn.running_var + self.bn.eps)
         scale_factor = self.bn.weight / running_std
         # conv(x, fq(w * f)) / f per channel, as conv(x, fq(w * f) / f): the division
@@ -81,10 +82,26 @@ class _ConvBnNd:
         # need not be built (FakeQuantize.fake_quantize_folded). The conv bias is added
         # after the division: it is not part of the folded weight's product.
         weight = self.weight_fake_quant.fake_quantize_folded(self.weight, scale_factor)
+        if (input_scale is not None and not self.bn.training
+                and bool(self.weight_fake_quant.fake_quant_enabled)):
+            # With the running statistics the whole is the folded conv the integer model
+            # runs, conv(x, fq(w * f)) + beta + f * (b - mean), whose bias the kernel
+            # rounds to its int32 grid: so is it here (round_bias).
+            shape = [1, -1] + [1] * (input.dim() - 2)
+            bias = self.bn.bias - scale_factor * self.bn.running_mean
+            if self.bias is not None:
+                bias = bias + scale_factor * self.bias
+            bias = round_bias(bias, input_scale, self.weight_fake_quant.scale)
+            return (self._conv_forward(input, weight, None) * scale_factor.reshape(shape)
+                    + bias.reshape(shape))
         return self.bn(self._conv_forward(input, weight, self.bias))
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_bn(input)
+    def forward(self, input: torch.Tensor,
+                input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        output = self._conv_bn(input, input_scale)
+        if hasattr(self, "activation_post_process"):
+            output = self.activation_post_process(output)
+        return output
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, freeze_bn={self.freeze_bn}"
@@ -132,8 +149,12 @@ class ConvBn3d(_ConvBnNd, nn.Conv3d):
 class _ReLU:
     """A ReLU after the folded conv + batch norm."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.relu(self._conv_bn(input))
+    def forward(self, input: torch.Tensor,
+                input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        output = F.relu(self._conv_bn(input, input_scale))
+        if hasattr(self, "activation_post_process"):
+            output = self.activation_post_process(output)
+        return output
 
 
 class ConvBnReLU1d(_ReLU, ConvBn1d):

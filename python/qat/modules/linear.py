@@ -8,7 +8,7 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..fake_quant import FakeQuantize
-from ._common import check_float, weight_spec_for
+from ._common import check_float, kernel_bias, weight_spec_for
 
 __all__ = ["Linear"]
 
@@ -16,8 +16,10 @@ __all__ = ["Linear"]
 class Linear(nn.Linear):
     """``nn.Linear`` whose weight goes through ``weight_fake_quant`` (a
     :class:`qat.FakeQuantize`, per channel along the output features when the spec is per
-    channel) before ``F.linear``. The bias stays in float: the integer kernels quantize it
-    to int32 with the input scale times the weight scale.
+    channel) before ``F.linear``. The integer kernels quantize the bias to int32 with the
+    input scale times the weight scale; given ``input_scale`` (as :func:`qat.prepare`
+    passes it, the scale of the FakeQuantize before the layer) and with the weight
+    fake-quantized, the bias is rounded the same way (:func:`round_bias`).
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
@@ -31,8 +33,17 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.weight_fake_quant = FakeQuantize(weight_spec_for(weight_spec, 0)).to(device)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, self.weight_fake_quant(self.weight), self.bias)
+    def forward(self, input: torch.Tensor,
+                input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight = self.weight_fake_quant(self.weight)
+        bias = kernel_bias(self.bias, input_scale, self.weight_fake_quant.scale,
+                           bool(self.weight_fake_quant.fake_quant_enabled))
+        output = F.linear(input, weight, bias)
+        if hasattr(self, "activation_post_process"):
+            # The eager fallback of qat.prepare quantizes the output here (no hook: see
+            # qat.prepare._quantize_output).
+            output = self.activation_post_process(output)
+        return output
 
     @classmethod
     def from_float(cls, mod: nn.Linear, weight_spec: Optional[QuantSpec] = None) -> "Linear":
