@@ -11,6 +11,7 @@ PACKAGES=(
   python3-numpy python3-pytest python3-hypothesis python3-tqdm  # Python tests
   python3-torchvision                             # real architectures for prepare tests
   dataset-fashion-mnist                           # real data (convert parity test, examples)
+  zlib1g-dev                                      # gzip reader of the C++ Fashion-MNIST example
 )
 
 missing=()
