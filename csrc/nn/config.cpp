@@ -6,6 +6,7 @@
 #include <qat/observers.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <fnmatch.h>
 
 #include <algorithm>
@@ -14,14 +15,6 @@
 namespace qat {
 
 namespace {
-
-std::string join(const std::vector<std::string>& names) {
-  std::string out;
-  for (const auto& name : names) {
-    out += out.empty() ? name : ", " + name;
-  }
-  return out;
-}
 
 template <typename... Args>
 [[noreturn]] void fail(fmt::format_string<Args...> format, Args&&... args) {
@@ -89,7 +82,9 @@ QuantSpec& QuantSpec::narrow_range(bool narrow) {
 
 QuantSpec& QuantSpec::observer(std::string observer) {
   if (!contains(observers(), observer)) {
-    fail("qat::QuantSpec: observer must be one of {}; got '{}'", join(observers()), observer);
+    fail(
+        "qat::QuantSpec: observer must be one of {}; got '{}'", fmt::join(observers(), ", "),
+        observer);
   }
   observer_ = std::move(observer);
   return *this;
@@ -100,7 +95,7 @@ QuantSpec& QuantSpec::estimator(std::string estimator) {
   if (!registry.contains(estimator)) {
     fail(
         "qat::QuantSpec: estimator must be one of the registered estimators {}; got '{}'",
-        join(registry.names()), estimator);
+        fmt::join(registry.names(), ", "), estimator);
   }
   estimator_ = std::move(estimator);
   return *this;
@@ -204,7 +199,7 @@ Config& Config::skip(const std::string& name) {
 
 Config& Config::backend(std::string backend) {
   if (!contains(backends(), backend)) {
-    fail("qat::Config: backend must be one of {}; got '{}'", join(backends()), backend);
+    fail("qat::Config: backend must be one of {}; got '{}'", fmt::join(backends(), ", "), backend);
   }
   backend_ = std::move(backend);
   return *this;

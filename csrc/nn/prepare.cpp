@@ -13,6 +13,7 @@
 #include <c10/util/Type.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <map>
@@ -22,14 +23,6 @@
 namespace qat {
 
 namespace {
-
-std::string join(const std::vector<std::string>& names) {
-  std::string out;
-  for (const auto& name : names) {
-    out += out.empty() ? name : ", " + name;
-  }
-  return out;
-}
 
 std::string type_name(std::type_index type) {
   return c10::demangle(type.name());
@@ -327,7 +320,7 @@ torch::nn::AnyModule ModuleRegistry::swap(
     throw std::invalid_argument(fmt::format(
         "qat::ModuleRegistry: no QAT module is registered for {} ('{}'); registered: {}; add "
         "one with qat::register_module<{}>(factory)",
-        type_name(type), options.name, join(names()), type_name(type)));
+        type_name(type), options.name, fmt::join(names(), ", "), type_name(type)));
   }
   auto module = factory(float_module, options);
   if (module.is_empty()) {
