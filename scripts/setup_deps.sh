@@ -9,6 +9,7 @@ PACKAGES=(
   pybind11-dev python3-dev libfmt-dev catch2      # bindings, formatting, C++ tests
   python3-venv python3-pip python3-setuptools     # the venv that `pip install -e .` uses
   python3-numpy python3-pytest python3-hypothesis python3-tqdm  # Python tests
+  python3-matplotlib                              # the main job's plots
   python3-torchvision                             # real architectures for prepare tests
   dataset-fashion-mnist                           # real data (convert parity test, examples)
   zlib1g-dev                                      # gzip reader of the C++ Fashion-MNIST example
