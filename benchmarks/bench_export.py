@@ -38,11 +38,9 @@ not depend on the values, and the kernels' times should hardly.
 import argparse
 import copy
 import os
-import statistics
 import tempfile
 import time
 import traceback
-import warnings
 
 # Set before torch loads libgomp, which reads it once. ATen's OpenMP threads otherwise spin
 # for a while after each parallel op and take the cores from the pthreadpool that qnnpack
@@ -56,24 +54,14 @@ import torchvision  # noqa: E402
 from torch.ao.quantization import (disable_fake_quant, enable_fake_quant,  # noqa: E402
                                    get_default_qat_qconfig_mapping)
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx  # noqa: E402
-from torch.jit.mobile import _load_for_lite_interpreter  # noqa: E402
-from torch.utils.mobile_optimizer import optimize_for_mobile  # noqa: E402
 
 import qat  # noqa: E402
+from qat.mobile import lite_latency_ms, save_for_lite_interpreter  # noqa: E402
 
 MODELS = ("resnet18", "mobilenet_v2")
 VARIANTS = ("float", "ours int8", "ours w4a8", "torch int8")
 # Issue 5's size targets, per variant: the .ptl against the float .ptl.
 SIZE_TARGETS = {"ours int8": 0.27, "ours w4a8": 0.16}
-
-
-def save_mobile(model: torch.nn.Module, path: str) -> None:
-    """Scripts, freezes, optimizes for mobile and saves ``model`` for the lite interpreter."""
-    with warnings.catch_warnings():
-        # torch.fx's GraphModule annotates an attribute in a way torch.jit warns about.
-        warnings.filterwarnings("ignore", message="The TorchScript type system")
-        scripted = torch.jit.script(model.eval())
-    optimize_for_mobile(torch.jit.freeze(scripted))._save_for_lite_interpreter(path)
 
 
 def write_ours(model: torch.nn.Module, batches, example: torch.Tensor, path: str,
@@ -98,24 +86,7 @@ def write_torch(model: torch.nn.Module, batches, example: torch.Tensor, path: st
         for batch in batches:
             prepared(batch)
     prepared.apply(enable_fake_quant)
-    save_mobile(convert_fx(prepared), path)
-
-
-def latency_ms(paths: dict, x: torch.Tensor, iterations: int, warmup: int) -> dict:
-    """(median, min) milliseconds per call of each file in the lite interpreter, timed
-    round-robin."""
-    modules = {name: _load_for_lite_interpreter(path) for name, path in paths.items()}
-    times = {name: [] for name in modules}
-    with torch.no_grad():
-        for _ in range(warmup):
-            for module in modules.values():
-                module(x)
-        for _ in range(iterations):
-            for name, module in modules.items():
-                start = time.perf_counter()
-                module(x)
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
+    save_for_lite_interpreter(convert_fx(prepared), path)
 
 
 def measure(name: str, args, folder: str) -> dict:
@@ -130,7 +101,7 @@ def measure(name: str, args, folder: str) -> dict:
     seconds, notes = {}, []
 
     start = time.perf_counter()
-    save_mobile(copy.deepcopy(model), paths["float"])
+    save_for_lite_interpreter(copy.deepcopy(model), paths["float"])
     seconds["float"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -152,7 +123,7 @@ def measure(name: str, args, folder: str) -> dict:
         del paths["torch int8"]
 
     sizes = {variant: os.path.getsize(path) / 1e6 for variant, path in paths.items()}
-    timed = latency_ms(paths, example, args.iterations, args.warmup)
+    timed = lite_latency_ms(paths, example, args.iterations, args.warmup)
     return {"sizes": sizes, "ms": {v: median for v, (median, _) in timed.items()},
             "min_ms": {v: fastest for v, (_, fastest) in timed.items()}, "seconds": seconds,
             "notes": notes}
