@@ -49,7 +49,7 @@ def _layer_info(name: str, module: nn.Module) -> Optional[Dict[str, object]]:
     return info
 
 
-def _metadata(model: nn.Module) -> Dict[str, object]:
+def _metadata(model: nn.Module, inputs: tuple) -> Dict[str, object]:
     from . import __version__
 
     layers = [_layer_info(name, m) for name, m in model.named_modules()]
@@ -59,6 +59,8 @@ def _metadata(model: nn.Module) -> Dict[str, object]:
         "quantized_engine": torch.backends.quantized.engine,
         "config": json.loads(getattr(model, "qat_config", "{}") or "{}"),
         "layers": [info for info in layers if info is not None],
+        # What the file was checked on, so that ``python -m qat bench`` can make inputs.
+        "example_inputs": [{"shape": list(t.shape), "dtype": str(t.dtype)} for t in inputs],
     }
 
 
@@ -104,8 +106,9 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
     and with ``mobile`` optimized with ``optimize_for_mobile`` and saved for the lite
     interpreter (``.ptl``); without, saved as full TorchScript (``.pt``). The archive
     carries ``qat/metadata.json`` (qat and torch versions, the quantized engine, the
-    config of :func:`qat.prepare`, and per layer its type, weight bits and scales and
-    output qparams), which :func:`read_metadata` and ``python -m qat inspect FILE`` read.
+    config of :func:`qat.prepare`, per layer its type, weight bits and scales and output
+    qparams, and the shapes and dtypes of ``example_inputs``), which :func:`read_metadata`,
+    ``python -m qat inspect FILE`` and ``python -m qat bench FILE`` read.
     The file is then loaded back and must give the in-memory model's outputs on
     ``example_inputs``, bit for bit.
 
@@ -131,7 +134,7 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
             module._packed_params = None
     scripted = _script(int_model, inputs)
     frozen = torch.jit.freeze(scripted.eval())
-    extra = {METADATA_FILE: json.dumps(_metadata(int_model), indent=1)}
+    extra = {METADATA_FILE: json.dumps(_metadata(int_model, inputs), indent=1)}
     path = os.fspath(path)
     if mobile:
         from torch.utils.mobile_optimizer import optimize_for_mobile

@@ -1,0 +1,61 @@
+"""Each example of examples/python runs on a small subset and prints sane figures."""
+
+import os
+import re
+import subprocess
+import sys
+
+_ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+_ENV = dict(os.environ, PYTHONPATH=os.path.join(_ROOT, "python"))
+
+
+def _run(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, os.path.join(_ROOT, "examples", "python", script),
+                             *args], env=_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _figure(pattern: str, out: str) -> float:
+    match = re.search(pattern, out)
+    assert match, f"{pattern!r} not in:\n{out}"
+    return float(match[1])
+
+
+def test_ptq():
+    out = _run("ptq.py", "--train-limit", "3000", "--limit", "1000",
+               "--calibration-images", "256")
+    float_accuracy = _figure(r"float accuracy ([\d.]+)", out)
+    int_accuracy = _figure(r"int8 accuracy ([\d.]+)", out)
+    assert float_accuracy > 0.6 and int_accuracy > 0.6  # chance: 0.1
+    assert abs(float_accuracy - int_accuracy) < 0.02
+    assert _figure(r"top-1 agreement ([\d.]+)", out) >= 0.99
+
+
+def test_dynamic_text():
+    out = _run("dynamic_text.py", "--train-limit", "5000", "--limit", "1000")
+    assert "3 ops on integer kernels" in out
+    assert _figure(r"float accuracy ([\d.]+)", out) > 0.5  # chance: 0.25
+    assert _figure(r"dynamic int8 accuracy ([\d.]+)", out) > 0.5
+    assert _figure(r"top-1 agreement ([\d.]+)", out) >= 0.98
+    assert _figure(r"SQNR ([\d.]+) dB", out) > 30
+
+
+def test_mixed_precision(tmp_path):
+    out = _run("mixed_precision.py", "--float-steps", "100", "--qat-steps", "20",
+               "--limit", "1000", "--out", str(tmp_path))
+    bits = re.findall(r"\((conv\d|fc)\): .*?FakeQuantize\(\s+bits=(\d+)", out, re.S)
+    assert dict(bits) == {"conv1": "8", "conv2": "4", "conv3": "4", "fc": "8"}, bits
+    for name in ("mixed", "int8"):
+        path = tmp_path / f"{name}.ptl"
+        assert _figure(rf"{name}: accuracy ([\d.]+)", out) > 0.6
+        assert _figure(rf"{re.escape(str(path))}: (\d+) bytes", out) == path.stat().st_size
+    assert _figure(r"mixed / int8 file size ([\d.]+)", out) < 0.85
+
+
+def test_custom_estimator():
+    out = _run("custom_estimator.py", "--steps", "50", "--limit", "1000")
+    assert "(range [-1, 1]): [0.1, 1.0, 1.0, 1.0, 0.1]" in out
+    assert _figure(r"leaky_ste vs ste: relative difference ([\d.]+)", out) > 0.001
+    assert _figure(r"with leaky_ste: ([\d.]+)", out) > 0.3  # chance: 0.1
+
