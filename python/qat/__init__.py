@@ -6,8 +6,10 @@ observers (``qat.observers``), ``qat.QuantSpec`` and ``qat.Config`` (presets in
 ``qat.presets``), the ``qat.FakeQuantize`` module, QAT modules (``qat.modules``, extended
 with ``qat.register_module``), ``qat.prepare`` and ``qat.calibrate``; ``qat.convert`` to
 an integer model on PyTorch's quantized kernels (``qat.quantized``), ``qat.compare`` of the
-two, ``qat.export`` to a mobile (``.ptl``) or TorchScript file with metadata, and
-Fashion-MNIST from Debian's package (``qat.datasets``).
+two, ``qat.export`` to a mobile (``.ptl``) or TorchScript file with metadata,
+per-layer ``qat.sensitivity`` to the weight width and ``qat.auto_precision`` (per-layer
+widths under a size budget, ``qat.precision``), and Fashion-MNIST from Debian's package
+(``qat.datasets``).
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
@@ -39,6 +41,7 @@ from .prepare import prepare  # noqa: E402
 from . import quantized  # noqa: E402
 from .convert import ConversionReport, compare, convert  # noqa: E402
 from .export import export, read_metadata  # noqa: E402
+from .precision import auto_precision, sensitivity  # noqa: E402
 
 __version__ = _C.__version__
 
@@ -49,6 +52,7 @@ __all__ = [
     "FixedQParamsFakeQuantize",
     "QuantSpec",
     "__version__",
+    "auto_precision",
     "calibrate",
     "compare",
     "convert",
@@ -67,4 +71,5 @@ __all__ = [
     "quantized",
     "read_metadata",
     "register_module",
+    "sensitivity",
 ]

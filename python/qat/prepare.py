@@ -406,7 +406,10 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
     gm.delete_all_unused_submodules()
     _warn_float(unsupported)
     if config.dynamic:
-        # Dynamic quantization chooses activation qparams at run time, from each tensor.
+        # Dynamic quantization chooses activation qparams at run time, from each tensor;
+        # the graph still changed (conv + batch norm fusion).
+        gm.graph.lint()
+        gm.recompile()
         return
 
     inserter = _Inserter(gm)

@@ -588,3 +588,10 @@ def test_layers_read_the_scale_of_the_fake_quantize_before_them():
     qat.calibrate(qmodel, [torch.randn(4, 3, 8, 8)], progress=False)
     int_model = qat.convert(qmodel)
     assert not [n for n in int_model.graph.nodes if n.op == "get_attr"]
+
+
+def test_dynamic_config_folds_conv_bn_into_a_model_that_runs():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    qmodel = _prepare_quietly(model, qat.presets.w8a8_dynamic())
+    assert isinstance(qmodel.get_submodule("0"), qat.modules.ConvBnReLU2d)
+    assert qmodel(torch.randn(2, 1, 8, 8)).shape == (2, 4, 6, 6)
