@@ -134,7 +134,8 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
             module._packed_params = None
     scripted = _script(int_model, inputs)
     frozen = torch.jit.freeze(scripted.eval())
-    extra = {METADATA_FILE: json.dumps(_metadata(int_model, inputs), indent=1)}
+    # Compact: the archive stores its entries uncompressed, and this one grows per layer.
+    extra = {METADATA_FILE: json.dumps(_metadata(int_model, inputs), separators=(",", ":"))}
     path = os.fspath(path)
     if mobile:
         from torch.utils.mobile_optimizer import optimize_for_mobile

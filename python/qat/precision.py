@@ -486,9 +486,9 @@ def auto_precision(model: nn.Module, batches, size_budget,
         progress: show progress bars.
 
     Returns:
-        ``base_config`` with one override per quantized layer, by its exact name: the
-        layer's weight spec in ``base_config`` at the chosen width (and its activation spec
-        when it differs from the default). :func:`model_size` gives its size and
+        ``base_config`` with an override, by exact name, for each quantized layer whose
+        chosen width differs from its spec in ``base_config``: that weight spec at the
+        chosen width (and its activation spec when it differs from the default). :func:`model_size` gives its size and
         :func:`weight_bits` its widths.
 
     Raises:
@@ -539,6 +539,8 @@ def auto_precision(model: nn.Module, batches, size_budget,
     overrides = dict(base_config.overrides)
     for name, b in chosen.items():
         weight, activation = base_config.spec_for(name, model.get_submodule(name))
+        if b == weight.bits:
+            continue  # the base config already says so: no override to carry around
         overrides[name] = (dataclasses.replace(weight, bits=b),
                            None if activation == base_config.activation else activation)
     return dataclasses.replace(base_config, overrides=overrides)
