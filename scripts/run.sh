@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job: set up, build, then run the fake-quantize demo.
+# The main job: set up, build, then the Fashion-MNIST QAT demo (float, int8, w4a8, automatic
+# mixed precision and PyTorch's own QAT, exported and compared). Arguments go to the demo:
+# --data DIR, --out DIR, --epochs N, --qat-epochs N (see examples/python/fashion_mnist_demo.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh
-build/fake_quantize_demo "$@"
+.venv/bin/python examples/python/fashion_mnist_demo.py "$@"

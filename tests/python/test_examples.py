@@ -59,3 +59,25 @@ def test_custom_estimator():
     assert _figure(r"leaky_ste vs ste: relative difference ([\d.]+)", out) > 0.001
     assert _figure(r"with leaky_ste: ([\d.]+)", out) > 0.3  # chance: 0.1
 
+
+
+def test_fashion_mnist_demo(tmp_path):
+    """The main job on a subset: every model exported, measured and plotted."""
+    import json
+
+    out = _run("fashion_mnist_demo.py", "--train-limit", "2000", "--test-limit", "500",
+               "--epochs", "1", "--qat-epochs", "1", "--latency-iterations", "5",
+               "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert list(rows) == ["float", "qat int8", "qat w4a8", "qat mixed", "torch int8"]
+    for name, row in rows.items():
+        assert os.path.getsize(row["path"]) == row["bytes"]
+        assert row["accuracy"] > 0.5 and row["latency_ms"] > 0, name  # chance: 0.1
+        assert f"{100 * row['accuracy']:.2f}%" in out
+    for name in ("qat int8", "qat w4a8", "qat mixed"):
+        # Ours: the integer file computes what the simulation does.
+        assert rows[name]["top1_agreement"] >= 0.99, name
+        assert abs(rows[name]["accuracy"] - rows[name]["simulation_accuracy"]) <= 0.01, name
+    assert rows["qat w4a8"]["bytes"] < 0.9 * rows["qat int8"]["bytes"]
+    for plot in ("accuracy_vs_size.png", "sensitivity.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,279 @@
+"""The main job (``scripts/run.sh``): quantization-aware training on Fashion-MNIST, end to
+end, against PyTorch's own QAT.
+
+A small CNN (conv-bn-relu blocks, a residual add, a linear head) is trained in float, then
+fine-tuned with QAT at int8, at 4-bit weights (w4a8) and at per-layer bits chosen by
+``qat.auto_precision`` under the w4a8 model's weight size; each is converted and exported
+as a lite-interpreter ``.ptl``. PyTorch's own QAT (``prepare_qat_fx`` / ``convert_fx``,
+qnnpack) is fine-tuned on the same schedule from the same float weights. One table shows,
+per model: the test accuracy of its ``.ptl`` (and of the QAT simulation), the file's size,
+its latency at batch 1 in the lite interpreter, and the parity of the integer model with
+its simulation (top-1 agreement, SQNR). Plots of accuracy against size and of per-layer
+sensitivity are written next to the files.
+
+    .venv/bin/python examples/python/fashion_mnist_demo.py [--data DIR] [--out DIR]
+        [--epochs 3] [--qat-epochs 1] [--train-limit N] [--test-limit N]
+"""
+
+import argparse
+import copy
+import json
+import os
+import time
+import warnings
+
+# Set before torch loads libgomp (see benchmarks/bench_export.py): spinning OpenMP threads
+# would take the cores from the lite interpreter's thread pool in the latency figures.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.ao.quantization import get_default_qat_qconfig_mapping  # noqa: E402
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx  # noqa: E402
+from torch.jit.mobile import _load_for_lite_interpreter  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import qat  # noqa: E402
+from qat.datasets import DEFAULT_FASHION_MNIST, load_fashion_mnist  # noqa: E402
+from qat.mobile import lite_latency_ms, save_for_lite_interpreter  # noqa: E402
+from qat.precision import model_size, weight_bits  # noqa: E402
+
+BATCH = 128
+CLASSES = 10
+
+
+class DemoNet(nn.Module):
+    """28x28 grey images -> 10 classes: a conv-bn-relu stem, a residual block, a strided
+    conv-bn-relu and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _conv_bn(1, 16, relu=True)
+        self.pool = nn.MaxPool2d(2)
+        self.block1 = _conv_bn(16, 16, relu=True)
+        self.block2 = _conv_bn(16, 16, relu=False)
+        self.relu = nn.ReLU()
+        self.down = _conv_bn(16, 32, relu=True, stride=2)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 7, CLASSES))
+
+    def forward(self, x):
+        x = self.pool(self.stem(x))
+        x = self.relu(self.block2(self.block1(x)) + x)
+        return self.head(self.down(x))
+
+
+def _conv_bn(cin: int, cout: int, relu: bool, stride: int = 1) -> nn.Sequential:
+    layers = [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+              nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.ReLU()) if relu else nn.Sequential(*layers)
+
+
+def batches(images, labels, generator=None):
+    order = (torch.randperm(len(images), generator=generator) if generator is not None
+             else torch.arange(len(images)))
+    for start in range(0, len(images), BATCH):
+        idx = order[start:start + BATCH]
+        yield images[idx], labels[idx]
+
+
+def train(model, images, labels, epochs: int, lr: float, seed: int, desc: str) -> None:
+    """Adam on shuffled batches, the same order for every model given the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    steps = (len(images) + BATCH - 1) // BATCH
+    for epoch in range(epochs):
+        bar = tqdm(batches(images, labels, generator), total=steps,
+                   desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False)
+        for x, y in bar:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
+def accuracy(model, images, labels) -> float:
+    correct = 0
+    with torch.no_grad():
+        for x, y in batches(images, labels):
+            correct += (model(x).argmax(1) == y).sum().item()
+    return correct / len(images)
+
+
+def run_qat(name, float_model, config, data, args, out_dir):
+    """Prepares, calibrates, fine-tunes and exports one qat model; its row of figures."""
+    train_x, train_y, test_x, test_y = data
+    qmodel = qat.prepare(copy.deepcopy(float_model), config)
+    qat.calibrate(qmodel, [x for x, _ in batches(train_x[:2048], train_y[:2048])])
+    train(qmodel, train_x, train_y, args.qat_epochs, args.qat_lr, seed=1, desc=name)
+    qat.disable_observer(qmodel)
+    qmodel.eval()
+    path = os.path.join(out_dir, f"{name.replace(' ', '_')}.ptl")
+    int_model = qat.export(qmodel, path, test_x[:1])
+    parity = qat.compare(qmodel, int_model, [x for x, _ in batches(test_x, test_y)])
+    return {"simulation_accuracy": accuracy(qmodel, test_x, test_y), "path": path,
+            "top1_agreement": parity["top1_agreement"], "sqnr_db": parity["sqnr_db"]}
+
+
+def run_torch_qat(float_model, data, args, out_dir):
+    """PyTorch's own QAT on the same schedule: prepare_qat_fx with the qnnpack default
+    qconfig mapping, the same Adam fine-tuning, convert_fx."""
+    train_x, train_y, test_x, test_y = data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notes on its own API
+        prepared = prepare_qat_fx(copy.deepcopy(float_model).train(),
+                                  get_default_qat_qconfig_mapping("qnnpack"), (test_x[:1],))
+        train(prepared, train_x, train_y, args.qat_epochs, args.qat_lr, seed=1,
+              desc="torch int8")
+        prepared.eval()
+        simulation_accuracy = accuracy(prepared, test_x, test_y)
+        int_model = convert_fx(copy.deepcopy(prepared))
+    path = os.path.join(out_dir, "torch_int8.ptl")
+    save_for_lite_interpreter(int_model, path)
+    with torch.no_grad():
+        sim = torch.cat([prepared(x) for x, _ in batches(test_x, test_y)])
+        got = torch.cat([int_model(x) for x, _ in batches(test_x, test_y)])
+    sqnr = 10 * torch.log10(sim.pow(2).sum() / (sim - got).pow(2).sum().clamp_min(1e-30))
+    return {"simulation_accuracy": simulation_accuracy, "path": path,
+            "top1_agreement": (sim.argmax(1) == got.argmax(1)).float().mean().item(),
+            "sqnr_db": sqnr.item()}
+
+
+def plot_accuracy_vs_size(rows, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, row in rows.items():
+        ax.scatter(row["bytes"] / 1e3, 100 * row["accuracy"], s=40)
+        ax.annotate(name, (row["bytes"] / 1e3, 100 * row["accuracy"]),
+                    textcoords="offset points", xytext=(5, 3), fontsize=8)
+    ax.set_xlabel(".ptl file size (kB)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Fashion-MNIST: accuracy against model size")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(rows) -> None:
+    header = (f"{'model':<12} {'accuracy':>9} {'simulated':>9} {'size kB':>8} {'x float':>7} "
+              f"{'latency ms':>10} {'agreement':>9} {'SQNR dB':>8}")
+    print(header)
+    print("-" * len(header))
+    float_bytes = rows["float"]["bytes"]
+    for name, row in rows.items():
+        simulated = row.get("simulation_accuracy")
+        agreement = row.get("top1_agreement")
+        sqnr = row.get("sqnr_db")
+        print(f"{name:<12} {100 * row['accuracy']:>8.2f}% "
+              f"{'' if simulated is None else f'{100 * simulated:.2f}%':>9} "
+              f"{row['bytes'] / 1e3:>8.1f} {row['bytes'] / float_bytes:>7.3f} "
+              f"{row['latency_ms']:>10.3f} "
+              f"{'' if agreement is None else f'{100 * agreement:.2f}%':>9} "
+              f"{'' if sqnr is None else f'{sqnr:.1f}':>8}")
+
+
+def print_targets(rows) -> None:
+    """Issue 7's targets, reported (the demo does not stop on a miss)."""
+    base = rows["float"]["accuracy"]
+    checks = [
+        ("qat int8 within 0.3 points of float",
+         rows["qat int8"]["accuracy"] >= base - 0.003),
+        ("qat w4a8 within 1 point of float", rows["qat w4a8"]["accuracy"] >= base - 0.01),
+        ("qat mixed at least as accurate as w4a8, no larger",
+         rows["qat mixed"]["accuracy"] >= rows["qat w4a8"]["accuracy"]
+         and rows["qat mixed"]["bytes"] <= rows["qat w4a8"]["bytes"]),
+        ("every integer model's top-1 agreement >= 99%",
+         all(row["top1_agreement"] >= 0.99 for name, row in rows.items() if name != "float")),
+        ("qat int8 at least as accurate as torch int8",
+         rows["qat int8"]["accuracy"] >= rows["torch int8"]["accuracy"]),
+    ]
+    for text, held in checks:
+        print(f"  [{'ok' if held else 'MISSED'}] {text}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=DEFAULT_FASHION_MNIST,
+                        help="folder with the Fashion-MNIST IDX files (default: %(default)s)")
+    parser.add_argument("--out", default="outputs/fashion_mnist",
+                        help="where the .ptl files, plots and results.json go")
+    parser.add_argument("--epochs", type=int, default=3, help="float training epochs")
+    parser.add_argument("--qat-epochs", type=int, default=1, help="QAT fine-tuning epochs")
+    parser.add_argument("--lr", type=float, default=1e-3, help="float Adam learning rate")
+    parser.add_argument("--qat-lr", type=float, default=1e-4, help="QAT Adam learning rate")
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="use only the first N training images")
+    parser.add_argument("--test-limit", type=int, default=None,
+                        help="use only the first N test images")
+    parser.add_argument("--latency-iterations", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="threads for training and for the lite interpreter (default: "
+                             "the machine's cores, %(default)s)")
+    args = parser.parse_args(argv)
+    for flag in ("epochs", "qat_epochs", "train_limit", "test_limit", "latency_iterations",
+                 "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+
+    started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "qnnpack"
+    os.makedirs(args.out, exist_ok=True)
+    train_x, train_y = load_fashion_mnist(args.data, train=True)
+    test_x, test_y = load_fashion_mnist(args.data, train=False)
+    train_x, train_y = train_x[:args.train_limit], train_y[:args.train_limit]
+    test_x, test_y = test_x[:args.test_limit], test_y[:args.test_limit]
+    data = (train_x, train_y, test_x, test_y)
+    print(f"Fashion-MNIST from {args.data}: {len(train_x)} training, {len(test_x)} test images")
+
+    float_model = DemoNet()
+    train(float_model, train_x, train_y, args.epochs, args.lr, seed=0, desc="float")
+    float_model.eval()
+    rows = {"float": {"path": os.path.join(args.out, "float.ptl")}}
+    save_for_lite_interpreter(copy.deepcopy(float_model), rows["float"]["path"])
+
+    calibration = [x for x, _ in batches(train_x[:1024], train_y[:1024])]
+    sensitivity = qat.sensitivity(float_model, calibration, candidate_bits=(8, 4, 2))
+    sensitivity.plot(os.path.join(args.out, "sensitivity.png"))
+    print(sensitivity)
+    w4a8 = qat.presets.w4a8()
+    mixed = qat.auto_precision(float_model, calibration, model_size(w4a8, float_model),
+                               candidate_bits=(8, 4, 2), base_config=w4a8,
+                               sensitivity=sensitivity)
+    print("auto_precision, weight bits per layer:", weight_bits(mixed, float_model))
+
+    for name, config in (("qat int8", qat.presets.int8()), ("qat w4a8", w4a8),
+                         ("qat mixed", mixed)):
+        rows[name] = run_qat(name, float_model, config, data, args, args.out)
+    rows["torch int8"] = run_torch_qat(float_model, data, args, args.out)
+
+    for row in rows.values():
+        row["accuracy"] = accuracy(_load_for_lite_interpreter(row["path"]), test_x, test_y)
+        row["bytes"] = os.path.getsize(row["path"])
+    latency = lite_latency_ms({name: row["path"] for name, row in rows.items()}, test_x[:1],
+                              args.latency_iterations, warmup=10)
+    for name, row in rows.items():
+        row["latency_ms"] = latency[name][0]
+
+    plot_accuracy_vs_size(rows, os.path.join(args.out, "accuracy_vs_size.png"))
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    print(f"\nFashion-MNIST test set ({len(test_x)} images), {args.epochs} float + "
+          f"{args.qat_epochs} QAT epochs; accuracy of each .ptl in the lite interpreter, "
+          f"latency at batch 1 (median, qnnpack, {torch.get_num_threads()} threads):\n")
+    print_table(rows)
+    print("\ntargets:")
+    print_targets(rows)
+    print(f"\nfiles and plots in {args.out}; {time.perf_counter() - started:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()
