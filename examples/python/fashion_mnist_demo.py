@@ -21,6 +21,7 @@ import json
 import os
 import time
 import warnings
+import zipfile
 
 # Set before torch loads libgomp (see benchmarks/bench_export.py): spinning OpenMP threads
 # would take the cores from the lite interpreter's thread pool in the latency figures.
@@ -141,6 +142,15 @@ def run_torch_qat(float_model, data, args, out_dir):
             "sqnr_db": sqnr.item()}
 
 
+def tensor_bytes(path: str) -> int:
+    """The bytes of the tensors a TorchScript archive holds (its data/ entries): the model's
+    size without the code, the metadata and the zip's headers, whose lengths depend on
+    names (the archive's folder is the file's name)."""
+    with zipfile.ZipFile(path) as archive:
+        return sum(info.file_size for info in archive.infolist()
+                   if "/data/" in info.filename or "/constants/" in info.filename)
+
+
 def plot_accuracy_vs_size(rows, path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -161,8 +171,8 @@ def plot_accuracy_vs_size(rows, path) -> None:
 
 
 def print_table(rows) -> None:
-    header = (f"{'model':<12} {'accuracy':>9} {'simulated':>9} {'size kB':>8} {'x float':>7} "
-              f"{'latency ms':>10} {'agreement':>9} {'SQNR dB':>8}")
+    header = (f"{'model':<12} {'accuracy':>9} {'simulated':>9} {'file kB':>8} {'x float':>7} "
+              f"{'tensors kB':>10} {'latency ms':>10} {'agreement':>9} {'SQNR dB':>8}")
     print(header)
     print("-" * len(header))
     float_bytes = rows["float"]["bytes"]
@@ -173,7 +183,7 @@ def print_table(rows) -> None:
         print(f"{name:<12} {100 * row['accuracy']:>8.2f}% "
               f"{'' if simulated is None else f'{100 * simulated:.2f}%':>9} "
               f"{row['bytes'] / 1e3:>8.1f} {row['bytes'] / float_bytes:>7.3f} "
-              f"{row['latency_ms']:>10.3f} "
+              f"{row['tensor_bytes'] / 1e3:>10.1f} {row['latency_ms']:>10.3f} "
               f"{'' if agreement is None else f'{100 * agreement:.2f}%':>9} "
               f"{'' if sqnr is None else f'{sqnr:.1f}':>8}")
 
@@ -185,9 +195,9 @@ def print_targets(rows) -> None:
         ("qat int8 within 0.3 points of float",
          rows["qat int8"]["accuracy"] >= base - 0.003),
         ("qat w4a8 within 1 point of float", rows["qat w4a8"]["accuracy"] >= base - 0.01),
-        ("qat mixed at least as accurate as w4a8, no larger",
+        ("qat mixed at least as accurate as w4a8, its tensors no larger",
          rows["qat mixed"]["accuracy"] >= rows["qat w4a8"]["accuracy"]
-         and rows["qat mixed"]["bytes"] <= rows["qat w4a8"]["bytes"]),
+         and rows["qat mixed"]["tensor_bytes"] <= rows["qat w4a8"]["tensor_bytes"]),
         ("every integer model's top-1 agreement >= 99%",
          all(row["top1_agreement"] >= 0.99 for name, row in rows.items() if name != "float")),
         ("qat int8 at least as accurate as torch int8",
@@ -258,6 +268,7 @@ def main(argv=None) -> None:
     for row in rows.values():
         row["accuracy"] = accuracy(_load_for_lite_interpreter(row["path"]), test_x, test_y)
         row["bytes"] = os.path.getsize(row["path"])
+        row["tensor_bytes"] = tensor_bytes(row["path"])
     latency = lite_latency_ms({name: row["path"] for name, row in rows.items()}, test_x[:1],
                               args.latency_iterations, warmup=10)
     for name, row in rows.items():
