@@ -157,10 +157,13 @@ def plot_accuracy_vs_size(rows, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    points = {}  # models landing on the same point share one label
     for name, row in rows.items():
-        ax.scatter(row["bytes"] / 1e3, 100 * row["accuracy"], s=40)
-        ax.annotate(name, (row["bytes"] / 1e3, 100 * row["accuracy"]),
-                    textcoords="offset points", xytext=(5, 3), fontsize=8)
+        points.setdefault((round(row["bytes"] / 1e3), 100 * row["accuracy"]), []).append(name)
+    for (kb, acc), names in points.items():
+        ax.scatter(kb, acc, s=40)
+        ax.annotate(" = ".join(names), (kb, acc), textcoords="offset points", xytext=(5, 3),
+                    fontsize=8)
     ax.set_xlabel(".ptl file size (kB)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Fashion-MNIST: accuracy against model size")
