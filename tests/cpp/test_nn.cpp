@@ -14,18 +14,11 @@
 #include <stdexcept>
 #include <string>
 
+#include "helpers.h"
+
 namespace {
 
-// Runs `fn` and returns the message of the std::invalid_argument it throws ("" if none).
-template <typename Fn>
-std::string invalid_argument_message(Fn fn) {
-  try {
-    fn();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  }
-  return "";
-}
+using qat_test::invalid_argument_message;
 
 // (clamp(round(x / s) + z, qmin, qmax) - z) * s per element, channel by channel along
 // `axis` (or per tensor), in float32. x / s is taken as x * (1 / s) in float, as the

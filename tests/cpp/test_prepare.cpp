@@ -14,17 +14,11 @@
 #include <string>
 #include <vector>
 
+#include "helpers.h"
+
 namespace {
 
-template <typename Fn>
-std::string invalid_argument_message(Fn fn) {
-  try {
-    fn();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  }
-  return "";
-}
+using qat_test::invalid_argument_message;
 
 std::vector<std::string> child_names(const torch::nn::Module& module) {
   std::vector<std::string> names;
