@@ -294,8 +294,9 @@ void FakeQuantizeImpl::update_qparams() {
 
 void FakeQuantizeImpl::clamp_learned_scale() {
   if (learns_scale_) {
-    torch::NoGradGuard no_grad;
-    scale.clamp_min_(kMinScale);
+    // Through .data(), so that the version counter stays: the scale an earlier forward
+    // saved (two forwards, one backward) must not look modified in place.
+    scale.data().clamp_min_(kMinScale);
   }
 }
 

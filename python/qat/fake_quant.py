@@ -161,9 +161,10 @@ class FakeQuantize(_QuantState):
             return x
         if self.learns_scale:
             # As torch.ao's learnable fake quantize: an optimizer step may push the scale
-            # to or below zero, where the operator rightly refuses it.
-            with torch.no_grad():
-                self.scale.clamp_(min=self.min_scale)
+            # to or below zero, where the operator rightly refuses it. Through .data, so
+            # that the version counter stays: an earlier forward's saved scale (two
+            # forwards, one backward) must not look modified.
+            self.scale.data.clamp_(min=self.min_scale)
         if axis is not None and self.scale.numel() == 0:
             raise RuntimeError(
                 "qat.FakeQuantize: the per-channel scale is not known yet: the observer was "
@@ -198,8 +199,7 @@ class FakeQuantize(_QuantState):
             f = factor.reshape(shape)
             return self(weight * f) / f
         if self.learns_scale and quantize:
-            with torch.no_grad():
-                self.scale.clamp_(min=self.min_scale)
+            self.scale.data.clamp_(min=self.min_scale)  # .data: see forward
         return torch.ops.qat.fake_quantize_folded(
             weight, factor, self.observer.min_val, self.observer.max_val, self.scale,
             self.zero_point, self.quant_min, self.quant_max, self.averaging_constant,

@@ -243,6 +243,12 @@ CATCH_TEST_CASE(
   y.pow(2).sum().backward();
   CATCH_REQUIRE(fq->scale.grad().defined());
   CATCH_CHECK(fq->scale.grad().abs().sum().item<double>() > 0);
+  // Two forwards, one backward (gradient accumulation): the clamp each forward applies to
+  // the learned scale must not invalidate what the first forward saved.
+  fq->scale.mutable_grad() = torch::Tensor();
+  const auto twice = fq(x.detach()).sum() + fq(2 * x.detach()).sum();
+  twice.backward();
+  CATCH_CHECK(fq->scale.grad().defined());
 }
 
 CATCH_TEST_CASE("histogram observers are refused in C++ with the way out", "[nn][fake_quantize]") {

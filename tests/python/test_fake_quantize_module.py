@@ -432,3 +432,14 @@ def test_fake_quantize_folded_learned_scale_gets_the_unfolded_gradient():
         grads.append((out.detach(), fq.scale.grad.clone()))
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_learned_scale_survives_two_forwards_before_one_backward():
+    """The clamp that keeps a learned scale positive runs every forward; it must not make
+    the scale an earlier forward saved look modified in place."""
+    torch.manual_seed(0)
+    fq = FakeQuantize(QuantSpec(bits=4, estimator="lsq"))
+    x = torch.randn(64)
+    fq(x)  # the first batch sets the scale from the observer
+    (fq(x).sum() + fq(2 * x).sum()).backward()
+    assert fq.scale.grad is not None and torch.isfinite(fq.scale.grad).all()
