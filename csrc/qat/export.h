@@ -49,8 +49,9 @@ struct ExportOptions {
 /// @param options the backend (`mobile` is not used here).
 /// @throws std::invalid_argument when the model was never calibrated or trained (its
 ///         qparams are still the initial ones), holds a module that has no conversion (named
-///         with its path and type), has weights or activations outside 8 bits, or the
-///         backend is not an engine of this LibTorch.
+///         with its path and type), has weights outside 8 bits or activations other than
+///         the full 8-bit range ([0, 255] or [-128, 127]), or the backend is not an engine
+///         of this LibTorch.
 /// @throws std::runtime_error when the integer model fails on `example_input`.
 torch::jit::Module convert(
     torch::nn::Module& prepared, const torch::Tensor& example_input,

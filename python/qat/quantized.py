@@ -29,15 +29,18 @@ __all__ = [
 
 
 def activation_dtype(quant_min: int, quant_max: int) -> torch.dtype:
-    """The quantized dtype holding an activation range: quint8 for [0, 255] (and ranges
-    within it), qint8 for signed ranges within [-128, 127]."""
-    if 0 <= quant_min and quant_max <= 255:
+    """The quantized dtype of an activation range: quint8 for [0, 255], qint8 for
+    [-128, 127]. Narrower ranges (4-bit activations, narrow range) are refused: the
+    kernels saturate at the dtype's limits, so the integer model would not clip where the
+    simulation did."""
+    if (quant_min, quant_max) == (0, 255):
         return torch.quint8
-    if -128 <= quant_min and quant_max <= 127:
+    if (quant_min, quant_max) == (-128, 127):
         return torch.qint8
     raise ValueError(
-        f"qat.convert: activations quantized to [{quant_min}, {quant_max}] have no 8-bit "
-        f"quantized dtype; the integer kernels take [0, 255] or [-128, 127]")
+        f"qat.convert: activations quantized to [{quant_min}, {quant_max}] have no integer "
+        f"kernel: the kernels hold activations in [0, 255] or [-128, 127] and saturate "
+        f"only there; train with 8-bit activations (e.g. qat.presets.w4a8()) to convert")
 
 
 class Quantize(nn.Module):

@@ -181,6 +181,15 @@ CATCH_TEST_CASE("convert and export_model refuse bad input with one-line errors"
     CATCH_CHECK(message.find('\n') == std::string::npos);
   }
 
+  CATCH_SECTION("activations narrower than the kernels' 8-bit range") {
+    auto net = cnn();
+    qat::prepare(*net, qat::presets::w4a4());
+    qat::calibrate(net, std::vector<torch::Tensor>{x});
+    const auto message = message_of<std::invalid_argument>([&] { qat::convert(*net, x); });
+    CATCH_CHECK(message.find("to [0, 15], which have no integer kernel") != std::string::npos);
+    CATCH_CHECK(message.find('\n') == std::string::npos);
+  }
+
   CATCH_SECTION("an unwritable path, before any work") {
     // Uncalibrated too: the path is what is refused, so it is checked first.
     auto net = cnn();

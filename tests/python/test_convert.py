@@ -359,3 +359,14 @@ def test_torchvision_integer_model_follows_the_simulation(factory, size, optimiz
     print(f"\n{factory.__name__}: {parity}")
     assert parity["sqnr_db"] >= floor_db, parity
     assert parity["top1_agreement"] >= 0.95, parity
+
+
+def test_convert_refuses_activations_narrower_than_the_kernels_saturate():
+    """4-bit activations clip at 15 steps in the simulation; the integer kernels would only
+    saturate at 255, so the model would not compute what it was trained as."""
+    torch.manual_seed(0)
+    qmodel = qat.prepare(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), qat.presets.w4a4())
+    qat.calibrate(qmodel, [torch.randn(2, 1, 6, 6)], progress=False)
+    with pytest.raises(ValueError, match=r"activations quantized to \[0, 15\] have no integer "
+                                         r"kernel.*8-bit activations"):
+        qat.convert(qmodel)
