@@ -309,26 +309,26 @@ def _settle_batch_norm(model, images, transform):
             model(transform(images[i * 64:(i + 1) * 64]))
 
 
-# (model, input size, float optimizer, SQNR floor). squeezenet1_1 needs 64x64 inputs (at
-# 32x32 its last ReLU dies and every output is 0) and, with mobilenet_v3_small and
-# efficientnet_b0, Adam to learn in 100 steps. efficientnet_b0 stays under issue 5's
-# 30 dB (27.2 dB measured): each of its integer convs matches the simulation on the
-# simulation's own inputs (>99.99% of outputs exact), but its 16 squeeze-excitation blocks
-# amplify the rare one-step flips left (float32 vs int32 accumulation); its floor guards
-# against regressions.
+# (model, input size, float optimizer, float steps, QAT steps). squeezenet1_1 needs 64x64
+# inputs (at 32x32 its last ReLU dies and every output is 0) and, with mobilenet_v3_small
+# and efficientnet_b0, Adam to learn in 100 steps. efficientnet_b0 needs longer training:
+# after 100 + 50 steps its 16 squeeze-excitation blocks amplify the rare one-step flips
+# left between float32 and int32 accumulation (each integer conv is >99.99% exact on the
+# simulation's own inputs) to 27.2 dB; after 300 + 100 steps, 30.6 dB.
 _TORCHVISION_PARITY = [
-    (torchvision.models.resnet18, 32, "sgd", 30),
-    (torchvision.models.mobilenet_v2, 32, "sgd", 30),
-    (torchvision.models.shufflenet_v2_x0_5, 32, "sgd", 30),
-    (torchvision.models.mobilenet_v3_small, 64, "adam", 30),
-    (torchvision.models.squeezenet1_1, 64, "adam", 30),
-    (torchvision.models.efficientnet_b0, 64, "adam", 25),
+    (torchvision.models.resnet18, 32, "sgd", 100, 50),
+    (torchvision.models.mobilenet_v2, 32, "sgd", 100, 50),
+    (torchvision.models.shufflenet_v2_x0_5, 32, "sgd", 100, 50),
+    (torchvision.models.mobilenet_v3_small, 64, "adam", 100, 50),
+    (torchvision.models.squeezenet1_1, 64, "adam", 100, 50),
+    (torchvision.models.efficientnet_b0, 64, "adam", 300, 100),
 ]
 
 
-@pytest.mark.parametrize("factory,size,optimizer,floor_db", _TORCHVISION_PARITY,
+@pytest.mark.parametrize("factory,size,optimizer,float_steps,qat_steps", _TORCHVISION_PARITY,
                          ids=[entry[0].__name__ for entry in _TORCHVISION_PARITY])
-def test_torchvision_integer_model_follows_the_simulation(factory, size, optimizer, floor_db):
+def test_torchvision_integer_model_follows_the_simulation(factory, size, optimizer,
+                                                          float_steps, qat_steps):
     """Trained briefly on Fashion-MNIST (an untrained network is chaotic: one step of
     noise on 0.1% of its inputs moves its own simulation's output to 10-23 dB), batch-norm
     statistics settled, calibrated, QAT fine-tuned: the integer model's SQNR against the
@@ -343,13 +343,13 @@ def test_torchvision_integer_model_follows_the_simulation(factory, size, optimiz
 
     model = factory(weights=None, num_classes=10)
     lr = 0.02 if optimizer == "sgd" else 1e-3
-    _train(model, images, labels, 100, lr, gen, batch=32, transform=transform,
+    _train(model, images, labels, float_steps, lr, gen, batch=32, transform=transform,
            optimizer=optimizer)
     _settle_batch_norm(model, images, transform)
     qmodel = qat.prepare(model)
     qat.calibrate(qmodel, [transform(images[i * 64:(i + 1) * 64]) for i in range(8, 12)],
                   progress=False)
-    _train(qmodel, images, labels, 50, lr / 4, gen, batch=32, transform=transform,
+    _train(qmodel, images, labels, qat_steps, lr / 4, gen, batch=32, transform=transform,
            optimizer=optimizer)
     qat.disable_observer(qmodel)
     _settle_batch_norm(qmodel, images, transform)
@@ -357,7 +357,7 @@ def test_torchvision_integer_model_follows_the_simulation(factory, size, optimiz
     parity = qat.compare(qmodel, int_model,
                          [transform(test_images[i:i + 250]) for i in range(0, 500, 250)])
     print(f"\n{factory.__name__}: {parity}")
-    assert parity["sqnr_db"] >= floor_db, parity
+    assert parity["sqnr_db"] >= 30, parity
     assert parity["top1_agreement"] >= 0.95, parity
 
 
