@@ -145,3 +145,20 @@ def test_four_bit_weights_make_a_smaller_file_that_runs_alike(tmp_path):
     weight_bytes = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
     # Half the weight bytes saved, give or take the per-file overhead.
     assert sizes["int8"] - sizes["w4a8"] >= 0.45 * weight_bytes, sizes
+
+
+def test_export_with_float_layers_checks_the_file_against_what_it_saved(tmp_path):
+    """A layer left in float runs on XNNPACK after optimize_for_mobile, in another order of
+    float arithmetic than in memory: the file must equal the module it was saved from, and
+    be close to (not bit-equal with) the in-memory model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 32),
+                          nn.Linear(32, 10))
+    qmodel = qat.prepare(model, qat.Config(skip=["4"]))
+    qat.calibrate(qmodel, [torch.rand(8, 1, 8, 8) for _ in range(2)], progress=False)
+    x = torch.rand(4, 1, 8, 8)
+    path = tmp_path / "float_head.ptl"
+    int_model = qat.export(qmodel, path, x)
+    loaded = torch.jit.mobile._load_for_lite_interpreter(str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), int_model(x), rtol=1e-4, atol=1e-5)
