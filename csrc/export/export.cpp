@@ -164,17 +164,16 @@ void check_outputs(
     const char* what, c10::optional<double> min_sqnr_db) {
   if (!got.sizes().equals(expected.sizes())) {
     throw std::runtime_error(fmt::format(
-        "qat::export_model: the file written to '{}' gives outputs of another shape than {}",
-        path, what));
+        "qat::export_model: the file written to '{}' gives outputs of another shape than {}", path,
+        what));
   }
   if (torch::equal(got, expected)) {
     return;
   }
   const auto difference = (got - expected).to(torch::kDouble);
-  const double sqnr =
-      10 * std::log10(
-               expected.to(torch::kDouble).pow(2).sum().item<double>() /
-               difference.pow(2).sum().item<double>());
+  const double sqnr = 10 * std::log10(
+                               expected.to(torch::kDouble).pow(2).sum().item<double>() /
+                               difference.pow(2).sum().item<double>());
   if (!min_sqnr_db.has_value() || !(sqnr >= *min_sqnr_db)) {
     throw std::runtime_error(fmt::format(
         "qat::export_model: the file written to '{}' computes other outputs than {} (max "
