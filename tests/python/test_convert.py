@@ -314,14 +314,14 @@ def _settle_batch_norm(model, images, transform):
 # and efficientnet_b0, Adam to learn in 100 steps. efficientnet_b0 needs longer training:
 # after 100 + 50 steps its 16 squeeze-excitation blocks amplify the rare one-step flips
 # left between float32 and int32 accumulation (each integer conv is >99.99% exact on the
-# simulation's own inputs) to 27.2 dB; after 300 + 100 steps, 30.6 dB.
+# simulation's own inputs) to 27.2 dB; after 300 + 100 steps, 30.6 dB; 500 + 150, 31.5 dB.
 _TORCHVISION_PARITY = [
     (torchvision.models.resnet18, 32, "sgd", 100, 50),
     (torchvision.models.mobilenet_v2, 32, "sgd", 100, 50),
     (torchvision.models.shufflenet_v2_x0_5, 32, "sgd", 100, 50),
     (torchvision.models.mobilenet_v3_small, 64, "adam", 100, 50),
     (torchvision.models.squeezenet1_1, 64, "adam", 100, 50),
-    (torchvision.models.efficientnet_b0, 64, "adam", 300, 100),
+    (torchvision.models.efficientnet_b0, 64, "adam", 500, 150),
 ]
 
 
