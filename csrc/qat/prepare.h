@@ -156,9 +156,10 @@ bool unregister_module() {
 ///
 /// @param root the float model (e.g. `*net` for a holder `net`).
 /// @param config the quantization config; exact layer names it gives must exist.
-/// @throws std::invalid_argument when `root` holds a qat::FakeQuantize already (prepare the
-///         float model), a name in the config matches no module, or a layer cannot be
-///         swapped.
+/// @throws std::invalid_argument when `root` holds a QAT layer already (qat::Linear,
+///         qat::Conv2d, qat::ConvBn2d: prepare the float model; FakeQuantize members of
+///         custom modules are fine), a name in the config matches no module, or a layer
+///         cannot be swapped.
 void prepare(torch::nn::Module& root, const Config& config = Config());
 
 /// Runs `run` (which feeds calibration batches through the model) with every
