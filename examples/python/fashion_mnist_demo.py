@@ -198,9 +198,9 @@ def print_targets(rows) -> None:
         ("qat int8 within 0.3 points of float",
          rows["qat int8"]["accuracy"] >= base - 0.003),
         ("qat w4a8 within 1 point of float", rows["qat w4a8"]["accuracy"] >= base - 0.01),
-        ("qat mixed at least as accurate as w4a8, its tensors no larger",
-         rows["qat mixed"]["accuracy"] >= rows["qat w4a8"]["accuracy"]
-         and rows["qat mixed"]["tensor_bytes"] <= rows["qat w4a8"]["tensor_bytes"]),
+        ("qat auto (mixed precision) at least as accurate as w4a8, its tensors no larger",
+         rows["qat auto"]["accuracy"] >= rows["qat w4a8"]["accuracy"]
+         and rows["qat auto"]["tensor_bytes"] <= rows["qat w4a8"]["tensor_bytes"]),
         ("every integer model's top-1 agreement >= 99%",
          all(row["top1_agreement"] >= 0.99 for name, row in rows.items() if name != "float")),
         ("qat int8 at least as accurate as torch int8",
@@ -264,7 +264,7 @@ def main(argv=None) -> None:
     print("auto_precision, weight bits per layer:", weight_bits(mixed, float_model))
 
     for name, config in (("qat int8", qat.presets.int8()), ("qat w4a8", w4a8),
-                         ("qat mixed", mixed)):
+                         ("qat auto", mixed)):
         rows[name] = run_qat(name, float_model, config, data, args, args.out)
     rows["torch int8"] = run_torch_qat(float_model, data, args, args.out)
 

@@ -69,12 +69,12 @@ def test_fashion_mnist_demo(tmp_path):
                "--epochs", "1", "--qat-epochs", "1", "--latency-iterations", "5",
                "--out", str(tmp_path))
     rows = json.loads((tmp_path / "results.json").read_text())
-    assert list(rows) == ["float", "qat int8", "qat w4a8", "qat mixed", "torch int8"]
+    assert list(rows) == ["float", "qat int8", "qat w4a8", "qat auto", "torch int8"]
     for name, row in rows.items():
         assert os.path.getsize(row["path"]) == row["bytes"]
         assert row["accuracy"] > 0.5 and row["latency_ms"] > 0, name  # chance: 0.1
         assert f"{100 * row['accuracy']:.2f}%" in out
-    for name in ("qat int8", "qat w4a8", "qat mixed"):
+    for name in ("qat int8", "qat w4a8", "qat auto"):
         # Ours: the integer file computes what the simulation does.
         assert rows[name]["top1_agreement"] >= 0.99, name
         assert abs(rows[name]["accuracy"] - rows[name]["simulation_accuracy"]) <= 0.01, name
