@@ -11,42 +11,11 @@ depend on the machine and its load.
 """
 
 import argparse
-import ctypes
-import ctypes.util
-import statistics
-import time
 
 import torch
 
 import qat
-
-
-def median_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
-    """Median milliseconds of each callable, timed round-robin so that a change in the
-    machine's load touches every measurement alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def keep_freed_memory() -> bool:
-    """Stop glibc from handing 16 MiB blocks back to the OS after every free.
-
-    By default each new output of that size may be fresh memory, and its page faults
-    then cost more than the arithmetic; which op pays depends on what ran before it.
-    Keeping freed memory in the heap (as jemalloc or tcmalloc would) applies to every
-    measurement alike, copy and ATen included."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(
-        libc.mallopt(m_trim_threshold, 2**30))
+from _timing import keep_freed_memory, round_robin_ms
 
 
 def main() -> None:
@@ -54,11 +23,15 @@ def main() -> None:
     parser.add_argument("--elements", type=int, default=4 * 1024 * 1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=41)
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's default trimming on (see keep_freed_memory)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="tell glibc to keep freed memory (a tuning trick, see "
+                             "keep_freed_memory; off by default: users' processes have the "
+                             "default allocator)")
     args = parser.parse_args()
-    malloc = "glibc defaults" if args.system_malloc else (
-        "glibc keeping freed memory" if keep_freed_memory() else "glibc defaults (mallopt failed)")
+    malloc = "default allocator"
+    if args.keep_freed_memory:
+        malloc = ("glibc keeping freed memory (--keep-freed-memory)" if keep_freed_memory()
+                  else "default allocator (mallopt failed)")
     if args.elements < 64 * 64 or args.elements % 64:
         parser.error("--elements must be a multiple of 64, at least 4096")
 
@@ -161,7 +134,7 @@ def main() -> None:
         timed[(granularity, "fused_ours")] = fused_ours
         timed[(granularity, "fused_aten")] = fused_aten
 
-    ms = median_ms(timed, args.repeats)
+    ms = {name: median for name, (median, _) in round_robin_ms(timed, args.repeats).items()}
     copy_ms = ms["copy"]
 
     print(f"qat {qat.__version__}, torch {torch.__version__}, {x.numel()} float32 elements "

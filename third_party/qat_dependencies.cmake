@@ -38,8 +38,55 @@ if(_qat_pybind11_rc EQUAL 0 AND _qat_pybind11_dir)
   list(APPEND CMAKE_PREFIX_PATH "${_qat_pybind11_dir}")
 endif()
 
+# A CUDA LibTorch picks the GPU architectures of the kernels from TORCH_CUDA_ARCH_LIST
+# (it ignores CMAKE_CUDA_ARCHITECTURES); unset, it compiles for this machine's GPUs, or
+# without one for about ten architectures. On a machine without a GPU (a build machine,
+# CI) qat asks for sm_80 code plus its PTX, which newer GPUs compile when they load it.
+if(NOT DEFINED TORCH_CUDA_ARCH_LIST AND NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
+  execute_process(COMMAND nvidia-smi -L RESULT_VARIABLE _qat_no_gpu OUTPUT_QUIET ERROR_QUIET)
+  if(NOT _qat_no_gpu EQUAL 0)
+    set(TORCH_CUDA_ARCH_LIST "8.0+PTX")
+  endif()
+endif()
+# TorchConfig looks for c10 in the system's library folders before torch's own: with a pip
+# torch on a machine that also has Debian's LibTorch, it would link Debian's libc10.
+if(_qat_torch_prefix AND EXISTS "${_qat_torch_prefix}/../../lib")
+  find_library(c10_LIBRARY c10 PATHS "${_qat_torch_prefix}/../../lib" NO_DEFAULT_PATH)
+endif()
 qat_require_package(Torch "libtorch-dev python3-torch")
-qat_require_package(fmt "libfmt-dev")
+
+# A pip torch built with CUDA keeps the CUDA libraries in nvidia/*/lib wheels beside it,
+# which libtorch_cuda names without a path: `import torch` preloads them, but a C++ program
+# must find them itself, and before a local CUDA toolkit's (whose older NCCL lacks symbols
+# that libtorch_cuda uses). CMakeLists.txt puts these folders first in the run paths.
+set(QAT_TORCH_CUDA_RUNTIME_DIRS "")
+if(_qat_torch_prefix)
+  get_filename_component(_qat_site_packages "${_qat_torch_prefix}/../../.." ABSOLUTE)
+  file(GLOB QAT_TORCH_CUDA_RUNTIME_DIRS LIST_DIRECTORIES true "${_qat_site_packages}/nvidia/*/lib")
+endif()
+# fmt, header-only, as the interface target qat_fmt. PyTorch's pip wheels ship fmt's
+# headers in torch/include, which comes before the system's include folder on every
+# compile line: a system fmt of another version could not be used beside them (its
+# headers would be shadowed, its compiled library mismatched). So torch's bundled fmt is
+# used where the torch found has one, the system's (libfmt-dev) otherwise. Debian's
+# LibTorch lives in the system's include folder itself: its fmt is the system's.
+add_library(qat_fmt INTERFACE)
+set(QAT_TORCH_FMT_INCLUDE_DIR "")
+foreach(dir ${TORCH_INCLUDE_DIRS})
+  if(EXISTS "${dir}/fmt/format.h" AND NOT dir IN_LIST CMAKE_CXX_IMPLICIT_INCLUDE_DIRECTORIES)
+    set(QAT_TORCH_FMT_INCLUDE_DIR "${dir}")
+    break()
+  endif()
+endforeach()
+if(QAT_TORCH_FMT_INCLUDE_DIR)
+  target_include_directories(qat_fmt SYSTEM INTERFACE "${QAT_TORCH_FMT_INCLUDE_DIR}")
+  target_compile_definitions(qat_fmt INTERFACE FMT_HEADER_ONLY=1)
+  message(STATUS "qat: fmt from torch's headers (${QAT_TORCH_FMT_INCLUDE_DIR})")
+else()
+  qat_require_package(fmt "libfmt-dev")
+  target_link_libraries(qat_fmt INTERFACE fmt::fmt-header-only)
+  message(STATUS "qat: fmt ${fmt_VERSION} from the system")
+endif()
 # at::parallel_for is an inline `#pragma omp parallel` when ATen's backend is OpenMP (as
 # in Debian's and the pip builds): without -fopenmp our kernels would run on one thread.
 find_package(OpenMP REQUIRED COMPONENTS CXX)

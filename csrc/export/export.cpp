@@ -6,10 +6,16 @@
 
 #include <qat/fake_quantize.h>
 
+#include <ATen/Context.h>
+#include <torch/csrc/jit/serialization/import.h>
+// The lite interpreter is deprecated (PyTorch 2.10+); a LibTorch without it can still write
+// full TorchScript.
+#if __has_include(<torch/csrc/jit/mobile/import.h>)
+#define QAT_HAVE_LITE_INTERPRETER 1
 #include <torch/csrc/jit/mobile/import.h>
 #include <torch/csrc/jit/mobile/module.h>
 #include <torch/csrc/jit/passes/xnnpack_rewrite.h>
-#include <torch/csrc/jit/serialization/import.h>
+#endif
 #include <torch/utils.h>
 #include <torch/version.h>
 
@@ -182,12 +188,35 @@ void check_outputs(
   }
 }
 
+#ifdef QAT_HAVE_LITE_INTERPRETER
+// optimizeForMobile's rewrites need XNNPACK, which official PyTorch builds have left out
+// since 2.13 (it asserts there). The frozen module runs in the lite interpreter as it is:
+// the rewrites would only speed up float ops, so the file is written without them.
+torch::jit::Module optimize_for_mobile(const torch::jit::Module& frozen) {
+  if (at::Context::isXNNPACKAvailable()) {
+    return torch::jit::optimizeForMobile(frozen);
+  }
+  TORCH_WARN_ONCE(
+      "qat::export_model: this LibTorch has no XNNPACK, so the .ptl file is written without "
+      "optimize_for_mobile's rewrites (it runs as it is; they only speed up float ops)");
+  return frozen;
+}
+#endif
+
 }  // namespace
 
 void export_model(
     torch::nn::Module& prepared, const torch::Tensor& example_input, const std::string& path,
     const ExportOptions& options) {
   check_writable(path);
+#ifndef QAT_HAVE_LITE_INTERPRETER
+  if (options.mobile) {
+    throw std::invalid_argument(fmt::format(
+        "qat::export_model: this LibTorch ({}) has no lite interpreter, so no .ptl file can be "
+        "written; set ExportOptions::mobile = false for a full TorchScript .pt",
+        TORCH_VERSION));
+  }
+#endif
   auto model = detail::build_integer_model(prepared, options.backend);
   torch::NoGradGuard no_grad;
   // The quantized kernels run on the CPU, whatever device the model trained on.
@@ -197,13 +226,20 @@ void export_model(
   const torch::jit::ExtraFilesMap extra{{kMetadataFile, metadata(model.layers, options.backend)}};
   // The module saved is the frozen (and, for mobile, optimized) one, whose float ops may
   // run in another order of arithmetic (XNNPACK, folded float conv + batch norm).
-  auto saved = options.mobile ? torch::jit::optimizeForMobile(frozen) : frozen;
+#ifdef QAT_HAVE_LITE_INTERPRETER
+  auto saved = options.mobile ? optimize_for_mobile(frozen) : frozen;
+#else
+  auto saved = frozen;
+#endif
   const auto written = as_float(saved.forward({input}), path);
   c10::IValue got;
+#ifdef QAT_HAVE_LITE_INTERPRETER
   if (options.mobile) {
     saved._save_for_mobile(path, extra);
     got = torch::jit::_load_for_mobile(path).forward({input});
-  } else {
+  }
+#endif
+  if (!options.mobile) {
     saved.save(path, extra);
     got = torch::jit::load(path).forward({input});
   }

@@ -88,7 +88,7 @@ std::string format_values(const torch::Tensor& t) {
   }
   std::string shown;
   for (int64_t i = 0; i < std::min<int64_t>(values.numel(), 4); ++i) {
-    shown += fmt::format(i == 0 ? "{:.6g}" : ", {:.6g}", data[i]);
+    shown += fmt::format("{}{:.6g}", i == 0 ? "" : ", ", data[i]);
   }
   return values.numel() > 4 ? fmt::format("[{}, ...] ({})", shown, values.numel())
                             : fmt::format("[{}]", shown);

@@ -43,7 +43,7 @@ class PythonEstimator final : public qat::Estimator {
     }
     TORCH_CHECK(
         THPVariable_Check(result.ptr()), "qat: estimator '", name_, "' must return a Tensor, got ",
-        std::string(py::str(result.get_type())));
+        std::string(py::str(py::type::handle_of(result))));
     return result.cast<at::Tensor>();
   }
 

@@ -57,20 +57,24 @@ torch::jit::Module convert(
     torch::nn::Module& prepared, const torch::Tensor& example_input,
     const ExportOptions& options = {});
 
-/// qat::convert, then freeze (and with `options.mobile` torch::jit::optimizeForMobile), then
-/// write to `path`: a lite-interpreter file (`_save_for_mobile`) with `mobile`, else full
-/// TorchScript (`save`). The archive carries `qat/metadata.json` (qat and torch versions,
-/// the engine, the config the layers were prepared with and, per layer, its type, weight
-/// bits, weight scales and output qparams), as Python's qat.export writes it. The file is
-/// then loaded back (torch::jit::_load_for_mobile or torch::jit::load) and must give the
-/// in-memory integer model's output on `example_input`, bit for bit.
+/// qat::convert, then freeze (and with `options.mobile` torch::jit::optimizeForMobile where
+/// this LibTorch has XNNPACK; official builds from 2.13 on have none, and the frozen module is
+/// then saved as it is, with a warning once per process), then write to `path`: a
+/// lite-interpreter file (`_save_for_mobile`) with `mobile`, else full TorchScript (`save`).
+/// The archive carries `qat/metadata.json` (qat and torch versions, the engine, the config
+/// the layers were prepared with and, per layer, its type, weight bits, weight scales and
+/// output qparams), as Python's qat.export writes it. The file is then loaded back
+/// (torch::jit::_load_for_mobile or torch::jit::load) and must give, on `example_input`, bit
+/// for bit the output of the module it was written from, and the in-memory integer model's
+/// output up to what freezing and the mobile passes change in float ops (an SQNR of at
+/// least 40 dB).
 ///
 /// @param prepared the model from qat::prepare, trained or calibrated; it is not modified.
 /// @param example_input an input of the model (a batch of one or more).
 /// @param path the file to write (`.ptl` for mobile, `.pt` otherwise, by convention).
 /// @param options backend and file kind.
-/// @throws std::invalid_argument when `path` cannot be written (before any work), and as
-///         qat::convert.
+/// @throws std::invalid_argument when `path` cannot be written (before any work), when
+///         `mobile` is asked of a LibTorch without the lite interpreter, and as qat::convert.
 /// @throws std::runtime_error when the written file computes another output than the
 ///         in-memory integer model.
 void export_model(

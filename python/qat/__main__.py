@@ -18,6 +18,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ._torch_support import require_lite_interpreter, require_torchscript, \
+    torch_deprecations_once
 from .datasets import DEFAULT_FASHION_MNIST, load_fashion_mnist
 from .export import describe, read_metadata
 
@@ -61,10 +63,18 @@ def _load(path: str) -> Tuple[object, str]:
         torch.backends.quantized.engine = engine
     try:
         if lite:
-            from torch.jit.mobile import _load_for_lite_interpreter
+            require_lite_interpreter(f"{path}")
+        else:
+            require_torchscript(f"{path}")
+    except RuntimeError as error:
+        raise CommandError(str(error)) from None
+    try:
+        with torch_deprecations_once():
+            if lite:
+                from torch.jit.mobile import _load_for_lite_interpreter
 
-            return _load_for_lite_interpreter(path), "lite interpreter"
-        return torch.jit.load(path, map_location="cpu").eval(), "TorchScript"
+                return _load_for_lite_interpreter(path), "lite interpreter"
+            return torch.jit.load(path, map_location="cpu").eval(), "TorchScript"
     except RuntimeError as error:
         raise CommandError(f"{path}: not a TorchScript file ({_cause(error)})") from None
 

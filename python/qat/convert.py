@@ -78,7 +78,7 @@ class ConversionReport:
 def _qparams(fq: FakeQuantize) -> _QParams:
     if fq.per_channel or fq.scale.numel() != 1:
         raise ValueError("qat.convert: activations must be quantized per tensor")
-    return (float(fq.scale), int(round(float(fq.zero_point))),
+    return (float(fq.scale.detach()), int(round(float(fq.zero_point.detach()))),
             quantized.activation_dtype(fq.quant_min, fq.quant_max))
 
 
@@ -510,7 +510,7 @@ def _output_step(qmodel: nn.Module) -> float:
     while isinstance(source, fx.Node):
         module = qmodel.get_submodule(source.target) if source.op == "call_module" else None
         if isinstance(module, FakeQuantize) and module.scale.numel() == 1:
-            return float(module.scale)
+            return float(module.scale.detach())
         if not (_calls_one_of(source, qmodel, _PASS_FUNCTIONS, _PASS_METHODS, _PASS_MODULES)
                 and source.args):
             break

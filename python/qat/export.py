@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from . import quantized
+from ._torch_support import (require_lite_interpreter, require_torchscript,
+                             torch_deprecations_once, warn_once, xnnpack_available)
 from .convert import convert
 from .fake_quant import FakeQuantize
 
@@ -95,6 +97,21 @@ def _script(model: nn.Module, inputs: tuple):
             f"{message}\nTracing said: {error}") from error
 
 
+def optimize_for_mobile(frozen):
+    """``torch.utils.mobile_optimizer.optimize_for_mobile(frozen)`` where this PyTorch has
+    XNNPACK; ``frozen`` as it is, with a warning once per process, where it has none (the
+    official builds from 2.13 on: optimize_for_mobile asserts there). The lite interpreter
+    runs the frozen module either way; the rewrites only speed up float ops."""
+    if xnnpack_available():
+        from torch.utils.mobile_optimizer import optimize_for_mobile as optimize
+
+        return optimize(frozen)
+    warn_once(f"qat: this PyTorch ({torch.__version__}) has no XNNPACK, so .ptl files "
+              f"are written without optimize_for_mobile's rewrites (they run as they are; "
+              f"the rewrites only speed up float ops)", stacklevel=3)
+    return frozen
+
+
 def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
            mobile: bool = True) -> nn.Module:
     """Writes ``model`` as a frozen TorchScript file and returns the converted integer
@@ -103,8 +120,11 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
     A QAT model (holding :class:`qat.FakeQuantize` modules) is converted first with
     :func:`qat.convert`; an integer model is taken as it is. The model is scripted
     (traced with ``example_inputs`` only when scripting fails, with a warning), frozen,
-    and with ``mobile`` optimized with ``optimize_for_mobile`` and saved for the lite
-    interpreter (``.ptl``); without, saved as full TorchScript (``.pt``). The archive
+    and with ``mobile`` optimized with ``optimize_for_mobile`` (where this PyTorch has
+    XNNPACK, which official builds from 2.13 on lack: then the frozen module is saved as it
+    is, with a warning once per process) and saved for the lite interpreter (``.ptl``);
+    without, saved as full TorchScript (``.pt``). PyTorch's deprecation notes on
+    TorchScript and the lite interpreter are passed on once per process, not on every call. The archive
     carries ``qat/metadata.json`` (qat and torch versions, the quantized engine, the
     config of :func:`qat.prepare`, per layer its type, weight bits and scales and output
     qparams, and the shapes and dtypes of ``example_inputs``), which :func:`read_metadata`,
@@ -120,9 +140,19 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
         ValueError: a QAT model that was never calibrated or trained (from
             :func:`qat.convert`).
         RuntimeError: the model can be neither scripted nor traced, or the written file
-            does not reproduce the model's outputs.
+            does not reproduce the model's outputs; this PyTorch has no TorchScript, or
+            (with ``mobile``) no lite interpreter.
     """
     _check_writable(path)
+    if mobile:
+        require_lite_interpreter("qat.export")
+    else:
+        require_torchscript("qat.export")
+    with torch_deprecations_once():
+        return _export(model, os.fspath(path), example_inputs, mobile)
+
+
+def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Module:
     inputs = _as_tuple(example_inputs)
     int_model = convert(model) if any(isinstance(m, FakeQuantize) for m in model.modules()) \
         else model
@@ -138,10 +168,8 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
     frozen = torch.jit.freeze(scripted.eval())
     # Compact: the archive stores its entries uncompressed, and this one grows per layer.
     extra = {METADATA_FILE: json.dumps(_metadata(int_model, inputs), separators=(",", ":"))}
-    path = os.fspath(path)
     if mobile:
         from torch.jit.mobile import _load_for_lite_interpreter
-        from torch.utils.mobile_optimizer import optimize_for_mobile
 
         saved = optimize_for_mobile(frozen)
         saved._save_for_lite_interpreter(path, _extra_files=extra)

@@ -8,21 +8,28 @@ from typing import Dict, Tuple
 
 import torch
 from torch import nn
-from torch.jit.mobile import _load_for_lite_interpreter
-from torch.utils.mobile_optimizer import optimize_for_mobile
+
+from ._torch_support import require_lite_interpreter, torch_deprecations_once
+from .export import optimize_for_mobile
 
 __all__ = ["lite_latency_ms", "save_for_lite_interpreter"]
 
 
 def save_for_lite_interpreter(model: nn.Module, path: str) -> None:
-    """Scripts, freezes, optimizes for mobile and saves ``model`` for the lite interpreter
-    (what :func:`qat.export` does for qat's own models, for any model: a float baseline,
-    PyTorch's ``convert_fx`` output)."""
-    with warnings.catch_warnings():
-        # torch.fx's GraphModule annotates an attribute in a way torch.jit warns about.
-        warnings.filterwarnings("ignore", message="The TorchScript type system")
-        scripted = torch.jit.script(model.eval())
-    optimize_for_mobile(torch.jit.freeze(scripted))._save_for_lite_interpreter(path)
+    """Scripts, freezes, optimizes for mobile (where this PyTorch has XNNPACK) and saves
+    ``model`` for the lite interpreter (what :func:`qat.export` does for qat's own models,
+    for any model: a float baseline, PyTorch's ``convert_fx`` output).
+
+    Raises:
+        RuntimeError: this PyTorch has no lite interpreter.
+    """
+    require_lite_interpreter("qat.mobile.save_for_lite_interpreter")
+    with torch_deprecations_once():
+        with warnings.catch_warnings():
+            # torch.fx's GraphModule annotates an attribute in a way torch.jit warns about.
+            warnings.filterwarnings("ignore", message="The TorchScript type system")
+            scripted = torch.jit.script(model.eval())
+        optimize_for_mobile(torch.jit.freeze(scripted))._save_for_lite_interpreter(path)
 
 
 def lite_latency_ms(paths: Dict[str, str], x: torch.Tensor, iterations: int,
@@ -30,7 +37,11 @@ def lite_latency_ms(paths: Dict[str, str], x: torch.Tensor, iterations: int,
     """``(median, min)`` milliseconds per call of each lite-interpreter file on ``x``, timed
     round-robin (one call of each file, repeat), so that a change in the machine's load
     touches every file alike."""
-    modules = {name: _load_for_lite_interpreter(path) for name, path in paths.items()}
+    require_lite_interpreter("qat.mobile.lite_latency_ms")
+    from torch.jit.mobile import _load_for_lite_interpreter
+
+    with torch_deprecations_once():
+        modules = {name: _load_for_lite_interpreter(path) for name, path in paths.items()}
     times = {name: [] for name in modules}
     with torch.no_grad():
         for _ in range(warmup):

@@ -22,12 +22,7 @@ from torch import nn
 
 from .config import Config, QuantSpec, _is_pattern
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
-from .modules import Conv2d, ConvBn2d, Linear, lookup
-
-try:  # torch >= 2.0
-    from torch.ao.nn import intrinsic as _intrinsic
-except ImportError:  # torch 1.13
-    from torch.nn import intrinsic as _intrinsic
+from .modules import Conv2d, ConvBn2d, Linear, fused, lookup
 
 __all__ = ["prepare"]
 
@@ -259,15 +254,15 @@ def _fixed_range(node: fx.Node, gm: fx.GraphModule):
 
 # conv type -> (its batch norm, the fused float classes without and with a ReLU).
 _CONV_BN = {
-    nn.Conv1d: (nn.BatchNorm1d, _intrinsic.ConvBn1d, _intrinsic.ConvBnReLU1d),
-    nn.Conv2d: (nn.BatchNorm2d, _intrinsic.ConvBn2d, _intrinsic.ConvBnReLU2d),
-    nn.Conv3d: (nn.BatchNorm3d, _intrinsic.ConvBn3d, _intrinsic.ConvBnReLU3d),
+    nn.Conv1d: (nn.BatchNorm1d, fused.FusedConvBn1d, fused.FusedConvBnReLU1d),
+    nn.Conv2d: (nn.BatchNorm2d, fused.FusedConvBn2d, fused.FusedConvBnReLU2d),
+    nn.Conv3d: (nn.BatchNorm3d, fused.FusedConvBn3d, fused.FusedConvBnReLU3d),
 }
 
 
 def _fuse_conv_bn(gm: fx.GraphModule, config: Config, spec_modules: Dict[str, nn.Module]):
-    """ConvNd -> BatchNormNd (-> ReLU) become one ``ConvBnNd`` / ``ConvBnReLUNd`` of
-    ``torch.nn.intrinsic`` under the conv's name, when the conv feeds only the batch norm and
+    """ConvNd -> BatchNormNd (-> ReLU) become one ``FusedConvBnNd`` / ``FusedConvBnReLUNd``
+    (:mod:`qat.modules.fused`) under the conv's name, when the conv feeds only the batch norm and
     is called once."""
     calls: Dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -290,10 +285,10 @@ def _fuse_conv_bn(gm: fx.GraphModule, config: Config, spec_modules: Dict[str, nn
         relu_node = _single_user(bn_node)
         is_relu = _is_relu(relu_node, gm)
         if is_relu:
-            fused = conv_bn_relu(conv, bn, nn.ReLU())
+            fused_module = conv_bn_relu(conv, bn, nn.ReLU())
         else:
-            fused = conv_bn(conv, bn)
-        _set_module(gm, conv_node.target, fused)
+            fused_module = conv_bn(conv, bn)
+        _set_module(gm, conv_node.target, fused_module)
         spec_modules[conv_node.target] = conv
         bn_node.replace_all_uses_with(conv_node)
         gm.graph.erase_node(bn_node)

@@ -4,6 +4,7 @@ The references below never call qat: they restate ATen's fake-quantize arithmeti
 ordinary tensor ops, so that qat's kernels can be checked against them bit for bit.
 """
 
+import os
 from typing import List, Optional, Tuple
 
 import pytest
@@ -12,6 +13,12 @@ import torch
 import qat
 
 CPU_CAPABILITIES = ("default", "avx2")
+
+# The environment of a subprocess that must run the qat under test: the folder this qat
+# was imported from (python/ for the editable install, site-packages for an installed one)
+# comes first on its path, whichever way the suite runs.
+SUBPROCESS_ENV = dict(
+    os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(qat.__file__))))
 
 
 @pytest.fixture(params=CPU_CAPABILITIES)

@@ -101,7 +101,7 @@ def test_fashion_mnist_integer_model_matches_the_simulation(fashion_qat_model):
 
 def test_converted_model_scripts_and_runs_in_the_lite_interpreter(fashion_qat_model, tmp_path):
     from torch.jit.mobile import _load_for_lite_interpreter
-    from torch.utils.mobile_optimizer import optimize_for_mobile
+    from qat.export import optimize_for_mobile  # without XNNPACK: the frozen module
 
     qmodel, test_x, _ = fashion_qat_model
     int_model = qat.convert(qmodel)
@@ -314,14 +314,16 @@ def _settle_batch_norm(model, images, transform):
 # and efficientnet_b0, Adam to learn in 100 steps. efficientnet_b0 needs longer training:
 # after 100 + 50 steps its 16 squeeze-excitation blocks amplify the rare one-step flips
 # left between float32 and int32 accumulation (each integer conv is >99.99% exact on the
-# simulation's own inputs) to 27.2 dB; after 300 + 100 steps, 30.6 dB; 500 + 150, 31.5 dB.
+# simulation's own inputs) to 27.2 dB; after 300 + 100 steps, 30.6 dB; 500 + 150, 31.5 dB
+# on torch 1.13 but 29.8 dB on 2.15 (another float trajectory; the ops of its blocks are
+# bit-exact on both); 800 + 200, 30.8 dB on 2.15.
 _TORCHVISION_PARITY = [
     (torchvision.models.resnet18, 32, "sgd", 100, 50),
     (torchvision.models.mobilenet_v2, 32, "sgd", 100, 50),
     (torchvision.models.shufflenet_v2_x0_5, 32, "sgd", 100, 50),
     (torchvision.models.mobilenet_v3_small, 64, "adam", 100, 50),
     (torchvision.models.squeezenet1_1, 64, "adam", 100, 50),
-    (torchvision.models.efficientnet_b0, 64, "adam", 500, 150),
+    (torchvision.models.efficientnet_b0, 64, "adam", 800, 200),
 ]
 
 

@@ -5,8 +5,9 @@ import re
 import subprocess
 import sys
 
+from conftest import SUBPROCESS_ENV as _ENV
+
 _ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-_ENV = dict(os.environ, PYTHONPATH=os.path.join(_ROOT, "python"))
 
 
 def _run(script: str, *args: str) -> str:

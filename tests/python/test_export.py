@@ -14,8 +14,7 @@ from torch import nn
 import qat
 from test_convert import _FashionNet
 
-_ENV = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "..",
-                                                "python"))
+from conftest import SUBPROCESS_ENV as _ENV
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 the integer kernels."""
 
 import dataclasses
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -22,8 +22,9 @@ def weight_spec_for(spec: Optional[QuantSpec], axis: int) -> QuantSpec:
     return spec
 
 
-def check_float(cls, mod, float_cls) -> None:
-    if type(mod) is not float_cls:
+def check_float(cls, mod, float_cls, equivalents: Optional[Dict[type, type]] = None) -> None:
+    """``mod`` is a ``float_cls``, or a class that ``equivalents`` maps to it."""
+    if type(mod) is not float_cls and (equivalents or {}).get(type(mod)) is not float_cls:
         raise TypeError(
             f"{cls.__module__}.{cls.__name__}.from_float: expected a "
             f"{float_cls.__module__}.{float_cls.__name__}, got {type(mod).__name__}")

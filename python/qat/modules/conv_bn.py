@@ -9,12 +9,8 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..fake_quant import FakeQuantize
+from . import fused
 from ._common import check_float, round_bias, weight_spec_for
-
-try:  # torch >= 2.0
-    from torch.ao.nn import intrinsic as _intrinsic
-except ImportError:  # torch 1.13
-    from torch.nn import intrinsic as _intrinsic
 
 __all__ = ["ConvBn1d", "ConvBn2d", "ConvBn3d", "ConvBnReLU1d", "ConvBnReLU2d",
            "ConvBnReLU3d"]
@@ -108,9 +104,10 @@ class _ConvBnNd:
 
     @classmethod
     def from_float(cls, mod, weight_spec: Optional[QuantSpec] = None):
-        """The QAT version of a fused ``ConvBnNd`` (``torch.ao.nn.intrinsic``), sharing the
-        conv's and the batch norm's parameters and running statistics."""
-        check_float(cls, mod, cls._FLOAT_MODULE)
+        """The QAT version of a fused conv + batch norm (:mod:`qat.modules.fused`, or
+        PyTorch's ``torch.ao.nn.intrinsic`` equivalent), sharing the conv's and the batch
+        norm's parameters and running statistics."""
+        check_float(cls, mod, cls._FLOAT_MODULE, fused.TORCH_EQUIVALENTS)
         conv, bn = mod[0], mod[1]
         qat_mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                       conv.padding, conv.dilation, conv.groups, conv.bias is not None,
@@ -129,20 +126,20 @@ class _ConvBnNd:
 class ConvBn1d(_ConvBnNd, nn.Conv1d):
     """``Conv1d`` + ``BatchNorm1d`` with the batch norm folded (see :class:`ConvBn2d`)."""
 
-    _FLOAT_MODULE = _intrinsic.ConvBn1d
+    _FLOAT_MODULE = fused.FusedConvBn1d
     _BN_CLASS = nn.BatchNorm1d
 
 
 class ConvBn2d(_ConvBnNd, nn.Conv2d):
     __doc__ = _ConvBnNd.__doc__
-    _FLOAT_MODULE = _intrinsic.ConvBn2d
+    _FLOAT_MODULE = fused.FusedConvBn2d
     _BN_CLASS = nn.BatchNorm2d
 
 
 class ConvBn3d(_ConvBnNd, nn.Conv3d):
     """``Conv3d`` + ``BatchNorm3d`` with the batch norm folded (see :class:`ConvBn2d`)."""
 
-    _FLOAT_MODULE = _intrinsic.ConvBn3d
+    _FLOAT_MODULE = fused.FusedConvBn3d
     _BN_CLASS = nn.BatchNorm3d
 
 
@@ -160,16 +157,16 @@ class _ReLU:
 class ConvBnReLU1d(_ReLU, ConvBn1d):
     """:class:`ConvBn1d` followed by a ReLU."""
 
-    _FLOAT_MODULE = _intrinsic.ConvBnReLU1d
+    _FLOAT_MODULE = fused.FusedConvBnReLU1d
 
 
 class ConvBnReLU2d(_ReLU, ConvBn2d):
     """:class:`ConvBn2d` followed by a ReLU."""
 
-    _FLOAT_MODULE = _intrinsic.ConvBnReLU2d
+    _FLOAT_MODULE = fused.FusedConvBnReLU2d
 
 
 class ConvBnReLU3d(_ReLU, ConvBn3d):
     """:class:`ConvBn3d` followed by a ReLU."""
 
-    _FLOAT_MODULE = _intrinsic.ConvBnReLU3d
+    _FLOAT_MODULE = fused.FusedConvBnReLU3d
