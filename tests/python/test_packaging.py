@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_pip_install_into_a_fresh_venv(tmp_path):
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    # The venv sees the torch this suite runs with (Debian's 1.13 or the PyPI leg's), and
-    # that folder's other packages, through a .pth file: an environment that has torch.
+    # Without a pip (and setuptools) of its own: the venv sees the torch this suite runs
+    # with (Debian's 1.13 or the PyPI leg's) and that folder's other packages, pip and
+    # setuptools included, through a .pth file: an environment that has torch.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     torch_site = os.path.dirname(os.path.dirname(torch.__file__))
     venv_site = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import site; print(site.getsitepackages()[0])"],
@@ -36,8 +37,8 @@ def test_pip_install_into_a_fresh_venv(tmp_path):
     # No --no-deps: the declared dependencies (torch, numpy, tqdm) must be met by what the
     # environment has, Debian's torch "1.13.0a0" included, with no index to fetch from.
     install = subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "--no-build-isolation", "--no-index",
-         str(ROOT)],
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-build-isolation",
+         "--no-index", str(ROOT)],
         cwd=tmp_path, env=env, capture_output=True, text=True)
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     # A plain install builds the library and the module only.
