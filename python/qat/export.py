@@ -125,8 +125,8 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
     is, with a warning once per process) and saved for the lite interpreter (``.ptl``);
     without, saved as full TorchScript (``.pt``). PyTorch's deprecation notes on
     TorchScript and the lite interpreter are passed on once per process, not on every
-    call. The archive carries ``qat/metadata.json`` (qat and torch versions, the quantized engine, the
-    config of :func:`qat.prepare`, per layer its type, weight bits and scales and output
+    call. The archive carries ``qat/metadata.json`` (qat and torch versions, the quantized
+    engine, the config of :func:`qat.prepare`, per layer its type, weight bits and scales and output
     qparams, and the shapes and dtypes of ``example_inputs``), which :func:`read_metadata`,
     ``python -m qat inspect FILE`` and ``python -m qat bench FILE`` read.
     The file is then loaded back and must give, on ``example_inputs``, bit for bit the
