@@ -128,7 +128,7 @@ def variants(name: str, x: torch.Tensor, target: torch.Tensor):
     with torch.no_grad():
         ours(x)  # the first batch sizes the per-channel state
     models["qat"] = ours
-    others = ({"torchao QATConfig": lambda m: torchao_qat(m)} if name == "linear" else
+    others = ({"torchao QATConfig": torchao_qat} if name == "linear" else
               {"torch FX QAT": lambda m: fx_qat(m, x), "torch PT2E QAT": lambda m: pt2e_qat(m, x)})
     for label, build in others.items():
         try:

@@ -63,9 +63,9 @@ def _load(path: str) -> Tuple[object, str]:
         torch.backends.quantized.engine = engine
     try:
         if lite:
-            require_lite_interpreter(f"{path}")
+            require_lite_interpreter(path)
         else:
-            require_torchscript(f"{path}")
+            require_torchscript(path)
     except RuntimeError as error:
         raise CommandError(str(error)) from None
     try:
