@@ -47,14 +47,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aminmax_with_aten(
 // One channel's qparams; a channel with nothing observed (min > max) gets scale 1 and
 // the zero point a range of zeros would get.
 std::pair<float, float> qparams_of(
-    float lo, float hi, int64_t quant_min, int64_t quant_max, bool symmetric) {
+    const char* op, int64_t channel, float lo, float hi, int64_t quant_min, int64_t quant_max,
+    bool symmetric) {
   if (!(lo <= hi)) {
     return {
         1.0f, static_cast<float>(
                   symmetric ? detail::symmetric_zero_point(quant_min, quant_max)
                             : std::min<int64_t>(std::max<int64_t>(0, quant_min), quant_max))};
   }
-  return detail::qparams_for_range<float>(lo, hi, quant_min, quant_max, symmetric);
+  const auto q = detail::qparams_for_range<float>(lo, hi, quant_min, quant_max, symmetric);
+  // A finite range can still be too wide: (hi - lo) overflows float32 past ~3.4e38, and the
+  // scale then is inf, which every fake-quantize refuses with a message about the scale
+  // rather than about the data that caused it.
+  TORCH_CHECK(
+      std::isfinite(q.first), op, ": the observed range [", lo, ", ", hi, "] of channel ", channel,
+      " is too wide for float32 (its scale overflows to inf): the data holds values near the "
+      "float32 limit");
+  return q;
 }
 
 std::tuple<int64_t, int64_t> quant_range_op(int64_t bits, bool is_signed, bool narrow) {
@@ -169,7 +178,7 @@ void update_observer_state(
     float* sp = state.scale.data_ptr<float>();
     int32_t* zp = state.zero_point.data_ptr<int32_t>();
     for (int64_t c = 0; c < channels; ++c) {
-      const auto q = qparams_of(lo[c], hi[c], state.quant_min, state.quant_max, state.symmetric);
+      const auto q = qparams_of(op, c, lo[c], hi[c], state.quant_min, state.quant_max, state.symmetric);
       sp[c] = q.first;
       zp[c] = static_cast<int32_t>(q.second);
     }
@@ -228,18 +237,26 @@ at::Tensor fake_quantize_folded(
       weight.dim() >= 1 && factor.dim() == 1 && factor.numel() == weight.size(0), op,
       ": factor must hold one value per output channel (axis 0) of the weight, got shape ",
       factor.sizes(), " for a weight of shape ", weight.sizes());
+  const auto f = factor.detach().to(at::kCPU, at::kFloat).contiguous();
+  const float* fp = f.data_ptr<float>();
+  for (int64_t c = 0; c < f.numel(); ++c) {
+    // A batch norm's gamma / sqrt(running_var + eps) is NaN for a negative variance and
+    // inf for a zero one with eps 0; the qparams made from it would be, too.
+    TORCH_CHECK(
+        std::isfinite(fp[c]), op, ": the fold factor of output channel ", c, " is ", fp[c],
+        " (a batch norm's weight / sqrt(running_var + eps): is a running_var negative, or "
+        "zero with eps 0?)");
+  }
   if (observe) {
     check_observer_state(op, state);
     // The range of weight * f per channel is f times the weight's, its ends swapped where
     // f < 0: the scaled weight is never built.
     const auto batch = qat::aminmax(weight.detach(), 0);
     count_nonfinite(op, nonfinite_count, std::get<2>(batch));
-    const auto f = factor.detach().to(at::kCPU, at::kFloat).contiguous();
     auto lo = std::get<0>(batch).cpu().contiguous();
     auto hi = std::get<1>(batch).cpu().contiguous();
     float* lp = lo.data_ptr<float>();
     float* hp = hi.data_ptr<float>();
-    const float* fp = f.data_ptr<float>();
     for (int64_t c = 0; c < lo.numel(); ++c) {
       if (!(lp[c] <= hp[c])) {
         continue;  // nothing finite: stays unobserved
@@ -266,10 +283,8 @@ at::Tensor fake_quantize_folded(
   if (plain) {
     // Fixed qparams (every training step of an observed weight): the folded ones in one
     // loop instead of half a dozen small tensor operations.
-    const auto f = factor.detach().to(at::kCPU, at::kFloat).contiguous();
     auto folded_scale = at::empty_like(scale);
     auto folded_zero_point = at::empty_like(zero_point);
-    const float* fp = f.data_ptr<float>();
     const float* sp = scale.data_ptr<float>();
     const int32_t* zp = zero_point.data_ptr<int32_t>();
     float* fs = folded_scale.data_ptr<float>();
@@ -314,6 +329,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aminmax(
   TORCH_CHECK(
       input.defined() && at::isFloatingType(input.scalar_type()), op,
       ": input must be a floating-point tensor");
+  // A meta tensor has no values to observe (and fails deep inside a copy otherwise).
+  TORCH_CHECK(
+      !input.is_meta(), op, ": meta tensors are not supported; input is on the meta device");
   c10::optional<int64_t> axis;
   if (axis_arg.has_value()) {
     const int64_t dim = input.dim();
@@ -358,7 +376,14 @@ std::tuple<at::Tensor, at::Tensor> choose_qparams(
   const float* lp = lo.data_ptr<float>();
   const float* hp = hi.data_ptr<float>();
   for (int64_t i = 0; i < lo.numel(); ++i) {
-    const auto q = qparams_of(lp[i], hp[i], quant_min, quant_max, symmetric);
+    // +inf / -inf is the running range of a channel that has seen nothing (scale 1); any
+    // other non-finite end would give an infinite or NaN scale.
+    const bool empty = lp[i] == kInf && hp[i] == -kInf;
+    TORCH_CHECK(
+        empty || (std::isfinite(lp[i]) && std::isfinite(hp[i])), op,
+        ": min and max must be finite (or +inf and -inf: nothing observed yet), got min[", i,
+        "] = ", lp[i], " and max[", i, "] = ", hp[i]);
+    const auto q = qparams_of(op, i, lp[i], hp[i], quant_min, quant_max, symmetric);
     scale.data_ptr<float>()[i] = q.first;
     zero_point.data_ptr<int32_t>()[i] = static_cast<int32_t>(q.second);
   }

@@ -6,9 +6,12 @@
 // whose CPU and CUDA kernels live in cpu/ and cuda/.
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <sstream>
+#include <string>
 
 #include <qat/estimator.h>
 #include <qat/fake_quantize.h>
@@ -19,6 +22,37 @@
 namespace qat {
 
 namespace {
+
+std::string describe(const at::Tensor& t) {
+  std::ostringstream out;
+  out << "shape " << t.sizes() << ", " << t.scalar_type() << " on " << t.device();
+  return out.str();
+}
+
+// A scale or zero point that requires grad gets none from an estimator that does not
+// learn it; PyTorch's learnable fake-quantize raises there too, instead of training
+// nothing without a word.
+void check_learns(
+    const char* op, const EstimatorRegistry& registry, const std::string& name,
+    bool scale_requires_grad, bool zero_point_requires_grad) {
+  const auto info = registry.info(name);
+  const bool scale_missed = scale_requires_grad && !info.learns_scale;
+  if (!scale_missed && !(zero_point_requires_grad && !info.learns_zero_point)) {
+    return;
+  }
+  std::ostringstream learners;
+  for (const auto& other : registry.names()) {
+    const auto other_info = registry.info(other);
+    if (scale_missed ? other_info.learns_scale : other_info.learns_zero_point) {
+      learners << (learners.tellp() > 0 ? ", " : "") << other;
+    }
+  }
+  const char* what = scale_missed ? "scale" : "zero_point";
+  TORCH_CHECK(
+      false, op, ": ", what, " requires grad, but estimator '", name, "' does not learn the ",
+      what, " (no gradient would reach it); use an estimator that does (", learners.str(),
+      ") or pass a ", what, " that does not require grad");
+}
 
 at::Tensor fake_quantize_composite(
     const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
@@ -39,11 +73,24 @@ at::Tensor fake_quantize_composite(
   detail::read_qparams(op, scale, zero_point, quant_min, quant_max);
   args.grad_scale = grad_scale;
   args.ewgs_delta = ewgs_delta;
+  const std::string name(estimator.data(), estimator.size());
+  auto& registry = EstimatorRegistry::global();
+  const auto chosen = registry.get(name);
+  if (at::GradMode::is_enabled() && (scale.requires_grad() || zero_point.requires_grad())) {
+    check_learns(op, registry, name, scale.requires_grad(), zero_point.requires_grad());
+  }
   // Per-tensor qparams may live on the CPU while the input is on an accelerator.
   const auto device = input.device();
-  return EstimatorRegistry::global()
-      .get(std::string(estimator.data(), estimator.size()))
-      ->apply(input, scale.to(device), zero_point.to(device), args);
+  auto output = chosen->apply(input, scale.to(device), zero_point.to(device), args);
+  // A registered estimator is user code: what it returns must stand in for the input.
+  TORCH_CHECK(
+      output.defined() && output.sizes() == input.sizes() &&
+          output.scalar_type() == input.scalar_type() && output.device() == input.device(),
+      op, ": estimator '", name, "' returned ",
+      output.defined() ? describe(output) : std::string("an undefined tensor"),
+      " for an input of ", describe(input), "; it must return a tensor of the input's shape, "
+      "dtype and device");
+  return output;
 }
 
 }  // namespace

@@ -10,6 +10,9 @@ namespace detail {
 
 void check_floating_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.defined(), op, ": input is undefined");
+  // The kernels read values; a meta tensor has none (fails deep inside a copy otherwise).
+  TORCH_CHECK(
+      !input.is_meta(), op, ": meta tensors are not supported; input is on the meta device");
   const auto dtype = input.scalar_type();
   TORCH_CHECK(
       dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
@@ -41,6 +44,9 @@ c10::optional<int64_t> check_arguments(
           !at::isComplexType(zero_point.scalar_type()),
       op, ": zero_point must be an integer or floating-point tensor");
   check_quant_range(op, quant_min, quant_max);
+  TORCH_CHECK(
+      !scale.is_meta() && !zero_point.is_meta(), op,
+      ": meta tensors are not supported; scale or zero_point is on the meta device");
 
   if (!axis.has_value()) {
     TORCH_CHECK(

@@ -8,6 +8,9 @@
 
 #include <qat/qat.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "../ops/cpu/fake_quantize_loops.h"
 
 namespace py = pybind11;
@@ -29,6 +32,12 @@ class PythonEstimator final : public qat::Estimator {
   at::Tensor apply(
       const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
       const qat::EstimatorArgs& args) const override {
+    // An estimator that calls fake_quantize with its own name would recurse until
+    // Python's limit, each level wrapping the error below it (megabytes of message).
+    TORCH_CHECK(
+        !running_here(), "qat: estimator '", name_, "' calls fake_quantize with estimator='",
+        name_, "' itself, which would recurse without end; call another estimator inside it");
+    const RunningGuard running(this);
     py::gil_scoped_acquire gil;
     py::object result;
     try {
@@ -39,7 +48,11 @@ class PythonEstimator final : public qat::Estimator {
                                           : py::object(py::none()),
               args.ewgs_delta);
     } catch (py::error_already_set& e) {
-      TORCH_CHECK(false, "qat: estimator '", name_, "' raised ", e.what());
+      // The exception's type and message, not what() with its Python stack: the message
+      // is read where the op was called, whose own traceback shows the stack.
+      const std::string type = py::str(e.type().attr("__name__"));
+      const std::string message = py::str(e.value());
+      TORCH_CHECK(false, "qat: estimator '", name_, "' raised ", type, ": ", message);
     }
     TORCH_CHECK(
         THPVariable_Check(result.ptr()), "qat: estimator '", name_, "' must return a Tensor, got ",
@@ -48,6 +61,21 @@ class PythonEstimator final : public qat::Estimator {
   }
 
  private:
+  // The Python estimators running on this thread (innermost last): another thread may run
+  // the same estimator at the same time, and that is no recursion.
+  static std::vector<const PythonEstimator*>& running() {
+    thread_local std::vector<const PythonEstimator*> estimators;
+    return estimators;
+  }
+  bool running_here() const {
+    const auto& now = running();
+    return std::find(now.begin(), now.end(), this) != now.end();
+  }
+  struct RunningGuard {
+    explicit RunningGuard(const PythonEstimator* estimator) { running().push_back(estimator); }
+    ~RunningGuard() { running().pop_back(); }
+  };
+
   std::string name_;
   py::function fn_;
 };

@@ -2,7 +2,7 @@
 both validated when they are built."""
 
 import fnmatch
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -10,7 +10,11 @@ from torch import nn
 
 from . import estimators
 
-__all__ = ["BACKENDS", "Config", "OBSERVERS", "QuantSpec"]
+__all__ = ["BACKENDS", "Config", "MAX_BINS", "OBSERVERS", "QuantSpec"]
+
+#: The most histogram bins a QuantSpec accepts: a histogram observer keeps this many
+#: counts per channel, and 2**16 already resolves a range far finer than 8-bit steps.
+MAX_BINS = 65536
 
 #: Observer names a QuantSpec accepts (see :mod:`qat.observers`).
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "entropy")
@@ -41,7 +45,10 @@ class QuantSpec:
         estimator: registered straight-through estimator (:func:`qat.estimators.available`).
         averaging_constant: EMA weight of a new batch for ``moving_average``, in (0, 1].
         percentile: the ``percentile`` observer's clipping percentile, in (0, 100].
-        bins: histogram bins of the histogram observers, at least 1.
+        bins: histogram bins of the histogram observers, 1 to ``MAX_BINS`` (65536).
+
+    Fields are validated when the spec is built and whenever one is assigned afterwards
+    (a failed assignment leaves the spec as it was).
 
     Raises:
         ValueError: naming the field and its allowed values, when one is out of range.
@@ -60,6 +67,24 @@ class QuantSpec:
     bins: int = 2048
 
     def __post_init__(self):
+        self._validate()
+
+    def __setattr__(self, name: str, value) -> None:
+        # A field changed after construction is validated as the constructor would: an
+        # unknown observer must fail here, not as a KeyError when a FakeQuantize is built.
+        # (While __init__ assigns the fields one by one, the spec is not complete yet.)
+        if not all(f.name in self.__dict__ for f in fields(self)) or name not in self.__dict__:
+            object.__setattr__(self, name, value)
+            return
+        old = self.__dict__[name]
+        object.__setattr__(self, name, value)
+        try:
+            self._validate()
+        except ValueError:
+            object.__setattr__(self, name, old)
+            raise
+
+    def _validate(self) -> None:
         if not _is_int(self.bits) or not 2 <= self.bits <= 16:
             raise ValueError(f"QuantSpec.bits must be an integer in 2..16, got {self.bits!r}")
         for name in ("symmetric", "per_channel", "narrow_range"):
@@ -88,8 +113,9 @@ class QuantSpec:
         if not _is_number(self.percentile) or not 0 < self.percentile <= 100:
             raise ValueError(
                 f"QuantSpec.percentile must be in (0, 100], got {self.percentile!r}")
-        if not _is_int(self.bins) or self.bins < 1:
-            raise ValueError(f"QuantSpec.bins must be an integer >= 1, got {self.bins!r}")
+        if not _is_int(self.bins) or not 1 <= self.bins <= MAX_BINS:
+            raise ValueError(
+                f"QuantSpec.bins must be an integer in 1..{MAX_BINS}, got {self.bins!r}")
 
     @property
     def is_signed(self) -> bool:
@@ -114,6 +140,17 @@ class QuantSpec:
 
 #: Target backends a Config accepts: the integer kernels the converted model will run on.
 BACKENDS = ("qnnpack", "fbgemm")
+
+def check_backend(where: str, backend: str) -> None:
+    """Fails, naming this PyTorch's quantized engines, when ``backend`` is not one of them
+    (Debian's PyTorch 1.13 has no fbgemm)."""
+    engines = torch.backends.quantized.supported_engines
+    if backend not in engines:
+        raise ValueError(
+            f"{where}: {backend!r} is not a quantized engine of this PyTorch "
+            f"({torch.__version__}); it has {', '.join(e for e in engines if e != 'none')}, "
+            f"and qat converts for {' or '.join(BACKENDS)}")
+
 
 _Key = Union[str, type]
 _SpecPair = Tuple[QuantSpec, QuantSpec]
@@ -160,7 +197,10 @@ class Config:
             name wins over a pattern, a pattern over a type; among patterns the first
             given wins, among types the most derived class.
         skip: module names, patterns or types left in float. Skip wins over overrides.
-        backend: ``qnnpack`` (mobile, the default) or ``fbgemm`` (x86 servers).
+        backend: the quantized engine :func:`qat.convert` builds the integer model for:
+            ``qnnpack`` (PyTorch Mobile's; the default, and the one whose integer model
+            matches the simulation bit for bit) or ``fbgemm`` (x86 servers; within one
+            quantization step of it), where this PyTorch has the engine.
         dynamic: activations are quantized at run time (dynamic quantization) instead of
             with qparams learned in training; the activation spec gives their range.
 
@@ -183,6 +223,7 @@ class Config:
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             raise ValueError(
                 f"Config.backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        check_backend("Config.backend", self.backend)
         if not isinstance(self.dynamic, bool):
             raise ValueError(f"Config.dynamic must be True or False, got {self.dynamic!r}")
         if not isinstance(self.overrides, Mapping):

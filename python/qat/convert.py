@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -22,8 +23,10 @@ from torch import nn
 
 from . import quantized
 from .calibrate import disable_observer
+from .config import BACKENDS, check_backend
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
 from .modules import ConvBn2d, ConvBnReLU2d, Conv2d, Linear
+from .observers import ObserverBase
 from .prepare import _PASS_FUNCTIONS as _PREPARE_PASS_FUNCTIONS
 from .prepare import _PASS_METHODS as _PREPARE_PASS_METHODS
 from .prepare import _PASS_MODULES as _PREPARE_PASS_MODULES
@@ -131,6 +134,41 @@ def _weights_of(module: nn.Module) -> torch.Tensor:
     return module.weight_fake_quant(module.weight)
 
 
+def _check_finite(qmodel: nn.Module) -> None:
+    """Refuses weights, biases, batch-norm statistics and qparams that hold NaN or inf, and
+    negative batch-norm variances, naming them: the integer model would store other
+    numbers than the simulation computes with (a NaN weight becomes the integer 0), and
+    its file would pass export's check while the simulation outputs NaN."""
+    bad, negative = [], []
+    for module_name, module in qmodel.named_modules():
+        if isinstance(module, ObserverBase):
+            continue  # +inf / -inf is an observer's "nothing seen yet"
+        prefix = f"{module_name}." if module_name else ""
+        tensors = list(module.named_parameters(recurse=False)) + list(
+            module.named_buffers(recurse=False))
+        for name, tensor in tensors:
+            if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
+                continue
+            finite = torch.isfinite(tensor.detach())
+            if not bool(finite.all()):
+                kind = "NaN" if bool(torch.isnan(tensor.detach()).any()) else "inf"
+                bad.append(f"{prefix}{name} ({int((~finite).sum())} {kind})")
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and \
+                module.running_var is not None and bool((module.running_var < 0).any()):
+            negative.append(f"{prefix}running_var (min {module.running_var.min().item():.3g})")
+    if bad:
+        shown = ", ".join(bad[:8]) + (f", and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise ValueError(
+            f"qat.convert: non-finite values in {shown}; the integer model cannot hold "
+            f"them (a NaN weight would become 0 while the simulation outputs NaN): fix them "
+            f"(e.g. retrain with a lower learning rate, or reload a good checkpoint) before "
+            f"converting")
+    if negative:
+        raise ValueError(
+            f"qat.convert: negative batch-norm variance in {', '.join(negative)}: a variance "
+            f"cannot be negative, and the folded weight would be NaN")
+
+
 def _observe_weights(gm: nn.Module) -> None:
     """Lets weight FakeQuantize modules that never ran observe their weight: weights are
     known without data (dynamic quantization needs no calibration)."""
@@ -181,13 +219,17 @@ class _Converter:
         self.dequantized: Dict[fx.Node, fx.Node] = {}
         self.tuples: Dict[fx.Node, _QParams] = {}  # new split node -> its parts' qparams
         self.report = ConversionReport()
+        # The QAT modules by name, as they were: an integer module takes its QAT module's
+        # name, and a layer called twice must still be found as the QAT module the second
+        # time.
+        self.modules = dict(gm.named_modules())
         self.count = 0
         self.named = set()
 
     # -- helpers ------------------------------------------------------------------------
 
     def module(self, node: fx.Node) -> Optional[nn.Module]:
-        return self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        return self.modules[node.target] if node.op == "call_module" else None
 
     def fake_quant(self, node: Optional[fx.Node]) -> Optional[FakeQuantize]:
         module = self.module(node) if node is not None else None
@@ -433,7 +475,28 @@ class _Converter:
         self.env[node] = self.copy(node, quantized_args=False)
 
 
-def convert(qmodel: nn.Module, backend: str = "qnnpack",
+def _choose_backend(qmodel: nn.Module, backend: Optional[str]) -> str:
+    """The engine to convert for (the argument, else the model's Config.backend), set as
+    the process's quantized engine, with a warning when that changes it."""
+    if backend is None:
+        config = json.loads(getattr(qmodel, "qat_config", "{}") or "{}")
+        backend = config.get("backend") or "qnnpack"
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"qat.convert: backend must be one of {', '.join(BACKENDS)}; "
+                         f"got {backend!r}")
+    check_backend("qat.convert: backend", backend)
+    previous = torch.backends.quantized.engine
+    if previous != backend:
+        torch.backends.quantized.engine = backend
+        warnings.warn(
+            f"qat.convert: set torch.backends.quantized.engine from {previous!r} to "
+            f"{backend!r} for this process: the integer model runs on that engine's kernels, "
+            f"which are chosen when it first runs (set the engine yourself before converting "
+            f"and this warning goes away)", stacklevel=3)
+    return backend
+
+
+def convert(qmodel: nn.Module, backend: Optional[str] = None,
             return_report: bool = False):
     """The integer model of a prepared, trained or calibrated QAT model, in eval mode.
 
@@ -452,8 +515,14 @@ def convert(qmodel: nn.Module, backend: str = "qnnpack",
     Args:
         qmodel: a model from :func:`qat.prepare` (a ``torch.fx.GraphModule``). It is not
             modified.
-        backend: the quantized engine whose kernels the weights are packed for
-            (``qnnpack``, PyTorch Mobile's, or ``fbgemm``).
+        backend: the quantized engine whose kernels the integer model runs on:
+            ``qnnpack`` (PyTorch Mobile's; bit for bit the simulation) or ``fbgemm`` (x86
+            servers, where this PyTorch has it; within one quantization step of the
+            simulation, as its kernels round some sums differently). None (the default)
+            takes the ``backend`` of the Config the model was prepared with. The
+            process's quantized engine (``torch.backends.quantized.engine``) is set to it,
+            with a warning when that changes it: the kernels are the current engine's when
+            the integer model first runs, so the engine stays set after convert returns.
         return_report: also return a :class:`ConversionReport`.
 
     Returns:
@@ -466,8 +535,10 @@ def convert(qmodel: nn.Module, backend: str = "qnnpack",
     Raises:
         TypeError: when ``qmodel`` is not a traced QAT model.
         ValueError: when a FakeQuantize never observed data (the model was neither
-            calibrated nor trained), or a weight or activation range has no 8-bit
-            integer kernel.
+            calibrated nor trained), a weight, bias, batch-norm statistic or qparam holds
+            NaN or inf or a batch-norm variance is negative (naming them), a weight or
+            activation range has no 8-bit integer kernel, or ``backend`` is not an engine
+            of this PyTorch (naming the ones it has).
     """
     if not isinstance(qmodel, fx.GraphModule) or not any(
             isinstance(m, FakeQuantize) for m in qmodel.modules()):
@@ -475,11 +546,8 @@ def convert(qmodel: nn.Module, backend: str = "qnnpack",
             "qat.convert: expected a model prepared by qat.prepare and traced with torch.fx "
             f"(a GraphModule holding qat.FakeQuantize modules), got {type(qmodel).__name__}; "
             "models that took the eager fallback cannot be converted yet")
-    if backend not in torch.backends.quantized.supported_engines:
-        raise ValueError(
-            f"qat.convert: backend {backend!r} is not a quantized engine of this PyTorch "
-            f"build (supported: {', '.join(torch.backends.quantized.supported_engines)})")
-    torch.backends.quantized.engine = backend
+    _check_finite(qmodel)
+    _choose_backend(qmodel, backend)
     gm = copy.deepcopy(qmodel).eval()
     _observe_weights(gm)
     unobserved = [name for name, m in gm.named_modules()
@@ -533,6 +601,9 @@ def compare(qmodel: nn.Module, int_model: nn.Module, inputs) -> Dict[str, float]
     simulation = copy.deepcopy(qmodel).eval()
     disable_observer(simulation)
     batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    if not batches:
+        raise ValueError("qat.compare: inputs holds no batches; give a tensor or an iterable "
+                         "of at least one batch")
     expected, got = [], []
     with torch.no_grad():
         for batch in batches:

@@ -4,6 +4,7 @@ against the in-memory model after it is written; and ``read_metadata`` to get it
 
 import json
 import os
+import tempfile
 import warnings
 import zipfile
 from typing import Dict, Optional, Sequence, Union
@@ -152,13 +153,35 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
         return _export(model, os.fspath(path), example_inputs, mobile)
 
 
+def _run_example(int_model: nn.Module, inputs: tuple):
+    """The integer model's outputs on ``inputs``, which must fit it and give finite
+    values (a NaN output cannot be checked against the file)."""
+    for i, t in enumerate(inputs):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"qat.export: example_inputs[{i}] holds NaN or inf; give finite "
+                             f"inputs to check the file on")
+    try:
+        with torch.no_grad():
+            expected = int_model(*inputs)
+    except Exception as error:  # noqa: BLE001 - whatever the model raises on them
+        shapes = ", ".join(str(list(t.shape)) for t in inputs)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"qat.export: the example input ({shapes}) does not fit the model: "
+                         f"{first}") from error
+    for out in (expected,) if isinstance(expected, torch.Tensor) else tuple(expected):
+        values = out.dequantize() if out.is_quantized else out
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            raise RuntimeError("qat.export: the integer model's outputs on example_inputs are "
+                               "not finite (NaN or inf); the file cannot be checked")
+    return expected
+
+
 def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Module:
     inputs = _as_tuple(example_inputs)
     int_model = convert(model) if any(isinstance(m, FakeQuantize) for m in model.modules()) \
         else model
     int_model.eval()
-    with torch.no_grad():
-        expected = int_model(*inputs)
+    expected = _run_example(int_model, inputs)
     # The file gets the stored weights, not the kernels' packed form (rebuilt on the first
     # forward after loading).
     for module in int_model.modules():
@@ -168,25 +191,47 @@ def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Mod
     frozen = torch.jit.freeze(scripted.eval())
     # Compact: the archive stores its entries uncompressed, and this one grows per layer.
     extra = {METADATA_FILE: json.dumps(_metadata(int_model, inputs), separators=(",", ":"))}
-    if mobile:
-        from torch.jit.mobile import _load_for_lite_interpreter
+    saved = optimize_for_mobile(frozen) if mobile else frozen
+    # Written next to the target and renamed over it only once checked: a failure leaves
+    # the previous file as it was, and a reader never sees half a file.
+    folder, name = os.path.split(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(handle)
+    try:
+        if mobile:
+            from torch.jit.mobile import _load_for_lite_interpreter
 
-        saved = optimize_for_mobile(frozen)
-        saved._save_for_lite_interpreter(path, _extra_files=extra)
-        loaded = _load_for_lite_interpreter(path)
-    else:
-        saved = frozen
-        torch.jit.save(saved, path, _extra_files=extra)
-        loaded = torch.jit.load(path)
-    with torch.no_grad():
-        got = loaded(*inputs)
-        written = saved(*inputs)
-    # The file must compute exactly what was saved; freezing and the mobile passes may
-    # reorder float arithmetic (folding a float conv + batch norm, XNNPACK linears), so
-    # against the in-memory model a few one-step flips downstream are allowed, no more.
-    _check_outputs(written, got, path, "the module it was written from", min_sqnr_db=None)
-    _check_outputs(expected, got, path, "the in-memory model", min_sqnr_db=40.0)
+            saved._save_for_lite_interpreter(temporary, _extra_files=extra)
+            loaded = _load_for_lite_interpreter(temporary)
+        else:
+            torch.jit.save(saved, temporary, _extra_files=extra)
+            loaded = torch.jit.load(temporary)
+        with torch.no_grad():
+            got = loaded(*inputs)
+            written = saved(*inputs)
+        # The file must compute exactly what was saved; freezing and the mobile passes may
+        # reorder float arithmetic (folding a float conv + batch norm, XNNPACK linears), so
+        # against the in-memory model a few one-step flips downstream are allowed, no more.
+        _check_outputs(written, got, path, "the module it was written from", min_sqnr_db=None)
+        _check_outputs(expected, got, path, "the in-memory model", min_sqnr_db=40.0)
+        _keep_mode(temporary, path)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
     return int_model
+
+
+def _keep_mode(temporary: str, path: str) -> None:
+    """Gives the new file the permissions the old one had (mkstemp makes it 0600), or
+    those a new file gets under the process's umask."""
+    if os.path.exists(path):
+        mode = os.stat(path).st_mode & 0o777
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.chmod(temporary, mode)
 
 
 def _check_outputs(expected, got, path: str, what: str, min_sqnr_db) -> None:
@@ -199,6 +244,10 @@ def _check_outputs(expected, got, path: str, what: str, min_sqnr_db) -> None:
         if a.shape != b.shape:
             raise RuntimeError(f"qat.export: the file written to {path!r} gives outputs of "
                                f"shape {tuple(b.shape)}, {what} {tuple(a.shape)}")
+        if b.is_floating_point() and not bool(torch.isfinite(b).all()):
+            # NaN equals nothing, not even NaN: never a match.
+            raise RuntimeError(f"qat.export: the file written to {path!r} gives outputs "
+                               f"that are not finite (NaN or inf)")
         if torch.equal(a, b):
             continue
         noise = (a - b).double().pow(2).sum()
@@ -214,7 +263,8 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, object]:
     """The metadata :func:`export` put in the file at ``path`` (a ``.ptl`` or ``.pt``).
 
     Raises:
-        ValueError: when the file is not a TorchScript archive written by qat.export.
+        ValueError: when the file is not a TorchScript archive written by qat.export, or
+            its metadata is not valid JSON or lacks a field (naming the file and the field).
     """
     try:
         with zipfile.ZipFile(path) as archive:
@@ -222,9 +272,52 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, object]:
             if not names:
                 raise ValueError(f"qat: {os.fspath(path)!r} holds no {METADATA_FILE}: it was "
                                  f"not written by qat.export")
-            return json.loads(archive.read(names[0]))
+            text = archive.read(names[0])
     except zipfile.BadZipFile as error:
         raise ValueError(f"qat: {os.fspath(path)!r} is not a TorchScript archive") from error
+    try:
+        meta = json.loads(text)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"qat: the {METADATA_FILE} of {os.fspath(path)!r} is not valid JSON "
+                         f"({error})") from None
+    _check_metadata(os.fspath(path), meta)
+    return meta
+
+
+# The fields read_metadata guarantees, with their JSON types; per layer and per spec too.
+_METADATA_FIELDS = {"qat_version": str, "torch_version": str, "quantized_engine": str,
+                    "config": dict, "layers": list}
+_LAYER_FIELDS = {"name": str, "type": str, "scale": (int, float), "zero_point": int}
+_SPEC_FIELDS = {"bits": int, "symmetric": bool, "per_channel": bool}
+
+
+def _check_fields(path: str, where: str, value, fields) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(f"qat: the metadata of {path!r} is damaged: {where or 'the top level'} "
+                         f"is a {type(value).__name__}, not an object")
+    for key, kind in fields.items():
+        name = f"{where}.{key}" if where else key
+        if key not in value:
+            raise ValueError(f"qat: the metadata of {path!r} lacks the field {name!r}")
+        if not isinstance(value[key], kind) or (kind is int and isinstance(value[key], bool)):
+            raise ValueError(f"qat: the metadata of {path!r} is damaged: {name!r} is "
+                             f"{value[key]!r}")
+
+
+def _check_metadata(path: str, meta) -> None:
+    _check_fields(path, "", meta, _METADATA_FIELDS)
+    for role in ("weight", "activation"):
+        if meta["config"].get(role) is not None:
+            _check_fields(path, f"config.{role}", meta["config"][role], _SPEC_FIELDS)
+    overrides = meta["config"].get("overrides") or {}
+    _check_fields(path, "config.overrides", overrides, {})
+    for key, pair in overrides.items():
+        _check_fields(path, f"config.overrides[{key!r}]", pair, {})
+        for role, spec in pair.items():
+            if spec is not None:
+                _check_fields(path, f"config.overrides[{key!r}].{role}", spec, _SPEC_FIELDS)
+    for i, layer in enumerate(meta["layers"]):
+        _check_fields(path, f"layers[{i}]", layer, _LAYER_FIELDS)
 
 
 def _format_table(rows: Sequence[Sequence[object]]) -> str:

@@ -3,6 +3,7 @@ fake-quantizes with them. (Not ``fake_quantize.py``: that name would hide the fu
 ``qat.fake_quantize`` behind a submodule.)"""
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch
@@ -82,6 +83,10 @@ class FakeQuantize(_QuantState):
         self.register_buffer("observer_enabled", torch.ones(1, dtype=torch.uint8))
         self.register_buffer("fake_quant_enabled", torch.ones(1, dtype=torch.uint8))
         self._channel_state = {"scale": (1.0, ()), "zero_point": (0, ())}
+        # The qparams come from the observer, not from a fixed output range.
+        self.fixed_qparams = False
+        # Its path in the model (set by qat.prepare), so that an error names it.
+        self.qualified_name = ""
         # Set by qat.calibrate: choosing a histogram observer's range costs milliseconds per
         # channel, so while it runs the qparams are set once, at the end.
         self._defer_qparams = False
@@ -126,6 +131,25 @@ class FakeQuantize(_QuantState):
             self.disable_observer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._forward(x)
+        return self._forward_named(x)
+
+    @torch.jit.unused
+    def _forward_named(self, x: torch.Tensor) -> torch.Tensor:
+        """``_forward``, with this module's path in the model before the operators'
+        errors (a NaN scale deep in a network is found by its name)."""
+        try:
+            return self._forward(x)
+        except RuntimeError as error:
+            raise self._named(error) from error
+
+    def _named(self, error: RuntimeError) -> RuntimeError:
+        if not self.qualified_name:
+            return error
+        return RuntimeError(f"{self.qualified_name} (qat.FakeQuantize): {error}")
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # Written for torch.jit.script too, so that a scripted QAT model keeps training
         # (from Python or a C++ trainer): scripted, the fused operator observes, and the
         # Python-only paths (other observers, the first batch of learned qparams,
@@ -169,6 +193,14 @@ class FakeQuantize(_QuantState):
             raise RuntimeError(
                 "qat.FakeQuantize: the per-channel scale is not known yet: the observer was "
                 "disabled before it saw a batch")
+        if not observe and not self.fixed_qparams and not bool(
+                torch.isfinite(self.observer.min_val).any()):
+            # Per tensor the initial scale 1.0 looks like a real one and would quantize
+            # most activations to zero.
+            raise RuntimeError(
+                "qat.FakeQuantize: the scale is not known yet: the observer was disabled "
+                "before it saw a batch (enable it, run qat.calibrate, or load a trained "
+                "state_dict)")
         return torch.ops.qat.fake_quantize(x, self.scale, self.zero_point, self.quant_min,
                                            self.quant_max, axis, self.estimator, None, 1e-3)
 
@@ -188,6 +220,19 @@ class FakeQuantize(_QuantState):
         treats the rounding error of the folded weight as constant with respect to ``f``
         (the straight-through estimator of the unfolded formula differentiates it).
         """
+        if torch.jit.is_scripting():
+            return self._fake_quantize_folded(weight, factor)
+        return self._folded_named(weight, factor)
+
+    @torch.jit.unused
+    def _folded_named(self, weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._fake_quantize_folded(weight, factor)
+        except RuntimeError as error:
+            raise self._named(error) from error
+
+    def _fake_quantize_folded(self, weight: torch.Tensor,
+                              factor: torch.Tensor) -> torch.Tensor:
         shape = [-1] + [1] * (weight.dim() - 1)
         observe = bool(self.observer_enabled)
         quantize = bool(self.fake_quant_enabled)
@@ -240,7 +285,16 @@ class FixedQParamsFakeQuantize(FakeQuantize):
                 f"qat.FixedQParamsFakeQuantize: spec must be per tensor with an estimator "
                 f"that learns nothing, got per_channel={self.spec.per_channel}, "
                 f"estimator={self.spec.estimator!r}")
-        lo, hi = output_range
+        try:
+            lo, hi = (float(v) for v in output_range)
+        except (TypeError, ValueError):
+            raise ValueError(f"qat.FixedQParamsFakeQuantize: output_range must be a pair of "
+                             f"numbers (lo, hi), got {output_range!r}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= 0 < hi):
+            raise ValueError(
+                f"qat.FixedQParamsFakeQuantize: output_range must be finite with "
+                f"lo <= 0 < hi (a range that holds zero), got ({lo}, {hi})")
+        self.fixed_qparams = True
         steps = self.quant_max - self.quant_min + (0 if inclusive else 1)
         # The low end on quant_min (sigmoid on quint8: scale 1/256, zero point 0; tanh:
         # 2/256, 128; ReLU6: 6/255, 0).

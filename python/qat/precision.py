@@ -204,6 +204,17 @@ def _check_batches(where: str, batches) -> list:
     batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
     if not batches:
         raise ValueError(f"{where}: batches is empty; sensitivity needs at least one batch")
+    for i, batch in enumerate(batches):
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if isinstance(inputs, dict):
+            inputs = list(inputs.values())
+        for t in inputs if isinstance(inputs, (tuple, list)) else [inputs]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(
+                    torch.isfinite(t).all()):
+                # One NaN makes every SQNR NaN, and a choice made on NaNs is arbitrary.
+                raise ValueError(
+                    f"{where}: batches[{i}] holds {int((~torch.isfinite(t)).sum())} NaN or "
+                    f"inf values; drop or clean that batch (no decision is made on NaN)")
     return batches
 
 
@@ -279,6 +290,10 @@ def _measure(model: nn.Module, qmodel: nn.Module, layers: _Layers, batches: list
     disable_fake_quant(qmodel)
     disable_observer(qmodel)
     reference = _outputs(model, batches)
+    for i, output in enumerate(reference):
+        if not bool(torch.isfinite(output).all()):
+            raise ValueError(f"qat.sensitivity: the float model's output on batches[{i}] is "
+                             f"not finite (NaN or inf), so no SQNR or accuracy can be measured")
     float_accuracy = _accuracy(reference, labels) if metric == "accuracy" else None
     report = SensitivityReport(metric, float_accuracy=float_accuracy)
     with tqdm(total=len(layers) * len(bits), desc="qat.sensitivity",

@@ -89,10 +89,13 @@ class _Tracer(fx.Tracer):
         return _Proxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        # A parameter-free module whose forward reads self.training (torchvision's
-        # StochasticDepth, custom dropouts) stays a module: traced, the flag's value at
-        # trace time would be baked into the graph and eval() would not reach it.
-        return super().is_leaf_module(m, module_qualified_name) or (
+        # A module with a registered QAT class (qat.register_module: user layers too) stays
+        # a module, so that it can be swapped; traced into, its own ops would be all that
+        # is left of it. A parameter-free module whose forward reads self.training
+        # (torchvision's StochasticDepth, custom dropouts) stays a module too: traced, the
+        # flag's value at trace time would be baked into the graph and eval() would not
+        # reach it.
+        return super().is_leaf_module(m, module_qualified_name) or lookup(m) is not None or (
             not _has_parameters(m) and _reads_training(type(m)))
 
 
@@ -382,16 +385,22 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
     _fuse_conv_bn(gm, config, spec_modules)
 
     activation: Dict[fx.Node, QuantSpec] = {}
+    swapped_specs: Dict[str, QuantSpec] = {}
     unsupported = []
     for node in gm.graph.nodes:
         if node.op != "call_module":
+            continue
+        if node.target in swapped_specs:
+            # A module called again (the same layer applied twice): its QAT version is in
+            # place; each call site gets its own output FakeQuantize, the weights are shared.
+            activation[node] = swapped_specs[node.target]
             continue
         module = gm.get_submodule(node.target)
         spec_module = spec_modules.get(node.target, module)
         swapped = _swap(module, node.target, spec_module, config)
         if swapped is not None:
             _set_module(gm, node.target, swapped[0])
-            activation[node] = swapped[1]
+            activation[node] = swapped_specs[node.target] = swapped[1]
         elif lookup(module) is None and not config.is_skipped(node.target, spec_module):
             if _has_own_parameters(module):
                 unsupported.append(node.target)
@@ -536,34 +545,75 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
         example_inputs: unused by symbolic tracing; accepted for API compatibility with
             the C++ front end and future tracers.
         inplace: modify ``model`` itself instead of a deep copy. The traced result is a new
-            ``torch.fx.GraphModule`` that shares ``model``'s submodules.
+            ``torch.fx.GraphModule`` that shares ``model``'s submodules. When prepare fails,
+            ``model`` keeps the modules it had.
 
     Returns:
         The QAT model (a ``GraphModule`` when traced), in train mode.
 
+    A module called more than once in ``forward`` (one layer applied twice) is swapped
+    once: each call gets its own output FakeQuantize, and the weights are shared (the
+    integer model holds one integer layer per call).
+
     Raises:
+        TypeError: when ``model`` is a TorchScript module (prepare the Python module it was
+            scripted from) or not an ``nn.Module``.
         ValueError: when ``model`` is already prepared, or an override or skip key of
             ``config`` matches no module (naming it).
+        Anything a registered QAT class's ``from_float`` raises; with ``inplace`` the model
+        is then left as it was.
     """
     del example_inputs
     config = Config() if config is None else config
     if not isinstance(config, Config):
         raise TypeError(f"qat.prepare: config must be a qat.Config, got {type(config).__name__}")
+    if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+        raise TypeError(
+            "qat.prepare: model is a TorchScript module (from torch.jit.script or "
+            "torch.jit.trace), whose layers cannot be swapped; prepare the Python nn.Module "
+            "it was made from, and script the prepared model if you need TorchScript")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"qat.prepare: model must be a torch.nn.Module, got "
+                        f"{type(model).__name__}")
     _check_not_prepared(model)
     _check_keys(model, config)
     if not inplace:
-        model = copy.deepcopy(model)
+        return _prepare(copy.deepcopy(model), config)
+    # In place, a failure part way leaves the model as it was: its module tree is put back
+    # (the QAT modules share the float modules' parameters, which prepare does not modify).
+    tree = [(module, dict(module._modules)) for module in model.modules()]
+    training = [(module, module.training) for module in model.modules()]
+    try:
+        return _prepare(model, config)
+    except BaseException:
+        for module, children in tree:
+            module._modules.clear()
+            module._modules.update(children)
+        for module, mode in training:
+            module.training = mode
+        raise
+
+
+def _prepare(model: nn.Module, config: Config) -> nn.Module:
     try:
         gm = _trace(model)
     except Exception as error:  # noqa: BLE001 - any tracing failure takes the fallback
         warnings.warn(
             f"qat.prepare: torch.fx tracing failed ({type(error).__name__}: {error}); used "
             f"the eager fallback: modules swapped in place, without conv+bn fusion or "
-            f"activation FakeQuantize", stacklevel=2)
-        return _prepare_eager(model, config)
+            f"activation FakeQuantize", stacklevel=3)
+        return _named(_prepare_eager(model, config))
     _prepare_graph(gm, config)
     _keep_transformer_layers_in_python(gm)
     # Carried to the converted model and the exported file's metadata (a string, which
     # torch.jit.script keeps as it is).
     gm.qat_config = json.dumps(config.to_dict())
-    return gm.train()
+    return _named(gm.train())
+
+
+def _named(model: nn.Module) -> nn.Module:
+    """Tells each FakeQuantize its path in ``model``, which its errors name."""
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantize):
+            module.qualified_name = name
+    return model

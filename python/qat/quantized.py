@@ -220,6 +220,23 @@ class _LinearBase(_IntegerLayer):
             self._keep_stored()
         return packed
 
+    def _check_width(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``, when its last dimension is the layer's input width.
+
+        qnnpack's linear kernels take the width from the packed weight and read that many
+        values per row without checking: a narrower input is read out of bounds. nn.Linear
+        raises here, and so does the simulation. The error comes from torch.mm on empty
+        stand-ins (built only when the widths differ), so that the model and its TorchScript
+        file raise nn.Linear's RuntimeError and message (a ``raise`` in TorchScript becomes
+        a torch.jit.Error instead); its result is returned so that TorchScript's dead-code
+        elimination keeps it."""
+        in_features = self.weight_shape[1]
+        if x.size(-1) != in_features:
+            rows = x.numel() // max(x.size(-1), 1)
+            return torch.mm(torch.empty([rows, x.size(-1)]),
+                            torch.empty([in_features, self.weight_shape[0]]))
+        return x
+
 
 class Linear(_LinearBase):
     """``quantized::linear`` (``linear_relu`` with ``relu``)."""
@@ -229,6 +246,7 @@ class Linear(_LinearBase):
         super().__init__(weight, bias, weight_bits, weight_quant_min, scale, zero_point, relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._check_width(x)
         if self.relu:
             return torch.ops.quantized.linear_relu(x, self._packed(), self.scale,
                                                    self.zero_point)
@@ -244,6 +262,7 @@ class LinearDynamic(_LinearBase):
         super().__init__(weight, bias, weight_bits, weight_quant_min, 1.0, 0, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._check_width(x)
         # qnnpack takes the full 8-bit activation range (reduce_range is for fbgemm).
         return torch.ops.quantized.linear_dynamic(x, self._packed(), False)
 

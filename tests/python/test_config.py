@@ -2,6 +2,7 @@
 (exact name > pattern > type) and skip, and the presets' bits."""
 
 import pytest
+import torch
 from torch import nn
 
 import qat
@@ -45,7 +46,20 @@ def test_invalid_field_is_named(kwargs, field):
 def test_backend_error_lists_allowed_values():
     with pytest.raises(ValueError, match="qnnpack, fbgemm"):
         Config(backend="x86")
-    assert Config(backend="fbgemm").backend == "fbgemm"
+    with pytest.raises(ValueError, match="qnnpack, fbgemm"):
+        Config(backend="none")
+    assert Config(backend="qnnpack").backend == "qnnpack"
+
+
+def test_backend_must_be_an_engine_of_this_pytorch():
+    # Debian's PyTorch 1.13 has no fbgemm; the PyPI build has it.
+    engines = torch.backends.quantized.supported_engines
+    if "fbgemm" in engines:
+        assert Config(backend="fbgemm").backend == "fbgemm"
+    else:
+        with pytest.raises(ValueError, match=r"'fbgemm' is not a quantized engine of this "
+                                             r"PyTorch .*; it has qnnpack"):
+            Config(backend="fbgemm")
 
 
 def test_override_precedence_exact_over_pattern_over_type():

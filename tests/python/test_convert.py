@@ -216,7 +216,7 @@ def test_convert_refuses_models_it_cannot_convert():
         qat.convert(eager)
     traced = qat.prepare(nn.Sequential(nn.Linear(2, 2)))
     traced(torch.randn(4, 2))
-    with pytest.raises(ValueError, match="backend 'nope'"):
+    with pytest.raises(ValueError, match="backend must be one of qnnpack, fbgemm; got 'nope'"):
         qat.convert(traced, backend="nope")
     wide = qat.prepare(nn.Sequential(nn.Linear(2, 2)),
                        qat.Config(activation=qat.QuantSpec(bits=12)))

@@ -34,7 +34,9 @@ def run(estimator, x, scale, zero_point, quant_min, quant_max, axis=None, grad=N
         learn_zero_point=False, **kwargs):
     """Forward and backward of qat; returns (output, input grad, scale grad, zero-point grad)."""
     x = x.detach().requires_grad_()
-    scale = scale.detach().clone().requires_grad_()
+    # Only a learned scale may require grad (the op refuses one that would get none).
+    scale = scale.detach().clone().requires_grad_(
+        bool(qat.estimators.describe(estimator)["learns_scale"]))
     zero_point = zero_point.detach().clone().requires_grad_(learn_zero_point)
     out = qat.ops.fake_quantize(x, scale, zero_point, quant_min, quant_max, axis=axis,
                                 estimator=estimator, **kwargs)
@@ -255,9 +257,12 @@ def test_ste_has_no_qparam_gradients(cpu_capability, shape, axis):
     scale, zero_point = qparams(channels, -8, 7, gen)
     x = sample_values(shape, scale, zero_point, -8, 7, axis, gen)
     grad = torch.randn(shape, generator=gen)
-    _, dx, ds, dz = run("ste", x, scale, zero_point, -8, 7, axis, grad, learn_zero_point=True)
+    _, dx, ds, dz = run("ste", x, scale, zero_point, -8, 7, axis, grad)
     assert torch.equal(dx, reference_ste_grad(grad, x, scale, zero_point, -8, 7, axis))
     assert ds is None and dz is None
+    # qparams that ask for a gradient ste never gives are refused, not silently left.
+    with pytest.raises(RuntimeError, match="zero_point requires grad, but estimator 'ste'"):
+        run("ste", x, scale, zero_point, -8, 7, axis, grad, learn_zero_point=True)
 
 
 @pytest.mark.parametrize("estimator", ["lsq_plus", "pact"])

@@ -109,7 +109,7 @@ def test_forward_and_ste_gradient(cpu_capability, case):
 def test_learned_gradients(cpu_capability, case, estimator):
     x = make_input(case).requires_grad_()
     scale, zero_point, quant_min, quant_max, axis = qparams_of(case)
-    s = scale.clone().requires_grad_()
+    s = scale.clone().requires_grad_(estimator != "ewgs")
     zp = zero_point.float().requires_grad_(estimator == "lsq_plus")
     out = qat.ops.fake_quantize(x, s, zp, quant_min, quant_max, axis=axis, estimator=estimator,
                                 grad_scale=1.0, ewgs_delta=0.1)

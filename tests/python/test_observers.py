@@ -86,7 +86,8 @@ def assert_state_equal(a, b):
         ("percentile", 0, "QuantSpec.percentile must be in (0, 100], got 0"),
         ("percentile", 100.5, "QuantSpec.percentile must be in (0, 100], got 100.5"),
         ("percentile", -1.0, "QuantSpec.percentile must be in (0, 100], got -1.0"),
-        ("bins", 0, "QuantSpec.bins must be an integer >= 1, got 0"),
+        ("bins", 0, "QuantSpec.bins must be an integer in 1..65536, got 0"),
+        ("bins", 2**40, "QuantSpec.bins must be an integer in 1..65536, got 1099511627776"),
         ("symmetric", 1, "QuantSpec.symmetric must be True or False, got 1"),
         ("signed", "yes", "QuantSpec.signed must be True, False or None"),
         ("axis", None, "QuantSpec.axis must be an integer, got None"),
@@ -95,6 +96,11 @@ def assert_state_equal(a, b):
 def test_spec_rejects_bad_fields_naming_them(field, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         QuantSpec(**{field: value})
+    # Assigned after construction, the same check; the spec keeps its old value.
+    spec = QuantSpec()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        setattr(spec, field, value)
+    assert spec == QuantSpec()
 
 
 def test_spec_accepts_the_bounds_of_each_range():

@@ -57,6 +57,7 @@ _WORKFLOW = textwrap.dedent("""
         qat.mobile.save_for_lite_interpreter(model, f"{folder}/{tag}_float.ptl")
         qat.mobile.lite_latency_ms({"m": f"{folder}/{tag}.ptl"}, x[:1], 2, 1)
 
+    engine = torch.backends.quantized.engine  # a fresh process's default
     passes = []
     for tag in ("first", "second"):
         with warnings.catch_warnings(record=True) as caught:
@@ -64,7 +65,7 @@ _WORKFLOW = textwrap.dedent("""
             workflow(sys.argv[1], tag)
         passes.append([{"category": w.category.__name__, "message": str(w.message),
                         "file": w.filename} for w in caught])
-    print(json.dumps(passes))
+    print(json.dumps({"passes": passes, "engine": engine}))
 """)
 
 
@@ -72,18 +73,22 @@ def test_a_workflow_gives_no_warning_of_qats_own_and_torchs_deprecations_once(tm
     run = subprocess.run([sys.executable, "-c", _WORKFLOW, str(tmp_path)], env=SUBPROCESS_ENV,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
-    first, second = json.loads(run.stdout.splitlines()[-1])
+    result = json.loads(run.stdout.splitlines()[-1])
+    first, second = result["passes"]
     # Nothing is said twice: not within the first pass, and nothing at all in the second.
     assert second == [], second
     messages = [(w["category"], w["message"]) for w in first]
     assert len(messages) == len(set(messages)), messages
-    # qat's own warnings: only the one that says the .ptl files are written without XNNPACK's
-    # rewrites, and only where this PyTorch has no XNNPACK.
+    # qat's own warnings: the one that says the .ptl files are written without XNNPACK's
+    # rewrites, only where this PyTorch has no XNNPACK; and the one that says convert set
+    # the process's quantized engine to qnnpack, only where it was another one (a fresh
+    # process on x86 starts with fbgemm, x86 or onednn).
     own = [w["message"] for w in first if w["message"].startswith("qat")]
-    if support.xnnpack_available():
-        assert own == [], own
-    else:
-        assert len(own) == 1 and "no XNNPACK" in own[0], own
+    expected = [] if support.xnnpack_available() else ["no XNNPACK"]
+    if result["engine"] != "qnnpack":
+        expected.append(f"set torch.backends.quantized.engine from '{result['engine']}' to "
+                        f"'qnnpack'")
+    assert sorted(next(e for e in expected if e in m) for m in own) == sorted(expected), own
     # Whatever else came is one of PyTorch's deprecation notes.
     others = [w for w in first if not w["message"].startswith("qat")]
     assert all("deprecated" in w["message"].lower() for w in others), others
