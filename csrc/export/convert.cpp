@@ -28,6 +28,8 @@
 
 #include <cctype>
 #include <cmath>
+#include <regex>
+#include <sstream>
 #include <stdexcept>
 
 namespace qat {
@@ -61,6 +63,21 @@ std::string literal(bool value) {
 
 std::string literal(at::IntArrayRef values) {
   return fmt::format("[{}]", fmt::join(values, ", "));
+}
+
+// A TorchScript string literal of `text`, for messages: control characters (which a module
+// name could hold, and a literal only as escapes this lexer does not all take) become '?'.
+std::string string_literal(const std::string& text) {
+  std::string out = "\"";
+  for (const char c : text) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else {
+      out += std::iscntrl(static_cast<unsigned char>(c)) ? '?' : c;
+    }
+  }
+  return out + "\"";
 }
 
 // TorchScript compiled without Python resolves no `torch.quint8`; a dtype argument is the
@@ -99,6 +116,33 @@ QParams qparams_of(const FakeQuantizeImpl& fq, const std::string& name) {
   return {
       fq.scale.detach().to(torch::kDouble).item<double>(), static_cast<int64_t>(zero_point),
       activation_dtype(fq, name)};
+}
+
+// gamma / sqrt(running_var + eps), the per-channel factor of a batch norm in eval, after
+// checking the statistics it comes from: a negative variance (a corrupt checkpoint, a hand
+// edit) or a factor that overflows would otherwise surface as a NaN scale deep in the
+// kernels, far from its cause.
+torch::Tensor batch_norm_factor(const torch::nn::BatchNorm2dImpl& bn, const std::string& name) {
+  torch::NoGradGuard no_grad;
+  const auto channels = bn.running_var.numel();
+  const auto negative = (bn.running_var < 0).sum().item<int64_t>();
+  if (negative > 0) {
+    throw std::invalid_argument(fmt::format(
+        "qat::convert: the batch norm '{}' has a negative running_var at {} of {} channels "
+        "(min {:.6g}); a variance cannot be negative, so its running statistics are corrupt",
+        name, negative, channels, bn.running_var.min().item<double>()));
+  }
+  // Without affine parameters the weight is 1.
+  const auto weight = bn.weight.defined() ? bn.weight : torch::ones_like(bn.running_var);
+  const auto factor = weight / torch::sqrt(bn.running_var + bn.options.eps());
+  const auto nonfinite = (~torch::isfinite(factor)).sum().item<int64_t>();
+  if (nonfinite > 0) {
+    throw std::invalid_argument(fmt::format(
+        "qat::convert: the batch norm '{}' has a non-finite factor weight / sqrt(running_var + "
+        "eps) at {} of {} channels (running_var + eps is 0 or the weight too large there)",
+        name, nonfinite, channels));
+  }
+  return factor;
 }
 
 // Runs a weight FakeQuantize as the simulation does in eval (fake quantization on, observer
@@ -335,7 +379,7 @@ class Converter {
       torch::NoGradGuard no_grad;
       // What the simulation's eval forward computes: bn(conv(x, fq(w * f) / f) + b) with
       // the running statistics is conv(x, fq(w * f)) + beta + f * (b - mean).
-      const auto factor = bn.weight / torch::sqrt(bn.running_var + bn.options.eps());
+      const auto factor = batch_norm_factor(bn, path(name, "bn"));
       std::vector<int64_t> shape(fold.weight.dim(), 1);
       shape[0] = -1;
       weight = simulate_weight(
@@ -355,6 +399,21 @@ class Converter {
     if (linear != nullptr) {
       packed_params = call_op("quantized::linear_prepack", {qweight, bias_value});
       op = relu ? "linear_relu" : "linear";
+      // quantized::linear does not check the input's width against the packed weight
+      // (qnnpack reads past the input), so the check torch::nn::Linear makes is part of the
+      // scripted code, and so of the files written from it. As in Python's
+      // qat.quantized.Linear, the error is torch.mm's on empty stand-ins, built only when
+      // the widths differ: torch::nn::Linear's RuntimeError and message ("mat1 and mat2
+      // shapes cannot be multiplied (2x5 and 4x3)"), where a TorchScript assert would
+      // raise another kind. Its result is assigned so that dead-code elimination keeps it.
+      const auto in_features = linear->options.in_features();
+      emit(fmt::format("if x.size(-1) != {}:", in_features));
+      // On x's device, which freezing cannot fold: a constant-sized empty tensor would be
+      // folded into a constant that the file stores (as large as a float weight).
+      emit(fmt::format(
+          "    x = torch.mm(torch.empty([x.numel() // max(x.size(-1), 1), x.size(-1)], "
+          "device=x.device), torch.empty([{}, {}], device=x.device))",
+          in_features, linear->options.out_features()));
     } else {
       const auto& options = dynamic_cast<Conv2dImpl*>(&module) != nullptr
                                 ? dynamic_cast<Conv2dImpl&>(module).options
@@ -434,6 +493,7 @@ class Converter {
             "form",
             name));
       }
+      batch_norm_factor(*bn, name);
       call = fmt::format(
           "torch.batch_norm(x, {}, {}, {}, {}, False, 0.0, {}, False)",
           tensor_attribute(name, "weight", bn->weight), tensor_attribute(name, "bias", bn->bias),
@@ -530,6 +590,46 @@ void check_calibrated(torch::nn::Module& prepared) {
       unobserved.size() > shown ? ", ..." : ""));
 }
 
+// NaN or inf in a weight, bias, batch norm statistic or qparam (a diverged training run, a
+// corrupt checkpoint) would become garbage integers or NaN scales inside the kernels; the
+// tensors are named here instead. The observers' ranges are left out: they start at +-inf
+// and are not part of the integer model.
+void check_finite(torch::nn::Module& prepared) {
+  std::vector<std::string> found;
+  auto check = [&](const std::string& name, const torch::Tensor& tensor) {
+    if (!tensor.defined() || !tensor.is_floating_point()) {
+      return;  // integer tensors (zero points, counters) are finite
+    }
+    const auto values = tensor.detach();
+    const bool nan = torch::isnan(values).any().item<bool>();
+    const bool inf = torch::isinf(values).any().item<bool>();
+    if (nan || inf) {
+      const char* kind = nan && inf ? "NaN and inf" : (nan ? "NaN" : "inf");
+      found.push_back(fmt::format("{} ({})", name, kind));
+    }
+  };
+  for (const auto& module : prepared.named_modules()) {
+    if (dynamic_cast<ObserverImpl*>(module.value().get()) != nullptr) {
+      continue;
+    }
+    for (const auto& item : module.value()->named_parameters(/*recurse=*/false)) {
+      check(path(module.key(), item.key()), item.value());
+    }
+    for (const auto& item : module.value()->named_buffers(/*recurse=*/false)) {
+      check(path(module.key(), item.key()), item.value());
+    }
+  }
+  if (found.empty()) {
+    return;
+  }
+  const size_t shown = std::min<size_t>(found.size(), 5);
+  throw std::invalid_argument(fmt::format(
+      "qat::convert: non-finite values in {}{}; the model cannot be converted (did the training "
+      "diverge, or was a corrupt checkpoint loaded?)",
+      fmt::join(found.begin(), found.begin() + static_cast<std::ptrdiff_t>(shown), ", "),
+      found.size() > shown ? fmt::format(", ... ({} tensors in all)", found.size()) : ""));
+}
+
 }  // namespace
 
 IntegerModel build_integer_model(torch::nn::Module& prepared, const std::string& backend) {
@@ -546,7 +646,44 @@ IntegerModel build_integer_model(torch::nn::Module& prepared, const std::string&
         "(and train or calibrate it) first");
   }
   check_calibrated(prepared);
+  check_finite(prepared);
   return Converter().run(*root);
+}
+
+c10::IValue run_example(
+    torch::jit::Module& module, const torch::Tensor& input, const char* caller) {
+  try {
+    torch::NoGradGuard no_grad;
+    return module.forward({input});
+  } catch (const std::exception& error) {
+    throw std::invalid_argument(fmt::format(
+        "{}: the example input does not fit the model: {}", caller, error_cause(error)));
+  }
+}
+
+std::string error_cause(const std::exception& error) {
+  const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
+  const std::string message =
+      c10_error != nullptr ? c10_error->what_without_backtrace() : error.what();
+  // The TorchScript interpreter puts its traceback (source lines, indented) first and the
+  // error after it, prefixed with class names ("RuntimeError: AssertionError: ...").
+  static const std::regex class_names(R"(^(\w+(Error|Exception): )+)");
+  const bool traceback = message.rfind("The following operation failed", 0) == 0;
+  std::string cause;
+  std::istringstream stream(message);
+  for (std::string line; std::getline(stream, line);) {
+    if (line.empty()) {
+      continue;
+    }
+    if (!traceback) {
+      cause = line;
+      break;
+    }
+    if (std::regex_search(line, class_names)) {
+      cause = line;
+    }
+  }
+  return cause.empty() ? "(no message)" : std::regex_replace(cause, class_names, "");
 }
 
 }  // namespace detail
@@ -554,15 +691,8 @@ IntegerModel build_integer_model(torch::nn::Module& prepared, const std::string&
 torch::jit::Module convert(
     torch::nn::Module& prepared, const torch::Tensor& example_input, const ExportOptions& options) {
   auto model = detail::build_integer_model(prepared, options.backend);
-  try {
-    torch::NoGradGuard no_grad;
-    model.module.forward({example_input.to(torch::kCPU)});
-  } catch (const c10::Error& error) {
-    const std::string message = error.what_without_backtrace();
-    throw std::runtime_error(fmt::format(
-        "qat::convert: the integer model fails on example_input: {}",
-        message.substr(0, message.find('\n'))));
-  }
+  // The quantized kernels run on the CPU, whatever device the model trained on.
+  detail::run_example(model.module, example_input.to(torch::kCPU), "qat::convert");
   return model.module;
 }
 

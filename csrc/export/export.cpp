@@ -24,9 +24,13 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <stdexcept>
+#include <utility>
+#include <vector>
 
 namespace qat {
 namespace {
@@ -54,6 +58,43 @@ void check_writable(const std::string& path) {
   if (::access(folder.c_str(), W_OK) != 0 ||
       (fs::exists(path, error) && ::access(path.c_str(), W_OK) != 0)) {
     throw std::invalid_argument(fmt::format("qat::export_model: '{}' is not writable", path));
+  }
+}
+
+// A file name next to `target` (in its folder, so that renaming it over `target` is atomic)
+// that no other export uses; the file is removed when this goes out of scope, unless it was
+// renamed away.
+class TemporaryFile {
+ public:
+  explicit TemporaryFile(const std::string& target) {
+    static std::atomic<uint64_t> count{0};
+    const std::filesystem::path file(target);
+    path_ = (file.parent_path() /
+             fmt::format(".{}.{}-{}.tmp", file.filename().string(), ::getpid(), count.fetch_add(1)))
+                .string();
+  }
+  ~TemporaryFile() {
+    std::error_code ignored;
+    std::filesystem::remove(path_, ignored);
+  }
+  TemporaryFile(const TemporaryFile&) = delete;
+  TemporaryFile& operator=(const TemporaryFile&) = delete;
+
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// Gives the new file the permissions of the file it replaces (or those a new file gets under
+// the process's umask): the temporary file is written as any new file is, and a replaced
+// file's mode is the user's choice.
+void keep_mode(const std::string& temporary, const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code error;
+  const auto status = fs::status(path, error);
+  if (!error && fs::exists(status)) {
+    fs::permissions(temporary, status.permissions(), fs::perm_options::replace, error);
   }
 }
 
@@ -155,14 +196,31 @@ std::string metadata(const std::vector<detail::LayerInfo>& layers, const std::st
       config_json(layers, backend), fmt::join(entries, ",\n  "));
 }
 
-torch::Tensor as_float(const c10::IValue& output, const std::string& path) {
+torch::Tensor as_float(const c10::IValue& output) {
   if (!output.isTensor()) {
     throw std::runtime_error(fmt::format(
-        "qat::export_model: the model loaded from '{}' returns a {}, not a tensor", path,
-        output.tagKind()));
+        "qat::export_model: the exported model returns a {}, not a tensor", output.tagKind()));
   }
   const auto tensor = output.toTensor();
   return tensor.is_quantized() ? tensor.dequantize() : tensor;
+}
+
+// NaN equals nothing, itself included, and gives a NaN SQNR: outputs that are not finite are
+// refused by name before any comparison.
+void check_finite(
+    const std::vector<std::pair<const char*, torch::Tensor>>& outputs, const std::string& path) {
+  std::vector<std::string> names;
+  for (const auto& output : outputs) {
+    if (!torch::isfinite(output.second).all().item<bool>()) {
+      names.emplace_back(output.first);
+    }
+  }
+  if (!names.empty()) {
+    throw std::runtime_error(fmt::format(
+        "qat::export_model: the outputs on example_input are not finite (NaN or inf from {}): "
+        "a float layer overflows, or the input holds NaN or inf; '{}' is left as it was",
+        fmt::join(names, ", "), path));
+  }
 }
 
 void check_outputs(
@@ -170,8 +228,9 @@ void check_outputs(
     const char* what, c10::optional<double> min_sqnr_db) {
   if (!got.sizes().equals(expected.sizes())) {
     throw std::runtime_error(fmt::format(
-        "qat::export_model: the file written to '{}' gives outputs of another shape than {}", path,
-        what));
+        "qat::export_model: the exported file gives outputs of another shape than {}; '{}' is "
+        "left as it was",
+        what, path));
   }
   if (torch::equal(got, expected)) {
     return;
@@ -182,9 +241,9 @@ void check_outputs(
                                difference.pow(2).sum().item<double>());
   if (!min_sqnr_db.has_value() || !(sqnr >= *min_sqnr_db)) {
     throw std::runtime_error(fmt::format(
-        "qat::export_model: the file written to '{}' computes other outputs than {} (max "
-        "difference {:.3g}, SQNR {:.1f} dB)",
-        path, what, difference.abs().max().item<double>(), sqnr));
+        "qat::export_model: the exported file computes other outputs than {} (max difference "
+        "{:.3g}, SQNR {:.1f} dB); '{}' is left as it was",
+        what, difference.abs().max().item<double>(), sqnr, path));
   }
 }
 
@@ -221,7 +280,12 @@ void export_model(
   torch::NoGradGuard no_grad;
   // The quantized kernels run on the CPU, whatever device the model trained on.
   const auto input = example_input.to(torch::kCPU);
-  const auto expected = as_float(model.module.forward({input}), path);
+  if (input.is_floating_point() && !torch::isfinite(input).all().item<bool>()) {
+    throw std::invalid_argument(
+        "qat::export_model: example_input holds NaN or inf; give finite inputs to check the "
+        "file on");
+  }
+  const auto expected = as_float(detail::run_example(model.module, input, "qat::export_model"));
   auto frozen = torch::jit::freeze(model.module);
   const torch::jit::ExtraFilesMap extra{{kMetadataFile, metadata(model.layers, options.backend)}};
   // The module saved is the frozen (and, for mobile, optimized) one, whose float ops may
@@ -231,23 +295,39 @@ void export_model(
 #else
   auto saved = frozen;
 #endif
-  const auto written = as_float(saved.forward({input}), path);
+  const auto written = as_float(saved.forward({input}));
+  // The file is written next to `path` and renamed over it once it checks out: a failure
+  // leaves the previous file as it was, and no reader sees a half-written one.
+  const TemporaryFile temporary(path);
   c10::IValue got;
 #ifdef QAT_HAVE_LITE_INTERPRETER
   if (options.mobile) {
-    saved._save_for_mobile(path, extra);
-    got = torch::jit::_load_for_mobile(path).forward({input});
+    saved._save_for_mobile(temporary.path(), extra);
+    got = torch::jit::_load_for_mobile(temporary.path()).forward({input});
   }
 #endif
   if (!options.mobile) {
-    saved.save(path, extra);
-    got = torch::jit::load(path).forward({input});
+    saved.save(temporary.path(), extra);
+    got = torch::jit::load(temporary.path()).forward({input});
   }
-  const auto output = as_float(got, path);
+  const auto output = as_float(got);
+  check_finite(
+      {{"the in-memory integer model", expected},
+       {"the module it was written from", written},
+       {"the exported file", output}},
+      path);
   // The file computes exactly what was saved, and what the in-memory model computes up to
   // a few one-step flips downstream of reordered float ops (40 dB), as Python's export.
   check_outputs(written, output, path, "the module it was written from", c10::nullopt);
   check_outputs(expected, output, path, "the in-memory integer model", 40.0);
+  std::error_code error;
+  keep_mode(temporary.path(), path);
+  std::filesystem::rename(temporary.path(), path, error);
+  if (error) {
+    throw std::runtime_error(fmt::format(
+        "qat::export_model: cannot move the checked file '{}' over '{}': {}", temporary.path(),
+        path, error.message()));
+  }
 }
 
 }  // namespace qat

@@ -9,6 +9,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <exception>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,16 @@ struct IntegerModel {
 
 /// The integer model of `prepared` for `backend` (which is made the quantized engine).
 IntegerModel build_integer_model(torch::nn::Module& prepared, const std::string& backend);
+
+/// `module`'s output on `input`, without gradients.
+/// @throws std::invalid_argument "<caller>: the example input does not fit the model: <cause>"
+///         when the module fails on it.
+c10::IValue run_example(torch::jit::Module& module, const torch::Tensor& input, const char* caller);
+
+/// The first line of what went wrong in `error`'s message, without the exception class
+/// names that prefix it ("RuntimeError: "); for a failure inside the TorchScript
+/// interpreter, the first line of the error after its traceback.
+std::string error_cause(const std::exception& error);
 
 }  // namespace detail
 }  // namespace qat

@@ -118,8 +118,8 @@ QuantSpec& QuantSpec::percentile(double percentile) {
 }
 
 QuantSpec& QuantSpec::bins(int64_t bins) {
-  if (bins < 1) {
-    fail("qat::QuantSpec: bins must be at least 1, got {}", bins);
+  if (bins < 1 || bins > kMaxBins) {
+    fail("qat::QuantSpec: bins must be in 1..{}, got {}", kMaxBins, bins);
   }
   bins_ = bins;
   return *this;

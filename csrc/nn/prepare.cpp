@@ -16,6 +16,7 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -96,18 +97,28 @@ void check_config_names(torch::nn::Module& root, const Config& config) {
   }
 }
 
-// Walks the module tree and swaps, folds and inserts as qat::prepare documents.
+// Walks the module tree and swaps, folds and inserts as qat::prepare documents. The walk
+// only builds the new modules and records the edits; they are applied once all of them
+// were built, so that a layer that cannot be prepared (its QAT module or factory refusing
+// it) leaves the model as it was.
 class Preparer {
  public:
   Preparer(const Config& config, const ModuleRegistry& registry)
       : config_(config), registry_(registry) {}
 
+  void run(torch::nn::Module& root) {
+    module(root, "");
+    for (const auto& edit : edits_) {
+      edit();
+    }
+  }
+
+ private:
   void module(torch::nn::Module& module, const std::string& prefix) {
     if (auto* sequential = dynamic_cast<torch::nn::SequentialImpl*>(&module)) {
       this->sequential(*sequential, prefix);
       return;
     }
-    // named_children() is a copy, so replacing children while iterating is safe.
     for (const auto& item : module.named_children()) {
       const auto name = path(prefix, item.key());
       const auto& child = item.value();
@@ -115,22 +126,39 @@ class Preparer {
         continue;
       }
       if (swappable(*child)) {
-        module.replace_module(item.key(), swap(child, name, false).ptr());
+        auto swapped = swap(child, name, false).ptr();
+        edits_.emplace_back([&module, key = item.key(), swapped = std::move(swapped)] {
+          module.replace_module(key, swapped);
+        });
       } else {
         this->module(*child, name);
       }
     }
   }
 
- private:
   bool swappable(const torch::nn::Module& module) const {
     return registry_.contains(std::type_index(typeid(module)));
+  }
+
+  // Runs `build` (which makes a QAT module or FakeQuantize for the layer at `name`), naming
+  // the layer in what it throws: the QAT modules' own messages do not know where they are.
+  template <typename Build>
+  static auto for_layer(const std::string& name, const torch::nn::Module& layer, Build build) {
+    try {
+      return build();
+    } catch (const std::invalid_argument& error) {
+      throw std::invalid_argument(fmt::format(
+          "qat::prepare: '{}' ({}) cannot be prepared, so the model is left as it was: {}", name,
+          layer.name(), error.what()));
+    }
   }
 
   torch::nn::AnyModule swap(
       const std::shared_ptr<torch::nn::Module>& module, const std::string& name, bool relu) {
     const auto specs = *config_.spec_for(name);
-    return registry_.swap(module, SwapOptions{specs.weight, specs.activation, relu, name});
+    return for_layer(name, *module, [&] {
+      return registry_.swap(module, SwapOptions{specs.weight, specs.activation, relu, name});
+    });
   }
 
   static bool folds(const std::vector<std::shared_ptr<torch::nn::Module>>& modules, size_t i) {
@@ -160,9 +188,12 @@ class Preparer {
 
     std::vector<std::pair<std::string, torch::nn::AnyModule>> chain;
     bool quantized = false;  // whether the tensor at this point of the chain is fake-quantized
-    auto fake_quant = [&](const std::string& name, const QuantSpec& spec) {
+    // `layer` is the index of the module whose activation spec `spec` is.
+    auto fake_quant = [&](const std::string& name, const QuantSpec& spec, size_t layer) {
       if (!config_.dynamic()) {
-        chain.emplace_back(name, torch::nn::AnyModule(FakeQuantize(spec)));
+        chain.emplace_back(name, for_layer(path(prefix, names[layer]), *modules[layer], [&] {
+                             return torch::nn::AnyModule(FakeQuantize(spec));
+                           }));
       }
       quantized = true;
     };
@@ -173,7 +204,7 @@ class Preparer {
         const auto activation = config_.spec_for(name)->activation;
         if (!quantized) {
           fake_quant(
-              chain.empty() ? "input_fake_quant" : names[i] + "_input_fake_quant", activation);
+              chain.empty() ? "input_fake_quant" : names[i] + "_input_fake_quant", activation, i);
         }
         const size_t after = fold ? i + 2 : i + 1;
         const bool relu =
@@ -181,7 +212,7 @@ class Preparer {
         chain.emplace_back(
             names[i], fold ? fold_conv_bn(modules[i], modules[i + 1], name, relu)
                            : swap(modules[i], name, relu));
-        fake_quant(names[i] + "_fake_quant", activation);
+        fake_quant(names[i] + "_fake_quant", activation, i);
         i = after + (relu ? 1 : 0);
         continue;
       }
@@ -192,29 +223,33 @@ class Preparer {
       if (skipped(i) || !(passes_qparams(*modules[i]) || requantizes(*modules[i]))) {
         quantized = false;
       } else if (requantizes(*modules[i]) && quantized) {
-        fake_quant(names[i] + "_fake_quant", config_.spec_for(name)->activation);
+        fake_quant(names[i] + "_fake_quant", config_.spec_for(name)->activation, i);
       }
       ++i;
     }
 
-    torch::nn::SequentialImpl rebuilt;
+    // Built now (push_back refuses a name twice), assigned with the other edits.
+    auto rebuilt = std::make_shared<torch::nn::SequentialImpl>();
     for (auto& item : chain) {
-      rebuilt.push_back(item.first, std::move(item.second));
+      rebuilt->push_back(item.first, std::move(item.second));
     }
-    sequential = rebuilt;
+    edits_.emplace_back([&sequential, rebuilt] { sequential = *rebuilt; });
   }
 
   torch::nn::AnyModule fold_conv_bn(
       const std::shared_ptr<torch::nn::Module>& conv, const std::shared_ptr<torch::nn::Module>& bn,
       const std::string& name, bool relu) {
     const auto specs = *config_.spec_for(name);
-    return torch::nn::AnyModule(std::make_shared<ConvBn2dImpl>(
-        std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(conv),
-        std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(bn), specs.weight, relu));
+    return for_layer(name, *conv, [&] {
+      return torch::nn::AnyModule(std::make_shared<ConvBn2dImpl>(
+          std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(conv),
+          std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(bn), specs.weight, relu));
+    });
   }
 
   const Config& config_;
   const ModuleRegistry& registry_;
+  std::vector<std::function<void()>> edits_;
 };
 
 void set_all(torch::nn::Module& root, void (FakeQuantizeImpl::*set)(bool), bool enabled) {
@@ -344,7 +379,7 @@ void prepare(torch::nn::Module& root, const Config& config) {
   }
   check_not_prepared(root);
   check_config_names(root, config);
-  Preparer(config, registry).module(root, "");
+  Preparer(config, registry).run(root);
   root.train(true);
 }
 

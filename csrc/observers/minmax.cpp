@@ -145,12 +145,12 @@ void update_observer_state(
   }
   // On the CPU, with the buffers in the dtypes FakeQuantize keeps, the state is updated
   // where it lies: a per-batch call on a small tensor is otherwise mostly copies.
-  const bool in_place =
-      state.running_min.is_cpu() && state.running_max.is_cpu() && state.scale.is_cpu() &&
-      state.zero_point.is_cpu() && state.running_min.is_contiguous() &&
-      state.running_max.is_contiguous() && state.scale.is_contiguous() &&
-      state.zero_point.is_contiguous() && state.scale.scalar_type() == at::kFloat &&
-      state.zero_point.scalar_type() == at::kInt;
+  const bool in_place = state.running_min.is_cpu() && state.running_max.is_cpu() &&
+                        state.scale.is_cpu() && state.zero_point.is_cpu() &&
+                        state.running_min.is_contiguous() && state.running_max.is_contiguous() &&
+                        state.scale.is_contiguous() && state.zero_point.is_contiguous() &&
+                        state.scale.scalar_type() == at::kFloat &&
+                        state.zero_point.scalar_type() == at::kInt;
   auto run_min =
       in_place ? state.running_min : state.running_min.detach().to(at::kCPU).contiguous();
   auto run_max =
@@ -178,7 +178,8 @@ void update_observer_state(
     float* sp = state.scale.data_ptr<float>();
     int32_t* zp = state.zero_point.data_ptr<int32_t>();
     for (int64_t c = 0; c < channels; ++c) {
-      const auto q = qparams_of(op, c, lo[c], hi[c], state.quant_min, state.quant_max, state.symmetric);
+      const auto q =
+          qparams_of(op, c, lo[c], hi[c], state.quant_min, state.quant_max, state.symmetric);
       sp[c] = q.first;
       zp[c] = static_cast<int32_t>(q.second);
     }
@@ -204,9 +205,8 @@ at::Tensor fused_observe_fake_quantize(
     bool fake_quantize_enabled, c10::string_view estimator,
     const c10::optional<at::Tensor>& nonfinite_count) {
   constexpr const char* op = "qat::fused_observe_fake_quantize";
-  ObserverState state{running_min, running_max, scale,
-                      zero_point,  quant_min,   quant_max,
-                      averaging_constant, symmetric};
+  ObserverState state{running_min, running_max,        scale,    zero_point, quant_min,
+                      quant_max,   averaging_constant, symmetric};
   detail::check_quant_range(op, quant_min, quant_max);
   if (observe) {
     check_observer_state(op, state);
@@ -229,9 +229,8 @@ at::Tensor fake_quantize_folded(
     bool fake_quantize_enabled, c10::string_view estimator,
     const c10::optional<at::Tensor>& nonfinite_count) {
   constexpr const char* op = "qat::fake_quantize_folded";
-  ObserverState state{running_min, running_max, scale,
-                      zero_point,  quant_min,   quant_max,
-                      averaging_constant, symmetric};
+  ObserverState state{running_min, running_max,        scale,    zero_point, quant_min,
+                      quant_max,   averaging_constant, symmetric};
   detail::check_quant_range(op, quant_min, quant_max);
   TORCH_CHECK(
       weight.dim() >= 1 && factor.dim() == 1 && factor.numel() == weight.size(0), op,
@@ -277,9 +276,9 @@ at::Tensor fake_quantize_folded(
   const std::string estimator_name(estimator.data(), estimator.size());
   const auto device = weight.device();
   const bool plain = !scale.requires_grad() && !zero_point.requires_grad() && scale.is_cpu() &&
-                     zero_point.is_cpu() && scale.is_contiguous() &&
-                     zero_point.is_contiguous() && scale.scalar_type() == at::kFloat &&
-                     zero_point.scalar_type() == at::kInt && scale.numel() == factor.numel();
+                     zero_point.is_cpu() && scale.is_contiguous() && zero_point.is_contiguous() &&
+                     scale.scalar_type() == at::kFloat && zero_point.scalar_type() == at::kInt &&
+                     scale.numel() == factor.numel();
   if (plain) {
     // Fixed qparams (every training step of an observed weight): the folded ones in one
     // loop instead of half a dozen small tensor operations.

@@ -49,9 +49,9 @@ void check_learns(
   }
   const char* what = scale_missed ? "scale" : "zero_point";
   TORCH_CHECK(
-      false, op, ": ", what, " requires grad, but estimator '", name, "' does not learn the ",
-      what, " (no gradient would reach it); use an estimator that does (", learners.str(),
-      ") or pass a ", what, " that does not require grad");
+      false, op, ": ", what, " requires grad, but estimator '", name, "' does not learn the ", what,
+      " (no gradient would reach it); use an estimator that does (", learners.str(), ") or pass a ",
+      what, " that does not require grad");
 }
 
 at::Tensor fake_quantize_composite(
@@ -87,8 +87,9 @@ at::Tensor fake_quantize_composite(
       output.defined() && output.sizes() == input.sizes() &&
           output.scalar_type() == input.scalar_type() && output.device() == input.device(),
       op, ": estimator '", name, "' returned ",
-      output.defined() ? describe(output) : std::string("an undefined tensor"),
-      " for an input of ", describe(input), "; it must return a tensor of the input's shape, "
+      output.defined() ? describe(output) : std::string("an undefined tensor"), " for an input of ",
+      describe(input),
+      "; it must return a tensor of the input's shape, "
       "dtype and device");
   return output;
 }

@@ -35,8 +35,8 @@ class PythonEstimator final : public qat::Estimator {
     // An estimator that calls fake_quantize with its own name would recurse until
     // Python's limit, each level wrapping the error below it (megabytes of message).
     TORCH_CHECK(
-        !running_here(), "qat: estimator '", name_, "' calls fake_quantize with estimator='",
-        name_, "' itself, which would recurse without end; call another estimator inside it");
+        !running_here(), "qat: estimator '", name_, "' calls fake_quantize with estimator='", name_,
+        "' itself, which would recurse without end; call another estimator inside it");
     const RunningGuard running(this);
     py::gil_scoped_acquire gil;
     py::object result;

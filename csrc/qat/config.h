@@ -13,6 +13,10 @@
 
 namespace qat {
 
+/// The most histogram bins a QuantSpec accepts (as Python's qat.config.MAX_BINS): a
+/// histogram observer keeps this many counts per channel.
+constexpr int64_t kMaxBins = 65536;
+
 /// Quantization of one tensor (a weight or an activation).
 ///
 /// Built with chained setters, each of which checks its field and throws
@@ -75,7 +79,7 @@ class QuantSpec {
   QuantSpec& percentile(double percentile);
   double percentile() const { return percentile_; }
 
-  /// @param bins histogram bins of the histogram observers, at least 1.
+  /// @param bins histogram bins of the histogram observers, 1 to kMaxBins (65536).
   QuantSpec& bins(int64_t bins);
   int64_t bins() const { return bins_; }
 

@@ -39,7 +39,10 @@ struct ExportOptions {
 /// FakeQuantize after them; ReLU, MaxPool2d and Flatten run on the quantized tensors; float
 /// layers (Linear, Conv2d, BatchNorm2d, AvgPool2d, AdaptiveAvgPool2d, ReLU6, Hardtanh,
 /// Sigmoid, Tanh) run between a dequantize and a quantize; Dropout and Identity vanish.
-/// The module's forward takes and returns a float tensor.
+/// The module's forward takes and returns a float tensor. Like torch::nn::Linear, each
+/// integer Linear checks that the input's last dimension is its in_features (an assert in
+/// the scripted code, so the files written from it check it too: `quantized::linear` would
+/// read past a narrower input).
 ///
 /// Sets the process's quantized engine to `options.backend`, as qat.convert does: packed
 /// weights belong to an engine, and a file loaded later is repacked for the current one.
@@ -48,35 +51,47 @@ struct ExportOptions {
 /// @param example_input an input the integer model is run on once, to check that it runs.
 /// @param options the backend (`mobile` is not used here).
 /// @throws std::invalid_argument when the model was never calibrated or trained (its
-///         qparams are still the initial ones), holds a module that has no conversion (named
-///         with its path and type), has weights outside 8 bits or activations other than
-///         the full 8-bit range ([0, 255] or [-128, 127]), or the backend is not an engine
-///         of this LibTorch.
-/// @throws std::runtime_error when the integer model fails on `example_input`.
+///         qparams are still the initial ones); holds NaN or inf in a parameter or buffer
+///         (weights, biases, batch norm weight / bias / running statistics, FakeQuantize
+///         scale / zero point: "non-finite values in 0.weight (NaN)", each tensor named
+///         with its path); holds a batch norm with a negative running_var or a non-finite
+///         factor weight / sqrt(running_var + eps) (named with its path); holds a module
+///         that has no conversion (named with its path and type); has weights outside 8 bits
+///         or activations other than the full 8-bit range ([0, 255] or [-128, 127]); the
+///         backend is not an engine of this LibTorch; or the integer model fails on
+///         `example_input` ("the example input does not fit the model: " and the first line
+///         of the error).
 torch::jit::Module convert(
     torch::nn::Module& prepared, const torch::Tensor& example_input,
     const ExportOptions& options = {});
 
 /// qat::convert, then freeze (and with `options.mobile` torch::jit::optimizeForMobile where
 /// this LibTorch has XNNPACK; official builds from 2.13 on have none, and the frozen module is
-/// then saved as it is, with a warning once per process), then write to `path`: a
-/// lite-interpreter file (`_save_for_mobile`) with `mobile`, else full TorchScript (`save`).
-/// The archive carries `qat/metadata.json` (qat and torch versions, the engine, the config
-/// the layers were prepared with and, per layer, its type, weight bits, weight scales and
-/// output qparams), as Python's qat.export writes it. The file is then loaded back
-/// (torch::jit::_load_for_mobile or torch::jit::load) and must give, on `example_input`, bit
-/// for bit the output of the module it was written from, and the in-memory integer model's
-/// output up to what freezing and the mobile passes change in float ops (an SQNR of at
-/// least 40 dB).
+/// then saved as it is, with a warning once per process), then write it: a lite-interpreter
+/// file (`_save_for_mobile`) with `mobile`, else full TorchScript (`save`). The archive
+/// carries `qat/metadata.json` (qat and torch versions, the engine, the config the layers
+/// were prepared with and, per layer, its type, weight bits, weight scales and output
+/// qparams), as Python's qat.export writes it.
+///
+/// The file is written to a temporary file in the folder of `path`, loaded back from there
+/// (torch::jit::_load_for_mobile or torch::jit::load) and checked, and only then renamed
+/// over `path`: an export that fails leaves a file already at `path` as it was, and no
+/// temporary file behind. The check: on `example_input`, the outputs of the in-memory
+/// integer model, of the module written and of the file are finite, the file's equal bit for
+/// bit those of the module it was written from, and the in-memory integer model's up to
+/// what freezing and the mobile passes change in float ops (an SQNR of at least 40 dB).
 ///
 /// @param prepared the model from qat::prepare, trained or calibrated; it is not modified.
 /// @param example_input an input of the model (a batch of one or more).
 /// @param path the file to write (`.ptl` for mobile, `.pt` otherwise, by convention).
 /// @param options backend and file kind.
 /// @throws std::invalid_argument when `path` cannot be written (before any work), when
-///         `mobile` is asked of a LibTorch without the lite interpreter, and as qat::convert.
-/// @throws std::runtime_error when the written file computes another output than the
-///         in-memory integer model.
+///         `mobile` is asked of a LibTorch without the lite interpreter, when the integer
+///         model fails on `example_input` ("the example input does not fit the model: " and
+///         the first line of the error), and as qat::convert.
+/// @throws std::runtime_error when the outputs on `example_input` are not finite (NaN or
+///         inf), or the written file computes another output than the in-memory integer
+///         model.
 void export_model(
     torch::nn::Module& prepared, const torch::Tensor& example_input, const std::string& path,
     const ExportOptions& options = {});

@@ -154,12 +154,19 @@ bool unregister_module() {
 /// Build the optimizer after prepare: learned qparams (lsq) are new parameters. The model
 /// is left in training mode, as qat.prepare returns it.
 ///
+/// prepare builds every QAT module and FakeQuantize before it changes the model, so that
+/// when it throws, `root` is as it was (the same modules at the same paths, the same
+/// parameters and buffers). A module factory (register_module) must not change the float
+/// module it is given, for the same reason.
+///
 /// @param root the float model (e.g. `*net` for a holder `net`).
 /// @param config the quantization config; exact layer names it gives must exist.
 /// @throws std::invalid_argument when `root` holds a QAT layer already (qat::Linear,
 ///         qat::Conv2d, qat::ConvBn2d: prepare the float model; FakeQuantize members of
 ///         custom modules are fine), a name in the config matches no module, or a layer
-///         cannot be swapped.
+///         cannot be swapped (named with its path and type, followed by the reason: a
+///         Conv2d padding mode other than zeros, a BatchNorm2d that cannot be folded, an
+///         observer C++ does not have, a factory that throws std::invalid_argument).
 void prepare(torch::nn::Module& root, const Config& config = Config());
 
 /// Runs `run` (which feeds calibration batches through the model) with every

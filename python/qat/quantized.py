@@ -233,8 +233,11 @@ class _LinearBase(_IntegerLayer):
         in_features = self.weight_shape[1]
         if x.size(-1) != in_features:
             rows = x.numel() // max(x.size(-1), 1)
-            return torch.mm(torch.empty([rows, x.size(-1)]),
-                            torch.empty([in_features, self.weight_shape[0]]))
+            # On x's device, which freezing cannot fold: a constant-sized empty tensor would
+            # be folded into a constant, and the file would store it (as large as a float
+            # weight).
+            return torch.mm(torch.empty([rows, x.size(-1)], device=x.device),
+                            torch.empty([in_features, self.weight_shape[0]], device=x.device))
         return x
 
 

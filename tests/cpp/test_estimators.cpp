@@ -136,12 +136,21 @@ CATCH_TEST_CASE(
   CATCH_CHECK(torch::allclose(xr.grad(), expected, 1e-12, 1e-12));
 }
 
-CATCH_TEST_CASE("estimators without learned qparams give them no gradient", "[estimators]") {
+CATCH_TEST_CASE(
+    "estimators without learned qparams refuse a scale that requires grad", "[estimators]") {
   for (const char* name : {"ste", "ewgs"}) {
     auto s = torch::tensor({0.2}).requires_grad_();
     const auto x = torch::randn({10}).requires_grad_();
-    qat::fake_quantize(x, s, torch::tensor({0}), 0, 255, c10::nullopt, name).sum().backward();
-    CATCH_CHECK_FALSE(s.grad().defined());
+    // No gradient would reach the scale: refused, naming the estimators that learn it.
+    CATCH_CHECK_THROWS_WITH(
+        qat::fake_quantize(x, s, torch::tensor({0}), 0, 255, c10::nullopt, name),
+        Catch::Contains(
+            std::string("scale requires grad, but estimator '") + name +
+            "' does not learn the scale") &&
+            Catch::Contains("(lsq, lsq_plus, pact)"));
+    qat::fake_quantize(x, s.detach(), torch::tensor({0}), 0, 255, c10::nullopt, name)
+        .sum()
+        .backward();
     CATCH_CHECK(x.grad().defined());
   }
 }

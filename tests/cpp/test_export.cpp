@@ -17,6 +17,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "helpers.h"
+
 namespace {
 
 template <typename Exception, typename Fn>
@@ -28,18 +30,6 @@ std::string message_of(Fn fn) {
   }
   return "";
 }
-
-// A temporary folder, removed with what it holds when the test ends.
-struct TempDir {
-  TempDir()
-      : path(
-            std::filesystem::temp_directory_path() / ("qat_export_" + std::to_string(::getpid()))) {
-    std::filesystem::create_directories(path);
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-  std::filesystem::path path;
-};
 
 // Conv + BN + ReLU, max pooling, flatten, Linear + ReLU, Linear: what a small CNN is.
 torch::nn::Sequential cnn() {
@@ -138,7 +128,7 @@ CATCH_TEST_CASE("convert: float layers run between a dequantize and a quantize",
 
   // The float layers run on XNNPACK in the .ptl, in another order of float arithmetic:
   // export checks the file against what it saved, and loosely against the model.
-  TempDir dir;
+  const qat_test::TempDir dir("qat_export");
   const auto path = dir.file("float_layers.ptl");
   qat::export_model(*net, x, path);
   const auto reloaded = torch::jit::_load_for_mobile(path).forward({x}).toTensor();
@@ -155,7 +145,7 @@ CATCH_TEST_CASE(
   auto integer = qat::convert(*net, x);
   const auto expected = run(integer, x);
 
-  TempDir dir;
+  const qat_test::TempDir dir("qat_export");
   const auto pt = dir.file("model.pt");
   qat::export_model(*net, x, pt, {"qnnpack", false});
   torch::jit::ExtraFilesMap extra{{"qat/metadata.json", ""}};
@@ -178,7 +168,7 @@ CATCH_TEST_CASE(
 CATCH_TEST_CASE("convert and export_model refuse bad input with one-line errors", "[export]") {
   torch::manual_seed(3);
   const auto x = torch::randn({4, 1, 12, 12});
-  TempDir dir;
+  const qat_test::TempDir dir("qat_export");
 
   CATCH_SECTION("a model never calibrated or trained") {
     auto net = cnn();

@@ -83,7 +83,10 @@ CATCH_TEST_CASE("QuantSpec and Config name the invalid field", "[nn][config]") {
               }) == "qat::QuantSpec: percentile must be in (0, 100], got 100.5");
   CATCH_CHECK(invalid_argument_message([] {
                 qat::QuantSpec().bins(0);
-              }) == "qat::QuantSpec: bins must be at least 1, got 0");
+              }) == "qat::QuantSpec: bins must be in 1..65536, got 0");
+  CATCH_CHECK(invalid_argument_message([] {
+                qat::QuantSpec().bins(int64_t{1} << 40);
+              }) == "qat::QuantSpec: bins must be in 1..65536, got 1099511627776");
   CATCH_CHECK(invalid_argument_message([] {
                 qat::Config().backend("tensorrt");
               }) == "qat::Config: backend must be one of qnnpack, fbgemm; got 'tensorrt'");
