@@ -669,21 +669,32 @@ std::string error_cause(const std::exception& error) {
   // error after it, prefixed with class names ("RuntimeError: AssertionError: ...").
   static const std::regex class_names(R"(^(\w+(Error|Exception): )+)");
   const bool traceback = message.rfind("The following operation failed", 0) == 0;
-  std::string cause;
+  std::vector<std::string> lines;
   std::istringstream stream(message);
   for (std::string line; std::getline(stream, line);) {
-    if (line.empty()) {
-      continue;
-    }
-    if (!traceback) {
-      cause = line;
-      break;
-    }
-    if (std::regex_search(line, class_names)) {
-      cause = line;
+    if (!line.empty()) {
+      lines.push_back(line);
     }
   }
-  return cause.empty() ? "(no message)" : std::regex_replace(cause, class_names, "");
+  size_t at = lines.size();
+  for (size_t i = 0; i < lines.size(); ++i) {
+    if (!traceback || std::regex_search(lines[i], class_names)) {
+      at = i;
+      if (!traceback) {
+        break;
+      }
+    }
+  }
+  if (at == lines.size()) {
+    return "(no message)";
+  }
+  std::string cause = std::regex_replace(lines[at], class_names, "");
+  // Newer PyTorch names the op on a line of its own ("mm:") and says what failed below it.
+  if (!cause.empty() && cause.back() == ':' && at + 1 < lines.size()) {
+    const auto next = lines[at + 1].find_first_not_of(' ');
+    cause += " " + lines[at + 1].substr(next == std::string::npos ? 0 : next);
+  }
+  return cause.empty() ? "(no message)" : cause;
 }
 
 }  // namespace detail

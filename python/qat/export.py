@@ -165,9 +165,12 @@ def _run_example(int_model: nn.Module, inputs: tuple):
             expected = int_model(*inputs)
     except Exception as error:  # noqa: BLE001 - whatever the model raises on them
         shapes = ", ".join(str(list(t.shape)) for t in inputs)
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        cause = lines[0] if lines else type(error).__name__
+        if cause.endswith(":") and len(lines) > 1:
+            cause += " " + lines[1]  # newer PyTorch: the op's name ("mm:"), then the error
         raise ValueError(f"qat.export: the example input ({shapes}) does not fit the model: "
-                         f"{first}") from error
+                         f"{cause}") from error
     for out in (expected,) if isinstance(expected, torch.Tensor) else tuple(expected):
         values = out.dequantize() if out.is_quantized else out
         if values.is_floating_point() and not bool(torch.isfinite(values).all()):

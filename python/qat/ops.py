@@ -36,7 +36,8 @@ def fake_quantize(
         (clamp(nearbyint(x / scale) + zero_point, quant_min, quant_max) - zero_point) * scale
 
     so it matches ``torch.fake_quantize_per_tensor_affine`` and
-    ``torch.fake_quantize_per_channel_affine``; NaN propagates and +/-inf saturate.
+    ``torch.fake_quantize_per_channel_affine``; NaN propagates and +/-inf saturate, with
+    every estimator (they share this forward and differ only in the backward).
 
     Args:
         input: float32, float64, float16 or bfloat16 tensor, any layout. Math is in float32
