@@ -402,17 +402,19 @@ class Converter {
       // quantized::linear does not check the input's width against the packed weight
       // (qnnpack reads past the input), so the check torch::nn::Linear makes is part of the
       // scripted code, and so of the files written from it. As in Python's
-      // qat.quantized.Linear, the error is torch.mm's on empty stand-ins, built only when
-      // the widths differ: torch::nn::Linear's RuntimeError and message ("mat1 and mat2
-      // shapes cannot be multiplied (2x5 and 4x3)"), where a TorchScript assert would
-      // raise another kind. Its result is assigned so that dead-code elimination keeps it.
+      // qat.quantized.Linear, the error is torch.addmm's (what torch::nn::Linear runs on a
+      // batch of rows) on empty stand-ins, built only when the widths differ:
+      // torch::nn::Linear's RuntimeError and message ("mat1 and mat2 shapes cannot be
+      // multiplied (2x5 and 4x3)"), where a TorchScript assert would raise another kind. Its
+      // result is assigned so that dead-code elimination keeps it.
       const auto in_features = linear->options.in_features();
       emit(fmt::format("if x.size(-1) != {}:", in_features));
       // On x's device, which freezing cannot fold: a constant-sized empty tensor would be
       // folded into a constant that the file stores (as large as a float weight).
       emit(fmt::format(
-          "    x = torch.mm(torch.empty([x.numel() // max(x.size(-1), 1), x.size(-1)], "
-          "device=x.device), torch.empty([{}, {}], device=x.device))",
+          "    x = torch.addmm(torch.empty([{1}], device=x.device), "
+          "torch.empty([x.numel() // max(x.size(-1), 1), x.size(-1)], device=x.device), "
+          "torch.empty([{0}, {1}], device=x.device))",
           in_features, linear->options.out_features()));
     } else {
       const auto& options = dynamic_cast<Conv2dImpl*>(&module) != nullptr

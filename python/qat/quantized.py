@@ -225,8 +225,9 @@ class _LinearBase(_IntegerLayer):
 
         qnnpack's linear kernels take the width from the packed weight and read that many
         values per row without checking: a narrower input is read out of bounds. nn.Linear
-        raises here, and so does the simulation. The error comes from torch.mm on empty
-        stand-ins (built only when the widths differ), so that the model and its TorchScript
+        raises here, and so does the simulation. The error comes from torch.addmm (what
+        nn.Linear runs on a batch of rows) on empty stand-ins (built only when the widths
+        differ), so that the model and its TorchScript
         file raise nn.Linear's RuntimeError and message (a ``raise`` in TorchScript becomes
         a torch.jit.Error instead); its result is returned so that TorchScript's dead-code
         elimination keeps it."""
@@ -236,8 +237,10 @@ class _LinearBase(_IntegerLayer):
             # On x's device, which freezing cannot fold: a constant-sized empty tensor would
             # be folded into a constant, and the file would store it (as large as a float
             # weight).
-            return torch.mm(torch.empty([rows, x.size(-1)], device=x.device),
-                            torch.empty([in_features, self.weight_shape[0]], device=x.device))
+            out_features = self.weight_shape[0]
+            return torch.addmm(torch.empty([out_features], device=x.device),
+                               torch.empty([rows, x.size(-1)], device=x.device),
+                               torch.empty([in_features, out_features], device=x.device))
         return x
 
 

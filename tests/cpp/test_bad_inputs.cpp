@@ -321,7 +321,7 @@ CATCH_TEST_CASE(
         qat::export_model(*net, torch::randn({2, 5}), target, {"qnnpack", mobile});
       });
       CATCH_INFO("message: " << message);
-      // PyTorch 2.x puts the op's name first ("mm: mat1 and mat2 ...").
+      // PyTorch 2.x puts the op's name first ("addmm: mat1 and mat2 ...").
       CATCH_CHECK(
           contains(message, "qat::export_model: the example input does not fit the model: "));
       CATCH_CHECK(contains(message, "mat1 and mat2 shapes cannot be multiplied (2x5 and 4x3)"));
