@@ -65,21 +65,6 @@ std::string literal(at::IntArrayRef values) {
   return fmt::format("[{}]", fmt::join(values, ", "));
 }
 
-// A TorchScript string literal of `text`, for messages: control characters (which a module
-// name could hold, and a literal only as escapes this lexer does not all take) become '?'.
-std::string string_literal(const std::string& text) {
-  std::string out = "\"";
-  for (const char c : text) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else {
-      out += std::iscntrl(static_cast<unsigned char>(c)) ? '?' : c;
-    }
-  }
-  return out + "\"";
-}
-
 // TorchScript compiled without Python resolves no `torch.quint8`; a dtype argument is the
 // ScalarType's number.
 std::string dtype_literal(c10::ScalarType dtype) {
@@ -603,12 +588,13 @@ void check_finite(torch::nn::Module& prepared) {
       return;  // integer tensors (zero points, counters) are finite
     }
     const auto values = tensor.detach();
+    if (torch::isfinite(values).all().item<bool>()) {
+      return;  // one pass over the tensor where all is well, the usual case
+    }
     const bool nan = torch::isnan(values).any().item<bool>();
     const bool inf = torch::isinf(values).any().item<bool>();
-    if (nan || inf) {
-      const char* kind = nan && inf ? "NaN and inf" : (nan ? "NaN" : "inf");
-      found.push_back(fmt::format("{} ({})", name, kind));
-    }
+    const char* kind = nan && inf ? "NaN and inf" : (nan ? "NaN" : "inf");
+    found.push_back(fmt::format("{} ({})", name, kind));
   };
   for (const auto& module : prepared.named_modules()) {
     if (dynamic_cast<ObserverImpl*>(module.value().get()) != nullptr) {

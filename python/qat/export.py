@@ -4,7 +4,7 @@ against the in-memory model after it is written; and ``read_metadata`` to get it
 
 import json
 import os
-import tempfile
+import uuid
 import warnings
 import zipfile
 from typing import Dict, Optional, Sequence, Union
@@ -198,8 +198,8 @@ def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Mod
     # Written next to the target and renamed over it only once checked: a failure leaves
     # the previous file as it was, and a reader never sees half a file.
     folder, name = os.path.split(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(handle)
+    # Created by the save below as any new file is (mkstemp would make it 0600).
+    temporary = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
     try:
         if mobile:
             from torch.jit.mobile import _load_for_lite_interpreter
@@ -217,24 +217,15 @@ def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Mod
         # against the in-memory model a few one-step flips downstream are allowed, no more.
         _check_outputs(written, got, path, "the module it was written from", min_sqnr_db=None)
         _check_outputs(expected, got, path, "the in-memory model", min_sqnr_db=40.0)
-        _keep_mode(temporary, path)
+        if os.path.exists(path):
+            # The file it replaces keeps the permissions the user gave it.
+            os.chmod(temporary, os.stat(path).st_mode & 0o7777)
         os.replace(temporary, path)
     except BaseException:
-        os.unlink(temporary)
+        if os.path.exists(temporary):
+            os.unlink(temporary)
         raise
     return int_model
-
-
-def _keep_mode(temporary: str, path: str) -> None:
-    """Gives the new file the permissions the old one had (mkstemp makes it 0600), or
-    those a new file gets under the process's umask."""
-    if os.path.exists(path):
-        mode = os.stat(path).st_mode & 0o777
-    else:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    os.chmod(temporary, mode)
 
 
 def _check_outputs(expected, got, path: str, what: str, min_sqnr_db) -> None:

@@ -193,10 +193,10 @@ class FakeQuantize(_QuantState):
             raise RuntimeError(
                 "qat.FakeQuantize: the per-channel scale is not known yet: the observer was "
                 "disabled before it saw a batch")
-        if not observe and not self.fixed_qparams and not bool(
+        if axis is None and not observe and not self.fixed_qparams and not bool(
                 torch.isfinite(self.observer.min_val).any()):
             # Per tensor the initial scale 1.0 looks like a real one and would quantize
-            # most activations to zero.
+            # most activations to zero (per channel the empty scale above tells).
             raise RuntimeError(
                 "qat.FakeQuantize: the scale is not known yet: the observer was disabled "
                 "before it saw a batch (enable it, run qat.calibrate, or load a trained "
