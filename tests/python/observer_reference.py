@@ -67,13 +67,6 @@ def reference_fake_quantize(rows, scale, zero_point, quant_min, quant_max):
     return (q - z) * s
 
 
-def sqnr_db(x, xq) -> float:
-    """Signal-to-quantization-noise ratio in dB."""
-    x = np.asarray(x, dtype=np.float64)
-    noise = np.sum((x - np.asarray(xq, dtype=np.float64)) ** 2)
-    return float(10 * np.log10(np.sum(x**2) / noise))
-
-
 def reference_rebin(counts, old_lo, old_hi, new_lo, new_hi):
     """Counts over [old_lo, old_hi] spread onto as many bins over [new_lo, new_hi], each old
     bin in proportion to its overlap with each new one (uniform mass within a bin): the

@@ -20,6 +20,7 @@ from qat import Config, FakeQuantize, FixedQParamsFakeQuantize, QuantSpec
 from qat.modules import registry
 
 from conftest import SUBPROCESS_ENV
+from helpers import LOAD_LITE_MODEL, run_python
 
 # qat.export is the function; its module holds the helpers and names.
 export_module = importlib.import_module("qat.export")
@@ -132,11 +133,7 @@ def test_dynamic_integer_linear_checks_the_input_width():
     assert int_model(torch.randn(2, 4)).shape == (2, 3)
 
 
-_WIDTH_CHECK = """
-import sys, torch
-from torch.jit.mobile import _load_for_lite_interpreter
-torch.backends.quantized.engine = "qnnpack"
-model = _load_for_lite_interpreter(sys.argv[1])
+_WIDTH_CHECK = LOAD_LITE_MODEL + """
 assert model(torch.randn(2, 4)).shape == (2, 3)
 try:
     model(torch.randn(2, 5))
@@ -151,8 +148,8 @@ def test_exported_file_checks_the_input_width_in_a_fresh_process(tmp_path):
     # there could crash the process, which the subprocess contains.
     path = tmp_path / "linear.ptl"
     qat.export(_calibrated(nn.Sequential(nn.Linear(4, 3))), path, torch.randn(2, 4))
-    done = subprocess.run([sys.executable, "-c", _WIDTH_CHECK, str(path)], cwd=tmp_path,
-                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    done = run_python(_WIDTH_CHECK, path, cwd=tmp_path, env=SUBPROCESS_ENV,
+                      capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "refused"
 

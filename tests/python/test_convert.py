@@ -18,37 +18,7 @@ import qat
 from qat.convert import _Converter
 from qat.datasets import load_fashion_mnist
 
-
-class _FashionNet(nn.Module):
-    """conv-bn-relu blocks, a residual add, a cat, average pooling and a linear head."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(32)
-        self.conv3 = nn.Conv2d(32, 32, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(32)
-        self.conv4 = nn.Conv2d(32, 32, 1, bias=False)
-        self.bn4 = nn.BatchNorm2d(32)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        y = F.relu(self.bn3(self.conv3(x)) + x)
-        z = torch.cat([y, F.relu(self.bn4(self.conv4(y)))], 1)
-        return self.fc(torch.flatten(self.pool(z), 1))
-
-
-def _script(model):
-    with warnings.catch_warnings():
-        # torch.fx's GraphModule.__init__ annotates an attribute in a way torch.jit warns
-        # about; the attribute is not part of the scripted model.
-        warnings.filterwarnings("ignore", message="The TorchScript type system")
-        return torch.jit.script(model)
+from helpers import FashionNet, script, sqnr_db
 
 
 def _train(model, images, labels, steps, lr, gen, batch=128, transform=None,
@@ -74,7 +44,7 @@ def fashion_qat_model():
     gen = torch.Generator().manual_seed(0)
     train_x, train_y = load_fashion_mnist(train=True)
     test_x, test_y = load_fashion_mnist(train=False)
-    model = _FashionNet()
+    model = FashionNet()
     _train(model, train_x, train_y, 300, 0.05, gen)
     qmodel = qat.prepare(model)
     _train(qmodel, train_x, train_y, 150, 0.01, gen)
@@ -108,7 +78,7 @@ def test_converted_model_scripts_and_runs_in_the_lite_interpreter(fashion_qat_mo
     x = test_x[:64]
     with torch.no_grad():
         expected = int_model(x)
-    scripted = _script(int_model)
+    scripted = script(int_model)
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer)
     buffer.seek(0)
@@ -249,13 +219,13 @@ def test_dynamic_config_converts_linears_to_dynamic_kernels_without_calibration(
         got = int_model(tokens)
     # The kernels also quantize the activations at run time, which the simulation does
     # not: close, not equal.
-    sqnr = 10 * torch.log10(simulation.pow(2).sum() / (simulation - got).pow(2).sum())
+    sqnr = sqnr_db(simulation, got)
     assert sqnr > 30, sqnr
     # The integer weights are those of the simulation.
     weight = int_model.fc1.quantized_weight()
     torch.testing.assert_close(weight.dequantize(),
                                qmodel.fc1.weight_fake_quant(qmodel.fc1.weight), rtol=0, atol=0)
-    torch.testing.assert_close(_script(int_model)(tokens), got, rtol=0, atol=0)
+    torch.testing.assert_close(script(int_model)(tokens), got, rtol=0, atol=0)
 
 
 class _ShuffleBlock(nn.Module):
@@ -287,7 +257,7 @@ def test_data_movement_and_hardswish_run_on_quantized_tensors():
     assert isinstance(int_model.get_submodule("hardswish_int"), qat.quantized.Hardswish)
     parity = qat.compare(qmodel, int_model, data)
     assert parity["within_one_step"] >= 0.99 and parity["max_steps"] <= 2, parity
-    torch.testing.assert_close(_script(int_model)(data[0]), int_model(data[0]), rtol=0, atol=0)
+    torch.testing.assert_close(script(int_model)(data[0]), int_model(data[0]), rtol=0, atol=0)
 
 
 def _fashion_rgb(images, size=32):

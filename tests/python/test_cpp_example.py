@@ -4,17 +4,15 @@ QAT, exports the integer model and evaluates the exported file in C++; Python th
 same file and gets exactly the accuracy that C++ printed on the same test images."""
 
 import gzip
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from qat.datasets import load_fashion_mnist
 
-ROOT = Path(__file__).resolve().parents[2]
-BUILD_DIR = Path(os.environ.get("QAT_BUILD_DIR", ROOT / "build")).resolve()
+from helpers import BUILD_DIR
+
 EXAMPLE = BUILD_DIR / "fashion_mnist"
 
 TRAIN, TEST, BATCH = 2000, 500, 64

@@ -6,17 +6,14 @@ The build folder is the one scripts/build.sh makes (QAT_BUILD_DIR, as in setup.p
 default build/). Building the downstream program compiles one torch-including file
 (about a minute on two cores)."""
 
-import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import torch
 
 import qat
 
-ROOT = Path(__file__).resolve().parents[2]
-BUILD_DIR = Path(os.environ.get("QAT_BUILD_DIR", ROOT / "build")).resolve()
+from helpers import BUILD_DIR, ROOT
 
 
 def _run(command, **kwargs):

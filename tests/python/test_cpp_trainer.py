@@ -3,10 +3,7 @@ C++: examples/cpp/train_scripted (built into the build folder by scripts/build.s
 with torch::jit::load, its qat operators registered by libqat, trains it with SGD, and
 the losses and the saved model equal those of the same steps taken in Python."""
 
-import os
 import subprocess
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +12,8 @@ from torch import nn
 
 import qat
 
-ROOT = Path(__file__).resolve().parents[2]
-BUILD_DIR = Path(os.environ.get("QAT_BUILD_DIR", ROOT / "build")).resolve()
+from helpers import BUILD_DIR, script, sgd_losses
+
 TRAINER = BUILD_DIR / "train_scripted"
 
 STEPS = 6
@@ -44,25 +41,7 @@ def _scripted_qat_model(config, x, y):
     optimizer.zero_grad()
     F.cross_entropy(model(x), y).backward()
     optimizer.step()
-    with warnings.catch_warnings():
-        # torch.fx's GraphModule.__init__ annotates an attribute in a way torch.jit warns
-        # about; the attribute is not part of the scripted model.
-        warnings.filterwarnings("ignore", message="The TorchScript type system")
-        return torch.jit.script(model)
-
-
-def _train_in_python(model, x, y):
-    """The losses of train_scripted's loop: STEPS steps of SGD on one batch."""
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    losses = []
-    for _ in range(STEPS):
-        loss = F.cross_entropy(model(x), y)
-        losses.append(loss.item())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return losses
+    return script(model)
 
 
 def _state(module):
@@ -97,7 +76,9 @@ def test_cpp_trainer_keeps_training_a_scripted_qat_model(tmp_path, preset):
     # The same file, trained the same steps by Python: the same executor runs the same
     # graphs, so only the printed digits of the losses differ.
     reference = torch.jit.load(str(model_path))
-    python_losses = _train_in_python(reference, x, y)
+    # train_scripted's loop: STEPS steps of SGD on one batch.
+    reference.train()
+    python_losses = sgd_losses(reference, x, y, STEPS, LR)
     torch.testing.assert_close(cpp_losses, python_losses, rtol=1e-5, atol=1e-6)
 
     trained = torch.jit.load(str(trained_path))

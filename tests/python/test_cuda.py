@@ -5,8 +5,6 @@ machine); on a machine without one the whole module is skipped, since there is n
 kernel to run.
 """
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -14,6 +12,7 @@ from torch import nn
 import qat
 from conftest import (classify, per_channel_sum, reference_fake_quantize,
                       reference_ste_grad, sample_values)
+from helpers import script, sgd_losses
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False")
@@ -158,14 +157,7 @@ def test_prepared_model_trains_on_cuda_as_on_the_cpu():
     models = {}
     for device in ("cpu", "cuda"):
         model = qat.prepare(_small_cnn()).to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        losses[device] = []
-        for _ in range(5):
-            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses[device].append(loss.item())
+        losses[device] = sgd_losses(model, x.to(device), y.to(device), steps=5, lr=0.05)
         models[device] = model
     torch.testing.assert_close(torch.tensor(losses["cuda"]), torch.tensor(losses["cpu"]),
                                rtol=1e-3, atol=1e-4)
@@ -175,9 +167,7 @@ def test_prepared_model_trains_on_cuda_as_on_the_cpu():
         qat.disable_observer(model)
         model.eval()
     gpu = models["cuda"]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The TorchScript type system")
-        scripted = torch.jit.script(gpu)
+    scripted = script(gpu)
     with torch.no_grad():
         expected = gpu(x.cuda())
         assert torch.equal(scripted(x.cuda()), expected)

@@ -3,7 +3,6 @@ shards of the same batches and must end with identical state and qparams, equal 
 of one process that observed the whole batches."""
 
 import math
-import socket
 import time
 
 import pytest
@@ -13,6 +12,8 @@ import torch.multiprocessing as mp
 
 import qat
 from qat import FakeQuantize, QuantSpec
+
+from helpers import free_port
 
 WORLD_SIZE = 2
 TIMEOUT_S = 60
@@ -80,12 +81,6 @@ def _worker(rank, port, out_dir):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_agree_with_one_process_over_all_data(tmp_path):

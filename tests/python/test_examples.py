@@ -6,12 +6,11 @@ import subprocess
 import sys
 
 from conftest import SUBPROCESS_ENV as _ENV
-
-_ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+from helpers import ROOT
 
 
 def _run(script: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, os.path.join(_ROOT, "examples", "python", script),
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "python" / script),
                              *args], env=_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return result.stdout

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import qat
-from test_convert import _FashionNet
 
 from conftest import SUBPROCESS_ENV as _ENV
+from helpers import LOAD_LITE_MODEL, FashionNet, run_python
 
 
 @pytest.fixture(scope="module")
@@ -23,19 +23,13 @@ def calibrated():
     torch.manual_seed(0)
     config = qat.Config(overrides={"fc": (qat.QuantSpec(bits=4, symmetric=True,
                                                         per_channel=True), None)})
-    qmodel = qat.prepare(_FashionNet(), config)
+    qmodel = qat.prepare(FashionNet(), config)
     data = [torch.rand(16, 1, 28, 28) for _ in range(3)]
     qat.calibrate(qmodel, data, progress=False)
     return qmodel, data[0]
 
 
-# PyTorch Mobile runs qnnpack; on x86 a fresh process defaults to fbgemm, whose kernels
-# round differently, so the script selects qnnpack as the phone would have it.
-_FRESH = """
-import sys, torch
-from torch.jit.mobile import _load_for_lite_interpreter
-torch.backends.quantized.engine = "qnnpack"
-model = _load_for_lite_interpreter(sys.argv[1])
+_FRESH = LOAD_LITE_MODEL + """
 out = model(torch.load(sys.argv[2]))
 assert "qat" not in sys.modules, "the lite model pulled in qat"
 torch.save(out, sys.argv[3])
@@ -47,8 +41,7 @@ def test_ptl_runs_in_a_process_without_qat(calibrated, tmp_path):
     path, inputs, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
     int_model = qat.export(qmodel, path, x)
     torch.save(x, inputs)
-    subprocess.run([sys.executable, "-c", _FRESH, path, inputs, outputs], check=True,
-                   env=dict(os.environ, PYTHONPATH=""))
+    run_python(_FRESH, path, inputs, outputs, check=True, env=dict(os.environ, PYTHONPATH=""))
     with torch.no_grad():
         torch.testing.assert_close(torch.load(outputs), int_model(x), rtol=0, atol=0)
 
@@ -91,7 +84,7 @@ def test_full_torchscript_file(calibrated, tmp_path):
 
 def test_export_refuses_bad_paths_before_any_work(tmp_path):
     # The model was never calibrated; the path error comes first all the same.
-    fresh = qat.prepare(_FashionNet())
+    fresh = qat.prepare(FashionNet())
     x = torch.rand(1, 1, 28, 28)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         qat.export(fresh, str(tmp_path / "missing" / "m.ptl"), x)

@@ -5,7 +5,6 @@ checkpoints mid-training, and DistributedDataParallel with a one-process gloo gr
 import copy
 import io
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -17,17 +16,12 @@ import qat
 from qat import FakeQuantize, QuantSpec
 from observer_reference import channel_rows, finite_minmax, reference_qparams
 from conftest import reference_fake_quantize, reference_ste_grad
+from helpers import free_port
 
 
 def batches(shape, count, seed):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=gen) * (1 + i % 3) + i * 0.1 for i in range(count)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ import qat
 from qat import QuantSpec
 from qat.modules import registry
 
+from helpers import sgd_losses
+
 try:  # torch >= 2.0
     from torch.ao.nn import intrinsic as nni
     from torch.ao.nn.intrinsic import qat as nniqat
@@ -114,14 +116,7 @@ def test_sgd_steps_lower_the_loss():
     mod = qat.modules.Linear.from_float(nn.Linear(8, 4), QuantSpec(bits=4, symmetric=True,
                                                                    per_channel=True))
     x, target = torch.randn(64, 8), torch.randn(64, 4)
-    optimizer = torch.optim.SGD(mod.parameters(), lr=0.1)
-    losses = []
-    for _ in range(20):
-        optimizer.zero_grad()
-        loss = F.mse_loss(mod(x), target)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = sgd_losses(mod, x, target, steps=20, lr=0.1, loss_fn=F.mse_loss)
     assert losses[-1] < 0.8 * losses[0]
 
 

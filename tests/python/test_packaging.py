@@ -13,7 +13,7 @@ import torch
 
 import qat
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import ROOT
 
 
 def test_pip_install_into_a_fresh_venv(tmp_path):

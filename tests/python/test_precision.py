@@ -6,8 +6,6 @@ sensitive layer's width, the returned Config, the errors and the plot."""
 import copy
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,8 @@ from torch import nn
 import qat
 import qat.datasets
 from qat.precision import SensitivityReport, SensitivityRow, model_size, weight_bits
+
+from helpers import run_python, sqnr_db
 
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 SENSITIVE = "conv2"
@@ -147,8 +147,7 @@ def test_sqnr_matches_a_plain_pytorch_computation(model, batches, report, layer,
             quant_max))
         reference = torch.cat([model(x) for x in batches])
         output = torch.cat([quantized(x) for x in batches])
-    expected = 10 * math.log10(reference.pow(2).sum().item()
-                               / (reference - output).pow(2).sum().item())
+    expected = sqnr_db(reference, output)
     # qat's model folds bn1 into conv1, which moves the output by float rounding only.
     assert report.value(layer, bits) == pytest.approx(expected, abs=0.01)
 
@@ -199,7 +198,7 @@ def test_plot_writes_a_png(report, tmp_path):
 
 def test_import_qat_does_not_import_matplotlib():
     code = "import sys, qat; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_python(code, check=True)
 
 
 @pytest.mark.parametrize("kwargs, message", [

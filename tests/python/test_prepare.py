@@ -16,24 +16,13 @@ from torch import nn
 
 import qat
 
+from helpers import script, sgd_losses
+
 
 def _prepare_quietly(model, config=None):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         return qat.prepare(model, config)
-
-
-def _train(model, x, y, steps=4, lr=0.01):
-    """Losses of ``steps`` SGD steps on one batch."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x), y)
-        losses.append(loss.item())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return losses
 
 
 def _loss_with_seed(model, x, y, seed):
@@ -44,13 +33,8 @@ def _loss_with_seed(model, x, y, seed):
 
 def _script_round_trip(qmodel):
     """``qmodel`` scripted, saved and loaded back."""
-    with warnings.catch_warnings():
-        # torch.fx's GraphModule.__init__ annotates an attribute in a way torch.jit warns
-        # about; the attribute is not part of the scripted model.
-        warnings.filterwarnings("ignore", message="The TorchScript type system")
-        # And nn.TransformerEncoderLayer declares a constant it does not set.
-        warnings.filterwarnings("ignore", message="'batch_first' was found")
-        scripted = torch.jit.script(qmodel)
+    # nn.TransformerEncoderLayer declares a constant it does not set.
+    scripted = script(qmodel, "'batch_first' was found")
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer)
     buffer.seek(0)
@@ -73,9 +57,9 @@ def _check_scripted_matches_and_trains(qmodel, x, y):
     # which round differently (and quantization magnifies that): compare without it.
     with torch.jit.optimized_execution(False):
         torch.manual_seed(1)  # the same dropout masks for both
-        losses = _train(loaded, x, y)
+        losses = sgd_losses(loaded, x, y, steps=4, lr=0.01)
     torch.manual_seed(1)
-    torch.testing.assert_close(losses, _train(qmodel, x, y), rtol=0, atol=0)
+    torch.testing.assert_close(losses, sgd_losses(qmodel, x, y, steps=4, lr=0.01), rtol=0, atol=0)
 
 
 _TORCHVISION_MODELS = [
@@ -106,7 +90,7 @@ def test_torchvision_model_trains_scripts_and_round_trips(factory):
     # stochastic-depth draws: the losses seen while training draw new ones each step,
     # which on efficientnet can outweigh four steps' progress.
     before = _loss_with_seed(qmodel, x, y, seed=3)
-    _train(qmodel, x, y)
+    sgd_losses(qmodel, x, y, steps=4, lr=0.01)
     after = _loss_with_seed(qmodel, x, y, seed=3)
     assert after < before, (before, after)
 
@@ -446,7 +430,7 @@ def test_transformer_encoder_trains_scripts_and_round_trips():
 
     tokens = torch.randint(0, 50, (8, 10))
     y = torch.randint(0, 3, (8,))
-    losses = _train(qmodel, tokens, y, steps=6, lr=0.05)
+    losses = sgd_losses(qmodel, tokens, y, steps=6, lr=0.05)
     assert losses[-1] < losses[0], losses
 
     with pytest.warns(UserWarning, match="stay in float"):

@@ -8,7 +8,8 @@ import torch
 
 import qat
 from qat import QuantSpec
-from observer_reference import sqnr_db
+
+from helpers import sqnr_db
 
 CLIPPING = ("percentile", "mse", "entropy")
 
@@ -28,7 +29,7 @@ def sqnr_of(observer_name, x, bits, symmetric):
         observer(batch)
     scale, zero_point = observer.calculate_qparams()
     xq = qat.ops.fake_quantize(x, scale, zero_point, spec.quant_min, spec.quant_max)
-    return sqnr_db(x.numpy(), xq.numpy())
+    return sqnr_db(x, xq)
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "affine"])

@@ -5,8 +5,6 @@ needed from torch.ao.quantization."""
 
 import importlib
 import json
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -17,6 +15,7 @@ from torch import nn
 import qat
 import qat._torch_support as support
 from conftest import SUBPROCESS_ENV
+from helpers import run_python
 
 # The module qat.export (the name qat.export is the function).
 export_module = importlib.import_module("qat.export")
@@ -70,8 +69,8 @@ _WORKFLOW = textwrap.dedent("""
 
 
 def test_a_workflow_gives_no_warning_of_qats_own_and_torchs_deprecations_once(tmp_path):
-    run = subprocess.run([sys.executable, "-c", _WORKFLOW, str(tmp_path)], env=SUBPROCESS_ENV,
-                         capture_output=True, text=True, timeout=600)
+    run = run_python(_WORKFLOW, tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True,
+                     timeout=600)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.splitlines()[-1])
     first, second = result["passes"]
@@ -214,8 +213,8 @@ _WITHOUT_TORCH_AO = textwrap.dedent("""
 
 
 def test_prepare_and_convert_need_nothing_from_torch_ao():
-    run = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH_AO],
-                         env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    run = run_python(_WITHOUT_TORCH_AO, env=SUBPROCESS_ENV, capture_output=True, text=True,
+                     timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "torch.Size([2, 10])"
 
