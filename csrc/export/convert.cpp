@@ -8,6 +8,7 @@
 
 #include "integer_model.h"
 
+#include <qat/lowering.h>
 #include <qat/nn.h>
 #include <qat/prepare.h>
 
@@ -117,9 +118,7 @@ torch::Tensor batch_norm_factor(const torch::nn::BatchNorm2dImpl& bn, const std:
         "(min {:.6g}); a variance cannot be negative, so its running statistics are corrupt",
         name, negative, channels, bn.running_var.min().item<double>()));
   }
-  // Without affine parameters the weight is 1.
-  const auto weight = bn.weight.defined() ? bn.weight : torch::ones_like(bn.running_var);
-  const auto factor = weight / torch::sqrt(bn.running_var + bn.options.eps());
+  const auto factor = qat::batch_norm_factor(bn.weight, bn.running_var, bn.options.eps());
   const auto nonfinite = (~torch::isfinite(factor)).sum().item<int64_t>();
   if (nonfinite > 0) {
     throw std::invalid_argument(fmt::format(
@@ -145,30 +144,18 @@ torch::Tensor simulate_weight(FakeQuantizeImpl& fq, Fn fn) {
   return result.detach();
 }
 
-// The int8 tensor (per channel along axis 0, or per tensor) whose dequantized values are
-// `fq_weight`, the fake-quantized weight with `fq`'s qparams.
+// The int8 tensor whose dequantized values are `fq_weight`, the fake-quantized weight with
+// `fq`'s qparams, as qat::integer_weight gives it, naming the layer when it cannot.
 torch::Tensor integer_weight(
     const torch::Tensor& fq_weight, const FakeQuantizeImpl& fq, const std::string& name) {
-  if (fq.quant_min() < -128 || fq.quant_max() > 127) {
-    throw std::invalid_argument(fmt::format(
-        "qat::convert: '{}' quantizes its weight to [{}, {}], which does not fit int8; the "
-        "integer kernels take signed 8-bit weights (at most)",
-        name, fq.quant_min(), fq.quant_max()));
+  try {
+    return qat::integer_weight(
+        fq_weight, fq.scale, fq.zero_point, fq.quant_min(), fq.quant_max(),
+        fq.spec().per_channel());
+  } catch (const c10::Error& error) {
+    throw std::invalid_argument(
+        fmt::format("qat::convert: '{}': {}", name, error.what_without_backtrace()));
   }
-  // The quantized kernels run on the CPU, whatever device the model trained on.
-  const auto scale = fq.scale.detach().to(torch::kCPU, torch::kDouble);
-  const auto zero_point =
-      fq.zero_point.detach().to(torch::kCPU, torch::kDouble).round().to(torch::kLong);
-  const auto weight = fq_weight.to(torch::kCPU, torch::kDouble);
-  if (fq.spec().per_channel()) {
-    std::vector<int64_t> shape(weight.dim(), 1);
-    shape[0] = -1;
-    const auto ints = torch::round(weight / scale.reshape(shape)) + zero_point.reshape(shape);
-    return at::_make_per_channel_quantized_tensor(ints.to(torch::kChar), scale, zero_point, 0);
-  }
-  const auto ints = torch::round(weight / scale) + zero_point;
-  return at::_make_per_tensor_quantized_tensor(
-      ints.to(torch::kChar), scale.item<double>(), zero_point.item<int64_t>());
 }
 
 // Calls a registered operator by name (the quantized prepack ops return custom-class objects
@@ -285,9 +272,14 @@ class Converter {
       } else if (auto* fq = dynamic_cast<FakeQuantizeImpl*>(&module)) {
         quantize(*fq, name);
       } else if (is_layer(module)) {
-        auto* out = i + 1 < items.size()
-                        ? dynamic_cast<FakeQuantizeImpl*>(items[i + 1].second.get())
-                        : nullptr;
+        // qat::prepare quantizes a layer + ReLU6 after the ReLU6 with the fixed qparams of
+        // [0, 6], where the integer kernel's ReLU saturates at the 6: one fused kernel.
+        const bool relu6 = i + 2 < items.size() &&
+                           dynamic_cast<torch::nn::ReLU6Impl*>(items[i + 1].second.get()) &&
+                           is_fixed(items[i + 2].second.get());
+        const size_t at = relu6 ? i + 2 : i + 1;
+        auto* out = at < items.size() ? dynamic_cast<FakeQuantizeImpl*>(items[at].second.get())
+                                      : nullptr;
         if (out == nullptr) {
           throw std::invalid_argument(fmt::format(
               "qat::convert: '{}' ({}) has no qat::FakeQuantize after it, so its output has "
@@ -295,8 +287,8 @@ class Converter {
               "Config::dynamic, has no C++ conversion yet)",
               name, module.name()));
         }
-        layer(module, name, *out, path(prefix, items[i + 1].first));
-        ++i;  // the FakeQuantize is the layer's output quantization
+        layer(module, name, *out, path(prefix, items[at].first), relu6);
+        i = at;  // the FakeQuantize is the layer's output quantization
       } else if (!passes(module) && !float_op(module, name)) {
         throw std::invalid_argument(fmt::format(
             "qat::convert: '{}' is a {}, which has no integer or float conversion (supported: "
@@ -306,6 +298,11 @@ class Converter {
             name, module.name()));
       }
     }
+  }
+
+  static bool is_fixed(const torch::nn::Module* module) {
+    const auto* fq = dynamic_cast<const FakeQuantizeImpl*>(module);
+    return fq != nullptr && fq->has_fixed_qparams();
   }
 
   static bool is_layer(const torch::nn::Module& module) {
@@ -333,9 +330,73 @@ class Converter {
     quantized_ = q;
   }
 
+  // Stores a layer's weight as Python's qat.quantized layers do (the integers, packed two or
+  // four to a byte at 4 bits or fewer, with float32 scales, int32 zero points only when one
+  // is not 0, and the float bias), and emits the code that builds the kernels' packed form
+  // from them on the first forward. Returns the name of the local that holds that form.
+  // `prepack` is the prepack call with {weight} and {bias} to fill in; `packed_type` the
+  // type of what it returns.
+  std::string packed_weight(
+      const std::string& name, const torch::Tensor& qweight, const torch::Tensor& bias,
+      const FakeQuantizeImpl& fq, const std::string& prepack, const c10::TypePtr& packed_type) {
+    const bool per_channel = qweight.qscheme() == at::kPerChannelAffine;
+    const auto scales = per_channel ? qweight.q_per_channel_scales()
+                                    : torch::full({1}, qweight.q_scale(), torch::kDouble);
+    const auto zero_points = per_channel ? qweight.q_per_channel_zero_points()
+                                         : torch::full({1}, qweight.q_zero_point(), torch::kLong);
+    const auto bits = fq.spec().bits();
+    const auto data = tensor_attribute(
+        name, "weight_data", qat::pack_weight(qweight.int_repr(), bits, fq.quant_min()));
+    const auto scale = tensor_attribute(name, "weight_scale", scales.to(torch::kFloat));
+    const bool zero = !zero_points.any().item<bool>();
+    const auto zero_point = tensor_attribute(
+        name, "weight_zero_point",
+        zero ? torch::zeros({0}, torch::kInt) : zero_points.to(torch::kInt));
+    const auto bias_attr = tensor_attribute(name, "bias", bias);
+    const auto attr = attribute(name, "packed_params");
+    module_.register_attribute(attr, c10::OptionalType::create(packed_type), c10::IValue());
+    const auto packed = attr;
+    const auto shape = qweight.sizes().vec();
+    // The unpacking is torch.ops.qat.unpack_weight in TorchScript (the file must run without
+    // qat), as python/qat/quantized.py has it; the cross-front-end test keeps them equal.
+    const auto per_byte = qat::values_per_byte(bits);
+    const auto width = 8 / per_byte;
+    std::string ints = fmt::format("{}.to({})", data, dtype_literal(c10::kChar));
+    if (per_byte > 1) {
+      ints = fmt::format(
+          "(torch.stack([torch.bitwise_and(torch.bitwise_right_shift({0}, {1} * i), {2}) for i in "
+          "range({3})], 1).flatten()[:{4}].to({5}) + {6}).to({7})",
+          data, width, (1 << width) - 1, per_byte, qweight.numel(), dtype_literal(c10::kShort),
+          fq.quant_min(), dtype_literal(c10::kChar));
+    }
+    ints = fmt::format("{}.reshape({})", ints, literal(at::IntArrayRef(shape)));
+    const auto zero_points_code =
+        zero ? fmt::format("torch.zeros([{}], dtype={})", scales.numel(), dtype_literal(c10::kLong))
+             : fmt::format("{}.to({})", zero_point, dtype_literal(c10::kLong));
+    const auto weight_code =
+        per_channel ? fmt::format(
+                          "torch._make_per_channel_quantized_tensor({}, {}.to({}), {}, 0)", ints,
+                          scale, dtype_literal(c10::kDouble), zero_points_code)
+                    : fmt::format(
+                          "torch._make_per_tensor_quantized_tensor({}, float({}[0]), int({}[0]))",
+                          ints, scale, zero_points_code);
+    emit(fmt::format("{} = self.{}", packed, attr));
+    emit(fmt::format("if {} is None:", packed));
+    emit(fmt::format(
+        "    {} = {}", packed,
+        fmt::format(fmt::runtime(prepack), fmt::arg("weight", weight_code), fmt::arg("bias", bias_attr))));
+    emit(fmt::format("    self.{} = {}", attr, packed));
+    // torch.jit.freeze folds every attribute that nothing writes into a constant, and
+    // would fold the unpacking with it: the stored tensors are written back to themselves.
+    for (const auto& stored : {data, scale, zero_point, bias_attr}) {
+      emit(fmt::format("    {0} = {0}", stored));
+    }
+    return packed;
+  }
+
   void layer(
       torch::nn::Module& module, const std::string& name, FakeQuantizeImpl& out,
-      const std::string& out_name) {
+      const std::string& out_name, bool relu6) {
     if (!quantized_) {
       throw std::invalid_argument(fmt::format(
           "qat::convert: '{}' ({}) takes a float input; qat::prepare places a "
@@ -370,19 +431,22 @@ class Converter {
       weight = simulate_weight(
                    *weight_fq, [&] { return weight_fq->forward_folded(fold.weight, factor); }) *
                factor.reshape(shape);
-      const auto conv_bias = fold.bias.defined() ? fold.bias : torch::zeros_like(bn.running_mean);
-      bias = bn.bias + factor * (conv_bias - bn.running_mean);
+      bias = qat::fold_bias(fold.bias, bn.bias, bn.running_mean, factor);
       relu = fold.relu;
     }
+    relu = relu || relu6;
     const auto qweight = integer_weight(weight, *weight_fq, name);
-    const c10::IValue bias_value =
-        bias.defined() ? c10::IValue(bias.detach().to(torch::kCPU, torch::kFloat).clone())
-                       : c10::IValue();
-    c10::IValue packed_params;
+    // A zero bias computes what no bias does.
+    const auto float_bias = bias.defined() ? bias.detach().to(torch::kCPU, torch::kFloat).clone()
+                                           : torch::zeros({qweight.size(0)});
     std::string op;
+    std::string prepack;
     const auto* linear = dynamic_cast<LinearImpl*>(&module);
+    // The kernels' packed form, built here for its type (the file builds its own).
+    c10::IValue sample;
     if (linear != nullptr) {
-      packed_params = call_op("quantized::linear_prepack", {qweight, bias_value});
+      sample = call_op("quantized::linear_prepack", {qweight, float_bias});
+      prepack = "quantized.linear_prepack({weight}, {bias})";
       op = relu ? "linear_relu" : "linear";
       // quantized::linear does not check the input's width against the packed weight
       // (qnnpack reads past the input), so the check torch::nn::Linear makes is part of the
@@ -405,17 +469,19 @@ class Converter {
       const auto& options = dynamic_cast<Conv2dImpl*>(&module) != nullptr
                                 ? dynamic_cast<Conv2dImpl&>(module).options
                                 : dynamic_cast<ConvBn2dImpl&>(module).options;
-      packed_params = call_op(
+      const auto padding = conv_padding(options, name);
+      sample = call_op(
           "quantized::conv2d_prepack",
-          {qweight, bias_value, at::IntArrayRef(options.stride()).vec(),
-           conv_padding(options, name), at::IntArrayRef(options.dilation()).vec(),
-           options.groups()});
+          {qweight, float_bias, at::IntArrayRef(options.stride()).vec(), padding,
+           at::IntArrayRef(options.dilation()).vec(), options.groups()});
+      prepack = fmt::format(
+          "quantized.conv2d_prepack({{weight}}, {{bias}}, {}, {}, {}, {})", list_of(options.stride()),
+          literal(padding), list_of(options.dilation()), options.groups());
       op = relu ? "conv2d_relu" : "conv2d";
     }
-    const auto attr = attribute(name, "packed_params");
-    module_.register_attribute(attr, packed_params.type(), packed_params);
+    const auto packed = packed_weight(name, qweight, float_bias, *weight_fq, prepack, sample.type());
     emit(fmt::format(
-        "x = quantized.{}(x, self.{}, {}, {})", op, attr, literal(q.scale), q.zero_point));
+        "x = quantized.{}(x, {}, {}, {})", op, packed, literal(q.scale), q.zero_point));
     quantized_ = q;
 
     LayerInfo info;
@@ -457,12 +523,10 @@ class Converter {
     return true;
   }
 
-  // Ops without an integer kernel here: they run in float between a dequantize and (where
-  // qat::prepare kept the input's fake quantization through them: ReLU6, Hardtanh) a
-  // quantize back to the input's qparams.
+  // Ops without an integer kernel here: they run in float after a dequantize, and the
+  // FakeQuantize qat::prepare placed after them (if any) quantizes their output.
   bool float_op(torch::nn::Module& module, const std::string& name) {
     std::string call;
-    bool keeps_qparams = false;
     if (auto* linear = dynamic_cast<torch::nn::LinearImpl*>(&module)) {
       call = fmt::format(
           "torch.linear(x, {}, {})", tensor_attribute(name, "weight", linear->weight),
@@ -502,12 +566,10 @@ class Converter {
           size[1] ? std::to_string(*size[1]) : "x.size(-1)");
     } else if (dynamic_cast<torch::nn::ReLU6Impl*>(&module) != nullptr) {
       call = "torch.clamp(x, 0.0, 6.0)";
-      keeps_qparams = true;
     } else if (auto* hardtanh = dynamic_cast<torch::nn::HardtanhImpl*>(&module)) {
       call = fmt::format(
           "torch.clamp(x, {}, {})", literal(hardtanh->options.min_val()),
           literal(hardtanh->options.max_val()));
-      keeps_qparams = true;
     } else if (dynamic_cast<torch::nn::SigmoidImpl*>(&module) != nullptr) {
       call = "torch.sigmoid(x)";
     } else if (dynamic_cast<torch::nn::TanhImpl*>(&module) != nullptr) {
@@ -521,12 +583,6 @@ class Converter {
       quantized_ = c10::nullopt;
     }
     emit("x = " + call);
-    if (input && keeps_qparams) {
-      emit(fmt::format(
-          "x = torch.quantize_per_tensor(x, {}, {}, {})", literal(input->scale), input->zero_point,
-          dtype_literal(input->dtype)));
-      quantized_ = input;
-    }
     return true;
   }
 
@@ -559,7 +615,7 @@ void check_calibrated(torch::nn::Module& prepared) {
   std::vector<std::string> unobserved;
   for (const auto& item : prepared.named_modules()) {
     if (auto* fq = dynamic_cast<FakeQuantizeImpl*>(item.value().get())) {
-      if (!torch::isfinite(fq->observer->min_val).any().item<bool>()) {
+      if (!fq->has_fixed_qparams() && !torch::isfinite(fq->observer->min_val).any().item<bool>()) {
         unobserved.push_back(item.key());
       }
     }

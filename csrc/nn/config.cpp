@@ -5,6 +5,8 @@
 #include <qat/estimator.h>
 #include <qat/observers.h>
 
+#include "config_keys.h"
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <fnmatch.h>
@@ -25,14 +27,6 @@ bool contains(const std::vector<std::string>& names, const std::string& name) {
   return std::find(names.begin(), names.end(), name) != names.end();
 }
 
-bool is_pattern(const std::string& key) {
-  return key.find_first_of("*?[") != std::string::npos;
-}
-
-bool matches(const std::string& key, const std::string& name) {
-  return key == name || (is_pattern(key) && fnmatch(key.c_str(), name.c_str(), 0) == 0);
-}
-
 void check_layer_key(const char* method, const std::string& name) {
   if (name.empty()) {
     fail("qat::Config::{}: a module name or pattern must not be empty", method);
@@ -41,9 +35,42 @@ void check_layer_key(const char* method, const std::string& name) {
 
 }  // namespace
 
+namespace detail {
+
+bool is_pattern(const std::string& key) {
+  return key.find_first_of("*?[") != std::string::npos;
+}
+
+bool key_matches(const std::string& key, const std::string& name) {
+  return key == name || (is_pattern(key) && fnmatch(key.c_str(), name.c_str(), 0) == 0);
+}
+
+const std::pair<std::string, LayerOverride>* find_override(
+    const Config& config, const std::string& name) {
+  const auto& overrides = config.overrides();
+  for (const auto& item : overrides) {
+    if (item.first == name) {
+      return &item;
+    }
+  }
+  for (const auto& item : overrides) {
+    if (key_matches(item.first, name)) {
+      return &item;
+    }
+  }
+  return nullptr;
+}
+
+}  // namespace detail
+
 const std::vector<std::string>& QuantSpec::observers() {
   static const std::vector<std::string> names{
       "minmax", "moving_average", "percentile", "mse", "entropy"};
+  return names;
+}
+
+const std::vector<std::string>& QuantSpec::module_observers() {
+  static const std::vector<std::string> names{"minmax", "moving_average"};
   return names;
 }
 
@@ -211,30 +238,21 @@ Config& Config::dynamic(bool dynamic) {
 }
 
 bool Config::is_skipped(const std::string& name) const {
-  return std::any_of(
-      skip_.begin(), skip_.end(), [&](const std::string& key) { return matches(key, name); });
+  return std::any_of(skip_.begin(), skip_.end(), [&](const std::string& key) {
+    return detail::key_matches(key, name);
+  });
 }
 
 c10::optional<LayerSpecs> Config::spec_for(const std::string& name) const {
   if (is_skipped(name)) {
     return c10::nullopt;
   }
-  const LayerOverride* found = nullptr;
-  for (const auto& item : overrides_) {
-    if (item.first == name) {
-      found = &item.second;
-      break;
-    }
-  }
-  for (size_t i = 0; found == nullptr && i < overrides_.size(); ++i) {
-    if (matches(overrides_[i].first, name)) {
-      found = &overrides_[i].second;
-    }
-  }
+  const auto* found = detail::find_override(*this, name);
   if (found == nullptr) {
     return LayerSpecs{weight_, activation_};
   }
-  return LayerSpecs{found->weight.value_or(weight_), found->activation.value_or(activation_)};
+  const LayerOverride& entry = found->second;
+  return LayerSpecs{entry.weight.value_or(weight_), entry.activation.value_or(activation_)};
 }
 
 namespace presets {

@@ -4,6 +4,7 @@
 
 #include <qat/estimator.h>
 #include <qat/fake_quantize.h>
+#include <qat/lowering.h>
 #include <qat/nn.h>
 #include <qat/observers.h>
 
@@ -239,6 +240,30 @@ FakeQuantizeImpl::FakeQuantizeImpl(QuantSpec spec)
   reset();
 }
 
+FakeQuantizeImpl::FakeQuantizeImpl(QuantSpec spec, double lo, double hi, bool inclusive)
+    : FakeQuantizeImpl(std::move(spec)) {
+  if (learns_scale_ || learns_zero_point_ || spec_.per_channel()) {
+    throw std::invalid_argument(fmt::format(
+        "qat::FakeQuantize: fixed qparams need a per-tensor spec with an estimator that learns "
+        "nothing, got per_channel={}, estimator='{}'",
+        spec_.per_channel(), spec_.estimator()));
+  }
+  try {
+    const auto qparams = qat::fixed_qparams(lo, hi, quant_min_, quant_max_, inclusive);
+    fixed_range_ = std::make_pair(std::get<0>(qparams), std::get<1>(qparams));
+  } catch (const c10::Error& error) {
+    throw std::invalid_argument(error.what_without_backtrace());
+  }
+  // The delegated constructor's reset() ran before the range was known.
+  fix_qparams();
+}
+
+void FakeQuantizeImpl::fix_qparams() {
+  scale.fill_(fixed_range_->first);
+  zero_point.fill_(fixed_range_->second);
+  observer_enabled.fill_(0);
+}
+
 void FakeQuantizeImpl::reset() {
   const auto shape = initial_shape(spec_);
   scale = learns_scale_ ? register_parameter("scale", torch::ones(shape))
@@ -248,10 +273,13 @@ void FakeQuantizeImpl::reset() {
   observer_enabled = register_buffer("observer_enabled", torch::ones({1}, torch::kUInt8));
   fake_quant_enabled = register_buffer("fake_quant_enabled", torch::ones({1}, torch::kUInt8));
   observer = register_module("observer", Observer(spec_));
+  if (fixed_range_) {
+    fix_qparams();
+  }
 }
 
 void FakeQuantizeImpl::enable_observer(bool enabled) {
-  observer_enabled.fill_(enabled ? 1 : 0);
+  observer_enabled.fill_(enabled && !fixed_range_ ? 1 : 0);
 }
 
 void FakeQuantizeImpl::enable_fake_quant(bool enabled) {
@@ -286,6 +314,9 @@ void FakeQuantizeImpl::ensure_channels(int64_t channels) {
 }
 
 void FakeQuantizeImpl::update_qparams() {
+  if (fixed_range_) {
+    return;
+  }
   const auto qparams = observer->calculate_qparams();
   torch::NoGradGuard no_grad;
   scale.copy_(qparams.first);
@@ -397,6 +428,17 @@ void FakeQuantizeImpl::pretty_print(std::ostream& stream) const {
 }
 
 // ---------------------------------------------------------------------------------------
+// InputQuantized
+
+torch::Tensor InputQuantized::kernel_bias(
+    const torch::Tensor& bias, FakeQuantizeImpl& weight_fq) const {
+  if (!bias.defined() || !input_quantizer_ || !weight_fq.is_fake_quant_enabled()) {
+    return bias;
+  }
+  return qat::round_bias(bias, input_quantizer_->scale, weight_fq.scale);
+}
+
+// ---------------------------------------------------------------------------------------
 // Linear
 
 LinearImpl::LinearImpl(
@@ -427,7 +469,10 @@ void LinearImpl::reset() {
 }
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& input) {
-  auto output = torch::nn::functional::linear(input, weight_fake_quant(weight), bias);
+  // The weight first: its per-channel scale, which the bias grid needs, is sized by it.
+  const auto quantized_weight = weight_fake_quant(weight);
+  auto output = torch::nn::functional::linear(
+      input, quantized_weight, kernel_bias(bias, *weight_fake_quant));
   return relu ? torch::relu(output) : output;
 }
 
@@ -470,7 +515,9 @@ void Conv2dImpl::reset() {
 }
 
 torch::Tensor Conv2dImpl::forward(const torch::Tensor& input) {
-  auto output = conv2d(options, input, weight_fake_quant(weight), bias);
+  const auto quantized_weight = weight_fake_quant(weight);  // sizes the scale, as in Linear
+  auto output =
+      conv2d(options, input, quantized_weight, kernel_bias(bias, *weight_fake_quant));
   return relu ? torch::relu(output) : output;
 }
 
@@ -535,13 +582,25 @@ void ConvBn2dImpl::reset() {
 }
 
 torch::Tensor ConvBn2dImpl::forward(const torch::Tensor& input) {
-  const auto running_std = torch::sqrt(bn->running_var + bn->options.eps());
-  const auto factor = bn->weight / running_std;
+  const auto factor = qat::batch_norm_factor(bn->weight, bn->running_var, bn->options.eps());
   // conv(x, fq(w * f)) / f per channel, as conv(x, fq(w * f) / f): the division lands on
   // the weight, not on the (usually larger) output. The conv bias is added after it: it
   // is not part of the folded weight's product.
   const auto folded = weight_fake_quant->forward_folded(weight, factor);
-  auto output = bn(conv2d(options, input, folded, bias));
+  torch::Tensor output;
+  if (input_quantizer() && !bn->is_training() && weight_fake_quant->is_fake_quant_enabled()) {
+    // With the running statistics the whole is the folded conv the integer model runs,
+    // conv(x, fq(w * f)) + beta + f * (b - mean), whose bias the kernel rounds to its int32
+    // grid: so is it here.
+    const auto folded_bias = kernel_bias(
+        qat::fold_bias(bias, bn->bias, bn->running_mean, factor),
+        *weight_fake_quant);
+    const std::vector<int64_t> shape{1, -1, 1, 1};
+    output = conv2d(options, input, folded, torch::Tensor()) * factor.reshape(shape) +
+             folded_bias.reshape(shape);
+  } else {
+    output = bn(conv2d(options, input, folded, bias));
+  }
   return relu ? torch::relu(output) : output;
 }
 

@@ -2,6 +2,8 @@
 
 #include <qat/prepare.h>
 
+#include "config_keys.h"
+
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>
@@ -47,21 +49,21 @@ bool is_one_of(const torch::nn::Module& module) {
 // fake-quantized through them.
 bool passes_qparams(const torch::nn::Module& module) {
   return is_one_of<
-      torch::nn::ReLUImpl, torch::nn::ReLU6Impl, torch::nn::HardtanhImpl, torch::nn::MaxPool2dImpl,
-      torch::nn::FlattenImpl, torch::nn::DropoutImpl, torch::nn::IdentityImpl>(module);
+      torch::nn::ReLUImpl, torch::nn::MaxPool2dImpl, torch::nn::FlattenImpl,
+      torch::nn::DropoutImpl, torch::nn::IdentityImpl>(module);
 }
 
-// Modules whose integer kernels requantize their output, which so gets a FakeQuantize.
+// Modules whose output the integer model requantizes, which so gets a FakeQuantize. A clamp
+// (ReLU6, Hardtanh) not fused into a layer before it is among them: its bound (6) is not on
+// its input's grid, so the clamped value must be quantized again, as the integer model does.
 bool requantizes(const torch::nn::Module& module) {
-  return is_one_of<torch::nn::AvgPool2dImpl, torch::nn::AdaptiveAvgPool2dImpl>(module);
+  return is_one_of<
+      torch::nn::AvgPool2dImpl, torch::nn::AdaptiveAvgPool2dImpl, torch::nn::ReLU6Impl,
+      torch::nn::HardtanhImpl>(module);
 }
 
 bool is_prepared_layer(const torch::nn::Module& module) {
   return is_one_of<LinearImpl, Conv2dImpl, ConvBn2dImpl>(module);
-}
-
-bool is_pattern(const std::string& key) {
-  return key.find_first_of("*?[") != std::string::npos;
 }
 
 void check_not_prepared(torch::nn::Module& root) {
@@ -79,15 +81,23 @@ void check_not_prepared(torch::nn::Module& root) {
   }
 }
 
-// An exact layer name in the config that names no module is a typo that would otherwise
-// silently leave the layer with the defaults.
+// A layer key in the config that matches no module is a typo that would otherwise silently
+// leave the layer with the defaults; a pattern is as easily mistyped as a name.
 void check_config_names(torch::nn::Module& root, const Config& config) {
   const auto named = root.named_modules("", /*include_self=*/false);
   auto check = [&](const char* field, const std::string& key) {
-    if (!is_pattern(key) && !named.contains(key)) {
-      throw std::invalid_argument(fmt::format(
-          "qat::prepare: Config.{} names '{}', which is not a module of the model", field, key));
+    const bool found = std::any_of(named.begin(), named.end(), [&](const auto& item) {
+      return detail::key_matches(key, item.key());
+    });
+    if (found) {
+      return;
     }
+    if (detail::is_pattern(key)) {
+      throw std::invalid_argument(fmt::format(
+          "qat::prepare: Config.{} pattern '{}' matches no module of the model", field, key));
+    }
+    throw std::invalid_argument(fmt::format(
+        "qat::prepare: Config.{} names '{}', which is not a module of the model", field, key));
   };
   for (const auto& item : config.overrides()) {
     check("overrides", item.first);
@@ -95,6 +105,53 @@ void check_config_names(torch::nn::Module& root, const Config& config) {
   for (const auto& key : config.skipped()) {
     check("skip", key);
   }
+}
+
+// A Config may be written for Python, whose histogram observers the C++ modules cannot run;
+// a FakeQuantize refusing one cannot tell which config entry asked for it, so the specs are
+// checked here first. The walk follows Preparer's: skipped layers and a swapped layer's
+// children get no spec, and a dynamic config builds no activation FakeQuantize.
+void check_observers(
+    torch::nn::Module& root, const Config& config, const ModuleRegistry& registry) {
+  const auto& runnable = QuantSpec::module_observers();
+  auto check = [&](const std::string& name, const torch::nn::Module& layer, const char* kind,
+                   const QuantSpec& spec, c10::optional<QuantSpec> LayerOverride::*field) {
+    if (std::find(runnable.begin(), runnable.end(), spec.observer()) != runnable.end()) {
+      return;
+    }
+    const auto* entry = detail::find_override(config, name);
+    const auto source = entry != nullptr && (entry->second.*field).has_value()
+                            ? fmt::format("Config.overrides['{}'].{}", entry->first, kind)
+                            : fmt::format("Config.{}", kind);
+    throw std::invalid_argument(fmt::format(
+        "qat::prepare: '{}' ({}) cannot be prepared, so the model is left as it was: {}: the "
+        "'{}' observer is not available in C++ yet; the C++ modules run {} (calibrate the "
+        "histogram observers in Python)",
+        name, layer.name(), source, spec.observer(), fmt::join(runnable, ", ")));
+  };
+  std::function<void(torch::nn::Module&, const std::string&)> walk =
+      [&](torch::nn::Module& module, const std::string& prefix) {
+        const bool sequential = dynamic_cast<torch::nn::SequentialImpl*>(&module) != nullptr;
+        for (const auto& item : module.named_children()) {
+          const auto name = path(prefix, item.key());
+          auto& child = *item.value();
+          if (config.is_skipped(name)) {
+            continue;
+          }
+          const bool swapped = registry.contains(std::type_index(typeid(child)));
+          const auto specs = *config.spec_for(name);
+          if (swapped) {
+            check(name, child, "weight", specs.weight, &LayerOverride::weight);
+          }
+          if ((swapped || (sequential && requantizes(child))) && !config.dynamic()) {
+            check(name, child, "activation", specs.activation, &LayerOverride::activation);
+          }
+          if (!swapped) {
+            walk(child, name);
+          }
+        }
+      };
+  walk(root, "");
 }
 
 // Walks the module tree and swaps, folds and inserts as qat::prepare documents. The walk
@@ -185,15 +242,25 @@ class Preparer {
     auto relu_at = [&](size_t i) {
       return i < n && is_exactly<torch::nn::ReLUImpl>(*modules[i]) && !skipped(i);
     };
+    auto relu6_at = [&](size_t i) {
+      return i < n && is_exactly<torch::nn::ReLU6Impl>(*modules[i]) && !skipped(i);
+    };
 
     std::vector<std::pair<std::string, torch::nn::AnyModule>> chain;
-    bool quantized = false;  // whether the tensor at this point of the chain is fake-quantized
-    // `layer` is the index of the module whose activation spec `spec` is.
-    auto fake_quant = [&](const std::string& name, const QuantSpec& spec, size_t layer) {
+    // The FakeQuantize of the tensor at this point of the chain, when it is fake-quantized
+    // (with a dynamic config: none, but `quantized` still tells).
+    FakeQuantize input{nullptr};
+    bool quantized = false;
+    // `layer` is the index of the module whose activation spec `spec` is; `six`: the fixed
+    // [0, 6] qparams of a ReLU6 fused into the layer before it.
+    auto fake_quant = [&](const std::string& name, const QuantSpec& spec, size_t layer,
+                          bool six = false) {
+      input = nullptr;
       if (!config_.dynamic()) {
-        chain.emplace_back(name, for_layer(path(prefix, names[layer]), *modules[layer], [&] {
-                             return torch::nn::AnyModule(FakeQuantize(spec));
-                           }));
+        input = for_layer(path(prefix, names[layer]), *modules[layer], [&] {
+          return six ? FakeQuantize(spec, 0.0, 6.0, /*inclusive=*/true) : FakeQuantize(spec);
+        });
+        chain.emplace_back(name, torch::nn::AnyModule(input));
       }
       quantized = true;
     };
@@ -207,13 +274,22 @@ class Preparer {
               chain.empty() ? "input_fake_quant" : names[i] + "_input_fake_quant", activation, i);
         }
         const size_t after = fold ? i + 2 : i + 1;
-        const bool relu =
-            relu_at(after) && (fold || registry_.fuses_relu(std::type_index(typeid(*modules[i]))));
-        chain.emplace_back(
-            names[i], fold ? fold_conv_bn(modules[i], modules[i + 1], name, relu)
-                           : swap(modules[i], name, relu));
-        fake_quant(names[i] + "_fake_quant", activation, i);
-        i = after + (relu ? 1 : 0);
+        const bool fuses = fold || registry_.fuses_relu(std::type_index(typeid(*modules[i])));
+        const bool relu = fuses && relu_at(after);
+        // The integer kernel's ReLU with the output scale 6/255 saturates at the 6: the
+        // ReLU6 stays in the chain, quantized after it with those fixed qparams.
+        const bool relu6 = fuses && relu6_at(after);
+        auto layer = fold ? fold_conv_bn(modules[i], modules[i + 1], name, relu)
+                          : swap(modules[i], name, relu);
+        if (auto* linked = dynamic_cast<InputQuantized*>(layer.ptr().get())) {
+          linked->set_input_quantizer(input);
+        }
+        chain.emplace_back(names[i], std::move(layer));
+        if (relu6) {
+          chain.emplace_back(names[after], originals[after]);
+        }
+        fake_quant(names[relu6 ? after : i] + "_fake_quant", activation, i, relu6);
+        i = after + (relu || relu6 ? 1 : 0);
         continue;
       }
       if (!skipped(i)) {
@@ -222,6 +298,7 @@ class Preparer {
       chain.emplace_back(names[i], originals[i]);
       if (skipped(i) || !(passes_qparams(*modules[i]) || requantizes(*modules[i]))) {
         quantized = false;
+        input = nullptr;
       } else if (requantizes(*modules[i]) && quantized) {
         fake_quant(names[i] + "_fake_quant", config_.spec_for(name)->activation, i);
       }
@@ -379,6 +456,7 @@ void prepare(torch::nn::Module& root, const Config& config) {
   }
   check_not_prepared(root);
   check_config_names(root, config);
+  check_observers(root, config, registry);
   Preparer(config, registry).run(root);
   root.train(true);
 }

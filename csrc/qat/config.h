@@ -30,6 +30,9 @@ class QuantSpec {
  public:
   /// Observer names a spec accepts, as in Python (qat.config.OBSERVERS).
   static const std::vector<std::string>& observers();
+  /// The observers qat::Observer and qat::FakeQuantize run, a subset of observers(): the
+  /// histogram ones are Python-only for now, so qat::prepare refuses a Config using them.
+  static const std::vector<std::string>& module_observers();
 
   QuantSpec() = default;
 
@@ -62,7 +65,7 @@ class QuantSpec {
 
   /// @param observer how the range is estimated: "minmax", "moving_average", or from a
   ///        histogram: "percentile", "mse", "entropy" (the histogram ones are Python-only
-  ///        for now; qat::FakeQuantize refuses them).
+  ///        for now, see module_observers(); qat::FakeQuantize refuses them).
   QuantSpec& observer(std::string observer);
   const std::string& observer() const { return observer_; }
 

@@ -87,6 +87,14 @@ class FakeQuantizeImpl : public torch::nn::Cloneable<FakeQuantizeImpl> {
  public:
   /// @param spec how the input is quantized (observer "minmax" or "moving_average").
   explicit FakeQuantizeImpl(QuantSpec spec = QuantSpec());
+  /// A FakeQuantize whose qparams are fixed by the op before it, whose output range is
+  /// known (Python's qat.FixedQParamsFakeQuantize): a ReLU6 after a conv or linear runs in
+  /// the integer model as the fused ReLU kernel with output scale 6/255 (range [0, 6],
+  /// `inclusive`: 6 is the top level). The qparams are qat::fixed_qparams'; the observer
+  /// stays off (enable_observer and update_qparams leave them).
+  /// @throws std::invalid_argument for a per-channel spec, one that learns its qparams, or
+  ///         a range that is not finite or does not hold zero.
+  FakeQuantizeImpl(QuantSpec spec, double lo, double hi, bool inclusive);
 
   void reset() override;
 
@@ -114,6 +122,8 @@ class FakeQuantizeImpl : public torch::nn::Cloneable<FakeQuantizeImpl> {
   const QuantSpec& spec() const { return spec_; }
   int64_t quant_min() const { return quant_min_; }
   int64_t quant_max() const { return quant_max_; }
+  /// Whether the qparams are fixed (the range constructor).
+  bool has_fixed_qparams() const { return fixed_range_.has_value(); }
   /// Whether the estimator trains the scale / zero point (they are parameters).
   bool learns_scale() const { return learns_scale_; }
   bool learns_zero_point() const { return learns_zero_point_; }
@@ -133,20 +143,46 @@ class FakeQuantizeImpl : public torch::nn::Cloneable<FakeQuantizeImpl> {
   c10::optional<int64_t> channel_axis(const torch::Tensor& input) const;
   void ensure_channels(int64_t channels);
   void clamp_learned_scale();
+  void fix_qparams();
 
   QuantSpec spec_;
   int64_t quant_min_;
   int64_t quant_max_;
   bool learns_scale_;
   bool learns_zero_point_;
+  // (scale, zero_point) of the range constructor.
+  c10::optional<std::pair<double, int64_t>> fixed_range_;
 };
 TORCH_MODULE(FakeQuantize);
 
+/// What the QAT layers whose integer kernels add an int32 bias share: the link to the
+/// FakeQuantize of their input, whose scale sets that bias grid.
+class InputQuantized {
+ public:
+  /// The FakeQuantize of the layer's input (qat::prepare sets it). With it, and the weight
+  /// fake-quantized, the layer rounds its bias to the integer kernels' int32 grid,
+  /// input scale x weight scale (qat::round_bias), as Python's layers do with the
+  /// `input_scale` qat.prepare passes them, so that the simulation adds exactly the bias
+  /// the kernel adds. It is not a child (it belongs to the chain before the layer); a
+  /// clone() links to the original's.
+  void set_input_quantizer(FakeQuantize input) { input_quantizer_ = std::move(input); }
+  const FakeQuantize& input_quantizer() const { return input_quantizer_; }
+
+ protected:
+  /// `bias` as the layer adds it: rounded to the kernels' grid when the input quantizer is
+  /// set and `weight_fq` fake-quantizes, else as it is.
+  torch::Tensor kernel_bias(const torch::Tensor& bias, FakeQuantizeImpl& weight_fq) const;
+
+ private:
+  FakeQuantize input_quantizer_{nullptr};
+};
+
 /// QAT torch::nn::Linear: the weight goes through `weight_fake_quant` (per channel along
-/// the output features when the spec is per channel) before the matmul; the bias stays in
-/// float (the integer kernels quantize it to int32 with input scale x weight scale).
+/// the output features when the spec is per channel) before the matmul; the bias is
+/// rounded to the integer kernels' int32 grid once the input quantizer is set (see
+/// InputQuantized).
 /// Parameters `weight`, `bias`; child `weight_fake_quant`.
-class LinearImpl : public torch::nn::Cloneable<LinearImpl> {
+class LinearImpl : public torch::nn::Cloneable<LinearImpl>, public InputQuantized {
  public:
   /// A fresh layer, initialized as torch::nn::Linear.
   /// @param options as torch::nn::Linear's.
@@ -180,7 +216,7 @@ TORCH_MODULE(Linear);
 /// axis 0, when the spec is per channel) before the convolution. Only the "zeros" padding
 /// mode is supported, as in PyTorch's quantized conv. Parameters `weight`, `bias`; child
 /// `weight_fake_quant`.
-class Conv2dImpl : public torch::nn::Cloneable<Conv2dImpl> {
+class Conv2dImpl : public torch::nn::Cloneable<Conv2dImpl>, public InputQuantized {
  public:
   /// A fresh layer, initialized as torch::nn::Conv2d.
   /// @param options as torch::nn::Conv2d's.
@@ -216,7 +252,7 @@ TORCH_MODULE(Conv2d);
 /// `bn`, which in training normalizes with the batch statistics (and updates the running
 /// ones) and in eval with the running ones, where the whole equals the folded conv.
 /// Parameters `weight`, `bias` (the conv's); children `bn`, `weight_fake_quant`.
-class ConvBn2dImpl : public torch::nn::Cloneable<ConvBn2dImpl> {
+class ConvBn2dImpl : public torch::nn::Cloneable<ConvBn2dImpl>, public InputQuantized {
  public:
   /// A fresh layer.
   /// @param conv_options as torch::nn::Conv2d's (usually without bias).

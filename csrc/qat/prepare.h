@@ -160,13 +160,16 @@ bool unregister_module() {
 /// module it is given, for the same reason.
 ///
 /// @param root the float model (e.g. `*net` for a holder `net`).
-/// @param config the quantization config; exact layer names it gives must exist.
+/// @param config the quantization config; each override and skip key (a name or a
+///        pattern) must match a module, and each spec a layer gets must use an observer of
+///        QuantSpec::module_observers().
 /// @throws std::invalid_argument when `root` holds a QAT layer already (qat::Linear,
 ///         qat::Conv2d, qat::ConvBn2d: prepare the float model; FakeQuantize members of
-///         custom modules are fine), a name in the config matches no module, or a layer
-///         cannot be swapped (named with its path and type, followed by the reason: a
-///         Conv2d padding mode other than zeros, a BatchNorm2d that cannot be folded, an
-///         observer C++ does not have, a factory that throws std::invalid_argument).
+///         custom modules are fine), a name or pattern in the config matches no module, or
+///         a layer cannot be swapped (named with its path and type, followed by the reason:
+///         an observer C++ does not have, with the config entry that asks for it, a Conv2d
+///         padding mode other than zeros, a BatchNorm2d that cannot be folded, a factory
+///         that throws std::invalid_argument).
 void prepare(torch::nn::Module& root, const Config& config = Config());
 
 /// Runs `run` (which feeds calibration batches through the model) with every

@@ -41,14 +41,14 @@ _MUL = {operator.mul, operator.imul, torch.mul}
 _ADD_METHODS = {"add", "add_"}
 _MUL_METHODS = {"mul", "mul_"}
 # Ops that run on a quantized tensor and keep its qparams: prepare's pass-through ops but
-# the clamps (qnnpack's quantized clamp scrambles channels-last tensors in torch 1.13; a
-# ReLU6 after a conv is fused into it instead) and functional dropout, plus data movement
-# (the integer model moves the same integers the simulation moves values).
-_CLAMP_FUNCTIONS = {F.relu6, F.hardtanh}
-_PASS_FUNCTIONS = (_PREPARE_PASS_FUNCTIONS - _CLAMP_FUNCTIONS - {F.dropout}) | {
+# functional dropout, plus data movement (the integer model moves the same integers the
+# simulation moves values). Clamps (ReLU6, Hardtanh) are not among them: fused into the
+# layer before them, or requantized after them (qnnpack's quantized clamp also scrambles
+# channels-last tensors in torch 1.13), they run in float.
+_PASS_FUNCTIONS = (_PREPARE_PASS_FUNCTIONS - {F.dropout}) | {
     torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, operator.getitem}
 _PASS_METHODS = _PREPARE_PASS_METHODS | {"transpose", "permute", "squeeze", "unsqueeze"}
-_PASS_MODULES = tuple(m for m in _PREPARE_PASS_MODULES if m not in (nn.ReLU6, nn.Hardtanh))
+_PASS_MODULES = _PREPARE_PASS_MODULES
 # Ops that split a quantized tensor into a tuple of quantized tensors (read by getitem).
 _SPLIT_FUNCTIONS = {torch.chunk, torch.split}
 _SPLIT_METHODS = {"chunk", "split"}
@@ -98,33 +98,21 @@ def _describe(node: fx.Node) -> str:
 
 
 def _integer_weight(fq_weight: torch.Tensor, fq: FakeQuantize) -> torch.Tensor:
-    """The int8 tensor (per channel along axis 0, or per tensor) whose dequantized values
-    are the fake-quantized weight ``fq_weight`` with ``fq``'s qparams."""
-    if fq.quant_min < -128 or fq.quant_max > 127:
-        raise ValueError(
-            f"qat.convert: weights quantized to [{fq.quant_min}, {fq.quant_max}] do not fit "
-            f"int8; the integer kernels take signed 8-bit weights (at most)")
-    scale = fq.scale.detach().double()
-    zero_point = fq.zero_point.detach().round().long()
-    if fq.per_channel:
-        shape = [-1] + [1] * (fq_weight.dim() - 1)
-        ints = torch.round(fq_weight.double() / scale.reshape(shape)) + zero_point.reshape(shape)
-        return torch._make_per_channel_quantized_tensor(
-            ints.to(torch.int8), scale, zero_point, 0)
-    ints = torch.round(fq_weight.double() / scale) + zero_point
-    return torch._make_per_tensor_quantized_tensor(
-        ints.to(torch.int8), float(scale), int(zero_point))
+    """The int8 tensor whose dequantized values are the fake-quantized weight ``fq_weight``
+    with ``fq``'s qparams (``torch.ops.qat.integer_weight``)."""
+    return torch.ops.qat.integer_weight(fq_weight, fq.scale, fq.zero_point, fq.quant_min,
+                                        fq.quant_max, fq.per_channel)
 
 
 def _folded(module: ConvBn2d) -> Tuple[torch.Tensor, torch.Tensor]:
     """(fake-quantized folded weight, folded bias) of a conv + batch norm in eval: what
     ``bn(conv(x, weight))`` computes with the running statistics."""
     bn = module.bn
-    factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    factor = torch.ops.qat.batch_norm_factor(bn.weight, bn.running_var, bn.eps)
     shape = [-1] + [1] * (module.weight.dim() - 1)
     weight = module.weight_fake_quant.fake_quantize_folded(module.weight, factor)
-    bias = module.bias if module.bias is not None else torch.zeros_like(bn.running_mean)
-    return weight * factor.reshape(shape), bn.bias + factor * (bias - bn.running_mean)
+    return (weight * factor.reshape(shape),
+            torch.ops.qat.fold_bias(module.bias, bn.bias, bn.running_mean, factor))
 
 
 def _weights_of(module: nn.Module) -> torch.Tensor:

@@ -295,12 +295,13 @@ class FixedQParamsFakeQuantize(FakeQuantize):
                 f"qat.FixedQParamsFakeQuantize: output_range must be finite with "
                 f"lo <= 0 < hi (a range that holds zero), got ({lo}, {hi})")
         self.fixed_qparams = True
-        steps = self.quant_max - self.quant_min + (0 if inclusive else 1)
         # The low end on quant_min (sigmoid on quint8: scale 1/256, zero point 0; tanh:
         # 2/256, 128; ReLU6: 6/255, 0).
+        scale, zero_point = torch.ops.qat.fixed_qparams(lo, hi, self.quant_min,
+                                                        self.quant_max, inclusive)
         with torch.no_grad():
-            self.scale.fill_((hi - lo) / steps)
-            self.zero_point.fill_(self.quant_min + round(-lo * steps / (hi - lo)))
+            self.scale.fill_(scale)
+            self.zero_point.fill_(zero_point)
         self.observer_enabled.fill_(0)
 
     def enable_observer(self, enabled: bool = True) -> "FakeQuantize":

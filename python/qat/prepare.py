@@ -26,19 +26,20 @@ from .modules import Conv2d, ConvBn2d, Linear, fused, lookup
 
 __all__ = ["prepare"]
 
-# Ops whose output the integer model requantizes, so it gets its own FakeQuantize.
+# Ops whose output the integer model requantizes, so it gets its own FakeQuantize. A clamp
+# (ReLU6, Hardtanh) not fused into a layer before it is among them: its bound (6) is not on
+# its input's grid, so the clamped value is quantized again, as the integer model does.
 _QUANTIZED_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul,
                         torch.mul, torch.cat, torch.mean, F.adaptive_avg_pool2d,
-                        F.avg_pool2d, F.hardswish}
+                        F.avg_pool2d, F.hardswish, F.relu6, F.hardtanh}
 _QUANTIZED_METHODS = {"add", "add_", "mul", "mul_", "mean"}
-_QUANTIZED_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Hardswish)
+_QUANTIZED_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Hardswish, nn.ReLU6,
+                      nn.Hardtanh)
 
 # Ops whose integer kernels keep their input's qparams: no FakeQuantize of their own.
-_PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, F.max_pool2d, torch.flatten,
-                   torch.reshape, F.dropout}
+_PASS_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, torch.flatten, torch.reshape, F.dropout}
 _PASS_METHODS = {"relu", "relu_", "flatten", "reshape", "view", "contiguous"}
-_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d, nn.Flatten, nn.Dropout,
-                 nn.Identity)
+_PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
 
 _RELU_FUNCTIONS = (F.relu, torch.relu)
 
@@ -483,7 +484,7 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
 def _pass_input_scales(gm: fx.GraphModule, swapped) -> None:
     """Gives each layer that the integer model runs with an int32 bias (Linear, Conv2d,
     ConvBn2d, ConvBnReLU2d) the scale of the FakeQuantize before it, ``input_scale=``, so
-    that it rounds its bias as the kernel will (``qat.modules.round_bias``)."""
+    that it rounds its bias as the kernel will (``torch.ops.qat.round_bias``)."""
     for node in swapped:
         if not isinstance(gm.get_submodule(node.target), (Conv2d, ConvBn2d, Linear)):
             continue
@@ -513,9 +514,9 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
     ``torch.add``, ``torch.mul``, ``torch.cat``, ``mean``, average pooling, hardswish. A
     swapped module followed by a ReLU is quantized after the ReLU (the integer kernels
     fuse it); after a ReLU6 it gets a :class:`qat.FixedQParamsFakeQuantize` for [0, 6]
-    (scale 6/255: the integer ReLU kernel's saturation is the 6). Ops that keep their
-    input's qparams (relu, relu6, max pooling, flatten / reshape / view, dropout,
-    identity) get none. The inputs of ``torch.cat`` have no
+    (scale 6/255: the integer ReLU kernel's saturation is the 6); a ReLU6 or Hardtanh
+    elsewhere gets a FakeQuantize of its own. Ops that keep their input's qparams (relu,
+    max pooling, flatten / reshape / view, dropout, identity) get none. The inputs of ``torch.cat`` have no
     FakeQuantize of their own when the cat is their only user: the one after the cat
     quantizes them all, as the integer cat requantizes its inputs to its output's qparams.
     Sigmoid, hardsigmoid and tanh of a quantized tensor get a

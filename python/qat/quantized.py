@@ -86,23 +86,6 @@ class _WithOutputQParams(nn.Module):
         return f"scale={self.scale:.6g}, zero_point={self.zero_point}{relu}"
 
 
-def _pack(ints: torch.Tensor, values_per_byte: int, offset: int) -> torch.Tensor:
-    """``ints`` (int8) as stored: as they are, or ``values_per_byte`` unsigned values
-    (``ints + offset``) per byte, the first in the low bits."""
-    if values_per_byte == 1:
-        return ints.to(torch.int8).clone()
-    bits = 8 // values_per_byte
-    values = ints.flatten().to(torch.int16) + offset
-    if values.numel() and not (0 <= int(values.min()) and int(values.max()) < 2 ** bits):
-        raise ValueError(f"qat.quantized: weights do not fit {bits} bits after offset {offset}")
-    pad = (-values.numel()) % values_per_byte
-    values = torch.cat([values, values.new_zeros(pad)]).reshape(-1, values_per_byte)
-    packed = torch.zeros(values.shape[0], dtype=torch.int16)
-    for j in range(values_per_byte):
-        packed |= values[:, j] << (bits * j)
-    return packed.to(torch.uint8)
-
-
 class _IntegerLayer(_WithOutputQParams):
     """A conv or linear layer's weight as the file stores it: the integers (packed two or
     four to a byte when trained at 4 bits or fewer), float32 scales and int32 zero points
@@ -127,10 +110,10 @@ class _IntegerLayer(_WithOutputQParams):
         else:
             scales = torch.tensor([weight.q_scale()])
             zero_points = torch.tensor([weight.q_zero_point()])
-        self.values_per_byte = 8 // weight_bits if weight_bits <= 4 else 1
+        self.values_per_byte = torch.ops.qat.values_per_byte(weight_bits)
         self.weight_offset = -weight_quant_min
-        self.register_buffer("weight_data", _pack(ints, self.values_per_byte,
-                                                  self.weight_offset))
+        self.register_buffer("weight_data", torch.ops.qat.pack_weight(ints, weight_bits,
+                                                                      weight_quant_min))
         self.register_buffer("weight_scale", scales.float())
         # Symmetric weights (the default) have zero points of 0: none stored.
         self.register_buffer("weight_zero_point", zero_points.to(torch.int32)
@@ -140,6 +123,8 @@ class _IntegerLayer(_WithOutputQParams):
                              else bias.detach().float().clone())
 
     def _ints(self) -> torch.Tensor:
+        # torch.ops.qat.unpack_weight, in plain TorchScript: the file must run where qat is
+        # not installed (a test keeps the two equal).
         if self.values_per_byte == 1:
             return self.weight_data
         bits = 8 // self.values_per_byte

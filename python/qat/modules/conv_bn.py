@@ -10,7 +10,7 @@ from torch import nn
 from ..config import QuantSpec
 from ..fake_quant import FakeQuantize
 from . import fused
-from ._common import check_float, round_bias, weight_spec_for
+from ._common import check_float, weight_spec_for
 
 __all__ = ["ConvBn1d", "ConvBn2d", "ConvBn3d", "ConvBnReLU1d", "ConvBnReLU2d",
            "ConvBnReLU3d"]
@@ -71,8 +71,8 @@ class _ConvBnNd:
 
     def _conv_bn(self, input: torch.Tensor,
                  input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        running_std = torch.sqrt(self.bn.running_var + self.bn.eps)
-        scale_factor = self.bn.weight / running_std
+        scale_factor = torch.ops.qat.batch_norm_factor(self.bn.weight, self.bn.running_var,
+                                                       self.bn.eps)
         # conv(x, fq(w * f)) / f per channel, as conv(x, fq(w * f) / f): the division
         # lands on the weight, not on the (usually larger) output, and the folded weight
         # need not be built (FakeQuantize.fake_quantize_folded). The conv bias is added
@@ -82,12 +82,12 @@ class _ConvBnNd:
                 and bool(self.weight_fake_quant.fake_quant_enabled)):
             # With the running statistics the whole is the folded conv the integer model
             # runs, conv(x, fq(w * f)) + beta + f * (b - mean), whose bias the kernel
-            # rounds to its int32 grid: so is it here (round_bias).
+            # rounds to its int32 grid: so is it here (qat.round_bias).
             shape = [1, -1] + [1] * (input.dim() - 2)
-            bias = self.bn.bias - scale_factor * self.bn.running_mean
-            if self.bias is not None:
-                bias = bias + scale_factor * self.bias
-            bias = round_bias(bias, input_scale, self.weight_fake_quant.scale)
+            bias = torch.ops.qat.round_bias(
+                torch.ops.qat.fold_bias(self.bias, self.bn.bias, self.bn.running_mean,
+                                        scale_factor),
+                input_scale, self.weight_fake_quant.scale)
             return (self._conv_forward(input, weight, None) * scale_factor.reshape(shape)
                     + bias.reshape(shape))
         return self.bn(self._conv_forward(input, weight, self.bias))

@@ -19,7 +19,7 @@ class Linear(nn.Linear):
     channel) before ``F.linear``. The integer kernels quantize the bias to int32 with the
     input scale times the weight scale; given ``input_scale`` (as :func:`qat.prepare`
     passes it, the scale of the FakeQuantize before the layer) and with the weight
-    fake-quantized, the bias is rounded the same way (:func:`round_bias`).
+    fake-quantized, the bias is rounded the same way (``torch.ops.qat.round_bias``).
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.

@@ -1,0 +1,169 @@
+// The lowering numerics (see qat/lowering.h), registered as torch.ops.qat.* for the Python
+// front end and TorchScript.
+
+#include <qat/lowering.h>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace qat {
+
+namespace {
+
+// The field width of one packed value: 4 bits for 3- and 4-bit weights, 2 for 1- and 2-bit.
+int64_t field_bits(int64_t bits) {
+  return 8 / values_per_byte(bits);
+}
+
+void check_bits(const char* op, int64_t bits) {
+  TORCH_CHECK_VALUE(bits >= 1 && bits <= 8, op, ": bits must be in [1, 8], got ", bits);
+}
+
+}  // namespace
+
+at::Tensor batch_norm_factor(
+    const c10::optional<at::Tensor>& weight, const at::Tensor& running_var, double eps) {
+  const auto inverse_std = at::sqrt(running_var + eps);
+  if (weight.has_value() && weight->defined()) {
+    return *weight / inverse_std;
+  }
+  return at::reciprocal(inverse_std);
+}
+
+at::Tensor fold_bias(
+    const c10::optional<at::Tensor>& conv_bias, const c10::optional<at::Tensor>& bn_bias,
+    const at::Tensor& running_mean, const at::Tensor& factor) {
+  // Without a conv bias, factor * (0 - mean) is -(factor * mean) exactly, so both cases
+  // are the one formula.
+  const auto centred = conv_bias.has_value() && conv_bias->defined() ? *conv_bias - running_mean
+                                                                      : -running_mean;
+  const auto scaled = factor * centred;
+  return bn_bias.has_value() && bn_bias->defined() ? *bn_bias + scaled : scaled;
+}
+
+at::Tensor round_bias(
+    const at::Tensor& bias, const at::Tensor& input_scale, const at::Tensor& weight_scale) {
+  const auto step = (input_scale * weight_scale).detach().reshape({-1}).to(bias.scalar_type());
+  const auto fixed = bias.detach();
+  // The offset is a constant: the gradient flows to `bias` as it is (straight through).
+  return bias + (at::round(fixed / step) * step - fixed);
+}
+
+at::Tensor integer_weight(
+    const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, bool per_channel) {
+  TORCH_CHECK_VALUE(
+      quant_min >= -128 && quant_max <= 127, "qat::integer_weight: weights quantized to [",
+      quant_min, ", ", quant_max,
+      "] do not fit int8; the integer kernels take signed 8-bit weights (at most)");
+  // In double: the quotient of a fake-quantized value by its scale is within rounding of an
+  // integer, which double keeps far from the half-way points.
+  const auto s = scale.detach().to(at::kCPU, at::kDouble);
+  const auto z = zero_point.detach().to(at::kCPU, at::kDouble).round().to(at::kLong);
+  const auto w = weight.detach().to(at::kCPU, at::kDouble);
+  if (per_channel) {
+    std::vector<int64_t> shape(w.dim(), 1);
+    shape[0] = -1;
+    const auto ints = at::round(w / s.reshape(shape)) + z.reshape(shape);
+    return at::_make_per_channel_quantized_tensor(ints.to(at::kChar), s, z, 0);
+  }
+  TORCH_CHECK_VALUE(
+      s.numel() == 1, "qat::integer_weight: a per-tensor weight has one scale, got ", s.numel());
+  const auto ints = at::round(w / s) + z;
+  return at::_make_per_tensor_quantized_tensor(
+      ints.to(at::kChar), s.item<double>(), z.item<int64_t>());
+}
+
+std::tuple<double, int64_t> fixed_qparams(
+    double lo, double hi, int64_t quant_min, int64_t quant_max, bool inclusive) {
+  TORCH_CHECK_VALUE(
+      std::isfinite(lo) && std::isfinite(hi) && lo <= 0 && 0 < hi,
+      "qat::fixed_qparams: the output range must be finite with lo <= 0 < hi (a range that "
+      "holds zero), got (", lo, ", ", hi, ")");
+  TORCH_CHECK_VALUE(
+      quant_min < quant_max, "qat::fixed_qparams: quant_min must be below quant_max, got [",
+      quant_min, ", ", quant_max, "]");
+  const auto steps = static_cast<double>(quant_max - quant_min + (inclusive ? 0 : 1));
+  return {(hi - lo) / steps, quant_min + static_cast<int64_t>(std::nearbyint(-lo * steps / (hi - lo)))};
+}
+
+int64_t values_per_byte(int64_t bits) {
+  return bits <= 4 ? 8 / bits : 1;
+}
+
+at::Tensor pack_weight(const at::Tensor& ints, int64_t bits, int64_t quant_min) {
+  check_bits("qat::pack_weight", bits);
+  const auto ints8 = ints.detach().to(at::kCPU);
+  const auto per_byte = values_per_byte(bits);
+  if (per_byte == 1) {
+    return ints8.to(at::kChar).clone();
+  }
+  const auto width = field_bits(bits);
+  const auto values = ints8.flatten().to(at::kShort) - quant_min;
+  if (values.numel() > 0) {
+    const auto low = values.min().item<int64_t>();
+    const auto high = values.max().item<int64_t>();
+    TORCH_CHECK_VALUE(
+        low >= 0 && high < (int64_t{1} << width), "qat::pack_weight: weights do not fit ", width,
+        " bits above quant_min ", quant_min, " (found ", low + quant_min, " to ",
+        high + quant_min, ")");
+  }
+  const auto pad = (per_byte - values.numel() % per_byte) % per_byte;
+  const auto rows = at::cat({values, values.new_zeros({pad})}).reshape({-1, per_byte});
+  auto packed = at::zeros({rows.size(0)}, values.options());
+  for (int64_t j = 0; j < per_byte; ++j) {
+    packed.bitwise_or_(rows.select(1, j).bitwise_left_shift(width * j));
+  }
+  return packed.to(at::kByte);
+}
+
+at::Tensor unpack_weight(
+    const at::Tensor& data, int64_t bits, int64_t quant_min, at::IntArrayRef shape) {
+  check_bits("qat::unpack_weight", bits);
+  const auto per_byte = values_per_byte(bits);
+  if (per_byte == 1) {
+    return data.to(at::kChar).reshape(shape);
+  }
+  const auto width = field_bits(bits);
+  std::vector<at::Tensor> parts;
+  for (int64_t i = 0; i < per_byte; ++i) {
+    parts.push_back(data.bitwise_right_shift(width * i).bitwise_and((1 << width) - 1));
+  }
+  int64_t numel = 1;
+  for (const auto size : shape) {
+    numel *= size;
+  }
+  const auto values = at::stack(parts, 1).flatten().slice(0, 0, numel).to(at::kShort) + quant_min;
+  return values.to(at::kChar).reshape(shape);
+}
+
+}  // namespace qat
+
+TORCH_LIBRARY_FRAGMENT(qat, m) {
+  m.def(
+      "batch_norm_factor(Tensor? weight, Tensor running_var, float eps) -> Tensor",
+      TORCH_FN(qat::batch_norm_factor));
+  m.def(
+      "fold_bias(Tensor? conv_bias, Tensor? bn_bias, Tensor running_mean, Tensor factor) -> "
+      "Tensor",
+      TORCH_FN(qat::fold_bias));
+  m.def(
+      "round_bias(Tensor bias, Tensor input_scale, Tensor weight_scale) -> Tensor",
+      TORCH_FN(qat::round_bias));
+  m.def(
+      "integer_weight(Tensor weight, Tensor scale, Tensor zero_point, int quant_min, "
+      "int quant_max, bool per_channel) -> Tensor",
+      TORCH_FN(qat::integer_weight));
+  m.def(
+      "fixed_qparams(float lo, float hi, int quant_min, int quant_max, bool inclusive) -> "
+      "(float, int)",
+      TORCH_FN(qat::fixed_qparams));
+  m.def("values_per_byte(int bits) -> int", TORCH_FN(qat::values_per_byte));
+  m.def(
+      "pack_weight(Tensor ints, int bits, int quant_min) -> Tensor", TORCH_FN(qat::pack_weight));
+  m.def(
+      "unpack_weight(Tensor data, int bits, int quant_min, int[] shape) -> Tensor",
+      TORCH_FN(qat::unpack_weight));
+}

@@ -1,0 +1,68 @@
+#pragma once
+
+// The lowering numerics: how a QAT layer's float state becomes what the integer kernels
+// hold. Each formula lives here once and is registered as a `torch.ops.qat.*` operator
+// (csrc/export/lowering.cpp); the QAT modules (Python and C++), Python's qat.convert and
+// the C++ qat::convert all call these, so a simulation and its integer model cannot drift
+// apart between the front ends.
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+namespace qat {
+
+/// gamma / sqrt(running_var + eps): the per-channel factor a batch norm in eval multiplies
+/// by, folded into the conv weight before it is fake-quantized. Differentiable.
+/// @param weight the batch norm's gamma (undefined: 1, a batch norm without affine).
+at::Tensor batch_norm_factor(
+    const c10::optional<at::Tensor>& weight, const at::Tensor& running_var, double eps);
+
+/// beta + factor * (conv_bias - running_mean): the bias of the folded conv (undefined
+/// `conv_bias` or `bn_bias`: 0). Differentiable.
+at::Tensor fold_bias(
+    const c10::optional<at::Tensor>& conv_bias, const c10::optional<at::Tensor>& bn_bias,
+    const at::Tensor& running_mean, const at::Tensor& factor);
+
+/// `bias` on the grid the integer kernels add it on: int32 multiples of
+/// input_scale * weight_scale (one step per output channel), with a straight-through
+/// gradient. The kernels round the bias once per channel; rounding it in the simulation
+/// too makes the simulation add exactly what the kernel adds.
+at::Tensor round_bias(
+    const at::Tensor& bias, const at::Tensor& input_scale, const at::Tensor& weight_scale);
+
+/// The int8 quantized tensor (per channel along axis 0 when `per_channel`, else per tensor)
+/// whose dequantized values are `weight`, a weight already fake-quantized with `scale` and
+/// `zero_point`: the integers the simulation computed with, on the CPU, where the quantized
+/// kernels run.
+/// @throws c10::ValueError when [quant_min, quant_max] does not fit int8.
+at::Tensor integer_weight(
+    const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, bool per_channel);
+
+/// (scale, zero_point) of an op whose output range [lo, hi] is known (sigmoid [0, 1), tanh
+/// [-1, 1), ReLU6 [0, 6]): lo on quant_min, and `hi` the top level when `inclusive` (scale
+/// (hi - lo) / (levels - 1)), else one step above it ((hi - lo) / levels, PyTorch's sigmoid
+/// and tanh kernels).
+/// @throws c10::ValueError when the range is not finite or does not hold zero.
+std::tuple<double, int64_t> fixed_qparams(
+    double lo, double hi, int64_t quant_min, int64_t quant_max, bool inclusive);
+
+/// How many integers of `bits` bits one stored byte holds: 8 / bits at 4 bits or fewer
+/// (two at 4 bits, four at 2), else 1 (stored as they are).
+int64_t values_per_byte(int64_t bits);
+
+/// `ints` (int8) as a file stores them: as they are (int8) at more than 4 bits; else as
+/// uint8 bytes holding `values_per_byte(bits)` values each, `ints - quant_min` (which is
+/// in [0, 2^bits)), the first in the low bits, the last byte padded with zeros.
+/// @throws c10::ValueError when a value does not fit `bits` bits above quant_min.
+at::Tensor pack_weight(const at::Tensor& ints, int64_t bits, int64_t quant_min);
+
+/// The inverse of pack_weight: the int8 integers of shape `shape`.
+at::Tensor unpack_weight(
+    const at::Tensor& data, int64_t bits, int64_t quant_min, at::IntArrayRef shape);
+
+}  // namespace qat
