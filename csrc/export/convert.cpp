@@ -698,7 +698,10 @@ c10::IValue run_example(
     torch::jit::Module& module, const torch::Tensor& input, const char* caller) {
   try {
     torch::NoGradGuard no_grad;
-    return module.forward({input});
+    // On a copy: the first forward fills each layer's packed_params attribute, which the
+    // module (and a file saved from it) would otherwise carry as a second, unpacked copy of
+    // every weight.
+    return module.deepcopy().forward({input});
   } catch (const std::exception& error) {
     throw std::invalid_argument(fmt::format(
         "{}: the example input does not fit the model: {}", caller, error_cause(error)));

@@ -184,16 +184,44 @@ std::string layer_json(const detail::LayerInfo& layer) {
       json(layer.type), weight, json(layer.scale), layer.zero_point);
 }
 
-std::string metadata(const std::vector<detail::LayerInfo>& layers, const std::string& backend) {
+// What the file was checked on, as Python writes it ({"shape": [...], "dtype": "torch.float32"}),
+// so that `python -m qat bench` can make inputs for a file written from C++ too.
+std::string input_json(const torch::Tensor& input) {
+  // Python's names of the dtypes (str(torch.float32)); c10 spells them "Float", "Long"...
+  const auto python_name = [](c10::ScalarType type) -> std::string {
+    switch (type) {
+      case c10::kFloat: return "float32";
+      case c10::kDouble: return "float64";
+      case c10::kHalf: return "float16";
+      case c10::kBFloat16: return "bfloat16";
+      case c10::kByte: return "uint8";
+      case c10::kChar: return "int8";
+      case c10::kShort: return "int16";
+      case c10::kInt: return "int32";
+      case c10::kLong: return "int64";
+      case c10::kBool: return "bool";
+      default: throw std::invalid_argument(fmt::format(
+          "qat::export_model: example_input has dtype {}, which the metadata cannot name",
+          c10::toString(type)));
+    }
+  };
+  return fmt::format(
+      "{{\"shape\": [{}], \"dtype\": {}}}", fmt::join(input.sizes(), ", "),
+      json("torch." + python_name(input.scalar_type())));
+}
+
+std::string metadata(
+    const std::vector<detail::LayerInfo>& layers, const std::string& backend,
+    const torch::Tensor& input) {
   std::vector<std::string> entries;
   for (const auto& layer : layers) {
     entries.push_back(layer_json(layer));
   }
   return fmt::format(
       "{{\n \"qat_version\": {},\n \"torch_version\": {},\n \"quantized_engine\": {},\n "
-      "\"config\": {},\n \"layers\": [\n  {}\n ]\n}}\n",
+      "\"config\": {},\n \"layers\": [\n  {}\n ],\n \"example_inputs\": [{}]\n}}\n",
       json(std::string(qat::version())), json(std::string(TORCH_VERSION)), json(backend),
-      config_json(layers, backend), fmt::join(entries, ",\n  "));
+      config_json(layers, backend), fmt::join(entries, ",\n  "), input_json(input));
 }
 
 torch::Tensor as_float(const c10::IValue& output) {
@@ -287,7 +315,7 @@ void export_model(
   }
   const auto expected = as_float(detail::run_example(model.module, input, "qat::export_model"));
   auto frozen = torch::jit::freeze(model.module);
-  const torch::jit::ExtraFilesMap extra{{kMetadataFile, metadata(model.layers, options.backend)}};
+  const torch::jit::ExtraFilesMap extra{{kMetadataFile, metadata(model.layers, options.backend, input)}};
   // The module saved is the frozen (and, for mobile, optimized) one, whose float ops may
   // run in another order of arithmetic (XNNPACK, folded float conv + batch norm).
 #ifdef QAT_HAVE_LITE_INTERPRETER
@@ -295,7 +323,9 @@ void export_model(
 #else
   auto saved = frozen;
 #endif
-  const auto written = as_float(saved.forward({input}));
+  // Run on a copy: the first forward fills each layer's packed_params attribute, which the
+  // file would otherwise carry as a second, unpacked copy of every weight.
+  const auto written = as_float(saved.deepcopy().forward({input}));
   // The file is written next to `path` and renamed over it once it checks out: a failure
   // leaves the previous file as it was, and no reader sees a half-written one.
   const TemporaryFile temporary(path);

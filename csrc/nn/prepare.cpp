@@ -18,6 +18,8 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -253,14 +255,22 @@ class Preparer {
     bool quantized = false;
     // `layer` is the index of the module whose activation spec `spec` is; `six`: the fixed
     // [0, 6] qparams of a ReLU6 fused into the layer before it.
+    // Where the run of modules that pass their input's qparams (Flatten, MaxPool2d...) up to
+    // here starts in `chain`, and the index of its first module: a layer's input quantizer
+    // goes before that run, as Python's prepare places it, so the run works on quantized
+    // values.
+    size_t run_start = 0;
+    size_t run_first = 0;
     auto fake_quant = [&](const std::string& name, const QuantSpec& spec, size_t layer,
-                          bool six = false) {
+                          bool six = false, size_t at = SIZE_MAX) {
       input = nullptr;
       if (!config_.dynamic()) {
         input = for_layer(path(prefix, names[layer]), *modules[layer], [&] {
           return six ? FakeQuantize(spec, 0.0, 6.0, /*inclusive=*/true) : FakeQuantize(spec);
         });
-        chain.emplace_back(name, torch::nn::AnyModule(input));
+        chain.emplace(
+            at < chain.size() ? chain.begin() + static_cast<std::ptrdiff_t>(at) : chain.end(),
+            name, torch::nn::AnyModule(input));
       }
       quantized = true;
     };
@@ -271,7 +281,8 @@ class Preparer {
         const auto activation = config_.spec_for(name)->activation;
         if (!quantized) {
           fake_quant(
-              chain.empty() ? "input_fake_quant" : names[i] + "_input_fake_quant", activation, i);
+              run_start == 0 ? "input_fake_quant" : names[run_first] + "_input_fake_quant",
+              activation, i, false, run_start);
         }
         const size_t after = fold ? i + 2 : i + 1;
         const bool fuses = fold || registry_.fuses_relu(std::type_index(typeid(*modules[i])));
@@ -290,6 +301,8 @@ class Preparer {
         }
         fake_quant(names[relu6 ? after : i] + "_fake_quant", activation, i, relu6);
         i = after + (relu || relu6 ? 1 : 0);
+        run_start = chain.size();
+        run_first = i;
         continue;
       }
       if (!skipped(i)) {
@@ -303,6 +316,10 @@ class Preparer {
         fake_quant(names[i] + "_fake_quant", config_.spec_for(name)->activation, i);
       }
       ++i;
+      if (quantized || skipped(i - 1) || !passes_qparams(*modules[i - 1])) {
+        run_start = chain.size();
+        run_first = i;
+      }
     }
 
     // Built now (push_back refuses a name twice), assigned with the other edits.

@@ -33,12 +33,16 @@ struct ExportOptions {
 ///
 /// `prepared` must be a torch::nn::Sequential that qat::prepare rewrote (nested Sequentials
 /// are followed). Its qat::Conv2d / qat::ConvBn2d / qat::Linear layers (with their fused
-/// ReLU) become `quantized::conv2d(_relu)` / `quantized::linear(_relu)` with the very integers
-/// their weight FakeQuantize produces (per channel where the spec says so; a ConvBn2d's
-/// folded weight, with bias beta + f * (b - running_mean)) and the qparams of the
-/// FakeQuantize after them; ReLU, MaxPool2d and Flatten run on the quantized tensors; float
-/// layers (Linear, Conv2d, BatchNorm2d, AvgPool2d, AdaptiveAvgPool2d, ReLU6, Hardtanh,
-/// Sigmoid, Tanh) run between a dequantize and a quantize; Dropout and Identity vanish.
+/// ReLU, or a ReLU6 quantized after it with the fixed qparams of [0, 6]) become
+/// `quantized::conv2d(_relu)` / `quantized::linear(_relu)` with the very integers their
+/// weight FakeQuantize produces (qat::integer_weight; per channel where the spec says so; a
+/// ConvBn2d's folded weight, with bias qat::fold_bias) and the qparams of the FakeQuantize
+/// after them. The weights are stored as Python's qat.convert stores them (4- and 2-bit
+/// weights packed by qat::pack_weight) and built into the kernels' form on the first
+/// forward. ReLU, MaxPool2d and Flatten run on the quantized tensors; float layers (Linear,
+/// Conv2d, BatchNorm2d, AvgPool2d, AdaptiveAvgPool2d, a standalone ReLU6 or Hardtanh,
+/// Sigmoid, Tanh) run between a dequantize and the quantize of the FakeQuantize after them;
+/// Dropout and Identity vanish.
 /// The module's forward takes and returns a float tensor. Like torch::nn::Linear, each
 /// integer Linear checks that the input's last dimension is its in_features (an assert in
 /// the scripted code, so the files written from it check it too: `quantized::linear` would
@@ -70,8 +74,9 @@ torch::jit::Module convert(
 /// then saved as it is, with a warning once per process), then write it: a lite-interpreter
 /// file (`_save_for_mobile`) with `mobile`, else full TorchScript (`save`). The archive
 /// carries `qat/metadata.json` (qat and torch versions, the engine, the config the layers
-/// were prepared with and, per layer, its type, weight bits, weight scales and output
-/// qparams), as Python's qat.export writes it.
+/// were prepared with, per layer its type, weight bits, weight scales and output qparams,
+/// and the shape and dtype of `example_input`, which `python -m qat bench` builds inputs
+/// from), as Python's qat.export writes it.
 ///
 /// The file is written to a temporary file in the folder of `path`, loaded back from there
 /// (torch::jit::_load_for_mobile or torch::jit::load) and checked, and only then renamed

@@ -88,9 +88,10 @@ class _WithOutputQParams(nn.Module):
 
 class _IntegerLayer(_WithOutputQParams):
     """A conv or linear layer's weight as the file stores it: the integers (packed two or
-    four to a byte when trained at 4 bits or fewer), float32 scales and int32 zero points
-    (none when all are 0) per channel, and a float bias. The kernels' packed form is built on the first forward
-    and cached in ``_packed_params``.
+    four to a byte when trained at 4 bits or fewer, by ``torch.ops.qat.pack_weight``),
+    float32 scales and int32 zero points (none when all are 0) per channel, and a float
+    bias. The kernels' packed form is built on the first forward and cached in
+    ``_packed_params``.
 
     That first forward also writes the stored tensors back to themselves: torch.jit.freeze
     folds every attribute that nothing writes into a constant, and would fold the unpacking

@@ -1,0 +1,230 @@
+"""The Python and C++ front ends compute the same integer model: the same float Sequential,
+prepared, calibrated on the same batches and exported by qat (Python) and by
+qat_cross_front_end (C++, tests/cpp/tools, built with the tests into the build folder) gives
+the same quantizer placement, the same qparams and integer weights bit for bit, exported
+files whose outputs are bit-identical, and sub-8-bit weights packed alike."""
+
+import importlib
+import os
+import subprocess
+
+import pytest
+import torch
+from torch import nn
+
+import qat
+from qat.datasets import load_fashion_mnist
+
+from helpers import BUILD_DIR
+
+TOOL = BUILD_DIR / "qat_cross_front_end"
+# qat.export is the function; its module holds read_metadata.
+read_metadata = importlib.import_module("qat.export").read_metadata
+
+
+def _conv_bn_relu():
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+
+def _conv_bn_relu6():
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                         nn.ReLU6())
+
+
+def _linear_relu():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def _cnn():
+    """Residual-free: conv-bn-relu, pooling, conv-bn-relu6, pooling and a linear head."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+        nn.MaxPool2d(7), nn.Flatten(),
+        nn.Linear(16, 10))
+
+
+def _standalone_relu6():
+    """A ReLU6 that no conv or linear fuses: it requantizes its output in both front ends."""
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.MaxPool2d(2), nn.ReLU6(),
+                         nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
+
+
+MODELS = {"conv_bn_relu": _conv_bn_relu, "conv_bn_relu6": _conv_bn_relu6,
+          "linear_relu": _linear_relu, "cnn": _cnn, "standalone_relu6": _standalone_relu6}
+
+
+def _layers(model):
+    """The model as qat_cross_front_end's layer list."""
+    lines = []
+    for m in model:
+        if type(m) is nn.Conv2d:
+            lines.append(f"conv2d {m.in_channels} {m.out_channels} {m.kernel_size[0]} "
+                         f"{m.stride[0]} {m.padding[0]} {int(m.bias is not None)}")
+        elif type(m) is nn.BatchNorm2d:
+            lines.append(f"batchnorm2d {m.num_features}")
+        elif type(m) is nn.Linear:
+            lines.append(f"linear {m.in_features} {m.out_features} {int(m.bias is not None)}")
+        elif type(m) is nn.MaxPool2d:
+            lines.append(f"maxpool2d {m.kernel_size}")
+        else:
+            lines.append({nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Flatten: "flatten"}[type(m)])
+    return "\n".join(lines) + "\n"
+
+
+def _float_model(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    # Batch norms with statistics of their own, as after float training: folding them is
+    # part of what both front ends must agree on.
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.1, 0.1)
+    return model.eval()
+
+
+def _children_placement(children, fake_quants):
+    """(the child each activation FakeQuantize precedes, or "end") in chain order."""
+    placement = []
+    for i, child in enumerate(children):
+        if child in fake_quants:
+            following = [c for c in children[i + 1:] if c not in fake_quants]
+            placement.append(following[0] if following else "end")
+    return placement
+
+
+def _python_placement(prepared):
+    """Python's activation quantizers, read from the prepared graph: the same form."""
+    calls = [n for n in prepared.graph.nodes if n.op == "call_module"]
+    quantizers = [n.target for n in calls
+                  if isinstance(prepared.get_submodule(n.target), qat.FakeQuantize)]
+    return quantizers, _children_placement([n.target for n in calls], set(quantizers))
+
+
+def _qparams(fake_quant):
+    return fake_quant.scale.double().flatten(), fake_quant.zero_point.double().flatten()
+
+
+def _unpack(cpp_values, fixed):
+    """[fixed, scales..., zero points...] from the C++ report."""
+    values = torch.tensor(cpp_values, dtype=torch.float64)
+    assert bool(values[0]) == fixed
+    scales, zero_points = values[1:].chunk(2)
+    return scales, zero_points
+
+
+_STORED = ("weight_data", "weight_scale", "weight_zero_point", "bias")
+
+
+def _stored_weights(path):
+    """The integer weights and their qparams as the file stores them, by layer: Python's in
+    the layer's submodule ("0.weight_data"), C++'s on the root ("_0_weight_data")."""
+    module = torch.jit.load(str(path))
+    stored = {}
+    for name, buffer in module.named_buffers():
+        field = next((f for f in _STORED if name.endswith(f)), None)
+        if field is not None:
+            layer = name[:-len(field)].strip("._")
+            stored.setdefault(layer, {})[field] = buffer
+    return module, stored
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    images, _ = load_fashion_mnist(train=False)
+    return images[:64], images[64:192]
+
+
+@pytest.mark.parametrize("preset", ["int8", "w4a8"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_python_and_cpp_front_ends_compute_the_same_integer_model(tmp_path, fashion, name,
+                                                                  preset):
+    assert TOOL.is_file(), (
+        f"{TOOL} is missing: it is built with the tests (QAT_BUILD_TESTS=1, scripts/build.sh)")
+    calibration, test_x = fashion
+    batches = list(calibration.split(16))
+    example = test_x[:8]
+    model = _float_model(name)
+    (tmp_path / "layers.txt").write_text(_layers(model))
+    # A plain dict: torch::pickle_load cannot rebuild an OrderedDict with its _metadata.
+    torch.save(dict(model.state_dict()), tmp_path / "state.pt")
+    torch.save({"calibration": batches, "example": example, "test": test_x},
+               tmp_path / "data.pt")
+    run = subprocess.run(
+        [str(TOOL), str(tmp_path / "layers.txt"), str(tmp_path / "state.pt"),
+         str(tmp_path / "data.pt"), preset, str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = torch.load(tmp_path / "report.pt")
+
+    prepared = qat.prepare(model, getattr(qat.presets, preset)())
+    qat.calibrate(prepared, batches)
+    python_path = tmp_path / "python.pt"
+    qat.export(prepared, python_path, example, mobile=False)
+
+    # Placement: the activation quantizers sit before the same layers, the fixed [0, 6] ones
+    # after the same ReLU6s.
+    cpp_fake_quants = report["fake_quant"]
+    cpp_activation = [c for c in report["children"] if c in cpp_fake_quants]
+    py_activation, py_placement = _python_placement(prepared)
+    assert _children_placement(report["children"], set(cpp_activation)) == py_placement
+    assert len(py_activation) == len(cpp_activation)
+
+    # Qparams bit for bit: activations in chain order, weights by layer name.
+    pairs = [(prepared.get_submodule(p), cpp_fake_quants[c])
+             for p, c in zip(py_activation, cpp_activation)]
+    weight_names = [n for n, m in prepared.named_modules()
+                    if n.endswith(".weight_fake_quant") and isinstance(m, qat.FakeQuantize)]
+    assert sorted(weight_names) == sorted(n for n in cpp_fake_quants if "." in n)
+    pairs += [(prepared.get_submodule(n), cpp_fake_quants[n]) for n in weight_names]
+    for python_fq, cpp_values in pairs:
+        fixed = isinstance(python_fq, qat.FixedQParamsFakeQuantize)
+        cpp_scale, cpp_zero_point = _unpack(cpp_values, fixed)
+        scale, zero_point = _qparams(python_fq)
+        assert torch.equal(cpp_scale, scale), (python_fq, cpp_scale, scale)
+        assert torch.equal(cpp_zero_point, zero_point), (python_fq, cpp_zero_point, zero_point)
+
+    # The simulations agree bit for bit (the C++ layers round their bias to the int32 grid
+    # of the integer kernels, as Python's do).
+    qat.disable_observer(prepared)
+    with torch.no_grad():
+        simulation = prepared.eval()(test_x)
+    assert torch.equal(report["simulation"], simulation)
+
+    # The files: the same stored integer weights (packed alike below 8 bits), qparams and
+    # biases, and bit-identical outputs on data neither front end saw.
+    python_file, python_weights = _stored_weights(python_path)
+    cpp_file, cpp_weights = _stored_weights(tmp_path / "model.pt")
+    assert python_weights.keys() == cpp_weights.keys() and python_weights
+    for layer, fields in python_weights.items():
+        assert fields.keys() == cpp_weights[layer].keys(), layer
+        for field, value in fields.items():
+            assert torch.equal(value, cpp_weights[layer][field]), (layer, field)
+    with torch.no_grad():
+        python_out, cpp_out = python_file(test_x), cpp_file(test_x)
+    assert torch.equal(python_out, cpp_out)
+    assert torch.equal(cpp_out, qat.convert(prepared)(test_x))
+    # The integer model computes what the simulation computed, up to a step of the output.
+    output_scale = prepared.get_submodule(py_activation[-1]).scale
+    assert ((cpp_out - simulation).abs() <= output_scale * 1.001).float().mean() >= 0.99
+
+    # The same metadata, example input shapes included (`python -m qat bench` reads them),
+    # but for the names each front end gives its input quantizer and the torch version
+    # string (Python's torch.__version__ has a suffix the C++ headers' TORCH_VERSION lacks).
+    def comparable(metadata):
+        layers = [{k: v for k, v in layer.items()
+                   if not (k == "name" and layer["type"] in ("Quantize", "Requantize"))}
+                  for layer in metadata["layers"]]
+        return dict(metadata, torch_version=None, layers=layers)
+
+    assert comparable(read_metadata(tmp_path / "model.pt")) == comparable(
+        read_metadata(python_path))
+    # The weights are stored alike (above): the files differ only in their code and
+    # metadata, a few KB whatever the number of weights, and the C++ file is no larger.
+    python_size, cpp_size = os.path.getsize(python_path), os.path.getsize(tmp_path / "model.pt")
+    print(f"{name} {preset}: Python file {python_size} bytes, C++ file {cpp_size} bytes")
+    assert cpp_size <= python_size + 4096, (cpp_size, python_size)

@@ -1,0 +1,141 @@
+"""The lowering operators (csrc/export/lowering.cpp), which the Python and C++ front ends both
+call, against references written here from their definitions and from PyTorch's own
+quantization functions."""
+
+import pytest
+import torch
+
+from qat import quantized
+
+ops = torch.ops.qat
+
+
+def test_batch_norm_factor_and_folded_bias_follow_batch_norm_in_eval():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(6, eps=1e-3).eval()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.2, 3)
+    torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
+    torch.nn.init.uniform_(bn.bias, -0.5, 0.5)
+    conv_bias = torch.randn(6)
+    factor = ops.batch_norm_factor(bn.weight, bn.running_var, bn.eps)
+    folded = ops.fold_bias(conv_bias, bn.bias, bn.running_mean, factor)
+    # Folding is exact algebra: bn(y + b) == factor * y + folded for any y.
+    y = torch.randn(4, 6, 3, 3)
+    with torch.no_grad():
+        expected = bn(y + conv_bias.view(1, -1, 1, 1))
+        got = factor.view(1, -1, 1, 1) * y + folded.view(1, -1, 1, 1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # No affine parameters (weight 1, bias 0) and no conv bias.
+    torch.testing.assert_close(ops.batch_norm_factor(None, bn.running_var, bn.eps),
+                               1 / torch.sqrt(bn.running_var + bn.eps))
+    torch.testing.assert_close(ops.fold_bias(None, None, bn.running_mean, factor),
+                               -factor * bn.running_mean)
+
+
+def test_batch_norm_factor_and_folded_bias_carry_gradients():
+    gamma = torch.rand(3, requires_grad=True)
+    var = torch.rand(3) + 0.5
+    factor = ops.batch_norm_factor(gamma, var, 1e-5)
+    beta = torch.zeros(3, requires_grad=True)
+    mean = torch.rand(3)
+    ops.fold_bias(None, beta, mean, factor).sum().backward()
+    torch.testing.assert_close(beta.grad, torch.ones(3))
+    # d/dgamma of beta - factor * mean, factor = gamma / sqrt(var + eps)
+    torch.testing.assert_close(gamma.grad, -mean / torch.sqrt(var + 1e-5))
+
+
+def test_round_bias_is_the_int32_grid_of_the_kernels_with_a_straight_through_gradient():
+    bias = torch.randn(5, requires_grad=True)
+    input_scale = torch.tensor([0.02])
+    weight_scale = torch.tensor([0.01, 0.02, 0.005, 0.03, 0.001])
+    step = input_scale * weight_scale
+    rounded = ops.round_bias(bias, input_scale, weight_scale)
+    torch.testing.assert_close(rounded, torch.round(bias.detach() / step) * step, rtol=0, atol=0)
+    rounded.sum().backward()
+    torch.testing.assert_close(bias.grad, torch.ones(5))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_integer_weight_is_what_pytorch_quantizes_the_fake_quantized_weight_to(per_channel):
+    torch.manual_seed(2)
+    weight = torch.randn(6, 3, 3, 3)
+    scale = torch.rand(6) * 0.02 + 0.01 if per_channel else torch.tensor([0.02])
+    zero_point = torch.zeros(scale.numel(), dtype=torch.int32)
+    fake = torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, -8, 7) \
+        if per_channel else torch.fake_quantize_per_tensor_affine(weight, 0.02, 0, -8, 7)
+    got = ops.integer_weight(fake, scale, zero_point, -8, 7, per_channel)
+    expected = torch.quantize_per_channel(fake, scale.double(), zero_point.long(), 0,
+                                          torch.qint8) if per_channel else \
+        torch.quantize_per_tensor(fake, 0.02, 0, torch.qint8)
+    assert got.qscheme() == expected.qscheme()
+    assert torch.equal(got.int_repr(), expected.int_repr())
+    assert int(got.int_repr().min()) >= -8 and int(got.int_repr().max()) <= 7
+
+
+def test_integer_weight_refuses_a_range_wider_than_int8():
+    with pytest.raises(ValueError, match="int8"):
+        ops.integer_weight(torch.zeros(2, 2), torch.ones(1), torch.zeros(1, dtype=torch.int32),
+                           0, 255, False)
+
+
+@pytest.mark.parametrize("lo, hi, quant_min, quant_max, inclusive, expected", [
+    (0.0, 6.0, 0, 255, True, (6 / 255, 0)),      # ReLU6 fused into a conv or linear
+    (0.0, 1.0, 0, 255, False, (1 / 256, 0)),     # PyTorch's quantized sigmoid output
+    (-1.0, 1.0, 0, 255, False, (2 / 256, 128)),  # PyTorch's quantized tanh output
+    (-1.0, 1.0, -128, 127, False, (2 / 256, 0)),
+])
+def test_fixed_qparams_are_those_of_pytorchs_fixed_range_kernels(lo, hi, quant_min, quant_max,
+                                                                  inclusive, expected):
+    scale, zero_point = ops.fixed_qparams(lo, hi, quant_min, quant_max, inclusive)
+    assert scale == pytest.approx(expected[0], rel=1e-12) and zero_point == expected[1]
+
+
+def test_fixed_qparams_match_the_quantized_sigmoid_kernel():
+    x = torch.quantize_per_tensor(torch.randn(64), 0.05, 128, torch.quint8)
+    out = torch.sigmoid(x)
+    scale, zero_point = ops.fixed_qparams(0.0, 1.0, 0, 255, False)
+    assert out.q_scale() == pytest.approx(scale) and out.q_zero_point() == zero_point
+
+
+def _reference_pack(ints, bits, quant_min):
+    """Values - quant_min, `8 // bits` to a byte, the first in the low bits."""
+    per_byte = 8 // bits
+    values = [int(v) - quant_min for v in ints.flatten()]
+    values += [0] * (-len(values) % per_byte)
+    return torch.tensor([sum(values[i + k] << (bits * k) for k in range(per_byte))
+                         for i in range(0, len(values), per_byte)], dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("bits, quant_min", [(4, -8), (4, 0), (2, -2), (8, -128)])
+def test_pack_and_unpack_store_sub_8_bit_weights_in_bytes(bits, quant_min):
+    torch.manual_seed(3)
+    shape = (5, 3, 3)  # 45 values: the last byte is padded
+    ints = torch.randint(quant_min, quant_min + (1 << bits), shape, dtype=torch.int8)
+    packed = ops.pack_weight(ints, bits, quant_min)
+    assert ops.values_per_byte(bits) == (8 // bits if bits <= 4 else 1)
+    if bits <= 4:
+        assert torch.equal(packed, _reference_pack(ints, bits, quant_min))
+    else:
+        assert torch.equal(packed, ints)
+    assert torch.equal(ops.unpack_weight(packed, bits, quant_min, list(shape)), ints)
+
+
+def test_pack_refuses_values_outside_the_bit_width():
+    with pytest.raises(ValueError, match="4 bits"):
+        ops.pack_weight(torch.tensor([8], dtype=torch.int8), 4, -8)
+
+
+@pytest.mark.parametrize("bits, quant_min", [(4, -8), (2, -2), (8, -128)])
+def test_the_files_unpacking_in_torchscript_equals_unpack_weight(bits, quant_min):
+    # A written file unpacks its weights in plain TorchScript (it must run without qat);
+    # that code and the operator must agree.
+    torch.manual_seed(4)
+    ints = torch.randint(quant_min, quant_min + (1 << bits), (7, 5), dtype=torch.int8)
+    weight = torch._make_per_channel_quantized_tensor(
+        ints, torch.full((7,), 0.01, dtype=torch.double), torch.zeros(7, dtype=torch.long), 0)
+    layer = quantized.Linear(weight, None, 0.1, 0, weight_bits=bits, weight_quant_min=quant_min)
+    expected = ops.unpack_weight(layer.weight_data, bits, quant_min, [7, 5])
+    assert torch.equal(layer._ints(), expected)
+    assert torch.equal(torch.jit.script(layer)._ints(), expected)
+    assert torch.equal(expected, ints)
