@@ -10,6 +10,7 @@
 
 #include <qat/lowering.h>
 #include <qat/nn.h>
+#include <qat/op_roles.h>
 #include <qat/prepare.h>
 
 #include <ATen/Context.h>
@@ -29,6 +30,7 @@
 
 #include <cctype>
 #include <cmath>
+#include <limits>
 #include <regex>
 #include <sstream>
 #include <stdexcept>
@@ -289,6 +291,8 @@ class Converter {
         }
         layer(module, name, *out, path(prefix, items[at].first), relu6);
         i = at;  // the FakeQuantize is the layer's output quantization
+      } else if (fixed_range_kernel(module)) {
+        // Its FakeQuantize after it requantizes to the fixed qparams, as Python's convert does.
       } else if (!passes(module) && !float_op(module, name)) {
         throw std::invalid_argument(fmt::format(
             "qat::convert: '{}' is a {}, which has no integer or float conversion (supported: "
@@ -496,6 +500,21 @@ class Converter {
     info.scale = q.scale;
     info.zero_point = q.zero_point;
     layers_.push_back(info);
+  }
+
+  // An op of fixed output range (sigmoid, tanh) whose quantized kernel the op-role table
+  // lists, on a quantized input: the kernel writes its own qparams, which the requantize of
+  // the FakeQuantize after it (the same fixed qparams) replaces.
+  bool fixed_range_kernel(torch::nn::Module& module) {
+    const auto* role = find_op_role(module);
+    if (role == nullptr || role->role != OpRole::kFixedRange || !role->integer_kernel ||
+        !quantized_) {
+      return false;
+    }
+    emit(fmt::format("x = torch.{}(x)", role->name));
+    // The kernel's qparams are not tracked: the next FakeQuantize always requantizes.
+    quantized_->scale = std::numeric_limits<double>::quiet_NaN();
+    return true;
   }
 
   // Ops that run on a quantized tensor as on a float one and keep its qparams (or vanish).

@@ -2,6 +2,8 @@
 
 #include <qat/prepare.h>
 
+#include <qat/op_roles.h>
+
 #include "config_keys.h"
 
 #include <torch/nn/modules/activation.h>
@@ -47,21 +49,18 @@ bool is_one_of(const torch::nn::Module& module) {
   return (... || (dynamic_cast<const Impl*>(&module) != nullptr));
 }
 
-// Modules whose integer kernels keep their input's qparams: a fake-quantized input stays
-// fake-quantized through them.
-bool passes_qparams(const torch::nn::Module& module) {
-  return is_one_of<
-      torch::nn::ReLUImpl, torch::nn::MaxPool2dImpl, torch::nn::FlattenImpl,
-      torch::nn::DropoutImpl, torch::nn::IdentityImpl>(module);
+// A module's role in the op-role table (csrc/qat/op_roles.h), which Python's prepare reads too.
+bool has_role(const torch::nn::Module& module, OpRole role) {
+  const auto* info = find_op_role(module);
+  return info != nullptr && info->role == role;
 }
 
-// Modules whose output the integer model requantizes, which so gets a FakeQuantize. A clamp
-// (ReLU6, Hardtanh) not fused into a layer before it is among them: its bound (6) is not on
-// its input's grid, so the clamped value must be quantized again, as the integer model does.
+bool passes_qparams(const torch::nn::Module& module) {
+  return has_role(module, OpRole::kPassesQParams);
+}
+
 bool requantizes(const torch::nn::Module& module) {
-  return is_one_of<
-      torch::nn::AvgPool2dImpl, torch::nn::AdaptiveAvgPool2dImpl, torch::nn::ReLU6Impl,
-      torch::nn::HardtanhImpl>(module);
+  return has_role(module, OpRole::kRequantizes);
 }
 
 bool is_prepared_layer(const torch::nn::Module& module) {
@@ -145,7 +144,7 @@ void check_observers(
           if (swapped) {
             check(name, child, "weight", specs.weight, &LayerOverride::weight);
           }
-          if ((swapped || (sequential && requantizes(child))) && !config.dynamic()) {
+          if ((swapped || (sequential && (requantizes(child) || has_role(child, OpRole::kFixedRange)))) && !config.dynamic()) {
             check(name, child, "activation", specs.activation, &LayerOverride::activation);
           }
           if (!swapped) {
@@ -253,20 +252,26 @@ class Preparer {
     // (with a dynamic config: none, but `quantized` still tells).
     FakeQuantize input{nullptr};
     bool quantized = false;
-    // `layer` is the index of the module whose activation spec `spec` is; `six`: the fixed
-    // [0, 6] qparams of a ReLU6 fused into the layer before it.
     // Where the run of modules that pass their input's qparams (Flatten, MaxPool2d...) up to
     // here starts in `chain`, and the index of its first module: a layer's input quantizer
     // goes before that run, as Python's prepare places it, so the run works on quantized
     // values.
     size_t run_start = 0;
     size_t run_first = 0;
+    // `layer` is the index of the module whose activation spec `spec` is; `fixed`: the
+    // op's known output range (a ReLU6 fused into the layer before it: [0, 6], 6 included;
+    // a sigmoid: [0, 1)), whose qparams the FakeQuantize keeps; `at`: where in the chain.
+    struct Range {
+      double lo, hi;
+      bool inclusive;
+    };
     auto fake_quant = [&](const std::string& name, const QuantSpec& spec, size_t layer,
-                          bool six = false, size_t at = SIZE_MAX) {
+                          c10::optional<Range> fixed = c10::nullopt, size_t at = SIZE_MAX) {
       input = nullptr;
       if (!config_.dynamic()) {
         input = for_layer(path(prefix, names[layer]), *modules[layer], [&] {
-          return six ? FakeQuantize(spec, 0.0, 6.0, /*inclusive=*/true) : FakeQuantize(spec);
+          return fixed ? FakeQuantize(spec, fixed->lo, fixed->hi, fixed->inclusive)
+                       : FakeQuantize(spec);
         });
         chain.emplace(
             at < chain.size() ? chain.begin() + static_cast<std::ptrdiff_t>(at) : chain.end(),
@@ -282,7 +287,7 @@ class Preparer {
         if (!quantized) {
           fake_quant(
               run_start == 0 ? "input_fake_quant" : names[run_first] + "_input_fake_quant",
-              activation, i, false, run_start);
+              activation, i, c10::nullopt, run_start);
         }
         const size_t after = fold ? i + 2 : i + 1;
         const bool fuses = fold || registry_.fuses_relu(std::type_index(typeid(*modules[i])));
@@ -299,7 +304,9 @@ class Preparer {
         if (relu6) {
           chain.emplace_back(names[after], originals[after]);
         }
-        fake_quant(names[relu6 ? after : i] + "_fake_quant", activation, i, relu6);
+        fake_quant(
+            names[relu6 ? after : i] + "_fake_quant", activation, i,
+            relu6 ? c10::optional<Range>(Range{0.0, 6.0, true}) : c10::nullopt);
         i = after + (relu || relu6 ? 1 : 0);
         run_start = chain.size();
         run_first = i;
@@ -309,11 +316,16 @@ class Preparer {
         this->module(*modules[i], name);
       }
       chain.emplace_back(names[i], originals[i]);
-      if (skipped(i) || !(passes_qparams(*modules[i]) || requantizes(*modules[i]))) {
+      const auto* role = skipped(i) ? nullptr : find_op_role(*modules[i]);
+      if (role == nullptr || role->role == OpRole::kLayer || role->role == OpRole::kMovesData) {
         quantized = false;
         input = nullptr;
-      } else if (requantizes(*modules[i]) && quantized) {
+      } else if (role->role == OpRole::kRequantizes && quantized) {
         fake_quant(names[i] + "_fake_quant", config_.spec_for(name)->activation, i);
+      } else if (role->role == OpRole::kFixedRange && quantized) {
+        fake_quant(
+            names[i] + "_fake_quant", config_.spec_for(name)->activation, i,
+            Range{role->lo, role->hi, false});
       }
       ++i;
       if (quantized || skipped(i - 1) || !passes_qparams(*modules[i - 1])) {

@@ -129,6 +129,18 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& name) { return qat::EstimatorRegistry::global().remove(name); },
       py::arg("name"));
 
+  m.def(
+      "_op_roles",
+      [] {
+        py::dict table;
+        for (const auto& info : qat::op_roles()) {
+          table[py::str(info.name)] = py::make_tuple(
+              qat::role_name(info.role), info.integer_kernel, info.lo, info.hi);
+        }
+        return table;
+      },
+      "The op-role table (csrc/qat/op_roles.h): name -> (role, integer_kernel, lo, hi).");
+
   m.def("_cpu_capability", [] { return qat::cpu::capability_name(qat::cpu::capability()); });
   m.def("_best_cpu_capability", [] {
     return qat::cpu::capability_name(qat::cpu::best_supported_capability());

@@ -5,6 +5,8 @@
 #include <qat/estimator.h>
 #include <qat/export.h>
 #include <qat/fake_quantize.h>
+#include <qat/lowering.h>
 #include <qat/nn.h>
 #include <qat/observers.h>
+#include <qat/op_roles.h>
 #include <qat/prepare.h>

@@ -21,34 +21,28 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import quantized
+from . import _op_roles, quantized
 from .calibrate import disable_observer
 from .config import BACKENDS, check_backend
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
 from .modules import ConvBn2d, ConvBnReLU2d, Conv2d, Linear
 from .observers import ObserverBase
-from .prepare import _PASS_FUNCTIONS as _PREPARE_PASS_FUNCTIONS
-from .prepare import _PASS_METHODS as _PREPARE_PASS_METHODS
-from .prepare import _PASS_MODULES as _PREPARE_PASS_MODULES
 from .prepare import _calls_one_of, _is_relu, _is_relu6
 
 __all__ = ["ConversionReport", "compare", "convert"]
 
 _QParams = Tuple[float, int, torch.dtype]
 
-_ADD = {operator.add, operator.iadd, torch.add}
-_MUL = {operator.mul, operator.imul, torch.mul}
-_ADD_METHODS = {"add", "add_"}
-_MUL_METHODS = {"mul", "mul_"}
-# Ops that run on a quantized tensor and keep its qparams: prepare's pass-through ops but
-# functional dropout, plus data movement (the integer model moves the same integers the
-# simulation moves values). Clamps (ReLU6, Hardtanh) are not among them: fused into the
-# layer before them, or requantized after them (qnnpack's quantized clamp also scrambles
-# channels-last tensors in torch 1.13), they run in float.
-_PASS_FUNCTIONS = (_PREPARE_PASS_FUNCTIONS - {F.dropout}) | {
-    torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, operator.getitem}
-_PASS_METHODS = _PREPARE_PASS_METHODS | {"transpose", "permute", "squeeze", "unsqueeze"}
-_PASS_MODULES = _PREPARE_PASS_MODULES
+_ADD, _ADD_METHODS, _ = _op_roles.spellings("add")
+_MUL, _MUL_METHODS, _ = _op_roles.spellings("mul")
+# Ops that run on a quantized tensor and keep its qparams (the op-role table's pass-through
+# and data-movement ops with quantized kernels: the integer model moves the same integers
+# the simulation moves values), but functional dropout. Clamps (ReLU6, Hardtanh) are not
+# among them: fused into the layer before them, or requantized after them, they run in
+# float.
+_PASS_FUNCTIONS, _PASS_METHODS, _PASS_MODULES = _op_roles.with_role(
+    "passes_qparams", "moves_data", integer_kernel=True)
+_PASS_FUNCTIONS = _PASS_FUNCTIONS - {F.dropout}
 # Ops that split a quantized tensor into a tuple of quantized tensors (read by getitem).
 _SPLIT_FUNCTIONS = {torch.chunk, torch.split}
 _SPLIT_METHODS = {"chunk", "split"}
@@ -58,9 +52,8 @@ _SIZE_METHODS = {"size", "dim", "numel"}
 # uses (prepare's FixedQParamsFakeQuantize), rounding once. Averages (pooling, mean) are
 # not among them: their kernels round to the input's grid, and the requantization after
 # would round a second time where the simulation rounds once; they run in float.
-_FIXED_QPARAMS_FUNCTIONS = {torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardsigmoid}
-_FIXED_QPARAMS_METHODS = {"sigmoid", "tanh"}
-_FIXED_QPARAMS_MODULES = (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid)
+_FIXED_QPARAMS_FUNCTIONS, _FIXED_QPARAMS_METHODS, _FIXED_QPARAMS_MODULES = \
+    _op_roles.with_role("fixed_range", integer_kernel=True)
 
 
 @dataclass

@@ -11,7 +11,6 @@ import fnmatch
 import functools
 import inspect
 import json
-import operator
 import warnings
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -22,32 +21,21 @@ from torch import nn
 
 from .config import Config, QuantSpec, _is_pattern
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
+from . import _op_roles
 from .modules import Conv2d, ConvBn2d, Linear, fused, lookup
 
 __all__ = ["prepare"]
 
-# Ops whose output the integer model requantizes, so it gets its own FakeQuantize. A clamp
-# (ReLU6, Hardtanh) not fused into a layer before it is among them: its bound (6) is not on
-# its input's grid, so the clamped value is quantized again, as the integer model does.
-_QUANTIZED_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul,
-                        torch.mul, torch.cat, torch.mean, F.adaptive_avg_pool2d,
-                        F.avg_pool2d, F.hardswish, F.relu6, F.hardtanh}
-_QUANTIZED_METHODS = {"add", "add_", "mul", "mul_", "mean"}
-_QUANTIZED_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Hardswish, nn.ReLU6,
-                      nn.Hardtanh)
-
+# What each op does to quantization is the op-role table's (csrc/qat/op_roles.h), shared
+# with convert and the C++ front end; these are its Python spellings.
+# Ops whose output the integer model requantizes, so it gets its own FakeQuantize (a clamp
+# not fused into a layer before it among them: its bound is not on its input's grid).
+_QUANTIZED_FUNCTIONS, _QUANTIZED_METHODS, _QUANTIZED_MODULES = _op_roles.with_role("requantizes")
 # Ops whose integer kernels keep their input's qparams: no FakeQuantize of their own.
-_PASS_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, torch.flatten, torch.reshape, F.dropout}
-_PASS_METHODS = {"relu", "relu_", "flatten", "reshape", "view", "contiguous"}
-_PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
-
-_RELU_FUNCTIONS = (F.relu, torch.relu)
-
+_PASS_FUNCTIONS, _PASS_METHODS, _PASS_MODULES = _op_roles.with_role("passes_qparams")
+_RELU_FUNCTIONS = tuple(_op_roles.spellings("relu")[0])
 # Ops whose integer kernels write their output with fixed qparams: the output range.
-_FIXED_RANGES = {F.sigmoid: (0.0, 1.0), torch.sigmoid: (0.0, 1.0), "sigmoid": (0.0, 1.0),
-                 nn.Sigmoid: (0.0, 1.0), F.hardsigmoid: (0.0, 1.0), nn.Hardsigmoid: (0.0, 1.0),
-                 F.tanh: (-1.0, 1.0), torch.tanh: (-1.0, 1.0), "tanh": (-1.0, 1.0),
-                 nn.Tanh: (-1.0, 1.0)}
+_FIXED_RANGES = _op_roles.fixed_ranges()
 
 
 @functools.lru_cache(maxsize=None)

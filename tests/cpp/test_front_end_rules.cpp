@@ -46,17 +46,19 @@ qat::QuantSpec weight_spec(const std::string& observer) {
   return qat::QuantSpec().bits(8).symmetric(true).per_channel(true).observer(observer);
 }
 
+// prepare's message on refusing `config` for a TwoPart model, which it must leave as it was.
+std::string refused(const qat::Config& config) {
+  TwoPart model;
+  const auto before = module_names(*model);
+  const auto message = invalid_argument_message([&] { qat::prepare(*model, config); });
+  CATCH_CHECK(module_names(*model) == before);
+  return message;
+}
+
 }  // namespace
 
 CATCH_TEST_CASE(
     "prepare refuses a config pattern that matches no module", "[front_end_rules][prepare]") {
-  const auto refused = [](const qat::Config& config) {
-    TwoPart model;
-    const auto before = module_names(*model);
-    const auto message = invalid_argument_message([&] { qat::prepare(*model, config); });
-    CATCH_CHECK(module_names(*model) == before);
-    return message;
-  };
   CATCH_CHECK(
       refused(qat::Config().override_layer("body.*", weight_spec("minmax"), c10::nullopt)) ==
       "qat::prepare: Config.overrides pattern 'body.*' matches no module of the model");
@@ -105,13 +107,6 @@ CATCH_TEST_CASE(
 CATCH_TEST_CASE(
     "prepare refuses an observer the C++ modules cannot run, naming the layer and the entry",
     "[front_end_rules][prepare]") {
-  const auto refused = [](const qat::Config& config) {
-    TwoPart model;
-    const auto before = module_names(*model);
-    const auto message = invalid_argument_message([&] { qat::prepare(*model, config); });
-    CATCH_CHECK(module_names(*model) == before);
-    return message;
-  };
 
   CATCH_SECTION("the default weight spec") {
     const auto message = refused(qat::Config().weight(weight_spec("mse")));

@@ -7,7 +7,8 @@
 //
 // LAYERS.txt holds one layer per line, as the test writes it:
 //   conv2d IN OUT KERNEL STRIDE PADDING BIAS | batchnorm2d N | linear IN OUT BIAS | relu |
-//   relu6 | maxpool2d KERNEL | avgpool2d KERNEL | adaptiveavgpool2d SIZE | flatten
+//   relu6 | sigmoid | tanh | maxpool2d KERNEL | avgpool2d KERNEL | adaptiveavgpool2d SIZE |
+//   flatten
 // STATE.pt is Python's state_dict of the same nn.Sequential (torch.save), DATA.pt
 // {"calibration": [batches], "example": x, "test": y}. PRESET is int8 or w4a8.
 // It writes OUT_DIR/report.pt (torch.load reads it): the prepared chain's child names in order
@@ -71,6 +72,10 @@ torch::nn::Sequential build(const std::string& path) {
       net->push_back(torch::nn::AvgPool2d(a));
     } else if (kind == "adaptiveavgpool2d" && fields >> a) {
       net->push_back(torch::nn::AdaptiveAvgPool2d(a));
+    } else if (kind == "sigmoid") {
+      net->push_back(torch::nn::Sigmoid());
+    } else if (kind == "tanh") {
+      net->push_back(torch::nn::Tanh());
     } else if (kind == "flatten") {
       net->push_back(torch::nn::Flatten());
     } else {

@@ -1,0 +1,84 @@
+"""Python's spellings of the ops in qat's op-role table.
+
+What each op does to quantization (passes its input's qparams, requantizes, has a fixed
+output range, moves data; whether PyTorch's quantized kernels run it) is decided once, in
+C++ (``csrc/qat/op_roles.h``, read here through ``qat._C._op_roles``), for prepare and
+convert in both front ends. This module only says how Python code calls each op: as a
+function, a tensor method or a module type.
+"""
+
+import operator
+from typing import Dict, Set, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _C
+
+# op name -> (functions, method names, module types). Layers (conv2d, linear) are swapped
+# by the module registry (qat.modules), not matched here.
+_SPELLINGS = {
+    "conv2d": ((), (), ()),
+    "linear": ((), (), ()),
+    "relu": ((F.relu, torch.relu), ("relu", "relu_"), (nn.ReLU,)),
+    "max_pool2d": ((F.max_pool2d,), (), (nn.MaxPool2d,)),
+    "flatten": ((torch.flatten,), ("flatten",), (nn.Flatten,)),
+    "reshape": ((torch.reshape,), ("reshape",), ()),
+    "view": ((), ("view",), ()),
+    "contiguous": ((), ("contiguous",), ()),
+    "dropout": ((F.dropout,), (), (nn.Dropout,)),
+    "identity": ((), (), (nn.Identity,)),
+    "add": ((operator.add, operator.iadd, torch.add), ("add", "add_"), ()),
+    "mul": ((operator.mul, operator.imul, torch.mul), ("mul", "mul_"), ()),
+    "cat": ((torch.cat,), (), ()),
+    "hardswish": ((F.hardswish,), (), (nn.Hardswish,)),
+    "mean": ((torch.mean,), ("mean",), ()),
+    "avg_pool2d": ((F.avg_pool2d,), (), (nn.AvgPool2d,)),
+    "adaptive_avg_pool2d": ((F.adaptive_avg_pool2d,), (), (nn.AdaptiveAvgPool2d,)),
+    "relu6": ((F.relu6,), (), (nn.ReLU6,)),
+    "hardtanh": ((F.hardtanh,), (), (nn.Hardtanh,)),
+    "sigmoid": ((torch.sigmoid, F.sigmoid), ("sigmoid",), (nn.Sigmoid,)),
+    "hardsigmoid": ((F.hardsigmoid,), (), (nn.Hardsigmoid,)),
+    "tanh": ((torch.tanh, F.tanh), ("tanh",), (nn.Tanh,)),
+    "transpose": ((torch.transpose,), ("transpose",), ()),
+    "permute": ((torch.permute,), ("permute",), ()),
+    "squeeze": ((torch.squeeze,), ("squeeze",), ()),
+    "unsqueeze": ((torch.unsqueeze,), ("unsqueeze",), ()),
+    "getitem": ((operator.getitem,), (), ()),
+}
+
+# name -> (role, integer_kernel, lo, hi), from C++.
+TABLE: Dict[str, Tuple[str, bool, float, float]] = dict(_C._op_roles())
+
+
+def _names(roles, integer_kernel=None):
+    return [name for name, (role, kernel, _, _) in TABLE.items()
+            if role in roles and (integer_kernel is None or kernel == integer_kernel)]
+
+
+def spellings(*names: str) -> Tuple[Set, Set[str], Tuple[type, ...]]:
+    """The functions, method names and module types that call the ops ``names``."""
+    functions, methods, modules = set(), set(), []
+    for name in names:
+        f, m, t = _SPELLINGS[name]
+        functions.update(f)
+        methods.update(m)
+        modules.extend(t)
+    return functions, methods, tuple(modules)
+
+
+def with_role(*roles: str, integer_kernel=None) -> Tuple[Set, Set[str], Tuple[type, ...]]:
+    """The spellings of the ops of ``roles`` (those PyTorch's quantized kernels run, or do
+    not run, when ``integer_kernel`` is given)."""
+    return spellings(*_names(roles, integer_kernel))
+
+
+def fixed_ranges() -> Dict[object, Tuple[float, float]]:
+    """Each spelling of an op with a fixed output range -> that range."""
+    ranges = {}
+    for name in _names(("fixed_range",)):
+        _, _, lo, hi = TABLE[name]
+        functions, methods, modules = spellings(name)
+        ranges.update({spelling: (lo, hi) for spelling in (*functions, *methods, *modules)})
+    return ranges
