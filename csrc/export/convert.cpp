@@ -280,8 +280,8 @@ class Converter {
                            dynamic_cast<torch::nn::ReLU6Impl*>(items[i + 1].second.get()) &&
                            is_fixed(items[i + 2].second.get());
         const size_t at = relu6 ? i + 2 : i + 1;
-        auto* out = at < items.size() ? dynamic_cast<FakeQuantizeImpl*>(items[at].second.get())
-                                      : nullptr;
+        auto* out =
+            at < items.size() ? dynamic_cast<FakeQuantizeImpl*>(items[at].second.get()) : nullptr;
         if (out == nullptr) {
           throw std::invalid_argument(fmt::format(
               "qat::convert: '{}' ({}) has no qat::FakeQuantize after it, so its output has "
@@ -388,7 +388,8 @@ class Converter {
     emit(fmt::format("if {} is None:", packed));
     emit(fmt::format(
         "    {} = {}", packed,
-        fmt::format(fmt::runtime(prepack), fmt::arg("weight", weight_code), fmt::arg("bias", bias_attr))));
+        fmt::format(
+            fmt::runtime(prepack), fmt::arg("weight", weight_code), fmt::arg("bias", bias_attr))));
     emit(fmt::format("    self.{} = {}", attr, packed));
     // torch.jit.freeze folds every attribute that nothing writes into a constant, and
     // would fold the unpacking with it: the stored tensors are written back to themselves.
@@ -479,13 +480,15 @@ class Converter {
           {qweight, float_bias, at::IntArrayRef(options.stride()).vec(), padding,
            at::IntArrayRef(options.dilation()).vec(), options.groups()});
       prepack = fmt::format(
-          "quantized.conv2d_prepack({{weight}}, {{bias}}, {}, {}, {}, {})", list_of(options.stride()),
-          literal(padding), list_of(options.dilation()), options.groups());
+          "quantized.conv2d_prepack({{weight}}, {{bias}}, {}, {}, {}, {})",
+          list_of(options.stride()), literal(padding), list_of(options.dilation()),
+          options.groups());
       op = relu ? "conv2d_relu" : "conv2d";
     }
-    const auto packed = packed_weight(name, qweight, float_bias, *weight_fq, prepack, sample.type());
-    emit(fmt::format(
-        "x = quantized.{}(x, {}, {}, {})", op, packed, literal(q.scale), q.zero_point));
+    const auto packed =
+        packed_weight(name, qweight, float_bias, *weight_fq, prepack, sample.type());
+    emit(
+        fmt::format("x = quantized.{}(x, {}, {}, {})", op, packed, literal(q.scale), q.zero_point));
     quantized_ = q;
 
     LayerInfo info;

@@ -190,19 +190,30 @@ std::string input_json(const torch::Tensor& input) {
   // Python's names of the dtypes (str(torch.float32)); c10 spells them "Float", "Long"...
   const auto python_name = [](c10::ScalarType type) -> std::string {
     switch (type) {
-      case c10::kFloat: return "float32";
-      case c10::kDouble: return "float64";
-      case c10::kHalf: return "float16";
-      case c10::kBFloat16: return "bfloat16";
-      case c10::kByte: return "uint8";
-      case c10::kChar: return "int8";
-      case c10::kShort: return "int16";
-      case c10::kInt: return "int32";
-      case c10::kLong: return "int64";
-      case c10::kBool: return "bool";
-      default: throw std::invalid_argument(fmt::format(
-          "qat::export_model: example_input has dtype {}, which the metadata cannot name",
-          c10::toString(type)));
+      case c10::kFloat:
+        return "float32";
+      case c10::kDouble:
+        return "float64";
+      case c10::kHalf:
+        return "float16";
+      case c10::kBFloat16:
+        return "bfloat16";
+      case c10::kByte:
+        return "uint8";
+      case c10::kChar:
+        return "int8";
+      case c10::kShort:
+        return "int16";
+      case c10::kInt:
+        return "int32";
+      case c10::kLong:
+        return "int64";
+      case c10::kBool:
+        return "bool";
+      default:
+        throw std::invalid_argument(fmt::format(
+            "qat::export_model: example_input has dtype {}, which the metadata cannot name",
+            c10::toString(type)));
     }
   };
   return fmt::format(
@@ -315,7 +326,8 @@ void export_model(
   }
   const auto expected = as_float(detail::run_example(model.module, input, "qat::export_model"));
   auto frozen = torch::jit::freeze(model.module);
-  const torch::jit::ExtraFilesMap extra{{kMetadataFile, metadata(model.layers, options.backend, input)}};
+  const torch::jit::ExtraFilesMap extra{
+      {kMetadataFile, metadata(model.layers, options.backend, input)}};
   // The module saved is the frozen (and, for mobile, optimized) one, whose float ops may
   // run in another order of arithmetic (XNNPACK, folded float conv + batch norm).
 #ifdef QAT_HAVE_LITE_INTERPRETER

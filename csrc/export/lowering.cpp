@@ -37,8 +37,8 @@ at::Tensor fold_bias(
     const at::Tensor& running_mean, const at::Tensor& factor) {
   // Without a conv bias, factor * (0 - mean) is -(factor * mean) exactly, so both cases
   // are the one formula.
-  const auto centred = conv_bias.has_value() && conv_bias->defined() ? *conv_bias - running_mean
-                                                                      : -running_mean;
+  const auto centred =
+      conv_bias.has_value() && conv_bias->defined() ? *conv_bias - running_mean : -running_mean;
   const auto scaled = factor * centred;
   return bn_bias.has_value() && bn_bias->defined() ? *bn_bias + scaled : scaled;
 }
@@ -81,12 +81,14 @@ std::tuple<double, int64_t> fixed_qparams(
   TORCH_CHECK_VALUE(
       std::isfinite(lo) && std::isfinite(hi) && lo <= 0 && 0 < hi,
       "qat::fixed_qparams: the output range must be finite with lo <= 0 < hi (a range that "
-      "holds zero), got (", lo, ", ", hi, ")");
+      "holds zero), got (",
+      lo, ", ", hi, ")");
   TORCH_CHECK_VALUE(
       quant_min < quant_max, "qat::fixed_qparams: quant_min must be below quant_max, got [",
       quant_min, ", ", quant_max, "]");
   const auto steps = static_cast<double>(quant_max - quant_min + (inclusive ? 0 : 1));
-  return {(hi - lo) / steps, quant_min + static_cast<int64_t>(std::nearbyint(-lo * steps / (hi - lo)))};
+  return {
+      (hi - lo) / steps, quant_min + static_cast<int64_t>(std::nearbyint(-lo * steps / (hi - lo)))};
 }
 
 int64_t values_per_byte(int64_t bits) {
@@ -107,8 +109,8 @@ at::Tensor pack_weight(const at::Tensor& ints, int64_t bits, int64_t quant_min) 
     const auto high = values.max().item<int64_t>();
     TORCH_CHECK_VALUE(
         low >= 0 && high < (int64_t{1} << width), "qat::pack_weight: weights do not fit ", width,
-        " bits above quant_min ", quant_min, " (found ", low + quant_min, " to ",
-        high + quant_min, ")");
+        " bits above quant_min ", quant_min, " (found ", low + quant_min, " to ", high + quant_min,
+        ")");
   }
   const auto pad = (per_byte - values.numel() % per_byte) % per_byte;
   const auto rows = at::cat({values, values.new_zeros({pad})}).reshape({-1, per_byte});
@@ -161,8 +163,7 @@ TORCH_LIBRARY_FRAGMENT(qat, m) {
       "(float, int)",
       TORCH_FN(qat::fixed_qparams));
   m.def("values_per_byte(int bits) -> int", TORCH_FN(qat::values_per_byte));
-  m.def(
-      "pack_weight(Tensor ints, int bits, int quant_min) -> Tensor", TORCH_FN(qat::pack_weight));
+  m.def("pack_weight(Tensor ints, int bits, int quant_min) -> Tensor", TORCH_FN(qat::pack_weight));
   m.def(
       "unpack_weight(Tensor data, int bits, int quant_min, int[] shape) -> Tensor",
       TORCH_FN(qat::unpack_weight));

@@ -180,23 +180,10 @@ torch::Tensor ObserverImpl::forward(const torch::Tensor& input) {
   torch::NoGradGuard no_grad;
   const auto batch = qat::aminmax(input.detach(), axis);
   nonfinite_count.add_(std::get<2>(batch).sum().reshape({1}).to(nonfinite_count.device()));
-  const auto& batch_min = std::get<0>(batch);
-  const auto& batch_max = std::get<1>(batch);
-  if (spec_.observer() == "minmax") {
-    min_val.copy_(torch::minimum(min_val, batch_min));
-    max_val.copy_(torch::maximum(max_val, batch_max));
-    return input;
-  }
-  // The first batch (of a channel) sets the running value; a batch with no finite value
-  // (in a channel) leaves it.
-  const double c = spec_.averaging_constant();
-  for (auto* pair : {&min_val, &max_val}) {
-    auto& running = *pair;
-    const auto& value = pair == &min_val ? batch_min : batch_max;
-    const auto ema = running + c * (value - running);
-    const auto updated = torch::where(torch::isfinite(running), ema, value);
-    running.copy_(torch::where(torch::isfinite(value), updated, running));
-  }
+  qat::merge_range(
+      min_val, max_val, std::get<0>(batch), std::get<1>(batch),
+      spec_.observer() == "moving_average" ? c10::optional<double>(spec_.averaging_constant())
+                                           : c10::nullopt);
   return input;
 }
 
@@ -471,8 +458,8 @@ void LinearImpl::reset() {
 torch::Tensor LinearImpl::forward(const torch::Tensor& input) {
   // The weight first: its per-channel scale, which the bias grid needs, is sized by it.
   const auto quantized_weight = weight_fake_quant(weight);
-  auto output = torch::nn::functional::linear(
-      input, quantized_weight, kernel_bias(bias, *weight_fake_quant));
+  auto output =
+      torch::nn::functional::linear(input, quantized_weight, kernel_bias(bias, *weight_fake_quant));
   return relu ? torch::relu(output) : output;
 }
 
@@ -516,8 +503,7 @@ void Conv2dImpl::reset() {
 
 torch::Tensor Conv2dImpl::forward(const torch::Tensor& input) {
   const auto quantized_weight = weight_fake_quant(weight);  // sizes the scale, as in Linear
-  auto output =
-      conv2d(options, input, quantized_weight, kernel_bias(bias, *weight_fake_quant));
+  auto output = conv2d(options, input, quantized_weight, kernel_bias(bias, *weight_fake_quant));
   return relu ? torch::relu(output) : output;
 }
 
@@ -592,9 +578,8 @@ torch::Tensor ConvBn2dImpl::forward(const torch::Tensor& input) {
     // With the running statistics the whole is the folded conv the integer model runs,
     // conv(x, fq(w * f)) + beta + f * (b - mean), whose bias the kernel rounds to its int32
     // grid: so is it here.
-    const auto folded_bias = kernel_bias(
-        qat::fold_bias(bias, bn->bias, bn->running_mean, factor),
-        *weight_fake_quant);
+    const auto folded_bias =
+        kernel_bias(qat::fold_bias(bias, bn->bias, bn->running_mean, factor), *weight_fake_quant);
     const std::vector<int64_t> shape{1, -1, 1, 1};
     output = conv2d(options, input, folded, torch::Tensor()) * factor.reshape(shape) +
              folded_bias.reshape(shape);

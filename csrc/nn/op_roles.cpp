@@ -61,11 +61,16 @@ const OpRoleInfo* find_op_role(const std::string& name) {
 
 const char* role_name(OpRole role) {
   switch (role) {
-    case OpRole::kLayer: return "layer";
-    case OpRole::kPassesQParams: return "passes_qparams";
-    case OpRole::kRequantizes: return "requantizes";
-    case OpRole::kFixedRange: return "fixed_range";
-    case OpRole::kMovesData: return "moves_data";
+    case OpRole::kLayer:
+      return "layer";
+    case OpRole::kPassesQParams:
+      return "passes_qparams";
+    case OpRole::kRequantizes:
+      return "requantizes";
+    case OpRole::kFixedRange:
+      return "fixed_range";
+    case OpRole::kMovesData:
+      return "moves_data";
   }
   return "";
 }

@@ -144,7 +144,9 @@ void check_observers(
           if (swapped) {
             check(name, child, "weight", specs.weight, &LayerOverride::weight);
           }
-          if ((swapped || (sequential && (requantizes(child) || has_role(child, OpRole::kFixedRange)))) && !config.dynamic()) {
+          if ((swapped ||
+               (sequential && (requantizes(child) || has_role(child, OpRole::kFixedRange)))) &&
+              !config.dynamic()) {
             check(name, child, "activation", specs.activation, &LayerOverride::activation);
           }
           if (!swapped) {
@@ -274,8 +276,8 @@ class Preparer {
                        : FakeQuantize(spec);
         });
         chain.emplace(
-            at < chain.size() ? chain.begin() + static_cast<std::ptrdiff_t>(at) : chain.end(),
-            name, torch::nn::AnyModule(input));
+            at < chain.size() ? chain.begin() + static_cast<std::ptrdiff_t>(at) : chain.end(), name,
+            torch::nn::AnyModule(input));
       }
       quantized = true;
     };

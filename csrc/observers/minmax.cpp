@@ -122,6 +122,28 @@ void count_nonfinite(
   }
 }
 
+// The observers' state machine, the one place it is written: folds one batch's range into
+// the running range, per channel. MinMax (no averaging constant) takes the union; a moving
+// average starts at the first batch's range and then moves by `average` of the difference,
+// in float32. A channel with no finite value in the batch (min > max) keeps its range.
+void merge_range_into(
+    float* lo, float* hi, const float* blo, const float* bhi, int64_t channels,
+    c10::optional<double> average) {
+  for (int64_t c = 0; c < channels; ++c) {
+    if (!(blo[c] <= bhi[c])) {
+      continue;
+    }
+    if (!average.has_value() || !(lo[c] <= hi[c])) {
+      lo[c] = average.has_value() ? blo[c] : std::min(lo[c], blo[c]);
+      hi[c] = average.has_value() ? bhi[c] : std::max(hi[c], bhi[c]);
+    } else {
+      const float k = static_cast<float>(*average);
+      lo[c] = lo[c] + k * (blo[c] - lo[c]);
+      hi[c] = hi[c] + k * (bhi[c] - hi[c]);
+    }
+  }
+}
+
 // Folds one batch's per-channel range (CPU float32; min > max where the batch had no
 // finite value) into the running range, and sets scale and zero point from it.
 void update_observer_state(
@@ -159,21 +181,7 @@ void update_observer_state(
   float* hi = run_max.data_ptr<float>();
   const float* blo = batch_min.data_ptr<float>();
   const float* bhi = batch_max.data_ptr<float>();
-  const auto& average = state.averaging_constant;
-  for (int64_t c = 0; c < channels; ++c) {
-    if (!(blo[c] <= bhi[c])) {
-      continue;  // no finite value in this channel of the batch
-    }
-    if (!average.has_value() || !(lo[c] <= hi[c])) {
-      // MinMax, or the first observation of a moving average.
-      lo[c] = average.has_value() ? blo[c] : std::min(lo[c], blo[c]);
-      hi[c] = average.has_value() ? bhi[c] : std::max(hi[c], bhi[c]);
-    } else {
-      const float k = static_cast<float>(*average);
-      lo[c] = lo[c] + k * (blo[c] - lo[c]);
-      hi[c] = hi[c] + k * (bhi[c] - hi[c]);
-    }
-  }
+  merge_range_into(lo, hi, blo, bhi, channels, state.averaging_constant);
   if (in_place) {
     float* sp = state.scale.data_ptr<float>();
     int32_t* zp = state.zero_point.data_ptr<int32_t>();
@@ -312,6 +320,42 @@ at::Tensor fake_quantize_folded(
 
 }  // namespace
 
+void merge_range(
+    at::Tensor& running_min, at::Tensor& running_max, const at::Tensor& batch_min,
+    const at::Tensor& batch_max, c10::optional<double> averaging_constant) {
+  constexpr const char* op = "qat::merge_range";
+  TORCH_CHECK(
+      !averaging_constant.has_value() || (*averaging_constant > 0.0 && *averaging_constant <= 1.0),
+      op, ": averaging_constant must be in (0, 1], got ", *averaging_constant);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
+           &running_min, &running_max, &batch_min, &batch_max}) {
+    TORCH_CHECK(
+        t->scalar_type() == at::kFloat, op, ": the ranges must be float32 tensors, got ",
+        t->scalar_type());
+  }
+  const int64_t channels = batch_min.numel();
+  TORCH_CHECK(
+      batch_max.numel() == channels && running_min.numel() == channels &&
+          running_max.numel() == channels,
+      op, ": the running range has ", running_min.numel(), " entries and the batch's ", channels,
+      "; expected one each, or one per channel");
+  auto lo = running_min.detach().to(at::kCPU).contiguous();
+  auto hi = running_max.detach().to(at::kCPU).contiguous();
+  const auto blo = batch_min.detach().to(at::kCPU).contiguous();
+  const auto bhi = batch_max.detach().to(at::kCPU).contiguous();
+  merge_range_into(
+      lo.data_ptr<float>(), hi.data_ptr<float>(), blo.data_ptr<float>(), bhi.data_ptr<float>(),
+      channels, averaging_constant);
+  for (const auto& pair : {std::make_pair(&running_min, &lo), std::make_pair(&running_max, &hi)}) {
+    if (pair.first->data_ptr() == pair.second->data_ptr()) {
+      // Written through data_ptr: bump the version counter as copy_ would.
+      torch::autograd::impl::bump_version(*pair.first);
+    } else {
+      pair.first->copy_(pair.second->view(pair.first->sizes()));
+    }
+  }
+}
+
 std::pair<int64_t, int64_t> quant_range(int64_t bits, bool is_signed, bool narrow) {
   TORCH_CHECK(bits >= 2 && bits <= 16, "qat::quant_range: bits must be in [2, 16], got ", bits);
   if (is_signed) {
@@ -397,6 +441,10 @@ TORCH_LIBRARY_FRAGMENT(qat, m) {
       TORCH_FN(qat::quant_range_op));
   m.def(
       "aminmax(Tensor input, int? axis=None) -> (Tensor, Tensor, Tensor)", TORCH_FN(qat::aminmax));
+  m.def(
+      "merge_range(Tensor(a!) running_min, Tensor(b!) running_max, Tensor batch_min, "
+      "Tensor batch_max, float? averaging_constant=None) -> ()",
+      TORCH_FN(qat::merge_range));
   m.def(
       "choose_qparams(Tensor min, Tensor max, int quant_min, int quant_max, bool symmetric) -> "
       "(Tensor, Tensor)",

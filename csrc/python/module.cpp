@@ -134,8 +134,8 @@ PYBIND11_MODULE(_C, m) {
       [] {
         py::dict table;
         for (const auto& info : qat::op_roles()) {
-          table[py::str(info.name)] = py::make_tuple(
-              qat::role_name(info.role), info.integer_kernel, info.lo, info.hi);
+          table[py::str(info.name)] =
+              py::make_tuple(qat::role_name(info.role), info.integer_kernel, info.lo, info.hi);
         }
         return table;
       },

@@ -26,6 +26,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aminmax(
     const at::Tensor& input,
     c10::optional<int64_t> axis = c10::nullopt);
 
+/// Folds a batch's range (from aminmax) into the running range, in place: the union
+/// (MinMax) without `averaging_constant`, else an exponential moving average
+/// (running += averaging_constant * (batch - running), in float32) that starts at the first
+/// batch's range. Entries where the batch had no finite value (min > max) keep theirs. The
+/// one update both front ends' observers and the fused fake-quantize operator run.
+/// @throws c10::Error unless all four are float32 with one entry each or one per channel,
+///         and averaging_constant is in (0, 1].
+void merge_range(
+    at::Tensor& running_min,
+    at::Tensor& running_max,
+    const at::Tensor& batch_min,
+    const at::Tensor& batch_max,
+    c10::optional<double> averaging_constant = c10::nullopt);
+
 /// Scale (float32) and zero point (int32) for the range [min, max], elementwise (per
 /// channel when min/max have several entries), as PyTorch's observers compute them: the
 /// range is widened to include 0; symmetric uses max(|min|, |max|) / ((qmax - qmin) / 2)

@@ -260,9 +260,11 @@ class ObserverBase(_QuantState):
         self.nonfinite_count += nonfinite
         return axis, batch_min, batch_max
 
-    def _merge_minmax(self, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:
-        torch.minimum(self.min_val, batch_min, out=self.min_val)
-        torch.maximum(self.max_val, batch_max, out=self.max_val)
+    def _merge_range(self, batch_min: torch.Tensor, batch_max: torch.Tensor,
+                     averaging_constant: Optional[float] = None) -> None:
+        # The update the C++ observers and the fused operator run too.
+        torch.ops.qat.merge_range(self.min_val, self.max_val, batch_min, batch_max,
+                                  averaging_constant)
 
     def _observe(self, x: torch.Tensor) -> None:
         raise NotImplementedError
@@ -297,7 +299,7 @@ class MinMaxObserver(ObserverBase):
 
     def _observe(self, x):
         _, batch_min, batch_max = self._batch_range(x)
-        self._merge_minmax(batch_min, batch_max)
+        self._merge_range(batch_min, batch_max)
 
 
 class MovingAverageObserver(ObserverBase):
@@ -309,11 +311,7 @@ class MovingAverageObserver(ObserverBase):
 
     def _observe(self, x):
         _, batch_min, batch_max = self._batch_range(x)
-        c = self.spec.averaging_constant
-        for running, batch in ((self.min_val, batch_min), (self.max_val, batch_max)):
-            ema = running + c * (batch - running)
-            updated = torch.where(torch.isfinite(running), ema, batch)
-            running.copy_(torch.where(torch.isfinite(batch), updated, running))
+        self._merge_range(batch_min, batch_max, self.spec.averaging_constant)
 
 
 class _HistogramObserver(ObserverBase):
@@ -341,7 +339,7 @@ class _HistogramObserver(ObserverBase):
 
     def _observe(self, x):
         axis, batch_min, batch_max = self._batch_range(x)
-        self._merge_minmax(batch_min, batch_max)
+        self._merge_range(batch_min, batch_max)
         lo = torch.minimum(self.hist_min, batch_min)
         hi = torch.maximum(self.hist_max, batch_max)
         grown = (lo != self.hist_min) | (hi != self.hist_max)

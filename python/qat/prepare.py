@@ -504,8 +504,10 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
     fuse it); after a ReLU6 it gets a :class:`qat.FixedQParamsFakeQuantize` for [0, 6]
     (scale 6/255: the integer ReLU kernel's saturation is the 6); a ReLU6 or Hardtanh
     elsewhere gets a FakeQuantize of its own. Ops that keep their input's qparams (relu,
-    max pooling, flatten / reshape / view, dropout, identity) get none. The inputs of ``torch.cat`` have no
-    FakeQuantize of their own when the cat is their only user: the one after the cat
+    max pooling, flatten / reshape / view, dropout, identity) get none. These roles are
+    the op-role table's (``csrc/qat/op_roles.h``, shared with the C++ front end). The
+    inputs of ``torch.cat`` have no FakeQuantize of their own when the cat is their only
+    user: the one after the cat
     quantizes them all, as the integer cat requantizes its inputs to its output's qparams.
     Sigmoid, hardsigmoid and tanh of a quantized tensor get a
     :class:`qat.FixedQParamsFakeQuantize` (the fixed qparams of the integer kernels). A

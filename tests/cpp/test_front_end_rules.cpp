@@ -107,7 +107,6 @@ CATCH_TEST_CASE(
 CATCH_TEST_CASE(
     "prepare refuses an observer the C++ modules cannot run, naming the layer and the entry",
     "[front_end_rules][prepare]") {
-
   CATCH_SECTION("the default weight spec") {
     const auto message = refused(qat::Config().weight(weight_spec("mse")));
     CATCH_CHECK(

@@ -591,3 +591,24 @@ def test_extra_repr_shows_range_qparams_and_bits(observer_name):
     per_channel(torch.arange(12.0).reshape(6, 2) - 3)
     assert "bits=8, signed, symmetric, per_channel(axis=0)" in repr(per_channel)
     assert "min=[-3, -1, 1, 3, ...] (6)" in repr(per_channel)
+
+
+def test_merge_range_is_the_one_update_of_minmax_and_moving_average():
+    # The operator both front ends' observers call, against its definition.
+    running_min = torch.tensor([-1.0, 0.5, math.inf])
+    running_max = torch.tensor([2.0, 1.0, -math.inf])
+    batch_min = torch.tensor([-3.0, math.inf, -0.5])
+    batch_max = torch.tensor([1.0, -math.inf, 0.5])
+    lo, hi = running_min.clone(), running_max.clone()
+    torch.ops.qat.merge_range(lo, hi, batch_min, batch_max)
+    assert lo.tolist() == [-3.0, 0.5, -0.5] and hi.tolist() == [2.0, 1.0, 0.5]
+    lo, hi = running_min.clone(), running_max.clone()
+    torch.ops.qat.merge_range(lo, hi, batch_min, batch_max, 0.25)
+    c = np.float32(0.25)
+    # channel 0 averages, channel 1 saw nothing finite, channel 2 starts at its first batch
+    assert lo.tolist() == [float(np.float32(-1) + c * np.float32(-2)), 0.5, -0.5]
+    assert hi.tolist() == [float(np.float32(2) + c * np.float32(-1)), 1.0, 0.5]
+    with pytest.raises(RuntimeError, match="running range has 3 entries and the batch's 2"):
+        torch.ops.qat.merge_range(lo, hi, batch_min[:2], batch_max[:2])
+    with pytest.raises(RuntimeError, match=r"averaging_constant must be in \(0, 1\]"):
+        torch.ops.qat.merge_range(lo, hi, batch_min, batch_max, 1.5)

@@ -56,8 +56,8 @@ torch::nn::Sequential build(const std::string& path) {
     }
     int64_t a = 0, b = 0, c = 0, d = 0, e = 0, f = 0;
     if (kind == "conv2d" && fields >> a >> b >> c >> d >> e >> f) {
-      net->push_back(torch::nn::Conv2d(
-          torch::nn::Conv2dOptions(a, b, c).stride(d).padding(e).bias(f != 0)));
+      net->push_back(
+          torch::nn::Conv2d(torch::nn::Conv2dOptions(a, b, c).stride(d).padding(e).bias(f != 0)));
     } else if (kind == "batchnorm2d" && fields >> a) {
       net->push_back(torch::nn::BatchNorm2d(a));
     } else if (kind == "linear" && fields >> a >> b >> c) {
