@@ -16,7 +16,9 @@
 #include <torch/utils.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -24,6 +26,13 @@
 namespace qat {
 
 namespace {
+
+// The averaging constant the range operators take: set for a moving average, else none
+// (MinMax).
+c10::optional<double> averaging_constant(const QuantSpec& spec) {
+  return spec.observer() == "moving_average" ? c10::optional<double>(spec.averaging_constant())
+                                             : c10::nullopt;
+}
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 // Learned scales are kept at or above float32 eps: an optimizer step may push them to or
@@ -42,11 +51,12 @@ using FakeQuantizeFoldedFn = at::Tensor(
     const c10::optional<at::Tensor>&);
 
 void check_observer_name(const char* module, const QuantSpec& spec) {
-  if (spec.observer() != "minmax" && spec.observer() != "moving_average") {
+  const auto& runnable = QuantSpec::module_observers();
+  if (std::find(runnable.begin(), runnable.end(), spec.observer()) == runnable.end()) {
     throw std::invalid_argument(fmt::format(
-        "{}: the '{}' observer is not available in C++ yet; use 'minmax' or "
-        "'moving_average' (or calibrate the histogram observers in Python)",
-        module, spec.observer()));
+        "{}: the '{}' observer is not available in C++ yet; the C++ modules run {} (calibrate "
+        "the histogram observers in Python)",
+        module, spec.observer(), fmt::join(runnable, ", ")));
   }
 }
 
@@ -181,9 +191,7 @@ torch::Tensor ObserverImpl::forward(const torch::Tensor& input) {
   const auto batch = qat::aminmax(input.detach(), axis);
   nonfinite_count.add_(std::get<2>(batch).sum().reshape({1}).to(nonfinite_count.device()));
   qat::merge_range(
-      min_val, max_val, std::get<0>(batch), std::get<1>(batch),
-      spec_.observer() == "moving_average" ? c10::optional<double>(spec_.averaging_constant())
-                                           : c10::nullopt);
+      min_val, max_val, std::get<0>(batch), std::get<1>(batch), averaging_constant(spec_));
   return input;
 }
 
@@ -333,12 +341,9 @@ torch::Tensor FakeQuantizeImpl::forward(const torch::Tensor& input) {
       static auto op = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("qat::fused_observe_fake_quantize", "")
                            .typed<FusedObserveFakeQuantizeFn>();
-      const c10::optional<double> average = spec_.observer() == "moving_average"
-                                                ? c10::optional<double>(spec_.averaging_constant())
-                                                : c10::nullopt;
       return op.call(
           input, observer->min_val, observer->max_val, scale, zero_point, quant_min_, quant_max_,
-          axis, average, spec_.symmetric(), true, quantize, spec_.estimator(),
+          axis, averaging_constant(spec_), spec_.symmetric(), true, quantize, spec_.estimator(),
           observer->nonfinite_count);
     }
     // Learned qparams are parameters, which the fused operator must not overwrite: the
@@ -385,13 +390,10 @@ torch::Tensor FakeQuantizeImpl::forward_folded(
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qat::fake_quantize_folded", "")
                        .typed<FakeQuantizeFoldedFn>();
-  const c10::optional<double> average = spec_.observer() == "moving_average"
-                                            ? c10::optional<double>(spec_.averaging_constant())
-                                            : c10::nullopt;
   return op.call(
       weight, factor, observer->min_val, observer->max_val, scale, zero_point, quant_min_,
-      quant_max_, average, spec_.symmetric(), observe, quantize, spec_.estimator(),
-      observer->nonfinite_count);
+      quant_max_, averaging_constant(spec_), spec_.symmetric(), observe, quantize,
+      spec_.estimator(), observer->nonfinite_count);
 }
 
 void FakeQuantizeImpl::to(torch::Device device, torch::Dtype /*dtype*/, bool non_blocking) {

@@ -259,8 +259,8 @@ CATCH_TEST_CASE("histogram observers are refused in C++ with the way out", "[nn]
       invalid_argument_message([] { qat::FakeQuantize(qat::QuantSpec().observer("mse")); });
   CATCH_CHECK(
       message ==
-      "qat::FakeQuantize: the 'mse' observer is not available in C++ yet; use 'minmax' or "
-      "'moving_average' (or calibrate the histogram observers in Python)");
+      "qat::FakeQuantize: the 'mse' observer is not available in C++ yet; the C++ modules run "
+      "minmax, moving_average (calibrate the histogram observers in Python)");
 }
 
 CATCH_TEST_CASE("qat::Linear and Conv2d share the float parameters", "[nn][modules]") {
