@@ -25,11 +25,11 @@ void check_bits(const char* op, int64_t bits) {
 
 at::Tensor batch_norm_factor(
     const c10::optional<at::Tensor>& weight, const at::Tensor& running_var, double eps) {
-  const auto inverse_std = at::sqrt(running_var + eps);
+  const auto std_dev = at::sqrt(running_var + eps);
   if (weight.has_value() && weight->defined()) {
-    return *weight / inverse_std;
+    return *weight / std_dev;
   }
-  return at::reciprocal(inverse_std);
+  return at::reciprocal(std_dev);
 }
 
 at::Tensor fold_bias(
