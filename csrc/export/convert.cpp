@@ -8,6 +8,7 @@
 
 #include "integer_model.h"
 
+#include <qat/lowered.h>
 #include <qat/lowering.h>
 #include <qat/nn.h>
 #include <qat/op_roles.h>
@@ -324,11 +325,11 @@ class Converter {
         "torch.quantize_per_tensor(x{}, {}, {}, {})", quantized_ ? ".dequantize()" : "",
         literal(q.scale), q.zero_point, dtype_literal(q.dtype));
     LayerInfo info;
-    info.name = name;
-    info.type = quantized_ ? "Requantize" : "Quantize";
+    info.op.name = name;
+    info.op.kind = quantized_ ? "Requantize" : "Quantize";
+    info.op.scale = q.scale;
+    info.op.zero_point = q.zero_point;
     info.activation_spec = fq.spec();
-    info.scale = q.scale;
-    info.zero_point = q.zero_point;
     layers_.push_back(info);
     emit("x = " + call);
     quantized_ = q;
@@ -341,29 +342,30 @@ class Converter {
   // `prepack` is the prepack call with {weight} and {bias} to fill in; `packed_type` the
   // type of what it returns.
   std::string packed_weight(
-      const std::string& name, const torch::Tensor& qweight, const torch::Tensor& bias,
-      const FakeQuantizeImpl& fq, const std::string& prepack, const c10::TypePtr& packed_type) {
+      const LoweredOp& op, const std::string& prepack, const c10::TypePtr& packed_type) {
+    const auto& name = op.name;
+    const auto& qweight = op.weight;
     const bool per_channel = qweight.qscheme() == at::kPerChannelAffine;
     const auto scales = per_channel ? qweight.q_per_channel_scales()
                                     : torch::full({1}, qweight.q_scale(), torch::kDouble);
     const auto zero_points = per_channel ? qweight.q_per_channel_zero_points()
                                          : torch::full({1}, qweight.q_zero_point(), torch::kLong);
-    const auto bits = fq.spec().bits();
     const auto data = tensor_attribute(
-        name, "weight_data", qat::pack_weight(qweight.int_repr(), bits, fq.quant_min()));
+        name, "weight_data",
+        qat::pack_weight(qweight.int_repr(), op.weight_bits, op.weight_quant_min));
     const auto scale = tensor_attribute(name, "weight_scale", scales.to(torch::kFloat));
     const bool zero = !zero_points.any().item<bool>();
     const auto zero_point = tensor_attribute(
         name, "weight_zero_point",
         zero ? torch::zeros({0}, torch::kInt) : zero_points.to(torch::kInt));
-    const auto bias_attr = tensor_attribute(name, "bias", bias);
+    const auto bias_attr = tensor_attribute(name, "bias", op.bias);
     const auto attr = attribute(name, "packed_params");
     module_.register_attribute(attr, c10::OptionalType::create(packed_type), c10::IValue());
     const auto packed = attr;
     const auto shape = qweight.sizes().vec();
     // The unpacking is torch.ops.qat.unpack_weight in TorchScript (the file must run without
     // qat), as python/qat/quantized.py has it; the cross-front-end test keeps them equal.
-    const auto per_byte = qat::values_per_byte(bits);
+    const auto per_byte = qat::values_per_byte(op.weight_bits);
     const auto width = 8 / per_byte;
     std::string ints = fmt::format("{}.to({})", data, dtype_literal(c10::kChar));
     if (per_byte > 1) {
@@ -371,7 +373,7 @@ class Converter {
           "(torch.stack([torch.bitwise_and(torch.bitwise_right_shift({0}, {1} * i), {2}) for i in "
           "range({3})], 1).flatten()[:{4}].to({5}) + {6}).to({7})",
           data, width, (1 << width) - 1, per_byte, qweight.numel(), dtype_literal(c10::kShort),
-          fq.quant_min(), dtype_literal(c10::kChar));
+          op.weight_quant_min, dtype_literal(c10::kChar));
     }
     ints = fmt::format("{}.reshape({})", ints, literal(at::IntArrayRef(shape)));
     const auto zero_points_code =
@@ -439,20 +441,45 @@ class Converter {
       bias = qat::fold_bias(fold.bias, bn.bias, bn.running_mean, factor);
       relu = fold.relu;
     }
-    relu = relu || relu6;
-    const auto qweight = integer_weight(weight, *weight_fq, name);
+    LayerInfo info;
+    auto& op = info.op;
+    op.name = name;
+    op.kind = dynamic_cast<LinearImpl*>(&module) != nullptr ? "Linear" : "Conv2d";
+    op.scale = q.scale;
+    op.zero_point = q.zero_point;
+    op.relu = relu || relu6;
+    op.weight = integer_weight(weight, *weight_fq, name);
     // A zero bias computes what no bias does.
-    const auto float_bias = bias.defined() ? bias.detach().to(torch::kCPU, torch::kFloat).clone()
-                                           : torch::zeros({qweight.size(0)});
-    std::string op;
+    op.bias = bias.defined() ? bias.detach().to(torch::kCPU, torch::kFloat).clone()
+                             : torch::zeros({op.weight.size(0)});
+    op.weight_bits = weight_fq->spec().bits();
+    op.weight_quant_min = weight_fq->quant_min();
+    if (op.kind == "Conv2d") {
+      const auto& options = dynamic_cast<Conv2dImpl*>(&module) != nullptr
+                                ? dynamic_cast<Conv2dImpl&>(module).options
+                                : dynamic_cast<ConvBn2dImpl&>(module).options;
+      op.stride = at::IntArrayRef(options.stride()).vec();
+      op.padding = conv_padding(options, name);
+      op.dilation = at::IntArrayRef(options.dilation()).vec();
+      op.groups = options.groups();
+    }
+    info.weight_spec = weight_fq->spec();
+    info.activation_spec = out.spec();
+    emit_layer(op);
+    quantized_ = q;
+    layers_.push_back(info);
+  }
+
+  // The TorchScript of a lowered Conv2d or Linear on PyTorch's quantized kernels.
+  void emit_layer(const LoweredOp& op) {
+    std::string kernel;
     std::string prepack;
-    const auto* linear = dynamic_cast<LinearImpl*>(&module);
     // The kernels' packed form, built here for its type (the file builds its own).
     c10::IValue sample;
-    if (linear != nullptr) {
-      sample = call_op("quantized::linear_prepack", {qweight, float_bias});
+    if (op.kind == "Linear") {
+      sample = call_op("quantized::linear_prepack", {op.weight, op.bias});
       prepack = "quantized.linear_prepack({weight}, {bias})";
-      op = relu ? "linear_relu" : "linear";
+      kernel = op.relu ? "linear_relu" : "linear";
       // quantized::linear does not check the input's width against the packed weight
       // (qnnpack reads past the input), so the check torch::nn::Linear makes is part of the
       // scripted code, and so of the files written from it. As in Python's
@@ -461,7 +488,7 @@ class Converter {
       // torch::nn::Linear's RuntimeError and message ("mat1 and mat2 shapes cannot be
       // multiplied (2x5 and 4x3)"), where a TorchScript assert would raise another kind. Its
       // result is assigned so that dead-code elimination keeps it.
-      const auto in_features = linear->options.in_features();
+      const auto in_features = op.weight.size(1);
       emit(fmt::format("if x.size(-1) != {}:", in_features));
       // On x's device, which freezing cannot fold: a constant-sized empty tensor would be
       // folded into a constant that the file stores (as large as a float weight).
@@ -469,40 +496,19 @@ class Converter {
           "    x = torch.addmm(torch.empty([{1}], device=x.device), "
           "torch.empty([x.numel() // max(x.size(-1), 1), x.size(-1)], device=x.device), "
           "torch.empty([{0}, {1}], device=x.device))",
-          in_features, linear->options.out_features()));
+          in_features, op.weight.size(0)));
     } else {
-      const auto& options = dynamic_cast<Conv2dImpl*>(&module) != nullptr
-                                ? dynamic_cast<Conv2dImpl&>(module).options
-                                : dynamic_cast<ConvBn2dImpl&>(module).options;
-      const auto padding = conv_padding(options, name);
       sample = call_op(
           "quantized::conv2d_prepack",
-          {qweight, float_bias, at::IntArrayRef(options.stride()).vec(), padding,
-           at::IntArrayRef(options.dilation()).vec(), options.groups()});
+          {op.weight, op.bias, op.stride, op.padding, op.dilation, op.groups});
       prepack = fmt::format(
-          "quantized.conv2d_prepack({{weight}}, {{bias}}, {}, {}, {}, {})",
-          list_of(options.stride()), literal(padding), list_of(options.dilation()),
-          options.groups());
-      op = relu ? "conv2d_relu" : "conv2d";
+          "quantized.conv2d_prepack({{weight}}, {{bias}}, {}, {}, {}, {})", literal(op.stride),
+          literal(op.padding), literal(op.dilation), op.groups);
+      kernel = op.relu ? "conv2d_relu" : "conv2d";
     }
-    const auto packed =
-        packed_weight(name, qweight, float_bias, *weight_fq, prepack, sample.type());
-    emit(
-        fmt::format("x = quantized.{}(x, {}, {}, {})", op, packed, literal(q.scale), q.zero_point));
-    quantized_ = q;
-
-    LayerInfo info;
-    info.name = name;
-    info.type = linear != nullptr ? "Linear" : "Conv2d";
-    info.weight_spec = weight_fq->spec();
-    info.weight_shape = weight.sizes().vec();
-    info.weight_scale_min = weight_fq->scale.min().item<double>();
-    info.weight_scale_max = weight_fq->scale.max().item<double>();
-    info.relu = relu;
-    info.activation_spec = out.spec();
-    info.scale = q.scale;
-    info.zero_point = q.zero_point;
-    layers_.push_back(info);
+    const auto packed = packed_weight(op, prepack, sample.type());
+    emit(fmt::format(
+        "x = quantized.{}(x, {}, {}, {})", kernel, packed, literal(op.scale), op.zero_point));
   }
 
   // An op of fixed output range (sigmoid, tanh) whose quantized kernel the op-role table

@@ -4,7 +4,7 @@
 
 #include "integer_model.h"
 
-#include <qat/fake_quantize.h>
+#include <qat/lowered.h>
 
 #include <ATen/Context.h>
 #include <torch/csrc/jit/serialization/import.h>
@@ -96,143 +96,6 @@ void keep_mode(const std::string& temporary, const std::string& path) {
   if (!error && fs::exists(status)) {
     fs::permissions(temporary, status.permissions(), fs::perm_options::replace, error);
   }
-}
-
-// ---------------------------------------------------------------------------------------
-// Metadata: the JSON of Python's qat.export (read by qat.export.read_metadata and
-// `python -m qat inspect`).
-
-std::string json(const std::string& text) {
-  std::string out = "\"";
-  for (const char c : text) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      out += fmt::format("\\u{:04x}", static_cast<int>(c));
-    } else {
-      out += c;
-    }
-  }
-  return out + "\"";
-}
-
-std::string json(double value) {
-  return fmt::format("{}", value);
-}
-
-std::string json(bool value) {
-  return value ? "true" : "false";
-}
-
-// A spec as Python's dataclasses.asdict(QuantSpec) gives it.
-std::string json(const QuantSpec& spec) {
-  const auto is_signed = spec.signed_range();
-  return fmt::format(
-      "{{\"bits\": {}, \"symmetric\": {}, \"signed\": {}, \"per_channel\": {}, \"axis\": {}, "
-      "\"narrow_range\": {}, \"observer\": {}, \"estimator\": {}, \"averaging_constant\": {}, "
-      "\"percentile\": {}, \"bins\": {}}}",
-      spec.bits(), json(spec.symmetric()), is_signed ? json(*is_signed) : "null",
-      json(spec.per_channel()), spec.axis(), json(spec.narrow_range()), json(spec.observer()),
-      json(spec.estimator()), json(spec.averaging_constant()), json(spec.percentile()),
-      spec.bins());
-}
-
-// The config as Python's Config.to_dict writes it. A C++ model does not keep the Config it
-// was prepared with, so it is read back from the modules: the first layer's specs are the
-// defaults, and a layer quantized otherwise is an override under its name.
-std::string config_json(const std::vector<detail::LayerInfo>& layers, const std::string& backend) {
-  c10::optional<QuantSpec> weight;
-  c10::optional<QuantSpec> activation;
-  for (const auto& layer : layers) {
-    if (!weight && layer.weight_spec) {
-      weight = layer.weight_spec;
-    }
-    if (!activation) {
-      activation = layer.activation_spec;
-    }
-  }
-  std::vector<std::string> overrides;
-  for (const auto& layer : layers) {
-    const bool other_weight = layer.weight_spec && *layer.weight_spec != *weight;
-    const bool other_activation = layer.activation_spec != *activation;
-    if (other_weight || other_activation) {
-      overrides.push_back(fmt::format(
-          "{}: {{\"weight\": {}, \"activation\": {}}}", json(layer.name),
-          other_weight ? json(*layer.weight_spec) : "null",
-          other_activation ? json(layer.activation_spec) : "null"));
-    }
-  }
-  return fmt::format(
-      "{{\"weight\": {}, \"activation\": {}, \"overrides\": {{{}}}, \"skip\": [], \"backend\": "
-      "{}, \"dynamic\": false}}",
-      weight ? json(*weight) : "null", activation ? json(*activation) : "null",
-      fmt::join(overrides, ", "), json(backend));
-}
-
-std::string layer_json(const detail::LayerInfo& layer) {
-  std::string weight;
-  if (layer.weight_spec) {
-    weight = fmt::format(
-        ", \"weight_bits\": {}, \"weight_shape\": [{}], \"weight_scale_min\": {}, "
-        "\"weight_scale_max\": {}, \"relu\": {}",
-        layer.weight_spec->bits(), fmt::join(layer.weight_shape, ", "),
-        json(layer.weight_scale_min), json(layer.weight_scale_max), json(layer.relu));
-  }
-  return fmt::format(
-      "{{\"name\": {}, \"type\": {}{}, \"scale\": {}, \"zero_point\": {}}}", json(layer.name),
-      json(layer.type), weight, json(layer.scale), layer.zero_point);
-}
-
-// What the file was checked on, as Python writes it ({"shape": [...], "dtype": "torch.float32"}),
-// so that `python -m qat bench` can make inputs for a file written from C++ too.
-std::string input_json(const torch::Tensor& input) {
-  // Python's names of the dtypes (str(torch.float32)); c10 spells them "Float", "Long"...
-  const auto python_name = [](c10::ScalarType type) -> std::string {
-    switch (type) {
-      case c10::kFloat:
-        return "float32";
-      case c10::kDouble:
-        return "float64";
-      case c10::kHalf:
-        return "float16";
-      case c10::kBFloat16:
-        return "bfloat16";
-      case c10::kByte:
-        return "uint8";
-      case c10::kChar:
-        return "int8";
-      case c10::kShort:
-        return "int16";
-      case c10::kInt:
-        return "int32";
-      case c10::kLong:
-        return "int64";
-      case c10::kBool:
-        return "bool";
-      default:
-        throw std::invalid_argument(fmt::format(
-            "qat::export_model: example_input has dtype {}, which the metadata cannot name",
-            c10::toString(type)));
-    }
-  };
-  return fmt::format(
-      "{{\"shape\": [{}], \"dtype\": {}}}", fmt::join(input.sizes(), ", "),
-      json("torch." + python_name(input.scalar_type())));
-}
-
-std::string metadata(
-    const std::vector<detail::LayerInfo>& layers, const std::string& backend,
-    const torch::Tensor& input) {
-  std::vector<std::string> entries;
-  for (const auto& layer : layers) {
-    entries.push_back(layer_json(layer));
-  }
-  return fmt::format(
-      "{{\n \"qat_version\": {},\n \"torch_version\": {},\n \"quantized_engine\": {},\n "
-      "\"config\": {},\n \"layers\": [\n  {}\n ],\n \"example_inputs\": [{}]\n}}\n",
-      json(std::string(qat::version())), json(std::string(TORCH_VERSION)), json(backend),
-      config_json(layers, backend), fmt::join(entries, ",\n  "), input_json(input));
 }
 
 torch::Tensor as_float(const c10::IValue& output) {
@@ -327,7 +190,9 @@ void export_model(
   const auto expected = as_float(detail::run_example(model.module, input, "qat::export_model"));
   auto frozen = torch::jit::freeze(model.module);
   const torch::jit::ExtraFilesMap extra{
-      {kMetadataFile, metadata(model.layers, options.backend, input)}};
+      {kMetadataFile, metadata_json(
+                          model.ops(), detail::config_json(model.layers, options.backend),
+                          options.backend, TORCH_VERSION, {input})}};
   // The module saved is the frozen (and, for mobile, optimized) one, whose float ops may
   // run in another order of arithmetic (XNNPACK, folded float conv + batch norm).
 #ifdef QAT_HAVE_LITE_INTERPRETER

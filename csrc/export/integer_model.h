@@ -1,10 +1,11 @@
 #pragma once
 
-// Internal to csrc/export: the integer model qat::convert builds, with what qat::export_model
-// writes about it in the file's metadata.
+// Internal to csrc/export: the integer model qat::convert builds, with its lowered form (what
+// qat::export_model writes about it in the file's metadata).
 
 #include <qat/config.h>
 #include <qat/export.h>
+#include <qat/lowered.h>
 
 #include <c10/util/Optional.h>
 
@@ -16,27 +17,29 @@
 namespace qat {
 namespace detail {
 
-/// One integer op of the model, as the metadata describes it (Python's export names the
-/// same fields).
+/// One integer op of the model: its lowered form, with the specs it was trained with (the
+/// metadata's config is read back from them).
 struct LayerInfo {
-  std::string name;  // the prepared module's path ("0", "features.1", "input_fake_quant")
-  std::string type;  // "Conv2d", "Linear", "Quantize" or "Requantize"
-  // Weighted layers only.
-  c10::optional<QuantSpec> weight_spec;
-  std::vector<int64_t> weight_shape;
-  double weight_scale_min = 0;
-  double weight_scale_max = 0;
-  bool relu = false;
-  // The spec and qparams of the output (of the FakeQuantize that gives them).
-  QuantSpec activation_spec;
-  double scale = 1;
-  int64_t zero_point = 0;
+  LoweredOp op;
+  c10::optional<QuantSpec> weight_spec;  // weighted layers only
+  QuantSpec activation_spec;             // of the FakeQuantize that gives the output qparams
 };
 
 struct IntegerModel {
   torch::jit::Module module;
   std::vector<LayerInfo> layers;
+
+  std::vector<LoweredOp> ops() const {
+    std::vector<LoweredOp> ops;
+    for (const auto& layer : layers) {
+      ops.push_back(layer.op);
+    }
+    return ops;
+  }
 };
+
+/// The metadata's config, as Python's Config.to_dict writes it, read back from the layers.
+std::string config_json(const std::vector<LayerInfo>& layers, const std::string& backend);
 
 /// The integer model of `prepared` for `backend` (which is made the quantized engine).
 IntegerModel build_integer_model(torch::nn::Module& prepared, const std::string& backend);

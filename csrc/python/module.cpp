@@ -141,6 +141,65 @@ PYBIND11_MODULE(_C, m) {
       },
       "The op-role table (csrc/qat/op_roles.h): name -> (role, integer_kernel, lo, hi).");
 
+  py::class_<qat::LoweredOp>(
+      m, "LoweredOp",
+      "One integer op in the lowered form both front ends' converts produce and every "
+      "emitter reads (csrc/qat/lowered.h).")
+      .def(
+          py::init([](std::string name, std::string kind, double scale, int64_t zero_point,
+                      bool relu, c10::optional<at::Tensor> weight, c10::optional<at::Tensor> bias,
+                      int64_t weight_bits, int64_t weight_quant_min, std::vector<int64_t> stride,
+                      std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
+            return qat::LoweredOp{
+                std::move(name),
+                std::move(kind),
+                scale,
+                zero_point,
+                relu,
+                weight.value_or(at::Tensor()),
+                bias.value_or(at::Tensor()),
+                weight_bits,
+                weight_quant_min,
+                std::move(stride),
+                std::move(padding),
+                std::move(dilation),
+                groups};
+          }),
+          py::arg("name"), py::arg("kind"), py::arg("scale") = 1.0, py::arg("zero_point") = 0,
+          py::arg("relu") = false, py::arg("weight") = py::none(), py::arg("bias") = py::none(),
+          py::arg("weight_bits") = 8, py::arg("weight_quant_min") = -128,
+          py::arg("stride") = std::vector<int64_t>{}, py::arg("padding") = std::vector<int64_t>{},
+          py::arg("dilation") = std::vector<int64_t>{}, py::arg("groups") = 1)
+      .def_readonly("name", &qat::LoweredOp::name)
+      .def_readonly("kind", &qat::LoweredOp::kind)
+      .def_readonly("scale", &qat::LoweredOp::scale)
+      .def_readonly("zero_point", &qat::LoweredOp::zero_point)
+      .def_readonly("relu", &qat::LoweredOp::relu)
+      .def_readonly("weight", &qat::LoweredOp::weight)
+      .def_readonly("bias", &qat::LoweredOp::bias)
+      .def_readonly("weight_bits", &qat::LoweredOp::weight_bits)
+      .def_readonly("weight_quant_min", &qat::LoweredOp::weight_quant_min)
+      .def_readonly("stride", &qat::LoweredOp::stride)
+      .def_readonly("padding", &qat::LoweredOp::padding)
+      .def_readonly("dilation", &qat::LoweredOp::dilation)
+      .def_readonly("groups", &qat::LoweredOp::groups)
+      .def("__repr__", [](const qat::LoweredOp& op) {
+        return "LoweredOp(" + op.kind + " '" + op.name + "', scale=" + std::to_string(op.scale) +
+               ", zero_point=" + std::to_string(op.zero_point) + ")";
+      });
+  m.def(
+      "_metadata_json",
+      [](const std::vector<qat::LoweredOp>& ops, const std::string& config_json,
+         const std::string& engine, const std::string& torch_version,
+         const std::vector<at::Tensor>& example_inputs) {
+        // std::invalid_argument (an input dtype the metadata cannot name) is a ValueError.
+        return qat::metadata_json(ops, config_json, engine, torch_version, example_inputs);
+      },
+      py::arg("ops"), py::arg("config_json"), py::arg("engine"), py::arg("torch_version"),
+      py::arg("example_inputs"),
+      "The metadata JSON of a .pt / .ptl file (qat::metadata_json, the writer of both front "
+      "ends).");
+
   m.def("_cpu_capability", [] { return qat::cpu::capability_name(qat::cpu::capability()); });
   m.def("_best_cpu_capability", [] {
     return qat::cpu::capability_name(qat::cpu::best_supported_capability());

@@ -5,6 +5,7 @@
 #include <qat/estimator.h>
 #include <qat/export.h>
 #include <qat/fake_quantize.h>
+#include <qat/lowered.h>
 #include <qat/lowering.h>
 #include <qat/nn.h>
 #include <qat/observers.h>

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import quantized
+from . import _C, quantized
 from ._torch_support import (require_lite_interpreter, require_torchscript,
                              torch_deprecations_once, warn_once, xnnpack_available)
 from .convert import convert
@@ -37,34 +37,12 @@ def _check_writable(path: str) -> None:
         raise PermissionError(f"qat.export: {path!r} is not writable")
 
 
-def _layer_info(name: str, module: nn.Module) -> Optional[Dict[str, object]]:
-    """What the metadata says of one integer module."""
-    info: Dict[str, object] = {"name": name, "type": type(module).__name__}
-    if isinstance(module, quantized._IntegerLayer):
-        scales = module.weight_scale
-        info.update(weight_bits=module.weight_bits, weight_shape=module.weight_shape,
-                    weight_scale_min=scales.min().item(), weight_scale_max=scales.max().item(),
-                    relu=module.relu)
-    elif not isinstance(module, (quantized.Quantize, quantized.Add, quantized.Mul,
-                                 quantized.Cat)):
-        return None
-    info.update(scale=module.scale, zero_point=module.zero_point)
-    return info
-
-
-def _metadata(model: nn.Module, inputs: tuple) -> Dict[str, object]:
-    from . import __version__
-
-    layers = [_layer_info(name, m) for name, m in model.named_modules()]
-    return {
-        "qat_version": __version__,
-        "torch_version": torch.__version__,
-        "quantized_engine": torch.backends.quantized.engine,
-        "config": json.loads(getattr(model, "qat_config", "{}") or "{}"),
-        "layers": [info for info in layers if info is not None],
-        # What the file was checked on, so that ``python -m qat bench`` can make inputs.
-        "example_inputs": [{"shape": list(t.shape), "dtype": str(t.dtype)} for t in inputs],
-    }
+def _metadata(model: nn.Module, inputs: tuple) -> str:
+    """The metadata JSON, by the writer both front ends share (``qat::metadata_json``)."""
+    ops = [m.lowered(name) for name, m in model.named_modules()
+           if isinstance(m, (quantized.Quantize, quantized._WithOutputQParams))]
+    return _C._metadata_json(ops, getattr(model, "qat_config", "{}") or "{}",
+                             torch.backends.quantized.engine, torch.__version__, list(inputs))
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -193,7 +171,7 @@ def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Mod
     scripted = _script(int_model, inputs)
     frozen = torch.jit.freeze(scripted.eval())
     # Compact: the archive stores its entries uncompressed, and this one grows per layer.
-    extra = {METADATA_FILE: json.dumps(_metadata(int_model, inputs), separators=(",", ":"))}
+    extra = {METADATA_FILE: _metadata(int_model, inputs)}
     saved = optimize_for_mobile(frozen) if mobile else frozen
     # Written next to the target and renamed over it only once checked: a failure leaves
     # the previous file as it was, and a reader never sees half a file.

@@ -14,6 +14,8 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from . import _C
+
 __all__ = [
     "Add",
     "Cat",
@@ -21,11 +23,18 @@ __all__ = [
     "DeQuantize",
     "Hardswish",
     "Linear",
+    "LoweredOp",
     "LinearDynamic",
     "Mul",
     "Quantize",
     "Requantize",
 ]
+
+
+# One integer op in the lowered form (csrc/qat/lowered.h): what each integer module below
+# gives through ``lowered(name)``, the metadata writer and the emitters of other backends
+# read, and the C++ front end's convert produces for the same model.
+LoweredOp = _C.LoweredOp
 
 
 def activation_dtype(quant_min: int, quant_max: int) -> torch.dtype:
@@ -55,6 +64,10 @@ class Quantize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.quantize_per_tensor(x, self.scale, self.zero_point, self.dtype)
 
+    def lowered(self, name: str) -> LoweredOp:
+        """This op in the lowered form, under ``name`` (its path in the model)."""
+        return LoweredOp(name, type(self).__name__, self.scale, self.zero_point)
+
     def extra_repr(self) -> str:
         return f"scale={self.scale:.6g}, zero_point={self.zero_point}, dtype={self.dtype}"
 
@@ -80,6 +93,14 @@ class _WithOutputQParams(nn.Module):
         self.scale = float(scale)
         self.zero_point = int(zero_point)
         self.relu = relu
+
+    def lowered(self, name: str) -> LoweredOp:
+        """This op in the lowered form, under ``name`` (its path in the model)."""
+        return LoweredOp(name, type(self).__name__, self.scale, self.zero_point, self.relu,
+                         **self._lowered_weight())
+
+    def _lowered_weight(self) -> dict:
+        return {}
 
     def extra_repr(self) -> str:
         relu = ", relu" if self.relu else ""
@@ -151,6 +172,10 @@ class _IntegerLayer(_WithOutputQParams):
         return torch._make_per_tensor_quantized_tensor(
             ints, float(self.weight_scale[0]), int(zero_points[0]))
 
+    def _lowered_weight(self) -> dict:
+        return {"weight": self.quantized_weight(), "bias": self.bias,
+                "weight_bits": self.weight_bits, "weight_quant_min": -self.weight_offset}
+
     def _keep_stored(self) -> None:
         self.weight_data = self.weight_data
         self.weight_scale = self.weight_scale
@@ -173,6 +198,10 @@ class Conv2d(_IntegerLayer):
         self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
         self.groups = groups
         self._packed_params = None
+
+    def _lowered_weight(self) -> dict:
+        return dict(super()._lowered_weight(), stride=self.stride, padding=self.padding,
+                    dilation=self.dilation, groups=self.groups)
 
     def _packed(self) -> torch.classes.quantized.Conv2dPackedParamsBase:
         packed = self._packed_params
