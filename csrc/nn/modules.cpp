@@ -35,20 +35,16 @@ c10::optional<double> averaging_constant(const QuantSpec& spec) {
 }
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
-// Learned scales are kept at or above float32 eps: an optimizer step may push them to or
-// below zero, where the operator rightly refuses them.
-constexpr double kMinScale = std::numeric_limits<float>::epsilon();
-
 // The signatures of the kernels registered in csrc/observers/minmax.cpp, which typed()
 // checks against the registration.
 using FusedObserveFakeQuantizeFn = at::Tensor(
     const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, int64_t, int64_t,
     c10::optional<int64_t>, c10::optional<double>, bool, bool, bool, c10::string_view,
-    const c10::optional<at::Tensor>&);
+    const c10::optional<at::Tensor>&, bool, bool);
 using FakeQuantizeFoldedFn = at::Tensor(
     const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
     int64_t, int64_t, c10::optional<double>, bool, bool, bool, c10::string_view,
-    const c10::optional<at::Tensor>&);
+    const c10::optional<at::Tensor>&, bool);
 
 void check_observer_name(const char* module, const QuantSpec& spec) {
   const auto& runnable = QuantSpec::module_observers();
@@ -318,16 +314,8 @@ void FakeQuantizeImpl::update_qparams() {
   zero_point.copy_(qparams.second);
 }
 
-void FakeQuantizeImpl::clamp_learned_scale() {
-  if (learns_scale_) {
-    // Through .data(), so that the version counter stays: the scale an earlier forward
-    // saved (two forwards, one backward) must not look modified in place.
-    scale.data().clamp_min_(kMinScale);
-  }
-}
-
 torch::Tensor FakeQuantizeImpl::forward(const torch::Tensor& input) {
-  const bool observe = is_observer_enabled();
+  bool observe = is_observer_enabled();
   const bool quantize = is_fake_quant_enabled();
   if (!observe && !quantize) {
     return input;
@@ -337,34 +325,26 @@ torch::Tensor FakeQuantizeImpl::forward(const torch::Tensor& input) {
     if (axis.has_value()) {
       ensure_channels(input.size(*axis));
     }
-    if (!learns_scale_ && !learns_zero_point_) {
-      static auto op = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("qat::fused_observe_fake_quantize", "")
-                           .typed<FusedObserveFakeQuantizeFn>();
-      return op.call(
-          input, observer->min_val, observer->max_val, scale, zero_point, quant_min_, quant_max_,
-          axis, averaging_constant(spec_), spec_.symmetric(), true, quantize, spec_.estimator(),
-          observer->nonfinite_count);
-    }
-    // Learned qparams are parameters, which the fused operator must not overwrite: the
-    // observer runs on its own and initializes them, then hands over to the optimizer.
-    observer->forward(input);
-    update_qparams();
-    if (quantize && input.numel() > 0) {
-      disable_observer();
+    if (learns_scale_ || learns_zero_point_) {
+      // Learned qparams are parameters, which the fused operator must not overwrite: the
+      // observer runs on its own and initializes them, then hands over to the optimizer.
+      observer->forward(input);
+      update_qparams();
+      if (quantize && input.numel() > 0) {
+        disable_observer();
+      }
+      observe = false;
     }
   }
-  if (!quantize) {
-    return input;
-  }
-  clamp_learned_scale();
-  if (axis.has_value() && scale.numel() == 0) {
-    throw std::invalid_argument(
-        "qat::FakeQuantize: the per-channel scale is not known yet: the observer was "
-        "disabled before it saw a batch");
-  }
-  return qat::fake_quantize(
-      input, scale, zero_point, quant_min_, quant_max_, axis, spec_.estimator());
+  // The rest of the state machine (observe, clamp a learned scale, refuse a scale never
+  // observed, fake-quantize) is the operator's, which Python's FakeQuantize calls too.
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qat::fused_observe_fake_quantize", "")
+                       .typed<FusedObserveFakeQuantizeFn>();
+  return op.call(
+      input, observer->min_val, observer->max_val, scale, zero_point, quant_min_, quant_max_, axis,
+      averaging_constant(spec_), spec_.symmetric(), observe, quantize, spec_.estimator(),
+      observer->nonfinite_count, learns_scale_, !fixed_range_);
 }
 
 torch::Tensor FakeQuantizeImpl::forward_folded(
@@ -384,16 +364,13 @@ torch::Tensor FakeQuantizeImpl::forward_folded(
   if (observe) {
     ensure_channels(weight.size(0));
   }
-  if (quantize) {
-    clamp_learned_scale();
-  }
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qat::fake_quantize_folded", "")
                        .typed<FakeQuantizeFoldedFn>();
   return op.call(
       weight, factor, observer->min_val, observer->max_val, scale, zero_point, quant_min_,
       quant_max_, averaging_constant(spec_), spec_.symmetric(), observe, quantize,
-      spec_.estimator(), observer->nonfinite_count);
+      spec_.estimator(), observer->nonfinite_count, learns_scale_);
 }
 
 void FakeQuantizeImpl::to(torch::Device device, torch::Dtype /*dtype*/, bool non_blocking) {

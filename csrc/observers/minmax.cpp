@@ -206,12 +206,20 @@ void update_observer_state(
   }
 }
 
+// As torch.ao's learnable fake quantize: an optimizer step may push a learned scale to or
+// below zero, where fake_quantize rightly refuses it. Through .data(), so that the version
+// counter stays: the scale an earlier forward saved (two forwards, one backward) must not
+// look modified in place.
+void clamp_learned_scale(const at::Tensor& scale) {
+  scale.data().clamp_min_(std::numeric_limits<float>::epsilon());
+}
+
 at::Tensor fused_observe_fake_quantize(
     const at::Tensor& input, at::Tensor& running_min, at::Tensor& running_max, at::Tensor& scale,
     at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis,
     c10::optional<double> averaging_constant, bool symmetric, bool observe,
     bool fake_quantize_enabled, c10::string_view estimator,
-    const c10::optional<at::Tensor>& nonfinite_count) {
+    const c10::optional<at::Tensor>& nonfinite_count, bool learned_scale, bool require_range) {
   constexpr const char* op = "qat::fused_observe_fake_quantize";
   ObserverState state{running_min, running_max,        scale,    zero_point, quant_min,
                       quant_max,   averaging_constant, symmetric};
@@ -225,6 +233,21 @@ at::Tensor fused_observe_fake_quantize(
   if (!fake_quantize_enabled) {
     return input.clone();
   }
+  if (learned_scale) {
+    clamp_learned_scale(scale);
+  }
+  if (require_range && !observe) {
+    TORCH_CHECK(
+        !axis.has_value() || scale.numel() > 0, op,
+        ": the per-channel scale is not known yet: the observer was disabled before it saw a "
+        "batch");
+    // Per tensor the initial scale 1.0 looks like a real one and would quantize most
+    // activations to zero.
+    TORCH_CHECK(
+        axis.has_value() || at::isfinite(running_min).any().item<bool>(), op,
+        ": the scale is not known yet: the observer was disabled before it saw a batch (enable "
+        "it, calibrate, or load a trained state_dict)");
+  }
   return qat::fake_quantize(
       input, scale, zero_point, quant_min, quant_max, axis,
       std::string(estimator.data(), estimator.size()));
@@ -235,7 +258,7 @@ at::Tensor fake_quantize_folded(
     at::Tensor& running_max, at::Tensor& scale, at::Tensor& zero_point, int64_t quant_min,
     int64_t quant_max, c10::optional<double> averaging_constant, bool symmetric, bool observe,
     bool fake_quantize_enabled, c10::string_view estimator,
-    const c10::optional<at::Tensor>& nonfinite_count) {
+    const c10::optional<at::Tensor>& nonfinite_count, bool learned_scale) {
   constexpr const char* op = "qat::fake_quantize_folded";
   ObserverState state{running_min, running_max,        scale,    zero_point, quant_min,
                       quant_max,   averaging_constant, symmetric};
@@ -277,6 +300,9 @@ at::Tensor fake_quantize_folded(
   }
   if (!fake_quantize_enabled) {
     return weight.clone();
+  }
+  if (learned_scale) {
+    clamp_learned_scale(scale);
   }
   // Quantizing w * f with (S, Z) is f times quantizing w with (S / |f|, Z), or with zero
   // point quant_min + quant_max - Z where f < 0 (the integer range flips).
@@ -453,15 +479,16 @@ TORCH_LIBRARY_FRAGMENT(qat, m) {
       "fused_observe_fake_quantize(Tensor input, Tensor(a!) running_min, Tensor(b!) running_max, "
       "Tensor(c!) scale, Tensor(d!) zero_point, int quant_min, int quant_max, int? axis=None, "
       "float? averaging_constant=None, bool symmetric=False, bool observe=True, "
-      "bool fake_quantize=True, str estimator=\"ste\", Tensor(e!)? nonfinite_count=None) -> Tensor",
+      "bool fake_quantize=True, str estimator=\"ste\", Tensor(e!)? nonfinite_count=None, "
+      "bool learned_scale=False, bool require_range=False) -> Tensor",
       torch::dispatch(
           c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(qat::fused_observe_fake_quantize)));
   m.def(
       "fake_quantize_folded(Tensor weight, Tensor factor, Tensor(a!) running_min, "
       "Tensor(b!) running_max, Tensor(c!) scale, Tensor(d!) zero_point, int quant_min, "
       "int quant_max, float? averaging_constant=None, bool symmetric=False, bool observe=True, "
-      "bool fake_quantize=True, str estimator=\"ste\", Tensor(e!)? nonfinite_count=None) -> "
-      "Tensor",
+      "bool fake_quantize=True, str estimator=\"ste\", Tensor(e!)? nonfinite_count=None, "
+      "bool learned_scale=False) -> Tensor",
       torch::dispatch(
           c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(qat::fake_quantize_folded)));
 }

@@ -65,9 +65,11 @@ TORCH_MODULE(Observer);
 /// fake-quantizes the input with them (gradients as the spec's estimator defines); the
 /// C++ twin of Python's qat.FakeQuantize.
 ///
-/// While observing, forward runs one fused operator, `qat::fused_observe_fake_quantize`
-/// (torch.ops.qat.fused_observe_fake_quantize), that updates the range, the qparams and
-/// fake-quantizes; otherwise `qat::fake_quantize`. Estimators that learn their qparams
+/// Forward is one operator, `qat::fused_observe_fake_quantize`
+/// (torch.ops.qat.fused_observe_fake_quantize), the state machine Python's FakeQuantize runs
+/// too: it updates the range and the qparams while observing, keeps a learned scale above
+/// float32 eps, refuses to quantize with a scale that was never observed, and
+/// fake-quantizes. Estimators that learn their qparams
 /// ("lsq", "pact": the scale; "lsq_plus": scale and a float zero point) hold them as
 /// parameters, initialized by the observer on the first batch it observes with fake
 /// quantization on (after which the observer switches itself off and the parameters are
@@ -142,7 +144,6 @@ class FakeQuantizeImpl : public torch::nn::Cloneable<FakeQuantizeImpl> {
  private:
   c10::optional<int64_t> channel_axis(const torch::Tensor& input) const;
   void ensure_channels(int64_t channels);
-  void clamp_learned_scale();
   void fix_qparams();
 
   QuantSpec spec_;

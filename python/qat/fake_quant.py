@@ -66,7 +66,6 @@ class FakeQuantize(_QuantState):
         # The fused operator's EMA weight; None: plain running min / max.
         self.averaging_constant = (
             self.spec.averaging_constant if self.spec.observer == "moving_average" else None)
-        self.min_scale = torch.finfo(torch.float32).eps
         self.fused = self.spec.observer in _FUSED_OBSERVERS and not self.learns_qparams
         self.observer = observers.build(self.spec)
 
@@ -167,42 +166,20 @@ class FakeQuantize(_QuantState):
                         "observers of an estimator that learns nothing can observe; calibrate "
                         "or train one batch in Python before scripting, or disable the "
                         "observer")
-                fused = True
             else:
                 if axis is not None:
                     self.observer._ensure_channels(x.shape[axis])
                     self._ensure_channels(x.shape[axis])
-                fused = self._uses_fused_op()
-            if fused:
-                return torch.ops.qat.fused_observe_fake_quantize(
-                    x, self.observer.min_val, self.observer.max_val, self.scale,
-                    self.zero_point, self.quant_min, self.quant_max, axis,
-                    self.averaging_constant, self.symmetric, True, quantize, self.estimator,
-                    self.observer.nonfinite_count)
-            if not torch.jit.is_scripting():
-                self._observe(x, axis, quantize)
-        if not quantize:
-            return x
-        if self.learns_scale:
-            # As torch.ao's learnable fake quantize: an optimizer step may push the scale
-            # to or below zero, where the operator rightly refuses it. Through .data, so
-            # that the version counter stays: an earlier forward's saved scale (two
-            # forwards, one backward) must not look modified.
-            self.scale.data.clamp_(min=self.min_scale)
-        if axis is not None and self.scale.numel() == 0:
-            raise RuntimeError(
-                "qat.FakeQuantize: the per-channel scale is not known yet: the observer was "
-                "disabled before it saw a batch")
-        if axis is None and not observe and not self.fixed_qparams and not bool(
-                torch.isfinite(self.observer.min_val).any()):
-            # Per tensor the initial scale 1.0 looks like a real one and would quantize
-            # most activations to zero (per channel the empty scale above tells).
-            raise RuntimeError(
-                "qat.FakeQuantize: the scale is not known yet: the observer was disabled "
-                "before it saw a batch (enable it, run qat.calibrate, or load a trained "
-                "state_dict)")
-        return torch.ops.qat.fake_quantize(x, self.scale, self.zero_point, self.quant_min,
-                                           self.quant_max, axis, self.estimator, None, 1e-3)
+                if not self._uses_fused_op():
+                    self._observe(x, axis, quantize)
+                    observe = False
+        # The rest of the state machine (observe, clamp a learned scale, refuse a scale never
+        # observed, fake-quantize) is the C++ operator's, which the C++ FakeQuantize runs too.
+        return torch.ops.qat.fused_observe_fake_quantize(
+            x, self.observer.min_val, self.observer.max_val, self.scale, self.zero_point,
+            self.quant_min, self.quant_max, axis, self.averaging_constant, self.symmetric,
+            observe, quantize, self.estimator, self.observer.nonfinite_count,
+            self.learns_scale, not self.fixed_qparams)
 
     def fake_quantize_folded(self, weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         """``self(weight * f) / f`` with one factor ``f`` per output channel (axis 0): the
@@ -243,12 +220,11 @@ class FakeQuantize(_QuantState):
         if not folds:
             f = factor.reshape(shape)
             return self(weight * f) / f
-        if self.learns_scale and quantize:
-            self.scale.data.clamp_(min=self.min_scale)  # .data: see forward
         return torch.ops.qat.fake_quantize_folded(
             weight, factor, self.observer.min_val, self.observer.max_val, self.scale,
             self.zero_point, self.quant_min, self.quant_max, self.averaging_constant,
-            self.symmetric, observe, quantize, self.estimator, self.observer.nonfinite_count)
+            self.symmetric, observe, quantize, self.estimator, self.observer.nonfinite_count,
+            self.learns_scale)
 
     def calculate_qparams(self):
         """The observer's (scale, zero_point) for what it has seen."""

@@ -158,3 +158,36 @@ CATCH_TEST_CASE(
     CATCH_CHECK(std::dynamic_pointer_cast<qat::LinearImpl>(dynamic->head->ptr(0)) != nullptr);
   }
 }
+
+// FakeQuantize's forward is one C++ state machine (qat::fused_observe_fake_quantize) for
+// both front ends: Python's refusal of a scale that was never observed holds in C++ too,
+// where the initial scale 1.0 used to quantize the input as if it were a real one.
+CATCH_TEST_CASE(
+    "a FakeQuantize whose observer never saw data refuses to quantize, as in Python",
+    "[front_end_rules][fake_quantize]") {
+  const auto refusal = [](const qat::QuantSpec& spec) {
+    qat::FakeQuantize fq(spec);
+    fq->disable_observer();
+    try {
+      fq->forward(torch::randn({4, 3}));
+    } catch (const c10::Error& error) {
+      return std::string(error.what_without_backtrace());
+    }
+    return std::string("no error");
+  };
+  CATCH_CHECK(contains(
+      refusal(qat::QuantSpec()),
+      "the scale is not known yet: the observer was disabled before it saw a batch"));
+  CATCH_CHECK(contains(
+      refusal(qat::QuantSpec().per_channel(true).symmetric(true).axis(1)),
+      "the per-channel scale is not known yet"));
+  // A fixed output range needs no observation, and a range once observed stays usable.
+  qat::FakeQuantize fixed(qat::QuantSpec(), 0.0, 1.0, false);
+  const auto x = torch::rand({4, 3});
+  CATCH_CHECK(torch::equal(
+      fixed->forward(x), torch::fake_quantize_per_tensor_affine(x, 1.0 / 256, 0, 0, 255)));
+  qat::FakeQuantize observed{qat::QuantSpec()};
+  observed->forward(torch::randn({4, 3}));
+  observed->disable_observer();
+  CATCH_CHECK(observed->forward(x).sizes() == x.sizes());
+}

@@ -105,12 +105,13 @@ CATCH_TEST_CASE("quant_range gives signed, unsigned and narrow ranges", "[observ
 
 CATCH_TEST_CASE("the fused op observes, updates qparams and fake-quantizes", "[observers]") {
   torch::manual_seed(7);
-  const auto op = c10::Dispatcher::singleton()
-                      .findSchemaOrThrow("qat::fused_observe_fake_quantize", "")
-                      .typed<at::Tensor(
-                          const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
-                          int64_t, int64_t, c10::optional<int64_t>, c10::optional<double>, bool,
-                          bool, bool, c10::string_view, const c10::optional<at::Tensor>&)>();
+  const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("qat::fused_observe_fake_quantize", "")
+          .typed<at::Tensor(
+              const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, int64_t,
+              int64_t, c10::optional<int64_t>, c10::optional<double>, bool, bool, bool,
+              c10::string_view, const c10::optional<at::Tensor>&, bool, bool)>();
   auto run_min = torch::empty({0});
   auto run_max = torch::empty({0});
   auto scale = torch::empty({0});
@@ -120,8 +121,9 @@ CATCH_TEST_CASE("the fused op observes, updates qparams and fake-quantizes", "[o
   std::vector<float> ema_lo(4), ema_hi(4);
   for (int step = 0; step < 3; ++step) {
     const auto x = torch::randn({8, 4, 16}) * (step + 1);
-    const auto y =
-        op.call(x, run_min, run_max, scale, zp, -128, 127, 1, k, true, true, true, "ste", count);
+    const auto y = op.call(
+        x, run_min, run_max, scale, zp, -128, 127, 1, k, true, true, true, "ste", count, false,
+        false);
     for (int c = 0; c < 4; ++c) {
       const float lo = x.select(1, c).min().item<float>();
       const float hi = x.select(1, c).max().item<float>();
@@ -139,17 +141,21 @@ CATCH_TEST_CASE("the fused op observes, updates qparams and fake-quantizes", "[o
   CATCH_CHECK(count.item<int64_t>() == 0);
   const auto frozen = run_min.clone();
   auto x = torch::randn({8, 4, 16}) * 10;
-  const auto y =
-      op.call(x, run_min, run_max, scale, zp, -128, 127, 1, k, true, false, false, "ste", count);
+  const auto y = op.call(
+      x, run_min, run_max, scale, zp, -128, 127, 1, k, true, false, false, "ste", count, false,
+      false);
   CATCH_CHECK(torch::equal(run_min, frozen));
   CATCH_CHECK(torch::equal(y, x));
   // NaN and inf are left out of the range and counted: x * 0 keeps the NaN and turns the
   // inf into NaN, so two batches count four.
   x.index_put_({0, 2, 5}, std::numeric_limits<float>::quiet_NaN());
   x.index_put_({3, 1, 0}, std::numeric_limits<float>::infinity());
-  op.call(x * 0, run_min, run_max, scale, zp, -128, 127, 1, k, true, true, true, "ste", count);
   op.call(
-      x, run_min, run_max, scale, zp, -128, 127, 1, c10::nullopt, true, true, true, "ste", count);
+      x * 0, run_min, run_max, scale, zp, -128, 127, 1, k, true, true, true, "ste", count, false,
+      false);
+  op.call(
+      x, run_min, run_max, scale, zp, -128, 127, 1, c10::nullopt, true, true, true, "ste", count,
+      false, false);
   CATCH_CHECK(count.item<int64_t>() == 4);
   CATCH_CHECK(std::isfinite(run_max.max().item<float>()));
   CATCH_CHECK(std::isfinite(run_min.min().item<float>()));
