@@ -11,6 +11,7 @@ import fnmatch
 import functools
 import inspect
 import json
+import types
 import warnings
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -40,12 +41,19 @@ _FIXED_RANGES = _op_roles.fixed_ranges()
 
 @functools.lru_cache(maxsize=None)
 def _reads_training(cls: type) -> bool:
-    """Whether ``cls.forward`` reads ``self.training`` (by its source)."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    return "self.training" in source
+    """Whether ``cls.forward`` reads an attribute named ``training``, by the names its
+    compiled code (and the code of the functions and lambdas defined in it) loads: a
+    comment, a docstring or a string that mentions ``self.training`` does not count.
+    Limits: a read in another method that forward calls (``self._active()``) or through
+    ``getattr`` with a computed name is not seen, and ``other.training`` counts as well."""
+    code = getattr(getattr(cls.forward, "__func__", cls.forward), "__code__", None)
+    codes = [code] if code is not None else []
+    while codes:
+        code = codes.pop()
+        if "training" in code.co_names:
+            return True
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return False
 
 
 def _has_parameters(module: nn.Module) -> bool:
@@ -533,8 +541,11 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
     Args:
         model: the float model.
         config: a :class:`qat.Config` (default: ``qat.presets.int8()``).
-        example_inputs: unused by symbolic tracing; accepted for API compatibility with
-            the C++ front end and future tracers.
+        example_inputs: an input of the model (a tensor or a tuple of tensors), or None.
+            When given, the prepared model is run once on it in eval mode with its
+            observers and fake quantization off (nothing in the model changes), so that a
+            graph that does not run is reported here, before training, rather than at the
+            first step.
         inplace: modify ``model`` itself instead of a deep copy. The traced result is a new
             ``torch.fx.GraphModule`` that shares ``model``'s submodules. When prepare fails,
             ``model`` keeps the modules it had.
@@ -554,7 +565,6 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
         Anything a registered QAT class's ``from_float`` raises; with ``inplace`` the model
         is then left as it was.
     """
-    del example_inputs
     config = Config() if config is None else config
     if not isinstance(config, Config):
         raise TypeError(f"qat.prepare: config must be a qat.Config, got {type(config).__name__}")
@@ -568,6 +578,45 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
                         f"{type(model).__name__}")
     _check_not_prepared(model)
     _check_keys(model, config)
+    if example_inputs is not None and not (
+            isinstance(example_inputs, torch.Tensor) or (
+                isinstance(example_inputs, (tuple, list)) and example_inputs and
+                all(isinstance(t, torch.Tensor) for t in example_inputs))):
+        raise TypeError(f"qat.prepare: example_inputs must be a tensor or a tuple of tensors, "
+                        f"got {type(example_inputs).__name__}")
+    qmodel = _prepare_keeping(model, config, inplace)
+    if example_inputs is not None:
+        _try_inputs(qmodel, example_inputs)
+    return qmodel
+
+
+def _try_inputs(qmodel: nn.Module, example_inputs) -> None:
+    """Runs ``qmodel`` once on ``example_inputs`` without changing it: eval mode, no
+    gradients, every FakeQuantize passing its input through; the switches and modes are
+    put back."""
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    modes = [(m, m.training) for m in qmodel.modules()]
+    switches = [(m, m.observer_enabled.clone(), m.fake_quant_enabled.clone())
+                for m in qmodel.modules() if isinstance(m, FakeQuantize)]
+    try:
+        qmodel.eval()
+        for fq, _, _ in switches:
+            fq.observer_enabled.fill_(0)
+            fq.fake_quant_enabled.fill_(0)
+        with torch.no_grad():
+            qmodel(*inputs)
+    except Exception as error:  # noqa: BLE001 - any failure is the model's, reported as one
+        raise RuntimeError(f"qat.prepare: the prepared model fails on example_inputs: "
+                           f"{type(error).__name__}: {error}") from error
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        for fq, observe, quantize in switches:
+            fq.observer_enabled.copy_(observe)
+            fq.fake_quant_enabled.copy_(quantize)
+
+
+def _prepare_keeping(model: nn.Module, config: Config, inplace: bool) -> nn.Module:
     if not inplace:
         return _prepare(copy.deepcopy(model), config)
     # In place, a failure part way leaves the model as it was: its module tree is put back

@@ -579,3 +579,67 @@ def test_dynamic_config_folds_conv_bn_into_a_model_that_runs():
     qmodel = _prepare_quietly(model, qat.presets.w8a8_dynamic())
     assert isinstance(qmodel.get_submodule("0"), qat.modules.ConvBnReLU2d)
     assert qmodel(torch.randn(2, 1, 8, 8)).shape == (2, 4, 6, 6)
+
+
+class _ReadsTrainingInHelper(nn.Module):
+    def _active(self):
+        return self.training
+
+    def forward(self, x):
+        return x * 2 if self._active() else x
+
+
+class _MentionsTraining(nn.Module):
+    """Reads nothing: self.training is only named in this docstring and a comment."""
+
+    def forward(self, x):
+        # unlike self.training-dependent modules, this one is traced into
+        return torch.relu(x)
+
+
+class _ReadsTrainingInLambda(nn.Module):
+    def forward(self, x):
+        scale = (lambda: 0.5 if self.training else 1.0)()
+        return x * scale
+
+
+def test_parameter_free_modules_stay_modules_when_their_forward_reads_training():
+    from qat.prepare import _reads_training
+
+    assert _reads_training(nn.Dropout)  # torch.nn's own
+    assert _reads_training(_ReadsTrainingInLambda)
+    # Names in docstrings and comments are not reads.
+    assert not _reads_training(_MentionsTraining)
+    # The documented limit: a read in another method is not seen.
+    assert not _reads_training(_ReadsTrainingInHelper)
+    model = nn.Sequential(nn.Linear(4, 4), _ReadsTrainingInLambda(), _MentionsTraining())
+    qmodel = qat.prepare(model)
+    kept = {type(m) for m in qmodel.modules()}
+    assert _ReadsTrainingInLambda in kept and _MentionsTraining not in kept
+    x = torch.randn(3, 4)
+    qat.calibrate(qmodel, [x], progress=False)
+    qat.disable_observer(qmodel)
+    # eval() reaches the module kept: its scale switches from 0.5 to 1.0.
+    train_out = qmodel.train()(x)
+    eval_out = qmodel.eval()(x)
+    assert not torch.equal(train_out, eval_out)
+
+
+def test_example_inputs_check_the_prepared_model_without_changing_it():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 10))
+    qmodel = qat.prepare(model, example_inputs=(torch.rand(2, 1, 8, 8),))
+    assert qmodel.training
+    fqs = [m for m in qmodel.modules() if isinstance(m, qat.FakeQuantize)]
+    # Nothing was observed, and every switch is as prepare left it.
+    assert fqs and all(not bool(torch.isfinite(fq.observer.min_val).any()) for fq in fqs)
+    assert all(int(fq.observer_enabled) == 1 and int(fq.fake_quant_enabled) == 1 for fq in fqs)
+    bn = next(m for m in qmodel.modules() if isinstance(m, nn.BatchNorm2d))
+    assert int(bn.num_batches_tracked) == 0
+    # A graph that does not run on the input is reported by prepare, naming the failure.
+    with pytest.raises(RuntimeError, match=r"qat\.prepare: the prepared model fails on "
+                                           r"example_inputs: RuntimeError: .*shapes"):
+        qat.prepare(model, example_inputs=torch.rand(2, 1, 9, 9))
+    with pytest.raises(TypeError, match=r"example_inputs must be a tensor or a tuple of "
+                                        r"tensors, got dict"):
+        qat.prepare(model, example_inputs={"x": torch.rand(1)})
