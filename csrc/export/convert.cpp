@@ -708,8 +708,14 @@ IntegerModel build_integer_model(torch::nn::Module& prepared, const std::string&
   at::globalContext().setQEngine(engine_of(backend));
   auto* root = dynamic_cast<torch::nn::SequentialImpl*>(&prepared);
   if (root == nullptr) {
+    // A custom module's forward is C++ code the converter cannot read, so only a Sequential
+    // chain says where each integer op's input and output quantizers are.
     throw std::invalid_argument(fmt::format(
-        "qat::convert: expected a torch::nn::Sequential prepared by qat::prepare, got a {}",
+        "qat::convert: expected a torch::nn::Sequential prepared by qat::prepare, got a {}: "
+        "the C++ converter reads the data flow of Sequential chains only (a custom module's "
+        "forward is compiled code); wrap the layers in a torch::nn::Sequential, or prepare "
+        "and convert the model in Python and train it from C++ as a scripted model "
+        "(examples/cpp/train_scripted.cpp)",
         prepared.name()));
   }
   if (fake_quantizers(prepared).empty()) {

@@ -218,6 +218,7 @@ CATCH_TEST_CASE("convert and export_model refuse bad input with one-line errors"
       qat::convert(*linear, torch::randn({1, 4}));
     });
     CATCH_CHECK(message.find("torch::nn::Sequential") != std::string::npos);
+    CATCH_CHECK(message.find("examples/cpp/train_scripted.cpp") != std::string::npos);
   }
 
   CATCH_SECTION("a backend this LibTorch does not have") {
