@@ -7,7 +7,7 @@ import os
 import uuid
 import warnings
 import zipfile
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Sequence, Union
 
 import torch
 from torch import nn
@@ -170,7 +170,6 @@ def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Mod
             module._packed_params = None
     scripted = _script(int_model, inputs)
     frozen = torch.jit.freeze(scripted.eval())
-    # Compact: the archive stores its entries uncompressed, and this one grows per layer.
     extra = {METADATA_FILE: _metadata(int_model, inputs)}
     saved = optimize_for_mobile(frozen) if mobile else frozen
     # Written next to the target and renamed over it only once checked: a failure leaves
