@@ -411,22 +411,36 @@ class Converter {
           name, module.name()));
     }
     const auto q = qparams_of(out, out_name);
+    LayerInfo info;
+    auto& op = info.op;
+    op.name = name;
+    op.kind = "Conv2d";
+    // The conv geometry, read from the options of whichever conv the branch below finds.
+    const auto geometry = [&](const torch::nn::Conv2dOptions& options) {
+      op.stride = at::IntArrayRef(options.stride()).vec();
+      op.padding = conv_padding(options, name);
+      op.dilation = at::IntArrayRef(options.dilation()).vec();
+      op.groups = options.groups();
+    };
     torch::Tensor weight;
     torch::Tensor bias;
     FakeQuantizeImpl* weight_fq = nullptr;
     bool relu = false;
     if (auto* linear = dynamic_cast<LinearImpl*>(&module)) {
+      op.kind = "Linear";
       weight_fq = linear->weight_fake_quant.get();
       weight = simulate_weight(*weight_fq, [&] { return weight_fq->forward(linear->weight); });
       bias = linear->bias;
       relu = linear->relu;
     } else if (auto* conv = dynamic_cast<Conv2dImpl*>(&module)) {
+      geometry(conv->options);
       weight_fq = conv->weight_fake_quant.get();
       weight = simulate_weight(*weight_fq, [&] { return weight_fq->forward(conv->weight); });
       bias = conv->bias;
       relu = conv->relu;
     } else {
       auto& fold = dynamic_cast<ConvBn2dImpl&>(module);
+      geometry(fold.options);
       weight_fq = fold.weight_fake_quant.get();
       const auto& bn = *fold.bn;
       torch::NoGradGuard no_grad;
@@ -441,10 +455,6 @@ class Converter {
       bias = qat::fold_bias(fold.bias, bn.bias, bn.running_mean, factor);
       relu = fold.relu;
     }
-    LayerInfo info;
-    auto& op = info.op;
-    op.name = name;
-    op.kind = dynamic_cast<LinearImpl*>(&module) != nullptr ? "Linear" : "Conv2d";
     op.scale = q.scale;
     op.zero_point = q.zero_point;
     op.relu = relu || relu6;
@@ -454,15 +464,6 @@ class Converter {
                              : torch::zeros({op.weight.size(0)});
     op.weight_bits = weight_fq->spec().bits();
     op.weight_quant_min = weight_fq->quant_min();
-    if (op.kind == "Conv2d") {
-      const auto& options = dynamic_cast<Conv2dImpl*>(&module) != nullptr
-                                ? dynamic_cast<Conv2dImpl&>(module).options
-                                : dynamic_cast<ConvBn2dImpl&>(module).options;
-      op.stride = at::IntArrayRef(options.stride()).vec();
-      op.padding = conv_padding(options, name);
-      op.dilation = at::IntArrayRef(options.dilation()).vec();
-      op.groups = options.groups();
-    }
     info.weight_spec = weight_fq->spec();
     info.activation_spec = out.spec();
     emit_layer(op);
