@@ -1,7 +1,8 @@
 """``python -m qat``: tools for exported models.
 
     python -m qat inspect FILE    layers, bits, qparams and size of a file from qat.export
-    python -m qat bench FILE      latency of a .ptl (lite interpreter) or .pt (TorchScript) file
+    python -m qat bench FILE      latency of a .ptl (lite interpreter), .pt (TorchScript) or
+                                  .pte (ExecuTorch) file
     python -m qat compare FLOAT_FILE INT_FILE [--data DIR]
                                   accuracy and agreement of two files on Fashion-MNIST
 """
@@ -9,33 +10,19 @@
 import argparse
 import math
 import os
-import re
 import statistics
 import sys
 import time
-import zipfile
 from typing import List, Optional, Tuple
 
 import torch
 
-from ._torch_support import require_lite_interpreter, require_torchscript, \
-    torch_deprecations_once
 from .datasets import DEFAULT_FASHION_MNIST, load_fashion_mnist
-from .export import describe, read_metadata
+from .export import _cause, describe, load, read_metadata
 
 
 class CommandError(Exception):
     """A bad argument or file: printed as one line, exit status 1."""
-
-
-def _cause(error: Exception) -> str:
-    """The line of a TorchScript error that says what went wrong: full TorchScript puts it
-    last, after a traceback of the scripted code (``RuntimeError: ...``); the lite
-    interpreter first, before debug handles."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    causes = [match.group(1) for match in map(re.compile(r"^\w+Error: (.+)").match, lines)
-              if match]
-    return causes[-1] if causes else lines[0] if lines else type(error).__name__
 
 
 def _metadata(path: str) -> Optional[dict]:
@@ -47,36 +34,11 @@ def _metadata(path: str) -> Optional[dict]:
 
 
 def _load(path: str) -> Tuple[object, str]:
-    """(callable model, how it runs) of a ``.ptl`` or ``.pt`` file, told apart by content:
-    only a file saved for the lite interpreter holds ``bytecode.pkl``."""
-    if not os.path.isfile(path):
-        raise CommandError(f"{path}: no such file")
+    """(callable model, how it runs) of a ``.ptl``, ``.pt`` or ``.pte`` file."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            lite = any(name.split("/")[-1] == "bytecode.pkl" for name in archive.namelist())
-    except zipfile.BadZipFile:
-        raise CommandError(f"{path}: not a TorchScript file (not a zip archive)") from None
-    # Quantized weights are packed for the engine selected when they load: the one the
-    # file was converted for, else qnnpack, PyTorch Mobile's.
-    engine = (_metadata(path) or {}).get("quantized_engine", "qnnpack")
-    if engine in torch.backends.quantized.supported_engines:
-        torch.backends.quantized.engine = engine
-    try:
-        if lite:
-            require_lite_interpreter(path)
-        else:
-            require_torchscript(path)
-    except RuntimeError as error:
+        return load(path)
+    except (OSError, RuntimeError, ValueError) as error:
         raise CommandError(str(error)) from None
-    try:
-        with torch_deprecations_once():
-            if lite:
-                from torch.jit.mobile import _load_for_lite_interpreter
-
-                return _load_for_lite_interpreter(path), "lite interpreter"
-            return torch.jit.load(path, map_location="cpu").eval(), "TorchScript"
-    except RuntimeError as error:
-        raise CommandError(f"{path}: not a TorchScript file ({_cause(error)})") from None
 
 
 def _describe_input(x: torch.Tensor) -> str:
@@ -138,6 +100,11 @@ def _bench(args) -> None:
     model, kind = _load(args.file)
     x = _bench_input(args)
     torch.set_num_threads(args.threads)
+    if kind == "ExecuTorch":
+        # ExecuTorch's kernels run on a thread pool of its own.
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(args.threads)
     for _ in range(args.warmup):
         _run(model, args.file, x)
     times = []
@@ -147,8 +114,9 @@ def _bench(args) -> None:
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     p90 = sorted(times)[math.ceil(0.9 * len(times)) - 1]  # nearest rank
-    print(f"{args.file}: {kind}, engine {torch.backends.quantized.engine}, threads "
-          f"{torch.get_num_threads()}, input {_describe_input(x)}")
+    engine = "XNNPACK" if kind == "ExecuTorch" else torch.backends.quantized.engine
+    print(f"{args.file}: {kind}, engine {engine}, threads {args.threads}, input "
+          f"{_describe_input(x)}")
     print(f"{args.iterations} runs after {args.warmup} warm-up: median {median * 1e3:.3f} ms, "
           f"p90 {p90 * 1e3:.3f} ms, throughput {args.batch / median:.1f} samples/s")
 
@@ -198,10 +166,11 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("file", metavar="FILE")
 
     bench = commands.add_parser(
-        "bench", help="latency of a .ptl / .pt file",
-        description="Times a .ptl file in the lite interpreter or a .pt file with "
-                    "torch.jit.load, on random inputs, with the quantized engine the file was "
-                    "converted for (qnnpack, PyTorch Mobile's, when the file does not say).")
+        "bench", help="latency of a .ptl / .pt / .pte file",
+        description="Times a .ptl file in the lite interpreter, a .pt file with "
+                    "torch.jit.load or a .pte file in ExecuTorch's runtime, on random inputs, "
+                    "with the quantized engine the file was converted for (qnnpack, PyTorch "
+                    "Mobile's, when the file does not say).")
     bench.add_argument("file", metavar="FILE")
     bench.add_argument("--batch", type=int, default=1, metavar="B",
                        help="samples per call (default 1)")

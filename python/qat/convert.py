@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import operator
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -568,9 +569,13 @@ def _output_step(qmodel: nn.Module) -> float:
                      "qat.FakeQuantize, so it has no quantization step")
 
 
-def compare(qmodel: nn.Module, int_model: nn.Module, inputs) -> Dict[str, float]:
+def compare(qmodel: nn.Module, int_model, inputs) -> Dict[str, float]:
     """Parity of the integer model with the simulation it was converted from, on
     ``inputs`` (a tensor, or an iterable of tensors / ``(input, ...)`` batches).
+
+    ``int_model`` is the integer model, or the path of a file :func:`qat.export` wrote
+    (``.pte`` run in ExecuTorch's runtime, ``.ptl`` in the lite interpreter, ``.pt`` in
+    TorchScript; see :func:`qat.export.load`).
 
     Returns a dict: ``max_steps`` (the largest output difference in quantization steps of
     the output), ``within_one_step`` (the share of output elements within one step),
@@ -579,6 +584,10 @@ def compare(qmodel: nn.Module, int_model: nn.Module, inputs) -> Dict[str, float]
     against the simulation's, in dB).
     """
     step = _output_step(qmodel)
+    if isinstance(int_model, (str, os.PathLike)):
+        from .export import load  # export converts with this module
+
+        int_model, _ = load(int_model)
     simulation = copy.deepcopy(qmodel).eval()
     disable_observer(simulation)
     batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)

@@ -1,27 +1,61 @@
 """``qat.export``: an integer model as a frozen TorchScript file for PyTorch Mobile (``.ptl``,
-the lite interpreter) or full TorchScript (``.pt``), with qat's metadata inside, checked
-against the in-memory model after it is written; and ``read_metadata`` to get it back."""
+the lite interpreter), full TorchScript (``.pt``) or an ExecuTorch program (``.pte``, integer
+ops on XNNPACK), with qat's metadata inside, checked against the in-memory model after it is
+written; and ``read_metadata`` to get it back."""
 
 import json
 import os
+import re
 import uuid
 import warnings
 import zipfile
-from typing import Dict, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from . import _C, quantized
+from . import _C, _pte, quantized
 from ._torch_support import (require_lite_interpreter, require_torchscript,
                              torch_deprecations_once, warn_once, xnnpack_available)
 from .convert import convert
 from .fake_quant import FakeQuantize
 
-__all__ = ["METADATA_FILE", "describe", "export", "read_metadata"]
+__all__ = ["FORMATS", "METADATA_FILE", "describe", "export", "load", "read_metadata"]
 
 # The extra file of the archive that holds qat's metadata (JSON).
 METADATA_FILE = "qat/metadata.json"
+
+# What export writes: the lite interpreter's .ptl, full TorchScript's .pt, ExecuTorch's .pte.
+FORMATS = ("ptl", "pt", "pte")
+
+# An ExecuTorch program is a flatbuffer whose identifier stands at bytes 4 to 8.
+_PTE_MAGIC = b"ET12"
+
+
+def _is_pte(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8)[4:8] == _PTE_MAGIC
+
+
+def _choose_format(path, mobile: bool, format) -> str:
+    """``format`` when given; else ``pte`` for a ``.pte`` path, and ``ptl`` or ``pt`` as
+    ``mobile`` says for any other."""
+    if format is None:
+        if os.fspath(path).endswith(".pte"):
+            return "pte"
+        return "ptl" if mobile else "pt"
+    if format not in FORMATS:
+        raise ValueError(f"qat.export: format must be one of {', '.join(FORMATS)} (or None: "
+                         f"from the path's suffix), got {format!r}")
+    return format
+
+
+def require_executorch(caller: str) -> None:
+    """Raises a RuntimeError naming ``caller`` where ExecuTorch cannot be imported."""
+    reason = _pte.available()
+    if reason is not None:
+        raise RuntimeError(f"{caller}: cannot write or run .pte files: {reason} (install the "
+                           f"executorch package pinned in requirements/pypi.txt)")
 
 
 def _check_writable(path: str) -> None:
@@ -92,9 +126,9 @@ def optimize_for_mobile(frozen):
 
 
 def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
-           mobile: bool = True) -> nn.Module:
-    """Writes ``model`` as a frozen TorchScript file and returns the converted integer
-    model it holds.
+           mobile: bool = True, format: Optional[str] = None) -> nn.Module:
+    """Writes ``model`` as a frozen TorchScript file or an ExecuTorch program and returns
+    the converted integer model it holds.
 
     A QAT model (holding :class:`qat.FakeQuantize` modules) is converted first with
     :func:`qat.convert`; an integer model is taken as it is. The model is scripted
@@ -113,22 +147,37 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
     freezing and the mobile passes change in float ops (an SQNR of at least 40 dB; an
     all-integer model matches bit for bit).
 
+    A ``.pte`` path (or ``format="pte"``) writes an ExecuTorch program instead: each integer
+    op as float arithmetic between quantize / dequantize pairs with the integer model's
+    weights and qparams, lowered with XNNPACK's partitioner so that XNNPACK runs it on int8
+    kernels (see ``docs/executorch.md``). Its ``qat_metadata`` method returns the metadata,
+    with an ``executorch`` entry saying how many convs and linears XNNPACK runs and which ops
+    run outside it. The file is run by ExecuTorch's runtime in a fresh process that does not
+    import qat, and must give the in-memory model's outputs up to XNNPACK's rounding (an
+    SQNR of at least 30 dB on ``example_inputs``).
+
     Raises:
         FileNotFoundError, PermissionError, ValueError: ``path`` cannot be written (before
             any work is done).
         ValueError: a QAT model that was never calibrated or trained (from
             :func:`qat.convert`).
-        RuntimeError: the model can be neither scripted nor traced, or the written file
-            does not reproduce the model's outputs; this PyTorch has no TorchScript, or
-            (with ``mobile``) no lite interpreter.
+        RuntimeError: the model can be neither scripted nor traced (nor, for ``.pte``,
+            exported by ``torch.export``), or the written file does not reproduce the
+            model's outputs; this PyTorch has no TorchScript, or (with ``mobile``) no lite
+            interpreter; a ``.pte`` is asked for and ExecuTorch is not installed.
     """
+    kind = _choose_format(path, mobile, format)
     _check_writable(path)
-    if mobile:
+    if kind == "pte":
+        require_executorch("qat.export")
+    elif kind == "ptl":
         require_lite_interpreter("qat.export")
     else:
         require_torchscript("qat.export")
     with torch_deprecations_once():
-        return _export(model, os.fspath(path), example_inputs, mobile)
+        if kind == "pte":
+            return _export_pte(model, os.fspath(path), example_inputs)
+        return _export(model, os.fspath(path), example_inputs, kind == "ptl")
 
 
 def _run_example(int_model: nn.Module, inputs: tuple):
@@ -157,12 +206,38 @@ def _run_example(int_model: nn.Module, inputs: tuple):
     return expected
 
 
-def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Module:
-    inputs = _as_tuple(example_inputs)
+def _integer_model(model: nn.Module, inputs: tuple):
+    """(integer model, its outputs on ``inputs``): ``model`` converted when it is a QAT
+    model, taken as it is when it is an integer one."""
     int_model = convert(model) if any(isinstance(m, FakeQuantize) for m in model.modules()) \
         else model
     int_model.eval()
-    expected = _run_example(int_model, inputs)
+    return int_model, _run_example(int_model, inputs)
+
+
+def _write_checked(path: str, write: Callable[[str], None], check: Callable[[str], None]):
+    """Writes the file with ``write(temporary)`` next to ``path`` and renames it over
+    ``path`` once ``check(temporary)`` passed: a failure leaves the previous file as it was,
+    and a reader never sees half a file."""
+    folder, name = os.path.split(os.path.abspath(path))
+    # Created by the writer as any new file is (mkstemp would make it 0600).
+    temporary = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+    try:
+        write(temporary)
+        check(temporary)
+        if os.path.exists(path):
+            # The file it replaces keeps the permissions the user gave it.
+            os.chmod(temporary, os.stat(path).st_mode & 0o7777)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Module:
+    inputs = _as_tuple(example_inputs)
+    int_model, expected = _integer_model(model, inputs)
     # The file gets the stored weights, not the kernels' packed form (rebuilt on the first
     # forward after loading).
     for module in int_model.modules():
@@ -172,19 +247,19 @@ def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Mod
     frozen = torch.jit.freeze(scripted.eval())
     extra = {METADATA_FILE: _metadata(int_model, inputs)}
     saved = optimize_for_mobile(frozen) if mobile else frozen
-    # Written next to the target and renamed over it only once checked: a failure leaves
-    # the previous file as it was, and a reader never sees half a file.
-    folder, name = os.path.split(os.path.abspath(path))
-    # Created by the save below as any new file is (mkstemp would make it 0600).
-    temporary = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
-    try:
+
+    def write(temporary: str) -> None:
+        if mobile:
+            saved._save_for_lite_interpreter(temporary, _extra_files=extra)
+        else:
+            torch.jit.save(saved, temporary, _extra_files=extra)
+
+    def check(temporary: str) -> None:
         if mobile:
             from torch.jit.mobile import _load_for_lite_interpreter
 
-            saved._save_for_lite_interpreter(temporary, _extra_files=extra)
             loaded = _load_for_lite_interpreter(temporary)
         else:
-            torch.jit.save(saved, temporary, _extra_files=extra)
             loaded = torch.jit.load(temporary)
         with torch.no_grad():
             got = loaded(*inputs)
@@ -194,14 +269,28 @@ def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Mod
         # against the in-memory model a few one-step flips downstream are allowed, no more.
         _check_outputs(written, got, path, "the module it was written from", min_sqnr_db=None)
         _check_outputs(expected, got, path, "the in-memory model", min_sqnr_db=40.0)
-        if os.path.exists(path):
-            # The file it replaces keeps the permissions the user gave it.
-            os.chmod(temporary, os.stat(path).st_mode & 0o7777)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+
+    _write_checked(path, write, check)
+    return int_model
+
+
+def _export_pte(model: nn.Module, path: str, example_inputs) -> nn.Module:
+    inputs = _as_tuple(example_inputs)
+    int_model, expected = _integer_model(model, inputs)
+    program, _ = _pte.emit(int_model, inputs, json.loads(_metadata(int_model, inputs)))
+
+    def write(temporary: str) -> None:
+        with open(temporary, "wb") as f:
+            f.write(program)
+
+    def check(temporary: str) -> None:
+        # XNNPACK rounds its int8 requantization its own way (fp32 multipliers), so a
+        # one-step flip may pass from layer to layer: an SQNR floor, not equality.
+        got = _pte.run_fresh(temporary, inputs)
+        _check_outputs(expected, got[0] if len(got) == 1 else got, path,
+                       "the in-memory model", min_sqnr_db=30.0)
+
+    _write_checked(path, write, check)
     return int_model
 
 
@@ -231,12 +320,22 @@ def _check_outputs(expected, got, path: str, what: str, min_sqnr_db) -> None:
 
 
 def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, object]:
-    """The metadata :func:`export` put in the file at ``path`` (a ``.ptl`` or ``.pt``).
+    """The metadata :func:`export` put in the file at ``path`` (a ``.ptl``, ``.pt`` or
+    ``.pte``).
 
     Raises:
-        ValueError: when the file is not a TorchScript archive written by qat.export, or
-            its metadata is not valid JSON or lacks a field (naming the file and the field).
+        ValueError: when the file is not a TorchScript archive or ExecuTorch program written
+            by qat.export, or its metadata is not valid JSON or lacks a field (naming the
+            file and the field).
+        RuntimeError: the file is an ExecuTorch program and ExecuTorch is not installed.
     """
+    if _is_pte(path):
+        require_executorch("qat.read_metadata")
+        text = _pte.read_metadata_text(os.fspath(path))
+        if text is None:
+            raise ValueError(f"qat: {os.fspath(path)!r} has no qat_metadata method: it was "
+                             f"not written by qat.export")
+        return _parse_metadata(os.fspath(path), text, "qat_metadata")
     try:
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith("/extra/" + METADATA_FILE)]
@@ -245,13 +344,17 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, object]:
                                  f"not written by qat.export")
             text = archive.read(names[0])
     except zipfile.BadZipFile as error:
-        raise ValueError(f"qat: {os.fspath(path)!r} is not a TorchScript archive") from error
+        raise ValueError(f"qat: {os.fspath(path)!r} is neither a TorchScript archive nor an "
+                         f"ExecuTorch program") from error
+    return _parse_metadata(os.fspath(path), text, METADATA_FILE)
+
+
+def _parse_metadata(path: str, text, where: str) -> Dict[str, object]:
     try:
         meta = json.loads(text)
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"qat: the {METADATA_FILE} of {os.fspath(path)!r} is not valid JSON "
-                         f"({error})") from None
-    _check_metadata(os.fspath(path), meta)
+        raise ValueError(f"qat: the {where} of {path!r} is not valid JSON ({error})") from None
+    _check_metadata(path, meta)
     return meta
 
 
@@ -291,6 +394,73 @@ def _check_metadata(path: str, meta) -> None:
         _check_fields(path, f"layers[{i}]", layer, _LAYER_FIELDS)
 
 
+def _cause(error: Exception) -> str:
+    """The line of a TorchScript error that says what went wrong: full TorchScript puts it
+    last, after a traceback of the scripted code (``RuntimeError: ...``); the lite
+    interpreter first, before debug handles."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [match.group(1) for match in map(re.compile(r"^\w+Error: (.+)").match, lines)
+              if match]
+    return causes[-1] if causes else lines[0] if lines else type(error).__name__
+
+
+def _load_pte(path: str) -> Tuple[Callable, str]:
+    require_executorch(path)
+    program = _pte.load(path)
+
+    def forward(*inputs):
+        try:
+            return program.forward(list(inputs))[0]
+        except RuntimeError as error:
+            raise RuntimeError(f"ExecuTorch: {error}") from None
+
+    return forward, "ExecuTorch"
+
+
+def load(path: Union[str, os.PathLike]) -> Tuple[Callable, str]:
+    """(callable model, the runtime it runs in) of a file :func:`export` wrote: a ``.pte``
+    in ExecuTorch's runtime, a ``.ptl`` in the lite interpreter, a ``.pt`` with
+    ``torch.jit.load``. The kind is told by content: an ExecuTorch program by its flatbuffer
+    identifier, and of the TorchScript archives only a lite interpreter file holds
+    ``bytecode.pkl``. For TorchScript files the quantized engine is set to the one the file
+    was converted for (else qnnpack, PyTorch Mobile's): weights are packed for the engine
+    selected when they load.
+
+    Raises:
+        ValueError: ``path`` is not such a file (naming it).
+        RuntimeError: the runtime the file needs is not available here.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    if _is_pte(path):
+        return _load_pte(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            lite = any(name.split("/")[-1] == "bytecode.pkl" for name in archive.namelist())
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path}: not a TorchScript file (not a zip archive)") from None
+    try:
+        engine = read_metadata(path).get("quantized_engine", "qnnpack")
+    except ValueError:
+        engine = "qnnpack"  # a file written otherwise
+    if engine in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = engine
+    if lite:
+        require_lite_interpreter(path)
+    else:
+        require_torchscript(path)
+    try:
+        with torch_deprecations_once():
+            if lite:
+                from torch.jit.mobile import _load_for_lite_interpreter
+
+                return _load_for_lite_interpreter(path), "lite interpreter"
+            return torch.jit.load(path, map_location="cpu").eval(), "TorchScript"
+    except RuntimeError as error:
+        raise ValueError(f"{path}: not a TorchScript file ({_cause(error)})") from None
+
+
 def _format_table(rows: Sequence[Sequence[object]]) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
@@ -322,4 +492,12 @@ def describe(path: Union[str, os.PathLike]) -> str:
         rows.append((layer["name"], layer["type"], layer.get("weight_bits", ""), scales,
                      f"{layer['scale']:.4g}", layer["zero_point"]))
     lines.append(_format_table(rows))
+    delegation = meta.get("executorch")
+    if delegation:
+        outside = ", ".join(delegation["not_delegated"]) or "none"
+        lines.append(f"XNNPACK runs {delegation['layers_delegated']} of "
+                     f"{delegation['layers']} convs / linears; ops outside it: {outside}")
+        if delegation.get("sub_8bit_weights_as_int8"):
+            lines.append("sub-8-bit weights stored as int8 (XNNPACK's 4-bit kernels are for "
+                         "linears): " + ", ".join(delegation["sub_8bit_weights_as_int8"]))
     return "\n".join(lines)

@@ -11,6 +11,9 @@ import pytest
 import torch
 
 import qat
+from qat.datasets import load_fashion_mnist
+
+from helpers import FashionNet, train
 
 CPU_CAPABILITIES = ("default", "avx2")
 
@@ -135,3 +138,19 @@ def sample_values(shape, scale, zero_point, quant_min, quant_max, axis=None, gen
     tie = torch.rand(shape, generator=generator) < (1.0 / 3.0 if ties else 0.0)
     frac = torch.where(tie, torch.full_like(frac, 0.5), frac)
     return ((level.to(torch.float64) - z + frac) * s).to(dtype)
+
+
+@pytest.fixture(scope="session")
+def fashion_qat_model():
+    """A Fashion-MNIST CNN trained in float, then QAT fine-tuned; the test split (the
+    integer-model parity tests of every format share it)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    train_x, train_y = load_fashion_mnist(train=True)
+    test_x, test_y = load_fashion_mnist(train=False)
+    model = FashionNet()
+    train(model, train_x, train_y, 300, 0.05, gen)
+    qmodel = qat.prepare(model)
+    train(qmodel, train_x, train_y, 150, 0.01, gen)
+    qat.disable_observer(qmodel)
+    return qmodel.eval(), test_x, test_y

@@ -96,3 +96,19 @@ class FashionNet(nn.Module):
         y = F.relu(self.bn3(self.conv3(x)) + x)
         z = torch.cat([y, F.relu(self.bn4(self.conv4(y)))], 1)
         return self.fc(torch.flatten(self.pool(z), 1))
+
+
+def train(model, images, labels, steps, lr, gen, batch=128, transform=None,
+          optimizer="sgd"):
+    """``steps`` SGD (momentum 0.9) or Adam steps on random batches of ``images`` (through
+    ``transform``)."""
+    optimizer = (torch.optim.Adam(model.parameters(), lr=lr) if optimizer == "adam"
+                 else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        x = images[idx] if transform is None else transform(images[idx])
+        loss = F.cross_entropy(model(x), labels[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()

@@ -18,38 +18,7 @@ import qat
 from qat.convert import _Converter
 from qat.datasets import load_fashion_mnist
 
-from helpers import FashionNet, script, sqnr_db
-
-
-def _train(model, images, labels, steps, lr, gen, batch=128, transform=None,
-           optimizer="sgd"):
-    """``steps`` SGD (momentum 0.9) or Adam steps on random batches of ``images`` (through
-    ``transform``)."""
-    optimizer = (torch.optim.Adam(model.parameters(), lr=lr) if optimizer == "adam"
-                 else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(images), (batch,), generator=gen)
-        x = images[idx] if transform is None else transform(images[idx])
-        loss = F.cross_entropy(model(x), labels[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-
-@pytest.fixture(scope="module")
-def fashion_qat_model():
-    """A Fashion-MNIST CNN trained in float, then QAT fine-tuned; the test split."""
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    train_x, train_y = load_fashion_mnist(train=True)
-    test_x, test_y = load_fashion_mnist(train=False)
-    model = FashionNet()
-    _train(model, train_x, train_y, 300, 0.05, gen)
-    qmodel = qat.prepare(model)
-    _train(qmodel, train_x, train_y, 150, 0.01, gen)
-    qat.disable_observer(qmodel)
-    return qmodel.eval(), test_x, test_y
+from helpers import FashionNet, script, sqnr_db, train
 
 
 def test_fashion_mnist_integer_model_matches_the_simulation(fashion_qat_model):
@@ -316,13 +285,13 @@ def test_torchvision_integer_model_follows_the_simulation(factory, size, optimiz
 
     model = factory(weights=None, num_classes=10)
     lr = 0.02 if optimizer == "sgd" else 1e-3
-    _train(model, images, labels, float_steps, lr, gen, batch=32, transform=transform,
+    train(model, images, labels, float_steps, lr, gen, batch=32, transform=transform,
            optimizer=optimizer)
     _settle_batch_norm(model, images, transform)
     qmodel = qat.prepare(model)
     qat.calibrate(qmodel, [transform(images[i * 64:(i + 1) * 64]) for i in range(8, 12)],
                   progress=False)
-    _train(qmodel, images, labels, qat_steps, lr / 4, gen, batch=32, transform=transform,
+    train(qmodel, images, labels, qat_steps, lr / 4, gen, batch=32, transform=transform,
            optimizer=optimizer)
     qat.disable_observer(qmodel)
     _settle_batch_norm(qmodel, images, transform)

@@ -1,0 +1,363 @@
+"""The ExecuTorch emitter: a converted integer model as a ``.pte`` program whose integer ops
+XNNPACK runs.
+
+The program is built from the lowered form, not by re-tracing the float model: each integer
+op of the converted model (``module.lowered(name)``) becomes float arithmetic between
+PyTorch's ``quantized_decomposed`` quantize / dequantize ops, with the simulation's scales,
+zero points and integer weights, which XNNPACK's partitioner recognizes and runs as int8
+kernels. Unsigned 8-bit activations are written as signed ones with the zero point moved
+by 128: the same real values, in the type XNNPACK's kernels take.
+
+Ops that run on quantized tensors in the integer model without an integer module of their
+own (ReLU, max pooling, reshapes, the fixed-range kernels) keep their input's qparams or
+take fixed ones; which qparams each tensor carries is read from one run of the converted
+model on the example inputs, so this emitter decides nothing the integer model did not."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from . import quantized
+
+__all__ = ["available", "emit", "load", "qdq_model", "read_metadata_text", "run_fresh"]
+
+# What a quantized tensor of the integer model carries: scale, zero point, dtype.
+_QParams = Tuple[float, int, torch.dtype]
+
+# The ops ExecuTorch programs hold for integer ops, registered by this import.
+_DECOMPOSED = "torch.ao.quantization.fx._decomposed"
+
+
+def available() -> Optional[str]:
+    """None where ExecuTorch's exporter and runtime import here, else why not."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import executorch.exir  # noqa: F401
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import (  # noqa: F401
+                XnnpackPartitioner)
+            from executorch.extension.pybindings import portable_lib  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - an absent or broken install alike
+        return (f"ExecuTorch is not installed for this PyTorch ({torch.__version__}): "
+                f"{type(error).__name__}: {error}")
+    return None
+
+
+def _ops():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        __import__(_DECOMPOSED)
+    return torch.ops.quantized_decomposed
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the converted model once, noting each quantized tensor's qparams by node."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.qparams: Dict[fx.Node, _QParams] = {}
+
+    def run_node(self, node: fx.Node):
+        out = super().run_node(node)
+        if isinstance(out, torch.Tensor) and out.is_quantized:
+            if out.qscheme() != torch.per_tensor_affine:
+                raise ValueError(f"qat.export: {node.name} gives a tensor quantized per "
+                                 f"channel; .pte activations are quantized per tensor")
+            self.qparams[node] = (out.q_scale(), out.q_zero_point(), out.dtype)
+        return out
+
+
+def _signed(qparams: _QParams) -> Tuple[float, int]:
+    """(scale, zero point) of the same values in int8: quint8 v is int8 v - 128."""
+    scale, zero_point, dtype = qparams
+    return scale, zero_point - 128 if dtype == torch.quint8 else zero_point
+
+
+class _Emitter:
+    def __init__(self, gm: fx.GraphModule, qparams: Dict[fx.Node, _QParams]):
+        self.gm = gm
+        self.recorded = qparams
+        self.graph = fx.Graph()
+        self.root = nn.Module()
+        self.env: Dict[fx.Node, fx.Node] = {}
+        self.ops = _ops()
+        self.names = set()
+        self.int8_stored: List[str] = []  # sub-8-bit weights XNNPACK takes as int8 only
+
+    def attr(self, name: str, value) -> fx.Node:
+        """``value`` (a module or a tensor) as an attribute of the new model."""
+        name = name.replace(".", "_")
+        base, count = name, 0
+        while name in self.names:
+            count += 1
+            name = f"{base}_{count}"
+        self.names.add(name)
+        if isinstance(value, nn.Module):
+            self.root.add_module(name, value)
+        else:
+            self.root.register_buffer(name, value)
+        return name
+
+    def quantize(self, x: fx.Node, qparams: _QParams) -> fx.Node:
+        """``x`` rounded to the grid of ``qparams`` (quantize, then dequantize: the pair
+        XNNPACK's partitioner reads as an int8 tensor between kernels)."""
+        scale, zero_point = _signed(qparams)
+        args = (scale, zero_point, -128, 127, torch.int8)
+        q = self.graph.call_function(self.ops.quantize_per_tensor.default, (x,) + args)
+        return self.graph.call_function(self.ops.dequantize_per_tensor.default, (q,) + args)
+
+    def weight(self, op) -> fx.Node:
+        """The dequantized integer weight of a lowered conv / linear: int8 integers stored
+        as they are, dequantized in the graph, as XNNPACK expects a quantized weight."""
+        w = op.weight
+        ints = self.graph.get_attr(self.attr(f"{op.name}.weight", w.int_repr()))
+        low, high = op.weight_quant_min, 2 ** (op.weight_bits - 1) - 1
+        if op.kind == "Conv2d" and op.weight_bits < 8:
+            # XNNPACK's 4-bit weight kernels are for linears only; a conv's sub-8-bit
+            # integers are stored as int8 (the same values).
+            low, high = -128, 127
+            self.int8_stored.append(op.name)
+        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            scales = self.graph.get_attr(self.attr(f"{op.name}.weight_scale",
+                                                   w.q_per_channel_scales().float()))
+            zero_points = self.graph.get_attr(self.attr(
+                f"{op.name}.weight_zero_point", w.q_per_channel_zero_points().long()))
+            return self.graph.call_function(
+                self.ops.dequantize_per_channel.default,
+                (ints, scales, zero_points, w.q_per_channel_axis(), low, high, torch.int8))
+        return self.graph.call_function(
+            self.ops.dequantize_per_tensor.default,
+            (ints, w.q_scale(), w.q_zero_point(), low, high, torch.int8))
+
+    def bias(self, op) -> Optional[fx.Node]:
+        if op.bias is None:
+            return None
+        return self.graph.get_attr(self.attr(f"{op.name}.bias", op.bias.detach().float()))
+
+    def integer_op(self, node: fx.Node, module: nn.Module) -> fx.Node:
+        """The float arithmetic of one integer module, quantized to its output qparams."""
+        op = module.lowered(node.target)
+        args = [self.env[a] if isinstance(a, fx.Node) else a for a in node.args]
+        if isinstance(module, quantized.Conv2d):
+            y = self.graph.call_function(torch.conv2d, (
+                args[0], self.weight(op), self.bias(op), list(op.stride), list(op.padding),
+                list(op.dilation), op.groups))
+        elif isinstance(module, (quantized.Linear, quantized.LinearDynamic)):
+            y = self.graph.call_function(F.linear, (args[0], self.weight(op), self.bias(op)))
+            if isinstance(module, quantized.LinearDynamic):
+                return y  # float out; the input is quantized at run time by the kernel
+        elif isinstance(module, (quantized.Add, quantized.Mul)):
+            fn = torch.add if isinstance(module, quantized.Add) else torch.mul
+            y = self.graph.call_function(fn, (args[0], args[1]))
+        elif isinstance(module, quantized.Cat):
+            # XNNPACK concatenates on one grid: each input is requantized to the output's
+            # first, as quantized::cat does in the integer model.
+            inputs = [self.env[a] if self.recorded.get(a) == self.recorded[node]
+                      else self.quantize(self.env[a], self.recorded[node])
+                      for a in node.args[0]]
+            y = self.graph.call_function(torch.cat, (inputs, module.dim))
+        elif isinstance(module, quantized.Hardswish):
+            y = self.graph.call_function(F.hardswish, (args[0],))
+        else:
+            raise TypeError(f"qat.export: no .pte lowering for {type(module).__name__} "
+                            f"({node.target})")
+        if op.relu:
+            y = self.graph.call_function(F.relu, (y,))
+        return self.quantize(y, self.recorded[node])
+
+    def node(self, node: fx.Node) -> fx.Node:
+        if node.op == "placeholder":
+            return self.graph.placeholder(node.target)
+        if node.op == "output":
+            return self.graph.output(fx.node.map_arg(node.args[0], self.env.__getitem__))
+        if node.op == "get_attr":
+            return self.graph.get_attr(self.attr(node.target, _get(self.gm, node.target)))
+        if node.op == "call_module":
+            module = self.gm.get_submodule(node.target)
+            if isinstance(module, quantized.DeQuantize):
+                return self.env[node.args[0]]  # tensors are float between the pairs
+            if isinstance(module, quantized.Quantize):
+                source = node.args[0]
+                if self.recorded.get(source) == self.recorded[node]:
+                    return self.env[source]  # requantizing to the same grid changes nothing
+                return self.quantize(self.env[source], self.recorded[node])
+            if isinstance(module, quantized._WithOutputQParams):
+                return self.integer_op(node, module)
+            new = self.graph.call_module(
+                self.attr(node.target, module),
+                *fx.node.map_aggregate((node.args, node.kwargs), self._arg))
+        else:
+            new = self.graph.create_node(
+                node.op, node.target, *fx.node.map_aggregate((node.args, node.kwargs), self._arg))
+        # An op that ran on quantized tensors (ReLU, max pooling, a reshape, a fixed-range
+        # kernel) wrote its output on a grid: the pair after it says which.
+        if node in self.recorded:
+            return self.quantize(new, self.recorded[node])
+        return new
+
+    def _arg(self, a):
+        return self.env[a] if isinstance(a, fx.Node) else a
+
+    def run(self) -> fx.GraphModule:
+        for node in self.gm.graph.nodes:
+            self.env[node] = self.node(node)
+        return fx.GraphModule(self.root, self.graph, type(self.gm).__name__)
+
+
+def _get(module: nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def qdq_model(int_model: fx.GraphModule, inputs: tuple) -> fx.GraphModule:
+    """The float model with quantize / dequantize pairs that computes what ``int_model``
+    (from :func:`qat.convert`) computes, ready for ``torch.export``."""
+    if not isinstance(int_model, fx.GraphModule):
+        raise TypeError(f"qat.export: a .pte is written from a model converted by "
+                        f"qat.convert (a torch.fx.GraphModule), got "
+                        f"{type(int_model).__name__}")
+    return _emit_qdq(int_model, inputs)[0]
+
+
+def _emit_qdq(int_model: fx.GraphModule, inputs: tuple) -> Tuple[fx.GraphModule, List[str]]:
+    """(:func:`qdq_model`, the layers whose sub-8-bit weights it stores as int8)."""
+    recorder = _Recorder(int_model)
+    with torch.no_grad():
+        recorder.run(*inputs)
+    emitter = _Emitter(int_model, recorder.qparams)
+    return emitter.run().eval(), emitter.int8_stored
+
+
+# Ops whose absence from XNNPACK's part of the program is worth naming in the report; the
+# rest of what stays outside (getitem, views) costs nothing.
+_SKIP_IN_REPORT = {"getitem", "executorch_call_delegate"}
+
+
+def _not_delegated(program) -> List[str]:
+    """The ops of the lowered program that run outside XNNPACK, by their ATen names."""
+    names = []
+    for node in program.graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if name.split(".")[0] in _SKIP_IN_REPORT or name == "getitem":
+            continue
+        names.append(name)
+    return names
+
+
+def _count(graph_module, names) -> int:
+    return sum(1 for n in graph_module.graph.nodes if n.op == "call_function"
+               and getattr(n.target, "__name__", "").split(".")[0] in names)
+
+
+# A traced graph's convs and linears, before the edge dialect (conv2d, linear) and after it
+# (convolution, addmm / mm), where those left outside XNNPACK's part are counted.
+_LAYERS = {"conv2d", "linear", "convolution", "addmm", "mm"}
+
+
+def _lowering_error(stage: str, error: Exception) -> RuntimeError:
+    """A RuntimeError that says which stage failed and, where the message names one, on
+    which ATen op, with the first line of what the stage said."""
+    text = str(error)
+    ops = re.findall(r"aten\.\w+(?:\.\w+)?", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    op = f" (at {ops[0]})" if ops else ""
+    return RuntimeError(f"qat.export: ExecuTorch cannot {stage}{op}, so no .pte was written: "
+                        f"{type(error).__name__}: "
+                        f"{lines[0] if lines else 'no message'}")
+
+
+def emit(int_model: fx.GraphModule, inputs: tuple, metadata: dict) -> Tuple[bytes, dict]:
+    """The ``.pte`` program of ``int_model`` lowered with XNNPACK's partitioner, with
+    ``metadata`` and the delegation report (how many convs / linears XNNPACK runs, the ops
+    it does not, and the convs whose sub-8-bit weights are stored as int8) as JSON in its
+    ``qat_metadata`` method; and that report."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeProgramManager, to_edge_transform_and_lower
+
+    model, int8_stored = _emit_qdq(int_model, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            exported = torch.export.export(model, inputs, strict=False)
+        except Exception as error:  # noqa: BLE001 - torch.export raises many kinds
+            raise _lowering_error("export this model (torch.export)", error) from error
+        layers = _count(exported.graph_module, _LAYERS)
+        try:
+            edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+        except Exception as error:  # noqa: BLE001 - so does ExecuTorch's lowering
+            raise _lowering_error("lower this model to its edge dialect", error) from error
+        lowered = edge.exported_program()
+        outside = _not_delegated(lowered)
+        report = {"layers": layers,
+                  "layers_delegated": layers - _count(lowered.graph_module, _LAYERS),
+                  "not_delegated": outside, "sub_8bit_weights_as_int8": int8_stored}
+        # The report is known once the program is lowered; the metadata method that carries
+        # it is added to the lowered program as the partitioner's own step does.
+        edge = EdgeProgramManager(
+            {"forward": lowered}, {"qat_metadata": json.dumps({**metadata, "executorch": report})},
+            edge.compile_config)
+        program = edge.to_executorch()
+    return program.buffer, report
+
+
+# Loads a .pte with ExecuTorch's runtime alone and runs it on saved inputs: the check of a
+# written file, in a process that has not imported qat.
+_FRESH_CHECK = """
+import sys, torch
+from executorch.extension.pybindings.portable_lib import _load_for_executorch
+program = _load_for_executorch(sys.argv[1])
+inputs = torch.load(sys.argv[2])
+outputs = program.forward(list(inputs))
+assert "qat" not in sys.modules, "the check imported qat"
+torch.save([o.clone() for o in outputs], sys.argv[3])
+"""
+
+
+def run_fresh(path: str, inputs: tuple) -> List[torch.Tensor]:
+    """The outputs of the ``.pte`` at ``path`` on ``inputs``, computed by ExecuTorch's
+    runtime in a fresh Python process that does not import qat."""
+    with tempfile.TemporaryDirectory() as folder:
+        saved_in = os.path.join(folder, "inputs.pt")
+        saved_out = os.path.join(folder, "outputs.pt")
+        torch.save(tuple(t.contiguous() for t in inputs), saved_in)
+        done = subprocess.run([sys.executable, "-c", _FRESH_CHECK, path, saved_in, saved_out],
+                              capture_output=True, text=True, cwd=folder)
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            raise RuntimeError(f"qat.export: ExecuTorch's runtime could not run "
+                               f"{path!r} in a fresh process: "
+                               f"{lines[-1] if lines else done.returncode}")
+        return torch.load(saved_out)
+
+
+def load(path: str):
+    """ExecuTorch's runtime module of the program at ``path``."""
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+    try:
+        return _load_for_executorch(path)
+    except RuntimeError as error:
+        raise ValueError(f"qat: {path!r} is not an ExecuTorch program ExecuTorch's runtime "
+                         f"can load ({error})") from None
+
+
+def read_metadata_text(path: str) -> Optional[str]:
+    """The metadata JSON a ``.pte`` written by qat carries (its ``qat_metadata`` method), or
+    None when it has no such method."""
+    program = load(path)
+    if "qat_metadata" not in program.method_names():
+        return None
+    return program.run_method("qat_metadata", [])[0]

@@ -1,0 +1,281 @@
+"""qat.export to ExecuTorch (.pte): each op pattern, the fresh-process round trip in
+ExecuTorch's runtime (without qat), parity on the Fashion-MNIST CNN, the delegation report,
+the metadata, the command line, and the refusals.
+
+The reference is the integer model on PyTorch's quantized kernels (qat.convert's), which the
+.pte re-expresses as quantize / dequantize pairs for XNNPACK: XNNPACK's int8 kernels round
+their requantization in their own way, so outputs are held to one quantization step of the
+output per element (a step that flips in one layer may move the output by more, rarely)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qat
+from qat import _pte
+from qat.convert import _output_step
+from qat.export import describe, load
+
+from helpers import FashionNet
+
+MISSING = _pte.available()
+needs_executorch = pytest.mark.skipif(
+    MISSING is not None, reason=f"{MISSING} (the .pte tests run on the PyPI leg)")
+
+
+def _calibrated(model: nn.Module, x: torch.Tensor, config=None) -> nn.Module:
+    torch.manual_seed(0)
+    qmodel = qat.prepare(model, config) if config is not None else qat.prepare(model)
+    qat.calibrate(qmodel, [x[i:i + 16] for i in range(0, len(x), 16)])
+    return qmodel.eval()
+
+
+def _steps_apart(qmodel, expected: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+    """Per output element, how many steps of the model's output quantization apart."""
+    return (expected.float() - got.float()).abs() / _output_step(qmodel)
+
+
+class ConvBnRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 3, stride=2, groups=8)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 2 * 2, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.pool(F.relu(self.depthwise(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+class Branches(nn.Module):
+    """add, mul, cat, hardswish and a fixed-range sigmoid between convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.c = nn.Conv2d(12, 4, 1)
+        self.head = nn.Linear(4 * 12 * 12, 3)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        y = torch.cat([F.hardswish(a + b), a * b], 1)
+        return torch.sigmoid(self.head(torch.flatten(self.c(y), 1)))
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(20, 32)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+PATTERNS = {
+    "conv_bn_relu_depthwise_maxpool_linear": (ConvBnRelu, (3, 12, 12), None),
+    "add_mul_cat_hardswish_sigmoid": (Branches, (3, 12, 12), None),
+    "linear_relu": (Mlp, (20,), None),
+    "fashion_cnn_w4a8": (FashionNet, (1, 28, 28), "w4a8"),
+}
+
+
+@needs_executorch
+@pytest.mark.parametrize("name", PATTERNS)
+def test_each_op_pattern_runs_on_xnnpack_as_the_integer_model(name, tmp_path):
+    cls, shape, preset = PATTERNS[name]
+    x = torch.rand(64, *shape)
+    config = getattr(qat.presets, preset)() if preset else None
+    qmodel = _calibrated(cls(), x, config)
+    path = str(tmp_path / "model.pte")
+    int_model = qat.export(qmodel, path, x[:8])
+    with torch.no_grad():
+        expected = int_model(x[:8])
+    got = _pte.run_fresh(path, (x[:8],))[0]
+    steps = _steps_apart(qmodel, expected, got)
+    assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99, steps.max()
+    assert steps.max().item() <= 3
+    report = qat.read_metadata(path)["executorch"]
+    # Every conv and linear of the model runs on XNNPACK.
+    layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in cls().modules())
+    assert report["layers"] == layers
+    assert report["layers_delegated"] == layers
+    assert report["not_delegated"] == []
+    convs = [n for n, m in cls().named_modules() if isinstance(m, nn.Conv2d)]
+    assert report["sub_8bit_weights_as_int8"] == (convs if preset == "w4a8" else [])
+
+
+@needs_executorch
+def test_w4a8_linear_weights_are_stored_at_4_bits(tmp_path):
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    x = torch.randn(64, 256)
+    sizes = {}
+    for preset in ("int8", "w4a8"):
+        path = tmp_path / f"{preset}.pte"
+        qat.export(_calibrated(model, x, getattr(qat.presets, preset)()), path, x[:1])
+        sizes[preset] = path.stat().st_size
+    weights = 256 * 256 + 256 * 10
+    # Half a byte less per weight, less what the 4-bit layout adds (scales stay fp32).
+    assert sizes["int8"] - sizes["w4a8"] >= 0.45 * weights, sizes
+
+
+# Loads a .pte where qat cannot be imported at all and runs it: the file needs only
+# ExecuTorch's runtime.
+_WITHOUT_QAT = """
+import sys
+sys.modules["qat"] = None  # import qat now fails
+import torch
+from executorch.extension.pybindings.portable_lib import _load_for_executorch
+program = _load_for_executorch(sys.argv[1])
+out = program.forward([torch.load(sys.argv[2])])[0]
+torch.save(out, sys.argv[3])
+"""
+
+
+@needs_executorch
+def test_the_file_runs_in_a_fresh_process_that_cannot_import_qat(tmp_path):
+    x = torch.rand(32, 1, 28, 28)
+    qmodel = _calibrated(FashionNet(), x)
+    path = tmp_path / "fashion.pte"
+    int_model = qat.export(qmodel, path, x[:4])
+    torch.save(x[:4], tmp_path / "x.pt")
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_QAT, str(path),
+                           str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        expected = int_model(x[:4])
+    assert got.shape == expected.shape
+    assert (_steps_apart(qmodel, expected, got) <= 1 + 1e-3).float().mean().item() >= 0.99
+
+
+@needs_executorch
+def test_fashion_mnist_pte_matches_the_simulation(fashion_qat_model, tmp_path):
+    qmodel, test_x, test_y = fashion_qat_model
+    batch = 500
+    path = str(tmp_path / "fashion.pte")
+    qat.export(qmodel, path, test_x[:batch])
+    batches = [test_x[i:i + batch] for i in range(0, len(test_x), batch)]
+    parity = qat.compare(qmodel, path, batches)
+    program, _ = load(path)
+    with torch.no_grad():
+        accuracy = {
+            "simulation": (qmodel(test_x).argmax(1) == test_y).float().mean().item(),
+            "pte": (torch.cat([program(b) for b in batches]).argmax(1) == test_y)
+            .float().mean().item()}
+    print(f"\nFashion-MNIST test set (10,000), .pte in ExecuTorch: {parity}, "
+          f"accuracy {accuracy}")
+    assert parity["within_one_step"] >= 0.99
+    assert parity["top1_agreement"] >= 0.995
+    assert accuracy["simulation"] > 0.6, "the model did learn"
+
+
+@needs_executorch
+def test_the_report_names_the_ops_that_run_outside_xnnpack(tmp_path, capsys):
+    class Erf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            return torch.erf(self.conv(x))
+
+    x = torch.randn(16, 1, 8, 8)
+    path = str(tmp_path / "erf.pte")
+    _, report = qat.export(_calibrated(Erf(), x), path, x[:2]), qat.read_metadata(path)
+    assert report["executorch"] == {"layers": 1, "layers_delegated": 1,
+                                    "not_delegated": ["aten.erf.default"],
+                                    "sub_8bit_weights_as_int8": []}
+    assert "XNNPACK runs 1 of 1 convs / linears; ops outside it: aten.erf.default" in \
+        describe(path)
+
+
+@needs_executorch
+def test_metadata_is_the_shared_writers_with_the_delegation_report(tmp_path):
+    x = torch.rand(32, 3, 12, 12)
+    qmodel = _calibrated(ConvBnRelu(), x)
+    qat.export(qmodel, tmp_path / "m.pte", x[:2])
+    qat.export(qmodel, tmp_path / "m.pt", x[:2], mobile=False)
+    pte = qat.read_metadata(tmp_path / "m.pte")
+    pt = qat.read_metadata(tmp_path / "m.pt")
+    assert set(pte) - set(pt) == {"executorch"}
+    assert {k: v for k, v in pte.items() if k != "executorch"} == pt
+    assert pte["example_inputs"] == [{"shape": [2, 3, 12, 12], "dtype": "torch.float32"}]
+
+
+@needs_executorch
+def test_format_forces_the_kind_whatever_the_suffix(tmp_path):
+    x = torch.rand(16, 20)
+    path = tmp_path / "model.bin"
+    qat.export(_calibrated(Mlp(), x), path, x[:2], format="pte")
+    assert path.read_bytes()[4:8] == b"ET12"
+
+
+@needs_executorch
+def test_an_op_executorch_cannot_lower_is_named_and_no_file_is_left(tmp_path):
+    class Unique(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.unique(self.fc(x))
+
+    x = torch.randn(16, 4)
+    qmodel = _calibrated(Unique(), x)
+    path = tmp_path / "unique.pte"
+    path.write_bytes(b"the previous file")
+    with pytest.raises(RuntimeError, match=r"ExecuTorch cannot lower this model to its edge "
+                                           r"dialect \(at aten\._unique2\.default\), so no "
+                                           r"\.pte was written"):
+        qat.export(qmodel, path, x[:2])
+    assert path.read_bytes() == b"the previous file"
+    assert sorted(os.listdir(tmp_path)) == ["unique.pte"]
+
+
+def test_an_unknown_format_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"qat.export: format must be one of ptl, pt, pte "
+                                         r"\(or None: from the path's suffix\), got 'onnx'"):
+        qat.export(nn.Linear(2, 2), tmp_path / "m.onnx", torch.randn(1, 2), format="onnx")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(MISSING is None, reason="ExecuTorch is installed here")
+def test_without_executorch_a_pte_is_refused_with_the_reason(tmp_path):
+    x = torch.rand(16, 20)
+    with pytest.raises(RuntimeError, match=r"qat.export: cannot write or run .pte files: "
+                                           r"ExecuTorch is not installed for this PyTorch"):
+        qat.export(_calibrated(Mlp(), x), tmp_path / "m.pte", x[:2])
+    assert os.listdir(tmp_path) == []
+
+
+@needs_executorch
+def test_command_line_inspects_benches_and_compares_pte_files(tmp_path, fashion_qat_model):
+    qmodel, test_x, _ = fashion_qat_model
+    qat.export(qmodel, tmp_path / "int.pte", test_x[:1])
+    qat.export(qmodel, tmp_path / "int.pt", test_x[:1], mobile=False)
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-m", "qat", *map(str, args)],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    out = cli("inspect", tmp_path / "int.pte")
+    assert "XNNPACK runs 5 of 5 convs / linears" in out
+    out = cli("bench", tmp_path / "int.pte", "--iterations", "5", "--threads", "1")
+    assert "ExecuTorch, engine XNNPACK, threads 1, input 1x1x28x28 float32" in out
+    out = cli("compare", tmp_path / "int.pt", tmp_path / "int.pte", "--limit", "200",
+              "--batch", "1")
+    agreement = float(out.split("top-1 agreement ")[1].split()[0])
+    assert agreement >= 0.99
