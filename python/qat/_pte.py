@@ -211,7 +211,20 @@ class _Emitter:
     def run(self) -> fx.GraphModule:
         for node in self.gm.graph.nodes:
             self.env[node] = self.node(node)
+        self.dequantize_per_user()
         return fx.GraphModule(self.root, self.graph, type(self.gm).__name__)
+
+    def dequantize_per_user(self) -> None:
+        """Gives each user of a shared dequantize its own copy, as PyTorch's PT2E convert
+        does: XNNPACK's partitioner takes a dequantize into the partition of its user, and
+        one shared by two partitions (a residual input, a cat's input) makes a cycle."""
+        for node in list(self.graph.nodes):
+            if node.target is not self.ops.dequantize_per_tensor.default or len(node.users) < 2:
+                continue
+            for user in list(node.users)[1:]:
+                with self.graph.inserting_after(node):
+                    copy = self.graph.call_function(node.target, node.args, node.kwargs)
+                user.replace_input_with(node, copy)
 
 
 def _get(module: nn.Module, target: str):
@@ -336,10 +349,19 @@ def run_fresh(path: str, inputs: tuple) -> List[torch.Tensor]:
         done = subprocess.run([sys.executable, "-c", _FRESH_CHECK, path, saved_in, saved_out],
                               capture_output=True, text=True, cwd=folder)
         if done.returncode != 0:
-            lines = [line for line in done.stderr.splitlines() if line.strip()]
-            raise RuntimeError(f"qat.export: ExecuTorch's runtime could not run "
-                               f"{path!r} in a fresh process: "
-                               f"{lines[-1] if lines else done.returncode}")
+            lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+            # The runtime logs why (an XNNPACK status, a missing operator) before the
+            # exception, which only gives an error code.
+            causes = [line for line in lines if "fail" in line.lower() or "missing" in
+                      line.lower()][:3] or lines[-1:] or [f"exit status {done.returncode}"]
+            hint = ""
+            if any("xnn_status_unsupported_parameter" in line for line in causes):
+                hint = ("; XNNPACK bounds the ratio of an op's input and output scales "
+                        "(e.g. input scale x weight scale / output scale below 256), which "
+                        "an output range collapsed to its floor exceeds: train or calibrate "
+                        "on real data")
+            raise RuntimeError(f"qat.export: ExecuTorch's runtime could not run the program "
+                               f"for {path!r} in a fresh process: {' / '.join(causes)}{hint}")
         return torch.load(saved_out)
 
 
