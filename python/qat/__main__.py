@@ -101,6 +101,12 @@ def _bench(args) -> None:
     x = _bench_input(args)
     torch.set_num_threads(args.threads)
     if kind == "ExecuTorch":
+        recorded = [i["shape"] for i in (_metadata(args.file) or {}).get("example_inputs", [])]
+        if recorded and list(x.shape) != recorded[0]:
+            raise CommandError(
+                f"{args.file}: an ExecuTorch program runs the input shape it was exported "
+                f"with, {'x'.join(map(str, recorded[0]))}; pass --batch {recorded[0][0]} "
+                f"(and no other --input-shape)")
         # ExecuTorch's kernels run on a thread pool of its own.
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 

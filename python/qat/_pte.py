@@ -14,6 +14,7 @@ take fixed ones; which qparams each tensor carries is read from one run of the c
 model on the example inputs, so this emitter decides nothing the integer model did not."""
 
 import json
+import operator
 import os
 import re
 import subprocess
@@ -116,6 +117,17 @@ class _Emitter:
         q = self.graph.call_function(self.ops.quantize_per_tensor.default, (x,) + args)
         return self.graph.call_function(self.ops.dequantize_per_tensor.default, (q,) + args)
 
+    def dynamic(self, x: fx.Node) -> fx.Node:
+        """``x`` quantized to int8 with qparams chosen from its own range at run time."""
+        args = (-128, 127, torch.finfo(torch.float32).eps, torch.int8)
+        qparams = self.graph.call_function(self.ops.choose_qparams.tensor, (x,) + args)
+        scale = self.graph.call_function(operator.getitem, (qparams, 0))
+        zero_point = self.graph.call_function(operator.getitem, (qparams, 1))
+        q = self.graph.call_function(self.ops.quantize_per_tensor.tensor,
+                                     (x, scale, zero_point, -128, 127, torch.int8))
+        return self.graph.call_function(self.ops.dequantize_per_tensor.tensor,
+                                        (q, scale, zero_point, -128, 127, torch.int8))
+
     def weight(self, op) -> fx.Node:
         """The dequantized integer weight of a lowered conv / linear: int8 integers stored
         as they are, dequantized in the graph, as XNNPACK expects a quantized weight."""
@@ -152,10 +164,13 @@ class _Emitter:
             y = self.graph.call_function(torch.conv2d, (
                 args[0], self.weight(op), self.bias(op), list(op.stride), list(op.padding),
                 list(op.dilation), op.groups))
-        elif isinstance(module, (quantized.Linear, quantized.LinearDynamic)):
+        elif isinstance(module, quantized.LinearDynamic):
+            # The input quantized at run time to its own range, as quantized::linear_dynamic
+            # does, in the pattern XNNPACK runs as a dynamically quantized linear; float out.
+            return self.graph.call_function(
+                F.linear, (self.dynamic(args[0]), self.weight(op), self.bias(op)))
+        elif isinstance(module, quantized.Linear):
             y = self.graph.call_function(F.linear, (args[0], self.weight(op), self.bias(op)))
-            if isinstance(module, quantized.LinearDynamic):
-                return y  # float out; the input is quantized at run time by the kernel
         elif isinstance(module, (quantized.Add, quantized.Mul)):
             fn = torch.add if isinstance(module, quantized.Add) else torch.mul
             y = self.graph.call_function(fn, (args[0], args[1]))

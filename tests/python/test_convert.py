@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 
 import qat
+from qat import _pte
 from qat.convert import _Converter
 from qat.datasets import load_fashion_mnist
 
@@ -270,11 +271,12 @@ _TORCHVISION_PARITY = [
 @pytest.mark.parametrize("factory,size,optimizer,float_steps,qat_steps", _TORCHVISION_PARITY,
                          ids=[entry[0].__name__ for entry in _TORCHVISION_PARITY])
 def test_torchvision_integer_model_follows_the_simulation(factory, size, optimizer,
-                                                          float_steps, qat_steps):
+                                                          float_steps, qat_steps, tmp_path):
     """Trained briefly on Fashion-MNIST (an untrained network is chaotic: one step of
     noise on 0.1% of its inputs moves its own simulation's output to 10-23 dB), batch-norm
     statistics settled, calibrated, QAT fine-tuned: the integer model's SQNR against the
-    simulation."""
+    simulation; where ExecuTorch is installed (the PyPI leg), that of its .pte too, run in
+    ExecuTorch's runtime (the training is shared: efficientnet_b0's takes minutes)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     images, labels = load_fashion_mnist(train=True)
@@ -296,11 +298,17 @@ def test_torchvision_integer_model_follows_the_simulation(factory, size, optimiz
     qat.disable_observer(qmodel)
     _settle_batch_norm(qmodel, images, transform)
     int_model = qat.convert(qmodel)
-    parity = qat.compare(qmodel, int_model,
-                         [transform(test_images[i:i + 250]) for i in range(0, 500, 250)])
+    batches = [transform(test_images[i:i + 250]) for i in range(0, 500, 250)]
+    parity = qat.compare(qmodel, int_model, batches)
     print(f"\n{factory.__name__}: {parity}")
     assert parity["sqnr_db"] >= 30, parity
     assert parity["top1_agreement"] >= 0.95, parity
+    if _pte.available() is None:
+        qat.export(qmodel, tmp_path / "model.pte", batches[0])
+        parity = qat.compare(qmodel, str(tmp_path / "model.pte"), batches)
+        print(f"{factory.__name__} .pte in ExecuTorch: {parity}")
+        assert parity["sqnr_db"] >= 30, parity
+        assert parity["top1_agreement"] >= 0.95, parity
 
 
 def test_convert_refuses_activations_narrower_than_the_kernels_saturate():

@@ -21,7 +21,7 @@ from qat import _pte
 from qat.convert import _output_step
 from qat.export import describe, load
 
-from helpers import FashionNet
+from helpers import FashionNet, sqnr_db
 
 MISSING = _pte.available()
 needs_executorch = pytest.mark.skipif(
@@ -214,6 +214,23 @@ def test_metadata_is_the_shared_writers_with_the_delegation_report(tmp_path):
 
 
 @needs_executorch
+def test_dynamic_linears_keep_their_int8_weights(tmp_path):
+    x = torch.randn(32, 20)
+    qmodel = _calibrated(Mlp(), x, qat.presets.w8a8_dynamic())
+    path = str(tmp_path / "dynamic.pte")
+    int_model = qat.export(qmodel, path, x[:4])
+    with torch.no_grad():
+        expected = int_model(x[:4])
+    got = _pte.run_fresh(path, (x[:4],))[0]
+    # Both quantize each input at run time to its own range; XNNPACK chooses and rounds
+    # those qparams its own way.
+    assert sqnr_db(expected, got) >= 30
+    report = qat.read_metadata(path)["executorch"]
+    # XNNPACK's dynamically quantized linear runs both (int8 input, int8 weights).
+    assert (report["layers"], report["layers_delegated"]) == (2, 2)
+
+
+@needs_executorch
 def test_format_forces_the_kind_whatever_the_suffix(tmp_path):
     x = torch.rand(16, 20)
     path = tmp_path / "model.bin"
@@ -275,6 +292,11 @@ def test_command_line_inspects_benches_and_compares_pte_files(tmp_path, fashion_
     assert "XNNPACK runs 5 of 5 convs / linears" in out
     out = cli("bench", tmp_path / "int.pte", "--iterations", "5", "--threads", "1")
     assert "ExecuTorch, engine XNNPACK, threads 1, input 1x1x28x28 float32" in out
+    done = subprocess.run([sys.executable, "-m", "qat", "bench", str(tmp_path / "int.pte"),
+                           "--batch", "4"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1
+    assert "runs the input shape it was exported with, 1x1x28x28; pass --batch 1" in \
+        done.stderr
     out = cli("compare", tmp_path / "int.pt", tmp_path / "int.pte", "--limit", "200",
               "--batch", "1")
     agreement = float(out.split("top-1 agreement ")[1].split()[0])
