@@ -95,8 +95,9 @@ class _Emitter:
         self.names = set()
         self.int8_stored: List[str] = []  # sub-8-bit weights XNNPACK takes as int8 only
 
-    def attr(self, name: str, value) -> fx.Node:
-        """``value`` (a module or a tensor) as an attribute of the new model."""
+    def attr(self, name: str, value) -> str:
+        """``value`` (a module or a tensor) as an attribute of the new model, under a free
+        name made from ``name``, which it returns."""
         name = name.replace(".", "_")
         base, count = name, 0
         while name in self.names:
@@ -251,15 +252,15 @@ def _get(module: nn.Module, target: str):
 def qdq_model(int_model: fx.GraphModule, inputs: tuple) -> fx.GraphModule:
     """The float model with quantize / dequantize pairs that computes what ``int_model``
     (from :func:`qat.convert`) computes, ready for ``torch.export``."""
-    if not isinstance(int_model, fx.GraphModule):
-        raise TypeError(f"qat.export: a .pte is written from a model converted by "
-                        f"qat.convert (a torch.fx.GraphModule), got "
-                        f"{type(int_model).__name__}")
     return _emit_qdq(int_model, inputs)[0]
 
 
 def _emit_qdq(int_model: fx.GraphModule, inputs: tuple) -> Tuple[fx.GraphModule, List[str]]:
     """(:func:`qdq_model`, the layers whose sub-8-bit weights it stores as int8)."""
+    if not isinstance(int_model, fx.GraphModule):
+        raise TypeError(f"qat.export: a .pte is written from a QAT model or one converted "
+                        f"by qat.convert (a torch.fx.GraphModule), got "
+                        f"{type(int_model).__name__}")
     recorder = _Recorder(int_model)
     with torch.no_grad():
         recorder.run(*inputs)
@@ -279,7 +280,7 @@ def _not_delegated(program) -> List[str]:
         if node.op != "call_function":
             continue
         name = getattr(node.target, "__name__", str(node.target))
-        if name.split(".")[0] in _SKIP_IN_REPORT or name == "getitem":
+        if name.split(".")[0] in _SKIP_IN_REPORT:
             continue
         names.append(name)
     return names

@@ -260,6 +260,14 @@ def test_an_op_executorch_cannot_lower_is_named_and_no_file_is_left(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["unique.pte"]
 
 
+@needs_executorch
+def test_a_model_neither_prepared_nor_converted_is_refused(tmp_path):
+    with pytest.raises(TypeError, match=r"a \.pte is written from a QAT model or one "
+                                        r"converted by qat\.convert .* got Linear"):
+        qat.export(nn.Linear(2, 2), tmp_path / "m.pte", torch.randn(1, 2))
+    assert os.listdir(tmp_path) == []
+
+
 def test_an_unknown_format_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"qat.export: format must be one of ptl, pt, pte "
                                          r"\(or None: from the path's suffix\), got 'onnx'"):
