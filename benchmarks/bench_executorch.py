@@ -41,19 +41,11 @@ VARIANTS = ("float", "ours int8", "ours w4a8", "pt2e int8")
 
 def lower(model: torch.nn.Module, example: torch.Tensor, path: str) -> dict:
     """Writes ``model`` (float, or PT2E's quantize / dequantize graph) as a .pte lowered with
-    XNNPACK's partitioner; returns its delegation counts."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exported = torch.export.export(model, (example,), strict=False)
-        layers = _pte._count(exported.graph_module, _pte._LAYERS)
-        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
-        left = _pte._count(edge.exported_program().graph_module, _pte._LAYERS)
-        with open(path, "wb") as f:
-            f.write(edge.to_executorch().buffer)
-    return {"layers": layers, "layers_delegated": layers - left}
+    XNNPACK's partitioner, as qat.export lowers its own; returns its delegation counts."""
+    program, report = _pte.lower(model, (example,))
+    with open(path, "wb") as f:
+        f.write(program)
+    return report
 
 
 def write_ours(model, batches, example, path, config) -> dict:

@@ -68,13 +68,8 @@ def _train(model, images, labels, steps, lr, batch, transform, seed) -> None:
 
 
 def _lower(model, example, path) -> None:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-
-    exported = torch.export.export(model, (example,), strict=False)
-    edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
     with open(path, "wb") as f:
-        f.write(edge.to_executorch().buffer)
+        f.write(_pte.lower(model, (example,))[0])
 
 
 def _run_pte(path, batches):

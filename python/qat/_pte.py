@@ -30,7 +30,8 @@ from torch import nn
 
 from . import quantized
 
-__all__ = ["available", "emit", "load", "qdq_model", "read_metadata_text", "run_fresh"]
+__all__ = ["available", "emit", "load", "lower", "qdq_model", "read_metadata_text",
+           "run_fresh"]
 
 # What a quantized tensor of the integer model carries: scale, zero point, dtype.
 _QParams = Tuple[float, int, torch.dtype]
@@ -308,15 +309,16 @@ def _lowering_error(stage: str, error: Exception) -> RuntimeError:
                         f"{lines[0] if lines else 'no message'}")
 
 
-def emit(int_model: fx.GraphModule, inputs: tuple, metadata: dict) -> Tuple[bytes, dict]:
-    """The ``.pte`` program of ``int_model`` lowered with XNNPACK's partitioner, with
-    ``metadata`` and the delegation report (how many convs / linears XNNPACK runs, the ops
-    it does not, and the convs whose sub-8-bit weights are stored as int8) as JSON in its
-    ``qat_metadata`` method; and that report."""
+def lower(model: nn.Module, inputs: tuple, metadata: Optional[dict] = None,
+          report: Optional[dict] = None) -> Tuple[bytes, dict]:
+    """``model`` (float, or quantize / dequantize pairs around float ops) as a ``.pte``
+    program lowered with XNNPACK's partitioner, and the delegation report: how many convs /
+    linears it has and XNNPACK runs, and the ops left outside XNNPACK, added to ``report``.
+    With ``metadata``, the program's ``qat_metadata`` method returns it as JSON with the
+    report under ``executorch``."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeProgramManager, to_edge_transform_and_lower
 
-    model, int8_stored = _emit_qdq(int_model, inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -329,17 +331,26 @@ def emit(int_model: fx.GraphModule, inputs: tuple, metadata: dict) -> Tuple[byte
         except Exception as error:  # noqa: BLE001 - so does ExecuTorch's lowering
             raise _lowering_error("lower this model to its edge dialect", error) from error
         lowered = edge.exported_program()
-        outside = _not_delegated(lowered)
         report = {"layers": layers,
                   "layers_delegated": layers - _count(lowered.graph_module, _LAYERS),
-                  "not_delegated": outside, "sub_8bit_weights_as_int8": int8_stored}
-        # The report is known once the program is lowered; the metadata method that carries
-        # it is added to the lowered program as the partitioner's own step does.
-        edge = EdgeProgramManager(
-            {"forward": lowered}, {"qat_metadata": json.dumps({**metadata, "executorch": report})},
-            edge.compile_config)
+                  "not_delegated": _not_delegated(lowered), **(report or {})}
+        if metadata is not None:
+            # The report is known once the program is lowered; the metadata method that
+            # carries it is added to the lowered program as the partitioner's own step does.
+            edge = EdgeProgramManager(
+                {"forward": lowered},
+                {"qat_metadata": json.dumps({**metadata, "executorch": report})},
+                edge.compile_config)
         program = edge.to_executorch()
     return program.buffer, report
+
+
+def emit(int_model: fx.GraphModule, inputs: tuple, metadata: dict) -> Tuple[bytes, dict]:
+    """The ``.pte`` program of ``int_model`` (:func:`qdq_model`, then :func:`lower`), with
+    ``metadata`` and the delegation report (also naming the convs whose sub-8-bit weights
+    are stored as int8) in its ``qat_metadata`` method; and that report."""
+    model, int8_stored = _emit_qdq(int_model, inputs)
+    return lower(model, inputs, metadata, {"sub_8bit_weights_as_int8": int8_stored})
 
 
 # Loads a .pte with ExecuTorch's runtime alone and runs it on saved inputs: the check of a
