@@ -19,7 +19,8 @@ from qat import _pte
 from qat.convert import _Converter
 from qat.datasets import load_fashion_mnist
 
-from helpers import FashionNet, script, sqnr_db, train
+from helpers import (TORCHVISION_PARITY, FashionNet, script, sqnr_db, train_torchvision_float,
+                     train_torchvision_qat)
 
 
 def test_fashion_mnist_integer_model_matches_the_simulation(fashion_qat_model):
@@ -230,83 +231,31 @@ def test_data_movement_and_hardswish_run_on_quantized_tensors():
     torch.testing.assert_close(script(int_model)(data[0]), int_model(data[0]), rtol=0, atol=0)
 
 
-def _fashion_rgb(images, size=32):
-    """Fashion-MNIST as the torchvision models take it: 3 channels, size x size."""
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False).repeat(
-        1, 3, 1, 1)
-
-
-def _settle_batch_norm(model, images, transform):
-    """Batch-norm running statistics as the exact average over ``images`` (8 batches), as
-    a trained model has them: a briefly trained model's (torchvision's momentum) lag."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # the cumulative average
-    model.train()
-    with torch.no_grad():
-        for i in range(8):
-            model(transform(images[i * 64:(i + 1) * 64]))
-
-
-# (model, input size, float optimizer, float steps, QAT steps). squeezenet1_1 needs 64x64
-# inputs (at 32x32 its last ReLU dies and every output is 0) and, with mobilenet_v3_small
-# and efficientnet_b0, Adam to learn in 100 steps. efficientnet_b0 needs longer training:
-# after 100 + 50 steps its 16 squeeze-excitation blocks amplify the rare one-step flips
-# left between float32 and int32 accumulation (each integer conv is >99.99% exact on the
-# simulation's own inputs) to 27.2 dB; after 300 + 100 steps, 30.6 dB; 500 + 150, 31.5 dB
-# on torch 1.13 but 29.8 dB on 2.15 (another float trajectory; the ops of its blocks are
-# bit-exact on both); 800 + 200, 30.5 dB on 1.13 and 30.8 dB on 2.15: a thin margin on
-# both, the test to look at if another machine or PyTorch lands below 30 dB.
-_TORCHVISION_PARITY = [
-    (torchvision.models.resnet18, 32, "sgd", 100, 50),
-    (torchvision.models.mobilenet_v2, 32, "sgd", 100, 50),
-    (torchvision.models.shufflenet_v2_x0_5, 32, "sgd", 100, 50),
-    (torchvision.models.mobilenet_v3_small, 64, "adam", 100, 50),
-    (torchvision.models.squeezenet1_1, 64, "adam", 100, 50),
-    (torchvision.models.efficientnet_b0, 64, "adam", 800, 200),
-]
-
-
-@pytest.mark.parametrize("factory,size,optimizer,float_steps,qat_steps", _TORCHVISION_PARITY,
-                         ids=[entry[0].__name__ for entry in _TORCHVISION_PARITY])
-def test_torchvision_integer_model_follows_the_simulation(factory, size, optimizer,
-                                                          float_steps, qat_steps, tmp_path):
+@pytest.mark.parametrize("name,size,optimizer,float_steps,qat_steps", TORCHVISION_PARITY,
+                         ids=[entry[0] for entry in TORCHVISION_PARITY])
+def test_torchvision_integer_model_follows_the_simulation(name, size, optimizer, float_steps,
+                                                          qat_steps, tmp_path):
     """Trained briefly on Fashion-MNIST (an untrained network is chaotic: one step of
     noise on 0.1% of its inputs moves its own simulation's output to 10-23 dB), batch-norm
     statistics settled, calibrated, QAT fine-tuned: the integer model's SQNR against the
     simulation; where ExecuTorch is installed (the PyPI leg), that of its .pte too, run in
     ExecuTorch's runtime (the training is shared: efficientnet_b0's takes minutes)."""
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
     images, labels = load_fashion_mnist(train=True)
     test_images, _ = load_fashion_mnist(train=False)
-
-    def transform(batch):
-        return _fashion_rgb(batch, size)
-
-    model = factory(weights=None, num_classes=10)
-    lr = 0.02 if optimizer == "sgd" else 1e-3
-    train(model, images, labels, float_steps, lr, gen, batch=32, transform=transform,
-           optimizer=optimizer)
-    _settle_batch_norm(model, images, transform)
-    qmodel = qat.prepare(model)
-    qat.calibrate(qmodel, [transform(images[i * 64:(i + 1) * 64]) for i in range(8, 12)],
-                  progress=False)
-    train(qmodel, images, labels, qat_steps, lr / 4, gen, batch=32, transform=transform,
-           optimizer=optimizer)
-    qat.disable_observer(qmodel)
-    _settle_batch_norm(qmodel, images, transform)
+    gen = torch.Generator().manual_seed(0)
+    model, transform = train_torchvision_float(name, size, optimizer, float_steps, images,
+                                               labels, gen)
+    qmodel = train_torchvision_qat(model, transform, optimizer, qat_steps, images, labels, gen)
     int_model = qat.convert(qmodel)
     batches = [transform(test_images[i:i + 250]) for i in range(0, 500, 250)]
     parity = qat.compare(qmodel, int_model, batches)
-    print(f"\n{factory.__name__}: {parity}")
+    print(f"\n{name}: {parity}")
     assert parity["sqnr_db"] >= 30, parity
     assert parity["top1_agreement"] >= 0.95, parity
     if _pte.available() is None:
         qat.export(qmodel, tmp_path / "model.pte", batches[0])
         parity = qat.compare(qmodel, str(tmp_path / "model.pte"), batches)
-        print(f"{factory.__name__} .pte in ExecuTorch: {parity}")
+        print(f"{name} .pte in ExecuTorch: {parity}")
         assert parity["sqnr_db"] >= 30, parity
         assert parity["top1_agreement"] >= 0.95, parity
 
