@@ -23,9 +23,7 @@ not measured here: the parity tests do that.
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 import traceback
 import warnings
 
@@ -34,6 +32,7 @@ import torchvision
 
 import qat
 from qat import _pte
+from qat.mobile import executorch_latency_ms
 
 MODELS = ("resnet18", "mobilenet_v2")
 VARIANTS = ("float", "ours int8", "ours w4a8", "pt2e int8")
@@ -75,22 +74,6 @@ def write_pt2e(model, batches, example, path) -> dict:
     return lower(converted, example, path)
 
 
-def latency_ms(paths, example, iterations: int, warmup: int):
-    from executorch.extension.pybindings.portable_lib import _load_for_executorch
-
-    programs = {name: _load_for_executorch(path) for name, path in paths.items()}
-    for _ in range(warmup):
-        for program in programs.values():
-            program.forward([example])
-    times = {name: [] for name in programs}
-    for _ in range(iterations):
-        for name, program in programs.items():
-            start = time.perf_counter()
-            program.forward([example])
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
-
-
 def run_model(name: str, args, folder: str) -> None:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)()
@@ -118,7 +101,8 @@ def run_model(name: str, args, folder: str) -> None:
         except Exception as error:  # noqa: BLE001 - reported, the others still measured
             failed[variant] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             traceback.print_exc()
-    latency = latency_ms(paths, example, args.iterations, args.warmup)
+    latency = {variant: median for variant, (median, _) in executorch_latency_ms(
+        paths, example, args.iterations, args.warmup).items()}
     float_size = os.path.getsize(paths["float"])
     print(f"\n{name} ({args.size}x{args.size}, batch 1, {args.threads} threads, "
           f"median of {args.iterations})")
@@ -145,10 +129,7 @@ def main() -> None:
     parser.add_argument("--calibration-batches", type=int, default=4)
     parser.add_argument("--out-dir")
     args = parser.parse_args()
-    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
-    _unsafe_reset_threadpool(args.threads)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)  # ExecuTorch's pool too (executorch_latency_ms)
     with tempfile.TemporaryDirectory() as temporary:
         folder = args.out_dir or temporary
         for name in args.models:

@@ -4,12 +4,16 @@ end, against PyTorch's own QAT.
 A small CNN (conv-bn-relu blocks, a residual add, a linear head) is trained in float, then
 fine-tuned with QAT at int8, at 4-bit weights (w4a8) and at per-layer bits chosen by
 ``qat.auto_precision`` under the w4a8 model's weight size; each is converted and exported
-as a lite-interpreter ``.ptl``. PyTorch's own QAT (``prepare_qat_fx`` / ``convert_fx``,
-qnnpack) is fine-tuned on the same schedule from the same float weights. One table shows,
-per model: the test accuracy of its ``.ptl`` (and of the QAT simulation), the file's size,
-its latency at batch 1 in the lite interpreter, and the parity of the integer model with
-its simulation (top-1 agreement, SQNR). Plots of accuracy against size and of per-layer
-sensitivity are written next to the files.
+in every mobile format this installation runs: a lite-interpreter ``.ptl`` where this
+PyTorch still has the lite interpreter, an ExecuTorch ``.pte`` (XNNPACK) where ExecuTorch is
+installed (the PyPI PyTorch: ``scripts/run_pypi.sh``), each beside the float model in the
+same format. PyTorch's own QAT (``prepare_qat_fx`` / ``convert_fx``, qnnpack) is fine-tuned
+on the same schedule from the same float weights (``.ptl`` only). One table per format
+shows, per model: the test accuracy of its file in its runtime (and of the QAT simulation),
+the file's size, its latency at batch 1 in that runtime, and the parity of the file with
+the simulation (top-1 agreement, SQNR). An ExecuTorch program runs the input shape it was
+exported with (batch 1 here), so its accuracy is measured one image at a time. Plots of
+accuracy against size and of per-layer sensitivity are written next to the files.
 
     .venv/bin/python examples/python/fashion_mnist_demo.py [--data DIR] [--out DIR]
         [--epochs 3] [--qat-epochs 1] [--train-limit N] [--test-limit N]
@@ -24,22 +28,30 @@ import warnings
 import zipfile
 
 # Set before torch loads libgomp (see benchmarks/bench_export.py): spinning OpenMP threads
-# would take the cores from the lite interpreter's thread pool in the latency figures.
+# would take the cores from the runtimes' thread pools in the latency figures.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.jit.mobile import _load_for_lite_interpreter  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import qat  # noqa: E402
 from qat.datasets import DEFAULT_FASHION_MNIST, load_fashion_mnist  # noqa: E402
-from qat.mobile import lite_latency_ms, save_for_lite_interpreter  # noqa: E402
+from qat.export import load  # noqa: E402
+from qat.mobile import (executorch_latency_ms, lite_latency_ms, mobile_formats,  # noqa: E402
+                        save_for_executorch, save_for_lite_interpreter)
 from qat.precision import model_size, weight_bits  # noqa: E402
 
 BATCH = 128
 CLASSES = 10
+# Per mobile format: its runtime, the batch its files run (a .pte runs the shape it was
+# exported with), the float baseline's writer, and the latency timer.
+RUNTIMES = {
+    "ptl": ("lite interpreter, qnnpack", BATCH,
+            lambda model, path, x: save_for_lite_interpreter(model, path), lite_latency_ms),
+    "pte": ("ExecuTorch, XNNPACK", 1, save_for_executorch, executorch_latency_ms),
+}
 
 
 class DemoNet(nn.Module):
@@ -93,30 +105,37 @@ def train(model, images, labels, epochs: int, lr: float, seed: int, desc: str) -
             bar.set_postfix(loss=f"{loss.item():.3f}")
 
 
-def accuracy(model, images, labels) -> float:
+def accuracy(model, images, labels, batch: int = BATCH) -> float:
     correct = 0
     with torch.no_grad():
-        for x, y in batches(images, labels):
-            correct += (model(x).argmax(1) == y).sum().item()
+        for i in range(0, len(images), batch):
+            correct += (model(images[i:i + batch]).argmax(1) == labels[i:i + batch]).sum().item()
     return correct / len(images)
 
 
-def run_qat(name, float_model, config, data, args, out_dir):
-    """Prepares, calibrates, fine-tunes and exports one qat model; its row of figures."""
+def run_qat(name, float_model, config, data, args, formats):
+    """Prepares, calibrates, fine-tunes and exports one qat model in each format; its rows
+    of figures, by format."""
     train_x, train_y, test_x, test_y = data
     qmodel = qat.prepare(copy.deepcopy(float_model), config)
     qat.calibrate(qmodel, [x for x, _ in batches(train_x[:2048], train_y[:2048])])
     train(qmodel, train_x, train_y, args.qat_epochs, args.qat_lr, seed=1, desc=name)
     qat.disable_observer(qmodel)
     qmodel.eval()
-    path = os.path.join(out_dir, f"{name.replace(' ', '_')}.ptl")
-    int_model = qat.export(qmodel, path, test_x[:1])
-    parity = qat.compare(qmodel, int_model, [x for x, _ in batches(test_x, test_y)])
-    return {"simulation_accuracy": accuracy(qmodel, test_x, test_y), "path": path,
-            "top1_agreement": parity["top1_agreement"], "sqnr_db": parity["sqnr_db"]}
+    simulation_accuracy = accuracy(qmodel, test_x, test_y)
+    rows = {}
+    for fmt in formats:
+        path = os.path.join(args.out, f"{name.replace(' ', '_')}.{fmt}")
+        qat.export(qmodel, path, test_x[:1])
+        batch = RUNTIMES[fmt][1]
+        parity = qat.compare(qmodel, path, [test_x[i:i + batch]
+                                            for i in range(0, len(test_x), batch)])
+        rows[fmt] = {"simulation_accuracy": simulation_accuracy, "path": path,
+                     "top1_agreement": parity["top1_agreement"], "sqnr_db": parity["sqnr_db"]}
+    return rows
 
 
-def run_torch_qat(float_model, data, args, out_dir):
+def run_torch_qat(float_model, data, args):
     """PyTorch's own QAT on the same schedule: prepare_qat_fx with the qnnpack default
     qconfig mapping, the same Adam fine-tuning, convert_fx. None where this PyTorch no longer
     has that flow."""
@@ -136,7 +155,7 @@ def run_torch_qat(float_model, data, args, out_dir):
         prepared.eval()
         simulation_accuracy = accuracy(prepared, test_x, test_y)
         int_model = convert_fx(copy.deepcopy(prepared))
-    path = os.path.join(out_dir, "torch_int8.ptl")
+    path = os.path.join(args.out, "torch_int8.ptl")
     save_for_lite_interpreter(int_model, path)
     with torch.no_grad():
         sim = torch.cat([prepared(x) for x, _ in batches(test_x, test_y)])
@@ -163,13 +182,15 @@ def plot_accuracy_vs_size(rows, path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     points = {}  # models landing on the same point share one label
-    for name, row in rows.items():
-        points.setdefault((round(row["bytes"] / 1e3), 100 * row["accuracy"]), []).append(name)
+    for fmt, table in rows.items():
+        for name, row in table.items():
+            points.setdefault((round(row["bytes"] / 1e3), 100 * row["accuracy"]),
+                              []).append(f"{name} .{fmt}")
     for (kb, acc), names in points.items():
         ax.scatter(kb, acc, s=40)
         ax.annotate(" = ".join(names), (kb, acc), textcoords="offset points", xytext=(5, 3),
                     fontsize=8)
-    ax.set_xlabel(".ptl file size (kB)")
+    ax.set_xlabel("file size (kB)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Fashion-MNIST: accuracy against model size")
     ax.grid(alpha=0.3)
@@ -179,6 +200,7 @@ def plot_accuracy_vs_size(rows, path) -> None:
 
 
 def print_table(rows) -> None:
+    """One format's rows; a .pte has no zip of tensors, so no tensor column."""
     header = (f"{'model':<12} {'accuracy':>9} {'simulated':>9} {'file kB':>8} {'x float':>7} "
               f"{'tensors kB':>10} {'latency ms':>10} {'agreement':>9} {'SQNR dB':>8}")
     print(header)
@@ -188,24 +210,30 @@ def print_table(rows) -> None:
         simulated = row.get("simulation_accuracy")
         agreement = row.get("top1_agreement")
         sqnr = row.get("sqnr_db")
+        tensors = row.get("tensor_bytes")
         print(f"{name:<12} {100 * row['accuracy']:>8.2f}% "
               f"{'' if simulated is None else f'{100 * simulated:.2f}%':>9} "
               f"{row['bytes'] / 1e3:>8.1f} {row['bytes'] / float_bytes:>7.3f} "
-              f"{row['tensor_bytes'] / 1e3:>10.1f} {row['latency_ms']:>10.3f} "
+              f"{'' if tensors is None else f'{tensors / 1e3:.1f}':>10} {row['latency_ms']:>10.3f} "
               f"{'' if agreement is None else f'{100 * agreement:.2f}%':>9} "
               f"{'' if sqnr is None else f'{sqnr:.1f}':>8}")
 
 
 def print_targets(rows) -> None:
-    """Issue 7's targets, reported (the demo does not stop on a miss)."""
+    """Issue 7's targets on one format's rows, reported (the demo does not stop on a
+    miss)."""
     base = rows["float"]["accuracy"]
+
+    def weights(name):
+        return rows[name].get("tensor_bytes", rows[name]["bytes"])
+
     checks = [
         ("qat int8 within 0.3 points of float",
          rows["qat int8"]["accuracy"] >= base - 0.003),
         ("qat w4a8 within 1 point of float", rows["qat w4a8"]["accuracy"] >= base - 0.01),
-        ("qat auto (mixed precision) at least as accurate as w4a8, its tensors no larger",
+        ("qat auto (mixed precision) at least as accurate as w4a8, its weights no larger",
          rows["qat auto"]["accuracy"] >= rows["qat w4a8"]["accuracy"]
-         and rows["qat auto"]["tensor_bytes"] <= rows["qat w4a8"]["tensor_bytes"]),
+         and weights("qat auto") <= weights("qat w4a8")),
         ("every integer model's top-1 agreement >= 99%",
          all(row["top1_agreement"] >= 0.99 for name, row in rows.items() if name != "float")),
     ]
@@ -221,7 +249,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default=DEFAULT_FASHION_MNIST,
                         help="folder with the Fashion-MNIST IDX files (default: %(default)s)")
     parser.add_argument("--out", default="outputs/fashion_mnist",
-                        help="where the .ptl files, plots and results.json go")
+                        help="where the .ptl / .pte files, plots and results.json go")
     parser.add_argument("--epochs", type=int, default=3, help="float training epochs")
     parser.add_argument("--qat-epochs", type=int, default=1, help="QAT fine-tuning epochs")
     parser.add_argument("--lr", type=float, default=1e-3, help="float Adam learning rate")
@@ -232,14 +260,18 @@ def main(argv=None) -> None:
                         help="use only the first N test images")
     parser.add_argument("--latency-iterations", type=int, default=200)
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="threads for training and for the lite interpreter (default: "
-                             "the machine's cores, %(default)s)")
+                        help="threads for training and for the runtimes (default: the "
+                             "machine's cores, %(default)s)")
     args = parser.parse_args(argv)
     for flag in ("epochs", "qat_epochs", "train_limit", "test_limit", "latency_iterations",
                  "threads"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    formats = mobile_formats()
+    if not formats:
+        parser.error(f"this installation (PyTorch {torch.__version__}) has neither the lite "
+                     f"interpreter nor ExecuTorch: no mobile file could be run")
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -251,13 +283,15 @@ def main(argv=None) -> None:
     train_x, train_y = train_x[:args.train_limit], train_y[:args.train_limit]
     test_x, test_y = test_x[:args.test_limit], test_y[:args.test_limit]
     data = (train_x, train_y, test_x, test_y)
-    print(f"Fashion-MNIST from {args.data}: {len(train_x)} training, {len(test_x)} test images")
+    print(f"Fashion-MNIST from {args.data}: {len(train_x)} training, {len(test_x)} test images; "
+          f"mobile formats: {', '.join('.' + fmt for fmt in formats)}")
 
     float_model = DemoNet()
     train(float_model, train_x, train_y, args.epochs, args.lr, seed=0, desc="float")
     float_model.eval()
-    rows = {"float": {"path": os.path.join(args.out, "float.ptl")}}
-    save_for_lite_interpreter(copy.deepcopy(float_model), rows["float"]["path"])
+    rows = {fmt: {"float": {"path": os.path.join(args.out, f"float.{fmt}")}} for fmt in formats}
+    for fmt in formats:
+        RUNTIMES[fmt][2](copy.deepcopy(float_model), rows[fmt]["float"]["path"], test_x[:1])
 
     calibration = [x for x, _ in batches(train_x[:1024], train_y[:1024])]
     sensitivity = qat.sensitivity(float_model, calibration, candidate_bits=(8, 4, 2))
@@ -271,29 +305,36 @@ def main(argv=None) -> None:
 
     for name, config in (("qat int8", qat.presets.int8()), ("qat w4a8", w4a8),
                          ("qat auto", mixed)):
-        rows[name] = run_qat(name, float_model, config, data, args, args.out)
-    torch_row = run_torch_qat(float_model, data, args, args.out)
-    if torch_row is not None:
-        rows["torch int8"] = torch_row
+        for fmt, row in run_qat(name, float_model, config, data, args, formats).items():
+            rows[fmt][name] = row
+    if "ptl" in formats:
+        torch_row = run_torch_qat(float_model, data, args)
+        if torch_row is not None:
+            rows["ptl"]["torch int8"] = torch_row
 
-    for row in rows.values():
-        row["accuracy"] = accuracy(_load_for_lite_interpreter(row["path"]), test_x, test_y)
-        row["bytes"] = os.path.getsize(row["path"])
-        row["tensor_bytes"] = tensor_bytes(row["path"])
-    latency = lite_latency_ms({name: row["path"] for name, row in rows.items()}, test_x[:1],
-                              args.latency_iterations, warmup=10)
-    for name, row in rows.items():
-        row["latency_ms"] = latency[name][0]
+    for fmt, table in rows.items():
+        runtime, batch, _, latency_ms = RUNTIMES[fmt]
+        for row in table.values():
+            row["accuracy"] = accuracy(load(row["path"])[0], test_x, test_y, batch)
+            row["bytes"] = os.path.getsize(row["path"])
+            if fmt == "ptl":
+                row["tensor_bytes"] = tensor_bytes(row["path"])
+        latency = latency_ms({name: row["path"] for name, row in table.items()}, test_x[:1],
+                             args.latency_iterations, warmup=10)
+        for name, row in table.items():
+            row["latency_ms"] = latency[name][0]
 
     plot_accuracy_vs_size(rows, os.path.join(args.out, "accuracy_vs_size.png"))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(rows, f, indent=2)
-    print(f"\nFashion-MNIST test set ({len(test_x)} images), {args.epochs} float + "
-          f"{args.qat_epochs} QAT epochs; accuracy of each .ptl in the lite interpreter, "
-          f"latency at batch 1 (median, qnnpack, {torch.get_num_threads()} threads):\n")
-    print_table(rows)
-    print("\ntargets:")
-    print_targets(rows)
+    for fmt, table in rows.items():
+        print(f"\n.{fmt}: Fashion-MNIST test set ({len(test_x)} images), {args.epochs} float + "
+              f"{args.qat_epochs} QAT epochs; accuracy of each file in its runtime "
+              f"({RUNTIMES[fmt][0]}), latency at batch 1 (median, {torch.get_num_threads()} "
+              f"threads):\n")
+        print_table(table)
+        print("\ntargets:")
+        print_targets(table)
     print(f"\nfiles and plots in {args.out}; {time.perf_counter() - started:.0f} s in all")
 
 

@@ -1,18 +1,29 @@
-"""PyTorch Mobile helpers shared by the benchmarks, the CLI and the main job: saving any
-(float or integer) model for the lite interpreter, and timing files in it."""
+"""Mobile-runtime helpers shared by the benchmarks, the CLI and the main job: saving any
+(float or integer) model for the lite interpreter or for ExecuTorch, and timing files in
+them."""
 
 import statistics
 import time
 import warnings
-from typing import Dict, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
 
-from ._torch_support import require_lite_interpreter, torch_deprecations_once
-from .export import optimize_for_mobile
+from . import _pte
+from ._torch_support import (has_lite_interpreter, require_lite_interpreter,
+                             torch_deprecations_once)
+from .export import optimize_for_mobile, require_executorch
 
-__all__ = ["lite_latency_ms", "save_for_lite_interpreter"]
+__all__ = ["executorch_latency_ms", "lite_latency_ms", "mobile_formats", "save_for_executorch",
+           "save_for_lite_interpreter"]
+
+
+def mobile_formats() -> List[str]:
+    """The mobile file kinds this installation can write and run: ``"ptl"`` where this
+    PyTorch has the lite interpreter, ``"pte"`` where ExecuTorch is installed."""
+    return ([name for name, present in (("ptl", has_lite_interpreter()),
+                                         ("pte", _pte.available() is None)) if present])
 
 
 def save_for_lite_interpreter(model: nn.Module, path: str) -> None:
@@ -32,6 +43,40 @@ def save_for_lite_interpreter(model: nn.Module, path: str) -> None:
         optimize_for_mobile(torch.jit.freeze(scripted))._save_for_lite_interpreter(path)
 
 
+def save_for_executorch(model: nn.Module, path: str, example_inputs) -> None:
+    """Writes ``model`` (any float model: a baseline for :func:`qat.export`'s integer
+    ``.pte``) as an ExecuTorch program lowered with XNNPACK's partitioner, as
+    :func:`qat.export` lowers its own; it runs the shapes of ``example_inputs`` (a tensor or
+    a tuple of them).
+
+    Raises:
+        RuntimeError: ExecuTorch is not installed, or cannot lower ``model``.
+    """
+    require_executorch("qat.mobile.save_for_executorch")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
+        example_inputs)
+    program, _ = _pte.lower(model.eval(), inputs)
+    with open(path, "wb") as f:
+        f.write(program)
+
+
+def _round_robin_ms(calls: Dict[str, Callable[[], object]], iterations: int,
+                    warmup: int) -> Dict[str, Tuple[float, float]]:
+    """``(median, min)`` milliseconds of each call, timed round-robin (one call of each,
+    repeat), so that a change in the machine's load touches every one alike."""
+    times = {name: [] for name in calls}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for call in calls.values():
+                call()
+        for _ in range(iterations):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
+
+
 def lite_latency_ms(paths: Dict[str, str], x: torch.Tensor, iterations: int,
                     warmup: int) -> Dict[str, Tuple[float, float]]:
     """``(median, min)`` milliseconds per call of each lite-interpreter file on ``x``, timed
@@ -42,14 +87,20 @@ def lite_latency_ms(paths: Dict[str, str], x: torch.Tensor, iterations: int,
 
     with torch_deprecations_once():
         modules = {name: _load_for_lite_interpreter(path) for name, path in paths.items()}
-    times = {name: [] for name in modules}
-    with torch.no_grad():
-        for _ in range(warmup):
-            for module in modules.values():
-                module(x)
-        for _ in range(iterations):
-            for name, module in modules.items():
-                start = time.perf_counter()
-                module(x)
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
+    return _round_robin_ms({name: (lambda m=m: m(x)) for name, m in modules.items()},
+                           iterations, warmup)
+
+
+def executorch_latency_ms(paths: Dict[str, str], x: torch.Tensor, iterations: int,
+                          warmup: int) -> Dict[str, Tuple[float, float]]:
+    """``(median, min)`` milliseconds per call of each ``.pte`` file on ``x`` in ExecuTorch's
+    runtime, round-robin as :func:`lite_latency_ms`. ExecuTorch's kernels run on a thread
+    pool of their own, set here to ``torch.get_num_threads()`` threads so that both
+    runtimes are timed with the same number."""
+    require_executorch("qat.mobile.executorch_latency_ms")
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    _unsafe_reset_threadpool(torch.get_num_threads())
+    programs = {name: _pte.load(path) for name, path in paths.items()}
+    return _round_robin_ms({name: (lambda p=p: p.forward([x])) for name, p in programs.items()},
+                           iterations, warmup)

@@ -7,6 +7,7 @@ import sys
 
 from conftest import SUBPROCESS_ENV as _ENV
 from helpers import ROOT
+from qat.mobile import mobile_formats
 
 
 def _run(script: str, *args: str) -> str:
@@ -62,22 +63,31 @@ def test_custom_estimator():
 
 
 def test_fashion_mnist_demo(tmp_path):
-    """The main job on a subset: every model exported, measured and plotted."""
+    """The main job on a subset: every model exported in every mobile format this
+    installation runs (.ptl where the lite interpreter exists, .pte where ExecuTorch is
+    installed), measured in its runtime and plotted."""
     import json
 
     out = _run("fashion_mnist_demo.py", "--train-limit", "2000", "--test-limit", "500",
                "--epochs", "1", "--qat-epochs", "1", "--latency-iterations", "5",
                "--out", str(tmp_path))
-    rows = json.loads((tmp_path / "results.json").read_text())
-    assert list(rows) == ["float", "qat int8", "qat w4a8", "qat auto", "torch int8"]
-    for name, row in rows.items():
-        assert os.path.getsize(row["path"]) == row["bytes"]
-        assert row["accuracy"] > 0.5 and row["latency_ms"] > 0, name  # chance: 0.1
-        assert f"{100 * row['accuracy']:.2f}%" in out
-    for name in ("qat int8", "qat w4a8", "qat auto"):
-        # Ours: the integer file computes what the simulation does.
-        assert rows[name]["top1_agreement"] >= 0.99, name
-        assert abs(rows[name]["accuracy"] - rows[name]["simulation_accuracy"]) <= 0.01, name
-    assert rows["qat w4a8"]["bytes"] < 0.9 * rows["qat int8"]["bytes"]
+    tables = json.loads((tmp_path / "results.json").read_text())
+    assert list(tables) == mobile_formats()
+    expected = {"ptl": ["float", "qat int8", "qat w4a8", "qat auto", "torch int8"],
+                "pte": ["float", "qat int8", "qat w4a8", "qat auto"]}
+    for fmt, rows in tables.items():
+        assert list(rows) == expected[fmt], fmt
+        assert f"\n.{fmt}: Fashion-MNIST test set (500 images)" in out
+        for name, row in rows.items():
+            assert row["path"].endswith(f".{fmt}") and os.path.getsize(row["path"]) == row["bytes"]
+            assert row["accuracy"] > 0.5 and row["latency_ms"] > 0, name  # chance: 0.1
+            assert f"{100 * row['accuracy']:.2f}%" in out
+        for name in ("qat int8", "qat w4a8", "qat auto"):
+            # Ours: the integer file computes what the simulation does.
+            assert rows[name]["top1_agreement"] >= 0.99, (fmt, name)
+            assert abs(rows[name]["accuracy"] - rows[name]["simulation_accuracy"]) <= 0.01, \
+                (fmt, name)
+        assert rows["qat int8"]["bytes"] < 0.6 * rows["float"]["bytes"], fmt
+        assert rows["qat w4a8"]["bytes"] < 0.9 * rows["qat int8"]["bytes"], fmt
     for plot in ("accuracy_vs_size.png", "sensitivity.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
