@@ -1,26 +1,10 @@
-"""What the benchmarks share: round-robin timing and the optional allocator setting."""
+"""What the benchmarks share: round-robin timing (qat.mobile's, which the latency helpers
+use too) and the optional allocator setting."""
 
 import ctypes
 import ctypes.util
-import statistics
-import time
-from typing import Callable, Dict, Tuple
 
-
-def round_robin_ms(fns: Dict[str, Callable[[], object]], repeats: int,
-                   warmup: int = 3) -> Dict[str, Tuple[float, float]]:
-    """(median, min) milliseconds per call of each callable, timed round-robin (one call of
-    each, repeat) so that a change in the machine's load touches every measurement alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
+from qat.mobile import round_robin_ms  # noqa: F401 - the benchmarks' import of it
 
 
 def keep_freed_memory() -> bool:

@@ -7,6 +7,7 @@
 #include <qat/lowered.h>
 
 #include <ATen/Context.h>
+#include <torch/csrc/jit/serialization/export.h>
 #include <torch/csrc/jit/serialization/import.h>
 // The lite interpreter is deprecated (PyTorch 2.10+); a LibTorch without it can still write
 // full TorchScript.
@@ -149,6 +150,24 @@ void check_outputs(
   }
 }
 
+// Refuses a module whose code calls qat's own operators: its file would load only where qat
+// is installed, which a phone is not (and the check below, run in this process where qat's
+// operators are registered, would pass). As Python's export.
+void refuse_qat_ops(const torch::jit::Module& module, const std::string& path) {
+  std::vector<std::string> ops;
+  for (const auto& name : torch::jit::export_opnames(module)) {
+    if (name.rfind("qat::", 0) == 0) {
+      ops.push_back(name);
+    }
+  }
+  if (!ops.empty()) {
+    throw std::runtime_error(fmt::format(
+        "qat::export_model: the converted model still calls qat's own operators ({}), which a "
+        "runtime without qat does not have, so '{}' was not written",
+        fmt::join(ops, ", "), path));
+  }
+}
+
 #ifdef QAT_HAVE_LITE_INTERPRETER
 // optimizeForMobile's rewrites need XNNPACK, which official PyTorch builds have left out
 // since 2.13 (it asserts there). The frozen module runs in the lite interpreter as it is:
@@ -200,6 +219,7 @@ void export_model(
 #else
   auto saved = frozen;
 #endif
+  refuse_qat_ops(saved, path);
   // Run on a copy: the first forward fills each layer's packed_params attribute, which the
   // file would otherwise carry as a second, unpacked copy of every weight.
   const auto written = as_float(saved.deepcopy().forward({input}));

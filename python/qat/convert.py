@@ -26,7 +26,8 @@ from . import _op_roles, quantized
 from .calibrate import disable_observer
 from .config import BACKENDS, check_backend
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
-from .modules import ConvBn2d, ConvBnReLU2d, Conv2d, Linear
+from .modules import (ConvBn2d, ConvBnReLU1d, ConvBnReLU2d, ConvBnReLU3d, Conv2d, Linear)
+from .modules.conv_bn import _ConvBnNd
 from .observers import ObserverBase
 from .prepare import _calls_one_of, _is_relu, _is_relu6
 
@@ -114,6 +115,38 @@ def _weights_of(module: nn.Module) -> torch.Tensor:
     if isinstance(module, ConvBn2d):
         return _folded(module)[0]
     return module.weight_fake_quant(module.weight)
+
+
+# The plain PyTorch layers QAT layers subclass (ConvBn1d is an nn.Conv1d, and so on).
+_PLAIN_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                 nn.ConvTranspose3d, nn.Linear, nn.Embedding, nn.EmbeddingBag)
+
+
+def _float_layer(module: nn.Module) -> Optional[nn.Module]:
+    """The plain PyTorch layer that computes what the QAT layer ``module`` computes in
+    eval, its fake-quantized weight (batch norm folded in) stored as a constant: a layer
+    without an integer kernel runs in float without calling qat's operators, so the file
+    it is exported to runs where qat is not installed. None for other modules."""
+    base = next((cls for cls in _PLAIN_LAYERS if isinstance(module, cls)), None)
+    if (base is None or not isinstance(getattr(module, "weight_fake_quant", None), FakeQuantize)
+            or hasattr(module, "activation_post_process")):
+        return None
+    with torch.no_grad():
+        if isinstance(module, _ConvBnNd):
+            weight, bias = _folded(module)
+        else:
+            weight, bias = module.weight_fake_quant(module.weight), getattr(module, "bias", None)
+    layer = copy.deepcopy(module)
+    layer.__class__ = base  # the same geometry and forward, without the QAT parts
+    for name in ("weight_fake_quant", "bn"):
+        if name in layer._modules:
+            delattr(layer, name)
+    layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    if "bias" in layer._parameters:  # embeddings have none
+        layer.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                            requires_grad=False)
+    relu = isinstance(module, (ConvBnReLU1d, ConvBnReLU2d, ConvBnReLU3d))
+    return nn.Sequential(layer, nn.ReLU()) if relu else layer
 
 
 def _check_finite(qmodel: nn.Module) -> None:
@@ -447,6 +480,10 @@ class _Converter:
         inputs = [n for n in inputs if not _is_input_scale(n)]
         if any(self.env[n] in self.qparams for n in inputs):
             self.report.float.append(_describe(node))
+        layer = _float_layer(self.module(node)) if node.op == "call_module" else None
+        if layer is not None:
+            parent, _, attr = node.target.rpartition(".")
+            setattr(self.gm.get_submodule(parent), attr, layer)
         if "input_scale" in node.kwargs:
             # A layer left in float keeps its float bias, as it runs without a kernel.
             kwargs = {k: v for k, v in node.kwargs.items() if k != "input_scale"}

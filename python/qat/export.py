@@ -235,6 +235,24 @@ def _write_checked(path: str, write: Callable[[str], None], check: Callable[[str
         raise
 
 
+def _refuse_qat_ops(scripted, int_model: nn.Module, path: str) -> None:
+    """Refuses a module whose code calls qat's own operators: the file would load only
+    where qat is installed, and a phone has no qat (the check runs here, where qat is
+    loaded, so loading the file back would not catch it)."""
+    ops = sorted({name for name in torch.jit.export_opnames(scripted)
+                  if name.split("::")[0] == "qat"})
+    if not ops:
+        return
+    layers = [f"{name} ({type(m).__name__})" for name, m in int_model.named_modules()
+              if isinstance(getattr(m, "weight_fake_quant", None), FakeQuantize)]
+    raise RuntimeError(
+        f"qat.export: the converted model still calls qat's own operators "
+        f"({', '.join(ops)}), which a runtime without qat does not have, so {path!r} was not "
+        f"written; QAT layers left as they were: {', '.join(layers[:8]) or 'none'}"
+        f"{' ...' if len(layers) > 8 else ''}. Skip such layers in the Config (they then "
+        f"stay plain float layers)")
+
+
 def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Module:
     inputs = _as_tuple(example_inputs)
     int_model, expected = _integer_model(model, inputs)
@@ -247,6 +265,7 @@ def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Mod
     frozen = torch.jit.freeze(scripted.eval())
     extra = {METADATA_FILE: _metadata(int_model, inputs)}
     saved = optimize_for_mobile(frozen) if mobile else frozen
+    _refuse_qat_ops(saved, int_model, path)
 
     def write(temporary: str) -> None:
         if mobile:

@@ -15,8 +15,8 @@ from ._torch_support import (has_lite_interpreter, require_lite_interpreter,
                              torch_deprecations_once)
 from .export import optimize_for_mobile, require_executorch
 
-__all__ = ["executorch_latency_ms", "lite_latency_ms", "mobile_formats", "save_for_executorch",
-           "save_for_lite_interpreter"]
+__all__ = ["executorch_latency_ms", "lite_latency_ms", "mobile_formats", "round_robin_ms",
+           "save_for_executorch", "save_for_lite_interpreter"]
 
 
 def mobile_formats() -> List[str]:
@@ -60,20 +60,20 @@ def save_for_executorch(model: nn.Module, path: str, example_inputs) -> None:
         f.write(program)
 
 
-def _round_robin_ms(calls: Dict[str, Callable[[], object]], iterations: int,
-                    warmup: int) -> Dict[str, Tuple[float, float]]:
-    """``(median, min)`` milliseconds of each call, timed round-robin (one call of each,
-    repeat), so that a change in the machine's load touches every one alike."""
+def round_robin_ms(calls: Dict[str, Callable[[], object]], iterations: int,
+                   warmup: int = 3) -> Dict[str, Tuple[float, float]]:
+    """``(median, min)`` milliseconds per call of each callable, timed round-robin (one call
+    of each, repeat) so that a change in the machine's load touches every one alike (the
+    latency helpers here and the benchmarks share it)."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
     times = {name: [] for name in calls}
-    with torch.no_grad():
-        for _ in range(warmup):
-            for call in calls.values():
-                call()
-        for _ in range(iterations):
-            for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                times[name].append((time.perf_counter() - start) * 1e3)
+    for _ in range(iterations):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - start) * 1e3)
     return {name: (statistics.median(values), min(values)) for name, values in times.items()}
 
 
@@ -87,7 +87,7 @@ def lite_latency_ms(paths: Dict[str, str], x: torch.Tensor, iterations: int,
 
     with torch_deprecations_once():
         modules = {name: _load_for_lite_interpreter(path) for name, path in paths.items()}
-    return _round_robin_ms({name: (lambda m=m: m(x)) for name, m in modules.items()},
+    return round_robin_ms({name: (lambda m=m: m(x)) for name, m in modules.items()},
                            iterations, warmup)
 
 
@@ -102,5 +102,5 @@ def executorch_latency_ms(paths: Dict[str, str], x: torch.Tensor, iterations: in
 
     _unsafe_reset_threadpool(torch.get_num_threads())
     programs = {name: _pte.load(path) for name, path in paths.items()}
-    return _round_robin_ms({name: (lambda p=p: p.forward([x])) for name, p in programs.items()},
+    return round_robin_ms({name: (lambda p=p: p.forward([x])) for name, p in programs.items()},
                            iterations, warmup)

@@ -36,14 +36,96 @@ torch.save(out, sys.argv[3])
 """
 
 
-def test_ptl_runs_in_a_process_without_qat(calibrated, tmp_path):
-    qmodel, x = calibrated
+class KeywordNet(nn.Module):
+    """A keyword-spotting-style 1-D conv net (Conv1d + BatchNorm1d + ReLU blocks, pooling,
+    a linear head): its convs have no integer kernel in qat yet and run in float."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(8, 16, 3, padding=1, bias=False), nn.BatchNorm1d(16), nn.ReLU(),
+            nn.Conv1d(16, 16, 3, padding=1), nn.BatchNorm1d(16), nn.ReLU(),
+            nn.Conv1d(16, 16, 1))
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@pytest.fixture(scope="module")
+def keyword_model():
+    torch.manual_seed(0)
+    qmodel = qat.prepare(KeywordNet())
+    data = [torch.randn(16, 8, 40) for _ in range(3)]
+    qat.calibrate(qmodel, data, progress=False)
+    return qmodel, data[0]
+
+
+@pytest.mark.parametrize("which", ["fashion_cnn", "keyword_1d"])
+def test_ptl_runs_in_a_process_without_qat(which, calibrated, keyword_model, tmp_path):
+    """The 2-D CNN on integer kernels, and the 1-D net whose convs (no integer kernel) run
+    in float: neither file calls a qat operator, and each runs where qat is absent."""
+    qmodel, x = calibrated if which == "fashion_cnn" else keyword_model
     path, inputs, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
     int_model = qat.export(qmodel, path, x)
     torch.save(x, inputs)
     run_python(_FRESH, path, inputs, outputs, check=True, env=dict(os.environ, PYTHONPATH=""))
     with torch.no_grad():
         torch.testing.assert_close(torch.load(outputs), int_model(x), rtol=0, atol=0)
+    # The float layers compute what the simulation's do (their fake-quantized, folded
+    # weights as constants): a rare one-step flip where float sums differ, no more.
+    parity = qat.compare(qmodel, path, x)
+    assert parity["within_one_step"] >= 0.99 and parity["max_steps"] <= 2, parity
+
+
+def test_float_layers_become_plain_pytorch_layers(keyword_model):
+    """A QAT layer without an integer kernel is converted to the plain layer with its
+    fake-quantized weight (batch norm folded, ReLU kept) baked in, checked against the
+    fake quantization and folding done here by hand."""
+    qmodel, x = keyword_model
+    int_model, report = qat.convert(qmodel, return_report=True)
+    assert {name.split(" ")[0] for name in report.float} >= {"features_0", "features_3"}
+    first = int_model.get_submodule("features.0")
+    assert isinstance(first, nn.Sequential) and type(first[0]) is nn.Conv1d
+    assert isinstance(first[1], nn.ReLU)
+    qat_layer = qmodel.get_submodule("features.0")
+    bn, fq = qat_layer.bn, qat_layer.weight_fake_quant
+    factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    folded = qat_layer.weight * factor.reshape(-1, 1, 1)
+    scale = fq.scale.reshape(-1, 1, 1)
+    ints = torch.clamp(torch.round(folded * (1.0 / scale)) + fq.zero_point.reshape(-1, 1, 1),
+                       fq.quant_min, fq.quant_max)
+    expected = (ints - fq.zero_point.reshape(-1, 1, 1)) * scale
+    # The simulation quantizes w with scale S / f rather than w * f with S (one operator
+    # fewer, see FakeQuantize.fake_quantize_folded): the same grid, but a value on a
+    # rounding tie in one float order may round the other way in the other.
+    steps = ((first[0].weight - expected).abs() / scale).detach()
+    assert steps.max() <= 1 + 1e-3 and (steps < 1e-3).float().mean() >= 0.99, steps.max()
+    torch.testing.assert_close(first[0].bias, bn.bias - bn.running_mean * factor)
+    ops = torch.jit.export_opnames(torch.jit.script(int_model))
+    assert not [op for op in ops if op.startswith("qat::")], ops
+
+
+class _CallsQat(nn.Module):
+    """Calls a qat operator on its input (on constants alone, freezing would fold it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("var", torch.ones(3))
+
+    def forward(self, x):
+        return torch.ops.qat.batch_norm_factor(x[0], self.var, 1e-5)
+
+
+def test_a_model_that_calls_qat_operators_is_refused(tmp_path):
+    """Such a file would load only where qat is installed (not on a phone), and the
+    export's own check, run here where qat is loaded, would pass: it is refused by its
+    op list, before anything is written."""
+    path = tmp_path / "model.ptl"
+    with pytest.raises(RuntimeError, match=r"qat::batch_norm_factor.*a runtime without qat"):
+        qat.export(_CallsQat(), path, torch.rand(2, 3))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_metadata_and_inspect(calibrated, tmp_path):
