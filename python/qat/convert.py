@@ -66,11 +66,39 @@ class ConversionReport:
 
     integer: List[str] = field(default_factory=list)
     float: List[str] = field(default_factory=list)
+    #: Weight elements stored as integers, and those of each layer left in float, by name.
+    integer_weights: int = 0
+    float_weights: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def integer_weight_share(self) -> float:
+        """The share of the layers' weight elements stored as integers (1.0 without any
+        weights)."""
+        total = self.integer_weights + sum(self.float_weights.values())
+        return self.integer_weights / total if total else 1.0
+
+    def largest_float_layers(self, count: int = 3) -> List[str]:
+        """The ``count`` float layers with the most weight elements, as ``name (n)``."""
+        largest = sorted(self.float_weights.items(), key=lambda item: -item[1])[:count]
+        return [f"{name} ({elements:,})" for name, elements in largest]
 
     def __str__(self) -> str:
-        lines = [f"{len(self.integer)} ops on integer kernels, {len(self.float)} in float"]
+        lines = [f"{len(self.integer)} ops on integer kernels, {len(self.float)} in float; "
+                 f"{100 * self.integer_weight_share:.1f}% of weight elements as integers"]
         lines += [f"  float: {name}" for name in self.float]
         return "\n".join(lines)
+
+
+def weight_elements(int_model: nn.Module) -> Tuple[int, Dict[str, int]]:
+    """(weight elements the integer layers store as integers, those of each float layer by
+    name) of a converted model."""
+    integer, floats = 0, {}
+    for name, module in int_model.named_modules():
+        if isinstance(module, quantized._IntegerLayer):
+            integer += math.prod(module.weight_shape)
+        elif isinstance(module, _PLAIN_LAYERS):
+            floats[name] = module.weight.numel()
+    return integer, floats
 
 
 def _qparams(fq: FakeQuantize) -> _QParams:
@@ -586,7 +614,9 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
     converted.delete_all_unused_submodules()
     converted.qat_config = getattr(qmodel, "qat_config", "{}")
     converted.eval()
-    return (converted, converter.report) if return_report else converted
+    report = converter.report
+    report.integer_weights, report.float_weights = weight_elements(converted)
+    return (converted, report) if return_report else converted
 
 
 def _output_step(qmodel: nn.Module) -> float:

@@ -17,7 +17,7 @@ from torch import nn
 from . import _C, _pte, quantized
 from ._torch_support import (require_lite_interpreter, require_torchscript,
                              torch_deprecations_once, warn_once, xnnpack_available)
-from .convert import convert
+from .convert import ConversionReport, convert, weight_elements
 from .fake_quant import FakeQuantize
 
 __all__ = ["FORMATS", "METADATA_FILE", "describe", "export", "load", "read_metadata"]
@@ -212,7 +212,24 @@ def _integer_model(model: nn.Module, inputs: tuple):
     int_model = convert(model) if any(isinstance(m, FakeQuantize) for m in model.modules()) \
         else model
     int_model.eval()
+    _warn_float_weights(int_model)
     return int_model, _run_example(int_model, inputs)
+
+
+# Below this share of weight elements stored as integers, a file is mostly a float model.
+INTEGER_WEIGHT_SHARE_WARNING = 0.95
+
+
+def _warn_float_weights(int_model: nn.Module) -> None:
+    """Warns, naming the largest float layers, when less than 95% of the weight elements
+    are stored as integers: those layers are 4x larger and run on float kernels."""
+    integer, floats = weight_elements(int_model)
+    report = ConversionReport(integer_weights=integer, float_weights=floats)
+    if report.integer_weight_share < INTEGER_WEIGHT_SHARE_WARNING:
+        warnings.warn(
+            f"qat.export: only {100 * report.integer_weight_share:.1f}% of the weight elements "
+            f"are stored as integers (layers without an integer kernel stay float); the "
+            f"largest float layers: {', '.join(report.largest_float_layers())}", stacklevel=5)
 
 
 def _write_checked(path: str, write: Callable[[str], None], check: Callable[[str], None]):

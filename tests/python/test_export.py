@@ -105,6 +105,28 @@ def test_float_layers_become_plain_pytorch_layers(keyword_model):
     torch.testing.assert_close(first[0].bias, bn.bias - bn.running_mean * factor)
     ops = torch.jit.export_opnames(torch.jit.script(int_model))
     assert not [op for op in ops if op.startswith("qat::")], ops
+    # Only the linear head (16 x 4) is on an integer kernel.
+    convs = {name: m.weight.numel() for name, m in KeywordNet().named_modules()
+             if isinstance(m, nn.Conv1d)}
+    assert report.integer_weights == 16 * 4
+    assert sum(report.float_weights.values()) == sum(convs.values()) == 384 + 768 + 256
+    assert report.integer_weight_share == pytest.approx(64 / (64 + 1408))
+    assert "4.3% of weight elements as integers" in str(report)
+
+
+def test_export_warns_when_most_weights_stay_float(keyword_model, calibrated, tmp_path):
+    """Below 95% of weight elements as integers, naming the largest float layers; not for
+    a model whose layers all have integer kernels."""
+    qmodel, x = keyword_model
+    with pytest.warns(UserWarning, match=r"only 4\.3% of the weight elements are stored as "
+                      r"integers.*largest float layers: features\.3\.0 \(768\), "
+                      r"features\.0\.0 \(384\), features\.6 \(256\)"):
+        qat.export(qmodel, tmp_path / "keyword.ptl", x)
+    qmodel, x = calibrated
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qat.export(qmodel, tmp_path / "cnn.ptl", x)
+    assert not [w for w in caught if "weight elements" in str(w.message)]
 
 
 class _CallsQat(nn.Module):
