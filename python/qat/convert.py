@@ -557,7 +557,9 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
     quantized tensors; sigmoid, tanh and hardsigmoid run on their fixed-qparams kernels.
     Everything else (average pooling and mean among them: their kernels round twice where
     the simulation rounds once) runs in float between a dequantize and a quantize, and is
-    listed in the report.
+    listed in the report. A QAT layer left in float becomes the plain PyTorch layer with its
+    fake-quantized weight (batch norm folded in) as a constant, so the integer model calls
+    no ``qat::`` operator; the report counts the weight elements stored as integers.
 
     Args:
         qmodel: a model from :func:`qat.prepare` (a ``torch.fx.GraphModule``). It is not
