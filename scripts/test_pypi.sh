@@ -7,5 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=$(QAT_BUILD_TESTS=1 scripts/build_pypi.sh | tail -n 1)
-ctest --test-dir "$PWD/build-pypi" --output-on-failure -j "$(nproc)"
+# The tests that build or run against qat's C++ build (the installed CMake package, the C++
+# front end's binaries) read QAT_BUILD_DIR: this build's, not the Debian one in build/.
+export QAT_BUILD_DIR="$PWD/build-pypi"
+ctest --test-dir "$QAT_BUILD_DIR" --output-on-failure -j "$(nproc)"
 "$venv/bin/python" -m pytest tests/python -q -p no:cacheprovider "$@"
