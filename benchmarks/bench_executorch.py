@@ -31,20 +31,10 @@ import torch
 import torchvision
 
 import qat
-from qat import _pte
-from qat.mobile import executorch_latency_ms
+from qat.mobile import executorch_latency_ms, save_for_executorch
 
 MODELS = ("resnet18", "mobilenet_v2")
 VARIANTS = ("float", "ours int8", "ours w4a8", "pt2e int8")
-
-
-def lower(model: torch.nn.Module, example: torch.Tensor, path: str) -> dict:
-    """Writes ``model`` (float, or PT2E's quantize / dequantize graph) as a .pte lowered with
-    XNNPACK's partitioner, as qat.export lowers its own; returns its delegation counts."""
-    program, report = _pte.lower(model, (example,))
-    with open(path, "wb") as f:
-        f.write(program)
-    return report
 
 
 def write_ours(model, batches, example, path, config) -> dict:
@@ -71,7 +61,7 @@ def write_pt2e(model, batches, example, path) -> dict:
             for batch in batches:
                 prepared(batch)
         converted = convert_pt2e(prepared)
-    return lower(converted, example, path)
+    return save_for_executorch(converted, path, example)
 
 
 def run_model(name: str, args, folder: str) -> None:
@@ -88,7 +78,7 @@ def run_model(name: str, args, folder: str) -> None:
     model.eval()
     paths, delegation, failed = {}, {}, {}
     writers = {
-        "float": lambda p: lower(model, example, p),
+        "float": lambda p: save_for_executorch(model, p, example),
         "ours int8": lambda p: write_ours(model, batches, example, p, qat.presets.int8()),
         "ours w4a8": lambda p: write_ours(model, batches, example, p, qat.presets.w4a8()),
         "pt2e int8": lambda p: write_pt2e(model, batches, example, p),

@@ -38,6 +38,7 @@ import torchvision
 import qat
 from qat import _pte
 from qat.datasets import load_fashion_mnist
+from qat.mobile import save_for_executorch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "python"))
 # The parity tests' models and recipes, not copies.
@@ -48,11 +49,6 @@ EVAL = 1000
 BATCH = 500  # a .pte runs the shape it was exported with
 RECIPES = {entry[0]: entry[1:] for entry in TORCHVISION_PARITY}
 MODELS = ["fashion_cnn"] + list(RECIPES)
-
-
-def _lower(model, example, path) -> None:
-    with open(path, "wb") as f:
-        f.write(_pte.lower(model, (example,))[0])
 
 
 def _run_pte(path, batches):
@@ -166,7 +162,7 @@ def run_model(name: str, folder: str) -> None:
     with torch.no_grad():
         pt2e_sim = torch.cat([prepared(b) for b in batches])
     pt2e_path = os.path.join(folder, f"{name}-pt2e.pte")
-    _lower(convert_pt2e(prepared), batches[0], pt2e_path)
+    save_for_executorch(convert_pt2e(prepared), pt2e_path, batches[0])
     pt2e_pte = _run_pte(pt2e_path, batches)
 
     print(f"\n{name}: {len(test_y)} test images, .pte vs its own simulation", flush=True)

@@ -43,11 +43,12 @@ def save_for_lite_interpreter(model: nn.Module, path: str) -> None:
         optimize_for_mobile(torch.jit.freeze(scripted))._save_for_lite_interpreter(path)
 
 
-def save_for_executorch(model: nn.Module, path: str, example_inputs) -> None:
-    """Writes ``model`` (any float model: a baseline for :func:`qat.export`'s integer
-    ``.pte``) as an ExecuTorch program lowered with XNNPACK's partitioner, as
-    :func:`qat.export` lowers its own; it runs the shapes of ``example_inputs`` (a tensor or
-    a tuple of them).
+def save_for_executorch(model: nn.Module, path: str, example_inputs) -> dict:
+    """Writes ``model`` in eval mode (any float model: a baseline for :func:`qat.export`'s
+    integer ``.pte``; or another flow's quantize / dequantize graph) as an ExecuTorch
+    program lowered with XNNPACK's partitioner, as :func:`qat.export` lowers its own; it
+    runs the shapes of ``example_inputs`` (a tensor or a tuple of them). Returns the
+    delegation report (``layers``, ``layers_delegated``, ``not_delegated``).
 
     Raises:
         RuntimeError: ExecuTorch is not installed, or cannot lower ``model``.
@@ -55,9 +56,10 @@ def save_for_executorch(model: nn.Module, path: str, example_inputs) -> None:
     require_executorch("qat.mobile.save_for_executorch")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
         example_inputs)
-    program, _ = _pte.lower(model.eval(), inputs)
+    program, report = _pte.lower(model, inputs)
     with open(path, "wb") as f:
         f.write(program)
+    return report
 
 
 def round_robin_ms(calls: Dict[str, Callable[[], object]], iterations: int,
