@@ -13,9 +13,12 @@ namespace qat {
 
 const std::vector<OpRoleInfo>& op_roles() {
   static const std::vector<OpRoleInfo> table{
+      {"conv1d", OpRole::kLayer, true},
       {"conv2d", OpRole::kLayer, true},
+      {"conv3d", OpRole::kLayer, true},
       {"linear", OpRole::kLayer, true},
       {"relu", OpRole::kPassesQParams, true},
+      {"max_pool1d", OpRole::kPassesQParams, true},
       {"max_pool2d", OpRole::kPassesQParams, true},
       {"flatten", OpRole::kPassesQParams, true},
       {"reshape", OpRole::kPassesQParams, true},
@@ -31,8 +34,12 @@ const std::vector<OpRoleInfo>& op_roles() {
       // Averages: the quantized kernels round to the input's grid, and the requantization
       // after would round a second time where the simulation rounds once.
       {"mean", OpRole::kRequantizes, false},
+      {"avg_pool1d", OpRole::kRequantizes, false},
       {"avg_pool2d", OpRole::kRequantizes, false},
+      {"avg_pool3d", OpRole::kRequantizes, false},
+      {"adaptive_avg_pool1d", OpRole::kRequantizes, false},
       {"adaptive_avg_pool2d", OpRole::kRequantizes, false},
+      {"adaptive_avg_pool3d", OpRole::kRequantizes, false},
       // A clamp not fused into a layer before it: its bound (6) is not on its input's grid,
       // so the clamped value is quantized again (qnnpack's quantized clamp also scrambles
       // channels-last tensors in torch 1.13, so it runs in float).

@@ -16,12 +16,15 @@ from torch import nn
 
 from . import _C
 
-# op name -> (functions, method names, module types). Layers (conv2d, linear) are swapped
+# op name -> (functions, method names, module types). Layers (convs, linear) are swapped
 # by the module registry (qat.modules), not matched here.
 _SPELLINGS = {
+    "conv1d": ((), (), ()),
     "conv2d": ((), (), ()),
+    "conv3d": ((), (), ()),
     "linear": ((), (), ()),
     "relu": ((F.relu, torch.relu), ("relu", "relu_"), (nn.ReLU,)),
+    "max_pool1d": ((F.max_pool1d,), (), (nn.MaxPool1d,)),
     "max_pool2d": ((F.max_pool2d,), (), (nn.MaxPool2d,)),
     "flatten": ((torch.flatten,), ("flatten",), (nn.Flatten,)),
     "reshape": ((torch.reshape,), ("reshape",), ()),
@@ -34,8 +37,12 @@ _SPELLINGS = {
     "cat": ((torch.cat,), (), ()),
     "hardswish": ((F.hardswish,), (), (nn.Hardswish,)),
     "mean": ((torch.mean,), ("mean",), ()),
+    "avg_pool1d": ((F.avg_pool1d,), (), (nn.AvgPool1d,)),
     "avg_pool2d": ((F.avg_pool2d,), (), (nn.AvgPool2d,)),
+    "avg_pool3d": ((F.avg_pool3d,), (), (nn.AvgPool3d,)),
+    "adaptive_avg_pool1d": ((F.adaptive_avg_pool1d,), (), (nn.AdaptiveAvgPool1d,)),
     "adaptive_avg_pool2d": ((F.adaptive_avg_pool2d,), (), (nn.AdaptiveAvgPool2d,)),
+    "adaptive_avg_pool3d": ((F.adaptive_avg_pool3d,), (), (nn.AdaptiveAvgPool3d,)),
     "relu6": ((F.relu6,), (), (nn.ReLU6,)),
     "hardtanh": ((F.hardtanh,), (), (nn.Hardtanh,)),
     "sigmoid": ((torch.sigmoid, F.sigmoid), ("sigmoid",), (nn.Sigmoid,)),

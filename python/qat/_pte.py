@@ -85,6 +85,10 @@ def _signed(qparams: _QParams) -> Tuple[float, int]:
     return scale, zero_point - 128 if dtype == torch.quint8 else zero_point
 
 
+# The integer convs by their lowered kind, and the float conv each is emitted as.
+_CONVS = {"Conv1d": torch.conv1d, "Conv2d": torch.conv2d}
+
+
 class _Emitter:
     def __init__(self, gm: fx.GraphModule, qparams: Dict[fx.Node, _QParams]):
         self.gm = gm
@@ -95,6 +99,7 @@ class _Emitter:
         self.ops = _ops()
         self.names = set()
         self.int8_stored: List[str] = []  # sub-8-bit weights XNNPACK takes as int8 only
+        self.float_stored: List[str] = []  # tables no kernel of the runtime reads as integers
 
     def attr(self, name: str, value) -> str:
         """``value`` (a module or a tensor) as an attribute of the new model, under a free
@@ -136,7 +141,7 @@ class _Emitter:
         w = op.weight
         ints = self.graph.get_attr(self.attr(f"{op.name}.weight", w.int_repr()))
         low, high = op.weight_quant_min, 2 ** (op.weight_bits - 1) - 1
-        if op.kind == "Conv2d" and op.weight_bits < 8:
+        if op.kind in _CONVS and op.weight_bits < 8:
             # XNNPACK's 4-bit weight kernels are for linears only; a conv's sub-8-bit
             # integers are stored as int8 (the same values).
             low, high = -128, 127
@@ -162,8 +167,8 @@ class _Emitter:
         """The float arithmetic of one integer module, quantized to its output qparams."""
         op = module.lowered(node.target)
         args = [self.env[a] if isinstance(a, fx.Node) else a for a in node.args]
-        if isinstance(module, quantized.Conv2d):
-            y = self.graph.call_function(torch.conv2d, (
+        if op.kind in _CONVS:
+            y = self.graph.call_function(_CONVS[op.kind], (
                 args[0], self.weight(op), self.bias(op), list(op.stride), list(op.padding),
                 list(op.dilation), op.groups))
         elif isinstance(module, quantized.LinearDynamic):
@@ -185,12 +190,26 @@ class _Emitter:
             y = self.graph.call_function(torch.cat, (inputs, module.dim))
         elif isinstance(module, quantized.Hardswish):
             y = self.graph.call_function(F.hardswish, (args[0],))
+        elif isinstance(module, quantized.Conv3d):
+            raise TypeError(f"qat.export: no .pte lowering for the 3-D conv {node.target}: "
+                            f"neither XNNPACK nor ExecuTorch's portable kernels have a 3-D "
+                            f"convolution; export it as .ptl or .pt")
         else:
             raise TypeError(f"qat.export: no .pte lowering for {type(module).__name__} "
                             f"({node.target})")
         if op.relu:
             y = self.graph.call_function(F.relu, (y,))
         return self.quantize(y, self.recorded[node])
+
+    def embedding(self, node: fx.Node, module: quantized.Embedding) -> fx.Node:
+        """An integer embedding as a float lookup in the values of its integers: XNNPACK
+        has no embedding kernel, and ExecuTorch's runtime does not ship its quantized
+        embedding kernels by default, so the table is stored in float (and reported)."""
+        self.float_stored.append(node.target)
+        ints = module.weight_data.float()
+        table = (ints - module.weight_zero_point[:, None]) * module.weight_scale[:, None]
+        weight = self.graph.get_attr(self.attr(f"{node.target}.weight", table))
+        return self.graph.call_function(F.embedding, (self.env[node.args[0]], weight))
 
     def node(self, node: fx.Node) -> fx.Node:
         if node.op == "placeholder":
@@ -210,6 +229,8 @@ class _Emitter:
                 return self.quantize(self.env[source], self.recorded[node])
             if isinstance(module, quantized._WithOutputQParams):
                 return self.integer_op(node, module)
+            if isinstance(module, quantized.Embedding):
+                return self.embedding(node, module)
             new = self.graph.call_module(
                 self.attr(node.target, module),
                 *fx.node.map_aggregate((node.args, node.kwargs), self._arg))
@@ -256,8 +277,10 @@ def qdq_model(int_model: fx.GraphModule, inputs: tuple) -> fx.GraphModule:
     return _emit_qdq(int_model, inputs)[0]
 
 
-def _emit_qdq(int_model: fx.GraphModule, inputs: tuple) -> Tuple[fx.GraphModule, List[str]]:
-    """(:func:`qdq_model`, the layers whose sub-8-bit weights it stores as int8)."""
+def _emit_qdq(int_model: fx.GraphModule,
+              inputs: tuple) -> Tuple[fx.GraphModule, List[str], List[str]]:
+    """(:func:`qdq_model`, the layers whose sub-8-bit weights it stores as int8, the
+    embeddings whose tables it stores in float)."""
     if not isinstance(int_model, fx.GraphModule):
         raise TypeError(f"qat.export: a .pte is written from a QAT model or one converted "
                         f"by qat.convert (a torch.fx.GraphModule), got "
@@ -266,7 +289,7 @@ def _emit_qdq(int_model: fx.GraphModule, inputs: tuple) -> Tuple[fx.GraphModule,
     with torch.no_grad():
         recorder.run(*inputs)
     emitter = _Emitter(int_model, recorder.qparams)
-    return emitter.run().eval(), emitter.int8_stored
+    return emitter.run().eval(), emitter.int8_stored, emitter.float_stored
 
 
 # Ops whose absence from XNNPACK's part of the program is worth naming in the report; the
@@ -294,7 +317,7 @@ def _count(graph_module, names) -> int:
 
 # A traced graph's convs and linears, before the edge dialect (conv2d, linear) and after it
 # (convolution, addmm / mm), where those left outside XNNPACK's part are counted.
-_LAYERS = {"conv2d", "linear", "convolution", "addmm", "mm"}
+_LAYERS = {"conv1d", "conv2d", "conv3d", "linear", "convolution", "addmm", "mm"}
 
 
 def _lowering_error(stage: str, error: Exception) -> RuntimeError:
@@ -349,8 +372,9 @@ def emit(int_model: fx.GraphModule, inputs: tuple, metadata: dict) -> Tuple[byte
     """The ``.pte`` program of ``int_model`` (:func:`qdq_model`, then :func:`lower`), with
     ``metadata`` and the delegation report (also naming the convs whose sub-8-bit weights
     are stored as int8) in its ``qat_metadata`` method; and that report."""
-    model, int8_stored = _emit_qdq(int_model, inputs)
-    return lower(model, inputs, metadata, {"sub_8bit_weights_as_int8": int8_stored})
+    model, int8_stored, float_stored = _emit_qdq(int_model, inputs)
+    return lower(model, inputs, metadata, {"sub_8bit_weights_as_int8": int8_stored,
+                                           "weights_as_float": float_stored})
 
 
 # Loads a .pte with ExecuTorch's runtime alone and runs it on saved inputs: the check of a
@@ -379,8 +403,10 @@ def run_fresh(path: str, inputs: tuple) -> List[torch.Tensor]:
             lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
             # The runtime logs why (an XNNPACK status, a missing operator) before the
             # exception, which only gives an error code.
-            causes = [line for line in lines if "fail" in line.lower() or "missing" in
-                      line.lower()][:3] or lines[-1:] or [f"exit status {done.returncode}"]
+            # (cpuinfo's notes about files this machine lacks are not among the causes.)
+            causes = [line for line in lines if ("fail" in line.lower() or "missing" in
+                      line.lower()) and "cpuinfo" not in line][:3] or lines[-1:] or [
+                          f"exit status {done.returncode}"]
             hint = ""
             if any("xnn_status_unsupported_parameter" in line for line in causes):
                 hint = ("; XNNPACK bounds the ratio of an op's input and output scales "

@@ -26,7 +26,8 @@ from . import _op_roles, quantized
 from .calibrate import disable_observer
 from .config import BACKENDS, check_backend
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
-from .modules import (ConvBn2d, ConvBnReLU1d, ConvBnReLU2d, ConvBnReLU3d, Conv2d, Linear)
+from .modules import (Conv1d, Conv2d, Conv3d, ConvBnReLU1d, ConvBnReLU2d, ConvBnReLU3d,
+                      Embedding, Linear)
 from .modules.conv_bn import _ConvBnNd
 from .observers import ObserverBase
 from .prepare import _calls_one_of, _is_relu, _is_relu6
@@ -94,10 +95,16 @@ def weight_elements(int_model: nn.Module) -> Tuple[int, Dict[str, int]]:
     name) of a converted model."""
     integer, floats = 0, {}
     for name, module in int_model.named_modules():
-        if isinstance(module, quantized._IntegerLayer):
+        if isinstance(module, (quantized._IntegerLayer, quantized.Embedding)):
             integer += math.prod(module.weight_shape)
         elif isinstance(module, _PLAIN_LAYERS):
             floats[name] = module.weight.numel()
+        elif isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
+            # Recurrent weights and attention's input projection (its output projection is
+            # an nn.Linear, counted on its own).
+            weights = [p.numel() for n, p in module.named_parameters(recurse=False)
+                       if "weight" in n and p is not None]
+            floats[name] = sum(weights)
     return integer, floats
 
 
@@ -127,7 +134,22 @@ def _integer_weight(fq_weight: torch.Tensor, fq: FakeQuantize) -> torch.Tensor:
                                         fq.quant_max, fq.per_channel)
 
 
-def _folded(module: ConvBn2d) -> Tuple[torch.Tensor, torch.Tensor]:
+def _integer_embedding(module: Embedding) -> Optional[quantized.Embedding]:
+    """The integer table of a QAT embedding with per-row qparams, or None (per-tensor
+    qparams, or max_norm, which renormalizes rows of the float table as they are read)."""
+    fq = module.weight_fake_quant
+    if module.max_norm is not None or not fq.per_channel:
+        return None
+    # torch.ops.qat.integer_weight gives int8: a range such as the default [0, 255] is
+    # moved to [-128, 127] with its zero points, which quantized.Embedding moves back.
+    shift = -128 - fq.quant_min
+    with torch.no_grad():
+        ints = torch.ops.qat.integer_weight(fq(module.weight), fq.scale, fq.zero_point + shift,
+                                            fq.quant_min + shift, fq.quant_max + shift, True)
+    return quantized.Embedding(ints, fq.spec.bits, fq.quant_min + shift)
+
+
+def _folded(module: _ConvBnNd) -> Tuple[torch.Tensor, torch.Tensor]:
     """(fake-quantized folded weight, folded bias) of a conv + batch norm in eval: what
     ``bn(conv(x, weight))`` computes with the running statistics."""
     bn = module.bn
@@ -140,10 +162,15 @@ def _folded(module: ConvBn2d) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def _weights_of(module: nn.Module) -> torch.Tensor:
     """The fake-quantized weight a QAT conv / linear uses (folded for conv + bn)."""
-    if isinstance(module, ConvBn2d):
+    if isinstance(module, _ConvBnNd):
         return _folded(module)[0]
     return module.weight_fake_quant(module.weight)
 
+
+# The QAT convs with an integer kernel, and the integer module of each conv dimension.
+_CONVS = (Conv1d, Conv2d, Conv3d, _ConvBnNd)
+_INTEGER_CONVS = {1: quantized.Conv1d, 2: quantized.Conv2d, 3: quantized.Conv3d}
+_CONV_BN_RELU = (ConvBnReLU1d, ConvBnReLU2d, ConvBnReLU3d)
 
 # The plain PyTorch layers QAT layers subclass (ConvBn1d is an nn.Conv1d, and so on).
 _PLAIN_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -173,7 +200,7 @@ def _float_layer(module: nn.Module) -> Optional[nn.Module]:
     if "bias" in layer._parameters:  # embeddings have none
         layer.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                             requires_grad=False)
-    relu = isinstance(module, (ConvBnReLU1d, ConvBnReLU2d, ConvBnReLU3d))
+    relu = isinstance(module, _CONV_BN_RELU)
     return nn.Sequential(layer, nn.ReLU()) if relu else layer
 
 
@@ -221,7 +248,7 @@ def _observe_weights(gm: nn.Module) -> None:
             if isinstance(fq, FakeQuantize) and not bool(
                     torch.isfinite(fq.observer.min_val).any()):
                 fq.enable_observer()
-                if isinstance(module, ConvBn2d):
+                if isinstance(module, _ConvBnNd):
                     _folded(module)
                 else:
                     fq(module.weight)
@@ -231,10 +258,10 @@ def _integer_module(module: nn.Module, out: _QParams, relu: bool) -> Optional[nn
     """The integer version of a QAT conv / linear, or None when it has none here."""
     scale, zero_point, _ = out
     with torch.no_grad():
-        if isinstance(module, ConvBn2d):
+        if isinstance(module, _ConvBnNd):
             weight, bias = _folded(module)
-            relu = relu or isinstance(module, ConvBnReLU2d)
-        elif isinstance(module, (Conv2d, Linear)):
+            relu = relu or isinstance(module, _CONV_BN_RELU)
+        elif isinstance(module, (Conv1d, Conv2d, Conv3d, Linear)):
             weight = _weights_of(module)
             bias = module.bias
         else:
@@ -247,9 +274,10 @@ def _integer_module(module: nn.Module, out: _QParams, relu: bool) -> Optional[nn
                                     fq.quant_min)
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             return None
-        return quantized.Conv2d(qweight, bias, list(module.stride), list(module.padding),
-                                list(module.dilation), module.groups, scale, zero_point, relu,
-                                fq.spec.bits, fq.quant_min)
+        conv = _INTEGER_CONVS[qweight.dim() - 2]
+        return conv(qweight, bias, list(module.stride), list(module.padding),
+                    list(module.dilation), module.groups, scale, zero_point, relu, fq.spec.bits,
+                    fq.quant_min)
 
 
 class _Converter:
@@ -414,7 +442,14 @@ class _Converter:
             self.env[node] = self.add_module(node.target, layer, [self.as_float(first)])
             self.report.integer.append(_describe(node) + " dynamic")
             return True
-        if isinstance(module, (ConvBn2d, Conv2d, Linear)):
+        if isinstance(module, Embedding):
+            table = _integer_embedding(module)
+            if table is None:
+                return False
+            self.env[node] = self.add_module(node.target, table, [self.as_float(first)])
+            self.report.integer.append(_describe(node))
+            return True
+        if isinstance(module, (*_CONVS, Linear)):
             fq_node, relu, owns = self.output_fake_quant(node, relu_ok=True)
             if x is None or fq_node is None or not self.fusable(relu, fq_node):
                 return False
@@ -551,7 +586,8 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
     ``quantized::linear_dynamic`` (float in and out, the input quantized at run time), and
     weights that never ran are observed here: no calibration is needed.
 
-    Conv2d / ConvBn2d / ConvBnReLU2d / Linear (followed by a ReLU or not), ``+``, ``*`` and
+    Conv1d / Conv2d / Conv3d (batch norm folded in or not) and Linear (followed by a ReLU
+    or not), Embedding (8-bit rows, per-row qparams), ``+``, ``*`` and
     ``torch.cat`` of quantized tensors run on ``torch.ops.quantized`` kernels with the
     integers and qparams of the simulation; relu, max pooling and reshapes run on the
     quantized tensors; sigmoid, tanh and hardsigmoid run on their fixed-qparams kernels.

@@ -276,7 +276,7 @@ def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Mod
     # The file gets the stored weights, not the kernels' packed form (rebuilt on the first
     # forward after loading).
     for module in int_model.modules():
-        if isinstance(module, quantized._IntegerLayer):
+        if isinstance(module, quantized._PacksOnFirstForward):
             module._packed_params = None
     scripted = _script(int_model, inputs)
     frozen = torch.jit.freeze(scripted.eval())
@@ -536,4 +536,7 @@ def describe(path: Union[str, os.PathLike]) -> str:
         if delegation.get("sub_8bit_weights_as_int8"):
             lines.append("sub-8-bit weights stored as int8 (XNNPACK's 4-bit kernels are for "
                          "linears): " + ", ".join(delegation["sub_8bit_weights_as_int8"]))
+        if delegation.get("weights_as_float"):
+            lines.append("tables stored in float (no integer embedding kernel in ExecuTorch's "
+                         "default runtime): " + ", ".join(delegation["weights_as_float"]))
     return "\n".join(lines)

@@ -23,7 +23,8 @@ from torch import nn
 from .config import Config, QuantSpec, _is_pattern
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
 from . import _op_roles
-from .modules import Conv2d, ConvBn2d, Linear, fused, lookup
+from .modules import Conv1d, Conv2d, Conv3d, Linear, fused, lookup
+from .modules.conv_bn import _ConvBnNd
 
 __all__ = ["prepare"]
 
@@ -478,11 +479,12 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
 
 
 def _pass_input_scales(gm: fx.GraphModule, swapped) -> None:
-    """Gives each layer that the integer model runs with an int32 bias (Linear, Conv2d,
-    ConvBn2d, ConvBnReLU2d) the scale of the FakeQuantize before it, ``input_scale=``, so
+    """Gives each layer that the integer model runs with an int32 bias (Linear, the convs,
+    batch norm folded in or not) the scale of the FakeQuantize before it, ``input_scale=``, so
     that it rounds its bias as the kernel will (``torch.ops.qat.round_bias``)."""
     for node in swapped:
-        if not isinstance(gm.get_submodule(node.target), (Conv2d, ConvBn2d, Linear)):
+        if not isinstance(gm.get_submodule(node.target),
+                          (Conv1d, Conv2d, Conv3d, _ConvBnNd, Linear)):
             continue
         source = node.args[0] if node.args else None
         # Ops such as flatten, relu and max pooling keep their input's qparams.

@@ -19,8 +19,11 @@ from . import _C
 __all__ = [
     "Add",
     "Cat",
+    "Conv1d",
     "Conv2d",
+    "Conv3d",
     "DeQuantize",
+    "Embedding",
     "Hardswish",
     "Linear",
     "LoweredOp",
@@ -107,17 +110,30 @@ class _WithOutputQParams(nn.Module):
         return f"scale={self.scale:.6g}, zero_point={self.zero_point}{relu}"
 
 
-class _IntegerLayer(_WithOutputQParams):
+class _PacksOnFirstForward:
+    """A layer whose kernels' packed weight (``_prepack``, each subclass's) is built on the
+    first forward and cached in ``_packed_params``.
+
+    That first forward also writes the stored tensors back to themselves
+    (``_keep_stored``): torch.jit.freeze folds every attribute that nothing writes into a
+    constant, and would fold the unpacking with it, so that the file held the packed form
+    (for convs and linears the expanded int8 weights and PyTorch's 16 bytes of scale and
+    zero point per channel) instead of the stored integers."""
+
+    def _packed(self):
+        packed = self._packed_params
+        if packed is None:
+            packed = self._prepack()
+            self._packed_params = packed
+            self._keep_stored()
+        return packed
+
+
+class _IntegerLayer(_PacksOnFirstForward, _WithOutputQParams):
     """A conv or linear layer's weight as the file stores it: the integers (packed two or
     four to a byte when trained at 4 bits or fewer, by ``torch.ops.qat.pack_weight``),
     float32 scales and int32 zero points (none when all are 0) per channel, and a float
-    bias. The kernels' packed form is built on the first forward and cached in
-    ``_packed_params``.
-
-    That first forward also writes the stored tensors back to themselves: torch.jit.freeze
-    folds every attribute that nothing writes into a constant, and would fold the unpacking
-    with it, so that the file held the expanded int8 weights (and PyTorch's 16 bytes of
-    scale and zero point per channel) instead."""
+    bias."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], weight_bits: int,
                  weight_quant_min: int, scale: float, zero_point: int, relu: bool):
@@ -186,10 +202,9 @@ class _IntegerLayer(_WithOutputQParams):
         return f"{super().extra_repr()}, weight_bits={self.weight_bits}"
 
 
-class Conv2d(_IntegerLayer):
-    """``quantized::conv2d`` (``conv2d_relu`` with ``relu``)."""
-
-    _packed_params: Optional[torch.classes.quantized.Conv2dPackedParamsBase]
+class _ConvNd(_IntegerLayer):
+    """A conv's geometry; each subclass names its kernels (TorchScript needs them
+    spelled out, and the 3-D kernels take another packed-weight class)."""
 
     def __init__(self, weight: torch.Tensor, bias, stride: List[int], padding: List[int],
                  dilation: List[int], groups: int, scale: float, zero_point: int,
@@ -203,21 +218,56 @@ class Conv2d(_IntegerLayer):
         return dict(super()._lowered_weight(), stride=self.stride, padding=self.padding,
                     dilation=self.dilation, groups=self.groups)
 
-    def _packed(self) -> torch.classes.quantized.Conv2dPackedParamsBase:
-        packed = self._packed_params
-        if packed is None:
-            packed = torch.ops.quantized.conv2d_prepack(
-                self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation,
-                self.groups)
-            self._packed_params = packed
-            self._keep_stored()
-        return packed
+
+class Conv1d(_ConvNd):
+    """``quantized::conv1d`` (``conv1d_relu`` with ``relu``)."""
+
+    _packed_params: Optional[torch.classes.quantized.Conv2dPackedParamsBase]
+
+    def _prepack(self) -> torch.classes.quantized.Conv2dPackedParamsBase:
+        return torch.ops.quantized.conv1d_prepack(
+            self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation,
+            self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.relu:
+            return torch.ops.quantized.conv1d_relu(x, self._packed(), self.scale,
+                                                   self.zero_point)
+        return torch.ops.quantized.conv1d(x, self._packed(), self.scale, self.zero_point)
+
+
+class Conv2d(_ConvNd):
+    """``quantized::conv2d`` (``conv2d_relu`` with ``relu``)."""
+
+    _packed_params: Optional[torch.classes.quantized.Conv2dPackedParamsBase]
+
+    def _prepack(self) -> torch.classes.quantized.Conv2dPackedParamsBase:
+        return torch.ops.quantized.conv2d_prepack(
+            self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation,
+            self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.relu:
             return torch.ops.quantized.conv2d_relu(x, self._packed(), self.scale,
                                                    self.zero_point)
         return torch.ops.quantized.conv2d(x, self._packed(), self.scale, self.zero_point)
+
+
+class Conv3d(_ConvNd):
+    """``quantized::conv3d`` (``conv3d_relu`` with ``relu``)."""
+
+    _packed_params: Optional[torch.classes.quantized.Conv3dPackedParamsBase]
+
+    def _prepack(self) -> torch.classes.quantized.Conv3dPackedParamsBase:
+        return torch.ops.quantized.conv3d_prepack(
+            self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation,
+            self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.relu:
+            return torch.ops.quantized.conv3d_relu(x, self._packed(), self.scale,
+                                                   self.zero_point)
+        return torch.ops.quantized.conv3d(x, self._packed(), self.scale, self.zero_point)
 
 
 class _LinearBase(_IntegerLayer):
@@ -227,13 +277,8 @@ class _LinearBase(_IntegerLayer):
         super().__init__(weight, bias, weight_bits, weight_quant_min, scale, zero_point, relu)
         self._packed_params = None
 
-    def _packed(self) -> torch.classes.quantized.LinearPackedParamsBase:
-        packed = self._packed_params
-        if packed is None:
-            packed = torch.ops.quantized.linear_prepack(self.quantized_weight(), self.bias)
-            self._packed_params = packed
-            self._keep_stored()
-        return packed
+    def _prepack(self) -> torch.classes.quantized.LinearPackedParamsBase:
+        return torch.ops.quantized.linear_prepack(self.quantized_weight(), self.bias)
 
     def _check_width(self, x: torch.Tensor) -> torch.Tensor:
         """``x``, when its last dimension is the layer's input width.
@@ -286,6 +331,47 @@ class LinearDynamic(_LinearBase):
         x = self._check_width(x)
         # qnnpack takes the full 8-bit activation range (reduce_range is for fbgemm).
         return torch.ops.quantized.linear_dynamic(x, self._packed(), False)
+
+
+class Embedding(_PacksOnFirstForward, nn.Module):
+    """``quantized::embedding_byte``: the table as one row of 8-bit integers per embedding
+    (weights trained at fewer bits are stored at 8, the same values) with a float32 scale
+    and zero point per row, PyTorch's row-wise format; float rows out, as the simulation's
+    lookup gives them (weight-only quantization: nothing requantizes them)."""
+
+    _packed_params: Optional[torch.classes.quantized.EmbeddingPackedParamsBase]
+
+    def __init__(self, weight: torch.Tensor, weight_bits: int, weight_quant_min: int):
+        super().__init__()
+        self.weight_bits = weight_bits
+        # Shifted to [0, 255] (a signed spec's integers move by -quant_min, and so do their
+        # zero points): the kernel's rows are unsigned.
+        ints = weight.int_repr().to(torch.int16) - weight_quant_min
+        self.weight_shape: List[int] = list(ints.shape)
+        self.register_buffer("weight_data", ints.to(torch.uint8))
+        self.register_buffer("weight_scale", weight.q_per_channel_scales().float())
+        self.register_buffer("weight_zero_point",
+                             (weight.q_per_channel_zero_points() - weight_quant_min).float())
+        self._packed_params = None
+
+    def _prepack(self) -> torch.classes.quantized.EmbeddingPackedParamsBase:
+        # Float zero points make the tensor PyTorch's per-row embedding format
+        # (per_channel_affine_float_qparams: value = (q - zero_point) * scale).
+        table = torch._make_per_channel_quantized_tensor(
+            self.weight_data, self.weight_scale.double(), self.weight_zero_point, 0)
+        return torch.ops.quantized.embedding_bag_prepack(table)
+
+    def _keep_stored(self) -> None:
+        self.weight_data = self.weight_data
+        self.weight_scale = self.weight_scale
+        self.weight_zero_point = self.weight_zero_point
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        rows = torch.ops.quantized.embedding_byte(self._packed(), indices.reshape(-1), False)
+        return rows.reshape(list(indices.shape) + [self.weight_shape[1]])
+
+    def extra_repr(self) -> str:
+        return f"{self.weight_shape[0]}, {self.weight_shape[1]}, weight_bits={self.weight_bits}"
 
 
 class Add(_WithOutputQParams):

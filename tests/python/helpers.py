@@ -31,6 +31,14 @@ torch.backends.quantized.engine = "qnnpack"
 model = _load_for_lite_interpreter(sys.argv[1])
 """
 
+# Loads the .ptl at argv[1] as LOAD_LITE_MODEL does, runs it on the tensor saved at argv[2]
+# and saves the output at argv[3]: the file's own outputs, computed without qat.
+RUN_LITE_MODEL = LOAD_LITE_MODEL + """
+out = model(torch.load(sys.argv[2]))
+assert "qat" not in sys.modules, "the lite model pulled in qat"
+torch.save(out, sys.argv[3])
+"""
+
 
 def run_python(code, *args, **kwargs) -> subprocess.CompletedProcess:
     """``code`` run by a fresh interpreter (``python -c``), ``args`` its sys.argv[1:];
@@ -99,6 +107,40 @@ class FashionNet(nn.Module):
         y = F.relu(self.bn3(self.conv3(x)) + x)
         z = torch.cat([y, F.relu(self.bn4(self.conv4(y)))], 1)
         return self.fc(torch.flatten(self.pool(z), 1))
+
+
+class KeywordNet(nn.Module):
+    """A keyword-spotting-style 1-D conv net: Conv1d + BatchNorm1d + ReLU blocks, average
+    pooling, a linear head."""
+
+    def __init__(self, padding_mode: str = "zeros"):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(8, 16, 3, padding=1, bias=False, padding_mode=padding_mode),
+            nn.BatchNorm1d(16), nn.ReLU(),
+            nn.Conv1d(16, 16, 3, padding=1, padding_mode=padding_mode), nn.BatchNorm1d(16),
+            nn.ReLU(),
+            nn.Conv1d(16, 16, 1, padding_mode=padding_mode))
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class TextCNN(nn.Module):
+    """Most of its weights in an embedding table: tokens -> embedding -> Conv1d -> max over
+    time -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(500, 32)
+        self.conv = nn.Conv1d(32, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, tokens):
+        x = self.embed(tokens).transpose(1, 2)
+        return self.fc(F.relu(self.conv(x)).amax(2))
 
 
 def train(model, images, labels, steps, lr, gen, batch=128, transform=None,

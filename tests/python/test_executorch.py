@@ -21,7 +21,7 @@ from qat import _pte
 from qat.convert import _output_step
 from qat.export import describe, load
 
-from helpers import FashionNet, sqnr_db
+from helpers import FashionNet, KeywordNet, TextCNN, sqnr_db
 
 MISSING = _pte.available()
 # A real limit: ExecuTorch exists only for the PyPI leg's PyTorch (executorch is pinned in
@@ -87,6 +87,7 @@ PATTERNS = {
     "conv_bn_relu_depthwise_maxpool_linear": (ConvBnRelu, (3, 12, 12), None),
     "add_mul_cat_hardswish_sigmoid": (Branches, (3, 12, 12), None),
     "linear_relu": (Mlp, (20,), None),
+    "conv1d_bn_relu_keyword": (KeywordNet, (8, 40), None),
     "fashion_cnn_w4a8": (FashionNet, (1, 28, 28), "w4a8"),
 }
 
@@ -108,12 +109,51 @@ def test_each_op_pattern_runs_on_xnnpack_as_the_integer_model(name, tmp_path):
     assert steps.max().item() <= 3
     report = qat.read_metadata(path)["executorch"]
     # Every conv and linear of the model runs on XNNPACK.
-    layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in cls().modules())
+    layers = sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in cls().modules())
     assert report["layers"] == layers
     assert report["layers_delegated"] == layers
-    assert report["not_delegated"] == []
+    # 1-D average pooling is XNNPACK's 2-D pooling between an unsqueeze and a squeeze,
+    # which run outside it (as copies of a few values).
+    views = (["aten.unsqueeze_copy.default", "aten.squeeze_copy.dims"]
+             if cls is KeywordNet else [])
+    assert report["not_delegated"] == views
     convs = [n for n, m in cls().named_modules() if isinstance(m, nn.Conv2d)]
     assert report["sub_8bit_weights_as_int8"] == (convs if preset == "w4a8" else [])
+
+
+@needs_executorch
+def test_3d_convs_are_refused_naming_the_layer(tmp_path):
+    """Neither XNNPACK nor ExecuTorch's portable kernels have a 3-D convolution: a clear
+    error naming the layer, and no file left behind."""
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 3 * 4 * 4, 2))
+    x = torch.randn(8, 2, 3, 4, 4)
+    qmodel = _calibrated(model, x)
+    with pytest.raises(TypeError, match=r"no \.pte lowering for the 3-D conv 0: neither "
+                                        r"XNNPACK nor ExecuTorch's portable kernels"):
+        qat.export(qmodel, tmp_path / "model.pte", x[:1])
+    assert os.listdir(tmp_path) == []
+
+
+@needs_executorch
+def test_embedding_tables_are_stored_in_float_and_said_so(tmp_path):
+    """XNNPACK has no embedding kernel and ExecuTorch's default runtime no quantized one:
+    the table is stored as the float values of its integers, the program gives the integer
+    model's outputs, and the report names the table."""
+    torch.manual_seed(0)
+    qmodel = qat.prepare(TextCNN())
+    tokens = torch.randint(0, 500, (32, 20))
+    qat.calibrate(qmodel, [tokens[:16], tokens[16:]], progress=False)
+    path = str(tmp_path / "text.pte")
+    int_model = qat.export(qmodel, path, tokens[:8])  # the program's fixed shape
+    with torch.no_grad():
+        expected = int_model(tokens[:8])
+    got = _pte.run_fresh(path, (tokens[:8],))[0]
+    steps = _steps_apart(qmodel, expected, got)
+    assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99 and steps.max() <= 3, steps.max()
+    assert qat.read_metadata(path)["executorch"]["weights_as_float"] == ["embed"]
+    assert "tables stored in float (no integer embedding kernel in ExecuTorch's default " \
+        "runtime): embed" in describe(path)
 
 
 @needs_executorch
@@ -198,7 +238,8 @@ def test_the_report_names_the_ops_that_run_outside_xnnpack(tmp_path):
     report = qat.read_metadata(path)
     assert report["executorch"] == {"layers": 1, "layers_delegated": 1,
                                     "not_delegated": ["aten.erf.default"],
-                                    "sub_8bit_weights_as_int8": []}
+                                    "sub_8bit_weights_as_int8": [],
+                                    "weights_as_float": []}
     assert "XNNPACK runs 1 of 1 convs / linears; ops outside it: aten.erf.default" in \
         describe(path)
 

@@ -14,7 +14,7 @@ from torch import nn
 import qat
 
 from conftest import SUBPROCESS_ENV as _ENV
-from helpers import LOAD_LITE_MODEL, FashionNet, run_python
+from helpers import RUN_LITE_MODEL, FashionNet, KeywordNet, run_python
 
 
 @pytest.fixture(scope="module")
@@ -29,32 +29,22 @@ def calibrated():
     return qmodel, data[0]
 
 
-_FRESH = LOAD_LITE_MODEL + """
-out = model(torch.load(sys.argv[2]))
-assert "qat" not in sys.modules, "the lite model pulled in qat"
-torch.save(out, sys.argv[3])
-"""
-
-
-class KeywordNet(nn.Module):
-    """A keyword-spotting-style 1-D conv net (Conv1d + BatchNorm1d + ReLU blocks, pooling,
-    a linear head): its convs have no integer kernel in qat yet and run in float."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv1d(8, 16, 3, padding=1, bias=False), nn.BatchNorm1d(16), nn.ReLU(),
-            nn.Conv1d(16, 16, 3, padding=1), nn.BatchNorm1d(16), nn.ReLU(),
-            nn.Conv1d(16, 16, 1))
-        self.pool = nn.AdaptiveAvgPool1d(1)
-        self.fc = nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
 @pytest.fixture(scope="module")
 def keyword_model():
+    """The 1-D keyword net with circular padding, which no integer conv kernel has: its
+    convs stay in float."""
+    torch.manual_seed(0)
+    qmodel = qat.prepare(KeywordNet(padding_mode="circular"))
+    data = [torch.randn(16, 8, 40) for _ in range(3)]
+    qat.calibrate(qmodel, data, progress=False)
+    return qmodel, data[0]
+
+
+@pytest.fixture(scope="module")
+def keyword_integer_model():
+    """The 1-D keyword net, every layer on an integer kernel."""
     torch.manual_seed(0)
     qmodel = qat.prepare(KeywordNet())
     data = [torch.randn(16, 8, 40) for _ in range(3)]
@@ -62,15 +52,18 @@ def keyword_model():
     return qmodel, data[0]
 
 
-@pytest.mark.parametrize("which", ["fashion_cnn", "keyword_1d"])
-def test_ptl_runs_in_a_process_without_qat(which, calibrated, keyword_model, tmp_path):
-    """The 2-D CNN on integer kernels, and the 1-D net whose convs (no integer kernel) run
-    in float: neither file calls a qat operator, and each runs where qat is absent."""
-    qmodel, x = calibrated if which == "fashion_cnn" else keyword_model
+@pytest.mark.parametrize("which", ["fashion_cnn", "keyword_1d", "keyword_1d_float_convs"])
+def test_ptl_runs_in_a_process_without_qat(which, calibrated, keyword_integer_model,
+                                           keyword_model, tmp_path):
+    """The 2-D CNN and the 1-D net on integer kernels, and the 1-D net whose convs (no
+    integer kernel for circular padding) run in float: no file calls a qat operator, and
+    each runs where qat is absent."""
+    qmodel, x = {"fashion_cnn": calibrated, "keyword_1d": keyword_integer_model,
+                 "keyword_1d_float_convs": keyword_model}[which]
     path, inputs, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
     int_model = qat.export(qmodel, path, x)
     torch.save(x, inputs)
-    run_python(_FRESH, path, inputs, outputs, check=True, env=dict(os.environ, PYTHONPATH=""))
+    run_python(RUN_LITE_MODEL, path, inputs, outputs, check=True, env=dict(os.environ, PYTHONPATH=""))
     with torch.no_grad():
         torch.testing.assert_close(torch.load(outputs), int_model(x), rtol=0, atol=0)
     # The float layers compute what the simulation's do (their fake-quantized, folded

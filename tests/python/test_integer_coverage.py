@@ -1,0 +1,166 @@
+"""Integer coverage: each layer pattern that PyTorch has an integer kernel for runs on it
+after qat.convert, with the simulation's integers, and its exported file runs where qat is
+not installed. The references (fake quantization and batch-norm folding) are computed here
+by hand."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qat
+
+from helpers import RUN_LITE_MODEL, TextCNN, run_python, sgd_losses
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+_INPUT = {1: (8, 24), 2: (8, 10, 10), 3: (8, 5, 6, 6)}
+_INTEGER = {1: qat.quantized.Conv1d, 2: qat.quantized.Conv2d, 3: qat.quantized.Conv3d}
+
+
+class ConvNet(nn.Module):
+    """conv + batch norm + ReLU, a strided grouped conv with a bias + ReLU, a 1x1 conv
+    without an activation, average pooling and a linear head, in ``dims`` dimensions."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        conv = _CONV[dims]
+        self.conv_bn = conv(8, 16, 3, padding=1, bias=False)
+        self.bn = _BATCH_NORM[dims](16)
+        self.grouped = conv(16, 16, 3, stride=2, padding=1, groups=4)
+        self.pointwise = conv(16, 12, 1)
+        self.pool = _POOL[dims](1)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv_bn(x)))
+        x = self.pointwise(F.relu(self.grouped(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3], ids=["1d", "2d", "3d"])
+def trained(request):
+    """(dims, QAT model trained a few steps so that the batch-norm statistics and qparams
+    have moved, in eval, an input batch)."""
+    dims = request.param
+    torch.manual_seed(0)
+    qmodel = qat.prepare(ConvNet(dims))
+    x, y = torch.randn(16, *_INPUT[dims]), torch.randint(0, 4, (16,))
+    sgd_losses(qmodel, x, y, steps=8, lr=0.05)
+    qmodel.eval()
+    qat.disable_observer(qmodel)
+    return dims, qmodel, x
+
+
+def _reference_ints(weight, fq):
+    """The integers of ``weight`` on ``fq``'s per-channel grid: round, shift, clamp."""
+    shape = [-1] + [1] * (weight.dim() - 1)
+    scale, zero_point = fq.scale.reshape(shape), fq.zero_point.reshape(shape)
+    return torch.clamp(torch.round(weight / scale) + zero_point, fq.quant_min, fq.quant_max)
+
+
+def test_convs_of_every_dimension_run_on_integer_kernels(trained):
+    dims, qmodel, x = trained
+    int_model, report = qat.convert(qmodel, return_report=True)
+    layers = {name: type(int_model.get_submodule(name))
+              for name in ("conv_bn", "grouped", "pointwise")}
+    assert layers == dict.fromkeys(layers, _INTEGER[dims]), layers
+    assert int_model.conv_bn.relu and int_model.grouped.relu and not int_model.pointwise.relu
+    assert report.integer_weight_share == 1.0
+    # Only the average pooling runs in float (see qat.convert).
+    assert [name.split(" ")[0] for name in report.float] == ["pool"]
+
+
+def test_conv_weights_are_the_simulations_integers(trained):
+    """The stored integers against the fake quantization done here: the conv's own weight,
+    and for conv + batch norm the weight times gamma / sqrt(running_var + eps)."""
+    _, qmodel, _ = trained
+    int_model = qat.convert(qmodel)
+    for name in ("grouped", "pointwise"):
+        qat_layer = qmodel.get_submodule(name)
+        expected = _reference_ints(qat_layer.weight.detach(), qat_layer.weight_fake_quant)
+        got = int_model.get_submodule(name).quantized_weight().int_repr()
+        assert torch.equal(got.float(), expected), name
+    qat_layer = qmodel.conv_bn
+    bn = qat_layer.bn
+    factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shape = [-1] + [1] * (qat_layer.weight.dim() - 1)
+    folded = (qat_layer.weight * factor.reshape(shape)).detach()
+    expected = _reference_ints(folded, qat_layer.weight_fake_quant)
+    got = int_model.conv_bn.quantized_weight().int_repr().float()
+    # The simulation quantizes w with scale S / f rather than w * f with S (see
+    # FakeQuantize.fake_quantize_folded): the same grid, but a value on a rounding tie in
+    # one float order may round the other way in the other.
+    assert (got - expected).abs().max() <= 1
+    assert (got == expected).float().mean() >= 0.99
+    torch.testing.assert_close(int_model.conv_bn.bias,
+                               (bn.bias - bn.running_mean * factor).detach())
+
+
+def test_integer_model_and_its_ptl_follow_the_simulation(trained, tmp_path):
+    """Outputs within one step of the simulation's, and the .ptl written by qat.export
+    gives the integer model's outputs in a process where qat cannot be found."""
+    dims, qmodel, x = trained
+    int_model = qat.convert(qmodel)
+    parity = qat.compare(qmodel, int_model, x)
+    assert parity["max_steps"] <= 1 + 1e-3 and parity["within_one_step"] == 1.0, parity
+    path, inputs, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
+    qat.export(qmodel, path, x)
+    torch.save(x, inputs)
+    run_python(RUN_LITE_MODEL, path, inputs, outputs, check=True,
+               env=dict(os.environ, PYTHONPATH=""))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(outputs), int_model(x), rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module", params=["int8", "w4a8"])
+def text_model(request):
+    torch.manual_seed(0)
+    qmodel = qat.prepare(TextCNN(), getattr(qat.presets, request.param)())
+    tokens, labels = torch.randint(0, 500, (32, 20)), torch.randint(0, 3, (32,))
+    sgd_losses(qmodel, tokens, labels, steps=8, lr=0.05)
+    qmodel.eval()
+    qat.disable_observer(qmodel)
+    return request.param, qmodel, tokens
+
+
+def test_embedding_table_is_stored_as_the_simulations_row_wise_integers(text_model):
+    """One byte per element (4-bit tables too: the same values), each row's integers those
+    of its own scale and zero point, against the fake quantization done here."""
+    preset, qmodel, _ = text_model
+    int_model, report = qat.convert(qmodel, return_report=True)
+    table = int_model.embed
+    assert isinstance(table, qat.quantized.Embedding)
+    assert report.integer_weight_share == 1.0
+    fq = qmodel.embed.weight_fake_quant
+    bits = 8 if preset == "int8" else 4
+    assert fq.quant_max - fq.quant_min == 2 ** bits - 1
+    expected = torch.clamp(torch.round(qmodel.embed.weight.detach() / fq.scale[:, None])
+                           + fq.zero_point[:, None], fq.quant_min, fq.quant_max)
+    # Stored unsigned, as the kernel reads rows: integers and zero points move by
+    # -quant_min together (the presets' weights are signed).
+    assert table.weight_data.dtype == torch.uint8
+    got = table.weight_data.float() + fq.quant_min
+    assert (got - expected).abs().max() <= 1
+    assert (got == expected).float().mean() >= 0.999
+    torch.testing.assert_close(table.weight_scale, fq.scale.float())
+    torch.testing.assert_close(table.weight_zero_point + fq.quant_min, fq.zero_point.float())
+
+
+def test_text_model_and_its_ptl_follow_the_simulation(text_model, tmp_path):
+    _, qmodel, tokens = text_model
+    int_model = qat.convert(qmodel)
+    parity = qat.compare(qmodel, int_model, tokens)
+    assert parity["max_steps"] <= 1 + 1e-3 and parity["within_one_step"] >= 0.99, parity
+    path, inputs, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
+    qat.export(qmodel, path, tokens)
+    torch.save(tokens, inputs)
+    run_python(RUN_LITE_MODEL, path, inputs, outputs, check=True,
+               env=dict(os.environ, PYTHONPATH=""))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(outputs), int_model(tokens), rtol=0, atol=0)
+    # The 64,000-byte float table is stored in 16,000 bytes (+ 4,000 of row qparams).
+    assert os.path.getsize(path) < 50_000
