@@ -62,6 +62,23 @@ def _reference_ints(weight, fq):
     return torch.clamp(torch.round(weight / scale) + zero_point, fq.quant_min, fq.quant_max)
 
 
+def _ptl_follows_the_simulation(qmodel, x, folder) -> dict:
+    """The integer model's outputs are within one step of the simulation's, and the .ptl
+    that qat.export writes gives those outputs in a process where qat cannot be found;
+    qat.compare's figures."""
+    int_model = qat.convert(qmodel)
+    parity = qat.compare(qmodel, int_model, x)
+    assert parity["max_steps"] <= 1 + 1e-3, parity
+    path, inputs, outputs = (str(folder / n) for n in ("model.ptl", "x.pt", "y.pt"))
+    qat.export(qmodel, path, x)
+    torch.save(x, inputs)
+    run_python(RUN_LITE_MODEL, path, inputs, outputs, check=True,
+               env=dict(os.environ, PYTHONPATH=""))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(outputs), int_model(x), rtol=0, atol=0)
+    return parity
+
+
 def test_convs_of_every_dimension_run_on_integer_kernels(trained):
     dims, qmodel, x = trained
     int_model, report = qat.convert(qmodel, return_report=True)
@@ -103,17 +120,9 @@ def test_conv_weights_are_the_simulations_integers(trained):
 def test_integer_model_and_its_ptl_follow_the_simulation(trained, tmp_path):
     """Outputs within one step of the simulation's, and the .ptl written by qat.export
     gives the integer model's outputs in a process where qat cannot be found."""
-    dims, qmodel, x = trained
-    int_model = qat.convert(qmodel)
-    parity = qat.compare(qmodel, int_model, x)
-    assert parity["max_steps"] <= 1 + 1e-3 and parity["within_one_step"] == 1.0, parity
-    path, inputs, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
-    qat.export(qmodel, path, x)
-    torch.save(x, inputs)
-    run_python(RUN_LITE_MODEL, path, inputs, outputs, check=True,
-               env=dict(os.environ, PYTHONPATH=""))
-    with torch.no_grad():
-        torch.testing.assert_close(torch.load(outputs), int_model(x), rtol=0, atol=0)
+    _, qmodel, x = trained
+    parity = _ptl_follows_the_simulation(qmodel, x, tmp_path)
+    assert parity["within_one_step"] == 1.0, parity
 
 
 @pytest.fixture(scope="module", params=["int8", "w4a8"])
@@ -152,15 +161,7 @@ def test_embedding_table_is_stored_as_the_simulations_row_wise_integers(text_mod
 
 def test_text_model_and_its_ptl_follow_the_simulation(text_model, tmp_path):
     _, qmodel, tokens = text_model
-    int_model = qat.convert(qmodel)
-    parity = qat.compare(qmodel, int_model, tokens)
-    assert parity["max_steps"] <= 1 + 1e-3 and parity["within_one_step"] >= 0.99, parity
-    path, inputs, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
-    qat.export(qmodel, path, tokens)
-    torch.save(tokens, inputs)
-    run_python(RUN_LITE_MODEL, path, inputs, outputs, check=True,
-               env=dict(os.environ, PYTHONPATH=""))
-    with torch.no_grad():
-        torch.testing.assert_close(torch.load(outputs), int_model(tokens), rtol=0, atol=0)
+    parity = _ptl_follows_the_simulation(qmodel, tokens, tmp_path)
+    assert parity["within_one_step"] >= 0.99, parity
     # The 64,000-byte float table is stored in 16,000 bytes (+ 4,000 of row qparams).
-    assert os.path.getsize(path) < 50_000
+    assert os.path.getsize(tmp_path / "model.ptl") < 50_000
