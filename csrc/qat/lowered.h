@@ -17,8 +17,8 @@ namespace qat {
 struct LoweredOp {
   /// The prepared model's path of the module it lowers ("features.0", "input_fake_quant").
   std::string name;
-  /// "Quantize", "Requantize", "Conv2d", "Linear", "LinearDynamic", "Add", "Mul", "Cat" or
-  /// "Hardswish".
+  /// "Quantize", "Requantize", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d",
+  /// "ConvTranspose2d", "Linear", "LinearDynamic", "Add", "Mul", "Cat" or "Hardswish".
   std::string kind;
   /// The output's qparams (those of the FakeQuantize after the op); 1 and 0 for
   /// LinearDynamic, whose output is float.
@@ -26,14 +26,15 @@ struct LoweredOp {
   int64_t zero_point = 0;
   /// The kernel applies a ReLU before writing its output.
   bool relu = false;
-  /// Conv2d / Linear / LinearDynamic: the integer weight (an int8 quantized tensor, per tensor
-  /// or per channel along axis 0, from qat::integer_weight), the float bias the kernels round
-  /// to the int32 grid, and the trained bit width and integer low end that packing needs.
+  /// Convs / Linear / LinearDynamic: the integer weight (an int8 quantized tensor, per tensor
+  /// or per channel along axis 0, axis 1 for transposed convs, from qat::integer_weight), the
+  /// float bias the kernels round to the int32 grid, and the trained bit width and integer
+  /// low end that packing needs.
   at::Tensor weight;
   at::Tensor bias;
   int64_t weight_bits = 8;
   int64_t weight_quant_min = -128;
-  /// Conv2d geometry.
+  /// Conv geometry (a transposed conv's output padding is its module's, not lowered yet).
   std::vector<int64_t> stride;
   std::vector<int64_t> padding;
   std::vector<int64_t> dilation;

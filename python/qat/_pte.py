@@ -87,6 +87,8 @@ def _signed(qparams: _QParams) -> Tuple[float, int]:
 
 # The integer convs by their lowered kind, and the float conv each is emitted as.
 _CONVS = {"Conv1d": torch.conv1d, "Conv2d": torch.conv2d}
+_TRANSPOSED_CONVS = {"ConvTranspose1d": torch.conv_transpose1d,
+                     "ConvTranspose2d": torch.conv_transpose2d}
 
 
 class _Emitter:
@@ -141,7 +143,7 @@ class _Emitter:
         w = op.weight
         ints = self.graph.get_attr(self.attr(f"{op.name}.weight", w.int_repr()))
         low, high = op.weight_quant_min, 2 ** (op.weight_bits - 1) - 1
-        if op.kind in _CONVS and op.weight_bits < 8:
+        if (op.kind in _CONVS or op.kind in _TRANSPOSED_CONVS) and op.weight_bits < 8:
             # XNNPACK's 4-bit weight kernels are for linears only; a conv's sub-8-bit
             # integers are stored as int8 (the same values).
             low, high = -128, 127
@@ -171,6 +173,10 @@ class _Emitter:
             y = self.graph.call_function(_CONVS[op.kind], (
                 args[0], self.weight(op), self.bias(op), list(op.stride), list(op.padding),
                 list(op.dilation), op.groups))
+        elif op.kind in _TRANSPOSED_CONVS:
+            y = self.graph.call_function(_TRANSPOSED_CONVS[op.kind], (
+                args[0], self.weight(op), self.bias(op), list(op.stride), list(op.padding),
+                list(module.output_padding), op.groups, list(op.dilation)))
         elif isinstance(module, quantized.LinearDynamic):
             # The input quantized at run time to its own range, as quantized::linear_dynamic
             # does, in the pattern XNNPACK runs as a dynamically quantized linear; float out.
@@ -315,9 +321,10 @@ def _count(graph_module, names) -> int:
                and getattr(n.target, "__name__", "").split(".")[0] in names)
 
 
-# A traced graph's convs and linears, before the edge dialect (conv2d, linear) and after it
-# (convolution, addmm / mm), where those left outside XNNPACK's part are counted.
-_LAYERS = {"conv1d", "conv2d", "conv3d", "linear", "convolution", "addmm", "mm"}
+# A traced graph's convs and linears, before the edge dialect (conv2d, linear, ...) and
+# after it (convolution, addmm / mm), where those left outside XNNPACK's part are counted.
+_LAYERS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "linear",
+           "convolution", "addmm", "mm"}
 
 
 def _lowering_error(stage: str, error: Exception) -> RuntimeError:

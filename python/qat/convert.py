@@ -27,7 +27,7 @@ from .calibrate import disable_observer
 from .config import BACKENDS, check_backend
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
 from .modules import (Conv1d, Conv2d, Conv3d, ConvBnReLU1d, ConvBnReLU2d, ConvBnReLU3d,
-                      Embedding, Linear)
+                      ConvTranspose1d, ConvTranspose2d, Embedding, Linear)
 from .modules.conv_bn import _ConvBnNd
 from .observers import ObserverBase
 from .prepare import _calls_one_of, _is_relu, _is_relu6
@@ -134,6 +134,18 @@ def _integer_weight(fq_weight: torch.Tensor, fq: FakeQuantize) -> torch.Tensor:
                                         fq.quant_max, fq.per_channel)
 
 
+def _integer_transposed_weight(module: nn.Module) -> torch.Tensor:
+    """The int8 tensor of a QAT transposed conv's fake-quantized weight, per channel along
+    axis 1 (its output channels), through ``torch.ops.qat.integer_weight`` (axis 0)."""
+    fq = module.weight_fake_quant
+    ints = _integer_weight(fq(module.weight).transpose(0, 1), fq)
+    back = ints.int_repr().transpose(0, 1).contiguous()
+    if fq.per_channel:
+        return torch._make_per_channel_quantized_tensor(
+            back, ints.q_per_channel_scales(), ints.q_per_channel_zero_points(), 1)
+    return torch._make_per_tensor_quantized_tensor(back, ints.q_scale(), ints.q_zero_point())
+
+
 def _integer_embedding(module: Embedding) -> Optional[quantized.Embedding]:
     """The integer table of a QAT embedding with per-row qparams, or None (per-tensor
     qparams, or max_norm, which renormalizes rows of the float table as they are read)."""
@@ -171,6 +183,9 @@ def _weights_of(module: nn.Module) -> torch.Tensor:
 _CONVS = (Conv1d, Conv2d, Conv3d, _ConvBnNd)
 _INTEGER_CONVS = {1: quantized.Conv1d, 2: quantized.Conv2d, 3: quantized.Conv3d}
 _CONV_BN_RELU = (ConvBnReLU1d, ConvBnReLU2d, ConvBnReLU3d)
+_INTEGER_TRANSPOSED = {ConvTranspose1d: quantized.ConvTranspose1d,
+                       ConvTranspose2d: quantized.ConvTranspose2d}
+_TRANSPOSED = tuple(_INTEGER_TRANSPOSED)
 
 # The plain PyTorch layers QAT layers subclass (ConvBn1d is an nn.Conv1d, and so on).
 _PLAIN_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -258,6 +273,17 @@ def _integer_module(module: nn.Module, out: _QParams, relu: bool) -> Optional[nn
     """The integer version of a QAT conv / linear, or None when it has none here."""
     scale, zero_point, _ = out
     with torch.no_grad():
+        if isinstance(module, _TRANSPOSED):
+            # One scale per output channel (groups 1: see qat.prepare._pass_input_scales).
+            if module.groups != 1 or module.padding_mode != "zeros":
+                return None
+            fq = module.weight_fake_quant
+            bias = None if module.bias is None else module.bias.detach().float()
+            layer = _INTEGER_TRANSPOSED[type(module)]
+            return layer(_integer_transposed_weight(module), bias, list(module.stride),
+                         list(module.padding), list(module.output_padding),
+                         list(module.dilation), module.groups, scale, zero_point, relu,
+                         fq.spec.bits, fq.quant_min)
         if isinstance(module, _ConvBnNd):
             weight, bias = _folded(module)
             relu = relu or isinstance(module, _CONV_BN_RELU)
@@ -449,10 +475,12 @@ class _Converter:
             self.env[node] = self.add_module(node.target, table, [self.as_float(first)])
             self.report.integer.append(_describe(node))
             return True
-        if isinstance(module, (*_CONVS, Linear)):
+        if isinstance(module, (*_CONVS, *_TRANSPOSED, Linear)):
             fq_node, relu, owns = self.output_fake_quant(node, relu_ok=True)
             if x is None or fq_node is None or not self.fusable(relu, fq_node):
                 return False
+            if len(node.args) > 1 or node.kwargs.get("output_size") is not None:
+                return False  # a transposed conv's output size chosen per call
             integer = _integer_module(module, _qparams(self.fake_quant(fq_node)),
                                       relu is not None)
             if integer is None:
@@ -587,7 +615,7 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
     weights that never ran are observed here: no calibration is needed.
 
     Conv1d / Conv2d / Conv3d (batch norm folded in or not) and Linear (followed by a ReLU
-    or not), Embedding (8-bit rows, per-row qparams), ``+``, ``*`` and
+    or not), ConvTranspose1d / 2d (groups 1), Embedding (8-bit rows, per-row qparams), ``+``, ``*`` and
     ``torch.cat`` of quantized tensors run on ``torch.ops.quantized`` kernels with the
     integers and qparams of the simulation; relu, max pooling and reshapes run on the
     quantized tensors; sigmoid, tanh and hardsigmoid run on their fixed-qparams kernels.

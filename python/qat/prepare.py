@@ -23,7 +23,8 @@ from torch import nn
 from .config import Config, QuantSpec, _is_pattern
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
 from . import _op_roles
-from .modules import Conv1d, Conv2d, Conv3d, Linear, fused, lookup
+from .modules import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, Linear, fused,
+                      lookup)
 from .modules.conv_bn import _ConvBnNd
 
 __all__ = ["prepare"]
@@ -483,8 +484,12 @@ def _pass_input_scales(gm: fx.GraphModule, swapped) -> None:
     batch norm folded in or not) the scale of the FakeQuantize before it, ``input_scale=``, so
     that it rounds its bias as the kernel will (``torch.ops.qat.round_bias``)."""
     for node in swapped:
-        if not isinstance(gm.get_submodule(node.target),
-                          (Conv1d, Conv2d, Conv3d, _ConvBnNd, Linear)):
+        module = gm.get_submodule(node.target)
+        # A grouped transposed conv's weight has one scale per output channel of a group,
+        # not per output channel: no integer kernel takes it (qat.convert), no rounding.
+        transposed = isinstance(module, (ConvTranspose1d, ConvTranspose2d)) and \
+            module.groups == 1
+        if not (transposed or isinstance(module, (Conv1d, Conv2d, Conv3d, _ConvBnNd, Linear))):
             continue
         source = node.args[0] if node.args else None
         # Ops such as flatten, relu and max pooling keep their input's qparams.

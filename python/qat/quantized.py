@@ -22,6 +22,8 @@ __all__ = [
     "Conv1d",
     "Conv2d",
     "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
     "DeQuantize",
     "Embedding",
     "Hardswish",
@@ -132,8 +134,8 @@ class _PacksOnFirstForward:
 class _IntegerLayer(_PacksOnFirstForward, _WithOutputQParams):
     """A conv or linear layer's weight as the file stores it: the integers (packed two or
     four to a byte when trained at 4 bits or fewer, by ``torch.ops.qat.pack_weight``),
-    float32 scales and int32 zero points (none when all are 0) per channel, and a float
-    bias."""
+    float32 scales and int32 zero points (none when all are 0) per output channel (axis 0,
+    axis 1 for transposed convs), and a float bias."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], weight_bits: int,
                  weight_quant_min: int, scale: float, zero_point: int, relu: bool):
@@ -143,6 +145,7 @@ class _IntegerLayer(_PacksOnFirstForward, _WithOutputQParams):
         self.weight_shape: List[int] = list(ints.shape)
         self.per_channel = weight.qscheme() in (torch.per_channel_affine,
                                                 torch.per_channel_symmetric)
+        self.axis = weight.q_per_channel_axis() if self.per_channel else 0
         if self.per_channel:
             scales, zero_points = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
         else:
@@ -157,7 +160,7 @@ class _IntegerLayer(_PacksOnFirstForward, _WithOutputQParams):
         self.register_buffer("weight_zero_point", zero_points.to(torch.int32)
                              if bool(zero_points.any()) else torch.zeros(0, dtype=torch.int32))
         # A zero bias computes what no bias does.
-        self.register_buffer("bias", torch.zeros(ints.shape[0]) if bias is None
+        self.register_buffer("bias", torch.zeros(ints.shape[self.axis]) if bias is None
                              else bias.detach().float().clone())
 
     def _ints(self) -> torch.Tensor:
@@ -184,7 +187,7 @@ class _IntegerLayer(_PacksOnFirstForward, _WithOutputQParams):
             zero_points = torch.zeros(self.weight_scale.numel(), dtype=torch.long)
         if self.per_channel:
             return torch._make_per_channel_quantized_tensor(
-                ints, self.weight_scale.double(), zero_points, 0)
+                ints, self.weight_scale.double(), zero_points, self.axis)
         return torch._make_per_tensor_quantized_tensor(
             ints, float(self.weight_scale[0]), int(zero_points[0]))
 
@@ -268,6 +271,55 @@ class Conv3d(_ConvNd):
             return torch.ops.quantized.conv3d_relu(x, self._packed(), self.scale,
                                                    self.zero_point)
         return torch.ops.quantized.conv3d(x, self._packed(), self.scale, self.zero_point)
+
+
+class _ConvTransposeNd(_ConvNd):
+    """A transposed conv's geometry: a conv's, and the output padding (fixed: a call that
+    asks for an output size stays in float)."""
+
+    def __init__(self, weight: torch.Tensor, bias, stride: List[int], padding: List[int],
+                 output_padding: List[int], dilation: List[int], groups: int, scale: float,
+                 zero_point: int, relu: bool = False, weight_bits: int = 8,
+                 weight_quant_min: int = -128):
+        super().__init__(weight, bias, stride, padding, dilation, groups, scale, zero_point,
+                         relu, weight_bits, weight_quant_min)
+        self.output_padding = list(output_padding)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, output_padding={self.output_padding}"
+
+
+class ConvTranspose1d(_ConvTransposeNd):
+    """``quantized::conv_transpose1d`` (its ReLU, when fused, runs on the quantized
+    output: exact, as the output grid holds 0)."""
+
+    _packed_params: Optional[torch.classes.quantized.Conv2dPackedParamsBase]
+
+    def _prepack(self) -> torch.classes.quantized.Conv2dPackedParamsBase:
+        return torch.ops.quantized.conv_transpose1d_prepack(
+            self.quantized_weight(), self.bias, self.stride, self.padding, self.output_padding,
+            self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quantized.conv_transpose1d(x, self._packed(), self.scale,
+                                                 self.zero_point)
+        return torch.relu(y) if self.relu else y
+
+
+class ConvTranspose2d(_ConvTransposeNd):
+    """``quantized::conv_transpose2d`` (a fused ReLU as in :class:`ConvTranspose1d`)."""
+
+    _packed_params: Optional[torch.classes.quantized.Conv2dPackedParamsBase]
+
+    def _prepack(self) -> torch.classes.quantized.Conv2dPackedParamsBase:
+        return torch.ops.quantized.conv_transpose2d_prepack(
+            self.quantized_weight(), self.bias, self.stride, self.padding, self.output_padding,
+            self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quantized.conv_transpose2d(x, self._packed(), self.scale,
+                                                 self.zero_point)
+        return torch.relu(y) if self.relu else y
 
 
 class _LinearBase(_IntegerLayer):

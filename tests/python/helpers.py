@@ -143,6 +143,22 @@ class TextCNN(nn.Module):
         return self.fc(F.relu(self.conv(x)).amax(2))
 
 
+class UpNet(nn.Module):
+    """Up-sampling with transposed convs (strided, output padding, one without a bias), a
+    ReLU after the first, in ``dims`` (1 or 2) dimensions."""
+
+    def __init__(self, dims: int = 2):
+        super().__init__()
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        transposed = nn.ConvTranspose1d if dims == 1 else nn.ConvTranspose2d
+        self.down = conv(3, 8, 3, stride=2, padding=1)
+        self.up = transposed(8, 6, 3, stride=2, padding=1, output_padding=1)
+        self.head = transposed(6, 4, 2, stride=2, bias=False)
+
+    def forward(self, x):
+        return self.head(F.relu(self.up(F.relu(self.down(x)))))
+
+
 def train(model, images, labels, steps, lr, gen, batch=128, transform=None,
           optimizer="sgd"):
     """``steps`` SGD (momentum 0.9) or Adam steps on random batches of ``images`` (through

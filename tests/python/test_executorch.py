@@ -21,7 +21,7 @@ from qat import _pte
 from qat.convert import _output_step
 from qat.export import describe, load
 
-from helpers import FashionNet, KeywordNet, TextCNN, sqnr_db
+from helpers import FashionNet, KeywordNet, TextCNN, UpNet, sqnr_db
 
 MISSING = _pte.available()
 # A real limit: ExecuTorch exists only for the PyPI leg's PyTorch (executorch is pinned in
@@ -88,6 +88,7 @@ PATTERNS = {
     "add_mul_cat_hardswish_sigmoid": (Branches, (3, 12, 12), None),
     "linear_relu": (Mlp, (20,), None),
     "conv1d_bn_relu_keyword": (KeywordNet, (8, 40), None),
+    "conv_transpose2d_up": (UpNet, (3, 12, 12), None),
     "fashion_cnn_w4a8": (FashionNet, (1, 28, 28), "w4a8"),
 }
 
@@ -109,7 +110,8 @@ def test_each_op_pattern_runs_on_xnnpack_as_the_integer_model(name, tmp_path):
     assert steps.max().item() <= 3
     report = qat.read_metadata(path)["executorch"]
     # Every conv and linear of the model runs on XNNPACK.
-    layers = sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in cls().modules())
+    layers = sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+                 for m in cls().modules())
     assert report["layers"] == layers
     assert report["layers_delegated"] == layers
     # 1-D average pooling is XNNPACK's 2-D pooling between an unsqueeze and a squeeze,

@@ -12,7 +12,7 @@ from torch import nn
 
 import qat
 
-from helpers import RUN_LITE_MODEL, TextCNN, run_python, sgd_losses
+from helpers import RUN_LITE_MODEL, TextCNN, UpNet, run_python, sgd_losses
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -165,3 +165,77 @@ def test_text_model_and_its_ptl_follow_the_simulation(text_model, tmp_path):
     assert parity["within_one_step"] >= 0.99, parity
     # The 64,000-byte float table is stored in 16,000 bytes (+ 4,000 of row qparams).
     assert os.path.getsize(tmp_path / "model.ptl") < 50_000
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1d", "2d"])
+def up_model(request):
+    """(dims, a trained UpNet's QAT model in eval, an input batch)."""
+    dims = request.param
+    torch.manual_seed(0)
+    qmodel = qat.prepare(UpNet(dims))
+    x = torch.randn(8, 3, *([12] * dims))
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.05)
+    for _ in range(6):
+        loss = qmodel(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    qmodel.eval()
+    qat.disable_observer(qmodel)
+    return dims, qmodel, x
+
+
+def test_transposed_convs_run_on_integer_kernels_with_the_simulations_integers(up_model):
+    """Weights per output channel along axis 1, against the fake quantization done here."""
+    dims, qmodel, _ = up_model
+    int_model, report = qat.convert(qmodel, return_report=True)
+    integer = {1: qat.quantized.ConvTranspose1d, 2: qat.quantized.ConvTranspose2d}[dims]
+    assert type(int_model.up) is integer and type(int_model.head) is integer
+    assert int_model.up.relu and not int_model.head.relu
+    assert report.float == [] and report.integer_weight_share == 1.0
+    for name in ("up", "head"):
+        qat_layer = qmodel.get_submodule(name)
+        fq = qat_layer.weight_fake_quant
+        shape = [1, -1] + [1] * dims
+        ratio = qat_layer.weight.detach() / fq.scale.reshape(shape)
+        expected = torch.clamp(torch.round(ratio) + fq.zero_point.reshape(shape),
+                               fq.quant_min, fq.quant_max)
+        weight = int_model.get_submodule(name).quantized_weight()
+        assert weight.q_per_channel_axis() == 1
+        # The fake quantization multiplies by the inverse scale, here it divides: only a
+        # value on a rounding tie (a channel's extreme sits on one, at +-127.5 steps) may
+        # round the other way.
+        got = weight.int_repr().float()
+        tie = ((ratio - ratio.floor()) - 0.5).abs() < 1e-3
+        assert ((got == expected) | tie).all(), name
+
+
+def test_transposed_conv_model_and_its_ptl_follow_the_simulation(up_model, tmp_path):
+    _, qmodel, x = up_model
+    parity = _ptl_follows_the_simulation(qmodel, x, tmp_path)
+    assert parity["within_one_step"] == 1.0, parity
+
+
+def test_grouped_transposed_convs_and_chosen_output_sizes_stay_in_float():
+    """A grouped transposed conv has one weight scale per output channel of a group, which
+    no integer kernel takes; an output size given per call is not the packed geometry."""
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.grouped = nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2)
+            self.sized = nn.ConvTranspose2d(4, 2, 3, stride=2)
+
+        def forward(self, x):
+            return self.sized(self.grouped(x), output_size=[17, 17])
+
+    torch.manual_seed(0)
+    qmodel = qat.prepare(Odd())
+    x = torch.randn(4, 4, 4, 4)
+    qat.calibrate(qmodel, [x], progress=False)
+    int_model, report = qat.convert(qmodel, return_report=True)
+    assert [name.split(" ")[0] for name in report.float] == ["grouped", "sized"]
+    assert type(int_model.grouped) is nn.ConvTranspose2d
+    assert int_model(x).shape == (4, 2, 17, 17)
+    parity = qat.compare(qmodel, int_model, x)
+    assert parity["within_one_step"] >= 0.99, parity

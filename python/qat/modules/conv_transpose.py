@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..fake_quant import FakeQuantize
-from ._common import check_float, weight_spec_for
+from ._common import check_float, kernel_bias, weight_spec_for
 
 __all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
 
@@ -30,7 +30,8 @@ class _ConvTransposeNd:
         # An attribute, not the class constant alone: torch.jit.script reads it.
         self.num_spatial_dims = self._NUM_SPATIAL_DIMS
 
-    def forward(self, input: torch.Tensor, output_size: Optional[List[int]] = None):
+    def forward(self, input: torch.Tensor, output_size: Optional[List[int]] = None,
+                input_scale: Optional[torch.Tensor] = None):
         if self.padding_mode != "zeros":
             raise ValueError(
                 f"qat.modules.ConvTranspose{self.num_spatial_dims}d: only the 'zeros' "
@@ -39,14 +40,18 @@ class _ConvTransposeNd:
             input, output_size, self.stride, self.padding, self.kernel_size,
             self.num_spatial_dims, self.dilation)
         weight = self.weight_fake_quant(self.weight)
+        # input_scale: the bias on the integer kernels' grid (see qat.modules.Linear);
+        # qat.prepare passes it where the weight has one scale per output channel (groups 1).
+        bias = kernel_bias(self.bias, input_scale, self.weight_fake_quant.scale,
+                           bool(self.weight_fake_quant.fake_quant_enabled))
         if self.num_spatial_dims == 1:
-            output = F.conv_transpose1d(input, weight, self.bias, self.stride, self.padding,
+            output = F.conv_transpose1d(input, weight, bias, self.stride, self.padding,
                                         output_padding, self.groups, self.dilation)
         elif self.num_spatial_dims == 2:
-            output = F.conv_transpose2d(input, weight, self.bias, self.stride, self.padding,
+            output = F.conv_transpose2d(input, weight, bias, self.stride, self.padding,
                                         output_padding, self.groups, self.dilation)
         else:
-            output = F.conv_transpose3d(input, weight, self.bias, self.stride, self.padding,
+            output = F.conv_transpose3d(input, weight, bias, self.stride, self.padding,
                                         output_padding, self.groups, self.dilation)
         # qat.prepare's eager fallback quantizes the output here, not with a forward hook:
         # a scripted hook would have to take the optional output_size argument, which
