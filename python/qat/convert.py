@@ -30,7 +30,7 @@ from .modules import (Conv1d, Conv2d, Conv3d, ConvBnReLU1d, ConvBnReLU2d, ConvBn
                       ConvTranspose1d, ConvTranspose2d, Embedding, Linear)
 from .modules.conv_bn import _ConvBnNd
 from .observers import ObserverBase
-from .prepare import _calls_one_of, _is_relu, _is_relu6
+from .prepare import _calls_one_of, _is_relu, _is_relu6, has_integer_kernel
 
 __all__ = ["ConversionReport", "compare", "convert"]
 
@@ -272,11 +272,10 @@ def _observe_weights(gm: nn.Module) -> None:
 def _integer_module(module: nn.Module, out: _QParams, relu: bool) -> Optional[nn.Module]:
     """The integer version of a QAT conv / linear, or None when it has none here."""
     scale, zero_point, _ = out
+    if not has_integer_kernel(module):
+        return None
     with torch.no_grad():
         if isinstance(module, _TRANSPOSED):
-            # One scale per output channel (groups 1: see qat.prepare._pass_input_scales).
-            if module.groups != 1 or module.padding_mode != "zeros":
-                return None
             fq = module.weight_fake_quant
             bias = None if module.bias is None else module.bias.detach().float()
             layer = _INTEGER_TRANSPOSED[type(module)]
@@ -287,19 +286,15 @@ def _integer_module(module: nn.Module, out: _QParams, relu: bool) -> Optional[nn
         if isinstance(module, _ConvBnNd):
             weight, bias = _folded(module)
             relu = relu or isinstance(module, _CONV_BN_RELU)
-        elif isinstance(module, (Conv1d, Conv2d, Conv3d, Linear)):
+        else:
             weight = _weights_of(module)
             bias = module.bias
-        else:
-            return None
         qweight = _integer_weight(weight, module.weight_fake_quant)
         bias = None if bias is None else bias.detach().float()
         fq = module.weight_fake_quant
         if isinstance(module, Linear):
             return quantized.Linear(qweight, bias, scale, zero_point, relu, fq.spec.bits,
                                     fq.quant_min)
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return None
         conv = _INTEGER_CONVS[qweight.dim() - 2]
         return conv(qweight, bias, list(module.stride), list(module.padding),
                     list(module.dilation), module.groups, scale, zero_point, relu, fq.spec.bits,

@@ -479,17 +479,29 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
     gm.recompile()
 
 
+def has_integer_kernel(module: nn.Module) -> bool:
+    """Whether qat.convert can put the QAT layer ``module`` on an integer kernel with an
+    int32 bias (given quantized input and output): a Linear, a conv (batch norm folded in or
+    not) or a transposed conv with zero padding given as numbers, a transposed conv also
+    with one weight scale per output channel (groups 1; a grouped one has one per output
+    channel of a group)."""
+    if isinstance(module, Linear):
+        return True
+    if isinstance(module, (ConvTranspose1d, ConvTranspose2d)) and module.groups != 1:
+        return False
+    return isinstance(module, (Conv1d, Conv2d, Conv3d, _ConvBnNd, ConvTranspose1d,
+                               ConvTranspose2d)) and module.padding_mode == "zeros" and \
+        not isinstance(module.padding, str)
+
+
 def _pass_input_scales(gm: fx.GraphModule, swapped) -> None:
-    """Gives each layer that the integer model runs with an int32 bias (Linear, the convs,
-    batch norm folded in or not) the scale of the FakeQuantize before it, ``input_scale=``, so
-    that it rounds its bias as the kernel will (``torch.ops.qat.round_bias``)."""
+    """Gives each layer that the integer model runs with an int32 bias
+    (:func:`has_integer_kernel`) the scale of the FakeQuantize before it, ``input_scale=``,
+    so that it rounds its bias as the kernel will (``torch.ops.qat.round_bias``); a layer
+    that stays in float keeps its bias as it is, as its float version in the converted
+    model does."""
     for node in swapped:
-        module = gm.get_submodule(node.target)
-        # A grouped transposed conv's weight has one scale per output channel of a group,
-        # not per output channel: no integer kernel takes it (qat.convert), no rounding.
-        transposed = isinstance(module, (ConvTranspose1d, ConvTranspose2d)) and \
-            module.groups == 1
-        if not (transposed or isinstance(module, (Conv1d, Conv2d, Conv3d, _ConvBnNd, Linear))):
+        if not has_integer_kernel(gm.get_submodule(node.target)):
             continue
         source = node.args[0] if node.args else None
         # Ops such as flatten, relu and max pooling keep their input's qparams.

@@ -12,7 +12,7 @@ from torch import nn
 
 import qat
 
-from helpers import RUN_LITE_MODEL, TextCNN, UpNet, run_python, sgd_losses
+from helpers import RUN_LITE_MODEL, KeywordNet, TextCNN, UpNet, run_python, sgd_losses
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -239,3 +239,17 @@ def test_grouped_transposed_convs_and_chosen_output_sizes_stay_in_float():
     assert int_model(x).shape == (4, 2, 17, 17)
     parity = qat.compare(qmodel, int_model, x)
     assert parity["within_one_step"] >= 0.99, parity
+
+
+def test_only_layers_that_get_an_integer_kernel_round_their_bias():
+    """The simulation rounds a layer's bias to the kernel's int32 grid only where convert
+    gives it a kernel: a circular-padded conv stays in float with its bias as it is, so its
+    float version in the converted model adds the same bias."""
+
+    def rounding(model):
+        gm = qat.prepare(model)
+        return {n.target for n in gm.graph.nodes if n.op == "call_module"
+                and "input_scale" in n.kwargs}
+
+    assert rounding(KeywordNet()) == {"features.0", "features.3", "features.6", "fc"}
+    assert rounding(KeywordNet(padding_mode="circular")) == {"fc"}
