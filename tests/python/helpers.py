@@ -159,6 +159,20 @@ class UpNet(nn.Module):
         return self.head(F.relu(self.up(F.relu(self.down(x)))))
 
 
+class TextEncoder(nn.Module):
+    """Embedding, a two-layer transformer encoder and a linear head."""
+
+    def __init__(self, vocabulary: int = 50):
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
+
+
 def train(model, images, labels, steps, lr, gen, batch=128, transform=None,
           optimizer="sgd"):
     """``steps`` SGD (momentum 0.9) or Adam steps on random batches of ``images`` (through

@@ -16,7 +16,7 @@ from torch import nn
 
 import qat
 
-from helpers import script, sgd_losses
+from helpers import TextEncoder, script, sgd_losses
 
 
 def _prepare_quietly(model, config=None):
@@ -400,24 +400,10 @@ def test_fixed_qparams_follow_a_signed_range_and_refuse_learned_scales():
         qat.FixedQParamsFakeQuantize(qat.QuantSpec(estimator="lsq"), (0.0, 1.0))
 
 
-class _TextEncoder(nn.Module):
-    """Embedding, a two-layer transformer encoder and a linear head."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(50, 32)
-        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2)
-        self.head = nn.Linear(32, 3)
-
-    def forward(self, tokens):
-        return self.head(self.encoder(self.embed(tokens)).mean(1))
-
-
 def test_transformer_encoder_trains_scripts_and_round_trips():
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="stay in float") as caught:
-        qmodel = qat.prepare(_TextEncoder())
+        qmodel = qat.prepare(TextEncoder())
     (message,) = [str(w.message) for w in caught]
     assert "encoder.layers.0.self_attn" in message and "encoder.layers.1.norm2" in message
     swapped = {n for n, m in qmodel.named_modules() if isinstance(m, qat.modules.Linear)}
@@ -434,7 +420,7 @@ def test_transformer_encoder_trains_scripts_and_round_trips():
     assert losses[-1] < losses[0], losses
 
     with pytest.warns(UserWarning, match="stay in float"):
-        restored = qat.prepare(_TextEncoder())
+        restored = qat.prepare(TextEncoder())
     restored.load_state_dict(qmodel.state_dict())
     qat.disable_observer(qmodel)
     qat.disable_observer(restored)
