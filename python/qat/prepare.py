@@ -11,6 +11,7 @@ import fnmatch
 import functools
 import inspect
 import json
+import operator
 import types
 import warnings
 from typing import Dict, List, Optional, Set, Tuple
@@ -23,6 +24,7 @@ from torch import nn
 from .config import Config, QuantSpec, _is_pattern
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
 from . import _op_roles
+from ._transformer import make_traceable
 from .modules import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, Linear, fused,
                       lookup)
 from .modules.conv_bn import _ConvBnNd
@@ -235,6 +237,16 @@ def _is_weight_only(node: fx.Node, gm: fx.GraphModule) -> bool:
         type(gm.get_submodule(node.target)), "weight_only", False)
 
 
+_COMPARISONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+                torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge}
+
+
+def _is_comparison(node: fx.Node) -> bool:
+    """Whether ``node`` compares tensors (its output is a mask, its inputs often ids)."""
+    return (node.op == "call_function" and node.target in _COMPARISONS) or (
+        node.op == "call_method" and node.target in ("eq", "ne", "lt", "le", "gt", "ge"))
+
+
 def _is_relu6(node: Optional[fx.Node], gm: fx.GraphModule) -> bool:
     """Whether ``node`` is a ReLU6 of its one input."""
     return node is not None and len(node.args) == 1 and (
@@ -422,8 +434,10 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "placeholder":
             # A placeholder with a default is an optional argument, often not a tensor;
-            # indices for an embedding stay as they are.
-            users = [u for u in node.users if not _is_weight_only(u, gm)]
+            # indices for an embedding, and what is compared (token ids made a mask), stay
+            # as they are.
+            users = [u for u in node.users
+                     if not _is_weight_only(u, gm) and not _is_comparison(u)]
             if not node.args and users:
                 inserter.after(node, config.activation,
                                users=None if len(users) == len(node.users) else users)
@@ -542,10 +556,15 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
     (embeddings) take their input as it is and get no output FakeQuantize. With
     ``config.dynamic`` no activation FakeQuantize is added.
 
-    torch.nn containers that are not traced into (e.g. ``nn.TransformerEncoder``) have
-    their registered children swapped in place, each quantizing its output with a
-    FakeQuantize child, ``activation_post_process``; transformer layers with QAT children
-    are kept off PyTorch's fused eval kernel, which reads the float weights directly.
+    ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder``
+    are first replaced by traceable equivalents (``qat._transformer``: the same arithmetic,
+    each query / key / value / output projection an ``nn.Linear``), so that their
+    projections are swapped and converted like any Linear; the attention (scores, masks,
+    softmax, weighted sum) runs in float. Token ids compared into a mask are not
+    quantized. Other torch.nn containers that are not traced into have their registered
+    children swapped in place, each quantizing its output with a FakeQuantize child,
+    ``activation_post_process``; transformer layers with QAT children are kept off
+    PyTorch's fused eval kernel, which reads the float weights directly.
     Parameter-free modules whose forward reads ``self.training`` stay modules, so that
     ``eval()`` reaches them.
 
@@ -654,6 +673,8 @@ def _prepare_keeping(model: nn.Module, config: Config, inplace: bool) -> nn.Modu
 
 
 def _prepare(model: nn.Module, config: Config) -> nn.Module:
+    # Attention layers become modules of nn.Linear projections that trace (and swap).
+    model = make_traceable(model)
     try:
         gm = _trace(model)
     except Exception as error:  # noqa: BLE001 - any tracing failure takes the fallback

@@ -160,17 +160,20 @@ class UpNet(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Embedding, a two-layer transformer encoder and a linear head."""
+    """Embedding, a two-layer transformer encoder and a linear head; with ``padding``, the
+    token 0 is padding, masked out of attention."""
 
-    def __init__(self, vocabulary: int = 50):
+    def __init__(self, vocabulary: int = 50, padding: bool = False):
         super().__init__()
+        self.padding = padding
         self.embed = nn.Embedding(vocabulary, 32)
         layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, 2)
         self.head = nn.Linear(32, 3)
 
     def forward(self, tokens):
-        return self.head(self.encoder(self.embed(tokens)).mean(1))
+        mask = tokens == 0 if self.padding else None
+        return self.head(self.encoder(self.embed(tokens), src_key_padding_mask=mask).mean(1))
 
 
 def train(model, images, labels, steps, lr, gen, batch=128, transform=None,

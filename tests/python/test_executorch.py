@@ -21,7 +21,7 @@ from qat import _pte
 from qat.convert import _output_step
 from qat.export import describe, load
 
-from helpers import FashionNet, KeywordNet, TextCNN, UpNet, sqnr_db
+from helpers import FashionNet, KeywordNet, TextCNN, TextEncoder, UpNet, sqnr_db
 
 MISSING = _pte.available()
 # A real limit: ExecuTorch exists only for the PyPI leg's PyTorch (executorch is pinned in
@@ -156,6 +156,29 @@ def test_embedding_tables_are_stored_in_float_and_said_so(tmp_path):
     assert qat.read_metadata(path)["executorch"]["weights_as_float"] == ["embed"]
     assert "tables stored in float (no integer embedding kernel in ExecuTorch's default " \
         "runtime): embed" in describe(path)
+
+
+@needs_executorch
+def test_transformer_encoder_projections_run_on_xnnpack(tmp_path):
+    """Every projection of the encoder's attention and feed-forward layers is delegated to
+    XNNPACK as an int8 linear; the attention itself, the layer norms and the table run
+    in float, and the program follows the integer model."""
+    torch.manual_seed(0)
+    qmodel = qat.prepare(TextEncoder(padding=True))
+    tokens = torch.randint(1, 50, (32, 12))
+    tokens[::4, 8:] = 0
+    qat.calibrate(qmodel, [tokens[:16], tokens[16:]], progress=False)
+    path = str(tmp_path / "encoder.pte")
+    int_model = qat.export(qmodel, path, tokens[:8])
+    with torch.no_grad():
+        expected = int_model(tokens[:8])
+    got = _pte.run_fresh(path, (tokens[:8],))[0]
+    steps = _steps_apart(qmodel, expected, got)
+    assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99 and steps.max() <= 3, steps.max()
+    report = qat.read_metadata(path)["executorch"]
+    # Per layer: query, key, value and output projections and two feed-forward linears;
+    # and the head.
+    assert report["layers"] == report["layers_delegated"] == 2 * 6 + 1
 
 
 @needs_executorch

@@ -3,7 +3,9 @@ after qat.convert, with the simulation's integers, and its exported file runs wh
 not installed. The references (fake quantization and batch-norm folding) are computed here
 by hand."""
 
+import copy
 import os
+import re
 
 import pytest
 import torch
@@ -11,8 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import qat
+from qat._transformer import make_traceable
 
-from helpers import RUN_LITE_MODEL, KeywordNet, TextCNN, UpNet, run_python, sgd_losses
+from helpers import (RUN_LITE_MODEL, KeywordNet, TextCNN, TextEncoder, UpNet, run_python,
+                     sgd_losses)
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -253,3 +257,103 @@ def test_only_layers_that_get_an_integer_kernel_round_their_bias():
 
     assert rounding(KeywordNet()) == {"features.0", "features.3", "features.6", "fc"}
     assert rounding(KeywordNet(padding_mode="circular")) == {"fc"}
+
+
+# -- attention ----------------------------------------------------------------------------
+
+def _encoder(norm_first: bool, activation: str, batch_first: bool) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, activation=activation,
+                                       batch_first=batch_first, norm_first=norm_first)
+    return nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16))
+
+
+@pytest.mark.parametrize("norm_first,activation,batch_first,masks", [
+    (False, "relu", True, "padding"),
+    (True, "gelu", False, "causal"),
+    (False, "relu", True, "additive"),
+], ids=["post_norm_padding", "pre_norm_causal", "additive"])
+def test_traceable_encoders_compute_what_pytorchs_do(norm_first, activation, batch_first,
+                                                    masks):
+    """prepare's stand-ins for nn.TransformerEncoder against PyTorch's own modules on the
+    same weights, with boolean and additive masks. With gradients on, PyTorch takes its
+    reference (slow) path, not its fused kernel."""
+    torch.manual_seed(0)
+    encoder = _encoder(norm_first, activation, batch_first).eval()
+    x = torch.randn(3, 7, 16) if batch_first else torch.randn(7, 3, 16)
+    kwargs = {}
+    if masks == "padding":
+        padding = torch.zeros(3, 7, dtype=torch.bool)
+        padding[0, 5:] = padding[2, 3:] = True
+        kwargs["src_key_padding_mask"] = padding
+    elif masks == "causal":
+        kwargs["mask"] = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    else:
+        kwargs["mask"] = torch.randn(7, 7)
+    expected = encoder(x, **kwargs)
+    traceable = make_traceable(copy.deepcopy(encoder))
+    assert {type(m).__name__ for m in traceable.modules()} >= {"MultiheadAttention", "Linear"}
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in traceable.modules())
+    torch.testing.assert_close(traceable(x, **kwargs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_traceable_attention_with_its_own_key_and_value_sizes_and_weights():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2, kdim=10, vdim=6).eval()
+    q, k, v = torch.randn(5, 3, 16), torch.randn(4, 3, 10), torch.randn(4, 3, 6)
+    traceable = make_traceable(copy.deepcopy(mha))
+    for average in (True, False):
+        expected = mha(q, k, v, average_attn_weights=average)
+        got = traceable(q, k, v, average_attn_weights=average)
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert traceable(q, k, v, need_weights=False)[1] is None
+
+
+def test_attention_with_extra_key_biases_is_left_to_pytorch_in_float():
+    model = nn.Sequential(nn.Linear(8, 8))
+    model.attention = nn.MultiheadAttention(8, 2, add_bias_kv=True)
+    assert make_traceable(model).attention is model.attention
+
+
+@pytest.fixture(scope="module")
+def encoder_model():
+    """(QAT TextEncoder with a padding mask trained a few steps, in eval, tokens with
+    padding)."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="stay in float: encoder.layers.0.norm1"):
+        qmodel = qat.prepare(TextEncoder(padding=True))
+    tokens = torch.randint(1, 50, (16, 12))
+    tokens[::3, 9:] = 0
+    sgd_losses(qmodel, tokens, torch.randint(0, 3, (16,)), steps=8, lr=0.05)
+    qmodel.eval()
+    qat.disable_observer(qmodel)
+    return qmodel, tokens
+
+
+def test_every_encoder_linear_runs_on_the_integer_kernel(encoder_model):
+    """The query, key, value and output projections and the feed-forward layers: all on
+    quantized::linear, with the simulation's integers; only layer norms, the attention's
+    softmax and matmuls and the mean run in float."""
+    qmodel, _ = encoder_model
+    int_model, report = qat.convert(qmodel, return_report=True)
+    projections = [f"encoder.layers.{i}.{name}" for i in range(2) for name in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+        "linear1", "linear2")]
+    for name in projections + ["head"]:
+        assert isinstance(int_model.get_submodule(name), qat.quantized.Linear), name
+        qat_layer = qmodel.get_submodule(name)
+        expected = _reference_ints(qat_layer.weight.detach(), qat_layer.weight_fake_quant)
+        got = int_model.get_submodule(name).quantized_weight().int_repr()
+        assert torch.equal(got.float(), expected), name
+    assert isinstance(int_model.embed, qat.quantized.Embedding)
+    assert report.integer_weight_share == 1.0
+    # The residual adds take a layer norm's float output: float adds, quantized after.
+    floats = {re.sub(r"_\d+$", "", name.split(" ")[0]) for name in report.float}
+    assert floats == {"attention_probs", "attend", "add"} | {
+        f"encoder_layers_{i}_norm{j}" for i in range(2) for j in (1, 2)}, floats
+
+
+def test_encoder_and_its_ptl_follow_the_simulation(encoder_model, tmp_path):
+    qmodel, tokens = encoder_model
+    parity = _ptl_follows_the_simulation(qmodel, tokens, tmp_path)
+    assert parity["within_one_step"] == 1.0, parity

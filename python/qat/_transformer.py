@@ -1,0 +1,202 @@
+"""Traceable equivalents of PyTorch's attention layers, put in place of
+``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` by
+``qat.prepare`` before it traces a model.
+
+PyTorch's own versions cannot be traced (their forwards branch on tensor properties) and
+run their projections through ``F.multi_head_attention_forward`` or one fused native kernel,
+on weights that are not ``nn.Linear`` modules: left as they are, every weight of an encoder
+stays in float. Here each projection is an ``nn.Linear`` (the query, key and value parts of
+``in_proj_weight`` become three), which prepare swaps and convert puts on the integer
+linear kernel like any other; the attention itself (scaled scores, masks, softmax, the
+weighted sum of values) is two functions that ``torch.fx`` keeps as single calls and the
+integer model runs in float, on the dequantized projections.
+
+The arithmetic is PyTorch's slow path, so the float model's outputs are unchanged (to
+float rounding): masks may be boolean (True = not attended) or additive, as PyTorch
+takes them. Not taken apart (left to PyTorch, in float): attention with ``bias_k`` /
+``bias_v`` or ``add_zero_attn``, and subclasses, whose forwards may differ.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, fx, nn
+
+__all__ = ["make_traceable"]
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def attention_probs(q: Tensor, k: Tensor, heads: int, attn_mask: Optional[Tensor],
+                    key_padding_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+    """softmax(q k^T / sqrt(head_dim) + masks) per head, (batch, heads, target, source),
+    from the projected queries (batch, target, embed) and keys (batch, source, embed)."""
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError("qat: attention takes batched 3-D query, key and value")
+    batch, target, embed = q.size(0), q.size(1), q.size(2)
+    source = k.size(1)
+    head_dim = embed // heads
+    q = q.reshape(batch, target, heads, head_dim).transpose(1, 2)
+    k = k.reshape(batch, source, heads, head_dim).transpose(1, 2)
+    scores = torch.matmul(q * math.sqrt(1.0 / head_dim), k.transpose(-2, -1))
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(target, source, dtype=torch.bool, device=q.device).triu(1)
+    if attn_mask is not None:
+        mask = _additive(attn_mask, scores.dtype)
+        if mask.dim() == 3:  # (batch * heads, target, source)
+            mask = mask.reshape(batch, heads, target, source)
+        scores = scores + mask
+    if key_padding_mask is not None:
+        scores = scores + _additive(key_padding_mask, scores.dtype).reshape(batch, 1, 1, source)
+    return torch.softmax(scores, -1)
+
+
+def attend(probs: Tensor, v: Tensor) -> Tensor:
+    """The heads' weighted sums of the projected values (batch, source, embed), joined:
+    (batch, target, embed)."""
+    batch, heads, target = probs.size(0), probs.size(1), probs.size(2)
+    source, embed = v.size(1), v.size(2)
+    v = v.reshape(batch, source, heads, embed // heads).transpose(1, 2)
+    return torch.matmul(probs, v).transpose(1, 2).reshape(batch, target, embed)
+
+
+def head_weights(probs: Tensor, average: bool) -> Tensor:
+    return probs.mean(1) if average else probs
+
+
+# Single calls in the traced graph (run in float by the integer model), not their insides.
+fx.wrap("attention_probs")
+fx.wrap("attend")
+fx.wrap("head_weights")
+
+
+def _linear_like(weight: Tensor, bias: Optional[Tensor]) -> nn.Linear:
+    """An ``nn.Linear`` holding copies of ``weight`` and ``bias``."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.weight.requires_grad_(weight.requires_grad)
+        if bias is not None:
+            layer.bias.copy_(bias)
+            layer.bias.requires_grad_(bias.requires_grad)
+    return layer
+
+
+class MultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` with its projections as ``nn.Linear`` modules."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        self.num_heads = mha.num_heads
+        self.batch_first = mha.batch_first
+        embed = mha.embed_dim
+        if mha._qkv_same_embed_dim:
+            weights = mha.in_proj_weight.split(embed)
+        else:
+            weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+        biases = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.split(embed)
+        self.q_proj = _linear_like(weights[0], biases[0])
+        self.k_proj = _linear_like(weights[1], biases[1])
+        self.v_proj = _linear_like(weights[2], biases[2])
+        self.out_proj = _linear_like(mha.out_proj.weight, mha.out_proj.bias)
+        self.dropout = nn.Dropout(mha.dropout)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        if not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        probs = self.dropout(attention_probs(self.q_proj(query), self.k_proj(key),
+                                             self.num_heads, attn_mask, key_padding_mask,
+                                             is_causal))
+        out = self.out_proj(attend(probs, self.v_proj(value)))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, head_weights(probs, average_attn_weights) if need_weights else None
+
+
+class TransformerEncoderLayer(nn.Module):
+    """``nn.TransformerEncoderLayer`` (post- or pre-norm) over :class:`MultiheadAttention`,
+    sharing the original's feed-forward, norm and dropout modules."""
+
+    def __init__(self, layer: nn.TransformerEncoderLayer):
+        super().__init__()
+        self.self_attn = MultiheadAttention(layer.self_attn)
+        self.linear1, self.dropout, self.linear2 = layer.linear1, layer.dropout, layer.linear2
+        self.norm_first = layer.norm_first
+        self.norm1, self.norm2 = layer.norm1, layer.norm2
+        self.dropout1, self.dropout2 = layer.dropout1, layer.dropout2
+        self.activation = layer.activation
+
+    def forward(self, src: Tensor, src_mask: Optional[Tensor] = None,
+                src_key_padding_mask: Optional[Tensor] = None, is_causal: bool = False):
+        x = src
+        if self.norm_first:
+            x = x + self._attention(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            return x + self._feed_forward(self.norm2(x))
+        x = self.norm1(x + self._attention(x, src_mask, src_key_padding_mask, is_causal))
+        return self.norm2(x + self._feed_forward(x))
+
+    def _attention(self, x, mask, key_padding_mask, is_causal):
+        return self.dropout1(self.self_attn(x, x, x, attn_mask=mask,
+                                            key_padding_mask=key_padding_mask,
+                                            need_weights=False, is_causal=is_causal)[0])
+
+    def _feed_forward(self, x):
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+
+class TransformerEncoder(nn.Module):
+    """``nn.TransformerEncoder`` over :class:`TransformerEncoderLayer` s."""
+
+    def __init__(self, encoder: nn.TransformerEncoder):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerEncoderLayer(layer) for layer in encoder.layers)
+        self.norm = encoder.norm
+
+    def forward(self, src: Tensor, mask: Optional[Tensor] = None,
+                src_key_padding_mask: Optional[Tensor] = None, is_causal: Optional[bool] = None):
+        x = src
+        for layer in self.layers:
+            x = layer(x, mask, src_key_padding_mask, bool(is_causal))
+        return x if self.norm is None else self.norm(x)
+
+
+def _traceable(module: nn.Module) -> Optional[nn.Module]:
+    """The traceable equivalent of ``module``, or None where it has none."""
+    kind = type(module)
+    if kind is nn.MultiheadAttention:
+        if module.bias_k is not None or module.add_zero_attn:
+            return None
+        new = MultiheadAttention(module)
+    elif kind is nn.TransformerEncoderLayer and _traceable(module.self_attn) is not None:
+        new = TransformerEncoderLayer(module)
+    elif kind is nn.TransformerEncoder and all(
+            type(layer) is nn.TransformerEncoderLayer for layer in module.layers):
+        new = TransformerEncoder(module)
+    else:
+        return None
+    return new.train(module.training)
+
+
+def make_traceable(model: nn.Module) -> nn.Module:
+    """``model`` with its attention layers replaced by their traceable equivalents (in
+    place below the root; the root itself is returned replaced when it is one)."""
+    new = _traceable(model)
+    if new is not None:
+        return new
+    for name, child in model.named_children():
+        replaced = _traceable(child)
+        if replaced is None:
+            make_traceable(child)
+        else:
+            setattr(model, name, replaced)
+    return model
