@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.ao.nn.quantized import dynamic
 
 from . import quantized
 
@@ -217,6 +218,23 @@ class _Emitter:
         weight = self.graph.get_attr(self.attr(f"{node.target}.weight", table))
         return self.graph.call_function(F.embedding, (self.env[node.args[0]], weight))
 
+    def recurrent(self, node: fx.Node, module: nn.Module) -> fx.Node:
+        """A dynamic quantized LSTM / GRU as the float layer over the values of its
+        integers: ExecuTorch has no dynamic quantized recurrent kernel (reported as stored
+        in float, like embedding tables)."""
+        self.float_stored.append(node.target)
+        float_cls = nn.LSTM if isinstance(module, dynamic.LSTM) else nn.GRU
+        layer = float_cls(module.input_size, module.hidden_size, module.num_layers,
+                          bias=module.bias, batch_first=module.batch_first,
+                          dropout=float(module.dropout), bidirectional=module.bidirectional)
+        values = {**module.get_weight(), **module.get_bias()}
+        for name, value in values.items():
+            value = value.dequantize() if value.is_quantized else value
+            setattr(layer, name, nn.Parameter(value.detach().float(), requires_grad=False))
+        return self.graph.call_module(
+            self.attr(node.target, layer.eval()),
+            *fx.node.map_aggregate((node.args, node.kwargs), self._arg))
+
     def node(self, node: fx.Node) -> fx.Node:
         if node.op == "placeholder":
             return self.graph.placeholder(node.target)
@@ -237,6 +255,8 @@ class _Emitter:
                 return self.integer_op(node, module)
             if isinstance(module, quantized.Embedding):
                 return self.embedding(node, module)
+            if isinstance(module, (dynamic.LSTM, dynamic.GRU)):
+                return self.recurrent(node, module)
             new = self.graph.call_module(
                 self.attr(node.target, module),
                 *fx.node.map_aggregate((node.args, node.kwargs), self._arg))

@@ -27,7 +27,7 @@ from .calibrate import disable_observer
 from .config import BACKENDS, check_backend
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
 from .modules import (Conv1d, Conv2d, Conv3d, ConvBnReLU1d, ConvBnReLU2d, ConvBnReLU3d,
-                      ConvTranspose1d, ConvTranspose2d, Embedding, Linear)
+                      ConvTranspose1d, ConvTranspose2d, Embedding, GRU, LSTM, Linear)
 from .modules.conv_bn import _ConvBnNd
 from .observers import ObserverBase
 from .prepare import _calls_one_of, _is_relu, _is_relu6, has_integer_kernel
@@ -90,6 +90,10 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+# PyTorch's dynamic quantized LSTM / GRU (what qat.convert makes of QAT ones).
+_DYNAMIC_RNN = (torch.ao.nn.quantized.dynamic.LSTM, torch.ao.nn.quantized.dynamic.GRU)
+
+
 def weight_elements(int_model: nn.Module) -> Tuple[int, Dict[str, int]]:
     """(weight elements the integer layers store as integers, those of each float layer by
     name) of a converted model."""
@@ -97,6 +101,8 @@ def weight_elements(int_model: nn.Module) -> Tuple[int, Dict[str, int]]:
     for name, module in int_model.named_modules():
         if isinstance(module, (quantized._IntegerLayer, quantized.Embedding)):
             integer += math.prod(module.weight_shape)
+        elif isinstance(module, _DYNAMIC_RNN):
+            integer += sum(w.numel() for w in module.get_weight().values())
         elif isinstance(module, _PLAIN_LAYERS):
             floats[name] = module.weight.numel()
         elif isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
@@ -192,11 +198,66 @@ _PLAIN_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTra
                  nn.ConvTranspose3d, nn.Linear, nn.Embedding, nn.EmbeddingBag)
 
 
+def _rnn_weights(module) -> Dict[str, torch.Tensor]:
+    """A QAT LSTM / GRU's parameters by name, the weight matrices fake-quantized."""
+    with torch.no_grad():
+        return {name: value.detach() for name, value in
+                zip(module._flat_weights_names, module._quantized_flat_weights())}
+
+
+def _float_rnn(module) -> nn.Module:
+    """The plain ``nn.LSTM`` / ``nn.GRU`` with a QAT one's fake-quantized weights."""
+    kwargs = {"proj_size": module.proj_size} if getattr(module, "proj_size", 0) else {}
+    layer = module._FLOAT_MODULE(module.input_size, module.hidden_size, module.num_layers,
+                                 bias=module.bias, batch_first=module.batch_first,
+                                 dropout=module.dropout, bidirectional=module.bidirectional,
+                                 **kwargs)
+    for name, value in _rnn_weights(module).items():
+        setattr(layer, name, nn.Parameter(value.clone(), requires_grad=False))
+    return layer.eval()
+
+
+def _dynamic_rnn(module) -> Optional[nn.Module]:
+    """PyTorch's dynamic quantized LSTM / GRU (``torch.ao.nn.quantized.dynamic``, int8
+    weights, inputs quantized at run time) holding the integers of a QAT one's
+    fake-quantized weights (``torch.ops.qat.integer_weight``); None where PyTorch has no
+    such kernel (no bias, or an LSTM projection)."""
+    if not module.bias or getattr(module, "proj_size", 0):
+        return None
+    from torch.ao.nn.quantized import dynamic
+    from torch.ao.nn.quantized.dynamic.modules.rnn import PackedParameter
+    cls = dynamic.LSTM if isinstance(module, LSTM) else dynamic.GRU
+    layer = cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
+                module.batch_first, module.dropout, module.bidirectional, dtype=torch.qint8)
+    values = _rnn_weights(module)
+    fake_quants = dict(zip([module._flat_weights_names[i] for i in module.weight_positions],
+                           module.weight_fake_quants))
+    # x86's kernels (fbgemm) need 7-bit run-time activations to avoid overflow; qnnpack's
+    # ignore the flag (and warn when it is set).
+    reduce_range = torch.backends.quantized.engine != "qnnpack"
+    cells = []
+    for index in range(module.num_layers):
+        for suffix in ("", "_reverse")[:2 if module.bidirectional else 1]:
+            packed, biases = [], []
+            for kind in ("ih", "hh"):
+                name = f"weight_{kind}_l{index}{suffix}"
+                bias = values[f"bias_{kind}_l{index}{suffix}"]
+                ints = _integer_weight(values[name], fake_quants[name])
+                packed.append(torch.ops.quantized.linear_prepack(ints, bias))
+                biases.append(bias)
+            cells.append(PackedParameter(torch.ops.quantized.make_quantized_cell_params_dynamic(
+                packed[0], packed[1], biases[0], biases[1], reduce_range)))
+    layer._all_weight_values = nn.ModuleList(cells)
+    return layer.train(False)
+
+
 def _float_layer(module: nn.Module) -> Optional[nn.Module]:
     """The plain PyTorch layer that computes what the QAT layer ``module`` computes in
     eval, its fake-quantized weight (batch norm folded in) stored as a constant: a layer
     without an integer kernel runs in float without calling qat's operators, so the file
     it is exported to runs where qat is not installed. None for other modules."""
+    if isinstance(module, (LSTM, GRU)):
+        return _float_rnn(module)
     base = next((cls for cls in _PLAIN_LAYERS if isinstance(module, cls)), None)
     if (base is None or not isinstance(getattr(module, "weight_fake_quant", None), FakeQuantize)
             or hasattr(module, "activation_post_process")):
@@ -257,11 +318,20 @@ def _check_finite(qmodel: nn.Module) -> None:
 def _observe_weights(gm: nn.Module) -> None:
     """Lets weight FakeQuantize modules that never ran observe their weight: weights are
     known without data (dynamic quantization needs no calibration)."""
+    def unobserved(fq) -> bool:
+        return isinstance(fq, FakeQuantize) and not bool(
+            torch.isfinite(fq.observer.min_val).any())
+
     with torch.no_grad():
         for module in gm.modules():
+            if isinstance(module, (LSTM, GRU)):
+                for fq, position in zip(module.weight_fake_quants, module.weight_positions):
+                    if unobserved(fq):
+                        fq.enable_observer()
+                        fq(module._flat_weights[position])
+                continue
             fq = getattr(module, "weight_fake_quant", None)
-            if isinstance(fq, FakeQuantize) and not bool(
-                    torch.isfinite(fq.observer.min_val).any()):
+            if unobserved(fq):
                 fq.enable_observer()
                 if isinstance(module, _ConvBnNd):
                     _folded(module)
@@ -327,7 +397,7 @@ class _Converter:
         module = self.module(node) if node is not None else None
         return module if isinstance(module, FakeQuantize) else None
 
-    def add_module(self, name: str, module: nn.Module, args) -> fx.Node:
+    def add_module(self, name: str, module: nn.Module, args, kwargs=None) -> fx.Node:
         """Calls ``module`` under ``name`` (a layer keeps its QAT module's qualified name,
         which it replaces), or a fresh variant of it when taken."""
         taken = name in self.named
@@ -341,7 +411,7 @@ class _Converter:
             setattr(self.gm.get_submodule(parent), attr, module)
         else:
             setattr(self.gm, name, module)
-        return self.graph.call_module(name, tuple(args))
+        return self.graph.call_module(name, tuple(args), kwargs)
 
     def as_float(self, old: fx.Node) -> fx.Node:
         new = self.env[old]
@@ -461,6 +531,15 @@ class _Converter:
             fq = module.weight_fake_quant
             layer = quantized.LinearDynamic(weight, bias, fq.spec.bits, fq.quant_min)
             self.env[node] = self.add_module(node.target, layer, [self.as_float(first)])
+            self.report.integer.append(_describe(node) + " dynamic")
+            return True
+        if isinstance(module, (LSTM, GRU)) and self.dynamic:
+            layer = _dynamic_rnn(module)
+            if layer is None:
+                return False
+            node_args = fx.node.map_arg(node.args, self.as_float)
+            node_kwargs = fx.node.map_arg(node.kwargs, self.as_float)
+            self.env[node] = self.add_module(node.target, layer, node_args, node_kwargs)
             self.report.integer.append(_describe(node) + " dynamic")
             return True
         if isinstance(module, Embedding):

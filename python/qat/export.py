@@ -537,6 +537,7 @@ def describe(path: Union[str, os.PathLike]) -> str:
             lines.append("sub-8-bit weights stored as int8 (XNNPACK's 4-bit kernels are for "
                          "linears): " + ", ".join(delegation["sub_8bit_weights_as_int8"]))
         if delegation.get("weights_as_float"):
-            lines.append("tables stored in float (no integer embedding kernel in ExecuTorch's "
-                         "default runtime): " + ", ".join(delegation["weights_as_float"]))
+            lines.append("weights stored in float (no integer embedding or recurrent kernel "
+                         "in ExecuTorch's default runtime): "
+                         + ", ".join(delegation["weights_as_float"]))
     return "\n".join(lines)

@@ -149,9 +149,19 @@ def _warn_float(names: List[str]) -> None:
             stacklevel=3)
 
 
+def _qat_class(module: nn.Module, config: Config) -> Optional[type]:
+    """The QAT class that ``config`` swaps ``module`` for, or None. Classes marked
+    ``dynamic_only`` (recurrent layers: PyTorch has only dynamic integer kernels for them)
+    are used with a dynamic config only."""
+    qat_cls = lookup(module)
+    if getattr(qat_cls, "dynamic_only", False) and not config.dynamic:
+        return None
+    return qat_cls
+
+
 def _swap(float_module: nn.Module, name: str, spec_module: nn.Module, config: Config):
     """``(qat_module, activation_spec)``, or None when the module stays in float."""
-    qat_cls = lookup(float_module)
+    qat_cls = _qat_class(float_module, config)
     if qat_cls is None:
         return None
     specs = config.spec_for(name, spec_module)
@@ -191,7 +201,7 @@ def _swap_in_place(root: nn.Module, config: Config, prefix: str = "") -> List[st
                 if not _quantizes_own_output(qat_module):
                     qat_module.register_forward_hook(_quantize_output)
             _set_module(root, name, qat_module)
-        elif (lookup(module) is None and _has_own_parameters(module)
+        elif (_qat_class(module, config) is None and _has_own_parameters(module)
               and not config.is_skipped(full_name, module)):
             unsupported.append(full_name)
     return unsupported
@@ -412,7 +422,8 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
         if swapped is not None:
             _set_module(gm, node.target, swapped[0])
             activation[node] = swapped_specs[node.target] = swapped[1]
-        elif lookup(module) is None and not config.is_skipped(node.target, spec_module):
+        elif (_qat_class(module, config) is None
+              and not config.is_skipped(node.target, spec_module)):
             if _has_own_parameters(module):
                 unsupported.append(node.target)
             # A leaf with children (a torch.nn container such as TransformerEncoderLayer,

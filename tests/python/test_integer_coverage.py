@@ -16,7 +16,7 @@ import qat
 from qat._transformer import make_traceable
 
 from helpers import (RUN_LITE_MODEL, KeywordNet, TextCNN, TextEncoder, UpNet, run_python,
-                     sgd_losses)
+                     sgd_losses, sqnr_db)
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -63,7 +63,10 @@ def _reference_ints(weight, fq):
     """The integers of ``weight`` on ``fq``'s per-channel grid: round, shift, clamp."""
     shape = [-1] + [1] * (weight.dim() - 1)
     scale, zero_point = fq.scale.reshape(shape), fq.zero_point.reshape(shape)
-    return torch.clamp(torch.round(weight / scale) + zero_point, fq.quant_min, fq.quant_max)
+    # PyTorch's fake-quantize formula: times the float32 reciprocal of the scale (w / s
+    # rounds the other way for the rare weight that sits on a tie).
+    return torch.clamp(torch.round(weight * (1.0 / scale)) + zero_point, fq.quant_min,
+                       fq.quant_max)
 
 
 def _ptl_follows_the_simulation(qmodel, x, folder) -> dict:
@@ -357,3 +360,101 @@ def test_encoder_and_its_ptl_follow_the_simulation(encoder_model, tmp_path):
     qmodel, tokens = encoder_model
     parity = _ptl_follows_the_simulation(qmodel, tokens, tmp_path)
     assert parity["within_one_step"] == 1.0, parity
+
+
+# -- recurrent layers (dynamic quantization) ----------------------------------------------
+
+class Recurrent(nn.Module):
+    """A two-layer bidirectional LSTM or GRU over a sequence and a linear head."""
+
+    def __init__(self, kind: str, bias: bool = True):
+        super().__init__()
+        self.rnn = getattr(nn, kind)(12, 24, num_layers=2, bidirectional=True, batch_first=True,
+                                     bias=bias)
+        self.fc = nn.Linear(48, 3)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+def _fake_quantized_rows(weight, fq):
+    shape = [-1] + [1] * (weight.dim() - 1)
+    scale, zero_point = fq.scale.reshape(shape), fq.zero_point.reshape(shape)
+    return (_reference_ints(weight, fq) - zero_point) * scale
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_recurrent_simulation_runs_pytorchs_layer_on_fake_quantized_weights(kind):
+    torch.manual_seed(0)
+    model = Recurrent(kind).eval()
+    qmodel = qat.prepare(model, qat.presets.w8a8_dynamic()).eval()
+    assert isinstance(qmodel.rnn, getattr(qat.modules, kind))
+    x = torch.randn(4, 7, 12)
+    got = qmodel(x)  # the first forward observes the weights
+    reference = copy.deepcopy(model.rnn)
+    with torch.no_grad():
+        for fq, position in zip(qmodel.rnn.weight_fake_quants, qmodel.rnn.weight_positions):
+            name = model.rnn._flat_weights_names[position]
+            setattr(reference, name, nn.Parameter(
+                _fake_quantized_rows(getattr(model.rnn, name), fq)))
+        expected = qmodel.fc(reference(x)[0][:, -1])  # the head is fake-quantized too
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_recurrent_layers_run_on_dynamic_kernels_with_the_simulations_integers(kind, tmp_path):
+    """PyTorch's dynamic quantized LSTM / GRU holding the simulation's integers, within
+    30 dB of the float model (the issue's target for dynamic RNNs), and the exported .ptl
+    gives its outputs where qat cannot be found."""
+    torch.manual_seed(0)
+    model = Recurrent(kind).eval()
+    qmodel = qat.prepare(model, qat.presets.w8a8_dynamic()).eval()
+    x = torch.randn(16, 7, 12)
+    qmodel(x)  # observes the weights (convert would otherwise, in its own copy)
+    int_model, report = qat.convert(qmodel, return_report=True)
+    layer = int_model.rnn
+    assert isinstance(layer, getattr(torch.ao.nn.quantized.dynamic, kind))
+    stored = layer.get_weight()
+    assert len(stored) == 8  # ih and hh, two layers, two directions
+    for fq, position in zip(qmodel.rnn.weight_fake_quants, qmodel.rnn.weight_positions):
+        name = model.rnn._flat_weights_names[position]
+        expected = _reference_ints(getattr(model.rnn, name).detach(), fq)
+        assert torch.equal(stored[name].int_repr().float(), expected), name
+    assert report.integer_weight_share == 1.0 and report.float == []
+    with torch.no_grad():
+        assert sqnr_db(model(x), int_model(x)) >= 30
+    path, inputs, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
+    qat.export(qmodel, path, x[:2])
+    torch.save(x, inputs)
+    run_python(RUN_LITE_MODEL, path, inputs, outputs, check=True,
+               env=dict(os.environ, PYTHONPATH=""))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(outputs), int_model(x), rtol=0, atol=0)
+
+
+def test_recurrent_layers_without_a_dynamic_kernel_stay_float_without_qat():
+    """PyTorch's dynamic kernels need biases: a bias-free LSTM becomes a plain nn.LSTM on
+    the fake-quantized weights, reported in float; a static config leaves LSTMs to
+    PyTorch, with the warning that names them."""
+    torch.manual_seed(0)
+    qmodel = qat.prepare(Recurrent("LSTM", bias=False), qat.presets.w8a8_dynamic()).eval()
+    x = torch.randn(4, 7, 12)
+    int_model, report = qat.convert(qmodel, return_report=True)
+    assert type(int_model.rnn) is nn.LSTM
+    assert not any(isinstance(m, qat.FakeQuantize) for m in int_model.modules())
+    with torch.no_grad():
+        # (The head's input is quantized at run time: compare the layer's own outputs.)
+        torch.testing.assert_close(int_model.rnn(x)[0], qmodel.rnn(x)[0], rtol=0, atol=0)
+    assert report.largest_float_layers(1)[0].startswith("rnn ")
+    with pytest.warns(UserWarning, match="stay in float: rnn"):
+        static = qat.prepare(Recurrent("LSTM"))
+    assert type(static.rnn) is nn.LSTM
+
+
+def test_recurrent_layers_refuse_packed_sequences_naming_the_input():
+    qmodel = qat.prepare(Recurrent("GRU"), qat.presets.w8a8_dynamic())
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(2, 5, 12), [5, 3], batch_first=True)
+    with pytest.raises(ValueError, match="qat.modules.GRU: input must be a batched 3-D tensor "
+                                         r"\(no PackedSequence, no unbatched input\), got "
+                                         "PackedSequence"):
+        qmodel.rnn(packed)

@@ -8,6 +8,7 @@ from .conv_bn import ConvBn1d, ConvBn2d, ConvBn3d, ConvBnReLU1d, ConvBnReLU2d, C
 from .embedding import Embedding, EmbeddingBag
 from . import fused
 from .linear import Linear
+from .rnn import GRU, LSTM
 from .registry import lookup, register_module
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "ConvTranspose3d",
     "Embedding",
     "EmbeddingBag",
+    "GRU",
+    "LSTM",
     "Linear",
     "lookup",
     "register_module",
@@ -32,7 +35,7 @@ __all__ = [
 
 for _qat_cls in (Linear, Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d,
                  ConvTranspose3d, ConvBn1d, ConvBn2d, ConvBn3d, ConvBnReLU1d, ConvBnReLU2d,
-                 ConvBnReLU3d, Embedding, EmbeddingBag):
+                 ConvBnReLU3d, Embedding, EmbeddingBag, LSTM, GRU):
     register_module(_qat_cls._FLOAT_MODULE, _qat_cls)
 del _qat_cls
 
