@@ -31,6 +31,9 @@ const std::vector<OpRoleInfo>& op_roles() {
       {"mul", OpRole::kRequantizes, true},
       {"cat", OpRole::kRequantizes, true},
       {"hardswish", OpRole::kRequantizes, true},
+      // Standalone (a batch norm after a conv is folded into it): quantized::batch_norm*d
+      // computes in float and rounds once, to the output's grid, as the simulation does.
+      {"batch_norm", OpRole::kRequantizes, true},
       // Averages: the quantized kernels round to the input's grid, and the requantization
       // after would round a second time where the simulation rounds once.
       {"mean", OpRole::kRequantizes, false},

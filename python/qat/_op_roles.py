@@ -36,6 +36,7 @@ _SPELLINGS = {
     "mul": ((operator.mul, operator.imul, torch.mul), ("mul", "mul_"), ()),
     "cat": ((torch.cat,), (), ()),
     "hardswish": ((F.hardswish,), (), (nn.Hardswish,)),
+    "batch_norm": ((F.batch_norm,), (), (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)),
     "mean": ((torch.mean,), ("mean",), ()),
     "avg_pool1d": ((F.avg_pool1d,), (), (nn.AvgPool1d,)),
     "avg_pool2d": ((F.avg_pool2d,), (), (nn.AvgPool2d,)),

@@ -197,6 +197,12 @@ class _Emitter:
             y = self.graph.call_function(torch.cat, (inputs, module.dim))
         elif isinstance(module, quantized.Hardswish):
             y = self.graph.call_function(F.hardswish, (args[0],))
+        elif isinstance(module, quantized.BatchNorm):
+            stats = [None if t is None else self.graph.get_attr(self.attr(f"{node.target}.{n}", t))
+                     for n, t in (("running_mean", module.running_mean),
+                                  ("running_var", module.running_var),
+                                  ("weight", module.weight), ("bias", module.bias))]
+            y = self.graph.call_function(F.batch_norm, (args[0], *stats, False, 0.0, module.eps))
         elif isinstance(module, quantized.Conv3d):
             raise TypeError(f"qat.export: no .pte lowering for the 3-D conv {node.target}: "
                             f"neither XNNPACK nor ExecuTorch's portable kernels have a 3-D "

@@ -90,6 +90,8 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+_BATCH_NORM_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+
 # PyTorch's dynamic quantized LSTM / GRU (what qat.convert makes of QAT ones).
 _DYNAMIC_RNN = (torch.ao.nn.quantized.dynamic.LSTM, torch.ao.nn.quantized.dynamic.GRU)
 
@@ -587,6 +589,17 @@ class _Converter:
             self.bind_output(
                 self.add_module(f"{node.name}_int", quantized.Cat(dim, scale, zero_point),
                                 [inputs]), node, fq_node, None)
+            return True
+        if type(module) in _BATCH_NORM_DIMS and module.running_mean is not None:
+            # Running statistics: eval's batch norm (without them it normalizes each batch).
+            fq_node, _, owns = self.output_fake_quant(node, relu_ok=False)
+            if x is None or fq_node is None or not owns:
+                return False
+            scale, zero_point, _ = _qparams(self.fake_quant(fq_node))
+            layer = quantized.BatchNorm(_BATCH_NORM_DIMS[type(module)], module.weight,
+                                        module.bias, module.running_mean, module.running_var,
+                                        module.eps, scale, zero_point)
+            self.bind_output(self.add_module(node.target, layer, [x]), node, fq_node, None)
             return True
         if node.op == "call_function" and node.target is F.hardswish or isinstance(
                 module, nn.Hardswish):

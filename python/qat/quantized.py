@@ -27,6 +27,7 @@ __all__ = [
     "DeQuantize",
     "Embedding",
     "Hardswish",
+    "BatchNorm",
     "Linear",
     "LoweredOp",
     "LinearDynamic",
@@ -450,6 +451,33 @@ class Hardswish(_WithOutputQParams):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.hardswish(x, self.scale, self.zero_point)
+
+
+class BatchNorm(_WithOutputQParams):
+    """``quantized::batch_norm1d/2d/3d`` in eval (running statistics), written with the
+    output qparams."""
+
+    def __init__(self, dims: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
+                 scale: float, zero_point: int):
+        super().__init__(scale, zero_point)
+        if dims not in (1, 2, 3):
+            raise ValueError(f"qat.quantized.BatchNorm: dims must be 1, 2 or 3, got {dims!r}")
+        self.dims = dims
+        self.eps = float(eps)
+        self.register_buffer("weight", None if weight is None else weight.detach().float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.register_buffer("running_mean", running_mean.detach().float())
+        self.register_buffer("running_var", running_var.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = (x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+                self.scale, self.zero_point)
+        if self.dims == 1:
+            return torch.ops.quantized.batch_norm1d(*args)
+        if self.dims == 2:
+            return torch.ops.quantized.batch_norm2d(*args)
+        return torch.ops.quantized.batch_norm3d(*args)
 
 
 class Cat(_WithOutputQParams):

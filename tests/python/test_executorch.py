@@ -181,6 +181,39 @@ def test_transformer_encoder_projections_run_on_xnnpack(tmp_path):
     assert report["layers"] == report["layers_delegated"] == 2 * 6 + 1
 
 
+class _PreActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn_in = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 12 * 12, 3)
+
+    def forward(self, x):
+        x = self.conv(self.bn_in(x))
+        return self.fc(torch.flatten(F.relu(self.bn(x + x.mean(1, keepdim=True))), 1))
+
+
+@needs_executorch
+def test_standalone_batch_norms_follow_the_integer_model(tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 12, 12)
+    model = _PreActivation()
+    with torch.no_grad():  # running statistics that are not the identity
+        for bn in (model.bn_in, model.bn):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    qmodel = _calibrated(model, x)
+    path = str(tmp_path / "model.pte")
+    int_model = qat.export(qmodel, path, x[:8])
+    assert isinstance(int_model.bn_in, qat.quantized.BatchNorm)
+    with torch.no_grad():
+        expected = int_model(x[:8])
+    got = _pte.run_fresh(path, (x[:8],))[0]
+    steps = _steps_apart(qmodel, expected, got)
+    assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99 and steps.max() <= 3, steps.max()
+
+
 @needs_executorch
 def test_dynamic_recurrent_layers_are_stored_in_float_and_said_so(tmp_path):
     """ExecuTorch has no dynamic quantized LSTM: the program runs a float LSTM on the

@@ -458,3 +458,71 @@ def test_recurrent_layers_refuse_packed_sequences_naming_the_input():
                                          r"\(no PackedSequence, no unbatched input\), got "
                                          "PackedSequence"):
         qmodel.rnn(packed)
+
+
+# -- standalone batch norm ----------------------------------------------------------------
+
+class PreActivation(nn.Module):
+    """Batch norms that no conv precedes: on the input, and pre-activation on a residual
+    sum (BN-ReLU-conv), in ``dims`` dimensions."""
+
+    def __init__(self, dims: int, track_running_stats: bool = True):
+        super().__init__()
+        norm, conv = _BATCH_NORM[dims], _CONV[dims]
+        self.bn_in = norm(8, track_running_stats=track_running_stats)
+        self.conv1 = conv(8, 8, 3, padding=1)
+        self.bn = norm(8, track_running_stats=track_running_stats)
+        self.conv2 = conv(8, 8, 3, padding=1)
+        self.pool = _POOL[dims](1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.bn_in(x)
+        y = self.conv1(x) + x
+        y = self.conv2(F.relu(self.bn(y)))
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3], ids=["1d", "2d", "3d"])
+def test_standalone_batch_norms_run_on_integer_kernels(dims, tmp_path):
+    torch.manual_seed(0)
+    qmodel = qat.prepare(PreActivation(dims))
+    x, y = torch.randn(16, *_INPUT[dims]) * 2 + 1, torch.randint(0, 4, (16,))
+    sgd_losses(qmodel, x, y, steps=6, lr=0.05)
+    qmodel.eval()
+    qat.disable_observer(qmodel)
+    int_model, report = qat.convert(qmodel, return_report=True)
+    for name in ("bn_in", "bn"):
+        layer = int_model.get_submodule(name)
+        assert isinstance(layer, qat.quantized.BatchNorm) and layer.dims == dims, name
+    assert [name.split(" ")[0] for name in report.float] == ["pool"]
+
+    # The kernel against batch norm done here in float on the dequantized input, rounded
+    # once to the output's grid.
+    bn = qmodel.bn_in
+    q = torch.quantize_per_tensor(x, 0.05, 100, torch.quint8)
+    with torch.no_grad():
+        got = int_model.bn_in(q).int_repr().float()
+        normalized = F.batch_norm(q.dequantize(), bn.running_mean, bn.running_var, bn.weight,
+                                  bn.bias, False, 0.0, bn.eps)
+    layer = int_model.bn_in
+    expected = torch.clamp(torch.round(normalized / layer.scale) + layer.zero_point, 0, 255)
+    assert (got - expected).abs().max() <= 1
+    assert (got == expected).float().mean() >= 0.999
+
+    parity = _ptl_follows_the_simulation(qmodel, x, tmp_path)
+    assert parity["within_one_step"] == 1.0, parity
+
+
+def test_batch_norms_without_running_statistics_stay_in_float():
+    """Such a batch norm normalizes each batch even in eval: no fixed affine map, no
+    kernel."""
+    torch.manual_seed(0)
+    qmodel = qat.prepare(PreActivation(2, track_running_stats=False))
+    x = torch.randn(8, *_INPUT[2])
+    qat.calibrate(qmodel, [x], progress=False)
+    int_model, report = qat.convert(qmodel.eval(), return_report=True)
+    assert type(int_model.bn_in) is nn.BatchNorm2d and type(int_model.bn) is nn.BatchNorm2d
+    assert {"bn_in", "bn"} <= {name.split(" ")[0] for name in report.float}
+    parity = qat.compare(qmodel, int_model, x)
+    assert parity["within_one_step"] >= 0.99, parity
