@@ -54,10 +54,14 @@ at::Tensor round_bias(
 at::Tensor integer_weight(
     const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& zero_point,
     int64_t quant_min, int64_t quant_max, bool per_channel) {
+  // Signed ranges are stored as int8 (the kernels' weights), unsigned ones as uint8 (the
+  // embedding kernels' rows).
+  const bool is_signed = quant_min >= -128 && quant_max <= 127;
   TORCH_CHECK_VALUE(
-      quant_min >= -128 && quant_max <= 127, "qat::integer_weight: weights quantized to [",
-      quant_min, ", ", quant_max,
-      "] do not fit int8; the integer kernels take signed 8-bit weights (at most)");
+      is_signed || (quant_min >= 0 && quant_max <= 255),
+      "qat::integer_weight: weights quantized to [", quant_min, ", ", quant_max,
+      "] fit neither int8 nor uint8; the integer kernels take 8-bit weights (at most)");
+  const auto dtype = is_signed ? at::kChar : at::kByte;
   // In double: the quotient of a fake-quantized value by its scale is within rounding of an
   // integer, which double keeps far from the half-way points.
   const auto s = scale.detach().to(at::kCPU, at::kDouble);
@@ -67,13 +71,13 @@ at::Tensor integer_weight(
     std::vector<int64_t> shape(w.dim(), 1);
     shape[0] = -1;
     const auto ints = at::round(w / s.reshape(shape)) + z.reshape(shape);
-    return at::_make_per_channel_quantized_tensor(ints.to(at::kChar), s, z, 0);
+    return at::_make_per_channel_quantized_tensor(ints.to(dtype), s, z, 0);
   }
   TORCH_CHECK_VALUE(
       s.numel() == 1, "qat::integer_weight: a per-tensor weight has one scale, got ", s.numel());
   const auto ints = at::round(w / s) + z;
   return at::_make_per_tensor_quantized_tensor(
-      ints.to(at::kChar), s.item<double>(), z.item<int64_t>());
+      ints.to(dtype), s.item<double>(), z.item<int64_t>());
 }
 
 std::tuple<double, int64_t> fixed_qparams(

@@ -34,11 +34,11 @@ at::Tensor fold_bias(
 at::Tensor round_bias(
     const at::Tensor& bias, const at::Tensor& input_scale, const at::Tensor& weight_scale);
 
-/// The int8 quantized tensor (per channel along axis 0 when `per_channel`, else per tensor)
+/// The 8-bit quantized tensor (per channel along axis 0 when `per_channel`, else per tensor)
 /// whose dequantized values are `weight`, a weight already fake-quantized with `scale` and
 /// `zero_point`: the integers the simulation computed with, on the CPU, where the quantized
-/// kernels run.
-/// @throws c10::ValueError when [quant_min, quant_max] does not fit int8.
+/// kernels run. qint8 when [quant_min, quant_max] fits int8, else quint8 (embedding rows).
+/// @throws c10::ValueError when [quant_min, quant_max] fits neither int8 nor uint8.
 at::Tensor integer_weight(
     const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& zero_point,
     int64_t quant_min, int64_t quant_max, bool per_channel);

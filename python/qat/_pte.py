@@ -219,9 +219,8 @@ class _Emitter:
         has no embedding kernel, and ExecuTorch's runtime does not ship its quantized
         embedding kernels by default, so the table is stored in float (and reported)."""
         self.float_stored.append(node.target)
-        ints = module.weight_data.float()
-        table = (ints - module.weight_zero_point[:, None]) * module.weight_scale[:, None]
-        weight = self.graph.get_attr(self.attr(f"{node.target}.weight", table))
+        weight = self.graph.get_attr(self.attr(f"{node.target}.weight",
+                                               module.table().dequantize()))
         return self.graph.call_function(F.embedding, (self.env[node.args[0]], weight))
 
     def recurrent(self, node: fx.Node, module: nn.Module) -> fx.Node:

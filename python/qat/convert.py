@@ -30,7 +30,8 @@ from .modules import (Conv1d, Conv2d, Conv3d, ConvBnReLU1d, ConvBnReLU2d, ConvBn
                       ConvTranspose1d, ConvTranspose2d, Embedding, GRU, LSTM, Linear)
 from .modules.conv_bn import _ConvBnNd
 from .observers import ObserverBase
-from .prepare import _calls_one_of, _is_relu, _is_relu6, has_integer_kernel
+from .prepare import (_calls_one_of, _is_relu, _is_relu6, has_integer_kernel,
+                      integer_batch_norm_dims)
 
 __all__ = ["ConversionReport", "compare", "convert"]
 
@@ -89,8 +90,6 @@ class ConversionReport:
         lines += [f"  float: {name}" for name in self.float]
         return "\n".join(lines)
 
-
-_BATCH_NORM_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
 # PyTorch's dynamic quantized LSTM / GRU (what qat.convert makes of QAT ones).
 _DYNAMIC_RNN = (torch.ao.nn.quantized.dynamic.LSTM, torch.ao.nn.quantized.dynamic.GRU)
@@ -160,13 +159,9 @@ def _integer_embedding(module: Embedding) -> Optional[quantized.Embedding]:
     fq = module.weight_fake_quant
     if module.max_norm is not None or not fq.per_channel:
         return None
-    # torch.ops.qat.integer_weight gives int8: a range such as the default [0, 255] is
-    # moved to [-128, 127] with its zero points, which quantized.Embedding moves back.
-    shift = -128 - fq.quant_min
     with torch.no_grad():
-        ints = torch.ops.qat.integer_weight(fq(module.weight), fq.scale, fq.zero_point + shift,
-                                            fq.quant_min + shift, fq.quant_max + shift, True)
-    return quantized.Embedding(ints, fq.spec.bits, fq.quant_min + shift)
+        ints = _integer_weight(fq(module.weight), fq)
+    return quantized.Embedding(ints, fq.spec.bits, fq.quant_min)
 
 
 def _folded(module: _ConvBnNd) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -590,15 +585,14 @@ class _Converter:
                 self.add_module(f"{node.name}_int", quantized.Cat(dim, scale, zero_point),
                                 [inputs]), node, fq_node, None)
             return True
-        if type(module) in _BATCH_NORM_DIMS and module.running_mean is not None:
-            # Running statistics: eval's batch norm (without them it normalizes each batch).
+        dims = integer_batch_norm_dims(module) if module is not None else None
+        if dims is not None:
             fq_node, _, owns = self.output_fake_quant(node, relu_ok=False)
             if x is None or fq_node is None or not owns:
                 return False
             scale, zero_point, _ = _qparams(self.fake_quant(fq_node))
-            layer = quantized.BatchNorm(_BATCH_NORM_DIMS[type(module)], module.weight,
-                                        module.bias, module.running_mean, module.running_var,
-                                        module.eps, scale, zero_point)
+            layer = quantized.BatchNorm(dims, module.weight, module.bias, module.running_mean,
+                                        module.running_var, module.eps, scale, zero_point)
             self.bind_output(self.add_module(node.target, layer, [x]), node, fq_node, None)
             return True
         if node.op == "call_function" and node.target is F.hardswish or isinstance(

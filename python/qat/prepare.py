@@ -424,7 +424,7 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
             activation[node] = swapped_specs[node.target] = swapped[1]
         elif (_qat_class(module, config) is None
               and not config.is_skipped(node.target, spec_module)):
-            if _has_own_parameters(module):
+            if _has_own_parameters(module) and integer_batch_norm_dims(module) is None:
                 unsupported.append(node.target)
             # A leaf with children (a torch.nn container such as TransformerEncoderLayer,
             # whose forward is not traced) has its children swapped in place.
@@ -502,6 +502,18 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
     _pass_input_scales(gm, activation)
     gm.graph.lint()
     gm.recompile()
+
+
+# Batch norms whose eval is a fixed affine map, which quantized::batch_norm*d runs.
+_BATCH_NORM_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+
+
+def integer_batch_norm_dims(module: nn.Module) -> Optional[int]:
+    """The dimensions of a standalone batch norm that qat.convert puts on
+    ``quantized::batch_norm*d`` (one with running statistics), or None."""
+    if type(module) in _BATCH_NORM_DIMS and module.running_mean is not None:
+        return _BATCH_NORM_DIMS[type(module)]
+    return None
 
 
 def has_integer_kernel(module: nn.Module) -> bool:

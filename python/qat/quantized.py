@@ -397,8 +397,8 @@ class Embedding(_PacksOnFirstForward, nn.Module):
     def __init__(self, weight: torch.Tensor, weight_bits: int, weight_quant_min: int):
         super().__init__()
         self.weight_bits = weight_bits
-        # Shifted to [0, 255] (a signed spec's integers move by -quant_min, and so do their
-        # zero points): the kernel's rows are unsigned.
+        # Shifted to [0, 2^bits) (a signed spec's integers move by -quant_min, and so do
+        # their zero points; an unsigned spec's stay): the kernel's rows are unsigned.
         ints = weight.int_repr().to(torch.int16) - weight_quant_min
         self.weight_shape: List[int] = list(ints.shape)
         self.register_buffer("weight_data", ints.to(torch.uint8))
@@ -407,12 +407,15 @@ class Embedding(_PacksOnFirstForward, nn.Module):
                              (weight.q_per_channel_zero_points() - weight_quant_min).float())
         self._packed_params = None
 
-    def _prepack(self) -> torch.classes.quantized.EmbeddingPackedParamsBase:
-        # Float zero points make the tensor PyTorch's per-row embedding format
-        # (per_channel_affine_float_qparams: value = (q - zero_point) * scale).
-        table = torch._make_per_channel_quantized_tensor(
+    def table(self) -> torch.Tensor:
+        """The stored table as PyTorch's per-row embedding format: a quint8 tensor with
+        float zero points (per_channel_affine_float_qparams: value = (q - zero_point) *
+        scale)."""
+        return torch._make_per_channel_quantized_tensor(
             self.weight_data, self.weight_scale.double(), self.weight_zero_point, 0)
-        return torch.ops.quantized.embedding_bag_prepack(table)
+
+    def _prepack(self) -> torch.classes.quantized.EmbeddingPackedParamsBase:
+        return torch.ops.quantized.embedding_bag_prepack(self.table())
 
     def _keep_stored(self) -> None:
         self.weight_data = self.weight_data

@@ -6,6 +6,7 @@ by hand."""
 import copy
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -486,7 +487,9 @@ class PreActivation(nn.Module):
 @pytest.mark.parametrize("dims", [1, 2, 3], ids=["1d", "2d", "3d"])
 def test_standalone_batch_norms_run_on_integer_kernels(dims, tmp_path):
     torch.manual_seed(0)
-    qmodel = qat.prepare(PreActivation(dims))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "stay in float" for them
+        qmodel = qat.prepare(PreActivation(dims))
     x, y = torch.randn(16, *_INPUT[dims]) * 2 + 1, torch.randint(0, 4, (16,))
     sgd_losses(qmodel, x, y, steps=6, lr=0.05)
     qmodel.eval()
@@ -518,7 +521,8 @@ def test_batch_norms_without_running_statistics_stay_in_float():
     """Such a batch norm normalizes each batch even in eval: no fixed affine map, no
     kernel."""
     torch.manual_seed(0)
-    qmodel = qat.prepare(PreActivation(2, track_running_stats=False))
+    with pytest.warns(UserWarning, match="stay in float: bn_in, bn "):
+        qmodel = qat.prepare(PreActivation(2, track_running_stats=False))
     x = torch.randn(8, *_INPUT[2])
     qat.calibrate(qmodel, [x], progress=False)
     int_model, report = qat.convert(qmodel.eval(), return_report=True)

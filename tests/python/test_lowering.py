@@ -73,10 +73,25 @@ def test_integer_weight_is_what_pytorch_quantizes_the_fake_quantized_weight_to(p
     assert int(got.int_repr().min()) >= -8 and int(got.int_repr().max()) <= 7
 
 
-def test_integer_weight_refuses_a_range_wider_than_int8():
-    with pytest.raises(ValueError, match="int8"):
+def test_integer_weight_stores_an_unsigned_range_as_quint8():
+    """Embedding rows are quantized to [0, 255] with a zero point per row."""
+    torch.manual_seed(3)
+    weight = torch.randn(5, 8)
+    scale = torch.rand(5) * 0.02 + 0.01
+    zero_point = torch.randint(0, 256, (5,), dtype=torch.int32)
+    fake = torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, 0, 255)
+    got = ops.integer_weight(fake, scale, zero_point, 0, 255, True)
+    expected = torch.quantize_per_channel(fake, scale.double(), zero_point.long(), 0,
+                                          torch.quint8)
+    assert got.dtype == torch.quint8
+    assert torch.equal(got.int_repr(), expected.int_repr())
+    assert torch.equal(got.q_per_channel_zero_points(), zero_point.long())
+
+
+def test_integer_weight_refuses_a_range_that_fits_no_8_bit_type():
+    with pytest.raises(ValueError, match=r"\[-1, 255\] fit neither int8 nor uint8"):
         ops.integer_weight(torch.zeros(2, 2), torch.ones(1), torch.zeros(1, dtype=torch.int32),
-                           0, 255, False)
+                           -1, 255, False)
 
 
 @pytest.mark.parametrize("lo, hi, quant_min, quant_max, inclusive, expected", [
