@@ -34,6 +34,9 @@ const std::vector<OpRoleInfo>& op_roles() {
       // Standalone (a batch norm after a conv is folded into it): quantized::batch_norm*d
       // computes in float and rounds once, to the output's grid, as the simulation does.
       {"batch_norm", OpRole::kRequantizes, true},
+      // Likewise: quantized::layer_norm / group_norm normalize in float and round once.
+      {"layer_norm", OpRole::kRequantizes, true},
+      {"group_norm", OpRole::kRequantizes, true},
       // Averages: the quantized kernels round to the input's grid, and the requantization
       // after would round a second time where the simulation rounds once.
       {"mean", OpRole::kRequantizes, false},

@@ -18,8 +18,8 @@ struct LoweredOp {
   /// The prepared model's path of the module it lowers ("features.0", "input_fake_quant").
   std::string name;
   /// "Quantize", "Requantize", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d",
-  /// "ConvTranspose2d", "Linear", "LinearDynamic", "Add", "Mul", "Cat", "Hardswish" or
-  /// "BatchNorm".
+  /// "ConvTranspose2d", "Linear", "LinearDynamic", "Add", "Mul", "Cat", "Hardswish",
+  /// "BatchNorm", "LayerNorm" or "GroupNorm".
   std::string kind;
   /// The output's qparams (those of the FakeQuantize after the op); 1 and 0 for
   /// LinearDynamic, whose output is float.

@@ -37,6 +37,8 @@ _SPELLINGS = {
     "cat": ((torch.cat,), (), ()),
     "hardswish": ((F.hardswish,), (), (nn.Hardswish,)),
     "batch_norm": ((F.batch_norm,), (), (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)),
+    "layer_norm": ((F.layer_norm,), (), (nn.LayerNorm,)),
+    "group_norm": ((F.group_norm,), (), (nn.GroupNorm,)),
     "mean": ((torch.mean,), ("mean",), ()),
     "avg_pool1d": ((F.avg_pool1d,), (), (nn.AvgPool1d,)),
     "avg_pool2d": ((F.avg_pool2d,), (), (nn.AvgPool2d,)),

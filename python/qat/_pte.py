@@ -203,6 +203,15 @@ class _Emitter:
                                   ("running_var", module.running_var),
                                   ("weight", module.weight), ("bias", module.bias))]
             y = self.graph.call_function(F.batch_norm, (args[0], *stats, False, 0.0, module.eps))
+        elif isinstance(module, (quantized.LayerNorm, quantized.GroupNorm)):
+            affine = [None if t is None else self.graph.get_attr(self.attr(f"{node.target}.{n}", t))
+                      for n, t in (("weight", module.weight), ("bias", module.bias))]
+            if isinstance(module, quantized.LayerNorm):
+                y = self.graph.call_function(F.layer_norm, (args[0], module.normalized_shape,
+                                                            *affine, module.eps))
+            else:
+                y = self.graph.call_function(F.group_norm, (args[0], module.num_groups,
+                                                            *affine, module.eps))
         elif isinstance(module, quantized.Conv3d):
             raise TypeError(f"qat.export: no .pte lowering for the 3-D conv {node.target}: "
                             f"neither XNNPACK nor ExecuTorch's portable kernels have a 3-D "

@@ -7,7 +7,8 @@ run their projections through ``F.multi_head_attention_forward`` or one fused na
 on weights that are not ``nn.Linear`` modules: left as they are, every weight of an encoder
 stays in float. Here each projection is an ``nn.Linear`` (the query, key and value parts of
 ``in_proj_weight`` become three), which prepare swaps and convert puts on the integer
-linear kernel like any other; the attention itself (scaled scores, masks, softmax, the
+linear kernel like any other (and the layer norms, ``nn.LayerNorm`` modules, go to
+``quantized::layer_norm``); the attention itself (scaled scores, masks, softmax, the
 weighted sum of values) is two functions that ``torch.fx`` keeps as single calls and the
 integer model runs in float, on the dequantized projections.
 

@@ -31,7 +31,7 @@ from .modules import (Conv1d, Conv2d, Conv3d, ConvBnReLU1d, ConvBnReLU2d, ConvBn
 from .modules.conv_bn import _ConvBnNd
 from .observers import ObserverBase
 from .prepare import (_calls_one_of, _is_relu, _is_relu6, has_integer_kernel,
-                      integer_batch_norm_dims)
+                      has_integer_norm, integer_batch_norm_dims)
 
 __all__ = ["ConversionReport", "compare", "convert"]
 
@@ -246,6 +246,19 @@ def _dynamic_rnn(module) -> Optional[nn.Module]:
                 packed[0], packed[1], biases[0], biases[1], reduce_range)))
     layer._all_weight_values = nn.ModuleList(cells)
     return layer.train(False)
+
+
+def _integer_norm(module: nn.Module, scale: float, zero_point: int) -> nn.Module:
+    """The integer version of a normalization layer that ``has_integer_norm``."""
+    if isinstance(module, nn.LayerNorm):
+        return quantized.LayerNorm(list(module.normalized_shape), module.weight, module.bias,
+                                   module.eps, scale, zero_point)
+    if isinstance(module, nn.GroupNorm):
+        return quantized.GroupNorm(module.num_groups, module.weight, module.bias, module.eps,
+                                   scale, zero_point)
+    return quantized.BatchNorm(integer_batch_norm_dims(module), module.weight, module.bias,
+                               module.running_mean, module.running_var, module.eps, scale,
+                               zero_point)
 
 
 def _float_layer(module: nn.Module) -> Optional[nn.Module]:
@@ -585,15 +598,13 @@ class _Converter:
                 self.add_module(f"{node.name}_int", quantized.Cat(dim, scale, zero_point),
                                 [inputs]), node, fq_node, None)
             return True
-        dims = integer_batch_norm_dims(module) if module is not None else None
-        if dims is not None:
+        if module is not None and has_integer_norm(module):
             fq_node, _, owns = self.output_fake_quant(node, relu_ok=False)
             if x is None or fq_node is None or not owns:
                 return False
-            scale, zero_point, _ = _qparams(self.fake_quant(fq_node))
-            layer = quantized.BatchNorm(dims, module.weight, module.bias, module.running_mean,
-                                        module.running_var, module.eps, scale, zero_point)
-            self.bind_output(self.add_module(node.target, layer, [x]), node, fq_node, None)
+            qparams = _qparams(self.fake_quant(fq_node))[:2]
+            self.bind_output(self.add_module(node.target, _integer_norm(module, *qparams), [x]),
+                             node, fq_node, None)
             return True
         if node.op == "call_function" and node.target is F.hardswish or isinstance(
                 module, nn.Hardswish):

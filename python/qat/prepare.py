@@ -424,7 +424,7 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
             activation[node] = swapped_specs[node.target] = swapped[1]
         elif (_qat_class(module, config) is None
               and not config.is_skipped(node.target, spec_module)):
-            if _has_own_parameters(module) and integer_batch_norm_dims(module) is None:
+            if _has_own_parameters(module) and not has_integer_norm(module):
                 unsupported.append(node.target)
             # A leaf with children (a torch.nn container such as TransformerEncoderLayer,
             # whose forward is not traced) has its children swapped in place.
@@ -514,6 +514,14 @@ def integer_batch_norm_dims(module: nn.Module) -> Optional[int]:
     if type(module) in _BATCH_NORM_DIMS and module.running_mean is not None:
         return _BATCH_NORM_DIMS[type(module)]
     return None
+
+
+def has_integer_norm(module: nn.Module) -> bool:
+    """Whether qat.convert puts the normalization layer ``module`` on an integer kernel
+    (given quantized input and output): a batch norm with running statistics, a layer norm
+    or a group norm."""
+    return integer_batch_norm_dims(module) is not None or type(module) in (nn.LayerNorm,
+                                                                           nn.GroupNorm)
 
 
 def has_integer_kernel(module: nn.Module) -> bool:

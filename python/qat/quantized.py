@@ -28,6 +28,8 @@ __all__ = [
     "Embedding",
     "Hardswish",
     "BatchNorm",
+    "GroupNorm",
+    "LayerNorm",
     "Linear",
     "LoweredOp",
     "LinearDynamic",
@@ -481,6 +483,38 @@ class BatchNorm(_WithOutputQParams):
         if self.dims == 2:
             return torch.ops.quantized.batch_norm2d(*args)
         return torch.ops.quantized.batch_norm3d(*args)
+
+
+class LayerNorm(_WithOutputQParams):
+    """``quantized::layer_norm``, written with the output qparams."""
+
+    def __init__(self, normalized_shape: List[int], weight: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], eps: float, scale: float, zero_point: int):
+        super().__init__(scale, zero_point)
+        self.normalized_shape = list(normalized_shape)
+        self.eps = float(eps)
+        self.register_buffer("weight", None if weight is None else weight.detach().float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.layer_norm(x, self.normalized_shape, self.weight, self.bias,
+                                              self.eps, self.scale, self.zero_point)
+
+
+class GroupNorm(_WithOutputQParams):
+    """``quantized::group_norm``, written with the output qparams."""
+
+    def __init__(self, num_groups: int, weight: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], eps: float, scale: float, zero_point: int):
+        super().__init__(scale, zero_point)
+        self.num_groups = int(num_groups)
+        self.eps = float(eps)
+        self.register_buffer("weight", None if weight is None else weight.detach().float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.group_norm(x, self.num_groups, self.weight, self.bias,
+                                              self.eps, self.scale, self.zero_point)
 
 
 class Cat(_WithOutputQParams):

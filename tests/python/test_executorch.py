@@ -194,19 +194,37 @@ class _PreActivation(nn.Module):
         return self.fc(torch.flatten(F.relu(self.bn(x + x.mean(1, keepdim=True))), 1))
 
 
+class _Normalized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.group_norm = nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8 * 12 * 12, 16)
+        self.layer_norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        x = F.relu(self.group_norm(self.conv(x)))
+        return self.layer_norm(self.fc(torch.flatten(x, 1)))
+
+
 @needs_executorch
-def test_standalone_batch_norms_follow_the_integer_model(tmp_path):
+@pytest.mark.parametrize("cls, norms", [
+    (_PreActivation, {"bn_in": qat.quantized.BatchNorm, "bn": qat.quantized.BatchNorm}),
+    (_Normalized, {"group_norm": qat.quantized.GroupNorm,
+                   "layer_norm": qat.quantized.LayerNorm}),
+], ids=["batch_norm", "group_and_layer_norm"])
+def test_standalone_norms_follow_the_integer_model(cls, norms, tmp_path):
     torch.manual_seed(0)
     x = torch.rand(64, 3, 12, 12)
-    model = _PreActivation()
+    model = cls()
     with torch.no_grad():  # running statistics that are not the identity
-        for bn in (model.bn_in, model.bn):
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
     qmodel = _calibrated(model, x)
     path = str(tmp_path / "model.pte")
     int_model = qat.export(qmodel, path, x[:8])
-    assert isinstance(int_model.bn_in, qat.quantized.BatchNorm)
+    assert {name: type(int_model.get_submodule(name)) for name in norms} == norms
     with torch.no_grad():
         expected = int_model(x[:8])
     got = _pte.run_fresh(path, (x[:8],))[0]

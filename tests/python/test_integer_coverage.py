@@ -324,8 +324,7 @@ def encoder_model():
     """(QAT TextEncoder with a padding mask trained a few steps, in eval, tokens with
     padding)."""
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="stay in float: encoder.layers.0.norm1"):
-        qmodel = qat.prepare(TextEncoder(padding=True))
+    qmodel = qat.prepare(TextEncoder(padding=True))
     tokens = torch.randint(1, 50, (16, 12))
     tokens[::3, 9:] = 0
     sgd_losses(qmodel, tokens, torch.randint(0, 3, (16,)), steps=8, lr=0.05)
@@ -336,8 +335,9 @@ def encoder_model():
 
 def test_every_encoder_linear_runs_on_the_integer_kernel(encoder_model):
     """The query, key, value and output projections and the feed-forward layers: all on
-    quantized::linear, with the simulation's integers; only layer norms, the attention's
-    softmax and matmuls and the mean run in float."""
+    quantized::linear, with the simulation's integers, the layer norms on
+    quantized::layer_norm; only the attention (softmax and matmuls), the first residual add
+    (of the embedding's float rows) and the mean run in float."""
     qmodel, _ = encoder_model
     int_model, report = qat.convert(qmodel, return_report=True)
     projections = [f"encoder.layers.{i}.{name}" for i in range(2) for name in (
@@ -351,10 +351,13 @@ def test_every_encoder_linear_runs_on_the_integer_kernel(encoder_model):
         assert torch.equal(got.float(), expected), name
     assert isinstance(int_model.embed, qat.quantized.Embedding)
     assert report.integer_weight_share == 1.0
-    # The residual adds take a layer norm's float output: float adds, quantized after.
-    floats = {re.sub(r"_\d+$", "", name.split(" ")[0]) for name in report.float}
-    assert floats == {"attention_probs", "attend", "add"} | {
-        f"encoder_layers_{i}_norm{j}" for i in range(2) for j in (1, 2)}, floats
+    for i in range(2):
+        for j in (1, 2):
+            norm = int_model.get_submodule(f"encoder.layers.{i}.norm{j}")
+            assert isinstance(norm, qat.quantized.LayerNorm)
+    floats = sorted(name.split(" ")[0] for name in report.float)
+    assert floats == ["add", "attend", "attend_1", "attention_probs", "attention_probs_1",
+                      "mean"], floats
 
 
 def test_encoder_and_its_ptl_follow_the_simulation(encoder_model, tmp_path):
@@ -530,3 +533,51 @@ def test_batch_norms_without_running_statistics_stay_in_float():
     assert {"bn_in", "bn"} <= {name.split(" ")[0] for name in report.float}
     parity = qat.compare(qmodel, int_model, x)
     assert parity["within_one_step"] >= 0.99, parity
+
+
+class Normalized(nn.Module):
+    """A conv followed by a group norm, and a linear followed by a layer norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.group_norm = nn.GroupNorm(2, 8)
+        self.fc1 = nn.Linear(8 * 6 * 6, 16)
+        self.layer_norm = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.relu(self.group_norm(self.conv(x)))
+        return self.fc2(self.layer_norm(self.fc1(torch.flatten(x, 1))))
+
+
+def test_layer_and_group_norms_run_on_integer_kernels(tmp_path):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither stays in float
+        qmodel = qat.prepare(Normalized())
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 4, (16,))
+    sgd_losses(qmodel, x, y, steps=6, lr=0.05)
+    qmodel.eval()
+    qat.disable_observer(qmodel)
+    int_model, report = qat.convert(qmodel, return_report=True)
+    assert isinstance(int_model.group_norm, qat.quantized.GroupNorm)
+    assert isinstance(int_model.layer_norm, qat.quantized.LayerNorm)
+    assert report.float == []
+
+    # Each kernel against the norm done here in float on the dequantized input, rounded
+    # once to the output's grid.
+    for name, shape, norm in (
+            ("group_norm", (4, 8, 6, 6), lambda t, m: F.group_norm(t, 2, m.weight, m.bias, m.eps)),
+            ("layer_norm", (4, 16), lambda t, m: F.layer_norm(t, [16], m.weight, m.bias, m.eps))):
+        q = torch.quantize_per_tensor(torch.randn(shape) * 2, 0.04, 110, torch.quint8)
+        layer = int_model.get_submodule(name)
+        with torch.no_grad():
+            got = layer(q).int_repr().float()
+            normalized = norm(q.dequantize(), qmodel.get_submodule(name))
+        expected = torch.clamp(torch.round(normalized / layer.scale) + layer.zero_point, 0, 255)
+        assert (got - expected).abs().max() <= 1, name
+        assert (got == expected).float().mean() >= 0.999, name
+
+    parity = _ptl_follows_the_simulation(qmodel, x, tmp_path)
+    assert parity["within_one_step"] == 1.0, parity
