@@ -119,6 +119,13 @@ class _Emitter:
             self.root.register_buffer(name, value)
         return name
 
+    def constants(self, name: str, module: nn.Module, *attributes: str) -> List:
+        """The tensors ``attributes`` of ``module`` (``name``) as constants of the new model
+        (get_attr nodes), None for those that are None."""
+        return [None if getattr(module, a) is None
+                else self.graph.get_attr(self.attr(f"{name}.{a}", getattr(module, a)))
+                for a in attributes]
+
     def quantize(self, x: fx.Node, qparams: _QParams) -> fx.Node:
         """``x`` rounded to the grid of ``qparams`` (quantize, then dequantize: the pair
         XNNPACK's partitioner reads as an int8 tensor between kernels)."""
@@ -198,14 +205,11 @@ class _Emitter:
         elif isinstance(module, quantized.Hardswish):
             y = self.graph.call_function(F.hardswish, (args[0],))
         elif isinstance(module, quantized.BatchNorm):
-            stats = [None if t is None else self.graph.get_attr(self.attr(f"{node.target}.{n}", t))
-                     for n, t in (("running_mean", module.running_mean),
-                                  ("running_var", module.running_var),
-                                  ("weight", module.weight), ("bias", module.bias))]
+            stats = self.constants(node.target, module, "running_mean", "running_var",
+                                   "weight", "bias")
             y = self.graph.call_function(F.batch_norm, (args[0], *stats, False, 0.0, module.eps))
         elif isinstance(module, (quantized.LayerNorm, quantized.GroupNorm)):
-            affine = [None if t is None else self.graph.get_attr(self.attr(f"{node.target}.{n}", t))
-                      for n, t in (("weight", module.weight), ("bias", module.bias))]
+            affine = self.constants(node.target, module, "weight", "bias")
             if isinstance(module, quantized.LayerNorm):
                 y = self.graph.call_function(F.layer_norm, (args[0], module.normalized_shape,
                                                             *affine, module.eps))

@@ -703,11 +703,13 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
     """The integer model of a prepared, trained or calibrated QAT model, in eval mode.
 
     With a dynamic config (``qat.presets.w8a8_dynamic``), Linear layers become
-    ``quantized::linear_dynamic`` (float in and out, the input quantized at run time), and
-    weights that never ran are observed here: no calibration is needed.
+    ``quantized::linear_dynamic`` (float in and out, the input quantized at run time),
+    LSTM / GRU layers PyTorch's dynamic quantized ones (``torch.ao.nn.quantized.dynamic``),
+    and weights that never ran are observed here: no calibration is needed.
 
     Conv1d / Conv2d / Conv3d (batch norm folded in or not) and Linear (followed by a ReLU
-    or not), ConvTranspose1d / 2d (groups 1), Embedding (8-bit rows, per-row qparams), ``+``, ``*`` and
+    or not), ConvTranspose1d / 2d (groups 1), Embedding (8-bit rows, per-row qparams),
+    standalone BatchNorm (with running statistics), LayerNorm, GroupNorm, ``+``, ``*`` and
     ``torch.cat`` of quantized tensors run on ``torch.ops.quantized`` kernels with the
     integers and qparams of the simulation; relu, max pooling and reshapes run on the
     quantized tensors; sigmoid, tanh and hardsigmoid run on their fixed-qparams kernels.
