@@ -458,20 +458,29 @@ class Hardswish(_WithOutputQParams):
         return torch.ops.quantized.hardswish(x, self.scale, self.zero_point)
 
 
-class BatchNorm(_WithOutputQParams):
+class _Normalization(_WithOutputQParams):
+    """What the integer norms share: eps, and the optional affine weight and bias as float
+    buffers."""
+
+    def __init__(self, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 eps: float, scale: float, zero_point: int):
+        super().__init__(scale, zero_point)
+        self.eps = float(eps)
+        self.register_buffer("weight", None if weight is None else weight.detach().float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+
+class BatchNorm(_Normalization):
     """``quantized::batch_norm1d/2d/3d`` in eval (running statistics), written with the
     output qparams."""
 
     def __init__(self, dims: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                  running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
                  scale: float, zero_point: int):
-        super().__init__(scale, zero_point)
+        super().__init__(weight, bias, eps, scale, zero_point)
         if dims not in (1, 2, 3):
             raise ValueError(f"qat.quantized.BatchNorm: dims must be 1, 2 or 3, got {dims!r}")
         self.dims = dims
-        self.eps = float(eps)
-        self.register_buffer("weight", None if weight is None else weight.detach().float())
-        self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.register_buffer("running_mean", running_mean.detach().float())
         self.register_buffer("running_var", running_var.detach().float())
 
@@ -485,32 +494,26 @@ class BatchNorm(_WithOutputQParams):
         return torch.ops.quantized.batch_norm3d(*args)
 
 
-class LayerNorm(_WithOutputQParams):
+class LayerNorm(_Normalization):
     """``quantized::layer_norm``, written with the output qparams."""
 
     def __init__(self, normalized_shape: List[int], weight: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], eps: float, scale: float, zero_point: int):
-        super().__init__(scale, zero_point)
+        super().__init__(weight, bias, eps, scale, zero_point)
         self.normalized_shape = list(normalized_shape)
-        self.eps = float(eps)
-        self.register_buffer("weight", None if weight is None else weight.detach().float())
-        self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.layer_norm(x, self.normalized_shape, self.weight, self.bias,
                                               self.eps, self.scale, self.zero_point)
 
 
-class GroupNorm(_WithOutputQParams):
+class GroupNorm(_Normalization):
     """``quantized::group_norm``, written with the output qparams."""
 
     def __init__(self, num_groups: int, weight: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], eps: float, scale: float, zero_point: int):
-        super().__init__(scale, zero_point)
+        super().__init__(weight, bias, eps, scale, zero_point)
         self.num_groups = int(num_groups)
-        self.eps = float(eps)
-        self.register_buffer("weight", None if weight is None else weight.detach().float())
-        self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.group_norm(x, self.num_groups, self.weight, self.bias,
