@@ -31,6 +31,10 @@ const std::vector<OpRoleInfo>& op_roles() {
       {"mul", OpRole::kRequantizes, true},
       {"cat", OpRole::kRequantizes, true},
       {"hardswish", OpRole::kRequantizes, true},
+      // Their kernels compute on the dequantized input in float and round once, to the
+      // output's grid, as the simulation does.
+      {"elu", OpRole::kRequantizes, true},
+      {"leaky_relu", OpRole::kRequantizes, true},
       // Standalone (a batch norm after a conv is folded into it): quantized::batch_norm*d
       // computes in float and rounds once, to the output's grid, as the simulation does.
       {"batch_norm", OpRole::kRequantizes, true},

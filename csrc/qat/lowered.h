@@ -19,7 +19,7 @@ struct LoweredOp {
   std::string name;
   /// "Quantize", "Requantize", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d",
   /// "ConvTranspose2d", "Linear", "LinearDynamic", "Add", "Mul", "Cat", "Hardswish",
-  /// "BatchNorm", "LayerNorm" or "GroupNorm".
+  /// "ELU", "LeakyReLU", "BatchNorm", "LayerNorm" or "GroupNorm".
   std::string kind;
   /// The output's qparams (those of the FakeQuantize after the op); 1 and 0 for
   /// LinearDynamic, whose output is float.

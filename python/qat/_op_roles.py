@@ -16,8 +16,12 @@ from torch import nn
 
 from . import _C
 
-# op name -> (functions, method names, module types). Layers (convs, linear) are swapped
-# by the module registry (qat.modules), not matched here.
+# torchvision's residual dropout (identity in eval), named rather than imported: importing
+# torchvision costs seconds and qat does not need it.
+_STOCHASTIC_DEPTH = "torchvision.ops.stochastic_depth.StochasticDepth"
+
+# op name -> (functions, method names, module types or qualified class names). Layers
+# (convs, linear) are swapped by the module registry (qat.modules), not matched here.
 _SPELLINGS = {
     "conv1d": ((), (), ()),
     "conv2d": ((), (), ()),
@@ -30,12 +34,15 @@ _SPELLINGS = {
     "reshape": ((torch.reshape,), ("reshape",), ()),
     "view": ((), ("view",), ()),
     "contiguous": ((), ("contiguous",), ()),
-    "dropout": ((F.dropout,), (), (nn.Dropout,)),
+    "dropout": ((F.dropout,), (), (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                                   nn.AlphaDropout, _STOCHASTIC_DEPTH)),
     "identity": ((), (), (nn.Identity,)),
     "add": ((operator.add, operator.iadd, torch.add), ("add", "add_"), ()),
     "mul": ((operator.mul, operator.imul, torch.mul), ("mul", "mul_"), ()),
     "cat": ((torch.cat,), (), ()),
     "hardswish": ((F.hardswish,), (), (nn.Hardswish,)),
+    "elu": ((F.elu,), (), (nn.ELU,)),
+    "leaky_relu": ((F.leaky_relu,), (), (nn.LeakyReLU,)),
     "batch_norm": ((F.batch_norm,), (), (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)),
     "layer_norm": ((F.layer_norm,), (), (nn.LayerNorm,)),
     "group_norm": ((F.group_norm,), (), (nn.GroupNorm,)),
@@ -76,6 +83,14 @@ def spellings(*names: str) -> Tuple[Set, Set[str], Tuple[type, ...]]:
         methods.update(m)
         modules.extend(t)
     return functions, methods, tuple(modules)
+
+
+def is_module_of(module: nn.Module, modules: Tuple) -> bool:
+    """Whether ``module`` is an instance of one of the types in ``modules`` or of a class
+    that ``modules`` names by its qualified name."""
+    cls = type(module)
+    return (isinstance(module, tuple(t for t in modules if isinstance(t, type)))
+            or f"{cls.__module__}.{cls.__qualname__}" in modules)
 
 
 def with_role(*roles: str, integer_kernel=None) -> Tuple[Set, Set[str], Tuple[type, ...]]:

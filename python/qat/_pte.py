@@ -204,6 +204,10 @@ class _Emitter:
             y = self.graph.call_function(torch.cat, (inputs, module.dim))
         elif isinstance(module, quantized.Hardswish):
             y = self.graph.call_function(F.hardswish, (args[0],))
+        elif isinstance(module, quantized.ELU):
+            y = self.graph.call_function(F.elu, (args[0], module.alpha))
+        elif isinstance(module, quantized.LeakyReLU):
+            y = self.graph.call_function(F.leaky_relu, (args[0], module.negative_slope))
         elif isinstance(module, quantized.BatchNorm):
             stats = self.constants(node.target, module, "running_mean", "running_var",
                                    "weight", "bias")

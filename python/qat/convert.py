@@ -125,7 +125,37 @@ def _qparams(fq: FakeQuantize) -> _QParams:
 def _is_input_scale(node: fx.Node) -> bool:
     """A get_attr of a FakeQuantize's scale that prepare passes to layers as input_scale."""
     return node.op == "get_attr" and bool(node.users) and all(
-        node in user.kwargs.values() and node not in user.args for user in node.users)
+        user.kwargs.get("input_scale") is node and node not in user.args
+        for user in node.users)
+
+
+def _call_argument(node: fx.Node, position: int, name: str, default):
+    """The value of ``node``'s argument ``name`` (positional at ``position``)."""
+    if len(node.args) > position:
+        return node.args[position]
+    return node.kwargs.get(name, default)
+
+
+def _integer_activation(node: fx.Node, module: Optional[nn.Module]):
+    """For a hardswish, ELU or leaky ReLU, a function of the output qparams that makes its
+    integer module (the kernels compute on the dequantized input in float and round once,
+    as the simulation does); None for any other op, or one whose constants are computed."""
+    def called(function, module_type):
+        return (node.op == "call_function" and node.target is function
+                or isinstance(module, module_type))
+
+    if called(F.hardswish, nn.Hardswish):
+        return quantized.Hardswish
+    if called(F.elu, nn.ELU):
+        alpha = module.alpha if module is not None else _call_argument(node, 1, "alpha", 1.0)
+        if isinstance(alpha, (int, float)):
+            return lambda scale, zero_point: quantized.ELU(alpha, scale, zero_point)
+    if called(F.leaky_relu, nn.LeakyReLU):
+        slope = (module.negative_slope if module is not None
+                 else _call_argument(node, 1, "negative_slope", 0.01))
+        if isinstance(slope, (int, float)):
+            return lambda scale, zero_point: quantized.LeakyReLU(slope, scale, zero_point)
+    return None
 
 
 def _describe(node: fx.Node) -> str:
@@ -606,14 +636,14 @@ class _Converter:
             self.bind_output(self.add_module(node.target, _integer_norm(module, *qparams), [x]),
                              node, fq_node, None)
             return True
-        if node.op == "call_function" and node.target is F.hardswish or isinstance(
-                module, nn.Hardswish):
+        activation = _integer_activation(node, module)
+        if activation is not None:
             fq_node, _, owns = self.output_fake_quant(node, relu_ok=False)
             if x is None or fq_node is None or not owns:
                 return False
             scale, zero_point, _ = _qparams(self.fake_quant(fq_node))
             self.bind_output(self.add_module(f"{node.name}_int",
-                                             quantized.Hardswish(scale, zero_point), [x]),
+                                             activation(scale, zero_point), [x]),
                              node, fq_node, None)
             return True
         if x is None:
@@ -709,8 +739,8 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
 
     Conv1d / Conv2d / Conv3d (batch norm folded in or not) and Linear (followed by a ReLU
     or not), ConvTranspose1d / 2d (groups 1), Embedding (8-bit rows, per-row qparams),
-    standalone BatchNorm (with running statistics), LayerNorm, GroupNorm, ``+``, ``*`` and
-    ``torch.cat`` of quantized tensors run on ``torch.ops.quantized`` kernels with the
+    standalone BatchNorm (with running statistics), LayerNorm, GroupNorm, hardswish, ELU,
+    leaky ReLU, ``+``, ``*`` and ``torch.cat`` of quantized tensors run on ``torch.ops.quantized`` kernels with the
     integers and qparams of the simulation; relu, max pooling and reshapes run on the
     quantized tensors; sigmoid, tanh and hardsigmoid run on their fixed-qparams kernels.
     Everything else (average pooling and mean among them: their kernels round twice where

@@ -352,7 +352,7 @@ def _calls_one_of(node: fx.Node, gm: fx.GraphModule, functions, methods, modules
     if node.op == "call_method":
         return node.target in methods
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), modules)
+        return _op_roles.is_module_of(gm.get_submodule(node.target), modules)
     return False
 
 
@@ -493,9 +493,11 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
                 inserter.quantized.add(node)
             continue
         users = list(node.users)
-        if users and all(u.op == "call_function" and u.target is torch.cat for u in users):
+        if len(users) == 1 and users[0].op == "call_function" and users[0].target is torch.cat:
             # cat requantizes its inputs to its output's qparams: the FakeQuantize after the
-            # cat stands for them all.
+            # cat stands for them all. An output that several cats read (DenseNet's feature
+            # maps) is stored once, quantized with qparams of its own, as the integer model
+            # stores it; each cat then requantizes it.
             inserter.quantized.add(node)
             continue
         inserter.after(node, spec)
@@ -571,9 +573,9 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
     spec ``config.spec_for(name, module)`` gives (None: it stays in float); a
     :class:`qat.FakeQuantize` with the activation spec is inserted at each input and after
     each op whose output the integer model holds quantized: swapped modules, ``+``, ``*``,
-    ``torch.add``, ``torch.mul``, ``torch.cat``, ``mean``, average pooling, hardswish. A
-    swapped module followed by a ReLU is quantized after the ReLU (the integer kernels
-    fuse it); after a ReLU6 it gets a :class:`qat.FixedQParamsFakeQuantize` for [0, 6]
+    ``torch.add``, ``torch.mul``, ``torch.cat``, ``mean``, average pooling, hardswish, ELU,
+    leaky ReLU. A swapped module followed by a ReLU is quantized after the ReLU (the
+    integer kernels fuse it); after a ReLU6 it gets a :class:`qat.FixedQParamsFakeQuantize` for [0, 6]
     (scale 6/255: the integer ReLU kernel's saturation is the 6); a ReLU6 or Hardtanh
     elsewhere gets a FakeQuantize of its own. Ops that keep their input's qparams (relu,
     max pooling, flatten / reshape / view, dropout, identity) get none. These roles are

@@ -27,6 +27,8 @@ __all__ = [
     "DeQuantize",
     "Embedding",
     "Hardswish",
+    "ELU",
+    "LeakyReLU",
     "BatchNorm",
     "GroupNorm",
     "LayerNorm",
@@ -456,6 +458,35 @@ class Hardswish(_WithOutputQParams):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.hardswish(x, self.scale, self.zero_point)
+
+
+class ELU(_WithOutputQParams):
+    """``quantized::elu``, written with the output qparams."""
+
+    def __init__(self, alpha: float, scale: float, zero_point: int):
+        super().__init__(scale, zero_point)
+        self.alpha = float(alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.elu(x, self.scale, self.zero_point, self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha:g}, {super().extra_repr()}"
+
+
+class LeakyReLU(_WithOutputQParams):
+    """``quantized::leaky_relu``, written with the output qparams."""
+
+    def __init__(self, negative_slope: float, scale: float, zero_point: int):
+        super().__init__(scale, zero_point)
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.leaky_relu(x, self.negative_slope, False, self.scale,
+                                              self.zero_point)
+
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.negative_slope:g}, {super().extra_repr()}"
 
 
 class _Normalization(_WithOutputQParams):

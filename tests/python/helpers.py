@@ -3,6 +3,7 @@ ATen-arithmetic references stay in conftest.py, the observer references in
 observer_reference.py). Test files import it as ``from helpers import ...``: pytest puts
 this folder on sys.path, as it has no __init__.py."""
 
+import copy
 import math
 import os
 import socket
@@ -159,6 +160,23 @@ class UpNet(nn.Module):
         return self.head(F.relu(self.up(F.relu(self.down(x)))))
 
 
+class Activations(nn.Module):
+    """ELU and leaky ReLU as modules and as functions, between convs, and a linear head
+    (for ``size`` x ``size`` inputs)."""
+
+    def __init__(self, size: int = 6):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.elu = nn.ELU(0.7)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.leaky = nn.LeakyReLU(0.1)
+        self.fc = nn.Linear(8 * size * size, 4)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.conv2(self.elu(self.conv1(x))), negative_slope=0.2)
+        return self.fc(torch.flatten(F.elu(self.leaky(x)), 1))
+
+
 class TextEncoder(nn.Module):
     """Embedding, a two-layer transformer encoder and a linear head; with ``padding``, the
     token 0 is padding, masked out of attention."""
@@ -190,6 +208,18 @@ def train(model, images, labels, steps, lr, gen, batch=128, transform=None,
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+def traced_size(model: nn.Module, example, path: str) -> int:
+    """The bytes of ``model`` traced on ``example`` and saved as TorchScript at ``path``:
+    the float file an exported integer model is measured against."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # check_trace=False: the float transformer takes a native fast path that the
+        # trace checker reads as a different graph on each call.
+        torch.jit.save(torch.jit.trace(copy.deepcopy(model).eval(), example, check_trace=False),
+                       path)
+    return os.path.getsize(path)
 
 
 def fashion_rgb(images, size=32):
@@ -236,6 +266,20 @@ def parity_lr(optimizer: str) -> float:
     return 0.02 if optimizer == "sgd" else 1e-3
 
 
+def torchvision_model(name: str, size: int) -> nn.Module:
+    """torchvision's builder ``name`` for 10 classes and ``size`` x ``size`` inputs, as a
+    training loop takes it: one output (no auxiliary heads), the input size told to the
+    builders whose position embeddings or windows depend on it."""
+    kwargs = {"weights": None, "num_classes": 10}
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=True)
+    elif name.startswith("vit_"):
+        kwargs["image_size"] = size
+    elif name.startswith("maxvit"):
+        kwargs["input_size"] = (size, size)
+    return getattr(torchvision.models, name)(**kwargs)
+
+
 def train_torchvision_float(name, size, optimizer, float_steps, images, labels, gen):
     """The recipe's float half: torchvision's ``name`` (seeded) trained on Fashion-MNIST
     at ``size`` x ``size``, batch-norm statistics settled; returns it and its input
@@ -245,7 +289,7 @@ def train_torchvision_float(name, size, optimizer, float_steps, images, labels, 
     def transform(batch):
         return fashion_rgb(batch, size)
 
-    model = getattr(torchvision.models, name)(weights=None, num_classes=10)
+    model = torchvision_model(name, size)
     train(model, images, labels, float_steps, parity_lr(optimizer), gen, batch=32,
           transform=transform, optimizer=optimizer)
     settle_batch_norm(model, images, transform)

@@ -7,6 +7,7 @@ The reference is the integer model on PyTorch's quantized kernels (qat.convert's
 their requantization in their own way, so outputs are held to one quantization step of the
 output per element (a step that flips in one layer may move the output by more, rarely)."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from qat import _pte
 from qat.convert import _output_step
 from qat.export import describe, load
 
-from helpers import FashionNet, KeywordNet, TextCNN, TextEncoder, UpNet, sqnr_db
+from helpers import Activations, FashionNet, KeywordNet, TextCNN, TextEncoder, UpNet, sqnr_db
 
 MISSING = _pte.available()
 # A real limit: ExecuTorch exists only for the PyPI leg's PyTorch (executorch is pinned in
@@ -208,12 +209,15 @@ class _Normalized(nn.Module):
 
 
 @needs_executorch
-@pytest.mark.parametrize("cls, norms", [
+@pytest.mark.parametrize("cls, kernels", [
     (_PreActivation, {"bn_in": qat.quantized.BatchNorm, "bn": qat.quantized.BatchNorm}),
     (_Normalized, {"group_norm": qat.quantized.GroupNorm,
                    "layer_norm": qat.quantized.LayerNorm}),
-], ids=["batch_norm", "group_and_layer_norm"])
-def test_standalone_norms_follow_the_integer_model(cls, norms, tmp_path):
+    (functools.partial(Activations, 12), {
+        "elu_int": qat.quantized.ELU, "leaky_relu_int": qat.quantized.LeakyReLU,
+        "leaky_int": qat.quantized.LeakyReLU, "elu_1_int": qat.quantized.ELU}),
+], ids=["batch_norm", "group_and_layer_norm", "elu_and_leaky_relu"])
+def test_norms_and_activations_follow_the_integer_model(cls, kernels, tmp_path):
     torch.manual_seed(0)
     x = torch.rand(64, 3, 12, 12)
     model = cls()
@@ -224,7 +228,7 @@ def test_standalone_norms_follow_the_integer_model(cls, norms, tmp_path):
     qmodel = _calibrated(model, x)
     path = str(tmp_path / "model.pte")
     int_model = qat.export(qmodel, path, x[:8])
-    assert {name: type(int_model.get_submodule(name)) for name in norms} == norms
+    assert {name: type(int_model.get_submodule(name)) for name in kernels} == kernels
     with torch.no_grad():
         expected = int_model(x[:8])
     got = _pte.run_fresh(path, (x[:8],))[0]

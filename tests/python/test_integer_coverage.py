@@ -5,19 +5,19 @@ by hand."""
 
 import copy
 import os
-import re
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import qat
 from qat._transformer import make_traceable
 
-from helpers import (RUN_LITE_MODEL, KeywordNet, TextCNN, TextEncoder, UpNet, run_python,
-                     sgd_losses, sqnr_db)
+from helpers import (RUN_LITE_MODEL, Activations, KeywordNet, TextCNN, TextEncoder, UpNet,
+                     run_python, sgd_losses, sqnr_db)
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -576,6 +576,89 @@ def test_layer_and_group_norms_run_on_integer_kernels(tmp_path):
             got = layer(q).int_repr().float()
             normalized = norm(q.dequantize(), qmodel.get_submodule(name))
         expected = torch.clamp(torch.round(normalized / layer.scale) + layer.zero_point, 0, 255)
+        assert (got - expected).abs().max() <= 1, name
+        assert (got == expected).float().mean() >= 0.999, name
+
+    parity = _ptl_follows_the_simulation(qmodel, x, tmp_path)
+    assert parity["within_one_step"] == 1.0, parity
+
+
+class FeatureReuse(nn.Module):
+    """torchvision's patterns around the layers: DenseNet's feature maps that several cats
+    read, a residual branch through StochasticDepth and Dropout2d (EfficientNet's,
+    ConvNeXt's), and ConvNeXt's functional layer norm over the module's own parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.grow1 = nn.Conv2d(8, 4, 3, padding=1)
+        self.grow2 = nn.Conv2d(12, 4, 3, padding=1)
+        self.residual = nn.Conv2d(16, 16, 3, padding=1)
+        self.depth = torchvision.ops.StochasticDepth(0.2, "row")
+        self.drop = nn.Dropout2d(0.1)
+        self.norm_weight = nn.Parameter(torch.rand(16) + 0.5)
+        self.norm_bias = nn.Parameter(torch.randn(16) * 0.1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        a = self.grow1(x)
+        b = self.grow2(torch.cat([x, a], 1))
+        x = torch.cat([x, a, b], 1)
+        x = x + self.depth(self.drop(F.relu(self.residual(x))))
+        x = F.layer_norm(x.permute(0, 2, 3, 1), (16,), weight=self.norm_weight,
+                         bias=self.norm_bias)
+        return self.fc(x.permute(0, 3, 1, 2).mean((2, 3)))
+
+
+def test_reused_feature_maps_and_residual_dropouts_run_on_integer_kernels(tmp_path):
+    torch.manual_seed(0)
+    qmodel = qat.prepare(FeatureReuse())
+    # A map that two cats read is stored once, quantized with qparams of its own.
+    for name in ("stem", "grow1"):
+        (user,) = [n for n in qmodel.graph.nodes if n.target == name][0].users
+        user = next(iter(user.users)) if user.target == F.relu else user
+        assert isinstance(qmodel.get_submodule(user.target), qat.FakeQuantize), name
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 4, (16,))
+    sgd_losses(qmodel, x, y, steps=6, lr=0.05)
+    qmodel.eval()
+    qat.disable_observer(qmodel)
+    int_model, report = qat.convert(qmodel, return_report=True)
+    for name in ("stem", "grow1", "grow2", "residual"):
+        assert isinstance(int_model.get_submodule(name), qat.quantized.Conv2d), name
+    # The residual add runs on its kernel (the dropouts pass its input's qparams); only the
+    # functional layer norm (no module to hold its integer kernel's qparams) and the mean
+    # run in float.
+    assert [name.split(" ")[0] for name in report.float] == ["layer_norm", "mean"]
+    assert report.integer_weight_share == 1.0
+    parity = _ptl_follows_the_simulation(qmodel, x, tmp_path)
+    assert parity["within_one_step"] >= 0.99, parity
+
+
+def test_elu_and_leaky_relu_run_on_integer_kernels(tmp_path):
+    torch.manual_seed(0)
+    qmodel = qat.prepare(Activations())
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 4, (16,))
+    sgd_losses(qmodel, x, y, steps=6, lr=0.05)
+    qmodel.eval()
+    qat.disable_observer(qmodel)
+    int_model, report = qat.convert(qmodel, return_report=True)
+    activations = {name: m for name, m in int_model.named_modules()
+                   if isinstance(m, (qat.quantized.ELU, qat.quantized.LeakyReLU))}
+    assert {name: (type(m).__name__, getattr(m, "alpha", None) or m.negative_slope)
+            for name, m in activations.items()} == {
+        "elu_int": ("ELU", 0.7), "leaky_relu_int": ("LeakyReLU", 0.2),
+        "leaky_int": ("LeakyReLU", 0.1), "elu_1_int": ("ELU", 1.0)}
+    assert report.float == []
+
+    # Each kernel against the activation done here in float on the dequantized input,
+    # rounded once to the output's grid.
+    q = torch.quantize_per_tensor(torch.randn(4, 8, 6, 6) * 2, 0.0437, 110, torch.quint8)
+    for name, layer in activations.items():
+        reference = (F.elu(q.dequantize(), layer.alpha) if isinstance(layer, qat.quantized.ELU)
+                     else F.leaky_relu(q.dequantize(), layer.negative_slope))
+        expected = torch.clamp(torch.round(reference / layer.scale) + layer.zero_point, 0, 255)
+        got = layer(q).int_repr().float()
         assert (got - expected).abs().max() <= 1, name
         assert (got == expected).float().mean() >= 0.999, name
 
