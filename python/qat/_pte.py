@@ -238,7 +238,12 @@ class _Emitter:
         self.float_stored.append(node.target)
         weight = self.graph.get_attr(self.attr(f"{node.target}.weight",
                                                module.table().dequantize()))
-        return self.graph.call_function(F.embedding, (self.env[node.args[0]], weight))
+        args, kwargs = fx.node.map_aggregate((node.args, node.kwargs), self._arg)
+        if isinstance(module, quantized.EmbeddingBag):
+            return self.graph.call_function(
+                F.embedding_bag, (args[0], weight, *args[1:]),
+                {**kwargs, "mode": module.mode, "include_last_offset": module.include_last_offset})
+        return self.graph.call_function(F.embedding, (args[0], weight))
 
     def recurrent(self, node: fx.Node, module: nn.Module) -> fx.Node:
         """A dynamic quantized LSTM / GRU as the float layer over the values of its

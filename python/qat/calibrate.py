@@ -50,7 +50,10 @@ def disable_fake_quant(model: nn.Module) -> nn.Module:
     return _set(model, "enable_fake_quant", False)
 
 
-def _run(model: nn.Module, batch):
+def run_batch(model: nn.Module, batch):
+    """``model`` on a batch's input: the batch itself, or its first element when it is a
+    tuple or list (the rest are targets); an input that is a tuple or dict gives the
+    arguments."""
     inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
     if isinstance(inputs, dict):
         return model(**inputs)
@@ -100,7 +103,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: Optional[int] = 
     try:
         with torch.no_grad():
             for batch in tqdm(batches, total=total, desc="qat.calibrate", disable=not progress):
-                _run(model, batch)
+                run_batch(model, batch)
     finally:
         for m, quantize in quantizing.items():
             m._defer_qparams = False

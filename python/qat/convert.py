@@ -15,7 +15,7 @@ import operator
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -23,11 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _op_roles, quantized
-from .calibrate import disable_observer
+from .calibrate import disable_observer, run_batch
 from .config import BACKENDS, check_backend
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
 from .modules import (Conv1d, Conv2d, Conv3d, ConvBnReLU1d, ConvBnReLU2d, ConvBnReLU3d,
-                      ConvTranspose1d, ConvTranspose2d, Embedding, GRU, LSTM, Linear)
+                      ConvTranspose1d, ConvTranspose2d, Embedding, EmbeddingBag, GRU, LSTM,
+                      Linear)
 from .modules.conv_bn import _ConvBnNd
 from .observers import ObserverBase
 from .prepare import (_calls_one_of, _is_relu, _is_relu6, has_integer_kernel,
@@ -183,14 +184,23 @@ def _integer_transposed_weight(module: nn.Module) -> torch.Tensor:
     return torch._make_per_tensor_quantized_tensor(back, ints.q_scale(), ints.q_zero_point())
 
 
-def _integer_embedding(module: Embedding) -> Optional[quantized.Embedding]:
-    """The integer table of a QAT embedding with per-row qparams, or None (per-tensor
-    qparams, or max_norm, which renormalizes rows of the float table as they are read)."""
+def _integer_embedding(
+        module: Union[Embedding, EmbeddingBag]) -> Optional[quantized.Embedding]:
+    """The integer table of a QAT embedding or embedding bag with per-row qparams, or None
+    (per-tensor qparams; max_norm, which renormalizes rows of the float table as they are
+    read; a bag whose mode is max or whose padding index leaves entries out: the kernel
+    sums every entry)."""
     fq = module.weight_fake_quant
     if module.max_norm is not None or not fq.per_channel:
         return None
+    bag = isinstance(module, EmbeddingBag)
+    if bag and (module.mode == "max" or module.padding_idx is not None):
+        return None
     with torch.no_grad():
         ints = _integer_weight(fq(module.weight), fq)
+    if bag:
+        return quantized.EmbeddingBag(ints, fq.spec.bits, fq.quant_min, module.mode,
+                                      module.include_last_offset)
     return quantized.Embedding(ints, fq.spec.bits, fq.quant_min)
 
 
@@ -532,7 +542,13 @@ class _Converter:
             if node in self.env:
                 continue  # folded into an integer op before it
             if node.op == "placeholder":
-                self.env[node] = self.graph.node_copy(node, lambda n: self.env[n])
+                new = self.graph.node_copy(node, lambda n: self.env[n])
+                if new.args == (None,) and new.type is None:
+                    # An unannotated argument that defaults to None (embedding bags'
+                    # offsets): TorchScript would type it Tensor, and a Tensor default of
+                    # None cannot be saved for the lite interpreter.
+                    new.type = Optional[torch.Tensor]
+                self.env[node] = new
             elif node.op == "output":
                 self.graph.output(fx.node.map_arg(node.args[0], self.as_float))
             elif _is_input_scale(node):
@@ -582,11 +598,13 @@ class _Converter:
             self.env[node] = self.add_module(node.target, layer, node_args, node_kwargs)
             self.report.integer.append(_describe(node) + " dynamic")
             return True
-        if isinstance(module, Embedding):
+        if isinstance(module, (Embedding, EmbeddingBag)):
             table = _integer_embedding(module)
             if table is None:
                 return False
-            self.env[node] = self.add_module(node.target, table, [self.as_float(first)])
+            self.env[node] = self.add_module(node.target, table,
+                                             fx.node.map_arg(node.args, self.as_float),
+                                             fx.node.map_arg(node.kwargs, self.as_float))
             self.report.integer.append(_describe(node))
             return True
         if isinstance(module, (*_CONVS, *_TRANSPOSED, Linear)):
@@ -738,10 +756,11 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
     and weights that never ran are observed here: no calibration is needed.
 
     Conv1d / Conv2d / Conv3d (batch norm folded in or not) and Linear (followed by a ReLU
-    or not), ConvTranspose1d / 2d (groups 1), Embedding (8-bit rows, per-row qparams),
-    standalone BatchNorm (with running statistics), LayerNorm, GroupNorm, hardswish, ELU,
-    leaky ReLU, ``+``, ``*`` and ``torch.cat`` of quantized tensors run on ``torch.ops.quantized`` kernels with the
-    integers and qparams of the simulation; relu, max pooling and reshapes run on the
+    or not), ConvTranspose1d / 2d (groups 1), Embedding and EmbeddingBag (sum and mean;
+    8-bit rows, per-row qparams), standalone BatchNorm (with running statistics),
+    LayerNorm, GroupNorm, hardswish, ELU, leaky ReLU, ``+``, ``*`` and ``torch.cat`` of
+    quantized tensors run on ``torch.ops.quantized`` kernels with the integers and qparams
+    of the simulation; relu, max pooling and reshapes run on the
     quantized tensors; sigmoid, tanh and hardsigmoid run on their fixed-qparams kernels.
     Everything else (average pooling and mean among them: their kernels round twice where
     the simulation rounds once) runs in float between a dequantize and a quantize, and is
@@ -828,7 +847,9 @@ def _output_step(qmodel: nn.Module) -> float:
 
 def compare(qmodel: nn.Module, int_model, inputs) -> Dict[str, float]:
     """Parity of the integer model with the simulation it was converted from, on
-    ``inputs`` (a tensor, or an iterable of tensors / ``(input, ...)`` batches).
+    ``inputs`` (a tensor, or an iterable of tensors / ``(input, ...)`` batches, each input
+    a tensor, a tuple of the model's arguments or a dict of them, as :func:`qat.calibrate`
+    takes them).
 
     ``int_model`` is the integer model, or the path of a file :func:`qat.export` wrote
     (``.pte`` run in ExecuTorch's runtime, ``.ptl`` in the lite interpreter, ``.pt`` in
@@ -854,9 +875,8 @@ def compare(qmodel: nn.Module, int_model, inputs) -> Dict[str, float]:
     expected, got = [], []
     with torch.no_grad():
         for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            expected.append(simulation(x).float())
-            got.append(int_model(x).float())
+            expected.append(run_batch(simulation, batch).float())
+            got.append(run_batch(int_model, batch).float())
     a = torch.cat([t.reshape(len(t), -1) for t in expected])
     b = torch.cat([t.reshape(len(t), -1) for t in got])
     steps = (a - b).abs() / step

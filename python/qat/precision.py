@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .calibrate import _run, calibrate, disable_fake_quant, disable_observer
+from .calibrate import calibrate, disable_fake_quant, disable_observer, run_batch
 from .config import Config
 from .fake_quant import FakeQuantize
 from .prepare import prepare
@@ -255,7 +255,7 @@ def _outputs(model: nn.Module, batches: list) -> List[torch.Tensor]:
     model.eval()
     try:
         with torch.no_grad():
-            outputs = [_run(model, batch) for batch in batches]
+            outputs = [run_batch(model, batch) for batch in batches]
     finally:
         for m, mode in training.items():
             m.training = mode

@@ -575,8 +575,9 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
     each op whose output the integer model holds quantized: swapped modules, ``+``, ``*``,
     ``torch.add``, ``torch.mul``, ``torch.cat``, ``mean``, average pooling, hardswish, ELU,
     leaky ReLU. A swapped module followed by a ReLU is quantized after the ReLU (the
-    integer kernels fuse it); after a ReLU6 it gets a :class:`qat.FixedQParamsFakeQuantize` for [0, 6]
-    (scale 6/255: the integer ReLU kernel's saturation is the 6); a ReLU6 or Hardtanh
+    integer kernels fuse it); after a ReLU6 it gets a
+    :class:`qat.FixedQParamsFakeQuantize` for [0, 6] (scale 6/255: the integer ReLU
+    kernel's saturation is the 6); a ReLU6 or Hardtanh
     elsewhere gets a FakeQuantize of its own. Ops that keep their input's qparams (relu,
     max pooling, flatten / reshape / view, dropout, identity) get none. These roles are
     the op-role table's (``csrc/qat/op_roles.h``, shared with the C++ front end). The

@@ -25,9 +25,10 @@ __all__ = [
     "ConvTranspose1d",
     "ConvTranspose2d",
     "DeQuantize",
-    "Embedding",
-    "Hardswish",
     "ELU",
+    "Embedding",
+    "EmbeddingBag",
+    "Hardswish",
     "LeakyReLU",
     "BatchNorm",
     "GroupNorm",
@@ -432,6 +433,40 @@ class Embedding(_PacksOnFirstForward, nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight_shape[0]}, {self.weight_shape[1]}, weight_bits={self.weight_bits}"
+
+
+class EmbeddingBag(Embedding):
+    """``quantized::embedding_bag_byte``: the table stored as :class:`Embedding` stores it,
+    each bag's rows summed by the kernel (times ``per_sample_weights`` when given) and, in
+    mode ``"mean"``, divided by the bag's size here: the kernel sums whatever mode it is
+    given. Float out, as the simulation's bags."""
+
+    def __init__(self, weight: torch.Tensor, weight_bits: int, weight_quant_min: int,
+                 mode: str, include_last_offset: bool):
+        super().__init__(weight, weight_bits, weight_quant_min)
+        self.mode = mode
+        self.include_last_offset = include_last_offset
+
+    def forward(self, indices: torch.Tensor, offsets: Optional[torch.Tensor] = None,
+                per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        last = self.include_last_offset
+        if indices.dim() == 2:  # one bag per row, all of the row's length
+            offsets = torch.arange(0, indices.numel(), indices.size(1), dtype=indices.dtype,
+                                   device=indices.device)
+            indices, last = indices.reshape(-1), False
+        if offsets is None:
+            raise ValueError("EmbeddingBag: offsets are required with 1-D indices")
+        sums = torch.ops.quantized.embedding_bag_byte(
+            self._packed(), indices, offsets, False, 0, False, per_sample_weights, None, last)
+        if self.mode != "mean":
+            return sums
+        ends = torch.cat([offsets[1:], torch.full_like(offsets[:1], indices.numel())])
+        sizes = (offsets[1:] - offsets[:-1]) if last else (ends - offsets)
+        # An empty bag's mean is 0, as its sum.
+        return sums / sizes.clamp_min(1).unsqueeze(1).to(sums.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mode={self.mode}"
 
 
 class Add(_WithOutputQParams):

@@ -9,6 +9,7 @@ from torch import nn
 
 import qat
 from qat import QuantSpec
+from qat.export import load
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -271,3 +272,93 @@ def test_training_reduces_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _config_table(bag):
+    """reference_table with the range of the config's spec (per row, symmetric int8)."""
+    fq = bag.weight_fake_quant
+    return reference_table(bag.weight, fq.quant_min, fq.quant_max, symmetric=fq.spec.symmetric)
+
+
+class _BagNet(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(15, 6, **kwargs)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, idx, offsets=None, per_sample_weights=None):
+        return self.fc(self.bag(idx, offsets, per_sample_weights))
+
+
+_IDX = torch.tensor([0, 3, 4, 0, 7, 14, 2, 2, 9])
+# (bag kwargs, call arguments): 1-D indices with offsets (an empty bag among them), the
+# offsets' end included, per-sample weights, 2-D indices (bags of one length).
+_INTEGER_BAGS = [
+    (dict(mode="sum"), (_IDX, torch.tensor([0, 2, 2, 5]))),
+    (dict(mode="mean"), (_IDX, torch.tensor([0, 2, 2, 5]))),
+    (dict(mode="mean", include_last_offset=True), (_IDX, torch.tensor([0, 2, 2, 5, 9]))),
+    (dict(mode="sum"), (_IDX, torch.tensor([0, 4]), torch.linspace(0.1, 2, 9))),
+    (dict(mode="mean"), (_IDX[:8].reshape(2, 4),)),
+]
+
+
+@pytest.mark.parametrize("kwargs, args", _INTEGER_BAGS,
+                         ids=["sum", "mean", "last_offset", "per_sample_weights", "2d"])
+def test_converted_bag_sums_the_simulations_row_wise_integers(kwargs, args):
+    torch.manual_seed(0)
+    qmodel = qat.prepare(_BagNet(**kwargs))
+    qat.calibrate(qmodel, [(args,)], progress=False)
+    int_model, report = qat.convert(qmodel, return_report=True)
+    layer = int_model.bag
+    assert isinstance(layer, qat.quantized.EmbeddingBag)
+    assert report.integer_weight_share == 1.0
+    fq = qmodel.bag.weight_fake_quant
+    table, scale, zero_point = _config_table(qmodel.bag)
+    # The stored rows are the simulation's integers (shifted to the kernel's unsigned
+    # rows), with its per-row scales.
+    torch.testing.assert_close(layer.table().dequantize(), table, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.weight_scale, scale, rtol=0, atol=0)
+    torch.testing.assert_close(layer.weight_zero_point, (zero_point - fq.quant_min).float(),
+                               rtol=0, atol=0)
+    call = dict(zip(("offsets", "per_sample_weights"), args[1:]))
+    expected = F.embedding_bag(args[0], table, **call, **kwargs)
+    with torch.no_grad():
+        # The kernel adds q * scale - zero_point * scale, the simulation (q - zero_point) *
+        # scale: float rounding apart.
+        torch.testing.assert_close(layer(*args), expected, rtol=1e-6, atol=1e-6)
+        parity = qat.compare(qmodel, int_model, [(args,)])
+    assert parity["sqnr_db"] > 60, parity
+
+
+@pytest.mark.parametrize("kwargs", [dict(mode="max"), dict(mode="sum", padding_idx=0)],
+                         ids=["max", "padding"])
+def test_bags_the_kernel_cannot_reduce_stay_float(kwargs):
+    """The kernel sums every entry: max bags and bags that leave padding out run the float
+    bag over the fake-quantized table."""
+    torch.manual_seed(0)
+    qmodel = qat.prepare(_BagNet(**kwargs))
+    args = (_IDX, torch.tensor([0, 2, 5]))
+    qat.calibrate(qmodel, [(args,)], progress=False)
+    int_model, report = qat.convert(qmodel, return_report=True)
+    assert type(int_model.bag) is nn.EmbeddingBag
+    assert "bag" in report.float_weights
+    expected = F.embedding_bag(args[0], _config_table(qmodel.bag)[0], args[1], **kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(int_model.bag(*args), expected, rtol=0, atol=0)
+
+
+def test_integer_bag_model_exports_a_file_that_runs_without_qat(tmp_path):
+    """qat.export runs the written .ptl in a fresh process without qat (and refuses a file
+    that calls qat's operators); the file computes what the integer model computes."""
+    torch.manual_seed(0)
+    qmodel = qat.prepare(_BagNet(mode="mean"))
+    args = (_IDX, torch.tensor([0, 2, 2, 5]))
+    qat.calibrate(qmodel, [(args,)], progress=False)
+    path = tmp_path / "bag.ptl"
+    int_model = qat.export(qmodel, path, args)
+    assert isinstance(int_model.bag, qat.quantized.EmbeddingBag)
+    program, _ = load(str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(program(*args), int_model(*args), rtol=0, atol=0)
+    parity = qat.compare(qmodel, str(path), [(args,)])
+    assert parity["max_steps"] <= 1 + 1e-3, parity

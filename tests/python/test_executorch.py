@@ -139,6 +139,19 @@ def test_3d_convs_are_refused_naming_the_layer(tmp_path):
 
 
 @needs_executorch
+def test_embedding_bags_are_refused_naming_the_op(tmp_path):
+    """embedding_bag is not in the Core ATen opset ExecuTorch lowers: a clear error naming
+    it, and no file left behind."""
+    model = nn.Sequential(nn.EmbeddingBag(20, 6, mode="mean"), nn.Linear(6, 2))
+    x = torch.randint(0, 20, (4, 5))
+    qmodel = _calibrated(model, x)
+    with pytest.raises(RuntimeError, match=r"ExecuTorch cannot lower this model .* \(at "
+                                           r"aten\._embedding_bag"):
+        qat.export(qmodel, tmp_path / "model.pte", x)
+    assert os.listdir(tmp_path) == []
+
+
+@needs_executorch
 def test_embedding_tables_are_stored_in_float_and_said_so(tmp_path):
     """XNNPACK has no embedding kernel and ExecuTorch's default runtime no quantized one:
     the table is stored as the float values of its integers, the program gives the integer
