@@ -19,7 +19,6 @@ Linear / RNN weight), >= 30 dB. The script reports; it does not assert.
 """
 
 import argparse
-import copy
 import math
 import os
 import sys
@@ -33,7 +32,8 @@ from torch import nn
 import qat
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "python"))
-from helpers import KeywordNet, TextCNN, TextEncoder, sqnr_db  # noqa: E402  (the tests' models)
+from helpers import (KeywordNet, TextCNN, TextEncoder, sqnr_db,  # noqa: E402 (the tests' models)
+                     traced_size)
 from qat.export import load  # noqa: E402
 
 
@@ -138,17 +138,6 @@ def _train(model, make, steps: int, gen) -> None:
         optimizer.step()
 
 
-def _size(model, example, folder, name) -> int:
-    path = os.path.join(folder, f"{name}_float.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # check_trace=False: the float transformer takes a native fast path that the
-        # trace checker reads as a different graph on each call.
-        torch.jit.save(torch.jit.trace(copy.deepcopy(model).eval(), example, check_trace=False),
-                       path)
-    return os.path.getsize(path)
-
-
 def measure(name: str, folder: str) -> dict:
     cls, make, preset = MODELS[name]
     gen = torch.Generator().manual_seed(0)
@@ -177,7 +166,8 @@ def measure(name: str, folder: str) -> dict:
     except Exception as error:  # noqa: BLE001
         # The first clause names the cause (the rest is advice and paths).
         return {**row, "error": f"export: {str(error).split(', which')[0][:160]}"}
-    row["size_ratio"] = os.path.getsize(path) / _size(model, held_out[:1], folder, name)
+    row["size_ratio"] = os.path.getsize(path) / traced_size(
+        model, held_out[:1], os.path.join(folder, f"{name}_float.pt"))
     with torch.no_grad():
         if preset == "w8a8_dynamic":
             reference = model.eval()(held_out)

@@ -1,0 +1,151 @@
+"""Every torchvision classification builder through qat: trained briefly on Fashion-MNIST,
+QAT fine-tuned, converted and exported to ``.ptl``; how closely the file follows the
+simulation it was trained as.
+
+    PYTHONPATH=python python benchmarks/report_torchvision.py [--models NAME ...]
+        [--budget-min 10] [--threads 2]
+
+Builders: ``torchvision.models.list_models(module=torchvision.models)`` (all of the
+installed torchvision's classification models, not a chosen subset). The six of the
+parity test (``tests/python/test_convert.py``) keep their recipes
+(``helpers.TORCHVISION_PARITY``); every other builder gets Adam (lr 1e-3, QAT at a
+quarter), 100 float + 50 QAT steps at batch 32, at the smallest of 32, 64, 128 and 224
+pixels its forward accepts. The same helpers train and settle them as the test does.
+
+A builder whose estimated run (its measured float step times the steps, QAT counted
+twice) exceeds ``--budget-min`` is listed with the estimate instead of trained: on a
+2-core machine the largest ones (vgg, regnet_y_128gf, vit_h_14, ...) take hours.
+
+Per model: the share of weight elements stored as integers, the ops left in float, the
+``.ptl`` size against the float model's (traced), and, on 500 Fashion-MNIST test images,
+the simulation's accuracy, the file's top-1 agreement with the simulation and its output
+SQNR. ``qat.export`` runs the written file in a fresh process without qat and refuses
+one that calls qat's operators, so every row with figures is a file that ran without qat.
+
+Targets (issue 15): >= 99% top-1 agreement and >= 30 dB; .ptl <= 0.27x float at int8.
+The script reports; it does not assert.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import qat
+from qat.datasets import load_fashion_mnist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "python"))
+# The parity test's recipe and helpers, not copies.
+from helpers import (TORCHVISION_PARITY, torchvision_model, traced_size,  # noqa: E402
+                     train_torchvision_float, train_torchvision_qat)
+
+RECIPES = {entry[0]: entry[1:] for entry in TORCHVISION_PARITY}
+DEFAULT_RECIPE = ("adam", 100, 50)
+SIZES = (32, 64, 128, 224)
+EVAL = 500
+
+
+def recipe(name: str):
+    """(size, optimizer, float steps, QAT steps) of ``name``."""
+    if name in RECIPES:
+        return RECIPES[name]
+    for size in SIZES:
+        try:
+            with torch.no_grad():
+                torchvision_model(name, size).eval()(torch.zeros(1, 3, size, size))
+        except (RuntimeError, ValueError, AssertionError):
+            continue  # too small for its pooling, patches or windows
+        return (size, *DEFAULT_RECIPE)
+    raise ValueError(f"no input size among {SIZES} that {name} accepts")
+
+
+def estimated_minutes(name: str, size: int, float_steps: int, qat_steps: int) -> float:
+    """The float step's median time (batch 32, after one to warm up) times the recipe's
+    steps, QAT at twice."""
+    torch.manual_seed(0)
+    model = torchvision_model(name, size).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = torch.randn(32, 3, size, size), torch.randint(0, 10, (32,))
+    times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[1] * (float_steps + 2 * qat_steps) / 60
+
+
+def measure(name: str, data, folder: str, budget: float) -> dict:
+    images, labels, test_images, test_labels = data
+    size, optimizer, float_steps, qat_steps = recipe(name)
+    row = {"model": name, "size": size}
+    minutes = estimated_minutes(name, size, float_steps, qat_steps)
+    if minutes > budget:
+        return {**row, "error": f"not run: estimated {minutes:.0f} min > {budget:g}"}
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(0)
+    model, transform = train_torchvision_float(name, size, optimizer, float_steps, images,
+                                               labels, gen)
+    qmodel = train_torchvision_qat(model, transform, optimizer, qat_steps, images, labels,
+                                   gen)
+    _, report = qat.convert(qmodel, return_report=True)
+    row["integer_weights"] = report.integer_weight_share
+    row["float_ops"] = len(report.float)
+    batches = [transform(test_images[i:i + 250]) for i in range(0, EVAL, 250)]
+    with torch.no_grad():
+        predicted = torch.cat([qmodel(b).argmax(1) for b in batches])
+    row["accuracy"] = (predicted == test_labels[:EVAL]).float().mean().item()
+    path = os.path.join(folder, f"{name}.ptl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat.export(qmodel, path, batches[0][:1])
+    row["size_ratio"] = os.path.getsize(path) / traced_size(
+        model, batches[0][:1], os.path.join(folder, f"{name}_float.pt"))
+    row.update(qat.compare(qmodel, path, batches))
+    row["minutes"] = (time.perf_counter() - start) / 60
+    return row
+
+
+def main() -> None:
+    names = torchvision.models.list_models(module=torchvision.models)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=names, default=names)
+    parser.add_argument("--budget-min", type=float, default=10.0,
+                        help="largest estimated run, in minutes, to train a model for")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    images, labels = load_fashion_mnist(train=True)
+    test_images, test_labels = load_fashion_mnist(train=False)
+    data = images, labels, test_images, test_labels
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"qat {qat.__version__}, engine {torch.backends.quantized.engine}")
+    print("| model | input | weights as integers | float ops | .ptl / float size | "
+          "simulation accuracy | top-1 agreement | SQNR | minutes |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models:
+            try:
+                row = measure(name, data, folder, args.budget_min)
+            except Exception as error:  # noqa: BLE001 - a row says why, the others still run
+                row = {"model": name, "size": "-",
+                       "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+            if "error" in row:
+                print(f"| {name} | {row['size']} | {row['error']} | | | | | | |", flush=True)
+                continue
+            print(f"| {name} | {row['size']} | {100 * row['integer_weights']:.1f}% | "
+                  f"{row['float_ops']} | {row['size_ratio']:.3f} | "
+                  f"{100 * row['accuracy']:.1f}% | {100 * row['top1_agreement']:.1f}% | "
+                  f"{row['sqnr_db']:.1f} dB | {row['minutes']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
