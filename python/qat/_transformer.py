@@ -1,6 +1,7 @@
 """Traceable equivalents of PyTorch's attention layers, put in place of
-``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` by
-``qat.prepare`` before it traces a model.
+``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder``,
+``nn.TransformerDecoderLayer`` and ``nn.TransformerDecoder`` by ``qat.prepare`` before it
+traces a model.
 
 PyTorch's own versions cannot be traced (their forwards branch on tensor properties) and
 run their projections through ``F.multi_head_attention_forward`` or one fused native kernel,
@@ -171,18 +172,104 @@ class TransformerEncoder(nn.Module):
         return x if self.norm is None else self.norm(x)
 
 
+class TransformerDecoderLayer(nn.Module):
+    """``nn.TransformerDecoderLayer`` (post- or pre-norm): self-attention, attention over
+    the memory and the feed-forward block, each a :class:`MultiheadAttention` or the
+    original's linear, norm and dropout modules."""
+
+    def __init__(self, layer: nn.TransformerDecoderLayer):
+        super().__init__()
+        self.self_attn = MultiheadAttention(layer.self_attn)
+        self.multihead_attn = MultiheadAttention(layer.multihead_attn)
+        self.linear1, self.dropout, self.linear2 = layer.linear1, layer.dropout, layer.linear2
+        self.norm_first = layer.norm_first
+        self.norm1, self.norm2, self.norm3 = layer.norm1, layer.norm2, layer.norm3
+        self.dropout1, self.dropout2 = layer.dropout1, layer.dropout2
+        self.dropout3 = layer.dropout3
+        self.activation = layer.activation
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
+                memory_mask: Optional[Tensor] = None,
+                tgt_key_padding_mask: Optional[Tensor] = None,
+                memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: bool = False,
+                memory_is_causal: bool = False):
+        x = tgt
+
+        def self_attention(x):
+            return self.dropout1(self.self_attn(
+                x, x, x, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
+                need_weights=False, is_causal=tgt_is_causal)[0])
+
+        def memory_attention(x):
+            return self.dropout2(self.multihead_attn(
+                x, memory, memory, attn_mask=memory_mask,
+                key_padding_mask=memory_key_padding_mask, need_weights=False,
+                is_causal=memory_is_causal)[0])
+
+        def feed_forward(x):
+            return self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+        if self.norm_first:
+            x = x + self_attention(self.norm1(x))
+            x = x + memory_attention(self.norm2(x))
+            return x + feed_forward(self.norm3(x))
+        x = self.norm1(x + self_attention(x))
+        x = self.norm2(x + memory_attention(x))
+        return self.norm3(x + feed_forward(x))
+
+
+class TransformerDecoder(nn.Module):
+    """``nn.TransformerDecoder`` over :class:`TransformerDecoderLayer` s."""
+
+    def __init__(self, decoder: nn.TransformerDecoder):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerDecoderLayer(layer) for layer in decoder.layers)
+        self.norm = decoder.norm
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
+                memory_mask: Optional[Tensor] = None,
+                tgt_key_padding_mask: Optional[Tensor] = None,
+                memory_key_padding_mask: Optional[Tensor] = None,
+                tgt_is_causal: Optional[bool] = None, memory_is_causal: bool = False):
+        x = tgt
+        for layer in self.layers:
+            x = layer(x, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
+                      memory_key_padding_mask, bool(tgt_is_causal), memory_is_causal)
+        return x if self.norm is None else self.norm(x)
+
+
+def _supported(attention: nn.Module) -> bool:
+    """Whether ``attention`` is PyTorch's own attention without the options taken here in
+    no stand-in (extra key / value biases, a zero attention row)."""
+    return (type(attention) is nn.MultiheadAttention and attention.bias_k is None
+            and not attention.add_zero_attn)
+
+
+def _attention_traceable(layer: nn.Module) -> bool:
+    """Whether every attention of an encoder or decoder layer has a stand-in."""
+    attentions = [layer.self_attn, getattr(layer, "multihead_attn", layer.self_attn)]
+    return all(_supported(a) for a in attentions)
+
+
 def _traceable(module: nn.Module) -> Optional[nn.Module]:
     """The traceable equivalent of ``module``, or None where it has none."""
     kind = type(module)
     if kind is nn.MultiheadAttention:
-        if module.bias_k is not None or module.add_zero_attn:
+        if not _supported(module):
             return None
         new = MultiheadAttention(module)
-    elif kind is nn.TransformerEncoderLayer and _traceable(module.self_attn) is not None:
+    elif kind is nn.TransformerEncoderLayer and _attention_traceable(module):
         new = TransformerEncoderLayer(module)
     elif kind is nn.TransformerEncoder and all(
-            type(layer) is nn.TransformerEncoderLayer for layer in module.layers):
+            type(layer) is nn.TransformerEncoderLayer and _attention_traceable(layer)
+            for layer in module.layers):
         new = TransformerEncoder(module)
+    elif kind is nn.TransformerDecoderLayer and _attention_traceable(module):
+        new = TransformerDecoderLayer(module)
+    elif kind is nn.TransformerDecoder and all(
+            type(layer) is nn.TransformerDecoderLayer and _attention_traceable(layer)
+            for layer in module.layers):
+        new = TransformerDecoder(module)
     else:
         return None
     return new.train(module.training)

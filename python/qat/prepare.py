@@ -590,8 +590,9 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
     (embeddings) take their input as it is and get no output FakeQuantize. With
     ``config.dynamic`` no activation FakeQuantize is added.
 
-    ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder``
-    are first replaced by traceable equivalents (``qat._transformer``: the same arithmetic,
+    ``nn.MultiheadAttention`` and the encoder and decoder layers and stacks
+    (``nn.TransformerEncoderLayer`` / ``Encoder``, ``nn.TransformerDecoderLayer`` /
+    ``Decoder``) are first replaced by traceable equivalents (``qat._transformer``: the same arithmetic,
     each query / key / value / output projection an ``nn.Linear``), so that their
     projections are swapped and converted like any Linear; the attention (scores, masks,
     softmax, weighted sum) runs in float. Token ids compared into a mask are not

@@ -300,6 +300,69 @@ def test_traceable_encoders_compute_what_pytorchs_do(norm_first, activation, bat
     torch.testing.assert_close(traceable(x, **kwargs), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm_first,batch_first", [(False, True), (True, False)],
+                         ids=["post_norm", "pre_norm_sequence_first"])
+def test_traceable_decoders_compute_what_pytorchs_do(norm_first, batch_first):
+    """The decoder's stand-ins (self-attention with a causal mask, attention over a memory
+    with padding) against PyTorch's own modules on the same weights."""
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, activation="gelu",
+                                       batch_first=batch_first, norm_first=norm_first)
+    decoder = nn.TransformerDecoder(layer, 2, norm=nn.LayerNorm(16)).eval()
+    tgt, memory = torch.randn(3, 6, 16), torch.randn(3, 9, 16)
+    if not batch_first:
+        tgt, memory = tgt.transpose(0, 1), memory.transpose(0, 1)
+    padding = torch.zeros(3, 9, dtype=torch.bool)
+    padding[1, 6:] = True
+    kwargs = dict(tgt_mask=torch.ones(6, 6, dtype=torch.bool).triu(1),
+                  memory_key_padding_mask=padding)
+    expected = decoder(tgt, memory, **kwargs)
+    traceable = make_traceable(copy.deepcopy(decoder))
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in traceable.modules())
+    assert sum(isinstance(m, nn.Linear) for m in traceable.modules()) == 2 * (8 + 2)
+    torch.testing.assert_close(traceable(tgt, memory, **kwargs), expected, rtol=1e-5,
+                               atol=1e-5)
+
+
+class Translator(nn.Module):
+    """A decoder over an encoded source: token embeddings, one decoder layer attending to a
+    projected memory, a linear head per position."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(30, 16)
+        self.source = nn.Linear(8, 16)
+        self.decoder = nn.TransformerDecoder(
+            nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 1)
+        self.head = nn.Linear(16, 30)
+
+    def forward(self, tokens, source):
+        x = self.decoder(self.embed(tokens), self.source(source))
+        return self.head(x).mean(1)
+
+
+def test_every_decoder_linear_runs_on_the_integer_kernel(tmp_path):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing stays float unannounced
+        qmodel = qat.prepare(Translator())
+    tokens, source = torch.randint(0, 30, (8, 5)), torch.randn(8, 7, 8)
+    qat.calibrate(qmodel, [((tokens, source),)], progress=False)
+    qmodel.eval()
+    int_model, report = qat.convert(qmodel, return_report=True)
+    attentions = ("self_attn", "multihead_attn")
+    names = [f"decoder.layers.0.{a}.{p}" for a in attentions
+             for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    for name in names + ["decoder.layers.0.linear1", "decoder.layers.0.linear2", "source",
+                         "head"]:
+        assert isinstance(int_model.get_submodule(name), qat.quantized.Linear), name
+    assert report.integer_weight_share == 1.0
+    path = tmp_path / "translator.ptl"
+    qat.export(qmodel, path, (tokens, source))
+    parity = qat.compare(qmodel, str(path), [((tokens, source),)])
+    assert parity["within_one_step"] >= 0.99, parity
+
+
 def test_traceable_attention_with_its_own_key_and_value_sizes_and_weights():
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(16, 2, kdim=10, vdim=6).eval()
