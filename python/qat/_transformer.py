@@ -251,28 +251,28 @@ def _attention_traceable(layer: nn.Module) -> bool:
     return all(_supported(a) for a in attentions)
 
 
+# PyTorch's encoder / decoder layers and stacks -> (stand-in, the layer type of a stack).
+_STAND_INS = {
+    nn.TransformerEncoderLayer: (TransformerEncoderLayer, None),
+    nn.TransformerEncoder: (TransformerEncoder, nn.TransformerEncoderLayer),
+    nn.TransformerDecoderLayer: (TransformerDecoderLayer, None),
+    nn.TransformerDecoder: (TransformerDecoder, nn.TransformerDecoderLayer),
+}
+
+
 def _traceable(module: nn.Module) -> Optional[nn.Module]:
     """The traceable equivalent of ``module``, or None where it has none."""
     kind = type(module)
-    if kind is nn.MultiheadAttention:
-        if not _supported(module):
-            return None
-        new = MultiheadAttention(module)
-    elif kind is nn.TransformerEncoderLayer and _attention_traceable(module):
-        new = TransformerEncoderLayer(module)
-    elif kind is nn.TransformerEncoder and all(
-            type(layer) is nn.TransformerEncoderLayer and _attention_traceable(layer)
-            for layer in module.layers):
-        new = TransformerEncoder(module)
-    elif kind is nn.TransformerDecoderLayer and _attention_traceable(module):
-        new = TransformerDecoderLayer(module)
-    elif kind is nn.TransformerDecoder and all(
-            type(layer) is nn.TransformerDecoderLayer and _attention_traceable(layer)
-            for layer in module.layers):
-        new = TransformerDecoder(module)
-    else:
+    if kind is nn.MultiheadAttention and _supported(module):
+        return MultiheadAttention(module).train(module.training)
+    if kind not in _STAND_INS:
         return None
-    return new.train(module.training)
+    stand_in, layer_kind = _STAND_INS[kind]
+    layers = module.layers if layer_kind is not None else [module]
+    if not all(type(layer) is (layer_kind or kind) and _attention_traceable(layer)
+               for layer in layers):
+        return None
+    return stand_in(module).train(module.training)
 
 
 def make_traceable(model: nn.Module) -> nn.Module:

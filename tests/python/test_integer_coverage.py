@@ -70,6 +70,17 @@ def _reference_ints(weight, fq):
                        fq.quant_max)
 
 
+def _trained_and_converted(qmodel):
+    """(input batch, integer model, report) of a QAT model of 3x6x6 images and 4 classes
+    trained 6 steps so that its qparams moved, then put in eval, its observers off."""
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 4, (16,))
+    sgd_losses(qmodel, x, y, steps=6, lr=0.05)
+    qmodel.eval()
+    qat.disable_observer(qmodel)
+    int_model, report = qat.convert(qmodel, return_report=True)
+    return x, int_model, report
+
+
 def _ptl_follows_the_simulation(qmodel, x, folder) -> dict:
     """The integer model's outputs are within one step of the simulation's, and the .ptl
     that qat.export writes gives those outputs in a process where qat cannot be found;
@@ -619,11 +630,7 @@ def test_layer_and_group_norms_run_on_integer_kernels(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # neither stays in float
         qmodel = qat.prepare(Normalized())
-    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 4, (16,))
-    sgd_losses(qmodel, x, y, steps=6, lr=0.05)
-    qmodel.eval()
-    qat.disable_observer(qmodel)
-    int_model, report = qat.convert(qmodel, return_report=True)
+    x, int_model, report = _trained_and_converted(qmodel)
     assert isinstance(int_model.group_norm, qat.quantized.GroupNorm)
     assert isinstance(int_model.layer_norm, qat.quantized.LayerNorm)
     assert report.float == []
@@ -682,11 +689,7 @@ def test_reused_feature_maps_and_residual_dropouts_run_on_integer_kernels(tmp_pa
         (user,) = [n for n in qmodel.graph.nodes if n.target == name][0].users
         user = next(iter(user.users)) if user.target == F.relu else user
         assert isinstance(qmodel.get_submodule(user.target), qat.FakeQuantize), name
-    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 4, (16,))
-    sgd_losses(qmodel, x, y, steps=6, lr=0.05)
-    qmodel.eval()
-    qat.disable_observer(qmodel)
-    int_model, report = qat.convert(qmodel, return_report=True)
+    x, int_model, report = _trained_and_converted(qmodel)
     for name in ("stem", "grow1", "grow2", "residual"):
         assert isinstance(int_model.get_submodule(name), qat.quantized.Conv2d), name
     # The residual add runs on its kernel (the dropouts pass its input's qparams); only the
@@ -701,11 +704,7 @@ def test_reused_feature_maps_and_residual_dropouts_run_on_integer_kernels(tmp_pa
 def test_elu_and_leaky_relu_run_on_integer_kernels(tmp_path):
     torch.manual_seed(0)
     qmodel = qat.prepare(Activations())
-    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 4, (16,))
-    sgd_losses(qmodel, x, y, steps=6, lr=0.05)
-    qmodel.eval()
-    qat.disable_observer(qmodel)
-    int_model, report = qat.convert(qmodel, return_report=True)
+    x, int_model, report = _trained_and_converted(qmodel)
     activations = {name: m for name, m in int_model.named_modules()
                    if isinstance(m, (qat.quantized.ELU, qat.quantized.LeakyReLU))}
     assert {name: (type(m).__name__, getattr(m, "alpha", None) or m.negative_slope)
