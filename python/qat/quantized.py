@@ -137,6 +137,23 @@ class _PacksOnFirstForward:
         return packed
 
 
+def _unpacked_fields(data: torch.Tensor, values_per_byte: int,
+                     shape: List[int]) -> torch.Tensor:
+    """The bit fields of ``data`` (``torch.ops.qat.pack_weight``'s bytes, two or four
+    values each, low bits first) as a ``shape`` tensor: the integers above quant_min.
+    torch.ops.qat.unpack_weight in plain TorchScript: the file must run where qat is not
+    installed (a test keeps the two equal)."""
+    bits = 8 // values_per_byte
+    parts: List[torch.Tensor] = []
+    for i in range(values_per_byte):
+        parts.append(torch.bitwise_and(torch.bitwise_right_shift(data, bits * i),
+                                       (1 << bits) - 1))
+    numel = 1
+    for size in shape:
+        numel *= size
+    return torch.stack(parts, 1).flatten()[:numel].reshape(shape)
+
+
 class _IntegerLayer(_PacksOnFirstForward, _WithOutputQParams):
     """A conv or linear layer's weight as the file stores it: the integers (packed two or
     four to a byte when trained at 4 bits or fewer, by ``torch.ops.qat.pack_weight``),
@@ -170,20 +187,10 @@ class _IntegerLayer(_PacksOnFirstForward, _WithOutputQParams):
                              else bias.detach().float().clone())
 
     def _ints(self) -> torch.Tensor:
-        # torch.ops.qat.unpack_weight, in plain TorchScript: the file must run where qat is
-        # not installed (a test keeps the two equal).
         if self.values_per_byte == 1:
             return self.weight_data
-        bits = 8 // self.values_per_byte
-        parts: List[torch.Tensor] = []
-        for i in range(self.values_per_byte):
-            parts.append(torch.bitwise_and(
-                torch.bitwise_right_shift(self.weight_data, bits * i), (1 << bits) - 1))
-        numel = 1
-        for size in self.weight_shape:
-            numel *= size
-        ints = torch.stack(parts, 1).flatten()[:numel].to(torch.int16) - self.weight_offset
-        return ints.to(torch.int8).reshape(self.weight_shape)
+        fields = _unpacked_fields(self.weight_data, self.values_per_byte, self.weight_shape)
+        return (fields.to(torch.int16) - self.weight_offset).to(torch.int8)
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as a quantized int8 tensor."""
@@ -392,10 +399,12 @@ class LinearDynamic(_LinearBase):
 
 
 class Embedding(_PacksOnFirstForward, nn.Module):
-    """``quantized::embedding_byte``: the table as one row of 8-bit integers per embedding
-    (weights trained at fewer bits are stored at 8, the same values) with a float32 scale
-    and zero point per row, PyTorch's row-wise format; float rows out, as the simulation's
-    lookup gives them (weight-only quantization: nothing requantizes them)."""
+    """``quantized::embedding_byte``: the table as one row of integers per embedding with
+    a float32 scale and zero point per row, PyTorch's row-wise format; float rows out, as
+    the simulation's lookup gives them (weight-only quantization: nothing requantizes
+    them). A table trained at 4 (2) bits is stored two (four) values to a byte and unpacked
+    to the kernel's bytes on the first forward: PyTorch's 4-bit embedding kernels take
+    float16 row scales, which would move the simulation's values."""
 
     _packed_params: Optional[torch.classes.quantized.EmbeddingPackedParamsBase]
 
@@ -404,9 +413,12 @@ class Embedding(_PacksOnFirstForward, nn.Module):
         self.weight_bits = weight_bits
         # Shifted to [0, 2^bits) (a signed spec's integers move by -quant_min, and so do
         # their zero points; an unsigned spec's stay): the kernel's rows are unsigned.
-        ints = weight.int_repr().to(torch.int16) - weight_quant_min
+        ints = weight.int_repr()
         self.weight_shape: List[int] = list(ints.shape)
-        self.register_buffer("weight_data", ints.to(torch.uint8))
+        self.values_per_byte = torch.ops.qat.values_per_byte(weight_bits)
+        self.register_buffer("weight_data", torch.ops.qat.pack_weight(
+            ints, weight_bits, weight_quant_min) if self.values_per_byte > 1
+            else (ints.to(torch.int16) - weight_quant_min).to(torch.uint8))
         self.register_buffer("weight_scale", weight.q_per_channel_scales().float())
         self.register_buffer("weight_zero_point",
                              (weight.q_per_channel_zero_points() - weight_quant_min).float())
@@ -416,8 +428,11 @@ class Embedding(_PacksOnFirstForward, nn.Module):
         """The stored table as PyTorch's per-row embedding format: a quint8 tensor with
         float zero points (per_channel_affine_float_qparams: value = (q - zero_point) *
         scale)."""
+        rows = self.weight_data
+        if self.values_per_byte > 1:
+            rows = _unpacked_fields(rows, self.values_per_byte, self.weight_shape)
         return torch._make_per_channel_quantized_tensor(
-            self.weight_data, self.weight_scale.double(), self.weight_zero_point, 0)
+            rows, self.weight_scale.double(), self.weight_zero_point, 0)
 
     def _prepack(self) -> torch.classes.quantized.EmbeddingPackedParamsBase:
         return torch.ops.quantized.embedding_bag_prepack(self.table())
