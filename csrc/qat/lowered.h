@@ -19,10 +19,11 @@ struct LoweredOp {
   std::string name;
   /// "Quantize", "Requantize", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d",
   /// "ConvTranspose2d", "Linear", "LinearDynamic", "Add", "Mul", "Cat", "Hardswish",
-  /// "ELU", "LeakyReLU", "BatchNorm", "LayerNorm" or "GroupNorm".
+  /// "ELU", "LeakyReLU", "BatchNorm", "LayerNorm", "GroupNorm", "Embedding" or
+  /// "EmbeddingBag".
   std::string kind;
   /// The output's qparams (those of the FakeQuantize after the op); 1 and 0 for
-  /// LinearDynamic, whose output is float.
+  /// LinearDynamic, Embedding and EmbeddingBag, whose outputs are float.
   double scale = 1.0;
   int64_t zero_point = 0;
   /// The kernel applies a ReLU before writing its output.

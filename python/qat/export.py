@@ -74,7 +74,8 @@ def _check_writable(path: str) -> None:
 def _metadata(model: nn.Module, inputs: tuple) -> str:
     """The metadata JSON, by the writer both front ends share (``qat::metadata_json``)."""
     ops = [m.lowered(name) for name, m in model.named_modules()
-           if isinstance(m, (quantized.Quantize, quantized._WithOutputQParams))]
+           if isinstance(m, (quantized.Quantize, quantized._WithOutputQParams,
+                             quantized.Embedding))]
     return _C._metadata_json(ops, getattr(model, "qat_config", "{}") or "{}",
                              torch.backends.quantized.engine, torch.__version__, list(inputs))
 

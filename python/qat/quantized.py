@@ -437,6 +437,16 @@ class Embedding(_PacksOnFirstForward, nn.Module):
     def _prepack(self) -> torch.classes.quantized.EmbeddingPackedParamsBase:
         return torch.ops.quantized.embedding_bag_prepack(self.table())
 
+    def lowered(self, name: str) -> LoweredOp:
+        """This table in the lowered form, under ``name``: float rows out (scale 1, zero
+        point 0); the weight its unsigned integers per row with their qparams (the zero
+        points, integers held as floats by the kernel's format, as integers)."""
+        rows = self.table()
+        weight = torch._make_per_channel_quantized_tensor(
+            rows.int_repr(), self.weight_scale.double(), self.weight_zero_point.long(), 0)
+        return LoweredOp(name, type(self).__name__, weight=weight,
+                         weight_bits=self.weight_bits, weight_quant_min=0)
+
     def _keep_stored(self) -> None:
         self.weight_data = self.weight_data
         self.weight_scale = self.weight_scale

@@ -149,3 +149,26 @@ def test_the_metadata_writer_names_a_dtype_it_cannot_write():
     meta = json.loads(_metadata_json([op], "{}", "qnnpack", "x", [torch.zeros(1, 2)]))
     assert meta["layers"] == [{"name": "0", "type": "Quantize", "scale": 0.5, "zero_point": 3}]
     assert meta["example_inputs"] == [{"shape": [1, 2], "dtype": "torch.float32"}]
+
+
+def test_embedding_tables_lower_to_their_stored_rows_and_are_described(tmp_path):
+    """An embedding (float out) lowers with scale 1 and zero point 0 and its table: the
+    stored unsigned rows, per-row scales and zero points; the file's metadata lists it,
+    so that python -m qat inspect shows it."""
+    torch.manual_seed(0)
+    qmodel = qat.prepare(nn.Sequential(nn.Embedding(20, 8), nn.Flatten(), nn.Linear(24, 2)),
+                         qat.presets.w4a8())
+    tokens = torch.randint(0, 20, (4, 3))
+    qat.calibrate(qmodel, [tokens], progress=False)
+    path = tmp_path / "model.pt"
+    int_model = qat.export(qmodel, path, tokens, mobile=False)
+    table = int_model.get_submodule("0")
+    op = table.lowered("0")
+    assert (op.kind, op.scale, op.zero_point, op.weight_bits) == ("Embedding", 1.0, 0, 4)
+    stored = table.table()
+    assert torch.equal(op.weight.int_repr(), stored.int_repr())
+    torch.testing.assert_close(op.weight.dequantize(), stored.dequantize(), rtol=0, atol=0)
+    layer = qat.read_metadata(path)["layers"][0]
+    assert (layer["name"], layer["type"], layer["weight_bits"]) == ("0", "Embedding", 4)
+    assert layer["weight_shape"] == [20, 8]
+    assert layer["weight_scale_max"] == pytest.approx(table.weight_scale.max().item())
