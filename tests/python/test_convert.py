@@ -183,7 +183,10 @@ def test_dynamic_config_converts_linears_to_dynamic_kernels_without_calibration(
     int_model, report = qat.convert(qmodel, return_report=True)  # no batch ever ran
     assert isinstance(int_model.fc1, qat.quantized.LinearDynamic)
     assert isinstance(int_model.fc2, qat.quantized.LinearDynamic)
-    assert report.float == [] and len(report.integer) == 2
+    # The bag's table (weight-only quantization in every config) on its integer kernel.
+    assert isinstance(int_model.embed, qat.quantized.EmbeddingBag)
+    assert report.float == [] and len(report.integer) == 3
+    assert report.integer_weight_share == 1.0
     tokens = torch.randint(0, 100, (16, 12))
     with torch.no_grad():
         simulation = qmodel.eval()(tokens)  # float activations, fake-quantized weights
