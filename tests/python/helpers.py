@@ -11,13 +11,16 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Dict, Tuple
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 import qat
+from qat.convert import _Converter
 
 ROOT = Path(__file__).resolve().parents[2]
 # The build folder scripts/build.sh makes (QAT_BUILD_DIR, as in setup.py).
@@ -220,6 +223,54 @@ def traced_size(model: nn.Module, example, path: str) -> int:
         torch.jit.save(torch.jit.trace(copy.deepcopy(model).eval(), example, check_trace=False),
                        path)
     return os.path.getsize(path)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, module):
+        super().__init__(module)
+        self.values = {}
+
+    def run_node(self, n):
+        value = super().run_node(n)
+        # A copy: in-place ops later in the graph (ReLU(inplace=True)) would change it.
+        self.values[n.name] = value.clone() if isinstance(value, torch.Tensor) else value
+        return value
+
+
+def per_op_steps(qmodel: nn.Module, x: torch.Tensor) -> Dict[str, Tuple[float, float]]:
+    """For each integer conv / linear of ``qmodel``'s conversion, given the simulation's own
+    (quantized) input on ``x``: (largest difference from the simulation's output in output
+    steps, share of outputs more than half a step off). Errors that compound through a chain
+    are not counted: each op starts from the simulation's values."""
+    gm = copy.deepcopy(qmodel)  # the converter swaps integer modules into it
+    converter = _Converter(gm)
+    converter.run()
+    int_model = fx.GraphModule(gm, converter.graph)
+    simulation = _Recorder(qmodel)
+    with torch.no_grad():
+        simulation.run(x)
+    # The simulation's node behind each value of the integer graph: its FakeQuantize where
+    # it has one (an op's output), else the first (max pooling passing a value on).
+    source, any_source = {}, {}
+    for old, new in converter.env.items():
+        any_source.setdefault(new, old)
+        if old.op == "call_module" and isinstance(qmodel.get_submodule(old.target),
+                                                  qat.FakeQuantize):
+            source.setdefault(new, old)
+    steps = {}
+    for node in converter.graph.nodes:
+        if node.op != "call_module" or node not in source or not isinstance(
+                int_model.get_submodule(node.target), qat.quantized._IntegerLayer):
+            continue
+        (arg,) = node.args
+        scale, zero_point, dtype = converter.qparams[arg]
+        q_input = torch.quantize_per_tensor(simulation.values[any_source[arg].name], scale,
+                                            zero_point, dtype)
+        with torch.no_grad():
+            out = int_model.get_submodule(node.target)(q_input).dequantize()
+        off = (out - simulation.values[source[node].name]).abs() / converter.qparams[node][0]
+        steps[node.target] = (off.max().item(), (off > 0.5).float().mean().item())
+    return steps
 
 
 def fashion_rgb(images, size=32):

@@ -9,17 +9,15 @@ import warnings
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 import qat
 from qat import _pte
-from qat.convert import _Converter
 from qat.datasets import load_fashion_mnist
 
-from helpers import (TORCHVISION_PARITY, FashionNet, script, sqnr_db, train_torchvision_float,
+from helpers import (TORCHVISION_PARITY, per_op_steps, script, sqnr_db, train_torchvision_float,
                      train_torchvision_qat)
 
 
@@ -76,18 +74,6 @@ def _settled_resnet18():
     return qmodel.eval(), data[0]
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, module):
-        super().__init__(module)
-        self.values = {}
-
-    def run_node(self, n):
-        value = super().run_node(n)
-        # A copy: in-place ops later in the graph (ReLU(inplace=True)) would change it.
-        self.values[n.name] = value.clone() if isinstance(value, torch.Tensor) else value
-        return value
-
-
 def test_each_integer_op_matches_the_simulation_on_its_own_inputs():
     """Every integer op of resnet18, given the simulation's own (quantized) inputs, writes
     the simulation's output to within one step, and almost always exactly: errors that
@@ -95,37 +81,11 @@ def test_each_integer_op_matches_the_simulation_on_its_own_inputs():
     qmodel, x = _settled_resnet18()
     torch.backends.quantized.engine = "qnnpack"
     qat.disable_observer(qmodel)
-    gm = copy.deepcopy(qmodel)  # the converter swaps integer modules into it
-    converter = _Converter(gm)
-    converter.run()
-    int_model = fx.GraphModule(gm, converter.graph)
-    simulation = _Recorder(qmodel)
-    with torch.no_grad():
-        simulation.run(x)
-    # The simulation's node behind each value of the integer graph: its FakeQuantize where
-    # it has one (an op's output), else the first (max pooling passing a value on).
-    source, any_source = {}, {}
-    for old, new in converter.env.items():
-        any_source.setdefault(new, old)
-        if old.op == "call_module" and isinstance(qmodel.get_submodule(old.target),
-                                                  qat.FakeQuantize):
-            source.setdefault(new, old)
-    checked = 0
-    for node in converter.graph.nodes:
-        if node.op != "call_module" or node not in source or not isinstance(
-                int_model.get_submodule(node.target), (qat.quantized.Conv2d, qat.quantized.Linear)):
-            continue
-        (arg,) = node.args
-        scale, zero_point, dtype = converter.qparams[arg]
-        q_input = torch.quantize_per_tensor(simulation.values[any_source[arg].name], scale,
-                                            zero_point, dtype)
-        with torch.no_grad():
-            out = int_model.get_submodule(node.target)(q_input).dequantize()
-        steps = (out - simulation.values[source[node].name]).abs() / converter.qparams[node][0]
-        assert steps.max() <= 1.0 + 1e-3, (node.target, steps.max())
-        assert (steps > 0.5).float().mean() <= 0.005, node.target
-        checked += 1
-    assert checked == 21  # 20 convs (batch norm folded) and fc
+    steps = per_op_steps(qmodel, x)
+    for name, (largest, off) in steps.items():
+        assert largest <= 1.0 + 1e-3, (name, largest)
+        assert off <= 0.005, name
+    assert len(steps) == 21  # 20 convs (batch norm folded) and fc
 
 
 def test_convert_leaves_the_qat_model_as_it_was(fashion_qat_model):
