@@ -98,8 +98,20 @@ _DYNAMIC_RNN = (torch.ao.nn.quantized.dynamic.LSTM, torch.ao.nn.quantized.dynami
 
 def weight_elements(int_model: nn.Module) -> Tuple[int, Dict[str, int]]:
     """(weight elements the integer layers store as integers, those of each float layer by
-    name) of a converted model."""
+    name) of a converted model. Float weights that the graph reads directly (a layer whose
+    forward calls ``F.linear(x, self.qkv.weight)``, as torchvision's Swin does, leaves
+    no module behind: its weight is a constant of the graph) count as float layers too,
+    every such tensor of two or more dimensions under its own name."""
     integer, floats = 0, {}
+    if isinstance(int_model, fx.GraphModule):
+        for node in int_model.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            value = int_model
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2:
+                floats[node.target] = value.numel()
     for name, module in int_model.named_modules():
         if isinstance(module, (quantized._IntegerLayer, quantized.Embedding)):
             integer += math.prod(module.weight_shape)

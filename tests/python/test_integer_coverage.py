@@ -729,3 +729,26 @@ def test_elu_and_leaky_relu_run_on_integer_kernels(tmp_path):
 
     parity = _ptl_follows_the_simulation(qmodel, x, tmp_path)
     assert parity["within_one_step"] == 1.0, parity
+
+
+class _FunctionalProjection(nn.Module):
+    """Swin's attention pattern: a forward that reads a Linear's weight into F.linear, so
+    no module call is left for prepare to swap."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.fc = nn.Linear(24, 2)
+
+    def forward(self, x):
+        return self.fc(F.linear(x, self.qkv.weight, self.qkv.bias))
+
+
+def test_weights_read_by_float_ops_count_as_float_layers():
+    torch.manual_seed(0)
+    qmodel = qat.prepare(_FunctionalProjection())
+    qat.calibrate(qmodel, [torch.randn(4, 8)], progress=False)
+    _, report = qat.convert(qmodel.eval(), return_report=True)
+    assert report.float_weights == {"qkv.weight": 8 * 24}
+    assert report.integer_weight_share == pytest.approx(24 * 2 / (24 * 2 + 8 * 24))
+    assert report.largest_float_layers(1) == ["qkv.weight (192)"]
