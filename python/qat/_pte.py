@@ -268,7 +268,8 @@ class _Emitter:
         if node.op == "output":
             return self.graph.output(fx.node.map_arg(node.args[0], self.env.__getitem__))
         if node.op == "get_attr":
-            return self.graph.get_attr(self.attr(node.target, _get(self.gm, node.target)))
+            return self.graph.get_attr(
+                self.attr(node.target, operator.attrgetter(node.target)(self.gm)))
         if node.op == "call_module":
             module = self.gm.get_submodule(node.target)
             if isinstance(module, quantized.DeQuantize):
@@ -316,12 +317,6 @@ class _Emitter:
                 with self.graph.inserting_after(node):
                     copy = self.graph.call_function(node.target, node.args, node.kwargs)
                 user.replace_input_with(node, copy)
-
-
-def _get(module: nn.Module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def qdq_model(int_model: fx.GraphModule, inputs: tuple) -> fx.GraphModule:

@@ -107,9 +107,7 @@ def weight_elements(int_model: nn.Module) -> Tuple[int, Dict[str, int]]:
         for node in int_model.graph.nodes:
             if node.op != "get_attr":
                 continue
-            value = int_model
-            for part in node.target.split("."):
-                value = getattr(value, part)
+            value = operator.attrgetter(node.target)(int_model)
             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2:
                 floats[node.target] = value.numel()
     for name, module in int_model.named_modules():

@@ -485,8 +485,11 @@ class EmbeddingBag(Embedding):
             self._packed(), indices, offsets, False, 0, False, per_sample_weights, None, last)
         if self.mode != "mean":
             return sums
-        ends = torch.cat([offsets[1:], torch.full_like(offsets[:1], indices.numel())])
-        sizes = (offsets[1:] - offsets[:-1]) if last else (ends - offsets)
+        if last:
+            sizes = offsets[1:] - offsets[:-1]
+        else:
+            ends = torch.cat([offsets[1:], torch.full_like(offsets[:1], indices.numel())])
+            sizes = ends - offsets
         # An empty bag's mean is 0, as its sum.
         return sums / sizes.clamp_min(1).unsqueeze(1).to(sums.dtype)
 
