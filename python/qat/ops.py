@@ -1,10 +1,10 @@
 """Tensor operators of qat, the same as ``torch.ops.qat.*``."""
 
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 
-__all__ = ["fake_quantize"]
+__all__ = ["buffer_pool_stats", "fake_quantize", "release_buffers", "set_buffer_pool_limit"]
 
 _Qparam = Union[torch.Tensor, float, int]
 
@@ -62,3 +62,39 @@ def fake_quantize(
     return torch.ops.qat.fake_quantize(
         input, scale_t, zero_point_t, quant_min, quant_max, axis, estimator, grad_scale, ewgs_delta
     )
+
+
+def buffer_pool_stats() -> Dict[str, int]:
+    """What the CPU kernels' buffer pool holds.
+
+    The CPU kernels write their outputs (fake-quantized tensors, the codes their backward
+    reads, input gradients) into blocks they keep between training steps: a step asks for
+    the same sizes every time, and memory fresh from the OS costs a page fault per 4 KiB on
+    its first write, more than the fake-quantize itself. A block is reused only once no
+    tensor holds it, so the pool never adds to a step's peak memory; it keeps at most
+    ``limit`` bytes (2 GiB by default, or ``QAT_BUFFER_POOL_BYTES`` from the environment)
+    and drops blocks that no call has wanted for a few thousand calls.
+
+    Returns:
+        ``blocks`` and ``bytes`` held (in use or free), ``free_bytes`` (held by nothing
+        else), ``limit``, and since the process started ``hits`` (requests served from the
+        pool) and ``misses`` (requests of a poolable size, 64 KiB and up, that allocated).
+    """
+    names = ("blocks", "bytes", "free_bytes", "limit", "hits", "misses")
+    return dict(zip(names, torch.ops.qat.buffer_pool_stats()))
+
+
+def set_buffer_pool_limit(limit_bytes: int) -> int:
+    """Sets the most bytes the CPU kernels' buffer pool keeps (0: no pooling, every output
+    freshly allocated) and returns the previous limit. Free blocks beyond the new limit are
+    released at once; blocks in use, when they are freed."""
+    if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int):
+        raise TypeError(f"qat.ops.set_buffer_pool_limit: limit_bytes must be an int (bytes), "
+                        f"got {type(limit_bytes).__name__}")
+    return torch.ops.qat.set_buffer_pool_limit(limit_bytes)
+
+
+def release_buffers() -> None:
+    """Returns every free block of the buffer pool to the allocator (after training, or
+    before a phase that needs the memory); the pool refills on the next steps."""
+    torch.ops.qat.release_buffers()

@@ -612,3 +612,29 @@ def test_merge_range_is_the_one_update_of_minmax_and_moving_average():
         torch.ops.qat.merge_range(lo, hi, batch_min[:2], batch_max[:2])
     with pytest.raises(RuntimeError, match=r"averaging_constant must be in \(0, 1\]"):
         torch.ops.qat.merge_range(lo, hi, batch_min, batch_max, 1.5)
+
+
+@pytest.mark.parametrize("shape,axis", [((1000,), None), ((37, 70), 0), ((6, 33, 9), 0),
+                                        ((5, 3, 41), 1), ((4, 300), 1), ((7,), None)])
+@pytest.mark.parametrize("poison", ["none", "nan", "inf", "-inf", "all_nan"])
+def test_aminmax_matches_numpy_with_and_without_nonfinite_values(shape, axis, poison):
+    # Runs shorter and longer than the kernels' vector blocks, a value out of place at the
+    # start, middle or end of a run: the finite fast path must hand each case on intact.
+    gen = torch.Generator().manual_seed(sum(shape) + len(poison))
+    x = torch.randn(shape, generator=gen) * 3
+    flat = x.view(-1)
+    positions = [0, flat.numel() // 2, flat.numel() - 1]
+    if poison == "all_nan":
+        flat[:] = math.nan
+    elif poison != "none":
+        for p in positions:
+            flat[p] = float(poison)
+    lo, hi, count = torch.ops.qat.aminmax(x, axis)
+    rows = x.numpy().reshape(1, -1) if axis is None else np.moveaxis(x.numpy(), axis, 0).reshape(
+        shape[axis], -1)
+    for c, row in enumerate(rows):
+        finite = row[np.isfinite(row)]
+        expected_lo = finite.min() if finite.size else math.inf
+        expected_hi = finite.max() if finite.size else -math.inf
+        assert (float(lo[c]), float(hi[c])) == (expected_lo, expected_hi)
+        assert int(count[c]) == int((~np.isfinite(row)).sum())

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "../fake_quantize_common.h"
+#include "buffer_pool.h"
 #include "fake_quantize_loops.h"
 
 namespace qat {
@@ -52,11 +53,9 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_forward_kernel(
       kForward, input_arg, scale, zero_point, quant_min, quant_max, axis_arg);
   const auto qparams = detail::read_qparams(kForward, scale, zero_point, quant_min, quant_max);
   const at::Tensor input = detail::dense(input_arg);
-  at::Tensor output = at::empty_like(input);
-  at::Tensor code = at::empty_like(input, input.options().dtype(at::kByte));
-  if (!compute_code) {
-    code = at::empty({0}, input.options().dtype(at::kByte));
-  }
+  at::Tensor output = pooled_empty_like(input, input.scalar_type());
+  at::Tensor code = compute_code ? pooled_empty_like(input, at::kByte)
+                                 : at::empty({0}, input.options().dtype(at::kByte));
   if (input.numel() == 0) {
     return {output, code};
   }
@@ -82,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
   const auto in = detail::prepare_backward(
       kBackward, grad_arg, saved_arg, scale, zero_point, quant_min, quant_max, axis_arg,
       scale_grad_inside, ewgs_delta);
-  at::Tensor grad_input = at::empty_like(in.grad);
+  at::Tensor grad_input = pooled_empty_like(in.grad, in.grad.scalar_type());
   const int64_t channels = static_cast<int64_t>(in.qparams.scale.size());
   // Only asked-for sums are made: a backward that wants neither (the common case of a
   // fixed scale) returns undefined ones and allocates nothing for them.
