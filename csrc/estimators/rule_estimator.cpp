@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "../ops/fake_quantize_common.h"
 #include "../ops/fake_quantize_ops.h"
 
 namespace qat {
@@ -16,6 +17,17 @@ using torch::autograd::variable_list;
 
 c10::IValue optional_int(c10::optional<int64_t> value) {
   return value.has_value() ? c10::IValue(*value) : c10::IValue();
+}
+
+// Whether the forward clamped nothing and saw no NaN: `saved` is the CPU code of a
+// forward (0 for every in-range element), of the gradient's shape. Then the straight-
+// through gradient is the output gradient itself.
+bool passes_every_gradient(const at::Tensor& saved, const at::Tensor& grad) {
+  if (saved.scalar_type() != at::kByte || !saved.is_cpu() || !saved.is_contiguous() ||
+      !grad.defined() || saved.sizes() != grad.sizes()) {
+    return false;
+  }
+  return detail::all_zero(saved.data_ptr<uint8_t>(), saved.numel());
 }
 
 class RuleFunction : public torch::autograd::Function<RuleFunction> {
@@ -56,6 +68,12 @@ class RuleFunction : public torch::autograd::Function<RuleFunction> {
     const bool want_zero_point =
         ctx->saved_data["zero_point_grad"].toBool() && ctx->needs_input_grad(2);
     // Undefined output gradients arrive materialized as zeros (the Function default).
+    if (!want_scale && !want_zero_point && passes_every_gradient(saved[0], grad_outputs[0])) {
+      // g * 1 is g, bit for bit (NaN and -0.0 included): no pass over the gradient, no
+      // new tensor. The usual case of a ReLU6, sigmoid or tanh output, whose fixed range
+      // holds every value.
+      return {grad_outputs[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     auto grads = ops::fake_quantize_backward(
         grad_outputs[0], saved[0], saved[1], saved[2], ctx->saved_data["quant_min"].toInt(),
         ctx->saved_data["quant_max"].toInt(), axis, want_scale,

@@ -447,3 +447,28 @@ def test_double_backward_is_refused(estimator):
     out = qat.ops.fake_quantize(x, scale, zero_point, -8, 7, estimator=estimator)
     with pytest.raises(RuntimeError, match=r"double backward"):
         torch.autograd.grad((out * out).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("numel", [37, 4096, 3 * 4096 + 5])
+def test_gradient_of_an_input_in_range_is_the_output_gradient(numel):
+    # Nothing clamped: the backward hands the output gradient on as it is (no pass, no new
+    # tensor), which must equal ATen's g * mask bit for bit, NaN and -0.0 included.
+    x = (torch.rand(numel) * 5).requires_grad_()  # in [0, 5): inside [0, 255] * 0.05 - 0.15
+    g = torch.randn(numel)
+    g[0], g[-1] = math.nan, -0.0
+    qat.fake_quantize(x, 0.05, 3, 0, 255).backward(g)
+    x_ref = x.detach().clone().requires_grad_()
+    torch.fake_quantize_per_tensor_affine(x_ref, 0.05, 3, 0, 255).backward(g)
+    assert torch.equal(torch.isnan(x.grad), torch.isnan(x_ref.grad))
+    assert torch.equal(x.grad.nan_to_num(7.0), x_ref.grad.nan_to_num(7.0))
+    assert math.copysign(1.0, float(x.grad[-1])) == -1.0
+    # One value past the top, at the start, the middle or the end: its gradient is zero
+    # and the rest still pass.
+    for position in (0, numel // 2, numel - 1):
+        x2 = x.detach().clone()
+        x2[position] = 100.0
+        x2.requires_grad_()
+        qat.fake_quantize(x2, 0.05, 3, 0, 255).backward(torch.ones(numel))
+        expected = torch.ones(numel)
+        expected[position] = 0.0
+        assert torch.equal(x2.grad, expected)
