@@ -4,7 +4,7 @@ use too) and the optional allocator setting."""
 import ctypes
 import ctypes.util
 
-from qat.mobile import round_robin_ms  # noqa: F401 - the benchmarks' import of it
+from qat.mobile import round_robin_ms, round_robin_samples  # noqa: F401 - the benchmarks' import
 
 
 def keep_freed_memory() -> bool:

@@ -16,7 +16,7 @@ from ._torch_support import (has_lite_interpreter, require_lite_interpreter,
 from .export import optimize_for_mobile, require_executorch
 
 __all__ = ["executorch_latency_ms", "lite_latency_ms", "mobile_formats", "round_robin_ms",
-           "save_for_executorch", "save_for_lite_interpreter"]
+           "round_robin_samples", "save_for_executorch", "save_for_lite_interpreter"]
 
 
 def mobile_formats() -> List[str]:
@@ -62,21 +62,28 @@ def save_for_executorch(model: nn.Module, path: str, example_inputs) -> dict:
     return report
 
 
-def round_robin_ms(calls: Dict[str, Callable[[], object]], iterations: int,
-                   warmup: int = 3) -> Dict[str, Tuple[float, float]]:
-    """``(median, min)`` milliseconds per call of each callable, timed round-robin (one call
-    of each, repeat) so that a change in the machine's load touches every one alike (the
+def round_robin_samples(calls: Dict[str, Callable[[], object]], iterations: int,
+                        warmup: int = 3) -> Dict[str, List[float]]:
+    """Milliseconds of every timed call of each callable, timed round-robin (one call of
+    each, repeat) so that a change in the machine's load touches every one alike (the
     latency helpers here and the benchmarks share it)."""
     for _ in range(warmup):
         for call in calls.values():
             call()
-    times = {name: [] for name in calls}
+    times: Dict[str, List[float]] = {name: [] for name in calls}
     for _ in range(iterations):
         for name, call in calls.items():
             start = time.perf_counter()
             call()
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
+    return times
+
+
+def round_robin_ms(calls: Dict[str, Callable[[], object]], iterations: int,
+                   warmup: int = 3) -> Dict[str, Tuple[float, float]]:
+    """``(median, min)`` milliseconds per call of each callable (:func:`round_robin_samples`)."""
+    return {name: (statistics.median(values), min(values))
+            for name, values in round_robin_samples(calls, iterations, warmup).items()}
 
 
 def lite_latency_ms(paths: Dict[str, str], x: torch.Tensor, iterations: int,
