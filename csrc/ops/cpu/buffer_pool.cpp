@@ -48,23 +48,26 @@ class BufferPool {
     if (limit_ == 0) {
       return c10::Storage();
     }
-    auto& blocks = blocks_[nbytes];
-    for (auto& block : blocks) {
-      if (block.storage.use_count() == 1 &&
-          static_cast<int64_t>(block.storage.nbytes()) == nbytes) {
-        block.last_use = clock_;
-        ++hits_;
-        return block.storage;
+    const auto found = blocks_.find(nbytes);
+    if (found != blocks_.end()) {
+      for (auto& block : found->second) {
+        if (block.storage.use_count() == 1 &&
+            static_cast<int64_t>(block.storage.nbytes()) == nbytes) {
+          block.last_use = clock_;
+          ++hits_;
+          return block.storage;
+        }
       }
     }
     ++misses_;
+    // May erase entries of blocks_: nothing found above is used past this point.
     release_free_blocks(bytes_ + nbytes - limit_);
     if (bytes_ + nbytes > limit_) {
       return c10::Storage();
     }
     c10::Storage storage(
         c10::Storage::use_byte_size_t(), nbytes, c10::GetCPUAllocator(), /*resizable=*/true);
-    blocks.push_back({storage, clock_});
+    blocks_[nbytes].push_back({storage, clock_});
     bytes_ += nbytes;
     return storage;
   }
