@@ -87,7 +87,8 @@ def buffer_pool_stats() -> Dict[str, int]:
 def set_buffer_pool_limit(limit_bytes: int) -> int:
     """Sets the most bytes the CPU kernels' buffer pool keeps (0: no pooling, every output
     freshly allocated) and returns the previous limit. Free blocks beyond the new limit are
-    released at once; blocks in use, when they are freed."""
+    released at once; blocks in use, at the first request of 64 KiB or more after they are
+    freed."""
     if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int):
         raise TypeError(f"qat.ops.set_buffer_pool_limit: limit_bytes must be an int (bytes), "
                         f"got {type(limit_bytes).__name__}")

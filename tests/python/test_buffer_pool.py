@@ -111,3 +111,14 @@ def test_bad_limits_are_refused():
         ops.set_buffer_pool_limit(-1)
     with pytest.raises(TypeError, match="limit_bytes must be an int"):
         ops.set_buffer_pool_limit(1.5)
+
+
+def test_lowering_the_limit_releases_blocks_in_use_once_they_are_free(pool):
+    x = torch.randn(SHAPE)
+    held = qat.fake_quantize(x, 0.05, 3, 0, 255)
+    assert ops.buffer_pool_stats()["blocks"] == 1
+    ops.set_buffer_pool_limit(0)
+    assert ops.buffer_pool_stats()["blocks"] == 1  # still held by `held`
+    del held
+    qat.fake_quantize(torch.randn(256, 256), 0.05, 3, 0, 255)  # any request of 64 KiB or more
+    assert ops.buffer_pool_stats()["bytes"] == 0

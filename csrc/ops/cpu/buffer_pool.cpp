@@ -45,6 +45,10 @@ class BufferPool {
   c10::Storage take(int64_t nbytes) {
     std::lock_guard<std::mutex> lock(mutex_);
     ++clock_;
+    if (bytes_ > limit_) {
+      // The limit was lowered while blocks were in use: drop them as they come free.
+      release_free_blocks(bytes_ - limit_);
+    }
     if (limit_ == 0) {
       return c10::Storage();
     }
