@@ -7,8 +7,10 @@
 #include <qat/fake_quantize.h>
 #include <qat/observers.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include "../ops/cpu/fake_quantize_loops.h"
@@ -107,10 +109,12 @@ void count_nonfinite(
     return;
   }
   auto count = *nonfinite_count;
-  if (count.numel() == 1 && counts.numel() == 1 && count.is_cpu() &&
-      count.scalar_type() == at::kLong && counts.is_cpu()) {
-    // The per-tensor case, every batch: one addition, not three small tensor ops.
-    count.data_ptr<int64_t>()[0] += counts.item<int64_t>();
+  if (count.numel() == 1 && count.is_cpu() && count.scalar_type() == at::kLong &&
+      counts.is_cpu() && counts.scalar_type() == at::kLong && counts.is_contiguous()) {
+    // Every batch of a per-tensor buffer (one count per channel summed into it for a
+    // per-channel weight): plain additions, not three small tensor ops.
+    const int64_t* batch = counts.data_ptr<int64_t>();
+    count.data_ptr<int64_t>()[0] += std::accumulate(batch, batch + counts.numel(), int64_t{0});
     torch::autograd::impl::bump_version(count);
   } else if (count.numel() == 1) {
     count.add_(counts.sum().to(count.device()));
@@ -415,10 +419,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aminmax(
   }
   const auto x = detail::dense(input.to(at::kFloat));
   const int64_t channels = axis.has_value() ? x.size(*axis) : 1;
-  auto lo = at::full({channels}, kInf, x.options());
-  auto hi = at::full({channels}, -kInf, x.options());
-  auto count = at::zeros({channels}, x.options().dtype(at::kLong));
-  if (x.numel() > 0) {
+  // The loop writes every channel's entry; only an empty input leaves them to fill here.
+  auto lo = at::empty({channels}, x.options());
+  auto hi = at::empty({channels}, x.options());
+  auto count = at::empty({channels}, x.options().dtype(at::kLong));
+  if (x.numel() == 0) {
+    std::fill_n(lo.data_ptr<float>(), channels, kInf);
+    std::fill_n(hi.data_ptr<float>(), channels, -kInf);
+    std::fill_n(count.data_ptr<int64_t>(), channels, int64_t{0});
+  } else {
     cpu::AminmaxLoopArgs args;
     args.input = x.data_ptr<float>();
     args.layout = detail::channel_layout(x, axis);

@@ -437,3 +437,21 @@ def test_learned_scale_survives_two_forwards_before_one_backward():
     fq(x)  # the first batch sets the scale from the observer
     (fq(x).sum() + fq(2 * x).sum()).backward()
     assert fq.scale.grad is not None and torch.isfinite(fq.scale.grad).all()
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_forward_counts_every_nonfinite_value(per_channel):
+    # The fused operator folds the batch's counts (one per channel for a per-channel
+    # spec) into the observer's single counter, batch after batch.
+    fq = qat.FakeQuantize(qat.QuantSpec(per_channel=per_channel, axis=0, symmetric=True,
+                                        signed=True))
+    total = 0
+    for seed in range(3):
+        w = torch.randn(6, 40, generator=torch.Generator().manual_seed(seed))
+        flat = w.view(-1)
+        picks = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(10 + seed))
+        flat[picks[:seed + 2]] = torch.tensor([math.nan, math.inf, -math.inf, math.nan])[:seed + 2]
+        total += seed + 2
+        fq(w)
+        assert fq.observer.nonfinite_count.numel() == 1
+        assert int(fq.observer.nonfinite_count) == total
