@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <mutex>
-#include <unordered_map>
 #include <vector>
 
 namespace qat {
@@ -52,26 +51,23 @@ class BufferPool {
     if (limit_ == 0) {
       return c10::Storage();
     }
-    const auto found = blocks_.find(nbytes);
-    if (found != blocks_.end()) {
-      for (auto& block : found->second) {
-        if (block.storage.use_count() == 1 &&
-            static_cast<int64_t>(block.storage.nbytes()) == nbytes) {
-          block.last_use = clock_;
-          ++hits_;
-          return block.storage;
-        }
+    for (auto& block : blocks_) {
+      // A user may resize a storage it was handed: its current size must match too.
+      if (block.nbytes == nbytes && is_free(block) &&
+          static_cast<int64_t>(block.storage.nbytes()) == nbytes) {
+        block.last_use = clock_;
+        ++hits_;
+        return block.storage;
       }
     }
     ++misses_;
-    // May erase entries of blocks_: nothing found above is used past this point.
     release_free_blocks(bytes_ + nbytes - limit_);
     if (bytes_ + nbytes > limit_) {
       return c10::Storage();
     }
     c10::Storage storage(
         c10::Storage::use_byte_size_t(), nbytes, c10::GetCPUAllocator(), /*resizable=*/true);
-    blocks_[nbytes].push_back({storage, clock_});
+    blocks_.push_back({storage, nbytes, clock_});
     bytes_ += nbytes;
     return storage;
   }
@@ -79,14 +75,10 @@ class BufferPool {
   BufferPoolStats stats() {
     std::lock_guard<std::mutex> lock(mutex_);
     BufferPoolStats out;
-    for (const auto& entry : blocks_) {
-      for (const auto& block : entry.second) {
-        ++out.blocks;
-        out.bytes += entry.first;
-        if (block.storage.use_count() == 1) {
-          out.free_bytes += entry.first;
-        }
-      }
+    for (const auto& block : blocks_) {
+      ++out.blocks;
+      out.bytes += block.nbytes;
+      out.free_bytes += is_free(block) ? block.nbytes : 0;
     }
     out.limit = limit_;
     out.hits = hits_;
@@ -113,48 +105,48 @@ class BufferPool {
  private:
   struct Block {
     c10::Storage storage;
+    int64_t nbytes;  // as allocated: what bytes_ counts
     int64_t last_use;
   };
 
-  // Drops free blocks: every stale one, then (stale or not) the least recently used
-  // until `excess` bytes are gone. A block in use stays; it is dropped once free.
+  static bool is_free(const Block& block) { return block.storage.use_count() == 1; }
+
+  // Drops free blocks: every stale one, then the least recently used until `excess`
+  // bytes are gone. A block in use stays; it is dropped once free.
   void release_free_blocks(int64_t excess) {
-    std::vector<std::pair<int64_t, std::pair<int64_t, size_t>>> candidates;
-    for (auto& entry : blocks_) {
-      auto& blocks = entry.second;
-      for (size_t i = 0; i < blocks.size(); ++i) {
-        if (blocks[i].storage.use_count() != 1) {
-          continue;
-        }
-        const bool stale = clock_ - blocks[i].last_use > kStaleRequests;
-        // A stale block goes first whatever the excess: sort keys below every fresh one.
-        candidates.push_back({stale ? -1 : blocks[i].last_use, {entry.first, i}});
+    const auto key = [&](const Block& b) {
+      // Stale blocks sort below every fresh one: they go whatever the excess.
+      return clock_ - b.last_use > kStaleRequests ? int64_t{-1} : b.last_use;
+    };
+    std::vector<size_t> order;
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      if (is_free(blocks_[i])) {
+        order.push_back(i);
       }
     }
-    std::sort(candidates.begin(), candidates.end());
-    std::unordered_map<int64_t, std::vector<size_t>> doomed;
-    for (const auto& candidate : candidates) {
-      if (candidate.first >= 0 && excess <= 0) {
+    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+      return key(blocks_[a]) < key(blocks_[b]);
+    });
+    std::vector<bool> dropped(blocks_.size(), false);
+    for (const size_t i : order) {
+      if (key(blocks_[i]) >= 0 && excess <= 0) {
         break;
       }
-      doomed[candidate.second.first].push_back(candidate.second.second);
-      excess -= candidate.second.first;
-      bytes_ -= candidate.second.first;
+      dropped[i] = true;
+      excess -= blocks_[i].nbytes;
+      bytes_ -= blocks_[i].nbytes;
     }
-    for (auto& entry : doomed) {
-      auto& blocks = blocks_[entry.first];
-      std::sort(entry.second.rbegin(), entry.second.rend());
-      for (const size_t i : entry.second) {
-        blocks.erase(blocks.begin() + static_cast<std::ptrdiff_t>(i));
-      }
-      if (blocks.empty()) {
-        blocks_.erase(entry.first);
+    size_t kept = 0;
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      if (!dropped[i]) {
+        blocks_[kept++] = std::move(blocks_[i]);
       }
     }
+    blocks_.resize(kept);
   }
 
   std::mutex mutex_;
-  std::unordered_map<int64_t, std::vector<Block>> blocks_;
+  std::vector<Block> blocks_;
   int64_t bytes_ = 0;
   int64_t limit_ = initial_limit();
   int64_t clock_ = 0;
@@ -170,32 +162,19 @@ BufferPool& pool() {
 
 }  // namespace
 
-at::Tensor pooled_empty(
-    at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
-  int64_t extent = 1;
-  for (size_t d = 0; d < sizes.size(); ++d) {
-    if (sizes[d] == 0) {
-      extent = 0;
-      break;
-    }
-    extent += (sizes[d] - 1) * strides[d];
-  }
-  const int64_t nbytes = extent * static_cast<int64_t>(options.dtype().itemsize());
-  c10::Storage storage;
-  if (nbytes >= kMinPooledBytes) {
-    storage = pool().take(nbytes);
-  }
+at::Tensor pooled_empty_like(const at::Tensor& like, at::ScalarType dtype) {
+  // The kernels' tensors are dense (detail::dense): numel elements, whatever the strides.
+  TORCH_INTERNAL_ASSERT(like.is_non_overlapping_and_dense());
+  const auto options = like.options().dtype(dtype);
+  const int64_t nbytes = like.numel() * static_cast<int64_t>(options.dtype().itemsize());
+  c10::Storage storage = nbytes >= kMinPooledBytes ? pool().take(nbytes) : c10::Storage();
   if (!storage) {
-    return at::empty_strided(sizes, strides, options);
+    return at::empty_strided(like.sizes(), like.strides(), options);
   }
   auto tensor = at::detail::make_tensor<c10::TensorImpl>(
       std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU), options.dtype());
-  tensor.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides);
+  tensor.unsafeGetTensorImpl()->set_sizes_and_strides(like.sizes(), like.strides());
   return tensor;
-}
-
-at::Tensor pooled_empty_like(const at::Tensor& like, at::ScalarType dtype) {
-  return pooled_empty(like.sizes(), like.strides(), like.options().dtype(dtype));
 }
 
 BufferPoolStats buffer_pool_stats() {
