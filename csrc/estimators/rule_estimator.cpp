@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "../ops/cpu/clamped_positions.h"
 #include "../ops/fake_quantize_common.h"
 #include "../ops/fake_quantize_ops.h"
 
@@ -19,17 +20,6 @@ c10::IValue optional_int(c10::optional<int64_t> value) {
   return value.has_value() ? c10::IValue(*value) : c10::IValue();
 }
 
-// Whether the forward clamped nothing and saw no NaN: `saved` is the CPU code of a
-// forward (0 for every in-range element), of the gradient's shape. Then the straight-
-// through gradient is the output gradient itself.
-bool passes_every_gradient(const at::Tensor& saved, const at::Tensor& grad) {
-  if (saved.scalar_type() != at::kByte || !saved.is_cpu() || !saved.is_contiguous() ||
-      !grad.defined() || saved.sizes() != grad.sizes()) {
-    return false;
-  }
-  return detail::all_zero(saved.data_ptr<uint8_t>(), saved.numel());
-}
-
 class RuleFunction : public torch::autograd::Function<RuleFunction> {
  public:
   static at::Tensor forward(
@@ -38,6 +28,17 @@ class RuleFunction : public torch::autograd::Function<RuleFunction> {
       double grad_factor) {
     auto result = ops::fake_quantize_forward(
         input, scale, zero_point, args.quant_min, args.quant_max, args.axis, !rule.save_input);
+    const auto& code = std::get<1>(result);
+    if (!rule.save_input && !rule.scale_grad && !rule.zero_point_grad && code.is_cpu()) {
+      // The gradient is g where the code is 0 and needs nothing else: with few clamped
+      // elements their positions are the whole record (cpu/clamped_positions.h), and no
+      // qparams are kept.
+      if (auto positions = cpu::clamped_positions(code)) {
+        ctx->save_for_backward({*positions});
+        ctx->saved_data["strides"] = code.strides().vec();
+        return std::get<0>(result);
+      }
+    }
     // Observers overwrite their scale and zero point in place on the next forward, which
     // may come before this backward (gradient accumulation, a module called twice): keep
     // the values this forward used. Learned qparams change only in optimizer steps.
@@ -61,19 +62,28 @@ class RuleFunction : public torch::autograd::Function<RuleFunction> {
         !at::GradMode::is_enabled(),
         "qat::fake_quantize: double backward (create_graph=True) is not supported");
     const auto saved = ctx->get_saved_variables();
+    if (ctx->saved_data.find("strides") != ctx->saved_data.end()) {
+      // Positions are memory offsets in the forward's layout: the gradient is laid out so.
+      const auto strides = ctx->saved_data["strides"].toIntVector();
+      const auto& grad = grad_outputs[0];
+      const auto laid_out =
+          grad.strides() == at::IntArrayRef(strides)
+              ? grad
+              : at::empty_strided(grad.sizes(), strides, grad.options()).copy_(grad);
+      return {
+          cpu::mask_clamped(laid_out, saved[0]),
+          at::Tensor(),
+          at::Tensor(),
+          at::Tensor(),
+          at::Tensor(),
+          at::Tensor()};
+    }
     const auto axis_value = ctx->saved_data["axis"];
     const c10::optional<int64_t> axis =
         axis_value.isNone() ? c10::nullopt : c10::optional<int64_t>(axis_value.toInt());
     const bool want_scale = ctx->saved_data["scale_grad"].toBool() && ctx->needs_input_grad(1);
     const bool want_zero_point =
         ctx->saved_data["zero_point_grad"].toBool() && ctx->needs_input_grad(2);
-    // Undefined output gradients arrive materialized as zeros (the Function default).
-    if (!want_scale && !want_zero_point && passes_every_gradient(saved[0], grad_outputs[0])) {
-      // g * 1 is g, bit for bit (NaN and -0.0 included): no pass over the gradient, no
-      // new tensor. The usual case of a ReLU6, sigmoid or tanh output, whose fixed range
-      // holds every value.
-      return {grad_outputs[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    }
     auto grads = ops::fake_quantize_backward(
         grad_outputs[0], saved[0], saved[1], saved[2], ctx->saved_data["quant_min"].toInt(),
         ctx->saved_data["quant_max"].toInt(), axis, want_scale,

@@ -4,7 +4,6 @@
 #include <c10/util/irange.h>
 
 #include <cmath>
-#include <cstring>
 
 namespace qat {
 namespace detail {
@@ -155,30 +154,6 @@ ChannelLayout channel_layout(const at::Tensor& input, c10::optional<int64_t> axi
 
 at::Tensor dense(const at::Tensor& input) {
   return input.is_non_overlapping_and_dense() ? input : input.contiguous();
-}
-
-bool all_zero(const uint8_t* data, int64_t n) {
-  // Words ORed a block at a time (the compiler vectorizes the inner loop), stopping at the
-  // first block with a set byte: a tensor with clamped values usually has one early.
-  constexpr int64_t kBlock = 4096;
-  int64_t i = 0;
-  for (; i + kBlock <= n; i += kBlock) {
-    uint64_t any = 0;
-    for (int64_t j = 0; j < kBlock; j += 8) {
-      uint64_t word;
-      std::memcpy(&word, data + i + j, sizeof(word));
-      any |= word;
-    }
-    if (any != 0) {
-      return false;
-    }
-  }
-  for (; i < n; ++i) {
-    if (data[i] != 0) {
-      return false;
-    }
-  }
-  return true;
 }
 
 at::Tensor match_layout(const at::Tensor& grad, const at::Tensor& like) {

@@ -59,9 +59,6 @@ ChannelLayout channel_layout(const at::Tensor& input, c10::optional<int64_t> axi
 // memory, so a strided view of a larger tensor has to be compacted first.
 at::Tensor dense(const at::Tensor& input);
 
-// Whether the n bytes at `data` are all zero (a forward's codes: nothing clamped, no NaN).
-bool all_zero(const uint8_t* data, int64_t n);
-
 // `grad` (keeping its dtype) laid out with exactly the strides of `like`, a dense
 // tensor, copying only when autograd hands over a gradient in another layout.
 at::Tensor match_layout(const at::Tensor& grad, const at::Tensor& like);
