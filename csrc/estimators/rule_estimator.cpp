@@ -20,14 +20,22 @@ c10::IValue optional_int(c10::optional<int64_t> value) {
   return value.has_value() ? c10::IValue(*value) : c10::IValue();
 }
 
+// One entry per forward argument of RuleFunction; the non-tensor ones get none.
+variable_list gradients(at::Tensor input, at::Tensor scale, at::Tensor zero_point) {
+  return {std::move(input), std::move(scale), std::move(zero_point), at::Tensor(),
+          at::Tensor(),     at::Tensor(),     at::Tensor()};
+}
+
 class RuleFunction : public torch::autograd::Function<RuleFunction> {
  public:
   static at::Tensor forward(
       AutogradContext* ctx, const at::Tensor& input, const at::Tensor& scale,
       const at::Tensor& zero_point, const EstimatorArgs& args, const GradientRule& rule,
-      double grad_factor) {
-    auto result = ops::fake_quantize_forward(
-        input, scale, zero_point, args.quant_min, args.quant_max, args.axis, !rule.save_input);
+      double grad_factor, const std::tuple<at::Tensor, at::Tensor>* computed) {
+    auto result = computed != nullptr ? *computed
+                                      : ops::fake_quantize_forward(
+                                            input, scale, zero_point, args.quant_min,
+                                            args.quant_max, args.axis, !rule.save_input);
     const auto& code = std::get<1>(result);
     if (!rule.save_input && !rule.scale_grad && !rule.zero_point_grad && code.is_cpu()) {
       // The gradient is g where the code is 0 and needs nothing else: with few clamped
@@ -70,13 +78,7 @@ class RuleFunction : public torch::autograd::Function<RuleFunction> {
           grad.strides() == at::IntArrayRef(strides)
               ? grad
               : at::empty_strided(grad.sizes(), strides, grad.options()).copy_(grad);
-      return {
-          cpu::mask_clamped(laid_out, saved[0]),
-          at::Tensor(),
-          at::Tensor(),
-          at::Tensor(),
-          at::Tensor(),
-          at::Tensor()};
+      return gradients(cpu::mask_clamped(laid_out, saved[0]), at::Tensor(), at::Tensor());
     }
     const auto axis_value = ctx->saved_data["axis"];
     const c10::optional<int64_t> axis =
@@ -92,9 +94,7 @@ class RuleFunction : public torch::autograd::Function<RuleFunction> {
     const double factor = ctx->saved_data["grad_factor"].toDouble();
     at::Tensor grad_scale = want_scale ? std::get<1>(grads).mul_(factor) : at::Tensor();
     at::Tensor grad_zero_point = want_zero_point ? std::get<2>(grads).mul_(factor) : at::Tensor();
-    // One entry per forward argument; the non-tensor ones get none.
-    return {std::get<0>(grads), grad_scale,   grad_zero_point,
-            at::Tensor(),       at::Tensor(), at::Tensor()};
+    return gradients(std::get<0>(grads), grad_scale, grad_zero_point);
   }
 };
 
@@ -108,23 +108,48 @@ double lsq_grad_factor(const at::Tensor& input, const at::Tensor& scale, const E
   return 1.0 / std::sqrt(per_scale * positive_levels);
 }
 
+bool tracks_grad(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point) {
+  return at::GradMode::is_enabled() &&
+         (input.requires_grad() || scale.requires_grad() || zero_point.requires_grad());
+}
+
 }  // namespace
+
+double RuleEstimator::grad_factor(
+    const at::Tensor& input, const at::Tensor& scale, const EstimatorArgs& args) const {
+  if (args.grad_scale.has_value()) {
+    return *args.grad_scale;
+  }
+  return rule_.lsq_grad_scale ? lsq_grad_factor(input, scale, args) : 1.0;
+}
 
 at::Tensor RuleEstimator::apply(
     const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
     const EstimatorArgs& args) const {
-  const bool tracks_grad =
-      at::GradMode::is_enabled() &&
-      (input.requires_grad() || scale.requires_grad() || zero_point.requires_grad());
-  if (!tracks_grad) {
+  if (!tracks_grad(input, scale, zero_point)) {
     // Inference: no graph, no cached code.
     return std::get<0>(ops::fake_quantize_forward(
         input, scale, zero_point, args.quant_min, args.quant_max, args.axis, false));
   }
-  const double factor = args.grad_scale.has_value()
-                            ? *args.grad_scale
-                            : (rule_.lsq_grad_scale ? lsq_grad_factor(input, scale, args) : 1.0);
-  return RuleFunction::apply(input, scale, zero_point, args, rule_, factor);
+  return RuleFunction::apply(
+      input, scale, zero_point, args, rule_, grad_factor(input, scale, args), nullptr);
+}
+
+bool RuleEstimator::needs_only_codes() const {
+  return !rule_.save_input && !rule_.scale_grad && !rule_.zero_point_grad && !rule_.ewgs;
+}
+
+at::Tensor RuleEstimator::apply_computed(
+    const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    const EstimatorArgs& args, const at::Tensor& output, const at::Tensor& code) const {
+  TORCH_INTERNAL_ASSERT(needs_only_codes());
+  if (!tracks_grad(input, scale, zero_point)) {
+    return output;
+  }
+  TORCH_INTERNAL_ASSERT(code.defined());
+  const std::tuple<at::Tensor, at::Tensor> computed{output, code};
+  return RuleFunction::apply(
+      input, scale, zero_point, args, rule_, grad_factor(input, scale, args), &computed);
 }
 
 }  // namespace qat

@@ -30,7 +30,20 @@ class RuleEstimator final : public Estimator {
       const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
       const EstimatorArgs& args) const override;
 
+  // Whether the backward needs nothing but the forward's codes (no saved input, no scale
+  // or zero-point gradient), so that a caller may compute the forward itself.
+  bool needs_only_codes() const;
+
+  // `apply` with the forward already computed, as qat::_fake_quantize_forward computes it
+  // for these arguments: `output`, and `code` (undefined unless autograd records this call).
+  at::Tensor apply_computed(
+      const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+      const EstimatorArgs& args, const at::Tensor& output, const at::Tensor& code) const;
+
  private:
+  double grad_factor(
+      const at::Tensor& input, const at::Tensor& scale, const EstimatorArgs& args) const;
+
   GradientRule rule_;
 };
 

@@ -4,6 +4,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include <qat/estimator.h>
 #include <qat/fake_quantize.h>
 #include <qat/observers.h>
 
@@ -13,6 +14,8 @@
 #include <numeric>
 #include <vector>
 
+#include "../estimators/rule_estimator.h"
+#include "../ops/cpu/buffer_pool.h"
 #include "../ops/cpu/fake_quantize_loops.h"
 #include "../ops/fake_quantize_common.h"
 #include "qparams_math.h"
@@ -109,8 +112,8 @@ void count_nonfinite(
     return;
   }
   auto count = *nonfinite_count;
-  if (count.numel() == 1 && count.is_cpu() && count.scalar_type() == at::kLong &&
-      counts.is_cpu() && counts.scalar_type() == at::kLong && counts.is_contiguous()) {
+  if (count.numel() == 1 && count.is_cpu() && count.scalar_type() == at::kLong && counts.is_cpu() &&
+      counts.scalar_type() == at::kLong && counts.is_contiguous()) {
     // Every batch of a per-tensor buffer (one count per channel summed into it for a
     // per-channel weight): plain additions, not three small tensor ops.
     const int64_t* batch = counts.data_ptr<int64_t>();
@@ -218,6 +221,95 @@ void clamp_learned_scale(const at::Tensor& scale) {
   scale.data().clamp_min_(std::numeric_limits<float>::epsilon());
 }
 
+// What the one-pass loop needs to update a channel's state: the buffers' data.
+struct ChannelStateUpdate {
+  const char* op;
+  float* running_min;
+  float* running_max;
+  float* scale;
+  int32_t* zero_point;
+  int64_t quant_min;
+  int64_t quant_max;
+  c10::optional<double> averaging_constant;
+  bool symmetric;
+};
+
+cpu::ChannelQParams update_channel(void* context, int64_t c, float lo, float hi) {
+  const auto& u = *static_cast<const ChannelStateUpdate*>(context);
+  merge_range_into(u.running_min + c, u.running_max + c, &lo, &hi, 1, u.averaging_constant);
+  const auto q = qparams_of(
+      u.op, c, u.running_min[c], u.running_max[c], u.quant_min, u.quant_max, u.symmetric);
+  u.scale[c] = q.first;
+  u.zero_point[c] = static_cast<int32_t>(q.second);
+  return {q.first, q.second};
+}
+
+// The fused operator's usual call on a weight (per channel along axis 0, contiguous
+// float32 on the CPU, each channel a run of at least cpu::kMinObserveForwardRun values,
+// the state already sized, an estimator whose backward needs only the codes): observed and
+// fake-quantized channel by channel in one pass over the weight instead of two (a
+// 1024x3072 weight: the range reduction was 0.4 of its 1.1 ms). The same state, output and
+// gradient as the two-pass path, which every other call takes (nullopt here).
+c10::optional<at::Tensor> observe_fake_quantize_channel_runs(
+    const char* op, const at::Tensor& input, ObserverState& state, c10::optional<int64_t> axis,
+    const std::string& estimator, const c10::optional<at::Tensor>& nonfinite_count) {
+  if (!axis.has_value() || *axis != 0 || !input.is_cpu() || input.scalar_type() != at::kFloat ||
+      !input.is_contiguous() || input.dim() < 2 || input.size(0) == 0) {
+    return c10::nullopt;
+  }
+  const int64_t channels = input.size(0);
+  const int64_t inner = input.numel() / channels;
+  const auto sized = [&](const at::Tensor& t, at::ScalarType dtype) {
+    return t.is_cpu() && t.is_contiguous() && t.scalar_type() == dtype && t.numel() == channels;
+  };
+  if (inner < cpu::kMinObserveForwardRun || !sized(state.running_min, at::kFloat) ||
+      !sized(state.running_max, at::kFloat) || !sized(state.scale, at::kFloat) ||
+      !sized(state.zero_point, at::kInt)) {
+    return c10::nullopt;
+  }
+  const auto chosen = EstimatorRegistry::global().get(estimator);
+  const auto* rule = dynamic_cast<const RuleEstimator*>(chosen.get());
+  if (rule == nullptr || !rule->needs_only_codes()) {
+    return c10::nullopt;
+  }
+  check_observer_state(op, state);
+  const bool records = at::GradMode::is_enabled() && input.requires_grad();
+  auto output = cpu::pooled_empty_like(input, at::kFloat);
+  auto code = records ? cpu::pooled_empty_like(input, at::kByte) : at::Tensor();
+  auto counts = at::empty({channels}, at::kLong);
+  ChannelStateUpdate update{
+      op,
+      state.running_min.data_ptr<float>(),
+      state.running_max.data_ptr<float>(),
+      state.scale.data_ptr<float>(),
+      state.zero_point.data_ptr<int32_t>(),
+      state.quant_min,
+      state.quant_max,
+      state.averaging_constant,
+      state.symmetric};
+  cpu::ObserveForwardLoopArgs args;
+  args.input = input.data_ptr<float>();
+  args.output = output.data_ptr<float>();
+  args.code = records ? code.data_ptr<uint8_t>() : nullptr;
+  args.layout = detail::channel_layout(input, 0);
+  args.quant_min = state.quant_min;
+  args.quant_max = state.quant_max;
+  args.choose = &update_channel;
+  args.context = &update;
+  args.nonfinite = counts.data_ptr<int64_t>();
+  cpu::run_observe_forward_loop(args);
+  // Written through data_ptr: bump the version counters as copy_ would.
+  for (auto* t : {&state.running_min, &state.running_max, &state.scale, &state.zero_point}) {
+    torch::autograd::impl::bump_version(*t);
+  }
+  count_nonfinite(op, nonfinite_count, counts);
+  EstimatorArgs estimator_args;
+  estimator_args.quant_min = state.quant_min;
+  estimator_args.quant_max = state.quant_max;
+  estimator_args.axis = 0;
+  return rule->apply_computed(input, state.scale, state.zero_point, estimator_args, output, code);
+}
+
 at::Tensor fused_observe_fake_quantize(
     const at::Tensor& input, at::Tensor& running_min, at::Tensor& running_max, at::Tensor& scale,
     at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis,
@@ -228,6 +320,13 @@ at::Tensor fused_observe_fake_quantize(
   ObserverState state{running_min, running_max,        scale,    zero_point, quant_min,
                       quant_max,   averaging_constant, symmetric};
   detail::check_quant_range(op, quant_min, quant_max);
+  if (observe && fake_quantize_enabled) {
+    auto result = observe_fake_quantize_channel_runs(
+        op, input, state, axis, std::string(estimator.data(), estimator.size()), nonfinite_count);
+    if (result.has_value()) {
+      return *result;
+    }
+  }
   if (observe) {
     check_observer_state(op, state);
     const auto batch = qat::aminmax(input.detach(), axis);

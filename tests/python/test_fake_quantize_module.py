@@ -34,7 +34,9 @@ def one_process_group():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("axis,shape", [(None, (8, 5)), (1, (8, 5)), (-1, (3, 4, 6))], ids=str)
+# Axis 0 with channel runs of 64 values and more: the fused operator's one-pass path.
+@pytest.mark.parametrize("axis,shape", [(None, (8, 5)), (1, (8, 5)), (-1, (3, 4, 6)),
+                                        (0, (6, 70)), (0, (4, 3, 5, 5))], ids=str)
 @pytest.mark.parametrize("observer", ["minmax", "moving_average"])
 def test_training_steps_match_reference(axis, shape, observer):
     spec = QuantSpec(observer=observer, averaging_constant=0.2, per_channel=axis is not None,
@@ -64,20 +66,24 @@ def test_training_steps_match_reference(axis, shape, observer):
 
 
 @pytest.mark.parametrize("observer", ["minmax", "moving_average"])
-@pytest.mark.parametrize("axis", [None, 1])
+@pytest.mark.parametrize("axis,shape", [(None, (6, 4, 5)), (1, (6, 4, 5)), (0, (6, 4, 20))],
+                         ids=str)
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_fused_operator_and_observer_module_agree(monkeypatch, observer, axis, symmetric):
-    """The fused operator (used outside torch.distributed) and the observer module followed
-    by fake_quantize (used under it) reach the same state and output, NaN included."""
+def test_fused_operator_and_observer_module_agree(monkeypatch, observer, axis, shape, symmetric):
+    """The fused operator (used outside torch.distributed; in one pass over a weight whose
+    channels are runs of 64 values or more) and the observer module followed by
+    fake_quantize (used under it) reach the same state and output, NaN included."""
     spec = QuantSpec(observer=observer, symmetric=symmetric, per_channel=axis is not None,
                      axis=axis or 0, averaging_constant=0.1)
     fused, modular = FakeQuantize(spec), FakeQuantize(spec)
     monkeypatch.setattr(modular, "_uses_fused_op", lambda: False)
     assert fused._uses_fused_op()
-    xs = batches((6, 4, 5), 6, seed=2)
+    xs = batches(shape, 6, seed=2)
     xs[2][0, 1] = math.nan
     xs[3][:, 2] = math.inf
-    xs.insert(4, torch.empty(0, 4, 5))
+    empty = list(shape)
+    empty[1 if axis == 0 else 0] = 0  # no values, the channels kept
+    xs.insert(4, torch.empty(empty))
     for x in xs:
         a, b = fused(x), modular(x)
         assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(
@@ -440,14 +446,15 @@ def test_learned_scale_survives_two_forwards_before_one_backward():
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_fused_forward_counts_every_nonfinite_value(per_channel):
+@pytest.mark.parametrize("width", [40, 80])
+def test_fused_forward_counts_every_nonfinite_value(per_channel, width):
     # The fused operator folds the batch's counts (one per channel for a per-channel
     # spec) into the observer's single counter, batch after batch.
     fq = qat.FakeQuantize(qat.QuantSpec(per_channel=per_channel, axis=0, symmetric=True,
                                         signed=True))
     total = 0
     for seed in range(3):
-        w = torch.randn(6, 40, generator=torch.Generator().manual_seed(seed))
+        w = torch.randn(6, width, generator=torch.Generator().manual_seed(seed))
         flat = w.view(-1)
         picks = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(10 + seed))
         flat[picks[:seed + 2]] = torch.tensor([math.nan, math.inf, -math.inf, math.nan])[:seed + 2]

@@ -145,6 +145,15 @@ void run_aminmax_loop(const AminmaxLoopArgs& args) {
   DEFAULT::aminmax_loop(args);
 }
 
+void run_observe_forward_loop(const ObserveForwardLoopArgs& args) {
+#if defined(QAT_AVX2_LOOPS)
+  if (capability() == Capability::kAvx2) {
+    return AVX2::observe_forward_loop(args);
+  }
+#endif
+  DEFAULT::observe_forward_loop(args);
+}
+
 void set_capability(Capability capability) {
   TORCH_CHECK(
       capability == Capability::kDefault || capability <= best_supported_capability(),

@@ -59,10 +59,38 @@ struct BackwardLoopArgs {
 struct AminmaxLoopArgs {
   const float* input = nullptr;
   detail::ChannelLayout layout;
-  float* min = nullptr;  // one per channel, +inf where no finite value
-  float* max = nullptr;  // one per channel, -inf where no finite value
+  float* min = nullptr;          // one per channel, +inf where no finite value
+  float* max = nullptr;          // one per channel, -inf where no finite value
   int64_t* nonfinite = nullptr;  // one per channel
 };
+
+// Observe and fake-quantize a float32 tensor whose channels are whole runs of memory
+// (layout.outer == 1, layout.inner >= kMinObserveForwardRun: a contiguous weight per output
+// channel), one channel at a time: its range is reduced, `choose` turns it into the
+// channel's (scale, zero point), and the run is fake-quantized while it is still in cache,
+// instead of a second pass over the whole tensor. Channels may be processed concurrently;
+// `choose` is called once per channel with its finite min and max (+inf / -inf when it
+// has no finite value).
+struct ChannelQParams {
+  float scale;
+  float zero_point;  // integer-valued
+};
+using ChooseQParams = ChannelQParams (*)(void* context, int64_t channel, float min, float max);
+
+struct ObserveForwardLoopArgs {
+  const float* input = nullptr;
+  float* output = nullptr;
+  uint8_t* code = nullptr;  // as ForwardLoopArgs::code
+  detail::ChannelLayout layout;
+  int64_t quant_min = 0;
+  int64_t quant_max = 255;
+  ChooseQParams choose = nullptr;
+  void* context = nullptr;
+  int64_t* nonfinite = nullptr;  // one per channel
+};
+
+// The shortest channel run that observe_forward_loop takes.
+constexpr int64_t kMinObserveForwardRun = 64;
 
 enum class Capability { kDefault, kAvx2 };
 
@@ -76,16 +104,19 @@ const char* capability_name(Capability capability);
 void run_forward_loop(const ForwardLoopArgs& args);
 void run_backward_loop(const BackwardLoopArgs& args);
 void run_aminmax_loop(const AminmaxLoopArgs& args);
+void run_observe_forward_loop(const ObserveForwardLoopArgs& args);
 
 namespace DEFAULT {
 void forward_loop(const ForwardLoopArgs& args);
 void backward_loop(const BackwardLoopArgs& args);
 void aminmax_loop(const AminmaxLoopArgs& args);
+void observe_forward_loop(const ObserveForwardLoopArgs& args);
 }  // namespace DEFAULT
 namespace AVX2 {
 void forward_loop(const ForwardLoopArgs& args);
 void backward_loop(const BackwardLoopArgs& args);
 void aminmax_loop(const AminmaxLoopArgs& args);
+void observe_forward_loop(const ObserveForwardLoopArgs& args);
 }  // namespace AVX2
 
 }  // namespace cpu

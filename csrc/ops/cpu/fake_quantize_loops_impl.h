@@ -718,16 +718,14 @@ bool aminmax_finite_run(const float* x, int64_t n, ChannelStats& out) {
     hi[0] = _mm256_max_ps(v, hi[0]);
     nan[0] = _mm256_or_ps(nan[0], _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   }
-  const __m256 any_nan =
-      _mm256_or_ps(_mm256_or_ps(nan[0], nan[1]), _mm256_or_ps(nan[2], nan[3]));
+  const __m256 any_nan = _mm256_or_ps(_mm256_or_ps(nan[0], nan[1]), _mm256_or_ps(nan[2], nan[3]));
   if (_mm256_movemask_ps(any_nan) != 0) {
     return false;
   }
   alignas(32) float lows[8];
   alignas(32) float highs[8];
   _mm256_store_ps(lows, _mm256_min_ps(_mm256_min_ps(lo[0], lo[1]), _mm256_min_ps(lo[2], lo[3])));
-  _mm256_store_ps(
-      highs, _mm256_max_ps(_mm256_max_ps(hi[0], hi[1]), _mm256_max_ps(hi[2], hi[3])));
+  _mm256_store_ps(highs, _mm256_max_ps(_mm256_max_ps(hi[0], hi[1]), _mm256_max_ps(hi[2], hi[3])));
   float low = kInf;
   float high = -kInf;
   for (int j = 0; j < 8; ++j) {
@@ -776,7 +774,8 @@ void aminmax_uniform_run(const float* x, int64_t n, ChannelStats& out) {
       if (std::isfinite(v)) {
         out.merge(v, v, 0);
       } else {
-        out.merge(std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(), 1);
+        out.merge(
+            std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(), 1);
       }
     }
   }
@@ -861,8 +860,8 @@ void aminmax_loop(const AminmaxLoopArgs& a) {
         const int64_t begin = k * chunk;
         const int64_t end = std::min(numel, begin + chunk);
         for_each_period(period, begin, end, [&](int64_t pos, int64_t len, int64_t phase) {
-          aminmax_elementwise(a.input + pos, len, lo.data() + phase, hi.data() + phase,
-                              cnt.data() + phase);
+          aminmax_elementwise(
+              a.input + pos, len, lo.data() + phase, hi.data() + phase, cnt.data() + phase);
         });
         // The period is whole patterns: walk it channel by channel, without a division
         // per position.
@@ -887,6 +886,25 @@ void aminmax_loop(const AminmaxLoopArgs& a) {
     a.max[c] = total.max;
     a.nonfinite[c] = total.nonfinite;
   }
+}
+
+void observe_forward_loop(const ObserveForwardLoopArgs& a) {
+  const auto& l = a.layout;
+  TORCH_INTERNAL_ASSERT(l.outer == 1 && l.inner >= kMinObserveForwardRun);
+  const int64_t grain = std::max<int64_t>(1, kGrain / l.inner);
+  at::parallel_for(0, l.channels, grain, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const float* x = a.input + c * l.inner;
+      ChannelStats stats;
+      aminmax_uniform_run(x, l.inner, stats);
+      a.nonfinite[c] = stats.nonfinite;
+      const auto q = a.choose(a.context, c, stats.min, stats.max);
+      forward_any<float, float>(
+          x, a.output + c * l.inner, a.code ? a.code + c * l.inner : nullptr, l.inner,
+          UniformParams<float>(
+              make_channel<float>(q.scale, q.zero_point, a.quant_min, a.quant_max)));
+    }
+  });
 }
 
 }  // namespace CPU_CAPABILITY
