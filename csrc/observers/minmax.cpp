@@ -12,6 +12,8 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../estimators/rule_estimator.h"
@@ -221,7 +223,33 @@ void clamp_learned_scale(const at::Tensor& scale) {
   scale.data().clamp_min_(std::numeric_limits<float>::epsilon());
 }
 
-// What the one-pass loop needs to update a channel's state: the buffers' data.
+// The smallest fold factor magnitude a folded scale divides by.
+constexpr float kMinMagnitude = std::numeric_limits<float>::epsilon();
+
+// Quantizing w * f with (scale, zero_point) is f times quantizing w with
+// (scale / |f|, zero_point), or with zero point quant_min + quant_max - zero_point where
+// f < 0 (the integer range flips).
+std::pair<float, int32_t> folded_qparams(
+    float scale, int32_t zero_point, float f, int64_t quant_min, int64_t quant_max) {
+  return {
+      scale / std::max(std::abs(f), kMinMagnitude),
+      f < 0 ? static_cast<int32_t>(quant_min + quant_max) - zero_point : zero_point};
+}
+
+// The range of w * f from w's range [lo, hi]: f times it, its ends swapped where f < 0.
+// An unobserved range (lo > hi: nothing finite) stays unobserved.
+void fold_range(float& lo, float& hi, float f) {
+  if (!(lo <= hi)) {
+    return;
+  }
+  const float a = lo * f;
+  const float b = hi * f;
+  lo = std::min(a, b);
+  hi = std::max(a, b);
+}
+
+// What the one-pass loop needs to update a channel's state: the buffers' data, and for a
+// batch-norm-folded weight its factors and the folded qparams it quantizes with.
 struct ChannelStateUpdate {
   const char* op;
   float* running_min;
@@ -232,27 +260,43 @@ struct ChannelStateUpdate {
   int64_t quant_max;
   c10::optional<double> averaging_constant;
   bool symmetric;
+  const float* factor = nullptr;
+  float* folded_scale = nullptr;
+  int32_t* folded_zero_point = nullptr;
 };
 
 cpu::ChannelQParams update_channel(void* context, int64_t c, float lo, float hi) {
   const auto& u = *static_cast<const ChannelStateUpdate*>(context);
+  if (u.factor != nullptr) {
+    fold_range(lo, hi, u.factor[c]);
+  }
   merge_range_into(u.running_min + c, u.running_max + c, &lo, &hi, 1, u.averaging_constant);
   const auto q = qparams_of(
       u.op, c, u.running_min[c], u.running_max[c], u.quant_min, u.quant_max, u.symmetric);
   u.scale[c] = q.first;
   u.zero_point[c] = static_cast<int32_t>(q.second);
-  return {q.first, q.second};
+  if (u.factor == nullptr) {
+    return {q.first, q.second};
+  }
+  const auto folded =
+      folded_qparams(q.first, u.zero_point[c], u.factor[c], u.quant_min, u.quant_max);
+  u.folded_scale[c] = folded.first;
+  u.folded_zero_point[c] = folded.second;
+  return {folded.first, static_cast<float>(folded.second)};
 }
 
-// The fused operator's usual call on a weight (per channel along axis 0, contiguous
+// The fused operators' usual call on a weight (per channel along axis 0, contiguous
 // float32 on the CPU, each channel a run of at least cpu::kMinObserveForwardRun values,
 // the state already sized, an estimator whose backward needs only the codes): observed and
 // fake-quantized channel by channel in one pass over the weight instead of two (a
-// 1024x3072 weight: the range reduction was 0.4 of its 1.1 ms). The same state, output and
-// gradient as the two-pass path, which every other call takes (nullopt here).
+// 1024x3072 weight: the range reduction was 0.4 of its 1.1 ms). With `factor` (one per
+// channel, CPU float32) the weight is batch-norm folded as in fake_quantize_folded. The
+// same state, output and gradient as the two-pass path, which every other call takes
+// (nullopt here).
 c10::optional<at::Tensor> observe_fake_quantize_channel_runs(
     const char* op, const at::Tensor& input, ObserverState& state, c10::optional<int64_t> axis,
-    const std::string& estimator, const c10::optional<at::Tensor>& nonfinite_count) {
+    const std::string& estimator, const c10::optional<at::Tensor>& nonfinite_count,
+    const float* factor) {
   if (!axis.has_value() || *axis != 0 || !input.is_cpu() || input.scalar_type() != at::kFloat ||
       !input.is_contiguous() || input.dim() < 2 || input.size(0) == 0) {
     return c10::nullopt;
@@ -277,6 +321,9 @@ c10::optional<at::Tensor> observe_fake_quantize_channel_runs(
   auto output = cpu::pooled_empty_like(input, at::kFloat);
   auto code = records ? cpu::pooled_empty_like(input, at::kByte) : at::Tensor();
   auto counts = at::empty({channels}, at::kLong);
+  // The qparams the weight is quantized with: the state's, or the folded ones.
+  auto scale = factor != nullptr ? at::empty_like(state.scale) : state.scale;
+  auto zero_point = factor != nullptr ? at::empty_like(state.zero_point) : state.zero_point;
   ChannelStateUpdate update{
       op,
       state.running_min.data_ptr<float>(),
@@ -286,7 +333,10 @@ c10::optional<at::Tensor> observe_fake_quantize_channel_runs(
       state.quant_min,
       state.quant_max,
       state.averaging_constant,
-      state.symmetric};
+      state.symmetric,
+      factor,
+      factor != nullptr ? scale.data_ptr<float>() : nullptr,
+      factor != nullptr ? zero_point.data_ptr<int32_t>() : nullptr};
   cpu::ObserveForwardLoopArgs args;
   args.input = input.data_ptr<float>();
   args.output = output.data_ptr<float>();
@@ -307,7 +357,7 @@ c10::optional<at::Tensor> observe_fake_quantize_channel_runs(
   estimator_args.quant_min = state.quant_min;
   estimator_args.quant_max = state.quant_max;
   estimator_args.axis = 0;
-  return rule->apply_computed(input, state.scale, state.zero_point, estimator_args, output, code);
+  return rule->apply_computed(input, scale, zero_point, estimator_args, output, code);
 }
 
 at::Tensor fused_observe_fake_quantize(
@@ -322,7 +372,8 @@ at::Tensor fused_observe_fake_quantize(
   detail::check_quant_range(op, quant_min, quant_max);
   if (observe && fake_quantize_enabled) {
     auto result = observe_fake_quantize_channel_runs(
-        op, input, state, axis, std::string(estimator.data(), estimator.size()), nonfinite_count);
+        op, input, state, axis, std::string(estimator.data(), estimator.size()), nonfinite_count,
+        nullptr);
     if (result.has_value()) {
       return *result;
     }
@@ -380,6 +431,13 @@ at::Tensor fake_quantize_folded(
         " (a batch norm's weight / sqrt(running_var + eps): is a running_var negative, or "
         "zero with eps 0?)");
   }
+  if (observe && fake_quantize_enabled) {
+    auto result = observe_fake_quantize_channel_runs(
+        op, weight, state, 0, std::string(estimator.data(), estimator.size()), nonfinite_count, fp);
+    if (result.has_value()) {
+      return *result;
+    }
+  }
   if (observe) {
     check_observer_state(op, state);
     // The range of weight * f per channel is f times the weight's, its ends swapped where
@@ -391,13 +449,7 @@ at::Tensor fake_quantize_folded(
     float* lp = lo.data_ptr<float>();
     float* hp = hi.data_ptr<float>();
     for (int64_t c = 0; c < lo.numel(); ++c) {
-      if (!(lp[c] <= hp[c])) {
-        continue;  // nothing finite: stays unobserved
-      }
-      const float a = lp[c] * fp[c];
-      const float b = hp[c] * fp[c];
-      lp[c] = std::min(a, b);
-      hp[c] = std::max(a, b);
+      fold_range(lp[c], hp[c], fp[c]);
     }
     update_observer_state(op, state, lo, hi);
   }
@@ -407,9 +459,7 @@ at::Tensor fake_quantize_folded(
   if (learned_scale) {
     clamp_learned_scale(scale);
   }
-  // Quantizing w * f with (S, Z) is f times quantizing w with (S / |f|, Z), or with zero
-  // point quant_min + quant_max - Z where f < 0 (the integer range flips).
-  constexpr float kMinMagnitude = std::numeric_limits<float>::epsilon();
+  // The qparams of w * f folded onto w (folded_qparams).
   const std::string estimator_name(estimator.data(), estimator.size());
   const auto device = weight.device();
   const bool plain = !scale.requires_grad() && !zero_point.requires_grad() && scale.is_cpu() &&
@@ -426,8 +476,7 @@ at::Tensor fake_quantize_folded(
     float* fs = folded_scale.data_ptr<float>();
     int32_t* fz = folded_zero_point.data_ptr<int32_t>();
     for (int64_t c = 0; c < f.numel(); ++c) {
-      fs[c] = sp[c] / std::max(std::abs(fp[c]), kMinMagnitude);
-      fz[c] = fp[c] < 0 ? static_cast<int32_t>(quant_min + quant_max) - zp[c] : zp[c];
+      std::tie(fs[c], fz[c]) = folded_qparams(sp[c], zp[c], fp[c], quant_min, quant_max);
     }
     return qat::fake_quantize(
         weight, folded_scale.to(device), folded_zero_point.to(device), quant_min, quant_max, 0,

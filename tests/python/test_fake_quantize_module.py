@@ -394,6 +394,38 @@ def test_fake_quantize_folded_equals_quantizing_the_scaled_weight(symmetric):
     assert (weight.grad == ref_weight.grad).float().mean() >= 0.99
 
 
+@pytest.mark.parametrize("observer", ["minmax", "moving_average"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fake_quantize_folded_in_one_pass_equals_two(observer, symmetric):
+    """A contiguous weight whose channels hold 64 values or more is observed and folded in
+    one pass over it; a channels-last copy of it takes the two-pass path (tested against
+    PyTorch above). Batch after batch, NaN and inf included, with negative and tiny
+    factors, both give the same state, output and gradient."""
+    spec = QuantSpec(observer=observer, symmetric=symmetric, per_channel=True, axis=0,
+                     averaging_constant=0.3)
+    one, two = FakeQuantize(spec), FakeQuantize(spec)
+    factor = torch.tensor([0.5, -2.0, 1.0, 3e-3, -0.7])
+    generator = torch.Generator().manual_seed(4)
+    for step in range(4):
+        weight = torch.randn(5, 8, 3, 3, generator=generator) * (1 + step)
+        if step == 2:
+            weight[1, 0, 0, 0] = math.nan
+            weight[3, 2, 1, 1] = -math.inf
+        grad = torch.randn(5, 8, 3, 3, generator=generator)
+        a = weight.clone().requires_grad_()
+        b = weight.contiguous(memory_format=torch.channels_last).requires_grad_()
+        out_a, out_b = one.fake_quantize_folded(a, factor), two.fake_quantize_folded(b, factor)
+        assert torch.equal(out_a.isnan(), out_b.isnan())
+        assert torch.equal(out_a.nan_to_num(), out_b.nan_to_num())
+        out_a.backward(grad)
+        out_b.backward(grad)
+        assert torch.equal(a.grad, b.grad)
+        theirs = two.state_dict()
+        for name, value in one.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, theirs[name]), (step, name)
+
+
 def test_fake_quantize_folded_falls_back_for_histogram_observers():
     torch.manual_seed(0)
     fq = FakeQuantize(QuantSpec(observer="mse", symmetric=True, per_channel=True, bins=64))
