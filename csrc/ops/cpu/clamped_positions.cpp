@@ -49,7 +49,8 @@ void scan(
           found.push_back(j);
         }
       }
-      if (total.fetch_add(static_cast<int64_t>(found.size() - before)) > limit) {
+      const auto added = static_cast<int64_t>(found.size() - before);
+      if (total.fetch_add(added) + added > limit) {
         return;
       }
     }
