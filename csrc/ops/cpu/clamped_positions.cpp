@@ -69,11 +69,16 @@ c10::optional<at::Tensor> clamped_positions(const at::Tensor& code) {
   const int64_t pieces = std::max<int64_t>(1, (n + kPiece - 1) / kPiece);
   std::vector<std::vector<int64_t>> found(pieces);
   std::atomic<int64_t> total{0};
-  at::parallel_for(0, pieces, 1, [&](int64_t first, int64_t last) {
+  const auto scan_pieces = [&](int64_t first, int64_t last) {
     for (int64_t p = first; p < last && total.load() <= limit; ++p) {
       scan(data, p * kPiece, std::min(n, (p + 1) * kPiece), limit, found[p], total);
     }
-  });
+  };
+  if (pieces == 1) {
+    scan_pieces(0, 1);  // most activations: no parallel region to enter
+  } else {
+    at::parallel_for(0, pieces, 1, scan_pieces);
+  }
   if (total.load() > limit) {
     return c10::nullopt;
   }
