@@ -117,42 +117,32 @@ Capability capability() {
   return current_capability();
 }
 
-// Only the portable loops exist when the build had no AVX2 support (CMakeLists.txt).
-void run_forward_loop(const ForwardLoopArgs& args) {
+// The loop `name` of the capability in use. Only the portable loops exist when the build
+// had no AVX2 support (CMakeLists.txt).
 #if defined(QAT_AVX2_LOOPS)
-  if (capability() == Capability::kAvx2) {
-    return AVX2::forward_loop(args);
-  }
+#define QAT_CAPABILITY_LOOP(name, args) \
+  (capability() == Capability::kAvx2 ? AVX2::name(args) : DEFAULT::name(args))
+#else
+#define QAT_CAPABILITY_LOOP(name, args) DEFAULT::name(args)
 #endif
-  DEFAULT::forward_loop(args);
+
+void run_forward_loop(const ForwardLoopArgs& args) {
+  QAT_CAPABILITY_LOOP(forward_loop, args);
 }
 
 void run_backward_loop(const BackwardLoopArgs& args) {
-#if defined(QAT_AVX2_LOOPS)
-  if (capability() == Capability::kAvx2) {
-    return AVX2::backward_loop(args);
-  }
-#endif
-  DEFAULT::backward_loop(args);
+  QAT_CAPABILITY_LOOP(backward_loop, args);
 }
 
 void run_aminmax_loop(const AminmaxLoopArgs& args) {
-#if defined(QAT_AVX2_LOOPS)
-  if (capability() == Capability::kAvx2) {
-    return AVX2::aminmax_loop(args);
-  }
-#endif
-  DEFAULT::aminmax_loop(args);
+  QAT_CAPABILITY_LOOP(aminmax_loop, args);
 }
 
 void run_observe_forward_loop(const ObserveForwardLoopArgs& args) {
-#if defined(QAT_AVX2_LOOPS)
-  if (capability() == Capability::kAvx2) {
-    return AVX2::observe_forward_loop(args);
-  }
-#endif
-  DEFAULT::observe_forward_loop(args);
+  QAT_CAPABILITY_LOOP(observe_forward_loop, args);
 }
+
+#undef QAT_CAPABILITY_LOOP
 
 void set_capability(Capability capability) {
   TORCH_CHECK(
