@@ -69,7 +69,8 @@ def test_training_steps_match_reference(axis, shape, observer):
 @pytest.mark.parametrize("axis,shape", [(None, (6, 4, 5)), (1, (6, 4, 5)), (0, (6, 4, 20))],
                          ids=str)
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_fused_operator_and_observer_module_agree(monkeypatch, observer, axis, shape, symmetric):
+def test_fused_operator_and_observer_module_agree(monkeypatch, cpu_capability, observer, axis,
+                                                  shape, symmetric):
     """The fused operator (used outside torch.distributed; in one pass over a weight whose
     channels are runs of 64 values or more) and the observer module followed by
     fake_quantize (used under it) reach the same state and output, NaN included."""
@@ -396,7 +397,7 @@ def test_fake_quantize_folded_equals_quantizing_the_scaled_weight(symmetric):
 
 @pytest.mark.parametrize("observer", ["minmax", "moving_average"])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_fake_quantize_folded_in_one_pass_equals_two(observer, symmetric):
+def test_fake_quantize_folded_in_one_pass_equals_two(cpu_capability, observer, symmetric):
     """A contiguous weight whose channels hold 64 values or more is observed and folded in
     one pass over it; a channels-last copy of it takes the two-pass path (tested against
     PyTorch above). Batch after batch, NaN and inf included, with negative and tiny
