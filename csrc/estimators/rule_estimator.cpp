@@ -20,6 +20,12 @@ c10::IValue optional_int(c10::optional<int64_t> value) {
   return value.has_value() ? c10::IValue(*value) : c10::IValue();
 }
 
+// Whether a rule's backward needs nothing but the forward's codes (no saved input, no
+// scale or zero-point gradient, no EWGS).
+bool only_codes(const GradientRule& rule) {
+  return !rule.save_input && !rule.scale_grad && !rule.zero_point_grad && !rule.ewgs;
+}
+
 // One entry per forward argument of RuleFunction; the non-tensor ones get none.
 variable_list gradients(at::Tensor input, at::Tensor scale, at::Tensor zero_point) {
   return {std::move(input), std::move(scale), std::move(zero_point), at::Tensor(),
@@ -37,7 +43,7 @@ class RuleFunction : public torch::autograd::Function<RuleFunction> {
                                             input, scale, zero_point, args.quant_min,
                                             args.quant_max, args.axis, !rule.save_input);
     const auto& code = std::get<1>(result);
-    if (!rule.save_input && !rule.scale_grad && !rule.zero_point_grad && code.is_cpu()) {
+    if (only_codes(rule) && code.is_cpu()) {
       // The gradient is g where the code is 0 and needs nothing else: with few clamped
       // elements their positions are the whole record (cpu/clamped_positions.h), and no
       // qparams are kept.
@@ -136,7 +142,7 @@ at::Tensor RuleEstimator::apply(
 }
 
 bool RuleEstimator::needs_only_codes() const {
-  return !rule_.save_input && !rule_.scale_grad && !rule_.zero_point_grad && !rule_.ewgs;
+  return only_codes(rule_);
 }
 
 at::Tensor RuleEstimator::apply_computed(

@@ -153,6 +153,18 @@ void merge_range_into(
   }
 }
 
+// Whether the state's buffers are CPU tensors, contiguous, in the dtypes FakeQuantize keeps
+// (running range float32 as checked, scale float32, zero point int32), so that their data
+// can be updated where it lies.
+bool updatable_in_place(const ObserverState& state) {
+  const std::initializer_list<const at::Tensor*> buffers{
+      &state.running_min, &state.running_max, &state.scale, &state.zero_point};
+  return std::all_of(
+             buffers.begin(), buffers.end(),
+             [](const at::Tensor* t) { return t->is_cpu() && t->is_contiguous(); }) &&
+         state.scale.scalar_type() == at::kFloat && state.zero_point.scalar_type() == at::kInt;
+}
+
 // Folds one batch's per-channel range (CPU float32; min > max where the batch had no
 // finite value) into the running range, and sets scale and zero point from it.
 void update_observer_state(
@@ -176,12 +188,7 @@ void update_observer_state(
   }
   // On the CPU, with the buffers in the dtypes FakeQuantize keeps, the state is updated
   // where it lies: a per-batch call on a small tensor is otherwise mostly copies.
-  const bool in_place = state.running_min.is_cpu() && state.running_max.is_cpu() &&
-                        state.scale.is_cpu() && state.zero_point.is_cpu() &&
-                        state.running_min.is_contiguous() && state.running_max.is_contiguous() &&
-                        state.scale.is_contiguous() && state.zero_point.is_contiguous() &&
-                        state.scale.scalar_type() == at::kFloat &&
-                        state.zero_point.scalar_type() == at::kInt;
+  const bool in_place = updatable_in_place(state);
   auto run_min =
       in_place ? state.running_min : state.running_min.detach().to(at::kCPU).contiguous();
   auto run_max =
@@ -303,13 +310,15 @@ c10::optional<at::Tensor> observe_fake_quantize_channel_runs(
   }
   const int64_t channels = input.size(0);
   const int64_t inner = input.numel() / channels;
-  const auto sized = [&](const at::Tensor& t, at::ScalarType dtype) {
-    return t.is_cpu() && t.is_contiguous() && t.scalar_type() == dtype && t.numel() == channels;
-  };
-  if (inner < cpu::kMinObserveForwardRun || !sized(state.running_min, at::kFloat) ||
-      !sized(state.running_max, at::kFloat) || !sized(state.scale, at::kFloat) ||
-      !sized(state.zero_point, at::kInt)) {
+  // A first batch sizes the state on the two-pass path; check_observer_state (below)
+  // refuses a running range that is not float32.
+  if (inner < cpu::kMinObserveForwardRun || !updatable_in_place(state)) {
     return c10::nullopt;
+  }
+  for (const auto* t : {&state.running_min, &state.running_max, &state.scale, &state.zero_point}) {
+    if (t->numel() != channels) {
+      return c10::nullopt;
+    }
   }
   const auto chosen = EstimatorRegistry::global().get(estimator);
   const auto* rule = dynamic_cast<const RuleEstimator*>(chosen.get());
