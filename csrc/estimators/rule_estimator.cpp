@@ -2,9 +2,14 @@
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 
 #include <cmath>
+#include <memory>
+#include <type_traits>
+#include <utility>
 
+#include "../ops/cpu/buffer_pool.h"
 #include "../ops/cpu/clamped_positions.h"
 #include "../ops/fake_quantize_common.h"
 #include "../ops/fake_quantize_ops.h"
@@ -42,17 +47,6 @@ class RuleFunction : public torch::autograd::Function<RuleFunction> {
                                       : ops::fake_quantize_forward(
                                             input, scale, zero_point, args.quant_min,
                                             args.quant_max, args.axis, !rule.save_input);
-    const auto& code = std::get<1>(result);
-    if (only_codes(rule) && code.is_cpu()) {
-      // The gradient is g where the code is 0 and needs nothing else: with few clamped
-      // elements their positions are the whole record (cpu/clamped_positions.h), and no
-      // qparams are kept.
-      if (auto positions = cpu::clamped_positions(code)) {
-        ctx->save_for_backward({*positions});
-        ctx->saved_data["strides"] = code.strides().vec();
-        return std::get<0>(result);
-      }
-    }
     // Observers overwrite their scale and zero point in place on the next forward, which
     // may come before this backward (gradient accumulation, a module called twice): keep
     // the values this forward used. Learned qparams change only in optimizer steps.
@@ -76,16 +70,6 @@ class RuleFunction : public torch::autograd::Function<RuleFunction> {
         !at::GradMode::is_enabled(),
         "qat::fake_quantize: double backward (create_graph=True) is not supported");
     const auto saved = ctx->get_saved_variables();
-    if (ctx->saved_data.find("strides") != ctx->saved_data.end()) {
-      // Positions are memory offsets in the forward's layout: the gradient is laid out so.
-      const auto strides = ctx->saved_data["strides"].toIntVector();
-      const auto& grad = grad_outputs[0];
-      const auto laid_out =
-          grad.strides() == at::IntArrayRef(strides)
-              ? grad
-              : at::empty_strided(grad.sizes(), strides, grad.options()).copy_(grad);
-      return gradients(cpu::mask_clamped(laid_out, saved[0]), at::Tensor(), at::Tensor());
-    }
     const auto axis_value = ctx->saved_data["axis"];
     const c10::optional<int64_t> axis =
         axis_value.isNone() ? c10::nullopt : c10::optional<int64_t>(axis_value.toInt());
@@ -103,6 +87,89 @@ class RuleFunction : public torch::autograd::Function<RuleFunction> {
     return gradients(std::get<0>(grads), grad_scale, grad_zero_point);
   }
 };
+
+// Whether `grad` is referenced by nothing but the caller's handle, its storage by nothing
+// but it (and, for a view, its otherwise unreferenced base, as mm's backward hands a
+// Linear weight its gradient): then writing into it changes no other tensor.
+bool held_alone(const at::Tensor& grad) {
+  if (grad.use_count() != 1) {
+    return false;
+  }
+  if (!grad.is_view()) {
+    return grad.storage().use_count() == 1;
+  }
+  return grad._base().use_count() == 1 && grad.storage().use_count() == 2;
+}
+
+// The backward of a straight-through fake-quantize whose forward clamped few elements
+// (cpu/clamped_positions.h): the gradient passes unchanged except at their positions. An
+// autograd node of its own rather than a Function: the engine moves the incoming gradient
+// into apply(), so when nothing else holds it (the usual case: a conv's or linear's fresh
+// weight gradient) the positions are written into it and no copy is made, as
+// AccumulateGrad steals a gradient.
+class ClampedPositionsBackward : public torch::autograd::Node {
+ public:
+  ClampedPositionsBackward(at::Tensor positions, std::vector<int64_t> strides)
+      : positions_(std::move(positions)), strides_(std::move(strides)) {}
+
+  std::string name() const override {
+    return "qat::FakeQuantizeBackward";
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    TORCH_CHECK(
+        !at::GradMode::is_enabled(),
+        "qat::fake_quantize: double backward (create_graph=True) is not supported");
+    TORCH_CHECK(
+        positions_.defined(),
+        "qat::fake_quantize: its backward was already run and freed (retain_graph=True keeps "
+        "it for a second backward)");
+    at::Tensor grad = std::move(grads[0]);
+    if (grad.defined() && positions_.numel() > 0) {
+      // Positions are memory offsets in the forward's layout: the gradient written into
+      // must be laid out so.
+      if (grad.strides() != at::IntArrayRef(strides_)) {
+        grad = at::empty_strided(grad.sizes(), strides_, grad.options()).copy_(grad);
+      } else if (!held_alone(grad)) {
+        grad = cpu::pooled_empty_like(grad, grad.scalar_type()).copy_(grad);
+      }
+      cpu::mask_clamped_(grad, positions_);
+    }
+    return {std::move(grad), at::Tensor(), at::Tensor()};
+  }
+
+  void release_variables() override {
+    positions_.reset();
+  }
+
+ private:
+  at::Tensor positions_;
+  std::vector<int64_t> strides_;
+};
+
+// Autograd holds its nodes by std::shared_ptr up to early 2026 (1.13) and by
+// c10::intrusive_ptr since (2.15): whichever an Edge holds.
+using NodeHandle = decltype(torch::autograd::Edge::function);
+
+template <typename T, typename... Args>
+NodeHandle make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodeHandle, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  }
+}
+
+// The forward's output (computed without a graph) with the backward above as its history.
+at::Tensor with_clamped_positions(
+    const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    at::Tensor output, at::Tensor positions, at::IntArrayRef strides) {
+  TORCH_INTERNAL_ASSERT(!output.requires_grad());
+  const auto node = make_node<ClampedPositionsBackward>(std::move(positions), strides.vec());
+  node->set_next_edges(torch::autograd::collect_next_edges(input, scale, zero_point));
+  torch::autograd::set_history(output, node);
+  return output;
+}
 
 // LSQ's gradient scale 1/sqrt(N * Qp): N elements share each scale, Qp is the number of
 // positive levels.
@@ -129,6 +196,22 @@ double RuleEstimator::grad_factor(
   return rule_.lsq_grad_scale ? lsq_grad_factor(input, scale, args) : 1.0;
 }
 
+// The autograd record of a forward whose `result` (output, codes) was computed without
+// a graph: the clamped positions where they are the whole record, else RuleFunction.
+at::Tensor RuleEstimator::record(
+    const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    const EstimatorArgs& args, const std::tuple<at::Tensor, at::Tensor>& result) const {
+  const auto& code = std::get<1>(result);
+  if (needs_only_codes() && code.is_cpu()) {
+    if (auto positions = cpu::clamped_positions(code)) {
+      return with_clamped_positions(
+          input, scale, zero_point, std::get<0>(result), std::move(*positions), code.strides());
+    }
+  }
+  return RuleFunction::apply(
+      input, scale, zero_point, args, rule_, grad_factor(input, scale, args), &result);
+}
+
 at::Tensor RuleEstimator::apply(
     const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
     const EstimatorArgs& args) const {
@@ -137,8 +220,17 @@ at::Tensor RuleEstimator::apply(
     return std::get<0>(ops::fake_quantize_forward(
         input, scale, zero_point, args.quant_min, args.quant_max, args.axis, false));
   }
-  return RuleFunction::apply(
-      input, scale, zero_point, args, rule_, grad_factor(input, scale, args), nullptr);
+  if (!needs_only_codes() || !input.is_cpu()) {
+    return RuleFunction::apply(
+        input, scale, zero_point, args, rule_, grad_factor(input, scale, args), nullptr);
+  }
+  std::tuple<at::Tensor, at::Tensor> result;
+  {
+    const at::AutoGradMode no_graph(false);
+    result = ops::fake_quantize_forward(
+        input, scale, zero_point, args.quant_min, args.quant_max, args.axis, true);
+  }
+  return record(input, scale, zero_point, args, result);
 }
 
 bool RuleEstimator::needs_only_codes() const {
@@ -153,9 +245,7 @@ at::Tensor RuleEstimator::apply_computed(
     return output;
   }
   TORCH_INTERNAL_ASSERT(code.defined());
-  const std::tuple<at::Tensor, at::Tensor> computed{output, code};
-  return RuleFunction::apply(
-      input, scale, zero_point, args, rule_, grad_factor(input, scale, args), &computed);
+  return record(input, scale, zero_point, args, {output, code});
 }
 
 }  // namespace qat

@@ -43,6 +43,9 @@ class RuleEstimator final : public Estimator {
  private:
   double grad_factor(
       const at::Tensor& input, const at::Tensor& scale, const EstimatorArgs& args) const;
+  at::Tensor record(
+      const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+      const EstimatorArgs& args, const std::tuple<at::Tensor, at::Tensor>& result) const;
 
   GradientRule rule_;
 };

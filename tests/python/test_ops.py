@@ -499,3 +499,57 @@ def test_gradient_with_few_or_many_clamped_values(dtype, clamped):
     assert x.grad.dtype == dtype
     assert torch.equal(torch.isnan(x.grad), torch.isnan(expected))
     assert torch.equal(x.grad.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
+def _weight_with_clamped(rows, cols, seed):
+    # Values inside [0, 255] * 0.05 - 0.15 but for 14 clamped at either end (few enough for
+    # the backward to keep their positions); returns the weight (a leaf) and where its
+    # straight-through gradient passes.
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.rand(rows, cols, generator=generator) * 5
+    w.view(-1)[torch.randperm(rows * cols, generator=generator)[:7]] = 100.0
+    w.view(-1)[torch.randperm(rows * cols, generator=generator)[:7]] = -100.0
+    return w.requires_grad_(), (w > -1.0) & (w < 20.0)
+
+
+def test_gradient_written_into_only_when_nothing_else_holds_it():
+    # The backward writes the clamped positions into the incoming gradient when nothing
+    # else holds it (a linear's weight gradient arrives as a view of a fresh product, a
+    # concatenation's part as a view of the whole); a gradient that another branch or a
+    # hook still sees keeps its values, and a retained graph runs again.
+    fq = lambda t: qat.fake_quantize(t, 0.05, 3, 0, 255)  # noqa: E731
+    x = torch.randn(5, 96)
+    g = torch.randn(5, 64)
+    w, inside = _weight_with_clamped(64, 96, 0)
+    torch.nn.functional.linear(x, fq(w)).backward(g)
+    plain = fq(w).detach().requires_grad_()  # PyTorch's own weight gradient
+    torch.nn.functional.linear(x, plain).backward(g)
+    assert torch.equal(w.grad, torch.where(inside, plain.grad, torch.zeros(())))
+
+    w, inside = _weight_with_clamped(64, 96, 1)
+    other = torch.zeros(64, 96, requires_grad=True)
+    upstream = torch.randn(64, 96)
+    doubled = other * 2.0  # made first, so that its backward runs after the fake-quantize's
+    ((fq(w) + doubled) * upstream).sum().backward()  # the add hands both sides one tensor
+    assert torch.equal(other.grad, upstream * 2.0)
+    assert torch.equal(w.grad, torch.where(inside, upstream, torch.zeros(())))
+
+    w, inside = _weight_with_clamped(64, 96, 2)
+    rest = torch.zeros(3, 96, requires_grad=True)
+    upstream = torch.randn(67, 96)
+    (torch.cat([fq(w), rest]) * upstream).sum().backward()  # views of one gradient
+    assert torch.equal(rest.grad, upstream[64:])
+    assert torch.equal(w.grad, torch.where(inside, upstream[:64], torch.zeros(())))
+
+    w, inside = _weight_with_clamped(64, 96, 3)
+    upstream = torch.randn(64, 96)
+    seen = []
+    y = fq(w)
+    y.register_hook(seen.append)
+    (y * 2.0).backward(upstream, retain_graph=True)
+    assert torch.equal(seen[0], upstream * 2.0)
+    (y * 2.0).backward(upstream)  # the retained graph runs again, the same gradient added
+    assert torch.equal(seen[1], upstream * 2.0)
+    assert torch.equal(w.grad, torch.where(inside, upstream * 4.0, torch.zeros(())))
+    with pytest.raises(RuntimeError, match="backward"):
+        (y * 2.0).backward(upstream)

@@ -9,7 +9,6 @@
 #include <cstring>
 #include <vector>
 
-#include "buffer_pool.h"
 
 namespace qat {
 namespace cpu {
@@ -90,23 +89,16 @@ c10::optional<at::Tensor> clamped_positions(const at::Tensor& code) {
   return positions;
 }
 
-at::Tensor mask_clamped(const at::Tensor& grad, const at::Tensor& positions) {
-  if (positions.numel() == 0) {
-    return grad;
-  }
-  auto grad_input = pooled_empty_like(grad, grad.scalar_type());
-  grad_input.copy_(grad);
+void mask_clamped_(const at::Tensor& grad, const at::Tensor& positions) {
   const int64_t* where = positions.data_ptr<int64_t>();
   const int64_t count = positions.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, grad.scalar_type(), "qat::mask_clamped", [&] {
-        const scalar_t* g = grad.data_ptr<scalar_t>();
-        scalar_t* out = grad_input.data_ptr<scalar_t>();
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "qat::mask_clamped_", [&] {
+        scalar_t* g = grad.data_ptr<scalar_t>();
         for (int64_t k = 0; k < count; ++k) {
-          out[where[k]] = g[where[k]] * scalar_t(0);
+          g[where[k]] = g[where[k]] * scalar_t(0);
         }
       });
-  return grad_input;
 }
 
 }  // namespace cpu

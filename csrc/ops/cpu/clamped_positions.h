@@ -10,7 +10,8 @@
 // nothing. Then the backward keeps the positions of those elements instead of one code
 // byte per element, and makes the input gradient as a copy of g with those positions set,
 // instead of a masked pass that reads g and the codes (measured on a 1024x3072 weight:
-// 0.81 ms masked, 0.50 ms copied).
+// 0.81 ms masked, 0.50 ms copied, and nothing to copy where the backward may write into
+// the incoming gradient).
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
@@ -25,10 +26,10 @@ c10::optional<at::Tensor> clamped_positions(const at::Tensor& code);
 
 constexpr int64_t kSparseShare = 64;
 
-// The straight-through input gradient: `grad` (dense, laid out as the forward's codes)
-// with grad * 0 at `positions` (so that a NaN gradient stays NaN, as ATen's g * mask).
-// With no positions it is `grad` itself, bit for bit g * 1.
-at::Tensor mask_clamped(const at::Tensor& grad, const at::Tensor& positions);
+// The straight-through input gradient written into `grad` (dense, laid out as the
+// forward's codes): grad * 0 at `positions` (so that a NaN gradient stays NaN, as ATen's
+// g * mask); the other elements are g * 1 already.
+void mask_clamped_(const at::Tensor& grad, const at::Tensor& positions);
 
 }  // namespace cpu
 }  // namespace qat
