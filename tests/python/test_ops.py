@@ -476,18 +476,24 @@ def test_gradient_of_an_input_in_range_is_the_output_gradient(numel):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("clamped", [1, 5, 40, 3000])
-def test_gradient_with_few_or_many_clamped_values(dtype, clamped):
+def test_gradient_with_few_or_many_clamped_values(cpu_capability, dtype, clamped):
     # Few clamped values keep their positions for the backward, many their codes
     # (one per 64 elements is the line): either way the gradient is g where the value is
-    # inside the range and g * 0 where it was clamped, so a NaN gradient stays NaN there.
-    # Per channel along axis 1 of a channels-last input, its gradient contiguous: the
-    # positions are memory offsets of the forward's layout.
+    # inside the range and g * 0 where it was clamped or NaN, so a NaN gradient stays NaN
+    # there. A NaN input among in-range neighbours is clamped too (the vector loops skip
+    # the code arithmetic of a group with nothing clamped). Per channel along axis 1 of a
+    # channels-last input, its gradient contiguous: the positions are memory offsets of the
+    # forward's layout.
     generator = torch.Generator().manual_seed(clamped)
     x = torch.rand(4, 6, 10, 12, generator=generator) * 5  # inside [0, 255] * 0.05 - 0.15
     flat = x.view(-1)
     where = torch.randperm(flat.numel(), generator=generator)[:clamped]
     flat[where[: clamped // 2]] = 100.0
     flat[where[clamped // 2:]] = -100.0
+    untouched = torch.ones(flat.numel(), dtype=torch.bool)
+    untouched[where] = False
+    if clamped < flat.numel():
+        flat[untouched.nonzero()[::97]] = math.nan
     x = x.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
     g = torch.randn(4, 6, 10, 12, generator=generator).to(dtype)
     g.view(-1)[where[0]] = math.nan

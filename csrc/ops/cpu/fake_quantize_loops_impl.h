@@ -277,6 +277,12 @@ inline void store_codes8(const __m256 r, const __m256 lo, const __m256 hi, uint8
   const __m256i below = _mm256_castps_si256(_mm256_cmp_ps(r, lo, _CMP_LT_OQ));
   const __m256i above = _mm256_castps_si256(_mm256_cmp_ps(r, hi, _CMP_GT_OQ));
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(r, r, _CMP_UNORD_Q));
+  if (_mm256_testz_si256(_mm256_or_si256(_mm256_or_si256(below, above), nan),
+                         _mm256_set1_epi32(-1))) {
+    // Nothing clamped among the eight, as almost everywhere: eight zero bytes.
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_setzero_si128());
+    return;
+  }
   const __m256i code = _mm256_or_si256(
       _mm256_or_si256(
           _mm256_and_si256(below, _mm256_set1_epi32(1)),
