@@ -42,10 +42,22 @@ void scan(
       }
     }
     if (any != 0) {
+      // Usually one clamped value in the block (a weight's per-channel extreme): look
+      // only into the nonzero words.
       const size_t before = found.size();
-      for (int64_t j = i; j < stop; ++j) {
-        if (data[j] != 0) {
-          found.push_back(j);
+      for (int64_t w = i; w < stop; w += 8) {
+        const int64_t word_end = std::min(stop, w + 8);
+        if (word_end - w == 8) {
+          uint64_t word;
+          std::memcpy(&word, data + w, sizeof(word));
+          if (word == 0) {
+            continue;
+          }
+        }
+        for (int64_t j = w; j < word_end; ++j) {
+          if (data[j] != 0) {
+            found.push_back(j);
+          }
         }
       }
       const auto added = static_cast<int64_t>(found.size() - before);
