@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <cmath>
 #include <memory>
@@ -95,10 +96,13 @@ bool held_alone(const at::Tensor& grad) {
   if (grad.use_count() != 1) {
     return false;
   }
-  if (!grad.is_view()) {
+  const auto* view = torch::autograd::impl::get_view_autograd_meta(grad);
+  if (view == nullptr) {
     return grad.storage().use_count() == 1;
   }
-  return grad._base().use_count() == 1 && grad.storage().use_count() == 2;
+  // A view for forward-mode AD only has no base to count: left alone.
+  return view->has_bw_view() && view->get_backward_view().base_.use_count() == 1 &&
+         grad.storage().use_count() == 2;
 }
 
 // The backward of a straight-through fake-quantize whose forward clamped few elements
