@@ -151,8 +151,8 @@ class ClampedPositionsBackward : public torch::autograd::Node {
   std::vector<int64_t> strides_;
 };
 
-// Autograd holds its nodes by std::shared_ptr up to early 2026 (1.13) and by
-// c10::intrusive_ptr since (2.15): whichever an Edge holds.
+// Autograd holds its nodes by std::shared_ptr in PyTorch 1.13 and by c10::intrusive_ptr
+// in 2.15 (changed in 2026): a node is made as whichever an Edge holds.
 using NodeHandle = decltype(torch::autograd::Edge::function);
 
 template <typename T, typename... Args>
