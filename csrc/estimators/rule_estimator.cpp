@@ -200,17 +200,22 @@ double RuleEstimator::grad_factor(
   return rule_.lsq_grad_scale ? lsq_grad_factor(input, scale, args) : 1.0;
 }
 
-// The autograd record of a forward whose `result` (output, codes) was computed without
-// a graph: the clamped positions where they are the whole record, else RuleFunction.
+// The autograd record of a CPU forward computed without a graph: the clamped positions
+// where they are the whole record, else RuleFunction with the codes (computed here: rare, a
+// tensor clamped in more than one element in 64).
 at::Tensor RuleEstimator::record(
     const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
-    const EstimatorArgs& args, const std::tuple<at::Tensor, at::Tensor>& result) const {
-  const auto& code = std::get<1>(result);
-  if (needs_only_codes() && code.is_cpu()) {
-    if (auto positions = cpu::clamped_positions(code)) {
-      return with_clamped_positions(
-          input, scale, zero_point, std::get<0>(result), std::move(*positions), code.strides());
-    }
+    const EstimatorArgs& args, const at::Tensor& output,
+    const c10::optional<at::Tensor>& positions) const {
+  if (positions.has_value()) {
+    return with_clamped_positions(input, scale, zero_point, output, *positions, output.strides());
+  }
+  std::tuple<at::Tensor, at::Tensor> result;
+  {
+    const at::AutoGradMode no_graph(false);
+    result = {output, cpu::fake_quantize_codes(
+                          input, scale, zero_point, args.quant_min, args.quant_max, args.axis,
+                          output)};
   }
   return RuleFunction::apply(
       input, scale, zero_point, args, rule_, grad_factor(input, scale, args), &result);
@@ -228,13 +233,13 @@ at::Tensor RuleEstimator::apply(
     return RuleFunction::apply(
         input, scale, zero_point, args, rule_, grad_factor(input, scale, args), nullptr);
   }
-  std::tuple<at::Tensor, at::Tensor> result;
+  std::pair<at::Tensor, c10::optional<at::Tensor>> result;
   {
     const at::AutoGradMode no_graph(false);
-    result = ops::fake_quantize_forward(
-        input, scale, zero_point, args.quant_min, args.quant_max, args.axis, true);
+    result = cpu::fake_quantize_forward_positions(
+        input, scale, zero_point, args.quant_min, args.quant_max, args.axis);
   }
-  return record(input, scale, zero_point, args, result);
+  return record(input, scale, zero_point, args, result.first, result.second);
 }
 
 bool RuleEstimator::needs_only_codes() const {
@@ -243,13 +248,13 @@ bool RuleEstimator::needs_only_codes() const {
 
 at::Tensor RuleEstimator::apply_computed(
     const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
-    const EstimatorArgs& args, const at::Tensor& output, const at::Tensor& code) const {
-  TORCH_INTERNAL_ASSERT(needs_only_codes());
+    const EstimatorArgs& args, const at::Tensor& output,
+    const c10::optional<at::Tensor>& positions) const {
+  TORCH_INTERNAL_ASSERT(needs_only_codes() && input.is_cpu());
   if (!tracks_grad(input, scale, zero_point)) {
     return output;
   }
-  TORCH_INTERNAL_ASSERT(code.defined());
-  return record(input, scale, zero_point, args, {output, code});
+  return record(input, scale, zero_point, args, output, positions);
 }
 
 }  // namespace qat

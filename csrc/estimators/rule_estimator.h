@@ -3,6 +3,7 @@
 // The built-in estimators share one forward (the fake-quantize kernel) and one fused
 // backward kernel; a GradientRule says which gradients that kernel computes.
 
+#include <c10/util/Optional.h>
 #include <qat/estimator.h>
 
 namespace qat {
@@ -34,18 +35,22 @@ class RuleEstimator final : public Estimator {
   // or zero-point gradient), so that a caller may compute the forward itself.
   bool needs_only_codes() const;
 
-  // `apply` with the forward already computed, as qat::_fake_quantize_forward computes it
-  // for these arguments: `output`, and `code` (undefined unless autograd records this call).
+  // `apply` on the CPU with the forward already computed, as qat::_fake_quantize_forward
+  // computes it for these arguments: `output`, and the offsets of the elements it clamped
+  // (cpu/clamped_positions.h; nullopt when there were too many or autograd does not record
+  // this call).
   at::Tensor apply_computed(
       const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
-      const EstimatorArgs& args, const at::Tensor& output, const at::Tensor& code) const;
+      const EstimatorArgs& args, const at::Tensor& output,
+      const c10::optional<at::Tensor>& positions) const;
 
  private:
   double grad_factor(
       const at::Tensor& input, const at::Tensor& scale, const EstimatorArgs& args) const;
   at::Tensor record(
       const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
-      const EstimatorArgs& args, const std::tuple<at::Tensor, at::Tensor>& result) const;
+      const EstimatorArgs& args, const at::Tensor& output,
+      const c10::optional<at::Tensor>& positions) const;
 
   GradientRule rule_;
 };

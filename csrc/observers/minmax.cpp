@@ -328,7 +328,7 @@ c10::optional<at::Tensor> observe_fake_quantize_channel_runs(
   check_observer_state(op, state);
   const bool records = at::GradMode::is_enabled() && input.requires_grad();
   auto output = cpu::pooled_empty_like(input, at::kFloat);
-  auto code = records ? cpu::pooled_empty_like(input, at::kByte) : at::Tensor();
+  cpu::ClampedRecord clamped;
   auto counts = at::empty({channels}, at::kLong);
   // The qparams the weight is quantized with: the state's, or the folded ones.
   auto scale = factor != nullptr ? at::empty_like(state.scale) : state.scale;
@@ -349,7 +349,7 @@ c10::optional<at::Tensor> observe_fake_quantize_channel_runs(
   cpu::ObserveForwardLoopArgs args;
   args.input = input.data_ptr<float>();
   args.output = output.data_ptr<float>();
-  args.code = records ? code.data_ptr<uint8_t>() : nullptr;
+  args.clamped = records ? &clamped : nullptr;
   args.layout = detail::channel_layout(input, 0);
   args.quant_min = state.quant_min;
   args.quant_max = state.quant_max;
@@ -366,7 +366,9 @@ c10::optional<at::Tensor> observe_fake_quantize_channel_runs(
   estimator_args.quant_min = state.quant_min;
   estimator_args.quant_max = state.quant_max;
   estimator_args.axis = 0;
-  return rule->apply_computed(input, scale, zero_point, estimator_args, output, code);
+  return rule->apply_computed(
+      input, scale, zero_point, estimator_args, output,
+      records ? cpu::positions_of(clamped) : c10::nullopt);
 }
 
 at::Tensor fused_observe_fake_quantize(

@@ -93,6 +93,38 @@ def test_fused_operator_and_observer_module_agree(monkeypatch, cpu_capability, o
         assert torch.equal(fused.state_dict()[name], modular.state_dict()[name]), name
 
 
+@pytest.mark.parametrize("outlier_channel", [None, 0, 137])
+def test_one_pass_weight_gradient_across_pieces_and_blocks(cpu_capability, outlier_channel):
+    """A large weight on the one-pass path: its clamped values are found while it is
+    fake-quantized, in pieces of work and blocks of 512 values, or, where a piece holds too
+    many (a channel grown 10x past its moving-average range), recomputed as codes; the
+    output and the straight-through gradient are right wherever they fall."""
+    spec = QuantSpec(observer="moving_average", averaging_constant=0.01, symmetric=True,
+                     per_channel=True, axis=0)
+    fq = FakeQuantize(spec)
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(160, 1100, generator=generator)
+    with torch.no_grad():
+        fq(weight)
+    weight = weight * (1 + 0.05 * torch.rand(160, 1, generator=generator))
+    if outlier_channel is not None:
+        weight[outlier_channel] *= 10
+    weight.requires_grad_()
+    grad = torch.randn(160, 1100, generator=generator)
+    out = fq(weight)
+    out.backward(grad)
+    expected = reference_fake_quantize(weight.detach(), fq.scale, fq.zero_point, spec.quant_min,
+                                       spec.quant_max, 0)
+    assert torch.equal(out.detach(), expected)
+    expected_grad = reference_ste_grad(grad, weight.detach(), fq.scale, fq.zero_point,
+                                       spec.quant_min, spec.quant_max, 0)
+    assert torch.equal(weight.grad, expected_grad)
+    clamped = expected_grad == 0
+    assert clamped.any(dim=1).sum() >= 40  # spread over the pieces
+    if outlier_channel is not None:
+        assert clamped[outlier_channel].float().mean() > 0.5
+
+
 def test_switches_freeze_and_bypass():
     fq = FakeQuantize(QuantSpec(observer="minmax"))
     x = torch.randn(100)

@@ -7,24 +7,64 @@
 // observed by a min/max observer clamps about one value per channel (its extreme, which
 // the symmetric scale puts half a step past the top level), an activation with a moving
 // average range clamps the batch's outliers, a ReLU6 or sigmoid output with its fixed range
-// nothing. Then the backward keeps the positions of those elements instead of one code
-// byte per element, and makes the input gradient as a copy of g with those positions set,
-// instead of a masked pass that reads g and the codes (measured on a 1024x3072 weight:
-// 0.81 ms masked, 0.50 ms copied, and nothing to copy where the backward may write into
-// the incoming gradient).
+// nothing. Then the forward finds the positions of those elements as it goes (a block at
+// a time, in cache) instead of storing one code byte per element, and the backward sets
+// them in a copy of g instead of a masked pass that reads g and the codes (measured on a
+// 1024x3072 weight: 0.81 ms masked, 0.50 ms copied, and nothing to copy where the backward
+// may write into the incoming gradient).
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+#include <utility>
+#include <vector>
+
 namespace qat {
 namespace cpu {
 
-// The memory offsets of the nonzero bytes of `code` (a dense CPU uint8 tensor, a forward's
-// codes), as a sorted int64 tensor, when there are at most one per kSparseShare elements;
-// nullopt when there are more (the codes themselves are then the smaller record).
-c10::optional<at::Tensor> clamped_positions(const at::Tensor& code);
-
+// At most one clamped element per kSparseShare is kept as positions; with more, the codes
+// (one byte per element) are the smaller record.
 constexpr int64_t kSparseShare = 64;
+
+// The memory offsets of the elements a forward clamped (or found NaN), gathered by the
+// loop's pieces of work instead of one code byte per element. A piece
+// that finds more than one per kSparseShare of its elements gives up and marks the record
+// overflowed: the caller then computes the codes.
+class ClampedRecord {
+ public:
+  // Offsets found by the piece of work that starts at offset `first`, in increasing order.
+  void add(int64_t first, std::vector<int64_t> found) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    pieces_.emplace_back(first, std::move(found));
+  }
+  void overflow() { overflowed_ = true; }
+  bool overflowed() const { return overflowed_; }
+  
+ private:
+  friend c10::optional<at::Tensor> positions_of(ClampedRecord& record);
+  std::mutex mutex_;
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> pieces_;
+  std::atomic<bool> overflowed_{false};
+};
+
+// The offsets of `record` as a sorted int64 tensor; nullopt when it overflowed.
+c10::optional<at::Tensor> positions_of(ClampedRecord& record);
+
+// The CPU forward of qat::_fake_quantize_forward (a dense CPU input), with the memory
+// offsets of the clamped elements (in the output's layout) instead of the codes: (output,
+// positions), positions nullopt when there are too many (fake_quantize_codes gives the codes).
+std::pair<at::Tensor, c10::optional<at::Tensor>> fake_quantize_forward_positions(
+    const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis);
+
+// The codes of the forward that gave `output` (dense, as that forward made it), computed
+// again with it; `output` is rewritten with the same values rather than allocated anew.
+at::Tensor fake_quantize_codes(
+    const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis, const at::Tensor& output);
 
 // The straight-through input gradient written into `grad` (dense, laid out as the
 // forward's codes): grad * 0 at `positions` (so that a NaN gradient stays NaN, as ATen's

@@ -46,14 +46,17 @@ Capability& current_capability() {
 constexpr const char* kForward = "qat::_fake_quantize_forward";
 constexpr const char* kBackward = "qat::_fake_quantize_backward";
 
-std::tuple<at::Tensor, at::Tensor> fake_quantize_forward_kernel(
+// The forward with codes (compute_code), positions (record) or neither, into `out` when
+// given (the output of the same forward, rewritten with the same values).
+std::tuple<at::Tensor, at::Tensor> run_forward(
     const at::Tensor& input_arg, const at::Tensor& scale, const at::Tensor& zero_point,
-    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis_arg, bool compute_code) {
+    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis_arg, bool compute_code,
+    ClampedRecord* record, const at::Tensor& out = at::Tensor()) {
   const auto axis = detail::check_arguments(
       kForward, input_arg, scale, zero_point, quant_min, quant_max, axis_arg);
   const auto qparams = detail::read_qparams(kForward, scale, zero_point, quant_min, quant_max);
   const at::Tensor input = detail::dense(input_arg);
-  at::Tensor output = pooled_empty_like(input, input.scalar_type());
+  at::Tensor output = out.defined() ? out : pooled_empty_like(input, input.scalar_type());
   at::Tensor code = compute_code ? pooled_empty_like(input, at::kByte)
                                  : at::empty({0}, input.options().dtype(at::kByte));
   if (input.numel() == 0) {
@@ -63,6 +66,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_forward_kernel(
   args.input = input.data_ptr();
   args.output = output.data_ptr();
   args.code = compute_code ? code.data_ptr<uint8_t>() : nullptr;
+  args.clamped = record;
   args.dtype = input.scalar_type();
   args.layout = detail::channel_layout(input, axis);
   args.scale = qparams.scale.data();
@@ -71,6 +75,12 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_forward_kernel(
   args.quant_max = quant_max;
   run_forward_loop(args);
   return {output, code};
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quantize_forward_kernel(
+    const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis, bool compute_code) {
+  return run_forward(input, scale, zero_point, quant_min, quant_max, axis, compute_code, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
@@ -112,6 +122,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_kernel(
 }
 
 }  // namespace
+
+std::pair<at::Tensor, c10::optional<at::Tensor>> fake_quantize_forward_positions(
+    const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis) {
+  ClampedRecord record;
+  auto output = std::get<0>(
+      run_forward(input, scale, zero_point, quant_min, quant_max, axis, false, &record));
+  return {output, positions_of(record)};
+}
+
+at::Tensor fake_quantize_codes(
+    const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis, const at::Tensor& output) {
+  return std::get<1>(
+      run_forward(input, scale, zero_point, quant_min, quant_max, axis, true, nullptr, output));
+}
 
 Capability capability() {
   return current_capability();

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "../fake_quantize_common.h"
+#include "clamped_positions.h"
 
 namespace qat {
 namespace cpu {
@@ -20,6 +21,8 @@ struct ForwardLoopArgs {
   // Optional per-element code for the backward: 0 inside the range, 1 clamped below,
   // 2 clamped above, 3 NaN. Null when no backward will need it.
   uint8_t* code = nullptr;
+  // Or, instead of the codes, the clamped positions.
+  ClampedRecord* clamped = nullptr;
   at::ScalarType dtype = at::kFloat;
   detail::ChannelLayout layout;
   const float* scale = nullptr;       // one per channel
@@ -80,7 +83,8 @@ using ChooseQParams = ChannelQParams (*)(void* context, int64_t channel, float m
 struct ObserveForwardLoopArgs {
   const float* input = nullptr;
   float* output = nullptr;
-  uint8_t* code = nullptr;  // as ForwardLoopArgs::code
+  uint8_t* code = nullptr;          // as ForwardLoopArgs::code
+  ClampedRecord* clamped = nullptr;  // as ForwardLoopArgs::clamped
   detail::ChannelLayout layout;
   int64_t quant_min = 0;
   int64_t quant_max = 255;

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -301,8 +302,9 @@ inline __m256 lanes_equal(const __m256i codes, int value) {
   return _mm256_castsi256_ps(_mm256_cmpeq_epi32(codes, _mm256_set1_epi32(value)));
 }
 
+// With `code` null, the forward alone (inference, calibration).
 template <typename P>
-void forward_run_fast_codes(const float* x, float* out, uint8_t* code, int64_t n, const P& p) {
+void forward_run_fast(const float* x, float* out, uint8_t* code, int64_t n, const P& p) {
   using Vec = Vectorized<float>;
   constexpr int64_t W = Vec::size();
   const int64_t full = n - n % W;
@@ -312,9 +314,38 @@ void forward_run_fast_codes(const float* x, float* out, uint8_t* code, int64_t n
     Vec v, r;
     levels(Vec::loadu(x + i), p.get_inv_scale(i, W), lo, hi, v, r);
     (lower_to(raise_to(r, lo), hi) * p.get_scale(i, W)).store(out + i);
-    store_codes8(r, lo, hi, code + i);
+    if (code != nullptr) {
+      store_codes8(r, lo, hi, code + i);
+    }
   }
-  forward_run_portable(x + full, out + full, code + full, n - full, p.shifted(full));
+  forward_run_portable(
+      x + full, out + full, code ? code + full : nullptr, n - full, p.shifted(full));
+}
+
+// The forward without codes, telling whether any element was clamped or NaN: one
+// comparison per vector (a level differs from itself clamped exactly where its code would
+// be nonzero, and NaN differs from everything) ORed across the stretch, instead of
+// the codes' three comparisons and store.
+template <typename P>
+bool forward_run_fast_flagged(const float* x, float* out, int64_t n, const P& p) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const int64_t full = n - n % W;
+  __m256 any = _mm256_setzero_ps();
+  for (int64_t i = 0; i < full; i += W) {
+    Vec v, r;
+    levels(Vec::loadu(x + i), p.get_inv_scale(i, W), p.get_lo(i, W), p.get_hi(i, W), v, r);
+    const Vec kept = lower_to(raise_to(r, p.get_lo(i, W)), p.get_hi(i, W));
+    (kept * p.get_scale(i, W)).store(out + i);
+    any = _mm256_or_ps(any, _mm256_cmp_ps(r, kept, _CMP_NEQ_UQ));
+  }
+  uint8_t tail[W] = {};
+  forward_run_portable(x + full, out + full, tail, n - full, p.shifted(full));
+  bool clamped = !_mm256_testz_ps(any, any);
+  for (int64_t j = 0; j < n - full; ++j) {
+    clamped = clamped || tail[j] != 0;
+  }
+  return clamped;
 }
 
 template <typename P, typename A>
@@ -353,9 +384,7 @@ template <typename M, typename P>
 void forward_run(const M* x, M* out, uint8_t* code, int64_t n, const P& p) {
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same<M, float>::value) {
-    if (code != nullptr) {
-      return forward_run_fast_codes(x, out, code, n, p);
-    }
+    return forward_run_fast(x, out, code, n, p);
   }
 #endif
   forward_run_portable(x, out, code, n, p);
@@ -450,6 +479,82 @@ void forward_any(const T* x, T* out, uint8_t* code, int64_t n, const P& p) {
       forward_run<M>(widen(x + i, xb, m), ob, code ? code + i : nullptr, m, p.shifted(i));
       narrow(ob, out + i, m);
     }
+  }
+}
+
+// Elements per block of forward_positions: its codes stay in L1.
+constexpr int64_t kPositionBlock = 512;
+
+// forward_any, with the offsets (from `base`) of the elements clamped or NaN appended to
+// `found` instead of their codes stored: each block's codes go to a buffer that is scanned
+// while in cache. Returns false, leaving the rest of the output computed but the positions
+// incomplete, once `found` holds more than `limit`.
+template <typename T, typename M, typename P>
+bool forward_positions(
+    const T* x, T* out, int64_t n, const P& p, int64_t base, size_t limit,
+    std::vector<int64_t>& found) {
+  alignas(8) uint8_t codes[kPositionBlock];
+  bool complete = true;
+  for (int64_t b = 0; b < n; b += kPositionBlock) {
+    const int64_t m = std::min(kPositionBlock, n - b);
+    if (!complete) {
+      forward_any<T, M>(x + b, out + b, nullptr, m, p.shifted(b));
+      continue;
+    }
+#if defined(CPU_CAPABILITY_AVX2)
+    // Most blocks clamp nothing; the few that do are computed again with codes (in cache).
+    if constexpr (std::is_same<T, float>::value && std::is_same<M, float>::value) {
+      if (!forward_run_fast_flagged(x + b, out + b, m, p.shifted(b))) {
+        continue;
+      }
+    }
+#endif
+    forward_any<T, M>(x + b, out + b, codes, m, p.shifted(b));
+    std::fill(codes + m, codes + ((m + 7) & ~int64_t(7)), uint8_t(0));
+    for (int64_t w = 0; w < m; w += 8) {
+      uint64_t word;
+      std::memcpy(&word, codes + w, sizeof(word));
+      if (word == 0) {
+        continue;
+      }
+      for (int64_t j = w; j < std::min(m, w + 8); ++j) {
+        if (codes[j] != 0) {
+          found.push_back(base + b + j);
+        }
+      }
+    }
+    complete = found.size() <= limit;
+  }
+  return complete;
+}
+
+// One piece of a forward loop's work, [begin, end) of the tensor: `each(run)` calls
+// run(pos, len, params) for its stretches, which are fake-quantized with codes (or none),
+// or with their clamped positions gathered into `record`.
+template <typename T, typename M, typename Each>
+void forward_piece(
+    const T* x, T* out, uint8_t* code, ClampedRecord* record, int64_t begin, int64_t end,
+    Each&& each) {
+  if (record == nullptr) {
+    each([&](int64_t pos, int64_t len, const auto& params) {
+      forward_any<T, M>(x + pos, out + pos, code ? code + pos : nullptr, len, params);
+    });
+    return;
+  }
+  const auto limit = static_cast<size_t>((end - begin) / kSparseShare);
+  std::vector<int64_t> found;
+  bool complete = true;
+  each([&](int64_t pos, int64_t len, const auto& params) {
+    if (complete) {
+      complete = forward_positions<T, M>(x + pos, out + pos, len, params, pos, limit, found);
+    } else {
+      forward_any<T, M>(x + pos, out + pos, nullptr, len, params);
+    }
+  });
+  if (complete) {
+    record->add(begin, std::move(found));
+  } else {
+    record->overflow();
   }
 }
 
@@ -567,17 +672,20 @@ void forward_typed(const ForwardLoopArgs& a) {
       make_channels<M>(a.scale, a.zero_point, l.channels, a.quant_min, a.quant_max);
   if (use_uniform_runs(l)) {
     at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-      for_each_uniform_run(l, begin, end, [&](int64_t pos, int64_t len, int64_t c) {
-        forward_any<T, M>(
-            x + pos, out + pos, code ? code + pos : nullptr, len, UniformParams<M>(channels[c]));
+      forward_piece<T, M>(x, out, code, a.clamped, begin, end, [&](auto&& run) {
+        for_each_uniform_run(l, begin, end, [&](int64_t pos, int64_t len, int64_t c) {
+          run(pos, len, UniformParams<M>(channels[c]));
+        });
       });
     });
     return;
   }
   const PeriodicTables<M> tables(channels, l.inner);
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    for_each_period(tables.period, begin, end, [&](int64_t pos, int64_t len, int64_t phase) {
-      forward_any<T, M>(x + pos, out + pos, code ? code + pos : nullptr, len, tables.at(phase));
+    forward_piece<T, M>(x, out, code, a.clamped, begin, end, [&](auto&& run) {
+      for_each_period(tables.period, begin, end, [&](int64_t pos, int64_t len, int64_t phase) {
+        run(pos, len, tables.at(phase));
+      });
     });
   });
 }
@@ -899,17 +1007,18 @@ void observe_forward_loop(const ObserveForwardLoopArgs& a) {
   TORCH_INTERNAL_ASSERT(l.outer == 1 && l.inner >= kMinObserveForwardRun);
   const int64_t grain = std::max<int64_t>(1, kGrain / l.inner);
   at::parallel_for(0, l.channels, grain, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      const float* x = a.input + c * l.inner;
-      ChannelStats stats;
-      aminmax_uniform_run(x, l.inner, stats);
-      a.nonfinite[c] = stats.nonfinite;
-      const auto q = a.choose(a.context, c, stats.min, stats.max);
-      forward_any<float, float>(
-          x, a.output + c * l.inner, a.code ? a.code + c * l.inner : nullptr, l.inner,
-          UniformParams<float>(
-              make_channel<float>(q.scale, q.zero_point, a.quant_min, a.quant_max)));
-    }
+    forward_piece<float, float>(
+        a.input, a.output, a.code, a.clamped, first * l.inner, last * l.inner, [&](auto&& run) {
+          for (int64_t c = first; c < last; ++c) {
+            ChannelStats stats;
+            aminmax_uniform_run(a.input + c * l.inner, l.inner, stats);
+            a.nonfinite[c] = stats.nonfinite;
+            const auto q = a.choose(a.context, c, stats.min, stats.max);
+            run(c * l.inner, l.inner,
+                UniformParams<float>(
+                    make_channel<float>(q.scale, q.zero_point, a.quant_min, a.quant_max)));
+          }
+        });
   });
 }
 
