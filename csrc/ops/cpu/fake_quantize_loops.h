@@ -83,8 +83,9 @@ using ChooseQParams = ChannelQParams (*)(void* context, int64_t channel, float m
 struct ObserveForwardLoopArgs {
   const float* input = nullptr;
   float* output = nullptr;
-  uint8_t* code = nullptr;          // as ForwardLoopArgs::code
-  ClampedRecord* clamped = nullptr;  // as ForwardLoopArgs::clamped
+  // Where the clamped positions go when a backward will need them (as
+  // ForwardLoopArgs::clamped); its caller computes codes itself when they overflow.
+  ClampedRecord* clamped = nullptr;
   detail::ChannelLayout layout;
   int64_t quant_min = 0;
   int64_t quant_max = 255;

@@ -1008,7 +1008,7 @@ void observe_forward_loop(const ObserveForwardLoopArgs& a) {
   const int64_t grain = std::max<int64_t>(1, kGrain / l.inner);
   at::parallel_for(0, l.channels, grain, [&](int64_t first, int64_t last) {
     forward_piece<float, float>(
-        a.input, a.output, a.code, a.clamped, first * l.inner, last * l.inner, [&](auto&& run) {
+        a.input, a.output, nullptr, a.clamped, first * l.inner, last * l.inner, [&](auto&& run) {
           for (int64_t c = first; c < last; ++c) {
             ChannelStats stats;
             aminmax_uniform_run(a.input + c * l.inner, l.inner, stats);
