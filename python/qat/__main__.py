@@ -1,8 +1,8 @@
 """``python -m qat``: tools for exported models.
 
     python -m qat inspect FILE    layers, bits, qparams and size of a file from qat.export
-    python -m qat bench FILE      latency of a .ptl (lite interpreter), .pt (TorchScript) or
-                                  .pte (ExecuTorch) file
+    python -m qat bench FILE      latency of a .ptl (lite interpreter), .pt (TorchScript),
+                                  .pte (ExecuTorch) or .onnx (ONNX Runtime) file
     python -m qat compare FLOAT_FILE INT_FILE [--data DIR]
                                   accuracy and agreement of two files on Fashion-MNIST
 """
@@ -34,7 +34,7 @@ def _metadata(path: str) -> Optional[dict]:
 
 
 def _load(path: str) -> Tuple[object, str]:
-    """(callable model, how it runs) of a ``.ptl``, ``.pt`` or ``.pte`` file."""
+    """(callable model, how it runs) of a ``.ptl``, ``.pt``, ``.pte`` or ``.onnx`` file."""
     try:
         return load(path)
     except (OSError, RuntimeError, ValueError) as error:
@@ -97,9 +97,10 @@ def _bench(args) -> None:
     _check_positive(args, "batch", "iterations", "threads")
     if args.warmup < 0:
         raise CommandError(f"--warmup: must be at least 0, got {args.warmup}")
+    # Before loading: ONNX Runtime sizes a session's thread pool when it is made.
+    torch.set_num_threads(args.threads)
     model, kind = _load(args.file)
     x = _bench_input(args)
-    torch.set_num_threads(args.threads)
     if kind == "ExecuTorch":
         recorded = [i["shape"] for i in (_metadata(args.file) or {}).get("example_inputs", [])]
         if recorded and list(x.shape) != recorded[0]:
@@ -120,7 +121,8 @@ def _bench(args) -> None:
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     p90 = sorted(times)[math.ceil(0.9 * len(times)) - 1]  # nearest rank
-    engine = "XNNPACK" if kind == "ExecuTorch" else torch.backends.quantized.engine
+    engine = {"ExecuTorch": "XNNPACK", "ONNX Runtime": "CPUExecutionProvider"}.get(
+        kind, torch.backends.quantized.engine)
     print(f"{args.file}: {kind}, engine {engine}, threads {args.threads}, input "
           f"{_describe_input(x)}")
     print(f"{args.iterations} runs after {args.warmup} warm-up: median {median * 1e3:.3f} ms, "
@@ -172,9 +174,10 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("file", metavar="FILE")
 
     bench = commands.add_parser(
-        "bench", help="latency of a .ptl / .pt / .pte file",
+        "bench", help="latency of a .ptl / .pt / .pte / .onnx file",
         description="Times a .ptl file in the lite interpreter, a .pt file with "
-                    "torch.jit.load or a .pte file in ExecuTorch's runtime, on random inputs, "
+                    "torch.jit.load, a .pte file in ExecuTorch's runtime or an .onnx file in "
+                    "ONNX Runtime, on random inputs, "
                     "with the quantized engine the file was converted for (qnnpack, PyTorch "
                     "Mobile's, when the file does not say).")
     bench.add_argument("file", metavar="FILE")

@@ -1,6 +1,7 @@
 """``qat.export``: an integer model as a frozen TorchScript file for PyTorch Mobile (``.ptl``,
-the lite interpreter), full TorchScript (``.pt``) or an ExecuTorch program (``.pte``, integer
-ops on XNNPACK), with qat's metadata inside, checked against the in-memory model after it is
+the lite interpreter), full TorchScript (``.pt``), an ExecuTorch program (``.pte``, integer
+ops on XNNPACK) or a QDQ ONNX model (``.onnx``, integer ops in ONNX Runtime), with qat's
+metadata inside, checked against the in-memory model after it is
 written; and ``read_metadata`` to get it back."""
 
 import json
@@ -14,7 +15,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from . import _C, _pte, quantized
+from . import _C, _onnx, _pte, quantized
 from ._torch_support import (require_lite_interpreter, require_torchscript,
                              torch_deprecations_once, warn_once, xnnpack_available)
 from .convert import ConversionReport, convert, weight_elements
@@ -25,8 +26,9 @@ __all__ = ["FORMATS", "METADATA_FILE", "describe", "export", "load", "read_metad
 # The extra file of the archive that holds qat's metadata (JSON).
 METADATA_FILE = "qat/metadata.json"
 
-# What export writes: the lite interpreter's .ptl, full TorchScript's .pt, ExecuTorch's .pte.
-FORMATS = ("ptl", "pt", "pte")
+# What export writes: the lite interpreter's .ptl, full TorchScript's .pt, ExecuTorch's .pte,
+# ONNX Runtime's .onnx.
+FORMATS = ("ptl", "pt", "pte", "onnx")
 
 # An ExecuTorch program is a flatbuffer whose identifier stands at bytes 4 to 8.
 _PTE_MAGIC = b"ET12"
@@ -37,12 +39,20 @@ def _is_pte(path) -> bool:
         return f.read(8)[4:8] == _PTE_MAGIC
 
 
+def _is_onnx(path) -> bool:
+    """An ONNX model is a protobuf ModelProto, which starts with its ir_version (field 1, a
+    varint: byte 0x08); neither a zip archive nor an ExecuTorch program does."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x08"
+
+
 def _choose_format(path, mobile: bool, format) -> str:
     """``format`` when given; else ``pte`` for a ``.pte`` path, and ``ptl`` or ``pt`` as
     ``mobile`` says for any other."""
     if format is None:
-        if os.fspath(path).endswith(".pte"):
-            return "pte"
+        for suffix in ("pte", "onnx"):
+            if os.fspath(path).endswith("." + suffix):
+                return suffix
         return "ptl" if mobile else "pt"
     if format not in FORMATS:
         raise ValueError(f"qat.export: format must be one of {', '.join(FORMATS)} (or None: "
@@ -56,6 +66,14 @@ def require_executorch(caller: str) -> None:
     if reason is not None:
         raise RuntimeError(f"{caller}: cannot write or run .pte files: {reason} (install the "
                            f"executorch package pinned in requirements/pypi.txt)")
+
+
+def require_onnx(caller: str) -> None:
+    """Raises a RuntimeError naming ``caller`` where onnx or ONNX Runtime cannot be imported."""
+    reason = _onnx.available()
+    if reason is not None:
+        raise RuntimeError(f"{caller}: cannot write or run .onnx files: {reason} (install "
+                           f"the onnx and onnxruntime packages pinned in requirements/pypi.txt)")
 
 
 def _check_writable(path: str) -> None:
@@ -128,8 +146,8 @@ def optimize_for_mobile(frozen):
 
 def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
            mobile: bool = True, format: Optional[str] = None) -> nn.Module:
-    """Writes ``model`` as a frozen TorchScript file or an ExecuTorch program and returns
-    the converted integer model it holds.
+    """Writes ``model`` as a frozen TorchScript file, an ExecuTorch program or an ONNX model
+    and returns the converted integer model it holds.
 
     A QAT model (holding :class:`qat.FakeQuantize` modules) is converted first with
     :func:`qat.convert`; an integer model is taken as it is. The model is scripted
@@ -157,6 +175,17 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
     import qat, and must give the in-memory model's outputs up to XNNPACK's rounding (an
     SQNR of at least 30 dB on ``example_inputs``).
 
+    An ``.onnx`` path (or ``format="onnx"``) writes a QDQ ONNX model (opset 17): each
+    integer op as its ONNX op between ``DequantizeLinear`` inputs and a ``QuantizeLinear``
+    / ``DequantizeLinear`` pair with the integer model's qparams, weights stored as their
+    int8 integers with per-channel scales, biases as int32 (see ``docs/onnx.md``); the batch
+    dimension is left free. The metadata is the model's ``qat_metadata`` metadata_props
+    entry, with an ``onnx`` entry saying how many convs and linears ONNX Runtime's optimizer
+    fuses into integer kernels and which float ops remain. The file is checked with
+    ``onnx.checker``, run by ONNX Runtime in a fresh process that imports neither qat nor
+    torch, and must give the in-memory model's outputs up to ONNX Runtime's rounding (an
+    SQNR of at least 30 dB).
+
     Raises:
         FileNotFoundError, PermissionError, ValueError: ``path`` cannot be written (before
             any work is done).
@@ -165,19 +194,23 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
         RuntimeError: the model can be neither scripted nor traced (nor, for ``.pte``,
             exported by ``torch.export``), or the written file does not reproduce the
             model's outputs; this PyTorch has no TorchScript, or (with ``mobile``) no lite
-            interpreter; a ``.pte`` is asked for and ExecuTorch is not installed.
+            interpreter; a ``.pte`` is asked for and ExecuTorch is not installed (an
+            ``.onnx`` and onnx / onnxruntime are not).
+        TypeError: an op of the model has no ``.pte`` / ``.onnx`` lowering (naming it).
     """
     kind = _choose_format(path, mobile, format)
     _check_writable(path)
     if kind == "pte":
         require_executorch("qat.export")
+    elif kind == "onnx":
+        require_onnx("qat.export")
     elif kind == "ptl":
         require_lite_interpreter("qat.export")
     else:
         require_torchscript("qat.export")
     with torch_deprecations_once():
-        if kind == "pte":
-            return _export_pte(model, os.fspath(path), example_inputs)
+        if kind in ("pte", "onnx"):
+            return _export_qdq(model, os.fspath(path), example_inputs, kind)
         return _export(model, os.fspath(path), example_inputs, kind == "ptl")
 
 
@@ -311,19 +344,23 @@ def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Mod
     return int_model
 
 
-def _export_pte(model: nn.Module, path: str, example_inputs) -> nn.Module:
+def _export_qdq(model: nn.Module, path: str, example_inputs, kind: str) -> nn.Module:
+    """A ``.pte`` or ``.onnx``: the integer model re-expressed as quantize / dequantize pairs
+    around float ops, which the runtime's own optimizer runs on its integer kernels."""
     inputs = _as_tuple(example_inputs)
     int_model, expected = _integer_model(model, inputs)
-    program, _ = _pte.emit(int_model, inputs, json.loads(_metadata(int_model, inputs)))
+    emitter = _pte if kind == "pte" else _onnx
+    program, _ = emitter.emit(int_model, inputs, json.loads(_metadata(int_model, inputs)))
 
     def write(temporary: str) -> None:
         with open(temporary, "wb") as f:
             f.write(program)
 
     def check(temporary: str) -> None:
-        # XNNPACK rounds its int8 requantization its own way (fp32 multipliers), so a
-        # one-step flip may pass from layer to layer: an SQNR floor, not equality.
-        got = _pte.run_fresh(temporary, inputs)
+        # XNNPACK and ONNX Runtime round their int8 requantization their own way (fp32
+        # multipliers), so a one-step flip may pass from layer to layer: an SQNR floor,
+        # not equality.
+        got = emitter.run_fresh(temporary, inputs)
         _check_outputs(expected, got[0] if len(got) == 1 else got, path,
                        "the in-memory model", min_sqnr_db=30.0)
 
@@ -357,8 +394,8 @@ def _check_outputs(expected, got, path: str, what: str, min_sqnr_db) -> None:
 
 
 def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, object]:
-    """The metadata :func:`export` put in the file at ``path`` (a ``.ptl``, ``.pt`` or
-    ``.pte``).
+    """The metadata :func:`export` put in the file at ``path`` (a ``.ptl``, ``.pt``, ``.pte``
+    or ``.onnx``).
 
     Raises:
         ValueError: when the file is not a TorchScript archive or ExecuTorch program written
@@ -373,6 +410,13 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, object]:
             raise ValueError(f"qat: {os.fspath(path)!r} has no qat_metadata method: it was "
                              f"not written by qat.export")
         return _parse_metadata(os.fspath(path), text, "qat_metadata")
+    if _is_onnx(path):
+        require_onnx("qat.read_metadata")
+        text = _onnx.read_metadata_text(os.fspath(path))
+        if text is None:
+            raise ValueError(f"qat: {os.fspath(path)!r} has no {_onnx.METADATA_KEY} entry in "
+                             f"its metadata_props: it was not written by qat.export")
+        return _parse_metadata(os.fspath(path), text, _onnx.METADATA_KEY)
     try:
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith("/extra/" + METADATA_FILE)]
@@ -454,11 +498,27 @@ def _load_pte(path: str) -> Tuple[Callable, str]:
     return forward, "ExecuTorch"
 
 
+def _load_onnx(path: str) -> Tuple[Callable, str]:
+    require_onnx(path)
+    session = _onnx.load(path)
+    names = [i.name for i in session.get_inputs()]
+
+    def forward(*inputs):
+        feeds = {name: t.detach().contiguous().numpy() for name, t in zip(names, inputs)}
+        try:
+            return torch.from_numpy(session.run(None, feeds)[0])
+        except Exception as error:  # noqa: BLE001 - ONNX Runtime's own exception types
+            raise RuntimeError(f"ONNX Runtime: {error}") from None
+
+    return forward, "ONNX Runtime"
+
+
 def load(path: Union[str, os.PathLike]) -> Tuple[Callable, str]:
     """(callable model, the runtime it runs in) of a file :func:`export` wrote: a ``.pte``
-    in ExecuTorch's runtime, a ``.ptl`` in the lite interpreter, a ``.pt`` with
-    ``torch.jit.load``. The kind is told by content: an ExecuTorch program by its flatbuffer
-    identifier, and of the TorchScript archives only a lite interpreter file holds
+    in ExecuTorch's runtime, an ``.onnx`` in ONNX Runtime (CPU), a ``.ptl`` in the lite
+    interpreter, a ``.pt`` with ``torch.jit.load``. The kind is told by content: an
+    ExecuTorch program by its flatbuffer identifier, an ONNX model by its first protobuf
+    field, and of the TorchScript archives only a lite interpreter file holds
     ``bytecode.pkl``. For TorchScript files the quantized engine is set to the one the file
     was converted for (else qnnpack, PyTorch Mobile's): weights are packed for the engine
     selected when they load.
@@ -472,6 +532,8 @@ def load(path: Union[str, os.PathLike]) -> Tuple[Callable, str]:
         raise ValueError(f"{path}: no such file")
     if _is_pte(path):
         return _load_pte(path)
+    if _is_onnx(path):
+        return _load_onnx(path)
     try:
         with zipfile.ZipFile(path) as archive:
             lite = any(name.split("/")[-1] == "bytecode.pkl" for name in archive.namelist())
@@ -529,6 +591,14 @@ def describe(path: Union[str, os.PathLike]) -> str:
         rows.append((layer["name"], layer["type"], layer.get("weight_bits", ""), scales,
                      f"{layer['scale']:.4g}", layer["zero_point"]))
     lines.append(_format_table(rows))
+    onnx = meta.get("onnx")
+    if onnx:
+        floats = ", ".join(onnx["float_ops"]) or "none"
+        lines.append(f"ONNX Runtime runs {onnx['layers_integer']} of {onnx['layers']} convs / "
+                     f"linears on integer kernels (opset {onnx['opset']}); float ops: {floats}")
+        if onnx.get("sub_8bit_weights_as_int8"):
+            lines.append("sub-8-bit weights stored as int8 (4-bit types need opset 21): "
+                         + ", ".join(onnx["sub_8bit_weights_as_int8"]))
     delegation = meta.get("executorch")
     if delegation:
         outside = ", ".join(delegation["not_delegated"]) or "none"

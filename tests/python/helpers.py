@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 
 import qat
-from qat.convert import _Converter
+from qat.convert import _Converter, _output_step
 
 ROOT = Path(__file__).resolve().parents[2]
 # The build folder scripts/build.sh makes (QAT_BUILD_DIR, as in setup.py).
@@ -362,3 +362,68 @@ def train_torchvision_qat(model, transform, optimizer, qat_steps, images, labels
     qat.disable_observer(qmodel)
     settle_batch_norm(qmodel, images, transform)
     return qmodel.eval()
+
+
+def calibrated(model: nn.Module, x: torch.Tensor, config=None) -> nn.Module:
+    torch.manual_seed(0)
+    qmodel = qat.prepare(model, config) if config is not None else qat.prepare(model)
+    qat.calibrate(qmodel, [x[i:i + 16] for i in range(0, len(x), 16)])
+    return qmodel.eval()
+
+
+def steps_apart(qmodel, expected: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+    """Per output element, how many steps of the model's output quantization apart."""
+    return (expected.float() - got.float()).abs() / _output_step(qmodel)
+
+
+class ConvBnRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 3, stride=2, groups=8)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 2 * 2, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.pool(F.relu(self.depthwise(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+class Branches(nn.Module):
+    """add, mul, cat, hardswish and a fixed-range sigmoid between convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.c = nn.Conv2d(12, 4, 1)
+        self.head = nn.Linear(4 * 12 * 12, 3)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        y = torch.cat([F.hardswish(a + b), a * b], 1)
+        return torch.sigmoid(self.head(torch.flatten(self.c(y), 1)))
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(20, 32)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+# Op patterns that each QDQ emitter (.pte, .onnx) must carry to integer kernels: model class,
+# sample shape, preset.
+QDQ_PATTERNS = {
+    "conv_bn_relu_depthwise_maxpool_linear": (ConvBnRelu, (3, 12, 12), None),
+    "add_mul_cat_hardswish_sigmoid": (Branches, (3, 12, 12), None),
+    "linear_relu": (Mlp, (20,), None),
+    "conv1d_bn_relu_keyword": (KeywordNet, (8, 40), None),
+    "conv_transpose2d_up": (UpNet, (3, 12, 12), None),
+    "fashion_cnn_w4a8": (FashionNet, (1, 28, 28), "w4a8"),
+}

@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 import qat
-from qat import _pte
+from qat import _onnx, _pte
 from qat.datasets import load_fashion_mnist
 
 from helpers import (TORCHVISION_PARITY, per_op_steps, script, sqnr_db, train_torchvision_float,
@@ -201,8 +201,9 @@ def test_torchvision_integer_model_follows_the_simulation(name, size, optimizer,
     """Trained briefly on Fashion-MNIST (an untrained network is chaotic: one step of
     noise on 0.1% of its inputs moves its own simulation's output to 10-23 dB), batch-norm
     statistics settled, calibrated, QAT fine-tuned: the integer model's SQNR against the
-    simulation; where ExecuTorch is installed (the PyPI leg), that of its .pte too, run in
-    ExecuTorch's runtime (the training is shared: efficientnet_b0's takes minutes)."""
+    simulation; where ExecuTorch and ONNX Runtime are installed (the PyPI leg), that of its
+    .pte and .onnx too, each run in its runtime (the training is shared: efficientnet_b0's
+    takes minutes)."""
     images, labels = load_fashion_mnist(train=True)
     test_images, _ = load_fashion_mnist(train=False)
     gen = torch.Generator().manual_seed(0)
@@ -221,6 +222,13 @@ def test_torchvision_integer_model_follows_the_simulation(name, size, optimizer,
         print(f"{name} .pte in ExecuTorch: {parity}")
         assert parity["sqnr_db"] >= 30, parity
         assert parity["top1_agreement"] >= 0.95, parity
+    if _onnx.available() is None:
+        qat.export(qmodel, tmp_path / "model.onnx", batches[0][:1])
+        parity = qat.compare(qmodel, str(tmp_path / "model.onnx"), batches)
+        print(f"{name} .onnx in ONNX Runtime: {parity}")
+        assert parity["sqnr_db"] >= 30, parity
+        assert parity["top1_agreement"] >= 0.95, parity
+        assert qat.read_metadata(tmp_path / "model.onnx")["onnx"]["layers_float"] == 0
 
 
 def test_convert_refuses_activations_narrower_than_the_kernels_saturate():

@@ -19,10 +19,10 @@ from torch import nn
 
 import qat
 from qat import _pte
-from qat.convert import _output_step
 from qat.export import describe, load
 
-from helpers import Activations, FashionNet, KeywordNet, TextCNN, TextEncoder, UpNet, sqnr_db
+from helpers import (QDQ_PATTERNS, Activations, ConvBnRelu, FashionNet, KeywordNet, Mlp,
+                     TextCNN, TextEncoder, calibrated, sqnr_db, steps_apart)
 
 MISSING = _pte.available()
 # A real limit: ExecuTorch exists only for the PyPI leg's PyTorch (executorch is pinned in
@@ -31,82 +31,19 @@ needs_executorch = pytest.mark.skipif(
     MISSING is not None, reason=f"{MISSING} (the .pte tests run on the PyPI leg)")
 
 
-def _calibrated(model: nn.Module, x: torch.Tensor, config=None) -> nn.Module:
-    torch.manual_seed(0)
-    qmodel = qat.prepare(model, config) if config is not None else qat.prepare(model)
-    qat.calibrate(qmodel, [x[i:i + 16] for i in range(0, len(x), 16)])
-    return qmodel.eval()
-
-
-def _steps_apart(qmodel, expected: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
-    """Per output element, how many steps of the model's output quantization apart."""
-    return (expected.float() - got.float()).abs() / _output_step(qmodel)
-
-
-class ConvBnRelu(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.depthwise = nn.Conv2d(8, 8, 3, stride=2, groups=8)
-        self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(8 * 2 * 2, 5)
-
-    def forward(self, x):
-        x = F.relu(self.bn(self.conv(x)))
-        x = self.pool(F.relu(self.depthwise(x)))
-        return self.fc(torch.flatten(x, 1))
-
-
-class Branches(nn.Module):
-    """add, mul, cat, hardswish and a fixed-range sigmoid between convs."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 6, 3, padding=1)
-        self.b = nn.Conv2d(3, 6, 3, padding=1)
-        self.c = nn.Conv2d(12, 4, 1)
-        self.head = nn.Linear(4 * 12 * 12, 3)
-
-    def forward(self, x):
-        a, b = self.a(x), self.b(x)
-        y = torch.cat([F.hardswish(a + b), a * b], 1)
-        return torch.sigmoid(self.head(torch.flatten(self.c(y), 1)))
-
-
-class Mlp(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(20, 32)
-        self.fc2 = nn.Linear(32, 8)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x)))
-
-
-PATTERNS = {
-    "conv_bn_relu_depthwise_maxpool_linear": (ConvBnRelu, (3, 12, 12), None),
-    "add_mul_cat_hardswish_sigmoid": (Branches, (3, 12, 12), None),
-    "linear_relu": (Mlp, (20,), None),
-    "conv1d_bn_relu_keyword": (KeywordNet, (8, 40), None),
-    "conv_transpose2d_up": (UpNet, (3, 12, 12), None),
-    "fashion_cnn_w4a8": (FashionNet, (1, 28, 28), "w4a8"),
-}
-
-
 @needs_executorch
-@pytest.mark.parametrize("name", PATTERNS)
+@pytest.mark.parametrize("name", QDQ_PATTERNS)
 def test_each_op_pattern_runs_on_xnnpack_as_the_integer_model(name, tmp_path):
-    cls, shape, preset = PATTERNS[name]
+    cls, shape, preset = QDQ_PATTERNS[name]
     x = torch.rand(64, *shape)
     config = getattr(qat.presets, preset)() if preset else None
-    qmodel = _calibrated(cls(), x, config)
+    qmodel = calibrated(cls(), x, config)
     path = str(tmp_path / "model.pte")
     int_model = qat.export(qmodel, path, x[:8])
     with torch.no_grad():
         expected = int_model(x[:8])
     got = _pte.run_fresh(path, (x[:8],))[0]
-    steps = _steps_apart(qmodel, expected, got)
+    steps = steps_apart(qmodel, expected, got)
     assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99, steps.max()
     assert steps.max().item() <= 3
     report = qat.read_metadata(path)["executorch"]
@@ -131,7 +68,7 @@ def test_3d_convs_are_refused_naming_the_layer(tmp_path):
     model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
                           nn.Linear(4 * 3 * 4 * 4, 2))
     x = torch.randn(8, 2, 3, 4, 4)
-    qmodel = _calibrated(model, x)
+    qmodel = calibrated(model, x)
     with pytest.raises(TypeError, match=r"no \.pte lowering for the 3-D conv 0: neither "
                                         r"XNNPACK nor ExecuTorch's portable kernels"):
         qat.export(qmodel, tmp_path / "model.pte", x[:1])
@@ -144,7 +81,7 @@ def test_embedding_bags_are_refused_naming_the_op(tmp_path):
     it, and no file left behind."""
     model = nn.Sequential(nn.EmbeddingBag(20, 6, mode="mean"), nn.Linear(6, 2))
     x = torch.randint(0, 20, (4, 5))
-    qmodel = _calibrated(model, x)
+    qmodel = calibrated(model, x)
     with pytest.raises(RuntimeError, match=r"ExecuTorch cannot lower this model .* \(at "
                                            r"aten\._embedding_bag"):
         qat.export(qmodel, tmp_path / "model.pte", x)
@@ -165,7 +102,7 @@ def test_embedding_tables_are_stored_in_float_and_said_so(tmp_path):
     with torch.no_grad():
         expected = int_model(tokens[:8])
     got = _pte.run_fresh(path, (tokens[:8],))[0]
-    steps = _steps_apart(qmodel, expected, got)
+    steps = steps_apart(qmodel, expected, got)
     assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99 and steps.max() <= 3, steps.max()
     assert qat.read_metadata(path)["executorch"]["weights_as_float"] == ["embed"]
     assert "weights stored in float (no integer embedding or recurrent kernel in " \
@@ -187,7 +124,7 @@ def test_transformer_encoder_projections_run_on_xnnpack(tmp_path):
     with torch.no_grad():
         expected = int_model(tokens[:8])
     got = _pte.run_fresh(path, (tokens[:8],))[0]
-    steps = _steps_apart(qmodel, expected, got)
+    steps = steps_apart(qmodel, expected, got)
     assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99 and steps.max() <= 3, steps.max()
     report = qat.read_metadata(path)["executorch"]
     # Per layer: query, key, value and output projections and two feed-forward linears;
@@ -238,14 +175,14 @@ def test_norms_and_activations_follow_the_integer_model(cls, kernels, tmp_path):
         for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
-    qmodel = _calibrated(model, x)
+    qmodel = calibrated(model, x)
     path = str(tmp_path / "model.pte")
     int_model = qat.export(qmodel, path, x[:8])
     assert {name: type(int_model.get_submodule(name)) for name in kernels} == kernels
     with torch.no_grad():
         expected = int_model(x[:8])
     got = _pte.run_fresh(path, (x[:8],))[0]
-    steps = _steps_apart(qmodel, expected, got)
+    steps = steps_apart(qmodel, expected, got)
     assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99 and steps.max() <= 3, steps.max()
 
 
@@ -284,7 +221,7 @@ def test_w4a8_linear_weights_are_stored_at_4_bits(tmp_path):
     sizes = {}
     for preset in ("int8", "w4a8"):
         path = tmp_path / f"{preset}.pte"
-        qat.export(_calibrated(model, x, getattr(qat.presets, preset)()), path, x[:1])
+        qat.export(calibrated(model, x, getattr(qat.presets, preset)()), path, x[:1])
         sizes[preset] = path.stat().st_size
     weights = 256 * 256 + 256 * 10
     # Half a byte less per weight, less what the 4-bit layout adds (scales stay fp32).
@@ -307,7 +244,7 @@ torch.save(out, sys.argv[3])
 @needs_executorch
 def test_the_file_runs_in_a_fresh_process_that_cannot_import_qat(tmp_path):
     x = torch.rand(32, 1, 28, 28)
-    qmodel = _calibrated(FashionNet(), x)
+    qmodel = calibrated(FashionNet(), x)
     path = tmp_path / "fashion.pte"
     int_model = qat.export(qmodel, path, x[:4])
     torch.save(x[:4], tmp_path / "x.pt")
@@ -319,7 +256,7 @@ def test_the_file_runs_in_a_fresh_process_that_cannot_import_qat(tmp_path):
     with torch.no_grad():
         expected = int_model(x[:4])
     assert got.shape == expected.shape
-    assert (_steps_apart(qmodel, expected, got) <= 1 + 1e-3).float().mean().item() >= 0.99
+    assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).float().mean().item() >= 0.99
 
 
 @needs_executorch
@@ -355,7 +292,7 @@ def test_the_report_names_the_ops_that_run_outside_xnnpack(tmp_path):
 
     x = torch.randn(16, 1, 8, 8)
     path = str(tmp_path / "erf.pte")
-    qat.export(_calibrated(Erf(), x), path, x[:2])
+    qat.export(calibrated(Erf(), x), path, x[:2])
     report = qat.read_metadata(path)
     assert report["executorch"] == {"layers": 1, "layers_delegated": 1,
                                     "not_delegated": ["aten.erf.default"],
@@ -368,7 +305,7 @@ def test_the_report_names_the_ops_that_run_outside_xnnpack(tmp_path):
 @needs_executorch
 def test_metadata_is_the_shared_writers_with_the_delegation_report(tmp_path):
     x = torch.rand(32, 3, 12, 12)
-    qmodel = _calibrated(ConvBnRelu(), x)
+    qmodel = calibrated(ConvBnRelu(), x)
     qat.export(qmodel, tmp_path / "m.pte", x[:2])
     qat.export(qmodel, tmp_path / "m.pt", x[:2], mobile=False)
     pte = qat.read_metadata(tmp_path / "m.pte")
@@ -381,7 +318,7 @@ def test_metadata_is_the_shared_writers_with_the_delegation_report(tmp_path):
 @needs_executorch
 def test_dynamic_linears_keep_their_int8_weights(tmp_path):
     x = torch.randn(32, 20)
-    qmodel = _calibrated(Mlp(), x, qat.presets.w8a8_dynamic())
+    qmodel = calibrated(Mlp(), x, qat.presets.w8a8_dynamic())
     path = str(tmp_path / "dynamic.pte")
     int_model = qat.export(qmodel, path, x[:4])
     with torch.no_grad():
@@ -399,7 +336,7 @@ def test_dynamic_linears_keep_their_int8_weights(tmp_path):
 def test_format_forces_the_kind_whatever_the_suffix(tmp_path):
     x = torch.rand(16, 20)
     path = tmp_path / "model.bin"
-    qat.export(_calibrated(Mlp(), x), path, x[:2], format="pte")
+    qat.export(calibrated(Mlp(), x), path, x[:2], format="pte")
     assert path.read_bytes()[4:8] == b"ET12"
 
 
@@ -414,7 +351,7 @@ def test_an_op_executorch_cannot_lower_is_named_and_no_file_is_left(tmp_path):
             return torch.unique(self.fc(x))
 
     x = torch.randn(16, 4)
-    qmodel = _calibrated(Unique(), x)
+    qmodel = calibrated(Unique(), x)
     path = tmp_path / "unique.pte"
     path.write_bytes(b"the previous file")
     with pytest.raises(RuntimeError, match=r"ExecuTorch cannot lower this model to its edge "
@@ -434,9 +371,10 @@ def test_a_model_neither_prepared_nor_converted_is_refused(tmp_path):
 
 
 def test_an_unknown_format_is_refused_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match=r"qat.export: format must be one of ptl, pt, pte "
-                                         r"\(or None: from the path's suffix\), got 'onnx'"):
-        qat.export(nn.Linear(2, 2), tmp_path / "m.onnx", torch.randn(1, 2), format="onnx")
+    with pytest.raises(ValueError, match=r"qat.export: format must be one of ptl, pt, pte, "
+                                         r"onnx \(or None: from the path's suffix\), got "
+                                         r"'tflite'"):
+        qat.export(nn.Linear(2, 2), tmp_path / "m.tflite", torch.randn(1, 2), format="tflite")
     assert os.listdir(tmp_path) == []
 
 
@@ -446,7 +384,7 @@ def test_without_executorch_a_pte_is_refused_with_the_reason(tmp_path):
     x = torch.rand(16, 20)
     with pytest.raises(RuntimeError, match=r"qat.export: cannot write or run .pte files: "
                                            r"ExecuTorch is not installed for this PyTorch"):
-        qat.export(_calibrated(Mlp(), x), tmp_path / "m.pte", x[:2])
+        qat.export(calibrated(Mlp(), x), tmp_path / "m.pte", x[:2])
     assert os.listdir(tmp_path) == []
 
 

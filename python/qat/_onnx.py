@@ -1,0 +1,535 @@
+"""The ONNX emitter: a converted integer model as a QDQ ONNX graph that ONNX Runtime runs on
+integer kernels.
+
+The graph is built from the lowered form, not by re-tracing the float model: each integer op
+of the converted model (``module.lowered(name)``) becomes its float ONNX op between
+``DequantizeLinear`` inputs and a ``QuantizeLinear`` / ``DequantizeLinear`` pair with the
+simulation's output qparams. Weights are stored as their integers (int8 initializers, per
+channel scales along their axis) behind a ``DequantizeLinear``, biases as int32 multiples of
+input scale x weight scale (what the integer kernels add, and what ``qat::round_bias``
+simulates). ONNX Runtime's graph optimizer fuses each dequantize -> op -> quantize group into
+an integer kernel (``QLinearConv``, ``QGemm``, ``QLinearAdd``, ...).
+
+Which qparams each tensor carries is read from one run of the converted model on the example
+inputs (as the ExecuTorch emitter does), so this emitter decides nothing the integer model
+did not."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import _op_roles, quantized
+from ._pte import _QParams, _Recorder
+
+__all__ = ["METADATA_KEY", "OPSET", "available", "emit", "load", "read_metadata_text",
+           "run_fresh"]
+
+# The model's metadata_props entry that holds qat's metadata (JSON).
+METADATA_KEY = "qat_metadata"
+
+# LayerNormalization is in the default domain from opset 17 on; ONNX Runtime's QDQ fusions
+# cover it.
+OPSET = 17
+
+# ONNX Runtime's integer kernels that its QDQ fusions make of a conv / linear, and the float
+# ops that a conv / linear stays when a group is not fused.
+_INTEGER_LAYERS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger",
+                   "QLinearConvTranspose", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+_FLOAT_LAYERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm",
+                 "FusedMatMul"}
+# Ops of an optimized graph that compute nothing in float worth naming in the report.
+_NOT_COMPUTE = {"QuantizeLinear", "DequantizeLinear", "Reshape", "Flatten", "Identity",
+                "Shape", "Slice", "Concat", "Transpose", "Squeeze", "Unsqueeze", "MaxPool",
+                "Relu", "Gather", "ReorderInput", "ReorderOutput"}
+
+
+def available() -> Optional[str]:
+    """None where the onnx package and ONNX Runtime import here, else why not."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - an absent or broken install alike
+        return f"the onnx and onnxruntime packages are not installed ({type(error).__name__}: " \
+               f"{error})"
+    return None
+
+
+def _op_names() -> Tuple[Dict, Dict[str, str], List[Tuple[object, str]]]:
+    """(function -> op name, method name -> op name, [(module type, op name)]) from the
+    op-role spellings."""
+    functions, methods, modules = {}, {}, []
+    for name, (fs, ms, ts) in _op_roles._SPELLINGS.items():
+        functions.update({f: name for f in fs})
+        methods.update({m: name for m in ms})
+        modules.extend((t, name) for t in ts)
+    return functions, methods, modules
+
+
+def _np_dtype(dtype: torch.dtype):
+    if dtype == torch.quint8:
+        return np.uint8
+    if dtype == torch.qint8:
+        return np.int8
+    raise TypeError(f"qat.export: activations of dtype {dtype} have no ONNX QDQ form "
+                    f"(quint8 or qint8 expected)")
+
+
+class _Emitter:
+    def __init__(self, gm: fx.GraphModule, recorder: _Recorder):
+        import onnx
+
+        self.onnx = onnx
+        self.gm = gm
+        self.recorded = recorder.qparams
+        self.shapes = recorder.shapes
+        self.sizes = recorder.sizes
+        self.nodes: List = []
+        self.initializers: List = []
+        self.used = set()
+        self.env: Dict[fx.Node, str] = {}
+        self.layers = 0
+        self.int8_stored: List[str] = []
+        self.functions, self.methods, self.modules = _op_names()
+
+    def fresh(self, base: str) -> str:
+        base = base.replace(".", "_")
+        name, count = base, 0
+        while name in self.used:
+            count += 1
+            name = f"{base}_{count}"
+        self.used.add(name)
+        return name
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.initializers.append(self.onnx.numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: List[str], base: str, **attributes) -> str:
+        out = self.fresh(base)
+        self.nodes.append(self.onnx.helper.make_node(op_type, inputs, [out], name=out,
+                                                     **attributes))
+        return out
+
+    def qdq(self, x: str, qparams: _QParams, base: str) -> str:
+        """``x`` rounded to the grid of ``qparams`` (quantize, then dequantize)."""
+        scale, zero_point, dtype = qparams
+        s = self.const(f"{base}_scale", np.array(scale, np.float32))
+        z = self.const(f"{base}_zero_point", np.array(zero_point, _np_dtype(dtype)))
+        q = self.op("QuantizeLinear", [x, s, z], f"{base}_quantized")
+        return self.op("DequantizeLinear", [q, s, z], f"{base}_dequantized")
+
+    def weight(self, op) -> Tuple[str, np.ndarray]:
+        """(the dequantized int8 weight of a lowered conv / linear, its float32 scales)."""
+        w = op.weight
+        if op.weight_bits < 8:
+            self.int8_stored.append(op.name)  # int4 needs opset 21: stored as int8
+        ints = self.const(f"{op.name}.weight", w.int_repr().numpy())
+        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            scales = w.q_per_channel_scales().numpy().astype(np.float32)
+            zero_points = w.q_per_channel_zero_points().numpy().astype(np.int8)
+            axis = {"axis": w.q_per_channel_axis()}
+        else:
+            scales = np.array(w.q_scale(), np.float32)
+            zero_points = np.array(w.q_zero_point(), np.int8)
+            axis = {}
+        s = self.const(f"{op.name}.weight_scale", scales)
+        # Spelled out even when 0: ONNX Runtime's QGemm fusion reads the weight's type there.
+        z = self.const(f"{op.name}.weight_zero_point", zero_points)
+        return self.op("DequantizeLinear", [ints, s, z], f"{op.name}.weight_dequantized",
+                       **axis), scales
+
+    def bias(self, op, input_qparams: _QParams, weight_scales: np.ndarray) -> str:
+        """The bias as int32 multiples of input scale x weight scale, dequantized: the
+        integers the kernels add (``qat::round_bias`` rounds the simulation's the same way,
+        in float32, half to even)."""
+        bias = op.bias.detach().float().numpy()
+        step = (np.float32(input_qparams[0]) * weight_scales).astype(np.float32)
+        step = np.broadcast_to(step, bias.shape).astype(np.float32)
+        ints = np.round(bias / step).astype(np.int32)
+        b = self.const(f"{op.name}.bias", ints)
+        s = self.const(f"{op.name}.bias_scale", step)
+        # No zero point: 0, as the kernels' int32 bias has.
+        return self.op("DequantizeLinear", [b, s], f"{op.name}.bias_dequantized", axis=0)
+
+    def input_qparams(self, node: fx.Node) -> _QParams:
+        source = node.args[0]
+        if source not in self.recorded:
+            raise ValueError(f"qat.export: the input of {node.target} is not a quantized "
+                             f"tensor in the integer model")
+        return self.recorded[source]
+
+    def integer_op(self, node: fx.Node, module: nn.Module) -> str:
+        """The float op of one integer module, quantized to its output qparams."""
+        op = module.lowered(node.target)
+        args = [self.env[a] if isinstance(a, fx.Node) else a for a in node.args]
+        name = node.name
+        if isinstance(module, quantized._ConvNd):
+            self.layers += 1
+            w, scales = self.weight(op)
+            b = self.bias(op, self.input_qparams(node), scales)
+            geometry = dict(strides=list(op.stride), pads=list(op.padding) * 2,
+                            dilations=list(op.dilation), group=op.groups)
+            if isinstance(module, quantized._ConvTransposeNd):
+                y = self.op("ConvTranspose", [args[0], w, b], name,
+                            output_padding=list(module.output_padding), **geometry)
+            else:
+                y = self.op("Conv", [args[0], w, b], name, **geometry)
+        elif isinstance(module, quantized.Linear):
+            self.layers += 1
+            w, scales = self.weight(op)
+            b = self.bias(op, self.input_qparams(node), scales)
+            y = self.linear(args[0], w, b, self.shapes[node.args[0]], name)
+        elif isinstance(module, (quantized.Add, quantized.Mul)):
+            y = self.op("Add" if isinstance(module, quantized.Add) else "Mul",
+                        [args[0], args[1]], name)
+        elif isinstance(module, quantized.Cat):
+            rank = len(self.shapes[node])
+            y = self.op("Concat", [self.env[a] for a in node.args[0]], name,
+                        axis=module.dim % rank)
+        elif isinstance(module, quantized.Hardswish):
+            y = self.op("HardSwish", [args[0]], name)
+        elif isinstance(module, quantized.ELU):
+            y = self.op("Elu", [args[0]], name, alpha=float(module.alpha))
+        elif isinstance(module, quantized.LeakyReLU):
+            y = self.op("LeakyRelu", [args[0]], name, alpha=float(module.negative_slope))
+        elif isinstance(module, quantized.BatchNorm):
+            channels = module.running_mean.numel()
+            ones, zeros = np.ones(channels, np.float32), np.zeros(channels, np.float32)
+            weight = ones if module.weight is None else module.weight.numpy()
+            bias = zeros if module.bias is None else module.bias.numpy()
+            y = self.op("BatchNormalization", [
+                args[0], self.const(f"{name}.weight", weight), self.const(f"{name}.bias", bias),
+                self.const(f"{name}.running_mean", module.running_mean.numpy()),
+                self.const(f"{name}.running_var", module.running_var.numpy())],
+                name, epsilon=module.eps)
+        elif isinstance(module, quantized.LayerNorm):
+            shape = module.normalized_shape
+            weight = (np.ones(shape, np.float32) if module.weight is None
+                      else module.weight.numpy())
+            bias = (np.zeros(shape, np.float32) if module.bias is None
+                    else module.bias.numpy())
+            y = self.op("LayerNormalization", [
+                args[0], self.const(f"{name}.weight", weight), self.const(f"{name}.bias", bias)],
+                name, axis=-len(shape), epsilon=module.eps)
+        else:
+            raise TypeError(f"qat.export: no ONNX lowering for {type(module).__name__} "
+                            f"({node.target}), so no .onnx was written")
+        if op.relu:
+            y = self.op("Relu", [y], f"{name}_relu")
+        return self.qdq(y, self.recorded[node], name)
+
+    def linear(self, x: str, w: str, b: str, shape: Tuple[int, ...], name: str) -> str:
+        """``Gemm`` with the weight transposed (ONNX Runtime's QGemm takes per-channel
+        weights along that axis); an input of more than two dimensions is flattened to
+        two around it and its leading dimensions restored after."""
+        if len(shape) == 2:
+            return self.op("Gemm", [x, w, b], name, transB=1)
+        flat = self.op("Flatten", [x], f"{name}_flat", axis=len(shape) - 1)
+        y = self.op("Gemm", [flat, w, b], name, transB=1)
+        leading = self.op("Slice", [self.op("Shape", [x], f"{name}_shape"),
+                                    self.const(f"{name}_start", np.array([0], np.int64)),
+                                    self.const(f"{name}_end", np.array([-1], np.int64))],
+                          f"{name}_leading")
+        out = self.const(f"{name}_features", np.array([-1], np.int64))
+        target = self.op("Concat", [leading, out], f"{name}_out_shape", axis=0)
+        return self.op("Reshape", [y, target], f"{name}_reshaped")
+
+    def op_name(self, node: fx.Node) -> Optional[str]:
+        """The op-role name of a node that is not one of qat's integer modules."""
+        if node.op == "call_function":
+            return self.functions.get(node.target)
+        if node.op == "call_method":
+            return self.methods.get(node.target)
+        module = self.gm.get_submodule(node.target)
+        for types, name in self.modules:
+            if _op_roles.is_module_of(module, (types,)):
+                return name
+        return None
+
+    def chunk(self, node: fx.Node) -> List[str]:
+        """``torch.chunk`` as a Split into as many outputs (``getitem`` picks one)."""
+        chunks = node.args[1] if len(node.args) > 1 else node.kwargs["chunks"]
+        shape = self.shapes[node.args[0]]
+        dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % len(shape)
+        each = -(-shape[dim] // chunks)
+        sizes = [each] * (shape[dim] // each) + ([shape[dim] % each] if shape[dim] % each else [])
+        outputs = [self.fresh(f"{node.name}_{i}") for i in range(len(sizes))]
+        self.nodes.append(self.onnx.helper.make_node(
+            "Split", [self.env[node.args[0]], self.const(f"{node.name}_sizes",
+                                                         np.array(sizes, np.int64))],
+            outputs, name=node.name, axis=dim))
+        return outputs
+
+    def other(self, node: fx.Node):
+        """An op without an integer module: a ReLU, pooling, a reshape, a fixed-range
+        activation, an average left in float."""
+        if node.target is torch.chunk or (node.op == "call_method" and node.target == "chunk"):
+            return self.chunk(node)
+        name = self.op_name(node)
+        if name == "getitem" and isinstance(self.env[node.args[0]], list):
+            return self.env[node.args[0]][node.args[1]]
+        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        args = [self.env[a] if isinstance(a, fx.Node) else a for a in node.args]
+        what = type(module).__name__ if module is not None else getattr(
+            node.target, "__name__", node.target)
+        if name in ("dropout", "identity", "contiguous"):
+            return args[0]
+        if name in ("relu", "sigmoid", "tanh"):
+            return self.op({"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}[name],
+                           [args[0]], node.name)
+        if name == "cat":
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            return self.op("Concat", [self.env[a] for a in node.args[0]], node.name,
+                           axis=dim % len(self.shapes[node]))
+        if name in ("add", "mul") and len(args) == 2 and not node.kwargs:
+            operands = [a if isinstance(a, str) else
+                        self.const(f"{node.name}_operand", np.array(a, np.float32))
+                        for a in args]
+            return self.op(name.capitalize(), operands, node.name)
+        if name in ("transpose", "permute"):
+            rank = len(self.shapes[node])
+            dims = list(node.args[1:]) or list(node.kwargs.values())
+            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = list(dims[0])
+            if name == "transpose":
+                perm = list(range(rank))
+                i, j = dims[0] % rank, dims[1] % rank
+                perm[i], perm[j] = perm[j], perm[i]
+            else:
+                perm = [d % rank for d in dims]
+            return self.op("Transpose", [args[0]], node.name, perm=perm)
+        if name == "mean":
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+            rank = len(self.shapes[node.args[0]])
+            axes = [d % rank for d in ((dims,) if isinstance(dims, int) else dims)]
+            return self.op("ReduceMean", [args[0]], node.name, axes=axes,
+                           keepdims=int(bool(keepdim)))
+        if name == "hardswish":
+            return self.op("HardSwish", [args[0]], node.name)
+        if name == "relu6":
+            return self.op("Clip", [args[0], self.const(f"{node.name}_min", np.float32(0)),
+                                    self.const(f"{node.name}_max", np.float32(6))], node.name)
+        if name == "hardsigmoid":
+            return self.op("HardSigmoid", [args[0]], node.name, alpha=1 / 6, beta=0.5)
+        if name in ("flatten", "reshape", "view", "squeeze", "unsqueeze"):
+            return self.reshape(node, args[0])
+        if name in ("max_pool1d", "max_pool2d") and module is not None:
+            dims = 1 if name == "max_pool1d" else 2
+            return self.op("MaxPool", [args[0]], node.name, **self.pooling(module, dims),
+                           dilations=_tuple(module.dilation, dims),
+                           ceil_mode=int(module.ceil_mode))
+        if name in ("avg_pool1d", "avg_pool2d") and module is not None:
+            dims = 1 if name == "avg_pool1d" else 2
+            return self.op("AveragePool", [args[0]], node.name, **self.pooling(module, dims),
+                           ceil_mode=int(module.ceil_mode),
+                           count_include_pad=int(module.count_include_pad))
+        if name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"):
+            size = module.output_size if module is not None else node.args[1]
+            if all(s == 1 for s in _tuple(size, len(self.shapes[node]) - 2)):
+                return self.op("GlobalAveragePool", [args[0]], node.name)
+        raise TypeError(f"qat.export: no ONNX lowering for {what} (node {node.name}), so no "
+                        f".onnx was written")
+
+    def pooling(self, module: nn.Module, dims: int) -> dict:
+        stride = module.stride if module.stride is not None else module.kernel_size
+        return dict(kernel_shape=_tuple(module.kernel_size, dims),
+                    strides=_tuple(stride, dims), pads=_tuple(module.padding, dims) * 2)
+
+    def reshape(self, node: fx.Node, x: str) -> str:
+        """Any flatten / reshape / view as a Reshape to the shape the integer model gave,
+        its batch dimension copied from the input (ONNX's 0) where it was kept."""
+        shape = list(self.shapes[node])
+        source = self.shapes[node.args[0]]
+        if shape and source and shape[0] == source[0]:
+            shape[0] = 0
+        return self.op("Reshape", [x, self.const(f"{node.name}_shape",
+                                                  np.array(shape, np.int64))], node.name)
+
+    def node(self, node: fx.Node) -> Optional[str]:
+        if node.op == "placeholder":
+            self.used.add(node.name)
+            return node.name
+        if node.op == "output" or node in self.sizes:
+            # Size arithmetic (x.size(0), c // 2) feeds only reshapes, which take the shapes
+            # the integer model gave.
+            return None
+        if node.op == "call_module":
+            module = self.gm.get_submodule(node.target)
+            if isinstance(module, quantized.DeQuantize):
+                return self.env[node.args[0]]  # tensors are float between the pairs
+            if isinstance(module, quantized.Quantize):
+                source = node.args[0]
+                if self.recorded.get(source) == self.recorded[node]:
+                    return self.env[source]
+                return self.qdq(self.env[source], self.recorded[node], node.name)
+            if isinstance(module, quantized._WithOutputQParams):
+                return self.integer_op(node, module)
+        if node.op not in ("call_module", "call_function", "call_method"):
+            raise TypeError(f"qat.export: no ONNX lowering for the {node.op} node "
+                            f"{node.name}, so no .onnx was written")
+        out = self.other(node)
+        # An op that ran on quantized tensors wrote its output on a grid: the pair says which
+        # (none for one that only passes its input's values on).
+        if node in self.recorded and out != self.env.get(node.args[0]) and \
+                self.op_name(node) != "getitem":
+            return self.qdq(out, self.recorded[node], f"{node.name}_out")
+        return out
+
+    def run(self, inputs: tuple, metadata: dict):
+        helper, onnx = self.onnx.helper, self.onnx
+        graph_inputs, graph_outputs = [], []
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                x = inputs[len(graph_inputs)]
+                shape = ["batch", *x.shape[1:]] if x.dim() else []
+                graph_inputs.append(helper.make_tensor_value_info(
+                    node.name, onnx.helper.np_dtype_to_tensor_dtype(x.numpy().dtype), shape))
+            if node.op == "output":
+                outputs = node.args[0]
+                for i, out in enumerate(outputs if isinstance(outputs, (tuple, list))
+                                        else [outputs]):
+                    name = self.op("Identity", [self.env[out]], f"output_{i}")
+                    shape = self.shapes[out]
+                    graph_outputs.append(helper.make_tensor_value_info(
+                        name, onnx.TensorProto.FLOAT, ["batch", *shape[1:]] if shape else []))
+                continue
+            self.env[node] = self.node(node)
+        graph = helper.make_graph(self.nodes, type(self.gm).__name__, graph_inputs,
+                                  graph_outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="qat")
+        helper.set_model_props(model, {METADATA_KEY: json.dumps(metadata)})
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def _tuple(value, dims: int) -> List[int]:
+    return list(value) if isinstance(value, (tuple, list)) else [int(value)] * dims
+
+
+def _session_options(optimized_path: Optional[str] = None):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    if optimized_path is not None:
+        # The QDQ fusions are of the extended level; the full level adds layouts of this
+        # machine's own, which a saved model should not hold.
+        options.graph_optimization_level = \
+            onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = optimized_path
+    return options
+
+
+def integer_report(model_bytes: bytes) -> dict:
+    """What ONNX Runtime's optimizer makes of the model: the op types of its optimized
+    graph, and how many convs / linears run on integer kernels."""
+    import onnx
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory() as folder:
+        optimized = os.path.join(folder, "optimized.onnx")
+        onnxruntime.InferenceSession(model_bytes, _session_options(optimized),
+                                     providers=["CPUExecutionProvider"])
+        graph = onnx.load(optimized).graph
+    kinds = [n.op_type for n in graph.node]
+    return {"layers_integer": sum(k in _INTEGER_LAYERS for k in kinds),
+            "layers_float": sum(k in _FLOAT_LAYERS for k in kinds),
+            "float_ops": sorted({k for k in kinds if k not in _NOT_COMPUTE
+                                 and not k.startswith("QLinear") and k not in _INTEGER_LAYERS
+                                 and k != "QGemm"})}
+
+
+def emit(int_model: fx.GraphModule, inputs: tuple, metadata: dict) -> Tuple[bytes, dict]:
+    """The ``.onnx`` model of ``int_model`` (QDQ, checked by ``onnx.checker``) with
+    ``metadata`` and the report of what ONNX Runtime runs on integer kernels in its
+    ``metadata_props``; and that report."""
+    if not isinstance(int_model, fx.GraphModule):
+        raise TypeError(f"qat.export: an .onnx is written from a QAT model or one converted "
+                        f"by qat.convert (a torch.fx.GraphModule), got "
+                        f"{type(int_model).__name__}")
+    recorder = _Recorder(int_model)
+    with torch.no_grad():
+        recorder.run(*inputs)
+    emitter = _Emitter(int_model, recorder)
+    model = emitter.run(inputs, metadata)
+    report = {"opset": OPSET, "layers": emitter.layers,
+              **integer_report(model.SerializeToString()),
+              "sub_8bit_weights_as_int8": emitter.int8_stored}
+    emitter.onnx.helper.set_model_props(
+        model, {METADATA_KEY: json.dumps({**metadata, "onnx": report})})
+    return model.SerializeToString(), report
+
+
+# Loads an .onnx with ONNX Runtime alone and runs it on saved inputs: the check of a written
+# file, in a process that has not imported qat (nor torch).
+_FRESH_CHECK = """
+import sys
+import numpy as np
+import onnxruntime
+session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+saved = np.load(sys.argv[2])
+feeds = {i.name: saved[f"arg{k}"] for k, i in enumerate(session.get_inputs())}
+outputs = session.run(None, feeds)
+assert "qat" not in sys.modules and "torch" not in sys.modules, "the check imported qat"
+np.savez(sys.argv[3], *outputs)
+"""
+
+
+def run_fresh(path: str, inputs: tuple) -> List[torch.Tensor]:
+    """The outputs of the ``.onnx`` at ``path`` on ``inputs``, computed by ONNX Runtime in a
+    fresh Python process that imports neither qat nor torch."""
+    with tempfile.TemporaryDirectory() as folder:
+        saved_in = os.path.join(folder, "inputs.npz")
+        saved_out = os.path.join(folder, "outputs.npz")
+        np.savez(saved_in, **{f"arg{k}": t.contiguous().numpy() for k, t in enumerate(inputs)})
+        done = subprocess.run([sys.executable, "-c", _FRESH_CHECK, path, saved_in, saved_out],
+                              capture_output=True, text=True, cwd=folder)
+        if done.returncode != 0:
+            lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+            cause = lines[-1] if lines else f"exit status {done.returncode}"
+            hint = ""
+            if "out of computation range" in cause:
+                hint = ("; ONNX Runtime's integer kernels bound the ratio of an op's input "
+                        "and output scales, which an output range collapsed to its floor "
+                        "exceeds: train or calibrate on real data")
+            raise RuntimeError(f"qat.export: ONNX Runtime could not run the model for "
+                               f"{path!r} in a fresh process: {cause}{hint}")
+        with np.load(saved_out) as saved:
+            return [torch.from_numpy(saved[f"arr_{k}"]) for k in range(len(saved.files))]
+
+
+def load(path: str):
+    """An ONNX Runtime session of the model at ``path``, on as many threads as
+    ``torch.get_num_threads()`` (as the other runtimes are timed)."""
+    import onnxruntime
+
+    options = _session_options()
+    options.intra_op_num_threads = torch.get_num_threads()
+    try:
+        return onnxruntime.InferenceSession(path, options,
+                                            providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - ONNX Runtime's own exception types
+        raise ValueError(f"qat: {path!r} is not an ONNX model ONNX Runtime can load "
+                         f"({error})") from None
+
+
+def read_metadata_text(path: str) -> Optional[str]:
+    """The metadata JSON an ``.onnx`` written by qat carries, or None."""
+    import onnx
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as error:  # noqa: BLE001 - protobuf's decode errors
+        raise ValueError(f"qat: {path!r} is not an ONNX model ({error})") from None
+    return next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)

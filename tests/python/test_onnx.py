@@ -1,0 +1,252 @@
+"""qat.export to ONNX (.onnx, QDQ): each op pattern on ONNX Runtime's integer kernels, the
+fused nodes in ONNX Runtime's optimized graph, the fresh-process round trip (without qat or
+torch), parity on the Fashion-MNIST CNN, the metadata, the command line, and the refusals.
+
+The reference is the integer model on PyTorch's quantized kernels (qat.convert's), which
+the .onnx re-expresses as QuantizeLinear / DequantizeLinear pairs: ONNX Runtime's integer
+kernels round their requantization with fp32 multipliers of their own, so outputs are held
+to one quantization step of the output per element (a flip in one layer may move the
+output by more, rarely)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import qat
+from qat import _onnx
+from qat.export import describe, load
+
+from helpers import QDQ_PATTERNS, ConvBnRelu, FashionNet, Mlp, calibrated, steps_apart
+
+MISSING = _onnx.available()
+# A real limit: onnx and onnxruntime are pinned for the PyPI leg (requirements/pypi.txt);
+# Debian's world has neither, and there the refusal test below runs.
+needs_onnx = pytest.mark.skipif(MISSING is not None,
+                                reason=f"{MISSING} (the .onnx tests run on the PyPI leg)")
+
+# ONNX Runtime's CPU provider has no integer transposed convolution: those stay float
+# ConvTranspose ops on the dequantized int8 weights.
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+
+def _optimized_ops(path, tmp_path):
+    """The op types of ONNX Runtime's optimized graph of the model at ``path``, read from
+    the file ONNX Runtime saves (not from qat's report)."""
+    import onnx
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+
+@needs_onnx
+@pytest.mark.parametrize("name", QDQ_PATTERNS)
+def test_each_op_pattern_runs_on_integer_kernels_as_the_integer_model(name, tmp_path):
+    cls, shape, preset = QDQ_PATTERNS[name]
+    x = torch.rand(64, *shape)
+    config = getattr(qat.presets, preset)() if preset else None
+    qmodel = calibrated(cls(), x, config)
+    path = str(tmp_path / "model.onnx")
+    int_model = qat.export(qmodel, path, x[:8])
+    with torch.no_grad():
+        expected = int_model(x[:8])
+    got = _onnx.run_fresh(path, (x[:8],))[0]
+    steps = steps_apart(qmodel, expected, got)
+    assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99, steps.max()
+    assert steps.max().item() <= 3
+    modules = list(cls().modules())
+    layers = sum(isinstance(m, _LAYERS) for m in modules)
+    transposed = sum(isinstance(m, nn.ConvTranspose2d) for m in modules)
+    ops = _optimized_ops(path, tmp_path)
+    integer = sum(op in ("QLinearConv", "QGemm", "QLinearMatMul") for op in ops)
+    assert integer == layers - transposed, ops
+    assert ops.count("ConvTranspose") == transposed
+    assert "Conv" not in ops and "Gemm" not in ops
+    report = qat.read_metadata(path)["onnx"]
+    assert (report["layers"], report["layers_integer"]) == (layers, layers - transposed)
+    assert report["float_ops"] == (["ConvTranspose"] if transposed else []) + (
+        # The float island of hardswish, which ONNX Runtime writes as x * hardsigmoid(x).
+        ["HardSigmoid", "Mul"] if name.startswith("add_mul") else [])
+    named = [n for n, m in cls().named_modules() if isinstance(m, _LAYERS)]
+    assert report["sub_8bit_weights_as_int8"] == (named if preset == "w4a8" else [])
+
+
+@needs_onnx
+def test_weights_are_stored_as_their_integers_and_biases_as_int32(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    x = torch.rand(32, 3, 12, 12)
+    qmodel = calibrated(ConvBnRelu(), x)
+    path = tmp_path / "model.onnx"
+    int_model = qat.export(qmodel, path, x[:2])
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    for name in ("conv", "depthwise", "fc"):
+        weight = int_model.get_submodule(name).lowered(name).weight
+        assert stored[f"{name}_weight"].dtype == np.int8
+        assert np.array_equal(stored[f"{name}_weight"], weight.int_repr().numpy())
+        assert np.array_equal(stored[f"{name}_weight_scale"],
+                              weight.q_per_channel_scales().float().numpy())
+        # The bias the integer kernels add: multiples of input scale x weight scale.
+        bias = int_model.get_submodule(name).lowered(name).bias.float().numpy()
+        assert stored[f"{name}_bias"].dtype == np.int32
+        step = stored[f"{name}_bias_scale"]
+        assert np.abs(stored[f"{name}_bias"] * step - bias).max() <= step.max() / 2 + 1e-12
+
+
+@needs_onnx
+def test_an_int8_file_is_about_a_quarter_of_the_float_weights(tmp_path):
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    x = torch.randn(64, 512)
+    path = tmp_path / "mlp.onnx"
+    qat.export(calibrated(model, x), path, x[:1])
+    floats = sum(p.numel() for p in model.parameters()) * 4
+    assert path.stat().st_size <= 0.27 * floats, (path.stat().st_size, floats)
+
+
+# Runs an .onnx where neither qat nor torch can be imported: the file needs ONNX Runtime
+# alone.
+_WITHOUT_QAT = """
+import sys
+sys.modules["qat"] = None
+sys.modules["torch"] = None  # import torch now fails
+import numpy as np
+import onnxruntime
+session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+x = np.load(sys.argv[2])
+np.save(sys.argv[3], session.run(None, {session.get_inputs()[0].name: x})[0])
+"""
+
+
+@needs_onnx
+def test_the_file_runs_without_qat_or_torch_at_any_batch_size(tmp_path):
+    x = torch.rand(32, 1, 28, 28)
+    qmodel = calibrated(FashionNet(), x)
+    path = tmp_path / "fashion.onnx"
+    int_model = qat.export(qmodel, path, x[:4])
+    # The batch dimension is free: exported with 4, run with 7.
+    np.save(tmp_path / "x.npy", x[:7].numpy())
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_QAT, str(path),
+                           str(tmp_path / "x.npy"), str(tmp_path / "out.npy")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = torch.from_numpy(np.load(tmp_path / "out.npy"))
+    with torch.no_grad():
+        expected = int_model(x[:7])
+    assert got.shape == expected.shape
+    assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).float().mean().item() >= 0.99
+
+
+@needs_onnx
+def test_fashion_mnist_onnx_matches_the_simulation(fashion_qat_model, tmp_path):
+    qmodel, test_x, test_y = fashion_qat_model
+    path = str(tmp_path / "fashion.onnx")
+    qat.export(qmodel, path, test_x[:1])
+    batches = [test_x[i:i + 500] for i in range(0, len(test_x), 500)]
+    parity = qat.compare(qmodel, path, batches)
+    session, runtime = load(path)
+    with torch.no_grad():
+        accuracy = {
+            "simulation": (qmodel(test_x).argmax(1) == test_y).float().mean().item(),
+            "onnx": (torch.cat([session(b) for b in batches]).argmax(1) == test_y)
+            .float().mean().item()}
+    print(f"\nFashion-MNIST test set (10,000), .onnx in ONNX Runtime: {parity}, "
+          f"accuracy {accuracy}")
+    assert runtime == "ONNX Runtime"
+    assert parity["within_one_step"] >= 0.99
+    assert parity["top1_agreement"] >= 0.995
+    assert accuracy["simulation"] > 0.6, "the model did learn"
+
+
+@needs_onnx
+def test_metadata_is_the_shared_writers_with_the_integer_kernel_report(tmp_path):
+    x = torch.rand(32, 3, 12, 12)
+    qmodel = calibrated(ConvBnRelu(), x)
+    qat.export(qmodel, tmp_path / "m.onnx", x[:2])
+    qat.export(qmodel, tmp_path / "m.pt", x[:2], mobile=False)
+    onnx_meta = qat.read_metadata(tmp_path / "m.onnx")
+    pt = qat.read_metadata(tmp_path / "m.pt")
+    assert set(onnx_meta) - set(pt) == {"onnx"}
+    assert {k: v for k, v in onnx_meta.items() if k != "onnx"} == pt
+    assert onnx_meta["onnx"] == {"opset": 17, "layers": 3, "layers_integer": 3,
+                                 "layers_float": 0, "float_ops": [],
+                                 "sub_8bit_weights_as_int8": []}
+    assert "ONNX Runtime runs 3 of 3 convs / linears on integer kernels (opset 17); float " \
+        "ops: none" in describe(tmp_path / "m.onnx")
+
+
+@needs_onnx
+def test_an_op_without_onnx_lowering_is_named_and_no_file_is_left(tmp_path):
+    class Erf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            return torch.erf(self.conv(x))
+
+    x = torch.randn(16, 1, 8, 8)
+    path = tmp_path / "erf.onnx"
+    path.write_bytes(b"the previous file")
+    with pytest.raises(TypeError, match=r"qat.export: no ONNX lowering for erf \(node erf\), "
+                                        r"so no \.onnx was written"):
+        qat.export(calibrated(Erf(), x), path, x[:2])
+    assert path.read_bytes() == b"the previous file"
+    assert sorted(os.listdir(tmp_path)) == ["erf.onnx"]
+
+
+@needs_onnx
+def test_format_forces_the_kind_whatever_the_suffix(tmp_path):
+    x = torch.rand(16, 20)
+    path = tmp_path / "model.bin"
+    qat.export(calibrated(Mlp(), x), path, x[:2], format="onnx")
+    assert _onnx.read_metadata_text(str(path)) is not None
+
+
+@needs_onnx
+def test_a_model_neither_prepared_nor_converted_is_refused(tmp_path):
+    with pytest.raises(TypeError, match=r"an \.onnx is written from a QAT model or one "
+                                        r"converted by qat\.convert .* got Linear"):
+        qat.export(nn.Linear(2, 2), tmp_path / "m.onnx", torch.randn(1, 2))
+    assert os.listdir(tmp_path) == []
+
+
+# The refusal can only be seen where onnx is absent (the Debian leg runs it).
+@pytest.mark.skipif(MISSING is None, reason="onnx and onnxruntime are installed here")
+def test_without_onnx_an_onnx_file_is_refused_with_the_reason(tmp_path):
+    x = torch.rand(16, 20)
+    with pytest.raises(RuntimeError, match=r"qat.export: cannot write or run .onnx files: "
+                                           r"the onnx and onnxruntime packages are not "
+                                           r"installed"):
+        qat.export(calibrated(Mlp(), x), tmp_path / "m.onnx", x[:2])
+    assert os.listdir(tmp_path) == []
+
+
+@needs_onnx
+def test_command_line_inspects_benches_and_compares_onnx_files(tmp_path, fashion_qat_model):
+    qmodel, test_x, _ = fashion_qat_model
+    qat.export(qmodel, tmp_path / "int.onnx", test_x[:1])
+    qat.export(qmodel, tmp_path / "int.pt", test_x[:1], mobile=False)
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-m", "qat", *map(str, args)],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    assert "ONNX Runtime runs 5 of 5 convs / linears on integer kernels" in \
+        cli("inspect", tmp_path / "int.onnx")
+    out = cli("bench", tmp_path / "int.onnx", "--iterations", "5", "--threads", "1",
+              "--batch", "4")
+    assert "ONNX Runtime, engine CPUExecutionProvider, threads 1, input 4x1x28x28 float32" \
+        in out
+    out = cli("compare", tmp_path / "int.pt", tmp_path / "int.onnx", "--limit", "200")
+    assert float(out.split("top-1 agreement ")[1].split()[0]) >= 0.99
