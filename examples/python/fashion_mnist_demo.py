@@ -6,8 +6,8 @@ fine-tuned with QAT at int8, at 4-bit weights (w4a8) and at per-layer bits chose
 ``qat.auto_precision`` under the w4a8 model's weight size; each is converted and exported
 in every mobile format this installation runs: a lite-interpreter ``.ptl`` where this
 PyTorch still has the lite interpreter, an ExecuTorch ``.pte`` (XNNPACK) where ExecuTorch is
-installed (the PyPI PyTorch: ``scripts/run_pypi.sh``), each beside the float model in the
-same format. PyTorch's own QAT (``prepare_qat_fx`` / ``convert_fx``, qnnpack) is fine-tuned
+installed and a QDQ ``.onnx`` (ONNX Runtime) where onnx and onnxruntime are (the PyPI
+PyTorch: ``scripts/run_pypi.sh``), each beside the float model in the same format. PyTorch's own QAT (``prepare_qat_fx`` / ``convert_fx``, qnnpack) is fine-tuned
 on the same schedule from the same float weights (``.ptl`` only). One table per format
 shows, per model: the test accuracy of its file in its runtime (and of the QAT simulation),
 the file's size, its latency at batch 1 in that runtime, and the parity of the file with
@@ -40,7 +40,8 @@ import qat  # noqa: E402
 from qat.datasets import DEFAULT_FASHION_MNIST, load_fashion_mnist  # noqa: E402
 from qat.export import load  # noqa: E402
 from qat.mobile import (executorch_latency_ms, lite_latency_ms, mobile_formats,  # noqa: E402
-                        save_for_executorch, save_for_lite_interpreter)
+                        onnx_latency_ms, save_for_executorch, save_for_lite_interpreter,
+                        save_for_onnx)
 from qat.precision import model_size, weight_bits  # noqa: E402
 
 BATCH = 128
@@ -51,6 +52,7 @@ RUNTIMES = {
     "ptl": ("lite interpreter, qnnpack", BATCH,
             lambda model, path, x: save_for_lite_interpreter(model, path), lite_latency_ms),
     "pte": ("ExecuTorch, XNNPACK", 1, save_for_executorch, executorch_latency_ms),
+    "onnx": ("ONNX Runtime, CPU", BATCH, save_for_onnx, onnx_latency_ms),
 }
 
 

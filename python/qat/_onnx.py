@@ -48,7 +48,7 @@ _FLOAT_LAYERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedG
 # Ops of an optimized graph that compute nothing in float worth naming in the report.
 _NOT_COMPUTE = {"QuantizeLinear", "DequantizeLinear", "Reshape", "Flatten", "Identity",
                 "Shape", "Slice", "Concat", "Transpose", "Squeeze", "Unsqueeze", "MaxPool",
-                "Relu", "Gather", "ReorderInput", "ReorderOutput"}
+                "Relu", "Gather", "Split", "ReorderInput", "ReorderOutput"}
 
 
 def available() -> Optional[str]:
@@ -224,6 +224,13 @@ class _Emitter:
             raise TypeError(f"qat.export: no ONNX lowering for {type(module).__name__} "
                             f"({node.target}), so no .onnx was written")
         if op.relu:
+            _, zero_point, dtype = self.recorded[node]
+            if zero_point != (0 if dtype == torch.quint8 else -128):
+                # ONNX Runtime fuses a Relu into the integer op only where the quantize's own
+                # clamp does its work (zero point at the floor). Elsewhere (an output grid
+                # shared with a cat's other inputs) the op is quantized first and the ReLU
+                # runs on that grid: the same integers, as 0 is on the grid.
+                y = self.qdq(y, self.recorded[node], f"{name}_before_relu")
             y = self.op("Relu", [y], f"{name}_relu")
         return self.qdq(y, self.recorded[node], name)
 
@@ -379,9 +386,8 @@ class _Emitter:
                             f"{node.name}, so no .onnx was written")
         out = self.other(node)
         # An op that ran on quantized tensors wrote its output on a grid: the pair says which
-        # (none for one that only passes its input's values on).
-        if node in self.recorded and out != self.env.get(node.args[0]) and \
-                self.op_name(node) != "getitem":
+        # (ONNX Runtime fuses an integer op only where its inputs come from a dequantize).
+        if node in self.recorded and out != self.env.get(node.args[0]):
             return self.qdq(out, self.recorded[node], f"{node.name}_out")
         return out
 
@@ -445,9 +451,8 @@ def integer_report(model_bytes: bytes) -> dict:
     kinds = [n.op_type for n in graph.node]
     return {"layers_integer": sum(k in _INTEGER_LAYERS for k in kinds),
             "layers_float": sum(k in _FLOAT_LAYERS for k in kinds),
-            "float_ops": sorted({k for k in kinds if k not in _NOT_COMPUTE
-                                 and not k.startswith("QLinear") and k not in _INTEGER_LAYERS
-                                 and k != "QGemm"})}
+            "float_ops": sorted({k for k in kinds if k not in _NOT_COMPUTE | _INTEGER_LAYERS
+                                 | _FLOAT_LAYERS and not k.startswith("QLinear")})}
 
 
 def emit(int_model: fx.GraphModule, inputs: tuple, metadata: dict) -> Tuple[bytes, dict]:

@@ -1,7 +1,8 @@
 """Mobile-runtime helpers shared by the benchmarks, the CLI and the main job: saving any
-(float or integer) model for the lite interpreter or for ExecuTorch, and timing files in
-them."""
+(float or integer) model for the lite interpreter, for ExecuTorch or for ONNX Runtime, and
+timing files in them."""
 
+import inspect
 import statistics
 import time
 import warnings
@@ -10,20 +11,23 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
-from . import _pte
+from . import _onnx, _pte
 from ._torch_support import (has_lite_interpreter, require_lite_interpreter,
                              torch_deprecations_once)
-from .export import optimize_for_mobile, require_executorch
+from .export import optimize_for_mobile, require_executorch, require_onnx
 
-__all__ = ["executorch_latency_ms", "lite_latency_ms", "mobile_formats", "round_robin_ms",
-           "round_robin_samples", "save_for_executorch", "save_for_lite_interpreter"]
+__all__ = ["executorch_latency_ms", "lite_latency_ms", "mobile_formats", "onnx_latency_ms",
+           "round_robin_ms", "round_robin_samples", "save_for_executorch",
+           "save_for_lite_interpreter", "save_for_onnx"]
 
 
 def mobile_formats() -> List[str]:
     """The mobile file kinds this installation can write and run: ``"ptl"`` where this
-    PyTorch has the lite interpreter, ``"pte"`` where ExecuTorch is installed."""
+    PyTorch has the lite interpreter, ``"pte"`` where ExecuTorch is installed, ``"onnx"``
+    where onnx and ONNX Runtime are."""
     return ([name for name, present in (("ptl", has_lite_interpreter()),
-                                         ("pte", _pte.available() is None)) if present])
+                                         ("pte", _pte.available() is None),
+                                         ("onnx", _onnx.available() is None)) if present])
 
 
 def save_for_lite_interpreter(model: nn.Module, path: str) -> None:
@@ -60,6 +64,30 @@ def save_for_executorch(model: nn.Module, path: str, example_inputs) -> dict:
     with open(path, "wb") as f:
         f.write(program)
     return report
+
+
+def save_for_onnx(model: nn.Module, path: str, example_inputs) -> None:
+    """Writes ``model`` in eval mode (a float baseline for :func:`qat.export`'s integer
+    ``.onnx``) with PyTorch's TorchScript-based ONNX exporter, opset 17 as qat's, the batch
+    dimension of every input and output free.
+
+    Raises:
+        RuntimeError: onnx or ONNX Runtime is not installed.
+    """
+    require_onnx("qat.mobile.save_for_onnx")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
+        example_inputs)
+    names = [f"input_{i}" for i in range(len(inputs))]
+    # PyTorch 2.9 made the torch.export-based exporter (which needs onnxscript) the
+    # default; the TorchScript-based one needs only onnx.
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters \
+        else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation note
+        torch.onnx.export(model.eval(), inputs, path, opset_version=_onnx.OPSET,
+                          input_names=names, output_names=["output"],
+                          dynamic_axes={name: {0: "batch"} for name in names + ["output"]},
+                          **legacy)
 
 
 def round_robin_samples(calls: Dict[str, Callable[[], object]], iterations: int,
@@ -113,3 +141,15 @@ def executorch_latency_ms(paths: Dict[str, str], x: torch.Tensor, iterations: in
     programs = {name: _pte.load(path) for name, path in paths.items()}
     return round_robin_ms({name: (lambda p=p: p.forward([x])) for name, p in programs.items()},
                            iterations, warmup)
+
+
+def onnx_latency_ms(paths: Dict[str, str], x: torch.Tensor, iterations: int,
+                    warmup: int) -> Dict[str, Tuple[float, float]]:
+    """``(median, min)`` milliseconds per call of each ``.onnx`` file on ``x`` in ONNX
+    Runtime (CPU provider, ``torch.get_num_threads()`` threads), round-robin as
+    :func:`lite_latency_ms`."""
+    require_onnx("qat.mobile.onnx_latency_ms")
+    sessions = {name: _onnx.load(path) for name, path in paths.items()}
+    feeds = {name: {s.get_inputs()[0].name: x.numpy()} for name, s in sessions.items()}
+    return round_robin_ms({name: (lambda s=s, f=feeds[name]: s.run(None, f))
+                           for name, s in sessions.items()}, iterations, warmup)

@@ -65,7 +65,7 @@ def test_custom_estimator():
 def test_fashion_mnist_demo(tmp_path):
     """The main job on a subset: every model exported in every mobile format this
     installation runs (.ptl where the lite interpreter exists, .pte where ExecuTorch is
-    installed), measured in its runtime and plotted."""
+    installed, .onnx where ONNX Runtime is), measured in its runtime and plotted."""
     import json
 
     out = _run("fashion_mnist_demo.py", "--train-limit", "2000", "--test-limit", "500",
@@ -74,7 +74,8 @@ def test_fashion_mnist_demo(tmp_path):
     tables = json.loads((tmp_path / "results.json").read_text())
     assert list(tables) == mobile_formats()
     expected = {"ptl": ["float", "qat int8", "qat w4a8", "qat auto", "torch int8"],
-                "pte": ["float", "qat int8", "qat w4a8", "qat auto"]}
+                "pte": ["float", "qat int8", "qat w4a8", "qat auto"],
+                "onnx": ["float", "qat int8", "qat w4a8", "qat auto"]}
     for fmt, rows in tables.items():
         assert list(rows) == expected[fmt], fmt
         assert f"\n.{fmt}: Fashion-MNIST test set (500 images)" in out
@@ -88,6 +89,7 @@ def test_fashion_mnist_demo(tmp_path):
             assert abs(rows[name]["accuracy"] - rows[name]["simulation_accuracy"]) <= 0.01, \
                 (fmt, name)
         assert rows["qat int8"]["bytes"] < 0.6 * rows["float"]["bytes"], fmt
-        assert rows["qat w4a8"]["bytes"] < 0.9 * rows["qat int8"]["bytes"], fmt
+        if fmt != "onnx":  # .onnx stores 4-bit weights as int8 (docs/onnx.md)
+            assert rows["qat w4a8"]["bytes"] < 0.9 * rows["qat int8"]["bytes"], fmt
     for plot in ("accuracy_vs_size.png", "sensitivity.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -71,12 +71,45 @@ def test_each_op_pattern_runs_on_integer_kernels_as_the_integer_model(name, tmp_
     assert ops.count("ConvTranspose") == transposed
     assert "Conv" not in ops and "Gemm" not in ops
     report = qat.read_metadata(path)["onnx"]
-    assert (report["layers"], report["layers_integer"]) == (layers, layers - transposed)
-    assert report["float_ops"] == (["ConvTranspose"] if transposed else []) + (
-        # The float island of hardswish, which ONNX Runtime writes as x * hardsigmoid(x).
-        ["HardSigmoid", "Mul"] if name.startswith("add_mul") else [])
+    assert (report["layers"], report["layers_integer"], report["layers_float"]) == \
+        (layers, layers - transposed, transposed)
+    # The float island of hardswish, which ONNX Runtime writes as x * hardsigmoid(x).
+    assert report["float_ops"] == (["HardSigmoid", "Mul"] if name.startswith("add_mul") else [])
     named = [n for n, m in cls().named_modules() if isinstance(m, _LAYERS)]
     assert report["sub_8bit_weights_as_int8"] == (named if preset == "w4a8" else [])
+
+
+class _Shuffle(nn.Module):
+    """ShuffleNet's split, channel shuffle (size arithmetic, view, transpose) and mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        left, right = self.stem(x).chunk(2, dim=1)
+        x = torch.cat([left, torch.relu(self.branch(right))], 1)
+        n, c, h, w = x.size()
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.fc(x.mean((2, 3)))
+
+
+@needs_onnx
+def test_split_shuffle_and_mean_follow_the_integer_model(tmp_path):
+    x = torch.rand(64, 3, 8, 8)
+    qmodel = calibrated(_Shuffle(), x)
+    path = str(tmp_path / "shuffle.onnx")
+    int_model = qat.export(qmodel, path, x[:8])
+    # Shapes come from the integer model, the batch dimension stays free.
+    got = _onnx.run_fresh(path, (x[:5],))[0]
+    with torch.no_grad():
+        expected = int_model(x[:5])
+    assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).all()
+    report = qat.read_metadata(path)["onnx"]
+    assert (report["layers"], report["layers_integer"]) == (3, 3)
+    assert report["float_ops"] == ["ReduceMean"]  # the mean the integer model runs in float
 
 
 @needs_onnx
