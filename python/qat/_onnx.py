@@ -5,9 +5,9 @@ The graph is built from the lowered form, not by re-tracing the float model: eac
 of the converted model (``module.lowered(name)``) becomes its float ONNX op between
 ``DequantizeLinear`` inputs and a ``QuantizeLinear`` / ``DequantizeLinear`` pair with the
 simulation's output qparams. Weights are stored as their integers (int8 initializers, per
-channel scales along their axis) behind a ``DequantizeLinear``, biases as int32 multiples of
-input scale x weight scale (what the integer kernels add, and what ``qat::round_bias``
-simulates). ONNX Runtime's graph optimizer fuses each dequantize -> op -> quantize group into
+channel scales along their axis) behind a ``DequantizeLinear``, biases as the float values of
+the int32 multiples of input scale x weight scale that the integer kernels add (what
+``qat::round_bias`` simulates). ONNX Runtime's graph optimizer fuses each dequantize -> op -> quantize group into
 an integer kernel (``QLinearConv``, ``QGemm``, ``QLinearAdd``, ...).
 
 Which qparams each tensor carries is read from one run of the converted model on the example
@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from . import _op_roles, quantized
@@ -127,8 +128,11 @@ class _Emitter:
         q = self.op("QuantizeLinear", [x, s, z], f"{base}_quantized")
         return self.op("DequantizeLinear", [q, s, z], f"{base}_dequantized")
 
-    def weight(self, op) -> Tuple[str, np.ndarray]:
-        """(the dequantized int8 weight of a lowered conv / linear, its float32 scales)."""
+    def weight(self, op, zero_points_needed: bool) -> Tuple[str, np.ndarray]:
+        """(the dequantized int8 weight of a lowered conv / linear, its float32 scales).
+        The zero points are left out where they are all 0 and not ``zero_points_needed``
+        (ONNX Runtime's QGemm fusion reads the weight's type from them; its conv fusion
+        does not)."""
         w = op.weight
         if op.weight_bits < 8:
             self.int8_stored.append(op.name)  # int4 needs opset 21: stored as int8
@@ -142,23 +146,22 @@ class _Emitter:
             zero_points = np.array(w.q_zero_point(), np.int8)
             axis = {}
         s = self.const(f"{op.name}.weight_scale", scales)
-        # Spelled out even when 0: ONNX Runtime's QGemm fusion reads the weight's type there.
-        z = self.const(f"{op.name}.weight_zero_point", zero_points)
-        return self.op("DequantizeLinear", [ints, s, z], f"{op.name}.weight_dequantized",
+        z = [self.const(f"{op.name}.weight_zero_point", zero_points)] \
+            if zero_points_needed or zero_points.any() else []
+        return self.op("DequantizeLinear", [ints, s, *z], f"{op.name}.weight_dequantized",
                        **axis), scales
 
     def bias(self, op, input_qparams: _QParams, weight_scales: np.ndarray) -> str:
-        """The bias as int32 multiples of input scale x weight scale, dequantized: the
-        integers the kernels add (``qat::round_bias`` rounds the simulation's the same way,
-        in float32, half to even)."""
+        """The bias rounded to int32 multiples of input scale x weight scale (half to even,
+        in float32, as ``qat::round_bias`` rounds the simulation's), stored as those float
+        values: ONNX Runtime divides a float bias by the same step when it fuses the op,
+        which gives back these integers exactly, and a float32 costs half of an int32 with
+        a scale of its own."""
         bias = op.bias.detach().float().numpy()
         step = (np.float32(input_qparams[0]) * weight_scales).astype(np.float32)
         step = np.broadcast_to(step, bias.shape).astype(np.float32)
-        ints = np.round(bias / step).astype(np.int32)
-        b = self.const(f"{op.name}.bias", ints)
-        s = self.const(f"{op.name}.bias_scale", step)
-        # No zero point: 0, as the kernels' int32 bias has.
-        return self.op("DequantizeLinear", [b, s], f"{op.name}.bias_dequantized", axis=0)
+        ints = np.round(bias / step)
+        return self.const(f"{op.name}.bias", (ints * step).astype(np.float32))
 
     def input_qparams(self, node: fx.Node) -> _QParams:
         source = node.args[0]
@@ -174,7 +177,7 @@ class _Emitter:
         name = node.name
         if isinstance(module, quantized._ConvNd):
             self.layers += 1
-            w, scales = self.weight(op)
+            w, scales = self.weight(op, zero_points_needed=False)
             b = self.bias(op, self.input_qparams(node), scales)
             geometry = dict(strides=list(op.stride), pads=list(op.padding) * 2,
                             dilations=list(op.dilation), group=op.groups)
@@ -185,7 +188,7 @@ class _Emitter:
                 y = self.op("Conv", [args[0], w, b], name, **geometry)
         elif isinstance(module, quantized.Linear):
             self.layers += 1
-            w, scales = self.weight(op)
+            w, scales = self.weight(op, zero_points_needed=True)
             b = self.bias(op, self.input_qparams(node), scales)
             y = self.linear(args[0], w, b, self.shapes[node.args[0]], name)
         elif isinstance(module, (quantized.Add, quantized.Mul)):
@@ -281,6 +284,12 @@ class _Emitter:
         activation, an average left in float."""
         if node.target is torch.chunk or (node.op == "call_method" and node.target == "chunk"):
             return self.chunk(node)
+        if node.target is F.silu or (node.op == "call_module" and isinstance(
+                self.gm.get_submodule(node.target), nn.SiLU)):
+            # A float activation with no integer kernel (opset 17 has no SiLU op).
+            x = self.env[node.args[0]]
+            return self.op("Mul", [x, self.op("Sigmoid", [x], f"{node.name}_sigmoid")],
+                           node.name)
         name = self.op_name(node)
         if name == "getitem" and isinstance(self.env[node.args[0]], list):
             return self.env[node.args[0]][node.args[1]]

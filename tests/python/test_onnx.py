@@ -113,7 +113,26 @@ def test_split_shuffle_and_mean_follow_the_integer_model(tmp_path):
 
 
 @needs_onnx
-def test_weights_are_stored_as_their_integers_and_biases_as_int32(tmp_path):
+def test_a_float_silu_between_integer_convs(tmp_path):
+    """EfficientNet's SiLU has no integer kernel: the integer model runs it in float, and
+    so does the file (x * sigmoid(x)), between the convs' integer kernels."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.SiLU(), nn.Conv2d(6, 4, 3), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3))
+    x = torch.rand(64, 3, 8, 8)
+    qmodel = calibrated(model, x)
+    path = str(tmp_path / "silu.onnx")
+    int_model = qat.export(qmodel, path, x[:8])
+    with torch.no_grad():
+        expected = int_model(x[:8])
+    got = _onnx.run_fresh(path, (x[:8],))[0]
+    assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).float().mean().item() >= 0.99
+    report = qat.read_metadata(path)["onnx"]
+    assert (report["layers"], report["layers_integer"]) == (3, 3)
+    assert report["float_ops"] == ["Mul", "Sigmoid"]
+
+
+@needs_onnx
+def test_weights_are_stored_as_their_integers_and_biases_on_the_int32_grid(tmp_path):
     import onnx
     from onnx import numpy_helper
 
@@ -121,18 +140,35 @@ def test_weights_are_stored_as_their_integers_and_biases_as_int32(tmp_path):
     qmodel = calibrated(ConvBnRelu(), x)
     path = tmp_path / "model.onnx"
     int_model = qat.export(qmodel, path, x[:2])
+    # Each layer's input scale, as the integer model's kernels see it.
+    input_scales = {}
+
+    def note(name):
+        def hook(module, inputs):
+            input_scales[name] = inputs[0].q_scale()
+        return hook
+
+    for name in ("conv", "depthwise", "fc"):
+        int_model.get_submodule(name).register_forward_pre_hook(note(name))
+    with torch.no_grad():
+        int_model(x[:2])
     stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
     for name in ("conv", "depthwise", "fc"):
-        weight = int_model.get_submodule(name).lowered(name).weight
+        lowered = int_model.get_submodule(name).lowered(name)
+        weight = lowered.weight
         assert stored[f"{name}_weight"].dtype == np.int8
         assert np.array_equal(stored[f"{name}_weight"], weight.int_repr().numpy())
         assert np.array_equal(stored[f"{name}_weight_scale"],
                               weight.q_per_channel_scales().float().numpy())
-        # The bias the integer kernels add: multiples of input scale x weight scale.
-        bias = int_model.get_submodule(name).lowered(name).bias.float().numpy()
-        assert stored[f"{name}_bias"].dtype == np.int32
-        step = stored[f"{name}_bias_scale"]
-        assert np.abs(stored[f"{name}_bias"] * step - bias).max() <= step.max() / 2 + 1e-12
+        # The bias the integer kernels add: the nearest multiples of input scale x weight
+        # scale, which ONNX Runtime gets back by dividing by that step.
+        step = (np.float32(input_scales[name])
+                * weight.q_per_channel_scales().float().numpy()).astype(np.float32)
+        ints = stored[f"{name}_bias"] / step
+        # Within float32's rounding of an integer (far from the half-way points).
+        assert np.all(np.abs(ints - np.round(ints)) <= 1e-6 * np.maximum(1, np.abs(ints)))
+        bias = lowered.bias.float().numpy()
+        assert np.all(np.abs(np.round(ints) * step - bias) <= step / 2 * (1 + 1e-5))
 
 
 @needs_onnx
