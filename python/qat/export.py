@@ -178,10 +178,11 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
     An ``.onnx`` path (or ``format="onnx"``) writes a QDQ ONNX model (opset 17): each
     integer op as its ONNX op between ``DequantizeLinear`` inputs and a ``QuantizeLinear``
     / ``DequantizeLinear`` pair with the integer model's qparams, weights stored as their
-    int8 integers with per-channel scales, biases as int32 (see ``docs/onnx.md``); the batch
-    dimension is left free. The metadata is the model's ``qat_metadata`` metadata_props
-    entry, with an ``onnx`` entry saying how many convs and linears ONNX Runtime's optimizer
-    fuses into integer kernels and which float ops remain. The file is checked with
+    int8 integers with per-channel scales, biases on the kernels' int32 grid (see
+    ``docs/onnx.md``); the batch dimension is left free. The metadata is the model's
+    ``qat_metadata`` metadata_props entry, with an ``onnx`` entry saying how many convs and
+    linears ONNX Runtime's optimizer fuses into integer kernels and which float ops remain.
+    The file is checked with
     ``onnx.checker``, run by ONNX Runtime in a fresh process that imports neither qat nor
     torch, and must give the in-memory model's outputs up to ONNX Runtime's rounding (an
     SQNR of at least 30 dB).
