@@ -8,6 +8,7 @@ kernels round their requantization with fp32 multipliers of their own, so output
 to one quantization step of the output per element (a flip in one layer may move the
 output by more, rarely)."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -21,7 +22,8 @@ import qat
 from qat import _onnx
 from qat.export import describe, load
 
-from helpers import QDQ_PATTERNS, ConvBnRelu, FashionNet, Mlp, calibrated, steps_apart
+from helpers import (QDQ_PATTERNS, Activations, ConvBnRelu, FashionNet, Mlp, calibrated,
+                     steps_apart)
 
 MISSING = _onnx.available()
 # A real limit: onnx and onnxruntime are pinned for the PyPI leg (requirements/pypi.txt);
@@ -129,6 +131,67 @@ def test_a_float_silu_between_integer_convs(tmp_path):
     report = qat.read_metadata(path)["onnx"]
     assert (report["layers"], report["layers_integer"]) == (3, 3)
     assert report["float_ops"] == ["Mul", "Sigmoid"]
+
+
+class _Norms(nn.Module):
+    """A standalone batch norm (on the input, not foldable), a per-channel mean (a float
+    island), and a layer norm after the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn_in = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 12 * 12, 16)
+        self.layer_norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        x = self.conv(self.bn_in(x))
+        x = torch.relu(x + x.mean(1, keepdim=True))
+        return self.layer_norm(self.fc(torch.flatten(x, 1)))
+
+
+@needs_onnx
+@pytest.mark.parametrize("cls, kernels, float_ops", [
+    (_Norms, {"bn_in": qat.quantized.BatchNorm, "layer_norm": qat.quantized.LayerNorm},
+     ["BatchNormalization", "LayerNormalization", "ReduceMean"]),
+    (functools.partial(Activations, 12), {
+        "elu_int": qat.quantized.ELU, "leaky_relu_int": qat.quantized.LeakyReLU,
+        "leaky_int": qat.quantized.LeakyReLU, "elu_1_int": qat.quantized.ELU},
+     ["Elu"]),  # ONNX Runtime fuses a leaky ReLU between the pairs into QLinearLeakyRelu
+], ids=["batch_and_layer_norm", "elu_and_leaky_relu"])
+def test_norms_and_activations_follow_the_integer_model(cls, kernels, float_ops, tmp_path):
+    """Integer kernels of PyTorch that ONNX Runtime (mostly) has no integer form of: each
+    runs in float between the quantize / dequantize pairs of the integer model's qparams."""
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 12, 12)
+    model = cls()
+    with torch.no_grad():  # running statistics that are not the identity
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    qmodel = calibrated(model, x)
+    path = str(tmp_path / "model.onnx")
+    int_model = qat.export(qmodel, path, x[:8])
+    assert {name: type(int_model.get_submodule(name)) for name in kernels} == kernels
+    with torch.no_grad():
+        expected = int_model(x[:8])
+    got = _onnx.run_fresh(path, (x[:8],))[0]
+    steps = steps_apart(qmodel, expected, got)
+    assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99 and steps.max() <= 3, steps.max()
+    report = qat.read_metadata(path)["onnx"]
+    assert report["layers"] == report["layers_integer"]
+    assert report["float_ops"] == float_ops
+
+
+@needs_onnx
+def test_an_integer_op_without_onnx_lowering_is_named(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 2))
+    x = torch.rand(16, 3, 6, 6)
+    with pytest.raises(TypeError, match=r"qat.export: no ONNX lowering for GroupNorm \(1\), "
+                                        r"so no \.onnx was written"):
+        qat.export(calibrated(model, x), tmp_path / "norm.onnx", x[:2])
+    assert os.listdir(tmp_path) == []
 
 
 @needs_onnx
