@@ -111,17 +111,19 @@ QParams qparams_of(const FakeQuantizeImpl& fq, const std::string& name) {
 // checking the statistics it comes from: a negative variance (a corrupt checkpoint, a hand
 // edit) or a factor that overflows would otherwise surface as a NaN scale deep in the
 // kernels, far from its cause.
-torch::Tensor batch_norm_factor(const torch::nn::BatchNorm2dImpl& bn, const std::string& name) {
+template <typename BatchNorm>
+torch::Tensor batch_norm_factor(const BatchNorm& bn, const std::string& name) {
   torch::NoGradGuard no_grad;
-  const auto channels = bn.running_var.numel();
-  const auto negative = (bn.running_var < 0).sum().item<int64_t>();
+  const torch::Tensor& running_var = bn.running_var;
+  const auto channels = running_var.numel();
+  const auto negative = (running_var < 0).sum().item<int64_t>();
   if (negative > 0) {
     throw std::invalid_argument(fmt::format(
         "qat::convert: the batch norm '{}' has a negative running_var at {} of {} channels "
         "(min {:.6g}); a variance cannot be negative, so its running statistics are corrupt",
-        name, negative, channels, bn.running_var.min().item<double>()));
+        name, negative, channels, running_var.min().item<double>()));
   }
-  const auto factor = qat::batch_norm_factor(bn.weight, bn.running_var, bn.options.eps());
+  const torch::Tensor factor = qat::batch_norm_factor(bn.weight, running_var, bn.options.eps());
   const auto nonfinite = (~torch::isfinite(factor)).sum().item<int64_t>();
   if (nonfinite > 0) {
     throw std::invalid_argument(fmt::format(
@@ -161,6 +163,19 @@ torch::Tensor integer_weight(
   }
 }
 
+// integer_weight of a transposed conv's weight, whose output channels are axis 1: through
+// qat::integer_weight's axis 0 and back, as Python's convert does.
+torch::Tensor transposed_integer_weight(
+    const torch::Tensor& fq_weight, const FakeQuantizeImpl& fq, const std::string& name) {
+  const auto ints = integer_weight(fq_weight.transpose(0, 1), fq, name);
+  const auto back = ints.int_repr().transpose(0, 1).contiguous();
+  if (fq.spec().per_channel()) {
+    return at::_make_per_channel_quantized_tensor(
+        back, ints.q_per_channel_scales(), ints.q_per_channel_zero_points(), 1);
+  }
+  return at::_make_per_tensor_quantized_tensor(back, ints.q_scale(), ints.q_zero_point());
+}
+
 // Calls a registered operator by name (the quantized prepack ops return custom-class objects
 // whose C++ types are not in LibTorch's public headers).
 c10::IValue call_op(const char* name, torch::jit::Stack stack) {
@@ -170,14 +185,16 @@ c10::IValue call_op(const char* name, torch::jit::Stack stack) {
 }
 
 // A conv's padding as a list, or nullopt for "same" (no symmetric list in general).
-// Conv2dOptions::padding() is a c10::variant in LibTorch 1.x and a std::variant in 2.x;
+// ConvOptions::padding() is a c10::variant in LibTorch 1.x and a std::variant in 2.x;
 // unqualified `visit` finds the one of its namespace.
 struct PaddingList {
-  c10::optional<std::vector<int64_t>> operator()(const torch::ExpandingArray<2>& padding) const {
+  size_t dims;
+  template <size_t D>
+  c10::optional<std::vector<int64_t>> operator()(const torch::ExpandingArray<D>& padding) const {
     return at::IntArrayRef(padding).vec();
   }
   c10::optional<std::vector<int64_t>> operator()(const torch::enumtype::kValid&) const {
-    return std::vector<int64_t>{0, 0};
+    return std::vector<int64_t>(dims, 0);
   }
   c10::optional<std::vector<int64_t>> operator()(const torch::enumtype::kSame&) const {
     return c10::nullopt;
@@ -187,7 +204,7 @@ struct PaddingList {
 template <typename Options>
 std::vector<int64_t> conv_padding(const Options& options, const std::string& name) {
   const auto mode = torch::enumtype::get_enum_name(options.padding_mode());
-  const auto padding = visit(PaddingList{}, options.padding());
+  const auto padding = visit(PaddingList{options.kernel_size().size()}, options.padding());
   if (mode != "kZeros" || !padding.has_value()) {
     throw std::invalid_argument(fmt::format(
         "qat::convert: '{}' pads with padding_mode {} or padding 'same', which the integer "
@@ -197,7 +214,8 @@ std::vector<int64_t> conv_padding(const Options& options, const std::string& nam
   return *padding;
 }
 
-std::string list_of(const torch::ExpandingArray<2>& values) {
+template <size_t D>
+std::string list_of(const torch::ExpandingArray<D>& values) {
   return literal(at::IntArrayRef(values));
 }
 
@@ -297,9 +315,10 @@ class Converter {
       } else if (!passes(module) && !float_op(module, name)) {
         throw std::invalid_argument(fmt::format(
             "qat::convert: '{}' is a {}, which has no integer or float conversion (supported: "
-            "qat::FakeQuantize, qat::Conv2d, qat::ConvBn2d, qat::Linear, Sequential, ReLU, "
-            "MaxPool2d, Flatten, Dropout, Identity, and in float Linear, Conv2d, BatchNorm2d, "
-            "AvgPool2d, AdaptiveAvgPool2d, ReLU6, Hardtanh, Sigmoid, Tanh)",
+            "qat::FakeQuantize, qat::Conv1d, qat::Conv2d, qat::ConvBn1d, qat::ConvBn2d, "
+            "qat::Linear, Sequential, ReLU, MaxPool1d, MaxPool2d, Flatten, Dropout, Identity, "
+            "and in float Linear, Conv1d, Conv2d, BatchNorm1d, BatchNorm2d, AvgPool1d, "
+            "AvgPool2d, AdaptiveAvgPool1d, AdaptiveAvgPool2d, ReLU6, Hardtanh, Sigmoid, Tanh)",
             name, module.name()));
       }
     }
@@ -310,9 +329,16 @@ class Converter {
     return fq != nullptr && fq->has_fixed_qparams();
   }
 
+  template <size_t D>
+  static bool is_conv(const torch::nn::Module& module) {
+    using Types = detail::ConvTypes<D>;
+    return dynamic_cast<const typename Types::QatConv*>(&module) != nullptr ||
+           dynamic_cast<const typename Types::QatConvBn*>(&module) != nullptr ||
+           dynamic_cast<const typename Types::QatConvTranspose*>(&module) != nullptr;
+  }
+
   static bool is_layer(const torch::nn::Module& module) {
-    return dynamic_cast<const Conv2dImpl*>(&module) != nullptr ||
-           dynamic_cast<const ConvBn2dImpl*>(&module) != nullptr ||
+    return is_conv<1>(module) || is_conv<2>(module) ||
            dynamic_cast<const LinearImpl*>(&module) != nullptr;
   }
 
@@ -380,12 +406,13 @@ class Converter {
         zero ? fmt::format("torch.zeros([{}], dtype={})", scales.numel(), dtype_literal(c10::kLong))
              : fmt::format("{}.to({})", zero_point, dtype_literal(c10::kLong));
     const auto weight_code =
-        per_channel ? fmt::format(
-                          "torch._make_per_channel_quantized_tensor({}, {}.to({}), {}, 0)", ints,
-                          scale, dtype_literal(c10::kDouble), zero_points_code)
-                    : fmt::format(
-                          "torch._make_per_tensor_quantized_tensor({}, float({}[0]), int({}[0]))",
-                          ints, scale, zero_points_code);
+        per_channel
+            ? fmt::format(
+                  "torch._make_per_channel_quantized_tensor({}, {}.to({}), {}, {})", ints, scale,
+                  dtype_literal(c10::kDouble), zero_points_code, qweight.q_per_channel_axis())
+            : fmt::format(
+                  "torch._make_per_tensor_quantized_tensor({}, float({}[0]), int({}[0]))", ints,
+                  scale, zero_points_code);
     emit(fmt::format("{} = self.{}", packed, attr));
     emit(fmt::format("if {} is None:", packed));
     emit(fmt::format(
@@ -401,6 +428,71 @@ class Converter {
     return packed;
   }
 
+  // A layer's weight as the simulation computes it in eval, its bias, weight quantizer and
+  // fused ReLU.
+  struct Weighted {
+    torch::Tensor weight;
+    torch::Tensor bias;
+    FakeQuantizeImpl* weight_fq = nullptr;
+    bool relu = false;
+    // A transposed conv's weight: output channels along axis 1.
+    bool transposed = false;
+  };
+
+  // Reads a qat::Conv<D>d or qat::ConvBn<D>d (the batch norm folded in) into `op` and
+  // `weighted`; false when `module` is neither.
+  template <size_t D>
+  static bool conv_layer(torch::nn::Module& module, LoweredOp& op, Weighted& weighted) {
+    const auto geometry = [&](const torch::nn::ConvOptions<D>& options) {
+      op.kind = fmt::format("Conv{}d", D);
+      op.stride = at::IntArrayRef(options.stride()).vec();
+      op.padding = conv_padding(options, op.name);
+      op.dilation = at::IntArrayRef(options.dilation()).vec();
+      op.groups = options.groups();
+    };
+    if (auto* conv = dynamic_cast<typename detail::ConvTypes<D>::QatConv*>(&module)) {
+      geometry(conv->options);
+      auto* weight_fq = conv->weight_fake_quant.get();
+      weighted = {
+          simulate_weight(*weight_fq, [&] { return weight_fq->forward(conv->weight); }), conv->bias,
+          weight_fq, conv->relu};
+      return true;
+    }
+    if (auto* conv = dynamic_cast<typename detail::ConvTypes<D>::QatConvTranspose*>(&module)) {
+      const auto& options = conv->options;
+      op.kind = fmt::format("ConvTranspose{}d", D);
+      op.stride = at::IntArrayRef(options.stride()).vec();
+      op.padding = at::IntArrayRef(options.padding()).vec();
+      op.output_padding = at::IntArrayRef(options.output_padding()).vec();
+      op.dilation = at::IntArrayRef(options.dilation()).vec();
+      op.groups = options.groups();
+      auto* weight_fq = conv->weight_fake_quant.get();
+      weighted = {
+          simulate_weight(*weight_fq, [&] { return weight_fq->forward(conv->weight); }), conv->bias,
+          weight_fq, conv->relu, /*transposed=*/true};
+      return true;
+    }
+    auto* fold = dynamic_cast<typename detail::ConvTypes<D>::QatConvBn*>(&module);
+    if (fold == nullptr) {
+      return false;
+    }
+    geometry(fold->options);
+    auto* weight_fq = fold->weight_fake_quant.get();
+    const auto& bn = *fold->bn;
+    torch::NoGradGuard no_grad;
+    // What the simulation's eval forward computes: bn(conv(x, fq(w * f) / f) + b) with
+    // the running statistics is conv(x, fq(w * f)) + beta + f * (b - mean).
+    const auto factor = batch_norm_factor(bn, path(op.name, "bn"));
+    std::vector<int64_t> shape(fold->weight.dim(), 1);
+    shape[0] = -1;
+    weighted = {
+        simulate_weight(
+            *weight_fq, [&] { return weight_fq->forward_folded(fold->weight, factor); }) *
+            factor.reshape(shape),
+        qat::fold_bias(fold->bias, bn.bias, bn.running_mean, factor), weight_fq, fold->relu};
+    return true;
+  }
+
   void layer(
       torch::nn::Module& module, const std::string& name, FakeQuantizeImpl& out,
       const std::string& out_name, bool relu6) {
@@ -414,64 +506,42 @@ class Converter {
     LayerInfo info;
     auto& op = info.op;
     op.name = name;
-    op.kind = "Conv2d";
-    // The conv geometry, read from the options of whichever conv the branch below finds.
-    const auto geometry = [&](const torch::nn::Conv2dOptions& options) {
-      op.stride = at::IntArrayRef(options.stride()).vec();
-      op.padding = conv_padding(options, name);
-      op.dilation = at::IntArrayRef(options.dilation()).vec();
-      op.groups = options.groups();
-    };
-    torch::Tensor weight;
-    torch::Tensor bias;
-    FakeQuantizeImpl* weight_fq = nullptr;
-    bool relu = false;
+    Weighted weighted;
     if (auto* linear = dynamic_cast<LinearImpl*>(&module)) {
       op.kind = "Linear";
-      weight_fq = linear->weight_fake_quant.get();
-      weight = simulate_weight(*weight_fq, [&] { return weight_fq->forward(linear->weight); });
-      bias = linear->bias;
-      relu = linear->relu;
-    } else if (auto* conv = dynamic_cast<Conv2dImpl*>(&module)) {
-      geometry(conv->options);
-      weight_fq = conv->weight_fake_quant.get();
-      weight = simulate_weight(*weight_fq, [&] { return weight_fq->forward(conv->weight); });
-      bias = conv->bias;
-      relu = conv->relu;
-    } else {
-      auto& fold = dynamic_cast<ConvBn2dImpl&>(module);
-      geometry(fold.options);
-      weight_fq = fold.weight_fake_quant.get();
-      const auto& bn = *fold.bn;
-      torch::NoGradGuard no_grad;
-      // What the simulation's eval forward computes: bn(conv(x, fq(w * f) / f) + b) with
-      // the running statistics is conv(x, fq(w * f)) + beta + f * (b - mean).
-      const auto factor = batch_norm_factor(bn, path(name, "bn"));
-      std::vector<int64_t> shape(fold.weight.dim(), 1);
-      shape[0] = -1;
-      weight = simulate_weight(
-                   *weight_fq, [&] { return weight_fq->forward_folded(fold.weight, factor); }) *
-               factor.reshape(shape);
-      bias = qat::fold_bias(fold.bias, bn.bias, bn.running_mean, factor);
-      relu = fold.relu;
+      auto* weight_fq = linear->weight_fake_quant.get();
+      weighted = {
+          simulate_weight(*weight_fq, [&] { return weight_fq->forward(linear->weight); }),
+          linear->bias, weight_fq, linear->relu};
+    } else if (!conv_layer<1>(module, op, weighted)) {
+      conv_layer<2>(module, op, weighted);
     }
+    auto* weight_fq = weighted.weight_fq;
+    const auto& bias = weighted.bias;
     op.scale = q.scale;
     op.zero_point = q.zero_point;
-    op.relu = relu || relu6;
-    op.weight = integer_weight(weight, *weight_fq, name);
+    op.relu = weighted.relu || relu6;
+    op.weight = weighted.transposed ? transposed_integer_weight(weighted.weight, *weight_fq, name)
+                                    : integer_weight(weighted.weight, *weight_fq, name);
     // A zero bias computes what no bias does.
     op.bias = bias.defined() ? bias.detach().to(torch::kCPU, torch::kFloat).clone()
-                             : torch::zeros({op.weight.size(0)});
+                             : torch::zeros({op.weight.size(weighted.transposed ? 1 : 0)});
     op.weight_bits = weight_fq->spec().bits();
     op.weight_quant_min = weight_fq->quant_min();
     info.weight_spec = weight_fq->spec();
+    if (weighted.transposed && info.weight_spec->per_channel()) {
+      // The config's spec, as the metadata records it: the module moved its axis to the
+      // transposed weight's output channels, as it moves a conv's to 0.
+      info.weight_spec->axis(0);
+    }
     info.activation_spec = out.spec();
     emit_layer(op);
     quantized_ = q;
     layers_.push_back(info);
   }
 
-  // The TorchScript of a lowered Conv2d or Linear on PyTorch's quantized kernels.
+  // The TorchScript of a lowered conv, transposed conv or Linear on PyTorch's quantized
+  // kernels.
   void emit_layer(const LoweredOp& op) {
     std::string kernel;
     std::string prepack;
@@ -498,18 +568,34 @@ class Converter {
           "torch.empty([x.numel() // max(x.size(-1), 1), x.size(-1)], device=x.device), "
           "torch.empty([{0}, {1}], device=x.device))",
           in_features, op.weight.size(0)));
-    } else {
+    } else if (op.kind.rfind("ConvTranspose", 0) == 0) {
+      const auto conv = fmt::format("conv_transpose{}d", op.stride.size());
       sample = call_op(
-          "quantized::conv2d_prepack",
+          fmt::format("quantized::{}_prepack", conv).c_str(),
+          {op.weight, op.bias, op.stride, op.padding, op.output_padding, op.dilation, op.groups});
+      prepack = fmt::format(
+          "quantized.{}_prepack({{weight}}, {{bias}}, {}, {}, {}, {}, {})", conv,
+          literal(op.stride), literal(op.padding), literal(op.output_padding), literal(op.dilation),
+          op.groups);
+      kernel = conv;
+    } else {
+      const auto conv = fmt::format("conv{}d", op.stride.size());
+      sample = call_op(
+          fmt::format("quantized::{}_prepack", conv).c_str(),
           {op.weight, op.bias, op.stride, op.padding, op.dilation, op.groups});
       prepack = fmt::format(
-          "quantized.conv2d_prepack({{weight}}, {{bias}}, {}, {}, {}, {})", literal(op.stride),
+          "quantized.{}_prepack({{weight}}, {{bias}}, {}, {}, {}, {})", conv, literal(op.stride),
           literal(op.padding), literal(op.dilation), op.groups);
-      kernel = op.relu ? "conv2d_relu" : "conv2d";
+      kernel = op.relu ? conv + "_relu" : conv;
     }
     const auto packed = packed_weight(op, prepack, sample.type());
     emit(fmt::format(
         "x = quantized.{}(x, {}, {}, {})", kernel, packed, literal(op.scale), op.zero_point));
+    if (op.relu && kernel.rfind("conv_transpose", 0) == 0) {
+      // The transposed kernels have no ReLU of their own: it runs on the quantized output,
+      // exact since the output grid holds 0 (as Python's qat.quantized.ConvTranspose2d).
+      emit("x = torch.relu(x)");
+    }
   }
 
   // An op of fixed output range (sigmoid, tanh) whose quantized kernel the op-role table
@@ -536,12 +622,10 @@ class Converter {
     }
     if (dynamic_cast<torch::nn::ReLUImpl*>(&module) != nullptr) {
       emit("x = torch.relu(x)");
-    } else if (auto* pool = dynamic_cast<torch::nn::MaxPool2dImpl*>(&module)) {
-      const auto& o = pool->options;
-      emit(fmt::format(
-          "x = torch.max_pool2d(x, {}, {}, {}, {}, {})", list_of(o.kernel_size()),
-          list_of(o.stride()), list_of(o.padding()), list_of(o.dilation()),
-          literal(o.ceil_mode())));
+    } else if (auto* pool = dynamic_cast<torch::nn::MaxPool1dImpl*>(&module)) {
+      emit("x = " + max_pool("max_pool1d", pool->options));
+    } else if (auto* pool2d = dynamic_cast<torch::nn::MaxPool2dImpl*>(&module)) {
+      emit("x = " + max_pool("max_pool2d", pool2d->options));
     } else if (auto* flatten = dynamic_cast<torch::nn::FlattenImpl*>(&module)) {
       emit(fmt::format(
           "x = torch.flatten(x, {}, {})", flatten->options.start_dim(),
@@ -552,6 +636,46 @@ class Converter {
     return true;
   }
 
+  template <typename Options>
+  static std::string max_pool(const char* op, const Options& o) {
+    return fmt::format(
+        "torch.{}(x, {}, {}, {}, {}, {})", op, list_of(o.kernel_size()), list_of(o.stride()),
+        list_of(o.padding()), list_of(o.dilation()), literal(o.ceil_mode()));
+  }
+
+  // `extra`: arguments after count_include_pad (avg_pool2d's divisor_override).
+  template <typename Options>
+  static std::string avg_pool(const char* op, const Options& o, const std::string& extra = "") {
+    return fmt::format(
+        "torch.{}(x, {}, {}, {}, {}, {}{})", op, list_of(o.kernel_size()), list_of(o.stride()),
+        list_of(o.padding()), literal(o.ceil_mode()), literal(o.count_include_pad()), extra);
+  }
+
+  template <typename Options>
+  std::string float_conv(
+      const char* op, const std::string& name, const torch::Tensor& weight,
+      const torch::Tensor& bias, const Options& o) {
+    return fmt::format(
+        "torch.{}(x, {}, {}, {}, {}, {}, {})", op, tensor_attribute(name, "weight", weight),
+        tensor_attribute(name, "bias", bias), list_of(o.stride()), literal(conv_padding(o, name)),
+        list_of(o.dilation()), o.groups());
+  }
+
+  template <typename BatchNorm>
+  std::string float_batch_norm(const BatchNorm& bn, const std::string& name) {
+    if (!bn.options.track_running_stats()) {
+      throw std::invalid_argument(fmt::format(
+          "qat::convert: '{}' ({}) keeps no running statistics, so it has no eval form", name,
+          bn.name()));
+    }
+    batch_norm_factor(bn, name);
+    return fmt::format(
+        "torch.batch_norm(x, {}, {}, {}, {}, False, 0.0, {}, False)",
+        tensor_attribute(name, "weight", bn.weight), tensor_attribute(name, "bias", bn.bias),
+        tensor_attribute(name, "running_mean", bn.running_mean),
+        tensor_attribute(name, "running_var", bn.running_var), literal(bn.options.eps()));
+  }
+
   // Ops without an integer kernel here: they run in float after a dequantize, and the
   // FakeQuantize qat::prepare placed after them (if any) quantizes their output.
   bool float_op(torch::nn::Module& module, const std::string& name) {
@@ -560,32 +684,24 @@ class Converter {
       call = fmt::format(
           "torch.linear(x, {}, {})", tensor_attribute(name, "weight", linear->weight),
           tensor_attribute(name, "bias", linear->bias));
-    } else if (auto* conv = dynamic_cast<torch::nn::Conv2dImpl*>(&module)) {
-      const auto& o = conv->options;
+    } else if (auto* conv = dynamic_cast<torch::nn::Conv1dImpl*>(&module)) {
+      call = float_conv("conv1d", name, conv->weight, conv->bias, conv->options);
+    } else if (auto* conv2d = dynamic_cast<torch::nn::Conv2dImpl*>(&module)) {
+      call = float_conv("conv2d", name, conv2d->weight, conv2d->bias, conv2d->options);
+    } else if (auto* bn = dynamic_cast<torch::nn::BatchNorm1dImpl*>(&module)) {
+      call = float_batch_norm(*bn, name);
+    } else if (auto* bn2d = dynamic_cast<torch::nn::BatchNorm2dImpl*>(&module)) {
+      call = float_batch_norm(*bn2d, name);
+    } else if (auto* pool = dynamic_cast<torch::nn::AvgPool1dImpl*>(&module)) {
+      call = avg_pool("avg_pool1d", pool->options);
+    } else if (auto* pool2d = dynamic_cast<torch::nn::AvgPool2dImpl*>(&module)) {
+      const auto& o = pool2d->options;
+      call = avg_pool(
+          "avg_pool2d", o,
+          ", " + (o.divisor_override() ? std::to_string(*o.divisor_override()) : "None"));
+    } else if (auto* adaptive1d = dynamic_cast<torch::nn::AdaptiveAvgPool1dImpl*>(&module)) {
       call = fmt::format(
-          "torch.conv2d(x, {}, {}, {}, {}, {}, {})", tensor_attribute(name, "weight", conv->weight),
-          tensor_attribute(name, "bias", conv->bias), list_of(o.stride()),
-          literal(conv_padding(o, name)), list_of(o.dilation()), o.groups());
-    } else if (auto* bn = dynamic_cast<torch::nn::BatchNorm2dImpl*>(&module)) {
-      if (!bn->options.track_running_stats()) {
-        throw std::invalid_argument(fmt::format(
-            "qat::convert: '{}' (BatchNorm2d) keeps no running statistics, so it has no eval "
-            "form",
-            name));
-      }
-      batch_norm_factor(*bn, name);
-      call = fmt::format(
-          "torch.batch_norm(x, {}, {}, {}, {}, False, 0.0, {}, False)",
-          tensor_attribute(name, "weight", bn->weight), tensor_attribute(name, "bias", bn->bias),
-          tensor_attribute(name, "running_mean", bn->running_mean),
-          tensor_attribute(name, "running_var", bn->running_var), literal(bn->options.eps()));
-    } else if (auto* pool = dynamic_cast<torch::nn::AvgPool2dImpl*>(&module)) {
-      const auto& o = pool->options;
-      call = fmt::format(
-          "torch.avg_pool2d(x, {}, {}, {}, {}, {}, {})", list_of(o.kernel_size()),
-          list_of(o.stride()), list_of(o.padding()), literal(o.ceil_mode()),
-          literal(o.count_include_pad()),
-          o.divisor_override() ? std::to_string(*o.divisor_override()) : "None");
+          "torch.adaptive_avg_pool1d(x, {})", list_of(adaptive1d->options.output_size()));
     } else if (auto* adaptive = dynamic_cast<torch::nn::AdaptiveAvgPool2dImpl*>(&module)) {
       const auto& size = *adaptive->options.output_size();
       // A missing size keeps the input's.

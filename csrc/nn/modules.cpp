@@ -22,6 +22,7 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <type_traits>
 
 namespace qat {
 
@@ -78,11 +79,12 @@ void size_channels(
   tensor.set_data(torch::full({channels}, fill, tensor.options()));
 }
 
-// Per-channel specs of a weight are forced to the output-channel axis: the integer kernels
-// keep one scale per output channel, whatever axis a shared spec names.
-QuantSpec weight_spec_for(QuantSpec spec) {
-  if (spec.per_channel() && spec.axis() != 0) {
-    spec.axis(0);
+// Per-channel specs of a weight are forced to the output-channel axis (0; a transposed
+// conv's 1): the integer kernels keep one scale per output channel, whatever axis a shared
+// spec names.
+QuantSpec weight_spec_for(QuantSpec spec, int64_t axis = 0) {
+  if (spec.per_channel() && spec.axis() != axis) {
+    spec.axis(axis);
   }
   return spec;
 }
@@ -113,7 +115,8 @@ void init_like_torch(torch::Tensor& weight, torch::Tensor& bias) {
   }
 }
 
-void check_padding_mode(const char* module, const torch::nn::Conv2dOptions& options) {
+template <typename Options>
+void check_padding_mode(const std::string& module, const Options& options) {
   const auto mode = torch::enumtype::get_enum_name(options.padding_mode());
   if (mode != "kZeros") {
     throw std::invalid_argument(fmt::format(
@@ -122,31 +125,95 @@ void check_padding_mode(const char* module, const torch::nn::Conv2dOptions& opti
   }
 }
 
-// A float Conv2d keeps its options as the internal ConvNdOptions<2>; qat::Conv2d takes the
-// public Conv2dOptions.
-template <typename Options>
-torch::nn::Conv2dOptions conv2d_options(const Options& o) {
-  return torch::nn::Conv2dOptions(o.in_channels(), o.out_channels(), o.kernel_size())
-      .stride(o.stride())
-      .padding(o.padding())
+// A float conv keeps its options as the internal ConvNdOptions<D>; the QAT convs take the
+// public ConvOptions<D> / ConvTransposeOptions<D> (whose padding holds sizes only: a
+// transposed conv has no "same").
+template <typename Options, size_t D>
+Options public_options(const torch::nn::detail::ConvNdOptions<D>& o) {
+  Options options(o.in_channels(), o.out_channels(), o.kernel_size());
+  options.stride(o.stride())
       .dilation(o.dilation())
       .groups(o.groups())
       .bias(o.bias())
       .padding_mode(o.padding_mode());
+  if constexpr (std::is_same_v<Options, torch::nn::ConvOptions<D>>) {
+    options.padding(o.padding());
+  } else {
+    options.output_padding(o.output_padding());
+    visit(
+        [&](const auto& value) {
+          if constexpr (std::is_same_v<std::decay_t<decltype(value)>, torch::ExpandingArray<D>>) {
+            options.padding(value);
+          }
+        },
+        o.padding());
+  }
+  return options;
 }
 
-torch::Tensor conv2d(
-    const torch::nn::Conv2dOptions& options, const torch::Tensor& input,
+template <size_t D>
+torch::Tensor conv(
+    const torch::nn::ConvOptions<D>& options, const torch::Tensor& input,
     const torch::Tensor& weight, const torch::Tensor& bias) {
   namespace F = torch::nn::functional;
-  return F::conv2d(
-      input, weight,
-      F::Conv2dFuncOptions()
-          .bias(bias)
-          .stride(options.stride())
-          .padding(options.padding())
-          .dilation(options.dilation())
-          .groups(options.groups()));
+  const auto func_options = F::ConvFuncOptions<D>()
+                                .bias(bias)
+                                .stride(options.stride())
+                                .padding(options.padding())
+                                .dilation(options.dilation())
+                                .groups(options.groups());
+  if constexpr (D == 1) {
+    return F::conv1d(input, weight, func_options);
+  } else {
+    return F::conv2d(input, weight, func_options);
+  }
+}
+
+template <size_t D>
+torch::Tensor conv(
+    const torch::nn::ConvTransposeOptions<D>& options, const torch::Tensor& input,
+    const torch::Tensor& weight, const torch::Tensor& bias) {
+  namespace F = torch::nn::functional;
+  const auto func_options = F::ConvTransposeFuncOptions<D>()
+                                .bias(bias)
+                                .stride(options.stride())
+                                .padding(options.padding())
+                                .output_padding(options.output_padding())
+                                .groups(options.groups())
+                                .dilation(options.dilation());
+  if constexpr (D == 1) {
+    return F::conv_transpose1d(input, weight, func_options);
+  } else {
+    return F::conv_transpose2d(input, weight, func_options);
+  }
+}
+
+// The weight of a conv with `options`: out_channels x in_channels / groups x kernel (a
+// transposed conv's: in_channels x out_channels / groups x kernel).
+template <typename Options>
+std::vector<int64_t> conv_weight_shape(const Options& options, bool transposed) {
+  auto shape =
+      transposed
+          ? std::vector<int64_t>{options.in_channels(), options.out_channels() / options.groups()}
+          : std::vector<int64_t>{options.out_channels(), options.in_channels() / options.groups()};
+  for (const auto size : *options.kernel_size()) {
+    shape.push_back(size);
+  }
+  return shape;
+}
+
+// "qat::Conv2d", "qat::ConvBn1d", ...: the module's class as users spell it.
+template <size_t D>
+std::string conv_name(const char* kind) {
+  return fmt::format("qat::{}{}d", kind, D);
+}
+
+template <typename Options>
+std::string conv_geometry(const Options& options) {
+  return fmt::format(
+      "{}, {}, kernel_size=[{}], stride=[{}], groups={}, bias={}", options.in_channels(),
+      options.out_channels(), fmt::join(*options.kernel_size(), ", "),
+      fmt::join(*options.stride(), ", "), options.groups(), options.bias());
 }
 
 }  // namespace
@@ -449,104 +516,123 @@ void LinearImpl::pretty_print(std::ostream& stream) const {
 }
 
 // ---------------------------------------------------------------------------------------
-// Conv2d
+// Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d
 
-Conv2dImpl::Conv2dImpl(torch::nn::Conv2dOptions conv_options, QuantSpec weight_spec, bool fuse_relu)
+template <size_t D, bool Transposed, typename Derived>
+ConvImpl<D, Transposed, Derived>::ConvImpl(
+    Options conv_options, QuantSpec weight_spec, bool fuse_relu)
     : options(std::move(conv_options)),
       relu(fuse_relu),
-      weight_spec_(weight_spec_for(std::move(weight_spec))) {
-  check_padding_mode("qat::Conv2d", options);
+      weight_spec_(weight_spec_for(std::move(weight_spec), Transposed ? 1 : 0)) {
+  const auto name = conv_name<D>(Transposed ? "ConvTranspose" : "Conv");
+  check_padding_mode(name, options);
+  if (Transposed && options.groups() != 1) {
+    throw std::invalid_argument(fmt::format(
+        "{}: groups={} is not supported: the integer kernel keeps one weight scale per output "
+        "channel, a grouped transposed conv one per output channel of a group (skip the layer, "
+        "Config::skip, to keep it in float)",
+        name, options.groups()));
+  }
   reset();
 }
 
-Conv2dImpl::Conv2dImpl(
-    const std::shared_ptr<torch::nn::Conv2dImpl>& conv, QuantSpec weight_spec, bool fuse_relu)
-    : Conv2dImpl(conv2d_options(conv->options), std::move(weight_spec), fuse_relu) {
-  weight = parameters_["weight"] = conv->weight;
+template <size_t D, bool Transposed, typename Derived>
+ConvImpl<D, Transposed, Derived>::ConvImpl(
+    const std::shared_ptr<FloatConv>& conv, QuantSpec weight_spec, bool fuse_relu)
+    : ConvImpl(public_options<Options>(conv->options), std::move(weight_spec), fuse_relu) {
+  weight = this->parameters_["weight"] = conv->weight;
   if (bias.defined()) {
-    bias = parameters_["bias"] = conv->bias;
+    bias = this->parameters_["bias"] = conv->bias;
   }
 }
 
-void Conv2dImpl::reset() {
-  const auto kernel = *options.kernel_size();
-  weight = register_parameter(
-      "weight", torch::empty(
-                    {options.out_channels(), options.in_channels() / options.groups(), kernel[0],
-                     kernel[1]}));
-  bias = options.bias() ? register_parameter("bias", torch::empty({options.out_channels()}))
-                        : register_parameter("bias", {}, /*requires_grad=*/false);
+template <size_t D, bool Transposed, typename Derived>
+void ConvImpl<D, Transposed, Derived>::reset() {
+  weight = this->register_parameter("weight", torch::empty(conv_weight_shape(options, Transposed)));
+  bias = options.bias() ? this->register_parameter("bias", torch::empty({options.out_channels()}))
+                        : this->register_parameter("bias", {}, /*requires_grad=*/false);
   init_like_torch(weight, bias);
-  weight_fake_quant = register_module("weight_fake_quant", FakeQuantize(weight_spec_));
+  weight_fake_quant = this->register_module("weight_fake_quant", FakeQuantize(weight_spec_));
 }
 
-torch::Tensor Conv2dImpl::forward(const torch::Tensor& input) {
+template <size_t D, bool Transposed, typename Derived>
+torch::Tensor ConvImpl<D, Transposed, Derived>::forward(const torch::Tensor& input) {
   const auto quantized_weight = weight_fake_quant(weight);  // sizes the scale, as in Linear
-  auto output = conv2d(options, input, quantized_weight, kernel_bias(bias, *weight_fake_quant));
+  auto output = conv(options, input, quantized_weight, kernel_bias(bias, *weight_fake_quant));
   return relu ? torch::relu(output) : output;
 }
 
-void Conv2dImpl::pretty_print(std::ostream& stream) const {
-  const auto kernel = *options.kernel_size();
-  const auto stride = *options.stride();
+template <size_t D, bool Transposed, typename Derived>
+void ConvImpl<D, Transposed, Derived>::pretty_print(std::ostream& stream) const {
+  std::string output_padding;
+  if constexpr (Transposed) {
+    output_padding =
+        fmt::format(", output_padding=[{}]", fmt::join(*options.output_padding(), ", "));
+  }
   stream << fmt::format(
-      "qat::Conv2d({}, {}, kernel_size=[{}, {}], stride=[{}, {}], groups={}, bias={}, relu={})",
-      options.in_channels(), options.out_channels(), kernel[0], kernel[1], stride[0], stride[1],
-      options.groups(), options.bias(), relu);
+      "{}({}{}, relu={})", conv_name<D>(Transposed ? "ConvTranspose" : "Conv"),
+      conv_geometry(options), output_padding, relu);
 }
 
-// ---------------------------------------------------------------------------------------
-// ConvBn2d
+template class ConvImpl<1, false, Conv1dImpl>;
+template class ConvImpl<2, false, Conv2dImpl>;
+template class ConvImpl<1, true, ConvTranspose1dImpl>;
+template class ConvImpl<2, true, ConvTranspose2dImpl>;
 
-ConvBn2dImpl::ConvBn2dImpl(
-    torch::nn::Conv2dOptions conv_options, torch::nn::BatchNorm2dOptions bn_options,
+// ---------------------------------------------------------------------------------------
+// ConvBn1d, ConvBn2d
+
+template <size_t D, typename Derived>
+ConvBnImpl<D, Derived>::ConvBnImpl(
+    torch::nn::ConvOptions<D> conv_options, torch::nn::BatchNormOptions bn_options,
     QuantSpec weight_spec, bool fuse_relu)
     : options(std::move(conv_options)),
       relu(fuse_relu),
       bn_options_(std::move(bn_options)),
       weight_spec_(weight_spec_for(std::move(weight_spec))) {
-  check_padding_mode("qat::ConvBn2d", options);
+  const auto name = conv_name<D>("ConvBn");
+  check_padding_mode(name, options);
   if (bn_options_.num_features() != options.out_channels()) {
     throw std::invalid_argument(fmt::format(
-        "qat::ConvBn2d: the batch norm has {} features but the conv {} output channels",
+        "{}: the batch norm has {} features but the conv {} output channels", name,
         bn_options_.num_features(), options.out_channels()));
   }
   if (!bn_options_.affine() || !bn_options_.track_running_stats()) {
-    throw std::invalid_argument(
-        "qat::ConvBn2d: the batch norm must be affine and track running statistics to be "
-        "folded into the conv");
+    throw std::invalid_argument(fmt::format(
+        "{}: the batch norm must be affine and track running statistics to be folded into the "
+        "conv",
+        name));
   }
   reset();
 }
 
-ConvBn2dImpl::ConvBn2dImpl(
-    const std::shared_ptr<torch::nn::Conv2dImpl>& conv,
-    const std::shared_ptr<torch::nn::BatchNorm2dImpl>& float_bn, QuantSpec weight_spec,
-    bool fuse_relu)
-    : ConvBn2dImpl(
-          conv2d_options(conv->options), float_bn->options, std::move(weight_spec), fuse_relu) {
-  weight = parameters_["weight"] = conv->weight;
+template <size_t D, typename Derived>
+ConvBnImpl<D, Derived>::ConvBnImpl(
+    const std::shared_ptr<FloatConv>& conv, const std::shared_ptr<FloatBatchNorm>& float_bn,
+    QuantSpec weight_spec, bool fuse_relu)
+    : ConvBnImpl(
+          public_options<torch::nn::ConvOptions<D>>(conv->options), float_bn->options,
+          std::move(weight_spec), fuse_relu) {
+  weight = this->parameters_["weight"] = conv->weight;
   if (bias.defined()) {
-    bias = parameters_["bias"] = conv->bias;
+    bias = this->parameters_["bias"] = conv->bias;
   }
-  bn = replace_module("bn", torch::nn::BatchNorm2d(float_bn));
+  bn = this->replace_module("bn", typename detail::ConvTypes<D>::BatchNormHolder(float_bn));
   train(conv->is_training());
 }
 
-void ConvBn2dImpl::reset() {
-  const auto kernel = *options.kernel_size();
-  weight = register_parameter(
-      "weight", torch::empty(
-                    {options.out_channels(), options.in_channels() / options.groups(), kernel[0],
-                     kernel[1]}));
-  bias = options.bias() ? register_parameter("bias", torch::empty({options.out_channels()}))
-                        : register_parameter("bias", {}, /*requires_grad=*/false);
+template <size_t D, typename Derived>
+void ConvBnImpl<D, Derived>::reset() {
+  weight = this->register_parameter("weight", torch::empty(conv_weight_shape(options, false)));
+  bias = options.bias() ? this->register_parameter("bias", torch::empty({options.out_channels()}))
+                        : this->register_parameter("bias", {}, /*requires_grad=*/false);
   init_like_torch(weight, bias);
-  bn = register_module("bn", torch::nn::BatchNorm2d(bn_options_));
-  weight_fake_quant = register_module("weight_fake_quant", FakeQuantize(weight_spec_));
+  bn = this->register_module("bn", typename detail::ConvTypes<D>::BatchNormHolder(bn_options_));
+  weight_fake_quant = this->register_module("weight_fake_quant", FakeQuantize(weight_spec_));
 }
 
-torch::Tensor ConvBn2dImpl::forward(const torch::Tensor& input) {
+template <size_t D, typename Derived>
+torch::Tensor ConvBnImpl<D, Derived>::forward(const torch::Tensor& input) {
   const auto factor = qat::batch_norm_factor(bn->weight, bn->running_var, bn->options.eps());
   // conv(x, fq(w * f)) / f per channel, as conv(x, fq(w * f) / f): the division lands on
   // the weight, not on the (usually larger) output. The conv bias is added after it: it
@@ -559,38 +645,42 @@ torch::Tensor ConvBn2dImpl::forward(const torch::Tensor& input) {
     // grid: so is it here.
     const auto folded_bias =
         kernel_bias(qat::fold_bias(bias, bn->bias, bn->running_mean, factor), *weight_fake_quant);
-    const std::vector<int64_t> shape{1, -1, 1, 1};
-    output = conv2d(options, input, folded, torch::Tensor()) * factor.reshape(shape) +
+    std::vector<int64_t> shape(D + 2, 1);
+    shape[1] = -1;
+    output = conv(options, input, folded, torch::Tensor()) * factor.reshape(shape) +
              folded_bias.reshape(shape);
   } else {
-    output = bn(conv2d(options, input, folded, bias));
+    output = bn(conv(options, input, folded, bias));
   }
   return relu ? torch::relu(output) : output;
 }
 
-void ConvBn2dImpl::train(bool on) {
+template <size_t D, typename Derived>
+void ConvBnImpl<D, Derived>::train(bool on) {
   torch::nn::Module::train(on);
   bn->train(on && !freeze_bn_);
 }
 
-void ConvBn2dImpl::freeze_bn_stats() {
+template <size_t D, typename Derived>
+void ConvBnImpl<D, Derived>::freeze_bn_stats() {
   freeze_bn_ = true;
   bn->train(false);
 }
 
-void ConvBn2dImpl::unfreeze_bn_stats() {
+template <size_t D, typename Derived>
+void ConvBnImpl<D, Derived>::unfreeze_bn_stats() {
   freeze_bn_ = false;
-  bn->train(is_training());
+  bn->train(this->is_training());
 }
 
-void ConvBn2dImpl::pretty_print(std::ostream& stream) const {
-  const auto kernel = *options.kernel_size();
-  const auto stride = *options.stride();
+template <size_t D, typename Derived>
+void ConvBnImpl<D, Derived>::pretty_print(std::ostream& stream) const {
   stream << fmt::format(
-      "qat::ConvBn2d({}, {}, kernel_size=[{}, {}], stride=[{}, {}], groups={}, bias={}, "
-      "relu={}, freeze_bn={})",
-      options.in_channels(), options.out_channels(), kernel[0], kernel[1], stride[0], stride[1],
-      options.groups(), options.bias(), relu, freeze_bn_);
+      "{}({}, relu={}, freeze_bn={})", conv_name<D>("ConvBn"), conv_geometry(options), relu,
+      freeze_bn_);
 }
+
+template class ConvBnImpl<1, ConvBn1dImpl>;
+template class ConvBnImpl<2, ConvBn2dImpl>;
 
 }  // namespace qat

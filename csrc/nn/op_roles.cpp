@@ -96,15 +96,19 @@ std::string op_name(const torch::nn::Module& module) {
   // The C++ front end's spellings of the table's ops (exact types: a subclass's forward may
   // differ).
   static const std::unordered_map<std::type_index, std::string> names{
+      {typeid(torch::nn::Conv1dImpl), "conv1d"},
       {typeid(torch::nn::Conv2dImpl), "conv2d"},
       {typeid(torch::nn::LinearImpl), "linear"},
       {typeid(torch::nn::ReLUImpl), "relu"},
+      {typeid(torch::nn::MaxPool1dImpl), "max_pool1d"},
       {typeid(torch::nn::MaxPool2dImpl), "max_pool2d"},
       {typeid(torch::nn::FlattenImpl), "flatten"},
       {typeid(torch::nn::DropoutImpl), "dropout"},
       {typeid(torch::nn::Dropout2dImpl), "dropout"},
       {typeid(torch::nn::IdentityImpl), "identity"},
+      {typeid(torch::nn::AvgPool1dImpl), "avg_pool1d"},
       {typeid(torch::nn::AvgPool2dImpl), "avg_pool2d"},
+      {typeid(torch::nn::AdaptiveAvgPool1dImpl), "adaptive_avg_pool1d"},
       {typeid(torch::nn::AdaptiveAvgPool2dImpl), "adaptive_avg_pool2d"},
       {typeid(torch::nn::ReLU6Impl), "relu6"},
       {typeid(torch::nn::HardtanhImpl), "hardtanh"},

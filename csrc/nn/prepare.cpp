@@ -64,7 +64,9 @@ bool requantizes(const torch::nn::Module& module) {
 }
 
 bool is_prepared_layer(const torch::nn::Module& module) {
-  return is_one_of<LinearImpl, Conv2dImpl, ConvBn2dImpl>(module);
+  return is_one_of<
+      LinearImpl, Conv1dImpl, Conv2dImpl, ConvBn1dImpl, ConvBn2dImpl, ConvTranspose1dImpl,
+      ConvTranspose2dImpl>(module);
 }
 
 void check_not_prepared(torch::nn::Module& root) {
@@ -222,8 +224,13 @@ class Preparer {
   }
 
   static bool folds(const std::vector<std::shared_ptr<torch::nn::Module>>& modules, size_t i) {
-    return is_exactly<torch::nn::Conv2dImpl>(*modules[i]) && i + 1 < modules.size() &&
-           is_exactly<torch::nn::BatchNorm2dImpl>(*modules[i + 1]);
+    if (i + 1 >= modules.size()) {
+      return false;
+    }
+    return (is_exactly<torch::nn::Conv1dImpl>(*modules[i]) &&
+            is_exactly<torch::nn::BatchNorm1dImpl>(*modules[i + 1])) ||
+           (is_exactly<torch::nn::Conv2dImpl>(*modules[i]) &&
+            is_exactly<torch::nn::BatchNorm2dImpl>(*modules[i + 1]));
   }
 
   // SequentialImpl keeps its modules in a private vector with no insert or erase, so the
@@ -349,16 +356,40 @@ class Preparer {
       const std::string& name, bool relu) {
     const auto specs = *config_.spec_for(name);
     return for_layer(name, *conv, [&] {
-      return torch::nn::AnyModule(std::make_shared<ConvBn2dImpl>(
-          std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(conv),
-          std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(bn), specs.weight, relu));
+      if (is_exactly<torch::nn::Conv1dImpl>(*conv)) {
+        return fold<1>(conv, bn, specs.weight, relu);
+      }
+      return fold<2>(conv, bn, specs.weight, relu);
     });
+  }
+
+  template <size_t D>
+  static torch::nn::AnyModule fold(
+      const std::shared_ptr<torch::nn::Module>& conv, const std::shared_ptr<torch::nn::Module>& bn,
+      const QuantSpec& weight, bool relu) {
+    using Types = detail::ConvTypes<D>;
+    return torch::nn::AnyModule(std::make_shared<typename Types::QatConvBn>(
+        std::dynamic_pointer_cast<typename Types::Conv>(conv),
+        std::dynamic_pointer_cast<typename Types::BatchNorm>(bn), weight, relu));
   }
 
   const Config& config_;
   const ModuleRegistry& registry_;
   std::vector<std::function<void()>> edits_;
 };
+
+// A built-in registration: a `Float` module becomes a `Qat` one sharing its parameters,
+// which fuses a following ReLU.
+template <typename Float, typename Qat>
+void add_builtin(ModuleRegistry& registry) {
+  registry.add(
+      std::type_index(typeid(Float)),
+      [](const std::shared_ptr<torch::nn::Module>& module, const SwapOptions& options) {
+        return torch::nn::AnyModule(std::make_shared<Qat>(
+            std::dynamic_pointer_cast<Float>(module), options.weight, options.relu));
+      },
+      /*fuses_relu=*/true);
+}
 
 void set_all(torch::nn::Module& root, void (FakeQuantizeImpl::*set)(bool), bool enabled) {
   for (const auto& fake_quant : fake_quantizers(root)) {
@@ -386,22 +417,11 @@ ModuleRegistry& ModuleRegistry::global() {
 }
 
 ModuleRegistry::ModuleRegistry() : state_(std::make_shared<State>()) {
-  add(
-      std::type_index(typeid(torch::nn::LinearImpl)),
-      [](const std::shared_ptr<torch::nn::Module>& module, const SwapOptions& options) {
-        return torch::nn::AnyModule(std::make_shared<LinearImpl>(
-            std::dynamic_pointer_cast<torch::nn::LinearImpl>(module), options.weight,
-            options.relu));
-      },
-      /*fuses_relu=*/true);
-  add(
-      std::type_index(typeid(torch::nn::Conv2dImpl)),
-      [](const std::shared_ptr<torch::nn::Module>& module, const SwapOptions& options) {
-        return torch::nn::AnyModule(std::make_shared<Conv2dImpl>(
-            std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(module), options.weight,
-            options.relu));
-      },
-      /*fuses_relu=*/true);
+  add_builtin<torch::nn::LinearImpl, LinearImpl>(*this);
+  add_builtin<torch::nn::Conv1dImpl, Conv1dImpl>(*this);
+  add_builtin<torch::nn::Conv2dImpl, Conv2dImpl>(*this);
+  add_builtin<torch::nn::ConvTranspose1dImpl, ConvTranspose1dImpl>(*this);
+  add_builtin<torch::nn::ConvTranspose2dImpl, ConvTranspose2dImpl>(*this);
 }
 
 void ModuleRegistry::add(

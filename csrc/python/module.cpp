@@ -149,7 +149,8 @@ PYBIND11_MODULE(_C, m) {
           py::init([](std::string name, std::string kind, double scale, int64_t zero_point,
                       bool relu, c10::optional<at::Tensor> weight, c10::optional<at::Tensor> bias,
                       int64_t weight_bits, int64_t weight_quant_min, std::vector<int64_t> stride,
-                      std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
+                      std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                      std::vector<int64_t> output_padding) {
             return qat::LoweredOp{
                 std::move(name),
                 std::move(kind),
@@ -163,13 +164,15 @@ PYBIND11_MODULE(_C, m) {
                 std::move(stride),
                 std::move(padding),
                 std::move(dilation),
-                groups};
+                groups,
+                std::move(output_padding)};
           }),
           py::arg("name"), py::arg("kind"), py::arg("scale") = 1.0, py::arg("zero_point") = 0,
           py::arg("relu") = false, py::arg("weight") = py::none(), py::arg("bias") = py::none(),
           py::arg("weight_bits") = 8, py::arg("weight_quant_min") = -128,
           py::arg("stride") = std::vector<int64_t>{}, py::arg("padding") = std::vector<int64_t>{},
-          py::arg("dilation") = std::vector<int64_t>{}, py::arg("groups") = 1)
+          py::arg("dilation") = std::vector<int64_t>{}, py::arg("groups") = 1,
+          py::arg("output_padding") = std::vector<int64_t>{})
       .def_readonly("name", &qat::LoweredOp::name)
       .def_readonly("kind", &qat::LoweredOp::kind)
       .def_readonly("scale", &qat::LoweredOp::scale)
@@ -183,6 +186,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("padding", &qat::LoweredOp::padding)
       .def_readonly("dilation", &qat::LoweredOp::dilation)
       .def_readonly("groups", &qat::LoweredOp::groups)
+      .def_readonly("output_padding", &qat::LoweredOp::output_padding)
       .def("__repr__", [](const qat::LoweredOp& op) {
         return "LoweredOp(" + op.kind + " '" + op.name + "', scale=" + std::to_string(op.scale) +
                ", zero_point=" + std::to_string(op.zero_point) + ")";

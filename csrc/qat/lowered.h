@@ -36,11 +36,12 @@ struct LoweredOp {
   at::Tensor bias;
   int64_t weight_bits = 8;
   int64_t weight_quant_min = -128;
-  /// Conv geometry (a transposed conv's output padding is its module's, not lowered yet).
+  /// Conv geometry (output_padding: transposed convs').
   std::vector<int64_t> stride;
   std::vector<int64_t> padding;
   std::vector<int64_t> dilation;
   int64_t groups = 1;
+  std::vector<int64_t> output_padding;
 };
 
 /// The JSON that qat writes into every .pt / .ptl as `qat/metadata.json`, from either front

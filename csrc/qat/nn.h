@@ -1,8 +1,8 @@
 #pragma once
 
 // QAT modules for torch::nn: the observer, qat::FakeQuantize, and the QAT versions of
-// Linear, Conv2d and Conv2d + BatchNorm2d. State (buffers, parameters) carries the names of
-// the Python modules (qat.FakeQuantize, qat.modules.Linear, ...), so that
+// Linear, Conv1d / Conv2d, Conv + BatchNorm and ConvTranspose1d / 2d. State (buffers, parameters)
+// carries the names of the Python modules (qat.FakeQuantize, qat.modules.Linear, ...), so that
 // named_parameters() / named_buffers() read the same in both languages.
 
 #include <torch/nn/cloneable.h>
@@ -16,6 +16,7 @@
 
 #include <memory>
 #include <ostream>
+#include <type_traits>
 #include <utility>
 
 namespace qat {
@@ -213,29 +214,66 @@ class LinearImpl : public torch::nn::Cloneable<LinearImpl>, public InputQuantize
 };
 TORCH_MODULE(Linear);
 
-/// QAT torch::nn::Conv2d: the weight goes through `weight_fake_quant` (per output channel,
-/// axis 0, when the spec is per channel) before the convolution. Only the "zeros" padding
-/// mode is supported, as in PyTorch's quantized conv. Parameters `weight`, `bias`; child
-/// `weight_fake_quant`.
-class Conv2dImpl : public torch::nn::Cloneable<Conv2dImpl>, public InputQuantized {
+class Conv1dImpl;
+class Conv2dImpl;
+class ConvBn1dImpl;
+class ConvBn2dImpl;
+class ConvTranspose1dImpl;
+class ConvTranspose2dImpl;
+
+namespace detail {
+// The float modules a QAT conv of D spatial dimensions (1 or 2) replaces and folds, and the
+// QAT ones.
+template <size_t D>
+struct ConvTypes {
+  static_assert(D == 1 || D == 2, "the C++ front end has 1-D and 2-D convs");
+  template <typename OneD, typename TwoD>
+  using Pick = std::conditional_t<D == 1, OneD, TwoD>;
+  using Conv = Pick<torch::nn::Conv1dImpl, torch::nn::Conv2dImpl>;
+  using BatchNorm = Pick<torch::nn::BatchNorm1dImpl, torch::nn::BatchNorm2dImpl>;
+  using BatchNormHolder = Pick<torch::nn::BatchNorm1d, torch::nn::BatchNorm2d>;
+  using ConvTranspose = Pick<torch::nn::ConvTranspose1dImpl, torch::nn::ConvTranspose2dImpl>;
+  using QatConv = Pick<qat::Conv1dImpl, qat::Conv2dImpl>;
+  using QatConvBn = Pick<qat::ConvBn1dImpl, qat::ConvBn2dImpl>;
+  using QatConvTranspose = Pick<qat::ConvTranspose1dImpl, qat::ConvTranspose2dImpl>;
+};
+}  // namespace detail
+
+/// QAT torch::nn::Conv1d / Conv2d (qat::Conv1d, qat::Conv2d) and, `Transposed`,
+/// ConvTranspose1d / 2d (qat::ConvTranspose1d, 2d): the weight goes through
+/// `weight_fake_quant` before the convolution, per output channel when the spec is per
+/// channel (axis 0; axis 1 of a transposed conv's in x out x kernel weight). Zero padding
+/// only, as PyTorch's quantized convs pad; a transposed conv also groups 1 only (its integer
+/// kernel keeps one weight scale per output channel, a grouped one has one per channel of a
+/// group) and the output padding of its options (a call cannot ask for an output size).
+/// Parameters `weight`, `bias`; child `weight_fake_quant`. `Derived` is the final class, as
+/// in torch::nn's own ConvNdImpl; each declares forward itself, since torch::nn::AnyModule
+/// (Sequential::ptr<T>) takes a module's type from it.
+template <size_t D, bool Transposed, typename Derived>
+class ConvImpl : public torch::nn::Cloneable<Derived>, public InputQuantized {
  public:
-  /// A fresh layer, initialized as torch::nn::Conv2d.
-  /// @param options as torch::nn::Conv2d's.
-  /// @param weight_spec the weight's spec; a per-channel one is forced to axis 0.
-  /// @param relu apply a ReLU to the output (a fused Conv2d + ReLU).
-  explicit Conv2dImpl(
-      torch::nn::Conv2dOptions options, QuantSpec weight_spec = Config().weight(),
-      bool relu = false);
+  using FloatConv = std::conditional_t<
+      Transposed, typename detail::ConvTypes<D>::ConvTranspose,
+      typename detail::ConvTypes<D>::Conv>;
+  using Options =
+      std::conditional_t<Transposed, torch::nn::ConvTransposeOptions<D>, torch::nn::ConvOptions<D>>;
+  /// A fresh layer, initialized as the float conv.
+  /// @param options as the float conv's (torch::nn::Conv2dOptions, ...).
+  /// @param weight_spec the weight's spec; a per-channel one is forced to the output
+  ///        channels' axis.
+  /// @param relu apply a ReLU to the output (a fused conv + ReLU; the integer model of a
+  ///        transposed conv applies it to its quantized output, exact as the grid holds 0).
+  explicit ConvImpl(Options options, QuantSpec weight_spec = Config().weight(), bool relu = false);
   /// The QAT version of `conv`, sharing its weight and bias.
-  explicit Conv2dImpl(
-      const std::shared_ptr<torch::nn::Conv2dImpl>& conv, QuantSpec weight_spec = Config().weight(),
+  explicit ConvImpl(
+      const std::shared_ptr<FloatConv>& conv, QuantSpec weight_spec = Config().weight(),
       bool relu = false);
 
   void reset() override;
   torch::Tensor forward(const torch::Tensor& input);
   void pretty_print(std::ostream& stream) const override;
 
-  torch::nn::Conv2dOptions options;
+  Options options;
   bool relu;
   torch::Tensor weight;
   torch::Tensor bias;
@@ -244,31 +282,58 @@ class Conv2dImpl : public torch::nn::Cloneable<Conv2dImpl>, public InputQuantize
  private:
   QuantSpec weight_spec_;
 };
-TORCH_MODULE(Conv2d);
-
-/// Conv2d + BatchNorm2d (+ ReLU) trained as the folded conv the integer model runs (the
-/// formula of Python's qat.modules.ConvBn2d and PyTorch's ConvBn2d): the weight is scaled
-/// by gamma / sqrt(running_var + eps) and fake-quantized, so the quantization error is that
-/// of the folded weight; the conv output is divided by the same factor and goes through
-/// `bn`, which in training normalizes with the batch statistics (and updates the running
-/// ones) and in eval with the running ones, where the whole equals the folded conv.
-/// Parameters `weight`, `bias` (the conv's); children `bn`, `weight_fake_quant`.
-class ConvBn2dImpl : public torch::nn::Cloneable<ConvBn2dImpl>, public InputQuantized {
+class Conv1dImpl : public ConvImpl<1, false, Conv1dImpl> {
  public:
+  using ConvImpl::ConvImpl;
+  torch::Tensor forward(const torch::Tensor& input) { return ConvImpl::forward(input); }
+};
+class Conv2dImpl : public ConvImpl<2, false, Conv2dImpl> {
+ public:
+  using ConvImpl::ConvImpl;
+  torch::Tensor forward(const torch::Tensor& input) { return ConvImpl::forward(input); }
+};
+class ConvTranspose1dImpl : public ConvImpl<1, true, ConvTranspose1dImpl> {
+ public:
+  using ConvImpl::ConvImpl;
+  torch::Tensor forward(const torch::Tensor& input) { return ConvImpl::forward(input); }
+};
+class ConvTranspose2dImpl : public ConvImpl<2, true, ConvTranspose2dImpl> {
+ public:
+  using ConvImpl::ConvImpl;
+  torch::Tensor forward(const torch::Tensor& input) { return ConvImpl::forward(input); }
+};
+TORCH_MODULE(Conv1d);
+TORCH_MODULE(Conv2d);
+TORCH_MODULE(ConvTranspose1d);
+TORCH_MODULE(ConvTranspose2d);
+
+/// Conv + BatchNorm (+ ReLU) of D spatial dimensions (qat::ConvBn1d, qat::ConvBn2d) trained
+/// as the folded conv the integer model runs (the formula of Python's qat.modules.ConvBn2d
+/// and PyTorch's ConvBn2d): the weight is scaled by gamma / sqrt(running_var + eps) and
+/// fake-quantized, so the quantization error is that of the folded weight; the conv output
+/// is divided by the same factor and goes through `bn`, which in training normalizes with
+/// the batch statistics (and updates the running ones) and in eval with the running ones,
+/// where the whole equals the folded conv.
+/// Parameters `weight`, `bias` (the conv's); children `bn`, `weight_fake_quant`. `Derived`
+/// as in ConvImpl.
+template <size_t D, typename Derived>
+class ConvBnImpl : public torch::nn::Cloneable<Derived>, public InputQuantized {
+ public:
+  using FloatConv = typename detail::ConvTypes<D>::Conv;
+  using FloatBatchNorm = typename detail::ConvTypes<D>::BatchNorm;
   /// A fresh layer.
-  /// @param conv_options as torch::nn::Conv2d's (usually without bias).
-  /// @param bn_options as torch::nn::BatchNorm2d's; num_features must equal out_channels,
-  ///        affine and track_running_stats must be on.
+  /// @param conv_options as the float conv's (usually without bias).
+  /// @param bn_options as the batch norm's; num_features must equal out_channels, affine
+  ///        and track_running_stats must be on.
   /// @param weight_spec the weight's spec; a per-channel one is forced to axis 0.
   /// @param relu apply a ReLU after the batch norm.
-  ConvBn2dImpl(
-      torch::nn::Conv2dOptions conv_options, torch::nn::BatchNorm2dOptions bn_options,
+  ConvBnImpl(
+      torch::nn::ConvOptions<D> conv_options, torch::nn::BatchNormOptions bn_options,
       QuantSpec weight_spec = Config().weight(), bool relu = false);
   /// The QAT fold of `conv` followed by `bn`, sharing the conv's parameters and the batch
   /// norm module itself (parameters and running statistics).
-  ConvBn2dImpl(
-      const std::shared_ptr<torch::nn::Conv2dImpl>& conv,
-      const std::shared_ptr<torch::nn::BatchNorm2dImpl>& bn,
+  ConvBnImpl(
+      const std::shared_ptr<FloatConv>& conv, const std::shared_ptr<FloatBatchNorm>& bn,
       QuantSpec weight_spec = Config().weight(), bool relu = false);
 
   void reset() override;
@@ -283,18 +348,29 @@ class ConvBn2dImpl : public torch::nn::Cloneable<ConvBn2dImpl>, public InputQuan
   bool bn_frozen() const { return freeze_bn_; }
   void pretty_print(std::ostream& stream) const override;
 
-  torch::nn::Conv2dOptions options;
+  torch::nn::ConvOptions<D> options;
   bool relu;
   torch::Tensor weight;
   torch::Tensor bias;
-  torch::nn::BatchNorm2d bn{nullptr};
+  typename detail::ConvTypes<D>::BatchNormHolder bn{nullptr};
   FakeQuantize weight_fake_quant{nullptr};
 
  private:
-  torch::nn::BatchNorm2dOptions bn_options_;
+  torch::nn::BatchNormOptions bn_options_;
   QuantSpec weight_spec_;
   bool freeze_bn_ = false;
 };
+class ConvBn1dImpl : public ConvBnImpl<1, ConvBn1dImpl> {
+ public:
+  using ConvBnImpl::ConvBnImpl;
+  torch::Tensor forward(const torch::Tensor& input) { return ConvBnImpl::forward(input); }
+};
+class ConvBn2dImpl : public ConvBnImpl<2, ConvBn2dImpl> {
+ public:
+  using ConvBnImpl::ConvBnImpl;
+  torch::Tensor forward(const torch::Tensor& input) { return ConvBnImpl::forward(input); }
+};
+TORCH_MODULE(ConvBn1d);
 TORCH_MODULE(ConvBn2d);
 
 }  // namespace qat

@@ -53,8 +53,10 @@ using ModuleFactory = std::function<torch::nn::AnyModule(
 /// Which QAT module replaces which float module type, keyed by the exact dynamic type of
 /// the float module (subclasses are not matched: their forward may differ).
 ///
-/// Built in: torch::nn::Linear -> qat::Linear and torch::nn::Conv2d -> qat::Conv2d (both
-/// fuse a following ReLU); prepare folds Conv2d + BatchNorm2d into qat::ConvBn2d itself.
+/// Built in: torch::nn::Linear -> qat::Linear, Conv1d / Conv2d -> qat::Conv1d / Conv2d and
+/// ConvTranspose1d / 2d -> qat::ConvTranspose1d / 2d (all fuse a following ReLU); prepare
+/// folds Conv1d + BatchNorm1d into qat::ConvBn1d and Conv2d + BatchNorm2d into
+/// qat::ConvBn2d itself.
 class ModuleRegistry {
  public:
   /// The process-wide registry that qat::prepare consults.
@@ -121,10 +123,12 @@ bool unregister_module() {
 }
 
 /// Prepares `root` for quantization-aware training, in place:
-/// - every registered module type (Linear, Conv2d, user registrations) is replaced by its
+/// - every registered module type (Linear, Conv1d, Conv2d, ConvTranspose1d / 2d, user
+///   registrations) is replaced by its
 ///   QAT version, which shares the float parameters, using `replace_module`;
 /// - inside a torch::nn::Sequential (rewritten in place, so that the holders pointing at it
-///   see the change), a Conv2d followed by a BatchNorm2d is folded into a qat::ConvBn2d, a
+///   see the change), a Conv1d / Conv2d followed by a BatchNorm1d / BatchNorm2d is folded
+///   into a qat::ConvBn1d / ConvBn2d, a
 ///   ReLU right after a layer whose QAT version fuses it is fused, and activation
 ///   qat::FakeQuantize modules are inserted: one on the Sequential's input (when it holds a
 ///   QAT layer), one after each QAT layer (after its ReLU) and after average pooling, and
@@ -164,11 +168,11 @@ bool unregister_module() {
 ///        pattern) must match a module, and each spec a layer gets must use an observer of
 ///        QuantSpec::module_observers().
 /// @throws std::invalid_argument when `root` holds a QAT layer already (qat::Linear,
-///         qat::Conv2d, qat::ConvBn2d: prepare the float model; FakeQuantize members of
-///         custom modules are fine), a name or pattern in the config matches no module, or
-///         a layer cannot be swapped (named with its path and type, followed by the reason:
-///         an observer C++ does not have, with the config entry that asks for it, a Conv2d
-///         padding mode other than zeros, a BatchNorm2d that cannot be folded, a factory
+///         a qat conv: prepare the float model;
+///         FakeQuantize members of custom modules are fine), a name or pattern in the config
+///         matches no module, or a layer cannot be swapped (named with its path and type, followed
+///         by the reason: an observer C++ does not have, with the config entry that asks for it, a
+///         Conv2d padding mode other than zeros, a BatchNorm2d that cannot be folded, a factory
 ///         that throws std::invalid_argument).
 void prepare(torch::nn::Module& root, const Config& config = Config());
 

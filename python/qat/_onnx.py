@@ -183,7 +183,7 @@ class _Emitter:
                             dilations=list(op.dilation), group=op.groups)
             if isinstance(module, quantized._ConvTransposeNd):
                 y = self.op("ConvTranspose", [args[0], w, b], name,
-                            output_padding=list(module.output_padding), **geometry)
+                            output_padding=list(op.output_padding), **geometry)
             else:
                 y = self.op("Conv", [args[0], w, b], name, **geometry)
         elif isinstance(module, quantized.Linear):

@@ -192,7 +192,7 @@ class _Emitter:
         elif op.kind in _TRANSPOSED_CONVS:
             y = self.graph.call_function(_TRANSPOSED_CONVS[op.kind], (
                 args[0], self.weight(op), self.bias(op), list(op.stride), list(op.padding),
-                list(module.output_padding), op.groups, list(op.dilation)))
+                list(op.output_padding), op.groups, list(op.dilation)))
         elif isinstance(module, quantized.LinearDynamic):
             # The input quantized at run time to its own range, as quantized::linear_dynamic
             # does, in the pattern XNNPACK runs as a dynamically quantized linear; float out.

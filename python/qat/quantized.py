@@ -298,6 +298,9 @@ class _ConvTransposeNd(_ConvNd):
                          relu, weight_bits, weight_quant_min)
         self.output_padding = list(output_padding)
 
+    def _lowered_weight(self) -> dict:
+        return dict(super()._lowered_weight(), output_padding=self.output_padding)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, output_padding={self.output_padding}"
 

@@ -105,6 +105,32 @@ CATCH_TEST_CASE("convert: the integer model follows the simulation within one st
   CATCH_CHECK(code.find("quantized::linear(") != std::string::npos);
 }
 
+CATCH_TEST_CASE(
+    "convert: 1-D convs and transposed convs run on their integer kernels", "[export]") {
+  torch::manual_seed(2);
+  torch::nn::Sequential net(
+      torch::nn::Conv1d(torch::nn::Conv1dOptions(2, 8, 3).padding(1).bias(false)),
+      torch::nn::BatchNorm1d(8), torch::nn::ReLU(), torch::nn::MaxPool1d(2),
+      torch::nn::ConvTranspose1d(torch::nn::ConvTranspose1dOptions(8, 4, 2).stride(2)),
+      torch::nn::ReLU(), torch::nn::Flatten(), torch::nn::Linear(4 * 12, 3));
+  qat::prepare(*net, qat::presets::int8());
+  const auto x = torch::randn({64, 2, 12});
+  train(net, x, torch::randint(0, 3, {64}));
+
+  auto integer = qat::convert(*net, x);
+  const auto expected = simulate(net, x);
+  const auto got = run(integer, x);
+  const double share = within_one_step(got, expected, output_step(net));
+  std::cout << "[export] 1-D convs: " << share * 100 << "% within one step\n";
+  CATCH_CHECK(share >= 0.99);
+  const auto code = integer.get_method("forward").graph()->toString();
+  CATCH_CHECK(code.find("quantized::conv1d_relu") != std::string::npos);
+  CATCH_CHECK(code.find("quantized::conv_transpose1d") != std::string::npos);
+  CATCH_CHECK(code.find("aten::relu") != std::string::npos);  // the transposed conv's ReLU
+  // No float conv is left.
+  CATCH_CHECK(code.find("aten::conv") == std::string::npos);
+}
+
 CATCH_TEST_CASE("convert: float layers run between a dequantize and a quantize", "[export]") {
   torch::manual_seed(1);
   torch::nn::Sequential net(

@@ -348,6 +348,98 @@ CATCH_TEST_CASE("ConvBn2d with fake quant off equals float conv + bn", "[nn][mod
   }
 }
 
+CATCH_TEST_CASE("qat::Conv1d and ConvBn1d compute the float 1-D layers", "[nn][modules][bn]") {
+  torch::manual_seed(4);
+  torch::nn::Conv1d conv(torch::nn::Conv1dOptions(3, 4, 3).stride(2).padding(1));
+  qat::Conv1d qconv(conv.ptr(), qat::Config().weight(), /*fuse_relu=*/true);
+  CATCH_CHECK(qconv->weight.is_same(conv->weight));
+  CATCH_CHECK(qconv->name() == "qat::Conv1dImpl");
+  std::ostringstream printed;
+  qconv->pretty_print(printed);
+  CATCH_CHECK(
+      printed.str() ==
+      "qat::Conv1d(3, 4, kernel_size=[3], stride=[2], groups=1, bias=true, relu=true)");
+  const auto x = torch::randn({2, 3, 11});
+  const auto y = qconv(x);
+  const auto& wfq = qconv->weight_fake_quant;
+  CATCH_CHECK(wfq->scale.numel() == 4);  // per output channel
+  const auto w = reference_fake_quantize(conv->weight, wfq->scale, wfq->zero_point, -128, 127, 0);
+  CATCH_CHECK(torch::allclose(
+      y, torch::relu(torch::conv1d(x, w, conv->bias, /*stride=*/2, /*padding=*/1)), 1e-5, 1e-6));
+  CATCH_CHECK(
+      invalid_argument_message(
+          [] { qat::Conv1d(torch::nn::Conv1dOptions(1, 1, 3).padding_mode(torch::kCircular)); }) ==
+      "qat::Conv1d: padding_mode kCircular is not supported (PyTorch's quantized conv pads with "
+      "zeros)");
+
+  // Conv1d + BatchNorm1d with fake quantization off: the float pair, in eval and training.
+  torch::nn::Conv1d bn_conv(torch::nn::Conv1dOptions(3, 4, 3).padding(1).bias(false));
+  torch::nn::BatchNorm1d bn(4);
+  bn_conv->to(torch::kDouble);
+  bn->to(torch::kDouble);
+  {
+    torch::NoGradGuard no_grad;
+    bn->weight.uniform_(0.5, 1.5);
+    bn->running_var.uniform_(0.5, 2.0);
+  }
+  auto float_conv = std::dynamic_pointer_cast<torch::nn::Conv1dImpl>(bn_conv->clone());
+  auto float_bn = std::dynamic_pointer_cast<torch::nn::BatchNorm1dImpl>(bn->clone());
+  qat::ConvBn1d fused(bn_conv.ptr(), bn.ptr(), qat::Config().weight());
+  CATCH_CHECK(fused->name() == "qat::ConvBn1dImpl");
+  fused->to(torch::kDouble);
+  qat::disable_fake_quant(*fused);
+  const auto batch = torch::randn({2, 3, 9}, torch::kDouble);
+  fused->eval();
+  float_conv->eval();
+  float_bn->eval();
+  CATCH_CHECK(
+      (fused(batch) - float_bn->forward(float_conv->forward(batch))).abs().max().item<double>() <
+      1e-10);
+  fused->train();
+  float_conv->train();
+  float_bn->train();
+  CATCH_CHECK(
+      (fused(batch) - float_bn->forward(float_conv->forward(batch))).abs().max().item<double>() <
+      1e-5);
+  CATCH_CHECK(torch::allclose(fused->bn->running_mean, float_bn->running_mean, 0, 1e-10));
+  CATCH_CHECK(
+      invalid_argument_message([] {
+        qat::ConvBn1d(
+            torch::nn::Conv1dOptions(1, 2, 3), torch::nn::BatchNorm1dOptions(2).affine(false));
+      }) ==
+      "qat::ConvBn1d: the batch norm must be affine and track running statistics to be "
+      "folded into the conv");
+}
+
+CATCH_TEST_CASE("qat::ConvTranspose2d quantizes its weight per output channel", "[nn][modules]") {
+  torch::manual_seed(5);
+  torch::nn::ConvTranspose2d conv(
+      torch::nn::ConvTranspose2dOptions(3, 5, 3).stride(2).padding(1).output_padding(1));
+  qat::ConvTranspose2d qconv(conv.ptr(), qat::Config().weight(), /*fuse_relu=*/true);
+  CATCH_CHECK(qconv->weight.is_same(conv->weight));
+  CATCH_CHECK(qconv->name() == "qat::ConvTranspose2dImpl");
+  const auto x = torch::randn({2, 3, 4, 4});
+  const auto y = qconv(x);
+  CATCH_CHECK(y.sizes() == torch::IntArrayRef{2, 5, 8, 8});
+  // One scale per output channel: axis 1 of the [in, out, kh, kw] weight.
+  const auto& wfq = qconv->weight_fake_quant;
+  CATCH_CHECK(wfq->spec().axis() == 1);
+  CATCH_CHECK(wfq->scale.numel() == 5);
+  const auto w = reference_fake_quantize(conv->weight, wfq->scale, wfq->zero_point, -128, 127, 1);
+  const auto expected = torch::relu(torch::conv_transpose2d(
+      x, w, conv->bias, /*stride=*/2, /*padding=*/1,
+      /*output_padding=*/1));
+  CATCH_CHECK(torch::allclose(y, expected, 1e-5, 1e-6));
+  qconv->weight_fake_quant->disable_fake_quant();
+  CATCH_CHECK(torch::allclose(qconv(x), torch::relu(conv(x))));
+  CATCH_CHECK(
+      invalid_argument_message(
+          [] { qat::ConvTranspose1d(torch::nn::ConvTranspose1dOptions(4, 4, 3).groups(2)); }) ==
+      "qat::ConvTranspose1d: groups=2 is not supported: the integer kernel keeps one weight "
+      "scale per output channel, a grouped transposed conv one per output channel of a "
+      "group (skip the layer, Config::skip, to keep it in float)");
+}
+
 CATCH_TEST_CASE("ConvBn2d quantizes the folded weight", "[nn][modules][bn]") {
   torch::manual_seed(3);
   torch::nn::Conv2d conv(torch::nn::Conv2dOptions(2, 3, 3).bias(false));

@@ -179,6 +179,29 @@ CATCH_TEST_CASE("prepare folds Conv2d + BatchNorm2d + ReLU in a Sequential", "[p
   CATCH_CHECK(fused->weight_fake_quant->scale.numel() == 4);
 }
 
+CATCH_TEST_CASE("prepare folds Conv1d + BatchNorm1d + ReLU and swaps Conv1d", "[prepare][bn]") {
+  torch::manual_seed(1);
+  torch::nn::Sequential net(
+      torch::nn::Conv1d(torch::nn::Conv1dOptions(2, 4, 3).bias(false)), torch::nn::BatchNorm1d(4),
+      torch::nn::ReLU(), torch::nn::MaxPool1d(2), torch::nn::Conv1d(4, 4, 3), torch::nn::ReLU6(),
+      torch::nn::Flatten(), torch::nn::Linear(4 * 2, 3));
+  qat::prepare(*net);
+  CATCH_CHECK(
+      child_names(*net) == std::vector<std::string>{
+                               "input_fake_quant", "0", "0_fake_quant", "3", "4", "5",
+                               "5_fake_quant", "6", "7", "7_fake_quant"});
+  const auto fused = net->ptr<qat::ConvBn1dImpl>(1);
+  CATCH_REQUIRE(fused != nullptr);
+  CATCH_CHECK(fused->relu);
+  const auto conv = net->ptr<qat::Conv1dImpl>(4);
+  CATCH_REQUIRE(conv != nullptr);
+  CATCH_CHECK_FALSE(conv->relu);  // the ReLU6 stays, quantized with the fixed [0, 6] qparams
+  CATCH_CHECK(net->ptr<qat::FakeQuantizeImpl>(6)->has_fixed_qparams());
+  const auto out = net->forward(torch::randn({2, 2, 10}));
+  CATCH_CHECK(out.sizes() == torch::IntArrayRef{2, 3});
+  CATCH_CHECK(fused->weight_fake_quant->scale.numel() == 4);
+}
+
 CATCH_TEST_CASE("prepare reaches into nested custom modules", "[prepare]") {
   torch::manual_seed(2);
   const auto cfg = qat::presets::int8();

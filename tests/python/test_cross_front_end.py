@@ -57,7 +57,29 @@ def _linear_sigmoid_tanh():
                          nn.Tanh(), nn.Linear(16, 10))
 
 
-MODELS = {"conv_bn_relu": _conv_bn_relu, "conv_bn_relu6": _conv_bn_relu6,
+def _conv1d():
+    """A keyword-spotting-style 1-D net on the images' rows as 28 channels: conv-bn-relu,
+    pooling, conv-relu, conv-bn-relu6, a transposed conv-relu and a linear head."""
+    return nn.Sequential(
+        nn.Flatten(1, 2),
+        nn.Conv1d(28, 16, 3, padding=1), nn.BatchNorm1d(16), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Conv1d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv1d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm1d(32), nn.ReLU6(),
+        nn.ConvTranspose1d(32, 16, 2, stride=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 14, 10))
+
+
+def _conv_transpose():
+    """Down and up again (a U-Net's decoder step): a strided conv, a transposed conv with
+    output padding, a transposed conv without bias fusing no ReLU, pooling, a linear head."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1, output_padding=1), nn.ReLU6(),
+        nn.ConvTranspose2d(8, 4, 2, stride=1, bias=False), nn.MaxPool2d(4),
+        nn.Flatten(), nn.Linear(4 * 7 * 7, 10))
+
+
+MODELS = {"conv_bn_relu": _conv_bn_relu, "conv1d": _conv1d, "conv_transpose": _conv_transpose, "conv_bn_relu6": _conv_bn_relu6,
           "linear_relu": _linear_relu, "cnn": _cnn, "standalone_relu6": _standalone_relu6,
           "linear_sigmoid_tanh": _linear_sigmoid_tanh}
 
@@ -66,18 +88,25 @@ def _layers(model):
     """The model as qat_cross_front_end's layer list."""
     lines = []
     for m in model:
-        if type(m) is nn.Conv2d:
-            lines.append(f"conv2d {m.in_channels} {m.out_channels} {m.kernel_size[0]} "
+        kind = type(m).__name__.lower()
+        if type(m) in (nn.Conv1d, nn.Conv2d):
+            lines.append(f"{kind} {m.in_channels} {m.out_channels} {m.kernel_size[0]} "
                          f"{m.stride[0]} {m.padding[0]} {int(m.bias is not None)}")
-        elif type(m) is nn.BatchNorm2d:
-            lines.append(f"batchnorm2d {m.num_features}")
+        elif type(m) in (nn.ConvTranspose1d, nn.ConvTranspose2d):
+            lines.append(f"{kind} {m.in_channels} {m.out_channels} {m.kernel_size[0]} "
+                         f"{m.stride[0]} {m.padding[0]} {m.output_padding[0]} "
+                         f"{int(m.bias is not None)}")
+        elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
+            lines.append(f"{kind} {m.num_features}")
         elif type(m) is nn.Linear:
             lines.append(f"linear {m.in_features} {m.out_features} {int(m.bias is not None)}")
-        elif type(m) is nn.MaxPool2d:
-            lines.append(f"maxpool2d {m.kernel_size}")
+        elif type(m) in (nn.MaxPool1d, nn.MaxPool2d):
+            lines.append(f"{kind} {m.kernel_size}")
+        elif type(m) is nn.Flatten:
+            lines.append(f"flatten {m.start_dim} {m.end_dim}")
         else:
-            lines.append({nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Flatten: "flatten",
-                          nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}[type(m)])
+            lines.append({nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Sigmoid: "sigmoid",
+                          nn.Tanh: "tanh"}[type(m)])
     return "\n".join(lines) + "\n"
 
 
@@ -87,7 +116,7 @@ def _float_model(name):
     # Batch norms with statistics of their own, as after float training: folding them is
     # part of what both front ends must agree on.
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 2.0)
             nn.init.uniform_(m.weight, 0.5, 1.5)

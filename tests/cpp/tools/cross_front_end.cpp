@@ -6,9 +6,11 @@
 //   qat_cross_front_end LAYERS.txt STATE.pt DATA.pt PRESET OUT_DIR
 //
 // LAYERS.txt holds one layer per line, as the test writes it:
-//   conv2d IN OUT KERNEL STRIDE PADDING BIAS | batchnorm2d N | linear IN OUT BIAS | relu |
-//   relu6 | sigmoid | tanh | maxpool2d KERNEL | avgpool2d KERNEL | adaptiveavgpool2d SIZE |
-//   flatten
+//   conv1d|conv2d IN OUT KERNEL STRIDE PADDING BIAS |
+//   convtranspose1d|convtranspose2d IN OUT KERNEL STRIDE PADDING OUTPUT_PADDING BIAS |
+//   batchnorm1d|batchnorm2d N |
+//   linear IN OUT BIAS | relu | relu6 | sigmoid | tanh | maxpool1d|maxpool2d KERNEL |
+//   avgpool2d KERNEL | adaptiveavgpool2d SIZE | flatten START END
 // STATE.pt is Python's state_dict of the same nn.Sequential (torch.save), DATA.pt
 // {"calibration": [batches], "example": x, "test": y}. PRESET is int8 or w4a8.
 // It writes OUT_DIR/report.pt (torch.load reads it): the prepared chain's child names in order
@@ -54,10 +56,23 @@ torch::nn::Sequential build(const std::string& path) {
     if (!(fields >> kind)) {
       continue;
     }
-    int64_t a = 0, b = 0, c = 0, d = 0, e = 0, f = 0;
-    if (kind == "conv2d" && fields >> a >> b >> c >> d >> e >> f) {
+    int64_t a = 0, b = 0, c = 0, d = 0, e = 0, f = 0, g = 0;
+    if (kind == "convtranspose1d" && fields >> a >> b >> c >> d >> e >> f >> g) {
+      net->push_back(torch::nn::ConvTranspose1d(
+          torch::nn::ConvTranspose1dOptions(a, b, c).stride(d).padding(e).output_padding(f).bias(
+              g != 0)));
+    } else if (kind == "convtranspose2d" && fields >> a >> b >> c >> d >> e >> f >> g) {
+      net->push_back(torch::nn::ConvTranspose2d(
+          torch::nn::ConvTranspose2dOptions(a, b, c).stride(d).padding(e).output_padding(f).bias(
+              g != 0)));
+    } else if (kind == "conv1d" && fields >> a >> b >> c >> d >> e >> f) {
+      net->push_back(
+          torch::nn::Conv1d(torch::nn::Conv1dOptions(a, b, c).stride(d).padding(e).bias(f != 0)));
+    } else if (kind == "conv2d" && fields >> a >> b >> c >> d >> e >> f) {
       net->push_back(
           torch::nn::Conv2d(torch::nn::Conv2dOptions(a, b, c).stride(d).padding(e).bias(f != 0)));
+    } else if (kind == "batchnorm1d" && fields >> a) {
+      net->push_back(torch::nn::BatchNorm1d(a));
     } else if (kind == "batchnorm2d" && fields >> a) {
       net->push_back(torch::nn::BatchNorm2d(a));
     } else if (kind == "linear" && fields >> a >> b >> c) {
@@ -66,6 +81,8 @@ torch::nn::Sequential build(const std::string& path) {
       net->push_back(torch::nn::ReLU());
     } else if (kind == "relu6") {
       net->push_back(torch::nn::ReLU6());
+    } else if (kind == "maxpool1d" && fields >> a) {
+      net->push_back(torch::nn::MaxPool1d(a));
     } else if (kind == "maxpool2d" && fields >> a) {
       net->push_back(torch::nn::MaxPool2d(a));
     } else if (kind == "avgpool2d" && fields >> a) {
@@ -76,8 +93,8 @@ torch::nn::Sequential build(const std::string& path) {
       net->push_back(torch::nn::Sigmoid());
     } else if (kind == "tanh") {
       net->push_back(torch::nn::Tanh());
-    } else if (kind == "flatten") {
-      net->push_back(torch::nn::Flatten());
+    } else if (kind == "flatten" && fields >> a >> b) {
+      net->push_back(torch::nn::Flatten(torch::nn::FlattenOptions().start_dim(a).end_dim(b)));
     } else {
       throw std::invalid_argument(fmt::format("'{}': cannot read the layer '{}'", path, line));
     }
