@@ -292,6 +292,8 @@ class Converter {
         chain(*nested, name);
       } else if (auto* fq = dynamic_cast<FakeQuantizeImpl*>(&module)) {
         quantize(*fq, name);
+      } else if (auto* table = dynamic_cast<EmbeddingImpl*>(&module)) {
+        embedding(*table, name);
       } else if (is_layer(module)) {
         // qat::prepare quantizes a layer + ReLU6 after the ReLU6 with the fixed qparams of
         // [0, 6], where the integer kernel's ReLU saturates at the 6: one fused kernel.
@@ -316,7 +318,8 @@ class Converter {
         throw std::invalid_argument(fmt::format(
             "qat::convert: '{}' is a {}, which has no integer or float conversion (supported: "
             "qat::FakeQuantize, qat::Conv1d, qat::Conv2d, qat::ConvBn1d, qat::ConvBn2d, "
-            "qat::Linear, Sequential, ReLU, MaxPool1d, MaxPool2d, Flatten, Dropout, Identity, "
+            "qat::ConvTranspose1d, qat::ConvTranspose2d, qat::Linear, qat::Embedding, Sequential, "
+            "ReLU, MaxPool1d, MaxPool2d, Flatten, Dropout, Identity, "
             "and in float Linear, Conv1d, Conv2d, BatchNorm1d, BatchNorm2d, AvgPool1d, "
             "AvgPool2d, AdaptiveAvgPool1d, AdaptiveAvgPool2d, ReLU6, Hardtanh, Sigmoid, Tanh)",
             name, module.name()));
@@ -376,14 +379,21 @@ class Converter {
                                     : torch::full({1}, qweight.q_scale(), torch::kDouble);
     const auto zero_points = per_channel ? qweight.q_per_channel_zero_points()
                                          : torch::full({1}, qweight.q_zero_point(), torch::kLong);
+    // An embedding table is stored as the kernel reads it (python/qat/quantized.py's
+    // Embedding): unsigned rows (packed below 8 bits), float zero points, always.
+    const bool table = op.kind == "Embedding";
+    const auto per_byte = qat::values_per_byte(op.weight_bits);
     const auto data = tensor_attribute(
         name, "weight_data",
-        qat::pack_weight(qweight.int_repr(), op.weight_bits, op.weight_quant_min));
+        table && per_byte == 1
+            ? qweight.int_repr()
+            : qat::pack_weight(qweight.int_repr(), op.weight_bits, op.weight_quant_min));
     const auto scale = tensor_attribute(name, "weight_scale", scales.to(torch::kFloat));
-    const bool zero = !zero_points.any().item<bool>();
+    const bool zero = !table && !zero_points.any().item<bool>();
     const auto zero_point = tensor_attribute(
         name, "weight_zero_point",
-        zero ? torch::zeros({0}, torch::kInt) : zero_points.to(torch::kInt));
+        zero ? torch::zeros({0}, torch::kInt)
+             : zero_points.to(table ? torch::kFloat : torch::kInt));
     const auto bias_attr = tensor_attribute(name, "bias", op.bias);
     const auto attr = attribute(name, "packed_params");
     module_.register_attribute(attr, c10::OptionalType::create(packed_type), c10::IValue());
@@ -391,20 +401,24 @@ class Converter {
     const auto shape = qweight.sizes().vec();
     // The unpacking is torch.ops.qat.unpack_weight in TorchScript (the file must run without
     // qat), as python/qat/quantized.py has it; the cross-front-end test keeps them equal.
-    const auto per_byte = qat::values_per_byte(op.weight_bits);
     const auto width = 8 / per_byte;
-    std::string ints = fmt::format("{}.to({})", data, dtype_literal(c10::kChar));
+    std::string ints = table ? data : fmt::format("{}.to({})", data, dtype_literal(c10::kChar));
     if (per_byte > 1) {
       ints = fmt::format(
-          "(torch.stack([torch.bitwise_and(torch.bitwise_right_shift({0}, {1} * i), {2}) for i in "
-          "range({3})], 1).flatten()[:{4}].to({5}) + {6}).to({7})",
-          data, width, (1 << width) - 1, per_byte, qweight.numel(), dtype_literal(c10::kShort),
-          op.weight_quant_min, dtype_literal(c10::kChar));
+          "torch.stack([torch.bitwise_and(torch.bitwise_right_shift({0}, {1} * i), {2}) for i in "
+          "range({3})], 1).flatten()[:{4}]",
+          data, width, (1 << width) - 1, per_byte, qweight.numel());
+      if (!table) {
+        ints = fmt::format(
+            "({}.to({}) + {}).to({})", ints, dtype_literal(c10::kShort), op.weight_quant_min,
+            dtype_literal(c10::kChar));
+      }
     }
     ints = fmt::format("{}.reshape({})", ints, literal(at::IntArrayRef(shape)));
     const auto zero_points_code =
         zero ? fmt::format("torch.zeros([{}], dtype={})", scales.numel(), dtype_literal(c10::kLong))
-             : fmt::format("{}.to({})", zero_point, dtype_literal(c10::kLong));
+        : table ? zero_point
+                : fmt::format("{}.to({})", zero_point, dtype_literal(c10::kLong));
     const auto weight_code =
         per_channel
             ? fmt::format(
@@ -423,7 +437,9 @@ class Converter {
     // torch.jit.freeze folds every attribute that nothing writes into a constant, and
     // would fold the unpacking with it: the stored tensors are written back to themselves.
     for (const auto& stored : {data, scale, zero_point, bias_attr}) {
-      emit(fmt::format("    {0} = {0}", stored));
+      if (stored != "None") {
+        emit(fmt::format("    {0} = {0}", stored));
+      }
     }
     return packed;
   }
@@ -537,6 +553,47 @@ class Converter {
     info.activation_spec = out.spec();
     emit_layer(op);
     quantized_ = q;
+    layers_.push_back(info);
+  }
+
+  // A table looked up by quantized::embedding_byte: float rows out, from the simulation's
+  // integers shifted to the kernel's unsigned rows (their zero points with them), as
+  // python/qat/convert.py lowers qat.modules.Embedding.
+  void embedding(EmbeddingImpl& module, const std::string& name) {
+    auto& fq = *module.weight_fake_quant;
+    if (!fq.spec().per_channel()) {
+      throw std::invalid_argument(fmt::format(
+          "qat::convert: '{}' (qat::Embedding) quantizes its table per tensor; "
+          "quantized::embedding_byte takes one scale per row (a per-channel spec)",
+          name));
+    }
+    if (quantized_) {
+      throw std::invalid_argument(fmt::format(
+          "qat::convert: '{}' (qat::Embedding) takes indices, but its input is quantized here",
+          name));
+    }
+    const auto ints =
+        integer_weight(simulate_weight(fq, [&] { return fq.forward(module.weight); }), fq, name);
+    LayerInfo info;
+    auto& op = info.op;
+    op.name = name;
+    op.kind = "Embedding";
+    op.weight = at::_make_per_channel_quantized_tensor(
+        (ints.int_repr().to(torch::kShort) - fq.quant_min()).to(torch::kByte),
+        ints.q_per_channel_scales(), ints.q_per_channel_zero_points() - fq.quant_min(), 0);
+    op.weight_bits = fq.spec().bits();
+    op.weight_quant_min = 0;
+    info.weight_spec = fq.spec();
+    const auto sample = call_op(
+        "quantized::embedding_bag_prepack",
+        {at::_make_per_channel_quantized_tensor(
+            op.weight.int_repr(), op.weight.q_per_channel_scales(),
+            op.weight.q_per_channel_zero_points().to(torch::kFloat), 0)});
+    const auto packed =
+        packed_weight(op, "quantized.embedding_bag_prepack({weight})", sample.type());
+    emit(fmt::format(
+        "x = quantized.embedding_byte({}, x.reshape([-1]), False).reshape(x.size() + [{}])", packed,
+        op.weight.size(1)));
     layers_.push_back(info);
   }
 

@@ -22,7 +22,8 @@ namespace detail {
 struct LayerInfo {
   LoweredOp op;
   c10::optional<QuantSpec> weight_spec;  // weighted layers only
-  QuantSpec activation_spec;             // of the FakeQuantize that gives the output qparams
+  // Of the FakeQuantize that gives the output qparams (none for an embedding's float rows).
+  c10::optional<QuantSpec> activation_spec;
 };
 
 struct IntegerModel {

@@ -76,8 +76,7 @@ at::Tensor integer_weight(
   TORCH_CHECK_VALUE(
       s.numel() == 1, "qat::integer_weight: a per-tensor weight has one scale, got ", s.numel());
   const auto ints = at::round(w / s) + z;
-  return at::_make_per_tensor_quantized_tensor(
-      ints.to(dtype), s.item<double>(), z.item<int64_t>());
+  return at::_make_per_tensor_quantized_tensor(ints.to(dtype), s.item<double>(), z.item<int64_t>());
 }
 
 std::tuple<double, int64_t> fixed_qparams(

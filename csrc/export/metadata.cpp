@@ -139,12 +139,12 @@ std::string config_json(const std::vector<LayerInfo>& layers, const std::string&
   std::vector<std::string> overrides;
   for (const auto& layer : layers) {
     const bool other_weight = layer.weight_spec && *layer.weight_spec != *weight;
-    const bool other_activation = layer.activation_spec != *activation;
+    const bool other_activation = layer.activation_spec && *layer.activation_spec != *activation;
     if (other_weight || other_activation) {
       overrides.push_back(fmt::format(
           "{}: {{\"weight\": {}, \"activation\": {}}}", json(layer.op.name),
           other_weight ? json(*layer.weight_spec) : "null",
-          other_activation ? json(layer.activation_spec) : "null"));
+          other_activation ? json(*layer.activation_spec) : "null"));
     }
   }
   return fmt::format(

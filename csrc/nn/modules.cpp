@@ -11,6 +11,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/enum.h>
 #include <torch/nn/functional/conv.h>
+#include <torch/nn/functional/embedding.h>
 #include <torch/nn/functional/linear.h>
 #include <torch/nn/init.h>
 #include <torch/utils.h>
@@ -682,5 +683,59 @@ void ConvBnImpl<D, Derived>::pretty_print(std::ostream& stream) const {
 
 template class ConvBnImpl<1, ConvBn1dImpl>;
 template class ConvBnImpl<2, ConvBn2dImpl>;
+
+// ---------------------------------------------------------------------------------------
+// Embedding
+
+EmbeddingImpl::EmbeddingImpl(torch::nn::EmbeddingOptions embedding_options, QuantSpec weight_spec)
+    : options(std::move(embedding_options)), weight_spec_(weight_spec_for(std::move(weight_spec))) {
+  if (options.sparse()) {
+    throw std::invalid_argument(
+        "qat::Embedding: sparse=true is not supported: a sparse gradient cannot flow back "
+        "through the fake-quantized (dense) table; build the embedding with sparse(false)");
+  }
+  if (options.max_norm()) {
+    throw std::invalid_argument(
+        "qat::Embedding: max_norm is not supported: it renormalizes the rows as they are "
+        "read, which the integer model's stored table cannot (skip the layer, Config::skip, "
+        "to keep it in float)");
+  }
+  reset();
+}
+
+EmbeddingImpl::EmbeddingImpl(
+    const std::shared_ptr<torch::nn::EmbeddingImpl>& embedding, QuantSpec weight_spec)
+    : EmbeddingImpl(embedding->options, std::move(weight_spec)) {
+  weight = parameters_["weight"] = embedding->weight;
+}
+
+void EmbeddingImpl::reset() {
+  weight = register_parameter(
+      "weight", torch::empty({options.num_embeddings(), options.embedding_dim()}));
+  {
+    // torch::nn::Embedding's initialization: normal, the padding row zero.
+    torch::NoGradGuard no_grad;
+    torch::nn::init::normal_(weight);
+    if (options.padding_idx()) {
+      weight[*options.padding_idx()].fill_(0);
+    }
+  }
+  weight_fake_quant = register_module("weight_fake_quant", FakeQuantize(weight_spec_));
+}
+
+torch::Tensor EmbeddingImpl::forward(const torch::Tensor& input) {
+  namespace F = torch::nn::functional;
+  auto lookup = F::EmbeddingFuncOptions().scale_grad_by_freq(options.scale_grad_by_freq());
+  if (options.padding_idx()) {
+    lookup.padding_idx(*options.padding_idx());
+  }
+  return F::embedding(input, weight_fake_quant(weight), lookup);
+}
+
+void EmbeddingImpl::pretty_print(std::ostream& stream) const {
+  stream << fmt::format(
+      "qat::Embedding(num_embeddings={}, embedding_dim={})", options.num_embeddings(),
+      options.embedding_dim());
+}
 
 }  // namespace qat

@@ -10,6 +10,7 @@
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/pooling.h>
 #include <torch/utils.h>
@@ -66,7 +67,7 @@ bool requantizes(const torch::nn::Module& module) {
 bool is_prepared_layer(const torch::nn::Module& module) {
   return is_one_of<
       LinearImpl, Conv1dImpl, Conv2dImpl, ConvBn1dImpl, ConvBn2dImpl, ConvTranspose1dImpl,
-      ConvTranspose2dImpl>(module);
+      ConvTranspose2dImpl, EmbeddingImpl>(module);
 }
 
 void check_not_prepared(torch::nn::Module& root) {
@@ -261,12 +262,11 @@ class Preparer {
     // (with a dynamic config: none, but `quantized` still tells).
     FakeQuantize input{nullptr};
     bool quantized = false;
-    // Where the run of modules that pass their input's qparams (Flatten, MaxPool2d...) up to
-    // here starts in `chain`, and the index of its first module: a layer's input quantizer
-    // goes before that run, as Python's prepare places it, so the run works on quantized
-    // values.
-    size_t run_start = 0;
-    size_t run_first = 0;
+    // Whether only modules that pass their input's qparams (Flatten, MaxPool2d...) came
+    // before: the first layer's input quantizer then goes on the chain's input, as Python's
+    // prepare quantizes a model's input where it enters, so that those modules work on
+    // quantized values; elsewhere it goes right before the layer, as Python's does.
+    bool at_input = true;
     // `layer` is the index of the module whose activation spec `spec` is; `fixed`: the
     // op's known output range (a ReLU6 fused into the layer before it: [0, 6], 6 included;
     // a sigmoid: [0, 1)), whose qparams the FakeQuantize keeps; `at`: where in the chain.
@@ -290,13 +290,23 @@ class Preparer {
     };
     for (size_t i = 0; i < n;) {
       const auto name = path(prefix, names[i]);
+      if (!skipped(i) && is_exactly<torch::nn::EmbeddingImpl>(*modules[i]) &&
+          swappable(*modules[i])) {
+        // Weight-only: indices in, float rows out, no activation FakeQuantize around it.
+        chain.emplace_back(names[i], swap(modules[i], name, false));
+        quantized = false;
+        input = nullptr;
+        at_input = false;
+        ++i;
+        continue;
+      }
       const bool fold = !skipped(i) && folds(modules, i) && !skipped(i + 1);
       if (!skipped(i) && (fold || swappable(*modules[i]))) {
         const auto activation = config_.spec_for(name)->activation;
         if (!quantized) {
           fake_quant(
-              run_start == 0 ? "input_fake_quant" : names[run_first] + "_input_fake_quant",
-              activation, i, c10::nullopt, run_start);
+              at_input ? "input_fake_quant" : names[i] + "_input_fake_quant", activation, i,
+              c10::nullopt, at_input ? 0 : chain.size());
         }
         const size_t after = fold ? i + 2 : i + 1;
         const bool fuses = fold || registry_.fuses_relu(std::type_index(typeid(*modules[i])));
@@ -317,8 +327,7 @@ class Preparer {
             names[relu6 ? after : i] + "_fake_quant", activation, i,
             relu6 ? c10::optional<Range>(Range{0.0, 6.0, true}) : c10::nullopt);
         i = after + (relu || relu6 ? 1 : 0);
-        run_start = chain.size();
-        run_first = i;
+        at_input = false;
         continue;
       }
       if (!skipped(i)) {
@@ -336,11 +345,8 @@ class Preparer {
             names[i] + "_fake_quant", config_.spec_for(name)->activation, i,
             Range{role->lo, role->hi, false});
       }
+      at_input = at_input && !skipped(i) && passes_qparams(*modules[i]);
       ++i;
-      if (quantized || skipped(i - 1) || !passes_qparams(*modules[i - 1])) {
-        run_start = chain.size();
-        run_first = i;
-      }
     }
 
     // Built now (push_back refuses a name twice), assigned with the other edits.
@@ -422,6 +428,13 @@ ModuleRegistry::ModuleRegistry() : state_(std::make_shared<State>()) {
   add_builtin<torch::nn::Conv2dImpl, Conv2dImpl>(*this);
   add_builtin<torch::nn::ConvTranspose1dImpl, ConvTranspose1dImpl>(*this);
   add_builtin<torch::nn::ConvTranspose2dImpl, ConvTranspose2dImpl>(*this);
+  add(
+      std::type_index(typeid(torch::nn::EmbeddingImpl)),
+      [](const std::shared_ptr<torch::nn::Module>& module, const SwapOptions& options) {
+        return torch::nn::AnyModule(std::make_shared<EmbeddingImpl>(
+            std::dynamic_pointer_cast<torch::nn::EmbeddingImpl>(module), options.weight));
+      },
+      /*fuses_relu=*/false);
 }
 
 void ModuleRegistry::add(

@@ -1,14 +1,15 @@
 #pragma once
 
 // QAT modules for torch::nn: the observer, qat::FakeQuantize, and the QAT versions of
-// Linear, Conv1d / Conv2d, Conv + BatchNorm and ConvTranspose1d / 2d. State (buffers, parameters)
-// carries the names of the Python modules (qat.FakeQuantize, qat.modules.Linear, ...), so that
-// named_parameters() / named_buffers() read the same in both languages.
+// Linear, Conv1d / Conv2d, Conv + BatchNorm, ConvTranspose1d / 2d and Embedding. State (buffers,
+// parameters) carries the names of the Python modules (qat.FakeQuantize, qat.modules.Linear, ...),
+// so that named_parameters() / named_buffers() read the same in both languages.
 
 #include <torch/nn/cloneable.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
@@ -372,5 +373,39 @@ class ConvBn2dImpl : public ConvBnImpl<2, ConvBn2dImpl> {
 };
 TORCH_MODULE(ConvBn1d);
 TORCH_MODULE(ConvBn2d);
+
+/// QAT torch::nn::Embedding (qat::Embedding): the table goes through `weight_fake_quant`
+/// (one scale per row, axis 0, when the spec is per channel) before the lookup; the integer
+/// model looks rows up with quantized::embedding_byte (per-row specs only). Weight-only: its
+/// input is indices and its rows stay float, so prepare puts no activation FakeQuantize
+/// before or after it. Dense tables without max_norm only: a sparse gradient cannot flow
+/// back through the fake-quantized (dense) table, and max_norm renormalizes the rows as
+/// they are read, which a stored integer table cannot. Parameter `weight`; child
+/// `weight_fake_quant`.
+class EmbeddingImpl : public torch::nn::Cloneable<EmbeddingImpl> {
+ public:
+  /// A fresh table, initialized as torch::nn::Embedding.
+  /// @param options as torch::nn::Embedding's.
+  /// @param weight_spec the table's spec; a per-channel one is forced to axis 0 (rows).
+  /// @throws std::invalid_argument for a sparse table or one with max_norm.
+  explicit EmbeddingImpl(
+      torch::nn::EmbeddingOptions options, QuantSpec weight_spec = Config().weight());
+  /// The QAT version of `embedding`, sharing its table.
+  explicit EmbeddingImpl(
+      const std::shared_ptr<torch::nn::EmbeddingImpl>& embedding,
+      QuantSpec weight_spec = Config().weight());
+
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& input);
+  void pretty_print(std::ostream& stream) const override;
+
+  torch::nn::EmbeddingOptions options;
+  torch::Tensor weight;
+  FakeQuantize weight_fake_quant{nullptr};
+
+ private:
+  QuantSpec weight_spec_;
+};
+TORCH_MODULE(Embedding);
 
 }  // namespace qat

@@ -54,7 +54,8 @@ using ModuleFactory = std::function<torch::nn::AnyModule(
 /// the float module (subclasses are not matched: their forward may differ).
 ///
 /// Built in: torch::nn::Linear -> qat::Linear, Conv1d / Conv2d -> qat::Conv1d / Conv2d and
-/// ConvTranspose1d / 2d -> qat::ConvTranspose1d / 2d (all fuse a following ReLU); prepare
+/// ConvTranspose1d / 2d -> qat::ConvTranspose1d / 2d (all fuse a following ReLU) and
+/// Embedding -> qat::Embedding (weight-only: no activation FakeQuantize); prepare
 /// folds Conv1d + BatchNorm1d into qat::ConvBn1d and Conv2d + BatchNorm2d into
 /// qat::ConvBn2d itself.
 class ModuleRegistry {
@@ -123,8 +124,8 @@ bool unregister_module() {
 }
 
 /// Prepares `root` for quantization-aware training, in place:
-/// - every registered module type (Linear, Conv1d, Conv2d, ConvTranspose1d / 2d, user
-///   registrations) is replaced by its
+/// - every registered module type (Linear, Conv1d, Conv2d, ConvTranspose1d / 2d, Embedding,
+///   user registrations) is replaced by its
 ///   QAT version, which shares the float parameters, using `replace_module`;
 /// - inside a torch::nn::Sequential (rewritten in place, so that the holders pointing at it
 ///   see the change), a Conv1d / Conv2d followed by a BatchNorm1d / BatchNorm2d is folded

@@ -1,11 +1,13 @@
 #pragma once
 
+#include <torch/nn/module.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace qat_test {
 
@@ -41,6 +43,15 @@ std::string invalid_argument_message(Fn fn) {
     return e.what();
   }
   return "";
+}
+
+// The names of `module`'s children, in order.
+inline std::vector<std::string> child_names(const torch::nn::Module& module) {
+  std::vector<std::string> names;
+  for (const auto& item : module.named_children()) {
+    names.push_back(item.key());
+  }
+  return names;
 }
 
 }  // namespace qat_test

@@ -131,6 +131,34 @@ CATCH_TEST_CASE(
   CATCH_CHECK(code.find("aten::conv") == std::string::npos);
 }
 
+CATCH_TEST_CASE("convert: an embedding table runs on quantized::embedding_byte", "[export]") {
+  torch::manual_seed(3);
+  torch::nn::Sequential net(
+      torch::nn::Embedding(20, 6), torch::nn::Flatten(), torch::nn::Linear(5 * 6, 3));
+  qat::prepare(*net, qat::presets::int8());
+  // Weight-only: no FakeQuantize on the indices or the rows; the Linear's input gets one.
+  CATCH_CHECK(
+      qat_test::child_names(*net) ==
+      std::vector<std::string>{"0", "1", "2_input_fake_quant", "2", "2_fake_quant"});
+  const auto x = torch::randint(0, 20, {64, 5}, torch::kLong);
+  train(net, x, torch::randint(0, 3, {64}));
+
+  auto integer = qat::convert(*net, x);
+  const auto expected = simulate(net, x);
+  const auto got = run(integer, x);
+  const double share = within_one_step(got, expected, output_step(net));
+  std::cout << "[export] embedding: " << share * 100 << "% within one step\n";
+  CATCH_CHECK(share >= 0.99);
+  const auto code = integer.get_method("forward").graph()->toString();
+  CATCH_CHECK(code.find("quantized::embedding_byte") != std::string::npos);
+  CATCH_CHECK(code.find("aten::embedding") == std::string::npos);
+  // The lite interpreter runs the table's kernel as the converted module does.
+  const qat_test::TempDir dir("qat_export_embedding");
+  const auto path = dir.file("embedding.ptl");
+  qat::export_model(*net, x, path);
+  CATCH_CHECK(torch::equal(torch::jit::_load_for_mobile(path).forward({x}).toTensor(), got));
+}
+
 CATCH_TEST_CASE("convert: float layers run between a dequantize and a quantize", "[export]") {
   torch::manual_seed(1);
   torch::nn::Sequential net(

@@ -440,6 +440,29 @@ CATCH_TEST_CASE("qat::ConvTranspose2d quantizes its weight per output channel", 
       "group (skip the layer, Config::skip, to keep it in float)");
 }
 
+CATCH_TEST_CASE("qat::Embedding looks rows up in its fake-quantized table", "[nn][modules]") {
+  torch::manual_seed(6);
+  torch::nn::Embedding table(torch::nn::EmbeddingOptions(10, 4).padding_idx(0));
+  qat::Embedding qtable(table.ptr());
+  CATCH_CHECK(qtable->weight.is_same(table->weight));
+  const auto indices = torch::tensor({{0, 3, 9}, {3, 3, 1}}, torch::kLong);
+  const auto rows = qtable(indices);
+  const auto& wfq = qtable->weight_fake_quant;
+  CATCH_CHECK(wfq->scale.numel() == 10);  // one scale per row
+  const auto w = reference_fake_quantize(table->weight, wfq->scale, wfq->zero_point, -128, 127, 0);
+  CATCH_CHECK(torch::equal(rows, w.index({indices})));
+  // The padding row gets no gradient, as in torch::nn::Embedding.
+  rows.sum().backward();
+  CATCH_CHECK(table->weight.grad()[0].abs().sum().item<float>() == 0);
+  CATCH_CHECK(table->weight.grad()[3].abs().sum().item<float>() > 0);
+  CATCH_CHECK(invalid_argument_message([] {
+                qat::Embedding(torch::nn::EmbeddingOptions(4, 2).sparse(true));
+              }).find("qat::Embedding: sparse=true is not supported") == 0);
+  CATCH_CHECK(invalid_argument_message([] {
+                qat::Embedding(torch::nn::EmbeddingOptions(4, 2).max_norm(1.0));
+              }).find("qat::Embedding: max_norm is not supported") == 0);
+}
+
 CATCH_TEST_CASE("ConvBn2d quantizes the folded weight", "[nn][modules][bn]") {
   torch::manual_seed(3);
   torch::nn::Conv2d conv(torch::nn::Conv2dOptions(2, 3, 3).bias(false));

@@ -18,15 +18,8 @@
 
 namespace {
 
+using qat_test::child_names;
 using qat_test::invalid_argument_message;
-
-std::vector<std::string> child_names(const torch::nn::Module& module) {
-  std::vector<std::string> names;
-  for (const auto& item : module.named_children()) {
-    names.push_back(item.key());
-  }
-  return names;
-}
 
 template <typename Impl>
 bool is_a(const std::shared_ptr<torch::nn::Module>& module) {

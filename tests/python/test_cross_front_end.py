@@ -79,7 +79,21 @@ def _conv_transpose():
         nn.Flatten(), nn.Linear(4 * 7 * 7, 10))
 
 
-MODELS = {"conv_bn_relu": _conv_bn_relu, "conv1d": _conv1d, "conv_transpose": _conv_transpose, "conv_bn_relu6": _conv_bn_relu6,
+def _embedding():
+    """A text model's table (weight-only: indices in, float rows out) and a linear head."""
+    return nn.Sequential(nn.Embedding(64, 8), nn.Flatten(), nn.Linear(28 * 8, 16), nn.ReLU(),
+                         nn.Linear(16, 10))
+
+
+def _inputs(name, images):
+    """The model's inputs from Fashion-MNIST images: the images, or for the embedding model
+    one token per image row (its mean brightness in 64 levels)."""
+    if name != "embedding":
+        return images
+    return (images[:, 0].mean(2) * 63).round().long()
+
+
+MODELS = {"conv_bn_relu": _conv_bn_relu, "embedding": _embedding, "conv1d": _conv1d, "conv_transpose": _conv_transpose, "conv_bn_relu6": _conv_bn_relu6,
           "linear_relu": _linear_relu, "cnn": _cnn, "standalone_relu6": _standalone_relu6,
           "linear_sigmoid_tanh": _linear_sigmoid_tanh}
 
@@ -98,6 +112,8 @@ def _layers(model):
                          f"{int(m.bias is not None)}")
         elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
             lines.append(f"{kind} {m.num_features}")
+        elif type(m) is nn.Embedding:
+            lines.append(f"embedding {m.num_embeddings} {m.embedding_dim}")
         elif type(m) is nn.Linear:
             lines.append(f"linear {m.in_features} {m.out_features} {int(m.bias is not None)}")
         elif type(m) in (nn.MaxPool1d, nn.MaxPool2d):
@@ -182,7 +198,7 @@ def test_python_and_cpp_front_ends_compute_the_same_integer_model(tmp_path, fash
                                                                   preset):
     assert TOOL.is_file(), (
         f"{TOOL} is missing: it is built with the tests (QAT_BUILD_TESTS=1, scripts/build.sh)")
-    calibration, test_x = fashion
+    calibration, test_x = (_inputs(name, images) for images in fashion)
     batches = list(calibration.split(16))
     example = test_x[:8]
     model = _float_model(name)

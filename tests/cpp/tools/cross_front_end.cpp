@@ -8,7 +8,7 @@
 // LAYERS.txt holds one layer per line, as the test writes it:
 //   conv1d|conv2d IN OUT KERNEL STRIDE PADDING BIAS |
 //   convtranspose1d|convtranspose2d IN OUT KERNEL STRIDE PADDING OUTPUT_PADDING BIAS |
-//   batchnorm1d|batchnorm2d N |
+//   batchnorm1d|batchnorm2d N | embedding NUM DIM |
 //   linear IN OUT BIAS | relu | relu6 | sigmoid | tanh | maxpool1d|maxpool2d KERNEL |
 //   avgpool2d KERNEL | adaptiveavgpool2d SIZE | flatten START END
 // STATE.pt is Python's state_dict of the same nn.Sequential (torch.save), DATA.pt
@@ -71,6 +71,8 @@ torch::nn::Sequential build(const std::string& path) {
     } else if (kind == "conv2d" && fields >> a >> b >> c >> d >> e >> f) {
       net->push_back(
           torch::nn::Conv2d(torch::nn::Conv2dOptions(a, b, c).stride(d).padding(e).bias(f != 0)));
+    } else if (kind == "embedding" && fields >> a >> b) {
+      net->push_back(torch::nn::Embedding(a, b));
     } else if (kind == "batchnorm1d" && fields >> a) {
       net->push_back(torch::nn::BatchNorm1d(a));
     } else if (kind == "batchnorm2d" && fields >> a) {
