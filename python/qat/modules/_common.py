@@ -1,5 +1,5 @@
-"""What the QAT modules share: the weight spec they quantize with, and the bias grid of
-the integer kernels."""
+"""What the QAT modules share: the weight spec they quantize with, the bias grid of the
+integer kernels, and the convs' swap from their float modules."""
 
 import dataclasses
 from typing import Dict, Optional
@@ -28,6 +28,20 @@ def check_float(cls, mod, float_cls, equivalents: Optional[Dict[type, type]] = N
         raise TypeError(
             f"{cls.__module__}.{cls.__name__}.from_float: expected a "
             f"{float_cls.__module__}.{float_cls.__name__}, got {type(mod).__name__}")
+
+
+def conv_from_float(cls, mod, weight_spec: Optional[QuantSpec], **geometry):
+    """The QAT conv of class ``cls`` for the float conv ``mod``, sharing its parameters;
+    ``geometry``: what else its constructor takes (a transposed conv's output padding)."""
+    check_float(cls, mod, cls._FLOAT_MODULE)
+    qat_mod = cls(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride,
+                  padding=mod.padding, dilation=mod.dilation, groups=mod.groups,
+                  bias=mod.bias is not None, padding_mode=mod.padding_mode,
+                  device=mod.weight.device, dtype=mod.weight.dtype, weight_spec=weight_spec,
+                  **geometry)
+    qat_mod.weight = mod.weight
+    qat_mod.bias = mod.bias
+    return qat_mod.train(mod.training)
 
 
 def kernel_bias(bias: Optional[torch.Tensor], input_scale: Optional[torch.Tensor],

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..fake_quant import FakeQuantize
-from ._common import check_float, kernel_bias, weight_spec_for
+from ._common import conv_from_float, kernel_bias, weight_spec_for
 
 __all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
 
@@ -63,15 +63,7 @@ class _ConvTransposeNd:
     @classmethod
     def from_float(cls, mod, weight_spec: Optional[QuantSpec] = None):
         """The QAT version of ``mod``, sharing its parameters."""
-        check_float(cls, mod, cls._FLOAT_MODULE)
-        qat_mod = cls(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride,
-                      padding=mod.padding, output_padding=mod.output_padding,
-                      groups=mod.groups, bias=mod.bias is not None, dilation=mod.dilation,
-                      padding_mode=mod.padding_mode, device=mod.weight.device,
-                      dtype=mod.weight.dtype, weight_spec=weight_spec)
-        qat_mod.weight = mod.weight
-        qat_mod.bias = mod.bias
-        return qat_mod.train(mod.training)
+        return conv_from_float(cls, mod, weight_spec, output_padding=mod.output_padding)
 
 
 class ConvTranspose1d(_ConvTransposeNd, nn.ConvTranspose1d):
