@@ -455,8 +455,8 @@ class Converter {
     bool transposed = false;
   };
 
-  // Reads a qat::Conv<D>d or qat::ConvBn<D>d (the batch norm folded in) into `op` and
-  // `weighted`; false when `module` is neither.
+  // Reads a qat::Conv<D>d, ConvTranspose<D>d or ConvBn<D>d (the batch norm folded in) into
+  // `op` and `weighted`; false when `module` is none of them.
   template <size_t D>
   static bool conv_layer(torch::nn::Module& module, LoweredOp& op, Weighted& weighted) {
     const auto geometry = [&](const torch::nn::ConvOptions<D>& options) {

@@ -75,6 +75,18 @@ double within_one_step(const torch::Tensor& got, const torch::Tensor& expected, 
   return (steps <= 1 + 1e-3).to(torch::kDouble).mean().item<double>();
 }
 
+// Trains the prepared `net` on `x` (three random classes), converts it and checks that the
+// integer model follows the simulation within one step on 99% of the outputs.
+torch::jit::Module train_and_convert(
+    torch::nn::Sequential& net, const torch::Tensor& x, const char* what) {
+  train(net, x, torch::randint(0, 3, {x.size(0)}));
+  auto integer = qat::convert(*net, x);
+  const double share = within_one_step(run(integer, x), simulate(net, x), output_step(net));
+  std::cout << "[export] " << what << ": " << share * 100 << "% within one step\n";
+  CATCH_CHECK(share >= 0.99);
+  return integer;
+}
+
 }  // namespace
 
 CATCH_TEST_CASE("convert: the integer model follows the simulation within one step", "[export]") {
@@ -115,14 +127,7 @@ CATCH_TEST_CASE(
       torch::nn::ReLU(), torch::nn::Flatten(), torch::nn::Linear(4 * 12, 3));
   qat::prepare(*net, qat::presets::int8());
   const auto x = torch::randn({64, 2, 12});
-  train(net, x, torch::randint(0, 3, {64}));
-
-  auto integer = qat::convert(*net, x);
-  const auto expected = simulate(net, x);
-  const auto got = run(integer, x);
-  const double share = within_one_step(got, expected, output_step(net));
-  std::cout << "[export] 1-D convs: " << share * 100 << "% within one step\n";
-  CATCH_CHECK(share >= 0.99);
+  auto integer = train_and_convert(net, x, "1-D convs");
   const auto code = integer.get_method("forward").graph()->toString();
   CATCH_CHECK(code.find("quantized::conv1d_relu") != std::string::npos);
   CATCH_CHECK(code.find("quantized::conv_transpose1d") != std::string::npos);
@@ -141,14 +146,7 @@ CATCH_TEST_CASE("convert: an embedding table runs on quantized::embedding_byte",
       qat_test::child_names(*net) ==
       std::vector<std::string>{"0", "1", "2_input_fake_quant", "2", "2_fake_quant"});
   const auto x = torch::randint(0, 20, {64, 5}, torch::kLong);
-  train(net, x, torch::randint(0, 3, {64}));
-
-  auto integer = qat::convert(*net, x);
-  const auto expected = simulate(net, x);
-  const auto got = run(integer, x);
-  const double share = within_one_step(got, expected, output_step(net));
-  std::cout << "[export] embedding: " << share * 100 << "% within one step\n";
-  CATCH_CHECK(share >= 0.99);
+  auto integer = train_and_convert(net, x, "embedding");
   const auto code = integer.get_method("forward").graph()->toString();
   CATCH_CHECK(code.find("quantized::embedding_byte") != std::string::npos);
   CATCH_CHECK(code.find("aten::embedding") == std::string::npos);
@@ -156,7 +154,8 @@ CATCH_TEST_CASE("convert: an embedding table runs on quantized::embedding_byte",
   const qat_test::TempDir dir("qat_export_embedding");
   const auto path = dir.file("embedding.ptl");
   qat::export_model(*net, x, path);
-  CATCH_CHECK(torch::equal(torch::jit::_load_for_mobile(path).forward({x}).toTensor(), got));
+  CATCH_CHECK(
+      torch::equal(torch::jit::_load_for_mobile(path).forward({x}).toTensor(), run(integer, x)));
 }
 
 CATCH_TEST_CASE("convert: float layers run between a dequantize and a quantize", "[export]") {
