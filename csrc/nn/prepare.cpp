@@ -333,12 +333,20 @@ class Preparer {
       if (!skipped(i)) {
         this->module(*modules[i], name);
       }
-      chain.emplace_back(names[i], originals[i]);
       const auto* role = skipped(i) ? nullptr : find_op_role(*modules[i]);
+      const bool requantizing = role != nullptr && (role->role == OpRole::kRequantizes ||
+                                                    role->role == OpRole::kFixedRange);
+      if (requantizing && at_input && !quantized) {
+        // As Python's prepare quantizes a model's input where it enters.
+        fake_quant("input_fake_quant", config_.spec_for(name)->activation, i, c10::nullopt, 0);
+      }
+      chain.emplace_back(names[i], originals[i]);
       if (role == nullptr || role->role == OpRole::kLayer || role->role == OpRole::kMovesData) {
         quantized = false;
         input = nullptr;
-      } else if (role->role == OpRole::kRequantizes && quantized) {
+      } else if (role->role == OpRole::kRequantizes) {
+        // Quantized after, whatever its input, as in Python: the integer model runs it in
+        // float between a dequantize and this quantize, or on its kernel.
         fake_quant(names[i] + "_fake_quant", config_.spec_for(name)->activation, i);
       } else if (role->role == OpRole::kFixedRange && quantized) {
         fake_quant(

@@ -80,9 +80,16 @@ def _conv_transpose():
 
 
 def _embedding():
-    """A text model's table (weight-only: indices in, float rows out) and a linear head."""
-    return nn.Sequential(nn.Embedding(64, 8), nn.Flatten(), nn.Linear(28 * 8, 16), nn.ReLU(),
-                         nn.Linear(16, 10))
+    """A text model's table (weight-only: indices in, float rows out), a ReLU6 on its float
+    rows (it requantizes whatever its input) and a linear head."""
+    return nn.Sequential(nn.Embedding(64, 8), nn.ReLU6(), nn.Flatten(), nn.Linear(28 * 8, 16),
+                         nn.ReLU(), nn.Linear(16, 10))
+
+
+def _pool_first():
+    """Average pooling on the model's input: the input is quantized where it enters, and
+    the pooling requantizes, in both front ends."""
+    return nn.Sequential(nn.AvgPool2d(2), nn.Flatten(), nn.Linear(14 * 14, 10))
 
 
 def _inputs(name, images):
@@ -93,7 +100,7 @@ def _inputs(name, images):
     return (images[:, 0].mean(2) * 63).round().long()
 
 
-MODELS = {"conv_bn_relu": _conv_bn_relu, "embedding": _embedding, "conv1d": _conv1d, "conv_transpose": _conv_transpose, "conv_bn_relu6": _conv_bn_relu6,
+MODELS = {"conv_bn_relu": _conv_bn_relu, "embedding": _embedding, "pool_first": _pool_first, "conv1d": _conv1d, "conv_transpose": _conv_transpose, "conv_bn_relu6": _conv_bn_relu6,
           "linear_relu": _linear_relu, "cnn": _cnn, "standalone_relu6": _standalone_relu6,
           "linear_sigmoid_tanh": _linear_sigmoid_tanh}
 
@@ -116,7 +123,7 @@ def _layers(model):
             lines.append(f"embedding {m.num_embeddings} {m.embedding_dim}")
         elif type(m) is nn.Linear:
             lines.append(f"linear {m.in_features} {m.out_features} {int(m.bias is not None)}")
-        elif type(m) in (nn.MaxPool1d, nn.MaxPool2d):
+        elif type(m) in (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool2d):
             lines.append(f"{kind} {m.kernel_size}")
         elif type(m) is nn.Flatten:
             lines.append(f"flatten {m.start_dim} {m.end_dim}")
