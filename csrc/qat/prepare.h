@@ -131,11 +131,13 @@ bool unregister_module() {
 ///   see the change), a Conv1d / Conv2d followed by a BatchNorm1d / BatchNorm2d is folded
 ///   into a qat::ConvBn1d / ConvBn2d, a
 ///   ReLU right after a layer whose QAT version fuses it is fused, and activation
-///   qat::FakeQuantize modules are inserted: one on the Sequential's input (when it holds a
-///   QAT layer), one after each QAT layer (after its ReLU) and after average pooling, and
-///   one before a QAT layer whose input is not fake-quantized (after a layer left in float
-///   or a custom module). Inserted modules are named "input_fake_quant" and
-///   "<layer>_fake_quant"; QAT layers keep their float layer's name;
+///   qat::FakeQuantize modules are inserted, where Python's qat.prepare puts them: one on
+///   the Sequential's input (when a QAT layer or an op that requantizes follows it through
+///   modules that pass qparams), one after each QAT layer (after its ReLU) and after each op
+///   that requantizes (average pooling, a standalone ReLU6), and one right before a QAT
+///   layer whose input is not fake-quantized (after a layer left in float, an embedding or
+///   a custom module). Inserted modules are named "input_fake_quant", "<layer>_fake_quant"
+///   and "<layer>_input_fake_quant"; QAT layers keep their float layer's name;
 /// - layers named in `config.skip` stay in float, children included.
 ///
 /// Custom modules: a module holder member of a custom module (`torch::nn::Linear fc{nullptr}`
