@@ -100,9 +100,10 @@ def _inputs(name, images):
     return (images[:, 0].mean(2) * 63).round().long()
 
 
-MODELS = {"conv_bn_relu": _conv_bn_relu, "embedding": _embedding, "pool_first": _pool_first, "conv1d": _conv1d, "conv_transpose": _conv_transpose, "conv_bn_relu6": _conv_bn_relu6,
+MODELS = {"conv_bn_relu": _conv_bn_relu, "conv_bn_relu6": _conv_bn_relu6,
           "linear_relu": _linear_relu, "cnn": _cnn, "standalone_relu6": _standalone_relu6,
-          "linear_sigmoid_tanh": _linear_sigmoid_tanh}
+          "linear_sigmoid_tanh": _linear_sigmoid_tanh, "conv1d": _conv1d,
+          "conv_transpose": _conv_transpose, "embedding": _embedding, "pool_first": _pool_first}
 
 
 def _layers(model):
