@@ -320,7 +320,8 @@ class Converter {
             "qat::FakeQuantize, qat::Conv1d, qat::Conv2d, qat::ConvBn1d, qat::ConvBn2d, "
             "qat::ConvTranspose1d, qat::ConvTranspose2d, qat::Linear, qat::Embedding, Sequential, "
             "ReLU, MaxPool1d, MaxPool2d, Flatten, Dropout, Identity, "
-            "and in float Linear, Conv1d, Conv2d, BatchNorm1d, BatchNorm2d, AvgPool1d, "
+            "and in float Linear, Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d, Embedding, "
+            "BatchNorm1d, BatchNorm2d, AvgPool1d, "
             "AvgPool2d, AdaptiveAvgPool1d, AdaptiveAvgPool2d, ReLU6, Hardtanh, Sigmoid, Tanh)",
             name, module.name()));
       }
@@ -712,10 +713,18 @@ class Converter {
   std::string float_conv(
       const char* op, const std::string& name, const torch::Tensor& weight,
       const torch::Tensor& bias, const Options& o) {
+    // A transposed conv's arguments: stride, padding, output padding, groups, dilation.
+    const auto geometry =
+        o.transposed()
+            ? fmt::format(
+                  "{}, {}, {}, {}, {}", list_of(o.stride()), literal(conv_padding(o, name)),
+                  list_of(o.output_padding()), o.groups(), list_of(o.dilation()))
+            : fmt::format(
+                  "{}, {}, {}, {}", list_of(o.stride()), literal(conv_padding(o, name)),
+                  list_of(o.dilation()), o.groups());
     return fmt::format(
-        "torch.{}(x, {}, {}, {}, {}, {}, {})", op, tensor_attribute(name, "weight", weight),
-        tensor_attribute(name, "bias", bias), list_of(o.stride()), literal(conv_padding(o, name)),
-        list_of(o.dilation()), o.groups());
+        "torch.{}(x, {}, {}, {})", op, tensor_attribute(name, "weight", weight),
+        tensor_attribute(name, "bias", bias), geometry);
   }
 
   template <typename BatchNorm>
@@ -745,6 +754,22 @@ class Converter {
       call = float_conv("conv1d", name, conv->weight, conv->bias, conv->options);
     } else if (auto* conv2d = dynamic_cast<torch::nn::Conv2dImpl*>(&module)) {
       call = float_conv("conv2d", name, conv2d->weight, conv2d->bias, conv2d->options);
+    } else if (auto* up = dynamic_cast<torch::nn::ConvTranspose1dImpl*>(&module)) {
+      call = float_conv("conv_transpose1d", name, up->weight, up->bias, up->options);
+    } else if (auto* up2d = dynamic_cast<torch::nn::ConvTranspose2dImpl*>(&module)) {
+      call = float_conv("conv_transpose2d", name, up2d->weight, up2d->bias, up2d->options);
+    } else if (auto* table = dynamic_cast<torch::nn::EmbeddingImpl*>(&module)) {
+      if (table->options.max_norm()) {
+        throw std::invalid_argument(fmt::format(
+            "qat::convert: '{}' (Embedding) has max_norm, which renormalizes the table as it is "
+            "read; the C++ converter has no form for it (prepare and convert such a model in "
+            "Python)",
+            name));
+      }
+      call = fmt::format(
+          "torch.embedding({}, x, {}, False, False)",
+          tensor_attribute(name, "weight", table->weight),
+          table->options.padding_idx().value_or(-1));
     } else if (auto* bn = dynamic_cast<torch::nn::BatchNorm1dImpl*>(&module)) {
       call = float_batch_norm(*bn, name);
     } else if (auto* bn2d = dynamic_cast<torch::nn::BatchNorm2dImpl*>(&module)) {

@@ -697,8 +697,8 @@ EmbeddingImpl::EmbeddingImpl(torch::nn::EmbeddingOptions embedding_options, Quan
   if (options.max_norm()) {
     throw std::invalid_argument(
         "qat::Embedding: max_norm is not supported: it renormalizes the rows as they are "
-        "read, which the integer model's stored table cannot (skip the layer, Config::skip, "
-        "to keep it in float)");
+        "read, which the integer model's stored table cannot (prepare such a table in "
+        "Python, whose convert keeps it in float)");
   }
   reset();
 }

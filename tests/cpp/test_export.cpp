@@ -158,6 +158,23 @@ CATCH_TEST_CASE("convert: an embedding table runs on quantized::embedding_byte",
       torch::equal(torch::jit::_load_for_mobile(path).forward({x}).toTensor(), run(integer, x)));
 }
 
+CATCH_TEST_CASE("convert: a skipped transposed conv or embedding runs in float", "[export]") {
+  torch::manual_seed(4);
+  // Six tokens of four values each, read by the transposed conv as six channels.
+  torch::nn::Sequential net(
+      torch::nn::Embedding(20, 4),
+      torch::nn::ConvTranspose1d(torch::nn::ConvTranspose1dOptions(6, 4, 2).stride(2).groups(2)),
+      torch::nn::Flatten(), torch::nn::Linear(4 * 8, 3));
+  // A grouped transposed conv has no integer kernel: qat::prepare refuses it unless skipped.
+  CATCH_CHECK_THROWS_AS(qat::prepare(*net), std::invalid_argument);
+  qat::prepare(*net, qat::presets::int8().skip("0").skip("1"));
+  const auto x = torch::randint(0, 20, {64, 6}, torch::kLong);
+  auto integer = train_and_convert(net, x, "float embedding and transposed conv");
+  const auto code = integer.get_method("forward").graph()->toString();
+  CATCH_CHECK(code.find("aten::embedding") != std::string::npos);
+  CATCH_CHECK(code.find("aten::conv_transpose1d") != std::string::npos);
+}
+
 CATCH_TEST_CASE("convert: float layers run between a dequantize and a quantize", "[export]") {
   torch::manual_seed(1);
   torch::nn::Sequential net(
