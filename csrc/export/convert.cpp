@@ -150,30 +150,18 @@ torch::Tensor simulate_weight(FakeQuantizeImpl& fq, Fn fn) {
 }
 
 // The int8 tensor whose dequantized values are `fq_weight`, the fake-quantized weight with
-// `fq`'s qparams, as qat::integer_weight gives it, naming the layer when it cannot.
+// `fq`'s qparams (per channel along its spec's axis: 1 for a transposed conv), as
+// qat::integer_weight gives it, naming the layer when it cannot.
 torch::Tensor integer_weight(
     const torch::Tensor& fq_weight, const FakeQuantizeImpl& fq, const std::string& name) {
   try {
     return qat::integer_weight(
         fq_weight, fq.scale, fq.zero_point, fq.quant_min(), fq.quant_max(),
-        fq.spec().per_channel());
+        fq.spec().per_channel(), fq.spec().axis());
   } catch (const c10::Error& error) {
     throw std::invalid_argument(
         fmt::format("qat::convert: '{}': {}", name, error.what_without_backtrace()));
   }
-}
-
-// integer_weight of a transposed conv's weight, whose output channels are axis 1: through
-// qat::integer_weight's axis 0 and back, as Python's convert does.
-torch::Tensor transposed_integer_weight(
-    const torch::Tensor& fq_weight, const FakeQuantizeImpl& fq, const std::string& name) {
-  const auto ints = integer_weight(fq_weight.transpose(0, 1), fq, name);
-  const auto back = ints.int_repr().transpose(0, 1).contiguous();
-  if (fq.spec().per_channel()) {
-    return at::_make_per_channel_quantized_tensor(
-        back, ints.q_per_channel_scales(), ints.q_per_channel_zero_points(), 1);
-  }
-  return at::_make_per_tensor_quantized_tensor(back, ints.q_scale(), ints.q_zero_point());
 }
 
 // Calls a registered operator by name (the quantized prepack ops return custom-class objects
@@ -538,8 +526,7 @@ class Converter {
     op.scale = q.scale;
     op.zero_point = q.zero_point;
     op.relu = weighted.relu || relu6;
-    op.weight = weighted.transposed ? transposed_integer_weight(weighted.weight, *weight_fq, name)
-                                    : integer_weight(weighted.weight, *weight_fq, name);
+    op.weight = integer_weight(weighted.weight, *weight_fq, name);
     // A zero bias computes what no bias does.
     op.bias = bias.defined() ? bias.detach().to(torch::kCPU, torch::kFloat).clone()
                              : torch::zeros({op.weight.size(weighted.transposed ? 1 : 0)});
@@ -558,8 +545,8 @@ class Converter {
   }
 
   // A table looked up by quantized::embedding_byte: float rows out, from the simulation's
-  // integers shifted to the kernel's unsigned rows (their zero points with them), as
-  // python/qat/convert.py lowers qat.modules.Embedding.
+  // integers as the kernel's unsigned rows (qat::unsigned_rows, as Python's
+  // qat.quantized.Embedding stores them).
   void embedding(EmbeddingImpl& module, const std::string& name) {
     auto& fq = *module.weight_fake_quant;
     if (!fq.spec().per_channel()) {
@@ -579,9 +566,7 @@ class Converter {
     auto& op = info.op;
     op.name = name;
     op.kind = "Embedding";
-    op.weight = at::_make_per_channel_quantized_tensor(
-        (ints.int_repr().to(torch::kShort) - fq.quant_min()).to(torch::kByte),
-        ints.q_per_channel_scales(), ints.q_per_channel_zero_points() - fq.quant_min(), 0);
+    op.weight = qat::unsigned_rows(ints, fq.quant_min());
     op.weight_bits = fq.spec().bits();
     op.weight_quant_min = 0;
     info.weight_spec = fq.spec();

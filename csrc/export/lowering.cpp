@@ -53,7 +53,7 @@ at::Tensor round_bias(
 
 at::Tensor integer_weight(
     const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& zero_point,
-    int64_t quant_min, int64_t quant_max, bool per_channel) {
+    int64_t quant_min, int64_t quant_max, bool per_channel, int64_t axis) {
   // Signed ranges are stored as int8 (the kernels' weights), unsigned ones as uint8 (the
   // embedding kernels' rows).
   const bool is_signed = quant_min >= -128 && quant_max <= 127;
@@ -68,10 +68,14 @@ at::Tensor integer_weight(
   const auto z = zero_point.detach().to(at::kCPU, at::kDouble).round().to(at::kLong);
   const auto w = weight.detach().to(at::kCPU, at::kDouble);
   if (per_channel) {
+    TORCH_CHECK_VALUE(
+        w.dim() > 0 && -w.dim() <= axis && axis < w.dim(), "qat::integer_weight: axis ", axis,
+        " is not an axis of a weight of shape ", w.sizes());
+    const auto channel_axis = axis < 0 ? axis + w.dim() : axis;
     std::vector<int64_t> shape(w.dim(), 1);
-    shape[0] = -1;
+    shape[channel_axis] = -1;
     const auto ints = at::round(w / s.reshape(shape)) + z.reshape(shape);
-    return at::_make_per_channel_quantized_tensor(ints.to(dtype), s, z, 0);
+    return at::_make_per_channel_quantized_tensor(ints.to(dtype), s, z, channel_axis);
   }
   TORCH_CHECK_VALUE(
       s.numel() == 1, "qat::integer_weight: a per-tensor weight has one scale, got ", s.numel());
@@ -144,6 +148,25 @@ at::Tensor unpack_weight(
   return values.to(at::kChar).reshape(shape);
 }
 
+at::Tensor unsigned_rows(const at::Tensor& weight, int64_t quant_min) {
+  TORCH_CHECK_VALUE(
+      weight.is_quantized() && weight.qscheme() == at::kPerChannelAffine &&
+          weight.q_per_channel_axis() == 0,
+      "qat::unsigned_rows: weight must be quantized per channel along axis 0 (one scale per "
+      "row)");
+  const auto rows = weight.int_repr().to(at::kShort) - quant_min;
+  if (rows.numel() > 0) {
+    const auto low = rows.min().item<int64_t>();
+    const auto high = rows.max().item<int64_t>();
+    TORCH_CHECK_VALUE(
+        low >= 0 && high <= 255, "qat::unsigned_rows: integers from ", low + quant_min, " to ",
+        high + quant_min, " do not fit a byte above quant_min ", quant_min);
+  }
+  return at::_make_per_channel_quantized_tensor(
+      rows.to(at::kByte), weight.q_per_channel_scales(),
+      weight.q_per_channel_zero_points() - quant_min, 0);
+}
+
 }  // namespace qat
 
 TORCH_LIBRARY_FRAGMENT(qat, m) {
@@ -159,7 +182,7 @@ TORCH_LIBRARY_FRAGMENT(qat, m) {
       TORCH_FN(qat::round_bias));
   m.def(
       "integer_weight(Tensor weight, Tensor scale, Tensor zero_point, int quant_min, "
-      "int quant_max, bool per_channel) -> Tensor",
+      "int quant_max, bool per_channel, int axis=0) -> Tensor",
       TORCH_FN(qat::integer_weight));
   m.def(
       "fixed_qparams(float lo, float hi, int quant_min, int quant_max, bool inclusive) -> "
@@ -170,4 +193,5 @@ TORCH_LIBRARY_FRAGMENT(qat, m) {
   m.def(
       "unpack_weight(Tensor data, int bits, int quant_min, int[] shape) -> Tensor",
       TORCH_FN(qat::unpack_weight));
+  m.def("unsigned_rows(Tensor weight, int quant_min) -> Tensor", TORCH_FN(qat::unsigned_rows));
 }

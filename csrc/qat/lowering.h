@@ -34,14 +34,16 @@ at::Tensor fold_bias(
 at::Tensor round_bias(
     const at::Tensor& bias, const at::Tensor& input_scale, const at::Tensor& weight_scale);
 
-/// The 8-bit quantized tensor (per channel along axis 0 when `per_channel`, else per tensor)
+/// The 8-bit quantized tensor (per channel along `axis` when `per_channel`, else per tensor)
 /// whose dequantized values are `weight`, a weight already fake-quantized with `scale` and
 /// `zero_point`: the integers the simulation computed with, on the CPU, where the quantized
 /// kernels run. qint8 when [quant_min, quant_max] fits int8, else quint8 (embedding rows).
-/// @throws c10::ValueError when [quant_min, quant_max] fits neither int8 nor uint8.
+/// A transposed conv's weight has its output channels on axis 1.
+/// @throws c10::ValueError when [quant_min, quant_max] fits neither int8 nor uint8, or
+/// `axis` (negative counts from the end) is not an axis of `weight`.
 at::Tensor integer_weight(
     const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& zero_point,
-    int64_t quant_min, int64_t quant_max, bool per_channel);
+    int64_t quant_min, int64_t quant_max, bool per_channel, int64_t axis = 0);
 
 /// (scale, zero_point) of an op whose output range [lo, hi] is known (sigmoid [0, 1), tanh
 /// [-1, 1), ReLU6 [0, 6]): lo on quant_min, and `hi` the top level when `inclusive` (scale
@@ -64,5 +66,13 @@ at::Tensor pack_weight(const at::Tensor& ints, int64_t bits, int64_t quant_min);
 /// The inverse of pack_weight: the int8 integers of shape `shape`.
 at::Tensor unpack_weight(
     const at::Tensor& data, int64_t bits, int64_t quant_min, at::IntArrayRef shape);
+
+/// An embedding table's integers (`weight`, quantized per row along axis 0 to
+/// [quant_min, ...]) as the embedding kernels read them: unsigned, `ints - quant_min` (in
+/// [0, 2^bits)) as quint8, the zero points moved with them, the scales as they are. The
+/// dequantized values do not change.
+/// @throws c10::ValueError when `weight` is not quantized per channel along axis 0, or a
+/// shifted value does not fit a byte.
+at::Tensor unsigned_rows(const at::Tensor& weight, int64_t quant_min);
 
 }  // namespace qat

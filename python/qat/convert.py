@@ -177,21 +177,10 @@ def _describe(node: fx.Node) -> str:
 
 def _integer_weight(fq_weight: torch.Tensor, fq: FakeQuantize) -> torch.Tensor:
     """The int8 tensor whose dequantized values are the fake-quantized weight ``fq_weight``
-    with ``fq``'s qparams (``torch.ops.qat.integer_weight``)."""
+    with ``fq``'s qparams, per channel along its spec's axis (1 for a transposed conv's
+    weight) (``torch.ops.qat.integer_weight``)."""
     return torch.ops.qat.integer_weight(fq_weight, fq.scale, fq.zero_point, fq.quant_min,
-                                        fq.quant_max, fq.per_channel)
-
-
-def _integer_transposed_weight(module: nn.Module) -> torch.Tensor:
-    """The int8 tensor of a QAT transposed conv's fake-quantized weight, per channel along
-    axis 1 (its output channels), through ``torch.ops.qat.integer_weight`` (axis 0)."""
-    fq = module.weight_fake_quant
-    ints = _integer_weight(fq(module.weight).transpose(0, 1), fq)
-    back = ints.int_repr().transpose(0, 1).contiguous()
-    if fq.per_channel:
-        return torch._make_per_channel_quantized_tensor(
-            back, ints.q_per_channel_scales(), ints.q_per_channel_zero_points(), 1)
-    return torch._make_per_tensor_quantized_tensor(back, ints.q_scale(), ints.q_zero_point())
+                                        fq.quant_max, fq.per_channel, fq.spec.axis)
 
 
 def _integer_embedding(
@@ -409,7 +398,7 @@ def _integer_module(module: nn.Module, out: _QParams, relu: bool) -> Optional[nn
             fq = module.weight_fake_quant
             bias = None if module.bias is None else module.bias.detach().float()
             layer = _INTEGER_TRANSPOSED[type(module)]
-            return layer(_integer_transposed_weight(module), bias, list(module.stride),
+            return layer(_integer_weight(fq(module.weight), fq), bias, list(module.stride),
                          list(module.padding), list(module.output_padding),
                          list(module.dilation), module.groups, scale, zero_point, relu,
                          fq.spec.bits, fq.quant_min)

@@ -414,17 +414,16 @@ class Embedding(_PacksOnFirstForward, nn.Module):
     def __init__(self, weight: torch.Tensor, weight_bits: int, weight_quant_min: int):
         super().__init__()
         self.weight_bits = weight_bits
-        # Shifted to [0, 2^bits) (a signed spec's integers move by -quant_min, and so do
-        # their zero points; an unsigned spec's stay): the kernel's rows are unsigned.
-        ints = weight.int_repr()
+        # The kernel's rows are unsigned: a signed spec's integers and zero points move by
+        # -quant_min (torch.ops.qat.unsigned_rows), an unsigned spec's stay.
+        rows = torch.ops.qat.unsigned_rows(weight, weight_quant_min)
+        ints = rows.int_repr()
         self.weight_shape: List[int] = list(ints.shape)
         self.values_per_byte = torch.ops.qat.values_per_byte(weight_bits)
-        self.register_buffer("weight_data", torch.ops.qat.pack_weight(
-            ints, weight_bits, weight_quant_min) if self.values_per_byte > 1
-            else (ints.to(torch.int16) - weight_quant_min).to(torch.uint8))
-        self.register_buffer("weight_scale", weight.q_per_channel_scales().float())
-        self.register_buffer("weight_zero_point",
-                             (weight.q_per_channel_zero_points() - weight_quant_min).float())
+        self.register_buffer("weight_data", torch.ops.qat.pack_weight(ints, weight_bits, 0)
+                             if self.values_per_byte > 1 else ints)
+        self.register_buffer("weight_scale", rows.q_per_channel_scales().float())
+        self.register_buffer("weight_zero_point", rows.q_per_channel_zero_points().float())
         self._packed_params = None
 
     def table(self) -> torch.Tensor:

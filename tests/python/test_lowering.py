@@ -88,6 +88,28 @@ def test_integer_weight_stores_an_unsigned_range_as_quint8():
     assert torch.equal(got.q_per_channel_zero_points(), zero_point.long())
 
 
+@pytest.mark.parametrize("axis", [1, -3])
+def test_integer_weight_per_channel_along_a_transposed_convs_output_axis(axis):
+    """A transposed conv's weight (in, out, kh, kw) has one scale per output channel, axis 1."""
+    torch.manual_seed(4)
+    weight = torch.randn(3, 6, 3, 3)
+    scale = torch.rand(6) * 0.02 + 0.01
+    zero_point = torch.zeros(6, dtype=torch.int32)
+    fake = torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 1, -128, 127)
+    got = ops.integer_weight(fake, scale, zero_point, -128, 127, True, axis)
+    expected = torch.quantize_per_channel(fake, scale.double(), zero_point.long(), 1,
+                                          torch.qint8)
+    assert got.q_per_channel_axis() == 1
+    assert torch.equal(got.int_repr(), expected.int_repr())
+    torch.testing.assert_close(got.dequantize(), fake, rtol=0, atol=0)
+
+
+def test_integer_weight_refuses_an_axis_the_weight_lacks():
+    with pytest.raises(ValueError, match=r"axis 4 is not an axis of a weight of shape \[2, 2\]"):
+        ops.integer_weight(torch.zeros(2, 2), torch.ones(2), torch.zeros(2, dtype=torch.int32),
+                           -128, 127, True, 4)
+
+
 def test_integer_weight_refuses_a_range_that_fits_no_8_bit_type():
     with pytest.raises(ValueError, match=r"\[-1, 255\] fit neither int8 nor uint8"):
         ops.integer_weight(torch.zeros(2, 2), torch.ones(1), torch.zeros(1, dtype=torch.int32),
@@ -154,3 +176,25 @@ def test_the_files_unpacking_in_torchscript_equals_unpack_weight(bits, quant_min
     assert torch.equal(layer._ints(), expected)
     assert torch.equal(torch.jit.script(layer)._ints(), expected)
     assert torch.equal(expected, ints)
+
+
+def test_unsigned_rows_shift_a_signed_table_to_the_embedding_kernels_bytes():
+    """4-bit rows in [-8, 7] become [0, 15] with their zero points: same values, unsigned."""
+    torch.manual_seed(5)
+    scale = torch.rand(4, dtype=torch.double) * 0.1 + 0.01
+    zero_point = torch.tensor([0, -2, 3, 1])
+    ints = torch.randint(-8, 8, (4, 6), dtype=torch.int8)
+    weight = torch._make_per_channel_quantized_tensor(ints, scale, zero_point, 0)
+    got = ops.unsigned_rows(weight, -8)
+    assert got.dtype == torch.quint8
+    assert torch.equal(got.int_repr(), (ints.to(torch.int16) + 8).to(torch.uint8))
+    assert torch.equal(got.q_per_channel_zero_points(), zero_point + 8)
+    assert torch.equal(got.q_per_channel_scales(), scale)
+    expected = (ints.double() - zero_point.double().unsqueeze(1)) * scale.unsqueeze(1)
+    torch.testing.assert_close(got.dequantize().double(), expected, rtol=0, atol=1e-6)
+
+
+def test_unsigned_rows_refuses_a_per_tensor_table():
+    weight = torch.quantize_per_tensor(torch.randn(3, 4), 0.1, 0, torch.qint8)
+    with pytest.raises(ValueError, match="per channel along axis 0"):
+        ops.unsigned_rows(weight, -128)
