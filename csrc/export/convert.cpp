@@ -156,8 +156,8 @@ torch::Tensor integer_weight(
     const torch::Tensor& fq_weight, const FakeQuantizeImpl& fq, const std::string& name) {
   try {
     return qat::integer_weight(
-        fq_weight, fq.scale, fq.zero_point, fq.quant_min(), fq.quant_max(),
-        fq.spec().per_channel(), fq.spec().axis());
+        fq_weight, fq.scale, fq.zero_point, fq.quant_min(), fq.quant_max(), fq.spec().per_channel(),
+        fq.spec().axis());
   } catch (const c10::Error& error) {
     throw std::invalid_argument(
         fmt::format("qat::convert: '{}': {}", name, error.what_without_backtrace()));
@@ -300,17 +300,23 @@ class Converter {
         }
         layer(module, name, *out, path(prefix, items[at].first), relu6);
         i = at;  // the FakeQuantize is the layer's output quantization
+      } else if (
+          i + 1 < items.size() &&
+          integer_batch_norm(
+              module, name, dynamic_cast<FakeQuantizeImpl*>(items[i + 1].second.get()),
+              path(prefix, items[i + 1].first))) {
+        ++i;  // the FakeQuantize is the batch norm's output quantization
       } else if (fixed_range_kernel(module)) {
         // Its FakeQuantize after it requantizes to the fixed qparams, as Python's convert does.
       } else if (!passes(module) && !float_op(module, name)) {
         throw std::invalid_argument(fmt::format(
             "qat::convert: '{}' is a {}, which has no integer or float conversion (supported: "
-            "qat::FakeQuantize, qat::Conv1d, qat::Conv2d, qat::ConvBn1d, qat::ConvBn2d, "
-            "qat::ConvTranspose1d, qat::ConvTranspose2d, qat::Linear, qat::Embedding, Sequential, "
+            "qat::FakeQuantize, qat::Conv1d / 2d / 3d, qat::ConvBn1d / 2d / 3d, "
+            "qat::ConvTranspose1d / 2d, qat::Linear, qat::Embedding, Sequential, "
             "ReLU, MaxPool1d, MaxPool2d, Flatten, Dropout, Identity, "
-            "and in float Linear, Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d, Embedding, "
-            "BatchNorm1d, BatchNorm2d, AvgPool1d, "
-            "AvgPool2d, AdaptiveAvgPool1d, AdaptiveAvgPool2d, ReLU6, Hardtanh, Sigmoid, Tanh)",
+            "and in float Linear, Conv1d / 2d / 3d, ConvTranspose1d / 2d, Embedding, "
+            "BatchNorm1d / 2d / 3d, MaxPool3d, AvgPool1d / 2d / 3d, "
+            "AdaptiveAvgPool1d / 2d / 3d, ReLU6, Hardtanh, Sigmoid, Tanh)",
             name, module.name()));
       }
     }
@@ -321,16 +327,25 @@ class Converter {
     return fq != nullptr && fq->has_fixed_qparams();
   }
 
+  // Whether `module` is a `T`; never for T void (a conv type that does not exist).
+  template <typename T>
+  static bool is_a(const torch::nn::Module& module) {
+    if constexpr (std::is_void_v<T>) {
+      return false;
+    } else {
+      return dynamic_cast<const T*>(&module) != nullptr;
+    }
+  }
+
   template <size_t D>
   static bool is_conv(const torch::nn::Module& module) {
     using Types = detail::ConvTypes<D>;
-    return dynamic_cast<const typename Types::QatConv*>(&module) != nullptr ||
-           dynamic_cast<const typename Types::QatConvBn*>(&module) != nullptr ||
-           dynamic_cast<const typename Types::QatConvTranspose*>(&module) != nullptr;
+    return is_a<typename Types::QatConv>(module) || is_a<typename Types::QatConvBn>(module) ||
+           is_a<typename Types::QatConvTranspose>(module);
   }
 
   static bool is_layer(const torch::nn::Module& module) {
-    return is_conv<1>(module) || is_conv<2>(module) ||
+    return is_conv<1>(module) || is_conv<2>(module) || is_conv<3>(module) ||
            dynamic_cast<const LinearImpl*>(&module) != nullptr;
   }
 
@@ -448,40 +463,42 @@ class Converter {
   // `op` and `weighted`; false when `module` is none of them.
   template <size_t D>
   static bool conv_layer(torch::nn::Module& module, LoweredOp& op, Weighted& weighted) {
-    const auto geometry = [&](const torch::nn::ConvOptions<D>& options) {
-      op.kind = fmt::format("Conv{}d", D);
+    // What a conv, transposed or not, and a fold share: kind, stride, dilation, groups.
+    const auto geometry = [&](const auto& options, const char* kind) {
+      op.kind = fmt::format("{}{}d", kind, D);
       op.stride = at::IntArrayRef(options.stride()).vec();
-      op.padding = conv_padding(options, op.name);
       op.dilation = at::IntArrayRef(options.dilation()).vec();
       op.groups = options.groups();
     };
-    if (auto* conv = dynamic_cast<typename detail::ConvTypes<D>::QatConv*>(&module)) {
-      geometry(conv->options);
-      auto* weight_fq = conv->weight_fake_quant.get();
+    // A conv without a batch norm: its weight as the simulation fake-quantizes it.
+    const auto plain = [&](auto& conv, bool transposed) {
+      auto* weight_fq = conv.weight_fake_quant.get();
       weighted = {
-          simulate_weight(*weight_fq, [&] { return weight_fq->forward(conv->weight); }), conv->bias,
-          weight_fq, conv->relu};
+          simulate_weight(*weight_fq, [&] { return weight_fq->forward(conv.weight); }), conv.bias,
+          weight_fq, conv.relu, transposed};
+    };
+    if (auto* conv = dynamic_cast<typename detail::ConvTypes<D>::QatConv*>(&module)) {
+      geometry(conv->options, "Conv");
+      op.padding = conv_padding(conv->options, op.name);
+      plain(*conv, false);
       return true;
     }
-    if (auto* conv = dynamic_cast<typename detail::ConvTypes<D>::QatConvTranspose*>(&module)) {
-      const auto& options = conv->options;
-      op.kind = fmt::format("ConvTranspose{}d", D);
-      op.stride = at::IntArrayRef(options.stride()).vec();
-      op.padding = at::IntArrayRef(options.padding()).vec();
-      op.output_padding = at::IntArrayRef(options.output_padding()).vec();
-      op.dilation = at::IntArrayRef(options.dilation()).vec();
-      op.groups = options.groups();
-      auto* weight_fq = conv->weight_fake_quant.get();
-      weighted = {
-          simulate_weight(*weight_fq, [&] { return weight_fq->forward(conv->weight); }), conv->bias,
-          weight_fq, conv->relu, /*transposed=*/true};
-      return true;
+    using QatConvTranspose = typename detail::ConvTypes<D>::QatConvTranspose;
+    if constexpr (!std::is_void_v<QatConvTranspose>) {
+      if (auto* conv = dynamic_cast<QatConvTranspose*>(&module)) {
+        geometry(conv->options, "ConvTranspose");
+        op.padding = at::IntArrayRef(conv->options.padding()).vec();
+        op.output_padding = at::IntArrayRef(conv->options.output_padding()).vec();
+        plain(*conv, true);
+        return true;
+      }
     }
     auto* fold = dynamic_cast<typename detail::ConvTypes<D>::QatConvBn*>(&module);
     if (fold == nullptr) {
       return false;
     }
-    geometry(fold->options);
+    geometry(fold->options, "Conv");
+    op.padding = conv_padding(fold->options, op.name);
     auto* weight_fq = fold->weight_fake_quant.get();
     const auto& bn = *fold->bn;
     torch::NoGradGuard no_grad;
@@ -518,8 +535,8 @@ class Converter {
       weighted = {
           simulate_weight(*weight_fq, [&] { return weight_fq->forward(linear->weight); }),
           linear->bias, weight_fq, linear->relu};
-    } else if (!conv_layer<1>(module, op, weighted)) {
-      conv_layer<2>(module, op, weighted);
+    } else if (!conv_layer<1>(module, op, weighted) && !conv_layer<2>(module, op, weighted)) {
+      conv_layer<3>(module, op, weighted);
     }
     auto* weight_fq = weighted.weight_fq;
     const auto& bias = weighted.bias;
@@ -641,6 +658,54 @@ class Converter {
     }
   }
 
+  // A standalone batch norm with running statistics on a quantized input, its output
+  // quantized by the FakeQuantize `out` after it: quantized::batch_norm<D>d with the
+  // FakeQuantize's qparams, as Python's convert lowers it (qat.quantized.BatchNorm). False
+  // for anything else (a batch norm on a float input runs in float, float_op).
+  bool integer_batch_norm(
+      torch::nn::Module& module, const std::string& name, FakeQuantizeImpl* out,
+      const std::string& out_name) {
+    if (out == nullptr || !quantized_) {
+      return false;
+    }
+    if (auto* bn = dynamic_cast<torch::nn::BatchNorm1dImpl*>(&module)) {
+      return emit_batch_norm(*bn, 1, name, *out, out_name);
+    }
+    if (auto* bn = dynamic_cast<torch::nn::BatchNorm2dImpl*>(&module)) {
+      return emit_batch_norm(*bn, 2, name, *out, out_name);
+    }
+    if (auto* bn = dynamic_cast<torch::nn::BatchNorm3dImpl*>(&module)) {
+      return emit_batch_norm(*bn, 3, name, *out, out_name);
+    }
+    return false;
+  }
+
+  template <typename BatchNorm>
+  bool emit_batch_norm(
+      const BatchNorm& bn, int dims, const std::string& name, const FakeQuantizeImpl& out,
+      const std::string& out_name) {
+    if (!bn.options.track_running_stats()) {
+      return false;  // float_op refuses it with the reason
+    }
+    batch_norm_factor(bn, name);  // refuses a negative or non-finite variance, naming it
+    const auto q = qparams_of(out, out_name);
+    emit(fmt::format(
+        "x = quantized.batch_norm{}d(x, {}, {}, {}, {}, {}, {}, {})", dims,
+        tensor_attribute(name, "weight", bn.weight), tensor_attribute(name, "bias", bn.bias),
+        tensor_attribute(name, "running_mean", bn.running_mean),
+        tensor_attribute(name, "running_var", bn.running_var), literal(bn.options.eps()),
+        literal(q.scale), q.zero_point));
+    LayerInfo info;
+    info.op.name = name;
+    info.op.kind = "BatchNorm";
+    info.op.scale = q.scale;
+    info.op.zero_point = q.zero_point;
+    info.activation_spec = out.spec();
+    layers_.push_back(info);
+    quantized_ = q;
+    return true;
+  }
+
   // An op of fixed output range (sigmoid, tanh) whose quantized kernel the op-role table
   // lists, on a quantized input: the kernel writes its own qparams, which the requantize of
   // the FakeQuantize after it (the same fixed qparams) replaces.
@@ -712,6 +777,17 @@ class Converter {
         tensor_attribute(name, "bias", bias), geometry);
   }
 
+  // An adaptive pool's output size as TorchScript: a missing size keeps the input's.
+  template <size_t D>
+  static std::string output_size(const std::array<c10::optional<int64_t>, D>& size) {
+    std::vector<std::string> sizes;
+    for (size_t i = 0; i < D; ++i) {
+      sizes.push_back(
+          size[i] ? std::to_string(*size[i]) : fmt::format("x.size({})", int64_t(i) - int64_t(D)));
+    }
+    return fmt::format("[{}]", fmt::join(sizes, ", "));
+  }
+
   template <typename BatchNorm>
   std::string float_batch_norm(const BatchNorm& bn, const std::string& name) {
     if (!bn.options.track_running_stats()) {
@@ -739,6 +815,8 @@ class Converter {
       call = float_conv("conv1d", name, conv->weight, conv->bias, conv->options);
     } else if (auto* conv2d = dynamic_cast<torch::nn::Conv2dImpl*>(&module)) {
       call = float_conv("conv2d", name, conv2d->weight, conv2d->bias, conv2d->options);
+    } else if (auto* conv3d = dynamic_cast<torch::nn::Conv3dImpl*>(&module)) {
+      call = float_conv("conv3d", name, conv3d->weight, conv3d->bias, conv3d->options);
     } else if (auto* up = dynamic_cast<torch::nn::ConvTranspose1dImpl*>(&module)) {
       call = float_conv("conv_transpose1d", name, up->weight, up->bias, up->options);
     } else if (auto* up2d = dynamic_cast<torch::nn::ConvTranspose2dImpl*>(&module)) {
@@ -759,6 +837,11 @@ class Converter {
       call = float_batch_norm(*bn, name);
     } else if (auto* bn2d = dynamic_cast<torch::nn::BatchNorm2dImpl*>(&module)) {
       call = float_batch_norm(*bn2d, name);
+    } else if (auto* bn3d = dynamic_cast<torch::nn::BatchNorm3dImpl*>(&module)) {
+      call = float_batch_norm(*bn3d, name);
+    } else if (auto* max3d = dynamic_cast<torch::nn::MaxPool3dImpl*>(&module)) {
+      // No quantized max_pool3d in the op-role table: in float, as Python's convert runs it.
+      call = max_pool("max_pool3d", max3d->options);
     } else if (auto* pool = dynamic_cast<torch::nn::AvgPool1dImpl*>(&module)) {
       call = avg_pool("avg_pool1d", pool->options);
     } else if (auto* pool2d = dynamic_cast<torch::nn::AvgPool2dImpl*>(&module)) {
@@ -766,16 +849,20 @@ class Converter {
       call = avg_pool(
           "avg_pool2d", o,
           ", " + (o.divisor_override() ? std::to_string(*o.divisor_override()) : "None"));
+    } else if (auto* pool3d = dynamic_cast<torch::nn::AvgPool3dImpl*>(&module)) {
+      const auto& o = pool3d->options;
+      call = avg_pool(
+          "avg_pool3d", o,
+          ", " + (o.divisor_override() ? std::to_string(*o.divisor_override()) : "None"));
     } else if (auto* adaptive1d = dynamic_cast<torch::nn::AdaptiveAvgPool1dImpl*>(&module)) {
       call = fmt::format(
           "torch.adaptive_avg_pool1d(x, {})", list_of(adaptive1d->options.output_size()));
     } else if (auto* adaptive = dynamic_cast<torch::nn::AdaptiveAvgPool2dImpl*>(&module)) {
-      const auto& size = *adaptive->options.output_size();
-      // A missing size keeps the input's.
       call = fmt::format(
-          "torch.adaptive_avg_pool2d(x, [{}, {}])",
-          size[0] ? std::to_string(*size[0]) : "x.size(-2)",
-          size[1] ? std::to_string(*size[1]) : "x.size(-1)");
+          "torch.adaptive_avg_pool2d(x, {})", output_size(*adaptive->options.output_size()));
+    } else if (auto* adaptive3d = dynamic_cast<torch::nn::AdaptiveAvgPool3dImpl*>(&module)) {
+      call = fmt::format(
+          "torch.adaptive_avg_pool3d(x, {})", output_size(*adaptive3d->options.output_size()));
     } else if (dynamic_cast<torch::nn::ReLU6Impl*>(&module) != nullptr) {
       call = "torch.clamp(x, 0.0, 6.0)";
     } else if (auto* hardtanh = dynamic_cast<torch::nn::HardtanhImpl*>(&module)) {

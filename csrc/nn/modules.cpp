@@ -165,8 +165,10 @@ torch::Tensor conv(
                                 .groups(options.groups());
   if constexpr (D == 1) {
     return F::conv1d(input, weight, func_options);
-  } else {
+  } else if constexpr (D == 2) {
     return F::conv2d(input, weight, func_options);
+  } else {
+    return F::conv3d(input, weight, func_options);
   }
 }
 
@@ -517,7 +519,7 @@ void LinearImpl::pretty_print(std::ostream& stream) const {
 }
 
 // ---------------------------------------------------------------------------------------
-// Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d
+// Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d
 
 template <size_t D, bool Transposed, typename Derived>
 ConvImpl<D, Transposed, Derived>::ConvImpl(
@@ -577,11 +579,12 @@ void ConvImpl<D, Transposed, Derived>::pretty_print(std::ostream& stream) const 
 
 template class ConvImpl<1, false, Conv1dImpl>;
 template class ConvImpl<2, false, Conv2dImpl>;
+template class ConvImpl<3, false, Conv3dImpl>;
 template class ConvImpl<1, true, ConvTranspose1dImpl>;
 template class ConvImpl<2, true, ConvTranspose2dImpl>;
 
 // ---------------------------------------------------------------------------------------
-// ConvBn1d, ConvBn2d
+// ConvBn1d, ConvBn2d, ConvBn3d
 
 template <size_t D, typename Derived>
 ConvBnImpl<D, Derived>::ConvBnImpl(
@@ -683,6 +686,7 @@ void ConvBnImpl<D, Derived>::pretty_print(std::ostream& stream) const {
 
 template class ConvBnImpl<1, ConvBn1dImpl>;
 template class ConvBnImpl<2, ConvBn2dImpl>;
+template class ConvBnImpl<3, ConvBn3dImpl>;
 
 // ---------------------------------------------------------------------------------------
 // Embedding

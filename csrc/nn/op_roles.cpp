@@ -1,6 +1,7 @@
 #include <qat/op_roles.h>
 
 #include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
@@ -98,6 +99,7 @@ std::string op_name(const torch::nn::Module& module) {
   static const std::unordered_map<std::type_index, std::string> names{
       {typeid(torch::nn::Conv1dImpl), "conv1d"},
       {typeid(torch::nn::Conv2dImpl), "conv2d"},
+      {typeid(torch::nn::Conv3dImpl), "conv3d"},
       {typeid(torch::nn::LinearImpl), "linear"},
       {typeid(torch::nn::ReLUImpl), "relu"},
       {typeid(torch::nn::MaxPool1dImpl), "max_pool1d"},
@@ -108,12 +110,17 @@ std::string op_name(const torch::nn::Module& module) {
       {typeid(torch::nn::IdentityImpl), "identity"},
       {typeid(torch::nn::AvgPool1dImpl), "avg_pool1d"},
       {typeid(torch::nn::AvgPool2dImpl), "avg_pool2d"},
+      {typeid(torch::nn::AvgPool3dImpl), "avg_pool3d"},
       {typeid(torch::nn::AdaptiveAvgPool1dImpl), "adaptive_avg_pool1d"},
       {typeid(torch::nn::AdaptiveAvgPool2dImpl), "adaptive_avg_pool2d"},
+      {typeid(torch::nn::AdaptiveAvgPool3dImpl), "adaptive_avg_pool3d"},
       {typeid(torch::nn::ReLU6Impl), "relu6"},
       {typeid(torch::nn::HardtanhImpl), "hardtanh"},
       {typeid(torch::nn::SigmoidImpl), "sigmoid"},
       {typeid(torch::nn::TanhImpl), "tanh"},
+      {typeid(torch::nn::BatchNorm1dImpl), "batch_norm"},
+      {typeid(torch::nn::BatchNorm2dImpl), "batch_norm"},
+      {typeid(torch::nn::BatchNorm3dImpl), "batch_norm"},
   };
   const auto found = names.find(typeid(module));
   return found == names.end() ? std::string() : found->second;

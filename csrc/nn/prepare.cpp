@@ -45,11 +45,6 @@ bool is_exactly(const torch::nn::Module& module) {
   return typeid(module) == typeid(Impl);
 }
 
-template <typename... Impl>
-bool is_one_of(const torch::nn::Module& module) {
-  return (... || (dynamic_cast<const Impl*>(&module) != nullptr));
-}
-
 // A module's role in the op-role table (csrc/qat/op_roles.h), which Python's prepare reads too.
 bool has_role(const torch::nn::Module& module, OpRole role) {
   const auto* info = find_op_role(module);
@@ -64,10 +59,10 @@ bool requantizes(const torch::nn::Module& module) {
   return has_role(module, OpRole::kRequantizes);
 }
 
+// Every QAT layer quantizes its input (InputQuantized) but the weight-only embedding.
 bool is_prepared_layer(const torch::nn::Module& module) {
-  return is_one_of<
-      LinearImpl, Conv1dImpl, Conv2dImpl, ConvBn1dImpl, ConvBn2dImpl, ConvTranspose1dImpl,
-      ConvTranspose2dImpl, EmbeddingImpl>(module);
+  return dynamic_cast<const InputQuantized*>(&module) != nullptr ||
+         dynamic_cast<const EmbeddingImpl*>(&module) != nullptr;
 }
 
 void check_not_prepared(torch::nn::Module& root) {
@@ -228,10 +223,14 @@ class Preparer {
     if (i + 1 >= modules.size()) {
       return false;
     }
-    return (is_exactly<torch::nn::Conv1dImpl>(*modules[i]) &&
-            is_exactly<torch::nn::BatchNorm1dImpl>(*modules[i + 1])) ||
-           (is_exactly<torch::nn::Conv2dImpl>(*modules[i]) &&
-            is_exactly<torch::nn::BatchNorm2dImpl>(*modules[i + 1]));
+    return folds<1>(*modules[i], *modules[i + 1]) || folds<2>(*modules[i], *modules[i + 1]) ||
+           folds<3>(*modules[i], *modules[i + 1]);
+  }
+
+  template <size_t D>
+  static bool folds(const torch::nn::Module& conv, const torch::nn::Module& bn) {
+    return is_exactly<typename detail::ConvTypes<D>::Conv>(conv) &&
+           is_exactly<typename detail::ConvTypes<D>::BatchNorm>(bn);
   }
 
   // SequentialImpl keeps its modules in a private vector with no insert or erase, so the
@@ -373,7 +372,10 @@ class Preparer {
       if (is_exactly<torch::nn::Conv1dImpl>(*conv)) {
         return fold<1>(conv, bn, specs.weight, relu);
       }
-      return fold<2>(conv, bn, specs.weight, relu);
+      if (is_exactly<torch::nn::Conv2dImpl>(*conv)) {
+        return fold<2>(conv, bn, specs.weight, relu);
+      }
+      return fold<3>(conv, bn, specs.weight, relu);
     });
   }
 
@@ -434,6 +436,7 @@ ModuleRegistry::ModuleRegistry() : state_(std::make_shared<State>()) {
   add_builtin<torch::nn::LinearImpl, LinearImpl>(*this);
   add_builtin<torch::nn::Conv1dImpl, Conv1dImpl>(*this);
   add_builtin<torch::nn::Conv2dImpl, Conv2dImpl>(*this);
+  add_builtin<torch::nn::Conv3dImpl, Conv3dImpl>(*this);
   add_builtin<torch::nn::ConvTranspose1dImpl, ConvTranspose1dImpl>(*this);
   add_builtin<torch::nn::ConvTranspose2dImpl, ConvTranspose2dImpl>(*this);
   add(

@@ -32,19 +32,19 @@ struct ExportOptions {
 /// prepared, trained or calibrated module, the C++ twin of qat.convert.
 ///
 /// `prepared` must be a torch::nn::Sequential that qat::prepare rewrote (nested Sequentials
-/// are followed). Its qat::Conv1d / Conv2d / ConvBn1d / ConvBn2d / ConvTranspose1d /
-/// ConvTranspose2d / Linear layers (with their fused ReLU, or a ReLU6 quantized after it
-/// with the fixed qparams of [0, 6]) become `quantized::conv2d(_relu)`,
-/// `quantized::conv_transpose2d`, `quantized::linear(_relu)` and their 1-D kernels, with the
-/// very integers their weight FakeQuantize produces (qat::integer_weight; per channel where
+/// are followed). Its qat::Conv1d / 2d / 3d, ConvBn1d / 2d / 3d, ConvTranspose1d / 2d and
+/// Linear layers (with their fused ReLU, or a ReLU6 quantized after it with the fixed qparams
+/// of [0, 6]) become `quantized::conv2d(_relu)`, `quantized::conv_transpose2d`,
+/// `quantized::linear(_relu)` and their 1-D (and 3-D conv) kernels, with the very integers
+/// their weight FakeQuantize produces (qat::integer_weight; per channel where
 /// the spec says so; a ConvBn's folded weight, with bias qat::fold_bias) and the qparams of
 /// the FakeQuantize after them; a qat::Embedding becomes `quantized::embedding_byte` (float
 /// rows out). The weights are stored as Python's qat.convert stores them (4- and 2-bit
 /// weights packed by qat::pack_weight) and built into the kernels' form on the first
 /// forward. ReLU, MaxPool1d / 2d and Flatten run on the quantized tensors; float layers
-/// (Linear, Conv1d / 2d, BatchNorm1d / 2d, AvgPool1d / 2d, AdaptiveAvgPool1d / 2d, a
-/// standalone ReLU6 or Hardtanh, Sigmoid, Tanh) run between a dequantize and the quantize of
-/// the FakeQuantize after them; Dropout and Identity vanish.
+/// (Linear, Conv1d / 2d / 3d, BatchNorm1d / 2d / 3d, MaxPool3d, AvgPool1d / 2d / 3d,
+/// AdaptiveAvgPool1d / 2d / 3d, a standalone ReLU6 or Hardtanh, Sigmoid, Tanh) run between
+/// a dequantize and the quantize of the FakeQuantize after them; Dropout and Identity vanish.
 /// The module's forward takes and returns a float tensor. Like torch::nn::Linear, each
 /// integer Linear checks that the input's last dimension is its in_features (an assert in
 /// the scripted code, so the files written from it check it too: `quantized::linear` would

@@ -1,7 +1,7 @@
 #pragma once
 
 // QAT modules for torch::nn: the observer, qat::FakeQuantize, and the QAT versions of
-// Linear, Conv1d / Conv2d, Conv + BatchNorm, ConvTranspose1d / 2d and Embedding. State (buffers,
+// Linear, Conv1d / 2d / 3d, Conv + BatchNorm, ConvTranspose1d / 2d and Embedding. State (buffers,
 // parameters) carries the names of the Python modules (qat.FakeQuantize, qat.modules.Linear, ...),
 // so that named_parameters() / named_buffers() read the same in both languages.
 
@@ -217,30 +217,37 @@ TORCH_MODULE(Linear);
 
 class Conv1dImpl;
 class Conv2dImpl;
+class Conv3dImpl;
 class ConvBn1dImpl;
 class ConvBn2dImpl;
+class ConvBn3dImpl;
 class ConvTranspose1dImpl;
 class ConvTranspose2dImpl;
 
 namespace detail {
-// The float modules a QAT conv of D spatial dimensions (1 or 2) replaces and folds, and the
-// QAT ones.
+// The float modules a QAT conv of D spatial dimensions (1, 2 or 3) replaces and folds, and
+// the QAT ones. Neither front end has a QAT transposed 3-D conv: QatConvTranspose is void
+// for D = 3.
 template <size_t D>
 struct ConvTypes {
-  static_assert(D == 1 || D == 2, "the C++ front end has 1-D and 2-D convs");
-  template <typename OneD, typename TwoD>
-  using Pick = std::conditional_t<D == 1, OneD, TwoD>;
-  using Conv = Pick<torch::nn::Conv1dImpl, torch::nn::Conv2dImpl>;
-  using BatchNorm = Pick<torch::nn::BatchNorm1dImpl, torch::nn::BatchNorm2dImpl>;
-  using BatchNormHolder = Pick<torch::nn::BatchNorm1d, torch::nn::BatchNorm2d>;
-  using ConvTranspose = Pick<torch::nn::ConvTranspose1dImpl, torch::nn::ConvTranspose2dImpl>;
-  using QatConv = Pick<qat::Conv1dImpl, qat::Conv2dImpl>;
-  using QatConvBn = Pick<qat::ConvBn1dImpl, qat::ConvBn2dImpl>;
-  using QatConvTranspose = Pick<qat::ConvTranspose1dImpl, qat::ConvTranspose2dImpl>;
+  static_assert(D >= 1 && D <= 3, "the C++ front end has 1-D, 2-D and 3-D convs");
+  template <typename OneD, typename TwoD, typename ThreeD>
+  using Pick = std::conditional_t<D == 1, OneD, std::conditional_t<D == 2, TwoD, ThreeD>>;
+  using Conv = Pick<torch::nn::Conv1dImpl, torch::nn::Conv2dImpl, torch::nn::Conv3dImpl>;
+  using BatchNorm =
+      Pick<torch::nn::BatchNorm1dImpl, torch::nn::BatchNorm2dImpl, torch::nn::BatchNorm3dImpl>;
+  using BatchNormHolder =
+      Pick<torch::nn::BatchNorm1d, torch::nn::BatchNorm2d, torch::nn::BatchNorm3d>;
+  using ConvTranspose = Pick<
+      torch::nn::ConvTranspose1dImpl, torch::nn::ConvTranspose2dImpl,
+      torch::nn::ConvTranspose3dImpl>;
+  using QatConv = Pick<qat::Conv1dImpl, qat::Conv2dImpl, qat::Conv3dImpl>;
+  using QatConvBn = Pick<qat::ConvBn1dImpl, qat::ConvBn2dImpl, qat::ConvBn3dImpl>;
+  using QatConvTranspose = Pick<qat::ConvTranspose1dImpl, qat::ConvTranspose2dImpl, void>;
 };
 }  // namespace detail
 
-/// QAT torch::nn::Conv1d / Conv2d (qat::Conv1d, qat::Conv2d) and, `Transposed`,
+/// QAT torch::nn::Conv1d / 2d / 3d (qat::Conv1d, qat::Conv2d, qat::Conv3d) and, `Transposed`,
 /// ConvTranspose1d / 2d (qat::ConvTranspose1d, 2d): the weight goes through
 /// `weight_fake_quant` before the convolution, per output channel when the spec is per
 /// channel (axis 0; axis 1 of a transposed conv's in x out x kernel weight). Zero padding
@@ -293,6 +300,11 @@ class Conv2dImpl : public ConvImpl<2, false, Conv2dImpl> {
   using ConvImpl::ConvImpl;
   torch::Tensor forward(const torch::Tensor& input) { return ConvImpl::forward(input); }
 };
+class Conv3dImpl : public ConvImpl<3, false, Conv3dImpl> {
+ public:
+  using ConvImpl::ConvImpl;
+  torch::Tensor forward(const torch::Tensor& input) { return ConvImpl::forward(input); }
+};
 class ConvTranspose1dImpl : public ConvImpl<1, true, ConvTranspose1dImpl> {
  public:
   using ConvImpl::ConvImpl;
@@ -305,10 +317,11 @@ class ConvTranspose2dImpl : public ConvImpl<2, true, ConvTranspose2dImpl> {
 };
 TORCH_MODULE(Conv1d);
 TORCH_MODULE(Conv2d);
+TORCH_MODULE(Conv3d);
 TORCH_MODULE(ConvTranspose1d);
 TORCH_MODULE(ConvTranspose2d);
 
-/// Conv + BatchNorm (+ ReLU) of D spatial dimensions (qat::ConvBn1d, qat::ConvBn2d) trained
+/// Conv + BatchNorm (+ ReLU) of D spatial dimensions (qat::ConvBn1d, 2d, 3d) trained
 /// as the folded conv the integer model runs (the formula of Python's qat.modules.ConvBn2d
 /// and PyTorch's ConvBn2d): the weight is scaled by gamma / sqrt(running_var + eps) and
 /// fake-quantized, so the quantization error is that of the folded weight; the conv output
@@ -371,8 +384,14 @@ class ConvBn2dImpl : public ConvBnImpl<2, ConvBn2dImpl> {
   using ConvBnImpl::ConvBnImpl;
   torch::Tensor forward(const torch::Tensor& input) { return ConvBnImpl::forward(input); }
 };
+class ConvBn3dImpl : public ConvBnImpl<3, ConvBn3dImpl> {
+ public:
+  using ConvBnImpl::ConvBnImpl;
+  torch::Tensor forward(const torch::Tensor& input) { return ConvBnImpl::forward(input); }
+};
 TORCH_MODULE(ConvBn1d);
 TORCH_MODULE(ConvBn2d);
+TORCH_MODULE(ConvBn3d);
 
 /// QAT torch::nn::Embedding (qat::Embedding): the table goes through `weight_fake_quant`
 /// (one scale per row, axis 0, when the spec is per channel) before the lookup; the integer

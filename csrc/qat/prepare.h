@@ -53,11 +53,10 @@ using ModuleFactory = std::function<torch::nn::AnyModule(
 /// Which QAT module replaces which float module type, keyed by the exact dynamic type of
 /// the float module (subclasses are not matched: their forward may differ).
 ///
-/// Built in: torch::nn::Linear -> qat::Linear, Conv1d / Conv2d -> qat::Conv1d / Conv2d and
+/// Built in: torch::nn::Linear -> qat::Linear, Conv1d / 2d / 3d -> qat::Conv1d / 2d / 3d and
 /// ConvTranspose1d / 2d -> qat::ConvTranspose1d / 2d (all fuse a following ReLU) and
 /// Embedding -> qat::Embedding (weight-only: no activation FakeQuantize); prepare
-/// folds Conv1d + BatchNorm1d into qat::ConvBn1d and Conv2d + BatchNorm2d into
-/// qat::ConvBn2d itself.
+/// folds Conv1d / 2d / 3d + BatchNorm1d / 2d / 3d into qat::ConvBn1d / 2d / 3d itself.
 class ModuleRegistry {
  public:
   /// The process-wide registry that qat::prepare consults.
@@ -124,12 +123,12 @@ bool unregister_module() {
 }
 
 /// Prepares `root` for quantization-aware training, in place:
-/// - every registered module type (Linear, Conv1d, Conv2d, ConvTranspose1d / 2d, Embedding,
+/// - every registered module type (Linear, Conv1d / 2d / 3d, ConvTranspose1d / 2d, Embedding,
 ///   user registrations) is replaced by its
 ///   QAT version, which shares the float parameters, using `replace_module`;
 /// - inside a torch::nn::Sequential (rewritten in place, so that the holders pointing at it
-///   see the change), a Conv1d / Conv2d followed by a BatchNorm1d / BatchNorm2d is folded
-///   into a qat::ConvBn1d / ConvBn2d, a
+///   see the change), a Conv1d / 2d / 3d followed by a BatchNorm1d / 2d / 3d is folded
+///   into a qat::ConvBn1d / 2d / 3d, a
 ///   ReLU right after a layer whose QAT version fuses it is fused, and activation
 ///   qat::FakeQuantize modules are inserted, where Python's qat.prepare puts them: one on
 ///   the Sequential's input (when a QAT layer or an op that requantizes follows it through

@@ -136,6 +136,41 @@ CATCH_TEST_CASE(
   CATCH_CHECK(code.find("aten::conv") == std::string::npos);
 }
 
+CATCH_TEST_CASE("convert: 3-D convs run on their integer kernels", "[export]") {
+  torch::manual_seed(4);
+  torch::nn::Sequential net(
+      torch::nn::Conv3d(torch::nn::Conv3dOptions(1, 4, 3).padding(1).bias(false)),
+      torch::nn::BatchNorm3d(4), torch::nn::ReLU(), torch::nn::Conv3d(4, 4, 3),
+      torch::nn::AdaptiveAvgPool3d(torch::nn::AdaptiveAvgPool3dOptions({1, 1, 1})),
+      torch::nn::Flatten(), torch::nn::Linear(4, 3));
+  qat::prepare(*net, qat::presets::int8());
+  const auto x = torch::randn({64, 1, 4, 5, 5});
+  auto integer = train_and_convert(net, x, "3-D convs");
+  const auto code = integer.get_method("forward").graph()->toString();
+  CATCH_CHECK(code.find("quantized::conv3d_relu") != std::string::npos);
+  CATCH_CHECK(code.find("quantized::conv3d(") != std::string::npos);
+  CATCH_CHECK(code.find("aten::adaptive_avg_pool3d") != std::string::npos);
+  CATCH_CHECK(code.find("aten::conv") == std::string::npos);
+}
+
+CATCH_TEST_CASE("convert: a standalone batch norm runs on quantized::batch_norm2d", "[export]") {
+  torch::manual_seed(5);
+  torch::nn::Sequential net(
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3).padding(1)), torch::nn::ReLU(),
+      torch::nn::BatchNorm2d(4), torch::nn::Flatten(), torch::nn::Linear(4 * 6 * 6, 3));
+  qat::prepare(*net, qat::presets::int8());
+  // The batch norm requantizes: a FakeQuantize after it (none is needed before the Linear).
+  CATCH_CHECK(
+      qat_test::child_names(*net) ==
+      std::vector<std::string>{
+          "input_fake_quant", "0", "0_fake_quant", "2", "2_fake_quant", "3", "4", "4_fake_quant"});
+  const auto x = torch::randn({64, 1, 6, 6});
+  auto integer = train_and_convert(net, x, "standalone batch norm");
+  const auto code = integer.get_method("forward").graph()->toString();
+  CATCH_CHECK(code.find("quantized::batch_norm2d") != std::string::npos);
+  CATCH_CHECK(code.find("aten::batch_norm") == std::string::npos);
+}
+
 CATCH_TEST_CASE("convert: an embedding table runs on quantized::embedding_byte", "[export]") {
   torch::manual_seed(3);
   torch::nn::Sequential net(

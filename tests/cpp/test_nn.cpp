@@ -411,6 +411,46 @@ CATCH_TEST_CASE("qat::Conv1d and ConvBn1d compute the float 1-D layers", "[nn][m
       "folded into the conv");
 }
 
+CATCH_TEST_CASE("qat::Conv3d and ConvBn3d compute the float 3-D layers", "[nn][modules][bn]") {
+  torch::manual_seed(6);
+  torch::nn::Conv3d conv(torch::nn::Conv3dOptions(2, 4, 3).stride(2).padding(1));
+  qat::Conv3d qconv(conv.ptr(), qat::Config().weight(), /*fuse_relu=*/true);
+  CATCH_CHECK(qconv->weight.is_same(conv->weight));
+  CATCH_CHECK(qconv->name() == "qat::Conv3dImpl");
+  const auto x = torch::randn({2, 2, 5, 6, 7});
+  const auto y = qconv(x);
+  const auto& wfq = qconv->weight_fake_quant;
+  CATCH_CHECK(wfq->scale.numel() == 4);  // per output channel
+  const auto w = reference_fake_quantize(conv->weight, wfq->scale, wfq->zero_point, -128, 127, 0);
+  CATCH_CHECK(torch::allclose(
+      y, torch::relu(torch::conv3d(x, w, conv->bias, /*stride=*/2, /*padding=*/1)), 1e-5, 1e-6));
+
+  // Conv3d + BatchNorm3d with fake quantization off: the float pair in eval.
+  torch::nn::Conv3d bn_conv(torch::nn::Conv3dOptions(2, 4, 3).padding(1).bias(false));
+  torch::nn::BatchNorm3d bn(4);
+  bn_conv->to(torch::kDouble);
+  bn->to(torch::kDouble);
+  {
+    torch::NoGradGuard no_grad;
+    bn->weight.uniform_(0.5, 1.5);
+    bn->running_mean.uniform_(-0.5, 0.5);
+    bn->running_var.uniform_(0.5, 2.0);
+  }
+  auto float_conv = std::dynamic_pointer_cast<torch::nn::Conv3dImpl>(bn_conv->clone());
+  auto float_bn = std::dynamic_pointer_cast<torch::nn::BatchNorm3dImpl>(bn->clone());
+  qat::ConvBn3d fused(bn_conv.ptr(), bn.ptr(), qat::Config().weight());
+  CATCH_CHECK(fused->name() == "qat::ConvBn3dImpl");
+  fused->to(torch::kDouble);
+  qat::disable_fake_quant(*fused);
+  const auto batch = torch::randn({2, 2, 4, 5, 6}, torch::kDouble);
+  fused->eval();
+  float_conv->eval();
+  float_bn->eval();
+  CATCH_CHECK(
+      (fused(batch) - float_bn->forward(float_conv->forward(batch))).abs().max().item<double>() <
+      1e-10);
+}
+
 CATCH_TEST_CASE("qat::ConvTranspose2d quantizes its weight per output channel", "[nn][modules]") {
   torch::manual_seed(5);
   torch::nn::ConvTranspose2d conv(

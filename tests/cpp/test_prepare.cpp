@@ -195,6 +195,26 @@ CATCH_TEST_CASE("prepare folds Conv1d + BatchNorm1d + ReLU and swaps Conv1d", "[
   CATCH_CHECK(fused->weight_fake_quant->scale.numel() == 4);
 }
 
+CATCH_TEST_CASE("prepare folds Conv3d + BatchNorm3d + ReLU and swaps Conv3d", "[prepare][bn]") {
+  torch::manual_seed(1);
+  torch::nn::Sequential net(
+      torch::nn::Conv3d(torch::nn::Conv3dOptions(1, 4, 3).padding(1).bias(false)),
+      torch::nn::BatchNorm3d(4), torch::nn::ReLU(), torch::nn::Conv3d(4, 2, 3),
+      torch::nn::Flatten(), torch::nn::Linear(2 * 2 * 2 * 2, 3));
+  qat::prepare(*net);
+  CATCH_CHECK(
+      child_names(*net) ==
+      std::vector<std::string>{
+          "input_fake_quant", "0", "0_fake_quant", "3", "3_fake_quant", "4", "5", "5_fake_quant"});
+  const auto fused = net->ptr<qat::ConvBn3dImpl>(1);
+  CATCH_REQUIRE(fused != nullptr);
+  CATCH_CHECK(fused->relu);
+  CATCH_CHECK(net->ptr<qat::Conv3dImpl>(3) != nullptr);
+  const auto out = net->forward(torch::randn({2, 1, 4, 4, 4}));
+  CATCH_CHECK(out.sizes() == torch::IntArrayRef{2, 3});
+  CATCH_CHECK(fused->weight_fake_quant->scale.numel() == 4);
+}
+
 CATCH_TEST_CASE("prepare reaches into nested custom modules", "[prepare]") {
   torch::manual_seed(2);
   const auto cfg = qat::presets::int8();

@@ -92,18 +92,39 @@ def _pool_first():
     return nn.Sequential(nn.AvgPool2d(2), nn.Flatten(), nn.Linear(14 * 14, 10))
 
 
+def _conv3d():
+    """A video-style 3-D net (input: each image as 4 frames of 7 rows): conv-bn-relu,
+    max pooling (float in both front ends), conv-bn-relu6, average pooling, a linear head."""
+    return nn.Sequential(
+        nn.Conv3d(1, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(), nn.MaxPool3d(2),
+        nn.Conv3d(8, 8, 3, padding=1, bias=False), nn.BatchNorm3d(8), nn.ReLU6(),
+        nn.AvgPool3d(2), nn.Flatten(), nn.Linear(8 * 7, 10))
+
+
+def _standalone_bn():
+    """Batch norms that no conv folds (one on the model's input, one after a conv's ReLU):
+    both requantize, on quantized::batch_norm2d in both front ends."""
+    return nn.Sequential(nn.BatchNorm2d(1), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                         nn.BatchNorm2d(8), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(8 * 14 * 14, 10))
+
+
 def _inputs(name, images):
-    """The model's inputs from Fashion-MNIST images: the images, or for the embedding model
-    one token per image row (its mean brightness in 64 levels)."""
-    if name != "embedding":
-        return images
-    return (images[:, 0].mean(2) * 63).round().long()
+    """The model's inputs from Fashion-MNIST images: the images; for the embedding model
+    one token per image row (its mean brightness in 64 levels); for the 3-D model each image
+    as a clip of 4 frames of 7 x 28."""
+    if name == "embedding":
+        return (images[:, 0].mean(2) * 63).round().long()
+    if name == "conv3d":
+        return images.reshape(-1, 1, 4, 7, 28)
+    return images
 
 
 MODELS = {"conv_bn_relu": _conv_bn_relu, "conv_bn_relu6": _conv_bn_relu6,
           "linear_relu": _linear_relu, "cnn": _cnn, "standalone_relu6": _standalone_relu6,
           "linear_sigmoid_tanh": _linear_sigmoid_tanh, "conv1d": _conv1d,
-          "conv_transpose": _conv_transpose, "embedding": _embedding, "pool_first": _pool_first}
+          "conv_transpose": _conv_transpose, "embedding": _embedding, "pool_first": _pool_first,
+          "conv3d": _conv3d, "standalone_bn": _standalone_bn}
 
 
 def _layers(model):
@@ -111,20 +132,20 @@ def _layers(model):
     lines = []
     for m in model:
         kind = type(m).__name__.lower()
-        if type(m) in (nn.Conv1d, nn.Conv2d):
+        if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
             lines.append(f"{kind} {m.in_channels} {m.out_channels} {m.kernel_size[0]} "
                          f"{m.stride[0]} {m.padding[0]} {int(m.bias is not None)}")
         elif type(m) in (nn.ConvTranspose1d, nn.ConvTranspose2d):
             lines.append(f"{kind} {m.in_channels} {m.out_channels} {m.kernel_size[0]} "
                          f"{m.stride[0]} {m.padding[0]} {m.output_padding[0]} "
                          f"{int(m.bias is not None)}")
-        elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
+        elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
             lines.append(f"{kind} {m.num_features}")
         elif type(m) is nn.Embedding:
             lines.append(f"embedding {m.num_embeddings} {m.embedding_dim}")
         elif type(m) is nn.Linear:
             lines.append(f"linear {m.in_features} {m.out_features} {int(m.bias is not None)}")
-        elif type(m) in (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool2d):
+        elif type(m) in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool2d, nn.AvgPool3d):
             lines.append(f"{kind} {m.kernel_size}")
         elif type(m) is nn.Flatten:
             lines.append(f"flatten {m.start_dim} {m.end_dim}")
@@ -140,7 +161,7 @@ def _float_model(name):
     # Batch norms with statistics of their own, as after float training: folding them is
     # part of what both front ends must agree on.
     for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 2.0)
             nn.init.uniform_(m.weight, 0.5, 1.5)

@@ -6,11 +6,11 @@
 //   qat_cross_front_end LAYERS.txt STATE.pt DATA.pt PRESET OUT_DIR
 //
 // LAYERS.txt holds one layer per line, as the test writes it:
-//   conv1d|conv2d IN OUT KERNEL STRIDE PADDING BIAS |
+//   conv1d|conv2d|conv3d IN OUT KERNEL STRIDE PADDING BIAS |
 //   convtranspose1d|convtranspose2d IN OUT KERNEL STRIDE PADDING OUTPUT_PADDING BIAS |
-//   batchnorm1d|batchnorm2d N | embedding NUM DIM |
-//   linear IN OUT BIAS | relu | relu6 | sigmoid | tanh | maxpool1d|maxpool2d KERNEL |
-//   avgpool2d KERNEL | adaptiveavgpool2d SIZE | flatten START END
+//   batchnorm1d|batchnorm2d|batchnorm3d N | embedding NUM DIM |
+//   linear IN OUT BIAS | relu | relu6 | sigmoid | tanh | maxpool1d|maxpool2d|maxpool3d KERNEL |
+//   avgpool2d|avgpool3d KERNEL | adaptiveavgpool2d SIZE | flatten START END
 // STATE.pt is Python's state_dict of the same nn.Sequential (torch.save), DATA.pt
 // {"calibration": [batches], "example": x, "test": y}. PRESET is int8 or w4a8.
 // It writes OUT_DIR/report.pt (torch.load reads it): the prepared chain's child names in order
@@ -71,12 +71,17 @@ torch::nn::Sequential build(const std::string& path) {
     } else if (kind == "conv2d" && fields >> a >> b >> c >> d >> e >> f) {
       net->push_back(
           torch::nn::Conv2d(torch::nn::Conv2dOptions(a, b, c).stride(d).padding(e).bias(f != 0)));
+    } else if (kind == "conv3d" && fields >> a >> b >> c >> d >> e >> f) {
+      net->push_back(
+          torch::nn::Conv3d(torch::nn::Conv3dOptions(a, b, c).stride(d).padding(e).bias(f != 0)));
     } else if (kind == "embedding" && fields >> a >> b) {
       net->push_back(torch::nn::Embedding(a, b));
     } else if (kind == "batchnorm1d" && fields >> a) {
       net->push_back(torch::nn::BatchNorm1d(a));
     } else if (kind == "batchnorm2d" && fields >> a) {
       net->push_back(torch::nn::BatchNorm2d(a));
+    } else if (kind == "batchnorm3d" && fields >> a) {
+      net->push_back(torch::nn::BatchNorm3d(a));
     } else if (kind == "linear" && fields >> a >> b >> c) {
       net->push_back(torch::nn::Linear(torch::nn::LinearOptions(a, b).bias(c != 0)));
     } else if (kind == "relu") {
@@ -87,8 +92,12 @@ torch::nn::Sequential build(const std::string& path) {
       net->push_back(torch::nn::MaxPool1d(a));
     } else if (kind == "maxpool2d" && fields >> a) {
       net->push_back(torch::nn::MaxPool2d(a));
+    } else if (kind == "maxpool3d" && fields >> a) {
+      net->push_back(torch::nn::MaxPool3d(a));
     } else if (kind == "avgpool2d" && fields >> a) {
       net->push_back(torch::nn::AvgPool2d(a));
+    } else if (kind == "avgpool3d" && fields >> a) {
+      net->push_back(torch::nn::AvgPool3d(a));
     } else if (kind == "adaptiveavgpool2d" && fields >> a) {
       net->push_back(torch::nn::AdaptiveAvgPool2d(a));
     } else if (kind == "sigmoid") {
