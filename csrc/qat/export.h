@@ -39,10 +39,12 @@ struct ExportOptions {
 /// their weight FakeQuantize produces (qat::integer_weight; per channel where
 /// the spec says so; a ConvBn's folded weight, with bias qat::fold_bias) and the qparams of
 /// the FakeQuantize after them; a qat::Embedding becomes `quantized::embedding_byte` (float
-/// rows out). The weights are stored as Python's qat.convert stores them (4- and 2-bit
-/// weights packed by qat::pack_weight) and built into the kernels' form on the first
-/// forward. ReLU, MaxPool1d / 2d and Flatten run on the quantized tensors; float layers
-/// (Linear, Conv1d / 2d / 3d, BatchNorm1d / 2d / 3d, MaxPool3d, AvgPool1d / 2d / 3d,
+/// rows out); a standalone BatchNorm1d / 2d / 3d on a quantized input becomes
+/// `quantized::batch_norm1d / 2d / 3d` with the qparams of the FakeQuantize after it. The
+/// weights are stored as Python's qat.convert stores them (4- and 2-bit weights packed by
+/// qat::pack_weight) and built into the kernels' form on the first forward. ReLU,
+/// MaxPool1d / 2d and Flatten run on the quantized tensors; float layers (Linear,
+/// Conv1d / 2d / 3d, a batch norm on a float input, MaxPool3d, AvgPool1d / 2d / 3d,
 /// AdaptiveAvgPool1d / 2d / 3d, a standalone ReLU6 or Hardtanh, Sigmoid, Tanh) run between
 /// a dequantize and the quantize of the FakeQuantize after them; Dropout and Identity vanish.
 /// The module's forward takes and returns a float tensor. Like torch::nn::Linear, each

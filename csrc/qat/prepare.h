@@ -128,12 +128,12 @@ bool unregister_module() {
 ///   QAT version, which shares the float parameters, using `replace_module`;
 /// - inside a torch::nn::Sequential (rewritten in place, so that the holders pointing at it
 ///   see the change), a Conv1d / 2d / 3d followed by a BatchNorm1d / 2d / 3d is folded
-///   into a qat::ConvBn1d / 2d / 3d, a
-///   ReLU right after a layer whose QAT version fuses it is fused, and activation
-///   qat::FakeQuantize modules are inserted, where Python's qat.prepare puts them: one on
-///   the Sequential's input (when a QAT layer or an op that requantizes follows it through
-///   modules that pass qparams), one after each QAT layer (after its ReLU) and after each op
-///   that requantizes (average pooling, a standalone ReLU6), and one right before a QAT
+///   into a qat::ConvBn1d / 2d / 3d, a ReLU right after a layer whose QAT version fuses it
+///   is fused, and activation qat::FakeQuantize modules are inserted, where Python's
+///   qat.prepare puts them: one on the Sequential's input (when a QAT layer or an op that
+///   requantizes follows it through modules that pass qparams), one after each QAT layer
+///   (after its ReLU) and after each op that requantizes (average pooling, a standalone
+///   ReLU6 or batch norm), and one right before a QAT
 ///   layer whose input is not fake-quantized (after a layer left in float, an embedding or
 ///   a custom module). Inserted modules are named "input_fake_quant", "<layer>_fake_quant"
 ///   and "<layer>_input_fake_quant"; QAT layers keep their float layer's name;
