@@ -23,6 +23,7 @@
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
 #include <torch/nn/modules/pooling.h>
 #include <torch/utils.h>
 
@@ -302,10 +303,10 @@ class Converter {
         i = at;  // the FakeQuantize is the layer's output quantization
       } else if (
           i + 1 < items.size() &&
-          integer_batch_norm(
+          output_qparams_kernel(
               module, name, dynamic_cast<FakeQuantizeImpl*>(items[i + 1].second.get()),
               path(prefix, items[i + 1].first))) {
-        ++i;  // the FakeQuantize is the batch norm's output quantization
+        ++i;  // the FakeQuantize is the op's output quantization
       } else if (fixed_range_kernel(module)) {
         // Its FakeQuantize after it requantizes to the fixed qparams, as Python's convert does.
       } else if (!passes(module) && !float_op(module, name)) {
@@ -316,7 +317,9 @@ class Converter {
             "ReLU, MaxPool1d, MaxPool2d, Flatten, Dropout, Identity, "
             "and in float Linear, Conv1d / 2d / 3d, ConvTranspose1d / 2d, Embedding, "
             "BatchNorm1d / 2d / 3d, MaxPool3d, AvgPool1d / 2d / 3d, "
-            "AdaptiveAvgPool1d / 2d / 3d, ReLU6, Hardtanh, Sigmoid, Tanh)",
+            "AdaptiveAvgPool1d / 2d / 3d, LayerNorm, GroupNorm, ELU, LeakyReLU, ReLU6, "
+            "Hardtanh, Sigmoid, Tanh; a standalone batch norm, LayerNorm, GroupNorm, ELU and "
+            "LeakyReLU run on their quantized kernels when their input is quantized)",
             name, module.name()));
       }
     }
@@ -658,52 +661,83 @@ class Converter {
     }
   }
 
-  // A standalone batch norm with running statistics on a quantized input, its output
-  // quantized by the FakeQuantize `out` after it: quantized::batch_norm<D>d with the
-  // FakeQuantize's qparams, as Python's convert lowers it (qat.quantized.BatchNorm). False
-  // for anything else (a batch norm on a float input runs in float, float_op).
-  bool integer_batch_norm(
+  // An op whose quantized kernel writes its output with the qparams it is given (a
+  // standalone batch norm with running statistics, a layer norm, a group norm, an ELU, a
+  // leaky ReLU) on a quantized input, its output quantized by the FakeQuantize `out` after
+  // it: the kernel with that FakeQuantize's qparams, as Python's convert lowers it
+  // (qat.quantized.BatchNorm, LayerNorm, ...). The kernels compute in float on the
+  // dequantized input and round once, as the simulation does. False for anything else (on a
+  // float input these ops run in float, float_op).
+  bool output_qparams_kernel(
       torch::nn::Module& module, const std::string& name, FakeQuantizeImpl* out,
       const std::string& out_name) {
     if (out == nullptr || !quantized_) {
       return false;
     }
+    const auto q = qparams_of(*out, out_name);
+    const auto qparams = fmt::format("{}, {}", literal(q.scale), q.zero_point);
+    std::string kind;
+    std::string call;
     if (auto* bn = dynamic_cast<torch::nn::BatchNorm1dImpl*>(&module)) {
-      return emit_batch_norm(*bn, 1, name, *out, out_name);
+      std::tie(kind, call) = batch_norm_kernel(*bn, 1, name, qparams);
+    } else if (auto* bn2d = dynamic_cast<torch::nn::BatchNorm2dImpl*>(&module)) {
+      std::tie(kind, call) = batch_norm_kernel(*bn2d, 2, name, qparams);
+    } else if (auto* bn3d = dynamic_cast<torch::nn::BatchNorm3dImpl*>(&module)) {
+      std::tie(kind, call) = batch_norm_kernel(*bn3d, 3, name, qparams);
+    } else if (auto* norm = dynamic_cast<torch::nn::LayerNormImpl*>(&module)) {
+      kind = "LayerNorm";
+      call = fmt::format(
+          "quantized.layer_norm(x, {}, {}, {}, {}, {})",
+          literal(at::IntArrayRef(norm->options.normalized_shape())),
+          tensor_attribute(name, "weight", norm->weight),
+          tensor_attribute(name, "bias", norm->bias), literal(norm->options.eps()), qparams);
+    } else if (auto* group = dynamic_cast<torch::nn::GroupNormImpl*>(&module)) {
+      kind = "GroupNorm";
+      call = fmt::format(
+          "quantized.group_norm(x, {}, {}, {}, {}, {})", group->options.num_groups(),
+          tensor_attribute(name, "weight", group->weight),
+          tensor_attribute(name, "bias", group->bias), literal(group->options.eps()), qparams);
+    } else if (auto* elu = dynamic_cast<torch::nn::ELUImpl*>(&module)) {
+      kind = "ELU";
+      call = fmt::format("quantized.elu(x, {}, {})", qparams, literal(elu->options.alpha()));
+    } else if (auto* leaky = dynamic_cast<torch::nn::LeakyReLUImpl*>(&module)) {
+      kind = "LeakyReLU";
+      call = fmt::format(
+          "quantized.leaky_relu(x, {}, False, {})", literal(leaky->options.negative_slope()),
+          qparams);
     }
-    if (auto* bn = dynamic_cast<torch::nn::BatchNorm2dImpl*>(&module)) {
-      return emit_batch_norm(*bn, 2, name, *out, out_name);
+    if (kind.empty()) {
+      return false;
     }
-    if (auto* bn = dynamic_cast<torch::nn::BatchNorm3dImpl*>(&module)) {
-      return emit_batch_norm(*bn, 3, name, *out, out_name);
-    }
-    return false;
-  }
-
-  template <typename BatchNorm>
-  bool emit_batch_norm(
-      const BatchNorm& bn, int dims, const std::string& name, const FakeQuantizeImpl& out,
-      const std::string& out_name) {
-    if (!bn.options.track_running_stats()) {
-      return false;  // float_op refuses it with the reason
-    }
-    batch_norm_factor(bn, name);  // refuses a negative or non-finite variance, naming it
-    const auto q = qparams_of(out, out_name);
-    emit(fmt::format(
-        "x = quantized.batch_norm{}d(x, {}, {}, {}, {}, {}, {}, {})", dims,
-        tensor_attribute(name, "weight", bn.weight), tensor_attribute(name, "bias", bn.bias),
-        tensor_attribute(name, "running_mean", bn.running_mean),
-        tensor_attribute(name, "running_var", bn.running_var), literal(bn.options.eps()),
-        literal(q.scale), q.zero_point));
+    emit("x = " + call);
     LayerInfo info;
     info.op.name = name;
-    info.op.kind = "BatchNorm";
+    info.op.kind = kind;
     info.op.scale = q.scale;
     info.op.zero_point = q.zero_point;
-    info.activation_spec = out.spec();
+    info.activation_spec = out->spec();
     layers_.push_back(info);
     quantized_ = q;
     return true;
+  }
+
+  // ("BatchNorm", quantized::batch_norm<dims>d's call) of a batch norm with running
+  // statistics; ("", "") without them (float_op refuses it with the reason).
+  template <typename BatchNorm>
+  std::pair<std::string, std::string> batch_norm_kernel(
+      const BatchNorm& bn, int dims, const std::string& name, const std::string& qparams) {
+    if (!bn.options.track_running_stats()) {
+      return {};
+    }
+    batch_norm_factor(bn, name);  // refuses a negative or non-finite variance, naming it
+    return {
+        "BatchNorm",
+        fmt::format(
+            "quantized.batch_norm{}d(x, {}, {}, {}, {}, {}, {})", dims,
+            tensor_attribute(name, "weight", bn.weight), tensor_attribute(name, "bias", bn.bias),
+            tensor_attribute(name, "running_mean", bn.running_mean),
+            tensor_attribute(name, "running_var", bn.running_var), literal(bn.options.eps()),
+            qparams)};
   }
 
   // An op of fixed output range (sigmoid, tanh) whose quantized kernel the op-role table
@@ -863,6 +897,21 @@ class Converter {
     } else if (auto* adaptive3d = dynamic_cast<torch::nn::AdaptiveAvgPool3dImpl*>(&module)) {
       call = fmt::format(
           "torch.adaptive_avg_pool3d(x, {})", output_size(*adaptive3d->options.output_size()));
+    } else if (auto* norm = dynamic_cast<torch::nn::LayerNormImpl*>(&module)) {
+      call = fmt::format(
+          "torch.layer_norm(x, {}, {}, {}, {})",
+          literal(at::IntArrayRef(norm->options.normalized_shape())),
+          tensor_attribute(name, "weight", norm->weight),
+          tensor_attribute(name, "bias", norm->bias), literal(norm->options.eps()));
+    } else if (auto* group = dynamic_cast<torch::nn::GroupNormImpl*>(&module)) {
+      call = fmt::format(
+          "torch.group_norm(x, {}, {}, {}, {})", group->options.num_groups(),
+          tensor_attribute(name, "weight", group->weight),
+          tensor_attribute(name, "bias", group->bias), literal(group->options.eps()));
+    } else if (auto* elu = dynamic_cast<torch::nn::ELUImpl*>(&module)) {
+      call = fmt::format("torch.elu(x, {})", literal(elu->options.alpha()));
+    } else if (auto* leaky = dynamic_cast<torch::nn::LeakyReLUImpl*>(&module)) {
+      call = fmt::format("torch.leaky_relu(x, {})", literal(leaky->options.negative_slope()));
     } else if (dynamic_cast<torch::nn::ReLU6Impl*>(&module) != nullptr) {
       call = "torch.clamp(x, 0.0, 6.0)";
     } else if (auto* hardtanh = dynamic_cast<torch::nn::HardtanhImpl*>(&module)) {

@@ -5,6 +5,7 @@
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
 #include <torch/nn/modules/pooling.h>
 
 #include <typeindex>
@@ -121,6 +122,10 @@ std::string op_name(const torch::nn::Module& module) {
       {typeid(torch::nn::BatchNorm1dImpl), "batch_norm"},
       {typeid(torch::nn::BatchNorm2dImpl), "batch_norm"},
       {typeid(torch::nn::BatchNorm3dImpl), "batch_norm"},
+      {typeid(torch::nn::LayerNormImpl), "layer_norm"},
+      {typeid(torch::nn::GroupNormImpl), "group_norm"},
+      {typeid(torch::nn::ELUImpl), "elu"},
+      {typeid(torch::nn::LeakyReLUImpl), "leaky_relu"},
   };
   const auto found = names.find(typeid(module));
   return found == names.end() ? std::string() : found->second;

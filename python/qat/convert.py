@@ -659,8 +659,10 @@ class _Converter:
             if x is None or fq_node is None or not owns:
                 return False
             scale, zero_point, _ = _qparams(self.fake_quant(fq_node))
-            self.bind_output(self.add_module(f"{node.name}_int",
-                                             activation(scale, zero_point), [x]),
+            # A module keeps its path (as the norms and layers do; the C++ front end names
+            # it so too), a function gets one.
+            name = node.target if module is not None else f"{node.name}_int"
+            self.bind_output(self.add_module(name, activation(scale, zero_point), [x]),
                              node, fq_node, None)
             return True
         if x is None:

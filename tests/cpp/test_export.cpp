@@ -171,6 +171,26 @@ CATCH_TEST_CASE("convert: a standalone batch norm runs on quantized::batch_norm2
   CATCH_CHECK(code.find("aten::batch_norm") == std::string::npos);
 }
 
+CATCH_TEST_CASE(
+    "convert: norms and ELU / leaky ReLU requantize on their quantized kernels", "[export]") {
+  torch::manual_seed(6);
+  torch::nn::Sequential net(
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3).padding(1)), torch::nn::GroupNorm(2, 4),
+      torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(0.1)), torch::nn::Flatten(),
+      torch::nn::Linear(4 * 6 * 6, 8), torch::nn::LayerNorm(torch::nn::LayerNormOptions({8})),
+      torch::nn::ELU(torch::nn::ELUOptions().alpha(0.5)), torch::nn::Linear(8, 3));
+  qat::prepare(*net, qat::presets::int8());
+  const auto x = torch::randn({64, 1, 6, 6});
+  auto integer = train_and_convert(net, x, "norms and activations");
+  const auto code = integer.get_method("forward").graph()->toString();
+  for (const char* kernel :
+       {"quantized::group_norm", "quantized::leaky_relu", "quantized::layer_norm",
+        "quantized::elu"}) {
+    CATCH_CHECK(code.find(kernel) != std::string::npos);
+  }
+  CATCH_CHECK(code.find("aten::dequantize") == code.rfind("aten::dequantize"));  // the output's
+}
+
 CATCH_TEST_CASE("convert: an embedding table runs on quantized::embedding_byte", "[export]") {
   torch::manual_seed(3);
   torch::nn::Sequential net(

@@ -109,6 +109,15 @@ def _standalone_bn():
                          nn.Linear(8 * 14 * 14, 10))
 
 
+def _norms():
+    """A layer norm, an ELU, a group norm and a leaky ReLU, each requantizing on its
+    quantized kernel in both front ends."""
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(2, 8),
+                         nn.LeakyReLU(0.1), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(8 * 14 * 14, 32), nn.LayerNorm(32), nn.ELU(0.5),
+                         nn.Linear(32, 10))
+
+
 def _inputs(name, images):
     """The model's inputs from Fashion-MNIST images: the images; for the embedding model
     one token per image row (its mean brightness in 64 levels); for the 3-D model each image
@@ -124,7 +133,7 @@ MODELS = {"conv_bn_relu": _conv_bn_relu, "conv_bn_relu6": _conv_bn_relu6,
           "linear_relu": _linear_relu, "cnn": _cnn, "standalone_relu6": _standalone_relu6,
           "linear_sigmoid_tanh": _linear_sigmoid_tanh, "conv1d": _conv1d,
           "conv_transpose": _conv_transpose, "embedding": _embedding, "pool_first": _pool_first,
-          "conv3d": _conv3d, "standalone_bn": _standalone_bn}
+          "conv3d": _conv3d, "standalone_bn": _standalone_bn, "norms": _norms}
 
 
 def _layers(model):
@@ -149,6 +158,14 @@ def _layers(model):
             lines.append(f"{kind} {m.kernel_size}")
         elif type(m) is nn.Flatten:
             lines.append(f"flatten {m.start_dim} {m.end_dim}")
+        elif type(m) is nn.LayerNorm:
+            lines.append(f"layernorm {m.normalized_shape[0]}")
+        elif type(m) is nn.GroupNorm:
+            lines.append(f"groupnorm {m.num_groups} {m.num_channels}")
+        elif type(m) is nn.ELU:
+            lines.append(f"elu {m.alpha!r}")
+        elif type(m) is nn.LeakyReLU:
+            lines.append(f"leakyrelu {m.negative_slope!r}")
         else:
             lines.append({nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Sigmoid: "sigmoid",
                           nn.Tanh: "tanh"}[type(m)])
@@ -158,12 +175,16 @@ def _layers(model):
 def _float_model(name):
     torch.manual_seed(0)
     model = MODELS[name]()
-    # Batch norms with statistics of their own, as after float training: folding them is
-    # part of what both front ends must agree on.
+    # Batch norms with statistics of their own and norms with affine parameters of their
+    # own, as after float training: folding and lowering them is part of what both front
+    # ends must agree on.
     for m in model.modules():
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.1, 0.1)
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.uniform_(m.bias, -0.1, 0.1)
     return model.eval()

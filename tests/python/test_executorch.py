@@ -164,8 +164,8 @@ class _Normalized(nn.Module):
     (_Normalized, {"group_norm": qat.quantized.GroupNorm,
                    "layer_norm": qat.quantized.LayerNorm}),
     (functools.partial(Activations, 12), {
-        "elu_int": qat.quantized.ELU, "leaky_relu_int": qat.quantized.LeakyReLU,
-        "leaky_int": qat.quantized.LeakyReLU, "elu_1_int": qat.quantized.ELU}),
+        "elu": qat.quantized.ELU, "leaky_relu_int": qat.quantized.LeakyReLU,
+        "leaky": qat.quantized.LeakyReLU, "elu_1_int": qat.quantized.ELU}),
 ], ids=["batch_norm", "group_and_layer_norm", "elu_and_leaky_relu"])
 def test_norms_and_activations_follow_the_integer_model(cls, kernels, tmp_path):
     torch.manual_seed(0)

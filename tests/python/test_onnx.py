@@ -155,8 +155,8 @@ class _Norms(nn.Module):
     (_Norms, {"bn_in": qat.quantized.BatchNorm, "layer_norm": qat.quantized.LayerNorm},
      ["BatchNormalization", "LayerNormalization", "ReduceMean"]),
     (functools.partial(Activations, 12), {
-        "elu_int": qat.quantized.ELU, "leaky_relu_int": qat.quantized.LeakyReLU,
-        "leaky_int": qat.quantized.LeakyReLU, "elu_1_int": qat.quantized.ELU},
+        "elu": qat.quantized.ELU, "leaky_relu_int": qat.quantized.LeakyReLU,
+        "leaky": qat.quantized.LeakyReLU, "elu_1_int": qat.quantized.ELU},
      ["Elu"]),  # ONNX Runtime fuses a leaky ReLU between the pairs into QLinearLeakyRelu
 ], ids=["batch_and_layer_norm", "elu_and_leaky_relu"])
 def test_norms_and_activations_follow_the_integer_model(cls, kernels, float_ops, tmp_path):

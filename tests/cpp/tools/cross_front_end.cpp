@@ -10,7 +10,8 @@
 //   convtranspose1d|convtranspose2d IN OUT KERNEL STRIDE PADDING OUTPUT_PADDING BIAS |
 //   batchnorm1d|batchnorm2d|batchnorm3d N | embedding NUM DIM |
 //   linear IN OUT BIAS | relu | relu6 | sigmoid | tanh | maxpool1d|maxpool2d|maxpool3d KERNEL |
-//   avgpool2d|avgpool3d KERNEL | adaptiveavgpool2d SIZE | flatten START END
+//   avgpool2d|avgpool3d KERNEL | adaptiveavgpool2d SIZE | flatten START END |
+//   layernorm N | groupnorm GROUPS CHANNELS | elu ALPHA | leakyrelu SLOPE
 // STATE.pt is Python's state_dict of the same nn.Sequential (torch.save), DATA.pt
 // {"calibration": [batches], "example": x, "test": y}. PRESET is int8 or w4a8.
 // It writes OUT_DIR/report.pt (torch.load reads it): the prepared chain's child names in order
@@ -57,6 +58,7 @@ torch::nn::Sequential build(const std::string& path) {
       continue;
     }
     int64_t a = 0, b = 0, c = 0, d = 0, e = 0, f = 0, g = 0;
+    double real = 0;
     if (kind == "convtranspose1d" && fields >> a >> b >> c >> d >> e >> f >> g) {
       net->push_back(torch::nn::ConvTranspose1d(
           torch::nn::ConvTranspose1dOptions(a, b, c).stride(d).padding(e).output_padding(f).bias(
@@ -100,6 +102,14 @@ torch::nn::Sequential build(const std::string& path) {
       net->push_back(torch::nn::AvgPool3d(a));
     } else if (kind == "adaptiveavgpool2d" && fields >> a) {
       net->push_back(torch::nn::AdaptiveAvgPool2d(a));
+    } else if (kind == "layernorm" && fields >> a) {
+      net->push_back(torch::nn::LayerNorm(torch::nn::LayerNormOptions({a})));
+    } else if (kind == "groupnorm" && fields >> a >> b) {
+      net->push_back(torch::nn::GroupNorm(a, b));
+    } else if (kind == "elu" && fields >> real) {
+      net->push_back(torch::nn::ELU(torch::nn::ELUOptions().alpha(real)));
+    } else if (kind == "leakyrelu" && fields >> real) {
+      net->push_back(torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(real)));
     } else if (kind == "sigmoid") {
       net->push_back(torch::nn::Sigmoid());
     } else if (kind == "tanh") {
