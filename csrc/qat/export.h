@@ -39,14 +39,16 @@ struct ExportOptions {
 /// their weight FakeQuantize produces (qat::integer_weight; per channel where
 /// the spec says so; a ConvBn's folded weight, with bias qat::fold_bias) and the qparams of
 /// the FakeQuantize after them; a qat::Embedding becomes `quantized::embedding_byte` (float
-/// rows out); a standalone BatchNorm1d / 2d / 3d on a quantized input becomes
-/// `quantized::batch_norm1d / 2d / 3d` with the qparams of the FakeQuantize after it. The
-/// weights are stored as Python's qat.convert stores them (4- and 2-bit weights packed by
+/// rows out); on a quantized input a standalone BatchNorm1d / 2d / 3d, LayerNorm, GroupNorm,
+/// ELU and LeakyReLU become `quantized::batch_norm1d / 2d / 3d`, `layer_norm`, `group_norm`,
+/// `elu` and `leaky_relu` with the qparams of the FakeQuantize after them. The weights are
+/// stored as Python's qat.convert stores them (4- and 2-bit weights packed by
 /// qat::pack_weight) and built into the kernels' form on the first forward. ReLU,
 /// MaxPool1d / 2d and Flatten run on the quantized tensors; float layers (Linear,
-/// Conv1d / 2d / 3d, a batch norm on a float input, MaxPool3d, AvgPool1d / 2d / 3d,
-/// AdaptiveAvgPool1d / 2d / 3d, a standalone ReLU6 or Hardtanh, Sigmoid, Tanh) run between
-/// a dequantize and the quantize of the FakeQuantize after them; Dropout and Identity vanish.
+/// Conv1d / 2d / 3d, the norms and ELU / LeakyReLU on a float input, MaxPool3d,
+/// AvgPool1d / 2d / 3d, AdaptiveAvgPool1d / 2d / 3d, a standalone ReLU6 or Hardtanh,
+/// Sigmoid, Tanh) run between a dequantize and the quantize of the FakeQuantize after them;
+/// Dropout and Identity vanish.
 /// The module's forward takes and returns a float tensor. Like torch::nn::Linear, each
 /// integer Linear checks that the input's last dimension is its in_features (an assert in
 /// the scripted code, so the files written from it check it too: `quantized::linear` would

@@ -133,7 +133,7 @@ bool unregister_module() {
 ///   qat.prepare puts them: one on the Sequential's input (when a QAT layer or an op that
 ///   requantizes follows it through modules that pass qparams), one after each QAT layer
 ///   (after its ReLU) and after each op that requantizes (average pooling, a standalone
-///   ReLU6 or batch norm), and one right before a QAT
+///   ReLU6, batch norm, LayerNorm, GroupNorm, ELU, LeakyReLU), and one right before a QAT
 ///   layer whose input is not fake-quantized (after a layer left in float, an embedding or
 ///   a custom module). Inserted modules are named "input_fake_quant", "<layer>_fake_quant"
 ///   and "<layer>_input_fake_quant"; QAT layers keep their float layer's name;
