@@ -55,6 +55,42 @@ std::set<std::string> keys(const torch::OrderedDict<std::string, torch::Tensor>&
   return out;
 }
 
+// A float conv and batch norm in double (the norm's affine parameters and running
+// statistics not the identity's), their clones, and qat's fold of the originals with fake
+// quantization off: (float conv, float batch norm, fold), whose outputs must agree.
+template <typename Fused, typename Conv, typename BatchNorm>
+auto float_pair_and_fold(Conv conv, BatchNorm bn) {
+  conv->to(torch::kDouble);
+  bn->to(torch::kDouble);
+  {
+    torch::NoGradGuard no_grad;
+    bn->weight.uniform_(0.5, 1.5);
+    bn->bias.uniform_(-0.5, 0.5);
+    bn->running_mean.uniform_(-0.5, 0.5);
+    bn->running_var.uniform_(0.5, 2.0);
+  }
+  // The float twins: deep copies, run side by side.
+  auto float_conv = std::dynamic_pointer_cast<typename Conv::ContainedType>(conv->clone());
+  auto float_bn = std::dynamic_pointer_cast<typename BatchNorm::ContainedType>(bn->clone());
+  Fused fused(conv.ptr(), bn.ptr(), qat::Config().weight());
+  fused->to(torch::kDouble);
+  qat::disable_fake_quant(*fused);
+  return std::make_tuple(float_conv, float_bn, fused);
+}
+
+// The largest difference between the fold and the float pair on `batch`, all three in
+// training or all in eval.
+template <typename FloatConv, typename FloatBatchNorm, typename Fused>
+double fold_gap(
+    FloatConv& float_conv, FloatBatchNorm& float_bn, Fused& fused, const torch::Tensor& batch,
+    bool training) {
+  fused->train(training);
+  float_conv->train(training);
+  float_bn->train(training);
+  const torch::Tensor gap = fused(batch) - float_bn->forward(float_conv->forward(batch));
+  return gap.abs().max().item<double>();
+}
+
 }  // namespace
 
 CATCH_TEST_CASE("QuantSpec and Config name the invalid field", "[nn][config]") {
@@ -302,37 +338,12 @@ CATCH_TEST_CASE("ConvBn2d with fake quant off equals float conv + bn", "[nn][mod
     auto options = torch::nn::Conv2dOptions(3, 4, 3).stride(2).padding(1).bias(with_bias);
     torch::nn::Conv2d conv(options);
     torch::nn::BatchNorm2d bn(4);
-    conv->to(torch::kDouble);
-    bn->to(torch::kDouble);
-    {
-      torch::NoGradGuard no_grad;
-      bn->weight.uniform_(0.5, 1.5);
-      bn->bias.uniform_(-0.5, 0.5);
-      bn->running_mean.uniform_(-0.2, 0.2);
-      bn->running_var.uniform_(0.5, 2.0);
-    }
-    // The float twins: a deep copy of conv and bn, run side by side.
-    auto float_conv = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(conv->clone());
-    auto float_bn = std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(bn->clone());
-    qat::ConvBn2d fused(conv.ptr(), bn.ptr(), qat::Config().weight());
-    fused->to(torch::kDouble);
-    qat::disable_fake_quant(*fused);
-
+    auto [float_conv, float_bn, fused] = float_pair_and_fold<qat::ConvBn2d>(conv, bn);
     const auto x = torch::randn({2, 3, 9, 9}, torch::kDouble);
-    fused->eval();
-    float_conv->eval();
-    float_bn->eval();
-    const auto expected_eval = float_bn->forward(float_conv->forward(x));
-    CATCH_CHECK(torch::allclose(fused(x), expected_eval, 0, 1e-5));
-    CATCH_CHECK((fused(x) - expected_eval).abs().max().item<double>() < 1e-10);
-
-    fused->train();
-    float_conv->train();
-    float_bn->train();
+    CATCH_CHECK(fold_gap(float_conv, float_bn, fused, x, /*training=*/false) < 1e-10);
     for (int step = 0; step < 3; ++step) {
       const auto batch = torch::randn({4, 3, 9, 9}, torch::kDouble);
-      const auto expected = float_bn->forward(float_conv->forward(batch));
-      CATCH_CHECK((fused(batch) - expected).abs().max().item<double>() < 1e-5);
+      CATCH_CHECK(fold_gap(float_conv, float_bn, fused, batch, /*training=*/true) < 1e-5);
     }
     // Training updated the shared batch norm's running statistics as the float one's.
     CATCH_CHECK(torch::allclose(fused->bn->running_mean, float_bn->running_mean, 0, 1e-10));
@@ -373,34 +384,13 @@ CATCH_TEST_CASE("qat::Conv1d and ConvBn1d compute the float 1-D layers", "[nn][m
       "zeros)");
 
   // Conv1d + BatchNorm1d with fake quantization off: the float pair, in eval and training.
-  torch::nn::Conv1d bn_conv(torch::nn::Conv1dOptions(3, 4, 3).padding(1).bias(false));
-  torch::nn::BatchNorm1d bn(4);
-  bn_conv->to(torch::kDouble);
-  bn->to(torch::kDouble);
-  {
-    torch::NoGradGuard no_grad;
-    bn->weight.uniform_(0.5, 1.5);
-    bn->running_var.uniform_(0.5, 2.0);
-  }
-  auto float_conv = std::dynamic_pointer_cast<torch::nn::Conv1dImpl>(bn_conv->clone());
-  auto float_bn = std::dynamic_pointer_cast<torch::nn::BatchNorm1dImpl>(bn->clone());
-  qat::ConvBn1d fused(bn_conv.ptr(), bn.ptr(), qat::Config().weight());
+  auto [float_conv, float_bn, fused] = float_pair_and_fold<qat::ConvBn1d>(
+      torch::nn::Conv1d(torch::nn::Conv1dOptions(3, 4, 3).padding(1).bias(false)),
+      torch::nn::BatchNorm1d(4));
   CATCH_CHECK(fused->name() == "qat::ConvBn1dImpl");
-  fused->to(torch::kDouble);
-  qat::disable_fake_quant(*fused);
   const auto batch = torch::randn({2, 3, 9}, torch::kDouble);
-  fused->eval();
-  float_conv->eval();
-  float_bn->eval();
-  CATCH_CHECK(
-      (fused(batch) - float_bn->forward(float_conv->forward(batch))).abs().max().item<double>() <
-      1e-10);
-  fused->train();
-  float_conv->train();
-  float_bn->train();
-  CATCH_CHECK(
-      (fused(batch) - float_bn->forward(float_conv->forward(batch))).abs().max().item<double>() <
-      1e-5);
+  CATCH_CHECK(fold_gap(float_conv, float_bn, fused, batch, /*training=*/false) < 1e-10);
+  CATCH_CHECK(fold_gap(float_conv, float_bn, fused, batch, /*training=*/true) < 1e-5);
   CATCH_CHECK(torch::allclose(fused->bn->running_mean, float_bn->running_mean, 0, 1e-10));
   CATCH_CHECK(
       invalid_argument_message([] {
@@ -426,29 +416,12 @@ CATCH_TEST_CASE("qat::Conv3d and ConvBn3d compute the float 3-D layers", "[nn][m
       y, torch::relu(torch::conv3d(x, w, conv->bias, /*stride=*/2, /*padding=*/1)), 1e-5, 1e-6));
 
   // Conv3d + BatchNorm3d with fake quantization off: the float pair in eval.
-  torch::nn::Conv3d bn_conv(torch::nn::Conv3dOptions(2, 4, 3).padding(1).bias(false));
-  torch::nn::BatchNorm3d bn(4);
-  bn_conv->to(torch::kDouble);
-  bn->to(torch::kDouble);
-  {
-    torch::NoGradGuard no_grad;
-    bn->weight.uniform_(0.5, 1.5);
-    bn->running_mean.uniform_(-0.5, 0.5);
-    bn->running_var.uniform_(0.5, 2.0);
-  }
-  auto float_conv = std::dynamic_pointer_cast<torch::nn::Conv3dImpl>(bn_conv->clone());
-  auto float_bn = std::dynamic_pointer_cast<torch::nn::BatchNorm3dImpl>(bn->clone());
-  qat::ConvBn3d fused(bn_conv.ptr(), bn.ptr(), qat::Config().weight());
+  auto [float_conv, float_bn, fused] = float_pair_and_fold<qat::ConvBn3d>(
+      torch::nn::Conv3d(torch::nn::Conv3dOptions(2, 4, 3).padding(1).bias(false)),
+      torch::nn::BatchNorm3d(4));
   CATCH_CHECK(fused->name() == "qat::ConvBn3dImpl");
-  fused->to(torch::kDouble);
-  qat::disable_fake_quant(*fused);
   const auto batch = torch::randn({2, 2, 4, 5, 6}, torch::kDouble);
-  fused->eval();
-  float_conv->eval();
-  float_bn->eval();
-  CATCH_CHECK(
-      (fused(batch) - float_bn->forward(float_conv->forward(batch))).abs().max().item<double>() <
-      1e-10);
+  CATCH_CHECK(fold_gap(float_conv, float_bn, fused, batch, /*training=*/false) < 1e-10);
 }
 
 CATCH_TEST_CASE("qat::ConvTranspose2d quantizes its weight per output channel", "[nn][modules]") {
