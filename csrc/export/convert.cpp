@@ -283,6 +283,8 @@ class Converter {
         quantize(*fq, name);
       } else if (auto* table = dynamic_cast<EmbeddingImpl*>(&module)) {
         embedding(*table, name);
+      } else if (auto* bag = dynamic_cast<EmbeddingBagImpl*>(&module)) {
+        embedding(*bag, name);
       } else if (is_layer(module)) {
         // qat::prepare quantizes a layer + ReLU6 after the ReLU6 with the fixed qparams of
         // [0, 6], where the integer kernel's ReLU saturates at the 6: one fused kernel.
@@ -313,7 +315,8 @@ class Converter {
         throw std::invalid_argument(fmt::format(
             "qat::convert: '{}' is a {}, which has no integer or float conversion (supported: "
             "qat::FakeQuantize, qat::Conv1d / 2d / 3d, qat::ConvBn1d / 2d / 3d, "
-            "qat::ConvTranspose1d / 2d, qat::Linear, qat::Embedding, Sequential, "
+            "qat::ConvTranspose1d / 2d, qat::Linear, qat::Embedding, qat::EmbeddingBag, "
+            "Sequential, "
             "ReLU, MaxPool1d, MaxPool2d, Flatten, Dropout, Identity, "
             "and in float Linear, Conv1d / 2d / 3d, ConvTranspose1d / 2d, Embedding, "
             "BatchNorm1d / 2d / 3d, MaxPool3d, AvgPool1d / 2d / 3d, "
@@ -388,7 +391,7 @@ class Converter {
                                          : torch::full({1}, qweight.q_zero_point(), torch::kLong);
     // An embedding table is stored as the kernel reads it (python/qat/quantized.py's
     // Embedding): unsigned rows (packed below 8 bits), float zero points, always.
-    const bool table = op.kind == "Embedding";
+    const bool table = op.kind == "Embedding" || op.kind == "EmbeddingBag";
     const auto per_byte = qat::values_per_byte(op.weight_bits);
     const auto data = tensor_attribute(
         name, "weight_data",
@@ -564,28 +567,48 @@ class Converter {
     layers_.push_back(info);
   }
 
-  // A table looked up by quantized::embedding_byte: float rows out, from the simulation's
-  // integers as the kernel's unsigned rows (qat::unsigned_rows, as Python's
-  // qat.quantized.Embedding stores them).
-  void embedding(EmbeddingImpl& module, const std::string& name) {
+  // Whether an embedding bag's mode is `Mode` (visit by argument-dependent lookup: the
+  // variant is c10's in torch 1.13 and std's later).
+  template <typename Mode>
+  static bool is_mode(const torch::nn::EmbeddingBagMode& mode) {
+    return visit(
+        [](const auto& value) { return std::is_same_v<std::decay_t<decltype(value)>, Mode>; },
+        mode);
+  }
+
+  // A table looked up by quantized::embedding_byte (a bag: embedding_bag_byte): float rows
+  // out, from the simulation's integers as the kernel's unsigned rows (qat::unsigned_rows,
+  // as Python's qat.quantized.Embedding / EmbeddingBag store them).
+  template <typename Table>
+  void embedding(Table& module, const std::string& name) {
+    constexpr bool bag = std::is_same_v<Table, EmbeddingBagImpl>;
+    const auto what = fmt::format("'{}' ({})", name, bag ? "qat::EmbeddingBag" : "qat::Embedding");
     auto& fq = *module.weight_fake_quant;
     if (!fq.spec().per_channel()) {
       throw std::invalid_argument(fmt::format(
-          "qat::convert: '{}' (qat::Embedding) quantizes its table per tensor; "
-          "quantized::embedding_byte takes one scale per row (a per-channel spec)",
-          name));
+          "qat::convert: {} quantizes its table per tensor; the embedding kernels take one "
+          "scale per row (a per-channel spec)",
+          what));
     }
     if (quantized_) {
-      throw std::invalid_argument(fmt::format(
-          "qat::convert: '{}' (qat::Embedding) takes indices, but its input is quantized here",
-          name));
+      throw std::invalid_argument(
+          fmt::format("qat::convert: {} takes indices, but its input is quantized here", what));
+    }
+    if constexpr (bag) {
+      if (is_mode<torch::enumtype::kMax>(module.options.mode()) || module.options.padding_idx()) {
+        throw std::invalid_argument(fmt::format(
+            "qat::convert: {} has mode max or a padding index; quantized::embedding_bag_byte "
+            "sums every entry (prepare and convert such a bag in Python, whose convert keeps it "
+            "in float, or skip it: Config::skip)",
+            what));
+      }
     }
     const auto ints =
         integer_weight(simulate_weight(fq, [&] { return fq.forward(module.weight); }), fq, name);
     LayerInfo info;
     auto& op = info.op;
     op.name = name;
-    op.kind = "Embedding";
+    op.kind = bag ? "EmbeddingBag" : "Embedding";
     op.weight = qat::unsigned_rows(ints, fq.quant_min());
     op.weight_bits = fq.spec().bits();
     op.weight_quant_min = 0;
@@ -597,9 +620,25 @@ class Converter {
             op.weight.q_per_channel_zero_points().to(torch::kFloat), 0)});
     const auto packed =
         packed_weight(op, "quantized.embedding_bag_prepack({weight})", sample.type());
-    emit(fmt::format(
-        "x = quantized.embedding_byte({}, x.reshape([-1]), False).reshape(x.size() + [{}])", packed,
-        op.weight.size(1)));
+    if constexpr (!bag) {
+      emit(fmt::format(
+          "x = quantized.embedding_byte({}, x.reshape([-1]), False).reshape(x.size() + [{}])",
+          packed, op.weight.size(1)));
+    } else {
+      // One bag per row of the 2-D indices, as Python's qat.quantized.EmbeddingBag computes
+      // it (the kernel sums whatever mode it is given; a mean divides by the bag's size).
+      emit("bag_offsets = torch.arange(0, x.numel(), x.size(1), dtype=x.dtype, device=x.device)");
+      emit("bag_indices = x.reshape([-1])");
+      emit(fmt::format(
+          "x = quantized.embedding_bag_byte({}, bag_indices, bag_offsets, False, 0, False, None, "
+          "None, False)",
+          packed));
+      if (is_mode<torch::enumtype::kMean>(module.options.mode())) {
+        emit(
+            "x = x / (torch.cat([bag_offsets[1:], torch.full_like(bag_offsets[:1], "
+            "bag_indices.numel())]) - bag_offsets).clamp_min(1).unsqueeze(1).to(x.dtype)");
+      }
+    }
     layers_.push_back(info);
   }
 

@@ -689,32 +689,32 @@ template class ConvBnImpl<2, ConvBn2dImpl>;
 template class ConvBnImpl<3, ConvBn3dImpl>;
 
 // ---------------------------------------------------------------------------------------
-// Embedding
+// Embedding, EmbeddingBag
 
-EmbeddingImpl::EmbeddingImpl(torch::nn::EmbeddingOptions embedding_options, QuantSpec weight_spec)
-    : options(std::move(embedding_options)), weight_spec_(weight_spec_for(std::move(weight_spec))) {
+template <typename Options, typename Derived>
+EmbeddingTableImpl<Options, Derived>::EmbeddingTableImpl(
+    Options table_options, QuantSpec weight_spec)
+    : options(std::move(table_options)), weight_spec_(weight_spec_for(std::move(weight_spec))) {
+  const auto name = std::is_same_v<Derived, EmbeddingImpl> ? "qat::Embedding" : "qat::EmbeddingBag";
   if (options.sparse()) {
-    throw std::invalid_argument(
-        "qat::Embedding: sparse=true is not supported: a sparse gradient cannot flow back "
-        "through the fake-quantized (dense) table; build the embedding with sparse(false)");
+    throw std::invalid_argument(fmt::format(
+        "{}: sparse=true is not supported: a sparse gradient cannot flow back through the "
+        "fake-quantized (dense) table; build the table with sparse(false)",
+        name));
   }
   if (options.max_norm()) {
-    throw std::invalid_argument(
-        "qat::Embedding: max_norm is not supported: it renormalizes the rows as they are "
-        "read, which the integer model's stored table cannot (prepare such a table in "
-        "Python, whose convert keeps it in float)");
+    throw std::invalid_argument(fmt::format(
+        "{}: max_norm is not supported: it renormalizes the rows as they are read, which the "
+        "integer model's stored table cannot (prepare such a table in Python, whose convert "
+        "keeps it in float)",
+        name));
   }
   reset();
 }
 
-EmbeddingImpl::EmbeddingImpl(
-    const std::shared_ptr<torch::nn::EmbeddingImpl>& embedding, QuantSpec weight_spec)
-    : EmbeddingImpl(embedding->options, std::move(weight_spec)) {
-  weight = parameters_["weight"] = embedding->weight;
-}
-
-void EmbeddingImpl::reset() {
-  weight = register_parameter(
+template <typename Options, typename Derived>
+void EmbeddingTableImpl<Options, Derived>::reset() {
+  weight = this->register_parameter(
       "weight", torch::empty({options.num_embeddings(), options.embedding_dim()}));
   {
     // torch::nn::Embedding's initialization: normal, the padding row zero.
@@ -724,7 +724,24 @@ void EmbeddingImpl::reset() {
       weight[*options.padding_idx()].fill_(0);
     }
   }
-  weight_fake_quant = register_module("weight_fake_quant", FakeQuantize(weight_spec_));
+  weight_fake_quant = this->register_module("weight_fake_quant", FakeQuantize(weight_spec_));
+}
+
+template <typename Options, typename Derived>
+void EmbeddingTableImpl<Options, Derived>::pretty_print(std::ostream& stream) const {
+  stream << fmt::format(
+      "{}(num_embeddings={}, embedding_dim={})",
+      std::is_same_v<Derived, EmbeddingImpl> ? "qat::Embedding" : "qat::EmbeddingBag",
+      options.num_embeddings(), options.embedding_dim());
+}
+
+template class EmbeddingTableImpl<torch::nn::EmbeddingOptions, EmbeddingImpl>;
+template class EmbeddingTableImpl<torch::nn::EmbeddingBagOptions, EmbeddingBagImpl>;
+
+EmbeddingImpl::EmbeddingImpl(
+    const std::shared_ptr<torch::nn::EmbeddingImpl>& embedding, QuantSpec weight_spec)
+    : EmbeddingTableImpl(embedding->options, std::move(weight_spec)) {
+  weight = parameters_["weight"] = embedding->weight;
 }
 
 torch::Tensor EmbeddingImpl::forward(const torch::Tensor& input) {
@@ -736,10 +753,26 @@ torch::Tensor EmbeddingImpl::forward(const torch::Tensor& input) {
   return F::embedding(input, weight_fake_quant(weight), lookup);
 }
 
-void EmbeddingImpl::pretty_print(std::ostream& stream) const {
-  stream << fmt::format(
-      "qat::Embedding(num_embeddings={}, embedding_dim={})", options.num_embeddings(),
-      options.embedding_dim());
+EmbeddingBagImpl::EmbeddingBagImpl(
+    const std::shared_ptr<torch::nn::EmbeddingBagImpl>& bag, QuantSpec weight_spec)
+    : EmbeddingTableImpl(bag->options, std::move(weight_spec)) {
+  weight = parameters_["weight"] = bag->weight;
+}
+
+torch::Tensor EmbeddingBagImpl::forward(
+    const torch::Tensor& input, const torch::Tensor& offsets,
+    const torch::Tensor& per_sample_weights) {
+  namespace F = torch::nn::functional;
+  auto bags = F::EmbeddingBagFuncOptions()
+                  .scale_grad_by_freq(options.scale_grad_by_freq())
+                  .mode(options.mode())
+                  .include_last_offset(options.include_last_offset())
+                  .offsets(offsets)
+                  .per_sample_weights(per_sample_weights);
+  if (options.padding_idx()) {
+    bags.padding_idx(*options.padding_idx());
+  }
+  return F::embedding_bag(input, weight_fake_quant(weight), bags);
 }
 
 }  // namespace qat

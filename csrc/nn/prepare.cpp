@@ -59,10 +59,11 @@ bool requantizes(const torch::nn::Module& module) {
   return has_role(module, OpRole::kRequantizes);
 }
 
-// Every QAT layer quantizes its input (InputQuantized) but the weight-only embedding.
+// Every QAT layer quantizes its input (InputQuantized) but the weight-only tables.
 bool is_prepared_layer(const torch::nn::Module& module) {
   return dynamic_cast<const InputQuantized*>(&module) != nullptr ||
-         dynamic_cast<const EmbeddingImpl*>(&module) != nullptr;
+         dynamic_cast<const EmbeddingImpl*>(&module) != nullptr ||
+         dynamic_cast<const EmbeddingBagImpl*>(&module) != nullptr;
 }
 
 void check_not_prepared(torch::nn::Module& root) {
@@ -289,7 +290,9 @@ class Preparer {
     };
     for (size_t i = 0; i < n;) {
       const auto name = path(prefix, names[i]);
-      if (!skipped(i) && is_exactly<torch::nn::EmbeddingImpl>(*modules[i]) &&
+      if (!skipped(i) &&
+          (is_exactly<torch::nn::EmbeddingImpl>(*modules[i]) ||
+           is_exactly<torch::nn::EmbeddingBagImpl>(*modules[i])) &&
           swappable(*modules[i])) {
         // Weight-only: indices in, float rows out, no activation FakeQuantize around it.
         chain.emplace_back(names[i], swap(modules[i], name, false));
@@ -407,6 +410,18 @@ void add_builtin(ModuleRegistry& registry) {
       /*fuses_relu=*/true);
 }
 
+// A weight-only table's registration: no ReLU to fuse (its rows are not quantized).
+template <typename Float, typename Qat>
+void add_table(ModuleRegistry& registry) {
+  registry.add(
+      std::type_index(typeid(Float)),
+      [](const std::shared_ptr<torch::nn::Module>& module, const SwapOptions& options) {
+        return torch::nn::AnyModule(
+            std::make_shared<Qat>(std::dynamic_pointer_cast<Float>(module), options.weight));
+      },
+      /*fuses_relu=*/false);
+}
+
 void set_all(torch::nn::Module& root, void (FakeQuantizeImpl::*set)(bool), bool enabled) {
   for (const auto& fake_quant : fake_quantizers(root)) {
     ((*fake_quant).*set)(enabled);
@@ -439,13 +454,8 @@ ModuleRegistry::ModuleRegistry() : state_(std::make_shared<State>()) {
   add_builtin<torch::nn::Conv3dImpl, Conv3dImpl>(*this);
   add_builtin<torch::nn::ConvTranspose1dImpl, ConvTranspose1dImpl>(*this);
   add_builtin<torch::nn::ConvTranspose2dImpl, ConvTranspose2dImpl>(*this);
-  add(
-      std::type_index(typeid(torch::nn::EmbeddingImpl)),
-      [](const std::shared_ptr<torch::nn::Module>& module, const SwapOptions& options) {
-        return torch::nn::AnyModule(std::make_shared<EmbeddingImpl>(
-            std::dynamic_pointer_cast<torch::nn::EmbeddingImpl>(module), options.weight));
-      },
-      /*fuses_relu=*/false);
+  add_table<torch::nn::EmbeddingImpl, EmbeddingImpl>(*this);
+  add_table<torch::nn::EmbeddingBagImpl, EmbeddingBagImpl>(*this);
 }
 
 void ModuleRegistry::add(

@@ -38,8 +38,9 @@ struct ExportOptions {
 /// `quantized::linear(_relu)` and their 1-D (and 3-D conv) kernels, with the very integers
 /// their weight FakeQuantize produces (qat::integer_weight; per channel where
 /// the spec says so; a ConvBn's folded weight, with bias qat::fold_bias) and the qparams of
-/// the FakeQuantize after them; a qat::Embedding becomes `quantized::embedding_byte` (float
-/// rows out); on a quantized input a standalone BatchNorm1d / 2d / 3d, LayerNorm, GroupNorm,
+/// the FakeQuantize after them; a qat::Embedding becomes `quantized::embedding_byte` and a
+/// qat::EmbeddingBag (mode sum or mean, no padding index) `quantized::embedding_bag_byte`
+/// (float rows out); on a quantized input a standalone BatchNorm1d / 2d / 3d, LayerNorm, GroupNorm,
 /// ELU and LeakyReLU become `quantized::batch_norm1d / 2d / 3d`, `layer_norm`, `group_norm`,
 /// `elu` and `leaky_relu` with the qparams of the FakeQuantize after them. The weights are
 /// stored as Python's qat.convert stores them (4- and 2-bit weights packed by

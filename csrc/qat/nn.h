@@ -1,7 +1,8 @@
 #pragma once
 
 // QAT modules for torch::nn: the observer, qat::FakeQuantize, and the QAT versions of
-// Linear, Conv1d / 2d / 3d, Conv + BatchNorm, ConvTranspose1d / 2d and Embedding. State (buffers,
+// Linear, Conv1d / 2d / 3d, Conv + BatchNorm, ConvTranspose1d / 2d, Embedding and
+// EmbeddingBag. State (buffers,
 // parameters) carries the names of the Python modules (qat.FakeQuantize, qat.modules.Linear, ...),
 // so that named_parameters() / named_buffers() read the same in both languages.
 
@@ -393,38 +394,68 @@ TORCH_MODULE(ConvBn1d);
 TORCH_MODULE(ConvBn2d);
 TORCH_MODULE(ConvBn3d);
 
-/// QAT torch::nn::Embedding (qat::Embedding): the table goes through `weight_fake_quant`
-/// (one scale per row, axis 0, when the spec is per channel) before the lookup; the integer
-/// model looks rows up with quantized::embedding_byte (per-row specs only). Weight-only: its
-/// input is indices and its rows stay float, so prepare puts no activation FakeQuantize
-/// before or after it. Dense tables without max_norm only: a sparse gradient cannot flow
-/// back through the fake-quantized (dense) table, and max_norm renormalizes the rows as
-/// they are read, which a stored integer table cannot. Parameter `weight`; child
-/// `weight_fake_quant`.
-class EmbeddingImpl : public torch::nn::Cloneable<EmbeddingImpl> {
+/// What qat::Embedding and qat::EmbeddingBag share: the table goes through
+/// `weight_fake_quant` (one scale per row, axis 0, when the spec is per channel) before the
+/// lookup; the integer model reads rows with quantized::embedding_byte /
+/// embedding_bag_byte (per-row specs only). Weight-only: its input is indices and its rows
+/// stay float, so prepare puts no activation FakeQuantize before or after it. Dense tables
+/// without max_norm only: a sparse gradient cannot flow back through the fake-quantized
+/// (dense) table, and max_norm renormalizes the rows as they are read, which a stored
+/// integer table cannot. Parameter `weight`; child `weight_fake_quant`. `Options` is
+/// torch::nn::EmbeddingOptions or EmbeddingBagOptions, `Derived` the final class.
+template <typename Options, typename Derived>
+class EmbeddingTableImpl : public torch::nn::Cloneable<Derived> {
  public:
-  /// A fresh table, initialized as torch::nn::Embedding.
-  /// @param options as torch::nn::Embedding's.
+  /// A fresh table, initialized as torch::nn::Embedding / EmbeddingBag.
+  /// @param options as the float module's.
   /// @param weight_spec the table's spec; a per-channel one is forced to axis 0 (rows).
   /// @throws std::invalid_argument for a sparse table or one with max_norm.
-  explicit EmbeddingImpl(
-      torch::nn::EmbeddingOptions options, QuantSpec weight_spec = Config().weight());
-  /// The QAT version of `embedding`, sharing its table.
-  explicit EmbeddingImpl(
-      const std::shared_ptr<torch::nn::EmbeddingImpl>& embedding,
-      QuantSpec weight_spec = Config().weight());
+  explicit EmbeddingTableImpl(Options options, QuantSpec weight_spec = Config().weight());
 
   void reset() override;
-  torch::Tensor forward(const torch::Tensor& input);
   void pretty_print(std::ostream& stream) const override;
 
-  torch::nn::EmbeddingOptions options;
+  Options options;
   torch::Tensor weight;
   FakeQuantize weight_fake_quant{nullptr};
 
  private:
   QuantSpec weight_spec_;
 };
+
+/// QAT torch::nn::Embedding (qat::Embedding), as EmbeddingTableImpl.
+class EmbeddingImpl : public EmbeddingTableImpl<torch::nn::EmbeddingOptions, EmbeddingImpl> {
+ public:
+  using EmbeddingTableImpl::EmbeddingTableImpl;
+  /// The QAT version of `embedding`, sharing its table.
+  explicit EmbeddingImpl(
+      const std::shared_ptr<torch::nn::EmbeddingImpl>& embedding,
+      QuantSpec weight_spec = Config().weight());
+  torch::Tensor forward(const torch::Tensor& input);
+};
 TORCH_MODULE(Embedding);
+
+/// QAT torch::nn::EmbeddingBag (qat::EmbeddingBag), as EmbeddingTableImpl: the bags of the
+/// fake-quantized table, summed (times `per_sample_weights` when given), averaged or
+/// maxed as the options say. qat::convert lowers mode sum and mean without a padding index
+/// (the kernel sums every entry) on 2-D input (a bag per row, as a Sequential passes it).
+class EmbeddingBagImpl
+    : public EmbeddingTableImpl<torch::nn::EmbeddingBagOptions, EmbeddingBagImpl> {
+ public:
+  using EmbeddingTableImpl::EmbeddingTableImpl;
+  /// The QAT version of `bag`, sharing its table.
+  explicit EmbeddingBagImpl(
+      const std::shared_ptr<torch::nn::EmbeddingBagImpl>& bag,
+      QuantSpec weight_spec = Config().weight());
+  /// As torch::nn::EmbeddingBag's forward.
+  torch::Tensor forward(
+      const torch::Tensor& input, const torch::Tensor& offsets = {},
+      const torch::Tensor& per_sample_weights = {});
+
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS(
+      {1, torch::nn::AnyValue(torch::Tensor())}, {2, torch::nn::AnyValue(torch::Tensor())})
+};
+TORCH_MODULE(EmbeddingBag);
 
 }  // namespace qat

@@ -54,8 +54,9 @@ using ModuleFactory = std::function<torch::nn::AnyModule(
 /// the float module (subclasses are not matched: their forward may differ).
 ///
 /// Built in: torch::nn::Linear -> qat::Linear, Conv1d / 2d / 3d -> qat::Conv1d / 2d / 3d and
-/// ConvTranspose1d / 2d -> qat::ConvTranspose1d / 2d (all fuse a following ReLU) and
-/// Embedding -> qat::Embedding (weight-only: no activation FakeQuantize); prepare
+/// ConvTranspose1d / 2d -> qat::ConvTranspose1d / 2d (all fuse a following ReLU),
+/// Embedding / EmbeddingBag -> qat::Embedding / EmbeddingBag (weight-only: no activation
+/// FakeQuantize); prepare
 /// folds Conv1d / 2d / 3d + BatchNorm1d / 2d / 3d into qat::ConvBn1d / 2d / 3d itself.
 class ModuleRegistry {
  public:
@@ -124,8 +125,8 @@ bool unregister_module() {
 
 /// Prepares `root` for quantization-aware training, in place:
 /// - every registered module type (Linear, Conv1d / 2d / 3d, ConvTranspose1d / 2d, Embedding,
-///   user registrations) is replaced by its
-///   QAT version, which shares the float parameters, using `replace_module`;
+///   EmbeddingBag, user registrations) is replaced by its QAT version, which shares the
+///   float parameters, using `replace_module`;
 /// - inside a torch::nn::Sequential (rewritten in place, so that the holders pointing at it
 ///   see the change), a Conv1d / 2d / 3d followed by a BatchNorm1d / 2d / 3d is folded
 ///   into a qat::ConvBn1d / 2d / 3d, a ReLU right after a layer whose QAT version fuses it

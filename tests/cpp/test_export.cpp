@@ -213,6 +213,35 @@ CATCH_TEST_CASE("convert: an embedding table runs on quantized::embedding_byte",
       torch::equal(torch::jit::_load_for_mobile(path).forward({x}).toTensor(), run(integer, x)));
 }
 
+CATCH_TEST_CASE("convert: an embedding bag runs on quantized::embedding_bag_byte", "[export]") {
+  torch::manual_seed(4);
+  for (const bool mean : {true, false}) {
+    CATCH_INFO("mean " << mean);
+    torch::nn::Sequential net(
+        torch::nn::EmbeddingBag(torch::nn::EmbeddingBagOptions(20, 6).mode(
+            mean ? torch::nn::EmbeddingBagMode(torch::kMean) : torch::kSum)),
+        torch::nn::Linear(6, 3));
+    qat::prepare(*net, qat::presets::int8());
+    CATCH_CHECK(net->ptr<qat::EmbeddingBagImpl>(0) != nullptr);
+    // Weight-only: the Linear quantizes its float input.
+    CATCH_CHECK(
+        qat_test::child_names(*net) ==
+        std::vector<std::string>{"0", "1_input_fake_quant", "1", "1_fake_quant"});
+    const auto x = torch::randint(0, 20, {64, 5}, torch::kLong);
+    auto integer = train_and_convert(net, x, mean ? "embedding bag (mean)" : "embedding bag (sum)");
+    const auto code = integer.get_method("forward").graph()->toString();
+    CATCH_CHECK(code.find("quantized::embedding_bag_byte") != std::string::npos);
+    CATCH_CHECK(code.find("aten::embedding_bag") == std::string::npos);
+  }
+  torch::nn::Sequential with_max(
+      torch::nn::EmbeddingBag(torch::nn::EmbeddingBagOptions(20, 6).mode(torch::kMax)));
+  qat::prepare(*with_max, qat::presets::int8());
+  with_max->forward(torch::randint(0, 20, {2, 5}, torch::kLong));  // observes the table
+  CATCH_CHECK_THROWS_WITH(
+      qat::convert(*with_max, torch::randint(0, 20, {2, 5}, torch::kLong)),
+      Catch::Contains("'0' (qat::EmbeddingBag) has mode max"));
+}
+
 CATCH_TEST_CASE("convert: a skipped transposed conv or embedding runs in float", "[export]") {
   torch::manual_seed(4);
   // Six tokens of four values each, read by the transposed conv as six channels.

@@ -118,11 +118,17 @@ def _norms():
                          nn.Linear(32, 10))
 
 
+def _embedding_bag():
+    """A bag-of-words model: the mean of each image's row tokens, a linear head."""
+    return nn.Sequential(nn.EmbeddingBag(64, 8, mode="mean"), nn.Linear(8, 16), nn.ReLU(),
+                         nn.Linear(16, 10))
+
+
 def _inputs(name, images):
-    """The model's inputs from Fashion-MNIST images: the images; for the embedding model
+    """The model's inputs from Fashion-MNIST images: the images; for the embedding models
     one token per image row (its mean brightness in 64 levels); for the 3-D model each image
     as a clip of 4 frames of 7 x 28."""
-    if name == "embedding":
+    if name in ("embedding", "embedding_bag"):
         return (images[:, 0].mean(2) * 63).round().long()
     if name == "conv3d":
         return images.reshape(-1, 1, 4, 7, 28)
@@ -133,7 +139,8 @@ MODELS = {"conv_bn_relu": _conv_bn_relu, "conv_bn_relu6": _conv_bn_relu6,
           "linear_relu": _linear_relu, "cnn": _cnn, "standalone_relu6": _standalone_relu6,
           "linear_sigmoid_tanh": _linear_sigmoid_tanh, "conv1d": _conv1d,
           "conv_transpose": _conv_transpose, "embedding": _embedding, "pool_first": _pool_first,
-          "conv3d": _conv3d, "standalone_bn": _standalone_bn, "norms": _norms}
+          "conv3d": _conv3d, "standalone_bn": _standalone_bn, "norms": _norms,
+          "embedding_bag": _embedding_bag}
 
 
 def _layers(model):
@@ -152,6 +159,8 @@ def _layers(model):
             lines.append(f"{kind} {m.num_features}")
         elif type(m) is nn.Embedding:
             lines.append(f"embedding {m.num_embeddings} {m.embedding_dim}")
+        elif type(m) is nn.EmbeddingBag:
+            lines.append(f"embeddingbag {m.num_embeddings} {m.embedding_dim} {m.mode}")
         elif type(m) is nn.Linear:
             lines.append(f"linear {m.in_features} {m.out_features} {int(m.bias is not None)}")
         elif type(m) in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool2d, nn.AvgPool3d):

@@ -8,7 +8,7 @@
 // LAYERS.txt holds one layer per line, as the test writes it:
 //   conv1d|conv2d|conv3d IN OUT KERNEL STRIDE PADDING BIAS |
 //   convtranspose1d|convtranspose2d IN OUT KERNEL STRIDE PADDING OUTPUT_PADDING BIAS |
-//   batchnorm1d|batchnorm2d|batchnorm3d N | embedding NUM DIM |
+//   batchnorm1d|batchnorm2d|batchnorm3d N | embedding NUM DIM | embeddingbag NUM DIM sum|mean |
 //   linear IN OUT BIAS | relu | relu6 | sigmoid | tanh | maxpool1d|maxpool2d|maxpool3d KERNEL |
 //   avgpool2d|avgpool3d KERNEL | adaptiveavgpool2d SIZE | flatten START END |
 //   layernorm N | groupnorm GROUPS CHANNELS | elu ALPHA | leakyrelu SLOPE
@@ -59,6 +59,7 @@ torch::nn::Sequential build(const std::string& path) {
     }
     int64_t a = 0, b = 0, c = 0, d = 0, e = 0, f = 0, g = 0;
     double real = 0;
+    std::string word;
     if (kind == "convtranspose1d" && fields >> a >> b >> c >> d >> e >> f >> g) {
       net->push_back(torch::nn::ConvTranspose1d(
           torch::nn::ConvTranspose1dOptions(a, b, c).stride(d).padding(e).output_padding(f).bias(
@@ -78,6 +79,12 @@ torch::nn::Sequential build(const std::string& path) {
           torch::nn::Conv3d(torch::nn::Conv3dOptions(a, b, c).stride(d).padding(e).bias(f != 0)));
     } else if (kind == "embedding" && fields >> a >> b) {
       net->push_back(torch::nn::Embedding(a, b));
+    } else if (kind == "embeddingbag" && fields >> a >> b >> word) {
+      auto options = torch::nn::EmbeddingBagOptions(a, b);
+      if (word == "sum") {
+        options.mode(torch::kSum);
+      }
+      net->push_back(torch::nn::EmbeddingBag(options));
     } else if (kind == "batchnorm1d" && fields >> a) {
       net->push_back(torch::nn::BatchNorm1d(a));
     } else if (kind == "batchnorm2d" && fields >> a) {
