@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _op_roles, quantized
-from ._pte import _QParams, _Recorder
+from ._pte import _QParams, _Recorder, pair_value
 
 __all__ = ["METADATA_KEY", "OPSET", "available", "emit", "load", "read_metadata_text",
            "run_fresh"]
@@ -63,17 +63,6 @@ def available() -> Optional[str]:
     return None
 
 
-def _op_names() -> Tuple[Dict, Dict[str, str], List[Tuple[object, str]]]:
-    """(function -> op name, method name -> op name, [(module type, op name)]) from the
-    op-role spellings."""
-    functions, methods, modules = {}, {}, []
-    for name, (fs, ms, ts) in _op_roles._SPELLINGS.items():
-        functions.update({f: name for f in fs})
-        methods.update({m: name for m in ms})
-        modules.extend((t, name) for t in ts)
-    return functions, methods, modules
-
-
 def _np_dtype(dtype: torch.dtype):
     if dtype == torch.quint8:
         return np.uint8
@@ -98,7 +87,7 @@ class _Emitter:
         self.env: Dict[fx.Node, str] = {}
         self.layers = 0
         self.int8_stored: List[str] = []
-        self.functions, self.methods, self.modules = _op_names()
+        self.functions, self.methods, self.modules = _op_roles.names_by_spelling()
 
     def fresh(self, base: str) -> str:
         base = base.replace(".", "_")
@@ -381,13 +370,9 @@ class _Emitter:
             return None
         if node.op == "call_module":
             module = self.gm.get_submodule(node.target)
-            if isinstance(module, quantized.DeQuantize):
-                return self.env[node.args[0]]  # tensors are float between the pairs
-            if isinstance(module, quantized.Quantize):
-                source = node.args[0]
-                if self.recorded.get(source) == self.recorded[node]:
-                    return self.env[source]
-                return self.qdq(self.env[source], self.recorded[node], node.name)
+            if isinstance(module, (quantized.Quantize, quantized.DeQuantize)):
+                return pair_value(node, module, self.env, self.recorded,
+                                  lambda x, qparams: self.qdq(x, qparams, node.name))
             if isinstance(module, quantized._WithOutputQParams):
                 return self.integer_op(node, module)
         if node.op not in ("call_module", "call_function", "call_method"):

@@ -8,7 +8,7 @@ function, a tensor method or a module type.
 """
 
 import operator
-from typing import Dict, Set, Tuple
+from typing import Dict, List, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,17 @@ def spellings(*names: str) -> Tuple[Set, Set[str], Tuple[type, ...]]:
         methods.update(m)
         modules.extend(t)
     return functions, methods, tuple(modules)
+
+
+def names_by_spelling() -> Tuple[Dict, Dict[str, str], List[Tuple[object, str]]]:
+    """(function -> op name, method name -> op name, [(module type, op name)]): how an
+    exporter that meets a spelling in a graph finds the op it calls."""
+    functions, methods, modules = {}, {}, []
+    for name, (fs, ms, ts) in _SPELLINGS.items():
+        functions.update({f: name for f in fs})
+        methods.update({m: name for m in ms})
+        modules.extend((t, name) for t in ts)
+    return functions, methods, modules
 
 
 def is_module_of(module: nn.Module, modules: Tuple) -> bool:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -86,6 +86,18 @@ class _Recorder(fx.Interpreter):
                                  f"channel; .pte activations are quantized per tensor")
             self.qparams[node] = (out.q_scale(), out.q_zero_point(), out.dtype)
         return out
+
+
+def pair_value(node: fx.Node, module: nn.Module, env: Dict, recorded: Dict[fx.Node, _QParams],
+               quantize: Callable):
+    """What the integer model's Quantize / DeQuantize ``module`` at ``node`` becomes in an
+    emitter whose tensors are float between quantize / dequantize pairs (the .pte and .onnx
+    ones): a DeQuantize, or a Quantize to the grid its input is on already, passes its
+    input's value on; another Quantize is ``quantize(value, qparams)``."""
+    source = node.args[0]
+    if isinstance(module, quantized.DeQuantize) or recorded.get(source) == recorded[node]:
+        return env[source]
+    return quantize(env[source], recorded[node])
 
 
 def _signed(qparams: _QParams) -> Tuple[float, int]:
@@ -280,13 +292,8 @@ class _Emitter:
                 self.attr(node.target, operator.attrgetter(node.target)(self.gm)))
         if node.op == "call_module":
             module = self.gm.get_submodule(node.target)
-            if isinstance(module, quantized.DeQuantize):
-                return self.env[node.args[0]]  # tensors are float between the pairs
-            if isinstance(module, quantized.Quantize):
-                source = node.args[0]
-                if self.recorded.get(source) == self.recorded[node]:
-                    return self.env[source]  # requantizing to the same grid changes nothing
-                return self.quantize(self.env[source], self.recorded[node])
+            if isinstance(module, (quantized.Quantize, quantized.DeQuantize)):
+                return pair_value(node, module, self.env, self.recorded, self.quantize)
             if isinstance(module, quantized._WithOutputQParams):
                 return self.integer_op(node, module)
             if isinstance(module, quantized.Embedding):
