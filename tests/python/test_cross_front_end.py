@@ -143,42 +143,40 @@ MODELS = {"conv_bn_relu": _conv_bn_relu, "conv_bn_relu6": _conv_bn_relu6,
           "embedding_bag": _embedding_bag}
 
 
+_CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding")
+# Each layer type's fields in qat_cross_front_end's layer list, after its lower-case name.
+_FIELDS = {
+    **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d), _CONV + ("bias",)),
+    **dict.fromkeys((nn.ConvTranspose1d, nn.ConvTranspose2d), _CONV + ("output_padding", "bias")),
+    **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), ("num_features",)),
+    **dict.fromkeys((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool2d, nn.AvgPool3d),
+                    ("kernel_size",)),
+    **dict.fromkeys((nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh), ()),
+    nn.Embedding: ("num_embeddings", "embedding_dim"),
+    nn.EmbeddingBag: ("num_embeddings", "embedding_dim", "mode"),
+    nn.Linear: ("in_features", "out_features", "bias"),
+    nn.Flatten: ("start_dim", "end_dim"),
+    nn.LayerNorm: ("normalized_shape",),
+    nn.GroupNorm: ("num_groups", "num_channels"),
+    nn.ELU: ("alpha",),
+    nn.LeakyReLU: ("negative_slope",),
+}
+
+
+def _field(module, name):
+    """A field as the layer list spells it: a bias as 0 / 1, a size tuple by its first
+    value (the models use square sizes)."""
+    value = getattr(module, name)
+    if name == "bias":
+        return int(value is not None)
+    return value[0] if isinstance(value, tuple) else value
+
+
 def _layers(model):
     """The model as qat_cross_front_end's layer list."""
-    lines = []
-    for m in model:
-        kind = type(m).__name__.lower()
-        if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-            lines.append(f"{kind} {m.in_channels} {m.out_channels} {m.kernel_size[0]} "
-                         f"{m.stride[0]} {m.padding[0]} {int(m.bias is not None)}")
-        elif type(m) in (nn.ConvTranspose1d, nn.ConvTranspose2d):
-            lines.append(f"{kind} {m.in_channels} {m.out_channels} {m.kernel_size[0]} "
-                         f"{m.stride[0]} {m.padding[0]} {m.output_padding[0]} "
-                         f"{int(m.bias is not None)}")
-        elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-            lines.append(f"{kind} {m.num_features}")
-        elif type(m) is nn.Embedding:
-            lines.append(f"embedding {m.num_embeddings} {m.embedding_dim}")
-        elif type(m) is nn.EmbeddingBag:
-            lines.append(f"embeddingbag {m.num_embeddings} {m.embedding_dim} {m.mode}")
-        elif type(m) is nn.Linear:
-            lines.append(f"linear {m.in_features} {m.out_features} {int(m.bias is not None)}")
-        elif type(m) in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool2d, nn.AvgPool3d):
-            lines.append(f"{kind} {m.kernel_size}")
-        elif type(m) is nn.Flatten:
-            lines.append(f"flatten {m.start_dim} {m.end_dim}")
-        elif type(m) is nn.LayerNorm:
-            lines.append(f"layernorm {m.normalized_shape[0]}")
-        elif type(m) is nn.GroupNorm:
-            lines.append(f"groupnorm {m.num_groups} {m.num_channels}")
-        elif type(m) is nn.ELU:
-            lines.append(f"elu {m.alpha!r}")
-        elif type(m) is nn.LeakyReLU:
-            lines.append(f"leakyrelu {m.negative_slope!r}")
-        else:
-            lines.append({nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Sigmoid: "sigmoid",
-                          nn.Tanh: "tanh"}[type(m)])
-    return "\n".join(lines) + "\n"
+    return "".join(" ".join([type(m).__name__.lower()] +
+                            [str(_field(m, f)) for f in _FIELDS[type(m)]]) + "\n"
+                   for m in model)
 
 
 def _float_model(name):
