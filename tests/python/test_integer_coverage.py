@@ -721,8 +721,8 @@ def test_elu_and_leaky_relu_run_on_integer_kernels(tmp_path):
                    if isinstance(m, (qat.quantized.ELU, qat.quantized.LeakyReLU))}
     assert {name: (type(m).__name__, getattr(m, "alpha", None) or m.negative_slope)
             for name, m in activations.items()} == {
-        "elu_int": ("ELU", 0.7), "leaky_relu_int": ("LeakyReLU", 0.2),
-        "leaky_int": ("LeakyReLU", 0.1), "elu_1_int": ("ELU", 1.0)}
+        "elu": ("ELU", 0.7), "leaky_relu_int": ("LeakyReLU", 0.2),
+        "leaky": ("LeakyReLU", 0.1), "elu_1_int": ("ELU", 1.0)}
     assert report.float == []
 
     # Each kernel against the activation done here in float on the dequantized input,
