@@ -17,12 +17,21 @@ The arithmetic is PyTorch's slow path, so the float model's outputs are unchange
 float rounding): masks may be boolean (True = not attended) or additive, as PyTorch
 takes them. Not taken apart (left to PyTorch, in float): attention with ``bias_k`` /
 ``bias_v`` or ``add_zero_attn``, and subclasses, whose forwards may differ.
+
+torchvision's Swin window attention (``ShiftedWindowAttention``) is taken apart the same
+way: its forward hands its ``qkv`` and ``proj`` Linears' weights to one wrapped function
+(``F.linear`` inside), so without a stand-in a third of swin_t's weights stay float. The
+stand-in calls the two Linears as modules and keeps the window partition, the attention
+and the window merge as wrapped functions (float in the integer model). Swin V2's
+attention is not taken apart: it zeroes the key part of the ``qkv`` bias inside its
+forward, which a Linear module cannot do.
 """
 
 import math
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 __all__ = ["make_traceable"]
@@ -238,6 +247,144 @@ class TransformerDecoder(nn.Module):
         return x if self.norm is None else self.norm(x)
 
 
+# -- torchvision's Swin window attention --------------------------------------------------
+
+def _window_geometry(shape: List[int], window_size: List[int],
+                     shift_size: List[int]) -> Tuple[int, int, List[int]]:
+    """(padded height, padded width, shift) of a (batch, height, width, channels) input:
+    padded to whole windows, not shifted along a side that one window covers (as
+    torchvision's ``shifted_window_attention``)."""
+    pad_h = shape[1] + (window_size[0] - shape[1] % window_size[0]) % window_size[0]
+    pad_w = shape[2] + (window_size[1] - shape[2] % window_size[1]) % window_size[1]
+    shift = [0 if window_size[0] >= pad_h else shift_size[0],
+             0 if window_size[1] >= pad_w else shift_size[1]]
+    return pad_h, pad_w, shift
+
+
+def window_partition(x: Tensor, window_size: List[int], shift_size: List[int]) -> Tensor:
+    """(batch, height, width, channels) -> (batch * windows, window tokens, channels):
+    padded to whole windows and cyclically shifted."""
+    batch, height, width, channels = x.shape
+    pad_h, pad_w, shift = _window_geometry(x.shape, window_size, shift_size)
+    x = F.pad(x, (0, 0, 0, pad_w - width, 0, pad_h - height))
+    if shift[0] + shift[1] > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    x = x.view(batch, pad_h // window_size[0], window_size[0], pad_w // window_size[1],
+               window_size[1], channels)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size[0] * window_size[1], channels)
+
+
+def window_merge(windows: Tensor, x: Tensor, window_size: List[int],
+                 shift_size: List[int]) -> Tensor:
+    """The inverse of :func:`window_partition` for windows of the input ``x``: the windows
+    put back in place, the shift undone, the padding cut off."""
+    batch, height, width, channels = x.shape
+    pad_h, pad_w, shift = _window_geometry(x.shape, window_size, shift_size)
+    out = windows.view(batch, pad_h // window_size[0], pad_w // window_size[1], window_size[0],
+                       window_size[1], channels)
+    out = out.permute(0, 1, 3, 2, 4, 5).reshape(batch, pad_h, pad_w, channels)
+    if shift[0] + shift[1] > 0:
+        out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return out[:, :height, :width, :].contiguous()
+
+
+def window_position_bias(table: Tensor, index: Tensor, window_size: List[int]) -> Tensor:
+    """The learned relative position bias, (1, heads, tokens, tokens), of a window's token
+    pairs from their ``index`` into the ``table`` of (relative positions, heads)."""
+    tokens = window_size[0] * window_size[1]
+    return table[index].view(tokens, tokens, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+
+def _qkv_heads(qkv: Tensor, heads: int) -> Tensor:
+    """(windows, tokens, 3 * channels) -> (3, windows, heads, tokens, head channels)."""
+    return qkv.reshape(qkv.size(0), qkv.size(1), 3, heads, qkv.size(2) // (3 * heads)).permute(
+        2, 0, 3, 1, 4)
+
+
+def _shift_mask(pad_h: int, pad_w: int, window_size: List[int], shift: List[int],
+                like: Tensor) -> Tensor:
+    """(windows, tokens, tokens): -100 between tokens that the cyclic shift brought from
+    different regions of the image into one window, 0 elsewhere (torchvision's mask)."""
+    regions = like.new_zeros((pad_h, pad_w))
+    # Without a shift along a side, that side is one region.
+    row_bounds = [0, pad_h - window_size[0], pad_h - shift[0], pad_h] if shift[0] > 0 else [
+        0, 0, 0, pad_h]
+    column_bounds = [0, pad_w - window_size[1], pad_w - shift[1], pad_w] if shift[1] > 0 else [
+        0, 0, 0, pad_w]
+    for row in range(3):
+        for column in range(3):
+            regions[row_bounds[row]:row_bounds[row + 1],
+                    column_bounds[column]:column_bounds[column + 1]] = 3 * row + column
+    regions = regions.view(pad_h // window_size[0], window_size[0], pad_w // window_size[1],
+                           window_size[1])
+    regions = regions.permute(0, 2, 1, 3).reshape(-1, window_size[0] * window_size[1])
+    differs = regions.unsqueeze(1) - regions.unsqueeze(2)
+    return differs.masked_fill(differs != 0, -100.0).masked_fill(differs == 0, 0.0)
+
+
+def window_scores(qkv: Tensor, position_bias: Tensor, x: Tensor, window_size: List[int],
+                  shift_size: List[int], heads: int) -> Tensor:
+    """softmax(q k^T / sqrt(head channels) + position bias + shift mask) per window and
+    head, (windows, heads, tokens, tokens), from the projected windows of the input ``x``."""
+    split = _qkv_heads(qkv, heads)
+    scores = (split[0] * (qkv.size(2) // (3 * heads)) ** -0.5).matmul(split[1].transpose(-2, -1))
+    scores = scores + position_bias
+    pad_h, pad_w, shift = _window_geometry(x.shape, window_size, shift_size)
+    if shift[0] + shift[1] > 0:
+        mask = _shift_mask(pad_h, pad_w, window_size, shift, scores)
+        tokens = scores.size(-1)
+        scores = scores.view(-1, mask.size(0), heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
+        scores = scores.view(-1, heads, tokens, tokens)
+    return F.softmax(scores, dim=-1)
+
+
+def window_values(probs: Tensor, qkv: Tensor, heads: int) -> Tensor:
+    """The heads' weighted sums of the projected values, joined: (windows, tokens,
+    channels)."""
+    values = probs.matmul(_qkv_heads(qkv, heads)[2])
+    return values.transpose(1, 2).reshape(qkv.size(0), qkv.size(1), qkv.size(2) // 3)
+
+
+fx.wrap("window_partition")
+fx.wrap("window_merge")
+fx.wrap("window_position_bias")
+fx.wrap("window_scores")
+fx.wrap("window_values")
+
+
+class ShiftedWindowAttention(nn.Module):
+    """torchvision's ``ShiftedWindowAttention`` (Swin V1) calling its ``qkv`` and ``proj``
+    Linears as modules. It holds the original's Linears, position-bias table and index
+    under the original's names, so the state dict keeps its keys."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.qkv, self.proj = attention.qkv, attention.proj
+        self.relative_position_bias_table = attention.relative_position_bias_table
+        self.register_buffer("relative_position_index", attention.relative_position_index)
+        self.window_size, self.shift_size = list(attention.window_size), list(attention.shift_size)
+        self.num_heads = attention.num_heads
+        self.attention_dropout = nn.Dropout(attention.attention_dropout)
+        self.dropout = nn.Dropout(attention.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        qkv = self.qkv(window_partition(x, self.window_size, self.shift_size))
+        bias = window_position_bias(self.relative_position_bias_table,
+                                    self.relative_position_index, self.window_size)
+        probs = self.attention_dropout(window_scores(qkv, bias, x, self.window_size,
+                                                     self.shift_size, self.num_heads))
+        out = self.dropout(self.proj(window_values(probs, qkv, self.num_heads)))
+        return window_merge(out, x, self.window_size, self.shift_size)
+
+
+def _is_swin_attention(module: nn.Module) -> bool:
+    """Whether ``module`` is torchvision's Swin V1 window attention itself (not V2 nor
+    another subclass, whose forwards differ)."""
+    kind = type(module)
+    return (kind.__name__ == "ShiftedWindowAttention"
+            and kind.__module__ == "torchvision.models.swin_transformer")
+
+
 def _supported(attention: nn.Module) -> bool:
     """Whether ``attention`` is PyTorch's own attention without the options taken here in
     no stand-in (extra key / value biases, a zero attention row)."""
@@ -265,6 +412,8 @@ def _traceable(module: nn.Module) -> Optional[nn.Module]:
     kind = type(module)
     if kind is nn.MultiheadAttention and _supported(module):
         return MultiheadAttention(module).train(module.training)
+    if _is_swin_attention(module):
+        return ShiftedWindowAttention(module).train(module.training)
     if kind not in _STAND_INS:
         return None
     stand_in, layer_kind = _STAND_INS[kind]

@@ -396,6 +396,75 @@ def test_attention_with_extra_key_biases_is_left_to_pytorch_in_float():
     assert make_traceable(model).attention is model.attention
 
 
+# -- torchvision's Swin window attention ----------------------------------------------------
+
+def _swin(v2: bool = False) -> nn.Module:
+    """torchvision's Swin in two stages small enough to train here: windows of 4 x 4 tokens,
+    the second block of each stage shifted (V1, or V2's blocks and patch merging)."""
+    from torchvision.models import swin_transformer as swin
+    kwargs = dict(block=swin.SwinTransformerBlockV2,
+                  downsample_layer=swin.PatchMergingV2) if v2 else {}
+    return swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=4,
+                                **kwargs)
+
+
+def _kinds(model: nn.Module) -> set:
+    return {f"{type(m).__module__}.{type(m).__name__}" for m in model.modules()}
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (36, 36), (36, 16)],
+                         ids=["whole_windows", "padded", "shifted_along_rows_only"])
+def test_traceable_swin_attention_computes_what_torchvisions_does(height, width):
+    """The stand-in against torchvision's window attention on the same weights: whole and
+    padded windows, shifted along both sides or (a side one window covers) one; the state
+    dict keeps its keys."""
+    torch.manual_seed(0)
+    model = _swin().eval()
+    x = torch.randn(2, 3, height, width)
+    expected = model(x)
+    traceable = make_traceable(copy.deepcopy(model))
+    kinds = _kinds(traceable)
+    assert "qat._transformer.ShiftedWindowAttention" in kinds
+    assert "torchvision.models.swin_transformer.ShiftedWindowAttention" not in kinds
+    assert list(traceable.state_dict()) == list(model.state_dict())
+    torch.testing.assert_close(traceable(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_swin_v2_attention_is_left_to_torchvision():
+    # V2 zeroes the key part of its qkv bias inside its forward; a Linear module cannot.
+    model = _swin(v2=True)
+    assert "torchvision.models.swin_transformer.ShiftedWindowAttentionV2" in _kinds(
+        make_traceable(model))
+    assert "qat._transformer.ShiftedWindowAttention" not in _kinds(model)
+
+
+def test_swin_projections_run_on_the_integer_kernel(tmp_path):
+    """Every window attention's qkv and proj Linear on quantized::linear with the
+    simulation's integers; the position-bias tables are the only float weights; the .ptl
+    runs without qat and follows the simulation."""
+    torch.manual_seed(0)
+    qmodel = qat.prepare(_swin())
+    x, y = torch.randn(8, 3, 36, 36), torch.randint(0, 4, (8,))
+    sgd_losses(qmodel, x, y, steps=6, lr=0.05)
+    qmodel.eval()
+    qat.disable_observer(qmodel)
+    int_model, report = qat.convert(qmodel, return_report=True)
+    attentions = [f"features.{stage}.{block}.attn" for stage in (1, 3) for block in (0, 1)]
+    for name in (f"{a}.{p}" for a in attentions for p in ("qkv", "proj")):
+        assert isinstance(int_model.get_submodule(name), qat.quantized.Linear), name
+        qat_layer = qmodel.get_submodule(name)
+        expected = _reference_ints(qat_layer.weight.detach(), qat_layer.weight_fake_quant)
+        got = int_model.get_submodule(name).quantized_weight().int_repr()
+        assert torch.equal(got.float(), expected), name
+    assert set(report.float_weights) == {f"{a}.relative_position_bias_table" for a in attentions}
+    # As in the encoder: integer kernels chained through float islands (the windows'
+    # softmax attention, GELU, residual adds) can carry a value that sat on a rounding
+    # boundary one step further.
+    parity = _ptl_follows_the_simulation(qmodel, x, tmp_path, max_steps=2)
+    assert parity["sqnr_db"] >= 30.0 and parity["top1_agreement"] == 1.0, parity
+
+
 @pytest.fixture(scope="module")
 def encoder_model():
     """(QAT TextEncoder with a padding mask trained a few steps, in eval, tokens with
