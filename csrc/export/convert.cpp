@@ -713,45 +713,16 @@ class Converter {
     if (out == nullptr || !quantized_) {
       return false;
     }
-    const auto q = qparams_of(*out, out_name);
-    const auto qparams = fmt::format("{}, {}", literal(q.scale), q.zero_point);
-    std::string kind;
-    std::string call;
-    if (auto* bn = dynamic_cast<torch::nn::BatchNorm1dImpl*>(&module)) {
-      std::tie(kind, call) = batch_norm_kernel(*bn, 1, name, qparams);
-    } else if (auto* bn2d = dynamic_cast<torch::nn::BatchNorm2dImpl*>(&module)) {
-      std::tie(kind, call) = batch_norm_kernel(*bn2d, 2, name, qparams);
-    } else if (auto* bn3d = dynamic_cast<torch::nn::BatchNorm3dImpl*>(&module)) {
-      std::tie(kind, call) = batch_norm_kernel(*bn3d, 3, name, qparams);
-    } else if (auto* norm = dynamic_cast<torch::nn::LayerNormImpl*>(&module)) {
-      kind = "LayerNorm";
-      call = fmt::format(
-          "quantized.layer_norm(x, {}, {}, {}, {}, {})",
-          literal(at::IntArrayRef(norm->options.normalized_shape())),
-          tensor_attribute(name, "weight", norm->weight),
-          tensor_attribute(name, "bias", norm->bias), literal(norm->options.eps()), qparams);
-    } else if (auto* group = dynamic_cast<torch::nn::GroupNormImpl*>(&module)) {
-      kind = "GroupNorm";
-      call = fmt::format(
-          "quantized.group_norm(x, {}, {}, {}, {}, {})", group->options.num_groups(),
-          tensor_attribute(name, "weight", group->weight),
-          tensor_attribute(name, "bias", group->bias), literal(group->options.eps()), qparams);
-    } else if (auto* elu = dynamic_cast<torch::nn::ELUImpl*>(&module)) {
-      kind = "ELU";
-      call = fmt::format("quantized.elu(x, {}, {})", qparams, literal(elu->options.alpha()));
-    } else if (auto* leaky = dynamic_cast<torch::nn::LeakyReLUImpl*>(&module)) {
-      kind = "LeakyReLU";
-      call = fmt::format(
-          "quantized.leaky_relu(x, {}, False, {})", literal(leaky->options.negative_slope()),
-          qparams);
-    }
-    if (kind.empty()) {
+    const auto op = requantizing_op(module, name);
+    if (op.kind.empty()) {
       return false;
     }
-    emit("x = " + call);
+    const auto q = qparams_of(*out, out_name);
+    emit(fmt::format(
+        "x = {}{}, {}{}", op.kernel_head, literal(q.scale), q.zero_point, op.kernel_tail));
     LayerInfo info;
     info.op.name = name;
-    info.op.kind = kind;
+    info.op.kind = op.kind;
     info.op.scale = q.scale;
     info.op.zero_point = q.zero_point;
     info.activation_spec = out->spec();
@@ -760,23 +731,77 @@ class Converter {
     return true;
   }
 
-  // ("BatchNorm", quantized::batch_norm<dims>d's call) of a batch norm with running
-  // statistics; ("", "") without them (float_op refuses it with the reason).
+  // The two forms of an op whose quantized kernel writes its output with the qparams it is
+  // given (a batch norm with running statistics, a layer norm, a group norm, an ELU, a leaky
+  // ReLU): the quantized call is kernel_head + "scale, zero_point" + kernel_tail, the float
+  // one `floating`. An empty kind for any other module.
+  struct RequantizingOp {
+    std::string kind;
+    std::string kernel_head;
+    std::string kernel_tail;
+    std::string floating;
+  };
+
+  RequantizingOp requantizing_op(torch::nn::Module& module, const std::string& name) {
+    if (auto* bn = dynamic_cast<torch::nn::BatchNorm1dImpl*>(&module)) {
+      return batch_norm_op(*bn, 1, name);
+    }
+    if (auto* bn2d = dynamic_cast<torch::nn::BatchNorm2dImpl*>(&module)) {
+      return batch_norm_op(*bn2d, 2, name);
+    }
+    if (auto* bn3d = dynamic_cast<torch::nn::BatchNorm3dImpl*>(&module)) {
+      return batch_norm_op(*bn3d, 3, name);
+    }
+    if (auto* norm = dynamic_cast<torch::nn::LayerNormImpl*>(&module)) {
+      const auto args = fmt::format(
+          "{}, {}, {}, {}", literal(at::IntArrayRef(norm->options.normalized_shape())),
+          tensor_attribute(name, "weight", norm->weight),
+          tensor_attribute(name, "bias", norm->bias), literal(norm->options.eps()));
+      return {
+          "LayerNorm", "quantized.layer_norm(x, " + args + ", ", ")",
+          "torch.layer_norm(x, " + args + ")"};
+    }
+    if (auto* group = dynamic_cast<torch::nn::GroupNormImpl*>(&module)) {
+      const auto args = fmt::format(
+          "{}, {}, {}, {}", group->options.num_groups(),
+          tensor_attribute(name, "weight", group->weight),
+          tensor_attribute(name, "bias", group->bias), literal(group->options.eps()));
+      return {
+          "GroupNorm", "quantized.group_norm(x, " + args + ", ", ")",
+          "torch.group_norm(x, " + args + ")"};
+    }
+    if (auto* elu = dynamic_cast<torch::nn::ELUImpl*>(&module)) {
+      const auto alpha = literal(elu->options.alpha());
+      return {"ELU", "quantized.elu(x, ", ", " + alpha + ")", "torch.elu(x, " + alpha + ")"};
+    }
+    if (auto* leaky = dynamic_cast<torch::nn::LeakyReLUImpl*>(&module)) {
+      const auto slope = literal(leaky->options.negative_slope());
+      return {
+          "LeakyReLU", "quantized.leaky_relu(x, " + slope + ", False, ", ")",
+          "torch.leaky_relu(x, " + slope + ")"};
+    }
+    return {};
+  }
+
+  // A batch norm's forms (quantized::batch_norm<dims>d and eval-mode torch.batch_norm); one
+  // without running statistics has no eval form and is refused, naming it.
   template <typename BatchNorm>
-  std::pair<std::string, std::string> batch_norm_kernel(
-      const BatchNorm& bn, int dims, const std::string& name, const std::string& qparams) {
+  RequantizingOp batch_norm_op(const BatchNorm& bn, int dims, const std::string& name) {
     if (!bn.options.track_running_stats()) {
-      return {};
+      throw std::invalid_argument(fmt::format(
+          "qat::convert: '{}' ({}) keeps no running statistics, so it has no eval form", name,
+          bn.name()));
     }
     batch_norm_factor(bn, name);  // refuses a negative or non-finite variance, naming it
+    const auto tensors = fmt::format(
+        "{}, {}, {}, {}", tensor_attribute(name, "weight", bn.weight),
+        tensor_attribute(name, "bias", bn.bias),
+        tensor_attribute(name, "running_mean", bn.running_mean),
+        tensor_attribute(name, "running_var", bn.running_var));
+    const auto eps = literal(bn.options.eps());
     return {
-        "BatchNorm",
-        fmt::format(
-            "quantized.batch_norm{}d(x, {}, {}, {}, {}, {}, {})", dims,
-            tensor_attribute(name, "weight", bn.weight), tensor_attribute(name, "bias", bn.bias),
-            tensor_attribute(name, "running_mean", bn.running_mean),
-            tensor_attribute(name, "running_var", bn.running_var), literal(bn.options.eps()),
-            qparams)};
+        "BatchNorm", fmt::format("quantized.batch_norm{}d(x, {}, {}, ", dims, tensors, eps), ")",
+        fmt::format("torch.batch_norm(x, {}, False, 0.0, {}, False)", tensors, eps)};
   }
 
   // An op of fixed output range (sigmoid, tanh) whose quantized kernel the op-role table
@@ -861,21 +886,6 @@ class Converter {
     return fmt::format("[{}]", fmt::join(sizes, ", "));
   }
 
-  template <typename BatchNorm>
-  std::string float_batch_norm(const BatchNorm& bn, const std::string& name) {
-    if (!bn.options.track_running_stats()) {
-      throw std::invalid_argument(fmt::format(
-          "qat::convert: '{}' ({}) keeps no running statistics, so it has no eval form", name,
-          bn.name()));
-    }
-    batch_norm_factor(bn, name);
-    return fmt::format(
-        "torch.batch_norm(x, {}, {}, {}, {}, False, 0.0, {}, False)",
-        tensor_attribute(name, "weight", bn.weight), tensor_attribute(name, "bias", bn.bias),
-        tensor_attribute(name, "running_mean", bn.running_mean),
-        tensor_attribute(name, "running_var", bn.running_var), literal(bn.options.eps()));
-  }
-
   // Ops without an integer kernel here: they run in float after a dequantize, and the
   // FakeQuantize qat::prepare placed after them (if any) quantizes their output.
   bool float_op(torch::nn::Module& module, const std::string& name) {
@@ -906,12 +916,6 @@ class Converter {
           "torch.embedding({}, x, {}, False, False)",
           tensor_attribute(name, "weight", table->weight),
           table->options.padding_idx().value_or(-1));
-    } else if (auto* bn = dynamic_cast<torch::nn::BatchNorm1dImpl*>(&module)) {
-      call = float_batch_norm(*bn, name);
-    } else if (auto* bn2d = dynamic_cast<torch::nn::BatchNorm2dImpl*>(&module)) {
-      call = float_batch_norm(*bn2d, name);
-    } else if (auto* bn3d = dynamic_cast<torch::nn::BatchNorm3dImpl*>(&module)) {
-      call = float_batch_norm(*bn3d, name);
     } else if (auto* max3d = dynamic_cast<torch::nn::MaxPool3dImpl*>(&module)) {
       // No quantized max_pool3d in the op-role table: in float, as Python's convert runs it.
       call = max_pool("max_pool3d", max3d->options);
@@ -936,21 +940,8 @@ class Converter {
     } else if (auto* adaptive3d = dynamic_cast<torch::nn::AdaptiveAvgPool3dImpl*>(&module)) {
       call = fmt::format(
           "torch.adaptive_avg_pool3d(x, {})", output_size(*adaptive3d->options.output_size()));
-    } else if (auto* norm = dynamic_cast<torch::nn::LayerNormImpl*>(&module)) {
-      call = fmt::format(
-          "torch.layer_norm(x, {}, {}, {}, {})",
-          literal(at::IntArrayRef(norm->options.normalized_shape())),
-          tensor_attribute(name, "weight", norm->weight),
-          tensor_attribute(name, "bias", norm->bias), literal(norm->options.eps()));
-    } else if (auto* group = dynamic_cast<torch::nn::GroupNormImpl*>(&module)) {
-      call = fmt::format(
-          "torch.group_norm(x, {}, {}, {}, {})", group->options.num_groups(),
-          tensor_attribute(name, "weight", group->weight),
-          tensor_attribute(name, "bias", group->bias), literal(group->options.eps()));
-    } else if (auto* elu = dynamic_cast<torch::nn::ELUImpl*>(&module)) {
-      call = fmt::format("torch.elu(x, {})", literal(elu->options.alpha()));
-    } else if (auto* leaky = dynamic_cast<torch::nn::LeakyReLUImpl*>(&module)) {
-      call = fmt::format("torch.leaky_relu(x, {})", literal(leaky->options.negative_slope()));
+    } else if (auto op = requantizing_op(module, name); !op.kind.empty()) {
+      call = op.floating;
     } else if (dynamic_cast<torch::nn::ReLU6Impl*>(&module) != nullptr) {
       call = "torch.clamp(x, 0.0, 6.0)";
     } else if (auto* hardtanh = dynamic_cast<torch::nn::HardtanhImpl*>(&module)) {

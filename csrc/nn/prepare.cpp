@@ -224,8 +224,13 @@ class Preparer {
     if (i + 1 >= modules.size()) {
       return false;
     }
-    return folds<1>(*modules[i], *modules[i + 1]) || folds<2>(*modules[i], *modules[i + 1]) ||
-           folds<3>(*modules[i], *modules[i + 1]);
+    return fold_dims(*modules[i], *modules[i + 1]) != 0;
+  }
+
+  // The dimensions (1, 2 or 3) of a conv + batch norm pair that folds into one QAT layer; 0
+  // for any other pair.
+  static size_t fold_dims(const torch::nn::Module& conv, const torch::nn::Module& bn) {
+    return folds<1>(conv, bn) ? 1 : folds<2>(conv, bn) ? 2 : folds<3>(conv, bn) ? 3 : 0;
   }
 
   template <size_t D>
@@ -372,13 +377,14 @@ class Preparer {
       const std::string& name, bool relu) {
     const auto specs = *config_.spec_for(name);
     return for_layer(name, *conv, [&] {
-      if (is_exactly<torch::nn::Conv1dImpl>(*conv)) {
-        return fold<1>(conv, bn, specs.weight, relu);
+      switch (fold_dims(*conv, *bn)) {
+        case 1:
+          return fold<1>(conv, bn, specs.weight, relu);
+        case 2:
+          return fold<2>(conv, bn, specs.weight, relu);
+        default:
+          return fold<3>(conv, bn, specs.weight, relu);
       }
-      if (is_exactly<torch::nn::Conv2dImpl>(*conv)) {
-        return fold<2>(conv, bn, specs.weight, relu);
-      }
-      return fold<3>(conv, bn, specs.weight, relu);
     });
   }
 
