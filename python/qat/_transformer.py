@@ -21,10 +21,8 @@ takes them. Not taken apart (left to PyTorch, in float): attention with ``bias_k
 torchvision's Swin window attention (``ShiftedWindowAttention``) is taken apart the same
 way: its forward hands its ``qkv`` and ``proj`` Linears' weights to one wrapped function
 (``F.linear`` inside), so without a stand-in a third of swin_t's weights stay float. The
-stand-in calls the two Linears as modules and keeps the window partition, the attention
-and the window merge as wrapped functions (float in the integer model). Swin V2's
-attention is not taken apart: it zeroes the key part of the ``qkv`` bias inside its
-forward, which a Linear module cannot do.
+stand-ins (V1 and V2) call the two Linears as modules and keep the window partition, the
+attention and the window merge as wrapped functions (float in the integer model).
 """
 
 import math
@@ -295,6 +293,15 @@ def window_position_bias(table: Tensor, index: Tensor, window_size: List[int]) -
     return table[index].view(tokens, tokens, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
 
 
+def window_mlp_position_bias(table: Tensor, index: Tensor, window_size: List[int]) -> Tensor:
+    """Swin V2's position bias, 16 sigmoid(b), from the ``table`` of biases b that its MLP
+    gives the relative positions (..., heads). One call, so that prepare puts no
+    FakeQuantize on the bias (about 8 +- 0.1: a few steps of 8-bit grid) before the float
+    attention that adds it."""
+    return 16 * torch.sigmoid(window_position_bias(table.reshape(-1, table.size(-1)), index,
+                                                   window_size))
+
+
 def _qkv_heads(qkv: Tensor, heads: int) -> Tensor:
     """(windows, tokens, 3 * channels) -> (3, windows, heads, tokens, head channels)."""
     return qkv.reshape(qkv.size(0), qkv.size(1), 3, heads, qkv.size(2) // (3 * heads)).permute(
@@ -323,19 +330,37 @@ def _shift_mask(pad_h: int, pad_w: int, window_size: List[int], shift: List[int]
 
 
 def window_scores(qkv: Tensor, position_bias: Tensor, x: Tensor, window_size: List[int],
-                  shift_size: List[int], heads: int) -> Tensor:
+                  shift_size: List[int], heads: int,
+                  logit_scale: Optional[Tensor] = None) -> Tensor:
     """softmax(q k^T / sqrt(head channels) + position bias + shift mask) per window and
-    head, (windows, heads, tokens, tokens), from the projected windows of the input ``x``."""
+    head, (windows, heads, tokens, tokens), from the projected windows of the input ``x``;
+    with a ``logit_scale`` (Swin V2), the cosine of q and k times exp(min(logit_scale,
+    log 100)) instead of the scaled product."""
     split = _qkv_heads(qkv, heads)
-    scores = (split[0] * (qkv.size(2) // (3 * heads)) ** -0.5).matmul(split[1].transpose(-2, -1))
+    if logit_scale is None:
+        scores = (split[0] * (qkv.size(2) // (3 * heads)) ** -0.5).matmul(
+            split[1].transpose(-2, -1))
+    else:
+        scores = F.normalize(split[0], dim=-1).matmul(F.normalize(split[1], dim=-1).transpose(
+            -2, -1))
+        scores = scores * torch.clamp(logit_scale, max=math.log(100.0)).exp()
     scores = scores + position_bias
     pad_h, pad_w, shift = _window_geometry(x.shape, window_size, shift_size)
     if shift[0] + shift[1] > 0:
         mask = _shift_mask(pad_h, pad_w, window_size, shift, scores)
         tokens = scores.size(-1)
-        scores = scores.view(-1, mask.size(0), heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
+        scores = scores.view(-1, mask.size(0), heads, tokens, tokens) + mask.unsqueeze(
+            1).unsqueeze(0)
         scores = scores.view(-1, heads, tokens, tokens)
     return F.softmax(scores, dim=-1)
+
+
+def window_query_value_bias(qkv: Tensor, bias: Tensor) -> Tensor:
+    """``qkv`` plus the query and value parts of ``bias``: Swin V2 leaves the keys without
+    one, whatever the key part holds."""
+    length = bias.numel() // 3
+    return qkv + torch.cat([bias[:length], torch.zeros_like(bias[length:2 * length]),
+                            bias[2 * length:]])
 
 
 def window_values(probs: Tensor, qkv: Tensor, heads: int) -> Tensor:
@@ -348,7 +373,9 @@ def window_values(probs: Tensor, qkv: Tensor, heads: int) -> Tensor:
 fx.wrap("window_partition")
 fx.wrap("window_merge")
 fx.wrap("window_position_bias")
+fx.wrap("window_mlp_position_bias")
 fx.wrap("window_scores")
+fx.wrap("window_query_value_bias")
 fx.wrap("window_values")
 
 
@@ -360,29 +387,64 @@ class ShiftedWindowAttention(nn.Module):
     def __init__(self, attention: nn.Module):
         super().__init__()
         self.qkv, self.proj = attention.qkv, attention.proj
-        self.relative_position_bias_table = attention.relative_position_bias_table
+        if hasattr(attention, "relative_position_bias_table"):  # V2 has an MLP instead
+            self.relative_position_bias_table = attention.relative_position_bias_table
         self.register_buffer("relative_position_index", attention.relative_position_index)
         self.window_size, self.shift_size = list(attention.window_size), list(attention.shift_size)
         self.num_heads = attention.num_heads
         self.attention_dropout = nn.Dropout(attention.attention_dropout)
         self.dropout = nn.Dropout(attention.dropout)
 
+    def position_bias(self) -> Tensor:
+        return window_position_bias(self.relative_position_bias_table,
+                                    self.relative_position_index, self.window_size)
+
     def forward(self, x: Tensor) -> Tensor:
         qkv = self.qkv(window_partition(x, self.window_size, self.shift_size))
-        bias = window_position_bias(self.relative_position_bias_table,
-                                    self.relative_position_index, self.window_size)
-        probs = self.attention_dropout(window_scores(qkv, bias, x, self.window_size,
-                                                     self.shift_size, self.num_heads))
+        # V2's cosine attention scale and query / value bias; V1 has neither.
+        logit_scale = getattr(self, "logit_scale", None)
+        if getattr(self, "qkv_bias", None) is not None:
+            qkv = window_query_value_bias(qkv, self.qkv_bias)
+        probs = self.attention_dropout(window_scores(qkv, self.position_bias(), x,
+                                                     self.window_size, self.shift_size,
+                                                     self.num_heads, logit_scale))
         out = self.dropout(self.proj(window_values(probs, qkv, self.num_heads)))
         return window_merge(out, x, self.window_size, self.shift_size)
 
 
-def _is_swin_attention(module: nn.Module) -> bool:
-    """Whether ``module`` is torchvision's Swin V1 window attention itself (not V2 nor
-    another subclass, whose forwards differ)."""
+class ShiftedWindowAttentionV2(ShiftedWindowAttention):
+    """torchvision's ``ShiftedWindowAttentionV2``: cosine attention with a learned logit
+    scale, the position bias from a small MLP (``cpb_mlp``, its Linears swapped too), and no
+    key bias. The ``qkv`` Linear loses its bias to ``qkv_bias``, added after it in float
+    with the key part left out, as torchvision's forward does each call (a Linear module
+    adds all of its bias): the state dict has ``qkv_bias`` for ``qkv.bias``."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__(attention)
+        self.logit_scale, self.cpb_mlp = attention.logit_scale, attention.cpb_mlp
+        self.register_buffer("relative_coords_table", attention.relative_coords_table)
+        bias = attention.qkv.bias
+        if bias is not None:
+            weight = attention.qkv.weight
+            self.qkv = nn.Linear(weight.shape[1], weight.shape[0], bias=False,
+                                 device=weight.device, dtype=weight.dtype)
+            self.qkv.weight = weight
+        self.qkv_bias = bias
+
+    def position_bias(self) -> Tensor:
+        return window_mlp_position_bias(self.cpb_mlp(self.relative_coords_table),
+                                        self.relative_position_index, self.window_size)
+
+
+def _swin_attention(module: nn.Module) -> Optional[nn.Module]:
+    """The stand-in for torchvision's Swin window attention (V1 or V2 itself, not another
+    subclass, whose forward may differ), or None for any other module."""
     kind = type(module)
-    return (kind.__name__ == "ShiftedWindowAttention"
-            and kind.__module__ == "torchvision.models.swin_transformer")
+    if kind.__module__ != "torchvision.models.swin_transformer":
+        return None
+    stand_in = {"ShiftedWindowAttention": ShiftedWindowAttention,
+                "ShiftedWindowAttentionV2": ShiftedWindowAttentionV2}.get(kind.__name__)
+    return None if stand_in is None else stand_in(module).train(module.training)
 
 
 def _supported(attention: nn.Module) -> bool:
@@ -412,8 +474,9 @@ def _traceable(module: nn.Module) -> Optional[nn.Module]:
     kind = type(module)
     if kind is nn.MultiheadAttention and _supported(module):
         return MultiheadAttention(module).train(module.training)
-    if _is_swin_attention(module):
-        return ShiftedWindowAttention(module).train(module.training)
+    swin = _swin_attention(module)
+    if swin is not None:
+        return swin
     if kind not in _STAND_INS:
         return None
     stand_in, layer_kind = _STAND_INS[kind]

@@ -595,9 +595,11 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
     ``Decoder``) are first replaced by traceable equivalents (``qat._transformer``: the
     same arithmetic, each query / key / value / output projection an ``nn.Linear``), so
     that their projections are swapped and converted like any Linear; the attention
-    (scores, masks, softmax, weighted sum) runs in float. Token ids compared into a mask are not
-    quantized. Other torch.nn containers that are not traced into have their registered
-    children swapped in place, each quantizing its output with a FakeQuantize child,
+    (scores, masks, softmax, weighted sum) runs in float. torchvision's Swin window
+    attention (V1, V2) gets a stand-in too, its ``qkv`` / ``proj`` called as modules.
+    Token ids compared into a mask are not quantized. Other torch.nn containers that are
+    not traced into have their registered children swapped in place, each quantizing its
+    output with a FakeQuantize child,
     ``activation_post_process``; transformer layers with QAT children are kept off
     PyTorch's fused eval kernel, which reads the float weights directly.
     Parameter-free modules whose forward reads ``self.training`` stay modules, so that
