@@ -13,6 +13,7 @@
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/pooling.h>
+#include <torch/nn/modules/rnn.h>
 #include <torch/utils.h>
 
 #include <c10/util/Type.h>
@@ -57,6 +58,30 @@ bool passes_qparams(const torch::nn::Module& module) {
 
 bool requantizes(const torch::nn::Module& module) {
   return has_role(module, OpRole::kRequantizes);
+}
+
+// Attention and recurrent layers compute with their weights inside their own forward
+// (MultiheadAttention reads its out_proj's weight, never calling it): a swapped child would
+// never run, and without a graph there is nowhere to put their fake quantizers.
+template <typename... Types>
+bool is_any_of(const torch::nn::Module& module) {
+  return ((dynamic_cast<const Types*>(&module) != nullptr) || ...);
+}
+
+void refuse_computing_inside(const torch::nn::Module& module, const std::string& name) {
+  using namespace torch::nn;
+  if (!is_any_of<
+          MultiheadAttentionImpl, RNNImpl, LSTMImpl, GRUImpl, RNNCellImpl, LSTMCellImpl,
+          GRUCellImpl>(module)) {
+    return;
+  }
+  throw std::invalid_argument(fmt::format(
+      "qat::prepare: {} ({}) computes with its weights inside its own forward, where the C++ "
+      "front end has no graph to place fake quantizers; prepare the model in Python "
+      "(qat.prepare quantizes attention projections, qat.presets.w8a8_dynamic() recurrent "
+      "layers) and train the scripted model from C++ (examples/cpp/train_scripted.cpp){}",
+      name.empty() ? "the model" : fmt::format("'{}'", name), module.name(),
+      name.empty() ? "" : fmt::format(", or keep it in float with Config::skip(\"{}\")", name)));
 }
 
 // Every QAT layer quantizes its input (InputQuantized) but the weight-only tables.
@@ -174,6 +199,7 @@ class Preparer {
 
  private:
   void module(torch::nn::Module& module, const std::string& prefix) {
+    refuse_computing_inside(module, prefix);
     if (auto* sequential = dynamic_cast<torch::nn::SequentialImpl*>(&module)) {
       this->sequential(*sequential, prefix);
       return;

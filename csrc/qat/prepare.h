@@ -140,6 +140,12 @@ bool unregister_module() {
 ///   and "<layer>_input_fake_quant"; QAT layers keep their float layer's name;
 /// - layers named in `config.skip` stay in float, children included.
 ///
+/// Attention and recurrent layers (torch::nn::MultiheadAttention, RNN, LSTM, GRU and their
+/// cells) compute with their weights inside their own forward, where there is no graph to
+/// place fake quantizers in: prepare refuses them, pointing to the Python route (qat.prepare
+/// quantizes attention projections, the dynamic preset recurrent layers; the scripted model
+/// trains on from C++, examples/cpp/train_scripted.cpp), unless `config.skip` keeps them float.
+///
 /// Custom modules: a module holder member of a custom module (`torch::nn::Linear fc{nullptr}`
 /// used in forward as `fc(x)`) keeps pointing at the float layer after prepare replaces the
 /// registered child, so its forward would silently bypass quantization. Hold layers in
@@ -176,7 +182,8 @@ bool unregister_module() {
 ///         matches no module, or a layer cannot be swapped (named with its path and type, followed
 ///         by the reason: an observer C++ does not have, with the config entry that asks for it, a
 ///         Conv2d padding mode other than zeros, a BatchNorm2d that cannot be folded, a factory
-///         that throws std::invalid_argument).
+///         that throws std::invalid_argument), or it holds an attention or recurrent layer that
+///         is not skipped.
 void prepare(torch::nn::Module& root, const Config& config = Config());
 
 /// Runs `run` (which feeds calibration batches through the model) with every

@@ -313,6 +313,45 @@ CATCH_TEST_CASE(
       net->forward(x), torch::nn::functional::linear(x, linear->weight, linear->bias)));
 }
 
+struct AttentionNet : torch::nn::Module {
+  AttentionNet()
+      : proj(register_module("proj", torch::nn::Linear(8, 8))),
+        attention(register_module("attention", torch::nn::MultiheadAttention(8, 2))) {}
+  torch::nn::Linear proj;
+  torch::nn::MultiheadAttention attention;
+};
+
+CATCH_TEST_CASE(
+    "prepare refuses attention and recurrent layers, naming the Python route and the skip",
+    "[prepare]") {
+  const std::string route =
+      " computes with its weights inside its own forward, where the C++ front end has no graph "
+      "to place fake quantizers; prepare the model in Python (qat.prepare quantizes attention "
+      "projections, qat.presets.w8a8_dynamic() recurrent layers) and train the scripted model "
+      "from C++ (examples/cpp/train_scripted.cpp)";
+  auto net = std::make_shared<AttentionNet>();
+  CATCH_CHECK(
+      invalid_argument_message([&] { qat::prepare(*net); }) ==
+      "qat::prepare: 'attention' (" + net->attention->name() + ")" + route +
+          ", or keep it in float with Config::skip(\"attention\")");
+  // Refused before anything changed; the attention's out_proj (which its forward never
+  // calls) is not swapped even when the attention is skipped.
+  CATCH_CHECK(is_a<torch::nn::LinearImpl>(net->named_children()["proj"]));
+  qat::prepare(*net, qat::Config().skip("attention"));
+  CATCH_CHECK(is_a<qat::LinearImpl>(net->named_children()["proj"]));
+  CATCH_CHECK(is_a<torch::nn::LinearImpl>(net->named_modules()["attention.out_proj"]));
+
+  torch::nn::Sequential recurrent(torch::nn::Linear(4, 4), torch::nn::LSTM(4, 4));
+  CATCH_CHECK(
+      invalid_argument_message([&] { qat::prepare(*recurrent); }) ==
+      "qat::prepare: '1' (" + recurrent->ptr(1)->name() + ")" + route +
+          ", or keep it in float with Config::skip(\"1\")");
+  torch::nn::GRU gru(4, 4);
+  CATCH_CHECK(invalid_argument_message([&] {
+                qat::prepare(*gru);
+              }) == "qat::prepare: the model (" + gru->name() + ")" + route);
+}
+
 CATCH_TEST_CASE("prepare: skip, dynamic and bad input", "[prepare]") {
   torch::nn::Sequential net(
       torch::nn::Linear(4, 4), torch::nn::ReLU(), torch::nn::Linear(4, 4), torch::nn::Linear(4, 2));
