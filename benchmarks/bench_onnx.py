@@ -34,12 +34,11 @@ import torch
 import torchvision
 
 import qat
-from qat.datasets import load_fashion_mnist
 from qat.mobile import round_robin_ms, save_for_onnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "python"))
 # The parity tests' model and training loop, not copies.
-from helpers import FashionNet, train  # noqa: E402
+from helpers import fashion_float_model, fashion_qat_fine_tune  # noqa: E402
 
 MODELS = ("fashion_cnn", "resnet18", "mobilenet_v2")
 
@@ -137,22 +136,15 @@ def write_all(model, qat_models, batches, example, folder, name):
 
 
 def run_fashion(args, folder: str) -> None:
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    train_x, train_y = load_fashion_mnist(train=True)
-    test_x, test_y = load_fashion_mnist(train=False)
-    model = FashionNet()
-    train(model, train_x, train_y, 300, 0.05, gen)
+    model, train_x, train_y, test_x, test_y = fashion_float_model(
+        torch.Generator().manual_seed(0))
     model.eval()
     batches = [train_x[i:i + 128] for i in range(0, 512, 128)]
-    qat_models = {}
-    for preset in ("int8", "w4a8"):
-        qat_gen = torch.Generator().manual_seed(1)
-        qmodel = qat.prepare(_copy(model), getattr(qat.presets, preset)())
-        qat.calibrate(qmodel, batches, progress=False)
-        train(qmodel, train_x, train_y, 150, 0.01, qat_gen)
-        qat.disable_observer(qmodel)
-        qat_models[f"qat {preset}"] = qmodel.eval()
+    qat_models = {
+        f"qat {preset}": fashion_qat_fine_tune(model, train_x, train_y,
+                                               torch.Generator().manual_seed(1),
+                                               getattr(qat.presets, preset)(), batches)
+        for preset in ("int8", "w4a8")}
     paths, failed = write_all(model, qat_models, batches, test_x[:1], folder, "fashion_cnn")
 
     def accuracy(session) -> float:
@@ -162,12 +154,6 @@ def run_fashion(args, folder: str) -> None:
         return float((predictions == test_y.numpy()).mean())
 
     report("fashion_cnn (1x28x28)", paths, failed, test_x[:1], args, folder, accuracy)
-
-
-def _copy(model):
-    import copy
-
-    return copy.deepcopy(model).train()
 
 
 def run_torchvision(name: str, args, folder: str) -> None:

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import qat
-from qat.datasets import load_fashion_mnist
 
-from helpers import FashionNet, train
+from helpers import fashion_float_model, fashion_qat_fine_tune
 
 CPU_CAPABILITIES = ("default", "avx2")
 
@@ -144,13 +143,6 @@ def sample_values(shape, scale, zero_point, quant_min, quant_max, axis=None, gen
 def fashion_qat_model():
     """A Fashion-MNIST CNN trained in float, then QAT fine-tuned; the test split (the
     integer-model parity tests of every format share it)."""
-    torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    train_x, train_y = load_fashion_mnist(train=True)
-    test_x, test_y = load_fashion_mnist(train=False)
-    model = FashionNet()
-    train(model, train_x, train_y, 300, 0.05, gen)
-    qmodel = qat.prepare(model)
-    train(qmodel, train_x, train_y, 150, 0.01, gen)
-    qat.disable_observer(qmodel)
-    return qmodel.eval(), test_x, test_y
+    model, train_x, train_y, test_x, test_y = fashion_float_model(gen)
+    return fashion_qat_fine_tune(model, train_x, train_y, gen), test_x, test_y
