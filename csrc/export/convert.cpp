@@ -753,22 +753,14 @@ class Converter {
       return batch_norm_op(*bn3d, 3, name);
     }
     if (auto* norm = dynamic_cast<torch::nn::LayerNormImpl*>(&module)) {
-      const auto args = fmt::format(
-          "{}, {}, {}, {}", literal(at::IntArrayRef(norm->options.normalized_shape())),
-          tensor_attribute(name, "weight", norm->weight),
-          tensor_attribute(name, "bias", norm->bias), literal(norm->options.eps()));
-      return {
-          "LayerNorm", "quantized.layer_norm(x, " + args + ", ", ")",
-          "torch.layer_norm(x, " + args + ")"};
+      return norm_op(
+          "LayerNorm", "layer_norm", literal(at::IntArrayRef(norm->options.normalized_shape())),
+          name, norm->weight, norm->bias, norm->options.eps());
     }
     if (auto* group = dynamic_cast<torch::nn::GroupNormImpl*>(&module)) {
-      const auto args = fmt::format(
-          "{}, {}, {}, {}", group->options.num_groups(),
-          tensor_attribute(name, "weight", group->weight),
-          tensor_attribute(name, "bias", group->bias), literal(group->options.eps()));
-      return {
-          "GroupNorm", "quantized.group_norm(x, " + args + ", ", ")",
-          "torch.group_norm(x, " + args + ")"};
+      return norm_op(
+          "GroupNorm", "group_norm", std::to_string(group->options.num_groups()), name,
+          group->weight, group->bias, group->options.eps());
     }
     if (auto* elu = dynamic_cast<torch::nn::ELUImpl*>(&module)) {
       const auto alpha = literal(elu->options.alpha());
@@ -781,6 +773,19 @@ class Converter {
           "torch.leaky_relu(x, " + slope + ")"};
     }
     return {};
+  }
+
+  // A layer or group norm's forms: quantized.<op>(x, <shape or groups>, weight, bias, eps,
+  // qparams) and torch.<op> without the qparams.
+  RequantizingOp norm_op(
+      const char* kind, const char* op, const std::string& shape_or_groups, const std::string& name,
+      const torch::Tensor& weight, const torch::Tensor& bias, double eps) {
+    const auto args = fmt::format(
+        "{}, {}, {}, {}", shape_or_groups, tensor_attribute(name, "weight", weight),
+        tensor_attribute(name, "bias", bias), literal(eps));
+    return {
+        kind, fmt::format("quantized.{}(x, {}, ", op, args), ")",
+        fmt::format("torch.{}(x, {})", op, args)};
   }
 
   // A batch norm's forms (quantized::batch_norm<dims>d and eval-mode torch.batch_norm); one
