@@ -3,7 +3,7 @@ QAT fine-tuned, converted and exported to ``.ptl``; how closely the file follows
 simulation it was trained as.
 
     PYTHONPATH=python python benchmarks/report_torchvision.py [--models NAME ...]
-        [--budget-min 10] [--threads 2]
+        [--budget-min 10] [--steps FLOAT QAT] [--threads 2]
 
 Builders: ``torchvision.models.list_models(module=torchvision.models)`` (all of the
 installed torchvision's classification models, not a chosen subset). The six of the
@@ -95,9 +95,11 @@ def estimated_minutes(name: str, size: int, float_steps: int, qat_steps: int) ->
     return sorted(times[1:])[1] * (float_steps + 2 * qat_steps) / 60
 
 
-def measure(name: str, data, folder: str, budget: float) -> dict:
+def measure(name: str, data, folder: str, budget: float, steps=None) -> dict:
     images, labels, test_images, test_labels = data
     size, optimizer, float_steps, qat_steps = recipe(name)
+    if steps is not None:
+        float_steps, qat_steps = steps
     row = {"model": name, "size": size}
     minutes = estimated_minutes(name, size, float_steps, qat_steps)
     if minutes > budget:
@@ -138,6 +140,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=names, default=names)
     parser.add_argument("--budget-min", type=float, default=10.0,
                         help="largest estimated run, in minutes, to train a model for")
+    parser.add_argument("--steps", type=int, nargs=2, metavar=("FLOAT", "QAT"),
+                        help="float and QAT steps instead of the recipe's (a longer run for "
+                             "the models whose figures move with training)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -153,7 +158,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
             try:
-                row = measure(name, data, folder, args.budget_min)
+                row = measure(name, data, folder, args.budget_min, args.steps)
             except Exception as error:  # noqa: BLE001 - a row says why, the others still run
                 row = {"model": name, "size": "-",
                        "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
