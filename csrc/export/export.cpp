@@ -62,21 +62,24 @@ void check_writable(const std::string& path) {
   }
 }
 
-// A file name next to `target` (in its folder, so that renaming it over `target` is atomic)
-// that no other export uses; the file is removed when this goes out of scope, unless it was
-// renamed away.
+// A file of `target`'s name in a private folder next to it (in its folder, so that renaming
+// it over `target` is atomic) that no other export uses; the folder is removed when this goes
+// out of scope, with the file unless it was renamed away. The final name matters: a
+// TorchScript archive names its records after its file, so the file is the one a direct
+// save gives (not one whose every record header repeats a long temporary name).
 class TemporaryFile {
  public:
   explicit TemporaryFile(const std::string& target) {
     static std::atomic<uint64_t> count{0};
     const std::filesystem::path file(target);
-    path_ = (file.parent_path() /
-             fmt::format(".{}.{}-{}.tmp", file.filename().string(), ::getpid(), count.fetch_add(1)))
-                .string();
+    folder_ = file.parent_path() /
+              fmt::format(".{}.{}-{}", file.filename().string(), ::getpid(), count.fetch_add(1));
+    std::filesystem::create_directory(folder_);
+    path_ = (folder_ / file.filename()).string();
   }
   ~TemporaryFile() {
     std::error_code ignored;
-    std::filesystem::remove(path_, ignored);
+    std::filesystem::remove_all(folder_, ignored);
   }
   TemporaryFile(const TemporaryFile&) = delete;
   TemporaryFile& operator=(const TemporaryFile&) = delete;
@@ -84,6 +87,7 @@ class TemporaryFile {
   const std::string& path() const { return path_; }
 
  private:
+  std::filesystem::path folder_;
   std::string path_;
 };
 

@@ -7,6 +7,7 @@ written; and ``read_metadata`` to get it back."""
 import json
 import os
 import re
+import shutil
 import uuid
 import warnings
 import zipfile
@@ -272,8 +273,13 @@ def _write_checked(path: str, write: Callable[[str], None], check: Callable[[str
     ``path`` once ``check(temporary)`` passed: a failure leaves the previous file as it was,
     and a reader never sees half a file."""
     folder, name = os.path.split(os.path.abspath(path))
-    # Created by the writer as any new file is (mkstemp would make it 0600).
-    temporary = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+    # The temporary file has the final name, in a private folder next to ``path`` (the
+    # rename stays atomic): a TorchScript archive names its records after its file, so the
+    # file is the one a direct save gives, not one whose every record header repeats a long
+    # temporary name. Created as any new folder and file are (mkstemp would make them 0600).
+    staging = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex}")
+    os.mkdir(staging)
+    temporary = os.path.join(staging, name)
     try:
         write(temporary)
         check(temporary)
@@ -281,10 +287,8 @@ def _write_checked(path: str, write: Callable[[str], None], check: Callable[[str
             # The file it replaces keeps the permissions the user gave it.
             os.chmod(temporary, os.stat(path).st_mode & 0o7777)
         os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _refuse_qat_ops(scripted, int_model: nn.Module, path: str) -> None:
