@@ -400,10 +400,12 @@ class Converter {
             : qat::pack_weight(qweight.int_repr(), op.weight_bits, op.weight_quant_min));
     const auto scale = tensor_attribute(name, "weight_scale", scales.to(torch::kFloat));
     const bool zero = !table && !zero_points.any().item<bool>();
-    const auto zero_point = tensor_attribute(
-        name, "weight_zero_point",
-        zero ? torch::zeros({0}, torch::kInt)
-             : zero_points.to(table ? torch::kFloat : torch::kInt));
+    // Symmetric weights store no zero points (as Python's layers): a file gives every tensor,
+    // even an empty one, a record of its own.
+    const auto zero_point =
+        zero ? std::string("None")
+             : tensor_attribute(
+                   name, "weight_zero_point", zero_points.to(table ? torch::kFloat : torch::kInt));
     const auto bias_attr = tensor_attribute(name, "bias", op.bias);
     const auto attr = attribute(name, "packed_params");
     module_.register_attribute(attr, c10::OptionalType::create(packed_type), c10::IValue());

@@ -179,9 +179,10 @@ class _IntegerLayer(_PacksOnFirstForward, _WithOutputQParams):
         self.register_buffer("weight_data", torch.ops.qat.pack_weight(ints, weight_bits,
                                                                       weight_quant_min))
         self.register_buffer("weight_scale", scales.float())
-        # Symmetric weights (the default) have zero points of 0: none stored.
+        # Symmetric weights (the default) have zero points of 0: none stored (not even an
+        # empty tensor: a saved file gives each tensor a record, headers included).
         self.register_buffer("weight_zero_point", zero_points.to(torch.int32)
-                             if bool(zero_points.any()) else torch.zeros(0, dtype=torch.int32))
+                             if bool(zero_points.any()) else None)
         # A zero bias computes what no bias does.
         self.register_buffer("bias", torch.zeros(ints.shape[self.axis]) if bias is None
                              else bias.detach().float().clone())
@@ -195,9 +196,11 @@ class _IntegerLayer(_PacksOnFirstForward, _WithOutputQParams):
     def quantized_weight(self) -> torch.Tensor:
         """The weight as a quantized int8 tensor."""
         ints = self._ints()
-        zero_points = self.weight_zero_point.long()
-        if zero_points.numel() == 0:
+        stored = self.weight_zero_point
+        if stored is None:
             zero_points = torch.zeros(self.weight_scale.numel(), dtype=torch.long)
+        else:
+            zero_points = stored.long()
         if self.per_channel:
             return torch._make_per_channel_quantized_tensor(
                 ints, self.weight_scale.double(), zero_points, self.axis)
@@ -211,7 +214,8 @@ class _IntegerLayer(_PacksOnFirstForward, _WithOutputQParams):
     def _keep_stored(self) -> None:
         self.weight_data = self.weight_data
         self.weight_scale = self.weight_scale
-        self.weight_zero_point = self.weight_zero_point
+        if self.weight_zero_point is not None:
+            self.weight_zero_point = self.weight_zero_point
         self.bias = self.bias
 
     def extra_repr(self) -> str:

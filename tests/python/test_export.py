@@ -213,7 +213,7 @@ def test_weights_are_stored_packed_and_unpack_exactly(bits, values_per_byte):
     layer = qat.quantized.Conv2d(weight, None, [1, 1], [0, 0], [1, 1], 1, 0.1, 0,
                                  weight_bits=bits, weight_quant_min=low)
     assert layer.weight_data.numel() == -(-ints.numel() // values_per_byte)
-    assert layer.weight_zero_point.numel() == 0  # symmetric: no zero points stored
+    assert layer.weight_zero_point is None  # symmetric: no zero points stored
     restored = layer.quantized_weight()
     assert torch.equal(restored.int_repr(), ints)
     torch.testing.assert_close(restored.q_per_channel_scales(), scales.float().double())
