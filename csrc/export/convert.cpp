@@ -584,7 +584,7 @@ class Converter {
   template <typename Table>
   void embedding(Table& module, const std::string& name) {
     constexpr bool bag = std::is_same_v<Table, EmbeddingBagImpl>;
-    const auto what = fmt::format("'{}' ({})", name, bag ? "qat::EmbeddingBag" : "qat::Embedding");
+    const auto what = fmt::format("'{}' ({})", name, Table::display_name());
     auto& fq = *module.weight_fake_quant;
     if (!fq.spec().per_channel()) {
       throw std::invalid_argument(fmt::format(

@@ -695,7 +695,7 @@ template <typename Options, typename Derived>
 EmbeddingTableImpl<Options, Derived>::EmbeddingTableImpl(
     Options table_options, QuantSpec weight_spec)
     : options(std::move(table_options)), weight_spec_(weight_spec_for(std::move(weight_spec))) {
-  const auto name = std::is_same_v<Derived, EmbeddingImpl> ? "qat::Embedding" : "qat::EmbeddingBag";
+  const auto name = display_name();
   if (options.sparse()) {
     throw std::invalid_argument(fmt::format(
         "{}: sparse=true is not supported: a sparse gradient cannot flow back through the "
@@ -730,9 +730,8 @@ void EmbeddingTableImpl<Options, Derived>::reset() {
 template <typename Options, typename Derived>
 void EmbeddingTableImpl<Options, Derived>::pretty_print(std::ostream& stream) const {
   stream << fmt::format(
-      "{}(num_embeddings={}, embedding_dim={})",
-      std::is_same_v<Derived, EmbeddingImpl> ? "qat::Embedding" : "qat::EmbeddingBag",
-      options.num_embeddings(), options.embedding_dim());
+      "{}(num_embeddings={}, embedding_dim={})", display_name(), options.num_embeddings(),
+      options.embedding_dim());
 }
 
 template class EmbeddingTableImpl<torch::nn::EmbeddingOptions, EmbeddingImpl>;

@@ -403,9 +403,16 @@ TORCH_MODULE(ConvBn3d);
 /// (dense) table, and max_norm renormalizes the rows as they are read, which a stored
 /// integer table cannot. Parameter `weight`; child `weight_fake_quant`. `Options` is
 /// torch::nn::EmbeddingOptions or EmbeddingBagOptions, `Derived` the final class.
+class EmbeddingImpl;
+
 template <typename Options, typename Derived>
 class EmbeddingTableImpl : public torch::nn::Cloneable<Derived> {
  public:
+  /// "qat::Embedding" or "qat::EmbeddingBag": how errors and printing name the module.
+  static const char* display_name() {
+    return std::is_same_v<Derived, EmbeddingImpl> ? "qat::Embedding" : "qat::EmbeddingBag";
+  }
+
   /// A fresh table, initialized as torch::nn::Embedding / EmbeddingBag.
   /// @param options as the float module's.
   /// @param weight_spec the table's spec; a per-channel one is forced to axis 0 (rows).
