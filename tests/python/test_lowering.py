@@ -56,6 +56,20 @@ def test_round_bias_is_the_int32_grid_of_the_kernels_with_a_straight_through_gra
     torch.testing.assert_close(bias.grad, torch.ones(5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [1, 1000])
+def test_round_bias_adds_the_formulas_offset_to_the_bit(dtype, channels):
+    """The float32 loop of the training step and the tensor formula (other dtypes) add
+    bias + (round(bias / step) * step - bias), step = input scale x weight scale."""
+    generator = torch.Generator().manual_seed(7)
+    bias = torch.randn(1000, generator=generator, dtype=dtype) * 3
+    input_scale = torch.tensor([0.0173])
+    weight_scale = torch.rand(channels, generator=generator) * 0.01 + 1e-4
+    step = (input_scale * weight_scale).to(dtype)
+    expected = bias + (torch.round(bias / step) * step - bias)
+    assert torch.equal(ops.round_bias(bias, input_scale, weight_scale), expected)
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_integer_weight_is_what_pytorch_quantizes_the_fake_quantized_weight_to(per_channel):
     torch.manual_seed(2)
