@@ -37,12 +37,16 @@ c10::optional<double> averaging_constant(const QuantSpec& spec) {
 }
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
-// The signatures of the kernels registered in csrc/observers/minmax.cpp, which typed()
+// The signatures of the kernels registered in csrc/observers/, which typed()
 // checks against the registration.
 using FusedObserveFakeQuantizeFn = at::Tensor(
     const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, int64_t, int64_t,
     c10::optional<int64_t>, c10::optional<double>, bool, bool, bool, c10::string_view,
     const c10::optional<at::Tensor>&, bool, bool);
+using FakeQuantizedLinearFn = at::Tensor(
+    const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+    int64_t, int64_t, c10::optional<double>, bool, bool, bool, c10::string_view,
+    const c10::optional<at::Tensor>&);
 using FakeQuantizeFoldedFn = at::Tensor(
     const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
     int64_t, int64_t, c10::optional<double>, bool, bool, bool, c10::string_view,
@@ -443,6 +447,25 @@ torch::Tensor FakeQuantizeImpl::forward_folded(
       spec_.estimator(), observer->nonfinite_count, learns_scale_);
 }
 
+torch::Tensor FakeQuantizeImpl::linear(const torch::Tensor& input, const torch::Tensor& weight) {
+  const bool blocks = spec_.per_channel() && spec_.axis() == 0 && !fixed_range_ &&
+                      !learns_scale_ && !learns_zero_point_;
+  if (!blocks) {
+    return torch::nn::functional::linear(input, forward(weight));
+  }
+  const bool observe = is_observer_enabled();
+  if (observe) {
+    ensure_channels(weight.size(0));
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qat::fake_quantized_linear", "")
+                       .typed<FakeQuantizedLinearFn>();
+  return op.call(
+      input, weight, observer->min_val, observer->max_val, scale, zero_point, quant_min_,
+      quant_max_, averaging_constant(spec_), spec_.symmetric(), observe, is_fake_quant_enabled(),
+      spec_.estimator(), observer->nonfinite_count);
+}
+
 void FakeQuantizeImpl::to(torch::Device device, torch::Dtype /*dtype*/, bool non_blocking) {
   to(device, non_blocking);
 }
@@ -506,9 +529,11 @@ void LinearImpl::reset() {
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& input) {
   // The weight first: its per-channel scale, which the bias grid needs, is sized by it.
-  const auto quantized_weight = weight_fake_quant(weight);
-  auto output =
-      torch::nn::functional::linear(input, quantized_weight, kernel_bias(bias, *weight_fake_quant));
+  auto output = weight_fake_quant->linear(input, weight);
+  const auto added = kernel_bias(bias, *weight_fake_quant);
+  if (added.defined()) {
+    output = output + added;
+  }
   return relu ? torch::relu(output) : output;
 }
 

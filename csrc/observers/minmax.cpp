@@ -20,6 +20,7 @@
 #include "../ops/cpu/buffer_pool.h"
 #include "../ops/cpu/fake_quantize_loops.h"
 #include "../ops/fake_quantize_common.h"
+#include "observe_blocks.h"
 #include "qparams_math.h"
 
 namespace qat {
@@ -303,7 +304,7 @@ cpu::ChannelQParams update_channel(void* context, int64_t c, float lo, float hi)
 c10::optional<at::Tensor> observe_fake_quantize_channel_runs(
     const char* op, const at::Tensor& input, ObserverState& state, c10::optional<int64_t> axis,
     const std::string& estimator, const c10::optional<at::Tensor>& nonfinite_count,
-    const float* factor) {
+    const float* factor, const detail::WrittenBlocks* written = nullptr) {
   if (!axis.has_value() || *axis != 0 || !input.is_cpu() || input.scalar_type() != at::kFloat ||
       !input.is_contiguous() || input.dim() < 2 || input.size(0) == 0) {
     return c10::nullopt;
@@ -356,6 +357,16 @@ c10::optional<at::Tensor> observe_fake_quantize_channel_runs(
   args.choose = &update_channel;
   args.context = &update;
   args.nonfinite = counts.data_ptr<int64_t>();
+  // The loop hands each written block to the consumer with the output it lies in.
+  std::pair<const detail::WrittenBlocks*, const at::Tensor*> consumer{written, &output};
+  if (written != nullptr) {
+    args.written = [](void* context, int64_t first, int64_t last) {
+      const auto& c = *static_cast<decltype(consumer)*>(context);
+      c.first->consume(*c.second, first, last);
+    };
+    args.written_context = &consumer;
+    args.block_channels = written->block_channels;
+  }
   cpu::run_observe_forward_loop(args);
   // Written through data_ptr: bump the version counters as copy_ would.
   for (auto* t : {&state.running_min, &state.running_max, &state.scale, &state.zero_point}) {
@@ -508,6 +519,22 @@ at::Tensor fake_quantize_folded(
 }
 
 }  // namespace
+
+namespace detail {
+
+c10::optional<at::Tensor> observe_fake_quantize_weight_blocks(
+    const char* op, const at::Tensor& weight, at::Tensor& running_min, at::Tensor& running_max,
+    at::Tensor& scale, at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+    c10::optional<double> averaging_constant, bool symmetric, const std::string& estimator,
+    const c10::optional<at::Tensor>& nonfinite_count, const WrittenBlocks& written) {
+  ObserverState state{running_min, running_max,        scale,    zero_point, quant_min,
+                      quant_max,   averaging_constant, symmetric};
+  detail::check_quant_range(op, quant_min, quant_max);
+  return observe_fake_quantize_channel_runs(
+      op, weight, state, 0, estimator, nonfinite_count, nullptr, &written);
+}
+
+}  // namespace detail
 
 void merge_range(
     at::Tensor& running_min, at::Tensor& running_max, const at::Tensor& batch_min,

@@ -114,6 +114,12 @@ class FakeQuantizeImpl : public torch::nn::Cloneable<FakeQuantizeImpl> {
   /// @param factor one folding factor per output channel (gamma / sqrt(var + eps)).
   torch::Tensor forward_folded(const torch::Tensor& weight, const torch::Tensor& factor);
 
+  /// `torch::nn::functional::linear(input, forward(weight))` (no bias) for a Linear's
+  /// weight, output features along axis 0: per channel along axis 0 with qparams that are
+  /// not learned, one operator (`qat::fake_quantized_linear`) multiplies the input with
+  /// each block of output channels as soon as it is fake-quantized, while it is in cache.
+  torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& weight);
+
   /// Sets scale and zero point (learned ones too) from the observer's range.
   void update_qparams();
 

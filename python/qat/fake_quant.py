@@ -7,6 +7,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import estimators, observers
@@ -225,6 +226,43 @@ class FakeQuantize(_QuantState):
             self.zero_point, self.quant_min, self.quant_max, self.averaging_constant,
             self.symmetric, observe, quantize, self.estimator, self.observer.nonfinite_count,
             self.learns_scale)
+
+    def linear(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``F.linear(input, self(weight))`` (no bias) for a Linear's weight quantizer.
+
+        For the minmax and moving-average observers per channel along axis 0 (the default
+        weight spec), one operator, ``torch.ops.qat.fake_quantized_linear``, multiplies the
+        input with each block of output channels as soon as it is fake-quantized, while
+        the block is still in cache: a training batch of a few rows otherwise reads the
+        whole quantized weight back from memory after writing it.
+        """
+        if torch.jit.is_scripting():
+            return self._linear(input, weight)
+        return self._linear_named(input, weight)
+
+    @torch.jit.unused
+    def _linear_named(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._linear(input, weight)
+        except RuntimeError as error:
+            raise self._named(error) from error
+
+    def _linear(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        blocks = self.fused and self.per_channel and self.ch_axis == 0
+        if not torch.jit.is_scripting():
+            blocks = blocks and not distributed_active()
+        if not blocks:
+            return F.linear(input, self(weight))
+        observe = bool(self.observer_enabled)
+        if not torch.jit.is_scripting():
+            if observe:
+                self.observer._ensure_channels(weight.shape[0])
+                self._ensure_channels(weight.shape[0])
+        return torch.ops.qat.fake_quantized_linear(
+            input, weight, self.observer.min_val, self.observer.max_val, self.scale,
+            self.zero_point, self.quant_min, self.quant_max, self.averaging_constant,
+            self.symmetric, observe, bool(self.fake_quant_enabled), self.estimator,
+            self.observer.nonfinite_count)
 
     def calculate_qparams(self):
         """The observer's (scale, zero_point) for what it has seen."""

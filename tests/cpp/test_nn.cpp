@@ -185,6 +185,40 @@ CATCH_TEST_CASE("Config overrides: exact name over pattern, skip over overrides"
   CATCH_CHECK(cfg.is_skipped("head"));
 }
 
+CATCH_TEST_CASE(
+    "qat::Linear's blocked matmul equals linear of the module's fake-quantized weight",
+    "[nn][modules]") {
+  // 600 x 1100: blocks of 238 output channels, so each thread hands over several; 8 input
+  // rows take the blocked path of qat::fake_quantized_linear.
+  torch::manual_seed(4);
+  torch::nn::Linear linear(torch::nn::LinearOptions(1100, 600).bias(false));
+  qat::Linear qlinear(linear.ptr(), qat::Config().weight());
+  qat::FakeQuantize plain(qat::QuantSpec(qat::Config().weight()).axis(0));
+  const auto weight = linear->weight.detach().clone().requires_grad_();
+  for (int step = 0; step < 3; ++step) {
+    const auto x = torch::randn({8, 1100}, torch::requires_grad());
+    const auto x_ref = x.detach().clone().requires_grad_();
+    const auto y = qlinear(x);
+    CATCH_CHECK(y.grad_fn()->name().find("ComputedLinear") != std::string::npos);
+    const auto expected = torch::nn::functional::linear(x_ref, plain(weight));
+    CATCH_CHECK(torch::allclose(y, expected, 1e-5, 1e-5));
+    const auto grad = torch::randn({8, 600});
+    y.backward(grad);
+    expected.backward(grad);
+    CATCH_CHECK(torch::allclose(linear->weight.grad(), weight.grad(), 1e-5, 1e-5));
+    CATCH_CHECK(torch::allclose(x.grad(), x_ref.grad(), 1e-5, 1e-5));
+    CATCH_CHECK(torch::equal(qlinear->weight_fake_quant->scale, plain->scale));
+    CATCH_CHECK(torch::equal(qlinear->weight_fake_quant->observer->max_val,
+                             plain->observer->max_val));
+    torch::NoGradGuard no_grad;
+    linear->weight.grad().zero_();
+    weight.grad().zero_();
+    // A training step moves the weight, and the observers' running range with it.
+    linear->weight.mul_(1.1);
+    weight.mul_(1.1);
+  }
+}
+
 CATCH_TEST_CASE("FakeQuantize forward equals the reference formula", "[nn][fake_quantize]") {
   torch::manual_seed(0);
   CATCH_SECTION("per tensor, affine, minmax") {

@@ -92,6 +92,13 @@ struct ObserveForwardLoopArgs {
   ChooseQParams choose = nullptr;
   void* context = nullptr;
   int64_t* nonfinite = nullptr;  // one per channel
+  // When set, called with each block of `block_channels` channels (fewer at the end of a
+  // thread's share) as soon as the block is written, from the thread that wrote it, so
+  // that a consumer of the output (a matmul) reads it while it is still in that core's
+  // cache. Blocks are disjoint and may be handed over concurrently.
+  void (*written)(void* context, int64_t first, int64_t last) = nullptr;
+  void* written_context = nullptr;
+  int64_t block_channels = 0;
 };
 
 // The shortest channel run that observe_forward_loop takes.

@@ -1005,20 +1005,29 @@ void aminmax_loop(const AminmaxLoopArgs& a) {
 void observe_forward_loop(const ObserveForwardLoopArgs& a) {
   const auto& l = a.layout;
   TORCH_INTERNAL_ASSERT(l.outer == 1 && l.inner >= kMinObserveForwardRun);
-  const int64_t grain = std::max<int64_t>(1, kGrain / l.inner);
+  const bool blocked = a.written != nullptr && a.block_channels > 0;
+  const int64_t grain = blocked ? a.block_channels : std::max<int64_t>(1, kGrain / l.inner);
   at::parallel_for(0, l.channels, grain, [&](int64_t first, int64_t last) {
-    forward_piece<float, float>(
-        a.input, a.output, nullptr, a.clamped, first * l.inner, last * l.inner, [&](auto&& run) {
-          for (int64_t c = first; c < last; ++c) {
-            ChannelStats stats;
-            aminmax_uniform_run(a.input + c * l.inner, l.inner, stats);
-            a.nonfinite[c] = stats.nonfinite;
-            const auto q = a.choose(a.context, c, stats.min, stats.max);
-            run(c * l.inner, l.inner,
-                UniformParams<float>(
-                    make_channel<float>(q.scale, q.zero_point, a.quant_min, a.quant_max)));
-          }
-        });
+    const int64_t block = blocked ? a.block_channels : last - first;
+    for (int64_t begin = first; begin < last; begin += block) {
+      const int64_t end = std::min(last, begin + block);
+      forward_piece<float, float>(
+          a.input, a.output, nullptr, a.clamped, begin * l.inner, end * l.inner,
+          [&](auto&& run) {
+            for (int64_t c = begin; c < end; ++c) {
+              ChannelStats stats;
+              aminmax_uniform_run(a.input + c * l.inner, l.inner, stats);
+              a.nonfinite[c] = stats.nonfinite;
+              const auto q = a.choose(a.context, c, stats.min, stats.max);
+              run(c * l.inner, l.inner,
+                  UniformParams<float>(
+                      make_channel<float>(q.scale, q.zero_point, a.quant_min, a.quant_max)));
+            }
+          });
+      if (a.written != nullptr) {
+        a.written(a.written_context, begin, end);
+      }
+    }
   });
 }
 

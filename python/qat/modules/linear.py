@@ -3,7 +3,6 @@
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantSpec
@@ -16,7 +15,8 @@ __all__ = ["Linear"]
 class Linear(nn.Linear):
     """``nn.Linear`` whose weight goes through ``weight_fake_quant`` (a
     :class:`qat.FakeQuantize`, per channel along the output features when the spec is per
-    channel) before ``F.linear``. The integer kernels quantize the bias to int32 with the
+    channel) before the matmul (``weight_fake_quant.linear``, which runs the two as one
+    operator where it can: :meth:`qat.FakeQuantize.linear`). The integer kernels quantize the bias to int32 with the
     input scale times the weight scale; given ``input_scale`` (as :func:`qat.prepare`
     passes it, the scale of the FakeQuantize before the layer) and with the weight
     fake-quantized, the bias is rounded the same way (``torch.ops.qat.round_bias``).
@@ -35,10 +35,12 @@ class Linear(nn.Linear):
 
     def forward(self, input: torch.Tensor,
                 input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        weight = self.weight_fake_quant(self.weight)
+        # The weight first: its per-channel scale, which the bias grid needs, is sized by it.
+        output = self.weight_fake_quant.linear(input, self.weight)
         bias = kernel_bias(self.bias, input_scale, self.weight_fake_quant.scale,
                            bool(self.weight_fake_quant.fake_quant_enabled))
-        output = F.linear(input, weight, bias)
+        if bias is not None:
+            output = output + bias
         if hasattr(self, "activation_post_process"):
             # The eager fallback of qat.prepare quantizes the output here (no hook: see
             # qat.prepare._quantize_output).
