@@ -448,8 +448,8 @@ torch::Tensor FakeQuantizeImpl::forward_folded(
 }
 
 torch::Tensor FakeQuantizeImpl::linear(const torch::Tensor& input, const torch::Tensor& weight) {
-  const bool blocks = spec_.per_channel() && spec_.axis() == 0 && !fixed_range_ &&
-                      !learns_scale_ && !learns_zero_point_;
+  const bool blocks = spec_.per_channel() && spec_.axis() == 0 && !fixed_range_ && !learns_scale_ &&
+                      !learns_zero_point_;
   if (!blocks) {
     return torch::nn::functional::linear(input, forward(weight));
   }

@@ -208,8 +208,8 @@ CATCH_TEST_CASE(
     CATCH_CHECK(torch::allclose(linear->weight.grad(), weight.grad(), 1e-5, 1e-5));
     CATCH_CHECK(torch::allclose(x.grad(), x_ref.grad(), 1e-5, 1e-5));
     CATCH_CHECK(torch::equal(qlinear->weight_fake_quant->scale, plain->scale));
-    CATCH_CHECK(torch::equal(qlinear->weight_fake_quant->observer->max_val,
-                             plain->observer->max_val));
+    CATCH_CHECK(
+        torch::equal(qlinear->weight_fake_quant->observer->max_val, plain->observer->max_val));
     torch::NoGradGuard no_grad;
     linear->weight.grad().zero_();
     weight.grad().zero_();

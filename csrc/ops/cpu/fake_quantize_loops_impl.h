@@ -1012,8 +1012,7 @@ void observe_forward_loop(const ObserveForwardLoopArgs& a) {
     for (int64_t begin = first; begin < last; begin += block) {
       const int64_t end = std::min(last, begin + block);
       forward_piece<float, float>(
-          a.input, a.output, nullptr, a.clamped, begin * l.inner, end * l.inner,
-          [&](auto&& run) {
+          a.input, a.output, nullptr, a.clamped, begin * l.inner, end * l.inner, [&](auto&& run) {
             for (int64_t c = begin; c < end; ++c) {
               ChannelStats stats;
               aminmax_uniform_run(a.input + c * l.inner, l.inner, stats);
