@@ -9,7 +9,6 @@
 // still written: the input gradient is computed from it.
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -77,11 +76,6 @@ struct ComputedLinear : public torch::autograd::Function<ComputedLinear> {
   }
 };
 
-using FusedObserveFakeQuantizeFn = at::Tensor(
-    const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, int64_t, int64_t,
-    c10::optional<int64_t>, c10::optional<double>, bool, bool, bool, c10::string_view,
-    const c10::optional<at::Tensor>&, bool, bool);
-
 at::Tensor fake_quantized_linear(
     const at::Tensor& input, const at::Tensor& weight, at::Tensor& running_min,
     at::Tensor& running_max, at::Tensor& scale, at::Tensor& zero_point, int64_t quant_min,
@@ -119,14 +113,11 @@ at::Tensor fake_quantized_linear(
       return ComputedLinear::apply(input, *quantized, &output);
     }
   }
-  static auto fused = c10::Dispatcher::singleton()
-                          .findSchemaOrThrow("qat::fused_observe_fake_quantize", "")
-                          .typed<FusedObserveFakeQuantizeFn>();
   return at::linear(
-      input, fused.call(
-                 weight, running_min, running_max, scale, zero_point, quant_min, quant_max, 0,
+      input, detail::observe_fake_quantize_weight(
+                 weight, running_min, running_max, scale, zero_point, quant_min, quant_max,
                  averaging_constant, symmetric, observe, fake_quantize_enabled, estimator,
-                 nonfinite_count, false, true));
+                 nonfinite_count));
 }
 
 }  // namespace

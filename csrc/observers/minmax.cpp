@@ -534,6 +534,18 @@ c10::optional<at::Tensor> observe_fake_quantize_weight_blocks(
       op, weight, state, 0, estimator, nonfinite_count, nullptr, &written);
 }
 
+at::Tensor observe_fake_quantize_weight(
+    const at::Tensor& weight, at::Tensor& running_min, at::Tensor& running_max, at::Tensor& scale,
+    at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+    c10::optional<double> averaging_constant, bool symmetric, bool observe,
+    bool fake_quantize_enabled, c10::string_view estimator,
+    const c10::optional<at::Tensor>& nonfinite_count) {
+  return fused_observe_fake_quantize(
+      weight, running_min, running_max, scale, zero_point, quant_min, quant_max, 0,
+      averaging_constant, symmetric, observe, fake_quantize_enabled, estimator, nonfinite_count,
+      false, true);
+}
+
 }  // namespace detail
 
 void merge_range(

@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <cstdint>
 #include <string>
@@ -32,6 +33,15 @@ c10::optional<at::Tensor> observe_fake_quantize_weight_blocks(
     at::Tensor& scale, at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
     c10::optional<double> averaging_constant, bool symmetric, const std::string& estimator,
     const c10::optional<at::Tensor>& nonfinite_count, const WrittenBlocks& written);
+
+// qat::fused_observe_fake_quantize(weight, ..., axis=0, ...) on any path: the weight
+// fake-quantized per output channel, as a whole.
+at::Tensor observe_fake_quantize_weight(
+    const at::Tensor& weight, at::Tensor& running_min, at::Tensor& running_max, at::Tensor& scale,
+    at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+    c10::optional<double> averaging_constant, bool symmetric, bool observe,
+    bool fake_quantize_enabled, c10::string_view estimator,
+    const c10::optional<at::Tensor>& nonfinite_count);
 
 }  // namespace detail
 }  // namespace qat
