@@ -715,7 +715,7 @@ class Converter {
     if (out == nullptr || !quantized_) {
       return false;
     }
-    const auto op = requantizing_op(module, name);
+    const auto op = requantizing_op(module, name, /*kernel=*/true);
     if (op.kind.empty()) {
       return false;
     }
@@ -735,8 +735,8 @@ class Converter {
 
   // The two forms of an op whose quantized kernel writes its output with the qparams it is
   // given (a batch norm with running statistics, a layer norm, a group norm, an ELU, a leaky
-  // ReLU): the quantized call is kernel_head + "scale, zero_point" + kernel_tail, the float
-  // one `floating`. An empty kind for any other module.
+  // ReLU): the quantized call is kernel_head + "scale, zero_point" + kernel_tail (when
+  // `kernel`), the float one `floating` (else). An empty kind for any other module.
   struct RequantizingOp {
     std::string kind;
     std::string kernel_head;
@@ -744,15 +744,15 @@ class Converter {
     std::string floating;
   };
 
-  RequantizingOp requantizing_op(torch::nn::Module& module, const std::string& name) {
+  RequantizingOp requantizing_op(torch::nn::Module& module, const std::string& name, bool kernel) {
     if (auto* bn = dynamic_cast<torch::nn::BatchNorm1dImpl*>(&module)) {
-      return batch_norm_op(*bn, 1, name);
+      return batch_norm_op(*bn, 1, name, kernel);
     }
     if (auto* bn2d = dynamic_cast<torch::nn::BatchNorm2dImpl*>(&module)) {
-      return batch_norm_op(*bn2d, 2, name);
+      return batch_norm_op(*bn2d, 2, name, kernel);
     }
     if (auto* bn3d = dynamic_cast<torch::nn::BatchNorm3dImpl*>(&module)) {
-      return batch_norm_op(*bn3d, 3, name);
+      return batch_norm_op(*bn3d, 3, name, kernel);
     }
     if (auto* norm = dynamic_cast<torch::nn::LayerNormImpl*>(&module)) {
       return norm_op(
@@ -790,25 +790,39 @@ class Converter {
         fmt::format("torch.{}(x, {})", op, args)};
   }
 
-  // A batch norm's forms (quantized::batch_norm<dims>d and eval-mode torch.batch_norm); one
-  // without running statistics has no eval form and is refused, naming it.
+  // A batch norm's forms: quantized::batch_norm<dims>d with its affine map
+  // (qat::batch_norm_affine) and running statistics 0 and 1, as Python's
+  // qat.quantized.BatchNorm stores it, or eval-mode torch.batch_norm with its own tensors.
+  // One without running statistics has no eval form and is refused, naming it.
   template <typename BatchNorm>
-  RequantizingOp batch_norm_op(const BatchNorm& bn, int dims, const std::string& name) {
+  RequantizingOp batch_norm_op(
+      const BatchNorm& bn, int dims, const std::string& name, bool kernel) {
     if (!bn.options.track_running_stats()) {
       throw std::invalid_argument(fmt::format(
           "qat::convert: '{}' ({}) keeps no running statistics, so it has no eval form", name,
           bn.name()));
     }
     batch_norm_factor(bn, name);  // refuses a negative or non-finite variance, naming it
+    if (kernel) {
+      const auto affine = qat::batch_norm_affine(
+          bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.options.eps());
+      const auto weight = tensor_attribute(name, "weight", std::get<0>(affine));
+      return {
+          "BatchNorm",
+          fmt::format(
+              "quantized.batch_norm{}d(x, {}, {}, torch.zeros_like({}), torch.ones_like({}), 0.0, ",
+              dims, weight, tensor_attribute(name, "bias", std::get<1>(affine)), weight, weight),
+          ")", ""};
+    }
     const auto tensors = fmt::format(
         "{}, {}, {}, {}", tensor_attribute(name, "weight", bn.weight),
         tensor_attribute(name, "bias", bn.bias),
         tensor_attribute(name, "running_mean", bn.running_mean),
         tensor_attribute(name, "running_var", bn.running_var));
-    const auto eps = literal(bn.options.eps());
     return {
-        "BatchNorm", fmt::format("quantized.batch_norm{}d(x, {}, {}, ", dims, tensors, eps), ")",
-        fmt::format("torch.batch_norm(x, {}, False, 0.0, {}, False)", tensors, eps)};
+        "BatchNorm", "", "",
+        fmt::format(
+            "torch.batch_norm(x, {}, False, 0.0, {}, False)", tensors, literal(bn.options.eps()))};
   }
 
   // An op of fixed output range (sigmoid, tanh) whose quantized kernel the op-role table
@@ -947,7 +961,7 @@ class Converter {
     } else if (auto* adaptive3d = dynamic_cast<torch::nn::AdaptiveAvgPool3dImpl*>(&module)) {
       call = fmt::format(
           "torch.adaptive_avg_pool3d(x, {})", output_size(*adaptive3d->options.output_size()));
-    } else if (auto op = requantizing_op(module, name); !op.kind.empty()) {
+    } else if (auto op = requantizing_op(module, name, /*kernel=*/false); !op.kind.empty()) {
       call = op.floating;
     } else if (dynamic_cast<torch::nn::ReLU6Impl*>(&module) != nullptr) {
       call = "torch.clamp(x, 0.0, 6.0)";

@@ -43,6 +43,43 @@ at::Tensor fold_bias(
   return bn_bias.has_value() && bn_bias->defined() ? *bn_bias + scaled : scaled;
 }
 
+std::tuple<at::Tensor, at::Tensor> batch_norm_affine(
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean, const at::Tensor& running_var, double eps) {
+  constexpr const char* op = "qat::batch_norm_affine";
+  const int64_t channels = running_var.numel();
+  const auto values = [&](const c10::optional<at::Tensor>& t, const char* what) {
+    TORCH_CHECK_VALUE(
+        t->dim() == 1 && t->numel() == channels, op, ": ", what,
+        " must be 1-D with one value per channel (", channels, " as running_var), got shape ",
+        t->sizes());
+    return t->detach().to(at::kCPU, at::kFloat).contiguous();
+  };
+  TORCH_CHECK_VALUE(
+      running_var.dim() == 1, op, ": running_var must be 1-D, got shape ", running_var.sizes());
+  const auto has = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
+  const auto var = values(running_var, "running_var");
+  const auto mean = values(running_mean, "running_mean");
+  const auto gamma = has(weight) ? values(weight, "weight") : at::ones({channels}, var.options());
+  const auto beta = has(bias) ? values(bias, "bias") : at::zeros({channels}, var.options());
+  auto folded_weight = at::empty_like(var);
+  auto folded_bias = at::empty_like(var);
+  const float* v = var.data_ptr<float>();
+  const float* m = mean.data_ptr<float>();
+  const float* g = gamma.data_ptr<float>();
+  const float* b = beta.data_ptr<float>();
+  float* w_out = folded_weight.data_ptr<float>();
+  float* b_out = folded_bias.data_ptr<float>();
+  for (int64_t c = 0; c < channels; ++c) {
+    // The kernels' operations and their order: a float square root, its reciprocal in
+    // double rounded to float, then float products (no fused multiply-add, see CMake).
+    const float inv_sigma = static_cast<float>(1.0 / std::sqrt(v[c] + static_cast<float>(eps)));
+    w_out[c] = inv_sigma * g[c];
+    b_out[c] = b[c] - m[c] * inv_sigma * g[c];
+  }
+  return {folded_weight, folded_bias};
+}
+
 at::Tensor round_bias(
     const at::Tensor& bias, const at::Tensor& input_scale, const at::Tensor& weight_scale) {
   const bool plain = bias.is_cpu() && bias.scalar_type() == at::kFloat && bias.dim() == 1 &&
@@ -200,6 +237,10 @@ TORCH_LIBRARY_FRAGMENT(qat, m) {
       "fold_bias(Tensor? conv_bias, Tensor? bn_bias, Tensor running_mean, Tensor factor) -> "
       "Tensor",
       TORCH_FN(qat::fold_bias));
+  m.def(
+      "batch_norm_affine(Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
+      "float eps) -> (Tensor, Tensor)",
+      TORCH_FN(qat::batch_norm_affine));
   m.def(
       "round_bias(Tensor bias, Tensor input_scale, Tensor weight_scale) -> Tensor",
       TORCH_FN(qat::round_bias));

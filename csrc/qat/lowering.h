@@ -27,6 +27,17 @@ at::Tensor fold_bias(
     const c10::optional<at::Tensor>& conv_bias, const c10::optional<at::Tensor>& bn_bias,
     const at::Tensor& running_mean, const at::Tensor& factor);
 
+/// (gamma / sqrt(running_var + eps), beta - running_mean * gamma / sqrt(running_var + eps)):
+/// a batch norm in eval as one affine map per channel, computed in float32 as PyTorch's
+/// quantized::batch_norm kernels compute it from the four tensors, so that the kernel given
+/// this weight and bias with running mean 0, variance 1 and eps 0 writes the same integers.
+/// An integer model stores two vectors per batch norm instead of four.
+/// @param weight, bias gamma and beta (undefined: 1 and 0, a batch norm without affine).
+/// @throws c10::ValueError when the tensors are not 1-D of one length.
+std::tuple<at::Tensor, at::Tensor> batch_norm_affine(
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean, const at::Tensor& running_var, double eps);
+
 /// `bias` on the grid the integer kernels add it on: int32 multiples of
 /// input_scale * weight_scale (one step per output channel), with a straight-through
 /// gradient. The kernels round the bias once per channel; rounding it in the simulation

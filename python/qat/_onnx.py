@@ -194,14 +194,13 @@ class _Emitter:
         elif isinstance(module, quantized.LeakyReLU):
             y = self.op("LeakyRelu", [args[0]], name, alpha=float(module.negative_slope))
         elif isinstance(module, quantized.BatchNorm):
-            channels = module.running_mean.numel()
-            ones, zeros = np.ones(channels, np.float32), np.zeros(channels, np.float32)
-            weight = ones if module.weight is None else module.weight.numpy()
-            bias = zeros if module.bias is None else module.bias.numpy()
+            # Its affine map (weight, bias), with the running statistics 0 and 1 it keeps.
+            channels = module.weight.numel()
             y = self.op("BatchNormalization", [
-                args[0], self.const(f"{name}.weight", weight), self.const(f"{name}.bias", bias),
-                self.const(f"{name}.running_mean", module.running_mean.numpy()),
-                self.const(f"{name}.running_var", module.running_var.numpy())],
+                args[0], self.const(f"{name}.weight", module.weight.numpy()),
+                self.const(f"{name}.bias", module.bias.numpy()),
+                self.const(f"{name}.running_mean", np.zeros(channels, np.float32)),
+                self.const(f"{name}.running_var", np.ones(channels, np.float32))],
                 name, epsilon=module.eps)
         elif isinstance(module, quantized.LayerNorm):
             shape = module.normalized_shape

@@ -229,9 +229,13 @@ class _Emitter:
         elif isinstance(module, quantized.LeakyReLU):
             y = self.graph.call_function(F.leaky_relu, (args[0], module.negative_slope))
         elif isinstance(module, quantized.BatchNorm):
-            stats = self.constants(node.target, module, "running_mean", "running_var",
-                                   "weight", "bias")
-            y = self.graph.call_function(F.batch_norm, (args[0], *stats, False, 0.0, module.eps))
+            # Its affine map (weight, bias), with the running statistics 0 and 1 it keeps.
+            stats = [self.graph.get_attr(self.attr(f"{node.target}.{what}", fill(module.weight)))
+                     for what, fill in (("running_mean", torch.zeros_like),
+                                        ("running_var", torch.ones_like))]
+            affine = self.constants(node.target, module, "weight", "bias")
+            y = self.graph.call_function(F.batch_norm,
+                                         (args[0], *stats, *affine, False, 0.0, module.eps))
         elif isinstance(module, (quantized.LayerNorm, quantized.GroupNorm)):
             affine = self.constants(node.target, module, "weight", "bias")
             if isinstance(module, quantized.LayerNorm):

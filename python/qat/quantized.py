@@ -572,21 +572,29 @@ class _Normalization(_WithOutputQParams):
 
 class BatchNorm(_Normalization):
     """``quantized::batch_norm1d/2d/3d`` in eval (running statistics), written with the
-    output qparams."""
+    output qparams.
+
+    It stores the batch norm as the affine map the kernel computes from it,
+    ``weight = gamma / sqrt(running_var + eps)`` and ``bias = beta - running_mean * weight``
+    (``torch.ops.qat.batch_norm_affine``, in the kernel's float32 operations), and calls the
+    kernel with a running mean of 0, a variance of 1 and ``eps`` 0, which it computes from
+    the same integers as from the four tensors: a file holds two vectors per batch norm
+    instead of four.
+    """
 
     def __init__(self, dims: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                  running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
                  scale: float, zero_point: int):
-        super().__init__(weight, bias, eps, scale, zero_point)
         if dims not in (1, 2, 3):
             raise ValueError(f"qat.quantized.BatchNorm: dims must be 1, 2 or 3, got {dims!r}")
+        weight, bias = torch.ops.qat.batch_norm_affine(weight, bias, running_mean,
+                                                       running_var, float(eps))
+        super().__init__(weight, bias, 0.0, scale, zero_point)
         self.dims = dims
-        self.register_buffer("running_mean", running_mean.detach().float())
-        self.register_buffer("running_var", running_var.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        args = (x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
-                self.scale, self.zero_point)
+        args = (x, self.weight, self.bias, torch.zeros_like(self.weight),
+                torch.ones_like(self.weight), 0.0, self.scale, self.zero_point)
         if self.dims == 1:
             return torch.ops.quantized.batch_norm1d(*args)
         if self.dims == 2:

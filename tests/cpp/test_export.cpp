@@ -169,6 +169,19 @@ CATCH_TEST_CASE("convert: a standalone batch norm runs on quantized::batch_norm2
   const auto code = integer.get_method("forward").graph()->toString();
   CATCH_CHECK(code.find("quantized::batch_norm2d") != std::string::npos);
   CATCH_CHECK(code.find("aten::batch_norm") == std::string::npos);
+  // Stored as its affine map (qat::batch_norm_affine), no running statistics, as Python's
+  // qat.quantized.BatchNorm stores it.
+  const auto* bn = net->named_children()["2"]->as<torch::nn::BatchNorm2d>();
+  CATCH_REQUIRE(bn != nullptr);
+  const auto affine = qat::batch_norm_affine(
+      bn->weight, bn->bias, bn->running_mean, bn->running_var, bn->options.eps());
+  int folded = 0;
+  for (const auto& buffer : integer.named_buffers()) {
+    CATCH_CHECK(buffer.name.find("running") == std::string::npos);
+    folded += torch::equal(buffer.value, std::get<0>(affine)) ? 1 : 0;
+    folded += torch::equal(buffer.value, std::get<1>(affine)) ? 1 : 0;
+  }
+  CATCH_CHECK(folded == 2);
 }
 
 CATCH_TEST_CASE(

@@ -45,6 +45,48 @@ def test_batch_norm_factor_and_folded_bias_carry_gradients():
     torch.testing.assert_close(gamma.grad, -mean / torch.sqrt(var + 1e-5))
 
 
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("eps", [1e-5, 1e-3, 0.1])
+def test_a_batch_norm_stored_as_its_affine_map_writes_the_kernels_integers(dims, affine, eps):
+    """qat.quantized.BatchNorm keeps weight / sqrt(var + eps) and bias - mean * that, and
+    runs the kernel with mean 0, variance 1, eps 0: the integers must be those PyTorch's
+    kernel writes from the batch norm's own four tensors, to the bit."""
+    torch.manual_seed(dims * 10 + int(affine))
+    channels = 300
+    weight = torch.randn(channels) * 2 if affine else None
+    bias = torch.randn(channels) if affine else None
+    mean = torch.randn(channels) * 3
+    var = torch.rand(channels) * 5 + 1e-3
+    shape = {1: (8, channels, 7), 2: (4, channels, 5, 6), 3: (2, channels, 3, 4, 5)}[dims]
+    x = torch.quantize_per_tensor(torch.randn(shape) * 4, 0.05, 128, torch.quint8)
+    kernel = getattr(torch.ops.quantized, f"batch_norm{dims}d")
+    expected = kernel(x, torch.ones(channels) if weight is None else weight,
+                      torch.zeros(channels) if bias is None else bias, mean, var, eps, 0.07, 120)
+    layer = quantized.BatchNorm(dims, weight, bias, mean, var, eps, 0.07, 120)
+    assert sorted(name for name, _ in layer.named_buffers()) == ["bias", "weight"]
+    assert torch.equal(layer(x).int_repr(), expected.int_repr())
+    assert torch.equal(torch.jit.script(layer)(x).int_repr(), expected.int_repr())
+    # The map itself, against float64 (the kernel rounds it in float32).
+    gamma = torch.ones(channels) if weight is None else weight
+    beta = torch.zeros(channels) if bias is None else bias
+    inv_sigma = 1 / torch.sqrt(var.double() + eps)
+    folded_weight, folded_bias = ops.batch_norm_affine(weight, bias, mean, var, eps)
+    torch.testing.assert_close(folded_weight.double(), gamma.double() * inv_sigma,
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(folded_bias.double(),
+                               beta.double() - mean.double() * inv_sigma * gamma.double(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_affine_refuses_tensors_of_other_lengths():
+    with pytest.raises(ValueError, match=r"running_mean must be 1-D with one value per "
+                                         r"channel \(3 as running_var\), got shape \[4\]"):
+        ops.batch_norm_affine(None, None, torch.zeros(4), torch.ones(3), 1e-5)
+    with pytest.raises(ValueError, match=r"running_var must be 1-D"):
+        ops.batch_norm_affine(None, None, torch.zeros(3), torch.ones(1, 3), 1e-5)
+
+
 def test_round_bias_is_the_int32_grid_of_the_kernels_with_a_straight_through_gradient():
     bias = torch.randn(5, requires_grad=True)
     input_scale = torch.tensor([0.02])
