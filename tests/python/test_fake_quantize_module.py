@@ -93,6 +93,27 @@ def test_fused_operator_and_observer_module_agree(monkeypatch, cpu_capability, o
         assert torch.equal(fused.state_dict()[name], modular.state_dict()[name]), name
 
 
+@pytest.mark.parametrize("observer", ["minmax", "moving_average"])
+def test_depthwise_weight_keeps_its_clamped_positions(cpu_capability, observer):
+    """A depthwise conv's 3x3 weight clamps each channel's extreme (one value in nine, far
+    more than the one in 64 at which a large tensor's record turns to codes): a tensor this
+    small keeps their positions, batch after batch, with the straight-through gradient."""
+    spec = QuantSpec(observer=observer, symmetric=True, per_channel=True, axis=0,
+                     averaging_constant=0.5)
+    fq = FakeQuantize(spec)
+    for weight in batches((384, 1, 3, 3), 3, seed=6):
+        weight.requires_grad_()
+        out = fq(weight)
+        assert out.grad_fn.name() == "qat::FakeQuantizeBackward"
+        grad = torch.randn_like(weight)
+        out.backward(grad)
+        args = (fq.scale, fq.zero_point, spec.quant_min, spec.quant_max, 0)
+        assert torch.equal(out, reference_fake_quantize(weight.detach(), *args))
+        expected = reference_ste_grad(grad, weight.detach(), *args)
+        assert torch.equal(weight.grad, expected)
+        assert (expected == 0).sum() >= 100  # many clamped, so the route is the one tested
+
+
 @pytest.mark.parametrize("outlier_channel", [None, 0, 137])
 def test_one_pass_weight_gradient_across_pieces_and_blocks(cpu_capability, outlier_channel):
     """A large weight on the one-pass path: its clamped values are found while it is

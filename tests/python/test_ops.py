@@ -475,10 +475,11 @@ def test_gradient_of_an_input_in_range_is_the_output_gradient(numel):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("clamped", [1, 5, 40, 3000])
+@pytest.mark.parametrize("clamped", [1, 5, 40, 400, 3000])
 def test_gradient_with_few_or_many_clamped_values(cpu_capability, dtype, clamped):
     # Few clamped values keep their positions for the backward, many their codes
-    # (one per 64 elements is the line): either way the gradient is g where the value is
+    # (one per 64 elements is the line, but a small tensor keeps up to 1024 positions: 400
+    # of these 2880 elements still do): either way the gradient is g where the value is
     # inside the range and g * 0 where it was clamped or NaN, so a NaN gradient stays NaN
     # there. A NaN input among in-range neighbours is clamped too (the vector loops skip
     # the code arithmetic of a group with nothing clamped). Per channel along axis 1 of a
@@ -499,7 +500,9 @@ def test_gradient_with_few_or_many_clamped_values(cpu_capability, dtype, clamped
     g.view(-1)[where[0]] = math.nan
     scale = torch.full((6,), 0.05)
     zero_point = torch.full((6,), 3, dtype=torch.int32)
-    qat.fake_quantize(x, scale, zero_point, 0, 255, axis=1).backward(g)
+    y = qat.fake_quantize(x, scale, zero_point, 0, 255, axis=1)
+    assert (y.grad_fn.name() == "qat::FakeQuantizeBackward") == (clamped <= 400)
+    y.backward(g)
     inside = (x.detach().float() > -1.0) & (x.detach().float() < 20.0)
     expected = torch.where(inside, g, g * 0)
     assert x.grad.dtype == dtype

@@ -29,6 +29,12 @@ namespace cpu {
 // (one byte per element) are the smaller record.
 constexpr int64_t kSparseShare = 64;
 
+// A piece of work keeps up to kMinPositions positions however small it is (8 KiB of
+// offsets): a small tensor's record is small either way, and its backward stays the
+// positions node instead of a second, coded forward pass and the codes' autograd Function.
+// A depthwise conv's 3x3 weight clamps one value in nine (each channel's extreme).
+constexpr int64_t kMinPositions = 1024;
+
 // The memory offsets of the elements a forward clamped (or found NaN), gathered by the
 // loop's pieces of work instead of one code byte per element. A piece
 // that finds more than one per kSparseShare of its elements gives up and marks the record
@@ -42,7 +48,7 @@ class ClampedRecord {
   }
   void overflow() { overflowed_ = true; }
   bool overflowed() const { return overflowed_; }
-  
+
  private:
   friend c10::optional<at::Tensor> positions_of(ClampedRecord& record);
   std::mutex mutex_;

@@ -278,8 +278,8 @@ inline void store_codes8(const __m256 r, const __m256 lo, const __m256 hi, uint8
   const __m256i below = _mm256_castps_si256(_mm256_cmp_ps(r, lo, _CMP_LT_OQ));
   const __m256i above = _mm256_castps_si256(_mm256_cmp_ps(r, hi, _CMP_GT_OQ));
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(r, r, _CMP_UNORD_Q));
-  if (_mm256_testz_si256(_mm256_or_si256(_mm256_or_si256(below, above), nan),
-                         _mm256_set1_epi32(-1))) {
+  if (_mm256_testz_si256(
+          _mm256_or_si256(_mm256_or_si256(below, above), nan), _mm256_set1_epi32(-1))) {
     // Nothing clamped among the eight, as almost everywhere: eight zero bytes.
     _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_setzero_si128());
     return;
@@ -541,7 +541,7 @@ void forward_piece(
     });
     return;
   }
-  const auto limit = static_cast<size_t>((end - begin) / kSparseShare);
+  const auto limit = static_cast<size_t>(std::max((end - begin) / kSparseShare, kMinPositions));
   std::vector<int64_t> found;
   bool complete = true;
   each([&](int64_t pos, int64_t len, const auto& params) {
