@@ -612,8 +612,11 @@ class _Converter:
                 return False
             if len(node.args) > 1 or node.kwargs.get("output_size") is not None:
                 return False  # a transposed conv's output size chosen per call
-            integer = _integer_module(module, _qparams(self.fake_quant(fq_node)),
-                                      relu is not None)
+            fake_quant = self.fake_quant(fq_node)
+            # A quantizer that does a ReLU6's clamp (prepare removed the ReLU6) stands for
+            # the fused ReLU as the ReLU6 did: the output qparams saturate at 6.
+            integer = _integer_module(module, _qparams(fake_quant),
+                                      relu is not None or fake_quant.clamps_input)
             if integer is None:
                 return False
             self.bind_output(self.add_module(node.target, integer, [x]), node, fq_node, relu,

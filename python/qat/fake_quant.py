@@ -90,6 +90,9 @@ class FakeQuantize(_QuantState):
         # Set by qat.calibrate: choosing a histogram observer's range costs milliseconds per
         # channel, so while it runs the qparams are set once, at the end.
         self._defer_qparams = False
+        # Whether the input is first clamped to clamp_range (FixedQParamsFakeQuantize).
+        self.clamps_input = False
+        self.clamp_range = (0.0, 0.0)
 
     def _config(self):
         return dict(super()._config(), estimator=self.spec.estimator)
@@ -154,8 +157,14 @@ class FakeQuantize(_QuantState):
         # (from Python or a C++ trainer): scripted, the fused operator observes, and the
         # Python-only paths (other observers, the first batch of learned qparams,
         # torch.distributed) raise or are left out.
-        observe = bool(self.observer_enabled)
         quantize = bool(self.fake_quant_enabled)
+        if self.clamps_input:
+            lo, hi = self.clamp_range
+            if not quantize:
+                return F.hardtanh(x, lo, hi)
+            return torch.ops.qat.fake_quantize_clamped(x, self.scale, self.zero_point,
+                                                       self.quant_min, self.quant_max, lo, hi)
+        observe = bool(self.observer_enabled)
         if not observe and not quantize:
             return x
         axis = self._axis(x)
@@ -274,6 +283,7 @@ class FakeQuantize(_QuantState):
             f"zero_point={_format(self.zero_point)}, estimator={self.spec.estimator}, "
             f"observer_enabled={int(self.observer_enabled[0])}, "
             f"fake_quant_enabled={int(self.fake_quant_enabled[0])}"
+            + (f", clamps_input={self.clamp_range}" if self.clamps_input else "")
         )
 
 
@@ -290,10 +300,22 @@ class FixedQParamsFakeQuantize(FakeQuantize):
         output_range: ``(lo, hi)`` of the op's output, e.g. (0, 1), (-1, 1), (0, 6).
         inclusive: ``hi`` is the top level (scale ``(hi - lo) / (levels - 1)``) instead of
             one step above it (``(hi - lo) / levels``, PyTorch's sigmoid and tanh).
+        clamps_input: the quantizer also does the clamp ``hardtanh(x, lo, hi)`` of the op
+            before it (a ReLU6, which :func:`qat.prepare` then removes from the graph): the
+            output is ``fake_quantize(hardtanh(x, lo, hi))`` with the gradient of both
+            (exactly 0 outside ``(lo, hi)``), in one pass over the activation
+            (``torch.ops.qat.fake_quantize_clamped``) instead of one for each op, and
+            ``hardtanh(x, lo, hi)`` while fake quantization is disabled. Needs the ``ste``
+            estimator (the op's gradient is the straight-through one).
     """
 
-    def __init__(self, spec: Optional[QuantSpec], output_range, inclusive: bool = False):
+    def __init__(self, spec: Optional[QuantSpec], output_range, inclusive: bool = False,
+                 clamps_input: bool = False):
         super().__init__(spec)
+        if clamps_input and not self.can_clamp_input(self.spec):
+            raise ValueError(
+                f"qat.FixedQParamsFakeQuantize: clamps_input needs the 'ste' estimator (its "
+                f"gradient is the straight-through one), got {self.spec.estimator!r}")
         if self.learns_qparams or self.spec.per_channel:
             raise ValueError(
                 f"qat.FixedQParamsFakeQuantize: spec must be per tensor with an estimator "
@@ -309,6 +331,8 @@ class FixedQParamsFakeQuantize(FakeQuantize):
                 f"qat.FixedQParamsFakeQuantize: output_range must be finite with "
                 f"lo <= 0 < hi (a range that holds zero), got ({lo}, {hi})")
         self.fixed_qparams = True
+        self.clamps_input = clamps_input
+        self.clamp_range = (lo, hi)
         # The low end on quant_min (sigmoid on quint8: scale 1/256, zero point 0; tanh:
         # 2/256, 128; ReLU6: 6/255, 0).
         scale, zero_point = torch.ops.qat.fixed_qparams(lo, hi, self.quant_min,
@@ -317,6 +341,11 @@ class FixedQParamsFakeQuantize(FakeQuantize):
             self.scale.fill_(scale)
             self.zero_point.fill_(zero_point)
         self.observer_enabled.fill_(0)
+
+    @staticmethod
+    def can_clamp_input(spec: QuantSpec) -> bool:
+        """Whether a quantizer of ``spec`` can take ``clamps_input``."""
+        return spec.estimator == "ste"
 
     def enable_observer(self, enabled: bool = True) -> "FakeQuantize":
         return self

@@ -378,7 +378,7 @@ class _Inserter:
               fixed_range=None) -> fx.Node:
         """A FakeQuantize on ``node``'s output, feeding ``users`` (default: all of them);
         a :class:`FixedQParamsFakeQuantize` for an op with the output range
-        ``fixed_range``, ``(lo, hi, inclusive)``."""
+        ``fixed_range``, ``(lo, hi, inclusive)`` or ``(lo, hi, inclusive, clamps_input)``."""
         everyone = users is None
         users = list(node.users) if everyone else users
         key = (node, dataclasses.astuple(spec), fixed_range)
@@ -389,7 +389,7 @@ class _Inserter:
                 name = f"{name}_{len(self.fake_quant)}"
             self.gm.add_submodule(name, FakeQuantize(spec) if fixed_range is None
                                   else FixedQParamsFakeQuantize(spec, fixed_range[:2],
-                                                                fixed_range[2]))
+                                                                *fixed_range[2:]))
             with self.gm.graph.inserting_after(node):
                 fq_node = self.gm.graph.call_module(name, (node,))
             self.fake_quant[key] = fq_node
@@ -476,7 +476,11 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
         elif node in after_relu:
             spec = after_relu[node]
         elif node in after_relu6:
-            inserter.after(node, after_relu6[node], fixed_range=(0.0, 6.0, True))
+            spec = after_relu6[node]
+            absorbs = FixedQParamsFakeQuantize.can_clamp_input(spec)
+            fq_node = inserter.after(node, spec, fixed_range=(0.0, 6.0, True, absorbs))
+            if absorbs:
+                _remove_absorbed_clamp(gm, node, fq_node)
             continue
         elif _fixed_range(node, gm) is not None and first in inserter.quantized:
             inserter.after(node, config.activation, fixed_range=(*_fixed_range(node, gm), False))
@@ -502,8 +506,18 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
             continue
         inserter.after(node, spec)
     _pass_input_scales(gm, activation)
+    gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
+
+
+def _remove_absorbed_clamp(gm: fx.GraphModule, relu6: fx.Node, fq_node: fx.Node) -> None:
+    """Removes ``relu6``, whose clamp the fixed [0, 6] FakeQuantize after it does
+    (``clamps_input``): the pair read and wrote the activation twice, forward and backward,
+    for the same values and gradients. The integer model is unchanged: the kernel's output
+    qparams, 6/255 and 0, saturate at 0 and 6 without a fused ReLU."""
+    fq_node.replace_input_with(relu6, relu6.args[0])
+    gm.graph.erase_node(relu6)
 
 
 # Batch norms whose eval is a fixed affine map, which quantized::batch_norm*d runs.

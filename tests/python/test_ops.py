@@ -562,3 +562,80 @@ def test_gradient_written_into_only_when_nothing_else_holds_it():
     assert torch.equal(w.grad, torch.where(inside, upstream * 4.0, torch.zeros(())))
     with pytest.raises(RuntimeError, match="backward"):
         (y * 2.0).backward(upstream)
+
+
+def _clamp_then_fake_quantize(x, grad, lo, hi, scale, zero_point, quant_min, quant_max):
+    """The value and gradient of hardtanh followed by a fake-quantize, from ATen's two
+    operators: NaN stays NaN (qat's rule, where ATen's integer cast is undefined) and counts
+    as clamped; the gradient is exactly 0 where hardtanh's backward selects 0
+    (x <= lo or x >= hi) and the output gradient times the fake-quantize's mask elsewhere."""
+    clamped = torch.nn.functional.hardtanh(x, lo, hi).requires_grad_()
+    value = torch.fake_quantize_per_tensor_affine(clamped, scale, zero_point, quant_min,
+                                                  quant_max)
+    value.backward(torch.ones_like(value))
+    nan = torch.isnan(x)
+    mask = torch.where(nan, torch.zeros_like(x), clamped.grad)
+    outside = (x <= lo) | (x >= hi)
+    expected_grad = torch.where(outside, torch.zeros_like(x), grad * mask)
+    return torch.where(nan, x, value.detach()), expected_grad
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 65, 3000, 70001])
+@pytest.mark.parametrize("clamp", [
+    (0.0, 6.0, 6 / 255, 0, 0, 255),       # ReLU6 and its fixed qparams
+    (-1.0, 1.0, 0.004, 128, 0, 255),      # the grid narrower: levels clamp inside (lo, hi)
+    (-2.0, 3.0, 0.05, -3, -128, 127),     # signed, the grid wider than the clamp
+])
+def test_clamped_fake_quantize_equals_the_clamp_then_fake_quantize(cpu_capability, numel, clamp):
+    """One pass of fake_quantize_clamped: the values and the gradient of hardtanh followed by
+    the fake-quantize, to the bit, with boundary values, NaN, infinities and NaN gradients."""
+    lo, hi, scale, zero_point, quant_min, quant_max = clamp
+    generator = torch.Generator().manual_seed(numel)
+    x = torch.randn(numel, generator=generator) * 4
+    specials = torch.tensor([lo, hi, -0.0, 0.0, float("nan"), float("inf"), -float("inf"),
+                             math.nextafter(lo, 0.0), math.nextafter(hi, 0.0)])
+    x[:min(numel, len(specials))] = specials[:numel]
+    grad = torch.randn(numel, generator=generator)
+    grad[::5] = float("nan")
+    fused_input = x.clone().requires_grad_()
+    out = torch.ops.qat.fake_quantize_clamped(
+        fused_input, torch.tensor([scale]), torch.tensor([zero_point], dtype=torch.int32),
+        quant_min, quant_max, lo, hi)
+    expected, expected_grad = _clamp_then_fake_quantize(x, grad, lo, hi, scale, zero_point,
+                                                        quant_min, quant_max)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    out.backward(grad)
+    torch.testing.assert_close(fused_input.grad, expected_grad, rtol=0, atol=0, equal_nan=True)
+
+
+def test_clamped_fake_quantize_of_other_dtypes_is_the_two_operators():
+    """Outside the fused float32 loop the operator runs hardtanh and the fake-quantize (float64
+    here: torch 1.13 has no CPU hardtanh gradient for the 16-bit types)."""
+    dtype = torch.float64
+    x = (torch.randn(300) * 4).to(dtype).requires_grad_()
+    scale, zero_point = torch.tensor([6 / 255]), torch.tensor([0], dtype=torch.int32)
+    out = torch.ops.qat.fake_quantize_clamped(x, scale, zero_point, 0, 255, 0.0, 6.0)
+    assert out.dtype == dtype
+    reference = x.detach().clone().requires_grad_()
+    expected = qat.fake_quantize(torch.nn.functional.hardtanh(reference, 0.0, 6.0), scale,
+                                 zero_point, 0, 255)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad, rtol=0, atol=0)
+    inside = (reference.detach() > 0) & (reference.detach() < 6)
+    assert torch.equal(x.grad != 0, inside)
+
+
+def test_clamped_fake_quantize_checks_its_arguments():
+    scale, zero_point = torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32)
+    x = torch.randn(4)
+    with pytest.raises(ValueError, match=r"lo and hi must be finite with lo < hi, got \(6, 0\)"):
+        torch.ops.qat.fake_quantize_clamped(x, scale, zero_point, 0, 255, 6.0, 0.0)
+    with pytest.raises(ValueError, match="lo and hi must be finite"):
+        torch.ops.qat.fake_quantize_clamped(x, scale, zero_point, 0, 255, 0.0, float("inf"))
+    with pytest.raises(RuntimeError, match="quant_min"):
+        torch.ops.qat.fake_quantize_clamped(x, scale, zero_point, 255, 0, 0.0, 6.0)
+    with pytest.raises(RuntimeError, match="scale"):
+        torch.ops.qat.fake_quantize_clamped(x, torch.tensor([0.1, 0.2]), zero_point, 0, 255,
+                                            0.0, 6.0)

@@ -478,22 +478,50 @@ def test_eager_fallback_transposed_conv_quantizes_its_output_and_scripts():
     _check_scripted_matches_and_trains(qmodel, x, torch.tensor([0, 1]))
 
 
-def test_relu6_after_a_conv_gets_the_fixed_range_of_the_fused_kernel():
+def test_relu6_after_a_conv_is_done_by_the_fixed_range_quantizer_after_it():
+    """The fixed [0, 6] quantizer (the integer kernel's output scale 6/255 saturates at 6)
+    also does the ReLU6's clamp, in one pass; the ReLU6 leaves the graph. Values and
+    gradients are those of the ReLU6 followed by the quantizer, and with fake quantization
+    off the ReLU6 still clamps."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6(), nn.Conv2d(4, 2, 1))
     gm = _prepare_quietly(model)
-    relu6 = _node(gm, "call_module", "2")
-    conv_bn = _node(gm, "call_module", "0")
-    assert not _fake_quant_users_of(gm, conv_bn)
-    (fq_node,) = _fake_quant_users_of(gm, relu6)
+    assert not any(n.op == "call_module" and n.target == "2" for n in gm.graph.nodes)
+    assert not hasattr(gm, "2")
+    (fq_node,) = _fake_quant_users_of(gm, _node(gm, "call_module", "0"))
     fq = gm.get_submodule(fq_node.target)
     assert isinstance(fq, qat.FixedQParamsFakeQuantize)
+    assert fq.clamps_input and fq.clamp_range == (0.0, 6.0)
     assert fq.scale.item() == pytest.approx(6 / 255) and fq.zero_point.item() == 0
     x = torch.randn(2, 3, 8, 8) * 10
-    y = F.relu6(gm.get_submodule("0")(gm.get_submodule("input_1_activation_fake_quant")(x)))
+    # The conv + batch norm's output, widened past both ends of [0, 6].
+    y = gm.get_submodule("0")(gm.get_submodule("input_1_activation_fake_quant")(x)).detach() * 4
+    assert (y < 0).any() and (y > 6).any()
     qat.disable_observer(gm)
-    torch.testing.assert_close(
-        fq(y), torch.fake_quantize_per_tensor_affine(y, 6 / 255, 0, 0, 255), rtol=0, atol=0)
+    absorbed_input = y.clone().requires_grad_()
+    reference_input = y.clone().requires_grad_()
+    out = fq(absorbed_input)
+    expected = torch.fake_quantize_per_tensor_affine(F.relu6(reference_input), 6 / 255, 0, 0, 255)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grad = torch.randn_like(y)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(absorbed_input.grad, reference_input.grad, rtol=0, atol=0)
     assert fq(torch.tensor([6.0])).item() == 6.0
+    qat.disable_fake_quant(gm)
+    torch.testing.assert_close(fq(y), F.relu6(y), rtol=0, atol=0)
+
+
+def test_relu6_stays_when_its_quantizer_estimates_gradients_otherwise():
+    """Only the straight-through estimator's gradient is the clamp's: with another one the
+    ReLU6 keeps its node and the quantizer after it quantizes its output."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6(), nn.Conv2d(4, 2, 1))
+    config = qat.Config(activation=qat.QuantSpec(estimator="ewgs"))
+    gm = _prepare_quietly(model, config)
+    (fq_node,) = _fake_quant_users_of(gm, _node(gm, "call_module", "2"))
+    fq = gm.get_submodule(fq_node.target)
+    assert isinstance(fq, qat.FixedQParamsFakeQuantize) and not fq.clamps_input
+    with pytest.raises(ValueError, match="clamps_input needs the 'ste' estimator"):
+        qat.FixedQParamsFakeQuantize(qat.QuantSpec(estimator="ewgs"), (0.0, 6.0), True, True)
 
 
 def test_mixed_precision_config_gives_each_layer_exactly_its_bits():

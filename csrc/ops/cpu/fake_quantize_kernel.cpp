@@ -168,6 +168,14 @@ void run_observe_forward_loop(const ObserveForwardLoopArgs& args) {
   QAT_CAPABILITY_LOOP(observe_forward_loop, args);
 }
 
+void run_clamped_forward_loop(const ClampedForwardLoopArgs& args) {
+  QAT_CAPABILITY_LOOP(clamped_forward_loop, args);
+}
+
+void run_clamped_backward_loop(const ClampedBackwardLoopArgs& args) {
+  QAT_CAPABILITY_LOOP(clamped_backward_loop, args);
+}
+
 #undef QAT_CAPABILITY_LOOP
 
 void set_capability(Capability capability) {

@@ -101,6 +101,30 @@ struct ObserveForwardLoopArgs {
   int64_t block_channels = 0;
 };
 
+// fake_quantize(hardtanh(input, lo, hi)) of a float32 tensor, per tensor, with one code per
+// element for the backward: 2 where input <= lo or input >= hi (hardtanh's gradient, exactly
+// 0); elsewhere 0 where the level is inside the range (the gradient passes) and 1 where it
+// was clamped or is NaN (the gradient is multiplied by 0, as the fake-quantize's is).
+struct ClampedForwardLoopArgs {
+  const float* input = nullptr;
+  float* output = nullptr;
+  uint8_t* code = nullptr;
+  int64_t numel = 0;
+  float scale = 1.0f;
+  float zero_point = 0.0f;  // integer-valued
+  int64_t quant_min = 0;
+  int64_t quant_max = 255;
+  float lo = 0.0f;
+  float hi = 6.0f;
+};
+
+struct ClampedBackwardLoopArgs {
+  const float* grad = nullptr;
+  const uint8_t* code = nullptr;
+  float* grad_input = nullptr;
+  int64_t numel = 0;
+};
+
 // The shortest channel run that observe_forward_loop takes.
 constexpr int64_t kMinObserveForwardRun = 64;
 
@@ -117,18 +141,24 @@ void run_forward_loop(const ForwardLoopArgs& args);
 void run_backward_loop(const BackwardLoopArgs& args);
 void run_aminmax_loop(const AminmaxLoopArgs& args);
 void run_observe_forward_loop(const ObserveForwardLoopArgs& args);
+void run_clamped_forward_loop(const ClampedForwardLoopArgs& args);
+void run_clamped_backward_loop(const ClampedBackwardLoopArgs& args);
 
 namespace DEFAULT {
 void forward_loop(const ForwardLoopArgs& args);
 void backward_loop(const BackwardLoopArgs& args);
 void aminmax_loop(const AminmaxLoopArgs& args);
 void observe_forward_loop(const ObserveForwardLoopArgs& args);
+void clamped_forward_loop(const ClampedForwardLoopArgs& args);
+void clamped_backward_loop(const ClampedBackwardLoopArgs& args);
 }  // namespace DEFAULT
 namespace AVX2 {
 void forward_loop(const ForwardLoopArgs& args);
 void backward_loop(const BackwardLoopArgs& args);
 void aminmax_loop(const AminmaxLoopArgs& args);
 void observe_forward_loop(const ObserveForwardLoopArgs& args);
+void clamped_forward_loop(const ClampedForwardLoopArgs& args);
+void clamped_backward_loop(const ClampedBackwardLoopArgs& args);
 }  // namespace AVX2
 
 }  // namespace cpu

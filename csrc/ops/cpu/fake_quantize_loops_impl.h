@@ -1030,6 +1030,62 @@ void observe_forward_loop(const ObserveForwardLoopArgs& a) {
   });
 }
 
+void clamped_forward_loop(const ClampedForwardLoopArgs& a) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const UniformParams<float> p(
+      make_channel<float>(a.scale, a.zero_point, a.quant_min, a.quant_max));
+  at::parallel_for(0, a.numel, kGrain, [&](int64_t begin, int64_t end) {
+    const Vec lo(a.lo);
+    const Vec hi(a.hi);
+    const Vec outside(2.0f);
+    float codes[kCodeBlock];
+    for (int64_t b = begin; b < end; b += kCodeBlock) {
+      const int64_t block = std::min(kCodeBlock, end - b);
+      for (int64_t j = 0; j < block; j += W) {
+        const int64_t i = b + j;
+        const int64_t m = std::min<int64_t>(W, block - j);
+        const Vec x = Vec::loadu(a.input + i, m);
+        Vec v, r;
+        // hardtanh keeps NaN (raise_to / lower_to), and so does the fake-quantize.
+        levels(lower_to(raise_to(x, lo), hi), p.inv_scale, p.lo, p.hi, v, r);
+        const Vec kept = lower_to(raise_to(r, p.lo), p.hi);
+        (kept * p.scale).store(a.output + i, m);
+        // Outside as hardtanh's backward tests it, so NaN is inside and clamped (code 1).
+        Vec::blendv(r.ne(kept), outside, (x <= lo) | (x >= hi)).store(codes + j);
+      }
+      for (int64_t j = 0; j < block; ++j) {
+        a.code[b + j] = static_cast<uint8_t>(codes[j]);
+      }
+    }
+  });
+}
+
+void clamped_backward_loop(const ClampedBackwardLoopArgs& a) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  at::parallel_for(0, a.numel, kGrain, [&](int64_t begin, int64_t end) {
+    const Vec zero(0.0f);
+    const Vec outside(2.0f);
+    float codes[kCodeBlock];
+    for (int64_t b = begin; b < end; b += kCodeBlock) {
+      const int64_t block = std::min(kCodeBlock, end - b);
+      for (int64_t j = 0; j < block; ++j) {
+        codes[j] = static_cast<float>(a.code[b + j]);
+      }
+      for (int64_t j = 0; j < block; j += W) {
+        const int64_t i = b + j;
+        const int64_t m = std::min<int64_t>(W, block - j);
+        const Vec c = Vec::loadu(codes + j, m);
+        // g * 1 or g * 0 inside (a NaN gradient stays NaN, as the fake-quantize's
+        // backward leaves it), exactly 0 outside (as hardtanh's backward selects).
+        Vec::blendv(Vec::loadu(a.grad + i, m) * c.eq(zero), zero, c == outside)
+            .store(a.grad_input + i, m);
+      }
+    }
+  });
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace qat
