@@ -78,13 +78,13 @@ at::Tensor fake_quantize_clamped(
   TORCH_CHECK_VALUE(
       std::isfinite(lo) && std::isfinite(hi) && lo < hi, kOp,
       ": lo and hi must be finite with lo < hi, got (", lo, ", ", hi, ")");
-  const auto qparams = detail::read_qparams(kOp, scale, zero_point, quant_min, quant_max);
   const bool fused = input.is_cpu() && input.scalar_type() == at::kFloat &&
                      !scale.requires_grad() && !zero_point.requires_grad();
   if (!fused) {
     return qat::fake_quantize(
         at::hardtanh(input, lo, hi), scale, zero_point, quant_min, quant_max, c10::nullopt, "ste");
   }
+  const auto qparams = detail::read_qparams(kOp, scale, zero_point, quant_min, quant_max);
   return ClampedFakeQuantize::apply(
       input, qparams.scale[0], qparams.zero_point[0], quant_min, quant_max, lo, hi);
 }
