@@ -30,26 +30,37 @@ using torch::autograd::variable_list;
 
 constexpr const char* kOp = "qat::fake_quantize_clamped";
 
+// The fused forward; the codes are written only when `code` is wanted (a backward will run).
+at::Tensor clamped_forward(
+    const at::Tensor& input, float scale, float zero_point, int64_t quant_min, int64_t quant_max,
+    double lo, double hi, at::Tensor* code) {
+  const at::Tensor x = detail::dense(input);
+  auto output = cpu::pooled_empty_like(x, at::kFloat);
+  cpu::ClampedForwardLoopArgs args;
+  if (code != nullptr) {
+    *code = cpu::pooled_empty_like(x, at::kByte);
+    args.code = code->data_ptr<uint8_t>();
+  }
+  args.input = x.data_ptr<float>();
+  args.output = output.data_ptr<float>();
+  args.numel = x.numel();
+  args.scale = scale;
+  args.zero_point = zero_point;
+  args.quant_min = quant_min;
+  args.quant_max = quant_max;
+  args.lo = static_cast<float>(lo);
+  args.hi = static_cast<float>(hi);
+  cpu::run_clamped_forward_loop(args);
+  return output;
+}
+
 class ClampedFakeQuantize : public torch::autograd::Function<ClampedFakeQuantize> {
  public:
   static at::Tensor forward(
       AutogradContext* ctx, const at::Tensor& input, float scale, float zero_point,
       int64_t quant_min, int64_t quant_max, double lo, double hi) {
-    const at::Tensor x = detail::dense(input);
-    auto output = cpu::pooled_empty_like(x, at::kFloat);
-    auto code = cpu::pooled_empty_like(x, at::kByte);
-    cpu::ClampedForwardLoopArgs args;
-    args.input = x.data_ptr<float>();
-    args.output = output.data_ptr<float>();
-    args.code = code.data_ptr<uint8_t>();
-    args.numel = x.numel();
-    args.scale = scale;
-    args.zero_point = zero_point;
-    args.quant_min = quant_min;
-    args.quant_max = quant_max;
-    args.lo = static_cast<float>(lo);
-    args.hi = static_cast<float>(hi);
-    cpu::run_clamped_forward_loop(args);
+    at::Tensor code;
+    auto output = clamped_forward(input, scale, zero_point, quant_min, quant_max, lo, hi, &code);
     ctx->save_for_backward({code});
     return output;
   }
@@ -85,6 +96,11 @@ at::Tensor fake_quantize_clamped(
         at::hardtanh(input, lo, hi), scale, zero_point, quant_min, quant_max, c10::nullopt, "ste");
   }
   const auto qparams = detail::read_qparams(kOp, scale, zero_point, quant_min, quant_max);
+  if (!(input.requires_grad() && at::GradMode::is_enabled())) {
+    // Evaluation or calibration: no backward, so no codes and no autograd node.
+    return clamped_forward(
+        input, qparams.scale[0], qparams.zero_point[0], quant_min, quant_max, lo, hi, nullptr);
+  }
   return ClampedFakeQuantize::apply(
       input, qparams.scale[0], qparams.zero_point[0], quant_min, quant_max, lo, hi);
 }

@@ -586,12 +586,15 @@ def _clamp_then_fake_quantize(x, grad, lo, hi, scale, zero_point, quant_min, qua
     (-1.0, 1.0, 0.004, 128, 0, 255),      # the grid narrower: levels clamp inside (lo, hi)
     (-2.0, 3.0, 0.05, -3, -128, 127),     # signed, the grid wider than the clamp
 ])
-def test_clamped_fake_quantize_equals_the_clamp_then_fake_quantize(cpu_capability, numel, clamp):
+@pytest.mark.parametrize("spread", [4.0, 0.3])  # much outside (lo, hi), or little
+def test_clamped_fake_quantize_equals_the_clamp_then_fake_quantize(cpu_capability, numel, clamp,
+                                                                   spread):
     """One pass of fake_quantize_clamped: the values and the gradient of hardtanh followed by
-    the fake-quantize, to the bit, with boundary values, NaN, infinities and NaN gradients."""
+    the fake-quantize, to the bit, with boundary values, NaN, infinities and NaN gradients;
+    and the values alone where no backward will run (no codes written)."""
     lo, hi, scale, zero_point, quant_min, quant_max = clamp
     generator = torch.Generator().manual_seed(numel)
-    x = torch.randn(numel, generator=generator) * 4
+    x = torch.randn(numel, generator=generator) * spread + (lo + hi) / 2
     specials = torch.tensor([lo, hi, -0.0, 0.0, float("nan"), float("inf"), -float("inf"),
                              math.nextafter(lo, 0.0), math.nextafter(hi, 0.0)])
     x[:min(numel, len(specials))] = specials[:numel]
@@ -606,6 +609,13 @@ def test_clamped_fake_quantize_equals_the_clamp_then_fake_quantize(cpu_capabilit
     torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
     out.backward(grad)
     torch.testing.assert_close(fused_input.grad, expected_grad, rtol=0, atol=0, equal_nan=True)
+    for no_backward in (x, fused_input.detach().requires_grad_()):
+        with torch.set_grad_enabled(no_backward is x):
+            plain = torch.ops.qat.fake_quantize_clamped(
+                no_backward, torch.tensor([scale]), torch.tensor([zero_point], dtype=torch.int32),
+                quant_min, quant_max, lo, hi)
+        assert plain.grad_fn is None
+        torch.testing.assert_close(plain, expected, rtol=0, atol=0, equal_nan=True)
 
 
 def test_clamped_fake_quantize_of_other_dtypes_is_the_two_operators():

@@ -274,6 +274,13 @@ void backward_code_run_portable(
 // float32 codes straight from the comparison masks, packed eight to a 64-bit store,
 // and read back as lane masks: a few integer instructions instead of conversions.
 
+// Eight 32-bit lanes holding codes 0..3, stored as eight bytes.
+inline void store_code_lanes8(const __m256i code, uint8_t* dst) {
+  const __m128i words =
+      _mm_packs_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(words, words));
+}
+
 inline void store_codes8(const __m256 r, const __m256 lo, const __m256 hi, uint8_t* dst) {
   const __m256i below = _mm256_castps_si256(_mm256_cmp_ps(r, lo, _CMP_LT_OQ));
   const __m256i above = _mm256_castps_si256(_mm256_cmp_ps(r, hi, _CMP_GT_OQ));
@@ -284,14 +291,13 @@ inline void store_codes8(const __m256 r, const __m256 lo, const __m256 hi, uint8
     _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_setzero_si128());
     return;
   }
-  const __m256i code = _mm256_or_si256(
+  store_code_lanes8(
       _mm256_or_si256(
-          _mm256_and_si256(below, _mm256_set1_epi32(1)),
-          _mm256_and_si256(above, _mm256_set1_epi32(2))),
-      _mm256_and_si256(nan, _mm256_set1_epi32(3)));
-  const __m128i words =
-      _mm_packs_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(words, words));
+          _mm256_or_si256(
+              _mm256_and_si256(below, _mm256_set1_epi32(1)),
+              _mm256_and_si256(above, _mm256_set1_epi32(2))),
+          _mm256_and_si256(nan, _mm256_set1_epi32(3))),
+      dst);
 }
 
 inline __m256i load_codes8(const uint8_t* src) {
@@ -1030,59 +1036,151 @@ void observe_forward_loop(const ObserveForwardLoopArgs& a) {
   });
 }
 
-void clamped_forward_loop(const ClampedForwardLoopArgs& a) {
+namespace {
+
+// fake_quantize(hardtanh(x, lo, hi)) over n elements, with the backward's code per element
+// when `code` is not null: 0 the gradient passes, 1 it is multiplied by 0 as the
+// fake-quantize's is (the level was clamped, or NaN), 2 exactly 0 (x <= lo or x >= hi, as
+// hardtanh's backward selects; NaN is inside).
+inline void clamped_forward_run_portable(
+    const float* x, float* out, uint8_t* code, int64_t n, const UniformParams<float>& p,
+    float lo_bound, float hi_bound) {
   using Vec = Vectorized<float>;
   constexpr int64_t W = Vec::size();
+  const Vec lo(lo_bound);
+  const Vec hi(hi_bound);
+  const Vec outside(2.0f);
+  float codes[kCodeBlock];
+  for (int64_t b = 0; b < n; b += kCodeBlock) {
+    const int64_t block = std::min(kCodeBlock, n - b);
+    for (int64_t j = 0; j < block; j += W) {
+      const int64_t i = b + j;
+      const int64_t m = std::min<int64_t>(W, block - j);
+      const Vec xv = Vec::loadu(x + i, m);
+      Vec v, r;
+      // hardtanh keeps NaN (raise_to / lower_to), and so does the fake-quantize.
+      levels(lower_to(raise_to(xv, lo), hi), p.inv_scale, p.lo, p.hi, v, r);
+      const Vec kept = lower_to(raise_to(r, p.lo), p.hi);
+      (kept * p.scale).store(out + i, m);
+      if (code != nullptr) {
+        Vec::blendv(r.ne(kept), outside, (xv <= lo) | (xv >= hi)).store(codes + j);
+      }
+    }
+    if (code != nullptr) {
+      for (int64_t j = 0; j < block; ++j) {
+        code[b + j] = static_cast<uint8_t>(codes[j]);
+      }
+    }
+  }
+}
+
+// g * 1 or g * 0 for codes 0 and 1 (a NaN gradient stays NaN, as the fake-quantize's
+// backward leaves it), exactly 0 for code 2 (as hardtanh's backward selects).
+inline void clamped_backward_run_portable(
+    const float* g, const uint8_t* code, float* dx, int64_t n) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const Vec zero(0.0f);
+  const Vec outside(2.0f);
+  float codes[kCodeBlock];
+  for (int64_t b = 0; b < n; b += kCodeBlock) {
+    const int64_t block = std::min(kCodeBlock, n - b);
+    for (int64_t j = 0; j < block; ++j) {
+      codes[j] = static_cast<float>(code[b + j]);
+    }
+    for (int64_t j = 0; j < block; j += W) {
+      const int64_t i = b + j;
+      const int64_t m = std::min<int64_t>(W, block - j);
+      const Vec c = Vec::loadu(codes + j, m);
+      Vec::blendv(Vec::loadu(g + i, m) * c.eq(zero), zero, c == outside).store(dx + i, m);
+    }
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+// The same with whole vectors and the codes packed from the comparison masks: the portable
+// form converts the codes one by one (forward with codes, 0.79M values: 415 us that way,
+// 244 us this way).
+inline void clamped_forward_run_fast(
+    const float* x, float* out, uint8_t* code, int64_t n, const UniformParams<float>& p,
+    float lo_bound, float hi_bound) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const int64_t full = n - n % W;
+  const Vec lo(lo_bound);
+  const Vec hi(hi_bound);
+  for (int64_t i = 0; i < full; i += W) {
+    const Vec xv = Vec::loadu(x + i);
+    Vec v, r;
+    levels(lower_to(raise_to(xv, lo), hi), p.inv_scale, p.lo, p.hi, v, r);
+    const Vec kept = lower_to(raise_to(r, p.lo), p.hi);
+    (kept * p.scale).store(out + i);
+    if (code == nullptr) {
+      continue;
+    }
+    const __m256 levelled = _mm256_cmp_ps(r, kept, _CMP_NEQ_UQ);
+    const __m256 outside =
+        _mm256_or_ps(_mm256_cmp_ps(xv, lo, _CMP_LE_OQ), _mm256_cmp_ps(xv, hi, _CMP_GE_OQ));
+    const __m256 marked = _mm256_or_ps(levelled, outside);
+    if (_mm256_testz_ps(marked, marked)) {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(code + i), _mm_setzero_si128());
+      continue;
+    }
+    store_code_lanes8(
+        _mm256_castps_si256(_mm256_blendv_ps(
+            _mm256_and_ps(levelled, _mm256_castsi256_ps(_mm256_set1_epi32(1))),
+            _mm256_castsi256_ps(_mm256_set1_epi32(2)), outside)),
+        code + i);
+  }
+  clamped_forward_run_portable(
+      x + full, out + full, code ? code + full : nullptr, n - full, p, lo_bound, hi_bound);
+}
+
+inline void clamped_backward_run_fast(const float* g, const uint8_t* code, float* dx, int64_t n) {
+  const int64_t full = n - n % 8;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t i = 0; i < full; i += 8) {
+    const __m256i c = load_codes8(code + i);
+    const __m256 passed =
+        _mm256_mul_ps(_mm256_loadu_ps(g + i), _mm256_and_ps(lanes_equal(c, 0), one));
+    _mm256_storeu_ps(dx + i, _mm256_blendv_ps(passed, zero, lanes_equal(c, 2)));
+  }
+  clamped_backward_run_portable(g + full, code + full, dx + full, n - full);
+}
+#endif
+
+inline void clamped_forward_run(
+    const float* x, float* out, uint8_t* code, int64_t n, const UniformParams<float>& p, float lo,
+    float hi) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return clamped_forward_run_fast(x, out, code, n, p, lo, hi);
+#endif
+  clamped_forward_run_portable(x, out, code, n, p, lo, hi);
+}
+
+inline void clamped_backward_run(const float* g, const uint8_t* code, float* dx, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return clamped_backward_run_fast(g, code, dx, n);
+#endif
+  clamped_backward_run_portable(g, code, dx, n);
+}
+
+}  // namespace
+
+void clamped_forward_loop(const ClampedForwardLoopArgs& a) {
   const UniformParams<float> p(
       make_channel<float>(a.scale, a.zero_point, a.quant_min, a.quant_max));
   at::parallel_for(0, a.numel, kGrain, [&](int64_t begin, int64_t end) {
-    const Vec lo(a.lo);
-    const Vec hi(a.hi);
-    const Vec outside(2.0f);
-    float codes[kCodeBlock];
-    for (int64_t b = begin; b < end; b += kCodeBlock) {
-      const int64_t block = std::min(kCodeBlock, end - b);
-      for (int64_t j = 0; j < block; j += W) {
-        const int64_t i = b + j;
-        const int64_t m = std::min<int64_t>(W, block - j);
-        const Vec x = Vec::loadu(a.input + i, m);
-        Vec v, r;
-        // hardtanh keeps NaN (raise_to / lower_to), and so does the fake-quantize.
-        levels(lower_to(raise_to(x, lo), hi), p.inv_scale, p.lo, p.hi, v, r);
-        const Vec kept = lower_to(raise_to(r, p.lo), p.hi);
-        (kept * p.scale).store(a.output + i, m);
-        // Outside as hardtanh's backward tests it, so NaN is inside and clamped (code 1).
-        Vec::blendv(r.ne(kept), outside, (x <= lo) | (x >= hi)).store(codes + j);
-      }
-      for (int64_t j = 0; j < block; ++j) {
-        a.code[b + j] = static_cast<uint8_t>(codes[j]);
-      }
-    }
+    clamped_forward_run(
+        a.input + begin, a.output + begin, a.code ? a.code + begin : nullptr, end - begin, p, a.lo,
+        a.hi);
   });
 }
 
 void clamped_backward_loop(const ClampedBackwardLoopArgs& a) {
-  using Vec = Vectorized<float>;
-  constexpr int64_t W = Vec::size();
   at::parallel_for(0, a.numel, kGrain, [&](int64_t begin, int64_t end) {
-    const Vec zero(0.0f);
-    const Vec outside(2.0f);
-    float codes[kCodeBlock];
-    for (int64_t b = begin; b < end; b += kCodeBlock) {
-      const int64_t block = std::min(kCodeBlock, end - b);
-      for (int64_t j = 0; j < block; ++j) {
-        codes[j] = static_cast<float>(a.code[b + j]);
-      }
-      for (int64_t j = 0; j < block; j += W) {
-        const int64_t i = b + j;
-        const int64_t m = std::min<int64_t>(W, block - j);
-        const Vec c = Vec::loadu(codes + j, m);
-        // g * 1 or g * 0 inside (a NaN gradient stays NaN, as the fake-quantize's
-        // backward leaves it), exactly 0 outside (as hardtanh's backward selects).
-        Vec::blendv(Vec::loadu(a.grad + i, m) * c.eq(zero), zero, c == outside)
-            .store(a.grad_input + i, m);
-      }
-    }
+    clamped_backward_run(a.grad + begin, a.code + begin, a.grad_input + begin, end - begin);
   });
 }
 
