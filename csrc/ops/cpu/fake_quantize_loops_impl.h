@@ -328,30 +328,37 @@ void forward_run_fast(const float* x, float* out, uint8_t* code, int64_t n, cons
       x + full, out + full, code ? code + full : nullptr, n - full, p.shifted(full));
 }
 
-// The forward without codes, telling whether any element was clamped or NaN: one
-// comparison per vector (a level differs from itself clamped exactly where its code would
-// be nonzero, and NaN differs from everything) ORed across the stretch, instead of
-// the codes' three comparisons and store.
+// The forward without codes, appending the offsets (from `base`) of the elements clamped or
+// NaN to `found` as it goes: one comparison per vector (a level differs from itself clamped
+// exactly where its code would be nonzero, and NaN differs from everything), its lanes read
+// out where any is set, instead of the codes' three comparisons and store. A channel of a
+// min/max-observed weight clamps its extreme, so nearly every block of a weight has one:
+// found in the same pass, the block is not computed again with codes and scanned.
 template <typename P>
-bool forward_run_fast_flagged(const float* x, float* out, int64_t n, const P& p) {
+void forward_run_fast_positions(
+    const float* x, float* out, int64_t n, const P& p, int64_t base, std::vector<int64_t>& found) {
   using Vec = Vectorized<float>;
   constexpr int64_t W = Vec::size();
   const int64_t full = n - n % W;
-  __m256 any = _mm256_setzero_ps();
   for (int64_t i = 0; i < full; i += W) {
     Vec v, r;
     levels(Vec::loadu(x + i), p.get_inv_scale(i, W), p.get_lo(i, W), p.get_hi(i, W), v, r);
     const Vec kept = lower_to(raise_to(r, p.get_lo(i, W)), p.get_hi(i, W));
     (kept * p.get_scale(i, W)).store(out + i);
-    any = _mm256_or_ps(any, _mm256_cmp_ps(r, kept, _CMP_NEQ_UQ));
+    const int lanes = _mm256_movemask_ps(_mm256_cmp_ps(r, kept, _CMP_NEQ_UQ));
+    for (int j = 0; lanes >> j != 0; ++j) {
+      if ((lanes >> j) & 1) {
+        found.push_back(base + i + j);
+      }
+    }
   }
   uint8_t tail[W] = {};
   forward_run_portable(x + full, out + full, tail, n - full, p.shifted(full));
-  bool clamped = !_mm256_testz_ps(any, any);
   for (int64_t j = 0; j < n - full; ++j) {
-    clamped = clamped || tail[j] != 0;
+    if (tail[j] != 0) {
+      found.push_back(base + full + j);
+    }
   }
-  return clamped;
 }
 
 template <typename P, typename A>
@@ -508,11 +515,10 @@ bool forward_positions(
       continue;
     }
 #if defined(CPU_CAPABILITY_AVX2)
-    // Most blocks clamp nothing; the few that do are computed again with codes (in cache).
     if constexpr (std::is_same<T, float>::value && std::is_same<M, float>::value) {
-      if (!forward_run_fast_flagged(x + b, out + b, m, p.shifted(b))) {
-        continue;
-      }
+      forward_run_fast_positions(x + b, out + b, m, p.shifted(b), base + b, found);
+      complete = found.size() <= limit;
+      continue;
     }
 #endif
     forward_any<T, M>(x + b, out + b, codes, m, p.shifted(b));
