@@ -4,6 +4,7 @@ version, and activation :class:`qat.FakeQuantize` modules are inserted where the
 model will hold a quantized tensor. A model that cannot be traced has its modules swapped
 in place instead (eager fallback)."""
 
+import collections
 import copy
 import dataclasses
 import dis
@@ -27,7 +28,7 @@ from . import _op_roles
 from ._transformer import make_traceable
 from .modules import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, Linear, fused,
                       lookup)
-from .modules.conv_bn import _ConvBnNd
+from .modules.conv_bn import _ConvBnNd, fold_weights_ahead
 
 __all__ = ["prepare"]
 
@@ -602,7 +603,10 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
     :class:`qat.FixedQParamsFakeQuantize` (the fixed qparams of the integer kernels). A
     float tensor entering a swapped module is quantized first. Weight-only modules
     (embeddings) take their input as it is and get no output FakeQuantize. With
-    ``config.dynamic`` no activation FakeQuantize is added.
+    ``config.dynamic`` no activation FakeQuantize is added. The fused conv + batch norms
+    that the graph calls once fake-quantize their folded weights together, at the first
+    one's call with gradients on, each layer then taking its own (the same values; see
+    :func:`qat.modules.conv_bn.fold_weights_ahead`).
 
     ``nn.MultiheadAttention`` and the encoder and decoder layers and stacks
     (``nn.TransformerEncoderLayer`` / ``Encoder``, ``nn.TransformerDecoderLayer`` /
@@ -735,11 +739,45 @@ def _prepare(model: nn.Module, config: Config) -> nn.Module:
             f"activation FakeQuantize", stacklevel=3)
         return _named(_prepare_eager(model, config))
     _prepare_graph(gm, config)
+    _schedule_folds(gm)
     _keep_transformer_layers_in_python(gm)
     # Carried to the converted model and the exported file's metadata (a string, which
     # torch.jit.script keeps as it is).
     gm.qat_config = json.dumps(config.to_dict())
     return _named(gm.train())
+
+
+def _schedule_folds(gm: fx.GraphModule) -> None:
+    """Has the conv + batch norms of the graph fake-quantize their folded weights together,
+    at the first one's call (:func:`qat.modules.conv_bn.fold_weights_ahead`): those the
+    graph calls once and whose modules and tensors no other module holds. The graph runs
+    every node once per forward and nothing else changes their state in between, so each
+    takes the weight made from the state it would have read itself."""
+    calls = collections.Counter(node.target for node in gm.graph.nodes
+                                if node.op == "call_module")
+    holders = collections.Counter()
+    for _, module in gm.named_modules(remove_duplicate=False):
+        for item in (*module._parameters.values(), *module._buffers.values(),
+                     *module._modules.values()):
+            if item is not None:
+                holders[id(item)] += 1
+    scheduled = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or calls[node.target] != 1:
+            continue
+        module = gm.get_submodule(node.target)
+        if isinstance(module, _ConvBnNd) and all(
+                holders[id(item)] == 1 for item in _fold_state(module)):
+            scheduled.append(module)
+    fold_weights_ahead(scheduled)
+
+
+def _fold_state(module: _ConvBnNd) -> List[object]:
+    """A conv + batch norm, and the modules and tensors its folded weight is made from."""
+    fq = module.weight_fake_quant
+    items = [module, module.bn, fq, fq.observer, module.weight, module.bn.running_var,
+             module.bn.weight]
+    return [item for item in items if item is not None] + list(fq.buffers())
 
 
 def _named(model: nn.Module) -> nn.Module:

@@ -209,6 +209,114 @@ def test_conv_bn_folding_matches_float_model_in_eval(dims):
         torch.testing.assert_close(_script_round_trip(qmodel)(x), qmodel(x), rtol=0, atol=0)
 
 
+class _FoldNet(nn.Module):
+    """Conv + batch norm blocks, one of them applied twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU())
+        self.shared = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8))
+        self.proj = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU6())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.mid(self.shared(self.shared(x)))
+        return self.head(self.proj(x).mean((2, 3)))
+
+
+def _conv_bns_called_once(qmodel):
+    """The conv + batch norms that the graph calls exactly once, in graph order."""
+    targets = [n.target for n in qmodel.graph.nodes if n.op == "call_module"]
+    return [qmodel.get_submodule(t) for t in targets if targets.count(t) == 1
+            and isinstance(qmodel.get_submodule(t), qat.modules.conv_bn._ConvBnNd)]
+
+
+WEIGHT_SPECS = {
+    "minmax": qat.QuantSpec(symmetric=True, per_channel=True, signed=True),
+    "moving_average": qat.QuantSpec(symmetric=True, per_channel=True, signed=True,
+                                    observer="moving_average"),
+    "lsq": qat.QuantSpec(symmetric=True, per_channel=True, signed=True, estimator="lsq"),
+}
+
+
+@pytest.mark.parametrize("weight", sorted(WEIGHT_SPECS))
+def test_conv_bn_weights_fake_quantized_ahead_equal_each_layers_own(weight):
+    # The first conv + batch norm fake-quantizes all their folded weights; the layers then
+    # take their own. A moving-average observer that saw a weight twice, or a learned scale
+    # initialized at the wrong time, would change the numbers; the layer applied twice is
+    # left to make its own weight at each call.
+    torch.manual_seed(0)
+    config = qat.Config(weight=WEIGHT_SPECS[weight])
+    ahead = _prepare_quietly(_FoldNet(), config)
+    each = copy.deepcopy(ahead)
+    for module in each.modules():
+        module.__dict__.pop("_fold_schedule", None)
+    once = _conv_bns_called_once(ahead)
+    assert len(once) == 3 and ahead.get_submodule("shared") not in once
+    assert once[0].__dict__["_fold_schedule"] == once[1:]
+    assert "_fold_schedule" not in once[1].__dict__
+    x = torch.randn(4, 3, 12, 12)
+    y = torch.randint(0, 10, (4,))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ahead, each)]
+    for step in range(4):
+        losses = []
+        for model, optimizer in zip((ahead, each), optimizers):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            losses.append(loss)
+        assert torch.equal(losses[0], losses[1]), step
+        grads = dict(each.named_parameters())
+        for name, a in ahead.named_parameters():
+            assert torch.equal(a.grad, grads[name].grad), (step, name)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    state, expected = ahead.state_dict(), each.state_dict()
+    assert state.keys() == expected.keys()
+    for name, a in state.items():
+        b = expected[name]
+        assert a == b if isinstance(a, dict) else torch.equal(a, b), name
+    # Each took what was made for it.
+    assert not any("_folded_ahead" in m.__dict__ for m in ahead.modules())
+
+
+def test_conv_bn_weight_made_ahead_is_dropped_when_what_it_was_made_from_changed():
+    torch.manual_seed(0)
+    qmodel = _prepare_quietly(_FoldNet())
+    first, second, third = _conv_bns_called_once(qmodel)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        first(x)
+    assert not any("_folded_ahead" in m.__dict__ for m in (first, second, third))
+    first(x)
+    assert all("_folded_ahead" in m.__dict__ for m in (second, third))
+    with torch.no_grad():
+        second.weight.mul_(2)  # e.g. an optimizer step in between
+    assert second._take_folded() is None
+    factor, weight = third._take_folded()
+    expected_factor = third.bn.weight / torch.sqrt(third.bn.running_var + third.bn.eps)
+    assert torch.equal(factor, expected_factor) and weight.shape == third.weight.shape
+    assert third._take_folded() is None  # taken once
+    first(x)
+    third.weight_fake_quant.disable_observer()
+    assert third._take_folded() is None
+    first(x)
+    third.weight_fake_quant = qat.FakeQuantize(WEIGHT_SPECS["minmax"])
+    assert third._take_folded() is None
+    # A pre-hook may set another weight just before the call: nothing is made for it.
+    third.register_forward_pre_hook(lambda module, inputs: None)
+    first(x)
+    assert "_folded_ahead" in second.__dict__ and "_folded_ahead" not in third.__dict__
+    # So may a parametrization (its weight is made anew at each read).
+    torch.nn.utils.parametrize.register_parametrization(second, "weight", nn.Identity())
+    assert second._take_folded() is None  # made before, for the weight tensor it had then
+    first(x)
+    assert "_folded_ahead" not in second.__dict__
+
+
 class _ControlFlow(nn.Module):
     def __init__(self):
         super().__init__()
