@@ -288,11 +288,21 @@ def test_conv_bn_weight_made_ahead_is_dropped_when_what_it_was_made_from_changed
     qmodel = _prepare_quietly(_FoldNet())
     first, second, third = _conv_bns_called_once(qmodel)
     x = torch.randn(2, 3, 12, 12)
+    qmodel(x)  # sizes every per-channel state
     with torch.no_grad():
         first(x)
     assert not any("_folded_ahead" in m.__dict__ for m in (first, second, third))
     first(x)
     assert all("_folded_ahead" in m.__dict__ for m in (second, third))
+    # What was made for a forward that stopped part way is left out of copies and pickles
+    # (a deep copy of an autograd result would raise).
+    buffer = io.BytesIO()
+    torch.save(qmodel, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(qmodel), torch.load(buffer, weights_only=False)):
+        made = [m.__dict__.get("_folded_ahead") for m in _conv_bns_called_once(copied)]
+        assert made[1:] == [None, None]
+        copied(x).sum().backward()
     with torch.no_grad():
         second.weight.mul_(2)  # e.g. an optimizer step in between
     assert second._take_folded() is None

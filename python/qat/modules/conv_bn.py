@@ -31,6 +31,28 @@ def fold_weights_ahead(modules: List[nn.Module]) -> None:
         modules[0].__dict__["_fold_schedule"] = list(modules[1:])
 
 
+def _nothing() -> None:
+    return None
+
+
+class _MadeAhead:
+    """A folded weight made for one module's next call (:meth:`_ConvBnNd._take_folded`),
+    with what it was made from. It belongs to the forward it was made in: a copy or a
+    pickle of the module holds None in its place (an autograd result cannot be deep-copied,
+    and one not taken, after a forward that stopped part way, must not be used later)."""
+
+    __slots__ = ("inputs", "factor", "weight")
+
+    def __init__(self, inputs, factor: torch.Tensor, weight: torch.Tensor):
+        self.inputs, self.factor, self.weight = inputs, factor, weight
+
+    def __deepcopy__(self, memo) -> None:
+        return None
+
+    def __reduce__(self):
+        return _nothing, ()
+
+
 def _compiling() -> bool:
     """Whether torch.compile is tracing (PyTorch 2): weights made ahead are module state
     set during the forward, which it would have to guard; there each module makes its own."""
@@ -116,7 +138,7 @@ class _ConvBnNd:
     @torch.jit.unused
     def _fold_ahead(self) -> None:
         factor, weight = self._fold()
-        self.__dict__["_folded_ahead"] = (self._fold_inputs(), factor, weight)
+        self.__dict__["_folded_ahead"] = _MadeAhead(self._fold_inputs(), factor, weight)
 
     @torch.jit.unused
     def _take_folded(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -138,11 +160,11 @@ class _ConvBnNd:
         made = self.__dict__.pop("_folded_ahead", None)
         if made is None:
             return None
-        (objects, versions), factor, weight = made
+        objects, versions = made.inputs
         now_objects, now_versions = self._fold_inputs()
         if versions != now_versions or any(a is not b for a, b in zip(objects, now_objects)):
             return None
-        return factor, weight
+        return made.factor, made.weight
 
     def _conv_bn(self, input: torch.Tensor,
                  input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
