@@ -185,10 +185,12 @@ void update_observer_state(
     const char* op, ObserverState& state, const at::Tensor& batch_min,
     const at::Tensor& batch_max) {
   const int64_t channels = batch_min.numel();
-  // Per-channel state learns its size from the first batch.
+  // Per-channel state learns its size from the first batch. The tensor object stays (modules,
+  // DDP and optimizers hold it) and takes fresh storage: a buffer loaded from a checkpoint
+  // lives in the file's storage, which cannot be resized.
   for (auto* buffer : {&state.running_min, &state.running_max}) {
     if (buffer->numel() == 0) {
-      buffer->resize_({channels});
+      buffer->set_(at::empty({channels}, buffer->options()));
       buffer->fill_(buffer == &state.running_min ? kInf : -kInf);
     }
     TORCH_CHECK(
@@ -197,7 +199,7 @@ void update_observer_state(
   }
   for (auto* target : {&state.scale, &state.zero_point}) {
     if (target->numel() != channels) {
-      target->resize_({channels});
+      target->set_(at::empty({channels}, target->options()));
     }
   }
   // On the CPU, with the buffers in the dtypes FakeQuantize keeps, the state is updated

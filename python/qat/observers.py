@@ -60,12 +60,13 @@ def _format(t: torch.Tensor) -> str:
 
 
 def _resize_(t: torch.Tensor, shape) -> None:
-    """Resizes a buffer or parameter in place, keeping the object (DDP and optimizers hold
-    references to it)."""
+    """Gives a buffer or parameter fresh storage of ``shape``, keeping the object (DDP and
+    optimizers hold references to it). Not ``resize_``: a tensor loaded from a checkpoint
+    lives in the file's storage, which cannot be resized."""
     if isinstance(t, nn.Parameter):
         t.data = t.data.new_empty(shape)
     else:
-        t.resize_(shape)
+        t.set_(t.new_empty(shape))
 
 
 class _QuantState(nn.Module):

@@ -279,6 +279,42 @@ CATCH_TEST_CASE(
 }
 
 CATCH_TEST_CASE(
+    "a prepared model saved before its first batch loads and trains like the one saved",
+    "[prepare][serialize]") {
+  // The per-channel state is still empty when saved; the loaded buffers live in the archive's
+  // storage, and the first batch must still be able to size them.
+  for (const auto& cfg : {qat::presets::int8(), qat::presets::w4a4()}) {
+    CATCH_INFO("weight estimator " << cfg.weight().estimator());
+    torch::manual_seed(3);
+    auto net = conv_net();
+    qat::prepare(*net, cfg);
+    TempFile file("qat_untrained");
+    torch::save(net, file.path);
+
+    torch::manual_seed(4);  // different initial weights
+    auto loaded = conv_net();
+    qat::prepare(*loaded, cfg);
+    torch::load(loaded, file.path);
+
+    const auto x = torch::randn({8, 1, 10, 10});
+    const auto y = torch::randn({8, 3});
+    CATCH_CHECK(train(net, x, y, 3, 0.01) == train(loaded, x, y, 3, 0.01));
+    const auto trained = net->named_buffers();
+    const auto restored = loaded->named_buffers();
+    CATCH_REQUIRE(trained.size() == restored.size());
+    for (const auto& item : trained) {
+      CATCH_INFO(item.key());
+      CATCH_CHECK(item.value().numel() > 0);
+      CATCH_CHECK(torch::equal(item.value(), restored[item.key()]));
+    }
+    for (const auto& item : net->named_parameters()) {
+      CATCH_INFO(item.key());
+      CATCH_CHECK(torch::equal(item.value(), loaded->named_parameters()[item.key()]));
+    }
+  }
+}
+
+CATCH_TEST_CASE(
     "calibrate observes float activations, then restores the switches", "[prepare][calibrate]") {
   torch::manual_seed(5);
   torch::nn::Sequential net(torch::nn::Linear(4, 3));

@@ -335,6 +335,47 @@ def test_checkpoint_mid_training_continues_identically():
             assert torch.equal(p, q), name
 
 
+def _prepared_conv_net():
+    return qat.prepare(nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 6)))
+
+
+@pytest.mark.parametrize("build, shape", [(TinyNet, (12, 6)), (_prepared_conv_net, (12, 3, 8, 8))],
+                         ids=["fake_quantize", "prepared"])
+@pytest.mark.parametrize("route", ["module", "state_dict"])
+def test_saved_before_the_first_batch_loads_and_trains_like_the_original(build, shape, route):
+    # The per-channel state is still empty when saved; a tensor loaded from the file lives in
+    # the file's storage, and the first batch must still be able to size it.
+    torch.manual_seed(0)
+    original = build()
+    buffer = io.BytesIO()
+    torch.save(original if route == "module" else original.state_dict(), buffer)
+    buffer.seek(0)
+    if route == "module":
+        loaded = torch.load(buffer, weights_only=False)
+    else:
+        torch.manual_seed(1)  # a fresh model, other weights
+        loaded = build()
+        loaded.load_state_dict(torch.load(buffer))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.5)
+                  for m in (original, loaded)]
+    for x in batches(shape, 3, seed=6):
+        outputs = []
+        for model, optimizer in zip((original, loaded), optimizers):
+            optimizer.zero_grad()
+            out = model(x)
+            out.pow(2).mean().backward()
+            optimizer.step()
+            outputs.append(out.detach())
+        assert torch.equal(*outputs)
+    # A GraphModule loaded whole lists its state in another order.
+    restored = loaded.state_dict()
+    assert sorted(restored) == sorted(original.state_dict())
+    for name, p in original.state_dict().items():
+        if isinstance(p, torch.Tensor):
+            assert p.numel() > 0 and torch.equal(p, restored[name]), name
+
+
 def test_checkpoint_of_another_shape_or_config_fails_naming_it():
     a = FakeQuantize(QuantSpec(per_channel=True, axis=1))
     a(torch.randn(2, 4))
