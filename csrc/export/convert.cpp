@@ -319,6 +319,7 @@ class Converter {
             "Sequential, "
             "ReLU, MaxPool1d, MaxPool2d, Flatten, Dropout, Identity, "
             "and in float Linear, Conv1d / 2d / 3d, ConvTranspose1d / 2d, Embedding, "
+            "EmbeddingBag, "
             "BatchNorm1d / 2d / 3d, MaxPool3d, AvgPool1d / 2d / 3d, "
             "AdaptiveAvgPool1d / 2d / 3d, LayerNorm, GroupNorm, ELU, LeakyReLU, ReLU6, "
             "Hardtanh, Sigmoid, Tanh; a standalone batch norm, LayerNorm, GroupNorm, ELU and "
@@ -546,6 +547,11 @@ class Converter {
     } else if (!conv_layer<1>(module, op, weighted) && !conv_layer<2>(module, op, weighted)) {
       conv_layer<3>(module, op, weighted);
     }
+    if (weighted.transposed && op.groups != 1) {
+      grouped_transposed(op, weighted);
+      quantize(out, out_name);  // saturating at 6 for a ReLU6 after the layer
+      return;
+    }
     auto* weight_fq = weighted.weight_fq;
     const auto& bias = weighted.bias;
     op.scale = q.scale;
@@ -569,6 +575,22 @@ class Converter {
     layers_.push_back(info);
   }
 
+  // A grouped transposed conv: no integer kernel keeps one weight scale per output channel of
+  // a group, so it runs in float on the simulation's fake-quantized weight and float bias, as
+  // Python's convert keeps it (the bias, not rounded to a kernel's grid, as in training).
+  void grouped_transposed(const LoweredOp& op, const Weighted& weighted) {
+    emit("x = x.dequantize()");
+    quantized_ = c10::nullopt;
+    emit(fmt::format(
+        "x = torch.conv_transpose{}d(x, {}, {}, {}, {}, {}, {}, {})", op.stride.size(),
+        tensor_attribute(op.name, "weight", weighted.weight),
+        tensor_attribute(op.name, "bias", weighted.bias), literal(op.stride), literal(op.padding),
+        literal(op.output_padding), op.groups, literal(op.dilation)));
+    if (weighted.relu) {
+      emit("x = torch.relu(x)");
+    }
+  }
+
   // Whether an embedding bag's mode is `Mode` (visit by argument-dependent lookup: the
   // variant is c10's in torch 1.13 and std's later).
   template <typename Mode>
@@ -578,35 +600,77 @@ class Converter {
         mode);
   }
 
+  // A table lookup in float, as torch.nn.functional's embedding / embedding_bag compute it
+  // (so these and Python's float layers give the same values), on the table `weight`: the
+  // rows of the indices x (of a bag: a bag per row of 2-D indices). Returns the call.
+  template <typename Options>
+  std::string float_table(
+      const std::string& name, const torch::Tensor& weight, const Options& options) {
+    constexpr bool bag = std::is_same_v<Options, torch::nn::EmbeddingBagOptions>;
+    const auto table = tensor_attribute(name, "weight", weight);
+    if (options.max_norm()) {
+      // The stored table's looked-up rows renormalized in place at each call.
+      emit("x = x.contiguous()");
+      emit(fmt::format(
+          "torch.embedding_renorm_({}, x, {}, {})", table, literal(*options.max_norm()),
+          literal(options.norm_type())));
+    }
+    const auto scale_grad = literal(options.scale_grad_by_freq());
+    if constexpr (!bag) {
+      return fmt::format(
+          "torch.embedding({}, x, {}, {}, False)", table, options.padding_idx().value_or(-1),
+          scale_grad);
+    } else {
+      // embedding_bag's padding index is optional (-1 would be the last row).
+      const auto padding =
+          options.padding_idx() ? std::to_string(*options.padding_idx()) : std::string("None");
+      const int mode = is_mode<torch::enumtype::kSum>(options.mode())    ? 0
+                       : is_mode<torch::enumtype::kMean>(options.mode()) ? 1
+                                                                         : 2;
+      emit("bag_offsets = torch.arange(0, x.numel(), x.size(1), dtype=x.dtype, device=x.device)");
+      return fmt::format(
+          "torch.embedding_bag({}, x.reshape([-1]), bag_offsets, {}, {}, False, None, {}, {})[0]",
+          table, scale_grad, mode, literal(options.include_last_offset()), padding);
+    }
+  }
+
   // A table looked up by quantized::embedding_byte (a bag: embedding_bag_byte): float rows
   // out, from the simulation's integers as the kernel's unsigned rows (qat::unsigned_rows,
-  // as Python's qat.quantized.Embedding / EmbeddingBag store them).
+  // as Python's qat.quantized.Embedding / EmbeddingBag store them). A table no kernel reads
+  // as the simulation does stays float, fake-quantized, as Python's convert keeps it: one
+  // scale per tensor (the kernels take one per row), a bag of mode max or with a padding
+  // index (the kernel sums every entry). With max_norm every row is renormalized first, as a
+  // lookup would renormalize it (Python's convert: qat.convert._table): the converted table
+  // is read as it is, and each row is what the simulation looks up.
   template <typename Table>
   void embedding(Table& module, const std::string& name) {
     constexpr bool bag = std::is_same_v<Table, EmbeddingBagImpl>;
     const auto what = fmt::format("'{}' ({})", name, Table::display_name());
     auto& fq = *module.weight_fake_quant;
-    if (!fq.spec().per_channel()) {
-      throw std::invalid_argument(fmt::format(
-          "qat::convert: {} quantizes its table per tensor; the embedding kernels take one "
-          "scale per row (a per-channel spec)",
-          what));
-    }
     if (quantized_) {
       throw std::invalid_argument(
           fmt::format("qat::convert: {} takes indices, but its input is quantized here", what));
     }
-    if constexpr (bag) {
-      if (is_mode<torch::enumtype::kMax>(module.options.mode()) || module.options.padding_idx()) {
-        throw std::invalid_argument(fmt::format(
-            "qat::convert: {} has mode max or a padding index; quantized::embedding_bag_byte "
-            "sums every entry (prepare and convert such a bag in Python, whose convert keeps it "
-            "in float, or skip it: Config::skip)",
-            what));
-      }
+    auto options = module.options;
+    auto weight = module.weight.detach();
+    if (options.max_norm()) {
+      weight = weight.clone();
+      torch::embedding_renorm_(
+          weight, torch::arange(weight.size(0), weight.options().dtype(torch::kLong)),
+          *options.max_norm(), options.norm_type());
+      options.max_norm(c10::nullopt);
     }
-    const auto ints =
-        integer_weight(simulate_weight(fq, [&] { return fq.forward(module.weight); }), fq, name);
+    const auto table = simulate_weight(fq, [&] { return fq.forward(weight); });
+    bool integer = fq.spec().per_channel();
+    if constexpr (bag) {
+      integer =
+          integer && !is_mode<torch::enumtype::kMax>(options.mode()) && !options.padding_idx();
+    }
+    if (!integer) {
+      emit("x = " + float_table(name, table, options));
+      return;
+    }
+    const auto ints = integer_weight(table, fq, name);
     LayerInfo info;
     auto& op = info.op;
     op.name = name;
@@ -926,17 +990,9 @@ class Converter {
     } else if (auto* up2d = dynamic_cast<torch::nn::ConvTranspose2dImpl*>(&module)) {
       call = float_conv("conv_transpose2d", name, up2d->weight, up2d->bias, up2d->options);
     } else if (auto* table = dynamic_cast<torch::nn::EmbeddingImpl*>(&module)) {
-      if (table->options.max_norm()) {
-        throw std::invalid_argument(fmt::format(
-            "qat::convert: '{}' (Embedding) has max_norm, which renormalizes the table as it is "
-            "read; the C++ converter has no form for it (prepare and convert such a model in "
-            "Python)",
-            name));
-      }
-      call = fmt::format(
-          "torch.embedding({}, x, {}, False, False)",
-          tensor_attribute(name, "weight", table->weight),
-          table->options.padding_idx().value_or(-1));
+      call = float_table(name, table->weight, table->options);
+    } else if (auto* bag = dynamic_cast<torch::nn::EmbeddingBagImpl*>(&module)) {
+      call = float_table(name, bag->weight, bag->options);
     } else if (auto* max3d = dynamic_cast<torch::nn::MaxPool3dImpl*>(&module)) {
       // No quantized max_pool3d in the op-role table: in float, as Python's convert runs it.
       call = max_pool("max_pool3d", max3d->options);

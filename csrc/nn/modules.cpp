@@ -554,13 +554,6 @@ ConvImpl<D, Transposed, Derived>::ConvImpl(
       weight_spec_(weight_spec_for(std::move(weight_spec), Transposed ? 1 : 0)) {
   const auto name = conv_name<D>(Transposed ? "ConvTranspose" : "Conv");
   check_padding_mode(name, options);
-  if (Transposed && options.groups() != 1) {
-    throw std::invalid_argument(fmt::format(
-        "{}: groups={} is not supported: the integer kernel keeps one weight scale per output "
-        "channel, a grouped transposed conv one per output channel of a group (skip the layer, "
-        "Config::skip, to keep it in float)",
-        name, options.groups()));
-  }
   reset();
 }
 
@@ -586,7 +579,11 @@ void ConvImpl<D, Transposed, Derived>::reset() {
 template <size_t D, bool Transposed, typename Derived>
 torch::Tensor ConvImpl<D, Transposed, Derived>::forward(const torch::Tensor& input) {
   const auto quantized_weight = weight_fake_quant(weight);  // sizes the scale, as in Linear
-  auto output = conv(options, input, quantized_weight, kernel_bias(bias, *weight_fake_quant));
+  // A grouped transposed conv keeps one weight scale per output channel of a group, which no
+  // integer kernel takes: qat::convert keeps it in float, with its float bias.
+  const bool integer = !Transposed || options.groups() == 1;
+  auto output = conv(
+      options, input, quantized_weight, integer ? kernel_bias(bias, *weight_fake_quant) : bias);
   return relu ? torch::relu(output) : output;
 }
 
@@ -727,14 +724,22 @@ EmbeddingTableImpl<Options, Derived>::EmbeddingTableImpl(
         "fake-quantized (dense) table; build the table with sparse(false)",
         name));
   }
-  if (options.max_norm()) {
-    throw std::invalid_argument(fmt::format(
-        "{}: max_norm is not supported: it renormalizes the rows as they are read, which the "
-        "integer model's stored table cannot (prepare such a table in Python, whose convert "
-        "keeps it in float)",
-        name));
-  }
   reset();
+}
+
+// With max_norm, torch::nn::functional renormalizes the looked-up rows in place in the table
+// it is given, here the fake-quantized copy, where the change would be lost. So the float
+// table's rows are renormalized first (without gradient, as torch::nn::Embedding does), then
+// fake-quantized, as Python's qat.Embedding does. Returns the indices the lookup takes.
+template <typename Options, typename Derived>
+torch::Tensor EmbeddingTableImpl<Options, Derived>::renormalize(const torch::Tensor& input) {
+  if (!options.max_norm()) {
+    return input;
+  }
+  auto indices = input.contiguous();
+  torch::NoGradGuard no_grad;
+  torch::embedding_renorm_(weight, indices, *options.max_norm(), options.norm_type());
+  return indices;
 }
 
 template <typename Options, typename Derived>
@@ -774,7 +779,8 @@ torch::Tensor EmbeddingImpl::forward(const torch::Tensor& input) {
   if (options.padding_idx()) {
     lookup.padding_idx(*options.padding_idx());
   }
-  return F::embedding(input, weight_fake_quant(weight), lookup);
+  const auto indices = renormalize(input);
+  return F::embedding(indices, weight_fake_quant(weight), lookup);
 }
 
 EmbeddingBagImpl::EmbeddingBagImpl(
@@ -796,7 +802,8 @@ torch::Tensor EmbeddingBagImpl::forward(
   if (options.padding_idx()) {
     bags.padding_idx(*options.padding_idx());
   }
-  return F::embedding_bag(input, weight_fake_quant(weight), bags);
+  const auto indices = renormalize(input);
+  return F::embedding_bag(indices, weight_fake_quant(weight), bags);
 }
 
 }  // namespace qat

@@ -258,9 +258,10 @@ struct ConvTypes {
 /// ConvTranspose1d / 2d (qat::ConvTranspose1d, 2d): the weight goes through
 /// `weight_fake_quant` before the convolution, per output channel when the spec is per
 /// channel (axis 0; axis 1 of a transposed conv's in x out x kernel weight). Zero padding
-/// only, as PyTorch's quantized convs pad; a transposed conv also groups 1 only (its integer
-/// kernel keeps one weight scale per output channel, a grouped one has one per channel of a
-/// group) and the output padding of its options (a call cannot ask for an output size).
+/// only, as PyTorch's quantized convs pad; a transposed conv takes the output padding of its
+/// options (a call cannot ask for an output size). A grouped transposed conv has one weight
+/// scale per output channel of a group (shared by the groups), which no integer kernel keeps:
+/// qat::convert runs it in float on its fake-quantized weight, as Python's convert does.
 /// Parameters `weight`, `bias`; child `weight_fake_quant`. `Derived` is the final class, as
 /// in torch::nn's own ConvNdImpl; each declares forward itself, since torch::nn::AnyModule
 /// (Sequential::ptr<T>) takes a module's type from it.
@@ -405,10 +406,13 @@ TORCH_MODULE(ConvBn3d);
 /// lookup; the integer model reads rows with quantized::embedding_byte /
 /// embedding_bag_byte (per-row specs only). Weight-only: its input is indices and its rows
 /// stay float, so prepare puts no activation FakeQuantize before or after it. Dense tables
-/// without max_norm only: a sparse gradient cannot flow back through the fake-quantized
-/// (dense) table, and max_norm renormalizes the rows as they are read, which a stored
-/// integer table cannot. Parameter `weight`; child `weight_fake_quant`. `Options` is
-/// torch::nn::EmbeddingOptions or EmbeddingBagOptions, `Derived` the final class.
+/// only: a sparse gradient cannot flow back through the fake-quantized (dense) table. With
+/// max_norm, the float table's looked-up rows are renormalized in place before the table is
+/// fake-quantized (as Python's qat.Embedding: a row's norm may exceed max_norm by its
+/// quantization error); qat::convert renormalizes every row as a lookup would, then
+/// quantizes the table, read as it is. Parameter `weight`; child `weight_fake_quant`.
+/// `Options` is torch::nn::EmbeddingOptions or EmbeddingBagOptions, `Derived` the final
+/// class.
 class EmbeddingImpl;
 
 template <typename Options, typename Derived>
@@ -422,7 +426,7 @@ class EmbeddingTableImpl : public torch::nn::Cloneable<Derived> {
   /// A fresh table, initialized as torch::nn::Embedding / EmbeddingBag.
   /// @param options as the float module's.
   /// @param weight_spec the table's spec; a per-channel one is forced to axis 0 (rows).
-  /// @throws std::invalid_argument for a sparse table or one with max_norm.
+  /// @throws std::invalid_argument for a sparse table.
   explicit EmbeddingTableImpl(Options options, QuantSpec weight_spec = Config().weight());
 
   void reset() override;
@@ -431,6 +435,9 @@ class EmbeddingTableImpl : public torch::nn::Cloneable<Derived> {
   Options options;
   torch::Tensor weight;
   FakeQuantize weight_fake_quant{nullptr};
+
+ protected:
+  torch::Tensor renormalize(const torch::Tensor& input);
 
  private:
   QuantSpec weight_spec_;
@@ -451,7 +458,8 @@ TORCH_MODULE(Embedding);
 /// QAT torch::nn::EmbeddingBag (qat::EmbeddingBag), as EmbeddingTableImpl: the bags of the
 /// fake-quantized table, summed (times `per_sample_weights` when given), averaged or
 /// maxed as the options say. qat::convert lowers mode sum and mean without a padding index
-/// (the kernel sums every entry) on 2-D input (a bag per row, as a Sequential passes it).
+/// (the kernel sums every entry) on 2-D input (a bag per row, as a Sequential passes it);
+/// a bag of mode max or with a padding index stays float, its table fake-quantized.
 class EmbeddingBagImpl
     : public EmbeddingTableImpl<torch::nn::EmbeddingBagOptions, EmbeddingBagImpl> {
  public:

@@ -183,20 +183,32 @@ def _integer_weight(fq_weight: torch.Tensor, fq: FakeQuantize) -> torch.Tensor:
                                         fq.quant_max, fq.per_channel, fq.spec.axis)
 
 
+def _table(module: Union[Embedding, EmbeddingBag]) -> torch.Tensor:
+    """A QAT table's fake-quantized weight as the simulation reads it. With max_norm every
+    row is renormalized first, as a lookup would renormalize it (``torch.embedding_renorm_``,
+    the C++ converter's call too): the converted table is read as it is, with no in-place
+    change at run time, and each row equals what the simulation looks up."""
+    weight = module.weight.detach()
+    if module.max_norm is not None:
+        weight = weight.clone()
+        torch.embedding_renorm_(weight, torch.arange(weight.size(0), device=weight.device),
+                                module.max_norm, module.norm_type)
+    return module.weight_fake_quant(weight)
+
+
 def _integer_embedding(
         module: Union[Embedding, EmbeddingBag]) -> Optional[quantized.Embedding]:
     """The integer table of a QAT embedding or embedding bag with per-row qparams, or None
-    (per-tensor qparams; max_norm, which renormalizes rows of the float table as they are
-    read; a bag whose mode is max or whose padding index leaves entries out: the kernel
-    sums every entry)."""
+    (per-tensor qparams; a bag whose mode is max or whose padding index leaves entries out:
+    the kernel sums every entry)."""
     fq = module.weight_fake_quant
-    if module.max_norm is not None or not fq.per_channel:
+    if not fq.per_channel:
         return None
     bag = isinstance(module, EmbeddingBag)
     if bag and (module.mode == "max" or module.padding_idx is not None):
         return None
     with torch.no_grad():
-        ints = _integer_weight(fq(module.weight), fq)
+        ints = _integer_weight(_table(module), fq)
     if bag:
         return quantized.EmbeddingBag(ints, fq.spec.bits, fq.quant_min, module.mode,
                                       module.include_last_offset)
@@ -314,10 +326,14 @@ def _float_layer(module: nn.Module) -> Optional[nn.Module]:
     with torch.no_grad():
         if isinstance(module, _ConvBnNd):
             weight, bias = _folded(module)
+        elif isinstance(module, (Embedding, EmbeddingBag)):
+            weight, bias = _table(module), None
         else:
             weight, bias = module.weight_fake_quant(module.weight), getattr(module, "bias", None)
     layer = copy.deepcopy(module)
     layer.__class__ = base  # the same geometry and forward, without the QAT parts
+    if isinstance(layer, (nn.Embedding, nn.EmbeddingBag)):
+        layer.max_norm = None  # its rows are renormalized already (_table)
     for name in ("weight_fake_quant", "bn"):
         if name in layer._modules:
             delattr(layer, name)
@@ -761,7 +777,8 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
 
     Conv1d / Conv2d / Conv3d (batch norm folded in or not) and Linear (followed by a ReLU
     or not), ConvTranspose1d / 2d (groups 1), Embedding and EmbeddingBag (sum and mean;
-    8-bit rows, per-row qparams), standalone BatchNorm (with running statistics),
+    8-bit rows, per-row qparams; with ``max_norm`` every row stored renormalized as a lookup
+    would leave it), standalone BatchNorm (with running statistics),
     LayerNorm, GroupNorm, hardswish, ELU, leaky ReLU, ``+``, ``*`` and ``torch.cat`` of
     quantized tensors run on ``torch.ops.quantized`` kernels with the integers and qparams
     of the simulation; relu, max pooling and reshapes run on the

@@ -246,13 +246,70 @@ CATCH_TEST_CASE("convert: an embedding bag runs on quantized::embedding_bag_byte
     CATCH_CHECK(code.find("quantized::embedding_bag_byte") != std::string::npos);
     CATCH_CHECK(code.find("aten::embedding_bag") == std::string::npos);
   }
-  torch::nn::Sequential with_max(
-      torch::nn::EmbeddingBag(torch::nn::EmbeddingBagOptions(20, 6).mode(torch::kMax)));
-  qat::prepare(*with_max, qat::presets::int8());
-  with_max->forward(torch::randint(0, 20, {2, 5}, torch::kLong));  // observes the table
-  CATCH_CHECK_THROWS_WITH(
-      qat::convert(*with_max, torch::randint(0, 20, {2, 5}, torch::kLong)),
-      Catch::Contains("'0' (qat::EmbeddingBag) has mode max"));
+}
+
+CATCH_TEST_CASE(
+    "convert: a table no kernel reads as the simulation does stays float, fake-quantized",
+    "[export]") {
+  torch::manual_seed(5);
+  using Options = torch::nn::EmbeddingBagOptions;
+  auto per_tensor_spec = qat::presets::int8().weight();
+  const auto per_tensor = qat::presets::int8().weight(per_tensor_spec.per_channel(false));
+  const std::vector<std::tuple<const char*, torch::nn::AnyModule, qat::Config>> tables{
+      {"bag of mode max",
+       torch::nn::AnyModule(torch::nn::EmbeddingBag(Options(20, 6).mode(torch::kMax))),
+       qat::presets::int8()},
+      {"bag with a padding index",
+       torch::nn::AnyModule(
+           torch::nn::EmbeddingBag(Options(20, 6).mode(torch::kSum).padding_idx(0))),
+       qat::presets::int8()},
+      {"table quantized per tensor", torch::nn::AnyModule(torch::nn::Embedding(20, 6)),
+       per_tensor}};
+  for (const auto& [what, table, config] : tables) {
+    CATCH_INFO(what);
+    torch::nn::Sequential net;
+    net->push_back(table.clone());
+    qat::prepare(*net, config);
+    const auto x = torch::randint(0, 20, {16, 5}, torch::kLong);
+    net->forward(x);  // observes the table
+    const auto expected = simulate(net, x);
+    auto integer = qat::convert(*net, x);
+    const auto code = integer.get_method("forward").graph()->toString();
+    CATCH_CHECK(code.find("quantized::") == std::string::npos);
+    CATCH_CHECK(code.find("aten::embedding") != std::string::npos);
+    // The same table, looked up by the same aten op.
+    const auto got = run(integer, x);
+    CATCH_CHECK(torch::equal(got, expected));
+    // The lite interpreter runs the float lookup as the converted module does.
+    const qat_test::TempDir dir("qat_export_float_table");
+    const auto path = dir.file("table.ptl");
+    qat::export_model(*net, x, path);
+    CATCH_CHECK(torch::equal(torch::jit::_load_for_mobile(path).forward({x}).toTensor(), got));
+  }
+}
+
+CATCH_TEST_CASE(
+    "convert: a table with max_norm is stored with every row renormalized, in integers",
+    "[export]") {
+  torch::manual_seed(6);
+  torch::nn::Sequential net(torch::nn::Embedding(torch::nn::EmbeddingOptions(20, 6).max_norm(1.0)));
+  qat::prepare(*net, qat::presets::int8());
+  {
+    torch::NoGradGuard no_grad;
+    net->ptr<qat::EmbeddingImpl>(0)->weight.mul_(3);  // every row's norm above max_norm
+  }
+  // Observes the table; renormalizes the rows 0-9 it reads, not 10-19.
+  net->forward(torch::randint(0, 10, {16, 5}, torch::kLong));
+  const auto every_row = torch::arange(20, torch::kLong).reshape({4, 5});
+  auto integer = qat::convert(*net, every_row);
+  const auto code = integer.get_method("forward").graph()->toString();
+  CATCH_CHECK(code.find("quantized::embedding_byte") != std::string::npos);
+  CATCH_CHECK(code.find("aten::embedding_renorm_") == std::string::npos);
+  // Converted before the simulation reads rows 10-19 (and renormalizes them as it does).
+  const auto got = run(integer, every_row);
+  const auto expected = simulate(net, every_row);
+  CATCH_CHECK(torch::allclose(got, expected, 1e-6, 1e-6));
+  CATCH_CHECK((expected.norm(2, -1) <= 1.0 + 0.1).all().item<bool>());
 }
 
 CATCH_TEST_CASE("convert: a skipped transposed conv or embedding runs in float", "[export]") {
@@ -262,14 +319,39 @@ CATCH_TEST_CASE("convert: a skipped transposed conv or embedding runs in float",
       torch::nn::Embedding(20, 4),
       torch::nn::ConvTranspose1d(torch::nn::ConvTranspose1dOptions(6, 4, 2).stride(2).groups(2)),
       torch::nn::Flatten(), torch::nn::Linear(4 * 8, 3));
-  // A grouped transposed conv has no integer kernel: qat::prepare refuses it unless skipped.
-  CATCH_CHECK_THROWS_AS(qat::prepare(*net), std::invalid_argument);
   qat::prepare(*net, qat::presets::int8().skip("0").skip("1"));
   const auto x = torch::randint(0, 20, {64, 6}, torch::kLong);
   auto integer = train_and_convert(net, x, "float embedding and transposed conv");
   const auto code = integer.get_method("forward").graph()->toString();
   CATCH_CHECK(code.find("aten::embedding") != std::string::npos);
   CATCH_CHECK(code.find("aten::conv_transpose1d") != std::string::npos);
+}
+
+CATCH_TEST_CASE(
+    "convert: a grouped transposed conv runs in float on its fake-quantized weight", "[export]") {
+  torch::manual_seed(7);
+  for (const bool relu : {false, true}) {
+    CATCH_INFO("relu " << relu);
+    torch::nn::Sequential net(
+        torch::nn::Conv1d(torch::nn::Conv1dOptions(2, 6, 3).padding(1)),
+        torch::nn::ConvTranspose1d(torch::nn::ConvTranspose1dOptions(6, 4, 2).stride(2).groups(2)));
+    if (relu) {
+      net->push_back(torch::nn::ReLU());
+    }
+    net->push_back(torch::nn::Flatten());
+    net->push_back(torch::nn::Linear(4 * 16, 3));
+    qat::prepare(*net, qat::presets::int8());
+    // Its weight has one scale per output channel of a group (4 / 2 groups).
+    CATCH_CHECK(net->ptr<qat::ConvTranspose1dImpl>(3)->weight_fake_quant->spec().axis() == 1);
+    const auto x = torch::randn({64, 2, 8});
+    auto integer = train_and_convert(net, x, "grouped transposed conv");
+    CATCH_CHECK(net->ptr<qat::ConvTranspose1dImpl>(3)->weight_fake_quant->scale.numel() == 2);
+    const auto code = integer.get_method("forward").graph()->toString();
+    CATCH_CHECK(code.find("aten::conv_transpose1d") != std::string::npos);
+    CATCH_CHECK(code.find("quantized::conv_transpose") == std::string::npos);
+    CATCH_CHECK(code.find("quantized::conv1d") != std::string::npos);
+    CATCH_CHECK(code.find("quantized::linear") != std::string::npos);
+  }
 }
 
 CATCH_TEST_CASE("convert: float layers run between a dequantize and a quantize", "[export]") {

@@ -479,12 +479,20 @@ CATCH_TEST_CASE("qat::ConvTranspose2d quantizes its weight per output channel", 
   CATCH_CHECK(torch::allclose(y, expected, 1e-5, 1e-6));
   qconv->weight_fake_quant->disable_fake_quant();
   CATCH_CHECK(torch::allclose(qconv(x), torch::relu(conv(x))));
-  CATCH_CHECK(
-      invalid_argument_message(
-          [] { qat::ConvTranspose1d(torch::nn::ConvTranspose1dOptions(4, 4, 3).groups(2)); }) ==
-      "qat::ConvTranspose1d: groups=2 is not supported: the integer kernel keeps one weight "
-      "scale per output channel, a grouped transposed conv one per output channel of a "
-      "group (skip the layer, Config::skip, to keep it in float)");
+  // Grouped: one scale per output channel of a group (axis 1 of the [in, out / groups, k]
+  // weight), shared by the groups.
+  qat::ConvTranspose1d grouped(torch::nn::ConvTranspose1dOptions(4, 6, 3).groups(2));
+  const auto x1 = torch::randn({2, 4, 5});
+  const auto y1 = grouped(x1);
+  const auto& gfq = grouped->weight_fake_quant;
+  CATCH_CHECK(gfq->scale.numel() == 3);
+  const auto gw =
+      reference_fake_quantize(grouped->weight, gfq->scale, gfq->zero_point, -128, 127, 1);
+  CATCH_CHECK(torch::allclose(
+      y1,
+      torch::conv_transpose1d(
+          x1, gw, grouped->bias, /*stride=*/1, /*padding=*/0, /*output_padding=*/0, /*groups=*/2),
+      1e-5, 1e-6));
 }
 
 CATCH_TEST_CASE("qat::Embedding looks rows up in its fake-quantized table", "[nn][modules]") {
@@ -505,9 +513,53 @@ CATCH_TEST_CASE("qat::Embedding looks rows up in its fake-quantized table", "[nn
   CATCH_CHECK(invalid_argument_message([] {
                 qat::Embedding(torch::nn::EmbeddingOptions(4, 2).sparse(true));
               }).find("qat::Embedding: sparse=true is not supported") == 0);
-  CATCH_CHECK(invalid_argument_message([] {
-                qat::Embedding(torch::nn::EmbeddingOptions(4, 2).max_norm(1.0));
-              }).find("qat::Embedding: max_norm is not supported") == 0);
+}
+
+CATCH_TEST_CASE(
+    "qat::Embedding with max_norm renormalizes the float rows it reads, then fake-quantizes",
+    "[nn][modules]") {
+  torch::manual_seed(7);
+  for (const bool bag : {false, true}) {
+    CATCH_INFO("bag " << bag);
+    const auto table = torch::randn({10, 4}) * 2;
+    // torch::nn's own renormalization of the float table is the reference.
+    auto reference = table.clone();
+    const auto indices = torch::tensor({{0, 3, 9}, {3, 3, 1}}, torch::kLong);
+    namespace F = torch::nn::functional;
+    F::embedding(indices, reference, F::EmbeddingFuncOptions().max_norm(1.5).norm_type(1.0));
+    torch::Tensor rows;
+    qat::FakeQuantize fq{nullptr};
+    torch::Tensor weight;
+    if (bag) {
+      qat::EmbeddingBag qtable(torch::nn::EmbeddingBagOptions(10, 4).max_norm(1.5).norm_type(1.0));
+      torch::NoGradGuard no_grad;
+      qtable->weight.copy_(table);
+      rows = qtable(indices);
+      fq = qtable->weight_fake_quant;
+      weight = qtable->weight;
+    } else {
+      qat::Embedding qtable(torch::nn::EmbeddingOptions(10, 4).max_norm(1.5).norm_type(1.0));
+      {
+        torch::NoGradGuard no_grad;
+        qtable->weight.copy_(table);
+      }
+      rows = qtable(indices);
+      fq = qtable->weight_fake_quant;
+      weight = qtable->weight;
+      // The rows' gradient still reaches the float table.
+      rows.sum().backward();
+      CATCH_CHECK(weight.grad()[3].abs().sum().item<float>() > 0);
+    }
+    // The rows read were renormalized in place (others, like row 2, untouched)...
+    CATCH_CHECK(torch::equal(weight.detach(), reference));
+    CATCH_CHECK(!torch::equal(reference[3], table[3]));
+    CATCH_CHECK(torch::equal(reference[2], table[2]));
+    // ... and then fake-quantized and looked up.
+    const auto w = reference_fake_quantize(
+        reference, fq->scale, fq->zero_point, fq->quant_min(), fq->quant_max(), 0);
+    const auto expected = bag ? w.index({indices}).mean(1) : w.index({indices});
+    CATCH_CHECK(torch::allclose(rows.detach(), expected, 0, 1e-6));
+  }
 }
 
 CATCH_TEST_CASE("ConvBn2d quantizes the folded weight", "[nn][modules][bn]") {

@@ -79,6 +79,16 @@ def _conv_transpose():
         nn.Flatten(), nn.Linear(4 * 7 * 7, 10))
 
 
+def _grouped_transpose():
+    """A grouped transposed conv (one weight scale per output channel of a group, which no
+    integer kernel keeps): float in both front ends on its fake-quantized weight, followed by
+    a ReLU, between integer convs."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(8, 8, 2, stride=2, groups=4), nn.ReLU(),
+        nn.Conv2d(8, 4, 3, padding=1), nn.MaxPool2d(4), nn.Flatten(), nn.Linear(4 * 7 * 7, 10))
+
+
 def _embedding():
     """A text model's table (weight-only: indices in, float rows out), a ReLU6 on its float
     rows (it requantizes whatever its input) and a linear head."""
@@ -124,11 +134,26 @@ def _embedding_bag():
                          nn.Linear(16, 10))
 
 
+def _embedding_bag_max():
+    """A bag no integer kernel reads as the simulation does, kept float (its table
+    fake-quantized) by both front ends: mode max, leaving the blank rows' token out
+    (padding index 0)."""
+    return nn.Sequential(nn.EmbeddingBag(64, 8, mode="max", padding_idx=0), nn.Linear(8, 16),
+                         nn.ReLU(), nn.Linear(16, 10))
+
+
+def _embedding_max_norm():
+    """A table renormalizing the rows it reads (max_norm): both front ends store it with
+    every row renormalized, in integers."""
+    return nn.Sequential(nn.Embedding(64, 8, max_norm=1.0), nn.ReLU6(), nn.Flatten(),
+                         nn.Linear(28 * 8, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
 def _inputs(name, images):
     """The model's inputs from Fashion-MNIST images: the images; for the embedding models
     one token per image row (its mean brightness in 64 levels); for the 3-D model each image
     as a clip of 4 frames of 7 x 28."""
-    if name in ("embedding", "embedding_bag"):
+    if name.startswith("embedding"):
         return (images[:, 0].mean(2) * 63).round().long()
     if name == "conv3d":
         return images.reshape(-1, 1, 4, 7, 28)
@@ -138,22 +163,25 @@ def _inputs(name, images):
 MODELS = {"conv_bn_relu": _conv_bn_relu, "conv_bn_relu6": _conv_bn_relu6,
           "linear_relu": _linear_relu, "cnn": _cnn, "standalone_relu6": _standalone_relu6,
           "linear_sigmoid_tanh": _linear_sigmoid_tanh, "conv1d": _conv1d,
-          "conv_transpose": _conv_transpose, "embedding": _embedding, "pool_first": _pool_first,
+          "conv_transpose": _conv_transpose, "grouped_transpose": _grouped_transpose,
+          "embedding": _embedding, "pool_first": _pool_first,
           "conv3d": _conv3d, "standalone_bn": _standalone_bn, "norms": _norms,
-          "embedding_bag": _embedding_bag}
+          "embedding_bag": _embedding_bag, "embedding_bag_max": _embedding_bag_max,
+          "embedding_max_norm": _embedding_max_norm}
 
 
 _CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding")
 # Each layer type's fields in qat_cross_front_end's layer list, after its lower-case name.
 _FIELDS = {
     **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d), _CONV + ("bias",)),
-    **dict.fromkeys((nn.ConvTranspose1d, nn.ConvTranspose2d), _CONV + ("output_padding", "bias")),
+    **dict.fromkeys((nn.ConvTranspose1d, nn.ConvTranspose2d),
+                    _CONV + ("output_padding", "bias", "groups")),
     **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), ("num_features",)),
     **dict.fromkeys((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool2d, nn.AvgPool3d),
                     ("kernel_size",)),
     **dict.fromkeys((nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh), ()),
-    nn.Embedding: ("num_embeddings", "embedding_dim"),
-    nn.EmbeddingBag: ("num_embeddings", "embedding_dim", "mode"),
+    nn.Embedding: ("num_embeddings", "embedding_dim", "padding_idx", "max_norm"),
+    nn.EmbeddingBag: ("num_embeddings", "embedding_dim", "mode", "padding_idx"),
     nn.Linear: ("in_features", "out_features", "bias"),
     nn.Flatten: ("start_dim", "end_dim"),
     nn.LayerNorm: ("normalized_shape",),
@@ -165,10 +193,12 @@ _FIELDS = {
 
 def _field(module, name):
     """A field as the layer list spells it: a bias as 0 / 1, a size tuple by its first
-    value (the models use square sizes)."""
+    value (the models use square sizes), an optional index or norm left out as -1."""
     value = getattr(module, name)
     if name == "bias":
         return int(value is not None)
+    if value is None:
+        return -1
     return value[0] if isinstance(value, tuple) else value
 
 

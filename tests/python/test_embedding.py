@@ -189,6 +189,41 @@ def test_max_norm_renormalizes_the_float_table(bag):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bag", [False, True], ids=["embedding", "bag"])
+def test_max_norm_table_converts_with_every_row_renormalized(bag):
+    """The converted table holds every row as a lookup would renormalize it, rows the
+    calibration never read included, quantized with the simulation's qparams: an integer
+    table, read as it is (no in-place change at run time)."""
+    torch.manual_seed(0)
+    table = (nn.EmbeddingBag(10, 4, mode="sum", max_norm=1.0) if bag
+             else nn.Embedding(10, 4, max_norm=1.0))
+    with torch.no_grad():
+        table.weight.mul_(3)  # every row's norm above max_norm
+    qmodel = qat.prepare(nn.Sequential(table))
+    qat.calibrate(qmodel, [torch.tensor([[0, 1, 2, 3, 4]])], progress=False)  # rows 5-9 unread
+    int_model, report = qat.convert(qmodel, return_report=True)
+    assert isinstance(int_model.get_submodule("0"), qat.quantized.Embedding)
+    assert report.integer_weight_share == 1.0
+    # Renormalized here with plain tensor ops (max_norm / (norm + 1e-7), as nn.Embedding),
+    # quantized by ATen with the simulation's per-row qparams.
+    weight = qmodel.get_submodule("0").weight.detach()
+    norms = weight.norm(dim=1, keepdim=True)
+    renormed = torch.where(norms > 1.0, weight * (1.0 / (norms + 1e-7)), weight)
+    fq = qmodel.get_submodule("0").weight_fake_quant
+    reference = torch.fake_quantize_per_channel_affine(renormed, fq.scale, fq.zero_point, 0,
+                                                       fq.quant_min, fq.quant_max)
+    every_row = torch.arange(10).reshape(2, 5)
+    expected = (F.embedding_bag(every_row, reference, mode="sum") if bag
+                else F.embedding(every_row, reference))
+    with torch.no_grad():
+        got = int_model(every_row)
+        # The simulation renormalizes rows 5-9 as it reads them, and agrees.
+        simulation = qmodel.eval()(every_row)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(simulation, expected, rtol=1e-6, atol=1e-6)
+    assert "embedding_renorm" not in int_model.code
+
+
 def test_from_float_shares_parameters_and_settings():
     float_mod = nn.Embedding(9, 3, padding_idx=-1, max_norm=2.0, norm_type=1.0,
                              scale_grad_by_freq=True).eval()

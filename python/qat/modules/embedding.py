@@ -10,8 +10,9 @@ is given. Here that tensor would be the fake-quantized copy, so the change would
 and the float table would drift from what the model computes with. Instead the float
 ``weight`` is renormalized in place first (as ``nn.Embedding`` does, without gradient),
 then fake-quantized and looked up. A looked-up row's norm may so exceed ``max_norm`` by up
-to its quantization error; rows never looked up are never renormalized, in training as in
-the converted model.
+to its quantization error. ``qat.convert`` renormalizes every row of the table as a lookup
+would, then quantizes it: the converted table is read as it is (no in-place change at run
+time, which an integer table cannot take), and each row is what the simulation looks up.
 """
 
 from typing import Optional

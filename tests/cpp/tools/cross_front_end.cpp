@@ -7,8 +7,9 @@
 //
 // LAYERS.txt holds one layer per line, as the test writes it:
 //   conv1d|conv2d|conv3d IN OUT KERNEL STRIDE PADDING BIAS |
-//   convtranspose1d|convtranspose2d IN OUT KERNEL STRIDE PADDING OUTPUT_PADDING BIAS |
-//   batchnorm1d|batchnorm2d|batchnorm3d N | embedding NUM DIM | embeddingbag NUM DIM sum|mean |
+//   convtranspose1d|convtranspose2d IN OUT KERNEL STRIDE PADDING OUTPUT_PADDING BIAS GROUPS |
+//   batchnorm1d|batchnorm2d|batchnorm3d N | embedding NUM DIM PADDING_IDX MAX_NORM |
+//   embeddingbag NUM DIM sum|mean|max PADDING_IDX | (a padding index or max norm of -1: none)
 //   linear IN OUT BIAS | relu | relu6 | sigmoid | tanh | maxpool1d|maxpool2d|maxpool3d KERNEL |
 //   avgpool2d|avgpool3d KERNEL | adaptiveavgpool2d SIZE | flatten START END |
 //   layernorm N | groupnorm GROUPS CHANNELS | elu ALPHA | leakyrelu SLOPE
@@ -57,17 +58,23 @@ torch::nn::Sequential build(const std::string& path) {
     if (!(fields >> kind)) {
       continue;
     }
-    int64_t a = 0, b = 0, c = 0, d = 0, e = 0, f = 0, g = 0;
+    int64_t a = 0, b = 0, c = 0, d = 0, e = 0, f = 0, g = 0, h = 0;
     double real = 0;
     std::string word;
-    if (kind == "convtranspose1d" && fields >> a >> b >> c >> d >> e >> f >> g) {
-      net->push_back(torch::nn::ConvTranspose1d(
-          torch::nn::ConvTranspose1dOptions(a, b, c).stride(d).padding(e).output_padding(f).bias(
-              g != 0)));
-    } else if (kind == "convtranspose2d" && fields >> a >> b >> c >> d >> e >> f >> g) {
-      net->push_back(torch::nn::ConvTranspose2d(
-          torch::nn::ConvTranspose2dOptions(a, b, c).stride(d).padding(e).output_padding(f).bias(
-              g != 0)));
+    if (kind == "convtranspose1d" && fields >> a >> b >> c >> d >> e >> f >> g >> h) {
+      net->push_back(torch::nn::ConvTranspose1d(torch::nn::ConvTranspose1dOptions(a, b, c)
+                                                    .stride(d)
+                                                    .padding(e)
+                                                    .output_padding(f)
+                                                    .bias(g != 0)
+                                                    .groups(h)));
+    } else if (kind == "convtranspose2d" && fields >> a >> b >> c >> d >> e >> f >> g >> h) {
+      net->push_back(torch::nn::ConvTranspose2d(torch::nn::ConvTranspose2dOptions(a, b, c)
+                                                    .stride(d)
+                                                    .padding(e)
+                                                    .output_padding(f)
+                                                    .bias(g != 0)
+                                                    .groups(h)));
     } else if (kind == "conv1d" && fields >> a >> b >> c >> d >> e >> f) {
       net->push_back(
           torch::nn::Conv1d(torch::nn::Conv1dOptions(a, b, c).stride(d).padding(e).bias(f != 0)));
@@ -77,12 +84,24 @@ torch::nn::Sequential build(const std::string& path) {
     } else if (kind == "conv3d" && fields >> a >> b >> c >> d >> e >> f) {
       net->push_back(
           torch::nn::Conv3d(torch::nn::Conv3dOptions(a, b, c).stride(d).padding(e).bias(f != 0)));
-    } else if (kind == "embedding" && fields >> a >> b) {
-      net->push_back(torch::nn::Embedding(a, b));
-    } else if (kind == "embeddingbag" && fields >> a >> b >> word) {
+    } else if (kind == "embedding" && fields >> a >> b >> c >> real) {
+      auto options = torch::nn::EmbeddingOptions(a, b);
+      if (c >= 0) {
+        options.padding_idx(c);
+      }
+      if (real >= 0) {
+        options.max_norm(real);
+      }
+      net->push_back(torch::nn::Embedding(options));
+    } else if (kind == "embeddingbag" && fields >> a >> b >> word >> c) {
       auto options = torch::nn::EmbeddingBagOptions(a, b);
       if (word == "sum") {
         options.mode(torch::kSum);
+      } else if (word == "max") {
+        options.mode(torch::kMax);
+      }
+      if (c >= 0) {
+        options.padding_idx(c);
       }
       net->push_back(torch::nn::EmbeddingBag(options));
     } else if (kind == "batchnorm1d" && fields >> a) {
