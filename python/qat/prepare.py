@@ -285,14 +285,17 @@ _CONV_BN = {
 }
 
 
+def _module_calls(gm: fx.GraphModule) -> Dict[str, int]:
+    """How many times the graph calls each submodule, by target."""
+    return collections.Counter(node.target for node in gm.graph.nodes
+                               if node.op == "call_module")
+
+
 def _fuse_conv_bn(gm: fx.GraphModule, config: Config, spec_modules: Dict[str, nn.Module]):
     """ConvNd -> BatchNormNd (-> ReLU) become one ``FusedConvBnNd`` / ``FusedConvBnReLUNd``
     (:mod:`qat.modules.fused`) under the conv's name, when the conv feeds only the batch norm and
     is called once."""
-    calls: Dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = _module_calls(gm)
     for bn_node in list(gm.graph.nodes):
         if bn_node.op != "call_module":
             continue
@@ -753,8 +756,7 @@ def _schedule_folds(gm: fx.GraphModule) -> None:
     graph calls once and whose modules and tensors no other module holds. The graph runs
     every node once per forward and nothing else changes their state in between, so each
     takes the weight made from the state it would have read itself."""
-    calls = collections.Counter(node.target for node in gm.graph.nodes
-                                if node.op == "call_module")
+    calls = _module_calls(gm)
     holders = collections.Counter()
     for _, module in gm.named_modules(remove_duplicate=False):
         for item in (*module._parameters.values(), *module._buffers.values(),
@@ -766,18 +768,13 @@ def _schedule_folds(gm: fx.GraphModule) -> None:
         if node.op != "call_module" or calls[node.target] != 1:
             continue
         module = gm.get_submodule(node.target)
-        if isinstance(module, _ConvBnNd) and all(
-                holders[id(item)] == 1 for item in _fold_state(module)):
+        if not isinstance(module, _ConvBnNd):
+            continue
+        modules, tensors = module._fold_reads()
+        if all(holders[id(item)] == 1 for item in (module, *modules, *tensors)
+               if item is not None):
             scheduled.append(module)
     fold_weights_ahead(scheduled)
-
-
-def _fold_state(module: _ConvBnNd) -> List[object]:
-    """A conv + batch norm, and the modules and tensors its folded weight is made from."""
-    fq = module.weight_fake_quant
-    items = [module, module.bn, fq, fq.observer, module.weight, module.bn.running_var,
-             module.bn.weight]
-    return [item for item in items if item is not None] + list(fq.buffers())
 
 
 def _named(model: nn.Module) -> nn.Module:

@@ -126,13 +126,22 @@ class _ConvBnNd:
                                                                          scale_factor)
 
     @torch.jit.unused
+    def _fold_reads(self) -> Tuple[Tuple[nn.Module, ...], Tuple[Optional[torch.Tensor], ...]]:
+        """The modules and tensors :meth:`_fold` reads (the tensors None where a module has
+        no such one, as a batch norm without affine weight): what a weight made ahead was
+        made from (:meth:`_fold_inputs`), and what :func:`qat.prepare` checks that no other
+        module holds before it schedules the fold."""
+        bn, fq = self.bn, self.weight_fake_quant
+        return ((bn, fq, fq.observer),
+                (self.weight, bn.weight, bn.running_var, fq.scale, fq.zero_point,
+                 fq.observer_enabled, fq.fake_quant_enabled))
+
+    @torch.jit.unused
     def _fold_inputs(self):
         """What :meth:`_fold` reads that can change between two calls: the modules and
         tensors, and the tensors' versions (bumped by every in-place change)."""
-        bn, fq = self.bn, self.weight_fake_quant
-        tensors = (self.weight, bn.weight, bn.running_var, fq.scale, fq.zero_point,
-                   fq.observer_enabled, fq.fake_quant_enabled)
-        return ((fq,) + tensors,
+        modules, tensors = self._fold_reads()
+        return (modules + tensors,
                 tuple(-1 if t is None else t._version for t in tensors))
 
     @torch.jit.unused
