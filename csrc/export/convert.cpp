@@ -600,6 +600,25 @@ class Converter {
         mode);
   }
 
+  // A table's weight as its lookups read it, and its options: with max_norm every row
+  // renormalized now as a lookup would leave it, and max_norm cleared (Python's convert:
+  // qat.convert._renormalized). The converted table is read as it is: no in-place change at
+  // run time, which an integer table cannot take.
+  template <typename Options>
+  static std::pair<torch::Tensor, Options> renormalized(
+      const torch::Tensor& weight, Options options) {
+    auto table = weight.detach();
+    if (options.max_norm()) {
+      table = table.clone();
+      torch::NoGradGuard no_grad;
+      torch::embedding_renorm_(
+          table, torch::arange(table.size(0), table.options().dtype(torch::kLong)),
+          *options.max_norm(), options.norm_type());
+      options.max_norm(c10::nullopt);
+    }
+    return {table, options};
+  }
+
   // A table lookup in float, as torch.nn.functional's embedding / embedding_bag compute it
   // (so these and Python's float layers give the same values), on the table `weight`: the
   // rows of the indices x (of a bag: a bag per row of 2-D indices). Returns the call.
@@ -607,14 +626,8 @@ class Converter {
   std::string float_table(
       const std::string& name, const torch::Tensor& weight, const Options& options) {
     constexpr bool bag = std::is_same_v<Options, torch::nn::EmbeddingBagOptions>;
+    TORCH_INTERNAL_ASSERT(!options.max_norm(), "float_table takes a renormalized table");
     const auto table = tensor_attribute(name, "weight", weight);
-    if (options.max_norm()) {
-      // The stored table's looked-up rows renormalized in place at each call.
-      emit("x = x.contiguous()");
-      emit(fmt::format(
-          "torch.embedding_renorm_({}, x, {}, {})", table, literal(*options.max_norm()),
-          literal(options.norm_type())));
-    }
     const auto scale_grad = literal(options.scale_grad_by_freq());
     if constexpr (!bag) {
       return fmt::format(
@@ -651,15 +664,10 @@ class Converter {
       throw std::invalid_argument(
           fmt::format("qat::convert: {} takes indices, but its input is quantized here", what));
     }
-    auto options = module.options;
-    auto weight = module.weight.detach();
-    if (options.max_norm()) {
-      weight = weight.clone();
-      torch::embedding_renorm_(
-          weight, torch::arange(weight.size(0), weight.options().dtype(torch::kLong)),
-          *options.max_norm(), options.norm_type());
-      options.max_norm(c10::nullopt);
-    }
+    // Not structured bindings: the lambda below captures the weight (C++20 only for those).
+    const auto read = renormalized(module.weight, module.options);
+    const auto& weight = read.first;
+    const auto& options = read.second;
     const auto table = simulate_weight(fq, [&] { return fq.forward(weight); });
     bool integer = fq.spec().per_channel();
     if constexpr (bag) {
@@ -990,9 +998,11 @@ class Converter {
     } else if (auto* up2d = dynamic_cast<torch::nn::ConvTranspose2dImpl*>(&module)) {
       call = float_conv("conv_transpose2d", name, up2d->weight, up2d->bias, up2d->options);
     } else if (auto* table = dynamic_cast<torch::nn::EmbeddingImpl*>(&module)) {
-      call = float_table(name, table->weight, table->options);
+      const auto [weight, options] = renormalized(table->weight, table->options);
+      call = float_table(name, weight, options);
     } else if (auto* bag = dynamic_cast<torch::nn::EmbeddingBagImpl*>(&module)) {
-      call = float_table(name, bag->weight, bag->options);
+      const auto [weight, options] = renormalized(bag->weight, bag->options);
+      call = float_table(name, weight, options);
     } else if (auto* max3d = dynamic_cast<torch::nn::MaxPool3dImpl*>(&module)) {
       // No quantized max_pool3d in the op-role table: in float, as Python's convert runs it.
       call = max_pool("max_pool3d", max3d->options);

@@ -183,17 +183,23 @@ def _integer_weight(fq_weight: torch.Tensor, fq: FakeQuantize) -> torch.Tensor:
                                         fq.quant_max, fq.per_channel, fq.spec.axis)
 
 
-def _table(module: Union[Embedding, EmbeddingBag]) -> torch.Tensor:
-    """A QAT table's fake-quantized weight as the simulation reads it. With max_norm every
-    row is renormalized first, as a lookup would renormalize it (``torch.embedding_renorm_``,
-    the C++ converter's call too): the converted table is read as it is, with no in-place
-    change at run time, and each row equals what the simulation looks up."""
+def _renormalized(module: Union[nn.Embedding, nn.EmbeddingBag]) -> torch.Tensor:
+    """A table's float weight as its lookups read it: with max_norm every row renormalized,
+    as a lookup would renormalize it (``torch.embedding_renorm_``, the C++ converter's call
+    too). The converted table is read as it is: no in-place change at run time, which a
+    frozen TorchScript file would drop and an integer table cannot take."""
     weight = module.weight.detach()
     if module.max_norm is not None:
         weight = weight.clone()
         torch.embedding_renorm_(weight, torch.arange(weight.size(0), device=weight.device),
                                 module.max_norm, module.norm_type)
-    return module.weight_fake_quant(weight)
+    return weight
+
+
+def _table(module: Union[Embedding, EmbeddingBag]) -> torch.Tensor:
+    """A QAT table's fake-quantized weight as the simulation reads it: each row what the
+    simulation looks up."""
+    return module.weight_fake_quant(_renormalized(module))
 
 
 def _integer_embedding(
@@ -319,6 +325,12 @@ def _float_layer(module: nn.Module) -> Optional[nn.Module]:
     it is exported to runs where qat is not installed. None for other modules."""
     if isinstance(module, (LSTM, GRU)):
         return _float_rnn(module)
+    if type(module) in (nn.Embedding, nn.EmbeddingBag) and module.max_norm is not None:
+        # A float table (skipped in the Config) that renormalizes the rows it reads.
+        layer = copy.deepcopy(module)
+        layer.weight = nn.Parameter(_renormalized(module).clone(), requires_grad=False)
+        layer.max_norm = None
+        return layer
     base = next((cls for cls in _PLAIN_LAYERS if isinstance(module, cls)), None)
     if (base is None or not isinstance(getattr(module, "weight_fake_quant", None), FakeQuantize)
             or hasattr(module, "activation_post_process")):

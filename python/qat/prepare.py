@@ -243,9 +243,10 @@ def _is_relu(node: Optional[fx.Node], gm: fx.GraphModule) -> bool:
 
 
 def _is_weight_only(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether ``node`` calls a QAT module that quantizes only its weight (embeddings)."""
-    return node.op == "call_module" and getattr(
-        type(gm.get_submodule(node.target)), "weight_only", False)
+    """Whether ``node`` calls a table that takes indices: a QAT embedding, which quantizes
+    only its weight, or a float one (skipped in the Config), which quantizes nothing."""
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                   (nn.Embedding, nn.EmbeddingBag))
 
 
 _COMPARISONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,

@@ -2,6 +2,9 @@
 fake-quantized per row by plain torch; gradients (straight through, none for padding_idx),
 max_norm, parameter sharing, argument errors, state_dict and training."""
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -222,6 +225,34 @@ def test_max_norm_table_converts_with_every_row_renormalized(bag):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(simulation, expected, rtol=1e-6, atol=1e-6)
     assert "embedding_renorm" not in int_model.code
+
+
+@pytest.mark.parametrize("max_norm", [None, 1.0], ids=["plain", "max_norm"])
+def test_skipped_table_reads_indices_and_converts_as_the_float_table(tmp_path, max_norm):
+    """A table skipped in the Config stays the float nn.Embedding: its indices get no
+    FakeQuantize, and the converted model and its file read each row as the float model's
+    lookup does, rows never read before conversion included (with max_norm: renormalized
+    at conversion, as a lookup renormalizes it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 6, max_norm=max_norm), nn.Flatten(),
+                          nn.Linear(30, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(3)  # every row's norm above max_norm
+    float_table = copy.deepcopy(model[0])
+    qmodel = qat.prepare(model, dataclasses.replace(qat.presets.int8(), skip=("0",)))
+    placeholder = next(n for n in qmodel.graph.nodes if n.op == "placeholder")
+    assert [u.target for u in placeholder.users] == ["0"]
+    assert type(qmodel.get_submodule("0")) is nn.Embedding
+    seen = torch.randint(0, 10, (8, 5))  # rows 10-19 never read before conversion
+    qat.calibrate(qmodel, [seen], progress=False)
+    path = tmp_path / "table.pt"
+    int_model = qat.export(qmodel, path, seen, mobile=False)
+    every_row = torch.arange(20).reshape(4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(int_model.get_submodule("0")(every_row),
+                                   float_table(every_row), rtol=0, atol=0)
+        torch.testing.assert_close(torch.jit.load(str(path))(every_row), int_model(every_row),
+                                   rtol=0, atol=0)
 
 
 def test_from_float_shares_parameters_and_settings():
