@@ -328,7 +328,7 @@ def _float_layer(module: nn.Module) -> Optional[nn.Module]:
     if type(module) in (nn.Embedding, nn.EmbeddingBag) and module.max_norm is not None:
         # A float table (skipped in the Config) that renormalizes the rows it reads.
         layer = copy.deepcopy(module)
-        layer.weight = nn.Parameter(_renormalized(module).clone(), requires_grad=False)
+        layer.weight = nn.Parameter(_renormalized(module), requires_grad=False)
         layer.max_norm = None
         return layer
     base = next((cls for cls in _PLAIN_LAYERS if isinstance(module, cls)), None)

@@ -530,15 +530,7 @@ CATCH_TEST_CASE(
     torch::Tensor rows;
     qat::FakeQuantize fq{nullptr};
     torch::Tensor weight;
-    if (bag) {
-      qat::EmbeddingBag qtable(torch::nn::EmbeddingBagOptions(10, 4).max_norm(1.5).norm_type(1.0));
-      torch::NoGradGuard no_grad;
-      qtable->weight.copy_(table);
-      rows = qtable(indices);
-      fq = qtable->weight_fake_quant;
-      weight = qtable->weight;
-    } else {
-      qat::Embedding qtable(torch::nn::EmbeddingOptions(10, 4).max_norm(1.5).norm_type(1.0));
+    const auto look_up = [&](auto qtable) {
       {
         torch::NoGradGuard no_grad;
         qtable->weight.copy_(table);
@@ -546,10 +538,16 @@ CATCH_TEST_CASE(
       rows = qtable(indices);
       fq = qtable->weight_fake_quant;
       weight = qtable->weight;
-      // The rows' gradient still reaches the float table.
-      rows.sum().backward();
-      CATCH_CHECK(weight.grad()[3].abs().sum().item<float>() > 0);
+    };
+    if (bag) {
+      look_up(
+          qat::EmbeddingBag(torch::nn::EmbeddingBagOptions(10, 4).max_norm(1.5).norm_type(1.0)));
+    } else {
+      look_up(qat::Embedding(torch::nn::EmbeddingOptions(10, 4).max_norm(1.5).norm_type(1.0)));
     }
+    // The rows' gradient still reaches the float table.
+    rows.sum().backward();
+    CATCH_CHECK(weight.grad()[3].abs().sum().item<float>() > 0);
     // The rows read were renormalized in place (others, like row 2, untouched)...
     CATCH_CHECK(torch::equal(weight.detach(), reference));
     CATCH_CHECK(!torch::equal(reference[3], table[3]));
