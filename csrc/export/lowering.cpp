@@ -227,6 +227,20 @@ at::Tensor unsigned_rows(const at::Tensor& weight, int64_t quant_min) {
       weight.q_per_channel_zero_points() - quant_min, 0);
 }
 
+at::Tensor renormalized_table(
+    const at::Tensor& weight, c10::optional<double> max_norm, double norm_type) {
+  TORCH_CHECK_VALUE(
+      weight.dim() == 2, "qat::renormalized_table: weight must be a 2-D table, got shape ",
+      weight.sizes());
+  auto table = weight.detach();
+  if (max_norm.has_value()) {
+    table = table.clone();
+    at::embedding_renorm_(
+        table, at::arange(table.size(0), table.options().dtype(at::kLong)), *max_norm, norm_type);
+  }
+  return table;
+}
+
 }  // namespace qat
 
 TORCH_LIBRARY_FRAGMENT(qat, m) {
@@ -258,4 +272,7 @@ TORCH_LIBRARY_FRAGMENT(qat, m) {
       "unpack_weight(Tensor data, int bits, int quant_min, int[] shape) -> Tensor",
       TORCH_FN(qat::unpack_weight));
   m.def("unsigned_rows(Tensor weight, int quant_min) -> Tensor", TORCH_FN(qat::unsigned_rows));
+  m.def(
+      "renormalized_table(Tensor weight, float? max_norm, float norm_type) -> Tensor",
+      TORCH_FN(qat::renormalized_table));
 }

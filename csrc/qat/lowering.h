@@ -86,4 +86,13 @@ at::Tensor unpack_weight(
 /// shifted value does not fit a byte.
 at::Tensor unsigned_rows(const at::Tensor& weight, int64_t quant_min);
 
+/// An embedding table (2-D) as its lookups read it: with `max_norm` a renormalized copy,
+/// every row of norm (`norm_type`) above max_norm scaled to max_norm as a lookup would
+/// leave it (torch.embedding_renorm_); without, `weight` detached. A converted table is read
+/// as it is (no in-place change at run time, which a frozen file would drop and an integer
+/// table cannot take), so the converters store this.
+/// @throws c10::ValueError when `weight` is not 2-D.
+at::Tensor renormalized_table(
+    const at::Tensor& weight, c10::optional<double> max_norm, double norm_type);
+
 }  // namespace qat

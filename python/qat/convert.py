@@ -184,16 +184,10 @@ def _integer_weight(fq_weight: torch.Tensor, fq: FakeQuantize) -> torch.Tensor:
 
 
 def _renormalized(module: Union[nn.Embedding, nn.EmbeddingBag]) -> torch.Tensor:
-    """A table's float weight as its lookups read it: with max_norm every row renormalized,
-    as a lookup would renormalize it (``torch.embedding_renorm_``, the C++ converter's call
-    too). The converted table is read as it is: no in-place change at run time, which a
-    frozen TorchScript file would drop and an integer table cannot take."""
-    weight = module.weight.detach()
-    if module.max_norm is not None:
-        weight = weight.clone()
-        torch.embedding_renorm_(weight, torch.arange(weight.size(0), device=weight.device),
-                                module.max_norm, module.norm_type)
-    return weight
+    """A table's float weight as its lookups read it: with max_norm every row renormalized
+    (``torch.ops.qat.renormalized_table``, the C++ converter's call too). The converted table
+    is read as it is."""
+    return torch.ops.qat.renormalized_table(module.weight, module.max_norm, module.norm_type)
 
 
 def _table(module: Union[Embedding, EmbeddingBag]) -> torch.Tensor:

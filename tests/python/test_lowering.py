@@ -254,3 +254,33 @@ def test_unsigned_rows_refuses_a_per_tensor_table():
     weight = torch.quantize_per_tensor(torch.randn(3, 4), 0.1, 0, torch.qint8)
     with pytest.raises(ValueError, match="per channel along axis 0"):
         ops.unsigned_rows(weight, -128)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0])
+def test_renormalized_table_scales_each_row_above_max_norm_to_it(norm_type):
+    """Rows whose norm exceeds max_norm come back at max_norm (direction kept), the others
+    as they are; the table passed in is untouched. Reference: the norm from its definition."""
+    torch.manual_seed(6)
+    weight = torch.randn(8, 5, requires_grad=True)
+    before = weight.detach().clone()
+    norms = before.abs().pow(norm_type).sum(1).pow(1 / norm_type)
+    # Between two rows' norms, half the rows above it, none on it.
+    max_norm = norms.sort().values[3:5].mean().item()
+    got = ops.renormalized_table(weight, max_norm, norm_type)
+    over = norms > max_norm
+    assert over.any() and (~over).any()
+    torch.testing.assert_close(got[~over], before[~over], rtol=0, atol=0)
+    torch.testing.assert_close(got[over], before[over] * (max_norm / norms[over]).unsqueeze(1),
+                               rtol=1e-5, atol=1e-6)
+    assert not got.requires_grad
+    assert torch.equal(weight.detach(), before)
+
+
+def test_renormalized_table_without_max_norm_is_the_table():
+    weight = torch.randn(4, 3)
+    assert torch.equal(ops.renormalized_table(weight, None, 2.0), weight)
+
+
+def test_renormalized_table_refuses_a_tensor_that_is_not_a_table():
+    with pytest.raises(ValueError, match="weight must be a 2-D table"):
+        ops.renormalized_table(torch.randn(4), 1.0, 2.0)
