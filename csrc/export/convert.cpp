@@ -547,7 +547,7 @@ class Converter {
     } else if (!conv_layer<1>(module, op, weighted) && !conv_layer<2>(module, op, weighted)) {
       conv_layer<3>(module, op, weighted);
     }
-    if (weighted.transposed && op.groups != 1) {
+    if (!dynamic_cast<InputQuantized&>(module).has_integer_kernel()) {
       grouped_transposed(op, weighted);
       quantize(out, out_name);  // saturating at 6 for a ReLU6 after the layer
       return;
@@ -600,22 +600,13 @@ class Converter {
         mode);
   }
 
-  // A table's weight as its lookups read it, and its options: with max_norm every row
-  // renormalized now as a lookup would leave it, and max_norm cleared (Python's convert:
-  // qat.convert._renormalized). The converted table is read as it is: no in-place change at
-  // run time, which an integer table cannot take.
+  // A table's weight as its lookups read it (qat::renormalized_table, Python's convert's
+  // call too), and its options with max_norm cleared: the converted table is read as it is.
   template <typename Options>
   static std::pair<torch::Tensor, Options> renormalized(
       const torch::Tensor& weight, Options options) {
-    auto table = weight.detach();
-    if (options.max_norm()) {
-      table = table.clone();
-      torch::NoGradGuard no_grad;
-      torch::embedding_renorm_(
-          table, torch::arange(table.size(0), table.options().dtype(torch::kLong)),
-          *options.max_norm(), options.norm_type());
-      options.max_norm(c10::nullopt);
-    }
+    auto table = qat::renormalized_table(weight, options.max_norm(), options.norm_type());
+    options.max_norm(c10::nullopt);
     return {table, options};
   }
 

@@ -489,6 +489,15 @@ void FakeQuantizeImpl::pretty_print(std::ostream& stream) const {
 // ---------------------------------------------------------------------------------------
 // InputQuantized
 
+void InputQuantized::set_input_quantizer(FakeQuantize input) {
+  if (input && !has_integer_kernel()) {
+    throw std::invalid_argument(
+        "set_input_quantizer: this layer has no integer kernel (a grouped transposed conv: float "
+        "in the integer model), so its bias is not rounded to an input scale's grid");
+  }
+  input_quantizer_ = std::move(input);
+}
+
 torch::Tensor InputQuantized::kernel_bias(
     const torch::Tensor& bias, FakeQuantizeImpl& weight_fq) const {
   if (!bias.defined() || !input_quantizer_ || !weight_fq.is_fake_quant_enabled()) {
@@ -579,11 +588,7 @@ void ConvImpl<D, Transposed, Derived>::reset() {
 template <size_t D, bool Transposed, typename Derived>
 torch::Tensor ConvImpl<D, Transposed, Derived>::forward(const torch::Tensor& input) {
   const auto quantized_weight = weight_fake_quant(weight);  // sizes the scale, as in Linear
-  // A grouped transposed conv keeps one weight scale per output channel of a group, which no
-  // integer kernel takes: qat::convert keeps it in float, with its float bias.
-  const bool integer = !Transposed || options.groups() == 1;
-  auto output = conv(
-      options, input, quantized_weight, integer ? kernel_bias(bias, *weight_fake_quant) : bias);
+  auto output = conv(options, input, quantized_weight, kernel_bias(bias, *weight_fake_quant));
   return relu ? torch::relu(output) : output;
 }
 

@@ -349,7 +349,8 @@ class Preparer {
         const bool relu6 = fuses && relu6_at(after);
         auto layer = fold ? fold_conv_bn(modules[i], modules[i + 1], name, relu)
                           : swap(modules[i], name, relu);
-        if (auto* linked = dynamic_cast<InputQuantized*>(layer.ptr().get())) {
+        auto* linked = dynamic_cast<InputQuantized*>(layer.ptr().get());
+        if (linked != nullptr && linked->has_integer_kernel()) {
           linked->set_input_quantizer(input);
         }
         chain.emplace_back(names[i], std::move(layer));

@@ -175,8 +175,13 @@ class InputQuantized {
   /// `input_scale` qat.prepare passes them, so that the simulation adds exactly the bias
   /// the kernel adds. It is not a child (it belongs to the chain before the layer); a
   /// clone() links to the original's.
-  void set_input_quantizer(FakeQuantize input) { input_quantizer_ = std::move(input); }
+  /// @throws std::invalid_argument when the layer has no integer kernel (its bias stays float).
+  void set_input_quantizer(FakeQuantize input);
   const FakeQuantize& input_quantizer() const { return input_quantizer_; }
+  /// Whether qat::convert runs the layer on an integer kernel with an int32 bias (what
+  /// qat::prepare links an input quantizer to; Python's qat.prepare.has_integer_kernel).
+  virtual bool has_integer_kernel() const { return true; }
+  virtual ~InputQuantized() = default;
 
  protected:
   /// `bias` as the layer adds it: rounded to the kernels' grid when the input quantizer is
@@ -288,6 +293,8 @@ class ConvImpl : public torch::nn::Cloneable<Derived>, public InputQuantized {
   void reset() override;
   torch::Tensor forward(const torch::Tensor& input);
   void pretty_print(std::ostream& stream) const override;
+  /// False for a grouped transposed conv (float in the integer model).
+  bool has_integer_kernel() const override { return !Transposed || options.groups() == 1; }
 
   Options options;
   bool relu;

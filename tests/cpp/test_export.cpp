@@ -348,10 +348,19 @@ CATCH_TEST_CASE(
     net->push_back(torch::nn::Linear(4 * 16, 3));
     qat::prepare(*net, qat::presets::int8());
     // Its weight has one scale per output channel of a group (4 / 2 groups).
-    CATCH_CHECK(net->ptr<qat::ConvTranspose1dImpl>(3)->weight_fake_quant->spec().axis() == 1);
+    const auto grouped = net->ptr<qat::ConvTranspose1dImpl>(3);
+    CATCH_CHECK(grouped->weight_fake_quant->spec().axis() == 1);
+    // No integer kernel: prepare links no input quantizer (its bias is not rounded), and
+    // linking one is refused, while the conv before it has one.
+    CATCH_CHECK_FALSE(grouped->has_integer_kernel());
+    CATCH_CHECK(grouped->input_quantizer().is_empty());
+    CATCH_CHECK_FALSE(net->ptr<qat::Conv1dImpl>(1)->input_quantizer().is_empty());
+    CATCH_CHECK_THROWS_WITH(
+        grouped->set_input_quantizer(net->ptr<qat::FakeQuantizeImpl>(0)),
+        Catch::Contains("no integer kernel"));
     const auto x = torch::randn({64, 2, 8});
     auto integer = train_and_convert(net, x, "grouped transposed conv");
-    CATCH_CHECK(net->ptr<qat::ConvTranspose1dImpl>(3)->weight_fake_quant->scale.numel() == 2);
+    CATCH_CHECK(grouped->weight_fake_quant->scale.numel() == 2);
     const auto code = integer.get_method("forward").graph()->toString();
     CATCH_CHECK(code.find("aten::conv_transpose1d") != std::string::npos);
     CATCH_CHECK(code.find("quantized::conv_transpose") == std::string::npos);
