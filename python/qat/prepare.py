@@ -242,7 +242,7 @@ def _is_relu(node: Optional[fx.Node], gm: fx.GraphModule) -> bool:
             and len(node.args) == 1))
 
 
-def _is_weight_only(node: fx.Node, gm: fx.GraphModule) -> bool:
+def _takes_indices(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether ``node`` calls a table that takes indices: a QAT embedding, which quantizes
     only its weight, or a float one (skipped in the Config), which quantizes nothing."""
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target),
@@ -453,7 +453,7 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
             # indices for an embedding, and what is compared (token ids made a mask), stay
             # as they are.
             users = [u for u in node.users
-                     if not _is_weight_only(u, gm) and not _is_comparison(u)]
+                     if not _takes_indices(u, gm) and not _is_comparison(u)]
             if not node.args and users:
                 inserter.after(node, config.activation,
                                users=None if len(users) == len(node.users) else users)
@@ -462,7 +462,7 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
             continue
         first = node.args[0] if node.args else None
         if node in activation:
-            if _is_weight_only(node, gm):
+            if _takes_indices(node, gm):
                 continue  # its input is indices, its output stays float
             # The integer module takes a quantized input: quantize a float one first.
             if isinstance(first, fx.Node) and first not in inserter.quantized:
