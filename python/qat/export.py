@@ -79,8 +79,6 @@ def require_onnx(caller: str) -> None:
 
 def _check_writable(path: str) -> None:
     """Fails before any work when ``path`` cannot be written."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"qat.export: path must be a file path, got {type(path).__name__}")
     folder = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
         raise ValueError(f"qat.export: path {path!r} is a directory, not a file")
@@ -200,6 +198,12 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
             ``.onnx`` and onnx / onnxruntime are not).
         TypeError: an op of the model has no ``.pte`` / ``.onnx`` lowering (naming it).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        swapped = isinstance(example_inputs, (str, os.PathLike))
+        raise TypeError(
+            f"qat.export: path must be a file path (str or os.PathLike), got "
+            f"{type(path).__name__}"
+            + (" (the arguments are model, path, example_inputs)" if swapped else ""))
     kind = _choose_format(path, mobile, format)
     _check_writable(path)
     if kind == "pte":

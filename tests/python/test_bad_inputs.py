@@ -107,6 +107,21 @@ def test_export_refuses_nonfinite_example_inputs(tmp_path):
         qat.export(qmodel, tmp_path / "m.ptl", x)
 
 
+@pytest.mark.parametrize("fmt", [None, "pte", "onnx"])
+def test_export_names_a_path_that_is_not_one_and_arguments_given_swapped(tmp_path, fmt):
+    """Checked before the format is chosen from the path's suffix (which read it as a
+    path and raised Python's own TypeError)."""
+    qmodel = _calibrated(nn.Sequential(nn.Linear(4, 3)))
+    x = torch.randn(2, 4)
+    with pytest.raises(TypeError, match=r"path must be a file path \(str or os.PathLike\), "
+                                        r"got Tensor \(the arguments are model, path, "
+                                        r"example_inputs\)"):
+        qat.export(qmodel, x, str(tmp_path / "m.ptl"), format=fmt)
+    with pytest.raises(TypeError, match=r"path must be a file path .*, got int$"):
+        qat.export(qmodel, 3, x, format=fmt)
+    assert os.listdir(tmp_path) == []
+
+
 # -- 2. integer Linear input width ----------------------------------------------------------
 
 def _linear_message():
