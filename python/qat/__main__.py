@@ -94,15 +94,18 @@ def _bench_input(args) -> torch.Tensor:
 
 
 def _bench(args) -> None:
-    _check_positive(args, "batch", "iterations", "threads")
     if args.warmup < 0:
         raise CommandError(f"--warmup: must be at least 0, got {args.warmup}")
     # Before loading: ONNX Runtime sizes a session's thread pool when it is made.
     torch.set_num_threads(args.threads)
     model, kind = _load(args.file)
+    recorded = [i["shape"] for i in (_metadata(args.file) or {}).get("example_inputs", [])]
+    if args.batch is None:
+        # An ExecuTorch program runs only the batch it was exported with.
+        args.batch = recorded[0][0] if kind == "ExecuTorch" and recorded else 1
+    _check_positive(args, "batch", "iterations", "threads")
     x = _bench_input(args)
     if kind == "ExecuTorch":
-        recorded = [i["shape"] for i in (_metadata(args.file) or {}).get("example_inputs", [])]
         if recorded and list(x.shape) != recorded[0]:
             raise CommandError(
                 f"{args.file}: an ExecuTorch program runs the input shape it was exported "
@@ -181,8 +184,9 @@ def _parser() -> argparse.ArgumentParser:
                     "with the quantized engine the file was converted for (qnnpack, PyTorch "
                     "Mobile's, when the file does not say).")
     bench.add_argument("file", metavar="FILE")
-    bench.add_argument("--batch", type=int, default=1, metavar="B",
-                       help="samples per call (default 1)")
+    bench.add_argument("--batch", type=int, metavar="B",
+                       help="samples per call (default 1; for a .pte, the batch it was "
+                            "exported with, the only one it runs)")
     bench.add_argument("--input-shape", metavar="C,H,W",
                        help="shape of one sample; default: the example input qat.export "
                             "recorded (required for other files)")

@@ -391,7 +391,7 @@ def test_without_executorch_a_pte_is_refused_with_the_reason(tmp_path):
 @needs_executorch
 def test_command_line_inspects_benches_and_compares_pte_files(tmp_path, fashion_qat_model):
     qmodel, test_x, _ = fashion_qat_model
-    qat.export(qmodel, tmp_path / "int.pte", test_x[:1])
+    qat.export(qmodel, tmp_path / "int.pte", test_x[:4])
     qat.export(qmodel, tmp_path / "int.pt", test_x[:1], mobile=False)
 
     def cli(*args):
@@ -402,14 +402,15 @@ def test_command_line_inspects_benches_and_compares_pte_files(tmp_path, fashion_
 
     out = cli("inspect", tmp_path / "int.pte")
     assert "XNNPACK runs 5 of 5 convs / linears" in out
+    # Without --batch, the batch the program was exported with: the only one it runs.
     out = cli("bench", tmp_path / "int.pte", "--iterations", "5", "--threads", "1")
-    assert "ExecuTorch, engine XNNPACK, threads 1, input 1x1x28x28 float32" in out
+    assert "ExecuTorch, engine XNNPACK, threads 1, input 4x1x28x28 float32" in out
     done = subprocess.run([sys.executable, "-m", "qat", "bench", str(tmp_path / "int.pte"),
-                           "--batch", "4"], capture_output=True, text=True, cwd=tmp_path)
+                           "--batch", "1"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 1
-    assert "runs the input shape it was exported with, 1x1x28x28; pass --batch 1" in \
+    assert "runs the input shape it was exported with, 4x1x28x28; pass --batch 4" in \
         done.stderr
     out = cli("compare", tmp_path / "int.pt", tmp_path / "int.pte", "--limit", "200",
-              "--batch", "1")
+              "--batch", "4")
     agreement = float(out.split("top-1 agreement ")[1].split()[0])
     assert agreement >= 0.99
