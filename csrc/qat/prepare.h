@@ -25,6 +25,7 @@
 
 #include <functional>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <typeindex>
 #include <utility>
@@ -195,16 +196,22 @@ void calibrate_with(torch::nn::Module& root, const std::function<void()>& run);
 /// Calibrates `model` (a module holder or std::shared_ptr with a `forward(torch::Tensor)`)
 /// on `batches` (any range of tensors), as Python's qat.calibrate: see calibrate_with.
 /// @param num_batches stop after this many batches (default: all of them).
+/// @throws std::invalid_argument when `batches` is empty (and num_batches is not 0): nothing
+/// would be observed.
 template <typename Model, typename Batches>
 void calibrate(
     Model& model, const Batches& batches, c10::optional<size_t> num_batches = c10::nullopt) {
   calibrate_with(*model, [&]() {
     size_t count = 0;
     for (const auto& batch : batches) {
-      if (num_batches.has_value() && count++ >= *num_batches) {
+      if (num_batches.has_value() && count >= *num_batches) {
         break;
       }
       model->forward(batch);
+      ++count;
+    }
+    if (count == 0 && num_batches != size_t{0}) {
+      throw std::invalid_argument("qat::calibrate: batches is empty, so nothing was observed");
     }
   });
 }

@@ -84,11 +84,20 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: Optional[int] = 
 
     Returns:
         ``model``.
+
+    Raises:
+        TypeError: ``batches`` is one tensor (not an iterable of batches).
+        ValueError: ``batches`` gives no batch (and ``num_batches`` is not 0), or
+            ``num_batches`` is not None or an integer >= 0.
     """
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(
             num_batches, int) or num_batches < 0):
         raise ValueError(f"qat.calibrate: num_batches must be None or an integer >= 0, "
                          f"got {num_batches!r}")
+    if isinstance(batches, torch.Tensor):
+        # Iterating it would feed the model one sample at a time, without its batch axis.
+        raise TypeError("qat.calibrate: batches must be an iterable of batches (a DataLoader, "
+                        "a list of tensors), got one Tensor; pass [x] or x.split(batch_size)")
     total = len(batches) if hasattr(batches, "__len__") else None
     if num_batches is not None:
         total = num_batches if total is None else min(total, num_batches)
@@ -100,10 +109,15 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: Optional[int] = 
     model.eval()
     for m in quantizing:
         m._defer_qparams = True
+    seen = 0
     try:
         with torch.no_grad():
             for batch in tqdm(batches, total=total, desc="qat.calibrate", disable=not progress):
                 run_batch(model, batch)
+                seen += 1
+        if seen == 0 and num_batches != 0:
+            raise ValueError("qat.calibrate: batches gave no batch, so nothing was observed "
+                             "(an empty list or DataLoader?)")
     finally:
         for m, quantize in quantizing.items():
             m._defer_qparams = False

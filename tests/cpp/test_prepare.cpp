@@ -351,6 +351,15 @@ CATCH_TEST_CASE(
   const auto x = torch::randn({2, 4});
   CATCH_CHECK(torch::allclose(
       net->forward(x), torch::nn::functional::linear(x, linear->weight, linear->bias)));
+
+  // No batch: refused (nothing would be observed), the switches restored; none asked for: fine.
+  qat::enable_fake_quant(*net);
+  CATCH_CHECK_THROWS_WITH(
+      qat::calibrate(net, std::vector<torch::Tensor>{}),
+      Catch::Contains("qat::calibrate: batches is empty, so nothing was observed"));
+  CATCH_CHECK(input_fq->is_fake_quant_enabled());
+  CATCH_CHECK(net->is_training());
+  qat::calibrate(net, std::vector<torch::Tensor>{}, 0);
 }
 
 struct AttentionNet : torch::nn::Module {

@@ -210,6 +210,18 @@ def test_model_helpers_and_calibrate():
     assert int(model[4].fake_quant_enabled) == 0 and int(model[1].fake_quant_enabled) == 1
     with pytest.raises(ValueError, match="num_batches must be None or an integer >= 0, got -1"):
         qat.calibrate(model, data, num_batches=-1)
+    # No batch at all, or one tensor (iterated, it would be fed one sample at a time): refused,
+    # the switches and training flags restored.
+    before = {name: t.clone() for name, t in model.named_buffers()}
+    for empty in ([], iter([]), torch.utils.data.DataLoader([])):
+        with pytest.raises(ValueError, match="batches gave no batch, so nothing was observed"):
+            qat.calibrate(model, empty, progress=False)
+    assert qat.calibrate(model, [], num_batches=0, progress=False) is model
+    with pytest.raises(TypeError, match=r"batches must be an iterable of batches .* got one "
+                                        r"Tensor; pass \[x\] or x.split\(batch_size\)"):
+        qat.calibrate(model, data[0], progress=False)
+    assert model.training and int(model[4].fake_quant_enabled) == 0
+    assert all(torch.equal(t, before[name]) for name, t in model.named_buffers())
 
 
 @pytest.mark.parametrize("estimator", ["lsq", "lsq_plus", "pact"])
