@@ -225,6 +225,36 @@ class _Emitter:
             y = self.op("Relu", [y], f"{name}_relu")
         return self.qdq(y, self.recorded[node], name)
 
+    def embedding(self, node: fx.Node, module: quantized.Embedding) -> str:
+        """An integer table: its unsigned integers with their scale and zero point per row
+        (``DequantizeLinear`` along axis 0), then ``Gather`` of the rows the indices name;
+        float rows out, as the integer model's. A bag of 2-D indices (one bag per row) sums
+        or averages its rows (``ReduceSum`` / ``ReduceMean``); one given offsets or
+        per-sample weights has no ONNX form here: named."""
+        bag = isinstance(module, quantized.EmbeddingBag)
+        if bag and (len(node.args) > 1 or node.kwargs or len(self.shapes[node.args[0]]) != 2):
+            raise TypeError(f"qat.export: no ONNX lowering for an EmbeddingBag given offsets "
+                            f"or per-sample weights ({node.target}), so no .onnx was written; "
+                            f"give it 2-D indices (one bag per row) or export it as .ptl or .pt")
+        w = module.lowered(node.target).weight
+        if module.weight_bits < 8:
+            self.int8_stored.append(str(node.target))  # int4 needs opset 21: stored as uint8
+        table = self.op("DequantizeLinear", [
+            self.const(f"{node.target}.weight", w.int_repr().numpy()),
+            self.const(f"{node.target}.weight_scale",
+                       w.q_per_channel_scales().numpy().astype(np.float32)),
+            self.const(f"{node.target}.weight_zero_point",
+                       w.q_per_channel_zero_points().numpy().astype(np.uint8))],
+            f"{node.target}.weight_dequantized", axis=0)
+        if not bag:
+            return self.op("Gather", [table, self.env[node.args[0]]], node.name, axis=0)
+        rows = self.op("Gather", [table, self.env[node.args[0]]], f"{node.name}_rows", axis=0)
+        if module.mode == "mean":
+            return self.op("ReduceMean", [rows], node.name, axes=[1], keepdims=0)
+        # Opset 17's ReduceSum takes its axes as an input (ReduceMean, as an attribute).
+        axes = self.const(f"{node.name}_axes", np.array([1], np.int64))
+        return self.op("ReduceSum", [rows, axes], node.name, keepdims=0)
+
     def linear(self, x: str, w: str, b: str, shape: Tuple[int, ...], name: str) -> str:
         """``Gemm`` with the weight transposed (ONNX Runtime's QGemm takes per-channel
         weights along that axis); an input of more than two dimensions is flattened to
@@ -311,13 +341,15 @@ class _Emitter:
             else:
                 perm = [d % rank for d in dims]
             return self.op("Transpose", [args[0]], node.name, perm=perm)
-        if name == "mean":
+        if node.target is torch.amax or (node.op == "call_method" and node.target == "amax"):
+            name = "amax"  # not in the op-role table: a float op of the integer model
+        if name in ("mean", "amax"):
             dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
             rank = len(self.shapes[node.args[0]])
-            axes = [d % rank for d in ((dims,) if isinstance(dims, int) else dims)]
-            return self.op("ReduceMean", [args[0]], node.name, axes=axes,
-                           keepdims=int(bool(keepdim)))
+            dims = (dims,) if isinstance(dims, int) else (dims or range(rank))  # (): all
+            return self.op("ReduceMean" if name == "mean" else "ReduceMax", [args[0]],
+                           node.name, axes=[d % rank for d in dims], keepdims=int(bool(keepdim)))
         if name == "hardswish":
             return self.op("HardSwish", [args[0]], node.name)
         if name == "relu6":
@@ -374,6 +406,8 @@ class _Emitter:
                                   lambda x, qparams: self.qdq(x, qparams, node.name))
             if isinstance(module, quantized._WithOutputQParams):
                 return self.integer_op(node, module)
+            if isinstance(module, quantized.Embedding):
+                return self.embedding(node, module)
         if node.op not in ("call_module", "call_function", "call_method"):
             raise TypeError(f"qat.export: no ONNX lowering for the {node.op} node "
                             f"{node.name}, so no .onnx was written")

@@ -22,8 +22,8 @@ import qat
 from qat import _onnx
 from qat.export import describe, load
 
-from helpers import (QDQ_PATTERNS, Activations, ConvBnRelu, FashionNet, Mlp, calibrated,
-                     steps_apart)
+from helpers import (QDQ_PATTERNS, Activations, ConvBnRelu, FashionNet, Mlp, TextCNN,
+                     calibrated, steps_apart)
 
 MISSING = _onnx.available()
 # A real limit: onnx and onnxruntime are pinned for the PyPI leg (requirements/pypi.txt);
@@ -232,6 +232,84 @@ def test_weights_are_stored_as_their_integers_and_biases_on_the_int32_grid(tmp_p
         assert np.all(np.abs(ints - np.round(ints)) <= 1e-6 * np.maximum(1, np.abs(ints)))
         bias = lowered.bias.float().numpy()
         assert np.all(np.abs(np.round(ints) * step - bias) <= step / 2 * (1 + 1e-5))
+
+
+@needs_onnx
+@pytest.mark.parametrize("config", ["int8", "w4a8"])
+def test_an_embedding_table_is_stored_as_its_integers_and_runs_without_qat(config, tmp_path):
+    """The table as the integer model stores it (unsigned integers, a scale and a zero point
+    per row; a 4-bit table a value per byte, and said so); the file, run without qat or
+    torch at another batch size, looks up what the integer model looks up."""
+    import onnx
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    qmodel = qat.prepare(TextCNN(), getattr(qat.presets, config)())
+    tokens = torch.randint(0, 500, (32, 20))
+    qat.calibrate(qmodel, [tokens[:16], tokens[16:]], progress=False)
+    path = tmp_path / "text.onnx"
+    int_model = qat.export(qmodel.eval(), path, tokens[:8])
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    table = int_model.embed.table()
+    ints = table.int_repr().numpy()
+    assert stored["embed_weight"].dtype == np.uint8
+    assert np.array_equal(stored["embed_weight"], ints)
+    scales = stored["embed_weight_scale"]
+    zero_points = stored["embed_weight_zero_point"]
+    assert zero_points.dtype == np.uint8
+    # What those integers are worth: (q - zero point) * scale per row, the values the
+    # integer model's kernel looks up.
+    values = (ints.astype(np.float32) - zero_points[:, None]) * scales[:, None]
+    np.testing.assert_allclose(values, table.dequantize().numpy(), rtol=1e-6, atol=1e-7)
+    expected_sub_8bit = [] if config == "int8" else ["embed", "conv", "fc"]
+    assert qat.read_metadata(path)["onnx"]["sub_8bit_weights_as_int8"] == expected_sub_8bit
+    np.save(tmp_path / "x.npy", tokens[:13].numpy())
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_QAT, str(path),
+                           str(tmp_path / "x.npy"), str(tmp_path / "out.npy")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = torch.from_numpy(np.load(tmp_path / "out.npy"))
+    with torch.no_grad():
+        expected = int_model(tokens[:13])
+    assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).float().mean().item() >= 0.99
+
+
+@needs_onnx
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_a_bag_per_row_of_indices_gives_the_integer_models_bags(mode, tmp_path):
+    """Each bag the sum or mean of its rows, as the integer kernel's (which sums, and the
+    integer model divides for the mean), checked against that model on other indices."""
+    torch.manual_seed(1)
+    qmodel = qat.prepare(nn.Sequential(nn.EmbeddingBag(40, 8, mode=mode), nn.Linear(8, 3)))
+    tokens = torch.randint(0, 40, (64, 6))
+    qat.calibrate(qmodel, [tokens[:32], tokens[32:]], progress=False)
+    path = tmp_path / "bag.onnx"
+    int_model = qat.export(qmodel.eval(), path, tokens[:4])
+    got = _onnx.run_fresh(str(path), (tokens,))[0]
+    with torch.no_grad():
+        expected = int_model(tokens)
+    assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).float().mean().item() >= 0.99
+
+
+@needs_onnx
+def test_a_bag_given_offsets_is_named_and_no_file_is_left(tmp_path):
+    class Bags(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(40, 8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, tokens, offsets):
+            return self.fc(self.bag(tokens, offsets))
+
+    tokens, offsets = torch.randint(0, 40, (12,)), torch.tensor([0, 5])
+    qmodel = qat.prepare(Bags())
+    qat.calibrate(qmodel, [((tokens, offsets),)], progress=False)
+    with pytest.raises(TypeError, match=r"no ONNX lowering for an EmbeddingBag given offsets "
+                                        r"or per-sample weights \(bag\), so no \.onnx was "
+                                        r"written"):
+        qat.export(qmodel.eval(), tmp_path / "bags.onnx", (tokens, offsets))
+    assert os.listdir(tmp_path) == []
 
 
 @needs_onnx
