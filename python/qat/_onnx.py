@@ -317,6 +317,10 @@ class _Emitter:
             node.target, "__name__", node.target)
         if name in ("dropout", "identity", "contiguous"):
             return args[0]
+        if type(module) is nn.Embedding:
+            # A table left in float (skipped in the Config): a Gather of its rows.
+            weight = self.const(f"{node.target}.weight", module.weight.detach().float().numpy())
+            return self.op("Gather", [weight, args[0]], node.name, axis=0)
         if name in ("relu", "sigmoid", "tanh"):
             return self.op({"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}[name],
                            [args[0]], node.name)

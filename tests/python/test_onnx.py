@@ -275,6 +275,21 @@ def test_an_embedding_table_is_stored_as_its_integers_and_runs_without_qat(confi
 
 
 @needs_onnx
+def test_a_table_left_in_float_is_looked_up_in_float(tmp_path):
+    torch.manual_seed(0)
+    qmodel = qat.prepare(TextCNN(), qat.Config(skip=["embed"]))
+    tokens = torch.randint(0, 500, (32, 20))
+    qat.calibrate(qmodel, [tokens[:16], tokens[16:]], progress=False)
+    path = tmp_path / "text.onnx"
+    int_model = qat.export(qmodel.eval(), path, tokens[:8])
+    assert type(int_model.embed) is nn.Embedding
+    got = _onnx.run_fresh(str(path), (tokens,))[0]
+    with torch.no_grad():
+        expected = int_model(tokens)
+    assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).float().mean().item() >= 0.99
+
+
+@needs_onnx
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_a_bag_per_row_of_indices_gives_the_integer_models_bags(mode, tmp_path):
     """Each bag the sum or mean of its rows, as the integer kernel's (which sums, and the
