@@ -57,6 +57,11 @@ EstimatorInfo EstimatorRegistry::info(const std::string& name) const {
   return find(name).info;
 }
 
+std::string EstimatorRegistry::fixed_qparams_estimator(const std::string& name) const {
+  const auto learns = info(name);
+  return learns.learns_scale || learns.learns_zero_point ? "ste" : name;
+}
+
 std::vector<std::string> EstimatorRegistry::names() const {
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<std::string> out;

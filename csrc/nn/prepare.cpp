@@ -2,6 +2,7 @@
 
 #include <qat/prepare.h>
 
+#include <qat/estimator.h>
 #include <qat/op_roles.h>
 
 #include "config_keys.h"
@@ -310,8 +311,14 @@ class Preparer {
       input = nullptr;
       if (!config_.dynamic()) {
         input = for_layer(path(prefix, names[layer]), *modules[layer], [&] {
-          return fixed ? FakeQuantize(spec, fixed->lo, fixed->hi, fixed->inclusive)
-                       : FakeQuantize(spec);
+          if (!fixed) {
+            return FakeQuantize(spec);
+          }
+          // Fixed qparams: per tensor, learned by no estimator.
+          auto fixed_spec = spec;
+          fixed_spec.per_channel(false).estimator(
+              EstimatorRegistry::global().fixed_qparams_estimator(spec.estimator()));
+          return FakeQuantize(fixed_spec, fixed->lo, fixed->hi, fixed->inclusive);
         });
         chain.emplace(
             at < chain.size() ? chain.begin() + static_cast<std::ptrdiff_t>(at) : chain.end(), name,

@@ -115,6 +115,13 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("name"), "Name, description and learned parameters of an estimator.");
   m.def(
+      "fixed_qparams_estimator",
+      [](const std::string& name) {
+        return qat::EstimatorRegistry::global().fixed_qparams_estimator(name);
+      },
+      py::arg("name"),
+      "The estimator of a quantizer with fixed qparams when activations use `name`.");
+  m.def(
       "register_estimator",
       [](const std::string& name, py::function fn, const std::string& description,
          bool learns_scale, bool learns_zero_point, bool replace) {

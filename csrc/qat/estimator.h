@@ -59,6 +59,11 @@ class EstimatorRegistry {
   EstimatorInfo info(const std::string& name) const;
   /// Registered names, sorted.
   std::vector<std::string> names() const;
+  /// The estimator of a quantizer whose qparams are fixed by the op before it (a sigmoid, a
+  /// tanh, a ReLU6 fused into its layer) when the activations are quantized with `name`:
+  /// `name`, or the straight-through "ste" where `name` learns a scale or zero point (LSQ,
+  /// LSQ+, PACT), since fixed qparams cannot be learned. Both front ends' prepare use it.
+  std::string fixed_qparams_estimator(const std::string& name) const;
 
  private:
   struct Entry {

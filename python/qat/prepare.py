@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import Config, QuantSpec, _is_pattern
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
-from . import _op_roles
+from . import _C, _op_roles
 from ._transformer import make_traceable
 from .modules import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, Linear, fused,
                       lookup)
@@ -369,6 +369,15 @@ def _is_pass_through(node: fx.Node, gm: fx.GraphModule) -> bool:
     return _calls_one_of(node, gm, _PASS_FUNCTIONS, _PASS_METHODS, _PASS_MODULES)
 
 
+def fixed_qparams_spec(spec: QuantSpec) -> QuantSpec:
+    """The spec of the quantizer after an op whose output range fixes its qparams (a sigmoid,
+    a tanh, a fused ReLU6) when the activations use ``spec``: per tensor, and the
+    straight-through estimator where ``spec``'s would learn the qparams (LSQ, LSQ+, PACT;
+    ``qat::EstimatorRegistry::fixed_qparams_estimator``, the C++ prepare's rule too)."""
+    return dataclasses.replace(spec, per_channel=False,
+                               estimator=_C.fixed_qparams_estimator(spec.estimator))
+
+
 class _Inserter:
     """Adds activation FakeQuantize modules to a graph, one per quantized tensor."""
 
@@ -386,6 +395,8 @@ class _Inserter:
         ``fixed_range``, ``(lo, hi, inclusive)`` or ``(lo, hi, inclusive, clamps_input)``."""
         everyone = users is None
         users = list(node.users) if everyone else users
+        if fixed_range is not None:
+            spec = fixed_qparams_spec(spec)
         key = (node, dataclasses.astuple(spec), fixed_range)
         fq_node = self.fake_quant.get(key)
         if fq_node is None:
@@ -481,7 +492,7 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
         elif node in after_relu:
             spec = after_relu[node]
         elif node in after_relu6:
-            spec = after_relu6[node]
+            spec = fixed_qparams_spec(after_relu6[node])
             absorbs = FixedQParamsFakeQuantize.can_clamp_input(spec)
             fq_node = inserter.after(node, spec, fixed_range=(0.0, 6.0, True, absorbs))
             if absorbs:

@@ -195,6 +195,35 @@ CATCH_TEST_CASE("prepare folds Conv1d + BatchNorm1d + ReLU and swaps Conv1d", "[
   CATCH_CHECK(fused->weight_fake_quant->scale.numel() == 4);
 }
 
+CATCH_TEST_CASE(
+    "learned activation qparams leave the fixed ones to the straight-through estimator",
+    "[prepare]") {
+  // A ReLU6 and a sigmoid fix their quantizers' qparams; the others learn with the
+  // estimator asked for (prepare refused the model before), as in Python's prepare.
+  for (const std::string estimator : {"lsq", "lsq_plus", "pact"}) {
+    CATCH_INFO(estimator);
+    torch::manual_seed(2);
+    torch::nn::Sequential net(
+        torch::nn::Conv1d(2, 4, 3), torch::nn::ReLU6(), torch::nn::Conv1d(4, 4, 3),
+        torch::nn::Sigmoid(), torch::nn::Flatten(), torch::nn::Linear(4 * 6, 3));
+    qat::prepare(*net, qat::Config().activation(qat::QuantSpec().estimator(estimator)));
+    int fixed = 0;
+    int learned = 0;
+    for (const auto& fq : qat::fake_quantizers(*net)) {
+      if (fq->has_fixed_qparams()) {
+        ++fixed;
+        CATCH_CHECK(fq->spec().estimator() == "ste");
+      } else if (fq->spec().estimator() == estimator) {
+        ++learned;
+      }
+    }
+    CATCH_CHECK(fixed == 2);
+    CATCH_CHECK(learned >= 3);
+    const auto losses = train(net, torch::randn({16, 2, 10}), torch::randn({16, 3}), 3, 0.01);
+    CATCH_CHECK(std::isfinite(losses.second));
+  }
+}
+
 CATCH_TEST_CASE("prepare folds Conv3d + BatchNorm3d + ReLU and swaps Conv3d", "[prepare][bn]") {
   torch::manual_seed(1);
   torch::nn::Sequential net(

@@ -642,6 +642,50 @@ def test_relu6_stays_when_its_quantizer_estimates_gradients_otherwise():
         qat.FixedQParamsFakeQuantize(qat.QuantSpec(estimator="ewgs"), (0.0, 6.0), True, True)
 
 
+@pytest.mark.parametrize("estimator", ["lsq", "lsq_plus", "pact"])
+def test_learned_activation_qparams_leave_the_fixed_ones_to_the_straight_through_estimator(
+        estimator):
+    """Activations that learn their qparams (asked for in the Config) and ops whose output
+    range fixes them (a fused ReLU6, sigmoid, tanh, hardsigmoid) in one model: the fixed
+    quantizers keep their qparams with the 'ste' estimator (prepare refused the model
+    before), the others learn with the one asked for; it trains and converts."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3)
+            self.bn = nn.BatchNorm2d(3)
+            self.relu6 = nn.ReLU6()
+            self.gates = _Gates()
+
+        def forward(self, x):
+            return self.gates(self.relu6(self.bn(self.conv(x))))
+
+    config = qat.Config(activation=qat.QuantSpec(estimator=estimator))
+    gm = _prepare_quietly(Net(), config)
+    fixed = [m for m in gm.modules() if isinstance(m, qat.FixedQParamsFakeQuantize)]
+    learned = [m for m in gm.modules()
+               if type(m) is qat.FakeQuantize and m.spec.estimator == estimator]
+    assert len(fixed) == 4 and learned
+    assert all(m.spec.estimator == "ste" and not m.learns_qparams for m in fixed)
+    relu6_fq = next(m for m in fixed if m.clamps_input)
+    assert relu6_fq.scale.item() == pytest.approx(6 / 255)
+    x = torch.randn(8, 3, 8, 8)
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.01)
+    for _ in range(2):
+        sum(out.square().mean() for out in gm(x)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert relu6_fq.scale.item() == pytest.approx(6 / 255)
+    gm.eval()
+    qat.disable_observer(gm)
+    with torch.no_grad():
+        simulated = gm(x)
+        integer = qat.convert(gm)(x)
+    for s, i in zip(simulated[:3], integer[:3]):
+        torch.testing.assert_close(i, s, rtol=0, atol=1 / 128 + 1e-6)  # within a step
+
+
 def test_mixed_precision_config_gives_each_layer_exactly_its_bits():
     """Overrides by exact name, pattern and type on resnet18: every layer's weight and
     output FakeQuantize carry the bits the config names for it, and print() shows them."""
