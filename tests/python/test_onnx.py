@@ -234,6 +234,31 @@ def test_weights_are_stored_as_their_integers_and_biases_on_the_int32_grid(tmp_p
         assert np.all(np.abs(np.round(ints) * step - bias) <= step / 2 * (1 + 1e-5))
 
 
+# Runs an .onnx where neither qat nor torch can be imported: the file needs ONNX Runtime
+# alone.
+_WITHOUT_QAT = """
+import sys
+sys.modules["qat"] = None
+sys.modules["torch"] = None  # import torch now fails
+import numpy as np
+import onnxruntime
+session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+x = np.load(sys.argv[2])
+np.save(sys.argv[3], session.run(None, {session.get_inputs()[0].name: x})[0])
+"""
+
+
+def _run_without_qat(path, x: torch.Tensor, tmp_path) -> torch.Tensor:
+    """The output of the .onnx at ``path`` on ``x``, run in a fresh process without qat or
+    torch."""
+    np.save(tmp_path / "x.npy", x.numpy())
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_QAT, str(path),
+                           str(tmp_path / "x.npy"), str(tmp_path / "out.npy")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.from_numpy(np.load(tmp_path / "out.npy"))
+
+
 @needs_onnx
 @pytest.mark.parametrize("config", ["int8", "w4a8"])
 def test_an_embedding_table_is_stored_as_its_integers_and_runs_without_qat(config, tmp_path):
@@ -263,12 +288,7 @@ def test_an_embedding_table_is_stored_as_its_integers_and_runs_without_qat(confi
     np.testing.assert_allclose(values, table.dequantize().numpy(), rtol=1e-6, atol=1e-7)
     expected_sub_8bit = [] if config == "int8" else ["embed", "conv", "fc"]
     assert qat.read_metadata(path)["onnx"]["sub_8bit_weights_as_int8"] == expected_sub_8bit
-    np.save(tmp_path / "x.npy", tokens[:13].numpy())
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_QAT, str(path),
-                           str(tmp_path / "x.npy"), str(tmp_path / "out.npy")],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = torch.from_numpy(np.load(tmp_path / "out.npy"))
+    got = _run_without_qat(path, tokens[:13], tmp_path)
     with torch.no_grad():
         expected = int_model(tokens[:13])
     assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).float().mean().item() >= 0.99
@@ -337,18 +357,6 @@ def test_an_int8_file_is_about_a_quarter_of_the_float_weights(tmp_path):
     assert path.stat().st_size <= 0.27 * floats, (path.stat().st_size, floats)
 
 
-# Runs an .onnx where neither qat nor torch can be imported: the file needs ONNX Runtime
-# alone.
-_WITHOUT_QAT = """
-import sys
-sys.modules["qat"] = None
-sys.modules["torch"] = None  # import torch now fails
-import numpy as np
-import onnxruntime
-session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
-x = np.load(sys.argv[2])
-np.save(sys.argv[3], session.run(None, {session.get_inputs()[0].name: x})[0])
-"""
 
 
 @needs_onnx
@@ -358,12 +366,7 @@ def test_the_file_runs_without_qat_or_torch_at_any_batch_size(tmp_path):
     path = tmp_path / "fashion.onnx"
     int_model = qat.export(qmodel, path, x[:4])
     # The batch dimension is free: exported with 4, run with 7.
-    np.save(tmp_path / "x.npy", x[:7].numpy())
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_QAT, str(path),
-                           str(tmp_path / "x.npy"), str(tmp_path / "out.npy")],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = torch.from_numpy(np.load(tmp_path / "out.npy"))
+    got = _run_without_qat(path, x[:7], tmp_path)
     with torch.no_grad():
         expected = int_model(x[:7])
     assert got.shape == expected.shape
