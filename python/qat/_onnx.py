@@ -118,27 +118,28 @@ class _Emitter:
         return self.op("DequantizeLinear", [q, s, z], f"{base}_dequantized")
 
     def weight(self, op, zero_points_needed: bool) -> Tuple[str, np.ndarray]:
-        """(the dequantized int8 weight of a lowered conv / linear, its float32 scales).
-        The zero points are left out where they are all 0 and not ``zero_points_needed``
-        (ONNX Runtime's QGemm fusion reads the weight's type from them; its conv fusion
-        does not)."""
+        """(the dequantized integer weight of a lowered layer, its float32 scales): int8 for
+        a conv / linear, uint8 for an embedding table (per row, axis 0). The zero points, of
+        the integers' own type, are left out where they are all 0 and not
+        ``zero_points_needed`` (ONNX Runtime's QGemm fusion reads the weight's type from
+        them; its conv fusion does not)."""
         w = op.weight
         if op.weight_bits < 8:
-            self.int8_stored.append(op.name)  # int4 needs opset 21: stored as int8
-        ints = self.const(f"{op.name}.weight", w.int_repr().numpy())
+            self.int8_stored.append(op.name)  # int4 needs opset 21: stored as 8-bit
+        ints = w.int_repr().numpy()
         if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
             scales = w.q_per_channel_scales().numpy().astype(np.float32)
-            zero_points = w.q_per_channel_zero_points().numpy().astype(np.int8)
+            zero_points = w.q_per_channel_zero_points().numpy().astype(ints.dtype)
             axis = {"axis": w.q_per_channel_axis()}
         else:
             scales = np.array(w.q_scale(), np.float32)
-            zero_points = np.array(w.q_zero_point(), np.int8)
+            zero_points = np.array(w.q_zero_point(), ints.dtype)
             axis = {}
         s = self.const(f"{op.name}.weight_scale", scales)
         z = [self.const(f"{op.name}.weight_zero_point", zero_points)] \
             if zero_points_needed or zero_points.any() else []
-        return self.op("DequantizeLinear", [ints, s, *z], f"{op.name}.weight_dequantized",
-                       **axis), scales
+        return self.op("DequantizeLinear", [self.const(f"{op.name}.weight", ints), s, *z],
+                       f"{op.name}.weight_dequantized", **axis), scales
 
     def bias(self, op, input_qparams: _QParams, weight_scales: np.ndarray) -> str:
         """The bias rounded to int32 multiples of input scale x weight scale (half to even,
@@ -236,16 +237,7 @@ class _Emitter:
             raise TypeError(f"qat.export: no ONNX lowering for an EmbeddingBag given offsets "
                             f"or per-sample weights ({node.target}), so no .onnx was written; "
                             f"give it 2-D indices (one bag per row) or export it as .ptl or .pt")
-        w = module.lowered(node.target).weight
-        if module.weight_bits < 8:
-            self.int8_stored.append(str(node.target))  # int4 needs opset 21: stored as uint8
-        table = self.op("DequantizeLinear", [
-            self.const(f"{node.target}.weight", w.int_repr().numpy()),
-            self.const(f"{node.target}.weight_scale",
-                       w.q_per_channel_scales().numpy().astype(np.float32)),
-            self.const(f"{node.target}.weight_zero_point",
-                       w.q_per_channel_zero_points().numpy().astype(np.uint8))],
-            f"{node.target}.weight_dequantized", axis=0)
+        table, _ = self.weight(module.lowered(node.target), zero_points_needed=True)
         if not bag:
             return self.op("Gather", [table, self.env[node.args[0]]], node.name, axis=0)
         rows = self.op("Gather", [table, self.env[node.args[0]]], f"{node.name}_rows", axis=0)
