@@ -391,12 +391,17 @@ class _Inserter:
     def after(self, node: fx.Node, spec: QuantSpec, users=None,
               fixed_range=None) -> fx.Node:
         """A FakeQuantize on ``node``'s output, feeding ``users`` (default: all of them);
-        a :class:`FixedQParamsFakeQuantize` for an op with the output range
-        ``fixed_range``, ``(lo, hi, inclusive)`` or ``(lo, hi, inclusive, clamps_input)``."""
+        a :class:`FixedQParamsFakeQuantize` of :func:`fixed_qparams_spec` for an op with the
+        output range ``fixed_range``, ``(lo, hi, inclusive)`` or ``(lo, hi, inclusive,
+        absorb_clamp)``: with ``absorb_clamp``, the quantizer also does the op's clamp
+        (``clamps_input``) where its spec can."""
         everyone = users is None
         users = list(node.users) if everyone else users
         if fixed_range is not None:
             spec = fixed_qparams_spec(spec)
+            lo, hi, inclusive, *absorb = fixed_range
+            absorbs = bool(absorb) and absorb[0] and FixedQParamsFakeQuantize.can_clamp_input(spec)
+            fixed_range = (lo, hi, inclusive, absorbs)
         key = (node, dataclasses.astuple(spec), fixed_range)
         fq_node = self.fake_quant.get(key)
         if fq_node is None:
@@ -492,10 +497,8 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
         elif node in after_relu:
             spec = after_relu[node]
         elif node in after_relu6:
-            spec = fixed_qparams_spec(after_relu6[node])
-            absorbs = FixedQParamsFakeQuantize.can_clamp_input(spec)
-            fq_node = inserter.after(node, spec, fixed_range=(0.0, 6.0, True, absorbs))
-            if absorbs:
+            fq_node = inserter.after(node, after_relu6[node], fixed_range=(0.0, 6.0, True, True))
+            if gm.get_submodule(fq_node.target).clamps_input:
                 _remove_absorbed_clamp(gm, node, fq_node)
             continue
         elif _fixed_range(node, gm) is not None and first in inserter.quantized:
