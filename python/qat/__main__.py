@@ -74,11 +74,11 @@ def _check_positive(args, *names: str) -> None:
             raise CommandError(f"--{name}: must be at least 1, got {getattr(args, name)}")
 
 
-def _bench_input(args) -> torch.Tensor:
-    """A batch of ``args.batch`` samples of the shape given or stored by qat.export."""
+def _bench_input(args, inputs: List[dict]) -> torch.Tensor:
+    """A batch of ``args.batch`` samples of the shape given, or of ``inputs`` (the
+    ``example_inputs`` qat.export stored)."""
     if args.input_shape is not None:
         return torch.rand(args.batch, *_parse_shape(args.input_shape))
-    inputs = (_metadata(args.file) or {}).get("example_inputs")
     if not inputs:
         raise CommandError(f"{args.file}: the file records no input shape (only qat.export "
                            f"writes one); pass --input-shape, e.g. 1,28,28")
@@ -99,12 +99,13 @@ def _bench(args) -> None:
     # Before loading: ONNX Runtime sizes a session's thread pool when it is made.
     torch.set_num_threads(args.threads)
     model, kind = _load(args.file)
-    recorded = [i["shape"] for i in (_metadata(args.file) or {}).get("example_inputs", [])]
+    inputs = (_metadata(args.file) or {}).get("example_inputs", [])
+    recorded = [i["shape"] for i in inputs]
     if args.batch is None:
         # An ExecuTorch program runs only the batch it was exported with.
         args.batch = recorded[0][0] if kind == "ExecuTorch" and recorded else 1
     _check_positive(args, "batch", "iterations", "threads")
-    x = _bench_input(args)
+    x = _bench_input(args, inputs)
     if kind == "ExecuTorch":
         if recorded and list(x.shape) != recorded[0]:
             raise CommandError(
