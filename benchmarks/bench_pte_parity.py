@@ -17,8 +17,8 @@ the same calibration batches (observers on, fake quantization off, eval mode) an
 QAT steps; its exported graph has no BatchNorm modules whose statistics could be settled,
 so it keeps the running statistics its QAT left (consistent between its simulation and its
 program, which is what is measured), and it trains efficientnet_b0 without stochastic depth
-(its random op would stay in PT2E's exported graph in eval). efficientnet_b0's 800 + 200
-steps take about 11 of the run's 36 minutes on 2 cores.
+(its random op would stay in PT2E's exported graph in eval). efficientnet_b0 alone takes
+about 11 minutes on 2 cores.
 
 Target (issue 17): qat's program agrees with its simulation at least as well as PT2E's
 with its own. The script reports; it does not assert.
