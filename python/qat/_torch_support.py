@@ -10,13 +10,13 @@ than on the version number."""
 import contextlib
 import threading
 import warnings
-from typing import Iterator, Set, Tuple
+from typing import Callable, Iterator, Set, Tuple
 
 import torch
 
-__all__ = ["has_lite_interpreter", "has_torchscript", "require_lite_interpreter",
-           "require_torchscript", "torch_deprecations_once", "warn_once",
-           "xnnpack_available"]
+__all__ = ["compiling", "eager_under_compile", "has_lite_interpreter", "has_torchscript",
+           "require_lite_interpreter", "require_torchscript", "torch_deprecations_once",
+           "warn_once", "xnnpack_available"]
 
 
 def xnnpack_available() -> bool:
@@ -40,6 +40,23 @@ def has_lite_interpreter() -> bool:
     except ImportError:
         return False
     return hasattr(torch.jit.ScriptModule, "_save_for_lite_interpreter")
+
+
+def compiling() -> bool:
+    """Whether torch.compile (PyTorch 2) is tracing the code that asks."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
+def eager_under_compile(fn: Callable) -> Callable:
+    """``fn``, run by Python rather than traced when torch.compile (PyTorch 2) meets it: the
+    model's other ops are compiled around it. qat's operators are C++ kernels with their
+    own autograd and no fake-tensor implementation, which torch.compile's tracing needs;
+    each call of ``fn`` is a graph break. ``fn`` itself on a PyTorch without torch.compile.
+    Not for functions TorchScript compiles: call them from a ``torch.jit.is_scripting()``
+    branch."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
 
 
 def require_torchscript(caller: str) -> None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import estimators, observers
+from ._torch_support import eager_under_compile
 from .config import QuantSpec
 from .observers import _QuantState, _format, distributed_active
 
@@ -139,6 +140,7 @@ class FakeQuantize(_QuantState):
         return self._forward_named(x)
 
     @torch.jit.unused
+    @eager_under_compile
     def _forward_named(self, x: torch.Tensor) -> torch.Tensor:
         """``_forward``, with this module's path in the model before the operators'
         errors (a NaN scale deep in a network is found by its name)."""
@@ -212,6 +214,7 @@ class FakeQuantize(_QuantState):
         return self._folded_named(weight, factor)
 
     @torch.jit.unused
+    @eager_under_compile
     def _folded_named(self, weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         try:
             return self._fake_quantize_folded(weight, factor)
@@ -250,6 +253,7 @@ class FakeQuantize(_QuantState):
         return self._linear_named(input, weight)
 
     @torch.jit.unused
+    @eager_under_compile
     def _linear_named(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         try:
             return self._linear(input, weight)

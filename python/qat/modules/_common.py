@@ -6,6 +6,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .._torch_support import eager_under_compile
 from ..config import Config, QuantSpec
 
 
@@ -57,4 +58,19 @@ def kernel_bias(bias: Optional[torch.Tensor], input_scale: Optional[torch.Tensor
     simulation add exactly what the kernel adds."""
     if bias is None or input_scale is None or not quantizing:
         return bias
+    return round_bias(bias, input_scale, weight_scale)
+
+
+def round_bias(bias: torch.Tensor, input_scale: torch.Tensor,
+               weight_scale: torch.Tensor) -> torch.Tensor:
+    """``torch.ops.qat.round_bias``, as a graph break under torch.compile."""
+    if torch.jit.is_scripting():
+        return torch.ops.qat.round_bias(bias, input_scale, weight_scale)
+    return _round_bias_eager(bias, input_scale, weight_scale)
+
+
+@torch.jit.unused
+@eager_under_compile
+def _round_bias_eager(bias: torch.Tensor, input_scale: torch.Tensor,
+                      weight_scale: torch.Tensor) -> torch.Tensor:
     return torch.ops.qat.round_bias(bias, input_scale, weight_scale)

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._torch_support import compiling, eager_under_compile
 from ..config import QuantSpec
 from ..fake_quant import FakeQuantize
 from . import fused
-from ._common import check_float, weight_spec_for
+from ._common import check_float, round_bias, weight_spec_for
 
 __all__ = ["ConvBn1d", "ConvBn2d", "ConvBn3d", "ConvBnReLU1d", "ConvBnReLU2d",
            "ConvBnReLU3d"]
@@ -51,14 +52,6 @@ class _MadeAhead:
 
     def __reduce__(self):
         return _nothing, ()
-
-
-def _compiling() -> bool:
-    """Whether torch.compile is tracing (PyTorch 2): weights made ahead are module state
-    set during the forward, which it would have to guard; there each module makes its own."""
-    compiler = getattr(torch, "compiler", None)
-    is_compiling = getattr(compiler, "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
 
 
 class _ConvBnNd:
@@ -126,6 +119,11 @@ class _ConvBnNd:
                                                                          scale_factor)
 
     @torch.jit.unused
+    @eager_under_compile
+    def _fold_eager(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self._fold()
+
+    @torch.jit.unused
     def _fold_reads(self) -> Tuple[Tuple[nn.Module, ...], Tuple[Optional[torch.Tensor], ...]]:
         """The modules and tensors :meth:`_fold` reads (the tensors None where a module has
         no such one, as a batch norm without affine weight): what a weight made ahead was
@@ -157,7 +155,13 @@ class _ConvBnNd:
         are unchanged (after an optimizer step, a switch turned, a quantizer swapped: None,
         and it makes its own). Modules with forward pre-hooks or parametrizations, which
         may give them another weight just before their call, make their own."""
-        if not torch.is_grad_enabled() or _compiling():
+        if compiling():
+            # Each makes its own (weights made ahead are module state set during the
+            # forward, which the compiled graph would have to guard), in one graph break:
+            # traced, the factor's backward would keep the running variance itself, which
+            # the batch norm then updates in place before the backward runs.
+            return self._fold_eager()
+        if not torch.is_grad_enabled():
             return None
         schedule = self.__dict__.get("_fold_schedule")
         if schedule is not None:
@@ -192,7 +196,7 @@ class _ConvBnNd:
             # runs, conv(x, fq(w * f)) + beta + f * (b - mean), whose bias the kernel
             # rounds to its int32 grid: so is it here (qat.round_bias).
             shape = [1, -1] + [1] * (input.dim() - 2)
-            bias = torch.ops.qat.round_bias(
+            bias = round_bias(
                 torch.ops.qat.fold_bias(self.bias, self.bn.bias, self.bn.running_mean,
                                         scale_factor),
                 input_scale, self.weight_fake_quant.scale)
