@@ -7,11 +7,15 @@ of the float model and of its QAT versions, side by side in one run:
   it; PyTorch's PT2E QAT (``torch.export`` + ``prepare_qat_pt2e`` with an XNNPACK
   quantizer, per-channel int8 weights) where torchao or executorch provides it;
 - ``linear``, a Linear-only MLP: float; qat; torchao's ``quantize_(model, QATConfig(...))``
-  with int8 per-token activations and int8 per-channel weights, where torchao is installed.
+  with int8 per-token activations and int8 per-channel weights, where torchao is installed;
+- with ``--compile`` (PyTorch 2), also the float model and qat's under ``torch.compile``
+  (inductor; compiled during the warm-up steps), each table then giving compiled qat's ratio
+  to compiled float too.
 
     .venv/bin/python benchmarks/bench_qat_step.py \\
         [--models resnet18 mobilenet_v2 demo linear] [--batches 8 32] [--size 64]
         [--iterations 21] [--warmup 3] [--threads 2] [--keep-freed-memory] [--epoch]
+        [--compile]
 
 Steps run round-robin (one step of each variant, repeat) after warm-up; each table shows
 the median step, its ratio to float, and the spread (the quartiles of the ratio's
@@ -129,7 +133,10 @@ def mlp() -> nn.Module:
                          nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
 
 
-def variants(name: str, x: torch.Tensor, target: torch.Tensor):
+COMPILED = ", torch.compile"
+
+
+def variants(name: str, x: torch.Tensor, target: torch.Tensor, compiled: bool = False):
     """One training step per variant, each on its own copy of the same initial model, and
     the reasons of the variants that this PyTorch cannot run."""
     torch.manual_seed(0)
@@ -146,6 +153,9 @@ def variants(name: str, x: torch.Tensor, target: torch.Tensor):
     with torch.no_grad():
         ours(x)  # the first batch sizes the per-channel state
     models["qat"] = ours
+    if compiled:
+        for label in ("float", "qat"):
+            models[label + COMPILED] = torch.compile(copy.deepcopy(models[label]))
     others = ({"torchao QATConfig": torchao_qat} if name == "linear" else
               {"torch FX QAT": lambda m: fx_qat(m, x), "torch PT2E QAT": lambda m: pt2e_qat(m, x)})
     for label, build in others.items():
@@ -172,7 +182,7 @@ def step_tables(args) -> list:
             torch.manual_seed(0)
             x = torch.randn(batch, *input_shape(name, args.size))
             target = torch.randint(0, 10, (batch,))
-            steps, missing = variants(name, x, target)
+            steps, missing = variants(name, x, target, args.compile)
             samples = round_robin_samples(steps, args.iterations, args.warmup)
             ms = {variant: statistics.median(values) for variant, values in samples.items()}
             print(f"\n{name} ({'x'.join(map(str, x.shape))})")
@@ -184,7 +194,11 @@ def step_tables(args) -> list:
                       f"{q1:>10.2f}-{q3:<7.2f}{min(values):>9.2f}")
             for variant, why in missing.items():
                 print(f"{variant:<40}{'n/a':>10}  {why}")
-            others = {v: t for v, t in ms.items() if v not in ("float", "qat")}
+            if args.compile:
+                ratio = ms["qat" + COMPILED] / ms["float" + COMPILED]
+                print(f"under torch.compile: qat {ratio:.2f}x float")
+            others = {v: t for v, t in ms.items()
+                      if v not in ("float", "qat") and not v.endswith(COMPILED)}
             verdicts.append((f"{name} batch {batch}", ms["qat"] / ms["float"], others,
                              ms["qat"]))
     return verdicts
@@ -228,7 +242,11 @@ def main() -> None:
                         help="tell glibc to keep freed memory (a tuning trick; off by default)")
     parser.add_argument("--epoch", action="store_true",
                         help="time one Fashion-MNIST epoch of the demo's model instead")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the float and qat models under torch.compile")
     args = parser.parse_args()
+    if args.compile and not hasattr(torch, "compile"):
+        parser.error(f"--compile: this PyTorch ({torch.__version__}) has no torch.compile")
     malloc = "default allocator"
     if args.keep_freed_memory:
         malloc = ("glibc keeping freed memory (--keep-freed-memory)" if keep_freed_memory()
