@@ -8,6 +8,7 @@ checks for each where it is used, with a message that names what to do instead, 
 than on the version number."""
 
 import contextlib
+import sys
 import threading
 import warnings
 from typing import Callable, Iterator, Set, Tuple
@@ -16,7 +17,7 @@ import torch
 
 __all__ = ["compiling", "eager_under_compile", "has_lite_interpreter", "has_torchscript",
            "require_lite_interpreter", "require_torchscript", "torch_deprecations_once",
-           "warn_once", "xnnpack_available"]
+           "uncompiled", "warn_once", "xnnpack_available"]
 
 
 def xnnpack_available() -> bool:
@@ -57,6 +58,15 @@ def eager_under_compile(fn: Callable) -> Callable:
     branch."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return disable(fn) if disable is not None else fn
+
+
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module ``torch.compile(module)`` wraps (its ``_orig_mod``, which shares the
+    parameters and state), or ``model`` itself when it is not such a wrapper."""
+    # An OptimizedModule exists only once torch.compile has imported its module.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    optimized = getattr(eval_frame, "OptimizedModule", None)
+    return model._orig_mod if optimized is not None and isinstance(model, optimized) else model
 
 
 def require_torchscript(caller: str) -> None:

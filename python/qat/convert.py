@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _op_roles, quantized
+from ._torch_support import uncompiled
 from .calibrate import disable_observer, run_batch
 from .config import BACKENDS, check_backend
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
@@ -796,8 +797,8 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
     no ``qat::`` operator; the report counts the weight elements stored as integers.
 
     Args:
-        qmodel: a model from :func:`qat.prepare` (a ``torch.fx.GraphModule``). It is not
-            modified.
+        qmodel: a model from :func:`qat.prepare` (a ``torch.fx.GraphModule``), or that
+            model under ``torch.compile``. It is not modified.
         backend: the quantized engine whose kernels the integer model runs on:
             ``qnnpack`` (PyTorch Mobile's; bit for bit the simulation) or ``fbgemm`` (x86
             servers, where this PyTorch has it; within one quantization step of the
@@ -823,6 +824,7 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
             activation range has no 8-bit integer kernel, or ``backend`` is not an engine
             of this PyTorch (naming the ones it has).
     """
+    qmodel = uncompiled(qmodel)
     if not isinstance(qmodel, fx.GraphModule) or not any(
             isinstance(m, FakeQuantize) for m in qmodel.modules()):
         raise TypeError(

@@ -18,7 +18,8 @@ from torch import nn
 
 from . import _C, _onnx, _pte, quantized
 from ._torch_support import (require_lite_interpreter, require_torchscript,
-                             torch_deprecations_once, warn_once, xnnpack_available)
+                             torch_deprecations_once, uncompiled, warn_once,
+                             xnnpack_available)
 from .convert import ConversionReport, convert, weight_elements
 from .fake_quant import FakeQuantize
 
@@ -248,7 +249,8 @@ def _run_example(int_model: nn.Module, inputs: tuple):
 
 def _integer_model(model: nn.Module, inputs: tuple):
     """(integer model, its outputs on ``inputs``): ``model`` converted when it is a QAT
-    model, taken as it is when it is an integer one."""
+    model, taken as it is when it is an integer one (either under torch.compile or not)."""
+    model = uncompiled(model)
     int_model = convert(model) if any(isinstance(m, FakeQuantize) for m in model.modules()) \
         else model
     int_model.eval()

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import qat
+from qat.export import load
+
 from helpers import steps_apart
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"),
@@ -52,10 +54,10 @@ def _train(model, steps, x, y):
 
 
 @pytest.mark.parametrize("config", [None, LSQ], ids=["int8", "lsq"])
-def test_compiled_training_computes_what_eager_training_computes(config):
+def test_compiled_training_computes_what_eager_training_computes(config, tmp_path):
     """aot_eager compiles the graph between the breaks as PyTorch's own ops, so every loss,
     parameter (learned scales too) and observer state is eager's to the bit, as are the
-    eval outputs and the converted integer model."""
+    eval outputs and the converted integer model (of the compiled model itself too)."""
     torch.manual_seed(0)
     x, y = torch.randn(16, 3, 12, 12), torch.randint(0, 4, (16,))
     eager = qat.prepare(_Net(), config) if config is not None else qat.prepare(_Net())
@@ -72,7 +74,12 @@ def test_compiled_training_computes_what_eager_training_computes(config):
     eager.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=0, atol=0)
-        torch.testing.assert_close(qat.convert(model)(x), qat.convert(eager)(x), rtol=0, atol=0)
+        # convert and export take the compiled model as they take the one it wraps.
+        int_model = qat.convert(eager)
+        torch.testing.assert_close(qat.convert(compiled)(x), int_model(x), rtol=0, atol=0)
+        qat.export(compiled, tmp_path / "model.pt", x[:2], mobile=False)
+        loaded, _ = load(tmp_path / "model.pt")
+        torch.testing.assert_close(loaded(x[:2]), int_model(x[:2]), rtol=0, atol=0)
 
 
 def test_the_default_compiler_trains_a_prepared_model():
