@@ -5,9 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup_deps.sh
-# ccache keys on the compile commands, whose paths name this clone: relative to it, a new
-# clone (each CI run, .ci/run's copy for leg 2) reuses what an earlier one compiled.
-export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$PWD}" CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-1}"
 
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv

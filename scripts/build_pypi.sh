@@ -12,9 +12,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# ccache keys on the compile commands, whose paths name this clone: relative to it, a new
-# clone (each CI run, .ci/run's copy for leg 2) reuses what an earlier one compiled.
-export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$PWD}" CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-1}"
 venv=$(scripts/setup_pypi.sh | tail -n 1)
 export QAT_BUILD_DIR="$PWD/build-pypi"
 if ! "$venv/bin/pip" install -v --no-build-isolation --no-deps --no-index \
