@@ -4,6 +4,7 @@ against that torch, without the C++ tests and examples (the editable install is 
 scripts/build.sh uses)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -30,21 +31,28 @@ def test_pip_install_into_a_fresh_venv(tmp_path):
     env = dict(os.environ)
     env.pop("QAT_BUILD_TESTS", None)
     env.pop("QAT_CMAKE_ARGS", None)
-    # Its own build folder, so the development build is left alone; ccache makes the
-    # compile cheap after the main build.
-    build = tmp_path / "build"
+    # Its own build folder, so the development build is left alone. It sits in the source
+    # tree at build/'s depth: ccache keys on the compile commands' paths relative to the
+    # tree (CMakeLists.txt), which are then those of the main build and of every clone, so
+    # the compiles are cache hits (in a folder outside the tree they named this clone's
+    # path and missed: 4-6 minutes of CI).
+    build = ROOT / f".build-packaging-test-{os.getpid()}"
     env["QAT_BUILD_DIR"] = str(build)
-    # No --no-deps: the declared dependencies (torch, numpy, tqdm) must be met by what the
-    # environment has, Debian's torch "1.13.0a0" included, with no index to fetch from.
-    install = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-build-isolation",
-         "--no-index", str(ROOT)],
-        cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
-    # A plain install builds the library and the module only.
-    assert (build / "CMakeCache.txt").is_file()
-    assert not (build / "tests" / "cpp" / "qat_tests").exists()
-    assert not (build / "fashion_mnist").exists()
+    try:
+        # No --no-deps: the declared dependencies (torch, numpy, tqdm) must be met by what
+        # the environment has, Debian's torch "1.13.0a0" included, with no index to fetch
+        # from.
+        install = subprocess.run(
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-build-isolation",
+             "--no-index", str(ROOT)],
+            cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+        # A plain install builds the library and the module only.
+        assert (build / "CMakeCache.txt").is_file()
+        assert not (build / "tests" / "cpp" / "qat_tests").exists()
+        assert not (build / "fashion_mnist").exists()
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
 
     probe = textwrap.dedent("""
         import torch, qat
