@@ -14,7 +14,9 @@ Which qparams each tensor carries is read from one run of the converted model on
 inputs (as the ExecuTorch emitter does), so this emitter decides nothing the integer model
 did not."""
 
+import inspect
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,7 +29,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import _op_roles, quantized
+from . import _op_roles, _transformer, quantized
 from ._pte import _QParams, _Recorder, pair_value
 
 __all__ = ["METADATA_KEY", "OPSET", "available", "emit", "load", "read_metadata_text",
@@ -80,6 +82,7 @@ class _Emitter:
         self.gm = gm
         self.recorded = recorder.qparams
         self.shapes = recorder.shapes
+        self.dtypes = recorder.dtypes
         self.sizes = recorder.sizes
         self.nodes: List = []
         self.initializers: List = []
@@ -180,7 +183,12 @@ class _Emitter:
             self.layers += 1
             w, scales = self.weight(op, zero_points_needed=True)
             b = self.bias(op, self.input_qparams(node), scales)
-            y = self.linear(args[0], w, b, self.shapes[node.args[0]], name)
+            shape = self.shapes[node.args[0]]
+            if len(shape) > 2:
+                return self.linear_nd(node, op, args[0], w, b, shape)
+            # The weight stays [out, in]: ONNX Runtime's QGemm takes per-channel weights
+            # along that axis.
+            y = self.op("Gemm", [args[0], w, b], name, transB=1)
         elif isinstance(module, (quantized.Add, quantized.Mul)):
             y = self.op("Add" if isinstance(module, quantized.Add) else "Mul",
                         [args[0], args[1]], name)
@@ -215,6 +223,12 @@ class _Emitter:
         else:
             raise TypeError(f"qat.export: no ONNX lowering for {type(module).__name__} "
                             f"({node.target}), so no .onnx was written")
+        return self.output(node, op, y)
+
+    def output(self, node: fx.Node, op, y: str) -> str:
+        """``y``, the float op of an integer module, with its fused ReLU, quantized to the
+        module's output qparams."""
+        name = node.name
         if op.relu:
             _, zero_point, dtype = self.recorded[node]
             if zero_point != (0 if dtype == torch.quint8 else -128):
@@ -247,21 +261,25 @@ class _Emitter:
         axes = self.const(f"{node.name}_axes", np.array([1], np.int64))
         return self.op("ReduceSum", [rows, axes], node.name, keepdims=0)
 
-    def linear(self, x: str, w: str, b: str, shape: Tuple[int, ...], name: str) -> str:
-        """``Gemm`` with the weight transposed (ONNX Runtime's QGemm takes per-channel
-        weights along that axis); an input of more than two dimensions is flattened to
-        two around it and its leading dimensions restored after."""
-        if len(shape) == 2:
-            return self.op("Gemm", [x, w, b], name, transB=1)
-        flat = self.op("Flatten", [x], f"{name}_flat", axis=len(shape) - 1)
-        y = self.op("Gemm", [flat, w, b], name, transB=1)
+    def linear_nd(self, node: fx.Node, op, x: str, w: str, b: str,
+                  shape: Tuple[int, ...]) -> str:
+        """A Linear over an input of more than two dimensions: ``Gemm`` on the input
+        flattened to two, its leading dimensions restored after. ONNX Runtime fuses
+        dequantize -> Gemm -> quantize only where they are adjacent, so the flattened input
+        and the Gemm's output are put on their grids again before and after the reshapes
+        (exact: a value on a grid quantizes to itself)."""
+        name = node.name
+        flat = self.qdq(self.op("Flatten", [x], f"{name}_flat", axis=len(shape) - 1),
+                        self.input_qparams(node), f"{name}_flat")
+        y = self.output(node, op, self.op("Gemm", [flat, w, b], name, transB=1))
         leading = self.op("Slice", [self.op("Shape", [x], f"{name}_shape"),
                                     self.const(f"{name}_start", np.array([0], np.int64)),
                                     self.const(f"{name}_end", np.array([-1], np.int64))],
                           f"{name}_leading")
         out = self.const(f"{name}_features", np.array([-1], np.int64))
         target = self.op("Concat", [leading, out], f"{name}_out_shape", axis=0)
-        return self.op("Reshape", [y, target], f"{name}_reshaped")
+        return self.qdq(self.op("Reshape", [y, target], f"{name}_reshaped"),
+                        self.recorded[node], f"{name}_reshaped")
 
     def op_name(self, node: fx.Node) -> Optional[str]:
         """The op-role name of a node that is not one of qat's integer modules."""
@@ -300,6 +318,11 @@ class _Emitter:
             x = self.env[node.args[0]]
             return self.op("Mul", [x, self.op("Sigmoid", [x], f"{node.name}_sigmoid")],
                            node.name)
+        if node.op == "call_function" and node.target in self._ATTENTION:
+            return self._ATTENTION[node.target](self, *_bound(node))
+        comparison = _op_roles.comparison(node)
+        if comparison is not None:
+            return self.compare(node, comparison)
         name = self.op_name(node)
         if name == "getitem" and isinstance(self.env[node.args[0]], list):
             return self.env[node.args[0]][node.args[1]]
@@ -372,6 +395,100 @@ class _Emitter:
         raise TypeError(f"qat.export: no ONNX lowering for {what} (node {node.name}), so no "
                         f".onnx was written")
 
+    def compare(self, node: fx.Node, comparison: str) -> str:
+        """A comparison of two tensors, or of a tensor and a number, in the dtype PyTorch
+        promotes them to."""
+        a, b = node.args[:2]
+        dtype = torch.result_type(*(torch.empty(0, dtype=self.dtypes[v])
+                                    if isinstance(v, fx.Node) else v for v in (a, b)))
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        operands = []
+        for i, v in enumerate((a, b)):
+            if not isinstance(v, fx.Node):
+                operands.append(self.const(f"{node.name}_operand", np.array(v, np_dtype)))
+            elif self.dtypes[v] != dtype:
+                operands.append(self.op(
+                    "Cast", [self.env[v]], f"{node.name}_operand_{i}",
+                    to=self.onnx.helper.np_dtype_to_tensor_dtype(np_dtype)))
+            else:
+                operands.append(self.env[v])
+        if comparison == "ne":
+            return self.op("Not", [self.op("Equal", operands, f"{node.name}_eq")], node.name)
+        onnx_op = {"eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater",
+                   "ge": "GreaterOrEqual"}[comparison]
+        return self.op(onnx_op, operands, node.name)
+
+    def heads(self, x: fx.Node, heads: int, perm: List[int], base: str) -> str:
+        """(batch, length, embed) -> (batch, heads, ...) with ``perm`` applied to
+        (batch, length, heads, head dim), as attention splits its projections."""
+        _, length, embed = self.shapes[x]
+        split = self.op("Reshape", [self.env[x], self.const(
+            f"{base}_heads", np.array([0, length, heads, embed // heads], np.int64))],
+                        f"{base}_split")
+        return self.op("Transpose", [split], base, perm=perm)
+
+    def additive(self, mask: fx.Node, base: str) -> str:
+        """A boolean mask as 0 / -inf (True: masked out), a float one as it is
+        (qat._transformer's ``_additive``)."""
+        if self.dtypes[mask] != torch.bool:
+            return self.op("Cast", [self.env[mask]], base, to=self.onnx.TensorProto.FLOAT)
+        return self.op("Where", [self.env[mask],
+                                 self.const(f"{base}_masked", np.float32(-np.inf)),
+                                 self.const(f"{base}_kept", np.float32(0))], base)
+
+    def attention_probs(self, node: fx.Node, q: fx.Node, k: fx.Node, heads: int,
+                        attn_mask: Optional[fx.Node], key_padding_mask: Optional[fx.Node],
+                        is_causal: bool) -> str:
+        """``qat._transformer.attention_probs``, op for op: softmax(q k^T / sqrt(head_dim)
+        + masks) per head."""
+        target, source = self.shapes[q][1], self.shapes[k][1]
+        head_dim = self.shapes[q][2] // heads
+        queries = self.op("Mul", [
+            self.heads(q, heads, [0, 2, 1, 3], f"{node.name}_q"),
+            self.const(f"{node.name}_norm", np.float32(math.sqrt(1.0 / head_dim)))],
+                          f"{node.name}_q_scaled")
+        keys = self.heads(k, heads, [0, 2, 3, 1], f"{node.name}_k")
+        scores = self.op("MatMul", [queries, keys], f"{node.name}_scores")
+        if attn_mask is None and is_causal:
+            causal = np.triu(np.full((target, source), -np.inf, np.float32), 1)
+            scores = self.op("Add", [scores, self.const(f"{node.name}_causal", causal)],
+                             f"{node.name}_causal_scores")
+        if attn_mask is not None:
+            mask = self.additive(attn_mask, f"{node.name}_attn_mask")
+            if len(self.shapes[attn_mask]) == 3:  # (batch * heads, target, source)
+                mask = self.op("Reshape", [mask, self.const(
+                    f"{node.name}_mask_shape", np.array([-1, heads, target, source],
+                                                        np.int64))], f"{node.name}_mask")
+            scores = self.op("Add", [scores, mask], f"{node.name}_masked_scores")
+        if key_padding_mask is not None:
+            mask = self.op("Reshape", [
+                self.additive(key_padding_mask, f"{node.name}_padding_mask"),
+                self.const(f"{node.name}_padding_shape", np.array([0, 1, 1, source], np.int64))],
+                           f"{node.name}_padding")
+            scores = self.op("Add", [scores, mask], f"{node.name}_padded_scores")
+        return self.op("Softmax", [scores], node.name, axis=-1)
+
+    def attend(self, node: fx.Node, probs: fx.Node, v: fx.Node) -> str:
+        """``qat._transformer.attend``: the heads' weighted sums of the values, joined."""
+        heads, target = self.shapes[probs][1], self.shapes[probs][2]
+        values = self.heads(v, heads, [0, 2, 1, 3], f"{node.name}_v")
+        out = self.op("Transpose", [self.op("MatMul", [self.env[probs], values],
+                                            f"{node.name}_sums")], f"{node.name}_heads",
+                      perm=[0, 2, 1, 3])
+        return self.op("Reshape", [out, self.const(
+            f"{node.name}_shape", np.array([0, target, self.shapes[v][2]], np.int64))],
+                       node.name)
+
+    def head_weights(self, node: fx.Node, probs: fx.Node, average: bool) -> str:
+        """``qat._transformer.head_weights``: the heads' attention, averaged or not."""
+        if not average:
+            return self.env[probs]
+        return self.op("ReduceMean", [self.env[probs]], node.name, axes=[1], keepdims=0)
+
+    # The attention functions that qat's traceable attention calls as single graph nodes.
+    _ATTENTION = {_transformer.attention_probs: attention_probs,
+                  _transformer.attend: attend, _transformer.head_weights: head_weights}
+
     def pooling(self, module: nn.Module, dims: int) -> dict:
         stride = module.stride if module.stride is not None else module.kernel_size
         return dict(kernel_shape=_tuple(module.kernel_size, dims),
@@ -404,6 +521,12 @@ class _Emitter:
                 return self.integer_op(node, module)
             if isinstance(module, quantized.Embedding):
                 return self.embedding(node, module)
+        if node.op == "get_attr":
+            value = self.gm
+            for atom in node.target.split("."):
+                value = getattr(value, atom)
+            if isinstance(value, torch.Tensor) and not value.is_quantized:
+                return self.const(node.name, value.detach().cpu().numpy())
         if node.op not in ("call_module", "call_function", "call_method"):
             raise TypeError(f"qat.export: no ONNX lowering for the {node.op} node "
                             f"{node.name}, so no .onnx was written")
@@ -440,6 +563,14 @@ class _Emitter:
         helper.set_model_props(model, {METADATA_KEY: json.dumps(metadata)})
         onnx.checker.check_model(model, full_check=True)
         return model
+
+
+def _bound(node: fx.Node) -> tuple:
+    """``node`` and the arguments of its call, in the called function's order, defaults
+    filled in."""
+    bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return (node, *bound.arguments.values())
 
 
 def _tuple(value, dims: int) -> List[int]:

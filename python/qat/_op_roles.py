@@ -8,7 +8,7 @@ function, a tensor method or a module type.
 """
 
 import operator
-from typing import Dict, List, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,25 @@ _SPELLINGS = {
     "unsqueeze": ((torch.unsqueeze,), ("unsqueeze",), ()),
     "getitem": ((operator.getitem,), (), ()),
 }
+
+# Comparisons: their outputs are masks and their inputs often ids, never quantized (no role
+# in the table); exporters lower them as comparisons. Python's spellings -> name.
+COMPARISONS: Dict[object, str] = {
+    operator.eq: "eq", torch.eq: "eq", operator.ne: "ne", torch.ne: "ne",
+    operator.lt: "lt", torch.lt: "lt", operator.le: "le", torch.le: "le",
+    operator.gt: "gt", torch.gt: "gt", operator.ge: "ge", torch.ge: "ge",
+}
+COMPARISON_METHODS = ("eq", "ne", "lt", "le", "gt", "ge")
+
+
+def comparison(node) -> Optional[str]:
+    """The comparison a graph node calls (``"eq"``, ``"lt"``, ...), or None."""
+    if node.op == "call_function":
+        return COMPARISONS.get(node.target)
+    if node.op == "call_method" and node.target in COMPARISON_METHODS:
+        return node.target
+    return None
+
 
 # name -> (role, integer_kernel, lo, hi), from C++.
 TABLE: Dict[str, Tuple[str, bool, float, float]] = dict(_C._op_roles())

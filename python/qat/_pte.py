@@ -65,18 +65,20 @@ def _ops():
 
 class _Recorder(fx.Interpreter):
     """Runs the converted model once, noting each quantized tensor's qparams, each tensor's
-    shape, and which nodes compute sizes (numbers, not tensors) by node."""
+    shape and dtype, and which nodes compute sizes (numbers, not tensors) by node."""
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
         self.qparams: Dict[fx.Node, _QParams] = {}
         self.shapes: Dict[fx.Node, Tuple[int, ...]] = {}
+        self.dtypes: Dict[fx.Node, torch.dtype] = {}
         self.sizes = set()
 
     def run_node(self, node: fx.Node):
         out = super().run_node(node)
         if isinstance(out, torch.Tensor):
             self.shapes[node] = tuple(out.shape)
+            self.dtypes[node] = out.dtype
         elif isinstance(out, (int, float)) or (
                 isinstance(out, tuple) and all(isinstance(v, int) for v in out)):
             self.sizes.add(node)

@@ -12,7 +12,6 @@ import fnmatch
 import functools
 import inspect
 import json
-import operator
 import types
 import warnings
 from typing import Dict, List, Optional, Set, Tuple
@@ -249,14 +248,9 @@ def _takes_indices(node: fx.Node, gm: fx.GraphModule) -> bool:
                                                    (nn.Embedding, nn.EmbeddingBag))
 
 
-_COMPARISONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-                torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge}
-
-
 def _is_comparison(node: fx.Node) -> bool:
     """Whether ``node`` compares tensors (its output is a mask, its inputs often ids)."""
-    return (node.op == "call_function" and node.target in _COMPARISONS) or (
-        node.op == "call_method" and node.target in ("eq", "ne", "lt", "le", "gt", "ge"))
+    return _op_roles.comparison(node) is not None
 
 
 def _is_relu6(node: Optional[fx.Node], gm: fx.GraphModule) -> bool:

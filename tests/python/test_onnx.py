@@ -23,7 +23,7 @@ from qat import _onnx
 from qat.export import describe, load
 
 from helpers import (QDQ_PATTERNS, Activations, ConvBnRelu, FashionNet, Mlp, TextCNN,
-                     calibrated, steps_apart)
+                     TextEncoder, calibrated, steps_apart)
 
 MISSING = _onnx.available()
 # A real limit: onnx and onnxruntime are pinned for the PyPI leg (requirements/pypi.txt);
@@ -345,6 +345,68 @@ def test_a_bag_given_offsets_is_named_and_no_file_is_left(tmp_path):
                                         r"written"):
         qat.export(qmodel.eval(), tmp_path / "bags.onnx", (tokens, offsets))
     assert os.listdir(tmp_path) == []
+
+
+@needs_onnx
+def test_a_transformer_encoder_runs_its_projections_on_integer_kernels(tmp_path):
+    """Attention (heads split, scaled scores, the padding mask from a comparison of the
+    tokens, softmax, the heads' sums) in float between the integer projections, as the
+    integer model computes it; every projection and feed-forward linear, over its 3-D
+    input, on an integer kernel; the file runs without qat or torch."""
+    torch.manual_seed(0)
+    qmodel = qat.prepare(TextEncoder(padding=True))
+    tokens = torch.randint(1, 50, (32, 12))
+    tokens[::4, 8:] = 0
+    qat.calibrate(qmodel, [tokens[:16], tokens[16:]], progress=False)
+    path = tmp_path / "encoder.onnx"
+    int_model = qat.export(qmodel, path, tokens[:8])
+    got = _run_without_qat(path, tokens[:13], tmp_path)
+    with torch.no_grad():
+        expected = int_model(tokens[:13])
+    steps = steps_apart(qmodel, expected, got)
+    assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99 and steps.max() <= 3, steps.max()
+    report = qat.read_metadata(path)["onnx"]
+    # Per layer: query, key, value and output projections and two feed-forward linears;
+    # and the head. Float: the attention's two matmuls per layer.
+    assert report["layers"] == report["layers_integer"] == 2 * 6 + 1
+    assert report["layers_float"] == 2 * 2
+    assert {"Softmax", "Equal", "Where"} <= set(report["float_ops"])
+    ops = _optimized_ops(path, tmp_path)
+    assert ops.count("QGemm") == 13 and "Gemm" not in ops, ops
+
+
+class _MaskedAttention(nn.Module):
+    """nn.MultiheadAttention, sequence first, under a causal mask held as a buffer,
+    returning its averaged attention weights too."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 2)
+        self.register_buffer("causal", torch.ones(6, 6, dtype=torch.bool).triu(1))
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        out, weights = self.attention(x, x, x, attn_mask=self.causal)
+        return self.fc(out), weights
+
+
+@needs_onnx
+def test_attention_under_a_mask_buffer_returns_the_integer_models_weights(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(6, 32, 16)
+    qmodel = qat.prepare(_MaskedAttention())
+    qat.calibrate(qmodel, [x[:, :16], x[:, 16:]], progress=False)
+    path = tmp_path / "attention.onnx"
+    int_model = qat.export(qmodel, path, x[:, :8])
+    got_out, got_weights = _onnx.run_fresh(str(path), (x[:, :8],))
+    with torch.no_grad():
+        out, weights = int_model(x[:, :8])
+    steps = (out - got_out).abs() / float(qmodel.fc_activation_fake_quant.scale)
+    assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99 and steps.max() <= 3, steps.max()
+    assert torch.allclose(got_weights, weights, atol=1e-5)
+    # The causal mask held: no weight on a later position.
+    assert bool((got_weights.triu(1) == 0).all()) and bool((weights.triu(1) == 0).all())
+    assert torch.allclose(got_weights.sum(-1), torch.ones(8, 6), atol=1e-5)
 
 
 @needs_onnx
