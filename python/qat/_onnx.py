@@ -220,10 +220,38 @@ class _Emitter:
             y = self.op("LayerNormalization", [
                 args[0], self.const(f"{name}.weight", weight), self.const(f"{name}.bias", bias)],
                 name, axis=-len(shape), epsilon=module.eps)
+        elif isinstance(module, quantized.GroupNorm):
+            y = self.group_norm(args[0], module, self.shapes[node.args[0]], name)
         else:
             raise TypeError(f"qat.export: no ONNX lowering for {type(module).__name__} "
                             f"({node.target}), so no .onnx was written")
         return self.output(node, op, y)
+
+    def group_norm(self, x: str, module: quantized.GroupNorm, shape: Tuple[int, ...],
+                   name: str) -> str:
+        """Opset 17 has no GroupNormalization: each (sample, group) normalized as one
+        instance of ``InstanceNormalization`` over the group's channels reshaped into one
+        row, then the per-channel weight and bias."""
+        groups = module.num_groups
+        rows = self.op("Reshape", [x, self.const(f"{name}_groups",
+                                                 np.array([0, groups, -1], np.int64))],
+                       f"{name}_rows")
+        normalized = self.op("InstanceNormalization", [
+            rows, self.const(f"{name}_ones", np.ones(groups, np.float32)),
+            self.const(f"{name}_zeros", np.zeros(groups, np.float32))],
+            f"{name}_normalized", epsilon=module.eps)
+        y = self.op("Reshape", [normalized, self.op("Shape", [x], f"{name}_shape")],
+                    f"{name}_reshaped")
+        channels = (shape[1],) + (1,) * (len(shape) - 2)
+        if module.weight is not None:
+            y = self.op("Mul", [y, self.const(f"{name}.weight",
+                                              module.weight.numpy().reshape(channels))],
+                        f"{name}_scaled")
+        if module.bias is not None:
+            y = self.op("Add", [y, self.const(f"{name}.bias",
+                                              module.bias.numpy().reshape(channels))],
+                        f"{name}_shifted")
+        return y
 
     def output(self, node: fx.Node, op, y: str) -> str:
         """``y``, the float op of an integer module, with its fused ReLU, quantized to the

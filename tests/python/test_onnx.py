@@ -150,6 +150,17 @@ class _Norms(nn.Module):
         return self.layer_norm(self.fc(torch.flatten(x, 1)))
 
 
+class _GroupNormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8 * 12 * 12, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.norm(self.conv(x))), 1))
+
+
 @needs_onnx
 @pytest.mark.parametrize("cls, kernels, float_ops", [
     (_Norms, {"bn_in": qat.quantized.BatchNorm, "layer_norm": qat.quantized.LayerNorm},
@@ -158,7 +169,9 @@ class _Norms(nn.Module):
         "elu": qat.quantized.ELU, "leaky_relu_int": qat.quantized.LeakyReLU,
         "leaky": qat.quantized.LeakyReLU, "elu_1_int": qat.quantized.ELU},
      ["Elu"]),  # ONNX Runtime fuses a leaky ReLU between the pairs into QLinearLeakyRelu
-], ids=["batch_and_layer_norm", "elu_and_leaky_relu"])
+    (_GroupNormed, {"norm": qat.quantized.GroupNorm},
+     ["Add", "InstanceNormalization", "Mul"]),  # opset 17 has no GroupNormalization
+], ids=["batch_and_layer_norm", "elu_and_leaky_relu", "group_norm"])
 def test_norms_and_activations_follow_the_integer_model(cls, kernels, float_ops, tmp_path):
     """Integer kernels of PyTorch that ONNX Runtime (mostly) has no integer form of: each
     runs in float between the quantize / dequantize pairs of the integer model's qparams."""
@@ -185,12 +198,12 @@ def test_norms_and_activations_follow_the_integer_model(cls, kernels, float_ops,
 
 @needs_onnx
 def test_an_integer_op_without_onnx_lowering_is_named(tmp_path):
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Flatten(),
-                          nn.Linear(8 * 4 * 4, 2))
-    x = torch.rand(16, 3, 6, 6)
-    with pytest.raises(TypeError, match=r"qat.export: no ONNX lowering for GroupNorm \(1\), "
-                                        r"so no \.onnx was written"):
-        qat.export(calibrated(model, x), tmp_path / "norm.onnx", x[:2])
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.rand(16, 8)
+    with pytest.raises(TypeError, match=r"qat.export: no ONNX lowering for LinearDynamic "
+                                        r"\(0\), so no \.onnx was written"):
+        qat.export(calibrated(model, x, qat.presets.w8a8_dynamic()), tmp_path / "dyn.onnx",
+                   x[:2])
     assert os.listdir(tmp_path) == []
 
 
