@@ -168,6 +168,9 @@ class _Emitter:
         op = module.lowered(node.target)
         args = [self.env[a] if isinstance(a, fx.Node) else a for a in node.args]
         name = node.name
+        if isinstance(module, quantized.LinearDynamic):
+            self.layers += 1
+            return self.linear_dynamic(op, args[0], name)
         if isinstance(module, quantized._ConvNd):
             self.layers += 1
             w, scales = self.weight(op, zero_points_needed=False)
@@ -288,6 +291,39 @@ class _Emitter:
         # Opset 17's ReduceSum takes its axes as an input (ReduceMean, as an attribute).
         axes = self.const(f"{node.name}_axes", np.array([1], np.int64))
         return self.op("ReduceSum", [rows, axes], node.name, keepdims=0)
+
+    def linear_dynamic(self, op, x: str, name: str) -> str:
+        """``quantized::linear_dynamic``: the input quantized to uint8 from its own range
+        at run time (``DynamicQuantizeLinear``, the qnnpack kernel's full 8-bit range), the
+        int8 integers multiplied (``MatMulInteger``, the weight stored transposed, its zero
+        point per column), the int32 sums scaled by input scale x weight scale, plus the
+        float bias: float in and out. ONNX Runtime fuses the group into one integer kernel
+        (``DynamicQuantizeMatMul``)."""
+        if op.weight_bits < 8:
+            self.int8_stored.append(op.name)
+        w = op.weight
+        ints = w.int_repr().numpy()
+        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            scales = w.q_per_channel_scales().numpy().astype(np.float32)
+            zero_points = w.q_per_channel_zero_points().numpy().astype(ints.dtype)
+        else:
+            scales = np.array([w.q_scale()], np.float32)
+            zero_points = np.array([w.q_zero_point()], ints.dtype)
+        quantized_x = [self.fresh(f"{name}_input_{part}") for part in ("q", "scale", "zero")]
+        self.nodes.append(self.onnx.helper.make_node("DynamicQuantizeLinear", [x], quantized_x,
+                                                     name=quantized_x[0]))
+        sums = self.op("MatMulInteger", [
+            quantized_x[0], self.const(f"{op.name}.weight", np.ascontiguousarray(ints.T)),
+            quantized_x[2], self.const(f"{op.name}.weight_zero_point", zero_points)],
+            f"{name}_sums")
+        step = self.op("Mul", [quantized_x[1], self.const(f"{op.name}.weight_scale", scales)],
+                       f"{name}_step")
+        y = self.op("Mul", [self.op("Cast", [sums], f"{name}_float",
+                                    to=self.onnx.TensorProto.FLOAT), step], f"{name}_scaled")
+        if op.bias is None:
+            return y
+        return self.op("Add", [y, self.const(f"{op.name}.bias",
+                                             op.bias.detach().float().numpy())], name)
 
     def linear_nd(self, node: fx.Node, op, x: str, w: str, b: str,
                   shape: Tuple[int, ...]) -> str:

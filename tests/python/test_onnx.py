@@ -196,14 +196,65 @@ def test_norms_and_activations_follow_the_integer_model(cls, kernels, float_ops,
     assert report["float_ops"] == float_ops
 
 
+class _Tagger(nn.Module):
+    """Linears over a sequence (3-D input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(8, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(x)))
+
+
+@needs_onnx
+@pytest.mark.parametrize("shape", [(8,), (5, 8)], ids=["rows", "sequences"])
+def test_dynamic_linears_quantize_their_input_at_run_time_as_the_integer_model(shape,
+                                                                               tmp_path):
+    """qat.presets.w8a8_dynamic: each linear's input quantized to uint8 from its own range
+    in the file (DynamicQuantizeLinear), int8 weights stored as their integers, one integer
+    kernel per linear in ONNX Runtime; the file gives the integer model's outputs."""
+    import onnx
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    x = torch.randn(64, *shape)
+    qmodel = calibrated(_Tagger(), x, qat.presets.w8a8_dynamic())
+    path = tmp_path / "dynamic.onnx"
+    int_model = qat.export(qmodel, path, x[:4])
+    got = _run_without_qat(path, x[:13], tmp_path)
+    with torch.no_grad():
+        expected = int_model(x[:13])
+    # ONNX Runtime's dynamic kernel multiplies the same integers with the same scales.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    for name in ("hidden", "out"):
+        weight = int_model.get_submodule(name).lowered(name).weight
+        assert np.array_equal(stored[f"{name}_weight"], weight.int_repr().numpy().T)
+    report = qat.read_metadata(path)["onnx"]
+    assert report["layers"] == report["layers_integer"] == 2 and report["float_ops"] == []
+    assert _optimized_ops(path, tmp_path) == ["DynamicQuantizeMatMul", "Relu",
+                                              "DynamicQuantizeMatMul"]
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(8, 8, batch_first=True)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
 @needs_onnx
 def test_an_integer_op_without_onnx_lowering_is_named(tmp_path):
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    x = torch.rand(16, 8)
-    with pytest.raises(TypeError, match=r"qat.export: no ONNX lowering for LinearDynamic "
-                                        r"\(0\), so no \.onnx was written"):
-        qat.export(calibrated(model, x, qat.presets.w8a8_dynamic()), tmp_path / "dyn.onnx",
-                   x[:2])
+    x = torch.randn(16, 5, 8)
+    with pytest.raises(TypeError, match=r"qat.export: no ONNX lowering for LSTM \(node rnn\), "
+                                        r"so no \.onnx was written"):
+        qat.export(calibrated(_Recurrent(), x, qat.presets.w8a8_dynamic()),
+                   tmp_path / "rnn.onnx", x[:2])
     assert os.listdir(tmp_path) == []
 
 
