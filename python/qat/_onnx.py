@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.ao.nn.quantized import dynamic
 
 from . import _op_roles, _transformer, quantized
 from ._pte import _QParams, _Recorder, pair_value
@@ -390,6 +391,8 @@ class _Emitter:
         name = self.op_name(node)
         if name == "getitem" and isinstance(self.env[node.args[0]], list):
             return self.env[node.args[0]][node.args[1]]
+        if name == "getitem":
+            return self.index(node)
         module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
         args = [self.env[a] if isinstance(a, fx.Node) else a for a in node.args]
         what = type(module).__name__ if module is not None else getattr(
@@ -553,6 +556,149 @@ class _Emitter:
     _ATTENTION = {_transformer.attention_probs: attention_probs,
                   _transformer.attend: attend, _transformer.head_weights: head_weights}
 
+    def index(self, node: fx.Node) -> str:
+        """A tensor's basic indexing (``x[:, -1]``, ``x[..., 0::2, :]``, ``x[None]``):
+        ``Slice`` over the sliced and indexed axes, ``Squeeze`` of the indexed ones,
+        ``Unsqueeze`` where None adds one. Indexing with tensors is refused."""
+        x, index = node.args
+        index = index if isinstance(index, tuple) else (index,)
+        rank = len(self.shapes[x])
+        explicit = sum(i is not None and i is not Ellipsis for i in index)
+        axis, out_axis = 0, 0
+        slices, squeezed, added = [], [], []
+        for item in index:
+            if item is Ellipsis:
+                axis += rank - explicit
+                out_axis += rank - explicit
+            elif item is None:
+                added.append(out_axis)
+                out_axis += 1
+            elif isinstance(item, int):
+                slices.append((axis, item, item + 1 if item != -1 else _LAST, 1))
+                squeezed.append(axis)
+                axis += 1
+            elif isinstance(item, slice) and all(
+                    v is None or isinstance(v, int) for v in (item.start, item.stop, item.step)):
+                step = 1 if item.step is None else item.step
+                start = item.start if item.start is not None else (0 if step > 0 else _LAST)
+                stop = item.stop if item.stop is not None else (_LAST if step > 0 else _FIRST)
+                if (start, stop, step) != (0, _LAST, 1):
+                    slices.append((axis, start, stop, step))
+                axis += 1
+                out_axis += 1
+            else:
+                raise TypeError(f"qat.export: no ONNX lowering for indexing with {item!r} "
+                                f"(node {node.name}), so no .onnx was written")
+        y = self.env[x]
+        if slices:
+            axes, starts, stops, steps = (np.array(v, np.int64) for v in zip(*slices))
+            y = self.op("Slice", [y, self.const(f"{node.name}_starts", starts),
+                                  self.const(f"{node.name}_ends", stops),
+                                  self.const(f"{node.name}_axes", axes),
+                                  self.const(f"{node.name}_steps", steps)],
+                        f"{node.name}_sliced")
+        if squeezed:
+            y = self.op("Squeeze", [y, self.const(f"{node.name}_squeezed",
+                                                  np.array(squeezed, np.int64))],
+                        f"{node.name}_squeezed")
+        if added:
+            y = self.op("Unsqueeze", [y, self.const(f"{node.name}_added",
+                                                    np.array(added, np.int64))],
+                        f"{node.name}_unsqueezed")
+        return self.op("Identity", [y], node.name)
+
+    def recurrent(self, node: fx.Node, module: nn.Module) -> list:
+        """A dynamic quantized LSTM / GRU as ONNX's LSTM / GRU, one per layer, in float
+        over its weights' integers (stored as int8, dequantized in the graph): standard
+        ONNX has no integer recurrent op, so its input and state are not quantized at run
+        time as PyTorch's kernel quantizes them (ONNX Runtime's optimized graph lists the
+        op among the float ops). [output, [h_n, c_n]] (an LSTM) or [output, h_n]."""
+        lstm = isinstance(module, dynamic.LSTM)
+        x, state = (list(node.args) + [node.kwargs.get("hx")])[:2]
+        if state is None:
+            states = []
+        elif isinstance(state, fx.Node):  # a tensor, or another LSTM's (h, c)
+            value = self.env[state]
+            states = value if isinstance(value, list) else [value]
+        elif all(isinstance(s, fx.Node) for s in state):
+            states = [self.env[s] for s in state]
+        else:
+            raise TypeError(f"qat.export: no ONNX lowering for {type(module).__name__}'s "
+                            f"initial state {state!r} (node {node.name}), so no .onnx was "
+                            f"written")
+        name, hidden = node.name, module.hidden_size
+        directions = 2 if module.bidirectional else 1
+        # PyTorch's gate blocks -> ONNX's: LSTM (i, f, g, o) -> (i, o, f, c), GRU
+        # (r, z, n) -> (z, r, h).
+        order = [0, 3, 1, 2] if lstm else [1, 0, 2]
+
+        def gates(array: np.ndarray) -> np.ndarray:
+            return array.reshape(len(order), hidden, *array.shape[1:])[order].reshape(
+                array.shape)
+
+        weights, biases = module.get_weight(), module.get_bias()
+        y = self.env[x]
+        if module.batch_first:
+            y = self.op("Transpose", [y], f"{name}_time_first", perm=[1, 0, 2])
+        finals: List[List[str]] = [[] for _ in range(2 if lstm else 1)]
+        for layer in range(module.num_layers):
+            matrices = {"ih": [], "hh": []}
+            bias = []
+            for suffix in ("", "_reverse")[:directions]:
+                for kind in ("ih", "hh"):
+                    key = f"weight_{kind}_l{layer}{suffix}"
+                    w = weights[key]
+                    ints = gates(w.int_repr().numpy())
+                    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+                        scales = gates(w.q_per_channel_scales().numpy().astype(np.float32))
+                        zero_points = gates(w.q_per_channel_zero_points().numpy()).astype(
+                            ints.dtype)
+                        axis = {"axis": 0}
+                    else:
+                        scales = np.array(w.q_scale(), np.float32)
+                        zero_points = np.array(w.q_zero_point(), ints.dtype)
+                        axis = {}
+                    values = self.op("DequantizeLinear", [
+                        self.const(f"{name}.{key}", ints),
+                        self.const(f"{name}.{key}_scale", scales),
+                        self.const(f"{name}.{key}_zero_point", zero_points)],
+                        f"{name}.{key}_dequantized", **axis)
+                    matrices[kind].append(self.op("Unsqueeze", [values, self.const(
+                        f"{name}.{key}_axes", np.array([0], np.int64))], f"{name}.{key}_3d"))
+                bias.append(np.concatenate([
+                    gates(biases[f"bias_{kind}_l{layer}{suffix}"].detach().float().numpy())
+                    for kind in ("ih", "hh")]))
+            w_ih, w_hh = (m[0] if len(m) == 1 else self.op(
+                "Concat", m, f"{name}_{kind}_l{layer}", axis=0)
+                for kind, m in matrices.items())
+            inputs = [y, w_ih, w_hh, self.const(f"{name}_bias_l{layer}", np.stack(bias)), ""]
+            for i, initial in enumerate(states):
+                inputs.append(self.op("Slice", [
+                    initial,
+                    self.const(f"{name}_state_start", np.array([layer * directions], np.int64)),
+                    self.const(f"{name}_state_end",
+                               np.array([(layer + 1) * directions], np.int64)),
+                    self.const(f"{name}_state_axis", np.array([0], np.int64))],
+                    f"{name}_initial_{i}_l{layer}"))
+            outputs = [self.fresh(f"{name}_l{layer}_{part}")
+                       for part in (("y", "h", "c") if lstm else ("y", "h"))]
+            attributes = {} if lstm else {"linear_before_reset": 1}
+            self.nodes.append(self.onnx.helper.make_node(
+                "LSTM" if lstm else "GRU", inputs, outputs, name=outputs[0], hidden_size=hidden,
+                direction="bidirectional" if directions == 2 else "forward", **attributes))
+            for final, out in zip(finals, outputs[1:]):
+                final.append(out)
+            # (time, directions, batch, hidden) -> (time, batch, directions * hidden).
+            y = self.op("Reshape", [
+                self.op("Transpose", [outputs[0]], f"{name}_l{layer}_joined", perm=[0, 2, 1, 3]),
+                self.const(f"{name}_l{layer}_shape", np.array([0, 0, -1], np.int64))],
+                f"{name}_l{layer}_out")
+        if module.batch_first:
+            y = self.op("Transpose", [y], f"{name}_batch_first", perm=[1, 0, 2])
+        ends = [self.op("Concat", final, f"{name}_final_{i}", axis=0) if len(final) > 1
+                else final[0] for i, final in enumerate(finals)]
+        return [y, ends if lstm else ends[0]]
+
     def pooling(self, module: nn.Module, dims: int) -> dict:
         stride = module.stride if module.stride is not None else module.kernel_size
         return dict(kernel_shape=_tuple(module.kernel_size, dims),
@@ -585,6 +731,8 @@ class _Emitter:
                 return self.integer_op(node, module)
             if isinstance(module, quantized.Embedding):
                 return self.embedding(node, module)
+            if isinstance(module, (dynamic.LSTM, dynamic.GRU)):
+                return self.recurrent(node, module)
         if node.op == "get_attr":
             value = self.gm
             for atom in node.target.split("."):
@@ -627,6 +775,11 @@ class _Emitter:
         helper.set_model_props(model, {METADATA_KEY: json.dumps(metadata)})
         onnx.checker.check_model(model, full_check=True)
         return model
+
+
+# Slice bounds past either end of any axis (ONNX clamps them).
+_LAST = np.iinfo(np.int64).max
+_FIRST = np.iinfo(np.int64).min
 
 
 def _bound(node: fx.Node) -> tuple:

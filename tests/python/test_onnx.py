@@ -8,6 +8,7 @@ kernels round their requantization with fp32 multipliers of their own, so output
 to one quantization step of the output per element (a flip in one layer may move the
 output by more, rarely)."""
 
+import copy
 import functools
 import os
 import subprocess
@@ -239,22 +240,152 @@ def test_dynamic_linears_quantize_their_input_at_run_time_as_the_integer_model(s
 
 
 class _Recurrent(nn.Module):
-    def __init__(self):
+    """A recurrent layer, its last step (or, sequence first, the mean over time) and its
+    final state into a linear head."""
+
+    def __init__(self, kind, layers, bidirectional, batch_first):
         super().__init__()
-        self.rnn = nn.LSTM(8, 8, batch_first=True)
-        self.fc = nn.Linear(8, 2)
+        self.batch_first = batch_first
+        self.rnn = getattr(nn, kind)(8, 12, layers, batch_first=batch_first,
+                                     bidirectional=bidirectional)
+        self.fc = nn.Linear(12 * (2 if bidirectional else 1) + 12, 3)
 
     def forward(self, x):
-        return self.fc(self.rnn(x)[0][:, -1])
+        out = self.rnn(x)
+        return self.head(out[0], out[1])
+
+    def head(self, out, state):
+        last = out[:, -1] if self.batch_first else out.mean(0)
+        h_n = state[0] if isinstance(self.rnn, nn.LSTM) else state
+        return self.fc(torch.cat([last, h_n[-1]], 1))
+
+
+class _RecurrentFromState(_Recurrent):
+    """:class:`_Recurrent` from a given initial state (an LSTM's h and c both ``h0``)."""
+
+    def forward(self, x, h0):
+        out = self.rnn(x, (h0, h0) if isinstance(self.rnn, nn.LSTM) else h0)
+        return self.head(out[0], out[1])
+
+
+@needs_onnx
+@pytest.mark.parametrize("kind,layers,bidirectional,batch_first,initial", [
+    ("LSTM", 1, False, True, False), ("LSTM", 2, True, False, True),
+    ("GRU", 2, False, True, True), ("GRU", 1, True, False, False),
+])
+def test_dynamic_recurrent_layers_run_in_float_over_their_stored_integers(
+        kind, layers, bidirectional, batch_first, initial, tmp_path):
+    """qat.presets.w8a8_dynamic's LSTM / GRU: ONNX's LSTM / GRU over the layer's int8
+    weights (stored as their integers, gates in ONNX's order), stacked and joined as
+    PyTorch does, from a given initial state too; float where PyTorch's kernel quantizes
+    input and state at run time, so the file follows the integer model within that
+    rounding; the head stays integer."""
+    import onnx
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 7, 8) if batch_first else torch.randn(7, 64, 8)
+    h0 = torch.randn(layers * (2 if bidirectional else 1), 64, 12)
+    model = (_RecurrentFromState if initial else _Recurrent)(kind, layers, bidirectional,
+                                                             batch_first)
+
+    def batch(rows):  # the model's inputs for those sequences
+        xs = x[rows] if batch_first else x[:, rows]
+        return (xs, h0[:, rows]) if initial else (xs,)
+
+    qmodel = qat.prepare(model, qat.presets.w8a8_dynamic())
+    # Each batch (inputs,), its inputs a tuple of the positional ones.
+    qat.calibrate(qmodel, [(batch(slice(0, 32)),), (batch(slice(32, 64)),)], progress=False)
+    path = tmp_path / "recurrent.onnx"
+    int_model = qat.export(qmodel, path, batch(slice(0, 4)))
+    # Other sequences, as many: a sequence-first file's batch is its second dimension,
+    # fixed at the example's (the first is free).
+    got = _onnx.run_fresh(str(path), batch(slice(8, 12)))[0]
+    # What the file should compute: the integer model with PyTorch's float layer over the
+    # values of the recurrent layer's integers in its place.
+    float_rnn = getattr(nn, kind)(8, 12, layers, batch_first=batch_first,
+                                  bidirectional=bidirectional)
+    values = {**int_model.rnn.get_weight(), **int_model.rnn.get_bias()}
+    with torch.no_grad():
+        for name, value in values.items():
+            getattr(float_rnn, name).copy_(value.dequantize() if value.is_quantized else value)
+        reference = copy.deepcopy(int_model)
+        reference.rnn = float_rnn.eval()
+        torch.testing.assert_close(got, reference(*batch(slice(8, 12))), rtol=1e-4,
+                                   atol=1e-5)
+        expected = int_model(*batch(slice(8, 12)))
+    # The integer model's kernel also rounds input and state at run time.
+    assert _sqnr(expected, got) >= 30, _sqnr(expected, got)
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    weight = int_model.rnn.get_weight()["weight_hh_l0"]
+    blocks = weight.int_repr().numpy().reshape(-1, 12, 12)
+    order = [0, 3, 1, 2] if kind == "LSTM" else [1, 0, 2]  # ONNX's gate order
+    assert stored["rnn_weight_hh_l0"].dtype == np.int8
+    assert np.array_equal(stored["rnn_weight_hh_l0"], blocks[order].reshape(-1, 12))
+    report = qat.read_metadata(path)["onnx"]
+    assert kind in report["float_ops"] and report["layers_integer"] == report["layers"] == 1
+
+
+def _sqnr(reference: torch.Tensor, got: torch.Tensor) -> float:
+    noise = (reference - got).pow(2).mean()
+    return float(10 * torch.log10(reference.pow(2).mean() / noise)) if noise > 0 \
+        else float("inf")
+
+
+class _Indexed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(2 * 1 * 2, 3)
+
+    def forward(self, x):
+        y = self.conv(x)  # (batch, 4, 6, 6)
+        y = y[..., 1::2, :][:, None, 1:3, :, ::3]  # (batch, 1, 2, 3, 2)
+        return self.fc(torch.flatten(y[:, 0, :, -1:], 1))  # (batch, 2, 1, 2) flattened
+
+
+@needs_onnx
+def test_basic_indexing_slices_and_adds_axes_as_the_integer_model(tmp_path):
+    x = torch.rand(32, 3, 8, 8)
+    qmodel = calibrated(_Indexed(), x)
+    path = tmp_path / "indexed.onnx"
+    int_model = qat.export(qmodel, path, x[:4])
+    got = _onnx.run_fresh(str(path), (x[4:17],))[0]
+    with torch.no_grad():
+        expected = int_model(x[4:17])
+    assert (steps_apart(qmodel, expected, got) <= 1e-3).all()
+
+
+class _Doubled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + y
+
+
+class _Double(qat.quantized._WithOutputQParams):
+    """An integer module of PyTorch's kernels that no exporter knows."""
+
+    def forward(self, a, b):
+        return torch.ops.quantized.add(a, b, self.scale, self.zero_point)
 
 
 @needs_onnx
 def test_an_integer_op_without_onnx_lowering_is_named(tmp_path):
-    x = torch.randn(16, 5, 8)
-    with pytest.raises(TypeError, match=r"qat.export: no ONNX lowering for LSTM \(node rnn\), "
-                                        r"so no \.onnx was written"):
-        qat.export(calibrated(_Recurrent(), x, qat.presets.w8a8_dynamic()),
-                   tmp_path / "rnn.onnx", x[:2])
+    # Every integer module qat.convert makes has a lowering: one of qat's kind that a
+    # user's code put into an integer model stands in for the next one added.
+    x = torch.rand(16, 3, 6, 6)
+    int_model = qat.convert(calibrated(_Doubled(), x))
+    add = next(name for name, m in int_model.named_modules()
+               if isinstance(m, qat.quantized.Add))
+    known = int_model.get_submodule(add)
+    setattr(int_model, add, _Double(known.scale, known.zero_point))
+    with pytest.raises(TypeError, match=rf"qat.export: no ONNX lowering for _Double "
+                                        rf"\({add}\), so no \.onnx was written"):
+        qat.export(int_model, tmp_path / "double.onnx", x[:2])
     assert os.listdir(tmp_path) == []
 
 
