@@ -127,18 +127,9 @@ class _Emitter:
         the integers' own type, are left out where they are all 0 and not
         ``zero_points_needed`` (ONNX Runtime's QGemm fusion reads the weight's type from
         them; its conv fusion does not)."""
-        w = op.weight
         if op.weight_bits < 8:
             self.int8_stored.append(op.name)  # int4 needs opset 21: stored as 8-bit
-        ints = w.int_repr().numpy()
-        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            scales = w.q_per_channel_scales().numpy().astype(np.float32)
-            zero_points = w.q_per_channel_zero_points().numpy().astype(ints.dtype)
-            axis = {"axis": w.q_per_channel_axis()}
-        else:
-            scales = np.array(w.q_scale(), np.float32)
-            zero_points = np.array(w.q_zero_point(), ints.dtype)
-            axis = {}
+        ints, scales, zero_points, axis = _integers(op.weight)
         s = self.const(f"{op.name}.weight_scale", scales)
         z = [self.const(f"{op.name}.weight_zero_point", zero_points)] \
             if zero_points_needed or zero_points.any() else []
@@ -302,14 +293,7 @@ class _Emitter:
         (``DynamicQuantizeMatMul``)."""
         if op.weight_bits < 8:
             self.int8_stored.append(op.name)
-        w = op.weight
-        ints = w.int_repr().numpy()
-        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            scales = w.q_per_channel_scales().numpy().astype(np.float32)
-            zero_points = w.q_per_channel_zero_points().numpy().astype(ints.dtype)
-        else:
-            scales = np.array([w.q_scale()], np.float32)
-            zero_points = np.array([w.q_zero_point()], ints.dtype)
+        ints, scales, zero_points, _ = _integers(op.weight)  # per output channel: a column
         quantized_x = [self.fresh(f"{name}_input_{part}") for part in ("q", "scale", "zero")]
         self.nodes.append(self.onnx.helper.make_node("DynamicQuantizeLinear", [x], quantized_x,
                                                      name=quantized_x[0]))
@@ -647,17 +631,10 @@ class _Emitter:
             for suffix in ("", "_reverse")[:directions]:
                 for kind in ("ih", "hh"):
                     key = f"weight_{kind}_l{layer}{suffix}"
-                    w = weights[key]
-                    ints = gates(w.int_repr().numpy())
-                    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-                        scales = gates(w.q_per_channel_scales().numpy().astype(np.float32))
-                        zero_points = gates(w.q_per_channel_zero_points().numpy()).astype(
-                            ints.dtype)
-                        axis = {"axis": 0}
-                    else:
-                        scales = np.array(w.q_scale(), np.float32)
-                        zero_points = np.array(w.q_zero_point(), ints.dtype)
-                        axis = {}
+                    ints, scales, zero_points, axis = _integers(weights[key])
+                    ints = gates(ints)
+                    if axis:  # per gate row
+                        scales, zero_points = gates(scales), gates(zero_points)
                     values = self.op("DequantizeLinear", [
                         self.const(f"{name}.{key}", ints),
                         self.const(f"{name}.{key}_scale", scales),
@@ -780,6 +757,18 @@ class _Emitter:
 # Slice bounds past either end of any axis (ONNX clamps them).
 _LAST = np.iinfo(np.int64).max
 _FIRST = np.iinfo(np.int64).min
+
+
+def _integers(w: torch.Tensor) -> Tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(integers, float32 scales, zero points of the integers' type, DequantizeLinear's
+    axis attribute) of the quantized weight ``w``, per channel or per tensor."""
+    ints = w.int_repr().numpy()
+    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        return (ints, w.q_per_channel_scales().numpy().astype(np.float32),
+                w.q_per_channel_zero_points().numpy().astype(ints.dtype),
+                {"axis": w.q_per_channel_axis()})
+    return (ints, np.array(w.q_scale(), np.float32), np.array(w.q_zero_point(), ints.dtype),
+            {})
 
 
 def _bound(node: fx.Node) -> tuple:
