@@ -180,6 +180,22 @@ class Activations(nn.Module):
         return self.fc(torch.flatten(F.elu(self.leaky(x)), 1))
 
 
+class GroupAndLayerNormed(nn.Module):
+    """A conv, a GroupNorm, a linear and a LayerNorm: both norms on integer kernels (the
+    .pte and .onnx exporters' tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.group_norm = nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8 * 12 * 12, 16)
+        self.layer_norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        x = F.relu(self.group_norm(self.conv(x)))
+        return self.layer_norm(self.fc(torch.flatten(x, 1)))
+
+
 class TextEncoder(nn.Module):
     """Embedding, a two-layer transformer encoder and a linear head; with ``padding``, the
     token 0 is padding, masked out of attention."""

@@ -21,8 +21,9 @@ import qat
 from qat import _pte
 from qat.export import describe, load
 
-from helpers import (QDQ_PATTERNS, Activations, ConvBnRelu, FashionNet, KeywordNet, Mlp,
-                     TextCNN, TextEncoder, calibrated, sqnr_db, steps_apart)
+from helpers import (QDQ_PATTERNS, Activations, ConvBnRelu, FashionNet,
+                     GroupAndLayerNormed, KeywordNet, Mlp, TextCNN, TextEncoder, calibrated,
+                     sqnr_db, steps_apart)
 
 MISSING = _pte.available()
 # A real limit: ExecuTorch exists only for the PyPI leg's PyTorch (executorch is pinned in
@@ -145,23 +146,10 @@ class _PreActivation(nn.Module):
         return self.fc(torch.flatten(F.relu(self.bn(x + x.mean(1, keepdim=True))), 1))
 
 
-class _Normalized(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.group_norm = nn.GroupNorm(2, 8)
-        self.fc = nn.Linear(8 * 12 * 12, 16)
-        self.layer_norm = nn.LayerNorm(16)
-
-    def forward(self, x):
-        x = F.relu(self.group_norm(self.conv(x)))
-        return self.layer_norm(self.fc(torch.flatten(x, 1)))
-
-
 @needs_executorch
 @pytest.mark.parametrize("cls, kernels", [
     (_PreActivation, {"bn_in": qat.quantized.BatchNorm, "bn": qat.quantized.BatchNorm}),
-    (_Normalized, {"group_norm": qat.quantized.GroupNorm,
+    (GroupAndLayerNormed, {"group_norm": qat.quantized.GroupNorm,
                    "layer_norm": qat.quantized.LayerNorm}),
     (functools.partial(Activations, 12), {
         "elu": qat.quantized.ELU, "leaky_relu_int": qat.quantized.LeakyReLU,

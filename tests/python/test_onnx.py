@@ -23,8 +23,9 @@ import qat
 from qat import _onnx
 from qat.export import describe, load
 
-from helpers import (QDQ_PATTERNS, Activations, ConvBnRelu, FashionNet, Mlp, TextCNN,
-                     TextEncoder, calibrated, steps_apart)
+from helpers import (QDQ_PATTERNS, Activations, ConvBnRelu, FashionNet,
+                     GroupAndLayerNormed, Mlp, TextCNN, TextEncoder, calibrated, sqnr_db,
+                     steps_apart)
 
 MISSING = _onnx.available()
 # A real limit: onnx and onnxruntime are pinned for the PyPI leg (requirements/pypi.txt);
@@ -151,17 +152,6 @@ class _Norms(nn.Module):
         return self.layer_norm(self.fc(torch.flatten(x, 1)))
 
 
-class _GroupNormed(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.norm = nn.GroupNorm(2, 8)
-        self.fc = nn.Linear(8 * 12 * 12, 4)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(torch.relu(self.norm(self.conv(x))), 1))
-
-
 @needs_onnx
 @pytest.mark.parametrize("cls, kernels, float_ops", [
     (_Norms, {"bn_in": qat.quantized.BatchNorm, "layer_norm": qat.quantized.LayerNorm},
@@ -170,9 +160,11 @@ class _GroupNormed(nn.Module):
         "elu": qat.quantized.ELU, "leaky_relu_int": qat.quantized.LeakyReLU,
         "leaky": qat.quantized.LeakyReLU, "elu_1_int": qat.quantized.ELU},
      ["Elu"]),  # ONNX Runtime fuses a leaky ReLU between the pairs into QLinearLeakyRelu
-    (_GroupNormed, {"norm": qat.quantized.GroupNorm},
-     ["Add", "InstanceNormalization", "Mul"]),  # opset 17 has no GroupNormalization
-], ids=["batch_and_layer_norm", "elu_and_leaky_relu", "group_norm"])
+    (GroupAndLayerNormed, {"group_norm": qat.quantized.GroupNorm,
+                           "layer_norm": qat.quantized.LayerNorm},
+     # Opset 17 has no GroupNormalization: InstanceNormalization, then weight and bias.
+     ["Add", "InstanceNormalization", "LayerNormalization", "Mul"]),
+], ids=["batch_and_layer_norm", "elu_and_leaky_relu", "group_and_layer_norm"])
 def test_norms_and_activations_follow_the_integer_model(cls, kernels, float_ops, tmp_path):
     """Integer kernels of PyTorch that ONNX Runtime (mostly) has no integer form of: each
     runs in float between the quantize / dequantize pairs of the integer model's qparams."""
@@ -315,7 +307,7 @@ def test_dynamic_recurrent_layers_run_in_float_over_their_stored_integers(
                                    atol=1e-5)
         expected = int_model(*batch(slice(8, 12)))
     # The integer model's kernel also rounds input and state at run time.
-    assert _sqnr(expected, got) >= 30, _sqnr(expected, got)
+    assert sqnr_db(expected, got) >= 30, sqnr_db(expected, got)
     stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
     weight = int_model.rnn.get_weight()["weight_hh_l0"]
     blocks = weight.int_repr().numpy().reshape(-1, 12, 12)
@@ -324,12 +316,6 @@ def test_dynamic_recurrent_layers_run_in_float_over_their_stored_integers(
     assert np.array_equal(stored["rnn_weight_hh_l0"], blocks[order].reshape(-1, 12))
     report = qat.read_metadata(path)["onnx"]
     assert kind in report["float_ops"] and report["layers_integer"] == report["layers"] == 1
-
-
-def _sqnr(reference: torch.Tensor, got: torch.Tensor) -> float:
-    noise = (reference - got).pow(2).mean()
-    return float(10 * torch.log10(reference.pow(2).mean() / noise)) if noise > 0 \
-        else float("inf")
 
 
 class _Indexed(nn.Module):
