@@ -17,6 +17,7 @@ did not."""
 import inspect
 import json
 import math
+import operator
 import os
 import subprocess
 import sys
@@ -368,7 +369,14 @@ class _Emitter:
             return self.op("Mul", [x, self.op("Sigmoid", [x], f"{node.name}_sigmoid")],
                            node.name)
         if node.op == "call_function" and node.target in self._ATTENTION:
+            if self._ATTENTION[node.target] is _Emitter.constant:
+                return self.constant(node)
             return self._ATTENTION[node.target](self, *_bound(node))
+        if node.op == "call_function" and _qualified(node.target) == _PATCH_MERGING:
+            return self.patch_merging(node, *node.args)
+        if node.target is F.gelu or (node.op == "call_module" and type(
+                self.gm.get_submodule(node.target)) is nn.GELU):
+            return self.gelu(node)
         comparison = _op_roles.comparison(node)
         if comparison is not None:
             return self.compare(node, comparison)
@@ -383,6 +391,17 @@ class _Emitter:
             node.target, "__name__", node.target)
         if name in ("dropout", "identity", "contiguous"):
             return args[0]
+        if type(module) is nn.LayerNorm:
+            # Left in float (its input is not quantized).
+            shape = tuple(module.normalized_shape)
+            weight = (np.ones(shape, np.float32) if module.weight is None
+                      else module.weight.detach().float().numpy())
+            bias = (np.zeros(shape, np.float32) if module.bias is None
+                    else module.bias.detach().float().numpy())
+            return self.op("LayerNormalization", [
+                args[0], self.const(f"{node.target}.weight", weight),
+                self.const(f"{node.target}.bias", bias)],
+                node.name, axis=-len(shape), epsilon=module.eps)
         if type(module) is nn.Embedding:
             # A table left in float (skipped in the Config): a Gather of its rows.
             weight = self.const(f"{node.target}.weight", module.weight.detach().float().numpy())
@@ -536,9 +555,185 @@ class _Emitter:
             return self.env[probs]
         return self.op("ReduceMean", [self.env[probs]], node.name, axes=[1], keepdims=0)
 
+    def roll(self, x: str, shape: Tuple[int, ...], shifts: List[int], base: str) -> str:
+        """``torch.roll(x, shifts, dims=(1, 2))`` (opset 17 has no Roll): per shifted axis,
+        the last ``shift`` entries moved to the front by two ``Slice`` s and a ``Concat``."""
+        for axis, shift in ((1, shifts[0]), (2, shifts[1])):
+            shift %= shape[axis]
+            if shift == 0:
+                continue
+            parts = [self.op("Slice", [x, self.const(f"{base}_start", np.array([start], np.int64)),
+                                       self.const(f"{base}_end", np.array([end], np.int64)),
+                                       self.const(f"{base}_axis", np.array([axis], np.int64))],
+                             f"{base}_part") for start, end in ((-shift, _LAST), (0, -shift))]
+            x = self.op("Concat", parts, f"{base}_rolled", axis=axis)
+        return x
+
+    def pad(self, x: str, after: List[int], base: str) -> str:
+        """``x`` padded with zeros at the end of each axis by ``after``."""
+        if not any(after):
+            return x
+        pads = np.array([0] * len(after) + list(after), np.int64)
+        return self.op("Pad", [x, self.const(f"{base}_pads", pads)], base)
+
+    def window_partition(self, node: fx.Node, x: fx.Node, window_size: List[int],
+                         shift_size: List[int]) -> str:
+        """``qat._transformer.window_partition``: padded to whole windows, cyclically
+        shifted, cut into windows of tokens."""
+        shape = self.shapes[x]
+        pad_h, pad_w, shift = _transformer._window_geometry(list(shape), window_size,
+                                                             shift_size)
+        y = self.pad(self.env[x], [0, pad_h - shape[1], pad_w - shape[2], 0], f"{node.name}_pad")
+        y = self.roll(y, (shape[0], pad_h, pad_w, shape[3]), [-shift[0], -shift[1]],
+                      f"{node.name}_shift")
+        grid = [0, pad_h // window_size[0], window_size[0], pad_w // window_size[1],
+                window_size[1], shape[3]]
+        y = self.op("Reshape", [y, self.const(f"{node.name}_grid", np.array(grid, np.int64))],
+                    f"{node.name}_grid")
+        y = self.op("Transpose", [y], f"{node.name}_windows", perm=[0, 1, 3, 2, 4, 5])
+        tokens = [-1, window_size[0] * window_size[1], shape[3]]
+        return self.op("Reshape", [y, self.const(f"{node.name}_tokens",
+                                                 np.array(tokens, np.int64))], node.name)
+
+    def window_merge(self, node: fx.Node, windows: fx.Node, x: fx.Node,
+                     window_size: List[int], shift_size: List[int]) -> str:
+        """``qat._transformer.window_merge``: the windows put back, the shift undone, the
+        padding cut off."""
+        shape = self.shapes[x]
+        pad_h, pad_w, shift = _transformer._window_geometry(list(shape), window_size,
+                                                             shift_size)
+        grid = [-1, pad_h // window_size[0], pad_w // window_size[1], window_size[0],
+                window_size[1], shape[3]]
+        y = self.op("Reshape", [self.env[windows], self.const(
+            f"{node.name}_grid", np.array(grid, np.int64))], f"{node.name}_grid")
+        y = self.op("Transpose", [y], f"{node.name}_image", perm=[0, 1, 3, 2, 4, 5])
+        y = self.op("Reshape", [y, self.const(f"{node.name}_padded", np.array(
+            [-1, pad_h, pad_w, shape[3]], np.int64))], f"{node.name}_padded")
+        y = self.roll(y, (shape[0], pad_h, pad_w, shape[3]), shift, f"{node.name}_unshift")
+        return self.op("Slice", [y, self.const(f"{node.name}_start", np.array([0, 0], np.int64)),
+                                 self.const(f"{node.name}_end",
+                                            np.array([shape[1], shape[2]], np.int64)),
+                                 self.const(f"{node.name}_axes", np.array([1, 2], np.int64))],
+                       node.name)
+
+    def qkv_part(self, qkv: fx.Node, heads: int, part: int, base: str) -> str:
+        """Part ``part`` (0: queries, 1: keys, 2: values) of a window's projections as
+        (windows, heads, tokens, head channels) (``qat._transformer._qkv_heads``)."""
+        windows, tokens, channels = self.shapes[qkv]
+        split = self.op("Reshape", [self.env[qkv], self.const(f"{base}_split", np.array(
+            [0, tokens, 3, heads, channels // (3 * heads)], np.int64))], f"{base}_split")
+        picked = self.op("Gather", [split, self.const(f"{base}_part", np.array(part, np.int64))],
+                         f"{base}_picked", axis=2)
+        return self.op("Transpose", [picked], base, perm=[0, 2, 1, 3])
+
+    def window_scores(self, node: fx.Node, qkv: fx.Node, position_bias: fx.Node, x: fx.Node,
+                      window_size: List[int], shift_size: List[int], heads: int,
+                      logit_scale: Optional[fx.Node]) -> str:
+        """``qat._transformer.window_scores`` of Swin V1, op for op: the scaled products
+        of queries and keys, the position bias and the shift's mask (a constant of the
+        input's shape) added, softmax."""
+        if logit_scale is not None:
+            raise TypeError(f"qat.export: no ONNX lowering for Swin V2's cosine attention "
+                            f"(node {node.name}), so no .onnx was written")
+        channels = self.shapes[qkv][2] // (3 * heads)
+        queries = self.op("Mul", [self.qkv_part(qkv, heads, 0, f"{node.name}_q"),
+                                  self.const(f"{node.name}_norm",
+                                             np.float32(channels ** -0.5))],
+                          f"{node.name}_q_scaled")
+        keys = self.op("Transpose", [self.qkv_part(qkv, heads, 1, f"{node.name}_k")],
+                       f"{node.name}_k_t", perm=[0, 1, 3, 2])
+        scores = self.op("Add", [self.op("MatMul", [queries, keys], f"{node.name}_products"),
+                                 self.env[position_bias]], f"{node.name}_biased")
+        pad_h, pad_w, shift = _transformer._window_geometry(list(self.shapes[x]), window_size,
+                                                            shift_size)
+        if shift[0] + shift[1] > 0:
+            tokens = window_size[0] * window_size[1]
+            mask = _transformer._shift_mask(pad_h, pad_w, window_size, shift,
+                                            torch.zeros(0)).numpy()
+            scores = self.op("Reshape", [scores, self.const(f"{node.name}_per_image", np.array(
+                [-1, mask.shape[0], heads, tokens, tokens], np.int64))], f"{node.name}_images")
+            scores = self.op("Add", [scores, self.const(f"{node.name}_shift_mask",
+                                                        mask[None, :, None])],
+                             f"{node.name}_masked")
+            scores = self.op("Reshape", [scores, self.const(f"{node.name}_per_window", np.array(
+                [-1, heads, tokens, tokens], np.int64))], f"{node.name}_windows")
+        return self.op("Softmax", [scores], node.name, axis=-1)
+
+    def window_values(self, node: fx.Node, probs: fx.Node, qkv: fx.Node, heads: int) -> str:
+        """``qat._transformer.window_values``: the heads' weighted sums of the values,
+        joined."""
+        _, tokens, channels = self.shapes[qkv]
+        values = self.op("MatMul", [self.env[probs], self.qkv_part(qkv, heads, 2,
+                                                                   f"{node.name}_v")],
+                         f"{node.name}_sums")
+        joined = self.op("Transpose", [values], f"{node.name}_heads", perm=[0, 2, 1, 3])
+        return self.op("Reshape", [joined, self.const(f"{node.name}_shape", np.array(
+            [0, tokens, channels // 3], np.int64))], node.name)
+
+    def constant(self, node: fx.Node) -> str:
+        """A function of the graph's constant tensors only (a window's position bias from
+        its table and index), computed once here."""
+        def value(arg):
+            if isinstance(arg, fx.Node):
+                if arg.op != "get_attr":
+                    raise TypeError(f"qat.export: no ONNX lowering for {node.target.__name__} "
+                                    f"of a computed tensor (node {node.name}), so no .onnx "
+                                    f"was written")
+                return operator.attrgetter(arg.target)(self.gm)
+            return arg
+        with torch.no_grad():
+            result = node.target(*fx.node.map_aggregate(node.args, value),
+                                 **fx.node.map_aggregate(node.kwargs, value))
+        return self.const(node.name, result.detach().float().numpy())
+
+    def gelu(self, node: fx.Node) -> str:
+        """GELU (opset 17 has no Gelu op): x * 0.5 * (1 + erf(x / sqrt(2))), or with
+        ``approximate="tanh"`` x * 0.5 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))."""
+        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        approximate = module.approximate if module is not None else node.kwargs.get(
+            "approximate", "none")
+        x = self.env[node.args[0]]
+        name = node.name
+
+        def const(value: float) -> str:
+            return self.const(f"{name}_constant", np.float32(value))
+
+        if approximate == "tanh":
+            cube = self.op("Mul", [self.op("Mul", [x, x], f"{name}_square"), x], f"{name}_cube")
+            inner = self.op("Add", [x, self.op("Mul", [cube, const(0.044715)], f"{name}_term")],
+                            f"{name}_inner")
+            curve = self.op("Tanh", [self.op("Mul", [inner, const(math.sqrt(2 / math.pi))],
+                                             f"{name}_scaled")], f"{name}_curve")
+        else:
+            curve = self.op("Erf", [self.op("Mul", [x, const(math.sqrt(0.5))],
+                                            f"{name}_scaled")], f"{name}_curve")
+        half = self.op("Mul", [x, const(0.5)], f"{name}_half")
+        return self.op("Mul", [half, self.op("Add", [curve, const(1.0)], f"{name}_gate")],
+                       name)
+
+    def patch_merging(self, node: fx.Node, x: fx.Node) -> str:
+        """torchvision's ``_patch_merging_pad``: padded to even sides, the four interleaved
+        quarters joined along the channels."""
+        shape = self.shapes[x]
+        y = self.pad(self.env[x], [0] * (len(shape) - 3) + [shape[-3] % 2, shape[-2] % 2, 0],
+                     f"{node.name}_pad")
+        axes = np.array([len(shape) - 3, len(shape) - 2], np.int64)
+        quarters = [self.op("Slice", [
+            y, self.const(f"{node.name}_start", np.array([row, column], np.int64)),
+            self.const(f"{node.name}_end", np.array([_LAST, _LAST], np.int64)),
+            self.const(f"{node.name}_axes", axes),
+            self.const(f"{node.name}_steps", np.array([2, 2], np.int64))], f"{node.name}_quarter")
+            for row, column in ((0, 0), (1, 0), (0, 1), (1, 1))]
+        return self.op("Concat", quarters, node.name, axis=-1)
+
     # The attention functions that qat's traceable attention calls as single graph nodes.
     _ATTENTION = {_transformer.attention_probs: attention_probs,
-                  _transformer.attend: attend, _transformer.head_weights: head_weights}
+                  _transformer.attend: attend, _transformer.head_weights: head_weights,
+                  _transformer.window_partition: window_partition,
+                  _transformer.window_merge: window_merge,
+                  _transformer.window_scores: window_scores,
+                  _transformer.window_values: window_values,
+                  _transformer.window_position_bias: constant}
 
     def index(self, node: fx.Node) -> str:
         """A tensor's basic indexing (``x[:, -1]``, ``x[..., 0::2, :]``, ``x[None]``):
@@ -757,6 +952,15 @@ class _Emitter:
 # Slice bounds past either end of any axis (ONNX clamps them).
 _LAST = np.iinfo(np.int64).max
 _FIRST = np.iinfo(np.int64).min
+
+
+# torchvision's Swin patch merging (a single graph node: torchvision wraps it for torch.fx),
+# named rather than imported: importing torchvision costs seconds.
+_PATCH_MERGING = "torchvision.models.swin_transformer._patch_merging_pad"
+
+
+def _qualified(fn) -> str:
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__name__', '')}"
 
 
 def _integers(w: torch.Tensor) -> Tuple[np.ndarray, np.ndarray, np.ndarray, dict]:

@@ -196,6 +196,17 @@ class GroupAndLayerNormed(nn.Module):
         return self.layer_norm(self.fc(torch.flatten(x, 1)))
 
 
+def small_swin(v2: bool = False) -> nn.Module:
+    """torchvision's Swin in two stages small enough to train here: windows of 4 x 4 tokens,
+    the second block of each stage shifted (V1, or V2's blocks and patch merging)."""
+    from torchvision.models import swin_transformer as swin
+    kwargs = dict(block=swin.SwinTransformerBlockV2,
+                  downsample_layer=swin.PatchMergingV2) if v2 else {}
+    return swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=4,
+                                **kwargs)
+
+
 class TextEncoder(nn.Module):
     """Embedding, a two-layer transformer encoder and a linear head; with ``padding``, the
     token 0 is padding, masked out of attention."""

@@ -17,7 +17,7 @@ import qat
 from qat._transformer import make_traceable
 
 from helpers import (RUN_LITE_MODEL, Activations, KeywordNet, TextCNN, TextEncoder, UpNet,
-                     run_python, sgd_losses, sqnr_db)
+                     run_python, sgd_losses, small_swin, sqnr_db)
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -398,17 +398,6 @@ def test_attention_with_extra_key_biases_is_left_to_pytorch_in_float():
 
 # -- torchvision's Swin window attention ----------------------------------------------------
 
-def _swin(v2: bool = False) -> nn.Module:
-    """torchvision's Swin in two stages small enough to train here: windows of 4 x 4 tokens,
-    the second block of each stage shifted (V1, or V2's blocks and patch merging)."""
-    from torchvision.models import swin_transformer as swin
-    kwargs = dict(block=swin.SwinTransformerBlockV2,
-                  downsample_layer=swin.PatchMergingV2) if v2 else {}
-    return swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
-                                window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=4,
-                                **kwargs)
-
-
 def _kinds(model: nn.Module) -> set:
     return {f"{type(m).__module__}.{type(m).__name__}" for m in model.modules()}
 
@@ -422,7 +411,7 @@ def test_traceable_swin_attention_computes_what_torchvisions_does(height, width,
     key bias that its forward must leave out. The state dict keeps its keys (V2: the qkv
     bias moves out of its Linear)."""
     torch.manual_seed(0)
-    model = _swin(v2).eval()
+    model = small_swin(v2).eval()
     if v2:
         with torch.no_grad():
             for module in model.modules():
@@ -448,7 +437,7 @@ def test_swin_projections_run_on_the_integer_kernel(v2, tmp_path):
     position-bias tables (V2: the logit scales and the coordinates its MLP reads); the .ptl
     runs without qat and follows the simulation."""
     torch.manual_seed(0)
-    qmodel = qat.prepare(_swin(v2))
+    qmodel = qat.prepare(small_swin(v2))
     x, y = torch.randn(8, 3, 36, 36), torch.randint(0, 4, (8,))
     if v2:
         # A few SGD steps on random labels move V2's post-norm features faster than the

@@ -24,8 +24,8 @@ from qat import _onnx
 from qat.export import describe, load
 
 from helpers import (QDQ_PATTERNS, Activations, ConvBnRelu, FashionNet,
-                     GroupAndLayerNormed, Mlp, TextCNN, TextEncoder, calibrated, sqnr_db,
-                     steps_apart)
+                     GroupAndLayerNormed, Mlp, TextCNN, TextEncoder, calibrated, small_swin,
+                     sqnr_db, steps_apart)
 
 MISSING = _onnx.available()
 # A real limit: onnx and onnxruntime are pinned for the PyPI leg (requirements/pypi.txt);
@@ -117,14 +117,20 @@ def test_split_shuffle_and_mean_follow_the_integer_model(tmp_path):
 
 
 @needs_onnx
-def test_a_float_silu_between_integer_convs(tmp_path):
-    """EfficientNet's SiLU has no integer kernel: the integer model runs it in float, and
-    so does the file (x * sigmoid(x)), between the convs' integer kernels."""
-    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.SiLU(), nn.Conv2d(6, 4, 3), nn.Flatten(),
+@pytest.mark.parametrize("activation, float_ops", [
+    (nn.SiLU(), ["Mul", "Sigmoid"]),
+    (nn.GELU(), ["Add", "Erf", "Mul"]),
+    (nn.GELU(approximate="tanh"), ["Add", "Mul", "Tanh"]),
+], ids=["silu", "gelu", "gelu_tanh"])
+def test_a_float_activation_between_integer_convs(activation, float_ops, tmp_path):
+    """EfficientNet's SiLU and the transformers' GELU have no integer kernel: the integer
+    model runs them in float, and so does the file (opset 17 has neither op: x * sigmoid(x),
+    GELU from Erf or Tanh), between the convs' integer kernels."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), activation, nn.Conv2d(6, 4, 3), nn.Flatten(),
                           nn.Linear(4 * 4 * 4, 3))
-    x = torch.rand(64, 3, 8, 8)
+    x = torch.rand(64, 3, 8, 8) * 4 - 2
     qmodel = calibrated(model, x)
-    path = str(tmp_path / "silu.onnx")
+    path = str(tmp_path / "activation.onnx")
     int_model = qat.export(qmodel, path, x[:8])
     with torch.no_grad():
         expected = int_model(x[:8])
@@ -132,7 +138,7 @@ def test_a_float_silu_between_integer_convs(tmp_path):
     assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).float().mean().item() >= 0.99
     report = qat.read_metadata(path)["onnx"]
     assert (report["layers"], report["layers_integer"]) == (3, 3)
-    assert report["float_ops"] == ["Mul", "Sigmoid"]
+    assert report["float_ops"] == float_ops
 
 
 class _Norms(nn.Module):
@@ -554,6 +560,42 @@ def test_a_transformer_encoder_runs_its_projections_on_integer_kernels(tmp_path)
     assert {"Softmax", "Equal", "Where"} <= set(report["float_ops"])
     ops = _optimized_ops(path, tmp_path)
     assert ops.count("QGemm") == 13 and "Gemm" not in ops, ops
+
+
+@needs_onnx
+@pytest.mark.parametrize("height,width", [(32, 32), (36, 16)],
+                         ids=["whole_windows", "padded_shifted_along_rows_only"])
+def test_swin_window_attention_follows_the_integer_model(height, width, tmp_path):
+    """torchvision's Swin (V1) through qat's window attention: windows padded, shifted and
+    cut, scores with the position bias (a constant of the table and index) and the shift's
+    mask, merged back; patch merging, GELU and the float layer norms; every qkv, proj, MLP
+    and reduction linear on an integer kernel; the file runs without qat or torch."""
+    torch.manual_seed(0)
+    x = torch.randn(24, 3, height, width)
+    qmodel = qat.prepare(small_swin())
+    qat.calibrate(qmodel, [x[:8], x[8:16]], progress=False)
+    path = tmp_path / "swin.onnx"
+    int_model = qat.export(qmodel, path, x[:4])
+    got = _run_without_qat(path, x[16:], tmp_path)
+    with torch.no_grad():
+        expected = int_model(x[16:])
+    steps = steps_apart(qmodel, expected, got)
+    assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99 and steps.max() <= 3, steps.max()
+    report = qat.read_metadata(path)["onnx"]
+    layers = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in small_swin().modules())
+    assert report["layers"] == report["layers_integer"] == layers  # the patches' conv too
+    assert {"Softmax", "Erf", "LayerNormalization"} <= set(report["float_ops"])
+
+
+@needs_onnx
+def test_swin_v2_names_what_has_no_onnx_lowering(tmp_path):
+    x = torch.randn(8, 3, 32, 32)
+    qmodel = qat.prepare(small_swin(v2=True))
+    qat.calibrate(qmodel, [x], progress=False)
+    # Its query / value bias, position-bias MLP and cosine attention are not lowered.
+    with pytest.raises(TypeError, match=r"qat.export: no ONNX lowering for window_\w+ \(node "):
+        qat.export(qmodel, tmp_path / "swin_v2.onnx", x[:2])
+    assert os.listdir(tmp_path) == []
 
 
 class _MaskedAttention(nn.Module):
