@@ -402,6 +402,43 @@ def _lowering_error(stage: str, error: Exception) -> RuntimeError:
                         f"{lines[0] if lines else 'no message'}")
 
 
+_PADS = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
+
+
+def _mend_pads(graph_module: fx.GraphModule) -> None:
+    """Pads of a dequantized tensor as XNNPACK builds them. One that adds nothing (all
+    widths 0: Swin's window partition and patch merging on whole windows and even sides) is
+    removed; one whose output no quantize follows (Swin's roll after it, which stays outside
+    XNNPACK) gets the quantize / dequantize pair of its input's grid after it, exact since
+    it adds zeros (or copies) to values on that grid. XNNPACK refuses to build either pad
+    otherwise ("Failed to create StaticConstantPad node ... xnn_status_invalid_parameter":
+    the program would not load)."""
+    ops = torch.ops.quantized_decomposed
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _PADS:
+            continue
+        if not any(node.args[1]):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            continue
+        source, fill = node.args[0], (list(node.args) + [None, None])[2:4]
+        if node.target is torch.ops.aten.constant_pad_nd.default:
+            fill = ["constant", (list(node.args) + [0])[2]]
+        on_grid = fill[0] != "constant" or not fill[1]
+        if (not on_grid or source.op != "call_function"
+                or source.target is not ops.dequantize_per_tensor.default
+                or all(user.target is ops.quantize_per_tensor.default for user in node.users)):
+            continue
+        grid = tuple(source.args[1:])
+        with graph.inserting_after(node):
+            quantized = graph.call_function(ops.quantize_per_tensor.default, (node,) + grid)
+        with graph.inserting_after(quantized):
+            values = graph.call_function(ops.dequantize_per_tensor.default, (quantized,) + grid)
+        node.replace_all_uses_with(values, delete_user_cb=lambda user: user is not quantized)
+    graph_module.recompile()
+
+
 def lower(model: nn.Module, inputs: tuple, metadata: Optional[dict] = None,
           report: Optional[dict] = None) -> Tuple[bytes, dict]:
     """``model`` (float, or quantize / dequantize pairs around float ops) as a ``.pte``
@@ -418,6 +455,7 @@ def lower(model: nn.Module, inputs: tuple, metadata: Optional[dict] = None,
             exported = torch.export.export(model, inputs, strict=False)
         except Exception as error:  # noqa: BLE001 - torch.export raises many kinds
             raise _lowering_error("export this model (torch.export)", error) from error
+        _mend_pads(exported.graph_module)
         layers = _count(exported.graph_module, _LAYERS)
         try:
             edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])

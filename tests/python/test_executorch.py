@@ -23,7 +23,7 @@ from qat.export import describe, load
 
 from helpers import (QDQ_PATTERNS, Activations, ConvBnRelu, FashionNet,
                      GroupAndLayerNormed, KeywordNet, Mlp, TextCNN, TextEncoder, calibrated,
-                     sqnr_db, steps_apart)
+                     small_swin, sqnr_db, steps_apart)
 
 MISSING = _pte.available()
 # A real limit: ExecuTorch exists only for the PyPI leg's PyTorch (executorch is pinned in
@@ -108,6 +108,30 @@ def test_embedding_tables_are_stored_in_float_and_said_so(tmp_path):
     assert qat.read_metadata(path)["executorch"]["weights_as_float"] == ["embed"]
     assert "weights stored in float (no integer embedding or recurrent kernel in " \
         "ExecuTorch's default runtime): embed" in describe(path)
+
+
+@needs_executorch
+@pytest.mark.parametrize("height,width", [(32, 32), (36, 16)],
+                         ids=["whole_windows", "padded_shifted_along_rows_only"])
+def test_swin_window_attention_runs_and_follows_the_integer_model(height, width, tmp_path):
+    """torchvision's Swin (V1) through qat's window attention: every linear and the patch
+    conv delegated to XNNPACK; its pads (none needed on whole windows and even sides, real
+    ones on padded windows, a roll after them) load in ExecuTorch's runtime, where XNNPACK
+    refused to build them; the program follows the integer model."""
+    torch.manual_seed(0)
+    x = torch.randn(24, 3, height, width)
+    qmodel = qat.prepare(small_swin())
+    qat.calibrate(qmodel, [x[:8], x[8:16]], progress=False)
+    path = str(tmp_path / "swin.pte")
+    int_model = qat.export(qmodel, path, x[:4])  # the program's fixed shape
+    got = _pte.run_fresh(path, (x[16:20],))[0]
+    with torch.no_grad():
+        expected = int_model(x[16:20])
+    steps = steps_apart(qmodel, expected, got)
+    assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99 and steps.max() <= 3, steps.max()
+    report = qat.read_metadata(path)["executorch"]
+    layers = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in small_swin().modules())
+    assert report["layers"] == report["layers_delegated"] == layers
 
 
 @needs_executorch
