@@ -405,6 +405,13 @@ def _lowering_error(stage: str, error: Exception) -> RuntimeError:
 _PADS = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
 
 
+def _argument(node: fx.Node, position: int, name: str, default=None):
+    """Argument ``name`` of a call, given at ``position`` or by name, else ``default``."""
+    if len(node.args) > position:
+        return node.args[position]
+    return node.kwargs.get(name, default)
+
+
 def _mend_pads(graph_module: fx.GraphModule) -> None:
     """Pads of a dequantized tensor as XNNPACK builds them. One that adds nothing (all
     widths 0: Swin's window partition and patch merging on whole windows and even sides) is
@@ -422,10 +429,13 @@ def _mend_pads(graph_module: fx.GraphModule) -> None:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
             continue
-        source, fill = node.args[0], (list(node.args) + [None, None])[2:4]
+        source = node.args[0]
         if node.target is torch.ops.aten.constant_pad_nd.default:
-            fill = ["constant", (list(node.args) + [0])[2]]
-        on_grid = fill[0] != "constant" or not fill[1]
+            mode, value = "constant", _argument(node, 2, "value", 0)
+        else:
+            mode, value = _argument(node, 2, "mode", "constant"), _argument(node, 3, "value")
+        # A reflection or replication copies values; zeros are on every grid.
+        on_grid = mode != "constant" or not value
         if (not on_grid or source.op != "call_function"
                 or source.target is not ops.dequantize_per_tensor.default
                 or all(user.target is ops.quantize_per_tensor.default for user in node.users)):
