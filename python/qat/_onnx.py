@@ -369,8 +369,6 @@ class _Emitter:
             return self.op("Mul", [x, self.op("Sigmoid", [x], f"{node.name}_sigmoid")],
                            node.name)
         if node.op == "call_function" and node.target in self._ATTENTION:
-            if self._ATTENTION[node.target] is _Emitter.constant:
-                return self.constant(node)
             return self._ATTENTION[node.target](self, *_bound(node))
         if node.op == "call_function" and _qualified(node.target) == _PATCH_MERGING:
             return self.patch_merging(node, *node.args)
@@ -670,7 +668,7 @@ class _Emitter:
         return self.op("Reshape", [joined, self.const(f"{node.name}_shape", np.array(
             [0, tokens, channels // 3], np.int64))], node.name)
 
-    def constant(self, node: fx.Node) -> str:
+    def constant(self, node: fx.Node, *_) -> str:
         """A function of the graph's constant tensors only (a window's position bias from
         its table and index), computed once here."""
         def value(arg):
@@ -784,7 +782,7 @@ class _Emitter:
             y = self.op("Unsqueeze", [y, self.const(f"{node.name}_added",
                                                     np.array(added, np.int64))],
                         f"{node.name}_unsqueezed")
-        return self.op("Identity", [y], node.name)
+        return y
 
     def recurrent(self, node: fx.Node, module: nn.Module) -> list:
         """A dynamic quantized LSTM / GRU as ONNX's LSTM / GRU, one per layer, in float
@@ -906,9 +904,7 @@ class _Emitter:
             if isinstance(module, (dynamic.LSTM, dynamic.GRU)):
                 return self.recurrent(node, module)
         if node.op == "get_attr":
-            value = self.gm
-            for atom in node.target.split("."):
-                value = getattr(value, atom)
+            value = operator.attrgetter(node.target)(self.gm)
             if isinstance(value, torch.Tensor) and not value.is_quantized:
                 return self.const(node.name, value.detach().cpu().numpy())
         if node.op not in ("call_module", "call_function", "call_method"):
