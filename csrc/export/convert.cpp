@@ -553,7 +553,7 @@ class Converter {
       return;
     }
     auto* weight_fq = weighted.weight_fq;
-    const auto& bias = weighted.bias;
+    const auto bias = dynamic_cast<InputQuantized&>(module).kernel_bias(weighted.bias, *weight_fq);
     op.scale = q.scale;
     op.zero_point = q.zero_point;
     op.relu = weighted.relu || relu6;

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <vector>
 
 namespace qat {
 
@@ -78,6 +79,57 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_affine(
     b_out[c] = b[c] - m[c] * inv_sigma * g[c];
   }
   return {folded_weight, folded_bias};
+}
+
+at::Tensor requantize(
+    const at::Tensor& acc, const c10::optional<at::Tensor>& bias, const at::Tensor& input_scale,
+    const at::Tensor& weight_scale, const at::Tensor& output_scale, int64_t axis) {
+  constexpr const char* op = "qat::requantize";
+  TORCH_CHECK_VALUE(
+      acc.scalar_type() == at::kFloat, op, ": acc must be float32, got ", acc.scalar_type());
+  TORCH_CHECK_VALUE(
+      acc.dim() >= 1 && axis >= -acc.dim() && axis < acc.dim(), op, ": axis ", axis,
+      " is not an axis of acc (shape ", acc.sizes(), ")");
+  const int64_t dim = axis < 0 ? axis + acc.dim() : axis;
+  const int64_t channels = acc.size(dim);
+  TORCH_CHECK_VALUE(
+      input_scale.numel() == 1 && output_scale.numel() == 1, op,
+      ": input_scale and output_scale must hold one value each, got ", input_scale.numel(), " and ",
+      output_scale.numel());
+  TORCH_CHECK_VALUE(
+      weight_scale.numel() == 1 || weight_scale.numel() == channels, op,
+      ": weight_scale must hold one value or one per output channel (", channels, "), got ",
+      weight_scale.numel());
+  std::vector<int64_t> shape(acc.dim(), 1);
+  shape[dim] = -1;
+  const auto in = input_scale.detach().to(at::kFloat).reshape({});
+  const auto w = weight_scale.detach().to(acc.device(), at::kFloat).reshape({-1});
+  const float out = output_scale.detach().to(at::kCPU, at::kFloat).item<float>();
+  // Float32 throughout, in the kernel's order: (w * in) * (1 / out), as QNNPACK's
+  // requantization scales are made.
+  const auto multiplier = (w * in.to(acc.device())) * (1.0f / out);
+  auto total = acc;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(
+        bias->numel() == channels, op, ": bias must hold one value per output channel (", channels,
+        "), got ", bias->numel());
+    const auto step = (in.to(acc.device()) * w).reshape({-1});
+    const auto levels = at::round(bias->detach().to(acc.device(), at::kFloat).reshape({-1}) / step);
+    total = acc + levels.reshape(shape);
+  }
+  return at::round(total * multiplier.reshape(shape)) * out;
+}
+
+std::tuple<at::Tensor, at::Tensor> integer_operands(
+    const at::Tensor& input, const at::Tensor& input_scale, const at::Tensor& weight,
+    const at::Tensor& weight_scale, int64_t axis) {
+  TORCH_CHECK_VALUE(
+      weight.dim() >= 1 && axis >= -weight.dim() && axis < weight.dim(),
+      "qat::integer_operands: axis ", axis, " is not an axis of the weight (shape ", weight.sizes(),
+      ")");
+  std::vector<int64_t> shape(weight.dim(), 1);
+  shape[axis < 0 ? axis + weight.dim() : axis] = -1;
+  return {at::round(input / input_scale), at::round(weight / weight_scale.reshape(shape))};
 }
 
 at::Tensor round_bias(
@@ -258,6 +310,14 @@ TORCH_LIBRARY_FRAGMENT(qat, m) {
   m.def(
       "round_bias(Tensor bias, Tensor input_scale, Tensor weight_scale) -> Tensor",
       TORCH_FN(qat::round_bias));
+  m.def(
+      "requantize(Tensor acc, Tensor? bias, Tensor input_scale, Tensor weight_scale, "
+      "Tensor output_scale, int axis) -> Tensor",
+      TORCH_FN(qat::requantize));
+  m.def(
+      "integer_operands(Tensor input, Tensor input_scale, Tensor weight, Tensor weight_scale, "
+      "int axis) -> (Tensor, Tensor)",
+      TORCH_FN(qat::integer_operands));
   m.def(
       "integer_weight(Tensor weight, Tensor scale, Tensor zero_point, int quant_min, "
       "int quant_max, bool per_channel, int axis=0) -> Tensor",

@@ -498,6 +498,30 @@ void InputQuantized::set_input_quantizer(FakeQuantize input) {
   input_quantizer_ = std::move(input);
 }
 
+void InputQuantized::set_output_quantizer(FakeQuantize output) {
+  output_quantizer_ = std::move(output);
+}
+
+bool InputQuantized::computes_as_kernel(bool training, FakeQuantizeImpl& weight_fq) const {
+  return !training && input_quantizer_ && output_quantizer_ && weight_fq.is_fake_quant_enabled() &&
+         input_quantizer_->is_fake_quant_enabled() && output_quantizer_->is_fake_quant_enabled() &&
+         !output_quantizer_->is_observer_enabled();
+}
+
+std::tuple<torch::Tensor, torch::Tensor> InputQuantized::integer_operands(
+    const torch::Tensor& input, const torch::Tensor& weight, FakeQuantizeImpl& weight_fq,
+    int64_t axis) const {
+  return qat::integer_operands(input, input_quantizer_->scale, weight, weight_fq.scale, axis);
+}
+
+torch::Tensor InputQuantized::kernel_output(
+    const torch::Tensor& acc, const torch::Tensor& bias, FakeQuantizeImpl& weight_fq,
+    int64_t axis) const {
+  return qat::requantize(
+      acc, bias.defined() ? c10::optional<torch::Tensor>(bias) : c10::nullopt,
+      input_quantizer_->scale, weight_fq.scale, output_quantizer_->scale, axis);
+}
+
 torch::Tensor InputQuantized::kernel_bias(
     const torch::Tensor& bias, FakeQuantizeImpl& weight_fq) const {
   if (!bias.defined() || !input_quantizer_ || !weight_fq.is_fake_quant_enabled()) {
@@ -537,6 +561,11 @@ void LinearImpl::reset() {
 }
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& input) {
+  if (computes_as_kernel(is_training(), *weight_fake_quant)) {
+    const auto [x, w] = integer_operands(input, weight_fake_quant(weight), *weight_fake_quant);
+    const auto output = kernel_output(torch::linear(x, w), bias, *weight_fake_quant, -1);
+    return relu ? torch::relu(output) : output;
+  }
   // The weight first: its per-channel scale, which the bias grid needs, is sized by it.
   auto output = weight_fake_quant->linear(input, weight);
   const auto added = kernel_bias(bias, *weight_fake_quant);
@@ -588,7 +617,14 @@ void ConvImpl<D, Transposed, Derived>::reset() {
 template <size_t D, bool Transposed, typename Derived>
 torch::Tensor ConvImpl<D, Transposed, Derived>::forward(const torch::Tensor& input) {
   const auto quantized_weight = weight_fake_quant(weight);  // sizes the scale, as in Linear
-  auto output = conv(options, input, quantized_weight, kernel_bias(bias, *weight_fake_quant));
+  torch::Tensor output;
+  if (computes_as_kernel(this->is_training(), *weight_fake_quant)) {
+    const auto [x, w] =
+        integer_operands(input, quantized_weight, *weight_fake_quant, Transposed ? 1 : 0);
+    output = kernel_output(conv(options, x, w, torch::Tensor()), bias, *weight_fake_quant, 1);
+  } else {
+    output = conv(options, input, quantized_weight, kernel_bias(bias, *weight_fake_quant));
+  }
   return relu ? torch::relu(output) : output;
 }
 
@@ -674,12 +710,21 @@ torch::Tensor ConvBnImpl<D, Derived>::forward(const torch::Tensor& input) {
     // With the running statistics the whole is the folded conv the integer model runs,
     // conv(x, fq(w * f)) + beta + f * (b - mean), whose bias the kernel rounds to its int32
     // grid: so is it here.
-    const auto folded_bias =
-        kernel_bias(qat::fold_bias(bias, bn->bias, bn->running_mean, factor), *weight_fake_quant);
+    const auto fused_bias = qat::fold_bias(bias, bn->bias, bn->running_mean, factor);
     std::vector<int64_t> shape(D + 2, 1);
     shape[1] = -1;
-    output = conv(options, input, folded, torch::Tensor()) * factor.reshape(shape) +
-             folded_bias.reshape(shape);
+    if (computes_as_kernel(this->is_training(), *weight_fake_quant)) {
+      // The kernel's weight is fq(w * f) (qat::convert), the folded weight times f.
+      std::vector<int64_t> weight_shape(D + 2, 1);
+      weight_shape[0] = -1;
+      const auto [x, w] =
+          integer_operands(input, folded * factor.reshape(weight_shape), *weight_fake_quant);
+      output =
+          kernel_output(conv(options, x, w, torch::Tensor()), fused_bias, *weight_fake_quant, 1);
+    } else {
+      output = conv(options, input, folded, torch::Tensor()) * factor.reshape(shape) +
+               kernel_bias(fused_bias, *weight_fake_quant).reshape(shape);
+    }
   } else {
     output = bn(conv(options, input, folded, bias));
   }

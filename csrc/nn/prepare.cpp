@@ -367,6 +367,9 @@ class Preparer {
         fake_quant(
             names[relu6 ? after : i] + "_fake_quant", activation, i,
             relu6 ? c10::optional<Range>(Range{0.0, 6.0, true}) : c10::nullopt);
+        if (linked != nullptr && linked->has_integer_kernel() && config_.backend() == "qnnpack") {
+          linked->set_output_quantizer(input);
+        }
         i = after + (relu || relu6 ? 1 : 0);
         at_input = false;
         continue;

@@ -45,6 +45,32 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_affine(
 at::Tensor round_bias(
     const at::Tensor& bias, const at::Tensor& input_scale, const at::Tensor& weight_scale);
 
+/// The output of an integer conv / linear kernel as QNNPACK computes it, from `acc`, the sum
+/// of the products of the input's and the weight's integers (each less its zero point), as
+/// float32 holding integers: (acc + the bias in int32 steps of input_scale * weight_scale,
+/// rounded as round_bias rounds it) times the float32 requantization scale
+/// (weight_scale * input_scale) * (1 / output_scale), rounded half to even, times
+/// output_scale. The FakeQuantize with `output_scale` after the layer gives back the same
+/// levels: a simulation that computes its layers so in eval writes the integers the kernel
+/// writes, float32 ties included (the float convolution rounds apart from the kernel on
+/// one output in about 10^5, and networks amplify each such step).
+/// @param axis the output-channel axis of `acc` (negative counts from the end); one weight
+///   scale per channel along it, or one for all.
+/// @throws c10::ValueError when `acc` is not float32, a scale's size does not fit, or `bias`
+///   is not one value per output channel.
+at::Tensor requantize(
+    const at::Tensor& acc, const c10::optional<at::Tensor>& bias, const at::Tensor& input_scale,
+    const at::Tensor& weight_scale, const at::Tensor& output_scale, int64_t axis);
+
+/// The integers, less their zero points, of a layer's input (on the grid of `input_scale`,
+/// the FakeQuantize's before it) and of its fake-quantized weight (one scale per channel
+/// along `axis`, or one), as float32: what its integer kernel multiplies. A conv or linear
+/// of the two is the kernel's accumulator for requantize, exact while its sums stay below
+/// 2^24.
+std::tuple<at::Tensor, at::Tensor> integer_operands(
+    const at::Tensor& input, const at::Tensor& input_scale, const at::Tensor& weight,
+    const at::Tensor& weight_scale, int64_t axis);
+
 /// The 8-bit quantized tensor (per channel along `axis` when `per_channel`, else per tensor)
 /// whose dequantized values are `weight`, a weight already fake-quantized with `scale` and
 /// `zero_point`: the integers the simulation computed with, on the CPU, where the quantized

@@ -178,18 +178,42 @@ class InputQuantized {
   /// @throws std::invalid_argument when the layer has no integer kernel (its bias stays float).
   void set_input_quantizer(FakeQuantize input);
   const FakeQuantize& input_quantizer() const { return input_quantizer_; }
+  /// The FakeQuantize of the layer's output (qat::prepare sets it for the qnnpack backend,
+  /// whose arithmetic qat::requantize reproduces). With it and the input quantizer, a conv
+  /// (batch norm folded or not, transposed or not) or linear computes its output in eval as its
+  /// integer kernel does, from the integers (computes_as_kernel), as Python's layers do with the
+  /// `kernel_qparams` qat.prepare passes them: the file writes what the simulation wrote.
+  /// Not a child either.
+  void set_output_quantizer(FakeQuantize output);
+  const FakeQuantize& output_quantizer() const { return output_quantizer_; }
   /// Whether qat::convert runs the layer on an integer kernel with an int32 bias (what
   /// qat::prepare links an input quantizer to; Python's qat.prepare.has_integer_kernel).
   virtual bool has_integer_kernel() const { return true; }
   virtual ~InputQuantized() = default;
+  /// `bias` as the layer adds it: rounded to the kernels' grid when the input quantizer is
+  /// set and `weight_fq` fake-quantizes, else as it is. qat::convert stores this bias: a
+  /// kernel that adds a float bias as it is (FBGEMM) adds what the simulation added.
+  torch::Tensor kernel_bias(const torch::Tensor& bias, FakeQuantizeImpl& weight_fq) const;
 
  protected:
-  /// `bias` as the layer adds it: rounded to the kernels' grid when the input quantizer is
-  /// set and `weight_fq` fake-quantizes, else as it is.
-  torch::Tensor kernel_bias(const torch::Tensor& bias, FakeQuantizeImpl& weight_fq) const;
+  /// Whether the layer computes its output as its kernel does: in eval (`training` false),
+  /// both quantizers set, the weight, input and output fake-quantized and the output's
+  /// observer off (calibration observes the float output). Python's
+  /// qat.modules._common.computes_as_kernel.
+  bool computes_as_kernel(bool training, FakeQuantizeImpl& weight_fq) const;
+  /// qat::integer_operands of `input` and the fake-quantized `weight` (per channel along
+  /// `axis`: 1 for a transposed conv).
+  std::tuple<torch::Tensor, torch::Tensor> integer_operands(
+      const torch::Tensor& input, const torch::Tensor& weight, FakeQuantizeImpl& weight_fq,
+      int64_t axis = 0) const;
+  /// qat::requantize of the accumulator `acc` (output channels along `axis`) with `bias`.
+  torch::Tensor kernel_output(
+      const torch::Tensor& acc, const torch::Tensor& bias, FakeQuantizeImpl& weight_fq,
+      int64_t axis) const;
 
  private:
   FakeQuantize input_quantizer_{nullptr};
+  FakeQuantize output_quantizer_{nullptr};
 };
 
 /// QAT torch::nn::Linear: the weight goes through `weight_fake_quant` (per channel along

@@ -30,10 +30,11 @@ from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
 from .modules import (Conv1d, Conv2d, Conv3d, ConvBnReLU1d, ConvBnReLU2d, ConvBnReLU3d,
                       ConvTranspose1d, ConvTranspose2d, Embedding, EmbeddingBag, GRU, LSTM,
                       Linear)
+from .modules._common import kernel_bias
 from .modules.conv_bn import _ConvBnNd
 from .observers import ObserverBase
-from .prepare import (_calls_one_of, _is_relu, _is_relu6, has_integer_kernel,
-                      has_integer_norm, integer_batch_norm_dims)
+from .prepare import (KERNEL_KWARGS, _calls_one_of, _fuses_relu, _output_quantizer,
+                      has_integer_kernel, has_integer_norm, integer_batch_norm_dims)
 
 __all__ = ["ConversionReport", "compare", "convert"]
 
@@ -60,6 +61,17 @@ _SIZE_METHODS = {"size", "dim", "numel"}
 # would round a second time where the simulation rounds once; they run in float.
 _FIXED_QPARAMS_FUNCTIONS, _FIXED_QPARAMS_METHODS, _FIXED_QPARAMS_MODULES = \
     _op_roles.with_role("fixed_range", integer_kernel=True)
+
+# Float islands whose sum over positions runs in another order on a channels-last tensor,
+# the layout of the quantized convs' outputs, than on the contiguous one the simulation
+# averages: the last bit of ~75% of the averages differs, and the quantize after turns that
+# into a step wherever an average lies within it of a tie (efficientnet's squeeze-excitation
+# pools). avg_pool2d's windows sum in one order in either layout.
+_SPATIAL_SUMS = (
+    {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.mean,
+     torch.sum},
+    {"mean", "sum"},
+    (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d))
 
 
 @dataclass
@@ -134,11 +146,16 @@ def _qparams(fq: FakeQuantize) -> _QParams:
             quantized.activation_dtype(fq.quant_min, fq.quant_max))
 
 
-def _is_input_scale(node: fx.Node) -> bool:
-    """A get_attr of a FakeQuantize's scale that prepare passes to layers as input_scale."""
-    return node.op == "get_attr" and bool(node.users) and all(
-        user.kwargs.get("input_scale") is node and node not in user.args
-        for user in node.users)
+def _is_kernel_argument(node: fx.Node) -> bool:
+    """A get_attr of a FakeQuantize's state that prepare passes to layers only as one of
+    their KERNEL_KWARGS (read by the simulation's layers; the kernels take the qparams
+    from the tensors themselves)."""
+    def passes(user: fx.Node) -> bool:
+        values = [user.kwargs.get(key) for key in KERNEL_KWARGS]
+        return node not in user.args and any(
+            value is node or (isinstance(value, tuple) and node in value) for value in values)
+
+    return node.op == "get_attr" and bool(node.users) and all(passes(u) for u in node.users)
 
 
 def _call_argument(node: fx.Node, position: int, name: str, default):
@@ -411,15 +428,27 @@ def _observe_weights(gm: nn.Module) -> None:
                     fq(module.weight)
 
 
-def _integer_module(module: nn.Module, out: _QParams, relu: bool) -> Optional[nn.Module]:
-    """The integer version of a QAT conv / linear, or None when it has none here."""
+def _integer_module(module: nn.Module, out: _QParams, relu: bool,
+                    input_scale: Optional[torch.Tensor]) -> Optional[nn.Module]:
+    """The integer version of a QAT conv / linear, or None when it has none here.
+
+    ``input_scale`` is the one prepare passed the layer: the bias is stored on the int32 grid
+    the simulation rounded it to (``kernel_bias``). QNNPACK would round a float bias so
+    itself, but FBGEMM adds it as it is: a bias off the grid put a channel's outputs up to
+    half a grid step away from the simulation's (efficientnet_b0, calibrated: 0.06% of its
+    convs' outputs a step off, compounding to 98% top-1 agreement)."""
     scale, zero_point, _ = out
     if not has_integer_kernel(module):
         return None
+    fq = module.weight_fake_quant
+
+    def stored_bias(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        bias = kernel_bias(bias, input_scale, fq.scale, bool(fq.fake_quant_enabled))
+        return None if bias is None else bias.detach().float()
+
     with torch.no_grad():
         if isinstance(module, _TRANSPOSED):
-            fq = module.weight_fake_quant
-            bias = None if module.bias is None else module.bias.detach().float()
+            bias = stored_bias(module.bias)
             layer = _INTEGER_TRANSPOSED[type(module)]
             return layer(_integer_weight(fq(module.weight), fq), bias, list(module.stride),
                          list(module.padding), list(module.output_padding),
@@ -431,9 +460,8 @@ def _integer_module(module: nn.Module, out: _QParams, relu: bool) -> Optional[nn
         else:
             weight = _weights_of(module)
             bias = module.bias
-        qweight = _integer_weight(weight, module.weight_fake_quant)
-        bias = None if bias is None else bias.detach().float()
-        fq = module.weight_fake_quant
+        qweight = _integer_weight(weight, fq)
+        bias = stored_bias(bias)
         if isinstance(module, Linear):
             return quantized.Linear(qweight, bias, scale, zero_point, relu, fq.spec.bits,
                                     fq.quant_min)
@@ -494,6 +522,14 @@ class _Converter:
                                                     quantized.DeQuantize(), [new])
         return self.dequantized[new]
 
+    def input_scale(self, node: fx.Node) -> Optional[torch.Tensor]:
+        """The scale prepare passed a layer as ``input_scale=``, if any."""
+        scale = node.kwargs.get("input_scale")
+        if not isinstance(scale, fx.Node):
+            return None
+        owner, _, attr = scale.target.rpartition(".")
+        return getattr(self.modules[owner], attr)
+
     def quantized_input(self, old) -> Optional[fx.Node]:
         if isinstance(old, fx.Node) and self.env.get(old) in self.qparams:
             return self.env[old]
@@ -512,34 +548,13 @@ class _Converter:
     def output_fake_quant(self, node: fx.Node, relu_ok: bool):
         """(FakeQuantize node whose qparams ``node``'s output takes, ReLU node between them
         or None, whether that FakeQuantize quantizes ``node``'s output itself)."""
-        users = list(node.users)
-        if len(users) != 1:
-            return None, None, False
-        user, relu = users[0], None
-        if relu_ok and self.is_relu(user) and len(user.users) == 1:
-            relu, (user,) = user, user.users
-        if self.fake_quant(user) is not None:
-            return user, relu, True
-        if user.op == "call_function" and user.target is torch.cat:
-            # prepare quantizes a cat's inputs with the FakeQuantize after the cat: the op
-            # writes its output with those qparams, and the cat requantizes nothing.
-            fq_node, _, _ = self.output_fake_quant(user, relu_ok=False)
-            if fq_node is not None:
-                return fq_node, relu, False
-        return None, None, False
-
-    def is_relu(self, node: fx.Node) -> bool:
-        """A ReLU or ReLU6, as prepare recognized it when it placed the FakeQuantize after
-        it."""
-        return _is_relu(node, self.gm) or _is_relu6(node, self.gm)
+        return _output_quantizer(node, self.gm, lambda n: self.fake_quant(n) is not None,
+                                 relu_ok)
 
     def fusable(self, relu: Optional[fx.Node], fq_node: fx.Node) -> bool:
         """Whether the integer kernel's ReLU covers ``relu``: a ReLU always; a ReLU6 when
         the FakeQuantize after it saturates at 6 (prepare's fixed [0, 6] qparams)."""
-        if relu is None:
-            return True
-        six = isinstance(self.module(relu), nn.ReLU6) or relu.target is F.relu6
-        return not six or isinstance(self.fake_quant(fq_node), FixedQParamsFakeQuantize)
+        return _fuses_relu(relu, self.fake_quant(fq_node), self.gm)
 
     def bind_output(self, new: fx.Node, node: fx.Node, fq_node: fx.Node, relu,
                     owns: bool = True) -> None:
@@ -573,8 +588,8 @@ class _Converter:
                 self.env[node] = new
             elif node.op == "output":
                 self.graph.output(fx.node.map_arg(node.args[0], self.as_float))
-            elif _is_input_scale(node):
-                continue  # read by the simulation's layers only: the kernels quantize bias
+            elif _is_kernel_argument(node):
+                continue
             elif self.fake_quant(node) is not None:
                 self.quantize(node)
             elif not self.getitem_of_split(node) and not self.integer_op(node):
@@ -639,7 +654,8 @@ class _Converter:
             # A quantizer that does a ReLU6's clamp (prepare removed the ReLU6) stands for
             # the fused ReLU as the ReLU6 did: the output qparams saturate at 6.
             integer = _integer_module(module, _qparams(fake_quant),
-                                      relu is not None or fake_quant.clamps_input)
+                                      relu is not None or fake_quant.clamps_input,
+                                      self.input_scale(node))
             if integer is None:
                 return False
             self.bind_output(self.add_module(node.target, integer, [x]), node, fq_node, relu,
@@ -735,19 +751,28 @@ class _Converter:
     def float_op(self, node: fx.Node) -> None:
         inputs: List[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), inputs.append)
-        inputs = [n for n in inputs if not _is_input_scale(n)]
+        inputs = [n for n in inputs if not _is_kernel_argument(n)]
         if any(self.env[n] in self.qparams for n in inputs):
             self.report.float.append(_describe(node))
         layer = _float_layer(self.module(node)) if node.op == "call_module" else None
         if layer is not None:
             parent, _, attr = node.target.rpartition(".")
             setattr(self.gm.get_submodule(parent), attr, layer)
-        if "input_scale" in node.kwargs:
+        if any(key in node.kwargs for key in KERNEL_KWARGS):
             # A layer left in float keeps its float bias, as it runs without a kernel.
-            kwargs = {k: v for k, v in node.kwargs.items() if k != "input_scale"}
+            kwargs = {k: v for k, v in node.kwargs.items() if k not in KERNEL_KWARGS}
             self.env[node] = self.graph.create_node(
                 node.op, node.target, fx.node.map_arg(node.args, self.as_float),
                 fx.node.map_arg(kwargs, self.as_float), node.name)
+            return
+        if (node.args and isinstance(node.args[0], fx.Node)
+                and _calls_one_of(node, self.gm, *_SPATIAL_SUMS)):
+            # The simulation sums a contiguous tensor (a no-op copy where the island's
+            # input is one already): so does the island.
+            source = node.args[0]
+            dense = self.graph.call_method("contiguous", (self.as_float(source),))
+            self.env[node] = self.graph.node_copy(
+                node, lambda n: dense if n is source else self.as_float(n))
             return
         self.env[node] = self.copy(node, quantized_args=False)
 

@@ -518,7 +518,7 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
             inserter.quantized.add(node)
             continue
         inserter.after(node, spec)
-    _pass_input_scales(gm, activation)
+    _pass_kernel_qparams(gm, activation, config.backend)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
@@ -568,12 +568,54 @@ def has_integer_kernel(module: nn.Module) -> bool:
         not isinstance(module.padding, str)
 
 
-def _pass_input_scales(gm: fx.GraphModule, swapped) -> None:
+def _output_quantizer(node: fx.Node, gm: fx.GraphModule, is_fake_quant,
+                      relu_ok: bool) -> Tuple[Optional[fx.Node], Optional[fx.Node], bool]:
+    """(the FakeQuantize node whose qparams an integer op at ``node`` writes its output
+    with, the ReLU / ReLU6 between them or None, whether that FakeQuantize quantizes
+    ``node``'s output itself); (None, None, False) when there is none. ``is_fake_quant``
+    tells a FakeQuantize's node. qat.convert places the integer ops by it, and prepare
+    passes layers the output qparams their kernel will have by it (_pass_kernel_qparams)."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None, None, False
+    user, relu = users[0], None
+    if relu_ok and (_is_relu(user, gm) or _is_relu6(user, gm)) and len(user.users) == 1:
+        relu, (user,) = user, user.users
+    if is_fake_quant(user):
+        return user, relu, True
+    if user.op == "call_function" and user.target is torch.cat:
+        # prepare quantizes a cat's inputs with the FakeQuantize after the cat: the op
+        # writes its output with those qparams, and the cat requantizes nothing.
+        fq_node, _, _ = _output_quantizer(user, gm, is_fake_quant, relu_ok=False)
+        if fq_node is not None:
+            return fq_node, relu, False
+    return None, None, False
+
+
+def _fuses_relu(relu: Optional[fx.Node], fq: nn.Module, gm: fx.GraphModule) -> bool:
+    """Whether an integer kernel's ReLU covers ``relu`` before the FakeQuantize ``fq``: a
+    ReLU always; a ReLU6 when ``fq`` saturates at 6 (prepare's fixed [0, 6] qparams)."""
+    if relu is None or not _is_relu6(relu, gm):
+        return True
+    return isinstance(fq, FixedQParamsFakeQuantize)
+
+
+#: The keyword arguments :func:`_pass_kernel_qparams` gives layers (qat.convert drops them).
+KERNEL_KWARGS = ("input_scale", "kernel_qparams")
+
+
+def _pass_kernel_qparams(gm: fx.GraphModule, swapped, backend: str) -> None:
     """Gives each layer that the integer model runs with an int32 bias
     (:func:`has_integer_kernel`) the scale of the FakeQuantize before it, ``input_scale=``,
     so that it rounds its bias as the kernel will (``torch.ops.qat.round_bias``); a layer
     that stays in float keeps its bias as it is, as its float version in the converted
-    model does."""
+    model does. For qnnpack, whose arithmetic ``torch.ops.qat.requantize`` reproduces, it
+    also gets ``kernel_qparams=`` (``qat.modules._common.KernelQParams``) when the
+    FakeQuantize its kernel writes with is known: in eval it then computes its output as the
+    kernel does."""
+    def is_fake_quant(n: fx.Node) -> bool:
+        return n.op == "call_module" and isinstance(gm.get_submodule(n.target), FakeQuantize)
+
     for node in swapped:
         if not has_integer_kernel(gm.get_submodule(node.target)):
             continue
@@ -581,12 +623,28 @@ def _pass_input_scales(gm: fx.GraphModule, swapped) -> None:
         # Ops such as flatten, relu and max pooling keep their input's qparams.
         while isinstance(source, fx.Node) and _is_pass_through(source, gm) and source.args:
             source = source.args[0]
-        if not (isinstance(source, fx.Node) and source.op == "call_module"
-                and isinstance(gm.get_submodule(source.target), FakeQuantize)):
+        if not (isinstance(source, fx.Node) and is_fake_quant(source)):
             continue
         with gm.graph.inserting_before(node):
-            scale = gm.graph.get_attr(f"{source.target}.scale")
-        node.kwargs = {**node.kwargs, "input_scale": scale}
+            kwargs = {"input_scale": gm.graph.get_attr(f"{source.target}.scale")}
+            fq_node, relu, _ = _output_quantizer(node, gm, is_fake_quant, relu_ok=True)
+            if (backend == "qnnpack" and fq_node is not None and len(node.args) == 1
+                    and _computes_with_integers(gm.get_submodule(node.target))
+                    and _fuses_relu(relu, gm.get_submodule(fq_node.target), gm)):
+                kwargs["kernel_qparams"] = tuple(
+                    gm.graph.get_attr(f"{target}.{name}") for target, name in (
+                        (source.target, "fake_quant_enabled"), (fq_node.target, "scale"),
+                        (fq_node.target, "observer_enabled"),
+                        (fq_node.target, "fake_quant_enabled")))
+        node.kwargs = {**node.kwargs, **kwargs}
+
+
+def _computes_with_integers(module: nn.Module) -> bool:
+    """Whether the QAT layer takes ``kernel_qparams``: convs (batch norm folded or not,
+    transposed or not) and linears, whose kernels' arithmetic
+    qat.modules._common.requantize reproduces."""
+    return isinstance(module, (Linear, Conv1d, Conv2d, Conv3d, _ConvBnNd, ConvTranspose1d,
+                               ConvTranspose2d))
 
 
 def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=None,

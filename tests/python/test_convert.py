@@ -17,7 +17,8 @@ import qat
 from qat import _onnx, _pte
 from qat.datasets import load_fashion_mnist
 
-from helpers import (TORCHVISION_PARITY, per_op_steps, script, sqnr_db, train_torchvision_float,
+from helpers import (TORCHVISION_PARITY, calibration_batches, fashion_rgb, per_op_steps, script,
+                     settle_batch_norm, sqnr_db, torchvision_model, train_torchvision_float,
                      train_torchvision_qat)
 
 
@@ -86,6 +87,56 @@ def test_each_integer_op_matches_the_simulation_on_its_own_inputs():
         assert largest <= 1.0 + 1e-3, (name, largest)
         assert off <= 0.005, name
     assert len(steps) == 21  # 20 convs (batch norm folded) and fc
+
+
+def test_the_eval_simulation_writes_the_integer_models_outputs_bit_for_bit():
+    """efficientnet_b0 at 32 pixels (depthwise convs, squeeze-excitation pools and SiLU /
+    sigmoid in float, residual adds), calibrated on Fashion-MNIST: the integer model's
+    outputs equal the eval simulation's, to the bit, on 256 images. Before the layers
+    computed their eval outputs as their kernels do (qat.requantize) and the float pools
+    summed contiguous tensors as the simulation's do, float32 ties set 8 of the 2560 logits
+    apart, by up to 8.4. The stored biases are on the kernels' int32 grid (what FBGEMM, which
+    adds a float bias as it is, needs to add what the simulation added)."""
+    images, _ = load_fashion_mnist(train=True)
+    torch.manual_seed(0)
+    model = torchvision_model("efficientnet_b0", 32)
+    settle_batch_norm(model, images, fashion_rgb)
+    qmodel = qat.prepare(model)
+    qat.calibrate(qmodel, calibration_batches(images, fashion_rgb), progress=False)
+    qat.disable_observer(qmodel)
+    qmodel.eval()
+    torch.backends.quantized.engine = "qnnpack"
+    int_model = qat.convert(copy.deepcopy(qmodel))
+    x = fashion_rgb(images[2000:2256])
+    with torch.no_grad():
+        assert torch.equal(int_model(x), qmodel(x))
+    layers = [n for n in qmodel.graph.nodes if "kernel_qparams" in n.kwargs]
+    assert len(layers) == 82  # every conv and the classifier compute as their kernels
+    for node in layers:
+        layer = int_model.get_submodule(node.target)
+        input_scale = qmodel.get_submodule(node.kwargs["input_scale"].target.rpartition(".")[0])
+        on_grid = torch.ops.qat.round_bias(layer.bias, input_scale.scale, layer.weight_scale)
+        assert torch.equal(on_grid, layer.bias), node.target
+
+
+def test_transposed_convs_compute_as_their_kernels_too():
+    """A conv, a transposed conv (stride 2, output padding) and a 1x1 conv, each computing
+    its eval output as its qnnpack kernel does: the integer model's outputs to the bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1),
+                          nn.ReLU(), nn.Conv2d(4, 2, 1))
+    qmodel = qat.prepare(model)
+    qat.calibrate(qmodel, [torch.randn(16, 3, 12, 12) for _ in range(3)], progress=False)
+    qat.disable_observer(qmodel)
+    qmodel.eval()
+    assert [n.target for n in qmodel.graph.nodes if "kernel_qparams" in n.kwargs] == \
+        ["0", "2", "4"]
+    torch.backends.quantized.engine = "qnnpack"
+    int_model = qat.convert(copy.deepcopy(qmodel))
+    x = torch.randn(64, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(int_model(x), qmodel(x))
 
 
 def test_convert_leaves_the_qat_model_as_it_was(fashion_qat_model):
@@ -214,8 +265,9 @@ def test_torchvision_integer_model_follows_the_simulation(name, size, optimizer,
     batches = [transform(test_images[i:i + 250]) for i in range(0, 500, 250)]
     parity = qat.compare(qmodel, int_model, batches)
     print(f"\n{name}: {parity}")
+    # The eval simulation computes as the kernels do (issue 15's targets for the file).
     assert parity["sqnr_db"] >= 30, parity
-    assert parity["top1_agreement"] >= 0.95, parity
+    assert parity["top1_agreement"] >= 0.99, parity
     if _pte.available() is None:
         qat.export(qmodel, tmp_path / "model.pte", batches[0])
         parity = qat.compare(qmodel, str(tmp_path / "model.pte"), batches)

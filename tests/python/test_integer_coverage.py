@@ -132,8 +132,12 @@ def test_conv_weights_are_the_simulations_integers(trained):
     # one float order may round the other way in the other.
     assert (got - expected).abs().max() <= 1
     assert (got == expected).float().mean() >= 0.99
-    torch.testing.assert_close(int_model.conv_bn.bias,
-                               (bn.bias - bn.running_mean * factor).detach())
+    # The folded bias, stored on the kernels' int32 grid: input scale x weight scale.
+    (node,) = [n for n in qmodel.graph.nodes if n.target == "conv_bn"]
+    owner, _, attr = node.kwargs["input_scale"].target.rpartition(".")
+    step = getattr(qmodel.get_submodule(owner), attr) * qat_layer.weight_fake_quant.scale
+    folded_bias = (bn.bias - bn.running_mean * factor).detach()
+    torch.testing.assert_close(int_model.conv_bn.bias, torch.round(folded_bias / step) * step)
 
 
 def test_integer_model_and_its_ptl_follow_the_simulation(trained, tmp_path):

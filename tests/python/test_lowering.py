@@ -112,6 +112,87 @@ def test_round_bias_adds_the_formulas_offset_to_the_bit(dtype, channels):
     assert torch.equal(ops.round_bias(bias, input_scale, weight_scale), expected)
 
 
+def _qnnpack_layer_output(kind, x, weight, bias, input_scale, weight_scale, output_scale,
+                          output_zero_point, groups=1):
+    """The integers PyTorch's qnnpack conv2d / linear kernel writes, the reference."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "qnnpack"
+    try:
+        q_x = torch.quantize_per_tensor(x, input_scale, 128, torch.quint8)
+        q_w = torch.quantize_per_channel(weight, weight_scale.double(),
+                                         torch.zeros(weight.shape[0], dtype=torch.long), 0,
+                                         torch.qint8)
+        if kind == "linear":
+            packed = torch.ops.quantized.linear_prepack(q_w, bias)
+            out = torch.ops.quantized.linear(q_x, packed, output_scale, output_zero_point)
+        else:
+            packed = torch.ops.quantized.conv2d_prepack(q_w, bias, [1, 1], [1, 1], [1, 1], groups)
+            out = torch.ops.quantized.conv2d(q_x, packed, output_scale, output_zero_point)
+        return q_x, q_w, out.int_repr().float()
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+@pytest.mark.parametrize("kind, groups", [("conv", 1), ("conv", 16), ("linear", 1)])
+def test_requantize_of_the_integer_operands_writes_the_qnnpack_kernels_integers(kind, groups):
+    """The accumulator of integer_operands, requantized, is what qnnpack's kernel writes,
+    to the integer, ties and all: random layers (one output in about 10^5 lands within
+    float32 error of a tie, where another order of operations rounds the other way) and a
+    dyadic one, whose products are exact and land on ties by the hundred."""
+    generator = torch.Generator().manual_seed(3)
+    for dyadic in (False, True):
+        if kind == "linear":
+            x = torch.rand(512, 96, generator=generator) * 4 - 2
+            weight = torch.randn(200, 96, generator=generator) * 0.1
+        else:
+            x = torch.rand(32, 16, 24, 24, generator=generator) * 4 - 2
+            weight = torch.randn(32, 16 // groups, 3, 3, generator=generator) * 0.1
+        channels = weight.shape[0]
+        if dyadic:
+            input_scale, output_scale = 2.0 ** -6, 2.0 ** -7
+            weight_scale = torch.full((channels,), 2.0 ** -9)
+        else:
+            input_scale, output_scale = 0.0157, 0.0731
+            weight_scale = torch.rand(channels, generator=generator) * 2e-3 + 5e-4
+        bias = torch.randn(channels, generator=generator) * 0.5
+        q_x, q_w, expected = _qnnpack_layer_output(kind, x, weight, bias, input_scale,
+                                                   weight_scale, output_scale, 128, groups)
+        x_int, w_int = ops.integer_operands(q_x.dequantize(), torch.tensor([input_scale]),
+                                            q_w.dequantize(), weight_scale, 0)
+        assert torch.equal(x_int, q_x.int_repr().float() - 128)
+        assert torch.equal(w_int, q_w.int_repr().float())
+        acc = (torch.nn.functional.linear(x_int, w_int) if kind == "linear" else
+               torch.nn.functional.conv2d(x_int, w_int, None, 1, 1, 1, groups))
+        axis = -1 if kind == "linear" else 1
+        out = ops.requantize(acc, bias, torch.tensor([input_scale]), weight_scale,
+                             torch.tensor([output_scale]), axis)
+        levels = torch.clamp(torch.round(out / output_scale) + 128, 0, 255)
+        assert torch.equal(levels, expected), int((levels != expected).sum())
+        if dyadic:
+            # Ties were tested: many exact halves before rounding.
+            shape = [1] * acc.dim()
+            shape[axis] = -1
+            exact = (acc + torch.round(bias / (input_scale * weight_scale)).reshape(shape)) \
+                * (input_scale * weight_scale / output_scale).reshape(shape)
+            assert int((exact - exact.floor() == 0.5).sum()) > 300
+
+
+def test_requantize_refuses_shapes_that_do_not_fit():
+    acc = torch.zeros(2, 3, 4, 4)
+    one = torch.tensor([0.1])
+    with pytest.raises(ValueError, match="acc must be float32"):
+        ops.requantize(acc.double(), None, one, one, one, 1)
+    with pytest.raises(ValueError, match="axis 4 is not an axis of acc"):
+        ops.requantize(acc, None, one, one, one, 4)
+    with pytest.raises(ValueError, match="weight_scale must hold one value or one per output "
+                                         r"channel \(3\), got 2"):
+        ops.requantize(acc, None, one, torch.ones(2), one, 1)
+    with pytest.raises(ValueError, match=r"bias must hold one value per output channel \(3\)"):
+        ops.requantize(acc, torch.ones(4), one, one, one, 1)
+    with pytest.raises(ValueError, match="input_scale and output_scale must hold one value"):
+        ops.requantize(acc, None, torch.ones(2), one, one, 1)
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_integer_weight_is_what_pytorch_quantizes_the_fake_quantized_weight_to(per_channel):
     torch.manual_seed(2)

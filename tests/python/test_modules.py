@@ -276,6 +276,48 @@ def test_linear_adds_its_bias_on_the_kernel_grid_given_the_input_scale():
     torch.testing.assert_close(layer(x), x @ weight.T + layer.bias.detach())
 
 
+def test_linear_computes_as_its_kernel_in_eval_given_kernel_qparams():
+    """Given kernel_qparams (qat.prepare passes them for qnnpack), a Linear in eval, with its
+    quantizers on and its output's observer off, writes the integers qnnpack's
+    quantized::linear writes (on the output's grid); in training, or while the output is
+    observed (calibration), it computes the float formula as before."""
+    torch.manual_seed(0)
+    layer = qat.modules.Linear(64, 24)
+    in_fq, out_fq = qat.FakeQuantize(qat.Config().activation), qat.FakeQuantize(
+        qat.Config().activation)
+    x = in_fq(torch.randn(256, 64))
+    out_fq(layer(x))  # both quantizers and the weight's observe a batch
+    kernel_qparams = (in_fq.fake_quant_enabled, out_fq.scale, out_fq.observer_enabled,
+                      out_fq.fake_quant_enabled)
+    for m in (layer, in_fq, out_fq):
+        m.apply(lambda q: q.disable_observer() if isinstance(q, qat.FakeQuantize) else None)
+    weight = layer.weight_fake_quant(layer.weight).detach()
+    bias = _kernel_bias(layer.bias.detach(), in_fq.scale, layer.weight_fake_quant.scale)
+    float_formula = x @ weight.T + bias
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, in_fq.scale, kernel_qparams), float_formula)
+        layer.eval()
+        out_fq.enable_observer()
+        torch.testing.assert_close(layer(x, in_fq.scale, kernel_qparams), float_formula)
+        out_fq.disable_observer()
+        out = layer(x, in_fq.scale, kernel_qparams)
+    scale, zero_point = out_fq.scale.item(), int(out_fq.zero_point.item())
+    assert torch.equal(out, torch.round(out / scale) * scale)  # on the output's grid
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "qnnpack"
+    try:
+        q_x = torch.quantize_per_tensor(x, in_fq.scale.item(), int(in_fq.zero_point.item()),
+                                        torch.quint8)
+        q_w = torch.quantize_per_channel(weight, layer.weight_fake_quant.scale.double(),
+                                         torch.zeros(24, dtype=torch.long), 0, torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(q_w, layer.bias.detach())
+        expected = torch.ops.quantized.linear(q_x, packed, scale, zero_point).int_repr()
+    finally:
+        torch.backends.quantized.engine = previous
+    levels = torch.clamp(torch.round(out / scale) + zero_point, 0, 255)
+    assert torch.equal(levels, expected.float())
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_conv_bn_eval_with_input_scale_is_the_integer_kernels_folded_conv(bias):
     """In eval, given its input's scale, ConvBn2d is conv(x, fq(w * f)) plus the folded bias

@@ -8,7 +8,8 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..fake_quant import FakeQuantize
-from ._common import conv_from_float, kernel_bias, weight_spec_for
+from ._common import (KernelQParams, computes_as_kernel, conv_from_float, integer_operands,
+                      kernel_bias, requantize, weight_spec_for)
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d"]
 
@@ -25,12 +26,18 @@ class _ConvNd:
         self.weight_fake_quant = FakeQuantize(weight_spec_for(weight_spec, 0)).to(
             self.weight.device)
 
-    def forward(self, input: torch.Tensor,
-                input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # input_scale: the bias on the integer kernels' grid (see qat.modules.Linear).
+    def forward(self, input: torch.Tensor, input_scale: Optional[torch.Tensor] = None,
+                kernel_qparams: Optional[KernelQParams] = None) -> torch.Tensor:
+        # input_scale: the bias on the integer kernels' grid; kernel_qparams: the output as
+        # the kernel computes it, in eval (see qat.modules.Linear).
         weight = self.weight_fake_quant(self.weight)
-        bias = kernel_bias(self.bias, input_scale, self.weight_fake_quant.scale,
-                           bool(self.weight_fake_quant.fake_quant_enabled))
+        quantizing = bool(self.weight_fake_quant.fake_quant_enabled)
+        if input_scale is not None and kernel_qparams is not None and computes_as_kernel(
+                self.training, quantizing, kernel_qparams):
+            x, w = integer_operands(input, input_scale, weight, self.weight_fake_quant.scale)
+            return requantize(self._conv_forward(x, w, None), self.bias, input_scale,
+                              self.weight_fake_quant.scale, kernel_qparams[1], 1)
+        bias = kernel_bias(self.bias, input_scale, self.weight_fake_quant.scale, quantizing)
         output = self._conv_forward(input, weight, bias)
         if hasattr(self, "activation_post_process"):
             # The eager fallback of qat.prepare quantizes the output here (no hook: see

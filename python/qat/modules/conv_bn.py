@@ -11,7 +11,8 @@ from .._torch_support import compiling, eager_under_compile
 from ..config import QuantSpec
 from ..fake_quant import FakeQuantize
 from . import fused
-from ._common import check_float, round_bias, weight_spec_for
+from ._common import (KernelQParams, check_float, computes_as_kernel, integer_operands,
+                      requantize, round_bias, weight_spec_for)
 
 __all__ = ["ConvBn1d", "ConvBn2d", "ConvBn3d", "ConvBnReLU1d", "ConvBnReLU2d",
            "ConvBnReLU3d"]
@@ -179,8 +180,8 @@ class _ConvBnNd:
             return None
         return made.factor, made.weight
 
-    def _conv_bn(self, input: torch.Tensor,
-                 input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _conv_bn(self, input: torch.Tensor, input_scale: Optional[torch.Tensor] = None,
+                 kernel_qparams: Optional[KernelQParams] = None) -> torch.Tensor:
         folded: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         if not torch.jit.is_scripting():
             folded = self._take_folded()
@@ -196,17 +197,24 @@ class _ConvBnNd:
             # runs, conv(x, fq(w * f)) + beta + f * (b - mean), whose bias the kernel
             # rounds to its int32 grid: so is it here (qat.round_bias).
             shape = [1, -1] + [1] * (input.dim() - 2)
-            bias = round_bias(
-                torch.ops.qat.fold_bias(self.bias, self.bn.bias, self.bn.running_mean,
-                                        scale_factor),
-                input_scale, self.weight_fake_quant.scale)
+            bias = torch.ops.qat.fold_bias(self.bias, self.bn.bias, self.bn.running_mean,
+                                           scale_factor)
+            if kernel_qparams is not None and computes_as_kernel(self.training, True,
+                                                                 kernel_qparams):
+                # The kernel's weight is fq(w * f) (qat.convert), the folded weight times f.
+                kernel_weight = weight * scale_factor.reshape([-1] + [1] * (weight.dim() - 1))
+                x, w = integer_operands(input, input_scale, kernel_weight,
+                                        self.weight_fake_quant.scale)
+                return requantize(self._conv_forward(x, w, None), bias, input_scale,
+                                  self.weight_fake_quant.scale, kernel_qparams[1], 1)
+            bias = round_bias(bias, input_scale, self.weight_fake_quant.scale)
             return (self._conv_forward(input, weight, None) * scale_factor.reshape(shape)
                     + bias.reshape(shape))
         return self.bn(self._conv_forward(input, weight, self.bias))
 
-    def forward(self, input: torch.Tensor,
-                input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        output = self._conv_bn(input, input_scale)
+    def forward(self, input: torch.Tensor, input_scale: Optional[torch.Tensor] = None,
+                kernel_qparams: Optional[KernelQParams] = None) -> torch.Tensor:
+        output = self._conv_bn(input, input_scale, kernel_qparams)
         if hasattr(self, "activation_post_process"):
             output = self.activation_post_process(output)
         return output
@@ -258,9 +266,9 @@ class ConvBn3d(_ConvBnNd, nn.Conv3d):
 class _ReLU:
     """A ReLU after the folded conv + batch norm."""
 
-    def forward(self, input: torch.Tensor,
-                input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        output = F.relu(self._conv_bn(input, input_scale))
+    def forward(self, input: torch.Tensor, input_scale: Optional[torch.Tensor] = None,
+                kernel_qparams: Optional[KernelQParams] = None) -> torch.Tensor:
+        output = F.relu(self._conv_bn(input, input_scale, kernel_qparams))
         if hasattr(self, "activation_post_process"):
             output = self.activation_post_process(output)
         return output

@@ -9,7 +9,8 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..fake_quant import FakeQuantize
-from ._common import conv_from_float, kernel_bias, weight_spec_for
+from ._common import (KernelQParams, computes_as_kernel, conv_from_float, integer_operands,
+                      kernel_bias, requantize, weight_spec_for)
 
 __all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
 
@@ -31,7 +32,8 @@ class _ConvTransposeNd:
         self.num_spatial_dims = self._NUM_SPATIAL_DIMS
 
     def forward(self, input: torch.Tensor, output_size: Optional[List[int]] = None,
-                input_scale: Optional[torch.Tensor] = None):
+                input_scale: Optional[torch.Tensor] = None,
+                kernel_qparams: Optional[KernelQParams] = None):
         if self.padding_mode != "zeros":
             raise ValueError(
                 f"qat.modules.ConvTranspose{self.num_spatial_dims}d: only the 'zeros' "
@@ -40,10 +42,17 @@ class _ConvTransposeNd:
             input, output_size, self.stride, self.padding, self.kernel_size,
             self.num_spatial_dims, self.dilation)
         weight = self.weight_fake_quant(self.weight)
-        # input_scale: the bias on the integer kernels' grid (see qat.modules.Linear);
-        # qat.prepare passes it where the weight has one scale per output channel (groups 1).
-        bias = kernel_bias(self.bias, input_scale, self.weight_fake_quant.scale,
-                           bool(self.weight_fake_quant.fake_quant_enabled))
+        # input_scale: the bias on the integer kernels' grid; kernel_qparams: the output as
+        # the kernel computes it, in eval (see qat.modules.Linear). qat.prepare passes them
+        # where the weight has one scale per output channel (groups 1).
+        quantizing = bool(self.weight_fake_quant.fake_quant_enabled)
+        bias = kernel_bias(self.bias, input_scale, self.weight_fake_quant.scale, quantizing)
+        exact = input_scale is not None and kernel_qparams is not None and computes_as_kernel(
+            self.training, quantizing, kernel_qparams)
+        if exact and input_scale is not None:
+            input, weight = integer_operands(input, input_scale, weight,
+                                             self.weight_fake_quant.scale, 1)
+            bias = None
         if self.num_spatial_dims == 1:
             output = F.conv_transpose1d(input, weight, bias, self.stride, self.padding,
                                         output_padding, self.groups, self.dilation)
@@ -53,6 +62,9 @@ class _ConvTransposeNd:
         else:
             output = F.conv_transpose3d(input, weight, bias, self.stride, self.padding,
                                         output_padding, self.groups, self.dilation)
+        if exact and input_scale is not None and kernel_qparams is not None:
+            return requantize(output, self.bias, input_scale, self.weight_fake_quant.scale,
+                              kernel_qparams[1], 1)
         # qat.prepare's eager fallback quantizes the output here, not with a forward hook:
         # a scripted hook would have to take the optional output_size argument, which
         # TorchScript does not pass when the caller leaves it out.

@@ -3,11 +3,13 @@
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantSpec
 from ..fake_quant import FakeQuantize
-from ._common import check_float, kernel_bias, weight_spec_for
+from ._common import (KernelQParams, check_float, computes_as_kernel, integer_operands,
+                      kernel_bias, requantize, weight_spec_for)
 
 __all__ = ["Linear"]
 
@@ -16,10 +18,14 @@ class Linear(nn.Linear):
     """``nn.Linear`` whose weight goes through ``weight_fake_quant`` (a
     :class:`qat.FakeQuantize`, per channel along the output features when the spec is per
     channel) before the matmul (``weight_fake_quant.linear``, which runs the two as one
-    operator where it can: :meth:`qat.FakeQuantize.linear`). The integer kernels quantize the bias to int32 with the
-    input scale times the weight scale; given ``input_scale`` (as :func:`qat.prepare`
-    passes it, the scale of the FakeQuantize before the layer) and with the weight
-    fake-quantized, the bias is rounded the same way (``torch.ops.qat.round_bias``).
+    operator where it can: :meth:`qat.FakeQuantize.linear`). The integer kernels quantize
+    the bias to int32 with the input scale times the weight scale; given ``input_scale``
+    (as :func:`qat.prepare` passes it, the scale of the FakeQuantize before the layer) and
+    with the weight fake-quantized, the bias is rounded the same way
+    (``torch.ops.qat.round_bias``). Given ``kernel_qparams`` too (qat.prepare passes them
+    for the qnnpack backend), in eval the output is computed as the kernel computes it, from
+    the integers (``torch.ops.qat.requantize``; see
+    ``qat.modules._common.computes_as_kernel``): the file writes the same integers.
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
@@ -33,8 +39,14 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.weight_fake_quant = FakeQuantize(weight_spec_for(weight_spec, 0)).to(device)
 
-    def forward(self, input: torch.Tensor,
-                input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, input_scale: Optional[torch.Tensor] = None,
+                kernel_qparams: Optional[KernelQParams] = None) -> torch.Tensor:
+        if input_scale is not None and kernel_qparams is not None and computes_as_kernel(
+                self.training, bool(self.weight_fake_quant.fake_quant_enabled), kernel_qparams):
+            weight = self.weight_fake_quant(self.weight)
+            x, w = integer_operands(input, input_scale, weight, self.weight_fake_quant.scale)
+            return requantize(F.linear(x, w), self.bias, input_scale,
+                              self.weight_fake_quant.scale, kernel_qparams[1], -1)
         # The weight first: its per-channel scale, which the bias grid needs, is sized by it.
         output = self.weight_fake_quant.linear(input, self.weight)
         bias = kernel_bias(self.bias, input_scale, self.weight_fake_quant.scale,
