@@ -4,8 +4,10 @@
 #include <qat/lowering.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -20,6 +22,16 @@ int64_t field_bits(int64_t bits) {
 
 void check_bits(const char* op, int64_t bits) {
   TORCH_CHECK_VALUE(bits >= 1 && bits <= 8, op, ": bits must be in [1, 8], got ", bits);
+}
+
+// std::nearbyint for float32 (half to even) without a libm call per value, so that the loops
+// below vectorize: adding and subtracting 1.5 * 2^23 rounds |v| < 2^22 to an integer in the
+// default rounding mode (compiled without fast-math, the pair is not folded away). Larger
+// values, far outside any 8-bit grid (the FakeQuantize after a layer clamps them), come
+// back within one of v. A zero may lose its sign, which no later operation reads.
+inline float round_half_even(float v) {
+  constexpr float kMagic = 12582912.0f;
+  return (v + kMagic) - kMagic;
 }
 
 }  // namespace
@@ -108,28 +120,136 @@ at::Tensor requantize(
   // Float32 throughout, in the kernel's order: (w * in) * (1 / out), as QNNPACK's
   // requantization scales are made.
   const auto multiplier = (w * in.to(acc.device())) * (1.0f / out);
-  auto total = acc;
+  at::Tensor levels;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK_VALUE(
         bias->numel() == channels, op, ": bias must hold one value per output channel (", channels,
         "), got ", bias->numel());
     const auto step = (in.to(acc.device()) * w).reshape({-1});
-    const auto levels = at::round(bias->detach().to(acc.device(), at::kFloat).reshape({-1}) / step);
-    total = acc + levels.reshape(shape);
+    levels = at::round(bias->detach().to(acc.device(), at::kFloat).reshape({-1}) / step);
   }
-  return at::round(total * multiplier.reshape(shape)) * out;
+  if (!acc.is_cpu() || !acc.is_contiguous()) {
+    const auto total = levels.defined() ? acc + levels.reshape(shape) : acc;
+    return at::round(total * multiplier.reshape(shape)) * out;
+  }
+  // The same float32 operations in one pass instead of four (an eval step of a network
+  // calls this once per layer).
+  const auto m = multiplier.expand({channels}).contiguous();
+  const auto b = levels.defined() ? levels.expand({channels}).contiguous()
+                                  : at::zeros({channels}, acc.options());
+  int64_t inner = 1;
+  for (int64_t d = dim + 1; d < acc.dim(); ++d) {
+    inner *= acc.size(d);
+  }
+  auto result = at::empty_like(acc);
+  const float* a = acc.data_ptr<float>();
+  const float* mp = m.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  float* r = result.data_ptr<float>();
+  const int64_t rows = acc.numel() / std::max<int64_t>(inner, 1);
+  at::parallel_for(
+      0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(inner, 1)),
+      [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t c = row % channels;
+          const float bias_levels = bp[c];
+          const float scale = mp[c];
+          for (int64_t i = row * inner; i < (row + 1) * inner; ++i) {
+            r[i] = round_half_even((a[i] + bias_levels) * scale) * out;
+          }
+        }
+      });
+  return result;
 }
+
+namespace {
+
+// round(x / scale[c]) for x contiguous float32 on the CPU with `channels` channels of
+// `inner` values each along one axis (scale[c] one value, or one per channel), optionally x
+// times factor[c] first: the float32 operations of the tensor formula, in one pass.
+at::Tensor rounded_quotient(
+    const at::Tensor& x, const float* scale, bool per_channel, const float* factor,
+    int64_t channels, int64_t inner) {
+  auto result = at::empty_like(x);
+  const float* in = x.data_ptr<float>();
+  float* out = result.data_ptr<float>();
+  if (channels == 1 && factor == nullptr) {
+    const float s = scale[0];
+    at::parallel_for(0, x.numel(), 32768, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        out[i] = round_half_even(in[i] / s);
+      }
+    });
+    return result;
+  }
+  const int64_t rows = x.numel() / std::max<int64_t>(inner, 1);
+  at::parallel_for(
+      0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(inner, 1)),
+      [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t c = row % channels;
+          const float s = scale[per_channel ? c : 0];
+          if (factor != nullptr) {
+            const float f = factor[c];
+            for (int64_t i = row * inner; i < (row + 1) * inner; ++i) {
+              out[i] = round_half_even((in[i] * f) / s);
+            }
+          } else {
+            for (int64_t i = row * inner; i < (row + 1) * inner; ++i) {
+              out[i] = round_half_even(in[i] / s);
+            }
+          }
+        }
+      });
+  return result;
+}
+
+bool plain_cpu_float(const at::Tensor& t) {
+  return t.is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && !t.requires_grad();
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> integer_operands(
     const at::Tensor& input, const at::Tensor& input_scale, const at::Tensor& weight,
-    const at::Tensor& weight_scale, int64_t axis) {
+    const at::Tensor& weight_scale, int64_t axis, const c10::optional<at::Tensor>& factor) {
   TORCH_CHECK_VALUE(
       weight.dim() >= 1 && axis >= -weight.dim() && axis < weight.dim(),
       "qat::integer_operands: axis ", axis, " is not an axis of the weight (shape ", weight.sizes(),
       ")");
+  const int64_t dim = axis < 0 ? axis + weight.dim() : axis;
+  const int64_t channels = weight.size(dim);
+  const bool scaled = factor.has_value() && factor->defined();
+  TORCH_CHECK_VALUE(
+      !scaled || factor->numel() == channels,
+      "qat::integer_operands: factor must hold one value "
+      "per channel along axis ",
+      axis, " (", channels, "), got ", factor->numel());
   std::vector<int64_t> shape(weight.dim(), 1);
-  shape[axis < 0 ? axis + weight.dim() : axis] = -1;
-  return {at::round(input / input_scale), at::round(weight / weight_scale.reshape(shape))};
+  shape[dim] = -1;
+  const auto s = weight_scale.detach().to(at::kFloat).contiguous();
+  const auto f = scaled ? factor->detach().to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor x_ints, w_ints;
+  const auto in = input_scale.detach().to(at::kFloat).contiguous();
+  if (plain_cpu_float(input) && in.is_cpu() && in.numel() == 1) {
+    x_ints = rounded_quotient(input, in.data_ptr<float>(), false, nullptr, 1, input.numel());
+  } else {
+    x_ints = at::round(input / input_scale);
+  }
+  if (plain_cpu_float(weight) && s.is_cpu() && (s.numel() == 1 || s.numel() == channels) &&
+      (!scaled || f.is_cpu())) {
+    int64_t inner = 1;
+    for (int64_t d = dim + 1; d < weight.dim(); ++d) {
+      inner *= weight.size(d);
+    }
+    w_ints = rounded_quotient(
+        weight, s.data_ptr<float>(), s.numel() > 1, scaled ? f.data_ptr<float>() : nullptr,
+        channels, inner);
+  } else {
+    const auto w = scaled ? weight * factor->reshape(shape) : weight;
+    w_ints = at::round(w / weight_scale.reshape(shape));
+  }
+  return {x_ints, w_ints};
 }
 
 at::Tensor round_bias(
@@ -316,7 +436,7 @@ TORCH_LIBRARY_FRAGMENT(qat, m) {
       TORCH_FN(qat::requantize));
   m.def(
       "integer_operands(Tensor input, Tensor input_scale, Tensor weight, Tensor weight_scale, "
-      "int axis) -> (Tensor, Tensor)",
+      "int axis, Tensor? factor=None) -> (Tensor, Tensor)",
       TORCH_FN(qat::integer_operands));
   m.def(
       "integer_weight(Tensor weight, Tensor scale, Tensor zero_point, int quant_min, "

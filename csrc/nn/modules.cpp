@@ -510,8 +510,10 @@ bool InputQuantized::computes_as_kernel(bool training, FakeQuantizeImpl& weight_
 
 std::tuple<torch::Tensor, torch::Tensor> InputQuantized::integer_operands(
     const torch::Tensor& input, const torch::Tensor& weight, FakeQuantizeImpl& weight_fq,
-    int64_t axis) const {
-  return qat::integer_operands(input, input_quantizer_->scale, weight, weight_fq.scale, axis);
+    int64_t axis, const torch::Tensor& factor) const {
+  return qat::integer_operands(
+      input, input_quantizer_->scale, weight, weight_fq.scale, axis,
+      factor.defined() ? c10::optional<torch::Tensor>(factor) : c10::nullopt);
 }
 
 torch::Tensor InputQuantized::kernel_output(
@@ -715,10 +717,7 @@ torch::Tensor ConvBnImpl<D, Derived>::forward(const torch::Tensor& input) {
     shape[1] = -1;
     if (computes_as_kernel(this->is_training(), *weight_fake_quant)) {
       // The kernel's weight is fq(w * f) (qat::convert), the folded weight times f.
-      std::vector<int64_t> weight_shape(D + 2, 1);
-      weight_shape[0] = -1;
-      const auto [x, w] =
-          integer_operands(input, folded * factor.reshape(weight_shape), *weight_fake_quant);
+      const auto [x, w] = integer_operands(input, folded, *weight_fake_quant, 0, factor);
       output =
           kernel_output(conv(options, x, w, torch::Tensor()), fused_bias, *weight_fake_quant, 1);
     } else {

@@ -49,11 +49,11 @@ at::Tensor round_bias(
 /// of the products of the input's and the weight's integers (each less its zero point), as
 /// float32 holding integers: (acc + the bias in int32 steps of input_scale * weight_scale,
 /// rounded as round_bias rounds it) times the float32 requantization scale
-/// (weight_scale * input_scale) * (1 / output_scale), rounded half to even, times
-/// output_scale. The FakeQuantize with `output_scale` after the layer gives back the same
-/// levels: a simulation that computes its layers so in eval writes the integers the kernel
-/// writes, float32 ties included (the float convolution rounds apart from the kernel on
-/// one output in about 10^5, and networks amplify each such step).
+/// (weight_scale * input_scale) * (1 / output_scale), rounded half to even (levels beyond
+/// 2^22, far outside any 8-bit grid, to within one), times output_scale. The FakeQuantize with
+/// `output_scale` after the layer gives back the same levels: a simulation that computes its layers
+/// so in eval writes the integers the kernel writes, float32 ties included (the float convolution
+/// rounds apart from the kernel on one output in about 10^5, and networks amplify each such step).
 /// @param axis the output-channel axis of `acc` (negative counts from the end); one weight
 ///   scale per channel along it, or one for all.
 /// @throws c10::ValueError when `acc` is not float32, a scale's size does not fit, or `bias`
@@ -64,12 +64,16 @@ at::Tensor requantize(
 
 /// The integers, less their zero points, of a layer's input (on the grid of `input_scale`,
 /// the FakeQuantize's before it) and of its fake-quantized weight (one scale per channel
-/// along `axis`, or one), as float32: what its integer kernel multiplies. A conv or linear
+/// along `axis`, or one; times `factor`, one per channel, first when given: a folded conv
+/// + batch norm's weight), as float32: what its integer kernel multiplies. A conv or linear
 /// of the two is the kernel's accumulator for requantize, exact while its sums stay below
 /// 2^24.
+/// @throws c10::ValueError when `axis` is not an axis of `weight` or `factor` does not
+///   hold one value per channel.
 std::tuple<at::Tensor, at::Tensor> integer_operands(
     const at::Tensor& input, const at::Tensor& input_scale, const at::Tensor& weight,
-    const at::Tensor& weight_scale, int64_t axis);
+    const at::Tensor& weight_scale, int64_t axis,
+    const c10::optional<at::Tensor>& factor = c10::nullopt);
 
 /// The 8-bit quantized tensor (per channel along `axis` when `per_channel`, else per tensor)
 /// whose dequantized values are `weight`, a weight already fake-quantized with `scale` and

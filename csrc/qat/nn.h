@@ -202,10 +202,10 @@ class InputQuantized {
   /// qat.modules._common.computes_as_kernel.
   bool computes_as_kernel(bool training, FakeQuantizeImpl& weight_fq) const;
   /// qat::integer_operands of `input` and the fake-quantized `weight` (per channel along
-  /// `axis`: 1 for a transposed conv).
+  /// `axis`: 1 for a transposed conv; times `factor` first when defined).
   std::tuple<torch::Tensor, torch::Tensor> integer_operands(
       const torch::Tensor& input, const torch::Tensor& weight, FakeQuantizeImpl& weight_fq,
-      int64_t axis = 0) const;
+      int64_t axis = 0, const torch::Tensor& factor = {}) const;
   /// qat::requantize of the accumulator `acc` (output channels along `axis`) with `bias`.
   torch::Tensor kernel_output(
       const torch::Tensor& acc, const torch::Tensor& bias, FakeQuantizeImpl& weight_fq,

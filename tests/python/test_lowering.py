@@ -177,7 +177,32 @@ def test_requantize_of_the_integer_operands_writes_the_qnnpack_kernels_integers(
             assert int((exact - exact.floor() == 0.5).sum()) > 300
 
 
-def test_requantize_refuses_shapes_that_do_not_fit():
+@pytest.mark.parametrize("axis", [0, 1])
+def test_integer_operands_are_the_rounded_quotients_in_every_layout(axis):
+    """The one-pass loops (contiguous CPU tensors) and the tensor formula (any other
+    layout) both give round(x / input_scale) and round(w * factor / weight_scale), per
+    channel along ``axis``, to the bit."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, 5, 5, generator=generator) * 3
+    weight = torch.randn(6, 8, 3, 3, generator=generator)
+    channels = weight.shape[axis]
+    scale = torch.rand(channels, generator=generator) * 0.01 + 1e-3
+    factor = torch.rand(channels, generator=generator) + 0.5
+    shape = [1] * 4
+    shape[axis] = -1
+    input_scale = torch.tensor([0.0123])
+    expected_x = torch.round(x / input_scale)
+    expected_w = torch.round(weight * factor.reshape(shape) / scale.reshape(shape))
+    for layout in (lambda t: t, lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)):
+        got_x, got_w = ops.integer_operands(layout(x), input_scale, layout(weight), scale,
+                                            axis, factor)
+        assert torch.equal(got_x, expected_x)
+        assert torch.equal(got_w, expected_w)
+    _, plain = ops.integer_operands(x, input_scale, weight, scale, axis)
+    assert torch.equal(plain, torch.round(weight / scale.reshape(shape)))
+
+
+def test_requantize_and_integer_operands_refuse_shapes_that_do_not_fit():
     acc = torch.zeros(2, 3, 4, 4)
     one = torch.tensor([0.1])
     with pytest.raises(ValueError, match="acc must be float32"):
@@ -191,6 +216,12 @@ def test_requantize_refuses_shapes_that_do_not_fit():
         ops.requantize(acc, torch.ones(4), one, one, one, 1)
     with pytest.raises(ValueError, match="input_scale and output_scale must hold one value"):
         ops.requantize(acc, None, torch.ones(2), one, one, 1)
+    weight = torch.zeros(3, 2, 1, 1)
+    with pytest.raises(ValueError, match="axis 4 is not an axis of the weight"):
+        ops.integer_operands(acc, one, weight, one, 4)
+    with pytest.raises(ValueError, match=r"factor must hold one value per channel along axis 0 "
+                                         r"\(3\), got 2"):
+        ops.integer_operands(acc, one, weight, one, 0, torch.ones(2))
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

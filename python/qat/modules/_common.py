@@ -85,23 +85,28 @@ def computes_as_kernel(training: bool, weight_quantizing: bool,
 
 
 def integer_operands(input: torch.Tensor, input_scale: torch.Tensor, weight: torch.Tensor,
-                     weight_scale: torch.Tensor, axis: int = 0) -> Tuple[torch.Tensor,
-                                                                         torch.Tensor]:
+                     weight_scale: torch.Tensor, axis: int = 0,
+                     factor: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor,
+                                                                     torch.Tensor]:
     """``torch.ops.qat.integer_operands``: the integers, less their zero points, of a
     layer's input (on the grid of the FakeQuantize before it) and of its fake-quantized
-    weight (one scale per channel along ``axis``, or one), as float32: what its kernel
-    multiplies (a graph break under torch.compile)."""
+    weight (one scale per channel along ``axis``, or one; times ``factor`` per channel
+    first, a folded batch norm's), as float32: what its kernel multiplies (a graph break
+    under torch.compile)."""
     if torch.jit.is_scripting():
-        return torch.ops.qat.integer_operands(input, input_scale, weight, weight_scale, axis)
-    return _integer_operands_eager(input, input_scale, weight, weight_scale, axis)
+        return torch.ops.qat.integer_operands(input, input_scale, weight, weight_scale, axis,
+                                              factor)
+    return _integer_operands_eager(input, input_scale, weight, weight_scale, axis, factor)
 
 
 @torch.jit.unused
 @eager_under_compile
 def _integer_operands_eager(input: torch.Tensor, input_scale: torch.Tensor,
-                            weight: torch.Tensor, weight_scale: torch.Tensor,
-                            axis: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.qat.integer_operands(input, input_scale, weight, weight_scale, axis)
+                            weight: torch.Tensor, weight_scale: torch.Tensor, axis: int,
+                            factor: Optional[torch.Tensor]) -> Tuple[torch.Tensor,
+                                                                      torch.Tensor]:
+    return torch.ops.qat.integer_operands(input, input_scale, weight, weight_scale, axis,
+                                          factor)
 
 
 def requantize(acc: torch.Tensor, bias: Optional[torch.Tensor], input_scale: torch.Tensor,

@@ -202,9 +202,8 @@ class _ConvBnNd:
             if kernel_qparams is not None and computes_as_kernel(self.training, True,
                                                                  kernel_qparams):
                 # The kernel's weight is fq(w * f) (qat.convert), the folded weight times f.
-                kernel_weight = weight * scale_factor.reshape([-1] + [1] * (weight.dim() - 1))
-                x, w = integer_operands(input, input_scale, kernel_weight,
-                                        self.weight_fake_quant.scale)
+                x, w = integer_operands(input, input_scale, weight,
+                                        self.weight_fake_quant.scale, 0, scale_factor)
                 return requantize(self._conv_forward(x, w, None), bias, input_scale,
                                   self.weight_fake_quant.scale, kernel_qparams[1], 1)
             bias = round_bias(bias, input_scale, self.weight_fake_quant.scale)
