@@ -34,6 +34,14 @@ inline float round_half_even(float v) {
   return (v + kMagic) - kMagic;
 }
 
+// A bias in int32 steps of input scale x weight scale (the grid the integer kernels hold it
+// on), and that step: round_bias and requantize round on the same grid.
+std::tuple<at::Tensor, at::Tensor> bias_levels(
+    const at::Tensor& bias, const at::Tensor& input_scale, const at::Tensor& weight_scale) {
+  const auto step = (input_scale * weight_scale).detach().reshape({-1}).to(bias.scalar_type());
+  return {at::round(bias / step), step};
+}
+
 }  // namespace
 
 at::Tensor batch_norm_factor(
@@ -125,8 +133,8 @@ at::Tensor requantize(
     TORCH_CHECK_VALUE(
         bias->numel() == channels, op, ": bias must hold one value per output channel (", channels,
         "), got ", bias->numel());
-    const auto step = (in.to(acc.device()) * w).reshape({-1});
-    levels = at::round(bias->detach().to(acc.device(), at::kFloat).reshape({-1}) / step);
+    levels = std::get<0>(bias_levels(
+        bias->detach().to(acc.device(), at::kFloat).reshape({-1}), in.to(acc.device()), w));
   }
   if (!acc.is_cpu() || !acc.is_contiguous()) {
     const auto total = levels.defined() ? acc + levels.reshape(shape) : acc;
@@ -189,15 +197,10 @@ at::Tensor rounded_quotient(
         for (int64_t row = begin; row < end; ++row) {
           const int64_t c = row % channels;
           const float s = scale[per_channel ? c : 0];
-          if (factor != nullptr) {
-            const float f = factor[c];
-            for (int64_t i = row * inner; i < (row + 1) * inner; ++i) {
-              out[i] = round_half_even((in[i] * f) / s);
-            }
-          } else {
-            for (int64_t i = row * inner; i < (row + 1) * inner; ++i) {
-              out[i] = round_half_even(in[i] / s);
-            }
+          // x * 1 is exact: one loop serves weights with and without a folded batch norm.
+          const float f = factor != nullptr ? factor[c] : 1.0f;
+          for (int64_t i = row * inner; i < (row + 1) * inner; ++i) {
+            out[i] = round_half_even((in[i] * f) / s);
           }
         }
       });
@@ -277,10 +280,9 @@ at::Tensor round_bias(
     }
     return bias + offset;
   }
-  const auto step = (input_scale * weight_scale).detach().reshape({-1}).to(bias.scalar_type());
-  const auto fixed = bias.detach();
+  const auto [levels, step] = bias_levels(bias.detach(), input_scale, weight_scale);
   // The offset is a constant: the gradient flows to `bias` as it is (straight through).
-  return bias + (at::round(fixed / step) * step - fixed);
+  return bias + (levels * step - bias.detach());
 }
 
 at::Tensor integer_weight(

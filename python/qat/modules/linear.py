@@ -41,16 +41,16 @@ class Linear(nn.Linear):
 
     def forward(self, input: torch.Tensor, input_scale: Optional[torch.Tensor] = None,
                 kernel_qparams: Optional[KernelQParams] = None) -> torch.Tensor:
+        quantizing = bool(self.weight_fake_quant.fake_quant_enabled)
         if input_scale is not None and kernel_qparams is not None and computes_as_kernel(
-                self.training, bool(self.weight_fake_quant.fake_quant_enabled), kernel_qparams):
+                self.training, quantizing, kernel_qparams):
             weight = self.weight_fake_quant(self.weight)
             x, w = integer_operands(input, input_scale, weight, self.weight_fake_quant.scale)
             return requantize(F.linear(x, w), self.bias, input_scale,
                               self.weight_fake_quant.scale, kernel_qparams[1], -1)
         # The weight first: its per-channel scale, which the bias grid needs, is sized by it.
         output = self.weight_fake_quant.linear(input, self.weight)
-        bias = kernel_bias(self.bias, input_scale, self.weight_fake_quant.scale,
-                           bool(self.weight_fake_quant.fake_quant_enabled))
+        bias = kernel_bias(self.bias, input_scale, self.weight_fake_quant.scale, quantizing)
         if bias is not None:
             output = output + bias
         if hasattr(self, "activation_post_process"):
