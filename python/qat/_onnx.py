@@ -122,6 +122,20 @@ class _Emitter:
         q = self.op("QuantizeLinear", [x, s, z], f"{base}_quantized")
         return self.op("DequantizeLinear", [q, s, z], f"{base}_dequantized")
 
+    def quantized_constant(self, node: fx.Node, module: quantized.Quantize) -> str:
+        """A constant quantized by the integer model (Swin V2's coordinate table): its
+        integers stored, as the model's own quantization gave them. A QuantizeLinear at run
+        time divides by the scale where PyTorch multiplies by its inverse, which puts values
+        half a step from a level (the symmetric table's ends) a step apart."""
+        with torch.no_grad():
+            ints = module(operator.attrgetter(node.args[0].target)(self.gm)).int_repr()
+        scale, zero_point, dtype = self.recorded[node]
+        return self.op("DequantizeLinear", [
+            self.const(f"{node.name}_integers", ints.numpy()),
+            self.const(f"{node.name}_scale", np.array(scale, np.float32)),
+            self.const(f"{node.name}_zero_point", np.array(zero_point, _np_dtype(dtype)))],
+                       f"{node.name}_dequantized")
+
     def weight(self, op, zero_points_needed: bool) -> Tuple[str, np.ndarray]:
         """(the dequantized integer weight of a lowered layer, its float32 scales): int8 for
         a conv / linear, uint8 for an embedding table (per row, axis 0). The zero points, of
@@ -627,21 +641,30 @@ class _Emitter:
     def window_scores(self, node: fx.Node, qkv: fx.Node, position_bias: fx.Node, x: fx.Node,
                       window_size: List[int], shift_size: List[int], heads: int,
                       logit_scale: Optional[fx.Node]) -> str:
-        """``qat._transformer.window_scores`` of Swin V1, op for op: the scaled products
-        of queries and keys, the position bias and the shift's mask (a constant of the
-        input's shape) added, softmax."""
+        """``qat._transformer.window_scores``, op for op: the scaled products of queries and
+        keys (Swin V1) or their cosines times the clamped, exponentiated logit scale (V2),
+        the position bias and the shift's mask (a constant of the input's shape) added,
+        softmax."""
+        queries = self.qkv_part(qkv, heads, 0, f"{node.name}_q")
+        keys = self.qkv_part(qkv, heads, 1, f"{node.name}_k")
+        if logit_scale is None:
+            channels = self.shapes[qkv][2] // (3 * heads)
+            queries = self.op("Mul", [queries, self.const(f"{node.name}_norm",
+                                                          np.float32(channels ** -0.5))],
+                              f"{node.name}_q_scaled")
+        else:
+            queries = self.unit_rows(queries, f"{node.name}_q_unit")
+            keys = self.unit_rows(keys, f"{node.name}_k_unit")
+        keys = self.op("Transpose", [keys], f"{node.name}_k_t", perm=[0, 1, 3, 2])
+        scores = self.op("MatMul", [queries, keys], f"{node.name}_products")
         if logit_scale is not None:
-            raise TypeError(f"qat.export: no ONNX lowering for Swin V2's cosine attention "
-                            f"(node {node.name}), so no .onnx was written")
-        channels = self.shapes[qkv][2] // (3 * heads)
-        queries = self.op("Mul", [self.qkv_part(qkv, heads, 0, f"{node.name}_q"),
-                                  self.const(f"{node.name}_norm",
-                                             np.float32(channels ** -0.5))],
-                          f"{node.name}_q_scaled")
-        keys = self.op("Transpose", [self.qkv_part(qkv, heads, 1, f"{node.name}_k")],
-                       f"{node.name}_k_t", perm=[0, 1, 3, 2])
-        scores = self.op("Add", [self.op("MatMul", [queries, keys], f"{node.name}_products"),
-                                 self.env[position_bias]], f"{node.name}_biased")
+            with torch.no_grad():
+                factor = torch.clamp(self.tensor_constant(node, logit_scale),
+                                     max=math.log(100.0)).exp()
+            scores = self.op("Mul", [scores, self.const(f"{node.name}_logit_scale",
+                                                        factor.float().numpy())],
+                             f"{node.name}_cosines")
+        scores = self.op("Add", [scores, self.env[position_bias]], f"{node.name}_biased")
         pad_h, pad_w, shift = _transformer._window_geometry(list(self.shapes[x]), window_size,
                                                             shift_size)
         if shift[0] + shift[1] > 0:
@@ -656,6 +679,50 @@ class _Emitter:
             scores = self.op("Reshape", [scores, self.const(f"{node.name}_per_window", np.array(
                 [-1, heads, tokens, tokens], np.int64))], f"{node.name}_windows")
         return self.op("Softmax", [scores], node.name, axis=-1)
+
+    def unit_rows(self, x: str, base: str) -> str:
+        """``F.normalize(x, dim=-1)``: ``x`` over its last axis's L2 norm, at least 1e-12."""
+        norm = self.op("ReduceL2", [x], f"{base}_norm", axes=[-1], keepdims=1)
+        floor = self.op("Max", [norm, self.const(f"{base}_eps", np.float32(1e-12))],
+                        f"{base}_floor")
+        return self.op("Div", [x, floor], base)
+
+    def tensor_constant(self, node: fx.Node, arg: fx.Node) -> torch.Tensor:
+        """The value of a graph constant (a parameter or buffer) that ``node`` reads."""
+        if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+            raise TypeError(f"qat.export: no ONNX lowering for {node.target.__name__} of a "
+                            f"computed tensor (node {node.name}), so no .onnx was written")
+        return operator.attrgetter(arg.target)(self.gm).detach()
+
+    def window_query_value_bias(self, node: fx.Node, qkv: fx.Node, bias: fx.Node) -> str:
+        """``qat._transformer.window_query_value_bias`` (Swin V2): the queries' and values'
+        parts of the bias added, the keys' left out (a constant with zeros there)."""
+        values = self.tensor_constant(node, bias)
+        with torch.no_grad():
+            added = _transformer.window_query_value_bias(torch.zeros_like(values), values)
+        return self.op("Add", [self.env[qkv], self.const(f"{node.name}_bias",
+                                                          added.float().numpy())], node.name)
+
+    def window_mlp_position_bias(self, node: fx.Node, table: fx.Node, index: fx.Node,
+                                 window_size: List[int]) -> str:
+        """``qat._transformer.window_mlp_position_bias`` (Swin V2): the biases that the
+        position MLP gave each relative position, gathered for the window's token pairs as
+        (1, heads, tokens, tokens), 16 sigmoid(b)."""
+        tokens = window_size[0] * window_size[1]
+        rows = self.op("Reshape", [self.env[table], self.const(
+            f"{node.name}_rows", np.array([-1, self.shapes[table][-1]], np.int64))],
+                       f"{node.name}_table")
+        picked = self.op("Gather", [rows, self.const(
+            f"{node.name}_index", self.tensor_constant(node, index).long().numpy())],
+                         f"{node.name}_picked", axis=0)
+        pairs = self.op("Reshape", [picked, self.const(
+            f"{node.name}_pairs", np.array([tokens, tokens, -1], np.int64))],
+                        f"{node.name}_pairs")
+        heads = self.op("Unsqueeze", [
+            self.op("Transpose", [pairs], f"{node.name}_heads", perm=[2, 0, 1]),
+            self.const(f"{node.name}_batch", np.array([0], np.int64))], f"{node.name}_bias")
+        return self.op("Mul", [self.op("Sigmoid", [heads], f"{node.name}_sigmoid"),
+                               self.const(f"{node.name}_range", np.float32(16))], node.name)
 
     def window_values(self, node: fx.Node, probs: fx.Node, qkv: fx.Node, heads: int) -> str:
         """``qat._transformer.window_values``: the heads' weighted sums of the values,
@@ -672,13 +739,7 @@ class _Emitter:
         """A function of the graph's constant tensors only (a window's position bias from
         its table and index), computed once here."""
         def value(arg):
-            if isinstance(arg, fx.Node):
-                if arg.op != "get_attr":
-                    raise TypeError(f"qat.export: no ONNX lowering for {node.target.__name__} "
-                                    f"of a computed tensor (node {node.name}), so no .onnx "
-                                    f"was written")
-                return operator.attrgetter(arg.target)(self.gm)
-            return arg
+            return self.tensor_constant(node, arg) if isinstance(arg, fx.Node) else arg
         with torch.no_grad():
             result = node.target(*fx.node.map_aggregate(node.args, value),
                                  **fx.node.map_aggregate(node.kwargs, value))
@@ -731,6 +792,8 @@ class _Emitter:
                   _transformer.window_merge: window_merge,
                   _transformer.window_scores: window_scores,
                   _transformer.window_values: window_values,
+                  _transformer.window_query_value_bias: window_query_value_bias,
+                  _transformer.window_mlp_position_bias: window_mlp_position_bias,
                   _transformer.window_position_bias: constant}
 
     def index(self, node: fx.Node) -> str:
@@ -895,6 +958,8 @@ class _Emitter:
         if node.op == "call_module":
             module = self.gm.get_submodule(node.target)
             if isinstance(module, (quantized.Quantize, quantized.DeQuantize)):
+                if node.args[0].op == "get_attr" and isinstance(module, quantized.Quantize):
+                    return self.quantized_constant(node, module)
                 return pair_value(node, module, self.env, self.recorded,
                                   lambda x, qparams: self.qdq(x, qparams, node.name))
             if isinstance(module, quantized._WithOutputQParams):
