@@ -53,7 +53,8 @@ _FLOAT_LAYERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedG
 # Ops of an optimized graph that compute nothing in float worth naming in the report.
 _NOT_COMPUTE = {"QuantizeLinear", "DequantizeLinear", "Reshape", "Flatten", "Identity",
                 "Shape", "Slice", "Concat", "Transpose", "Squeeze", "Unsqueeze", "MaxPool",
-                "Relu", "Gather", "Split", "ReorderInput", "ReorderOutput"}
+                "Relu", "Gather", "Split", "ReorderInput", "ReorderOutput", "Range",
+                "ConstantOfShape"}
 
 
 def available() -> Optional[str]:
@@ -281,23 +282,82 @@ class _Emitter:
     def embedding(self, node: fx.Node, module: quantized.Embedding) -> str:
         """An integer table: its unsigned integers with their scale and zero point per row
         (``DequantizeLinear`` along axis 0), then ``Gather`` of the rows the indices name;
-        float rows out, as the integer model's. A bag of 2-D indices (one bag per row) sums
-        or averages its rows (``ReduceSum`` / ``ReduceMean``); one given offsets or
-        per-sample weights has no ONNX form here: named."""
-        bag = isinstance(module, quantized.EmbeddingBag)
-        if bag and (len(node.args) > 1 or node.kwargs or len(self.shapes[node.args[0]]) != 2):
-            raise TypeError(f"qat.export: no ONNX lowering for an EmbeddingBag given offsets "
-                            f"or per-sample weights ({node.target}), so no .onnx was written; "
-                            f"give it 2-D indices (one bag per row) or export it as .ptl or .pt")
+        float rows out, as the integer model's. A bag sums or averages its rows, each
+        weighted first by its per-sample weight where given: one bag per row of 2-D
+        indices (``ReduceSum`` / ``ReduceMean``), or bags of 1-D indices cut at their
+        offsets (:meth:`bags`)."""
         table, _ = self.weight(module.lowered(node.target), zero_points_needed=True)
-        if not bag:
+        if not isinstance(module, quantized.EmbeddingBag):
             return self.op("Gather", [table, self.env[node.args[0]]], node.name, axis=0)
-        rows = self.op("Gather", [table, self.env[node.args[0]]], f"{node.name}_rows", axis=0)
+        given = inspect.signature(module.forward).bind(*node.args, **node.kwargs).arguments
+        indices, offsets = given["indices"], given.get("offsets")
+        rows = self.op("Gather", [table, self.env[indices]], f"{node.name}_rows", axis=0)
+        if given.get("per_sample_weights") is not None:
+            weights = self.op("Unsqueeze", [self.env[given["per_sample_weights"]], self.const(
+                f"{node.name}_last", np.array([-1], np.int64))], f"{node.name}_weights")
+            rows = self.op("Mul", [rows, weights], f"{node.name}_weighted")
+        if len(self.shapes[indices]) == 1:
+            return self.bags(node, module, indices, offsets, rows)
         if module.mode == "mean":
             return self.op("ReduceMean", [rows], node.name, axes=[1], keepdims=0)
         # Opset 17's ReduceSum takes its axes as an input (ReduceMean, as an attribute).
         axes = self.const(f"{node.name}_axes", np.array([1], np.int64))
         return self.op("ReduceSum", [rows, axes], node.name, keepdims=0)
+
+    def bags(self, node: fx.Node, module: quantized.EmbeddingBag, indices: fx.Node,
+             offsets: fx.Node, rows: str) -> str:
+        """Bags of 1-D indices starting at their offsets (the last one, with
+        ``include_last_offset``, only ends the last bag): each index's bag is the number of
+        starts at or before it, less one; its row is added into that bag (``ScatterND``
+        with ``add``, in index order as the kernel sums); a mean divides by the bag's size
+        (an empty bag's sum and mean are 0, as the integer model's)."""
+        name = node.name
+
+        def ints(base: str, *values: int) -> str:
+            return self.const(f"{name}_{base}", np.array(values, np.int64))
+
+        bounds = self.op("Cast", [self.env[offsets]], f"{name}_bounds",
+                         to=self.onnx.TensorProto.INT64)
+        length = self.op("Shape", [self.env[indices]], f"{name}_length")
+        if module.include_last_offset:
+            starts = self.op("Slice", [bounds, ints("first", 0), ints("last", -1)],
+                             f"{name}_starts")
+            ends = self.op("Slice", [bounds, ints("second", 1), ints("end", _LAST)],
+                           f"{name}_ends")
+        else:
+            starts = bounds
+            ends = self.op("Concat", [self.op("Slice", [bounds, ints("second", 1),
+                                                        ints("end", _LAST)],
+                                              f"{name}_inner_ends"), length],
+                           f"{name}_ends", axis=0)
+        positions = self.op("Range", [
+            self.const(f"{name}_zero", np.array(0, np.int64)),
+            self.op("Squeeze", [length], f"{name}_count"),
+            self.const(f"{name}_one", np.array(1, np.int64))], f"{name}_positions")
+        started = self.op("LessOrEqual", [
+            self.op("Unsqueeze", [starts, ints("rows", 0)], f"{name}_starts_row"),
+            self.op("Unsqueeze", [positions, ints("columns", 1)], f"{name}_positions_column")],
+                          f"{name}_started")
+        bag_of = self.op("Sub", [
+            self.op("ReduceSum", [self.op("Cast", [started], f"{name}_started_ints",
+                                          to=self.onnx.TensorProto.INT64),
+                                  ints("axes", 1)], f"{name}_starts_before", keepdims=1),
+            ints("less_one", 1)], f"{name}_bag_of")
+        shape = self.op("Concat", [self.op("Shape", [starts], f"{name}_bags"),
+                                   ints("width", module.weight_shape[1])],
+                        f"{name}_shape", axis=0)
+        zeros = self.op("ConstantOfShape", [shape], f"{name}_zeros",
+                        value=self.onnx.numpy_helper.from_array(np.zeros(1, np.float32)))
+        sums = self.op("ScatterND", [zeros, bag_of, rows],
+                       name if module.mode != "mean" else f"{name}_sums", reduction="add")
+        if module.mode != "mean":
+            return sums
+        sizes = self.op("Max", [
+            self.op("Cast", [self.op("Sub", [ends, starts], f"{name}_sizes_int")],
+                    f"{name}_sizes_float", to=self.onnx.TensorProto.FLOAT),
+            self.const(f"{name}_at_least", np.float32(1))], f"{name}_sizes")
+        return self.op("Div", [sums, self.op("Unsqueeze", [sizes, ints("per_row", 1)],
+                                             f"{name}_divisors")], name)
 
     def linear_dynamic(self, op, x: str, name: str) -> str:
         """``quantized::linear_dynamic``: the input quantized to uint8 from its own range
@@ -988,7 +1048,11 @@ class _Emitter:
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 x = inputs[len(graph_inputs)]
-                shape = ["batch", *x.shape[1:]] if x.dim() else []
+                # Free, each its own: the batch, or the length of 1-D indices (an embedding
+                # bag's, which its offsets, another length, cut into bags).
+                first = f"{node.name}_length" if x.dim() == 1 and not x.is_floating_point() \
+                    else "batch"
+                shape = [first, *x.shape[1:]] if x.dim() else []
                 graph_inputs.append(helper.make_tensor_value_info(
                     node.name, onnx.helper.np_dtype_to_tensor_dtype(x.numpy().dtype), shape))
             if node.op == "output":

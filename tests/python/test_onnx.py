@@ -514,24 +514,41 @@ def test_a_bag_per_row_of_indices_gives_the_integer_models_bags(mode, tmp_path):
 
 
 @needs_onnx
-def test_a_bag_given_offsets_is_named_and_no_file_is_left(tmp_path):
+@pytest.mark.parametrize("mode,include_last_offset,weighted", [
+    ("sum", False, False), ("mean", False, False), ("sum", True, True), ("mean", True, False)])
+def test_bags_given_offsets_give_the_integer_models_bags(mode, include_last_offset, weighted,
+                                                         tmp_path):
+    """1-D indices cut into bags at their offsets (empty bags and a last offset that only
+    ends the last bag included; per-sample weights with ``sum``), each bag the sum or mean of
+    its rows, checked against the integer model on other indices, bag counts and lengths
+    than the example's."""
     class Bags(nn.Module):
         def __init__(self):
             super().__init__()
-            self.bag = nn.EmbeddingBag(40, 8)
+            self.bag = nn.EmbeddingBag(40, 8, mode=mode, include_last_offset=include_last_offset)
             self.fc = nn.Linear(8, 3)
 
-        def forward(self, tokens, offsets):
-            return self.fc(self.bag(tokens, offsets))
+        def forward(self, tokens, offsets, weights):
+            return self.fc(self.bag(tokens, offsets,
+                                    per_sample_weights=weights if weighted else None))
 
-    tokens, offsets = torch.randint(0, 40, (12,)), torch.tensor([0, 5])
+    def batch(tokens: int, starts):
+        offsets = torch.tensor(starts + ([tokens] if include_last_offset else []))
+        return torch.randint(0, 40, (tokens,)), offsets, torch.rand(tokens)
+
+    torch.manual_seed(2)
     qmodel = qat.prepare(Bags())
-    qat.calibrate(qmodel, [((tokens, offsets),)], progress=False)
-    with pytest.raises(TypeError, match=r"no ONNX lowering for an EmbeddingBag given offsets "
-                                        r"or per-sample weights \(bag\), so no \.onnx was "
-                                        r"written"):
-        qat.export(qmodel.eval(), tmp_path / "bags.onnx", (tokens, offsets))
-    assert os.listdir(tmp_path) == []
+    qat.calibrate(qmodel, [(batch(30, [0, 4, 9, 9, 20]),), (batch(12, [0, 5]),)],
+                  progress=False)
+    path = tmp_path / "bags.onnx"
+    int_model = qat.export(qmodel.eval(), path, batch(12, [0, 5]))
+    for tokens, starts in ((30, [0, 4, 9, 9, 20]), (7, [0, 0, 3]), (50, [0, 1, 2, 3, 50])):
+        inputs = batch(tokens, starts)
+        got = _onnx.run_fresh(str(path), inputs)[0]
+        with torch.no_grad():
+            expected = int_model(*inputs)
+        assert got.shape == expected.shape
+        assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).all()
 
 
 @needs_onnx
