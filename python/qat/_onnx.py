@@ -15,6 +15,7 @@ inputs (as the ExecuTorch emitter does), so this emitter decides nothing the int
 did not."""
 
 import inspect
+import itertools
 import json
 import math
 import operator
@@ -22,7 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,8 +35,8 @@ from torch.ao.nn.quantized import dynamic
 from . import _op_roles, _transformer, quantized
 from ._pte import _QParams, _Recorder, pair_value
 
-__all__ = ["METADATA_KEY", "OPSET", "available", "emit", "load", "read_metadata_text",
-           "run_fresh"]
+__all__ = ["METADATA_KEY", "OPSET", "available", "batch_layouts", "emit", "grown", "load",
+           "read_metadata_text", "run_fresh"]
 
 # The model's metadata_props entry that holds qat's metadata (JSON).
 METADATA_KEY = "qat_metadata"
@@ -1042,17 +1043,20 @@ class _Emitter:
             return self.qdq(out, self.recorded[node], f"{node.name}_out")
         return out
 
-    def run(self, inputs: tuple, metadata: dict):
+    def run(self, inputs: tuple, metadata: dict, batch_dims: Sequence[Optional[int]],
+            output_batch_dims: Sequence[Optional[int]]):
         helper, onnx = self.onnx.helper, self.onnx
         graph_inputs, graph_outputs = [], []
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 x = inputs[len(graph_inputs)]
-                # Free, each its own: the batch, or the length of 1-D indices (an embedding
-                # bag's, which its offsets, another length, cut into bags).
-                first = f"{node.name}_length" if x.dim() == 1 and not x.is_floating_point() \
-                    else "batch"
-                shape = [first, *x.shape[1:]] if x.dim() else []
+                shape: List = list(x.shape)
+                if _own_lengths(inputs)[len(graph_inputs)]:
+                    # The length of 1-D indices (an embedding bag's, which its offsets,
+                    # another length, cut into bags) or of their weights: free, its own.
+                    shape[0] = f"{node.name}_length"
+                elif batch_dims[len(graph_inputs)] is not None:
+                    shape[batch_dims[len(graph_inputs)]] = "batch"
                 graph_inputs.append(helper.make_tensor_value_info(
                     node.name, onnx.helper.np_dtype_to_tensor_dtype(x.numpy().dtype), shape))
             if node.op == "output":
@@ -1060,9 +1064,11 @@ class _Emitter:
                 for i, out in enumerate(outputs if isinstance(outputs, (tuple, list))
                                         else [outputs]):
                     name = self.op("Identity", [self.env[out]], f"output_{i}")
-                    shape = self.shapes[out]
+                    shape = list(self.shapes[out])
+                    if i < len(output_batch_dims) and output_batch_dims[i] is not None:
+                        shape[output_batch_dims[i]] = "batch"
                     graph_outputs.append(helper.make_tensor_value_info(
-                        name, onnx.TensorProto.FLOAT, ["batch", *shape[1:]] if shape else []))
+                        name, onnx.TensorProto.FLOAT, shape))
                 continue
             self.env[node] = self.node(node)
         graph = helper.make_graph(self.nodes, type(self.gm).__name__, graph_inputs,
@@ -1144,19 +1150,69 @@ def integer_report(model_bytes: bytes) -> dict:
                                  | _FLOAT_LAYERS and not k.startswith("QLinear")})}
 
 
-def emit(int_model: fx.GraphModule, inputs: tuple, metadata: dict) -> Tuple[bytes, dict]:
+def _own_lengths(inputs: tuple) -> List[bool]:
+    """Per input, whether its one dimension is a length of its own rather than a batch: 1-D
+    indices or offsets (an embedding bag's), and 1-D values as long as 1-D indices (their
+    per-sample weights)."""
+    index_lengths = {x.numel() for x in inputs if x.dim() == 1 and not x.is_floating_point()}
+    return [x.dim() == 1 and (not x.is_floating_point() or x.numel() in index_lengths)
+            for x in inputs]
+
+
+def batch_layouts(inputs: tuple,
+                  sequence_first: bool = False) -> List[Tuple[Optional[int], ...]]:
+    """Where the batch may lie in ``inputs``, one dimension per input (None: no batch),
+    most likely first: dim 0 of each (batch first), or dim 1 of those of rank 3 and more
+    (sequence first, as ``nn.MultiheadAttention``'s and the recurrent layers' default
+    (length, batch, features); a recurrent layer's initial state (layers, batch, hidden)
+    beside a batch-first input) in every combination, fewest first, or with
+    ``sequence_first`` (the model holds a layer that is) most first."""
+    first = tuple(None if x.dim() == 0 or own else 0
+                  for x, own in zip(inputs, _own_lengths(inputs)))
+    if all(d is None for d in first):
+        return []
+    deep = [i for i, x in enumerate(inputs) if x.dim() >= 3 and first[i] is not None]
+    # Most models take one or two such inputs; past three, only the two usual layouts.
+    counts = range(len(deep) + 1) if len(deep) <= 3 else (0, len(deep))
+    layouts = [tuple(1 if i in chosen else d for i, d in enumerate(first))
+               for count in counts for chosen in itertools.combinations(deep, count)]
+    return layouts[::-1] if sequence_first else layouts
+
+
+def grown(inputs: tuple, layout: Sequence[Optional[int]]) -> tuple:
+    """``inputs`` with one batch entry more (a copy of the first) along ``layout``."""
+    return tuple(x if d is None else torch.cat([x, x.narrow(d, 0, 1)], d)
+                 for x, d in zip(inputs, layout))
+
+
+def _outputs_list(outputs) -> list:
+    return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+
+
+def emit(int_model: fx.GraphModule, inputs: tuple, metadata: dict,
+         batch_dims: Optional[Sequence[Optional[int]]] = None,
+         grown_outputs=None) -> Tuple[bytes, dict]:
     """The ``.onnx`` model of ``int_model`` (QDQ, checked by ``onnx.checker``) with
     ``metadata`` and the report of what ONNX Runtime runs on integer kernels in its
-    ``metadata_props``; and that report."""
+    ``metadata_props``; and that report. The inputs' dimensions ``batch_dims`` (one per
+    input, None for none) are left free as ``batch``, and so is the dimension of each
+    output that grew in ``grown_outputs`` (the integer model's outputs on
+    :func:`grown` inputs); every other dimension is the example's."""
     if not isinstance(int_model, fx.GraphModule):
         raise TypeError(f"qat.export: an .onnx is written from a QAT model or one converted "
                         f"by qat.convert (a torch.fx.GraphModule), got "
                         f"{type(int_model).__name__}")
     recorder = _Recorder(int_model)
     with torch.no_grad():
-        recorder.run(*inputs)
+        example_outputs = recorder.run(*inputs)
     emitter = _Emitter(int_model, recorder)
-    model = emitter.run(inputs, metadata)
+    output_batch_dims = []
+    if grown_outputs is not None:
+        for before, after in zip(_outputs_list(example_outputs), _outputs_list(grown_outputs)):
+            grew = [d for d in range(before.dim()) if before.shape[d] != after.shape[d]]
+            output_batch_dims.append(grew[0] if len(grew) == 1 else None)
+    model = emitter.run(inputs, metadata, batch_dims or (None,) * len(inputs),
+                        output_batch_dims)
     report = {"opset": OPSET, "layers": emitter.layers,
               **integer_report(model.SerializeToString()),
               "sub_8bit_weights_as_int8": emitter.int8_stored}

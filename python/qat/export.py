@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 import warnings
 import zipfile
@@ -179,7 +180,9 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
     integer op as its ONNX op between ``DequantizeLinear`` inputs and a ``QuantizeLinear``
     / ``DequantizeLinear`` pair with the integer model's qparams, weights stored as their
     int8 integers with per-channel scales, biases on the kernels' int32 grid (see
-    ``docs/onnx.md``); the batch dimension is left free. The metadata is the model's
+    ``docs/onnx.md``); the batch dimension is left free where the file, run at another
+    batch, follows the integer model (dim 0, or dim 1 of sequence-first inputs; otherwise
+    the example's shapes are kept, with a warning). The metadata is the model's
     ``qat_metadata`` metadata_props entry, with an ``onnx`` entry saying how many convs and
     linears ONNX Runtime's optimizer fuses into integer kernels and which float ops remain.
     The file is checked with
@@ -361,7 +364,11 @@ def _export_qdq(model: nn.Module, path: str, example_inputs, kind: str) -> nn.Mo
     inputs = _as_tuple(example_inputs)
     int_model, expected = _integer_model(model, inputs)
     emitter = _pte if kind == "pte" else _onnx
-    program, _ = emitter.emit(int_model, inputs, json.loads(_metadata(int_model, inputs)))
+    metadata = json.loads(_metadata(int_model, inputs))
+    if kind == "onnx":
+        program = _onnx_with_free_batch(int_model, inputs, metadata, path)
+    else:
+        program, _ = _pte.emit(int_model, inputs, metadata)
 
     def write(temporary: str) -> None:
         with open(temporary, "wb") as f:
@@ -377,6 +384,47 @@ def _export_qdq(model: nn.Module, path: str, example_inputs, kind: str) -> nn.Mo
 
     _write_checked(path, write, check)
     return int_model
+
+
+def _onnx_with_free_batch(int_model: nn.Module, inputs: tuple, metadata: dict,
+                          path: str) -> bytes:
+    """The ``.onnx`` program whose batch dimension is free where a file can leave it so:
+    for each place the batch may lie (``_onnx.batch_layouts``: dim 0, or dim 1 of inputs of
+    rank 3 and more, that first where the model holds a sequence-first layer), the file is
+    run in a fresh process on the example with one
+    batch entry more there and must give the integer model's outputs on it; the first
+    layout that does is kept. Where none does (a reshape to a fixed size, the file's
+    reshapes baking the batch), the inputs keep the example's shapes, with a warning: a
+    dimension the file declares free is one it was run with."""
+    sequence_first = any(getattr(m, "batch_first", True) is False for m in int_model.modules())
+    layouts = _onnx.batch_layouts(inputs, sequence_first)
+    for layout in layouts:
+        more = _onnx.grown(inputs, layout)
+        try:
+            with torch.no_grad():
+                more_expected = int_model(*more)
+        except Exception:  # noqa: BLE001 - the model itself takes no other batch there
+            continue
+        program, _ = _onnx.emit(int_model, inputs, metadata, layout, more_expected)
+        with tempfile.TemporaryDirectory() as folder:
+            trial = os.path.join(folder, "trial.onnx")
+            with open(trial, "wb") as f:
+                f.write(program)
+            try:
+                got = _onnx.run_fresh(trial, more)
+                _check_outputs(more_expected, got[0] if len(got) == 1 else got, path,
+                               "the in-memory model", min_sqnr_db=30.0)
+            except RuntimeError:
+                continue
+        return program
+    if layouts:
+        warnings.warn(
+            f"qat.export: {path!r}: no input dimension can be left free as the batch (the "
+            f"file, run with one more batch entry along dim 0, or along dim 1 of inputs of "
+            f"rank 3 and more, failed or gave other outputs than the integer model); the "
+            f"file's inputs keep the example's shapes", stacklevel=3)
+    program, _ = _onnx.emit(int_model, inputs, metadata)
+    return program
 
 
 def _check_outputs(expected, got, path: str, what: str, min_sqnr_db) -> None:

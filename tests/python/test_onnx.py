@@ -296,9 +296,9 @@ def test_dynamic_recurrent_layers_run_in_float_over_their_stored_integers(
     qat.calibrate(qmodel, [(batch(slice(0, 32)),), (batch(slice(32, 64)),)], progress=False)
     path = tmp_path / "recurrent.onnx"
     int_model = qat.export(qmodel, path, batch(slice(0, 4)))
-    # Other sequences, as many: a sequence-first file's batch is its second dimension,
-    # fixed at the example's (the first is free).
-    got = _onnx.run_fresh(str(path), batch(slice(8, 12)))[0]
+    # Other sequences, more of them: the batch is free where it lies (a sequence-first
+    # input's second dimension, an initial state's second beside a batch-first input).
+    got = _onnx.run_fresh(str(path), batch(slice(8, 14)))[0]
     # What the file should compute: the integer model with PyTorch's float layer over the
     # values of the recurrent layer's integers in its place.
     float_rnn = getattr(nn, kind)(8, 12, layers, batch_first=batch_first,
@@ -309,9 +309,9 @@ def test_dynamic_recurrent_layers_run_in_float_over_their_stored_integers(
             getattr(float_rnn, name).copy_(value.dequantize() if value.is_quantized else value)
         reference = copy.deepcopy(int_model)
         reference.rnn = float_rnn.eval()
-        torch.testing.assert_close(got, reference(*batch(slice(8, 12))), rtol=1e-4,
+        torch.testing.assert_close(got, reference(*batch(slice(8, 14))), rtol=1e-4,
                                    atol=1e-5)
-        expected = int_model(*batch(slice(8, 12)))
+        expected = int_model(*batch(slice(8, 14)))
     # The integer model's kernel also rounds input and state at run time.
     assert sqnr_db(expected, got) >= 30, sqnr_db(expected, got)
     stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
@@ -577,6 +577,75 @@ def test_a_transformer_encoder_runs_its_projections_on_integer_kernels(tmp_path)
     assert {"Softmax", "Equal", "Where"} <= set(report["float_ops"])
     ops = _optimized_ops(path, tmp_path)
     assert ops.count("QGemm") == 13 and "Gemm" not in ops, ops
+
+
+def _dims(value_infos) -> list:
+    return [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in value_infos]
+
+
+@needs_onnx
+def test_a_sequence_first_files_batch_is_its_second_dimension(tmp_path):
+    """``nn.TransformerEncoderLayer``'s default layout, (length, batch, features): the file
+    leaves the batch free where it lies, the second dimension (it declared the first, the
+    length, free, and then ran at the example's shape only), and runs without qat at other
+    batch sizes as the integer model does."""
+    import onnx
+
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.layer(x))
+
+    torch.manual_seed(0)
+    x = torch.randn(10, 24, 16)
+    qmodel = qat.prepare(SequenceFirst())
+    qat.calibrate(qmodel, [x[:, :12], x[:, 12:]], progress=False)
+    path = tmp_path / "sequence_first.onnx"
+    int_model = qat.export(qmodel.eval(), path, x[:, :4])
+    graph = onnx.load(str(path)).graph
+    assert _dims(graph.input) == [[10, "batch", 16]]
+    assert _dims(graph.output) == [[10, "batch", 3]]
+    for batch in (1, 9):
+        got = _onnx.run_fresh(str(path), (x[:, :batch],))[0]
+        with torch.no_grad():
+            expected = int_model(x[:, :batch])
+        steps = steps_apart(qmodel, expected, got)
+        assert got.shape == expected.shape
+        assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99 and steps.max() <= 3
+
+
+@needs_onnx
+def test_a_file_that_cannot_take_another_batch_keeps_the_examples_shapes(tmp_path):
+    """A model that reshapes to a fixed size takes no other batch: the file's inputs keep
+    the example's shapes (declared free, ONNX Runtime would take another batch and fail
+    inside), with a warning saying so; the file still runs on the example."""
+    import onnx
+
+    class FixedReshape(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(x).reshape(2, -1)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    qmodel = qat.prepare(FixedReshape())
+    qat.calibrate(qmodel, [x], progress=False)
+    path = tmp_path / "fixed.onnx"
+    with pytest.warns(UserWarning, match=r"no input dimension can be left free as the batch"):
+        int_model = qat.export(qmodel.eval(), path, x)
+    graph = onnx.load(str(path)).graph
+    assert _dims(graph.input) == [[4, 8]] and _dims(graph.output) == [[2, 6]]
+    with torch.no_grad():
+        expected = int_model(x)
+    assert torch.equal(_onnx.run_fresh(str(path), (x,))[0], expected)
 
 
 @needs_onnx
