@@ -280,21 +280,31 @@ class _Emitter:
             y = self.op("Relu", [y], f"{name}_relu")
         return self.qdq(y, self.recorded[node], name)
 
-    def embedding(self, node: fx.Node, module: quantized.Embedding) -> str:
+    def embedding(self, node: fx.Node, module: nn.Module) -> str:
         """An integer table: its unsigned integers with their scale and zero point per row
         (``DequantizeLinear`` along axis 0), then ``Gather`` of the rows the indices name;
-        float rows out, as the integer model's. A bag sums or averages its rows, each
-        weighted first by its per-sample weight where given: one bag per row of 2-D
-        indices (``ReduceSum`` / ``ReduceMean``), or bags of 1-D indices cut at their
-        offsets (:meth:`bags`)."""
-        table, _ = self.weight(module.lowered(node.target), zero_points_needed=True)
-        if not isinstance(module, quantized.EmbeddingBag):
+        float rows out, as the integer model's. A bag (integer, or float where the Config
+        skips it) sums or averages its rows, each weighted first by its per-sample weight
+        where given: one bag per row of 2-D indices (``ReduceSum`` / ``ReduceMean``), or
+        bags of 1-D indices cut at their offsets (:meth:`bags`)."""
+        if isinstance(module, quantized.Embedding):
+            table, _ = self.weight(module.lowered(node.target), zero_points_needed=True)
+        elif module.mode == "max" or module.max_norm is not None \
+                or module.padding_idx is not None:
+            raise TypeError(f"qat.export: no ONNX lowering for the float EmbeddingBag "
+                            f"{node.target} in mode max or with max_norm or padding_idx, so "
+                            f"no .onnx was written; export it as .ptl, .pt or .pte")
+        else:
+            table = self.const(f"{node.target}.weight", module.weight.detach().float().numpy())
+        if not isinstance(module, (quantized.EmbeddingBag, nn.EmbeddingBag)):
             return self.op("Gather", [table, self.env[node.args[0]]], node.name, axis=0)
-        given = inspect.signature(module.forward).bind(*node.args, **node.kwargs).arguments
-        indices, offsets = given["indices"], given.get("offsets")
+        bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        # (indices, offsets, per_sample_weights): the float module calls the first `input`.
+        indices, offsets, per_sample_weights = list(bound.arguments.values())[:3]
         rows = self.op("Gather", [table, self.env[indices]], f"{node.name}_rows", axis=0)
-        if given.get("per_sample_weights") is not None:
-            weights = self.op("Unsqueeze", [self.env[given["per_sample_weights"]], self.const(
+        if per_sample_weights is not None:
+            weights = self.op("Unsqueeze", [self.env[per_sample_weights], self.const(
                 f"{node.name}_last", np.array([-1], np.int64))], f"{node.name}_weights")
             rows = self.op("Mul", [rows, weights], f"{node.name}_weighted")
         if len(self.shapes[indices]) == 1:
@@ -305,7 +315,7 @@ class _Emitter:
         axes = self.const(f"{node.name}_axes", np.array([1], np.int64))
         return self.op("ReduceSum", [rows, axes], node.name, keepdims=0)
 
-    def bags(self, node: fx.Node, module: quantized.EmbeddingBag, indices: fx.Node,
+    def bags(self, node: fx.Node, module: nn.Module, indices: fx.Node,
              offsets: fx.Node, rows: str) -> str:
         """Bags of 1-D indices starting at their offsets (the last one, with
         ``include_last_offset``, only ends the last bag): each index's bag is the number of
@@ -345,7 +355,7 @@ class _Emitter:
                                   ints("axes", 1)], f"{name}_starts_before", keepdims=1),
             ints("less_one", 1)], f"{name}_bag_of")
         shape = self.op("Concat", [self.op("Shape", [starts], f"{name}_bags"),
-                                   ints("width", module.weight_shape[1])],
+                                   ints("width", self.shapes[node][-1])],
                         f"{name}_shape", axis=0)
         zeros = self.op("ConstantOfShape", [shape], f"{name}_zeros",
                         value=self.onnx.numpy_helper.from_array(np.zeros(1, np.float32)))
@@ -1025,7 +1035,7 @@ class _Emitter:
                                   lambda x, qparams: self.qdq(x, qparams, node.name))
             if isinstance(module, quantized._WithOutputQParams):
                 return self.integer_op(node, module)
-            if isinstance(module, quantized.Embedding):
+            if isinstance(module, (quantized.Embedding, nn.EmbeddingBag)):
                 return self.embedding(node, module)
             if isinstance(module, (dynamic.LSTM, dynamic.GRU)):
                 return self.recurrent(node, module)

@@ -13,7 +13,9 @@ own (ReLU, max pooling, reshapes, the fixed-range kernels) keep their input's qp
 take fixed ones; which qparams each tensor carries is read from one run of the converted
 model on the example inputs, so this emitter decides nothing the integer model did not."""
 
+import inspect
 import json
+import math
 import operator
 import os
 import re
@@ -112,6 +114,36 @@ def _signed(qparams: _QParams) -> Tuple[float, int]:
 _CONVS = {"Conv1d": torch.conv1d, "Conv2d": torch.conv2d}
 _TRANSPOSED_CONVS = {"ConvTranspose1d": torch.conv_transpose1d,
                      "ConvTranspose2d": torch.conv_transpose2d}
+
+
+def _bags(indices: torch.Tensor, table: torch.Tensor, offsets: Optional[torch.Tensor],
+          per_sample_weights: Optional[torch.Tensor], mode: str,
+          include_last_offset: bool) -> torch.Tensor:
+    """``F.embedding_bag`` in ops of the Core ATen opset: the rows looked up (weighted
+    first where per-sample weights are given), then per bag their sum, mean or max. 2-D
+    indices are one bag per row; 1-D indices are cut at their ``offsets`` (the last one,
+    with ``include_last_offset``, only ends the last bag): each index's bag is the number
+    of starts at or before it, less one, and a 0/1 matrix of bags by indices sums each
+    bag's rows. An empty bag gives 0, as PyTorch's."""
+    rows = F.embedding(indices, table)
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.unsqueeze(-1)
+    if indices.dim() == 2:
+        if mode == "max":
+            return rows.amax(1)
+        sums = rows.sum(1)
+        return sums / indices.size(1) if mode == "mean" else sums
+    starts = offsets[:-1] if include_last_offset else offsets
+    positions = torch.arange(indices.numel(), device=indices.device)
+    bag_of = (starts.unsqueeze(0) <= positions.unsqueeze(1)).sum(1) - 1
+    member = torch.arange(starts.numel(), device=indices.device).unsqueeze(1) == bag_of
+    sizes = member.sum(1, keepdim=True)
+    if mode == "max":
+        masked = torch.where(member.unsqueeze(-1), rows.unsqueeze(0),
+                             torch.full_like(rows[:1], -math.inf))
+        return torch.where(sizes > 0, masked.amax(1), torch.zeros_like(masked[:, 0]))
+    sums = member.to(rows.dtype).mm(rows)
+    return sums / sizes.clamp_min(1).to(rows.dtype) if mode == "mean" else sums
 
 
 class _Emitter:
@@ -264,12 +296,25 @@ class _Emitter:
         self.float_stored.append(node.target)
         weight = self.graph.get_attr(self.attr(f"{node.target}.weight",
                                                module.table().dequantize()))
-        args, kwargs = fx.node.map_aggregate((node.args, node.kwargs), self._arg)
         if isinstance(module, quantized.EmbeddingBag):
-            return self.graph.call_function(
-                F.embedding_bag, (args[0], weight, *args[1:]),
-                {**kwargs, "mode": module.mode, "include_last_offset": module.include_last_offset})
-        return self.graph.call_function(F.embedding, (args[0], weight))
+            return self.bags(node, module, weight)
+        return self.graph.call_function(F.embedding, (self._arg(node.args[0]), weight))
+
+    def bags(self, node: fx.Node, module: nn.Module, weight: fx.Node) -> fx.Node:
+        """An embedding bag (integer, or float where the Config skips it) as
+        :func:`_bags` over ``weight``: ``embedding_bag`` is not in the Core ATen opset that
+        ExecuTorch lowers."""
+        bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        # (indices, offsets, per_sample_weights): the float module calls the first `input`.
+        args = [self._arg(a) for a in list(bound.arguments.values())[:3]]
+        if isinstance(module, nn.EmbeddingBag) and (module.max_norm is not None
+                                                    or module.padding_idx is not None):
+            raise TypeError(f"qat.export: no .pte lowering for the embedding bag "
+                            f"{node.target} with max_norm or padding_idx; export it as .ptl, "
+                            f".pt or .onnx")
+        return self.graph.call_function(
+            _bags, (args[0], weight, *args[1:], module.mode, module.include_last_offset))
 
     def recurrent(self, node: fx.Node, module: nn.Module) -> fx.Node:
         """A dynamic quantized LSTM / GRU as the float layer over the values of its
@@ -304,6 +349,9 @@ class _Emitter:
                 return self.integer_op(node, module)
             if isinstance(module, quantized.Embedding):
                 return self.embedding(node, module)
+            if isinstance(module, nn.EmbeddingBag):
+                return self.bags(node, module, self.graph.get_attr(self.attr(
+                    f"{node.target}.weight", module.weight.detach())))
             if isinstance(module, (dynamic.LSTM, dynamic.GRU)):
                 return self.recurrent(node, module)
             new = self.graph.call_module(

@@ -77,16 +77,43 @@ def test_3d_convs_are_refused_naming_the_layer(tmp_path):
 
 
 @needs_executorch
-def test_embedding_bags_are_refused_naming_the_op(tmp_path):
-    """embedding_bag is not in the Core ATen opset ExecuTorch lowers: a clear error naming
-    it, and no file left behind."""
-    model = nn.Sequential(nn.EmbeddingBag(20, 6, mode="mean"), nn.Linear(6, 2))
-    x = torch.randint(0, 20, (4, 5))
-    qmodel = calibrated(model, x)
-    with pytest.raises(RuntimeError, match=r"ExecuTorch cannot lower this model .* \(at "
-                                           r"aten\._embedding_bag"):
-        qat.export(qmodel, tmp_path / "model.pte", x)
-    assert os.listdir(tmp_path) == []
+@pytest.mark.parametrize("mode,offsets,skipped", [
+    ("mean", False, False), ("sum", True, False), ("mean", True, False), ("max", True, True)],
+    ids=["rows_mean", "offsets_sum_weighted", "offsets_mean", "float_offsets_max"])
+def test_embedding_bags_give_the_integer_models_bags(mode, offsets, skipped, tmp_path):
+    """embedding_bag is not in the Core ATen opset ExecuTorch lowers: a bag is looked up
+    and summed in ops that are (one bag per row of 2-D indices; 1-D indices cut at their
+    offsets, empty bags and a last offset that only ends the last bag included, per-sample
+    weights with sum; a bag the Config leaves in float too, in mode max), and the program
+    gives the integer model's outputs."""
+    class Bags(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(20, 6, mode=mode, include_last_offset=offsets)
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, tokens, starts, weights):
+            if not offsets:
+                return self.fc(self.bag(tokens))
+            return self.fc(self.bag(tokens, starts, per_sample_weights=weights
+                                    if mode == "sum" else None))
+
+    torch.manual_seed(0)
+    if offsets:
+        inputs = (torch.randint(0, 20, (14,)), torch.tensor([0, 3, 3, 9, 14]), torch.rand(14))
+    else:
+        inputs = (torch.randint(0, 20, (4, 5)), torch.zeros(0), torch.zeros(0))
+    config = qat.Config(skip=["bag"]) if skipped else qat.Config()
+    qmodel = qat.prepare(Bags(), config)
+    qat.calibrate(qmodel, [(inputs,)], progress=False)
+    path = str(tmp_path / "bags.pte")
+    int_model = qat.export(qmodel, path, inputs)
+    with torch.no_grad():
+        expected = int_model(*inputs)
+    got = _pte.run_fresh(path, inputs)[0]
+    assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).all()
+    assert qat.read_metadata(path)["executorch"]["weights_as_float"] == ([] if skipped
+                                                                        else ["bag"])
 
 
 @needs_executorch

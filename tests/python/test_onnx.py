@@ -514,14 +514,15 @@ def test_a_bag_per_row_of_indices_gives_the_integer_models_bags(mode, tmp_path):
 
 
 @needs_onnx
-@pytest.mark.parametrize("mode,include_last_offset,weighted", [
-    ("sum", False, False), ("mean", False, False), ("sum", True, True), ("mean", True, False)])
+@pytest.mark.parametrize("mode,include_last_offset,weighted,skipped", [
+    ("sum", False, False, False), ("mean", False, False, False), ("sum", True, True, False),
+    ("mean", True, False, False), ("mean", False, False, True)])
 def test_bags_given_offsets_give_the_integer_models_bags(mode, include_last_offset, weighted,
-                                                         tmp_path):
+                                                         skipped, tmp_path):
     """1-D indices cut into bags at their offsets (empty bags and a last offset that only
-    ends the last bag included; per-sample weights with ``sum``), each bag the sum or mean of
-    its rows, checked against the integer model on other indices, bag counts and lengths
-    than the example's."""
+    ends the last bag included; per-sample weights with ``sum``; a bag the Config leaves in
+    float too), each bag the sum or mean of its rows, checked against the integer model on
+    other indices, bag counts and lengths than the example's."""
     class Bags(nn.Module):
         def __init__(self):
             super().__init__()
@@ -537,7 +538,7 @@ def test_bags_given_offsets_give_the_integer_models_bags(mode, include_last_offs
         return torch.randint(0, 40, (tokens,)), offsets, torch.rand(tokens)
 
     torch.manual_seed(2)
-    qmodel = qat.prepare(Bags())
+    qmodel = qat.prepare(Bags(), qat.Config(skip=["bag"]) if skipped else qat.Config())
     qat.calibrate(qmodel, [(batch(30, [0, 4, 9, 9, 20]),), (batch(12, [0, 5]),)],
                   progress=False)
     path = tmp_path / "bags.onnx"
@@ -549,6 +550,18 @@ def test_bags_given_offsets_give_the_integer_models_bags(mode, include_last_offs
             expected = int_model(*inputs)
         assert got.shape == expected.shape
         assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).all()
+
+
+@needs_onnx
+def test_a_float_bag_in_mode_max_is_named_and_no_file_is_left(tmp_path):
+    tokens = torch.randint(0, 40, (4, 6))
+    qmodel = qat.prepare(nn.Sequential(nn.EmbeddingBag(40, 8, mode="max"), nn.Linear(8, 3)),
+                         qat.Config(skip=["0"]))
+    qat.calibrate(qmodel, [tokens], progress=False)
+    with pytest.raises(TypeError, match=r"no ONNX lowering for the float EmbeddingBag 0 in "
+                                        r"mode max"):
+        qat.export(qmodel.eval(), tmp_path / "bags.onnx", tokens)
+    assert os.listdir(tmp_path) == []
 
 
 @needs_onnx
