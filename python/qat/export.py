@@ -391,11 +391,11 @@ def _onnx_with_free_batch(int_model: nn.Module, inputs: tuple, metadata: dict,
     """The ``.onnx`` program whose batch dimension is free where a file can leave it so:
     for each place the batch may lie (``_onnx.batch_layouts``: dim 0, or dim 1 of inputs of
     rank 3 and more, that first where the model holds a sequence-first layer), the file is
-    run in a fresh process on the example with one
-    batch entry more there and must give the integer model's outputs on it; the first
-    layout that does is kept. Where none does (a reshape to a fixed size, the file's
-    reshapes baking the batch), the inputs keep the example's shapes, with a warning: a
-    dimension the file declares free is one it was run with."""
+    run in a fresh process on the example with one batch entry more there and must give
+    the integer model's outputs on it; the first layout that does is kept. Where none does
+    (a reshape to a fixed size, the file's reshapes baking the batch), the inputs keep the
+    example's shapes, with a warning: a dimension the file declares free is one it was run
+    with."""
     sequence_first = any(getattr(m, "batch_first", True) is False for m in int_model.modules())
     layouts = _onnx.batch_layouts(inputs, sequence_first)
     for layout in layouts:
