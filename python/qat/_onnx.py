@@ -1081,8 +1081,13 @@ class _Emitter:
                         name, onnx.TensorProto.FLOAT, shape))
                 continue
             self.env[node] = self.node(node)
+        # Constants that handlers read at export (a logit scale, a position index) were also
+        # written as initializers when their get_attr node came; ONNX Runtime warns about
+        # each one no op reads.
+        read = {name for op in self.nodes for name in op.input}
+        initializers = [t for t in self.initializers if t.name in read]
         graph = helper.make_graph(self.nodes, type(self.gm).__name__, graph_inputs,
-                                  graph_outputs, self.initializers)
+                                  graph_outputs, initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                   producer_name="qat")
         helper.set_model_props(model, {METADATA_KEY: json.dumps(metadata)})

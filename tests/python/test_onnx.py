@@ -670,6 +670,8 @@ def test_swin_window_attention_follows_the_integer_model(height, width, v2, tmp_
     the float layer norms; Swin V2's cosine scores with their logit scale, query / value
     bias and position-bias MLP (its linears on integer kernels too); every qkv, proj, MLP
     and reduction linear on an integer kernel; the file runs without qat or torch."""
+    import onnx
+
     torch.manual_seed(0)
     x = torch.randn(24, 3, height, width)
     qmodel = qat.prepare(small_swin(v2))
@@ -686,6 +688,11 @@ def test_swin_window_attention_follows_the_integer_model(height, width, v2, tmp_
     assert report["layers"] == report["layers_integer"] == layers  # the patches' conv too
     v2_ops = {"ReduceL2", "Sigmoid"} if v2 else set()
     assert {"Softmax", "Erf", "LayerNormalization"} | v2_ops <= set(report["float_ops"])
+    # The constants read at export (logit scales, position indices, the V2 bias) are not
+    # left behind as initializers no op reads (ONNX Runtime warns about each).
+    graph = onnx.load(str(path)).graph
+    read = {name for op in graph.node for name in op.input}
+    assert [t.name for t in graph.initializer if t.name not in read] == []
 
 
 class _MaskedAttention(nn.Module):
