@@ -42,6 +42,34 @@ std::tuple<at::Tensor, at::Tensor> bias_levels(
   return {at::round(bias / step), step};
 }
 
+// The number of elements after axis `dim` of `t`: one channel's run along that axis.
+int64_t inner_size(const at::Tensor& t, int64_t dim) {
+  int64_t inner = 1;
+  for (int64_t d = dim + 1; d < t.dim(); ++d) {
+    inner *= t.size(d);
+  }
+  return inner;
+}
+
+// Calls fn(c, begin, end), in parallel, on element ranges [begin, end) of a contiguous
+// tensor of `numel` elements whose channel axis holds `channels` channels with runs of
+// `inner` elements; each range lies in one run of channel c (one channel: any range).
+template <typename Fn>
+void for_each_channel_run(int64_t numel, int64_t channels, int64_t inner, const Fn& fn) {
+  constexpr int64_t kGrain = 32768;
+  if (channels == 1) {
+    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) { fn(0, begin, end); });
+    return;
+  }
+  const int64_t run = std::max<int64_t>(inner, 1);
+  at::parallel_for(
+      0, numel / run, std::max<int64_t>(1, kGrain / run), [&](int64_t first, int64_t last) {
+        for (int64_t row = first; row < last; ++row) {
+          fn(row % channels, row * run, (row + 1) * run);
+        }
+      });
+}
+
 }  // namespace
 
 at::Tensor batch_norm_factor(
@@ -145,26 +173,17 @@ at::Tensor requantize(
   const auto m = multiplier.expand({channels}).contiguous();
   const auto b = levels.defined() ? levels.expand({channels}).contiguous()
                                   : at::zeros({channels}, acc.options());
-  int64_t inner = 1;
-  for (int64_t d = dim + 1; d < acc.dim(); ++d) {
-    inner *= acc.size(d);
-  }
   auto result = at::empty_like(acc);
   const float* a = acc.data_ptr<float>();
   const float* mp = m.data_ptr<float>();
   const float* bp = b.data_ptr<float>();
   float* r = result.data_ptr<float>();
-  const int64_t rows = acc.numel() / std::max<int64_t>(inner, 1);
-  at::parallel_for(
-      0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(inner, 1)),
-      [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t c = row % channels;
-          const float bias_levels = bp[c];
-          const float scale = mp[c];
-          for (int64_t i = row * inner; i < (row + 1) * inner; ++i) {
-            r[i] = round_half_even((a[i] + bias_levels) * scale) * out;
-          }
+  for_each_channel_run(
+      acc.numel(), channels, inner_size(acc, dim), [&](int64_t c, int64_t begin, int64_t end) {
+        const float bias_levels = bp[c];
+        const float scale = mp[c];
+        for (int64_t i = begin; i < end; ++i) {
+          r[i] = round_half_even((a[i] + bias_levels) * scale) * out;
         }
       });
   return result;
@@ -181,29 +200,15 @@ at::Tensor rounded_quotient(
   auto result = at::empty_like(x);
   const float* in = x.data_ptr<float>();
   float* out = result.data_ptr<float>();
-  if (channels == 1 && factor == nullptr) {
-    const float s = scale[0];
-    at::parallel_for(0, x.numel(), 32768, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        out[i] = round_half_even(in[i] / s);
-      }
-    });
-    return result;
-  }
-  const int64_t rows = x.numel() / std::max<int64_t>(inner, 1);
-  at::parallel_for(
-      0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(inner, 1)),
-      [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t c = row % channels;
-          const float s = scale[per_channel ? c : 0];
-          // x * 1 is exact: one loop serves weights with and without a folded batch norm.
-          const float f = factor != nullptr ? factor[c] : 1.0f;
-          for (int64_t i = row * inner; i < (row + 1) * inner; ++i) {
-            out[i] = round_half_even((in[i] * f) / s);
-          }
-        }
-      });
+  for_each_channel_run(x.numel(), channels, inner, [&](int64_t c, int64_t begin, int64_t end) {
+    const float s = scale[per_channel ? c : 0];
+    // x * 1 is exact: one loop serves inputs and weights with and without a folded batch
+    // norm.
+    const float f = factor != nullptr ? factor[c] : 1.0f;
+    for (int64_t i = begin; i < end; ++i) {
+      out[i] = round_half_even((in[i] * f) / s);
+    }
+  });
   return result;
 }
 
@@ -241,13 +246,9 @@ std::tuple<at::Tensor, at::Tensor> integer_operands(
   }
   if (plain_cpu_float(weight) && s.is_cpu() && (s.numel() == 1 || s.numel() == channels) &&
       (!scaled || f.is_cpu())) {
-    int64_t inner = 1;
-    for (int64_t d = dim + 1; d < weight.dim(); ++d) {
-      inner *= weight.size(d);
-    }
     w_ints = rounded_quotient(
         weight, s.data_ptr<float>(), s.numel() > 1, scaled ? f.data_ptr<float>() : nullptr,
-        channels, inner);
+        channels, inner_size(weight, dim));
   } else {
     const auto w = scaled ? weight * factor->reshape(shape) : weight;
     w_ints = at::round(w / weight_scale.reshape(shape));

@@ -33,7 +33,7 @@ from torch import nn
 from torch.ao.nn.quantized import dynamic
 
 from . import _op_roles, _transformer, quantized
-from ._pte import _QParams, _Recorder, pair_value
+from ._pte import _QParams, _Recorder, bag_arguments, pair_value
 
 __all__ = ["METADATA_KEY", "OPSET", "available", "batch_layouts", "emit", "grown", "load",
            "read_metadata_text", "run_fresh"]
@@ -298,10 +298,7 @@ class _Emitter:
             table = self.const(f"{node.target}.weight", module.weight.detach().float().numpy())
         if not isinstance(module, (quantized.EmbeddingBag, nn.EmbeddingBag)):
             return self.op("Gather", [table, self.env[node.args[0]]], node.name, axis=0)
-        bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs)
-        bound.apply_defaults()
-        # (indices, offsets, per_sample_weights): the float module calls the first `input`.
-        indices, offsets, per_sample_weights = list(bound.arguments.values())[:3]
+        indices, offsets, per_sample_weights = bag_arguments(node, module)
         rows = self.op("Gather", [table, self.env[indices]], f"{node.name}_rows", axis=0)
         if per_sample_weights is not None:
             weights = self.op("Unsqueeze", [self.env[per_sample_weights], self.const(
@@ -1057,11 +1054,12 @@ class _Emitter:
             output_batch_dims: Sequence[Optional[int]]):
         helper, onnx = self.onnx.helper, self.onnx
         graph_inputs, graph_outputs = [], []
+        own_lengths = _own_lengths(inputs)
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 x = inputs[len(graph_inputs)]
                 shape: List = list(x.shape)
-                if _own_lengths(inputs)[len(graph_inputs)]:
+                if own_lengths[len(graph_inputs)]:
                     # The length of 1-D indices (an embedding bag's, which its offsets,
                     # another length, cut into bags) or of their weights: free, its own.
                     shape[0] = f"{node.name}_length"

@@ -146,6 +146,15 @@ def _bags(indices: torch.Tensor, table: torch.Tensor, offsets: Optional[torch.Te
     return sums / sizes.clamp_min(1).to(rows.dtype) if mode == "mean" else sums
 
 
+def bag_arguments(node: fx.Node, module: nn.Module) -> list:
+    """The (indices, offsets, per_sample_weights) an embedding bag's graph node passes
+    (None where not given), for the integer bag and the float one alike (whose forward
+    calls its indices ``input``)."""
+    bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return list(bound.arguments.values())[:3]
+
+
 class _Emitter:
     def __init__(self, gm: fx.GraphModule, qparams: Dict[fx.Node, _QParams]):
         self.gm = gm
@@ -304,10 +313,7 @@ class _Emitter:
         """An embedding bag (integer, or float where the Config skips it) as
         :func:`_bags` over ``weight``: ``embedding_bag`` is not in the Core ATen opset that
         ExecuTorch lowers."""
-        bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs)
-        bound.apply_defaults()
-        # (indices, offsets, per_sample_weights): the float module calls the first `input`.
-        args = [self._arg(a) for a in list(bound.arguments.values())[:3]]
+        args = [self._arg(a) for a in bag_arguments(node, module)]
         if isinstance(module, nn.EmbeddingBag) and (module.max_norm is not None
                                                     or module.padding_idx is not None):
             raise TypeError(f"qat.export: no .pte lowering for the embedding bag "

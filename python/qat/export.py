@@ -374,16 +374,19 @@ def _export_qdq(model: nn.Module, path: str, example_inputs, kind: str) -> nn.Mo
         with open(temporary, "wb") as f:
             f.write(program)
 
-    def check(temporary: str) -> None:
-        # XNNPACK and ONNX Runtime round their int8 requantization their own way (fp32
-        # multipliers), so a one-step flip may pass from layer to layer: an SQNR floor,
-        # not equality.
-        got = emitter.run_fresh(temporary, inputs)
-        _check_outputs(expected, got[0] if len(got) == 1 else got, path,
-                       "the in-memory model", min_sqnr_db=30.0)
-
-    _write_checked(path, write, check)
+    _write_checked(path, write,
+                   lambda temporary: _check_qdq_file(emitter, temporary, inputs, expected, path))
     return int_model
+
+
+def _check_qdq_file(emitter, file: str, inputs: tuple, expected, path: str) -> None:
+    """The ``.pte`` / ``.onnx`` at ``file``, run by its runtime in a fresh process on
+    ``inputs``, gives ``expected`` (the integer model's outputs). XNNPACK and ONNX Runtime
+    round their int8 requantization their own way (fp32 multipliers), so a one-step flip may
+    pass from layer to layer: an SQNR floor, not equality."""
+    got = emitter.run_fresh(file, inputs)
+    _check_outputs(expected, got[0] if len(got) == 1 else got, path, "the in-memory model",
+                   min_sqnr_db=30.0)
 
 
 def _onnx_with_free_batch(int_model: nn.Module, inputs: tuple, metadata: dict,
@@ -411,9 +414,7 @@ def _onnx_with_free_batch(int_model: nn.Module, inputs: tuple, metadata: dict,
             with open(trial, "wb") as f:
                 f.write(program)
             try:
-                got = _onnx.run_fresh(trial, more)
-                _check_outputs(more_expected, got[0] if len(got) == 1 else got, path,
-                               "the in-memory model", min_sqnr_db=30.0)
+                _check_qdq_file(_onnx, trial, more, more_expected, path)
             except RuntimeError:
                 continue
         return program
