@@ -2,7 +2,6 @@
 
 #include <qat/prepare.h>
 
-#include <qat/estimator.h>
 #include <qat/op_roles.h>
 
 #include "config_keys.h"
@@ -85,11 +84,10 @@ void refuse_computing_inside(const torch::nn::Module& module, const std::string&
       name.empty() ? "" : fmt::format(", or keep it in float with Config::skip(\"{}\")", name)));
 }
 
-// Every QAT layer quantizes its input (InputQuantized) but the weight-only tables.
+// Every QAT layer quantizes its input (InputQuantized) but the tables (WeightOnly).
 bool is_prepared_layer(const torch::nn::Module& module) {
   return dynamic_cast<const InputQuantized*>(&module) != nullptr ||
-         dynamic_cast<const EmbeddingImpl*>(&module) != nullptr ||
-         dynamic_cast<const EmbeddingBagImpl*>(&module) != nullptr;
+         dynamic_cast<const WeightOnly*>(&module) != nullptr;
 }
 
 void check_not_prepared(torch::nn::Module& root) {
@@ -169,7 +167,8 @@ void check_observers(
           if (swapped) {
             check(name, child, "weight", specs.weight, &LayerOverride::weight);
           }
-          if ((swapped ||
+          const bool weight_only = registry.weight_only(std::type_index(typeid(child)));
+          if (((swapped && !weight_only) ||
                (sequential && (requantizes(child) || has_role(child, OpRole::kFixedRange)))) &&
               !config.dynamic()) {
             check(name, child, "activation", specs.activation, &LayerOverride::activation);
@@ -224,6 +223,10 @@ class Preparer {
 
   bool swappable(const torch::nn::Module& module) const {
     return registry_.contains(std::type_index(typeid(module)));
+  }
+
+  bool weight_only(const torch::nn::Module& module) const {
+    return registry_.weight_only(std::type_index(typeid(module)));
   }
 
   // Runs `build` (which makes a QAT module or FakeQuantize for the layer at `name`), naming
@@ -314,11 +317,7 @@ class Preparer {
           if (!fixed) {
             return FakeQuantize(spec);
           }
-          // Fixed qparams: per tensor, learned by no estimator.
-          auto fixed_spec = spec;
-          fixed_spec.per_channel(false).estimator(
-              EstimatorRegistry::global().fixed_qparams_estimator(spec.estimator()));
-          return FakeQuantize(fixed_spec, fixed->lo, fixed->hi, fixed->inclusive);
+          return FakeQuantize(fixed_qparams_spec(spec), fixed->lo, fixed->hi, fixed->inclusive);
         });
         chain.emplace(
             at < chain.size() ? chain.begin() + static_cast<std::ptrdiff_t>(at) : chain.end(), name,
@@ -328,11 +327,8 @@ class Preparer {
     };
     for (size_t i = 0; i < n;) {
       const auto name = path(prefix, names[i]);
-      if (!skipped(i) &&
-          (is_exactly<torch::nn::EmbeddingImpl>(*modules[i]) ||
-           is_exactly<torch::nn::EmbeddingBagImpl>(*modules[i])) &&
-          swappable(*modules[i])) {
-        // Weight-only: indices in, float rows out, no activation FakeQuantize around it.
+      if (!skipped(i) && weight_only(*modules[i])) {
+        // Indices in, float rows out: no activation FakeQuantize around it.
         chain.emplace_back(names[i], swap(modules[i], name, false));
         quantized = false;
         input = nullptr;
@@ -440,29 +436,24 @@ class Preparer {
   std::vector<std::function<void()>> edits_;
 };
 
-// A built-in registration: a `Float` module becomes a `Qat` one sharing its parameters,
-// which fuses a following ReLU.
+// A built-in registration: a `Float` module becomes a `Qat` one sharing its parameters.
+// A layer fuses a following ReLU; a table (qat::WeightOnly: its rows are not quantized)
+// has none to fuse and no activation FakeQuantize.
 template <typename Float, typename Qat>
 void add_builtin(ModuleRegistry& registry) {
+  constexpr bool table = std::is_base_of_v<WeightOnly, Qat>;
   registry.add(
       std::type_index(typeid(Float)),
       [](const std::shared_ptr<torch::nn::Module>& module, const SwapOptions& options) {
-        return torch::nn::AnyModule(std::make_shared<Qat>(
-            std::dynamic_pointer_cast<Float>(module), options.weight, options.relu));
+        auto float_module = std::dynamic_pointer_cast<Float>(module);
+        if constexpr (table) {
+          return torch::nn::AnyModule(std::make_shared<Qat>(float_module, options.weight));
+        } else {
+          return torch::nn::AnyModule(
+              std::make_shared<Qat>(float_module, options.weight, options.relu));
+        }
       },
-      /*fuses_relu=*/true);
-}
-
-// A weight-only table's registration: no ReLU to fuse (its rows are not quantized).
-template <typename Float, typename Qat>
-void add_table(ModuleRegistry& registry) {
-  registry.add(
-      std::type_index(typeid(Float)),
-      [](const std::shared_ptr<torch::nn::Module>& module, const SwapOptions& options) {
-        return torch::nn::AnyModule(
-            std::make_shared<Qat>(std::dynamic_pointer_cast<Float>(module), options.weight));
-      },
-      /*fuses_relu=*/false);
+      /*fuses_relu=*/!table, /*replace=*/false, /*weight_only=*/table);
 }
 
 void set_all(torch::nn::Module& root, void (FakeQuantizeImpl::*set)(bool), bool enabled) {
@@ -480,6 +471,7 @@ struct ModuleRegistry::State {
   struct Entry {
     ModuleFactory factory;
     bool fuses_relu;
+    bool weight_only;
   };
   mutable std::mutex mutex;
   std::map<std::type_index, Entry> entries;
@@ -497,15 +489,21 @@ ModuleRegistry::ModuleRegistry() : state_(std::make_shared<State>()) {
   add_builtin<torch::nn::Conv3dImpl, Conv3dImpl>(*this);
   add_builtin<torch::nn::ConvTranspose1dImpl, ConvTranspose1dImpl>(*this);
   add_builtin<torch::nn::ConvTranspose2dImpl, ConvTranspose2dImpl>(*this);
-  add_table<torch::nn::EmbeddingImpl, EmbeddingImpl>(*this);
-  add_table<torch::nn::EmbeddingBagImpl, EmbeddingBagImpl>(*this);
+  add_builtin<torch::nn::EmbeddingImpl, EmbeddingImpl>(*this);
+  add_builtin<torch::nn::EmbeddingBagImpl, EmbeddingBagImpl>(*this);
 }
 
 void ModuleRegistry::add(
-    std::type_index type, ModuleFactory factory, bool fuses_relu, bool replace) {
+    std::type_index type, ModuleFactory factory, bool fuses_relu, bool replace, bool weight_only) {
   if (!factory) {
     throw std::invalid_argument(
         fmt::format("qat::register_module: the factory for {} is empty", type_name(type)));
+  }
+  if (fuses_relu && weight_only) {
+    throw std::invalid_argument(fmt::format(
+        "qat::register_module: {} cannot both fuse a ReLU and be weight-only (its output is "
+        "not quantized)",
+        type_name(type)));
   }
   std::lock_guard<std::mutex> lock(state_->mutex);
   if (!replace && state_->entries.count(type) != 0) {
@@ -513,7 +511,7 @@ void ModuleRegistry::add(
         "qat::register_module: {} is registered already; pass replace=true to replace it",
         type_name(type)));
   }
-  state_->entries[type] = State::Entry{std::move(factory), fuses_relu};
+  state_->entries[type] = State::Entry{std::move(factory), fuses_relu, weight_only};
 }
 
 bool ModuleRegistry::remove(std::type_index type) {
@@ -530,6 +528,12 @@ bool ModuleRegistry::fuses_relu(std::type_index type) const {
   std::lock_guard<std::mutex> lock(state_->mutex);
   const auto found = state_->entries.find(type);
   return found != state_->entries.end() && found->second.fuses_relu;
+}
+
+bool ModuleRegistry::weight_only(std::type_index type) const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  const auto found = state_->entries.find(type);
+  return found != state_->entries.end() && found->second.weight_only;
 }
 
 std::vector<std::string> ModuleRegistry::names() const {

@@ -216,6 +216,15 @@ class InputQuantized {
   FakeQuantize output_quantizer_{nullptr};
 };
 
+/// What the QAT modules that quantize only their weight share (the embedding tables: indices
+/// in, float rows out), registered `weight_only` (qat::ModuleRegistry::add): qat::prepare
+/// places no activation FakeQuantize around them, and refuses a model holding one as
+/// prepared already.
+class WeightOnly {
+ public:
+  virtual ~WeightOnly() = default;
+};
+
 /// QAT torch::nn::Linear: the weight goes through `weight_fake_quant` (per channel along
 /// the output features when the spec is per channel) before the matmul; the bias is
 /// rounded to the integer kernels' int32 grid once the input quantizer is set (see
@@ -447,7 +456,7 @@ TORCH_MODULE(ConvBn3d);
 class EmbeddingImpl;
 
 template <typename Options, typename Derived>
-class EmbeddingTableImpl : public torch::nn::Cloneable<Derived> {
+class EmbeddingTableImpl : public torch::nn::Cloneable<Derived>, public WeightOnly {
  public:
   /// "qat::Embedding" or "qat::EmbeddingBag": how errors and printing name the module.
   static const char* display_name() {

@@ -70,15 +70,21 @@ class ModuleRegistry {
   /// @param fuses_relu whether the QAT module applies a ReLU that follows it in a
   ///        Sequential (SwapOptions::relu); otherwise the ReLU stays a module of its own.
   /// @param replace replace an earlier registration instead of failing.
-  /// @throws std::invalid_argument when `type` is registered and `replace` is false, or
-  ///         `factory` is empty.
+  /// @param weight_only the QAT module takes no quantized activation and writes none (a
+  ///        table: indices in, float rows out; qat::WeightOnly): prepare places no
+  ///        activation FakeQuantize around it.
+  /// @throws std::invalid_argument when `type` is registered and `replace` is false,
+  ///         `factory` is empty, or both `fuses_relu` and `weight_only` are set.
   void add(
-      std::type_index type, ModuleFactory factory, bool fuses_relu = false, bool replace = false);
+      std::type_index type, ModuleFactory factory, bool fuses_relu = false, bool replace = false,
+      bool weight_only = false);
   /// Removes the registration of `type`; returns whether there was one.
   bool remove(std::type_index type);
   bool contains(std::type_index type) const;
   /// Whether the QAT module of `type` fuses a following ReLU (false if unregistered).
   bool fuses_relu(std::type_index type) const;
+  /// Whether the QAT module of `type` is weight-only (false if unregistered).
+  bool weight_only(std::type_index type) const;
   /// The registered float module types, demangled and sorted.
   std::vector<std::string> names() const;
   /// The QAT version of `float_module`.
@@ -106,16 +112,19 @@ class ModuleRegistry {
 /// @endcode
 /// @param fuses_relu the QAT module applies a following ReLU (see ModuleRegistry::add).
 /// @param replace replace an earlier registration of `FloatImpl` instead of failing.
+/// @param weight_only the QAT module takes and writes no quantized activation (see
+///        ModuleRegistry::add).
 /// @throws std::invalid_argument when `FloatImpl` is registered already and `replace` is
-///         false.
+///         false, or both `fuses_relu` and `weight_only` are set.
 template <typename FloatImpl, typename Factory>
-void register_module(Factory factory, bool fuses_relu = false, bool replace = false) {
+void register_module(
+    Factory factory, bool fuses_relu = false, bool replace = false, bool weight_only = false) {
   ModuleRegistry::global().add(
       std::type_index(typeid(FloatImpl)),
       [factory](const std::shared_ptr<torch::nn::Module>& module, const SwapOptions& options) {
         return torch::nn::AnyModule(factory(std::dynamic_pointer_cast<FloatImpl>(module), options));
       },
-      fuses_relu, replace);
+      fuses_relu, replace, weight_only);
 }
 
 /// Removes the registration of `FloatImpl`; returns whether there was one.

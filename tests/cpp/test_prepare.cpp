@@ -493,6 +493,23 @@ CATCH_TEST_CASE(
   CATCH_CHECK(swapped->weight.is_same(float_scale->weight));
   CATCH_CHECK(net->forward(torch::randn({2, 3})).sizes() == torch::IntArrayRef{2, 3});
 
+  // Registered weight-only, the same module gets no activation FakeQuantize after it, and
+  // the Linear after it quantizes its own input.
+  const auto both = invalid_argument_message([&] {
+    qat::register_module<ScaleImpl>(
+        factory, /*fuses_relu=*/true, /*replace=*/true, /*weight_only=*/true);
+  });
+  CATCH_CHECK(both.find("cannot both fuse a ReLU and be weight-only") != std::string::npos);
+  CATCH_CHECK_FALSE(qat::ModuleRegistry::global().weight_only(typeid(ScaleImpl)));
+  qat::register_module<ScaleImpl>(
+      factory, /*fuses_relu=*/false, /*replace=*/true, /*weight_only=*/true);
+  CATCH_CHECK(qat::ModuleRegistry::global().weight_only(typeid(ScaleImpl)));
+  torch::nn::Sequential table_first(Scale(), torch::nn::Linear(3, 3));
+  qat::prepare(*table_first);
+  CATCH_CHECK(
+      child_names(*table_first) ==
+      std::vector<std::string>{"0", "1_input_fake_quant", "1", "1_fake_quant"});
+
   CATCH_CHECK(qat::unregister_module<ScaleImpl>());
   CATCH_CHECK_FALSE(qat::unregister_module<ScaleImpl>());
   const auto unknown = invalid_argument_message([] {
