@@ -160,6 +160,13 @@ int64_t QuantSpec::quant_max() const {
   return quant_range(bits_, is_signed(), narrow_range_).second;
 }
 
+QuantSpec fixed_qparams_spec(QuantSpec activation) {
+  const auto estimator =
+      EstimatorRegistry::global().fixed_qparams_estimator(activation.estimator());
+  activation.per_channel(false).estimator(estimator);
+  return activation;
+}
+
 std::string QuantSpec::to_string() const {
   return fmt::format(
       "bits={}, {}, {}, {}{}, observer={}, estimator={}", bits_,

@@ -89,6 +89,40 @@ py::dict info_dict(const qat::EstimatorInfo& info) {
   return d;
 }
 
+// qat.QuantSpec's fields (dataclasses.asdict) <-> qat::QuantSpec, whose setters validate
+// each as Python's do: a rule of the C++ front end applies to a Python spec through these.
+qat::QuantSpec spec_from_fields(const py::dict& fields) {
+  qat::QuantSpec spec;
+  spec.bits(fields["bits"].cast<int64_t>())
+      .symmetric(fields["symmetric"].cast<bool>())
+      .signed_range(fields["signed"].cast<c10::optional<bool>>())
+      .per_channel(fields["per_channel"].cast<bool>())
+      .axis(fields["axis"].cast<int64_t>())
+      .narrow_range(fields["narrow_range"].cast<bool>())
+      .observer(fields["observer"].cast<std::string>())
+      .estimator(fields["estimator"].cast<std::string>())
+      .averaging_constant(fields["averaging_constant"].cast<double>())
+      .percentile(fields["percentile"].cast<double>())
+      .bins(fields["bins"].cast<int64_t>());
+  return spec;
+}
+
+py::dict spec_fields(const qat::QuantSpec& spec) {
+  py::dict fields;
+  fields["bits"] = spec.bits();
+  fields["symmetric"] = spec.symmetric();
+  fields["signed"] = spec.signed_range();
+  fields["per_channel"] = spec.per_channel();
+  fields["axis"] = spec.axis();
+  fields["narrow_range"] = spec.narrow_range();
+  fields["observer"] = spec.observer();
+  fields["estimator"] = spec.estimator();
+  fields["averaging_constant"] = spec.averaging_constant();
+  fields["percentile"] = spec.percentile();
+  fields["bins"] = spec.bins();
+  return fields;
+}
+
 qat::cpu::Capability parse_capability(const std::string& name) {
   if (name == "default") {
     return qat::cpu::Capability::kDefault;
@@ -115,12 +149,13 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("name"), "Name, description and learned parameters of an estimator.");
   m.def(
-      "fixed_qparams_estimator",
-      [](const std::string& name) {
-        return qat::EstimatorRegistry::global().fixed_qparams_estimator(name);
+      "fixed_qparams_spec",
+      [](const py::dict& activation) {
+        return spec_fields(qat::fixed_qparams_spec(spec_from_fields(activation)));
       },
-      py::arg("name"),
-      "The estimator of a quantizer with fixed qparams when activations use `name`.");
+      py::arg("activation"),
+      "qat::fixed_qparams_spec of an activation spec, given and returned as qat.QuantSpec's "
+      "fields.");
   m.def(
       "register_estimator",
       [](const std::string& name, py::function fn, const std::string& description,

@@ -111,6 +111,13 @@ class QuantSpec {
   int64_t bins_ = 2048;
 };
 
+/// The spec of the quantizer after an op whose output range fixes its qparams (a sigmoid, a
+/// tanh, a fused ReLU6) when the activations use `activation`: per tensor, with the
+/// straight-through estimator where `activation`'s learns the qparams (LSQ, LSQ+, PACT;
+/// EstimatorRegistry::fixed_qparams_estimator). The rule of both front ends' prepare
+/// (Python's qat.prepare.fixed_qparams_spec calls it).
+QuantSpec fixed_qparams_spec(QuantSpec activation);
+
 /// The weight and activation specs one layer is quantized with.
 struct LayerSpecs {
   QuantSpec weight;

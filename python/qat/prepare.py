@@ -367,9 +367,8 @@ def fixed_qparams_spec(spec: QuantSpec) -> QuantSpec:
     """The spec of the quantizer after an op whose output range fixes its qparams (a sigmoid,
     a tanh, a fused ReLU6) when the activations use ``spec``: per tensor, and the
     straight-through estimator where ``spec``'s would learn the qparams (LSQ, LSQ+, PACT;
-    ``qat::EstimatorRegistry::fixed_qparams_estimator``, the C++ prepare's rule too)."""
-    return dataclasses.replace(spec, per_channel=False,
-                               estimator=_C.fixed_qparams_estimator(spec.estimator))
+    ``qat::fixed_qparams_spec``, which the C++ prepare calls too)."""
+    return QuantSpec(**_C.fixed_qparams_spec(dataclasses.asdict(spec)))
 
 
 class _Inserter:

@@ -191,3 +191,28 @@ CATCH_TEST_CASE(
   observed->disable_observer();
   CATCH_CHECK(observed->forward(x).sizes() == x.sizes());
 }
+
+// The spec of a quantizer with fixed qparams, which Python's prepare takes from the same
+// function: per tensor, learned by no estimator, the rest as the activations'.
+CATCH_TEST_CASE(
+    "the fixed-qparams spec is per tensor and learns nothing, keeping the rest",
+    "[front_end_rules][prepare]") {
+  const auto activation = qat::QuantSpec()
+                              .bits(6)
+                              .symmetric(true)
+                              .per_channel(true)
+                              .axis(1)
+                              .observer("minmax")
+                              .averaging_constant(0.5);
+  for (const auto& name : qat::EstimatorRegistry::global().names()) {
+    auto spec = activation;
+    spec.estimator(name);
+    const auto fixed = qat::fixed_qparams_spec(spec);
+    const auto info = qat::EstimatorRegistry::global().info(name);
+    CATCH_CHECK(fixed.estimator() == (info.learns_scale || info.learns_zero_point ? "ste" : name));
+    CATCH_CHECK_FALSE(fixed.per_channel());
+    auto back = fixed;
+    back.per_channel(true).estimator(name);
+    CATCH_CHECK(back == spec);
+  }
+}

@@ -3,6 +3,7 @@ activation FakeQuantize modules go (residual add, cat); conv + bn folding agains
 model; the eager fallback; and the refusals and warnings on bad input."""
 
 import copy
+import dataclasses
 import io
 import operator
 import warnings
@@ -491,9 +492,14 @@ def test_sigmoid_tanh_hardsigmoid_get_fixed_qparams():
     assert len(fixed) == 3
     assert all(not m.observer_enabled.item() for m in fixed)
     qat.disable_observer(gm)
+    # The gates' input as the graph computed it (its conv rounds the bias to the input's
+    # grid, which a bare call of gm.conv would not: a step apart here and there).
+    captured = []
+    hook = gm.get_submodule("conv_activation_fake_quant").register_forward_hook(
+        lambda module, args, output: captured.append(output))
     outputs = gm(x)
-    y = gm.conv(gm.get_submodule("x_activation_fake_quant")(x))
-    y = gm.get_submodule("conv_activation_fake_quant")(y)
+    hook.remove()
+    y = captured[0]
     # PyTorch's quantized kernels on quint8: sigmoid / hardsigmoid at scale 1/256 and
     # zero point 0, tanh at 2/256 and 128.
     expected = [
@@ -684,6 +690,25 @@ def test_learned_activation_qparams_leave_the_fixed_ones_to_the_straight_through
         integer = qat.convert(gm)(x)
     for s, i in zip(simulated[:3], integer[:3]):
         torch.testing.assert_close(i, s, rtol=0, atol=1 / 128 + 1e-6)  # within a step
+
+
+def test_the_fixed_qparams_spec_is_per_tensor_and_learns_nothing_keeping_the_rest():
+    """qat.prepare.fixed_qparams_spec (the C++ rule both front ends call): per tensor, 'ste'
+    for every registered estimator that learns a qparam, that estimator otherwise, and
+    every other field as the activation spec has it."""
+    from qat.prepare import fixed_qparams_spec
+
+    for name in qat.estimators.available():
+        info = qat._C.estimator_info(name)
+        spec = qat.QuantSpec(bits=6, symmetric=True, per_channel=True, axis=1, narrow_range=True,
+                             observer="minmax", estimator=name, averaging_constant=0.5,
+                             percentile=99.0, bins=64)
+        fixed = fixed_qparams_spec(spec)
+        learns = info["learns_scale"] or info["learns_zero_point"]
+        assert fixed.estimator == ("ste" if learns else name), name
+        assert not fixed.per_channel
+        assert dataclasses.replace(fixed, per_channel=True, estimator=name) == spec
+        assert spec.per_channel and spec.estimator == name  # the argument is not changed
 
 
 def test_mixed_precision_config_gives_each_layer_exactly_its_bits():
