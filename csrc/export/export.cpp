@@ -234,11 +234,13 @@ void export_model(
 #ifdef QAT_HAVE_LITE_INTERPRETER
   if (options.mobile) {
     saved._save_for_mobile(temporary.path(), extra);
+    detail::compact_archive(temporary.path());
     got = torch::jit::_load_for_mobile(temporary.path()).forward({input});
   }
 #endif
   if (!options.mobile) {
     saved.save(temporary.path(), extra);
+    detail::compact_archive(temporary.path());
     got = torch::jit::load(temporary.path()).forward({input});
   }
   const auto output = as_float(got);

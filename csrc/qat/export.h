@@ -108,4 +108,16 @@ void export_model(
     torch::nn::Module& prepared, const torch::Tensor& example_input, const std::string& path,
     const ExportOptions& options = {});
 
+namespace detail {
+
+/// Rewrites the TorchScript archive (.pt / .ptl) at `path` in place with every record that is
+/// not a tensor storage deflated (pickles, code, extra files) and without the code's source
+/// ranges (`.debug_pkl`: error-message context of a full-JIT load); storages stay stored and
+/// aligned. The file loads and runs as before, in any PyTorch (the readers inflate). Both
+/// front ends' exports call it before checking the file.
+/// @throws std::runtime_error when `path` is not a TorchScript archive.
+void compact_archive(const std::string& path);
+
+}  // namespace detail
+
 }  // namespace qat

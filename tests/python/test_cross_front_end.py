@@ -7,6 +7,7 @@ files whose outputs are bit-identical, and sub-8-bit weights packed alike."""
 import importlib
 import os
 import subprocess
+import zipfile
 
 import pytest
 import torch
@@ -369,3 +370,9 @@ def test_python_and_cpp_front_ends_compute_the_same_integer_model(tmp_path, fash
     python_size, cpp_size = os.path.getsize(python_path), os.path.getsize(tmp_path / "model.pt")
     print(f"{name} {preset}: Python file {python_size} bytes, C++ file {cpp_size} bytes")
     assert cpp_size <= python_size + 4096, (cpp_size, python_size)
+    # Both exports compact the archive alike (qat::detail::compact_archive).
+    with zipfile.ZipFile(tmp_path / "model.pt") as cpp, zipfile.ZipFile(python_path) as python:
+        for archive in (cpp, python):
+            kinds = {i.filename.split("/", 1)[1]: i.compress_type for i in archive.infolist()}
+            assert kinds["data.pkl"] == zipfile.ZIP_DEFLATED
+            assert not [n for n in kinds if n.endswith(".debug_pkl")]

@@ -3,9 +3,11 @@ integer model's outputs; metadata and ``python -m qat inspect``; full TorchScrip
 refusals."""
 
 import os
+import struct
 import subprocess
 import sys
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -14,7 +16,8 @@ from torch import nn
 import qat
 
 from conftest import SUBPROCESS_ENV as _ENV
-from helpers import RUN_LITE_MODEL, FashionNet, KeywordNet, run_python
+from helpers import (RUN_LITE_MODEL, TORCHVISION_PARITY, FashionNet, KeywordNet, run_python,
+                     torchvision_model, traced_size)
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +180,71 @@ def test_full_torchscript_file(calibrated, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(path)(x), int_model(x), rtol=0, atol=0)
     assert qat.read_metadata(path)["layers"]
+
+
+def _data_offset(archive: str, info: zipfile.ZipInfo) -> int:
+    """Where a record's bytes start: after its local header, whose extra field (the
+    writer's padding) may differ from the central directory's."""
+    with open(archive, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_length + extra_length
+
+
+@pytest.mark.parametrize("mobile", [True, False], ids=["ptl", "pt"])
+def test_files_deflate_what_is_not_a_tensor_and_keep_storages_aligned(calibrated, mobile,
+                                                                       tmp_path):
+    """Pickles, code and metadata are deflated and the code's debug records left out;
+    tensor storages stay stored at 64-byte offsets (as PyTorch's writer puts them, for the
+    runtimes that map them); the file loads and computes what the integer model does."""
+    qmodel, x = calibrated
+    path = str(tmp_path / ("model.ptl" if mobile else "model.pt"))
+    int_model = qat.export(qmodel, path, x, mobile=mobile)
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+    names = [info.filename.split("/", 1)[1] for info in infos]
+    assert "data.pkl" in names and "extra/qat/metadata.json" in names
+    assert not [n for n in names if n.endswith(".debug_pkl")]
+    storages = [(n, i) for n, i in zip(names, infos) if n.startswith(("data/", "constants/"))]
+    assert storages
+    for name, info in storages:
+        assert info.compress_type == zipfile.ZIP_STORED, name
+        assert _data_offset(path, info) % 64 == 0, name
+    for name, info in zip(names, infos):
+        if not name.startswith(("data/", "constants/")) and info.file_size > 256:
+            assert info.compress_type == zipfile.ZIP_DEFLATED, name
+    if mobile:
+        from torch.jit.mobile import _load_for_lite_interpreter
+        loaded = _load_for_lite_interpreter(path)
+    else:
+        loaded = torch.jit.load(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), int_model(x), rtol=0, atol=0)
+    assert qat.read_metadata(path)["layers"]
+
+
+@pytest.mark.parametrize("name,size", [entry[:2] for entry in TORCHVISION_PARITY],
+                         ids=[entry[0] for entry in TORCHVISION_PARITY])
+def test_parity_architectures_files_are_within_the_size_targets(name, size, tmp_path):
+    """The .ptl of each architecture of the parity test against its float TorchScript
+    file: <= 0.27x at int8 and <= 0.16x at 4-bit weights (issue 15's targets). A file's
+    size does not depend on the weights' values, so the models are not trained."""
+    torch.manual_seed(0)
+    model = torchvision_model(name, size).eval()
+    x = torch.randn(4, 3, size, size)
+    float_size = traced_size(model, x[:1], str(tmp_path / "float.pt"))
+    ratios = {}
+    for preset, limit in (("int8", 0.27), ("w4a8", 0.16)):
+        qmodel = qat.prepare(model, getattr(qat.presets, preset)())
+        qat.calibrate(qmodel, [x], progress=False)
+        path = tmp_path / f"{preset}.ptl"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyTorch's deprecations of its mobile tools
+            qat.export(qmodel, str(path), x[:1])
+        ratios[preset] = path.stat().st_size / float_size
+        assert ratios[preset] <= limit, (preset, ratios)
+    print(f"{name}: .ptl / float {ratios['int8']:.3f} (int8), {ratios['w4a8']:.3f} (w4a8)")
 
 
 def test_export_refuses_bad_paths_before_any_work(tmp_path):
