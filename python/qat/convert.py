@@ -671,6 +671,8 @@ class _Converter:
             if x is None or y is None or fq_node is None or not self.fusable(relu, fq_node):
                 return False
             scale, zero_point, _ = _qparams(self.fake_quant(fq_node))
+            if is_add and not quantized.Add.takes(self.qparams[x][0], self.qparams[y][0], scale):
+                return False  # in float, where the simulation's sum is computed alike
             op = (quantized.Add if is_add else quantized.Mul)(scale, zero_point, relu is not None)
             self.bind_output(self.add_module(f"{node.name}_int", op, [x, y]), node, fq_node,
                              relu, owns)

@@ -507,6 +507,23 @@ class Add(_WithOutputQParams):
     """``quantized::add`` (``add_relu`` with ``relu``): both inputs requantized to the
     output's qparams by the kernel."""
 
+    # qnnpack requantizes each input by its scale over the output's in fixed point and
+    # refuses a ratio outside [2^-14, 2^8) (pytorch_qnnp_create_add_nc_q8, float32), failing
+    # the model's first run: a branch scaled far below the sum (ConvNeXt's layer scale,
+    # 1e-6 at initialization) gives one.
+    _QNNPACK_RATIOS = (2.0 ** -14, 2.0 ** 8)
+
+    @staticmethod
+    def takes(a_scale: float, b_scale: float, scale: float) -> bool:
+        """Whether the installed engine's add kernel takes inputs of scales ``a_scale``,
+        ``b_scale`` into an output of ``scale``."""
+        if torch.backends.quantized.engine != "qnnpack":
+            return True
+        lo, hi = Add._QNNPACK_RATIOS
+        ratios = torch.tensor([a_scale, b_scale], dtype=torch.float32) / torch.tensor(
+            scale, dtype=torch.float32)
+        return bool(((ratios >= lo) & (ratios < hi)).all())
+
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.relu:
             return torch.ops.quantized.add_relu(a, b, self.scale, self.zero_point)

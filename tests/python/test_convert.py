@@ -5,6 +5,7 @@ interpreter, and the refusals."""
 
 import copy
 import io
+import operator
 import warnings
 
 import pytest
@@ -117,6 +118,45 @@ def test_the_eval_simulation_writes_the_integer_models_outputs_bit_for_bit():
         input_scale = qmodel.get_submodule(node.kwargs["input_scale"].target.rpartition(".")[0])
         on_grid = torch.ops.qat.round_bias(layer.bias, input_scale.scale, layer.weight_scale)
         assert torch.equal(on_grid, layer.bias), node.target
+
+
+class _ScaledBranch(nn.Module):
+    """A residual branch scaled far below the sum, as ConvNeXt's layer scale is at
+    initialization (1e-6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.gamma = nn.Parameter(torch.full((4, 1, 1), 1e-6))
+
+    def forward(self, x):
+        return x + self.gamma * self.conv(x)
+
+
+def test_an_add_whose_scales_qnnpack_refuses_runs_in_float_as_the_simulation_adds(tmp_path):
+    """qnnpack's add refuses inputs whose scale over the output's is outside [2^-14, 2^8)
+    (the converted model failed on its first run, and export blamed the example input):
+    such an add stays in float, listed in the report, and gives the simulation's outputs
+    bit for bit, in memory and from the .ptl."""
+    torch.manual_seed(0)
+    qmodel = qat.prepare(_ScaledBranch())
+    x = torch.randn(2, 4, 8, 8)
+    qat.calibrate(qmodel, [x], progress=False)
+    qmodel.eval()
+    adds = [n for n in qmodel.graph.nodes if n.op == "call_function" and n.target in
+            (operator.add, torch.add)]
+    assert len(adds) == 1
+    int_model, report = qat.convert(qmodel, return_report=True)
+    # The layer scale's product (a parameter times a tensor) is a float op already.
+    assert [name.split(" ")[0] for name in report.float] == ["mul", adds[0].name]
+    with torch.no_grad():
+        expected = qmodel(x)
+        torch.testing.assert_close(int_model(x), expected, rtol=0, atol=0)
+    path = str(tmp_path / "model.ptl")
+    qat.export(qmodel, path, x)
+    from torch.jit.mobile import _load_for_lite_interpreter
+    with torch.no_grad():
+        torch.testing.assert_close(_load_for_lite_interpreter(path)(x), expected, rtol=0, atol=0)
 
 
 def test_transposed_convs_compute_as_their_kernels_too():
