@@ -4,6 +4,7 @@ ops on XNNPACK) or a QDQ ONNX model (``.onnx``, integer ops in ONNX Runtime), wi
 metadata inside, checked against the in-memory model after it is
 written; and ``read_metadata`` to get it back."""
 
+import copy
 import json
 import os
 import re
@@ -224,9 +225,24 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
         return _export(model, os.fspath(path), example_inputs, kind == "ptl")
 
 
-def _run_example(int_model: nn.Module, inputs: tuple):
+def _simulation_runs(simulation: Optional[nn.Module], inputs: tuple) -> bool:
+    """Whether a copy of the QAT model (in eval: its observers and batch norms keep their
+    state) runs on ``inputs``."""
+    if simulation is None:
+        return False
+    try:
+        with torch.no_grad():
+            copy.deepcopy(simulation).eval()(*inputs)
+    except Exception:  # noqa: BLE001 - any failure means the inputs do not fit
+        return False
+    return True
+
+
+def _run_example(int_model: nn.Module, inputs: tuple, simulation: Optional[nn.Module] = None):
     """The integer model's outputs on ``inputs``, which must fit it and give finite
-    values (a NaN output cannot be checked against the file)."""
+    values (a NaN output cannot be checked against the file). When it fails where
+    ``simulation``, the QAT model it was converted from, runs, a kernel refused the
+    integer model, not the inputs the model."""
     for i, t in enumerate(inputs):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"qat.export: example_inputs[{i}] holds NaN or inf; give finite "
@@ -240,6 +256,10 @@ def _run_example(int_model: nn.Module, inputs: tuple):
         cause = lines[0] if lines else type(error).__name__
         if cause.endswith(":") and len(lines) > 1:
             cause += " " + lines[1]  # newer PyTorch: the op's name ("mm:"), then the error
+        if _simulation_runs(simulation, inputs):
+            raise RuntimeError(
+                f"qat.export: the integer model fails on the example input ({shapes}), on "
+                f"which the QAT model runs: a quantized kernel refused it: {cause}") from error
         raise ValueError(f"qat.export: the example input ({shapes}) does not fit the model: "
                          f"{cause}") from error
     for out in (expected,) if isinstance(expected, torch.Tensor) else tuple(expected):
@@ -254,11 +274,11 @@ def _integer_model(model: nn.Module, inputs: tuple):
     """(integer model, its outputs on ``inputs``): ``model`` converted when it is a QAT
     model, taken as it is when it is an integer one (either under torch.compile or not)."""
     model = uncompiled(model)
-    int_model = convert(model) if any(isinstance(m, FakeQuantize) for m in model.modules()) \
-        else model
+    simulation = model if any(isinstance(m, FakeQuantize) for m in model.modules()) else None
+    int_model = convert(model) if simulation is not None else model
     int_model.eval()
     _warn_float_weights(int_model)
-    return int_model, _run_example(int_model, inputs)
+    return int_model, _run_example(int_model, inputs, simulation)
 
 
 # Below this share of weight elements stored as integers, a file is mostly a float model.

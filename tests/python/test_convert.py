@@ -133,7 +133,8 @@ class _ScaledBranch(nn.Module):
         return x + self.gamma * self.conv(x)
 
 
-def test_an_add_whose_scales_qnnpack_refuses_runs_in_float_as_the_simulation_adds(tmp_path):
+def test_an_add_whose_scales_qnnpack_refuses_runs_in_float_as_the_simulation_adds(
+        tmp_path, monkeypatch):
     """qnnpack's add refuses inputs whose scale over the output's is outside [2^-14, 2^8)
     (the converted model failed on its first run, and export blamed the example input):
     such an add stays in float, listed in the report, and gives the simulation's outputs
@@ -157,6 +158,16 @@ def test_an_add_whose_scales_qnnpack_refuses_runs_in_float_as_the_simulation_add
     from torch.jit.mobile import _load_for_lite_interpreter
     with torch.no_grad():
         torch.testing.assert_close(_load_for_lite_interpreter(path)(x), expected, rtol=0, atol=0)
+    # Given to the kernel anyway, the add fails on the first run: export says a kernel
+    # refused the integer model (the QAT model runs on the same input), not that the input
+    # does not fit, and leaves the QAT model's state as it was.
+    monkeypatch.setattr(qat.quantized.Add, "takes", staticmethod(lambda *scales: True))
+    state = {k: v.clone() for k, v in qmodel.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(RuntimeError, match=r"the integer model fails on the example input "
+                                           r"\(\[2, 4, 8, 8\]\), on which the QAT model runs"):
+        qat.export(qmodel, str(tmp_path / "refused.ptl"), x)
+    assert not (tmp_path / "refused.ptl").exists()
+    assert all(torch.equal(v, qmodel.state_dict()[k]) for k, v in state.items())
 
 
 def test_transposed_convs_compute_as_their_kernels_too():
