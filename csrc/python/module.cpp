@@ -250,7 +250,8 @@ PYBIND11_MODULE(_C, m) {
       "_compact_archive", [](const std::string& path) { qat::detail::compact_archive(path); },
       py::arg("path"),
       "Deflates the records of a written TorchScript archive that are not tensor storages "
-      "(qat::detail::compact_archive, both front ends' exports).");
+      "and drops its code's debug records (qat::detail::compact_archive, both front ends' "
+      "exports).");
 
   m.def("_cpu_capability", [] { return qat::cpu::capability_name(qat::cpu::capability()); });
   m.def("_best_cpu_capability", [] {
