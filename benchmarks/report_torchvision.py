@@ -3,7 +3,8 @@ QAT fine-tuned, converted and exported to ``.ptl``; how closely the file follows
 simulation it was trained as.
 
     PYTHONPATH=python python benchmarks/report_torchvision.py [--models NAME ...]
-        [--budget-min 10] [--steps FLOAT QAT] [--threads 2] [--sizes-only]
+        [--budget-min 10] [--steps FLOAT QAT] [--optimizer sgd|adam] [--threads 2]
+        [--sizes-only]
 
 Builders: ``torchvision.models.list_models(module=torchvision.models)`` (all of the
 installed torchvision's classification models, not a chosen subset). The six of the
@@ -128,9 +129,10 @@ def measure_sizes(name: str, data, folder: str) -> dict:
                for preset in ("int8", "w4a8")}}
 
 
-def measure(name: str, data, folder: str, budget: float, steps=None) -> dict:
+def measure(name: str, data, folder: str, budget: float, steps=None, optimizer=None) -> dict:
     images, labels, test_images, test_labels = data
-    size, optimizer, float_steps, qat_steps = recipe(name)
+    size, recipe_optimizer, float_steps, qat_steps = recipe(name)
+    optimizer = optimizer or recipe_optimizer
     if steps is not None:
         float_steps, qat_steps = steps
     row = {"model": name, "size": size}
@@ -175,6 +177,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs=2, metavar=("FLOAT", "QAT"),
                         help="float and QAT steps instead of the recipe's (a longer run for "
                              "the models whose figures move with training)")
+    parser.add_argument("--optimizer", choices=("sgd", "adam"),
+                        help="the optimizer instead of the recipe's (for the variants of the "
+                             "parity test's six that its SGD recipe does not train at 32 px)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sizes-only", action="store_true",
                         help="only the .ptl size ratios at int8 and w4a8, of untrained models "
@@ -205,7 +210,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
             try:
-                row = measure(name, data, folder, args.budget_min, args.steps)
+                row = measure(name, data, folder, args.budget_min, args.steps, args.optimizer)
             except Exception as error:  # noqa: BLE001 - a row says why, the others still run
                 row = {"model": name, "size": "-",
                        "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
