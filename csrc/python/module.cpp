@@ -91,22 +91,6 @@ py::dict info_dict(const qat::EstimatorInfo& info) {
 
 // qat.QuantSpec's fields (dataclasses.asdict) <-> qat::QuantSpec, whose setters validate
 // each as Python's do: a rule of the C++ front end applies to a Python spec through these.
-qat::QuantSpec spec_from_fields(const py::dict& fields) {
-  qat::QuantSpec spec;
-  spec.bits(fields["bits"].cast<int64_t>())
-      .symmetric(fields["symmetric"].cast<bool>())
-      .signed_range(fields["signed"].cast<c10::optional<bool>>())
-      .per_channel(fields["per_channel"].cast<bool>())
-      .axis(fields["axis"].cast<int64_t>())
-      .narrow_range(fields["narrow_range"].cast<bool>())
-      .observer(fields["observer"].cast<std::string>())
-      .estimator(fields["estimator"].cast<std::string>())
-      .averaging_constant(fields["averaging_constant"].cast<double>())
-      .percentile(fields["percentile"].cast<double>())
-      .bins(fields["bins"].cast<int64_t>());
-  return spec;
-}
-
 py::dict spec_fields(const qat::QuantSpec& spec) {
   py::dict fields;
   fields["bits"] = spec.bits();
@@ -121,6 +105,31 @@ py::dict spec_fields(const qat::QuantSpec& spec) {
   fields["percentile"] = spec.percentile();
   fields["bins"] = spec.bins();
   return fields;
+}
+
+qat::QuantSpec spec_from_fields(const py::dict& fields) {
+  // A field without a C++ counterpart would be lost on the way back.
+  const auto known = spec_fields(qat::QuantSpec());
+  for (const auto& item : fields) {
+    if (!known.contains(item.first)) {
+      throw py::value_error(
+          "qat._C: QuantSpec field '" + item.first.cast<std::string>() +
+          "' has no C++ counterpart");
+    }
+  }
+  qat::QuantSpec spec;
+  spec.bits(fields["bits"].cast<int64_t>())
+      .symmetric(fields["symmetric"].cast<bool>())
+      .signed_range(fields["signed"].cast<c10::optional<bool>>())
+      .per_channel(fields["per_channel"].cast<bool>())
+      .axis(fields["axis"].cast<int64_t>())
+      .narrow_range(fields["narrow_range"].cast<bool>())
+      .observer(fields["observer"].cast<std::string>())
+      .estimator(fields["estimator"].cast<std::string>())
+      .averaging_constant(fields["averaging_constant"].cast<double>())
+      .percentile(fields["percentile"].cast<double>())
+      .bins(fields["bins"].cast<int64_t>());
+  return spec;
 }
 
 qat::cpu::Capability parse_capability(const std::string& name) {

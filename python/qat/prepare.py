@@ -368,7 +368,7 @@ def fixed_qparams_spec(spec: QuantSpec) -> QuantSpec:
     a tanh, a fused ReLU6) when the activations use ``spec``: per tensor, and the
     straight-through estimator where ``spec``'s would learn the qparams (LSQ, LSQ+, PACT;
     ``qat::fixed_qparams_spec``, which the C++ prepare calls too)."""
-    return QuantSpec(**_C.fixed_qparams_spec(dataclasses.asdict(spec)))
+    return dataclasses.replace(spec, **_C.fixed_qparams_spec(dataclasses.asdict(spec)))
 
 
 class _Inserter:

@@ -709,6 +709,9 @@ def test_the_fixed_qparams_spec_is_per_tensor_and_learns_nothing_keeping_the_res
         assert not fixed.per_channel
         assert dataclasses.replace(fixed, per_channel=True, estimator=name) == spec
         assert spec.per_channel and spec.estimator == name  # the argument is not changed
+    # A field the C++ spec lacks would be lost on the way back: refused by name.
+    with pytest.raises(ValueError, match="QuantSpec field 'rounding' has no C\\+\\+ counterpart"):
+        qat._C.fixed_qparams_spec({**dataclasses.asdict(qat.QuantSpec()), "rounding": "even"})
 
 
 def test_mixed_precision_config_gives_each_layer_exactly_its_bits():
