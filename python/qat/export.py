@@ -241,8 +241,8 @@ def _simulation_runs(simulation: Optional[nn.Module], inputs: tuple) -> bool:
 def _run_example(int_model: nn.Module, inputs: tuple, simulation: Optional[nn.Module] = None):
     """The integer model's outputs on ``inputs``, which must fit it and give finite
     values (a NaN output cannot be checked against the file). When it fails where
-    ``simulation``, the QAT model it was converted from, runs, a kernel refused the
-    integer model, not the inputs the model."""
+    ``simulation``, the QAT model it was converted from, runs, the inputs fit: a kernel
+    refused the integer model, and the error says so."""
     for i, t in enumerate(inputs):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"qat.export: example_inputs[{i}] holds NaN or inf; give finite "
