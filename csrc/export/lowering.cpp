@@ -74,7 +74,26 @@ void for_each_channel_run(int64_t numel, int64_t channels, int64_t inner, const 
 
 at::Tensor batch_norm_factor(
     const c10::optional<at::Tensor>& weight, const at::Tensor& running_var, double eps) {
-  const auto std_dev = at::sqrt(running_var + eps);
+  at::Tensor std_dev;
+  if (running_var.is_cpu() && running_var.scalar_type() == at::kFloat &&
+      !running_var.requires_grad()) {
+    // Every conv + batch norm calls this in every training step: one loop over its few
+    // hundred channels instead of an add and a sqrt, whose dispatch and allocations cost
+    // more than the arithmetic. The sum is rounded to float32 (as the add rounds it) and
+    // the square root correctly (std::sqrt, IEEE 754): the factor, and so the integer
+    // weights, are the same under every PyTorch, whose float32 sqrt kernel need not round
+    // correctly (2.15's is off by one unit in the last place for some values).
+    const auto var = running_var.contiguous();
+    std_dev = at::empty_like(var);
+    const float* v = var.data_ptr<float>();
+    float* out = std_dev.data_ptr<float>();
+    const auto e = static_cast<float>(eps);
+    for (int64_t c = 0; c < var.numel(); ++c) {
+      out[c] = std::sqrt(v[c] + e);
+    }
+  } else {
+    std_dev = at::sqrt(running_var + eps);
+  }
   if (weight.has_value() && weight->defined()) {
     return *weight / std_dev;
   }

@@ -2,6 +2,7 @@
 call, against references written here from their definitions and from PyTorch's own
 quantization functions."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,6 +32,28 @@ def test_batch_norm_factor_and_folded_bias_follow_batch_norm_in_eval():
                                1 / torch.sqrt(bn.running_var + bn.eps))
     torch.testing.assert_close(ops.fold_bias(None, None, bn.running_mean, factor),
                                -factor * bn.running_mean)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-3, 0.1, 1e-12])
+def test_batch_norm_factor_rounds_the_formula_in_float32_on_every_pytorch(eps):
+    """gamma / sqrt(var + eps) for a float32 running variance: the sum rounded to float32,
+    the square root and the quotient correctly rounded (IEEE 754, numpy's float32
+    arithmetic here), whatever the installed PyTorch's sqrt kernel rounds to; contiguous
+    or not."""
+    torch.manual_seed(0)
+    var = torch.cat([torch.rand(500) * 10, torch.rand(500) * 1e-6, torch.zeros(3)])
+    gamma = torch.randn(var.numel())
+    v32 = var.numpy() + np.float32(eps)
+    assert v32.dtype == np.float32
+    expected = torch.from_numpy(gamma.numpy() / np.sqrt(v32))
+    expected_without_gamma = torch.from_numpy(np.float32(1) / np.sqrt(v32))
+    for v in (var, torch.stack([var, var], 1)[:, 0]):
+        assert torch.equal(ops.batch_norm_factor(gamma, v, eps), expected)
+        assert torch.equal(ops.batch_norm_factor(None, v, eps), expected_without_gamma)
+    # Other types are the tensor formula's.
+    v64 = var.double()
+    torch.testing.assert_close(ops.batch_norm_factor(gamma.double(), v64, eps),
+                               gamma.double() / torch.sqrt(v64 + eps), rtol=0, atol=0)
 
 
 def test_batch_norm_factor_and_folded_bias_carry_gradients():
