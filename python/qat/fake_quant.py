@@ -187,10 +187,11 @@ class FakeQuantize(_QuantState):
                     observe = False
         # The rest of the state machine (observe, clamp a learned scale, refuse a scale never
         # observed, fake-quantize) is the C++ operator's, which the C++ FakeQuantize runs too.
+        observer = self.observer
         return torch.ops.qat.fused_observe_fake_quantize(
-            x, self.observer.min_val, self.observer.max_val, self.scale, self.zero_point,
+            x, observer.min_val, observer.max_val, self.scale, self.zero_point,
             self.quant_min, self.quant_max, axis, self.averaging_constant, self.symmetric,
-            observe, quantize, self.estimator, self.observer.nonfinite_count,
+            observe, quantize, self.estimator, observer.nonfinite_count,
             self.learns_scale, not self.fixed_qparams)
 
     def fake_quantize_folded(self, weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -233,10 +234,11 @@ class FakeQuantize(_QuantState):
         if not folds:
             f = factor.reshape(shape)
             return self(weight * f) / f
+        observer = self.observer
         return torch.ops.qat.fake_quantize_folded(
-            weight, factor, self.observer.min_val, self.observer.max_val, self.scale,
+            weight, factor, observer.min_val, observer.max_val, self.scale,
             self.zero_point, self.quant_min, self.quant_max, self.averaging_constant,
-            self.symmetric, observe, quantize, self.estimator, self.observer.nonfinite_count,
+            self.symmetric, observe, quantize, self.estimator, observer.nonfinite_count,
             self.learns_scale)
 
     def linear(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

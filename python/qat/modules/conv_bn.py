@@ -1,7 +1,8 @@
 """ConvNd + BatchNormNd (+ ReLU) for QAT, 1d, 2d and 3d, with the batch norm folded into the
 weight before it is fake-quantized, as the integer model will hold it."""
 
-from typing import List, Optional, Tuple
+import operator
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,11 @@ def fold_weights_ahead(modules: List[nn.Module]) -> None:
     if len(modules) > 1:
         # The others only: a module listing itself would keep itself alive in a cycle.
         modules[0].__dict__["_fold_schedule"] = list(modules[1:])
+
+
+def _tensors(module: nn.Module) -> Dict[str, Optional[torch.Tensor]]:
+    """A module's buffers and parameters by name."""
+    return {**module._buffers, **module._parameters}
 
 
 def _nothing() -> None:
@@ -111,8 +117,8 @@ class _ConvBnNd:
     def _fold(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(f, fq(w * f) / f): the batch norm's factor per output channel and the folded
         weight, fake-quantized and folded back."""
-        scale_factor = torch.ops.qat.batch_norm_factor(self.bn.weight, self.bn.running_var,
-                                                       self.bn.eps)
+        bn = self.bn
+        scale_factor = torch.ops.qat.batch_norm_factor(bn.weight, bn.running_var, bn.eps)
         # conv(x, fq(w * f)) / f per channel, as conv(x, fq(w * f) / f): the division
         # lands on the weight, not on the (usually larger) output, and the folded weight
         # need not be built (FakeQuantize.fake_quantize_folded).
@@ -130,10 +136,15 @@ class _ConvBnNd:
         no such one, as a batch norm without affine weight): what a weight made ahead was
         made from (:meth:`_fold_inputs`), and what :func:`qat.prepare` checks that no other
         module holds before it schedules the fold."""
-        bn, fq = self.bn, self.weight_fake_quant
-        return ((bn, fq, fq.observer),
-                (self.weight, bn.weight, bn.running_var, fq.scale, fq.zero_point,
-                 fq.observer_enabled, fq.fake_quant_enabled))
+        # Read from the modules' tables, not as attributes: this runs twice per module and
+        # training step, and each nn.Module.__getattr__ costs about half a microsecond.
+        bn, fq = self._modules["bn"], self._modules["weight_fake_quant"]
+        own, bn_own, fq_own = _tensors(self), _tensors(bn), _tensors(fq)
+        # A parametrized weight is no entry of the table but a property.
+        weight = own["weight"] if "weight" in own else self.weight
+        return ((bn, fq, fq._modules["observer"]),
+                (weight, bn_own.get("weight"), bn_own.get("running_var"), fq_own["scale"],
+                 fq_own["zero_point"], fq_own["observer_enabled"], fq_own["fake_quant_enabled"]))
 
     @torch.jit.unused
     def _fold_inputs(self):
@@ -141,7 +152,7 @@ class _ConvBnNd:
         tensors, and the tensors' versions (bumped by every in-place change)."""
         modules, tensors = self._fold_reads()
         return (modules + tensors,
-                tuple(-1 if t is None else t._version for t in tensors))
+                tuple([-1 if t is None else t._version for t in tensors]))
 
     @torch.jit.unused
     def _fold_ahead(self) -> None:
@@ -176,7 +187,7 @@ class _ConvBnNd:
             return None
         objects, versions = made.inputs
         now_objects, now_versions = self._fold_inputs()
-        if versions != now_versions or any(a is not b for a, b in zip(objects, now_objects)):
+        if versions != now_versions or not all(map(operator.is_, objects, now_objects)):
             return None
         return made.factor, made.weight
 
@@ -189,15 +200,16 @@ class _ConvBnNd:
             scale_factor, weight = self._fold()
         else:
             scale_factor, weight = folded
+        bn = self.bn
         # The conv bias is added after the division: it is not part of the folded weight's
         # product.
-        if (input_scale is not None and not self.bn.training
+        if (input_scale is not None and not bn.training
                 and bool(self.weight_fake_quant.fake_quant_enabled)):
             # With the running statistics the whole is the folded conv the integer model
             # runs, conv(x, fq(w * f)) + beta + f * (b - mean), whose bias the kernel
             # rounds to its int32 grid: so is it here (qat.round_bias).
             shape = [1, -1] + [1] * (input.dim() - 2)
-            bias = torch.ops.qat.fold_bias(self.bias, self.bn.bias, self.bn.running_mean,
+            bias = torch.ops.qat.fold_bias(self.bias, bn.bias, bn.running_mean,
                                            scale_factor)
             if kernel_qparams is not None and computes_as_kernel(self.training, True,
                                                                  kernel_qparams):
@@ -209,7 +221,7 @@ class _ConvBnNd:
             bias = round_bias(bias, input_scale, self.weight_fake_quant.scale)
             return (self._conv_forward(input, weight, None) * scale_factor.reshape(shape)
                     + bias.reshape(shape))
-        return self.bn(self._conv_forward(input, weight, self.bias))
+        return bn(self._conv_forward(input, weight, self.bias))
 
     def forward(self, input: torch.Tensor, input_scale: Optional[torch.Tensor] = None,
                 kernel_qparams: Optional[KernelQParams] = None) -> torch.Tensor:
