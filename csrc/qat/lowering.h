@@ -16,7 +16,9 @@
 namespace qat {
 
 /// gamma / sqrt(running_var + eps): the per-channel factor a batch norm in eval multiplies
-/// by, folded into the conv weight before it is fake-quantized. Differentiable.
+/// by, folded into the conv weight before it is fake-quantized. Differentiable. For a
+/// float32 running variance on the CPU the sum is rounded to float32 and the square root
+/// correctly (IEEE 754), so the factor does not depend on the PyTorch it runs under.
 /// @param weight the batch norm's gamma (undefined: 1, a batch norm without affine).
 at::Tensor batch_norm_factor(
     const c10::optional<at::Tensor>& weight, const at::Tensor& running_var, double eps);
