@@ -2,7 +2,7 @@
 weight before it is fake-quantized, as the integer model will hold it."""
 
 import operator
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +32,6 @@ def fold_weights_ahead(modules: List[nn.Module]) -> None:
     if len(modules) > 1:
         # The others only: a module listing itself would keep itself alive in a cycle.
         modules[0].__dict__["_fold_schedule"] = list(modules[1:])
-
-
-def _tensors(module: nn.Module) -> Dict[str, Optional[torch.Tensor]]:
-    """A module's buffers and parameters by name."""
-    return {**module._buffers, **module._parameters}
 
 
 def _nothing() -> None:
@@ -139,12 +134,15 @@ class _ConvBnNd:
         # Read from the modules' tables, not as attributes: this runs twice per module and
         # training step, and each nn.Module.__getattr__ costs about half a microsecond.
         bn, fq = self._modules["bn"], self._modules["weight_fake_quant"]
-        own, bn_own, fq_own = _tensors(self), _tensors(bn), _tensors(fq)
         # A parametrized weight is no entry of the table but a property.
-        weight = own["weight"] if "weight" in own else self.weight
+        params = self._parameters
+        weight = params["weight"] if "weight" in params else self.weight
+        # Learned qparams are parameters, observed ones buffers.
+        fq_state = {**fq._buffers, **fq._parameters}
         return ((bn, fq, fq._modules["observer"]),
-                (weight, bn_own.get("weight"), bn_own.get("running_var"), fq_own["scale"],
-                 fq_own["zero_point"], fq_own["observer_enabled"], fq_own["fake_quant_enabled"]))
+                (weight, bn._parameters.get("weight"), bn._buffers.get("running_var"),
+                 fq_state["scale"], fq_state["zero_point"], fq_state["observer_enabled"],
+                 fq_state["fake_quant_enabled"]))
 
     @torch.jit.unused
     def _fold_inputs(self):
