@@ -385,17 +385,18 @@ def torchvision_model(name: str, size: int) -> nn.Module:
     return getattr(torchvision.models, name)(**kwargs)
 
 
-def train_torchvision_float(name, size, optimizer, float_steps, images, labels, gen):
+def train_torchvision_float(name, size, optimizer, float_steps, images, labels, gen,
+                            lr=None):
     """The recipe's float half: torchvision's ``name`` (seeded) trained on Fashion-MNIST
-    at ``size`` x ``size``, batch-norm statistics settled; returns it and its input
-    transform."""
+    at ``size`` x ``size`` (at ``lr``, by default the recipe's), batch-norm statistics
+    settled; returns it and its input transform."""
     torch.manual_seed(0)
 
     def transform(batch):
         return fashion_rgb(batch, size)
 
     model = torchvision_model(name, size)
-    train(model, images, labels, float_steps, parity_lr(optimizer), gen, batch=32,
+    train(model, images, labels, float_steps, lr or parity_lr(optimizer), gen, batch=32,
           transform=transform, optimizer=optimizer)
     settle_batch_norm(model, images, transform)
     return model, transform
@@ -406,12 +407,14 @@ def calibration_batches(images, transform):
     return [transform(images[i * 64:(i + 1) * 64]) for i in range(8, 12)]
 
 
-def train_torchvision_qat(model, transform, optimizer, qat_steps, images, labels, gen):
-    """The recipe's QAT half on a copy of ``model``: prepared, calibrated, fine-tuned,
-    observers off, batch-norm statistics settled; returned in eval mode."""
+def train_torchvision_qat(model, transform, optimizer, qat_steps, images, labels, gen,
+                          lr=None):
+    """The recipe's QAT half on a copy of ``model``: prepared, calibrated, fine-tuned (at a
+    quarter of the float ``lr``, by default the recipe's), observers off, batch-norm
+    statistics settled; returned in eval mode."""
     qmodel = qat.prepare(model)
     qat.calibrate(qmodel, calibration_batches(images, transform), progress=False)
-    train(qmodel, images, labels, qat_steps, parity_lr(optimizer) / 4, gen, batch=32,
+    train(qmodel, images, labels, qat_steps, (lr or parity_lr(optimizer)) / 4, gen, batch=32,
           transform=transform, optimizer=optimizer)
     qat.disable_observer(qmodel)
     settle_batch_norm(qmodel, images, transform)
