@@ -33,7 +33,7 @@ from .modules import (Conv1d, Conv2d, Conv3d, ConvBnReLU1d, ConvBnReLU2d, ConvBn
 from .modules._common import kernel_bias
 from .modules.conv_bn import _ConvBnNd
 from .observers import ObserverBase
-from .prepare import (KERNEL_KWARGS, _calls_one_of, _fuses_relu, _output_quantizer,
+from .prepare import (KERNEL_KWARGS, _calls_one_of, _fuses_relu, _output_quantizer, _set_module,
                       has_integer_kernel, has_integer_norm, integer_batch_norm_dims)
 
 __all__ = ["ConversionReport", "compare", "convert"]
@@ -823,9 +823,23 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
     fake-quantized weight (batch norm folded in) as a constant, so the integer model calls
     no ``qat::`` operator; the report counts the weight elements stored as integers.
 
+    A model that took prepare's eager fallback (torch.fx could not trace it) has no graph
+    that says which quantizer precedes a layer, so no integer kernel can take its input:
+    its QAT convs (zero padding) and linears become weight-only layers
+    (:class:`qat.quantized.WeightOnlyConv` / ``WeightOnlyLinear``: the weight's integers
+    stored, as an integer layer stores them, the arithmetic in float on their values, the
+    output fake-quantized with PyTorch's op), its other QAT layers the plain layer on the
+    fake-quantized weight with the output's fake quantization after it, and any other
+    FakeQuantize PyTorch's fake quantization. The result computes what the simulation
+    computes in eval bit for bit, is a copy of the model's own class (scripted by
+    :func:`qat.export` to ``.ptl`` / ``.pt``), and stores its convs' and linears' weights as
+    integers; the report lists each such layer as float arithmetic. ``backend`` does not
+    matter to it (no quantized kernel runs).
+
     Args:
-        qmodel: a model from :func:`qat.prepare` (a ``torch.fx.GraphModule``), or that
-            model under ``torch.compile``. It is not modified.
+        qmodel: a model from :func:`qat.prepare` (a ``torch.fx.GraphModule``, or the
+            model itself where it took the eager fallback), or that model under
+            ``torch.compile``. It is not modified.
         backend: the quantized engine whose kernels the integer model runs on:
             ``qnnpack`` (PyTorch Mobile's; bit for bit the simulation) or ``fbgemm`` (x86
             servers, where this PyTorch has it; within one quantization step of the
@@ -837,14 +851,14 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
         return_report: also return a :class:`ConversionReport`.
 
     Returns:
-        The integer model (a ``torch.fx.GraphModule``; ``torch.jit.script`` works on it),
-        or ``(model, report)``.
+        The integer model (a ``torch.fx.GraphModule``, or for an eager-fallback model a
+        copy of its own class; ``torch.jit.script`` works on it), or ``(model, report)``.
 
     Layers keep their names (``layer1.0.conv1`` is the integer conv of that QAT layer);
     the model keeps prepare's config as JSON in ``qat_config``.
 
     Raises:
-        TypeError: when ``qmodel`` is not a traced QAT model.
+        TypeError: when ``qmodel`` holds no qat.FakeQuantize (it was not prepared).
         ValueError: when a FakeQuantize never observed data (the model was neither
             calibrated nor trained), a weight, bias, batch-norm statistic or qparam holds
             NaN or inf or a batch-norm variance is negative (naming them), a weight or
@@ -852,26 +866,18 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
             of this PyTorch (naming the ones it has).
     """
     qmodel = uncompiled(qmodel)
-    if not isinstance(qmodel, fx.GraphModule) or not any(
-            isinstance(m, FakeQuantize) for m in qmodel.modules()):
+    if not any(isinstance(m, FakeQuantize) for m in qmodel.modules()):
         raise TypeError(
-            "qat.convert: expected a model prepared by qat.prepare and traced with torch.fx "
-            f"(a GraphModule holding qat.FakeQuantize modules), got {type(qmodel).__name__}; "
-            "models that took the eager fallback cannot be converted yet")
+            "qat.convert: expected a model prepared by qat.prepare (holding qat.FakeQuantize "
+            f"modules), got {type(qmodel).__name__} without any")
     _check_finite(qmodel)
+    if not isinstance(qmodel, fx.GraphModule):
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"qat.convert: backend must be one of {', '.join(BACKENDS)}; "
+                             f"got {backend!r}")
+        return _convert_eager(qmodel, return_report)
     _choose_backend(qmodel, backend)
-    gm = copy.deepcopy(qmodel).eval()
-    _observe_weights(gm)
-    unobserved = [name for name, m in gm.named_modules()
-                  if isinstance(m, FakeQuantize) and not isinstance(m, FixedQParamsFakeQuantize)
-                  and not bool(torch.isfinite(m.observer.min_val).any())]
-    if unobserved:
-        shown = ", ".join(unobserved[:5]) + (", ..." if len(unobserved) > 5 else "")
-        raise ValueError(
-            f"qat.convert: {len(unobserved)} FakeQuantize modules never observed data, so "
-            f"their qparams are still the initial ones ({shown}); calibrate the model "
-            f"(qat.calibrate) or train it before converting")
-    disable_observer(gm)
+    gm = _observed_copy(qmodel)
     config = json.loads(getattr(qmodel, "qat_config", "{}") or "{}")
     converter = _Converter(gm, dynamic=bool(config.get("dynamic")))
     converter.run()
@@ -884,9 +890,107 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
     return (converted, report) if return_report else converted
 
 
+def _observed_copy(qmodel: nn.Module) -> nn.Module:
+    """A copy of ``qmodel`` in eval, its weights observed and its observers off; refused
+    when an activation FakeQuantize never observed data."""
+    model = copy.deepcopy(qmodel).eval()
+    _observe_weights(model)
+    unobserved = [name for name, m in model.named_modules()
+                  if isinstance(m, FakeQuantize) and not isinstance(m, FixedQParamsFakeQuantize)
+                  and not bool(torch.isfinite(m.observer.min_val).any())]
+    if unobserved:
+        shown = ", ".join(unobserved[:5]) + (", ..." if len(unobserved) > 5 else "")
+        raise ValueError(
+            f"qat.convert: {len(unobserved)} FakeQuantize modules never observed data, so "
+            f"their qparams are still the initial ones ({shown}); calibrate the model "
+            f"(qat.calibrate) or train it before converting")
+    disable_observer(model)
+    return model
+
+
+def _output_fake_quant(fq: Optional[nn.Module]) -> Optional[Tuple[float, int, int, int]]:
+    """(scale, zero point, quant_min, quant_max) of an output FakeQuantize that quantizes in
+    eval, None for none."""
+    if not isinstance(fq, FakeQuantize) or not bool(fq.fake_quant_enabled):
+        return None
+    scale, zero_point, _ = _qparams(fq)
+    return scale, zero_point, fq.quant_min, fq.quant_max
+
+
+def _weight_only(module: nn.Module, output) -> Optional[nn.Module]:
+    """The weight-only layer (:class:`qat.quantized.WeightOnlyConv` / ``Linear``) of an
+    eager-fallback QAT conv or linear whose weight FakeQuantize is on, None for others."""
+    fq = getattr(module, "weight_fake_quant", None)
+    if not isinstance(fq, FakeQuantize) or not bool(fq.fake_quant_enabled):
+        return None
+    with torch.no_grad():
+        if isinstance(module, Linear):
+            return quantized.WeightOnlyLinear(_integer_weight(fq(module.weight), fq),
+                                              module.bias, fq.spec.bits, fq.quant_min, output)
+        if isinstance(module, (Conv1d, Conv2d, Conv3d)) and module.padding_mode == "zeros" \
+                and not isinstance(module.padding, str):
+            return quantized.WeightOnlyConv(
+                _integer_weight(fq(module.weight), fq), module.bias, list(module.stride),
+                list(module.padding), list(module.dilation), module.groups, output,
+                fq.spec.bits, fq.quant_min)
+    return None
+
+
+def _convert_eager(qmodel: nn.Module, return_report: bool):
+    """:func:`convert` of a model that took :func:`qat.prepare`'s eager fallback: each QAT
+    conv and linear becomes a weight-only layer (its integers stored, float arithmetic on
+    their values, its output fake-quantized as in the simulation), every other QAT layer
+    the plain PyTorch layer on its fake-quantized weight with its output FakeQuantize
+    after it, and any other FakeQuantize PyTorch's fake quantization: the model computes
+    what the simulation does in eval, bit for bit, without calling qat's operators. The
+    QAT layers' hooks (the fallback's output hook among them) go with them."""
+    model = _observed_copy(qmodel)
+    report = ConversionReport()
+    replaced: List[str] = []
+    for name, module in list(model.named_modules()):
+        if not name or any(name.startswith(f"{done}.") for done in replaced):
+            continue
+        if isinstance(module, FakeQuantize):
+            output = _output_fake_quant(module)
+            layer = nn.Identity() if output is None else quantized.FakeQuantizeOutput(*output)
+        elif isinstance(getattr(module, "weight_fake_quant", None), FakeQuantize) or \
+                isinstance(module, (LSTM, GRU)):
+            output = _output_fake_quant(module._modules.get("activation_post_process"))
+            layer = _weight_only(module, output)
+            if layer is not None:
+                report.float.append(f"{name} (integer weights, float arithmetic)")
+            else:
+                layer = _float_layer(_bare(module))
+                if layer is None:
+                    raise TypeError(f"qat.convert: {name} ({type(module).__name__}) has no "
+                                    f"float counterpart to convert an eager-fallback model to")
+                if output is not None:
+                    layer = nn.Sequential(layer, quantized.FakeQuantizeOutput(*output))
+                report.float.append(f"{name} (float weights)")
+        else:
+            continue
+        _set_module(model, name, layer.eval())
+        replaced.append(name)
+    report.integer_weights, report.float_weights = weight_elements(model)
+    return (model, report) if return_report else model
+
+
+def _bare(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` without its output FakeQuantize and hooks, as
+    :func:`_float_layer` takes a layer."""
+    bare = copy.copy(module)
+    bare._modules = {k: v for k, v in module._modules.items() if k != "activation_post_process"}
+    bare._forward_hooks = type(module._forward_hooks)()
+    bare._forward_pre_hooks = type(module._forward_pre_hooks)()
+    return bare
+
+
 def _output_step(qmodel: nn.Module) -> float:
     """The quantization step of the model's output: the scale of the FakeQuantize that
     feeds the graph's output."""
+    if not isinstance(qmodel, fx.GraphModule):
+        raise TypeError("qat.compare: the QAT model took qat.prepare's eager fallback, so no "
+                        "graph tells which FakeQuantize its output comes from (and its step)")
     output = next(n for n in reversed(qmodel.graph.nodes) if n.op == "output")
     source = output.args[0]
     while isinstance(source, fx.Node):

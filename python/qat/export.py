@@ -16,6 +16,7 @@ import zipfile
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from . import _C, _onnx, _pte, quantized
@@ -386,6 +387,10 @@ def _export_qdq(model: nn.Module, path: str, example_inputs, kind: str) -> nn.Mo
     around float ops, which the runtime's own optimizer runs on its integer kernels."""
     inputs = _as_tuple(example_inputs)
     int_model, expected = _integer_model(model, inputs)
+    if not isinstance(int_model, fx.GraphModule):
+        raise TypeError(f"qat.export: a .{kind} file is emitted from the graph of a traced "
+                        f"model; this one took qat.prepare's eager fallback (torch.fx could "
+                        f"not trace it): export it to .ptl or .pt, which script the model")
     emitter = _pte if kind == "pte" else _onnx
     metadata = json.loads(_metadata(int_model, inputs))
     if kind == "onnx":

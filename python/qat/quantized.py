@@ -9,9 +9,10 @@ the first forward; biases stay float, and the kernels quantize them to int32 at
 ``input_scale * weight_scale``.
 """
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import _C
@@ -28,6 +29,7 @@ __all__ = [
     "ELU",
     "Embedding",
     "EmbeddingBag",
+    "FakeQuantizeOutput",
     "Hardswish",
     "LeakyReLU",
     "BatchNorm",
@@ -39,6 +41,8 @@ __all__ = [
     "Mul",
     "Quantize",
     "Requantize",
+    "WeightOnlyConv",
+    "WeightOnlyLinear",
 ]
 
 
@@ -403,6 +407,96 @@ class LinearDynamic(_LinearBase):
         x = self._check_width(x)
         # qnnpack takes the full 8-bit activation range (reduce_range is for fbgemm).
         return torch.ops.quantized.linear_dynamic(x, self._packed(), False)
+
+
+class _WeightOnly(_IntegerLayer):
+    """A layer of a model that took :func:`qat.prepare`'s eager fallback (torch.fx could not
+    trace it): its weight stored as the simulation's integers, as the integer layers store
+    theirs, and computed with in float, dequantized; its output fake-quantized as the
+    simulation's output FakeQuantize does in eval (``output``: scale, zero point,
+    quant_min, quant_max; None where it had none or it was off). Without a graph no
+    quantizer is known to precede the layer, so no integer kernel can take its input; the
+    float arithmetic on the integers' values is the simulation's own."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], weight_bits: int,
+                 weight_quant_min: int, output: Optional[Tuple[float, int, int, int]]):
+        scale, zero_point, quant_min, quant_max = output or (1.0, 0, 0, 255)
+        super().__init__(weight, bias, weight_bits, weight_quant_min, scale, zero_point, False)
+        self.quantize_output = output is not None
+        self.quant_min, self.quant_max = int(quant_min), int(quant_max)
+        self._packed_params = None
+
+    def _weight(self) -> torch.Tensor:
+        # Writing the stored tensors back keeps torch.jit.freeze from folding the
+        # dequantized weight into a float constant, which the file would then store.
+        self._keep_stored()
+        return self.quantized_weight().dequantize()
+
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
+        # PyTorch's own fake quantization (qat's equals it bit for bit): the file runs
+        # where qat is not installed.
+        if self.quantize_output:
+            return torch.fake_quantize_per_tensor_affine(y, self.scale, self.zero_point,
+                                                         self.quant_min, self.quant_max)
+        return y
+
+    def extra_repr(self) -> str:
+        output = (f"scale={self.scale:.6g}, zero_point={self.zero_point}"
+                  if self.quantize_output else "float output")
+        return f"{output}, weight_bits={self.weight_bits}"
+
+
+class WeightOnlyConv(_WeightOnly):
+    """``F.conv1d`` / ``conv2d`` / ``conv3d`` (zero padding) on the dequantized integer
+    weight: see :class:`_WeightOnly`."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: List[int],
+                 padding: List[int], dilation: List[int], groups: int,
+                 output: Optional[Tuple[float, int, int, int]], weight_bits: int = 8,
+                 weight_quant_min: int = -128):
+        super().__init__(weight, bias, weight_bits, weight_quant_min, output)
+        self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._weight()
+        if w.dim() == 3:
+            y = F.conv1d(x, w, self.bias, self.stride, self.padding, self.dilation,
+                         self.groups)
+        elif w.dim() == 4:
+            y = F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation,
+                         self.groups)
+        else:
+            y = F.conv3d(x, w, self.bias, self.stride, self.padding, self.dilation,
+                         self.groups)
+        return self._output(y)
+
+    def _lowered_weight(self) -> dict:
+        return dict(super()._lowered_weight(), stride=self.stride, padding=self.padding,
+                    dilation=self.dilation, groups=self.groups)
+
+
+class WeightOnlyLinear(_WeightOnly):
+    """``F.linear`` on the dequantized integer weight: see :class:`_WeightOnly`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._output(F.linear(x, self._weight(), self.bias))
+
+
+class FakeQuantizeOutput(_WithOutputQParams):
+    """A FakeQuantize of an eager-fallback model outside its layers (see
+    :class:`_WeightOnly`), as it computes in eval, on PyTorch's own op."""
+
+    def __init__(self, scale: float, zero_point: int, quant_min: int, quant_max: int):
+        super().__init__(scale, zero_point)
+        self.quant_min, self.quant_max = int(quant_min), int(quant_max)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point,
+                                                     self.quant_min, self.quant_max)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, quant_min={self.quant_min}, quant_max={self.quant_max}"
 
 
 class Embedding(_PacksOnFirstForward, nn.Module):

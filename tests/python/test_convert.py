@@ -6,6 +6,7 @@ interpreter, and the refusals."""
 import copy
 import io
 import operator
+import os
 import warnings
 
 import pytest
@@ -18,9 +19,9 @@ import qat
 from qat import _onnx, _pte
 from qat.datasets import load_fashion_mnist
 
-from helpers import (TORCHVISION_PARITY, calibration_batches, fashion_rgb, per_op_steps, script,
-                     settle_batch_norm, sqnr_db, torchvision_model, train_torchvision_float,
-                     train_torchvision_qat)
+from helpers import (RUN_LITE_MODEL, TORCHVISION_PARITY, calibration_batches, fashion_rgb,
+                     per_op_steps, run_python, script, settle_batch_norm, sqnr_db,
+                     torchvision_model, train_torchvision_float, train_torchvision_qat)
 
 
 def test_fashion_mnist_integer_model_matches_the_simulation(fashion_qat_model):
@@ -204,19 +205,6 @@ def test_convert_refuses_models_it_cannot_convert():
     with pytest.raises(TypeError, match="qat.prepare"):
         qat.convert(nn.Linear(2, 2))
 
-    class ControlFlow(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(2, 2)
-
-        def forward(self, x):
-            return self.fc(x) if x.sum() > 0 else x
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        eager = qat.prepare(ControlFlow())
-    with pytest.raises(TypeError, match="eager fallback"):
-        qat.convert(eager)
     traced = qat.prepare(nn.Sequential(nn.Linear(2, 2)))
     traced(torch.randn(4, 2))
     with pytest.raises(ValueError, match="backend must be one of qnnpack, fbgemm; got 'nope'"):
@@ -343,3 +331,111 @@ def test_convert_refuses_activations_narrower_than_the_kernels_saturate():
     with pytest.raises(ValueError, match=r"activations quantized to \[0, 15\] have no integer "
                                          r"kernel.*8-bit activations"):
         qat.convert(qmodel)
+
+
+class _Untraceable(nn.Module):
+    """Convs, a transposed conv, batch norm and a linear around control flow on a tensor,
+    which torch.fx cannot trace: qat.prepare takes its eager fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(32, 8, 2, stride=2)
+        self.fc = nn.Linear(8, 256)
+        self.mid = nn.Linear(256, 256)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        if x.mean() > 0.15:
+            x = x * 0.5
+        x = F.relu(self.up(F.relu(self.conv2(x))))
+        return self.head(F.relu(self.mid(F.relu(self.fc(x.mean((2, 3)))))))
+
+
+def _trained_eager_model():
+    """An eager-fallback QAT model, calibrated, trained a few steps, in eval with its
+    observers off (the simulation convert follows), and inputs that take both branches."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="eager fallback"):
+        qmodel = qat.prepare(_Untraceable())
+    x = torch.rand(64, 3, 12, 12)
+    qat.calibrate(qmodel, [x[i:i + 16] for i in range(0, 64, 16)], progress=False)
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.01)
+    for i in range(4):
+        loss = F.cross_entropy(qmodel(x[i * 16:(i + 1) * 16]), torch.randint(0, 10, (16,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    qat.disable_observer(qmodel)
+    return qmodel.eval(), torch.cat([x[:8], 2 * x[8:16]])
+
+
+def test_an_eager_fallback_model_converts_to_the_simulation_bit_for_bit():
+    qmodel, x = _trained_eager_model()
+    with torch.no_grad():
+        branches = {bool(F.relu(qmodel.bn1(qmodel.conv1(x[i:i + 1]))).mean() > 0.15)
+                    for i in range(len(x))}
+    assert branches == {False, True}, "the inputs take both branches"
+    int_model, report = qat.convert(qmodel, return_report=True)
+    assert type(int_model) is _Untraceable
+    for name in ("conv1", "conv2"):
+        assert type(getattr(int_model, name)) is qat.quantized.WeightOnlyConv
+    for name in ("fc", "mid", "head"):
+        assert type(getattr(int_model, name)) is qat.quantized.WeightOnlyLinear
+    # No integer layer for a transposed conv here: the plain layer on its fake-quantized
+    # weight, its output fake-quantized after it.
+    assert [type(m) for m in int_model.up] == [nn.ConvTranspose2d,
+                                                 qat.quantized.FakeQuantizeOutput]
+    assert type(int_model.bn1) is nn.BatchNorm2d
+    assert not any(isinstance(m, qat.FakeQuantize) for m in int_model.modules())
+    with torch.no_grad():
+        for i in range(len(x)):  # one input at a time: each takes its own branch
+            assert torch.equal(int_model(x[i:i + 1]), qmodel(x[i:i + 1]))
+    # The stored integers are the simulation's: round(w / scale), clamped, per channel.
+    fq = qmodel.conv2.weight_fake_quant
+    scale = fq.scale.reshape(-1, 1, 1, 1)
+    expected = torch.clamp(torch.round(qmodel.conv2.weight.detach() / scale), -128, 127)
+    assert torch.equal(int_model.conv2.quantized_weight().int_repr().float(), expected)
+    assert report.integer == []
+    assert report.float == ["conv1 (integer weights, float arithmetic)",
+                            "conv2 (integer weights, float arithmetic)",
+                            "up (float weights)", "fc (integer weights, float arithmetic)",
+                            "mid (integer weights, float arithmetic)",
+                            "head (integer weights, float arithmetic)"]
+    integer = sum(getattr(qmodel, n).weight.numel()
+                  for n in ("conv1", "conv2", "fc", "mid", "head"))
+    assert report.integer_weights == integer
+    assert report.float_weights == {"up.0": qmodel.up.weight.numel()}
+    # The QAT model is left as it was.
+    assert type(qmodel.conv1) is qat.modules.Conv2d
+
+
+def test_an_eager_fallback_model_exports_a_file_that_runs_without_qat(tmp_path):
+    qmodel, x = _trained_eager_model()
+    path, inputs, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
+    int_model = qat.export(qmodel, path, x[:1])
+    torch.save(x[8:9], inputs)
+    run_python(RUN_LITE_MODEL, path, inputs, outputs, check=True,
+               env=dict(os.environ, PYTHONPATH=""))
+    with torch.no_grad():
+        assert torch.equal(torch.load(outputs), qmodel(x[8:9]))
+        assert torch.equal(int_model(x[8:9]), qmodel(x[8:9]))
+    layers = {layer["name"]: layer["type"] for layer in qat.read_metadata(path)["layers"]}
+    assert layers == {"conv1": "WeightOnlyConv", "conv2": "WeightOnlyConv",
+                      "up.1": "FakeQuantizeOutput", "fc": "WeightOnlyLinear",
+                      "mid": "WeightOnlyLinear", "head": "WeightOnlyLinear"}
+    # The weights are stored as their integers, not as the float constants freezing would
+    # fold the dequantized weights into: the file is far below the float model's.
+    float_path = str(tmp_path / "float.ptl")
+    float_model = torch.jit.freeze(torch.jit.script(_Untraceable().eval()))
+    float_model._save_for_lite_interpreter(float_path)
+    assert os.path.getsize(path) < 0.5 * os.path.getsize(float_path)
+    # The .pte and .onnx emitters read the graph (where this PyTorch has their runtimes).
+    for kind in [k for k, emitter in (("pte", _pte), ("onnx", _onnx))
+                 if emitter.available() is None]:
+        with pytest.raises(TypeError, match="eager fallback.*export it to .ptl or .pt"):
+            qat.export(qmodel, str(tmp_path / f"model.{kind}"), x[:1], format=kind)
+
