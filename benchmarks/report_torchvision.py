@@ -57,11 +57,13 @@ from helpers import (TORCHVISION_PARITY, fashion_rgb, parity_lr, per_op_steps,  
 
 RECIPES = {entry[0]: entry[1:] for entry in TORCHVISION_PARITY}
 DEFAULT_RECIPE = ("adam", 100, 50)
-# Float learning rates of the families (name prefixes) that Adam at 1e-3 does not train.
-# swin_v2 (post-norm blocks, cosine attention): at 1e-3 its output settles on a constant at
-# 32 px (11-13% accuracy after 100 to 400 steps); at 3e-4 and 1e-4 swin_v2_t reached 62% and
-# 63% after 100 float steps (torch 2.15, 2026-12-07).
-LEARNING_RATES = {"swin_v2_": 3e-4}
+# Float learning rates of the builders (name prefixes) that Adam at 1e-3 does not train
+# (torch 2.15, 2026-12-07). swin_v2 (post-norm blocks, cosine attention): at 1e-3 its output
+# settles on a constant at 32 px (11-13% accuracy after 100 to 400 steps); at 3e-4 and 1e-4
+# swin_v2_t reached 62% and 63% after 100 float steps; swin_v2_s, deeper, 13% at 3e-4 and
+# 58% at 1e-4 after the whole recipe. squeezenet1_0 at 64 px: 20% at 1e-3 (squeezenet1_1's
+# recipe), 68% at 3e-4.
+LEARNING_RATES = {"swin_v2_": 3e-4, "swin_v2_s": 1e-4, "squeezenet1_0": 3e-4}
 SIZES = (32, 64, 128, 224)
 EVAL = 500
 
@@ -136,10 +138,10 @@ def measure_sizes(name: str, data, folder: str) -> dict:
 
 
 def learning_rate(name: str, optimizer: str) -> float:
-    """The float learning rate of ``name``: that of its family (a name prefix) in
+    """The float learning rate of ``name``: that of the longest name prefix of it in
     ``LEARNING_RATES``, otherwise the parity recipe's for ``optimizer``."""
-    return next((lr for prefix, lr in LEARNING_RATES.items() if name.startswith(prefix)),
-                parity_lr(optimizer))
+    prefixes = [prefix for prefix in LEARNING_RATES if name.startswith(prefix)]
+    return LEARNING_RATES[max(prefixes, key=len)] if prefixes else parity_lr(optimizer)
 
 
 def measure(name: str, data, folder: str, budget: float, steps=None, optimizer=None,

@@ -385,12 +385,12 @@ def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Mod
 def _export_qdq(model: nn.Module, path: str, example_inputs, kind: str) -> nn.Module:
     """A ``.pte`` or ``.onnx``: the integer model re-expressed as quantize / dequantize pairs
     around float ops, which the runtime's own optimizer runs on its integer kernels."""
-    inputs = _as_tuple(example_inputs)
-    int_model, expected = _integer_model(model, inputs)
-    if not isinstance(int_model, fx.GraphModule):
+    if _took_eager_fallback(model):
         raise TypeError(f"qat.export: a .{kind} file is emitted from the graph of a traced "
                         f"model; this one took qat.prepare's eager fallback (torch.fx could "
                         f"not trace it): export it to .ptl or .pt, which script the model")
+    inputs = _as_tuple(example_inputs)
+    int_model, expected = _integer_model(model, inputs)
     emitter = _pte if kind == "pte" else _onnx
     metadata = json.loads(_metadata(int_model, inputs))
     if kind == "onnx":
@@ -405,6 +405,14 @@ def _export_qdq(model: nn.Module, path: str, example_inputs, kind: str) -> nn.Mo
     _write_checked(path, write,
                    lambda temporary: _check_qdq_file(emitter, temporary, inputs, expected, path))
     return int_model
+
+
+def _took_eager_fallback(model: nn.Module) -> bool:
+    """Whether ``model`` is a QAT model prepared without a graph, or its conversion."""
+    model = uncompiled(model)
+    return not isinstance(model, fx.GraphModule) and any(
+        isinstance(m, (FakeQuantize, quantized._WeightOnly, quantized.FakeQuantizeOutput))
+        for m in model.modules())
 
 
 def _check_qdq_file(emitter, file: str, inputs: tuple, expected, path: str) -> None:

@@ -436,6 +436,7 @@ def test_an_eager_fallback_model_exports_a_file_that_runs_without_qat(tmp_path):
     # The .pte and .onnx emitters read the graph (where this PyTorch has their runtimes).
     for kind in [k for k, emitter in (("pte", _pte), ("onnx", _onnx))
                  if emitter.available() is None]:
-        with pytest.raises(TypeError, match="eager fallback.*export it to .ptl or .pt"):
-            qat.export(qmodel, str(tmp_path / f"model.{kind}"), x[:1], format=kind)
+        for model in (qmodel, int_model):
+            with pytest.raises(TypeError, match="eager fallback.*export it to .ptl or .pt"):
+                qat.export(model, str(tmp_path / f"model.{kind}"), x[:1], format=kind)
 
