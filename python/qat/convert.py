@@ -33,8 +33,9 @@ from .modules import (Conv1d, Conv2d, Conv3d, ConvBnReLU1d, ConvBnReLU2d, ConvBn
 from .modules._common import kernel_bias
 from .modules.conv_bn import _ConvBnNd
 from .observers import ObserverBase
-from .prepare import (KERNEL_KWARGS, _calls_one_of, _fuses_relu, _output_quantizer, _set_module,
-                      has_integer_kernel, has_integer_norm, integer_batch_norm_dims)
+from .prepare import (KERNEL_KWARGS, _calls_one_of, _fuses_relu, _output_quantizer,
+                      _quantize_output, _set_module, has_integer_kernel, has_integer_norm,
+                      integer_batch_norm_dims)
 
 __all__ = ["ConversionReport", "compare", "convert"]
 
@@ -344,8 +345,7 @@ def _float_layer(module: nn.Module) -> Optional[nn.Module]:
         layer.max_norm = None
         return layer
     base = next((cls for cls in _PLAIN_LAYERS if isinstance(module, cls)), None)
-    if (base is None or not isinstance(getattr(module, "weight_fake_quant", None), FakeQuantize)
-            or hasattr(module, "activation_post_process")):
+    if base is None or not isinstance(getattr(module, "weight_fake_quant", None), FakeQuantize):
         return None
     with torch.no_grad():
         if isinstance(module, _ConvBnNd):
@@ -358,9 +358,14 @@ def _float_layer(module: nn.Module) -> Optional[nn.Module]:
     layer.__class__ = base  # the same geometry and forward, without the QAT parts
     if isinstance(layer, (nn.Embedding, nn.EmbeddingBag)):
         layer.max_norm = None  # its rows are renormalized already (_table)
-    for name in ("weight_fake_quant", "bn"):
+    # An eager-fallback layer's output quantizer and the hook that called it go too: the
+    # caller quantizes the output after the layer (_convert_eager).
+    for name in ("weight_fake_quant", "bn", "activation_post_process"):
         if name in layer._modules:
             delattr(layer, name)
+    for key, hook in list(layer._forward_hooks.items()):
+        if hook is _quantize_output:
+            del layer._forward_hooks[key]
     layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
     if "bias" in layer._parameters:  # embeddings have none
         layer.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
@@ -925,12 +930,12 @@ def _weight_only(module: nn.Module, output) -> Optional[nn.Module]:
         return None
     with torch.no_grad():
         if isinstance(module, Linear):
-            return quantized.WeightOnlyLinear(_integer_weight(fq(module.weight), fq),
+            return quantized.WeightOnlyLinear(_integer_weight(_weights_of(module), fq),
                                               module.bias, fq.spec.bits, fq.quant_min, output)
         if isinstance(module, (Conv1d, Conv2d, Conv3d)) and module.padding_mode == "zeros" \
                 and not isinstance(module.padding, str):
             return quantized.WeightOnlyConv(
-                _integer_weight(fq(module.weight), fq), module.bias, list(module.stride),
+                _integer_weight(_weights_of(module), fq), module.bias, list(module.stride),
                 list(module.padding), list(module.dilation), module.groups, output,
                 fq.spec.bits, fq.quant_min)
     return None
@@ -943,7 +948,7 @@ def _convert_eager(qmodel: nn.Module, return_report: bool):
     the plain PyTorch layer on its fake-quantized weight with its output FakeQuantize
     after it, and any other FakeQuantize PyTorch's fake quantization: the model computes
     what the simulation does in eval, bit for bit, without calling qat's operators. The
-    QAT layers' hooks (the fallback's output hook among them) go with them."""
+    weight-only layers are new modules: the QAT layers' hooks go with them."""
     model = _observed_copy(qmodel)
     report = ConversionReport()
     replaced: List[str] = []
@@ -960,7 +965,7 @@ def _convert_eager(qmodel: nn.Module, return_report: bool):
             if layer is not None:
                 report.float.append(f"{name} (integer weights, float arithmetic)")
             else:
-                layer = _float_layer(_bare(module))
+                layer = _float_layer(module)
                 if layer is None:
                     raise TypeError(f"qat.convert: {name} ({type(module).__name__}) has no "
                                     f"float counterpart to convert an eager-fallback model to")
@@ -973,16 +978,6 @@ def _convert_eager(qmodel: nn.Module, return_report: bool):
         replaced.append(name)
     report.integer_weights, report.float_weights = weight_elements(model)
     return (model, report) if return_report else model
-
-
-def _bare(module: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` without its output FakeQuantize and hooks, as
-    :func:`_float_layer` takes a layer."""
-    bare = copy.copy(module)
-    bare._modules = {k: v for k, v in module._modules.items() if k != "activation_post_process"}
-    bare._forward_hooks = type(module._forward_hooks)()
-    bare._forward_pre_hooks = type(module._forward_pre_hooks)()
-    return bare
 
 
 def _output_step(qmodel: nn.Module) -> float:
