@@ -829,17 +829,20 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
     no ``qat::`` operator; the report counts the weight elements stored as integers.
 
     A model that took prepare's eager fallback (torch.fx could not trace it) has no graph
-    that says which quantizer precedes a layer, so no integer kernel can take its input:
-    its QAT convs (zero padding) and linears become weight-only layers
+    that says which quantizer precedes a layer, so no integer kernel can take a quantized
+    input: its QAT convs (zero padding) and linears become weight-only layers
     (:class:`qat.quantized.WeightOnlyConv` / ``WeightOnlyLinear``: the weight's integers
     stored, as an integer layer stores them, the arithmetic in float on their values, the
-    output fake-quantized with PyTorch's op), its other QAT layers the plain layer on the
+    output fake-quantized with PyTorch's op); its QAT embeddings and embedding bags, whose
+    input is indices, their integer tables as in a traced model (per-row qparams; the
+    report lists them as integer ops); its other QAT layers the plain layer on the
     fake-quantized weight with the output's fake quantization after it, and any other
     FakeQuantize PyTorch's fake quantization. The result computes what the simulation
     computes in eval bit for bit, is a copy of the model's own class (scripted by
-    :func:`qat.export` to ``.ptl`` / ``.pt``), and stores its convs' and linears' weights as
-    integers; the report lists each such layer as float arithmetic. ``backend`` does not
-    matter to it (no quantized kernel runs).
+    :func:`qat.export` to ``.ptl`` / ``.pt``), and stores the weights of its convs, linears
+    and tables as integers; the report lists each conv and linear as float arithmetic.
+    ``backend`` is not used for it (only the embedding kernels are quantized ones, and no
+    engine setting changes them).
 
     Args:
         qmodel: a model from :func:`qat.prepare` (a ``torch.fx.GraphModule``, or the
@@ -941,10 +944,26 @@ def _weight_only(module: nn.Module, output) -> Optional[nn.Module]:
     return None
 
 
+def _integer_table(module: nn.Module, output) -> Optional[nn.Module]:
+    """The integer table (:class:`qat.quantized.Embedding` / ``EmbeddingBag``, as
+    :func:`convert` gives a traced model) of an eager-fallback QAT embedding whose weight
+    FakeQuantize is on, with the output's fake quantization after it where the simulation
+    has one; None for other layers and for tables without a kernel. Its input is indices,
+    so no quantizer has to precede it."""
+    if not isinstance(module, (Embedding, EmbeddingBag)) or \
+            not bool(module.weight_fake_quant.fake_quant_enabled):
+        return None
+    table = _integer_embedding(module)
+    if table is None or output is None:
+        return table
+    return nn.Sequential(table, quantized.FakeQuantizeOutput(*output))
+
+
 def _convert_eager(qmodel: nn.Module, return_report: bool):
     """:func:`convert` of a model that took :func:`qat.prepare`'s eager fallback: each QAT
     conv and linear becomes a weight-only layer (its integers stored, float arithmetic on
-    their values, its output fake-quantized as in the simulation), every other QAT layer
+    their values, its output fake-quantized as in the simulation), each QAT embedding (bag)
+    with per-row qparams its integer table, every other QAT layer
     the plain PyTorch layer on its fake-quantized weight with its output FakeQuantize
     after it, and any other FakeQuantize PyTorch's fake quantization: the model computes
     what the simulation does in eval, bit for bit, without calling qat's operators. The
@@ -961,8 +980,10 @@ def _convert_eager(qmodel: nn.Module, return_report: bool):
         elif isinstance(getattr(module, "weight_fake_quant", None), FakeQuantize) or \
                 isinstance(module, (LSTM, GRU)):
             output = _output_fake_quant(module._modules.get("activation_post_process"))
-            layer = _weight_only(module, output)
+            layer = _integer_table(module, output)
             if layer is not None:
+                report.integer.append(f"{name} (integer table)")
+            elif (layer := _weight_only(module, output)) is not None:
                 report.float.append(f"{name} (integer weights, float arithmetic)")
             else:
                 layer = _float_layer(module)

@@ -413,6 +413,63 @@ def test_an_eager_fallback_model_converts_to_the_simulation_bit_for_bit():
     assert type(qmodel.conv1) is qat.modules.Conv2d
 
 
+class _UntraceableText(nn.Module):
+    """An embedding and a mean embedding bag around control flow on a tensor, which
+    torch.fx cannot trace: qat.prepare takes its eager fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(1000, 32)
+        self.bag = nn.EmbeddingBag(1000, 32, mode="mean")
+        self.fc = nn.Linear(64, 4)
+
+    def forward(self, tokens):
+        words = self.emb(tokens).mean(1)
+        if words.sum() > 0:
+            words = words * 2
+        return self.fc(torch.cat([words, self.bag(tokens)], 1))
+
+
+def test_an_eager_fallback_model_keeps_its_tables_as_integers(tmp_path):
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="eager fallback"):
+        qmodel = qat.prepare(_UntraceableText())
+    tokens = torch.randint(0, 1000, (64, 6))
+    qat.calibrate(qmodel, [tokens[:32], tokens[32:]], progress=False)
+    qat.disable_observer(qmodel.eval())
+    int_model, report = qat.convert(qmodel, return_report=True)
+    assert type(int_model.emb) is qat.quantized.Embedding
+    assert type(int_model.bag) is qat.quantized.EmbeddingBag
+    assert report.integer == ["emb (integer table)", "bag (integer table)"]
+    assert report.float == ["fc (integer weights, float arithmetic)"]
+    assert report.float_weights == {}
+    with torch.no_grad():
+        sums = [float(qmodel.emb(tokens[i:i + 1]).mean(1).sum()) for i in range(len(tokens))]
+        assert min(sums) < 0 < max(sums), "the inputs take both branches"
+        for i in range(len(tokens)):
+            assert torch.equal(int_model(tokens[i:i + 1]), qmodel(tokens[i:i + 1]))
+    # Each row's integers are round(w * (1 / scale)) clamped to int8 (PyTorch's
+    # fake-quantize formula, whose product can be a tie where w / scale is not), stored
+    # unsigned (+128).
+    for name in ("emb", "bag"):
+        layer = getattr(qmodel, name)
+        inverse = 1.0 / layer.weight_fake_quant.scale.reshape(-1, 1)
+        expected = torch.clamp(torch.round(layer.weight.detach() * inverse), -128, 127) + 128
+        assert torch.equal(getattr(int_model, name).table().int_repr().float(), expected)
+    # The file runs where qat is not installed and stores the tables as bytes.
+    path, inputs, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
+    qat.export(qmodel, path, tokens[:1])
+    torch.save(tokens[:3], inputs)
+    run_python(RUN_LITE_MODEL, path, inputs, outputs, check=True,
+               env=dict(os.environ, PYTHONPATH=""))
+    with torch.no_grad():
+        assert torch.equal(torch.load(outputs), qmodel(tokens[:3]))
+    float_path = str(tmp_path / "float.ptl")
+    torch.jit.freeze(torch.jit.script(_UntraceableText().eval()))._save_for_lite_interpreter(
+        float_path)
+    assert os.path.getsize(path) < 0.35 * os.path.getsize(float_path)
+
+
 def test_an_eager_fallback_model_exports_a_file_that_runs_without_qat(tmp_path):
     qmodel, x = _trained_eager_model()
     path, inputs, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
