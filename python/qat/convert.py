@@ -32,6 +32,7 @@ from .modules import (Conv1d, Conv2d, Conv3d, ConvBnReLU1d, ConvBnReLU2d, ConvBn
                       Linear)
 from .modules._common import kernel_bias
 from .modules.conv_bn import _ConvBnNd
+from .modules.conv_transpose import _ConvTransposeNd
 from .observers import ObserverBase
 from .prepare import (KERNEL_KWARGS, _calls_one_of, _fuses_relu, _output_quantizer,
                       _quantize_output, _set_module, has_integer_kernel, has_integer_norm,
@@ -830,17 +831,18 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
 
     A model that took prepare's eager fallback (torch.fx could not trace it) has no graph
     that says which quantizer precedes a layer, so no integer kernel can take a quantized
-    input: its QAT convs (zero padding) and linears become weight-only layers
-    (:class:`qat.quantized.WeightOnlyConv` / ``WeightOnlyLinear``: the weight's integers
-    stored, as an integer layer stores them, the arithmetic in float on their values, the
-    output fake-quantized with PyTorch's op); its QAT embeddings and embedding bags, whose
+    input: its QAT convs, transposed convs (zero padding) and linears become weight-only
+    layers (:class:`qat.quantized.WeightOnlyConv` / ``WeightOnlyConvTranspose`` /
+    ``WeightOnlyLinear``: the weight's integers stored, as an integer layer stores them, the
+    arithmetic in float on their values, the output fake-quantized with PyTorch's op); its
+    QAT embeddings and embedding bags, whose
     input is indices, their integer tables as in a traced model (per-row qparams; the
     report lists them as integer ops); its other QAT layers the plain layer on the
     fake-quantized weight with the output's fake quantization after it, and any other
     FakeQuantize PyTorch's fake quantization. The result computes what the simulation
     computes in eval bit for bit, is a copy of the model's own class (scripted by
     :func:`qat.export` to ``.ptl`` / ``.pt``), and stores the weights of its convs, linears
-    and tables as integers; the report lists each conv and linear as float arithmetic.
+    and tables as integers; the report lists each weight-only layer as float arithmetic.
     ``backend`` is not used for it (only the embedding kernels are quantized ones, and no
     engine setting changes them).
 
@@ -926,8 +928,9 @@ def _output_fake_quant(fq: Optional[nn.Module]) -> Optional[Tuple[float, int, in
 
 
 def _weight_only(module: nn.Module, output) -> Optional[nn.Module]:
-    """The weight-only layer (:class:`qat.quantized.WeightOnlyConv` / ``Linear``) of an
-    eager-fallback QAT conv or linear whose weight FakeQuantize is on, None for others."""
+    """The weight-only layer (:class:`qat.quantized.WeightOnlyConv` / ``ConvTranspose`` /
+    ``Linear``) of an eager-fallback QAT conv, transposed conv or linear whose weight
+    FakeQuantize is on, None for others."""
     fq = getattr(module, "weight_fake_quant", None)
     if not isinstance(fq, FakeQuantize) or not bool(fq.fake_quant_enabled):
         return None
@@ -941,6 +944,15 @@ def _weight_only(module: nn.Module, output) -> Optional[nn.Module]:
                 _integer_weight(_weights_of(module), fq), module.bias, list(module.stride),
                 list(module.padding), list(module.dilation), module.groups, output,
                 fq.spec.bits, fq.quant_min)
+        if isinstance(module, _ConvTransposeNd) and module.padding_mode == "zeros":
+            # The stored zero bias has one value per output channel of every group (the
+            # weight's scales, axis 1, one per output channel of a group).
+            bias = module.bias if module.bias is not None else torch.zeros(
+                module.out_channels)
+            return quantized.WeightOnlyConvTranspose(
+                _integer_weight(_weights_of(module), fq), bias, list(module.stride),
+                list(module.padding), list(module.output_padding), list(module.dilation),
+                module.groups, output, fq.spec.bits, fq.quant_min)
     return None
 
 
@@ -961,11 +973,11 @@ def _integer_table(module: nn.Module, output) -> Optional[nn.Module]:
 
 def _convert_eager(qmodel: nn.Module, return_report: bool):
     """:func:`convert` of a model that took :func:`qat.prepare`'s eager fallback: each QAT
-    conv and linear becomes a weight-only layer (its integers stored, float arithmetic on
-    their values, its output fake-quantized as in the simulation), each QAT embedding (bag)
-    with per-row qparams its integer table, every other QAT layer
-    the plain PyTorch layer on its fake-quantized weight with its output FakeQuantize
-    after it, and any other FakeQuantize PyTorch's fake quantization: the model computes
+    conv, transposed conv and linear becomes a weight-only layer (its integers stored,
+    float arithmetic on their values, its output fake-quantized as in the simulation), each
+    QAT embedding (bag) with per-row qparams its integer table, every other QAT layer the
+    plain PyTorch layer on its fake-quantized weight with its output FakeQuantize after it,
+    and any other FakeQuantize PyTorch's fake quantization: the model computes
     what the simulation does in eval, bit for bit, without calling qat's operators. The
     weight-only layers are new modules: the QAT layers' hooks go with them."""
     model = _observed_copy(qmodel)

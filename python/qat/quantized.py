@@ -42,6 +42,7 @@ __all__ = [
     "Quantize",
     "Requantize",
     "WeightOnlyConv",
+    "WeightOnlyConvTranspose",
     "WeightOnlyLinear",
 ]
 
@@ -474,6 +475,72 @@ class WeightOnlyConv(_WeightOnly):
     def _lowered_weight(self) -> dict:
         return dict(super()._lowered_weight(), stride=self.stride, padding=self.padding,
                     dilation=self.dilation, groups=self.groups)
+
+
+def _transposed_output_padding(x: torch.Tensor, output_size: Optional[List[int]],
+                               stride: List[int], padding: List[int],
+                               kernel_size: List[int], dilation: List[int],
+                               output_padding: List[int]) -> List[int]:
+    """The output padding that gives a transposed conv's output ``output_size`` (its
+    spatial sizes, or with the batch and channel sizes before them), as
+    ``nn.ConvTranspose*d`` computes it; ``output_padding`` without one."""
+    if output_size is None:
+        return output_padding
+    dims = len(stride)
+    sizes = list(output_size)
+    if len(sizes) == x.dim():
+        sizes = sizes[x.dim() - dims:]
+    if len(sizes) != dims:
+        raise ValueError(f"output_size must have {dims} or {x.dim()} elements, got "
+                         f"{len(output_size)}")
+    padded: List[int] = []
+    for d in range(dims):
+        size = x.size(x.dim() - dims + d)
+        smallest = ((size - 1) * stride[d] - 2 * padding[d] + dilation[d] * (kernel_size[d] - 1)
+                    + 1)
+        if sizes[d] < smallest or sizes[d] > smallest + stride[d] - 1:
+            raise ValueError(f"output_size: spatial size {d} must lie in [{smallest}, "
+                             f"{smallest + stride[d] - 1}] for this input, got {sizes[d]}")
+        padded.append(sizes[d] - smallest)
+    return padded
+
+
+class WeightOnlyConvTranspose(_WeightOnly):
+    """``F.conv_transpose1d`` / ``2d`` / ``3d`` (zero padding) on the dequantized integer
+    weight, whose scales are per output channel (axis 1; with groups, that channel of every
+    group): see :class:`_WeightOnly`. Takes ``output_size`` as ``nn.ConvTranspose*d``
+    does."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: List[int],
+                 padding: List[int], output_padding: List[int], dilation: List[int],
+                 groups: int, output: Optional[Tuple[float, int, int, int]],
+                 weight_bits: int = 8, weight_quant_min: int = -128):
+        super().__init__(weight, bias, weight_bits, weight_quant_min, output)
+        self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
+        self.output_padding = list(output_padding)
+        self.kernel_size: List[int] = list(weight.shape[2:])
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
+        w = self._weight()
+        padded = _transposed_output_padding(x, output_size, self.stride, self.padding,
+                                            self.kernel_size, self.dilation,
+                                            self.output_padding)
+        if w.dim() == 3:
+            y = F.conv_transpose1d(x, w, self.bias, self.stride, self.padding, padded,
+                                   self.groups, self.dilation)
+        elif w.dim() == 4:
+            y = F.conv_transpose2d(x, w, self.bias, self.stride, self.padding, padded,
+                                   self.groups, self.dilation)
+        else:
+            y = F.conv_transpose3d(x, w, self.bias, self.stride, self.padding, padded,
+                                   self.groups, self.dilation)
+        return self._output(y)
+
+    def _lowered_weight(self) -> dict:
+        return dict(super()._lowered_weight(), stride=self.stride, padding=self.padding,
+                    output_padding=self.output_padding, dilation=self.dilation,
+                    groups=self.groups)
 
 
 class WeightOnlyLinear(_WeightOnly):

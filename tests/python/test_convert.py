@@ -385,10 +385,7 @@ def test_an_eager_fallback_model_converts_to_the_simulation_bit_for_bit():
         assert type(getattr(int_model, name)) is qat.quantized.WeightOnlyConv
     for name in ("fc", "mid", "head"):
         assert type(getattr(int_model, name)) is qat.quantized.WeightOnlyLinear
-    # No integer layer for a transposed conv here: the plain layer on its fake-quantized
-    # weight, its output fake-quantized after it.
-    assert [type(m) for m in int_model.up] == [nn.ConvTranspose2d,
-                                                 qat.quantized.FakeQuantizeOutput]
+    assert type(int_model.up) is qat.quantized.WeightOnlyConvTranspose
     assert type(int_model.bn1) is nn.BatchNorm2d
     assert not any(isinstance(m, qat.FakeQuantize) for m in int_model.modules())
     with torch.no_grad():
@@ -400,17 +397,67 @@ def test_an_eager_fallback_model_converts_to_the_simulation_bit_for_bit():
     expected = torch.clamp(torch.round(qmodel.conv2.weight.detach() / scale), -128, 127)
     assert torch.equal(int_model.conv2.quantized_weight().int_repr().float(), expected)
     assert report.integer == []
-    assert report.float == ["conv1 (integer weights, float arithmetic)",
-                            "conv2 (integer weights, float arithmetic)",
-                            "up (float weights)", "fc (integer weights, float arithmetic)",
-                            "mid (integer weights, float arithmetic)",
-                            "head (integer weights, float arithmetic)"]
+    assert report.float == [f"{name} (integer weights, float arithmetic)"
+                            for name in ("conv1", "conv2", "up", "fc", "mid", "head")]
     integer = sum(getattr(qmodel, n).weight.numel()
-                  for n in ("conv1", "conv2", "fc", "mid", "head"))
+                  for n in ("conv1", "conv2", "up", "fc", "mid", "head"))
     assert report.integer_weights == integer
-    assert report.float_weights == {"up.0": qmodel.up.weight.numel()}
+    assert report.float_weights == {}
     # The QAT model is left as it was.
     assert type(qmodel.conv1) is qat.modules.Conv2d
+
+
+def _runs_without_qat(qmodel: nn.Module, tmp_path, example, inputs):
+    """Exports ``qmodel`` to a .ptl and checks that the file, run on ``inputs`` by a fresh
+    process without qat, gives the simulation's outputs bit for bit; returns (path, the
+    integer model export returned)."""
+    path, saved, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
+    int_model = qat.export(qmodel, path, example)
+    torch.save(inputs, saved)
+    run_python(RUN_LITE_MODEL, path, saved, outputs, check=True,
+               env=dict(os.environ, PYTHONPATH=""))
+    with torch.no_grad():
+        assert torch.equal(torch.load(outputs), qmodel(inputs))
+    return path, int_model
+
+
+class _UntraceableUpsampler(nn.Module):
+    """A grouped transposed conv without bias, called with the output size it must give,
+    after control flow on a tensor (qat.prepare's eager fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, groups=2, bias=False)
+
+    def forward(self, x):
+        y = self.down(x)
+        if y.mean() > 0:
+            y = y * 2
+        return self.up(y, output_size=x.shape[-2:])
+
+
+def test_an_eager_fallback_transposed_conv_keeps_output_size_and_groups(tmp_path):
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="eager fallback"):
+        qmodel = qat.prepare(_UntraceableUpsampler())
+    x = torch.randn(16, 3, 12, 12)
+    qat.calibrate(qmodel, [x[:8], x[8:]], progress=False)
+    qat.disable_observer(qmodel.eval())
+    int_model = qat.convert(qmodel)
+    assert type(int_model.up) is qat.quantized.WeightOnlyConvTranspose
+    with torch.no_grad():
+        # 12 x 12 in, 6 x 6 in the middle: without output_size the transposed conv gives
+        # 11 x 11; 11 and 12 are both reachable, so both are asked for.
+        for size in ([12, 12], [11, 11]):
+            expected = qmodel.up(qmodel.down(x), output_size=size)
+            assert expected.shape[-2:] == tuple(size)
+            assert torch.equal(int_model.up(int_model.down(x), output_size=size), expected)
+        assert torch.equal(int_model(x), qmodel(x))
+        with pytest.raises(ValueError, match=r"output_size: spatial size 0 must lie in "
+                                             r"\[11, 12\] for this input, got 14"):
+            int_model.up(int_model.down(x), output_size=[14, 14])
+    _runs_without_qat(qmodel, tmp_path, x[:1], x[:2])
 
 
 class _UntraceableText(nn.Module):
@@ -457,13 +504,7 @@ def test_an_eager_fallback_model_keeps_its_tables_as_integers(tmp_path):
         expected = torch.clamp(torch.round(layer.weight.detach() * inverse), -128, 127) + 128
         assert torch.equal(getattr(int_model, name).table().int_repr().float(), expected)
     # The file runs where qat is not installed and stores the tables as bytes.
-    path, inputs, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
-    qat.export(qmodel, path, tokens[:1])
-    torch.save(tokens[:3], inputs)
-    run_python(RUN_LITE_MODEL, path, inputs, outputs, check=True,
-               env=dict(os.environ, PYTHONPATH=""))
-    with torch.no_grad():
-        assert torch.equal(torch.load(outputs), qmodel(tokens[:3]))
+    path, _ = _runs_without_qat(qmodel, tmp_path, tokens[:1], tokens[:3])
     float_path = str(tmp_path / "float.ptl")
     torch.jit.freeze(torch.jit.script(_UntraceableText().eval()))._save_for_lite_interpreter(
         float_path)
@@ -472,17 +513,12 @@ def test_an_eager_fallback_model_keeps_its_tables_as_integers(tmp_path):
 
 def test_an_eager_fallback_model_exports_a_file_that_runs_without_qat(tmp_path):
     qmodel, x = _trained_eager_model()
-    path, inputs, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
-    int_model = qat.export(qmodel, path, x[:1])
-    torch.save(x[8:9], inputs)
-    run_python(RUN_LITE_MODEL, path, inputs, outputs, check=True,
-               env=dict(os.environ, PYTHONPATH=""))
+    path, int_model = _runs_without_qat(qmodel, tmp_path, x[:1], x[8:9])
     with torch.no_grad():
-        assert torch.equal(torch.load(outputs), qmodel(x[8:9]))
         assert torch.equal(int_model(x[8:9]), qmodel(x[8:9]))
     layers = {layer["name"]: layer["type"] for layer in qat.read_metadata(path)["layers"]}
     assert layers == {"conv1": "WeightOnlyConv", "conv2": "WeightOnlyConv",
-                      "up.1": "FakeQuantizeOutput", "fc": "WeightOnlyLinear",
+                      "up": "WeightOnlyConvTranspose", "fc": "WeightOnlyLinear",
                       "mid": "WeightOnlyLinear", "head": "WeightOnlyLinear"}
     # The weights are stored as their integers, not as the float constants freezing would
     # fold the dequantized weights into: the file is far below the float model's.
