@@ -835,16 +835,15 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
     layers (:class:`qat.quantized.WeightOnlyConv` / ``WeightOnlyConvTranspose`` /
     ``WeightOnlyLinear``: the weight's integers stored, as an integer layer stores them, the
     arithmetic in float on their values, the output fake-quantized with PyTorch's op); its
-    QAT embeddings and embedding bags, whose
-    input is indices, their integer tables as in a traced model (per-row qparams; the
-    report lists them as integer ops); its other QAT layers the plain layer on the
-    fake-quantized weight with the output's fake quantization after it, and any other
-    FakeQuantize PyTorch's fake quantization. The result computes what the simulation
-    computes in eval bit for bit, is a copy of the model's own class (scripted by
-    :func:`qat.export` to ``.ptl`` / ``.pt``), and stores the weights of its convs, linears
-    and tables as integers; the report lists each weight-only layer as float arithmetic.
-    ``backend`` is not used for it (only the embedding kernels are quantized ones, and no
-    engine setting changes them).
+    QAT embeddings and embedding bags, whose input is indices, their integer tables as in a
+    traced model (per-row qparams; the report lists them as integer ops); its other QAT
+    layers the plain layer on the fake-quantized weight with the output's fake quantization
+    after it, and any other FakeQuantize PyTorch's fake quantization. The result computes
+    what the simulation computes in eval bit for bit, is a copy of the model's own class
+    (scripted by :func:`qat.export` to ``.ptl`` / ``.pt``), and stores the weights of its
+    convs, linears and tables as integers; the report lists each weight-only layer as float
+    arithmetic. ``backend`` is not used for it (only the embedding kernels are quantized
+    ones, and no engine setting changes them).
 
     Args:
         qmodel: a model from :func:`qat.prepare` (a ``torch.fx.GraphModule``, or the
@@ -956,19 +955,16 @@ def _weight_only(module: nn.Module, output) -> Optional[nn.Module]:
     return None
 
 
-def _integer_table(module: nn.Module, output) -> Optional[nn.Module]:
+def _integer_table(module: nn.Module) -> Optional[nn.Module]:
     """The integer table (:class:`qat.quantized.Embedding` / ``EmbeddingBag``, as
     :func:`convert` gives a traced model) of an eager-fallback QAT embedding whose weight
-    FakeQuantize is on, with the output's fake quantization after it where the simulation
-    has one; None for other layers and for tables without a kernel. Its input is indices,
-    so no quantizer has to precede it."""
+    FakeQuantize is on; None for other layers and for tables without a kernel. Its input
+    is indices, so no quantizer has to precede it, and as a weight-only layer it has no
+    output quantizer after it."""
     if not isinstance(module, (Embedding, EmbeddingBag)) or \
             not bool(module.weight_fake_quant.fake_quant_enabled):
         return None
-    table = _integer_embedding(module)
-    if table is None or output is None:
-        return table
-    return nn.Sequential(table, quantized.FakeQuantizeOutput(*output))
+    return _integer_embedding(module)
 
 
 def _convert_eager(qmodel: nn.Module, return_report: bool):
@@ -992,7 +988,7 @@ def _convert_eager(qmodel: nn.Module, return_report: bool):
         elif isinstance(getattr(module, "weight_fake_quant", None), FakeQuantize) or \
                 isinstance(module, (LSTM, GRU)):
             output = _output_fake_quant(module._modules.get("activation_post_process"))
-            layer = _integer_table(module, output)
+            layer = _integer_table(module) if output is None else None
             if layer is not None:
                 report.integer.append(f"{name} (integer table)")
             elif (layer := _weight_only(module, output)) is not None:
