@@ -831,8 +831,8 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
 
     A model that took prepare's eager fallback (torch.fx could not trace it) has no graph
     that says which quantizer precedes a layer, so no integer kernel can take a quantized
-    input: its QAT convs, transposed convs (zero padding) and linears become weight-only
-    layers (:class:`qat.quantized.WeightOnlyConv` / ``WeightOnlyConvTranspose`` /
+    input: its QAT convs (any padding), transposed convs (zero padding) and linears become
+    weight-only layers (:class:`qat.quantized.WeightOnlyConv` / ``WeightOnlyConvTranspose`` /
     ``WeightOnlyLinear``: the weight's integers stored, as an integer layer stores them, the
     arithmetic in float on their values, the output fake-quantized with PyTorch's op); its
     QAT embeddings and embedding bags, whose input is indices, their integer tables as in a
@@ -937,12 +937,12 @@ def _weight_only(module: nn.Module, output) -> Optional[nn.Module]:
         if isinstance(module, Linear):
             return quantized.WeightOnlyLinear(_integer_weight(_weights_of(module), fq),
                                               module.bias, fq.spec.bits, fq.quant_min, output)
-        if isinstance(module, (Conv1d, Conv2d, Conv3d)) and module.padding_mode == "zeros" \
-                and not isinstance(module.padding, str):
+        if isinstance(module, (Conv1d, Conv2d, Conv3d)):
+            padding, pre_pad, pre_pad_mode = quantized._conv_padding(module)
             return quantized.WeightOnlyConv(
                 _integer_weight(_weights_of(module), fq), module.bias, list(module.stride),
-                list(module.padding), list(module.dilation), module.groups, output,
-                fq.spec.bits, fq.quant_min)
+                padding, list(module.dilation), module.groups, output, fq.spec.bits,
+                fq.quant_min, pre_pad, pre_pad_mode)
         if isinstance(module, _ConvTransposeNd) and module.padding_mode == "zeros":
             # The stored zero bias has one value per output channel of every group (the
             # weight's scales, axis 1, one per output channel of a group).

@@ -448,19 +448,29 @@ class _WeightOnly(_IntegerLayer):
 
 
 class WeightOnlyConv(_WeightOnly):
-    """``F.conv1d`` / ``conv2d`` / ``conv3d`` (zero padding) on the dequantized integer
-    weight: see :class:`_WeightOnly`."""
+    """``F.conv1d`` / ``conv2d`` / ``conv3d`` on the dequantized integer weight: see
+    :class:`_WeightOnly`. ``padding`` is the conv's own; ``pre_pad`` (``F.pad``'s sizes)
+    with ``pre_pad_mode`` pads the input first where the QAT layer had a string padding
+    or a padding mode (:func:`_conv_padding`)."""
+
+    # Declared here: TorchScript takes an empty list attribute for a list of tensors.
+    pre_pad: List[int]
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: List[int],
                  padding: List[int], dilation: List[int], groups: int,
                  output: Optional[Tuple[float, int, int, int]], weight_bits: int = 8,
-                 weight_quant_min: int = -128):
+                 weight_quant_min: int = -128, pre_pad: Optional[List[int]] = None,
+                 pre_pad_mode: str = "constant"):
         super().__init__(weight, bias, weight_bits, weight_quant_min, output)
         self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
+        self.pre_pad = list(pre_pad or [])
+        self.pre_pad_mode = pre_pad_mode
         self.groups = groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._weight()
+        if len(self.pre_pad) > 0:
+            x = F.pad(x, self.pre_pad, mode=self.pre_pad_mode)
         if w.dim() == 3:
             y = F.conv1d(x, w, self.bias, self.stride, self.padding, self.dilation,
                          self.groups)
@@ -475,6 +485,31 @@ class WeightOnlyConv(_WeightOnly):
     def _lowered_weight(self) -> dict:
         return dict(super()._lowered_weight(), stride=self.stride, padding=self.padding,
                     dilation=self.dilation, groups=self.groups)
+
+
+def _conv_padding(conv: nn.Module) -> Tuple[List[int], List[int], str]:
+    """(the conv's own padding, the sizes ``F.pad`` pads the input by first, its mode) with
+    which a conv on integer sizes computes what ``conv`` (an ``nn.Conv*d``) computes, as
+    ``_conv_forward`` and ATen's string paddings do: ``"valid"`` is no padding, ``"same"``
+    pads each side by half of ``dilation * (kernel - 1)`` and zero-pads the odd one left
+    over on the right first; a ``padding_mode`` other than zeros pads the input by all of
+    it first. Integer sizes, so that the mobile optimizer of every PyTorch takes the conv
+    (torch 1.13's refuses a string padding)."""
+    dims = len(conv.kernel_size)
+    if conv.padding_mode != "zeros":
+        return [0] * dims, list(conv._reversed_padding_repeated_twice), conv.padding_mode
+    if conv.padding == "valid":
+        return [0] * dims, [], "constant"
+    if conv.padding != "same":
+        return list(conv.padding), [], "constant"
+    own: List[int] = []
+    pre_pad = [0] * (2 * dims)
+    for d in range(dims):
+        total = conv.dilation[d] * (conv.kernel_size[d] - 1)
+        own.append(total // 2)
+        # F.pad's sizes run from the last dimension to the first, (left, right) each.
+        pre_pad[2 * (dims - 1 - d) + 1] = total - 2 * (total // 2)
+    return own, pre_pad if any(pre_pad) else [], "constant"
 
 
 def _transposed_output_padding(x: torch.Tensor, output_size: Optional[List[int]],

@@ -412,13 +412,58 @@ def _runs_without_qat(qmodel: nn.Module, tmp_path, example, inputs):
     process without qat, gives the simulation's outputs bit for bit; returns (path, the
     integer model export returned)."""
     path, saved, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
-    int_model = qat.export(qmodel, path, example)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        int_model = qat.export(qmodel, path, example)
+    # Scripted, not traced: a trace keeps only the branches the example took.
+    assert not [w for w in caught if "torch.jit.script failed" in str(w.message)]
     torch.save(inputs, saved)
     run_python(RUN_LITE_MODEL, path, saved, outputs, check=True,
                env=dict(os.environ, PYTHONPATH=""))
     with torch.no_grad():
         assert torch.equal(torch.load(outputs), qmodel(inputs))
     return path, int_model
+
+
+class _UntraceablePadded(nn.Module):
+    """Convs padded every way nn.Conv2d pads (strings, an even kernel, padding modes),
+    around control flow on a tensor (qat.prepare's eager fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.same = nn.Conv2d(3, 8, 3, padding="same")
+        # dilation * (kernel - 1) = 3: one more on the right than on the left.
+        self.even = nn.Conv2d(8, 8, 4, padding="same", bias=False)
+        self.valid = nn.Conv2d(8, 8, 3, padding="valid")
+        self.reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+        self.circular = nn.Conv1d(8, 4, 3, padding=2, padding_mode="circular")
+
+    def forward(self, x):
+        y = self.even(self.same(x))
+        if y.mean() > 0:
+            y = y * 2
+        y = self.reflect(self.valid(y))
+        return self.circular(y.mean(2))
+
+
+def test_an_eager_fallback_conv_keeps_its_padding(tmp_path):
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="eager fallback"):
+        qmodel = qat.prepare(_UntraceablePadded())
+    x = torch.randn(16, 3, 10, 10)
+    qat.calibrate(qmodel, [x[:8], x[8:]], progress=False)
+    qat.disable_observer(qmodel.eval())
+    int_model, report = qat.convert(qmodel, return_report=True)
+    names = ("same", "even", "valid", "reflect", "circular")
+    for name in names:
+        assert type(getattr(int_model, name)) is qat.quantized.WeightOnlyConv, name
+    assert report.float_weights == {}
+    with torch.no_grad():
+        assert len({bool(qmodel.even(qmodel.same(x[i:i + 1])).mean() > 0)
+                    for i in range(len(x))}) == 2, "the inputs take both branches"
+        for i in range(len(x)):
+            assert torch.equal(int_model(x[i:i + 1]), qmodel(x[i:i + 1]))
+    _runs_without_qat(qmodel, tmp_path, x[:1], x[:4])
 
 
 class _UntraceableUpsampler(nn.Module):
