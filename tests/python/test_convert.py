@@ -425,6 +425,16 @@ def _runs_without_qat(qmodel: nn.Module, tmp_path, example, inputs):
     return path, int_model
 
 
+def _calibrated_eager(model: nn.Module, inputs: torch.Tensor) -> nn.Module:
+    """``model`` through qat.prepare's eager fallback, calibrated on the two halves of
+    ``inputs``, in eval with its observers off (the simulation convert follows)."""
+    with pytest.warns(UserWarning, match="eager fallback"):
+        qmodel = qat.prepare(model)
+    half = len(inputs) // 2
+    qat.calibrate(qmodel, [inputs[:half], inputs[half:]], progress=False)
+    return qat.disable_observer(qmodel.eval())
+
+
 class _UntraceablePadded(nn.Module):
     """Convs padded every way nn.Conv2d pads (strings, an even kernel, padding modes),
     around control flow on a tensor (qat.prepare's eager fallback)."""
@@ -448,11 +458,9 @@ class _UntraceablePadded(nn.Module):
 
 def test_an_eager_fallback_conv_keeps_its_padding(tmp_path):
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="eager fallback"):
-        qmodel = qat.prepare(_UntraceablePadded())
-    x = torch.randn(16, 3, 10, 10)
-    qat.calibrate(qmodel, [x[:8], x[8:]], progress=False)
-    qat.disable_observer(qmodel.eval())
+    # Offsets of both signs: the two convs before the branch are linear in them.
+    x = torch.randn(16, 3, 10, 10) + torch.tensor([4.0, -4.0]).repeat(8).view(16, 1, 1, 1)
+    qmodel = _calibrated_eager(_UntraceablePadded(), x)
     int_model, report = qat.convert(qmodel, return_report=True)
     names = ("same", "even", "valid", "reflect", "circular")
     for name in names:
@@ -484,11 +492,8 @@ class _UntraceableUpsampler(nn.Module):
 
 def test_an_eager_fallback_transposed_conv_keeps_output_size_and_groups(tmp_path):
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="eager fallback"):
-        qmodel = qat.prepare(_UntraceableUpsampler())
     x = torch.randn(16, 3, 12, 12)
-    qat.calibrate(qmodel, [x[:8], x[8:]], progress=False)
-    qat.disable_observer(qmodel.eval())
+    qmodel = _calibrated_eager(_UntraceableUpsampler(), x)
     int_model = qat.convert(qmodel)
     assert type(int_model.up) is qat.quantized.WeightOnlyConvTranspose
     with torch.no_grad():
@@ -524,11 +529,8 @@ class _UntraceableText(nn.Module):
 
 def test_an_eager_fallback_model_keeps_its_tables_as_integers(tmp_path):
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="eager fallback"):
-        qmodel = qat.prepare(_UntraceableText())
     tokens = torch.randint(0, 1000, (64, 6))
-    qat.calibrate(qmodel, [tokens[:32], tokens[32:]], progress=False)
-    qat.disable_observer(qmodel.eval())
+    qmodel = _calibrated_eager(_UntraceableText(), tokens)
     int_model, report = qat.convert(qmodel, return_report=True)
     assert type(int_model.emb) is qat.quantized.Embedding
     assert type(int_model.bag) is qat.quantized.EmbeddingBag
