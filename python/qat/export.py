@@ -111,7 +111,11 @@ def _as_tuple(example_inputs) -> tuple:
                     f"{type(example_inputs).__name__}")
 
 
-def _script(model: nn.Module, inputs: tuple):
+def _script(model: nn.Module, inputs: tuple, eager: bool):
+    """``model`` scripted, or traced where scripting fails, except for a model that took
+    qat.prepare's eager fallback (``eager``): torch.fx could not trace it, most often for
+    control flow on tensors, which a trace would fix to the branches ``inputs`` take while
+    the export's check runs those same inputs."""
     try:
         with warnings.catch_warnings():
             # torch.fx's GraphModule.__init__ annotates an attribute in a way torch.jit
@@ -120,6 +124,12 @@ def _script(model: nn.Module, inputs: tuple):
             return torch.jit.script(model)
     except Exception as error:  # noqa: BLE001 - any scripting failure tries tracing
         message = str(error).strip()
+    if eager:
+        raise RuntimeError(
+            f"qat.export: torch.jit.script failed on a model that took qat.prepare's eager "
+            f"fallback, and a trace would keep only the branches of its control flow that "
+            f"example_inputs take, so nothing was written; make its forward scriptable "
+            f"(TorchScript said:\n{message})")
     warnings.warn(
         f"qat.export: torch.jit.script failed, so the model was traced with example_inputs "
         f"instead (control flow is fixed to what they took): {message.splitlines()[0]}",
@@ -154,7 +164,9 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
 
     A QAT model (holding :class:`qat.FakeQuantize` modules) is converted first with
     :func:`qat.convert`; an integer model is taken as it is. The model is scripted
-    (traced with ``example_inputs`` only when scripting fails, with a warning), frozen,
+    (traced with ``example_inputs`` only when scripting fails, with a warning, and never
+    for a model that took :func:`qat.prepare`'s eager fallback: a trace would fix its
+    control flow to the example's branches), frozen,
     and with ``mobile`` optimized with ``optimize_for_mobile`` (where this PyTorch has
     XNNPACK, which official builds from 2.13 on lack: then the frozen module is saved as it
     is, with a warning once per process) and saved for the lite interpreter (``.ptl``);
@@ -197,11 +209,11 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
             any work is done).
         ValueError: a QAT model that was never calibrated or trained (from
             :func:`qat.convert`).
-        RuntimeError: the model can be neither scripted nor traced (nor, for ``.pte``,
-            exported by ``torch.export``), or the written file does not reproduce the
-            model's outputs; this PyTorch has no TorchScript, or (with ``mobile``) no lite
-            interpreter; a ``.pte`` is asked for and ExecuTorch is not installed (an
-            ``.onnx`` and onnx / onnxruntime are not).
+        RuntimeError: the model can be neither scripted nor traced (an eager-fallback
+            model: not scripted; for ``.pte``: not exported by ``torch.export``), or the
+            written file does not reproduce the model's outputs; this PyTorch has no
+            TorchScript, or (with ``mobile``) no lite interpreter; a ``.pte`` is asked for
+            and ExecuTorch is not installed (an ``.onnx`` and onnx / onnxruntime are not).
         TypeError: an op of the model has no ``.pte`` / ``.onnx`` lowering (naming it).
     """
     if not isinstance(path, (str, os.PathLike)):
@@ -347,7 +359,7 @@ def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Mod
     for module in int_model.modules():
         if isinstance(module, quantized._PacksOnFirstForward):
             module._packed_params = None
-    scripted = _script(int_model, inputs)
+    scripted = _script(int_model, inputs, _took_eager_fallback(model))
     frozen = torch.jit.freeze(scripted.eval())
     extra = {METADATA_FILE: _metadata(int_model, inputs)}
     saved = optimize_for_mobile(frozen) if mobile else frozen

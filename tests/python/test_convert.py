@@ -435,6 +435,34 @@ def _calibrated_eager(model: nn.Module, inputs: torch.Tensor) -> nn.Module:
     return qat.disable_observer(qmodel.eval())
 
 
+def _doubled(*tensors):
+    # A variable number of arguments: TorchScript cannot compile this.
+    return [t * 2 for t in tensors]
+
+
+class _UntraceableUnscriptable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if y.sum() > 0:
+            (y,) = _doubled(y)
+        return y
+
+
+def test_an_eager_fallback_model_is_never_traced_for_export(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    qmodel = _calibrated_eager(_UntraceableUnscriptable(), x)
+    path = tmp_path / "model.ptl"
+    with pytest.raises(RuntimeError, match=r"torch.jit.script failed on a model that took "
+                                           r"qat.prepare's eager fallback.*nothing was written"):
+        qat.export(qmodel, str(path), x[:1])
+    assert not path.exists()
+
+
 class _UntraceablePadded(nn.Module):
     """Convs padded every way nn.Conv2d pads (strings, an even kernel, padding modes),
     around control flow on a tensor (qat.prepare's eager fallback)."""
