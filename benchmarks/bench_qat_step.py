@@ -15,7 +15,7 @@ of the float model and of its QAT versions, side by side in one run:
     .venv/bin/python benchmarks/bench_qat_step.py \\
         [--models resnet18 mobilenet_v2 demo linear] [--batches 8 32] [--size 64]
         [--iterations 21] [--warmup 3] [--threads 2] [--keep-freed-memory] [--epoch]
-        [--compile] [--float-and-qat] [--one-rotation]
+        [--compile] [--float-and-qat] [--one-rotation] [--in-process]
 
 Each variant steps in turn with the float model alone (one step of each, repeat, after
 warm-up): qat with float; compiled qat with compiled float; then each of PyTorch's flows
@@ -24,6 +24,12 @@ float median of the rotation it ran in, and the spread (the quartiles of the rat
 numerator, and the fastest step). The allocator is glibc's as a user's script has it;
 ``--keep-freed-memory`` tells glibc to keep freed blocks (a tuning trick, reported as such
 in the header).
+
+Each model and batch runs in a fresh Python process (``--in-process``: all in this one), as
+a user's script trains one model: the heap that one table's steps leave changes what the
+next table's steps cost (mobilenet_v2 at batch 8 on torch 2.15, qat over float: 1.04-1.10x
+in a process of its own, float's median step 55-59 ms; 1.19x after the resnet18 tables in
+the same process, float's 47 ms).
 
 Why rotations of two: a user's script trains one model, and the steps of the others change
 what a step costs. With glibc's default settings, a large tensor freed goes back to the OS
@@ -47,9 +53,12 @@ reports; it does not assert.
 
 import argparse
 import copy
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from typing import Callable, Dict, Optional, Tuple
@@ -62,6 +71,11 @@ from torch import nn
 import qat
 from _timing import keep_freed_memory, round_robin_samples
 
+# The environment the tables' processes get: the user's, as before the demo's import sets
+# OMP_WAIT_POLICY=PASSIVE for its own runtimes' figures (its OpenMP threads then sleep between
+# parallel regions: resnet18's float step at batch 8 took 84-86 ms in such a process against
+# 61-66 ms).
+ENVIRONMENT = dict(os.environ)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
                                 "python"))
 from fashion_mnist_demo import BATCH as DEMO_BATCH, DemoNet, batches  # noqa: E402
@@ -273,6 +287,30 @@ def step_tables(args) -> list:
     return verdicts
 
 
+def isolated_tables(args) -> list:
+    """step_tables for each model and batch in a fresh Python process (this script with
+    ``--in-process``), whose tables print as they come; returns their verdicts."""
+    options = ["--size", str(args.size), "--iterations", str(args.iterations), "--warmup",
+               str(args.warmup), "--threads", str(args.threads)]
+    options += [flag for flag, on in (("--keep-freed-memory", args.keep_freed_memory),
+                                      ("--compile", args.compile),
+                                      ("--float-and-qat", args.float_and_qat),
+                                      ("--one-rotation", args.one_rotation)) if on]
+    verdicts = []
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "verdicts.json")
+        for name in args.models:
+            for batch in args.batches:
+                sys.stdout.flush()
+                subprocess.run([sys.executable, os.path.abspath(__file__), "--models", name,
+                                "--batches", str(batch), "--in-process", "--verdicts", path]
+                               + options, check=True, env=ENVIRONMENT)
+                with open(path) as f:
+                    verdicts += [(label, ratio, {k: tuple(v) for k, v in others.items()}, ours)
+                                 for label, ratio, others, ours in json.load(f)]
+    return verdicts
+
+
 def epoch_table(args) -> None:
     """One Fashion-MNIST epoch of the demo's model, float and QAT step by step in turn."""
     from qat.datasets import load_fashion_mnist
@@ -318,6 +356,11 @@ def main() -> None:
     parser.add_argument("--one-rotation", action="store_true",
                         help="step every variant in one rotation instead of each in turn "
                              "with float alone")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every model and batch in this process instead of each in a "
+                             "fresh one")
+    # Where a table run in a process of its own writes its verdicts (isolated_tables).
+    parser.add_argument("--verdicts", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile and not hasattr(torch, "compile"):
         parser.error(f"--compile: this PyTorch ({torch.__version__}) has no torch.compile")
@@ -329,17 +372,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if "qnnpack" in torch.backends.quantized.supported_engines:
         torch.backends.quantized.engine = "qnnpack"
+    if args.verdicts:
+        with open(args.verdicts, "w") as f:
+            json.dump(step_tables(args), f)
+        return
     print(f"qat {qat.__version__}, torch {torch.__version__}, torchvision "
           f"{torchvision.__version__}, {args.threads} threads, {malloc}"
           + ("" if args.epoch else
              f", median of {args.iterations} steps after {args.warmup} warm-up")
           + (", float and qat only (--float-and-qat)" if args.float_and_qat else
              ", every variant in one rotation (--one-rotation)" if args.one_rotation else
-             ", each variant in turn with float alone"))
+             ", each variant in turn with float alone")
+          + ("" if args.epoch or args.in_process else ", each model and batch in a fresh process"))
     if args.epoch:
         epoch_table(args)
         return
-    verdicts = step_tables(args)
+    verdicts = step_tables(args) if args.in_process else isolated_tables(args)
     print()
     held = True
     for label, ratio, others, ours in verdicts:
