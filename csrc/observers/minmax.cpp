@@ -461,12 +461,13 @@ at::Tensor fake_quantize_folded(
   const auto f = factor.detach().to(at::kCPU, at::kFloat).contiguous();
   const float* fp = f.data_ptr<float>();
   for (int64_t c = 0; c < f.numel(); ++c) {
-    // A batch norm's gamma / sqrt(running_var + eps) is NaN for a negative variance and
-    // inf for a zero one with eps 0; the qparams made from it would be, too.
+    // A batch norm's gamma / sqrt(running_var + eps) is NaN for a negative variance or a
+    // NaN gamma (a training step that diverged and an optimizer that wrote its NaN
+    // gradient), inf for a zero variance with eps 0; the qparams made from it would be, too.
     TORCH_CHECK(
         std::isfinite(fp[c]), op, ": the fold factor of output channel ", c, " is ", fp[c],
-        " (a batch norm's weight / sqrt(running_var + eps): is a running_var negative, or "
-        "zero with eps 0?)");
+        " (a batch norm's weight / sqrt(running_var + eps): is the weight not finite, a "
+        "running_var negative, or zero with eps 0?)");
   }
   if (observe && fake_quantize_enabled) {
     auto result = observe_fake_quantize_channel_runs(

@@ -376,6 +376,18 @@ def test_fold_factor_of_a_bad_batch_norm_is_named_in_training():
         qmodel(torch.randn(2, 3, 8, 8))
 
 
+def test_fold_factor_of_a_batch_norm_weight_gone_nan_is_named_in_training():
+    # What a diverged training step leaves: the optimizer writes a NaN gradient into the
+    # batch norm's weight, and the next forward folds it.
+    qmodel = _convbn_calibrated()
+    with torch.no_grad():
+        qmodel.conv.bn.weight[1] = math.nan
+    with pytest.raises(RuntimeError, match=r"conv\.weight_fake_quant \(qat\.FakeQuantize\): "
+                                           r".*fold factor of output channel 1 is -?nan .*"
+                                           r"is the weight not finite"):
+        qmodel(torch.randn(2, 3, 8, 8))
+
+
 def test_activations_overflowing_float32_are_named():
     # The first batch sets the range as it is (later ones move an average towards it).
     qmodel = qat.prepare(nn.Sequential(nn.Linear(4, 3)))
