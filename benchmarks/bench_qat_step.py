@@ -61,7 +61,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -287,24 +287,20 @@ def step_tables(args) -> list:
     return verdicts
 
 
-def isolated_tables(args) -> list:
+def isolated_tables(args, argv: List[str]) -> list:
     """step_tables for each model and batch in a fresh Python process (this script with
-    ``--in-process``), whose tables print as they come; returns their verdicts."""
-    options = ["--size", str(args.size), "--iterations", str(args.iterations), "--warmup",
-               str(args.warmup), "--threads", str(args.threads)]
-    options += [flag for flag, on in (("--keep-freed-memory", args.keep_freed_memory),
-                                      ("--compile", args.compile),
-                                      ("--float-and-qat", args.float_and_qat),
-                                      ("--one-rotation", args.one_rotation)) if on]
+    the command line ``argv`` it was given, one model and batch, and ``--in-process``),
+    whose tables print as they come; returns their verdicts."""
     verdicts = []
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "verdicts.json")
         for name in args.models:
             for batch in args.batches:
                 sys.stdout.flush()
-                subprocess.run([sys.executable, os.path.abspath(__file__), "--models", name,
-                                "--batches", str(batch), "--in-process", "--verdicts", path]
-                               + options, check=True, env=ENVIRONMENT)
+                # The options given later replace those of argv (argparse keeps the last).
+                subprocess.run([sys.executable, os.path.abspath(__file__)] + argv
+                               + ["--models", name, "--batches", str(batch), "--in-process",
+                                  "--verdicts", path], check=True, env=ENVIRONMENT)
                 with open(path) as f:
                     verdicts += [(label, ratio, {k: tuple(v) for k, v in others.items()}, ours)
                                  for label, ratio, others, ours in json.load(f)]
@@ -387,7 +383,7 @@ def main() -> None:
     if args.epoch:
         epoch_table(args)
         return
-    verdicts = step_tables(args) if args.in_process else isolated_tables(args)
+    verdicts = step_tables(args) if args.in_process else isolated_tables(args, sys.argv[1:])
     print()
     held = True
     for label, ratio, others, ours in verdicts:

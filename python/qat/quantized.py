@@ -553,13 +553,12 @@ class WeightOnlyConvTranspose(_WeightOnly):
         super().__init__(weight, bias, weight_bits, weight_quant_min, output)
         self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
         self.output_padding = list(output_padding)
-        self.kernel_size: List[int] = list(weight.shape[2:])
         self.groups = groups
 
     def forward(self, x: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
         w = self._weight()
         padded = _transposed_output_padding(x, output_size, self.stride, self.padding,
-                                            self.kernel_size, self.dilation,
+                                            list(w.shape[2:]), self.dilation,
                                             self.output_padding)
         if w.dim() == 3:
             y = F.conv_transpose1d(x, w, self.bias, self.stride, self.padding, padded,
