@@ -397,6 +397,23 @@ c10::optional<at::Tensor> observe_fake_quantize_channel_runs(
       records ? cpu::positions_of(clamped) : c10::nullopt);
 }
 
+// A quantizer whose qparams come from its observer must have observed before it quantizes
+// with the observer off.
+void check_range_known(
+    const char* op, c10::optional<int64_t> axis, const at::Tensor& scale,
+    const at::Tensor& running_min) {
+  TORCH_CHECK(
+      !axis.has_value() || scale.numel() > 0, op,
+      ": the per-channel scale is not known yet: the observer was disabled before it saw a "
+      "batch");
+  // Per tensor the initial scale 1.0 looks like a real one and would quantize most
+  // activations to zero.
+  TORCH_CHECK(
+      axis.has_value() || observed_any(running_min), op,
+      ": the scale is not known yet: the observer was disabled before it saw a batch (enable "
+      "it, calibrate, or load a trained state_dict)");
+}
+
 at::Tensor fused_observe_fake_quantize(
     const at::Tensor& input, at::Tensor& running_min, at::Tensor& running_max, at::Tensor& scale,
     at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, c10::optional<int64_t> axis,
@@ -428,20 +445,62 @@ at::Tensor fused_observe_fake_quantize(
     clamp_learned_scale(scale);
   }
   if (require_range && !observe) {
-    TORCH_CHECK(
-        !axis.has_value() || scale.numel() > 0, op,
-        ": the per-channel scale is not known yet: the observer was disabled before it saw a "
-        "batch");
-    // Per tensor the initial scale 1.0 looks like a real one and would quantize most
-    // activations to zero.
-    TORCH_CHECK(
-        axis.has_value() || observed_any(running_min), op,
-        ": the scale is not known yet: the observer was disabled before it saw a batch (enable "
-        "it, calibrate, or load a trained state_dict)");
+    check_range_known(op, axis, scale, running_min);
   }
   return qat::fake_quantize(
       input, scale, zero_point, quant_min, quant_max, axis,
       std::string(estimator.data(), estimator.size()));
+}
+
+// fused_observe_fake_quantize(relu(input)) per tensor with the "ste" estimator and
+// qparams that are not learned: the quantizer after a conv + batch norm + ReLU takes its
+// ReLU. The ReLU's own forward and backward each read and write the activation once more
+// (at batch 128 on 28x28 maps, 0.7 of the pair's 1.7 ms); here the range of relu(x) is
+// x's range with its ends raised to 0, and fake_quantize_clamped(x, 0, FLT_MAX) quantizes
+// relu(x) with relu's gradient (0 where x <= 0) times the straight-through mask. Whatever
+// that shortcut would not reproduce exactly (another device or dtype, a non-finite value
+// observed: relu(-inf) is a finite 0) takes the two operators themselves.
+at::Tensor observe_fake_quantize_relu(
+    const at::Tensor& input, at::Tensor& running_min, at::Tensor& running_max, at::Tensor& scale,
+    at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+    c10::optional<double> averaging_constant, bool symmetric, bool observe,
+    bool fake_quantize_enabled, const c10::optional<at::Tensor>& nonfinite_count,
+    bool require_range) {
+  constexpr const char* op = "qat::observe_fake_quantize_relu";
+  detail::check_quant_range(op, quant_min, quant_max);
+  const auto unfused = [&] {
+    return fused_observe_fake_quantize(
+        at::relu(input), running_min, running_max, scale, zero_point, quant_min, quant_max,
+        c10::nullopt, averaging_constant, symmetric, observe, fake_quantize_enabled, "ste",
+        nonfinite_count, false, require_range);
+  };
+  if (!fake_quantize_enabled || !input.is_cpu() || input.scalar_type() != at::kFloat ||
+      scale.requires_grad() || zero_point.requires_grad()) {
+    return unfused();
+  }
+  if (observe) {
+    ObserverState state{running_min, running_max,        scale,    zero_point, quant_min,
+                        quant_max,   averaging_constant, symmetric};
+    check_observer_state(op, state);
+    const auto batch = qat::aminmax(input.detach(), c10::nullopt);
+    if (std::get<2>(batch).item<int64_t>() != 0) {
+      return unfused();
+    }
+    auto lo = std::get<0>(batch).cpu().contiguous();
+    auto hi = std::get<1>(batch).cpu().contiguous();
+    float* lp = lo.data_ptr<float>();
+    float* hp = hi.data_ptr<float>();
+    if (lp[0] <= hp[0]) {
+      lp[0] = std::max(lp[0], 0.0f);
+      hp[0] = std::max(hp[0], 0.0f);
+    }
+    update_observer_state(op, state, lo, hi);
+  } else if (require_range) {
+    check_range_known(op, c10::nullopt, scale, running_min);
+  }
+  return qat::fake_quantize_clamped(
+      input, scale, zero_point, quant_min, quant_max, 0.0,
+      static_cast<double>(std::numeric_limits<float>::max()));
 }
 
 at::Tensor fake_quantize_folded(
@@ -706,6 +765,14 @@ TORCH_LIBRARY_FRAGMENT(qat, m) {
       "bool learned_scale=False, bool require_range=False) -> Tensor",
       torch::dispatch(
           c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(qat::fused_observe_fake_quantize)));
+  m.def(
+      "observe_fake_quantize_relu(Tensor input, Tensor(a!) running_min, Tensor(b!) running_max, "
+      "Tensor(c!) scale, Tensor(d!) zero_point, int quant_min, int quant_max, "
+      "float? averaging_constant=None, bool symmetric=False, bool observe=True, "
+      "bool fake_quantize=True, Tensor(e!)? nonfinite_count=None, bool require_range=False) "
+      "-> Tensor",
+      torch::dispatch(
+          c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(qat::observe_fake_quantize_relu)));
   m.def(
       "fake_quantize_folded(Tensor weight, Tensor factor, Tensor(a!) running_min, "
       "Tensor(b!) running_max, Tensor(c!) scale, Tensor(d!) zero_point, int quant_min, "

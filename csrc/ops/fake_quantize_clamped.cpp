@@ -82,6 +82,8 @@ class ClampedFakeQuantize : public torch::autograd::Function<ClampedFakeQuantize
   }
 };
 
+}  // namespace
+
 at::Tensor fake_quantize_clamped(
     const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
     int64_t quant_min, int64_t quant_max, double lo, double hi) {
@@ -104,8 +106,6 @@ at::Tensor fake_quantize_clamped(
   return ClampedFakeQuantize::apply(
       input, qparams.scale[0], qparams.zero_point[0], quant_min, quant_max, lo, hi);
 }
-
-}  // namespace
 
 }  // namespace qat
 

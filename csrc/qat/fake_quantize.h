@@ -34,6 +34,13 @@ at::Tensor fake_quantize(
     const std::string& estimator = "ste", c10::optional<double> grad_scale = c10::nullopt,
     double ewgs_delta = 1e-3);
 
+/// `fake_quantize(hardtanh(input, lo, hi), ...)` per tensor with the "ste" estimator, in one
+/// pass forward and one backward on CPU float32: the gradient is hardtanh's (exactly 0
+/// outside (lo, hi)) times the straight-through mask inside. lo < hi, both finite.
+at::Tensor fake_quantize_clamped(
+    const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, double lo, double hi);
+
 /// Version of the qat library, e.g. "0.1.0".
 const char* version();
 

@@ -94,6 +94,16 @@ class FakeQuantize(_QuantState):
         # Whether the input is first clamped to clamp_range (FixedQParamsFakeQuantize).
         self.clamps_input = False
         self.clamp_range = (0.0, 0.0)
+        # Whether the input is first put through a ReLU (set by qat.prepare on the quantizer
+        # of a conv + batch norm + ReLU, which then leaves its ReLU to it: can_take_relu).
+        self.relu_input = False
+
+    def can_take_relu(self) -> bool:
+        """Whether :attr:`relu_input` makes one operator of the ReLU and this quantizer
+        (``torch.ops.qat.observe_fake_quantize_relu``): a per-tensor quantizer of the 'ste'
+        estimator whose qparams its minmax or moving_average observer chooses."""
+        return (self.fused and not self.fixed_qparams and not self.per_channel
+                and self.estimator == "ste")
 
     def _config(self):
         return dict(super()._config(), estimator=self.spec.estimator)
@@ -167,6 +177,17 @@ class FakeQuantize(_QuantState):
             return torch.ops.qat.fake_quantize_clamped(x, self.scale, self.zero_point,
                                                        self.quant_min, self.quant_max, lo, hi)
         observe = bool(self.observer_enabled)
+        if self.relu_input:
+            fused_relu = self.can_take_relu()
+            if not torch.jit.is_scripting():
+                fused_relu = fused_relu and self._uses_fused_op()
+            if fused_relu:
+                observer = self.observer
+                return torch.ops.qat.observe_fake_quantize_relu(
+                    x, observer.min_val, observer.max_val, self.scale, self.zero_point,
+                    self.quant_min, self.quant_max, self.averaging_constant, self.symmetric,
+                    observe, quantize, observer.nonfinite_count, not self.fixed_qparams)
+            x = F.relu(x)
         if not observe and not quantize:
             return x
         axis = self._axis(x)
@@ -290,6 +311,7 @@ class FakeQuantize(_QuantState):
             f"observer_enabled={int(self.observer_enabled[0])}, "
             f"fake_quant_enabled={int(self.fake_quant_enabled[0])}"
             + (f", clamps_input={self.clamp_range}" if self.clamps_input else "")
+            + (", relu_input=True" if self.relu_input else "")
         )
 
 

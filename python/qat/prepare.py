@@ -27,7 +27,7 @@ from . import _C, _op_roles
 from ._transformer import make_traceable
 from .modules import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, Linear, fused,
                       lookup)
-from .modules.conv_bn import _ConvBnNd, fold_weights_ahead
+from .modules.conv_bn import _ConvBnNd, _ReLU, fold_weights_ahead
 
 __all__ = ["prepare"]
 
@@ -518,6 +518,7 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
             continue
         inserter.after(node, spec)
     _pass_kernel_qparams(gm, activation, config.backend)
+    _give_relus_to_quantizers(gm)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
@@ -530,6 +531,25 @@ def _remove_absorbed_clamp(gm: fx.GraphModule, relu6: fx.Node, fq_node: fx.Node)
     qparams, 6/255 and 0, saturate at 0 and 6 without a fused ReLU."""
     fq_node.replace_input_with(relu6, relu6.args[0])
     gm.graph.erase_node(relu6)
+
+
+def _give_relus_to_quantizers(gm: fx.GraphModule) -> None:
+    """A conv + batch norm + ReLU whose output only its FakeQuantize reads leaves the ReLU
+    to that quantizer where it can take it (:meth:`FakeQuantize.can_take_relu`): the same
+    values and gradients in one pass over the activation instead of two, forward and
+    backward. qat.convert drops the ``relu`` keyword (KERNEL_KWARGS), so that a layer left
+    in float does its ReLU; the integer kernel is the fused conv + ReLU either way."""
+    calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _ReLU):
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or calls[users[0].target] != 1:
+            continue
+        fq = gm.get_submodule(users[0].target)
+        if type(fq) is FakeQuantize and fq.can_take_relu():
+            fq.relu_input = True
+            node.kwargs = {**node.kwargs, "relu": False}
 
 
 # Batch norms whose eval is a fixed affine map, which quantized::batch_norm*d runs.
@@ -599,8 +619,9 @@ def _fuses_relu(relu: Optional[fx.Node], fq: nn.Module, gm: fx.GraphModule) -> b
     return isinstance(fq, FixedQParamsFakeQuantize)
 
 
-#: The keyword arguments :func:`_pass_kernel_qparams` gives layers (qat.convert drops them).
-KERNEL_KWARGS = ("input_scale", "kernel_qparams")
+#: The keyword arguments prepare gives layers for the simulation alone (qat.convert drops
+#: them): :func:`_pass_kernel_qparams`'s, and :func:`_give_relus_to_quantizers`'s.
+KERNEL_KWARGS = ("input_scale", "kernel_qparams", "relu")
 
 
 def _pass_kernel_qparams(gm: fx.GraphModule, swapped, backend: str) -> None:

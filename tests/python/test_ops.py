@@ -4,10 +4,12 @@ reference), layouts, special values, argument checking."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import qat
+from observer_reference import reference_qparams
 from conftest import (
     all_ranges,
     broadcast_shape,
@@ -635,6 +637,95 @@ def test_clamped_fake_quantize_of_other_dtypes_is_the_two_operators():
     torch.testing.assert_close(x.grad, reference.grad, rtol=0, atol=0)
     inside = (reference.detach() > 0) & (reference.detach() < 6)
     assert torch.equal(x.grad != 0, inside)
+
+
+def _relu_quantizer_state():
+    """A per-tensor quantizer's state before its first batch: running min / max, scale,
+    zero point."""
+    return [torch.tensor([math.inf]), torch.tensor([-math.inf]), torch.ones(1),
+            torch.zeros(1, dtype=torch.int32)]
+
+
+@pytest.mark.parametrize("numel", [1, 9, 4099, 70001])
+@pytest.mark.parametrize("averaging_constant", [None, 0.25])
+def test_observe_fake_quantize_relu_is_the_relu_then_the_quantizer(cpu_capability, numel,
+                                                                   averaging_constant):
+    """Three batches through observe_fake_quantize_relu, the last all but one negative:
+    the running range is that of relu(x) (plain min / max, or its moving average), the
+    qparams PyTorch's observer math on it, the output relu(x) fake-quantized with them and
+    the gradient relu's (0 where x <= 0) times the straight-through mask, each to the bit
+    against references computed here from the definitions."""
+    generator = torch.Generator().manual_seed(numel)
+    state = _relu_quantizer_state()
+    running = None
+    for shift in (-0.5, 0.4, -50.0):
+        x = torch.randn(numel, generator=generator) + shift
+        x[0] = 0.0
+        if shift == -50.0:
+            x[-1] = 1.0
+        grad = torch.randn(numel, generator=generator)
+        leaf = x.clone().requires_grad_()
+        out = torch.ops.qat.observe_fake_quantize_relu(
+            leaf, *state, 0, 255, averaging_constant, False, True, True, None, True)
+        out.backward(grad)
+        relu = torch.where(x > 0, x, torch.zeros_like(x))
+        batch = (np.float32(relu.min()), np.float32(relu.max()))
+        if running is None or averaging_constant is None:
+            running = batch if running is None else (min(running[0], batch[0]),
+                                                     max(running[1], batch[1]))
+        else:
+            c = np.float32(averaging_constant)
+            running = tuple(r + c * (b - r) for r, b in zip(running, batch))
+        np.testing.assert_allclose(state[0].item(), running[0], rtol=1e-6, atol=0)
+        np.testing.assert_allclose(state[1].item(), running[1], rtol=1e-6, atol=0)
+        scale, zero_point = reference_qparams(state[0].numpy(), state[1].numpy(), 0, 255, False)
+        assert state[2].item() == scale[0] and state[3].item() == zero_point[0]
+        expected = reference_fake_quantize(relu, state[2], state[3], 0, 255)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        expected_grad = torch.where(
+            x > 0, reference_ste_grad(grad, relu, state[2], state[3], 0, 255),
+            torch.zeros_like(grad))
+        torch.testing.assert_close(leaf.grad, expected_grad, rtol=0, atol=0)
+
+
+def test_observe_fake_quantize_relu_takes_the_two_operators_where_the_shortcut_differs():
+    """Where raising x's range to 0 would not be relu(x)'s (a -inf is a finite 0 after the
+    ReLU; an empty batch), for float64, and with the observer or the quantizer off, the
+    operator gives what the ReLU followed by the fused observe + fake-quantize gives: the
+    same state, output and gradient, and the same refusal of a range never observed."""
+    def both(x, observe=True, quantize=True, require_range=True, dtype=torch.float32):
+        results = []
+        for fused in (True, False):
+            state = _relu_quantizer_state()
+            leaf = x.to(dtype).clone().requires_grad_()
+            if fused:
+                out = torch.ops.qat.observe_fake_quantize_relu(
+                    leaf, *state, 0, 255, None, False, observe, quantize, None, require_range)
+            else:
+                out = torch.ops.qat.fused_observe_fake_quantize(
+                    torch.relu(leaf), *state, 0, 255, None, None, False, observe, quantize,
+                    "ste", None, False, require_range)
+            out.sum().backward()
+            results.append((out, leaf.grad, state))
+        (out, grad, state), (ref_out, ref_grad, ref_state) = results
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+        for a, b in zip(state, ref_state):
+            assert torch.equal(a, b)
+        return state
+
+    x = torch.tensor([-math.inf, -1.0, 0.5, 2.0])
+    state = both(x)
+    assert state[0].item() == 0.0 and state[1].item() == 2.0
+    both(torch.randn(50) - 3.0)  # relu(x): all zeros, the range [0, 0]
+    both(torch.randn(0))
+    both(torch.randn(300) * 3, dtype=torch.float64)
+    both(torch.randn(300), quantize=False)
+    both(torch.randn(300), observe=False, require_range=False)
+    with pytest.raises(RuntimeError, match="qat::observe_fake_quantize_relu: the scale is not "
+                                           "known yet"):
+        torch.ops.qat.observe_fake_quantize_relu(torch.randn(4), *_relu_quantizer_state(), 0,
+                                                 255, None, False, False, True, None, True)
 
 
 def test_clamped_fake_quantize_checks_its_arguments():

@@ -651,6 +651,90 @@ def test_relu6_stays_when_its_quantizer_estimates_gradients_otherwise():
         qat.FixedQParamsFakeQuantize(qat.QuantSpec(estimator="ewgs"), (0.0, 6.0), True, True)
 
 
+def _undo_relu_handover(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose conv + batch norm + ReLU layers do their ReLU and whose
+    quantizers quantize what they are given: the graph before prepare hands the ReLUs over."""
+    copied = copy.deepcopy(gm)
+    for node in copied.graph.nodes:
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "relu"}
+    for module in copied.modules():
+        if isinstance(module, qat.FakeQuantize):
+            module.relu_input = False
+    copied.recompile()
+    return copied
+
+
+def test_conv_bn_relu_leaves_its_relu_to_the_quantizer_after_it():
+    """The quantizer after a conv + batch norm + ReLU takes the ReLU (one pass over the
+    activation, forward and backward): its output and gradient are PyTorch's fake-quantize
+    of the ReLU's; three training steps leave the parameters, the running statistics and
+    the qparams as the graph with the ReLU in the layer does, to the bit; the integer model
+    is the same; scripted, the model computes the same and trains."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    gm = _prepare_quietly(model)
+    layer = _node(gm, "call_module", "0")
+    assert layer.kwargs["relu"] is False
+    (fq_node,) = _fake_quant_users_of(gm, layer)
+    fq = gm.get_submodule(fq_node.target)
+    assert fq.relu_input and "relu_input=True" in repr(fq)
+    reference = _undo_relu_handover(gm)
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 10, 10), torch.randn(8, 2, 8, 8)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (gm, reference)]
+    for _ in range(3):
+        for model_, optimizer in zip((gm, reference), optimizers):
+            F.mse_loss(model_(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        expected_state = reference.state_dict()
+        for name, value in gm.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, expected_state[name]), name
+    assert fq.observer.min_val.item() == 0.0 and fq.zero_point.item() == 0
+    # The quantizer alone, on a pre-ReLU activation with values on both sides of 0.
+    pre = (copy.deepcopy(gm.get_submodule("0"))(x, relu=False) * 3).detach()
+    assert (pre < 0).any() and (pre > fq.scale * 255).any()
+    qat.disable_observer(gm)
+    taken_input = pre.clone().requires_grad_()
+    reference_input = pre.clone().requires_grad_()
+    out = fq(taken_input)
+    expected = torch.fake_quantize_per_tensor_affine(
+        F.relu(reference_input), fq.scale.item(), int(fq.zero_point), 0, 255)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grad = torch.randn_like(pre)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(taken_input.grad, reference_input.grad, rtol=0, atol=0)
+    # On the path torch.distributed takes (the ReLU, then the quantizer's usual operator)
+    # and with fake quantization off, the quantizer still applies the ReLU.
+    fq._uses_fused_op = lambda: False
+    torch.testing.assert_close(fq(pre), expected.detach(), rtol=0, atol=0)
+    del fq._uses_fused_op
+    qat.disable_fake_quant(gm)
+    torch.testing.assert_close(fq(pre), F.relu(pre), rtol=0, atol=0)
+    qat.enable_fake_quant(gm)
+    gm.eval()
+    reference.eval()
+    qat.disable_observer(reference)
+    with torch.no_grad():
+        torch.testing.assert_close(qat.convert(gm)(x), qat.convert(reference)(x), rtol=0, atol=0)
+    qat.enable_observer(gm)
+    _check_scripted_matches_and_trains(gm.train(), x, torch.randint(0, 2, (8, 8, 8)))
+
+
+@pytest.mark.parametrize("estimator", ["lsq", "ewgs"])
+def test_conv_bn_relu_keeps_its_relu_when_the_quantizer_cannot_take_it(estimator):
+    """A quantizer that learns its qparams (lsq) or estimates another gradient (ewgs)
+    leaves the ReLU in the layer."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    gm = _prepare_quietly(model, qat.Config(activation=qat.QuantSpec(estimator=estimator)))
+    layer = _node(gm, "call_module", "0")
+    assert "relu" not in layer.kwargs
+    (fq_node,) = _fake_quant_users_of(gm, layer)
+    assert not gm.get_submodule(fq_node.target).relu_input
+    assert (gm(torch.randn(2, 3, 6, 6)) >= 0).all()
+
+
 @pytest.mark.parametrize("estimator", ["lsq", "lsq_plus", "pact"])
 def test_learned_activation_qparams_leave_the_fixed_ones_to_the_straight_through_estimator(
         estimator):

@@ -276,8 +276,14 @@ class _ReLU:
     """A ReLU after the folded conv + batch norm."""
 
     def forward(self, input: torch.Tensor, input_scale: Optional[torch.Tensor] = None,
-                kernel_qparams: Optional[KernelQParams] = None) -> torch.Tensor:
-        output = F.relu(self._conv_bn(input, input_scale, kernel_qparams))
+                kernel_qparams: Optional[KernelQParams] = None,
+                relu: bool = True) -> torch.Tensor:
+        """``relu=False`` leaves the ReLU to the quantizer after this module, which qat.prepare
+        gives it (:attr:`qat.FakeQuantize.relu_input`): one pass over the activation instead
+        of two, forward and backward."""
+        output = self._conv_bn(input, input_scale, kernel_qparams)
+        if relu:
+            output = F.relu(output)
         if hasattr(self, "activation_post_process"):
             output = self.activation_post_process(output)
         return output
