@@ -43,6 +43,9 @@ using FusedObserveFakeQuantizeFn = at::Tensor(
     const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, int64_t, int64_t,
     c10::optional<int64_t>, c10::optional<double>, bool, bool, bool, c10::string_view,
     const c10::optional<at::Tensor>&, bool, bool);
+using ObserveFakeQuantizeReluFn = at::Tensor(
+    const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, int64_t, int64_t,
+    c10::optional<double>, bool, bool, bool, const c10::optional<at::Tensor>&, bool);
 using FakeQuantizedLinearFn = at::Tensor(
     const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
     int64_t, int64_t, c10::optional<double>, bool, bool, bool, c10::string_view,
@@ -388,9 +391,24 @@ void FakeQuantizeImpl::update_qparams() {
   zero_point.copy_(qparams.second);
 }
 
-torch::Tensor FakeQuantizeImpl::forward(const torch::Tensor& input) {
+bool FakeQuantizeImpl::can_take_relu() const {
+  return !learns_scale_ && !learns_zero_point_ && !fixed_range_ && !spec_.per_channel() &&
+         spec_.estimator() == "ste";
+}
+
+torch::Tensor FakeQuantizeImpl::forward(const torch::Tensor& given) {
   bool observe = is_observer_enabled();
   const bool quantize = is_fake_quant_enabled();
+  if (relu_input && can_take_relu()) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("qat::observe_fake_quantize_relu", "")
+                         .typed<ObserveFakeQuantizeReluFn>();
+    return op.call(
+        given, observer->min_val, observer->max_val, scale, zero_point, quant_min_, quant_max_,
+        averaging_constant(spec_), spec_.symmetric(), observe, quantize, observer->nonfinite_count,
+        true);
+  }
+  const auto input = relu_input ? torch::relu(given) : given;
   if (!observe && !quantize) {
     return input;
   }
@@ -502,6 +520,16 @@ void InputQuantized::set_output_quantizer(FakeQuantize output) {
   output_quantizer_ = std::move(output);
 }
 
+void InputQuantized::hand_relu_to(FakeQuantize output) {
+  if (!output || !output->can_take_relu()) {
+    throw std::invalid_argument(
+        "qat: hand_relu_to(output): output must be a per-tensor FakeQuantize of the 'ste' "
+        "estimator whose observer chooses its qparams");
+  }
+  output->relu_input = true;
+  relu_handed_over_ = true;
+}
+
 bool InputQuantized::computes_as_kernel(bool training, FakeQuantizeImpl& weight_fq) const {
   return !training && input_quantizer_ && output_quantizer_ && weight_fq.is_fake_quant_enabled() &&
          input_quantizer_->is_fake_quant_enabled() && output_quantizer_->is_fake_quant_enabled() &&
@@ -566,7 +594,7 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& input) {
   if (computes_as_kernel(is_training(), *weight_fake_quant)) {
     const auto [x, w] = integer_operands(input, weight_fake_quant(weight), *weight_fake_quant);
     const auto output = kernel_output(torch::linear(x, w), bias, *weight_fake_quant, -1);
-    return relu ? torch::relu(output) : output;
+    return applies_relu(relu) ? torch::relu(output) : output;
   }
   // The weight first: its per-channel scale, which the bias grid needs, is sized by it.
   auto output = weight_fake_quant->linear(input, weight);
@@ -574,7 +602,7 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& input) {
   if (added.defined()) {
     output = output + added;
   }
-  return relu ? torch::relu(output) : output;
+  return applies_relu(relu) ? torch::relu(output) : output;
 }
 
 void LinearImpl::pretty_print(std::ostream& stream) const {
@@ -627,7 +655,7 @@ torch::Tensor ConvImpl<D, Transposed, Derived>::forward(const torch::Tensor& inp
   } else {
     output = conv(options, input, quantized_weight, kernel_bias(bias, *weight_fake_quant));
   }
-  return relu ? torch::relu(output) : output;
+  return applies_relu(relu) ? torch::relu(output) : output;
 }
 
 template <size_t D, bool Transposed, typename Derived>
@@ -727,7 +755,7 @@ torch::Tensor ConvBnImpl<D, Derived>::forward(const torch::Tensor& input) {
   } else {
     output = bn(conv(options, input, folded, bias));
   }
-  return relu ? torch::relu(output) : output;
+  return applies_relu(relu) ? torch::relu(output) : output;
 }
 
 template <size_t D, typename Derived>

@@ -366,6 +366,10 @@ class Preparer {
         if (linked != nullptr && linked->has_integer_kernel() && config_.backend() == "qnnpack") {
           linked->set_output_quantizer(input);
         }
+        if (relu && linked != nullptr && input && input->can_take_relu()) {
+          // One pass over the activation for the ReLU and its quantizer, forward and back.
+          linked->hand_relu_to(input);
+        }
         i = after + (relu || relu6 ? 1 : 0);
         at_input = false;
         continue;

@@ -138,6 +138,16 @@ class FakeQuantizeImpl : public torch::nn::Cloneable<FakeQuantizeImpl> {
   /// Whether the estimator trains the scale / zero point (they are parameters).
   bool learns_scale() const { return learns_scale_; }
   bool learns_zero_point() const { return learns_zero_point_; }
+  /// Whether `relu_input` makes one operator of a ReLU and this quantizer
+  /// (`qat::observe_fake_quantize_relu`): per tensor, the "ste" estimator, qparams its
+  /// observer chooses (Python's FakeQuantize.can_take_relu).
+  bool can_take_relu() const;
+
+  /// Whether the input is first put through a ReLU: set by qat::prepare on the output
+  /// quantizer of a layer with a fused ReLU, which then leaves the ReLU to it
+  /// (InputQuantized::hand_relu_to). One pass over the activation forward and one backward
+  /// instead of two each, the same values and gradients.
+  bool relu_input = false;
 
   void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
   void to(torch::Dtype dtype, bool non_blocking = false) override;
@@ -189,6 +199,14 @@ class InputQuantized {
   /// Whether qat::convert runs the layer on an integer kernel with an int32 bias (what
   /// qat::prepare links an input quantizer to; Python's qat.prepare.has_integer_kernel).
   virtual bool has_integer_kernel() const { return true; }
+  /// Leaves the layer's fused ReLU to `output`, the FakeQuantize after it (qat::prepare,
+  /// where output->can_take_relu(), as Python's prepare does for a conv + batch norm +
+  /// ReLU): the layer returns its output before the ReLU and `output` applies it
+  /// (FakeQuantizeImpl::relu_input). qat::convert still fuses the ReLU into the kernel.
+  /// @throws std::invalid_argument when `output` cannot take it (null, or not can_take_relu).
+  void hand_relu_to(FakeQuantize output);
+  /// Whether the layer applies its fused ReLU itself (it has one and kept it).
+  bool applies_relu(bool relu) const { return relu && !relu_handed_over_; }
   virtual ~InputQuantized() = default;
   /// `bias` as the layer adds it: rounded to the kernels' grid when the input quantizer is
   /// set and `weight_fq` fake-quantizes, else as it is. qat::convert stores this bias: a
@@ -214,6 +232,7 @@ class InputQuantized {
  private:
   FakeQuantize input_quantizer_{nullptr};
   FakeQuantize output_quantizer_{nullptr};
+  bool relu_handed_over_ = false;
 };
 
 /// What the QAT modules that quantize only their weight share (the embedding tables: indices

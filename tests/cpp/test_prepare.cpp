@@ -172,6 +172,53 @@ CATCH_TEST_CASE("prepare folds Conv2d + BatchNorm2d + ReLU in a Sequential", "[p
   CATCH_CHECK(fused->weight_fake_quant->scale.numel() == 4);
 }
 
+CATCH_TEST_CASE("prepare hands a fused ReLU to the quantizer after the layer", "[prepare][bn]") {
+  torch::manual_seed(3);
+  torch::nn::Sequential net(
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3).bias(false)), torch::nn::BatchNorm2d(4),
+      torch::nn::ReLU(), torch::nn::Flatten(), torch::nn::Linear(4 * 6 * 6, 3), torch::nn::ReLU());
+  qat::prepare(*net);
+  const auto fused = net->ptr<qat::ConvBn2dImpl>(1);
+  const auto linear = net->ptr<qat::LinearImpl>(4);
+  CATCH_REQUIRE((fused != nullptr && linear != nullptr));
+  const auto fq = net->ptr<qat::FakeQuantizeImpl>(2);
+  // The layers keep their ReLU for qat::convert's fused kernels but leave it to the
+  // quantizers after them.
+  CATCH_CHECK((fused->relu && linear->relu));
+  CATCH_CHECK_FALSE(fused->applies_relu(fused->relu));
+  CATCH_CHECK((fq->relu_input && net->ptr<qat::FakeQuantizeImpl>(5)->relu_input));
+  const auto x = torch::randn({8, 1, 8, 8});
+  CATCH_CHECK((net->forward(x) >= 0).all().item<bool>());
+  // The quantizer alone on a pre-ReLU activation: ATen's fake-quantize of its ReLU, values
+  // and gradients.
+  fq->disable_observer();
+  const auto pre = (fused->forward(x) * 3).detach();
+  CATCH_REQUIRE((pre < 0).any().item<bool>());
+  const auto taken = pre.clone().requires_grad_();
+  const auto reference = pre.clone().requires_grad_();
+  const auto out = fq->forward(taken);
+  const auto expected = torch::fake_quantize_per_tensor_affine(
+      torch::relu(reference), fq->scale.item<double>(), fq->zero_point.item<int64_t>(),
+      fq->quant_min(), fq->quant_max());
+  CATCH_CHECK(torch::equal(out, expected));
+  const auto grad = torch::randn_like(pre);
+  out.backward(grad);
+  expected.backward(grad);
+  CATCH_CHECK(torch::equal(taken.grad(), reference.grad()));
+  fq->disable_fake_quant();
+  CATCH_CHECK(torch::equal(fq->forward(pre), torch::relu(pre)));
+  // A quantizer that learns its qparams cannot take it: the layer keeps its ReLU.
+  torch::nn::Sequential learned(
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3).bias(false)), torch::nn::BatchNorm2d(4),
+      torch::nn::ReLU());
+  qat::prepare(*learned, qat::Config().activation(qat::QuantSpec().estimator("lsq")));
+  const auto kept = learned->ptr<qat::ConvBn2dImpl>(1);
+  CATCH_CHECK(kept->applies_relu(kept->relu));
+  CATCH_CHECK_FALSE(learned->ptr<qat::FakeQuantizeImpl>(2)->relu_input);
+  CATCH_CHECK_THROWS_AS(
+      kept->hand_relu_to(learned->ptr<qat::FakeQuantizeImpl>(2)), std::invalid_argument);
+}
+
 CATCH_TEST_CASE("prepare folds Conv1d + BatchNorm1d + ReLU and swaps Conv1d", "[prepare][bn]") {
   torch::manual_seed(1);
   torch::nn::Sequential net(
