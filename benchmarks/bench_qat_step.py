@@ -293,23 +293,31 @@ def step_tables(args) -> list:
     return verdicts
 
 
-def isolated_tables(args, argv: List[str]) -> list:
-    """step_tables for each model and batch in a fresh Python process (this script with
-    the command line ``argv`` it was given, one model and batch, and ``--in-process``),
-    whose tables print as they come; returns their verdicts."""
-    verdicts = []
+def in_fresh_process(argv: List[str], options: List[str]):
+    """This script run in a fresh Python process with the command line ``argv`` it was
+    given, then ``options`` (argparse keeps the last of an option given twice), with the
+    environment as it was before the demo's import; returns what the child wrote to its
+    ``--verdicts`` file. What the child prints comes as it prints it."""
+    sys.stdout.flush()
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "verdicts.json")
-        for name in args.models:
-            for batch in args.batches:
-                sys.stdout.flush()
-                # The options given later replace those of argv (argparse keeps the last).
-                subprocess.run([sys.executable, os.path.abspath(__file__)] + argv
-                               + ["--models", name, "--batches", str(batch), "--in-process",
-                                  "--verdicts", path], check=True, env=ENVIRONMENT)
-                with open(path) as f:
-                    verdicts += [(label, ratio, {k: tuple(v) for k, v in others.items()}, ours)
-                                 for label, ratio, others, ours in json.load(f)]
+        subprocess.run([sys.executable, os.path.abspath(__file__)] + argv + options
+                       + ["--verdicts", path], check=True, env=ENVIRONMENT)
+        with open(path) as f:
+            return json.load(f)
+
+
+def isolated_tables(args, argv: List[str]) -> list:
+    """step_tables for each model and batch in a fresh Python process (in_fresh_process, one
+    model and batch, ``--in-process``), whose tables print as they come; returns their
+    verdicts."""
+    verdicts = []
+    for name in args.models:
+        for batch in args.batches:
+            table = in_fresh_process(
+                argv, ["--models", name, "--batches", str(batch), "--in-process"])
+            verdicts += [(label, ratio, {k: tuple(v) for k, v in others.items()}, ours)
+                         for label, ratio, others, ours in table]
     return verdicts
 
 
@@ -322,10 +330,12 @@ def epoch_seconds(variants: List[str]) -> Tuple[Dict[str, float], int, int]:
     images, labels = load_fashion_mnist(train=True)
     torch.manual_seed(0)
     model = DemoNet().train()
-    models = {"float": model, "qat": qat.prepare(copy.deepcopy(model))}
-    steps = {label: make_step(models[label], images[:1], labels[:1],
-                              torch.optim.Adam(models[label].parameters(), 1e-3))
-             for label in variants}
+    # Only the variants timed: a QAT model built beside the float one would change the
+    # float process's heap.
+    models = {label: model if label == "float" else qat.prepare(copy.deepcopy(model))
+              for label in variants}
+    steps = {label: make_step(m, images[:1], labels[:1], torch.optim.Adam(m.parameters(), 1e-3))
+             for label, m in models.items()}
     seconds = {label: 0.0 for label in steps}
     count = 0
     for x, y in batches(images, labels, torch.Generator().manual_seed(0)):
@@ -345,18 +355,12 @@ def epoch_table(args, argv: List[str]) -> None:
         rounds = [seconds]
     else:
         rounds = []
-        with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, "epoch.json")
-            for _ in range(args.epoch_rounds):
-                seconds = {}
-                for variant in ("float", "qat"):
-                    subprocess.run([sys.executable, os.path.abspath(__file__)] + argv
-                                   + ["--epoch-variant", variant, "--verdicts", path],
-                                   check=True, env=ENVIRONMENT)
-                    with open(path) as f:
-                        measured, images, count = json.load(f)
-                    seconds.update(measured)
-                rounds.append(seconds)
+        for _ in range(args.epoch_rounds):
+            seconds = {}
+            for variant in ("float", "qat"):
+                measured, images, count = in_fresh_process(argv, ["--epoch-variant", variant])
+                seconds.update(measured)
+            rounds.append(seconds)
     print(f"\nFashion-MNIST epoch ({images} images, {count} steps of {DEMO_BATCH}, Adam), "
           + ("float and qat step by step in turn in one process" if args.in_process else
              f"each epoch in a fresh process, float then qat, {len(rounds)} round(s)"))

@@ -167,6 +167,11 @@ QuantSpec fixed_qparams_spec(QuantSpec activation) {
   return activation;
 }
 
+bool takes_relu(const QuantSpec& activation) {
+  return !activation.per_channel() && activation.estimator() == "ste" &&
+         (activation.observer() == "minmax" || activation.observer() == "moving_average");
+}
+
 std::string QuantSpec::to_string() const {
   return fmt::format(
       "bits={}, {}, {}, {}{}, observer={}, estimator={}", bits_,

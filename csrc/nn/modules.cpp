@@ -392,8 +392,7 @@ void FakeQuantizeImpl::update_qparams() {
 }
 
 bool FakeQuantizeImpl::can_take_relu() const {
-  return !learns_scale_ && !learns_zero_point_ && !fixed_range_ && !spec_.per_channel() &&
-         spec_.estimator() == "ste";
+  return !fixed_range_ && takes_relu(spec_);
 }
 
 torch::Tensor FakeQuantizeImpl::forward(const torch::Tensor& given) {

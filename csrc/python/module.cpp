@@ -166,6 +166,11 @@ PYBIND11_MODULE(_C, m) {
       "qat::fixed_qparams_spec of an activation spec, given and returned as qat.QuantSpec's "
       "fields.");
   m.def(
+      "takes_relu",
+      [](const py::dict& activation) { return qat::takes_relu(spec_from_fields(activation)); },
+      py::arg("activation"),
+      "qat::takes_relu of an activation spec given as qat.QuantSpec's fields.");
+  m.def(
       "register_estimator",
       [](const std::string& name, py::function fn, const std::string& description,
          bool learns_scale, bool learns_zero_point, bool replace) {

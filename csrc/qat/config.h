@@ -118,6 +118,11 @@ class QuantSpec {
 /// (Python's qat.prepare.fixed_qparams_spec calls it).
 QuantSpec fixed_qparams_spec(QuantSpec activation);
 
+/// Whether a quantizer of `activation` whose qparams its observer chooses can take the ReLU
+/// before it (`qat::observe_fake_quantize_relu`): per tensor, the "ste" estimator, a minmax
+/// or moving_average observer. The rule of both front ends' FakeQuantize (can_take_relu).
+bool takes_relu(const QuantSpec& activation);
+
 /// The weight and activation specs one layer is quantized with.
 struct LayerSpecs {
   QuantSpec weight;

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import estimators, observers
+from . import _C, estimators, observers
 from ._torch_support import eager_under_compile
 from .config import QuantSpec
 from .observers import _QuantState, _format, distributed_active
@@ -97,13 +97,14 @@ class FakeQuantize(_QuantState):
         # Whether the input is first put through a ReLU (set by qat.prepare on the quantizer
         # of a conv + batch norm + ReLU, which then leaves its ReLU to it: can_take_relu).
         self.relu_input = False
+        self._spec_takes_relu = bool(_C.takes_relu(dataclasses.asdict(self.spec)))
 
     def can_take_relu(self) -> bool:
         """Whether :attr:`relu_input` makes one operator of the ReLU and this quantizer
         (``torch.ops.qat.observe_fake_quantize_relu``): a per-tensor quantizer of the 'ste'
-        estimator whose qparams its minmax or moving_average observer chooses."""
-        return (self.fused and not self.fixed_qparams and not self.per_channel
-                and self.estimator == "ste")
+        estimator whose qparams its minmax or moving_average observer chooses (the C++ rule
+        ``qat::takes_relu``, which the C++ FakeQuantize calls too)."""
+        return self._spec_takes_relu and not self.fixed_qparams
 
     def _config(self):
         return dict(super()._config(), estimator=self.spec.estimator)
