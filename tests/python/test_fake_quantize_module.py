@@ -34,9 +34,12 @@ def one_process_group():
         dist.destroy_process_group()
 
 
-# Axis 0 with channel runs of 64 values and more: the fused operator's one-pass path.
+# Axis 0 with channel runs of 64 values and more: the fused operator's one-pass path; at 1 MiB
+# and more (the last shape, its channels starting on and off 32-byte boundaries), its output
+# is written around the caches.
 @pytest.mark.parametrize("axis,shape", [(None, (8, 5)), (1, (8, 5)), (-1, (3, 4, 6)),
-                                        (0, (6, 70)), (0, (4, 3, 5, 5))], ids=str)
+                                        (0, (6, 70)), (0, (4, 3, 5, 5)),
+                                        (0, (70, 3, 41, 31))], ids=str)
 @pytest.mark.parametrize("observer", ["minmax", "moving_average"])
 def test_training_steps_match_reference(axis, shape, observer):
     spec = QuantSpec(observer=observer, averaging_constant=0.2, per_channel=axis is not None,
@@ -115,28 +118,39 @@ def test_depthwise_weight_keeps_its_clamped_positions(cpu_capability, observer):
 
 
 @pytest.mark.parametrize("outlier_channel", [None, 0, 137])
-def test_one_pass_weight_gradient_across_pieces_and_blocks(cpu_capability, outlier_channel):
+@pytest.mark.parametrize("inner", [1100, 1700], ids=["cached", "streamed"])
+def test_one_pass_weight_gradient_across_pieces_and_blocks(cpu_capability, outlier_channel,
+                                                           inner):
     """A large weight on the one-pass path: its clamped values are found while it is
     fake-quantized, in pieces of work and blocks of 512 values, or, where a piece holds too
     many (a channel grown 10x past its moving-average range), recomputed as codes; the
-    output and the straight-through gradient are right wherever they fall."""
+    output and the straight-through gradient are right wherever they fall. 160 x 1700 values
+    (1.04 MiB) are written around the caches, with gradients and without."""
     spec = QuantSpec(observer="moving_average", averaging_constant=0.01, symmetric=True,
                      per_channel=True, axis=0)
     fq = FakeQuantize(spec)
     generator = torch.Generator().manual_seed(5)
-    weight = torch.randn(160, 1100, generator=generator)
+    weight = torch.randn(160, inner, generator=generator)
     with torch.no_grad():
         fq(weight)
     weight = weight * (1 + 0.05 * torch.rand(160, 1, generator=generator))
     if outlier_channel is not None:
         weight[outlier_channel] *= 10
+    # Without gradients first (no clamped positions recorded), then from the same state with.
+    state = copy.deepcopy(fq.state_dict())
+    with torch.no_grad():
+        without_grad = fq(weight)
+    assert torch.equal(without_grad, reference_fake_quantize(
+        weight, fq.scale, fq.zero_point, spec.quant_min, spec.quant_max, 0))
+    fq.load_state_dict(state)
     weight.requires_grad_()
-    grad = torch.randn(160, 1100, generator=generator)
+    grad = torch.randn(160, inner, generator=generator)
     out = fq(weight)
     out.backward(grad)
     expected = reference_fake_quantize(weight.detach(), fq.scale, fq.zero_point, spec.quant_min,
                                        spec.quant_max, 0)
     assert torch.equal(out.detach(), expected)
+    assert torch.equal(out.detach(), without_grad)
     expected_grad = reference_ste_grad(grad, weight.detach(), fq.scale, fq.zero_point,
                                        spec.quant_min, spec.quant_max, 0)
     assert torch.equal(weight.grad, expected_grad)
@@ -503,22 +517,26 @@ def test_fake_quantize_folded_equals_quantizing_the_scaled_weight(symmetric):
 
 @pytest.mark.parametrize("observer", ["minmax", "moving_average"])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_fake_quantize_folded_in_one_pass_equals_two(cpu_capability, observer, symmetric):
+@pytest.mark.parametrize("channels", [5, 100], ids=["cached", "streamed"])
+def test_fake_quantize_folded_in_one_pass_equals_two(cpu_capability, observer, symmetric,
+                                                     channels):
     """A contiguous weight whose channels hold 64 values or more is observed and folded in
     one pass over it; a channels-last copy of it takes the two-pass path (tested against
     PyTorch above). Batch after batch, NaN and inf included, with negative and tiny
-    factors, both give the same state, output and gradient."""
+    factors, both give the same state, output and gradient; 100 x 21 x 11 x 13 values
+    (1.1 MiB) are written around the caches."""
     spec = QuantSpec(observer=observer, symmetric=symmetric, per_channel=True, axis=0,
                      averaging_constant=0.3)
     one, two = FakeQuantize(spec), FakeQuantize(spec)
-    factor = torch.tensor([0.5, -2.0, 1.0, 3e-3, -0.7])
+    factor = torch.tensor([0.5, -2.0, 1.0, 3e-3, -0.7]).repeat(channels // 5)
     generator = torch.Generator().manual_seed(4)
+    shape = (channels, 8, 3, 3) if channels == 5 else (channels, 21, 11, 13)
     for step in range(4):
-        weight = torch.randn(5, 8, 3, 3, generator=generator) * (1 + step)
+        weight = torch.randn(shape, generator=generator) * (1 + step)
         if step == 2:
             weight[1, 0, 0, 0] = math.nan
             weight[3, 2, 1, 1] = -math.inf
-        grad = torch.randn(5, 8, 3, 3, generator=generator)
+        grad = torch.randn(shape, generator=generator)
         a = weight.clone().requires_grad_()
         b = weight.contiguous(memory_format=torch.channels_last).requires_grad_()
         out_a, out_b = one.fake_quantize_folded(a, factor), two.fake_quantize_folded(b, factor)
