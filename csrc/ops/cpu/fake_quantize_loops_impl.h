@@ -352,24 +352,39 @@ void forward_run_fast(const float* x, float* out, uint8_t* code, int64_t n, cons
 
 // The forward without codes, appending the offsets (from `base`) of the elements clamped or
 // NaN to `found` as it goes: one comparison per vector (a level differs from itself clamped
-// exactly where its code would be nonzero, and NaN differs from everything), its lanes read
-// out where any is set, instead of the codes' three comparisons and store. A channel of a
-// min/max-observed weight clamps its extreme, so nearly every block of a weight has one:
-// found in the same pass, the block is not computed again with codes and scanned.
+// exactly where its code would be nonzero, and NaN differs from everything), instead of the
+// codes' three comparisons and store. A channel of a min/max-observed weight clamps its
+// extreme, so nearly every block of a weight has one: found in the same pass, the block is
+// not computed again with codes and scanned. The comparisons of a group of vectors are
+// merged and tested once, and only a group with a lane set is read again (from L1) for its
+// offsets: the loop over the values makes no call, so it keeps its constants in registers.
 template <bool Stream, typename P>
 void forward_run_fast_positions(
     const float* x, float* out, int64_t n, const P& p, int64_t base, std::vector<int64_t>& found) {
   using Vec = Vectorized<float>;
   constexpr int64_t W = Vec::size();
+  constexpr int64_t kGroup = 8 * W;
   const int64_t full = n - n % W;
-  for (int64_t i = 0; i < full; i += W) {
-    const Vec r = rounded_levels(Vec::loadu(x + i), p.get_inv_scale(i, W));
-    const Vec kept = lower_to(raise_to(r, p.get_lo(i, W)), p.get_hi(i, W));
-    store_output<Stream>(kept * p.get_scale(i, W), out + i);
-    const int lanes = _mm256_movemask_ps(_mm256_cmp_ps(r, kept, _CMP_NEQ_UQ));
-    for (int j = 0; lanes >> j != 0; ++j) {
-      if ((lanes >> j) & 1) {
-        found.push_back(base + i + j);
+  for (int64_t g = 0; g < full; g += kGroup) {
+    const int64_t group_end = std::min(full, g + kGroup);
+    __m256 any = _mm256_setzero_ps();
+    for (int64_t i = g; i < group_end; i += W) {
+      const Vec r = rounded_levels(Vec::loadu(x + i), p.get_inv_scale(i, W));
+      const Vec kept = lower_to(raise_to(r, p.get_lo(i, W)), p.get_hi(i, W));
+      store_output<Stream>(kept * p.get_scale(i, W), out + i);
+      any = _mm256_or_ps(any, _mm256_cmp_ps(r, kept, _CMP_NEQ_UQ));
+    }
+    if (_mm256_testz_ps(any, any)) {
+      continue;
+    }
+    for (int64_t i = g; i < group_end; i += W) {
+      const Vec r = rounded_levels(Vec::loadu(x + i), p.get_inv_scale(i, W));
+      const Vec kept = lower_to(raise_to(r, p.get_lo(i, W)), p.get_hi(i, W));
+      const int lanes = _mm256_movemask_ps(_mm256_cmp_ps(r, kept, _CMP_NEQ_UQ));
+      for (int j = 0; lanes >> j != 0; ++j) {
+        if ((lanes >> j) & 1) {
+          found.push_back(base + i + j);
+        }
       }
     }
   }
