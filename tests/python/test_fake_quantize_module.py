@@ -524,7 +524,7 @@ def test_fake_quantize_folded_in_one_pass_equals_two(cpu_capability, observer, s
     one pass over it; a channels-last copy of it takes the two-pass path (tested against
     PyTorch above). Batch after batch, NaN and inf included, with negative and tiny
     factors, both give the same state, output and gradient; 100 x 21 x 11 x 13 values
-    (1.1 MiB) are written around the caches."""
+    (1.15 MiB) are written around the caches."""
     spec = QuantSpec(observer=observer, symmetric=symmetric, per_channel=True, axis=0,
                      averaging_constant=0.3)
     one, two = FakeQuantize(spec), FakeQuantize(spec)
