@@ -365,22 +365,26 @@ void forward_run_fast_positions(
   constexpr int64_t W = Vec::size();
   constexpr int64_t kGroup = 8 * W;
   const int64_t full = n - n % W;
+  // The level kept at i, and whether it differs from the rounded one (clamped, or NaN).
+  const auto level = [&](int64_t i, Vec& kept) {
+    const Vec r = rounded_levels(Vec::loadu(x + i), p.get_inv_scale(i, W));
+    kept = lower_to(raise_to(r, p.get_lo(i, W)), p.get_hi(i, W));
+    return _mm256_cmp_ps(r, kept, _CMP_NEQ_UQ);
+  };
   for (int64_t g = 0; g < full; g += kGroup) {
     const int64_t group_end = std::min(full, g + kGroup);
     __m256 any = _mm256_setzero_ps();
     for (int64_t i = g; i < group_end; i += W) {
-      const Vec r = rounded_levels(Vec::loadu(x + i), p.get_inv_scale(i, W));
-      const Vec kept = lower_to(raise_to(r, p.get_lo(i, W)), p.get_hi(i, W));
+      Vec kept;
+      any = _mm256_or_ps(any, level(i, kept));
       store_output<Stream>(kept * p.get_scale(i, W), out + i);
-      any = _mm256_or_ps(any, _mm256_cmp_ps(r, kept, _CMP_NEQ_UQ));
     }
     if (_mm256_testz_ps(any, any)) {
       continue;
     }
     for (int64_t i = g; i < group_end; i += W) {
-      const Vec r = rounded_levels(Vec::loadu(x + i), p.get_inv_scale(i, W));
-      const Vec kept = lower_to(raise_to(r, p.get_lo(i, W)), p.get_hi(i, W));
-      const int lanes = _mm256_movemask_ps(_mm256_cmp_ps(r, kept, _CMP_NEQ_UQ));
+      Vec kept;
+      const int lanes = _mm256_movemask_ps(level(i, kept));
       for (int j = 0; lanes >> j != 0; ++j) {
         if ((lanes >> j) & 1) {
           found.push_back(base + i + j);
