@@ -601,6 +601,38 @@ def load(path: str):
                          f"can load ({error})") from None
 
 
+# ExecuTorch's codes of the dtypes a program's inputs may take (c10's ScalarType numbering).
+_INPUT_DTYPES = {0: torch.uint8, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.int64,
+                 5: torch.float16, 6: torch.float32, 7: torch.float64, 11: torch.bool,
+                 15: torch.bfloat16}
+
+
+def check_inputs(path: str, program, inputs) -> None:
+    """Fails, naming the input and what the program takes, when ``inputs`` do not fit the
+    program's ``forward``: ExecuTorch's runtime only answers with an error code (0x10 for a
+    shape, 0x12 for a dtype or a count). qat's programs have the fixed shapes of the example
+    input they were exported with."""
+    meta = program.method_meta("forward")
+    if len(inputs) != meta.num_inputs():
+        raise ValueError(f"{path}: the program takes {meta.num_inputs()} input(s), got "
+                         f"{len(inputs)}")
+    for i, x in enumerate(inputs):
+        info = meta.input_tensor_meta(i)
+        shape, code = tuple(info.sizes()), int(info.dtype())
+        dtype = _INPUT_DTYPES.get(code, f"ScalarType {code}")
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{path}: input {i} must be a tensor of shape {shape} and dtype "
+                             f"{dtype}, got {type(x).__name__}")
+        if tuple(x.shape) != shape:
+            raise ValueError(
+                f"{path}: input {i} has shape {tuple(x.shape)}, but the program takes {shape}: "
+                f"an ExecuTorch program keeps the shapes of the example input it was exported "
+                f"with (export with an example input of the shape it will run on)")
+        if x.dtype != dtype:
+            raise ValueError(f"{path}: input {i} has dtype {x.dtype}, but the program takes "
+                             f"{dtype}")
+
+
 def read_metadata_text(path: str) -> Optional[str]:
     """The metadata JSON a ``.pte`` written by qat carries (its ``qat_metadata`` method), or
     None when it has no such method."""

@@ -1037,7 +1037,8 @@ def compare(qmodel: nn.Module, int_model, inputs) -> Dict[str, float]:
 
     ``int_model`` is the integer model, or the path of a file :func:`qat.export` wrote
     (``.pte`` run in ExecuTorch's runtime, ``.ptl`` in the lite interpreter, ``.pt`` in
-    TorchScript; see :func:`qat.export.load`).
+    TorchScript, ``.onnx`` in ONNX Runtime; see :func:`qat.export.load`). A ``.pte``
+    program takes inputs of the example input's shape and dtype only (others: ValueError).
 
     Returns a dict: ``max_steps`` (the largest output difference in quantization steps of
     the output), ``within_one_step`` (the share of output elements within one step),

@@ -598,6 +598,7 @@ def _load_pte(path: str) -> Tuple[Callable, str]:
     program = _pte.load(path)
 
     def forward(*inputs):
+        _pte.check_inputs(path, program, inputs)
         try:
             return program.forward(list(inputs))[0]
         except RuntimeError as error:
@@ -629,7 +630,8 @@ def load(path: Union[str, os.PathLike]) -> Tuple[Callable, str]:
     field, and of the TorchScript archives only a lite interpreter file holds
     ``bytecode.pkl``. For TorchScript files the quantized engine is set to the one the file
     was converted for (else qnnpack, PyTorch Mobile's): weights are packed for the engine
-    selected when they load.
+    selected when they load. A ``.pte``'s callable refuses, with a ValueError naming what the
+    program takes, inputs of another shape, dtype or count than the example input's.
 
     Raises:
         ValueError: ``path`` is not such a file (naming it).

@@ -9,6 +9,7 @@ output per element (a step that flips in one layer may move the output by more, 
 
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from torch import nn
 import qat
 from qat import _pte
 from qat.export import describe, load
+from qat.mobile import executorch_latency_ms
 
 from helpers import (QDQ_PATTERNS, Activations, ConvBnRelu, FashionNet,
                      GroupAndLayerNormed, KeywordNet, Mlp, TextCNN, TextEncoder, calibrated,
@@ -377,6 +379,32 @@ def test_format_forces_the_kind_whatever_the_suffix(tmp_path):
     path = tmp_path / "model.bin"
     qat.export(calibrated(Mlp(), x), path, x[:2], format="pte")
     assert path.read_bytes()[4:8] == b"ET12"
+
+
+@needs_executorch
+def test_inputs_that_do_not_fit_the_program_are_named(tmp_path):
+    # ExecuTorch's runtime itself only answers "Failed to execute method forward, error:
+    # 0x10" (a shape) or 0x12 (a dtype, a count).
+    x = torch.rand(16, 20)
+    qmodel = calibrated(Mlp(), x)
+    path = str(tmp_path / "model.pte")
+    qat.export(qmodel, path, x[:2])
+    forward, _ = load(path)
+    bad = {"input 0 has shape (4, 20), but the program takes (2, 20)": [x[:4]],
+           "input 0 has dtype torch.float64, but the program takes torch.float32":
+               [x[:2].double()],
+           "the program takes 1 input(s), got 2": [x[:2], x[:2]],
+           "input 0 must be a tensor of shape (2, 20)": [[0.5] * 20]}
+    for message, inputs in bad.items():
+        with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+            forward(*inputs)
+    with pytest.raises(ValueError, match=re.escape("example input it was exported with")):
+        qat.compare(qmodel, path, [x[:4]])
+    with pytest.raises(ValueError, match=re.escape("input 0 has shape (3, 20)")):
+        executorch_latency_ms({"model": path}, x[:3], 1, 0)
+    # The shape it was exported with runs.
+    assert forward(x[:2]).shape == (2, 8)
+    assert qat.compare(qmodel, path, [x[:2], x[2:4]])["top1_agreement"] == 1.0
 
 
 @needs_executorch
