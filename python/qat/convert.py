@@ -874,11 +874,7 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
             activation range has no 8-bit integer kernel, or ``backend`` is not an engine
             of this PyTorch (naming the ones it has).
     """
-    qmodel = uncompiled(qmodel)
-    if not any(isinstance(m, FakeQuantize) for m in qmodel.modules()):
-        raise TypeError(
-            "qat.convert: expected a model prepared by qat.prepare (holding qat.FakeQuantize "
-            f"modules), got {type(qmodel).__name__} without any")
+    qmodel = _prepared("qat.convert", qmodel)
     _check_finite(qmodel)
     if not isinstance(qmodel, fx.GraphModule):
         if backend is not None and backend not in BACKENDS:
@@ -1009,6 +1005,18 @@ def _convert_eager(qmodel: nn.Module, return_report: bool):
     return (model, report) if return_report else model
 
 
+def _prepared(caller: str, qmodel) -> nn.Module:
+    """The model qat.prepare made (the module a torch.compile wrapper holds); a TypeError
+    naming ``caller`` for anything else."""
+    qmodel = uncompiled(qmodel)
+    if not isinstance(qmodel, nn.Module) or not any(
+            isinstance(m, FakeQuantize) for m in qmodel.modules()):
+        raise TypeError(
+            f"{caller}: expected a model prepared by qat.prepare (holding qat.FakeQuantize "
+            f"modules), got {type(qmodel).__name__} without any")
+    return qmodel
+
+
 def _output_step(qmodel: nn.Module) -> float:
     """The quantization step of the model's output: the scale of the FakeQuantize that
     feeds the graph's output."""
@@ -1045,7 +1053,12 @@ def compare(qmodel: nn.Module, int_model, inputs) -> Dict[str, float]:
     ``top1_agreement`` (share of rows whose argmax agrees, for 2-D outputs; NaN
     otherwise) and ``sqnr_db`` (signal-to-quantization-noise ratio of the integer output
     against the simulation's, in dB).
+
+    Raises:
+        TypeError: when ``qmodel`` holds no qat.FakeQuantize (the float model, not the one
+            qat.prepare returned).
     """
+    qmodel = _prepared("qat.compare", qmodel)
     step = _output_step(qmodel)
     if isinstance(int_model, (str, os.PathLike)):
         from .export import load  # export converts with this module

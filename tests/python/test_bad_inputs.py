@@ -469,6 +469,15 @@ def test_compare_with_no_batches_says_so():
         qat.compare(qmodel, int_model, [])
 
 
+def test_compare_names_a_model_that_was_not_prepared():
+    # It said the model "took qat.prepare's eager fallback".
+    qmodel = _calibrated(nn.Sequential(nn.Linear(4, 3)))
+    int_model = qat.convert(qmodel)
+    with pytest.raises(TypeError, match=r"qat.compare: expected a model prepared by "
+                                        r"qat.prepare .*, got Sequential without any"):
+        qat.compare(nn.Sequential(nn.Linear(4, 3)), int_model, torch.randn(2, 4))
+
+
 def test_export_with_an_input_that_does_not_fit_leaves_no_file(tmp_path):
     qmodel = _calibrated(nn.Sequential(nn.Linear(4, 3)))
     with pytest.raises(ValueError, match="does not fit the model"):

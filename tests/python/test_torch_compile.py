@@ -74,9 +74,11 @@ def test_compiled_training_computes_what_eager_training_computes(config, tmp_pat
     eager.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=0, atol=0)
-        # convert and export take the compiled model as they take the one it wraps.
+        # convert, compare and export take the compiled model as they take the one it
+        # wraps.
         int_model = qat.convert(eager)
         torch.testing.assert_close(qat.convert(compiled)(x), int_model(x), rtol=0, atol=0)
+        assert qat.compare(compiled, int_model, x) == qat.compare(eager, int_model, x)
         qat.export(compiled, tmp_path / "model.pt", x[:2], mobile=False)
         loaded, _ = load(tmp_path / "model.pt")
         torch.testing.assert_close(loaded(x[:2]), int_model(x[:2]), rtol=0, atol=0)
