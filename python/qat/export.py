@@ -257,6 +257,11 @@ def _run_example(int_model: nn.Module, inputs: tuple, simulation: Optional[nn.Mo
     ``simulation``, the QAT model it was converted from, runs, the inputs fit: a kernel
     refused the integer model, and the error says so."""
     for i, t in enumerate(inputs):
+        if t.numel() == 0:
+            # Nothing would be checked, and a .pte would keep the empty shape.
+            raise ValueError(f"qat.export: example_inputs[{i}] is empty (shape "
+                             f"{list(t.shape)}); give at least one sample to check the file "
+                             f"on")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"qat.export: example_inputs[{i}] holds NaN or inf; give finite "
                              f"inputs to check the file on")

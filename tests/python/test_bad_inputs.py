@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import qat
-from qat import Config, FakeQuantize, FixedQParamsFakeQuantize, QuantSpec
+from qat import Config, FakeQuantize, FixedQParamsFakeQuantize, QuantSpec, _onnx, _pte
 
 from qat.modules import registry
 
@@ -476,6 +476,25 @@ def test_compare_names_a_model_that_was_not_prepared():
     with pytest.raises(TypeError, match=r"qat.compare: expected a model prepared by "
                                         r"qat.prepare .*, got Sequential without any"):
         qat.compare(nn.Sequential(nn.Linear(4, 3)), int_model, torch.randn(2, 4))
+
+
+# Real limits: ExecuTorch and ONNX exist only for the PyPI leg's PyTorch.
+_PTE_MISSING, _ONNX_MISSING = _pte.available(), _onnx.available()
+
+
+@pytest.mark.parametrize("fmt", [
+    "ptl", "pt",
+    pytest.param("pte", marks=pytest.mark.skipif(_PTE_MISSING is not None,
+                                                 reason=str(_PTE_MISSING))),
+    pytest.param("onnx", marks=pytest.mark.skipif(_ONNX_MISSING is not None,
+                                                  reason=str(_ONNX_MISSING)))])
+def test_export_refuses_an_empty_example_input(tmp_path, fmt):
+    # A .ptl / .pt was written and "checked" on no values; the .pte and .onnx exports
+    # failed inside ExecuTorch's lowering or the batch probe, without naming the input.
+    qmodel = _calibrated(nn.Sequential(nn.Linear(4, 3)))
+    with pytest.raises(ValueError, match=r"example_inputs\[0\] is empty \(shape \[0, 4\]\)"):
+        qat.export(qmodel, tmp_path / f"m.{fmt}", torch.randn(0, 4))
+    assert os.listdir(tmp_path) == []
 
 
 def test_export_with_an_input_that_does_not_fit_leaves_no_file(tmp_path):
