@@ -205,6 +205,13 @@ void export_model(
   torch::NoGradGuard no_grad;
   // The quantized kernels run on the CPU, whatever device the model trained on.
   const auto input = example_input.to(torch::kCPU);
+  if (input.numel() == 0) {
+    // Nothing would be checked.
+    throw std::invalid_argument(fmt::format(
+        "qat::export_model: example_input is empty (shape [{}]); give at least one sample to "
+        "check the file on",
+        fmt::join(input.sizes(), ", ")));
+  }
   if (input.is_floating_point() && !torch::isfinite(input).all().item<bool>()) {
     throw std::invalid_argument(
         "qat::export_model: example_input holds NaN or inf; give finite inputs to check the "

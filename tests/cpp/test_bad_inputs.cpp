@@ -331,6 +331,20 @@ CATCH_TEST_CASE(
     }
   }
 
+  CATCH_SECTION("an empty example input, which would check nothing") {
+    torch::nn::Sequential net(torch::nn::Linear(4, 3));
+    qat::prepare(*net);
+    qat::calibrate(net, std::vector<torch::Tensor>{torch::randn({2, 4})});
+    for (const bool mobile : {false, true}) {
+      const auto target = folder.file(mobile ? "empty.ptl" : "empty.pt");
+      const auto message = invalid_argument_message([&] {
+        qat::export_model(*net, torch::randn({0, 4}), target, {"qnnpack", mobile});
+      });
+      CATCH_CHECK(contains(message, "qat::export_model: example_input is empty (shape [0, 4])"));
+      CATCH_CHECK(folder.files().empty());
+    }
+  }
+
   CATCH_SECTION("an example input with the wrong channel count for a conv") {
     auto net = cnn();
     const auto x = torch::randn({4, 1, 8, 8});
