@@ -276,6 +276,19 @@ def _sqnr_db(reference: List[torch.Tensor], outputs: List[torch.Tensor]) -> floa
 
 def _accuracy(outputs: List[torch.Tensor], labels: List[torch.Tensor]) -> float:
     """Top-1 accuracy in percent (class scores along dim 1)."""
+    for i, (o, t) in enumerate(zip(outputs, labels)):
+        if o.dim() < 2:
+            raise ValueError(f"qat.sensitivity: metric='accuracy' needs class scores along "
+                             f"dim 1; the model's output on batch {i} has shape "
+                             f"{tuple(o.shape)}")
+        # Compared as they are, labels of shape (N, 1) would broadcast against (N,).
+        expected = o.shape[:1] + o.shape[2:]
+        if not isinstance(t, torch.Tensor) or t.shape != expected:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"qat.sensitivity: the labels of batch {i} have shape {shape}; the model's "
+                f"output there, of shape {tuple(o.shape)}, takes labels of shape "
+                f"{tuple(expected)}")
     correct = sum((o.argmax(1) == t.to(o.device)).sum().item() for o, t in zip(outputs, labels))
     total = sum(t.numel() for t in labels)
     return 100.0 * correct / total
@@ -503,8 +516,8 @@ def auto_precision(model: nn.Module, batches, size_budget,
     Returns:
         ``base_config`` with an override, by exact name, for each quantized layer whose
         chosen width differs from its spec in ``base_config``: that weight spec at the
-        chosen width (and its activation spec when it differs from the default). :func:`model_size` gives its size and
-        :func:`weight_bits` its widths.
+        chosen width (and its activation spec when it differs from the default).
+        :func:`model_size` gives its size and :func:`weight_bits` its widths.
 
     Raises:
         ValueError: on bad arguments, a ``sensitivity`` report that does not fit, or a
