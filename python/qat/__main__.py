@@ -96,6 +96,7 @@ def _bench_input(args, inputs: List[dict]) -> torch.Tensor:
 def _bench(args) -> None:
     if args.warmup < 0:
         raise CommandError(f"--warmup: must be at least 0, got {args.warmup}")
+    _check_positive(args, "iterations", "threads")
     # Before loading: ONNX Runtime sizes a session's thread pool when it is made.
     torch.set_num_threads(args.threads)
     model, kind = _load(args.file)
@@ -104,7 +105,7 @@ def _bench(args) -> None:
     if args.batch is None:
         # An ExecuTorch program runs only the batch it was exported with.
         args.batch = recorded[0][0] if kind == "ExecuTorch" and recorded else 1
-    _check_positive(args, "batch", "iterations", "threads")
+    _check_positive(args, "batch")
     x = _bench_input(args, inputs)
     if kind == "ExecuTorch":
         if recorded and list(x.shape) != recorded[0]:

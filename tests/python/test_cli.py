@@ -2,7 +2,6 @@
 and through ``qat.__main__.main``: the printed figures against the test's own evaluation of
 the same files, and the one-line errors."""
 
-import os
 import re
 import subprocess
 import sys
@@ -165,6 +164,8 @@ def test_compare_takes_full_torchscript_files_too(cli, files):
     (["bench", "{int_ptl}", "--input-shape", "3,28,28"],
      "{int_ptl}: the model fails on a 1x3x28x28 float32 input"),
     (["bench", "{int_ptl}", "--iterations", "0"], "--iterations: must be at least 1"),
+    # It reached torch.set_num_threads, whose RuntimeError came with a traceback.
+    (["bench", "{int_ptl}", "--threads", "0"], "--threads: must be at least 1"),
     (["compare", "{float_ptl}", "{missing}", "--limit", "10"], "{missing}: no such file"),
     (["compare", "{text}", "{int_ptl}", "--limit", "10"], "{text}: not a TorchScript file"),
     (["compare", "{float_ptl}", "{int_ptl}", "--data", "{missing}"],
