@@ -538,8 +538,8 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, object]:
                                  f"not written by qat.export")
             text = archive.read(names[0])
     except zipfile.BadZipFile as error:
-        raise ValueError(f"qat: {os.fspath(path)!r} is neither a TorchScript archive nor an "
-                         f"ExecuTorch program") from error
+        raise ValueError(f"qat: {os.fspath(path)!r} is not a TorchScript archive, an "
+                         f"ExecuTorch program or an ONNX model") from error
     return _parse_metadata(os.fspath(path), text, METADATA_FILE)
 
 

@@ -171,6 +171,11 @@ def test_inspect_says_when_a_file_is_not_from_qat(tmp_path):
     result = subprocess.run([sys.executable, "-m", "qat", "inspect", str(path)], env=_ENV,
                             capture_output=True, text=True)
     assert result.returncode == 1 and "not written by qat.export" in result.stderr
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    with pytest.raises(ValueError, match="is not a TorchScript archive, an ExecuTorch "
+                                         "program or an ONNX model"):
+        qat.read_metadata(notes)
 
 
 def test_full_torchscript_file(calibrated, tmp_path):
