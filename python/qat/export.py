@@ -257,11 +257,6 @@ def _run_example(int_model: nn.Module, inputs: tuple, simulation: Optional[nn.Mo
     ``simulation``, the QAT model it was converted from, runs, the inputs fit: a kernel
     refused the integer model, and the error says so."""
     for i, t in enumerate(inputs):
-        if t.numel() == 0:
-            # Nothing would be checked, and a .pte would keep the empty shape.
-            raise ValueError(f"qat.export: example_inputs[{i}] is empty (shape "
-                             f"{list(t.shape)}); give at least one sample to check the file "
-                             f"on")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"qat.export: example_inputs[{i}] holds NaN or inf; give finite "
                              f"inputs to check the file on")
@@ -280,7 +275,16 @@ def _run_example(int_model: nn.Module, inputs: tuple, simulation: Optional[nn.Mo
                 f"which the QAT model runs: a quantized kernel refused it: {cause}") from error
         raise ValueError(f"qat.export: the example input ({shapes}) does not fit the model: "
                          f"{cause}") from error
-    for out in (expected,) if isinstance(expected, torch.Tensor) else tuple(expected):
+    outputs = (expected,) if isinstance(expected, torch.Tensor) else tuple(expected)
+    if all(out.numel() == 0 for out in outputs):
+        # Nothing would be checked (an input the model ignores may be empty: a bag's
+        # unused offsets).
+        empty = ", ".join(f"example_inputs[{i}] is empty (shape {list(t.shape)})"
+                          for i, t in enumerate(inputs) if t.numel() == 0)
+        raise ValueError(f"qat.export: the model's outputs on the example input are empty, "
+                         f"so nothing would be checked ({empty or 'no input is empty'}); give "
+                         f"at least one sample")
+    for out in outputs:
         values = out.dequantize() if out.is_quantized else out
         if values.is_floating_point() and not bool(torch.isfinite(values).all()):
             raise RuntimeError("qat.export: the integer model's outputs on example_inputs are "
@@ -511,9 +515,9 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, object]:
     or ``.onnx``).
 
     Raises:
-        ValueError: when the file is not a TorchScript archive or ExecuTorch program written
-            by qat.export, or its metadata is not valid JSON or lacks a field (naming the
-            file and the field).
+        ValueError: when the file is not a TorchScript archive, ExecuTorch program or ONNX
+            model written by qat.export, or its metadata is not valid JSON or lacks a field
+            (naming the file and the field).
         RuntimeError: the file is an ExecuTorch program and ExecuTorch is not installed.
     """
     if _is_pte(path):
@@ -601,9 +605,11 @@ def _cause(error: Exception) -> str:
 def _load_pte(path: str) -> Tuple[Callable, str]:
     require_executorch(path)
     program = _pte.load(path)
+    # Read once: bench times this callable.
+    signature = _pte.input_signature(program)
 
     def forward(*inputs):
-        _pte.check_inputs(path, program, inputs)
+        _pte.check_inputs(path, signature, inputs)
         try:
             return program.forward(list(inputs))[0]
         except RuntimeError as error:
