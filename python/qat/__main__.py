@@ -52,6 +52,8 @@ def _run(model, path: str, x: torch.Tensor) -> torch.Tensor:
     except RuntimeError as error:
         raise CommandError(f"{path}: the model fails on a {_describe_input(x)} input: "
                            f"{_cause(error)}") from None
+    except ValueError as error:  # an input a .pte program does not take, named
+        raise CommandError(str(error)) from None
     if not isinstance(out, torch.Tensor):
         raise CommandError(f"{path}: the model returns {type(out).__name__}, not a tensor")
     return out.dequantize() if out.is_quantized else out

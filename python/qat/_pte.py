@@ -607,19 +607,27 @@ _INPUT_DTYPES = {0: torch.uint8, 1: torch.int8, 2: torch.int16, 3: torch.int32, 
                  15: torch.bfloat16}
 
 
-def check_inputs(path: str, program, inputs) -> None:
-    """Fails, naming the input and what the program takes, when ``inputs`` do not fit the
-    program's ``forward``: ExecuTorch's runtime only answers with an error code (0x10 for a
-    shape, 0x12 for a dtype or a count). qat's programs have the fixed shapes of the example
-    input they were exported with."""
+def input_signature(program) -> List[Tuple[Tuple[int, ...], object]]:
+    """(shape, dtype) of each input of the program's ``forward`` (the dtype as ExecuTorch's
+    code where it is none of _INPUT_DTYPES)."""
     meta = program.method_meta("forward")
-    if len(inputs) != meta.num_inputs():
-        raise ValueError(f"{path}: the program takes {meta.num_inputs()} input(s), got "
-                         f"{len(inputs)}")
-    for i, x in enumerate(inputs):
+    signature = []
+    for i in range(meta.num_inputs()):
         info = meta.input_tensor_meta(i)
-        shape, code = tuple(info.sizes()), int(info.dtype())
-        dtype = _INPUT_DTYPES.get(code, f"ScalarType {code}")
+        code = int(info.dtype())
+        signature.append((tuple(info.sizes()), _INPUT_DTYPES.get(code, f"ScalarType {code}")))
+    return signature
+
+
+def check_inputs(path: str, signature, inputs) -> None:
+    """Fails, naming the input and what the program takes, when ``inputs`` do not fit the
+    program's ``forward`` (its :func:`input_signature`): ExecuTorch's runtime only answers
+    with an error code (0x10 for a shape, 0x12 for a dtype or a count). qat's programs have
+    the fixed shapes of the example input they were exported with."""
+    if len(inputs) != len(signature):
+        raise ValueError(f"{path}: the program takes {len(signature)} input(s), got "
+                         f"{len(inputs)}")
+    for i, (x, (shape, dtype)) in enumerate(zip(inputs, signature)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{path}: input {i} must be a tensor of shape {shape} and dtype "
                              f"{dtype}, got {type(x).__name__}")

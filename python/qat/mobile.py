@@ -140,7 +140,7 @@ def executorch_latency_ms(paths: Dict[str, str], x: torch.Tensor, iterations: in
     _unsafe_reset_threadpool(torch.get_num_threads())
     programs = {name: _pte.load(path) for name, path in paths.items()}
     for name, program in programs.items():
-        _pte.check_inputs(paths[name], program, [x])
+        _pte.check_inputs(paths[name], _pte.input_signature(program), [x])
     return round_robin_ms({name: (lambda p=p: p.forward([x])) for name, p in programs.items()},
                            iterations, warmup)
 

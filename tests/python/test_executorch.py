@@ -481,3 +481,11 @@ def test_command_line_inspects_benches_and_compares_pte_files(tmp_path, fashion_
               "--batch", "4")
     agreement = float(out.split("top-1 agreement ")[1].split()[0])
     assert agreement >= 0.99
+    # Batches of 64 do not fit a program exported for 4 images: one line that says so (the
+    # runtime's error code came out as a traceback).
+    done = subprocess.run([sys.executable, "-m", "qat", "compare", str(tmp_path / "int.pt"),
+                           str(tmp_path / "int.pte"), "--limit", "200", "--batch", "64"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "int.pte: input 0 has shape (64, 1, 28, 28), but the program takes (4, 1, 28, 28)" \
+        in done.stderr
