@@ -274,19 +274,19 @@ def _sqnr_db(reference: List[torch.Tensor], outputs: List[torch.Tensor]) -> floa
     return -math.inf if signal == 0 else 10 * math.log10(signal / noise)
 
 
-def _accuracy(outputs: List[torch.Tensor], labels: List[torch.Tensor]) -> float:
+def _accuracy(where: str, outputs: List[torch.Tensor], labels: List[torch.Tensor]) -> float:
     """Top-1 accuracy in percent (class scores along dim 1)."""
     for i, (o, t) in enumerate(zip(outputs, labels)):
         if o.dim() < 2:
-            raise ValueError(f"qat.sensitivity: metric='accuracy' needs class scores along "
-                             f"dim 1; the model's output on batch {i} has shape "
+            raise ValueError(f"{where}: metric='accuracy' needs class scores along "
+                             f"dim 1; the model's output on batches[{i}] has shape "
                              f"{tuple(o.shape)}")
         # Compared as they are, labels of shape (N, 1) would broadcast against (N,).
         expected = o.shape[:1] + o.shape[2:]
         if not isinstance(t, torch.Tensor) or t.shape != expected:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(
-                f"qat.sensitivity: the labels of batch {i} have shape {shape}; the model's "
+                f"{where}: the labels of batches[{i}] have shape {shape}; the model's "
                 f"output there, of shape {tuple(o.shape)}, takes labels of shape "
                 f"{tuple(expected)}")
     correct = sum((o.argmax(1) == t.to(o.device)).sum().item() for o, t in zip(outputs, labels))
@@ -294,20 +294,21 @@ def _accuracy(outputs: List[torch.Tensor], labels: List[torch.Tensor]) -> float:
     return 100.0 * correct / total
 
 
-def _measure(model: nn.Module, qmodel: nn.Module, layers: _Layers, batches: list,
-             metric: str, bits: List[int], labels, progress: bool) -> SensitivityReport:
+def _measure(where: str, model: nn.Module, qmodel: nn.Module, layers: _Layers,
+             batches: list, metric: str, bits: List[int], labels,
+             progress: bool) -> SensitivityReport:
     if not layers:
-        raise ValueError("qat.sensitivity: the model has no layer that qat.prepare quantizes "
-                         "with this config")
+        raise ValueError(f"{where}: the model has no layer that qat.prepare quantizes with "
+                         f"this config")
     qmodel.eval()
     disable_fake_quant(qmodel)
     disable_observer(qmodel)
     reference = _outputs(model, batches)
     for i, output in enumerate(reference):
         if not bool(torch.isfinite(output).all()):
-            raise ValueError(f"qat.sensitivity: the float model's output on batches[{i}] is "
+            raise ValueError(f"{where}: the float model's output on batches[{i}] is "
                              f"not finite (NaN or inf), so no SQNR or accuracy can be measured")
-    float_accuracy = _accuracy(reference, labels) if metric == "accuracy" else None
+    float_accuracy = _accuracy(where, reference, labels) if metric == "accuracy" else None
     report = SensitivityReport(metric, float_accuracy=float_accuracy)
     with tqdm(total=len(layers) * len(bits), desc="qat.sensitivity",
               disable=not progress) as bar:
@@ -322,7 +323,7 @@ def _measure(model: nn.Module, qmodel: nn.Module, layers: _Layers, batches: list
                 disable_observer(qmodel)
                 outputs = _outputs(qmodel, batches)
                 value = (_sqnr_db(reference, outputs) if metric == "sqnr"
-                         else float_accuracy - _accuracy(outputs, labels))
+                         else float_accuracy - _accuracy(where, outputs, labels))
                 report.table.append(SensitivityRow(name, b, value, layer.weight.numel()))
                 bar.update()
             layer.weight_fake_quant = original
@@ -375,7 +376,7 @@ def sensitivity(model: nn.Module, batches, metric: str = "sqnr",
     batches = _check_batches(where, batches)
     labels = _labels(where, metric, batches, targets)
     qmodel, layers = _quantizable(model, config)
-    return _measure(model, qmodel, layers, batches, metric, bits, labels, progress)
+    return _measure(where, model, qmodel, layers, batches, metric, bits, labels, progress)
 
 
 # -- size and search -------------------------------------------------------------------
@@ -545,7 +546,8 @@ def auto_precision(model: nn.Module, batches, size_budget,
     if sensitivity is None:
         batches = _check_batches(where, batches)
         labels = _labels(where, metric, batches, targets)
-        report = _measure(model, qmodel, layers, batches, metric, bits, labels, progress)
+        report = _measure(where, model, qmodel, layers, batches, metric, bits, labels,
+                          progress)
     else:
         if not isinstance(sensitivity, SensitivityReport):
             raise TypeError(f"{where}: sensitivity must be a SensitivityReport, got "

@@ -211,13 +211,13 @@ def test_import_qat_does_not_import_matplotlib():
     (dict(metric="accuracy"), r"needs labels: give batches as \(inputs, labels\)"),
     (dict(targets=[torch.zeros(64)]), "targets is only used with metric='accuracy'"),
     (dict(metric="accuracy", targets=[torch.zeros(64)]), "1 label tensors for 4 batches"),
-    # Labels of shape (64, 1) broadcast against (64,) gave a float accuracy of 1600%.
+    # Labels of shape (64, 1) were broadcast against the (64,) argmax: accuracies over 100%.
     (dict(metric="accuracy", targets=[torch.zeros(64, dtype=torch.long)] * 3
           + [torch.zeros(64, 1, dtype=torch.long)]),
-     r"the labels of batch 3 have shape \(64, 1\); the model's output there, of shape "
+     r"the labels of batches\[3\] have shape \(64, 1\); the model's output there, of shape "
      r"\(64, 10\), takes labels of shape \(64,\)"),
     (dict(metric="accuracy", targets=[torch.zeros(63, dtype=torch.long)] * 4),
-     r"the labels of batch 0 have shape \(63,\)"),
+     r"the labels of batches\[0\] have shape \(63,\)"),
 ])
 def test_sensitivity_rejects_bad_arguments(model, batches, kwargs, message):
     with pytest.raises(ValueError, match=message):
