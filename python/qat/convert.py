@@ -1011,9 +1011,10 @@ def _prepared(caller: str, qmodel) -> nn.Module:
     qmodel = uncompiled(qmodel)
     if not isinstance(qmodel, nn.Module) or not any(
             isinstance(m, FakeQuantize) for m in qmodel.modules()):
+        without = " without any" if isinstance(qmodel, nn.Module) else ""
         raise TypeError(
             f"{caller}: expected a model prepared by qat.prepare (holding qat.FakeQuantize "
-            f"modules), got {type(qmodel).__name__} without any")
+            f"modules), got {type(qmodel).__name__}{without}")
     return qmodel
 
 
