@@ -98,7 +98,8 @@ torch::jit::Module convert(
 /// @param path the file to write (`.ptl` for mobile, `.pt` otherwise, by convention).
 /// @param options backend and file kind.
 /// @throws std::invalid_argument when `path` cannot be written (before any work), when
-///         `mobile` is asked of a LibTorch without the lite interpreter, when the integer
+///         `mobile` is asked of a LibTorch without the lite interpreter, when `example_input`
+///         is empty or holds NaN or inf, when the integer
 ///         model fails on `example_input` ("the example input does not fit the model: " and
 ///         the first line of the error), and as qat::convert.
 /// @throws std::runtime_error when the outputs on `example_input` are not finite (NaN or

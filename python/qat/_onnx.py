@@ -7,8 +7,8 @@ of the converted model (``module.lowered(name)``) becomes its float ONNX op betw
 simulation's output qparams. Weights are stored as their integers (int8 initializers, per
 channel scales along their axis) behind a ``DequantizeLinear``, biases as the float values of
 the int32 multiples of input scale x weight scale that the integer kernels add (what
-``qat::round_bias`` simulates). ONNX Runtime's graph optimizer fuses each dequantize -> op -> quantize group into
-an integer kernel (``QLinearConv``, ``QGemm``, ``QLinearAdd``, ...).
+``qat::round_bias`` simulates). ONNX Runtime's graph optimizer fuses each dequantize -> op ->
+quantize group into an integer kernel (``QLinearConv``, ``QGemm``, ``QLinearAdd``, ...).
 
 Which qparams each tensor carries is read from one run of the converted model on the example
 inputs (as the ExecuTorch emitter does), so this emitter decides nothing the integer model

@@ -336,6 +336,7 @@ CATCH_TEST_CASE(
     qat::prepare(*net);
     qat::calibrate(net, std::vector<torch::Tensor>{torch::randn({2, 4})});
     for (const bool mobile : {false, true}) {
+      CATCH_INFO("mobile " << mobile);
       const auto target = folder.file(mobile ? "empty.ptl" : "empty.pt");
       const auto message = invalid_argument_message([&] {
         qat::export_model(*net, torch::randn({0, 4}), target, {"qnnpack", mobile});
