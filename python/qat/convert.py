@@ -1026,6 +1026,12 @@ def _output_step(qmodel: nn.Module) -> float:
                         "graph tells which FakeQuantize its output comes from (and its step)")
     output = next(n for n in reversed(qmodel.graph.nodes) if n.op == "output")
     source = output.args[0]
+    if isinstance(source, (tuple, list, dict)):
+        # (fx keeps a returned list or dict as its own immutable subclass.)
+        kind = next(k for k in (tuple, list, dict) if isinstance(source, k)).__name__
+        raise ValueError(f"qat.compare: the model returns a {kind} of "
+                         f"outputs; compare measures models with one tensor output (compare "
+                         f"a wrapper that returns the output of interest)")
     while isinstance(source, fx.Node):
         module = qmodel.get_submodule(source.target) if source.op == "call_module" else None
         if isinstance(module, FakeQuantize) and module.scale.numel() == 1:

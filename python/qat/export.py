@@ -275,7 +275,15 @@ def _run_example(int_model: nn.Module, inputs: tuple, simulation: Optional[nn.Mo
                 f"which the QAT model runs: a quantized kernel refused it: {cause}") from error
         raise ValueError(f"qat.export: the example input ({shapes}) does not fit the model: "
                          f"{cause}") from error
-    outputs = (expected,) if isinstance(expected, torch.Tensor) else tuple(expected)
+    outputs = (expected,) if isinstance(expected, torch.Tensor) else expected
+    if not isinstance(outputs, (tuple, list)) or not all(
+            isinstance(out, torch.Tensor) for out in outputs):
+        # The file's check compares outputs tensor by tensor, in order.
+        held = ("" if not isinstance(expected, (tuple, list)) else " of " + ", ".join(
+            sorted({type(out).__name__ for out in expected})))
+        raise TypeError(f"qat.export: the model returns a {type(expected).__name__}{held}; "
+                        f"an exported model's outputs must be a tensor or a tuple or list of "
+                        f"tensors")
     if all(out.numel() == 0 for out in outputs):
         # Nothing would be checked (an input the model ignores may be empty: a bag's
         # unused offsets).

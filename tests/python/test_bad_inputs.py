@@ -497,6 +497,32 @@ def test_export_refuses_an_empty_example_input(tmp_path, fmt):
     assert os.listdir(tmp_path) == []
 
 
+class _TwoOutputs(nn.Module):
+    def __init__(self, as_dict: bool):
+        super().__init__()
+        self.as_dict = as_dict
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return {"a": self.a(x), "b": self.b(x)} if self.as_dict else (self.a(x), self.b(x))
+
+
+def test_outputs_other_than_tensors_are_named(tmp_path):
+    # export failed with "'str' object has no attribute 'is_quantized'" (a dict's keys taken
+    # for its outputs); compare said the output came from no FakeQuantize.
+    x = torch.randn(8, 4)
+    as_dict = _calibrated(_TwoOutputs(as_dict=True))
+    with pytest.raises(TypeError, match="qat.export: the model returns a dict; an exported "
+                                        "model's outputs must be a tensor or a tuple or list"):
+        qat.export(as_dict, tmp_path / "m.ptl", x)
+    assert os.listdir(tmp_path) == []
+    as_tuple = _calibrated(_TwoOutputs(as_dict=False))
+    for qmodel, kind in ((as_dict, "dict"), (as_tuple, "tuple")):
+        with pytest.raises(ValueError, match=f"qat.compare: the model returns a {kind} of "
+                                             f"outputs; compare measures models with one"):
+            qat.compare(qmodel, qat.convert(qmodel), x)
+
+
 def test_export_with_an_input_that_does_not_fit_leaves_no_file(tmp_path):
     qmodel = _calibrated(nn.Sequential(nn.Linear(4, 3)))
     with pytest.raises(ValueError, match="does not fit the model"):
