@@ -886,6 +886,7 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
     config = json.loads(getattr(qmodel, "qat_config", "{}") or "{}")
     converter = _Converter(gm, dynamic=bool(config.get("dynamic")))
     converter.run()
+    _float_scale_factors(converter.graph)
     converted = fx.GraphModule(gm, converter.graph, type(qmodel).__name__)
     converted.delete_all_unused_submodules()
     converted.qat_config = getattr(qmodel, "qat_config", "{}")
@@ -893,6 +894,25 @@ def convert(qmodel: nn.Module, backend: Optional[str] = None,
     report = converter.report
     report.integer_weights, report.float_weights = weight_elements(converted)
     return (converted, report) if return_report else converted
+
+
+def _float_scale_factors(graph: fx.Graph) -> None:
+    """Writes the scale factors of F.interpolate calls as floats: torch.fx records the
+    literal the model passed (``scale_factor=2``), which TorchScript's schema (float or
+    list of floats) refuses, so the integer model could not be scripted. The same scale
+    either way."""
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in (F.interpolate, F.upsample):
+            continue
+        if "scale_factor" in node.kwargs:
+            factor = node.kwargs["scale_factor"]
+            if isinstance(factor, int) or (isinstance(factor, (tuple, list))
+                                           and all(isinstance(f, int) for f in factor)):
+                floats = (float(factor) if isinstance(factor, int)
+                          else type(factor)(float(f) for f in factor))
+                node.kwargs = {**node.kwargs, "scale_factor": floats}
+        elif len(node.args) > 2 and isinstance(node.args[2], int):
+            node.args = node.args[:2] + (float(node.args[2]),) + node.args[3:]
 
 
 def _observed_copy(qmodel: nn.Module) -> nn.Module:

@@ -66,7 +66,8 @@ def test_ptl_runs_in_a_process_without_qat(which, calibrated, keyword_integer_mo
     path, inputs, outputs = (str(tmp_path / n) for n in ("model.ptl", "x.pt", "y.pt"))
     int_model = qat.export(qmodel, path, x)
     torch.save(x, inputs)
-    run_python(RUN_LITE_MODEL, path, inputs, outputs, check=True, env=dict(os.environ, PYTHONPATH=""))
+    run_python(RUN_LITE_MODEL, path, inputs, outputs, check=True,
+               env=dict(os.environ, PYTHONPATH=""))
     with torch.no_grad():
         torch.testing.assert_close(torch.load(outputs), int_model(x), rtol=0, atol=0)
     # The float layers compute what the simulation's do (their fake-quantized, folded
@@ -274,6 +275,33 @@ def test_export_traces_what_cannot_be_scripted_and_says_so(tmp_path):
     with pytest.warns(UserWarning, match="torch.jit.script failed"):
         qat.export(Unscriptable(), str(tmp_path / "m.pt"), x, mobile=False)
     torch.testing.assert_close(torch.jit.load(str(tmp_path / "m.pt"))(x), x * 2)
+
+
+def test_interpolate_with_an_integer_scale_factor_is_scripted(tmp_path):
+    # torch.fx records scale_factor=2 as the int it is, which TorchScript refuses (float);
+    # the trace it fell back to failed too, so the model could not be exported.
+    class Upsampling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            x = torch.nn.functional.interpolate(self.conv(x), scale_factor=2)
+            return self.head(torch.nn.functional.interpolate(x, None, (2, 1), "bilinear"))
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 8, 8)
+    qmodel = qat.prepare(Upsampling())
+    qat.calibrate(qmodel, [x], progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        int_model = qat.export(qmodel, tmp_path / "m.pt", x[:1], mobile=False)
+    assert not [w for w in caught if "torch.jit.script failed" in str(w.message)]
+    with torch.no_grad():
+        expected = int_model(x)
+    got = torch.jit.load(str(tmp_path / "m.pt"))(x)
+    assert got.shape == (4, 4, 32, 16)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bits, values_per_byte", [(8, 1), (4, 2), (3, 2), (2, 4)])
