@@ -901,18 +901,20 @@ def _float_scale_factors(graph: fx.Graph) -> None:
     literal the model passed (``scale_factor=2``), which TorchScript's schema (float or
     list of floats) refuses, so the integer model could not be scripted. The same scale
     either way."""
+    def floats(factor):
+        if isinstance(factor, int) and not isinstance(factor, bool):
+            return float(factor)
+        if isinstance(factor, (tuple, list)) and all(isinstance(f, int) for f in factor):
+            return type(factor)(float(f) for f in factor)
+        return factor
+
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in (F.interpolate, F.upsample):
             continue
         if "scale_factor" in node.kwargs:
-            factor = node.kwargs["scale_factor"]
-            if isinstance(factor, int) or (isinstance(factor, (tuple, list))
-                                           and all(isinstance(f, int) for f in factor)):
-                floats = (float(factor) if isinstance(factor, int)
-                          else type(factor)(float(f) for f in factor))
-                node.kwargs = {**node.kwargs, "scale_factor": floats}
-        elif len(node.args) > 2 and isinstance(node.args[2], int):
-            node.args = node.args[:2] + (float(node.args[2]),) + node.args[3:]
+            node.kwargs = {**node.kwargs, "scale_factor": floats(node.kwargs["scale_factor"])}
+        elif len(node.args) > 2:
+            node.args = node.args[:2] + (floats(node.args[2]),) + node.args[3:]
 
 
 def _observed_copy(qmodel: nn.Module) -> nn.Module:
