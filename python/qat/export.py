@@ -135,6 +135,10 @@ def _script(model: nn.Module, inputs: tuple, eager: bool):
         f"instead (control flow is fixed to what they took): {message.splitlines()[0]}",
         stacklevel=3)
     try:
+        # One call first: the integer convs and linears pack their weights on their first
+        # call, so the trace's check run would otherwise record another graph.
+        with torch.no_grad():
+            model(*inputs)
         return torch.jit.trace(model, inputs)
     except Exception as error:  # noqa: BLE001
         raise RuntimeError(

@@ -304,6 +304,35 @@ def test_interpolate_with_an_integer_scale_factor_is_scripted(tmp_path):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mobile", [False, True])
+def test_an_integer_model_that_cannot_be_scripted_is_traced(mobile, tmp_path):
+    # The trace failed its check on every integer conv or linear ("Graphs differed across
+    # invocations"): they pack their weights on their first call.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 16 * 16, 3)
+
+        def forward(self, x):
+            x = torch.nn.functional.interpolate(self.conv(x), scale_factor=2.0)
+            return self.fc(x.flatten(1))
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 8, 8)
+    qmodel = qat.prepare(Net())
+    qat.calibrate(qmodel, [x], progress=False)
+    int_model = qat.convert(qmodel)
+    # A graph TorchScript refuses: an int scale factor, as torch.fx records one.
+    for node in int_model.graph.nodes:
+        if node.target is torch.nn.functional.interpolate:
+            node.kwargs = {**node.kwargs, "scale_factor": 2}
+    int_model.recompile()
+    path = tmp_path / ("m.ptl" if mobile else "m.pt")
+    with pytest.warns(UserWarning, match="torch.jit.script failed"):
+        qat.export(int_model, path, x[:2], mobile=mobile)
+    assert qat.compare(qmodel, path, x)["max_steps"] == 0.0
+
+
 @pytest.mark.parametrize("bits, values_per_byte", [(8, 1), (4, 2), (3, 2), (2, 4)])
 def test_weights_are_stored_packed_and_unpack_exactly(bits, values_per_byte):
     torch.manual_seed(0)
