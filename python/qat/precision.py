@@ -274,8 +274,9 @@ def _sqnr_db(reference: List[torch.Tensor], outputs: List[torch.Tensor]) -> floa
     return -math.inf if signal == 0 else 10 * math.log10(signal / noise)
 
 
-def _accuracy(where: str, outputs: List[torch.Tensor], labels: List[torch.Tensor]) -> float:
-    """Top-1 accuracy in percent (class scores along dim 1)."""
+def _check_labels(where: str, outputs: List[torch.Tensor], labels: List[torch.Tensor]) -> None:
+    """Fails unless each batch's labels fit the model's class scores along dim 1 (the
+    float model's outputs: the quantized model's have their shapes)."""
     for i, (o, t) in enumerate(zip(outputs, labels)):
         if o.dim() < 2:
             raise ValueError(f"{where}: metric='accuracy' needs class scores along "
@@ -289,6 +290,11 @@ def _accuracy(where: str, outputs: List[torch.Tensor], labels: List[torch.Tensor
                 f"{where}: the labels of batches[{i}] have shape {shape}; the model's "
                 f"output there, of shape {tuple(o.shape)}, takes labels of shape "
                 f"{tuple(expected)}")
+
+
+def _accuracy(outputs: List[torch.Tensor], labels: List[torch.Tensor]) -> float:
+    """Top-1 accuracy in percent (class scores along dim 1, labels checked by
+    :func:`_check_labels`)."""
     correct = sum((o.argmax(1) == t.to(o.device)).sum().item() for o, t in zip(outputs, labels))
     total = sum(t.numel() for t in labels)
     return 100.0 * correct / total
@@ -308,7 +314,10 @@ def _measure(where: str, model: nn.Module, qmodel: nn.Module, layers: _Layers,
         if not bool(torch.isfinite(output).all()):
             raise ValueError(f"{where}: the float model's output on batches[{i}] is "
                              f"not finite (NaN or inf), so no SQNR or accuracy can be measured")
-    float_accuracy = _accuracy(where, reference, labels) if metric == "accuracy" else None
+    float_accuracy = None
+    if metric == "accuracy":
+        _check_labels(where, reference, labels)
+        float_accuracy = _accuracy(reference, labels)
     report = SensitivityReport(metric, float_accuracy=float_accuracy)
     with tqdm(total=len(layers) * len(bits), desc="qat.sensitivity",
               disable=not progress) as bar:
@@ -323,7 +332,7 @@ def _measure(where: str, model: nn.Module, qmodel: nn.Module, layers: _Layers,
                 disable_observer(qmodel)
                 outputs = _outputs(qmodel, batches)
                 value = (_sqnr_db(reference, outputs) if metric == "sqnr"
-                         else float_accuracy - _accuracy(where, outputs, labels))
+                         else float_accuracy - _accuracy(outputs, labels))
                 report.table.append(SensitivityRow(name, b, value, layer.weight.numel()))
                 bar.update()
             layer.weight_fake_quant = original
