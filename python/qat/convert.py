@@ -26,7 +26,7 @@ from . import _op_roles, quantized
 from ._torch_support import uncompiled
 from .calibrate import disable_observer, run_batch
 from .config import BACKENDS, check_backend
-from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
+from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize, holds_fake_quantize
 from .modules import (Conv1d, Conv2d, Conv3d, ConvBnReLU1d, ConvBnReLU2d, ConvBnReLU3d,
                       ConvTranspose1d, ConvTranspose2d, Embedding, EmbeddingBag, GRU, LSTM,
                       Linear)
@@ -1031,8 +1031,7 @@ def _prepared(caller: str, qmodel) -> nn.Module:
     """The model qat.prepare made (the module a torch.compile wrapper holds); a TypeError
     naming ``caller`` for anything else."""
     qmodel = uncompiled(qmodel)
-    if not isinstance(qmodel, nn.Module) or not any(
-            isinstance(m, FakeQuantize) for m in qmodel.modules()):
+    if not isinstance(qmodel, nn.Module) or not holds_fake_quantize(qmodel):
         without = " without any" if isinstance(qmodel, nn.Module) else ""
         raise TypeError(
             f"{caller}: expected a model prepared by qat.prepare (holding qat.FakeQuantize "

@@ -24,7 +24,7 @@ from ._torch_support import (require_lite_interpreter, require_torchscript,
                              torch_deprecations_once, uncompiled, warn_once,
                              xnnpack_available)
 from .convert import ConversionReport, convert, weight_elements
-from .fake_quant import FakeQuantize
+from .fake_quant import FakeQuantize, holds_fake_quantize
 
 __all__ = ["FORMATS", "METADATA_FILE", "describe", "export", "load", "read_metadata"]
 
@@ -116,6 +116,11 @@ def _script(model: nn.Module, inputs: tuple, eager: bool):
     qat.prepare's eager fallback (``eager``): torch.fx could not trace it, most often for
     control flow on tensors, which a trace would fix to the branches ``inputs`` take while
     the export's check runs those same inputs."""
+    # A scripted file gets the stored weights, not the kernels' packed form (rebuilt on the
+    # first forward after loading).
+    for module in model.modules():
+        if isinstance(module, quantized._PacksOnFirstForward):
+            module._packed_params = None
     try:
         with warnings.catch_warnings():
             # torch.fx's GraphModule.__init__ annotates an attribute in a way torch.jit
@@ -135,8 +140,8 @@ def _script(model: nn.Module, inputs: tuple, eager: bool):
         f"instead (control flow is fixed to what they took): {message.splitlines()[0]}",
         stacklevel=3)
     try:
-        # One call first: the integer convs and linears pack their weights on their first
-        # call, so the trace's check run would otherwise record another graph.
+        # The weights packed again before the trace: its check run would otherwise record
+        # the packing, which only the first call does, and find another graph.
         with torch.no_grad():
             model(*inputs)
         return torch.jit.trace(model, inputs)
@@ -308,7 +313,7 @@ def _integer_model(model: nn.Module, inputs: tuple):
     """(integer model, its outputs on ``inputs``): ``model`` converted when it is a QAT
     model, taken as it is when it is an integer one (either under torch.compile or not)."""
     model = uncompiled(model)
-    simulation = model if any(isinstance(m, FakeQuantize) for m in model.modules()) else None
+    simulation = model if holds_fake_quantize(model) else None
     int_model = convert(model) if simulation is not None else model
     int_model.eval()
     _warn_float_weights(int_model)
@@ -375,11 +380,6 @@ def _refuse_qat_ops(scripted, int_model: nn.Module, path: str) -> None:
 def _export(model: nn.Module, path: str, example_inputs, mobile: bool) -> nn.Module:
     inputs = _as_tuple(example_inputs)
     int_model, expected = _integer_model(model, inputs)
-    # The file gets the stored weights, not the kernels' packed form (rebuilt on the first
-    # forward after loading).
-    for module in int_model.modules():
-        if isinstance(module, quantized._PacksOnFirstForward):
-            module._packed_params = None
     scripted = _script(int_model, inputs, _took_eager_fallback(model))
     frozen = torch.jit.freeze(scripted.eval())
     extra = {METADATA_FILE: _metadata(int_model, inputs)}

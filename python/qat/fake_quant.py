@@ -381,3 +381,9 @@ class FixedQParamsFakeQuantize(FakeQuantize):
 
     def update_qparams(self) -> None:
         pass
+
+
+def holds_fake_quantize(model: nn.Module) -> bool:
+    """Whether ``model`` is a QAT model: one holding :class:`FakeQuantize` modules (a
+    converted, integer model holds none)."""
+    return any(isinstance(m, FakeQuantize) for m in model.modules())
