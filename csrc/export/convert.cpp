@@ -1156,6 +1156,16 @@ IntegerModel build_integer_model(torch::nn::Module& prepared, const std::string&
   return Converter().run(*root);
 }
 
+torch::Tensor cpu_example(const torch::Tensor& example_input, const char* caller) {
+  if (!example_input.defined()) {
+    throw std::invalid_argument(fmt::format(
+        "{}: example_input is undefined (a default-constructed torch::Tensor); give an input "
+        "of the model to check the integer model on",
+        caller));
+  }
+  return example_input.to(torch::kCPU);
+}
+
 c10::IValue run_example(
     torch::jit::Module& module, const torch::Tensor& input, const char* caller) {
   try {
@@ -1210,9 +1220,9 @@ std::string error_cause(const std::exception& error) {
 
 torch::jit::Module convert(
     torch::nn::Module& prepared, const torch::Tensor& example_input, const ExportOptions& options) {
+  const auto input = detail::cpu_example(example_input, "qat::convert");
   auto model = detail::build_integer_model(prepared, options.backend);
-  // The quantized kernels run on the CPU, whatever device the model trained on.
-  detail::run_example(model.module, example_input.to(torch::kCPU), "qat::convert");
+  detail::run_example(model.module, input, "qat::convert");
   return model.module;
 }
 

@@ -201,10 +201,9 @@ void export_model(
         TORCH_VERSION));
   }
 #endif
+  const auto input = detail::cpu_example(example_input, "qat::export_model");
   auto model = detail::build_integer_model(prepared, options.backend);
   torch::NoGradGuard no_grad;
-  // The quantized kernels run on the CPU, whatever device the model trained on.
-  const auto input = example_input.to(torch::kCPU);
   if (input.numel() == 0) {
     // Nothing would be checked.
     throw std::invalid_argument(fmt::format(

@@ -45,6 +45,11 @@ std::string config_json(const std::vector<LayerInfo>& layers, const std::string&
 /// The integer model of `prepared` for `backend` (which is made the quantized engine).
 IntegerModel build_integer_model(torch::nn::Module& prepared, const std::string& backend);
 
+/// `example_input` on the CPU, where the quantized kernels run.
+/// @throws std::invalid_argument "<caller>: example_input is undefined ..." for a
+///         default-constructed tensor.
+torch::Tensor cpu_example(const torch::Tensor& example_input, const char* caller);
+
 /// `module`'s output on `input`, without gradients.
 /// @throws std::invalid_argument "<caller>: the example input does not fit the model: <cause>"
 ///         when the module fails on it.

@@ -69,9 +69,9 @@ struct ExportOptions {
 ///         factor weight / sqrt(running_var + eps) (named with its path); holds a module
 ///         that has no conversion (named with its path and type); has weights outside 8 bits
 ///         or activations other than the full 8-bit range ([0, 255] or [-128, 127]); the
-///         backend is not an engine of this LibTorch; or the integer model fails on
-///         `example_input` ("the example input does not fit the model: " and the first line
-///         of the error).
+///         backend is not an engine of this LibTorch; `example_input` is undefined; or the
+///         integer model fails on `example_input` ("the example input does not fit the
+///         model: " and the first line of the error).
 torch::jit::Module convert(
     torch::nn::Module& prepared, const torch::Tensor& example_input,
     const ExportOptions& options = {});
@@ -99,7 +99,7 @@ torch::jit::Module convert(
 /// @param options backend and file kind.
 /// @throws std::invalid_argument when `path` cannot be written (before any work), when
 ///         `mobile` is asked of a LibTorch without the lite interpreter, when `example_input`
-///         is empty or holds NaN or inf, when the integer
+///         is undefined, empty or holds NaN or inf, when the integer
 ///         model fails on `example_input` ("the example input does not fit the model: " and
 ///         the first line of the error), and as qat::convert.
 /// @throws std::runtime_error when the outputs on `example_input` are not finite (NaN or

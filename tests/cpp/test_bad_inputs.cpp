@@ -346,6 +346,20 @@ CATCH_TEST_CASE(
     }
   }
 
+  CATCH_SECTION("an undefined example input (a default-constructed tensor)") {
+    torch::nn::Sequential net(torch::nn::Linear(4, 3));
+    qat::prepare(*net);
+    qat::calibrate(net, std::vector<torch::Tensor>{torch::randn({2, 4})});
+    const auto target = folder.file("undefined.pt");
+    const auto exported = invalid_argument_message([&] {
+      qat::export_model(*net, torch::Tensor(), target, {"qnnpack", false});
+    });
+    CATCH_CHECK(contains(exported, "qat::export_model: example_input is undefined"));
+    CATCH_CHECK(folder.files().empty());
+    const auto converted = invalid_argument_message([&] { qat::convert(*net, torch::Tensor()); });
+    CATCH_CHECK(contains(converted, "qat::convert: example_input is undefined"));
+  }
+
   CATCH_SECTION("an example input with the wrong channel count for a conv") {
     auto net = cnn();
     const auto x = torch::randn({4, 1, 8, 8});
