@@ -50,16 +50,27 @@ def disable_fake_quant(model: nn.Module) -> nn.Module:
     return _set(model, "enable_fake_quant", False)
 
 
-def run_batch(model: nn.Module, batch):
+def run_batch(where: str, model: nn.Module, batch):
     """``model`` on a batch's input: the batch itself, or its first element when it is a
     tuple or list (the rest are targets); an input that is a tuple or dict gives the
-    arguments."""
+    arguments. ``where`` names the caller in the error of a model that takes more than that
+    first element."""
     inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
     if isinstance(inputs, dict):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
-    return model(inputs)
+    if inputs is batch or len(batch) < 2:
+        return model(inputs)
+    try:
+        return model(inputs)
+    except TypeError as error:
+        # (a, b) for a model of two inputs reads as (input, target): say how it was read.
+        raise TypeError(
+            f"{where}: a batch that is a {type(batch).__name__} of {len(batch)} is taken as "
+            f"(inputs, *targets), so the model was called with its first element only, and "
+            f"said: {error}. Give a model of several inputs batches of the form "
+            f"((input_1, input_2, ...), *targets), or a dict of keyword inputs") from error
 
 
 def calibrate(model: nn.Module, batches: Iterable, num_batches: Optional[int] = None,
@@ -113,7 +124,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: Optional[int] = 
     try:
         with torch.no_grad():
             for batch in tqdm(batches, total=total, desc="qat.calibrate", disable=not progress):
-                run_batch(model, batch)
+                run_batch("qat.calibrate", model, batch)
                 seen += 1
         if seen == 0 and num_batches != 0:
             raise ValueError("qat.calibrate: batches gave no batch, so nothing was observed "

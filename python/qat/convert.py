@@ -1101,8 +1101,8 @@ def compare(qmodel: nn.Module, int_model, inputs) -> Dict[str, float]:
     expected, got = [], []
     with torch.no_grad():
         for batch in batches:
-            expected.append(run_batch(simulation, batch).float())
-            got.append(run_batch(int_model, batch).float())
+            expected.append(run_batch("qat.compare", simulation, batch).float())
+            got.append(run_batch("qat.compare", int_model, batch).float())
     a = torch.cat([t.reshape(len(t), -1) for t in expected])
     b = torch.cat([t.reshape(len(t), -1) for t in got])
     steps = (a - b).abs() / step

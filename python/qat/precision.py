@@ -248,14 +248,14 @@ def _quantizable(model: nn.Module, config: Config) -> Tuple[nn.Module, _Layers]:
     return qmodel, layers
 
 
-def _outputs(model: nn.Module, batches: list) -> List[torch.Tensor]:
+def _outputs(where: str, model: nn.Module, batches: list) -> List[torch.Tensor]:
     """``model``'s outputs on ``batches`` in eval mode without gradients; the training
     flags are restored afterwards."""
     training = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
-            outputs = [run_batch(model, batch) for batch in batches]
+            outputs = [run_batch(where, model, batch) for batch in batches]
     finally:
         for m, mode in training.items():
             m.training = mode
@@ -309,7 +309,7 @@ def _measure(where: str, model: nn.Module, qmodel: nn.Module, layers: _Layers,
     qmodel.eval()
     disable_fake_quant(qmodel)
     disable_observer(qmodel)
-    reference = _outputs(model, batches)
+    reference = _outputs(where, model, batches)
     for i, output in enumerate(reference):
         if not bool(torch.isfinite(output).all()):
             raise ValueError(f"{where}: the float model's output on batches[{i}] is "
@@ -330,7 +330,7 @@ def _measure(where: str, model: nn.Module, qmodel: nn.Module, layers: _Layers,
                 # batch through the model (which folds batch norm as it will) calibrates it.
                 calibrate(qmodel, batches, num_batches=1, progress=False)
                 disable_observer(qmodel)
-                outputs = _outputs(qmodel, batches)
+                outputs = _outputs(where, qmodel, batches)
                 value = (_sqnr_db(reference, outputs) if metric == "sqnr"
                          else float_accuracy - _accuracy(outputs, labels))
                 report.table.append(SensitivityRow(name, b, value, layer.weight.numel()))

@@ -523,6 +523,34 @@ def test_outputs_other_than_tensors_are_named(tmp_path):
             qat.compare(qmodel, qat.convert(qmodel), x)
 
 
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x, y):
+        return self.a(x) + self.b(y)
+
+
+def test_a_batch_read_as_input_and_targets_says_so():
+    # (x, y) for a model of two inputs is read as (input, target): the model's own "missing
+    # 1 required positional argument" did not say that qat took y for a target.
+    qmodel = qat.prepare(_TwoInputs())
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    expected = (r"a batch that is a tuple of 2 is taken as \(inputs, \*targets\), so the "
+                r"model was called with its first element only, and said: .*missing 1 "
+                r"required positional argument.* \(\(input_1, input_2, \.\.\.\), \*targets\)")
+    with pytest.raises(TypeError, match="qat.calibrate: " + expected):
+        qat.calibrate(qmodel, [(x, y)], progress=False)
+    # The form the message gives calibrates; compare reads batches the same way.
+    qat.calibrate(qmodel, [((x, y), None)], progress=False)
+    int_model = qat.convert(qmodel)
+    with pytest.raises(TypeError, match="qat.compare: " + expected):
+        qat.compare(qmodel, int_model, [(x, y)])
+    with pytest.raises(TypeError, match="qat.sensitivity: " + expected):
+        qat.sensitivity(_TwoInputs(), [(x, y)], progress=False)
+
+
 def test_export_with_an_input_that_does_not_fit_leaves_no_file(tmp_path):
     qmodel = _calibrated(nn.Sequential(nn.Linear(4, 3)))
     with pytest.raises(ValueError, match="does not fit the model"):
