@@ -457,6 +457,9 @@ class _Emitter:
         if node.target is F.gelu or (node.op == "call_module" and type(
                 self.gm.get_submodule(node.target)) is nn.GELU):
             return self.gelu(node)
+        resampled = self.resampling(node)
+        if resampled is not None:
+            return resampled
         comparison = _op_roles.comparison(node)
         if comparison is not None:
             return self.compare(node, comparison)
@@ -544,6 +547,77 @@ class _Emitter:
                 return self.op("GlobalAveragePool", [args[0]], node.name)
         raise TypeError(f"qat.export: no ONNX lowering for {what} (node {node.name}), so no "
                         f".onnx was written")
+
+    def resampling(self, node: fx.Node) -> Optional[str]:
+        """A softmax or log-softmax, pixel shuffle or resize (``nn.Upsample``,
+        ``F.interpolate``), which the integer model runs in float (or, nearest, on the
+        quantized tensor itself); None for any other node."""
+        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        target = type(module) if module is not None else node.target
+        if target in _SOFTMAXES:
+            if node.kwargs.get("dtype") is not None:
+                return None  # a cast on the way: left to the refusal
+            rank = len(self.shapes[node])
+            dim = (module.dim if module is not None else
+                   node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+            if dim is None:
+                # PyTorch's implicit dim (deprecated): 0 for ranks 0, 1 and 3, else 1.
+                dim = 0 if rank in (0, 1, 3) else 1
+            return self.op(_SOFTMAXES[target], [self.env[node.args[0]]], node.name,
+                           axis=dim % max(rank, 1))
+        if target in (nn.PixelShuffle, torch.pixel_shuffle) and len(self.shapes[node]) == 4:
+            factor = (module.upscale_factor if module is not None else
+                      node.args[1] if len(node.args) > 1 else node.kwargs["upscale_factor"])
+            # DepthToSpace's CRD order is pixel_shuffle's: channel c * r^2 + i * r + j.
+            return self.op("DepthToSpace", [self.env[node.args[0]]], node.name,
+                           blocksize=int(factor), mode="CRD")
+        if isinstance(module, nn.Upsample):
+            return self.resize(node, self.env[node.args[0]], module.size, module.scale_factor,
+                               module.mode, module.align_corners,
+                               module.recompute_scale_factor, False)
+        if target is F.interpolate:
+            _, x, *options = _bound(node)
+            return self.resize(node, self.env[x], *options)
+        return None
+
+    def resize(self, node: fx.Node, x: str, size, scale_factor, mode: str, align_corners,
+               recompute_scale_factor, antialias: bool) -> Optional[str]:
+        """``F.interpolate`` as a Resize with PyTorch's coordinates: to the output sizes
+        where PyTorch computes from them (a size given, or the scale recomputed), else by the
+        scale factors, which PyTorch then uses as given; None for what Resize does not
+        compute as PyTorch does (antialiasing, the bicubic and area modes)."""
+        spatial = len(self.shapes[node]) - 2
+        if antialias or spatial < 1:
+            return None
+        if mode == "nearest":
+            attributes = dict(mode="nearest", coordinate_transformation_mode="asymmetric",
+                              nearest_mode="floor")
+        elif mode == "nearest-exact":
+            # floor((dst + 0.5) * in / out): half-pixel coordinates rounded half up.
+            attributes = dict(mode="nearest", coordinate_transformation_mode="half_pixel",
+                              nearest_mode="round_prefer_ceil")
+        elif mode in ("linear", "bilinear", "trilinear"):
+            attributes = dict(mode="linear", coordinate_transformation_mode=(
+                "align_corners" if align_corners else "pytorch_half_pixel"))
+        else:
+            return None
+        if size is None and not recompute_scale_factor:
+            factors = (list(scale_factor) if isinstance(scale_factor, (tuple, list))
+                       else [scale_factor] * spatial)
+            scales = np.array([1.0, 1.0] + [float(f) for f in factors], np.float32)
+            # (An empty name: the region of interest, which only tf_crop_and_resize reads.)
+            return self.op("Resize", [x, "", self.const(f"{node.name}_scales", scales)],
+                           node.name, **attributes)
+        # The batch and channel sizes from the input (the batch stays free), the spatial
+        # ones those the integer model gave.
+        leading = self.op("Slice", [
+            self.op("Shape", [x], f"{node.name}_shape"),
+            self.const(f"{node.name}_start", np.array([0], np.int64)),
+            self.const(f"{node.name}_end", np.array([2], np.int64))], f"{node.name}_leading")
+        sizes = self.op("Concat", [leading, self.const(
+            f"{node.name}_spatial", np.array(self.shapes[node][2:], np.int64))],
+            f"{node.name}_sizes", axis=0)
+        return self.op("Resize", [x, "", "", sizes], node.name, **attributes)
 
     def compare(self, node: fx.Node, comparison: str) -> str:
         """A comparison of two tensors, or of a tensor and a number, in the dtype PyTorch
@@ -1101,6 +1175,12 @@ _FIRST = np.iinfo(np.int64).min
 # torchvision's Swin patch merging (a single graph node: torchvision wraps it for torch.fx),
 # named rather than imported: importing torchvision costs seconds.
 _PATCH_MERGING = "torchvision.models.swin_transformer._patch_merging_pad"
+
+
+# The softmax spellings and the ONNX op of each (opset 13 on: along one axis).
+_SOFTMAXES = {nn.Softmax: "Softmax", F.softmax: "Softmax", torch.softmax: "Softmax",
+              "softmax": "Softmax", nn.LogSoftmax: "LogSoftmax", F.log_softmax: "LogSoftmax",
+              torch.log_softmax: "LogSoftmax", "log_softmax": "LogSoftmax"}
 
 
 def _qualified(fn) -> str:

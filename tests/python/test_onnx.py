@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import qat
@@ -139,6 +140,56 @@ def test_a_float_activation_between_integer_convs(activation, float_ops, tmp_pat
     report = qat.read_metadata(path)["onnx"]
     assert (report["layers"], report["layers_integer"]) == (3, 3)
     assert report["float_ops"] == float_ops
+
+
+class _Between(nn.Module):
+    """``op`` between two convs (a module, or a function the graph records as a call)."""
+
+    def __init__(self, op, channels_after: int = 16):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.op = op
+        self.head = nn.Conv2d(channels_after, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(self.op(self.conv(x)))
+
+
+@needs_onnx
+@pytest.mark.parametrize("op, channels_after, onnx_op", [
+    (nn.Upsample(scale_factor=2), 16, "Resize"),
+    (nn.Upsample(scale_factor=1.5), 16, "Resize"),
+    (nn.Upsample(size=(13, 11)), 16, "Resize"),
+    (nn.Upsample(scale_factor=1.7, mode="nearest-exact"), 16, "Resize"),
+    (nn.Upsample(size=(13, 11), mode="bilinear"), 16, "Resize"),
+    (nn.UpsamplingBilinear2d(scale_factor=2), 16, "Resize"),
+    (lambda y: F.interpolate(y, scale_factor=1.3, recompute_scale_factor=True), 16, "Resize"),
+    (nn.PixelShuffle(2), 4, "DepthToSpace"),
+    (lambda y: F.pixel_shuffle(y, 2), 4, "DepthToSpace"),
+    (nn.Softmax(dim=1), 16, "Softmax"),
+    (lambda y: y.softmax(-1), 16, "Softmax"),
+    (nn.LogSoftmax(dim=1), 16, "LogSoftmax"),
+], ids=["nearest_x2", "nearest_x1.5", "nearest_to_size", "nearest_exact", "bilinear_to_size",
+        "bilinear_align_corners", "nearest_recomputed_scale", "pixel_shuffle",
+        "pixel_shuffle_function", "softmax", "softmax_method", "log_softmax"])
+def test_resizes_pixel_shuffles_and_softmaxes_follow_the_integer_model(op, channels_after,
+                                                                      onnx_op, tmp_path):
+    """Segmentation and super-resolution heads (nn.Upsample, F.interpolate, PixelShuffle) and
+    a classifier's softmax had no ONNX lowering, so such models wrote no .onnx; each is now
+    the ONNX op that computes it with PyTorch's coordinates, and the file, run at another
+    batch size than the example's, gives the integer model's outputs."""
+    import onnx
+
+    x = torch.randn(32, 3, 8, 8)
+    qmodel = calibrated(_Between(op, channels_after), x)
+    path = str(tmp_path / "resampled.onnx")
+    int_model = qat.export(qmodel, path, x[:4])
+    assert onnx_op in [n.op_type for n in onnx.load(path).graph.node]
+    with torch.no_grad():
+        expected = int_model(x[4:9])
+    got = _onnx.run_fresh(path, (x[4:9],))[0]
+    assert got.shape == expected.shape
+    assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).all()
 
 
 class _Norms(nn.Module):
