@@ -290,9 +290,12 @@ def _run_example(int_model: nn.Module, inputs: tuple, simulation: Optional[nn.Mo
         # The file's check compares outputs tensor by tensor, in order.
         held = ("" if not isinstance(expected, (tuple, list)) else " of " + ", ".join(
             sorted({type(out).__name__ for out in expected})))
+        nested = isinstance(expected, (tuple, list)) and any(
+            isinstance(out, (tuple, list)) for out in expected)
         raise TypeError(f"qat.export: the model returns a {type(expected).__name__}{held}; "
                         f"an exported model's outputs must be a tensor or a tuple or list of "
-                        f"tensors")
+                        f"tensors" + (" (return nested ones flat: an LSTM's (output, (h, c)) "
+                                      "as (output, h, c))" if nested else ""))
     if all(out.numel() == 0 for out in outputs):
         # Nothing would be checked (an input the model ignores may be empty: a bag's
         # unused offsets).

@@ -507,6 +507,14 @@ class _TwoOutputs(nn.Module):
         return {"a": self.a(x), "b": self.b(x)} if self.as_dict else (self.a(x), self.b(x))
 
 
+class _Nested(_TwoOutputs):
+    def __init__(self):
+        super().__init__(as_dict=False)
+
+    def forward(self, x):
+        return self.a(x), (self.b(x), self.b(x))
+
+
 def test_outputs_other_than_tensors_are_named(tmp_path):
     # export failed with "'str' object has no attribute 'is_quantized'" (a dict's keys taken
     # for its outputs); compare said the output came from no FakeQuantize.
@@ -515,6 +523,13 @@ def test_outputs_other_than_tensors_are_named(tmp_path):
     with pytest.raises(TypeError, match="qat.export: the model returns a dict; an exported "
                                         "model's outputs must be a tensor or a tuple or list"):
         qat.export(as_dict, tmp_path / "m.ptl", x)
+    assert os.listdir(tmp_path) == []
+    # A recurrent model's (output, (h, c)): the message says how to return it.
+    nested = _calibrated(_Nested())
+    with pytest.raises(TypeError, match=r"returns a tuple of Tensor, tuple; .* \(return nested "
+                                        r"ones flat: an LSTM's \(output, \(h, c\)\) as "
+                                        r"\(output, h, c\)\)"):
+        qat.export(nested, tmp_path / "m.ptl", x)
     assert os.listdir(tmp_path) == []
     as_tuple = _calibrated(_TwoOutputs(as_dict=False))
     for qmodel, kind in ((as_dict, "dict"), (as_tuple, "tuple")):
