@@ -173,31 +173,45 @@ c10::IValue call_op(const char* name, torch::jit::Stack stack) {
   return stack.at(0);
 }
 
-// A conv's padding as a list, or nullopt for "same" (no symmetric list in general).
-// ConvOptions::padding() is a c10::variant in LibTorch 1.x and a std::variant in 2.x;
-// unqualified `visit` finds the one of its namespace.
+// A conv's padding as a list per side, or nullopt for a "same" that pads the right more
+// than the left (an odd dilation * (kernel - 1): ATen pads the odd one on the right, which
+// no integer conv does). ConvOptions::padding() is a c10::variant in LibTorch 1.x and a
+// std::variant in 2.x; unqualified `visit` finds the one of its namespace.
 struct PaddingList {
-  size_t dims;
+  std::vector<int64_t> kernel_size;
+  std::vector<int64_t> dilation;
   template <size_t D>
   c10::optional<std::vector<int64_t>> operator()(const torch::ExpandingArray<D>& padding) const {
     return at::IntArrayRef(padding).vec();
   }
   c10::optional<std::vector<int64_t>> operator()(const torch::enumtype::kValid&) const {
-    return std::vector<int64_t>(dims, 0);
+    return std::vector<int64_t>(kernel_size.size(), 0);
   }
   c10::optional<std::vector<int64_t>> operator()(const torch::enumtype::kSame&) const {
-    return c10::nullopt;
+    std::vector<int64_t> sides;
+    for (size_t d = 0; d < kernel_size.size(); ++d) {
+      const auto total = dilation[d] * (kernel_size[d] - 1);
+      if (total % 2 != 0) {
+        return c10::nullopt;
+      }
+      sides.push_back(total / 2);
+    }
+    return sides;
   }
 };
 
 template <typename Options>
 std::vector<int64_t> conv_padding(const Options& options, const std::string& name) {
   const auto mode = torch::enumtype::get_enum_name(options.padding_mode());
-  const auto padding = visit(PaddingList{options.kernel_size().size()}, options.padding());
+  const auto padding = visit(
+      PaddingList{
+          at::IntArrayRef(options.kernel_size()).vec(), at::IntArrayRef(options.dilation()).vec()},
+      options.padding());
   if (mode != "kZeros" || !padding.has_value()) {
     throw std::invalid_argument(fmt::format(
-        "qat::convert: '{}' pads with padding_mode {} or padding 'same', which the integer "
-        "conv does not; use zero padding with explicit sizes",
+        "qat::convert: '{}' pads with padding_mode {} or with a padding 'same' that pads one "
+        "side more than the other (an odd dilation * (kernel - 1)), which the integer conv "
+        "does not; use zero padding that pads both sides alike",
         name, mode));
   }
   return *padding;

@@ -371,6 +371,15 @@ def _float_layer(module: nn.Module) -> Optional[nn.Module]:
     if "bias" in layer._parameters:  # embeddings have none
         layer.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                             requires_grad=False)
+    if isinstance(layer, nn.modules.conv._ConvNd) and isinstance(layer.padding, str) and \
+            layer.padding_mode == "zeros":
+        # The sizes the string means (torch 1.13's mobile optimizer refuses a string), an
+        # odd one left over padded on the right first, as ATen does.
+        own, pre_pad, _ = quantized._conv_padding(layer)
+        layer.padding = tuple(own)
+        if pre_pad:
+            pad = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)[len(own) - 1]
+            layer = nn.Sequential(pad(tuple(pre_pad), 0.0), layer)
     relu = isinstance(module, _CONV_BN_RELU)
     return nn.Sequential(layer, nn.ReLU()) if relu else layer
 
@@ -472,7 +481,8 @@ def _integer_module(module: nn.Module, out: _QParams, relu: bool,
             return quantized.Linear(qweight, bias, scale, zero_point, relu, fq.spec.bits,
                                     fq.quant_min)
         conv = _INTEGER_CONVS[qweight.dim() - 2]
-        return conv(qweight, bias, list(module.stride), list(module.padding),
+        # A string padding as its sizes (symmetric: has_integer_kernel).
+        return conv(qweight, bias, list(module.stride), quantized._conv_padding(module)[0],
                     list(module.dilation), module.groups, scale, zero_point, relu, fq.spec.bits,
                     fq.quant_min)
 

@@ -25,6 +25,7 @@ from .config import Config, QuantSpec, _is_pattern
 from .fake_quant import FakeQuantize, FixedQParamsFakeQuantize
 from . import _C, _op_roles
 from ._transformer import make_traceable
+from .quantized import _conv_padding
 from .modules import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, Linear, fused,
                       lookup)
 from .modules.conv_bn import _ConvBnNd, _ReLU, fold_weights_ahead
@@ -575,16 +576,18 @@ def has_integer_norm(module: nn.Module) -> bool:
 def has_integer_kernel(module: nn.Module) -> bool:
     """Whether qat.convert can put the QAT layer ``module`` on an integer kernel with an
     int32 bias (given quantized input and output): a Linear, a conv (batch norm folded in or
-    not) or a transposed conv with zero padding given as numbers, a transposed conv also
-    with one weight scale per output channel (groups 1; a grouped one has one per output
-    channel of a group)."""
+    not) or a transposed conv with zero padding, as numbers or as a string the same on both
+    sides ("valid"; "same" where dilation * (kernel - 1) is even: the odd one left over
+    pads the right only, which the kernels cannot), a transposed conv also with one weight
+    scale per output channel (groups 1; a grouped one has one per output channel of a
+    group)."""
     if isinstance(module, Linear):
         return True
     if isinstance(module, (ConvTranspose1d, ConvTranspose2d)) and module.groups != 1:
         return False
     return isinstance(module, (Conv1d, Conv2d, Conv3d, _ConvBnNd, ConvTranspose1d,
-                               ConvTranspose2d)) and module.padding_mode == "zeros" and \
-        not isinstance(module.padding, str)
+                               ConvTranspose2d)) and module.padding_mode == "zeros" and (
+        not isinstance(module.padding, str) or not _conv_padding(module)[1])
 
 
 def _output_quantizer(node: fx.Node, gm: fx.GraphModule, is_fake_quant,

@@ -136,6 +136,34 @@ CATCH_TEST_CASE(
   CATCH_CHECK(code.find("aten::conv") == std::string::npos);
 }
 
+CATCH_TEST_CASE(
+    "convert: a padding 'same' that pads both sides alike runs on the integer kernel", "[export]") {
+  // It was refused ("pads with padding 'same'") though the kernels take the sizes it means.
+  torch::manual_seed(6);
+  using torch::nn::Conv2dOptions;
+  torch::nn::Sequential net(
+      torch::nn::Conv2d(Conv2dOptions(1, 4, 3).padding(torch::kSame)),
+      torch::nn::Conv2d(Conv2dOptions(4, 4, 5).padding(torch::kSame).dilation(2).bias(false)),
+      torch::nn::BatchNorm2d(4), torch::nn::ReLU(),
+      torch::nn::Conv2d(Conv2dOptions(4, 4, 3).padding(torch::kValid)), torch::nn::Flatten(),
+      torch::nn::Linear(4 * 6 * 6, 3));
+  qat::prepare(*net, qat::presets::int8());
+  const auto x = torch::randn({64, 1, 8, 8});
+  auto integer = train_and_convert(net, x, "padding 'same'");
+  const auto code = integer.get_method("forward").graph()->toString();
+  CATCH_CHECK(code.find("quantized::conv2d_relu") != std::string::npos);
+  CATCH_CHECK(code.find("aten::conv") == std::string::npos);
+
+  // An even kernel pads the right one more: no integer conv pads so.
+  torch::nn::Sequential even(torch::nn::Conv2d(Conv2dOptions(1, 4, 4).padding(torch::kSame)));
+  qat::prepare(*even, qat::presets::int8());
+  qat::calibrate(even, std::vector<torch::Tensor>{x});
+  const auto message = message_of<std::invalid_argument>([&] { qat::convert(*even, x); });
+  CATCH_CHECK_THAT(
+      message, Catch::Contains("'0' pads with padding_mode kZeros or with a padding 'same' that "
+                               "pads one side more than the other"));
+}
+
 CATCH_TEST_CASE("convert: 3-D convs run on their integer kernels", "[export]") {
   torch::manual_seed(4);
   torch::nn::Sequential net(

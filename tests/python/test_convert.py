@@ -502,6 +502,49 @@ def test_an_eager_fallback_conv_keeps_its_padding(tmp_path):
     _runs_without_qat(qmodel, tmp_path, x[:1], x[:4])
 
 
+class _StringPadded(nn.Module):
+    """Convs padded by strings, as Keras-style code writes them: "same" (plain, dilated with
+    a batch norm folded in, and with an even kernel, which pads one more on the right) and
+    "valid"."""
+
+    def __init__(self):
+        super().__init__()
+        self.same = nn.Conv2d(3, 8, 3, padding="same")
+        self.dilated = nn.Conv2d(8, 8, 5, padding="same", dilation=2, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.even = nn.Conv2d(8, 8, 4, padding="same")
+        self.valid = nn.Conv2d(8, 4, 3, padding="valid")
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.dilated(self.same(x))))
+        return self.valid(self.even(y))
+
+
+def test_string_paddings_that_pad_both_sides_alike_run_on_integer_kernels(tmp_path):
+    # A conv with padding="same" or "valid" stayed a float conv in the integer model (a
+    # float weight, 4x the size), though the kernels take the sizes the strings mean.
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 11, 11)
+    qmodel = qat.prepare(_StringPadded())
+    qat.calibrate(qmodel, [x[:16], x[16:]], progress=False)
+    qat.disable_observer(qmodel.eval())
+    int_model, report = qat.convert(qmodel, return_report=True)
+    convs = {name: type(getattr(int_model, name)) for name in ("same", "dilated", "valid")}
+    assert convs == {name: qat.quantized.Conv2d for name in convs}
+    assert (int_model.same.padding, int_model.dilated.padding, int_model.valid.padding) == (
+        [1, 1], [4, 4], [0, 0])
+    # Asymmetric: no kernel pads so, and the report says it stays float, padded first by
+    # the odd one on the right and bottom (a string padding fails torch 1.13's mobile
+    # optimizer).
+    pad, conv = int_model.even
+    assert (type(pad), pad.padding, type(conv), conv.padding) == (
+        nn.ConstantPad2d, (0, 1, 0, 1), nn.Conv2d, (1, 1))
+    assert set(report.float_weights) == {"even.1"}
+    with torch.no_grad():
+        assert torch.equal(int_model(x), qmodel(x))
+    _runs_without_qat(qmodel, tmp_path, x[:1], x[:4])
+
+
 class _UntraceableUpsampler(nn.Module):
     """A grouped transposed conv without bias, called with the output size it must give,
     after control flow on a tensor (qat.prepare's eager fallback)."""
