@@ -460,6 +460,12 @@ class _Emitter:
         resampled = self.resampling(node)
         if resampled is not None:
             return resampled
+        if node.op == "call_module":
+            computed = self.float_module(self.gm.get_submodule(node.target),
+                                         self.env[node.args[0]], len(self.shapes[node.args[0]]),
+                                         node.name, str(node.target))
+            if computed is not None:
+                return computed
         comparison = _op_roles.comparison(node)
         if comparison is not None:
             return self.compare(node, comparison)
@@ -547,6 +553,73 @@ class _Emitter:
                 return self.op("GlobalAveragePool", [args[0]], node.name)
         raise TypeError(f"qat.export: no ONNX lowering for {what} (node {node.name}), so no "
                         f".onnx was written")
+
+    def float_module(self, module: nn.Module, x: str, rank: int, base: str,
+                     path: str) -> Optional[str]:
+        """A layer the integer model runs in float (skipped in the Config, or without an
+        integer kernel: a padding mode, an asymmetric "same"), with the float weights it
+        holds, and the padding or sequence convert builds around one, on ``x`` of rank
+        ``rank`` (which none of them changes); None for any other module."""
+        if type(module) is nn.Sequential:
+            for i, child in enumerate(module):
+                x = self.float_module(child, x, rank, f"{base}_{i}", f"{path}.{i}")
+                if x is None:
+                    return None
+            return x
+        if type(module) is nn.ReLU:
+            return self.op("Relu", [x], base)
+        if isinstance(module, (nn.modules.padding._ConstantPadNd,
+                               nn.modules.padding._ReflectionPadNd,
+                               nn.modules.padding._ReplicationPadNd)):
+            mode = ("constant" if isinstance(module, nn.modules.padding._ConstantPadNd) else
+                    "reflect" if isinstance(module, nn.modules.padding._ReflectionPadNd)
+                    else "edge")
+            return self.pad_as(x, rank, list(module.padding), mode,
+                               getattr(module, "value", 0.0), base)
+        conv = type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                                nn.ConvTranspose2d, nn.ConvTranspose3d)
+        if not conv and type(module) is not nn.Linear:
+            return None
+        w = self.const(f"{path}.weight", module.weight.detach().float().numpy())
+        inputs = [x, w]
+        if module.bias is not None:
+            inputs.append(self.const(f"{path}.bias", module.bias.detach().float().numpy()))
+        self.layers += 1
+        if not conv:
+            # Gemm's B transposed: the weight as stored, any rank of input (MatMul + Add).
+            if rank == 2:
+                return self.op("Gemm", inputs, base, transB=1)
+            y = self.op("MatMul", [x, self.op("Transpose", [w], f"{base}_weight_t")], base)
+            return y if module.bias is None else self.op("Add", [y, inputs[2]], f"{base}_bias")
+        if isinstance(module.padding, str):
+            return None  # convert gives a float conv its sizes (_float_layer)
+        pads = list(module.padding) * 2
+        if module.padding_mode != "zeros":
+            mode = {"reflect": "reflect", "replicate": "edge"}.get(module.padding_mode)
+            if mode is None:
+                return None  # circular: opset 17 has no wrap padding
+            x = inputs[0] = self.pad_as(x, rank, list(module._reversed_padding_repeated_twice),
+                                        mode, 0.0, f"{base}_pad")
+            pads = [0] * len(pads)
+        geometry = dict(strides=list(module.stride), pads=pads,
+                        dilations=list(module.dilation), group=module.groups)
+        if module.transposed:
+            return self.op("ConvTranspose", inputs, base,
+                           output_padding=list(module.output_padding), **geometry)
+        return self.op("Conv", inputs, base, **geometry)
+
+    def pad_as(self, x: str, rank: int, sizes: List[int], mode: str, value: float,
+               base: str) -> str:
+        """``F.pad(x, sizes, mode)`` on ``x`` of rank ``rank`` (``sizes`` from the last
+        dimension back, (before, after) each) as ONNX's Pad, which takes every dimension's
+        befores, then afters."""
+        before, after = [0] * rank, [0] * rank
+        for k in range(len(sizes) // 2):
+            before[rank - 1 - k], after[rank - 1 - k] = sizes[2 * k], sizes[2 * k + 1]
+        inputs = [x, self.const(f"{base}_sizes", np.array(before + after, np.int64))]
+        if mode == "constant":
+            inputs.append(self.const(f"{base}_value", np.array(value, np.float32)))
+        return self.op("Pad", inputs, base, mode=mode)
 
     def resampling(self, node: fx.Node) -> Optional[str]:
         """A softmax or log-softmax, pixel shuffle or resize (``nn.Upsample``,

@@ -192,6 +192,54 @@ def test_resizes_pixel_shuffles_and_softmaxes_follow_the_integer_model(op, chann
     assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).all()
 
 
+class _FloatLayers(nn.Module):
+    """Layers the integer model runs in float around one integer conv (``mid``): the first
+    and last skipped in the Config, convs padded by reflection, by replication and by an
+    asymmetric "same", and a grouped transposed conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(3, 8, 3, padding=1)
+        self.reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+        self.replicate = nn.Conv2d(8, 8, 3, padding=2, dilation=2, padding_mode="replicate")
+        self.mid = nn.Conv2d(8, 8, 1)
+        self.even = nn.Conv2d(8, 8, 4, padding="same")
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.reflect(torch.relu(self.first(x))))
+        x = self.up(self.even(self.mid(self.replicate(x))))
+        return self.head(x.mean((2, 3)))
+
+
+@needs_onnx
+def test_layers_left_in_float_run_as_float_onnx_layers(tmp_path):
+    """A layer skipped in the Config (the usual first and last) or without an integer
+    kernel wrote no .onnx ('no ONNX lowering for Conv2d'); each is now the float Conv /
+    ConvTranspose / Gemm over the weights the integer model holds, after a Pad where it
+    pads by reflection, by replication or asymmetrically."""
+    import onnx
+
+    x = torch.randn(32, 3, 8, 8)
+    qmodel = calibrated(_FloatLayers(), x, qat.Config(skip=["first", "head"]))
+    path = str(tmp_path / "float_layers.onnx")
+    int_model = qat.export(qmodel, path, x[:4])
+    assert type(int_model.mid) is qat.quantized.Conv2d
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert (ops.count("Conv"), ops.count("ConvTranspose"), ops.count("Gemm")) == (5, 1, 1)
+    assert sorted(n.attribute[0].s.decode() for n in onnx.load(path).graph.node
+                  if n.op_type == "Pad") == ["constant", "edge", "reflect"]
+    with torch.no_grad():
+        expected = int_model(x[4:9])
+    got = _onnx.run_fresh(path, (x[4:9],))[0]
+    assert sqnr_db(expected, got) >= 40
+    # (ONNX Runtime's optimizer may put a float conv between a dequantize and a quantize on
+    # an integer kernel itself: the split is its own, the total is the model's.)
+    report = qat.read_metadata(path)["onnx"]
+    assert report["layers"] == report["layers_integer"] + report["layers_float"] == 7
+
+
 class _Norms(nn.Module):
     """A standalone batch norm (on the input, not foldable), a per-channel mean (a float
     island), and a layer norm after the head."""
