@@ -426,12 +426,19 @@ class _Emitter:
         return None
 
     def chunk(self, node: fx.Node) -> List[str]:
-        """``torch.chunk`` as a Split into as many outputs (``getitem`` picks one)."""
-        chunks = node.args[1] if len(node.args) > 1 else node.kwargs["chunks"]
+        """``torch.chunk`` or ``torch.split`` as a Split into as many outputs (``getitem``
+        picks one)."""
+        chunked = node.target is torch.chunk or node.target == "chunk"
+        parts = node.args[1] if len(node.args) > 1 else node.kwargs[
+            "chunks" if chunked else "split_size_or_sections"]
         shape = self.shapes[node.args[0]]
         dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % len(shape)
-        each = -(-shape[dim] // chunks)
-        sizes = [each] * (shape[dim] // each) + ([shape[dim] % each] if shape[dim] % each else [])
+        if isinstance(parts, (tuple, list)):
+            sizes = list(parts)
+        else:
+            each = -(-shape[dim] // parts) if chunked else parts
+            sizes = [each] * (shape[dim] // each) + (
+                [shape[dim] % each] if shape[dim] % each else [])
         outputs = [self.fresh(f"{node.name}_{i}") for i in range(len(sizes))]
         self.nodes.append(self.onnx.helper.make_node(
             "Split", [self.env[node.args[0]], self.const(f"{node.name}_sizes",
@@ -442,7 +449,8 @@ class _Emitter:
     def other(self, node: fx.Node):
         """An op without an integer module: a ReLU, pooling, a reshape, a fixed-range
         activation, an average left in float."""
-        if node.target is torch.chunk or (node.op == "call_method" and node.target == "chunk"):
+        if node.target in (torch.chunk, torch.split) or (
+                node.op == "call_method" and node.target in ("chunk", "split")):
             return self.chunk(node)
         if node.target is F.silu or (node.op == "call_module" and isinstance(
                 self.gm.get_submodule(node.target), nn.SiLU)):
@@ -500,7 +508,10 @@ class _Emitter:
                            [args[0]], node.name)
         if name == "cat":
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            return self.op("Concat", [self.env[a] for a in node.args[0]], node.name,
+            # A list in the graph, or one node's (a split's outputs, or a slice of them).
+            parts = node.args[0]
+            parts = self.env[parts] if isinstance(parts, fx.Node) else [self.env[a] for a in parts]
+            return self.op("Concat", parts, node.name,
                            axis=dim % len(self.shapes[node]))
         if name in ("add", "mul") and len(args) == 2 and not node.kwargs:
             operands = [a if isinstance(a, str) else

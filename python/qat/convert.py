@@ -693,7 +693,9 @@ class _Converter:
             self.bind_output(self.add_module(f"{node.name}_int", op, [x, y]), node, fq_node,
                              relu, owns)
             return True
-        if node.op == "call_function" and node.target is torch.cat:
+        if node.op == "call_function" and node.target is torch.cat and isinstance(
+                node.args[0], (tuple, list)):
+            # (A cat of one node's tuple, as torch.cat(x.chunk(2, 1)), runs in float.)
             tensors = node.args[0]
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             inputs = [self.quantized_input(t) for t in tensors]
@@ -734,8 +736,10 @@ class _Converter:
         splits = (node.op == "call_function" and node.target in _SPLIT_FUNCTIONS) or (
             node.op == "call_method" and node.target in _SPLIT_METHODS)
         if splits:
+            # Only parts taken one by one stay quantized: a slice (split[::-1]) is a tuple,
+            # which the float ops after it take as float tensors.
             if not all(u.op == "call_function" and u.target is operator.getitem
-                       for u in node.users):
+                       and isinstance(u.args[1], int) for u in node.users):
                 return False
             new = self.copy(node, quantized_args=True)
             self.env[node] = new

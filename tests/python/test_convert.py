@@ -545,6 +545,36 @@ def test_string_paddings_that_pad_both_sides_alike_run_on_integer_kernels(tmp_pa
     _runs_without_qat(qmodel, tmp_path, x[:1], x[:4])
 
 
+class _Resplit(nn.Module):
+    """A conv's channels split and put back together in another order: by a slice of the
+    split (one node's tuple, not a list in the graph) and part by part."""
+
+    def __init__(self, sliced: bool):
+        super().__init__()
+        self.sliced = sliced
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        parts = torch.split(self.conv(x), [3, 5], 1)
+        y = torch.cat(parts[::-1], 1) if self.sliced else torch.cat([parts[1], parts[0]], 1)
+        return self.head(y)
+
+
+@pytest.mark.parametrize("sliced", [True, False], ids=["slice_of_split", "parts"])
+def test_a_cat_of_split_parts_converts(sliced):
+    # torch.cat(parts[::-1]) failed convert with "'Node' object is not iterable" (the cat's
+    # tensors one node, not a list), and the slice was taken for one quantized tensor.
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 6, 6)
+    qmodel = qat.prepare(_Resplit(sliced))
+    qat.calibrate(qmodel, [x], progress=False)
+    qat.disable_observer(qmodel.eval())
+    int_model = qat.convert(qmodel)
+    with torch.no_grad():
+        assert torch.equal(int_model(x), qmodel(x))
+
+
 class _UntraceableUpsampler(nn.Module):
     """A grouped transposed conv without bias, called with the output size it must give,
     after control flow on a tensor (qat.prepare's eager fallback)."""

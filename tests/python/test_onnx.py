@@ -118,6 +118,25 @@ def test_split_shuffle_and_mean_follow_the_integer_model(tmp_path):
 
 
 @needs_onnx
+@pytest.mark.parametrize("regroup", [
+    lambda y: torch.cat(torch.split(y, [5, 11], 1)[::-1], 1),
+    lambda y: torch.cat([torch.split(y, 8, 1)[1], torch.split(y, 8, 1)[0]], 1),
+    lambda y: torch.cat(y.chunk(4, 1), 1),
+], ids=["slice_of_split_sections", "split_parts", "cat_of_chunk"])
+def test_splits_and_their_slices_follow_the_integer_model(regroup, tmp_path):
+    """torch.split had no ONNX lowering (torch.chunk had), and a cat of one node's tuple
+    (a split's slice, a chunk) failed; both are ONNX's Split and Concat now."""
+    x = torch.randn(32, 3, 8, 8)
+    qmodel = calibrated(_Between(regroup), x)
+    path = str(tmp_path / "split.onnx")
+    int_model = qat.export(qmodel, path, x[:4])
+    with torch.no_grad():
+        expected = int_model(x[4:9])
+    got = _onnx.run_fresh(path, (x[4:9],))[0]
+    assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).all()
+
+
+@needs_onnx
 @pytest.mark.parametrize("activation, float_ops", [
     (nn.SiLU(), ["Mul", "Sigmoid"]),
     (nn.GELU(), ["Add", "Erf", "Mul"]),
