@@ -474,6 +474,9 @@ class _Emitter:
                                          node.name, str(node.target))
             if computed is not None:
                 return computed
+        computed = self.elementwise(node)
+        if computed is not None:
+            return computed
         comparison = _op_roles.comparison(node)
         if comparison is not None:
             return self.compare(node, comparison)
@@ -618,6 +621,110 @@ class _Emitter:
             return self.op("ConvTranspose", inputs, base,
                            output_padding=list(module.output_padding), **geometry)
         return self.op("Conv", inputs, base, **geometry)
+
+    def elementwise(self, node: fx.Node) -> Optional[str]:
+        """A float op of one or two operands (``x - y``, ``x / 2``, ``x.abs()``, clamps,
+        ``torch.where``, ``F.pad``, a PReLU, Mish, a global max pooling, ...), where the
+        integer model computes it in float32; None for any other node."""
+        if self.dtypes.get(node) != torch.float32:
+            return None
+        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        target = type(module) if module is not None else node.target
+        args = [self.env[a] if isinstance(a, fx.Node) else a for a in node.args]
+
+        def operand(value, base: str) -> str:
+            return value if isinstance(value, str) else self.const(
+                f"{node.name}_{base}", np.array(value, np.float32))
+
+        if target in _UNARY and len(args) == 1 and not node.kwargs:
+            return self.op(_UNARY[target], [args[0]], node.name)
+        if target in _BINARY and len(args) == 2 and not node.kwargs and all(
+                isinstance(a, (str, int, float)) for a in args):
+            return self.op(_BINARY[target], [operand(args[0], "a"), operand(args[1], "b")],
+                           node.name)
+        if target in (torch.clamp, torch.clip, "clamp", "clip", nn.Hardtanh, F.hardtanh):
+            hardtanh = target in (nn.Hardtanh, F.hardtanh)
+            if module is not None:
+                bounds = [module.min_val, module.max_val]
+            else:
+                names = ("min_val", "max_val") if hardtanh else ("min", "max")
+                given = list(node.args[1:3]) + [None] * (3 - len(node.args))
+                bounds = [node.kwargs.get(n, g) for n, g in zip(names, given)]
+                if hardtanh:
+                    bounds = [-1.0 if bounds[0] is None else bounds[0],
+                              1.0 if bounds[1] is None else bounds[1]]
+            if any(isinstance(b, fx.Node) for b in bounds):
+                return None  # bounds per element: no Clip
+            return self.op("Clip", [args[0], *[
+                "" if b is None else operand(float(b), name)
+                for b, name in zip(bounds, ("min", "max"))]], node.name)
+        if target is torch.where and len(args) == 3 and not node.kwargs:
+            return self.op("Where", [args[0], operand(args[1], "a"), operand(args[2], "b")],
+                           node.name)
+        if target is F.pad:
+            given = list(node.args[1:4]) + [None] * (4 - len(node.args))
+            sizes, mode, value = (node.kwargs.get(n, g) for n, g in
+                                  zip(("pad", "mode", "value"), given))
+            mode = {None: "constant", "constant": "constant", "reflect": "reflect",
+                    "replicate": "edge"}.get(mode)
+            if mode is None:
+                return None  # circular: opset 17 has no wrap padding
+            x = node.args[0]
+            return self.pad_as(self.env[x], len(self.shapes[x]), list(sizes), mode,
+                               0.0 if value is None else float(value), node.name)
+        if target in (torch.sum, "sum") and not node.kwargs.get("dtype"):
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+            rank = len(self.shapes[node.args[0]])
+            dims = (dims,) if isinstance(dims, int) else (dims or range(rank))  # (): all
+            # Opset 13 on: the axes are an input of ReduceSum.
+            axes = self.const(f"{node.name}_axes", np.array([d % rank for d in dims], np.int64))
+            return self.op("ReduceSum", [args[0], axes], node.name, keepdims=int(bool(keepdim)))
+        if target == "expand" and node.op == "call_method":
+            sizes = node.args[1:]
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = sizes[0]
+            if not all(isinstance(size, int) for size in sizes):
+                return None
+            # Expand broadcasts as numpy does: a 1 keeps the input's size, as -1 does.
+            shape = np.array([1 if size == -1 else size for size in sizes], np.int64)
+            return self.op("Expand", [args[0], self.const(f"{node.name}_shape", shape)],
+                           node.name)
+        if target is torch.stack and isinstance(node.args[0], (tuple, list)):
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            dim %= len(self.shapes[node])
+            axes = self.const(f"{node.name}_axes", np.array([dim], np.int64))
+            return self.op("Concat", [
+                self.op("Unsqueeze", [self.env[a], axes], f"{node.name}_{i}")
+                for i, a in enumerate(node.args[0])], node.name, axis=dim)
+        if type(module) in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d) and (
+                not module.track_running_stats and len(self.shapes[node]) > 2):
+            # Statistics of each sample and channel, as PyTorch computes them without
+            # running statistics.
+            channels = self.shapes[node][1]
+            scale = (module.weight.detach().float().numpy() if module.affine
+                     else np.ones(channels, np.float32))
+            bias = (module.bias.detach().float().numpy() if module.affine
+                    else np.zeros(channels, np.float32))
+            return self.op("InstanceNormalization", [
+                args[0], self.const(f"{node.target}.weight", scale),
+                self.const(f"{node.target}.bias", bias)], node.name, epsilon=module.eps)
+        if type(module) is nn.PReLU:
+            # The slope along the channels (dim 1), as PyTorch broadcasts it.
+            rank = len(self.shapes[node])
+            slope = module.weight.detach().float().numpy().reshape(
+                [-1] + [1] * max(rank - 2, 0))
+            return self.op("PRelu", [args[0], self.const(f"{node.target}.weight", slope)],
+                           node.name)
+        if target in (nn.Mish, F.mish):
+            softplus = self.op("Softplus", [args[0]], f"{node.name}_softplus")
+            return self.op("Mul", [args[0], self.op("Tanh", [softplus], f"{node.name}_tanh")],
+                           node.name)
+        if type(module) in (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d) \
+                and not module.return_indices and all(
+                    s == 1 for s in _tuple(module.output_size, len(self.shapes[node]) - 2)):
+            return self.op("GlobalMaxPool", [args[0]], node.name)
+        return None
 
     def pad_as(self, x: str, rank: int, sizes: List[int], mode: str, value: float,
                base: str) -> str:
@@ -1265,6 +1372,17 @@ _PATCH_MERGING = "torchvision.models.swin_transformer._patch_merging_pad"
 _SOFTMAXES = {nn.Softmax: "Softmax", F.softmax: "Softmax", torch.softmax: "Softmax",
               "softmax": "Softmax", nn.LogSoftmax: "LogSoftmax", F.log_softmax: "LogSoftmax",
               torch.log_softmax: "LogSoftmax", "log_softmax": "LogSoftmax"}
+
+
+# Float ops of one operand, and of two (a tensor and a tensor or a number), by spelling.
+_UNARY = {torch.neg: "Neg", operator.neg: "Neg", "neg": "Neg", torch.abs: "Abs",
+          "abs": "Abs", torch.exp: "Exp", "exp": "Exp", torch.sqrt: "Sqrt", "sqrt": "Sqrt",
+          torch.log: "Log", "log": "Log", torch.reciprocal: "Reciprocal",
+          "reciprocal": "Reciprocal"}
+_BINARY = {operator.sub: "Sub", torch.sub: "Sub", "sub": "Sub", operator.truediv: "Div",
+           torch.div: "Div", "div": "Div", torch.true_divide: "Div", operator.pow: "Pow",
+           torch.pow: "Pow", "pow": "Pow", operator.matmul: "MatMul", torch.matmul: "MatMul",
+           "matmul": "MatMul", torch.maximum: "Max", torch.minimum: "Min"}
 
 
 def _qualified(fn) -> str:

@@ -259,6 +259,54 @@ def test_layers_left_in_float_run_as_float_onnx_layers(tmp_path):
     assert report["layers"] == report["layers_integer"] + report["layers_float"] == 7
 
 
+@needs_onnx
+@pytest.mark.parametrize("op, onnx_op", [
+    (lambda y: y - y.mean((2, 3), keepdim=True), "Sub"),
+    (lambda y: 1 - y, "Sub"),
+    (lambda y: y / (y.abs() + 1), "Div"),
+    (lambda y: -y, "Neg"),
+    (lambda y: torch.exp(-y.abs()), "Exp"),
+    (lambda y: torch.sqrt(y.abs() + 1), "Sqrt"),
+    (lambda y: torch.log(y.abs() + 1), "Log"),
+    (lambda y: torch.pow(y, 3), "Pow"),
+    (lambda y: torch.matmul(y, y.transpose(2, 3)), "MatMul"),
+    (lambda y: torch.maximum(y, y * 0.5), "Max"),
+    (lambda y: torch.where(y > 0, y, 0.1 * y), "Where"),
+    (lambda y: y.clamp(min=-1, max=2), "Clip"),
+    (lambda y: torch.clamp(y, max=0.5), "Clip"),
+    (nn.Hardtanh(-1, 1), "Clip"),
+    (lambda y: F.hardtanh(y, -0.5, 0.5), "Clip"),
+    (lambda y: F.pad(y, (1, 2, 0, 1), mode="reflect"), "Pad"),
+    (lambda y: F.pad(y, (1, 1, 1, 1), value=0.5), "Pad"),
+    (nn.ZeroPad2d(1), "Pad"),
+    (nn.ReplicationPad2d(1), "Pad"),
+    (nn.PReLU(16), "PRelu"),
+    (nn.Mish(), "Softplus"),
+    (nn.InstanceNorm2d(16, affine=True), "InstanceNormalization"),
+    (lambda y: torch.stack([y, y * 2]).mean(0), "Unsqueeze"),
+    (lambda y: y.sum(1, keepdim=True).expand(-1, 16, -1, -1), "ReduceSum"),
+    (nn.AdaptiveMaxPool2d(1), "GlobalMaxPool"),
+], ids=["sub", "rsub", "div", "neg", "exp", "sqrt", "log", "pow", "matmul", "maximum", "where",
+        "clamp", "clamp_max", "hardtanh", "hardtanh_function", "pad_reflect", "pad_value",
+        "zero_pad", "replication_pad", "prelu", "mish", "instance_norm", "stack",
+        "sum_expand", "global_max_pool"])
+def test_float_ops_follow_the_integer_model(op, onnx_op, tmp_path):
+    """The integer model runs these in float32 between a dequantize and a quantize; each
+    wrote no .onnx ('no ONNX lowering for sub') and is now its ONNX op."""
+    import onnx
+
+    x = torch.randn(32, 3, 8, 8)
+    qmodel = calibrated(_Between(op), x)
+    path = str(tmp_path / "float_op.onnx")
+    int_model = qat.export(qmodel, path, x[:4])
+    assert onnx_op in [n.op_type for n in onnx.load(path).graph.node]
+    with torch.no_grad():
+        expected = int_model(x[4:9])
+    got = _onnx.run_fresh(path, (x[4:9],))[0]
+    assert got.shape == expected.shape
+    assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).float().mean().item() >= 0.99
+
+
 class _Norms(nn.Module):
     """A standalone batch norm (on the input, not foldable), a per-channel mean (a float
     island), and a layer norm after the head."""
