@@ -126,14 +126,7 @@ def test_split_shuffle_and_mean_follow_the_integer_model(tmp_path):
 def test_splits_and_their_slices_follow_the_integer_model(regroup, tmp_path):
     """torch.split had no ONNX lowering (torch.chunk had), and a cat of one node's tuple
     (a split's slice, a chunk) failed; both are ONNX's Split and Concat now."""
-    x = torch.randn(32, 3, 8, 8)
-    qmodel = calibrated(_Between(regroup), x)
-    path = str(tmp_path / "split.onnx")
-    int_model = qat.export(qmodel, path, x[:4])
-    with torch.no_grad():
-        expected = int_model(x[4:9])
-    got = _onnx.run_fresh(path, (x[4:9],))[0]
-    assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).all()
+    assert (_steps_between_convs(regroup, "Split", tmp_path) <= 1 + 1e-3).all()
 
 
 @needs_onnx
@@ -174,6 +167,24 @@ class _Between(nn.Module):
         return self.head(self.op(self.conv(x)))
 
 
+def _steps_between_convs(op, onnx_op: str, tmp_path, channels_after: int = 16):
+    """``op`` between two integer convs (:class:`_Between`), exported to ONNX with a batch
+    of 4: checks that the file holds ``onnx_op`` and returns, per output element of the
+    file run at a batch of 5, how many output steps it is from the integer model."""
+    import onnx
+
+    x = torch.randn(32, 3, 8, 8)
+    qmodel = calibrated(_Between(op, channels_after), x)
+    path = str(tmp_path / "between.onnx")
+    int_model = qat.export(qmodel, path, x[:4])
+    assert onnx_op in [n.op_type for n in onnx.load(path).graph.node]
+    with torch.no_grad():
+        expected = int_model(x[4:9])
+    got = _onnx.run_fresh(path, (x[4:9],))[0]
+    assert got.shape == expected.shape
+    return steps_apart(qmodel, expected, got)
+
+
 @needs_onnx
 @pytest.mark.parametrize("op, channels_after, onnx_op", [
     (nn.Upsample(scale_factor=2), 16, "Resize"),
@@ -197,18 +208,8 @@ def test_resizes_pixel_shuffles_and_softmaxes_follow_the_integer_model(op, chann
     a classifier's softmax had no ONNX lowering, so such models wrote no .onnx; each is now
     the ONNX op that computes it with PyTorch's coordinates, and the file, run at another
     batch size than the example's, gives the integer model's outputs."""
-    import onnx
-
-    x = torch.randn(32, 3, 8, 8)
-    qmodel = calibrated(_Between(op, channels_after), x)
-    path = str(tmp_path / "resampled.onnx")
-    int_model = qat.export(qmodel, path, x[:4])
-    assert onnx_op in [n.op_type for n in onnx.load(path).graph.node]
-    with torch.no_grad():
-        expected = int_model(x[4:9])
-    got = _onnx.run_fresh(path, (x[4:9],))[0]
-    assert got.shape == expected.shape
-    assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).all()
+    steps = _steps_between_convs(op, onnx_op, tmp_path, channels_after)
+    assert (steps <= 1 + 1e-3).all()
 
 
 class _FloatLayers(nn.Module):
@@ -293,18 +294,8 @@ def test_layers_left_in_float_run_as_float_onnx_layers(tmp_path):
 def test_float_ops_follow_the_integer_model(op, onnx_op, tmp_path):
     """The integer model runs these in float32 between a dequantize and a quantize; each
     wrote no .onnx ('no ONNX lowering for sub') and is now its ONNX op."""
-    import onnx
-
-    x = torch.randn(32, 3, 8, 8)
-    qmodel = calibrated(_Between(op), x)
-    path = str(tmp_path / "float_op.onnx")
-    int_model = qat.export(qmodel, path, x[:4])
-    assert onnx_op in [n.op_type for n in onnx.load(path).graph.node]
-    with torch.no_grad():
-        expected = int_model(x[4:9])
-    got = _onnx.run_fresh(path, (x[4:9],))[0]
-    assert got.shape == expected.shape
-    assert (steps_apart(qmodel, expected, got) <= 1 + 1e-3).float().mean().item() >= 0.99
+    steps = _steps_between_convs(op, onnx_op, tmp_path)
+    assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99
 
 
 class _Norms(nn.Module):
