@@ -210,8 +210,8 @@ std::vector<int64_t> conv_padding(const Options& options, const std::string& nam
   if (mode != "kZeros" || !padding.has_value()) {
     throw std::invalid_argument(fmt::format(
         "qat::convert: '{}' pads with padding_mode {} or with a padding 'same' that pads one "
-        "side more than the other (an odd dilation * (kernel - 1)), which the integer conv "
-        "does not; use zero padding that pads both sides alike",
+        "side more than the other (an odd dilation * (kernel - 1)), which qat::convert does "
+        "not write as a conv's padding sizes; use zero padding that pads both sides alike",
         name, mode));
   }
   return *padding;

@@ -67,8 +67,11 @@ struct ExportOptions {
 ///         scale / zero point: "non-finite values in 0.weight (NaN)", each tensor named
 ///         with its path); holds a batch norm with a negative running_var or a non-finite
 ///         factor weight / sqrt(running_var + eps) (named with its path); holds a module
-///         that has no conversion (named with its path and type); has weights outside 8 bits
-///         or activations other than the full 8-bit range ([0, 255] or [-128, 127]); the
+///         that has no conversion (named with its path and type); holds a conv (integer or
+///         left in float) padded with a padding_mode other than zeros or with a padding
+///         'same' that pads one side more than the other (an even kernel); has weights
+///         outside 8 bits or activations other than the full 8-bit range ([0, 255] or
+///         [-128, 127]); the
 ///         backend is not an engine of this LibTorch; `example_input` is undefined; or the
 ///         integer model fails on `example_input` ("the example input does not fit the
 ///         model: " and the first line of the error).

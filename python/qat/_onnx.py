@@ -429,8 +429,9 @@ class _Emitter:
         """``torch.chunk`` or ``torch.split`` as a Split into as many outputs (``getitem``
         picks one)."""
         chunked = node.target is torch.chunk or node.target == "chunk"
-        parts = node.args[1] if len(node.args) > 1 else node.kwargs[
-            "chunks" if chunked else "split_size_or_sections"]
+        parts = node.args[1] if len(node.args) > 1 else next(
+            node.kwargs[k] for k in ("chunks", "split_size_or_sections", "split_size")
+            if k in node.kwargs)
         shape = self.shapes[node.args[0]]
         dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % len(shape)
         if isinstance(parts, (tuple, list)):
@@ -468,7 +469,8 @@ class _Emitter:
         resampled = self.resampling(node)
         if resampled is not None:
             return resampled
-        if node.op == "call_module":
+        if node.op == "call_module" and node.args and isinstance(node.args[0], fx.Node) and \
+                node.args[0] in self.shapes:
             computed = self.float_module(self.gm.get_submodule(node.target),
                                          self.env[node.args[0]], len(self.shapes[node.args[0]]),
                                          node.name, str(node.target))
@@ -514,8 +516,8 @@ class _Emitter:
             # A list in the graph, or one node's (a split's outputs, or a slice of them).
             parts = node.args[0]
             parts = self.env[parts] if isinstance(parts, fx.Node) else [self.env[a] for a in parts]
-            return self.op("Concat", parts, node.name,
-                           axis=dim % len(self.shapes[node]))
+            if isinstance(parts, list):
+                return self.op("Concat", parts, node.name, axis=dim % len(self.shapes[node]))
         if name in ("add", "mul") and len(args) == 2 and not node.kwargs:
             operands = [a if isinstance(a, str) else
                         self.const(f"{node.name}_operand", np.array(a, np.float32))
@@ -536,12 +538,9 @@ class _Emitter:
         if node.target is torch.amax or (node.op == "call_method" and node.target == "amax"):
             name = "amax"  # not in the op-role table: a float op of the integer model
         if name in ("mean", "amax"):
-            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-            rank = len(self.shapes[node.args[0]])
-            dims = (dims,) if isinstance(dims, int) else (dims or range(rank))  # (): all
+            axes, keepdims = self.reduced_axes(node)
             return self.op("ReduceMean" if name == "mean" else "ReduceMax", [args[0]],
-                           node.name, axes=[d % rank for d in dims], keepdims=int(bool(keepdim)))
+                           node.name, axes=axes, keepdims=keepdims)
         if name == "hardswish":
             return self.op("HardSwish", [args[0]], node.name)
         if name == "relu6":
@@ -594,6 +593,19 @@ class _Emitter:
                                 nn.ConvTranspose2d, nn.ConvTranspose3d)
         if not conv and type(module) is not nn.Linear:
             return None
+        pre_pad: List[int] = []
+        if conv and not module.transposed:
+            # The sizes a string padding means, and what a padding mode or an asymmetric
+            # "same" pads first, as the integer model's own float conv computes them.
+            own, pre_pad, mode = quantized._conv_padding(module)
+            mode = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}.get(mode)
+            if mode is None:
+                return None  # circular: opset 17 has no wrap padding
+            pads = own * 2
+        elif conv:
+            if module.padding_mode != "zeros":
+                return None
+            pads = list(module.padding) * 2
         w = self.const(f"{path}.weight", module.weight.detach().float().numpy())
         inputs = [x, w]
         if module.bias is not None:
@@ -605,16 +617,8 @@ class _Emitter:
                 return self.op("Gemm", inputs, base, transB=1)
             y = self.op("MatMul", [x, self.op("Transpose", [w], f"{base}_weight_t")], base)
             return y if module.bias is None else self.op("Add", [y, inputs[2]], f"{base}_bias")
-        if isinstance(module.padding, str):
-            return None  # convert gives a float conv its sizes (_float_layer)
-        pads = list(module.padding) * 2
-        if module.padding_mode != "zeros":
-            mode = {"reflect": "reflect", "replicate": "edge"}.get(module.padding_mode)
-            if mode is None:
-                return None  # circular: opset 17 has no wrap padding
-            x = inputs[0] = self.pad_as(x, rank, list(module._reversed_padding_repeated_twice),
-                                        mode, 0.0, f"{base}_pad")
-            pads = [0] * len(pads)
+        if pre_pad:
+            inputs[0] = self.pad_as(x, rank, pre_pad, mode, 0.0, f"{base}_pad")
         geometry = dict(strides=list(module.stride), pads=pads,
                         dilations=list(module.dilation), group=module.groups)
         if module.transposed:
@@ -639,7 +643,9 @@ class _Emitter:
         if target in _UNARY and len(args) == 1 and not node.kwargs:
             return self.op(_UNARY[target], [args[0]], node.name)
         if target in _BINARY and len(args) == 2 and not node.kwargs and all(
-                isinstance(a, (str, int, float)) for a in args):
+                isinstance(a, (int, float)) or (
+                    isinstance(a, fx.Node) and self.dtypes.get(a) == torch.float32)
+                for a in node.args):
             return self.op(_BINARY[target], [operand(args[0], "a"), operand(args[1], "b")],
                            node.name)
         if target in (torch.clamp, torch.clip, "clamp", "clip", nn.Hardtanh, F.hardtanh):
@@ -661,7 +667,7 @@ class _Emitter:
         if target is torch.where and len(args) == 3 and not node.kwargs:
             return self.op("Where", [args[0], operand(args[1], "a"), operand(args[2], "b")],
                            node.name)
-        if target is F.pad:
+        if target is F.pad and node.args:
             given = list(node.args[1:4]) + [None] * (4 - len(node.args))
             sizes, mode, value = (node.kwargs.get(n, g) for n, g in
                                   zip(("pad", "mode", "value"), given))
@@ -672,25 +678,22 @@ class _Emitter:
             x = node.args[0]
             return self.pad_as(self.env[x], len(self.shapes[x]), list(sizes), mode,
                                0.0 if value is None else float(value), node.name)
-        if target in (torch.sum, "sum") and not node.kwargs.get("dtype"):
-            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-            rank = len(self.shapes[node.args[0]])
-            dims = (dims,) if isinstance(dims, int) else (dims or range(rank))  # (): all
+        if target in (torch.sum, "sum") and node.args and not node.kwargs.get("dtype"):
+            axes, keepdims = self.reduced_axes(node)
             # Opset 13 on: the axes are an input of ReduceSum.
-            axes = self.const(f"{node.name}_axes", np.array([d % rank for d in dims], np.int64))
-            return self.op("ReduceSum", [args[0], axes], node.name, keepdims=int(bool(keepdim)))
+            return self.op("ReduceSum", [args[0], self.const(
+                f"{node.name}_axes", np.array(axes, np.int64))], node.name, keepdims=keepdims)
         if target == "expand" and node.op == "call_method":
-            sizes = node.args[1:]
+            sizes = node.args[1:] or node.kwargs.get("size", ())
             if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
                 sizes = sizes[0]
-            if not all(isinstance(size, int) for size in sizes):
+            if not sizes or not all(isinstance(size, int) for size in sizes):
                 return None
             # Expand broadcasts as numpy does: a 1 keeps the input's size, as -1 does.
             shape = np.array([1 if size == -1 else size for size in sizes], np.int64)
             return self.op("Expand", [args[0], self.const(f"{node.name}_shape", shape)],
                            node.name)
-        if target is torch.stack and isinstance(node.args[0], (tuple, list)):
+        if target is torch.stack and node.args and isinstance(node.args[0], (tuple, list)):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             dim %= len(self.shapes[node])
             axes = self.const(f"{node.name}_axes", np.array([dim], np.int64))
@@ -698,7 +701,8 @@ class _Emitter:
                 self.op("Unsqueeze", [self.env[a], axes], f"{node.name}_{i}")
                 for i, a in enumerate(node.args[0])], node.name, axis=dim)
         if type(module) in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d) and (
-                not module.track_running_stats and len(self.shapes[node]) > 2):
+                not module.track_running_stats
+                and len(self.shapes[node]) == module._get_no_batch_dim() + 1):
             # Statistics of each sample and channel, as PyTorch computes them without
             # running statistics.
             channels = self.shapes[node][1]
@@ -726,6 +730,15 @@ class _Emitter:
             return self.op("GlobalMaxPool", [args[0]], node.name)
         return None
 
+    def reduced_axes(self, node: fx.Node) -> Tuple[List[int], int]:
+        """(axes, keepdims) of a reduction called as ``x.mean(dim, keepdim)`` /
+        ``torch.sum(x, dim=..., keepdim=...)``: every axis where ``dim`` is not given."""
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        rank = len(self.shapes[node.args[0]])
+        dims = (dims,) if isinstance(dims, int) else (dims or range(rank))  # (): all
+        return [d % rank for d in dims], int(bool(keepdim))
+
     def pad_as(self, x: str, rank: int, sizes: List[int], mode: str, value: float,
                base: str) -> str:
         """``F.pad(x, sizes, mode)`` on ``x`` of rank ``rank`` (``sizes`` from the last
@@ -746,7 +759,8 @@ class _Emitter:
         module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
         target = type(module) if module is not None else node.target
         if target in _SOFTMAXES:
-            if node.kwargs.get("dtype") is not None:
+            if node.kwargs.get("dtype") is not None or (
+                    module is None and len(node.args) > 2 and node.args[2] is not None):
                 return None  # a cast on the way: left to the refusal
             rank = len(self.shapes[node])
             dim = (module.dim if module is not None else
@@ -788,14 +802,18 @@ class _Emitter:
             attributes = dict(mode="nearest", coordinate_transformation_mode="half_pixel",
                               nearest_mode="round_prefer_ceil")
         elif mode in ("linear", "bilinear", "trilinear"):
+            # half_pixel, not pytorch_half_pixel: PyTorch samples an output of size 1 at the
+            # input's middle, (in - 1) / 2, as half_pixel does.
             attributes = dict(mode="linear", coordinate_transformation_mode=(
-                "align_corners" if align_corners else "pytorch_half_pixel"))
+                "align_corners" if align_corners else "half_pixel"))
         else:
             return None
         if size is None and not recompute_scale_factor:
             factors = (list(scale_factor) if isinstance(scale_factor, (tuple, list))
                        else [scale_factor] * spatial)
-            scales = np.array([1.0, 1.0] + [float(f) for f in factors], np.float32)
+            scales = np.array([1.0, 1.0] + [
+                _resize_scale(f, size_in, size_out) for f, size_in, size_out in zip(
+                    factors, self.shapes[node.args[0]][2:], self.shapes[node][2:])], np.float32)
             # (An empty name: the region of interest, which only tf_crop_and_resize reads.)
             return self.op("Resize", [x, "", self.const(f"{node.name}_scales", scales)],
                            node.name, **attributes)
@@ -1366,6 +1384,19 @@ _FIRST = np.iinfo(np.int64).min
 # torchvision's Swin patch merging (a single graph node: torchvision wraps it for torch.fx),
 # named rather than imported: importing torchvision costs seconds.
 _PATCH_MERGING = "torchvision.models.swin_transformer._patch_merging_pad"
+
+
+def _resize_scale(factor: float, size_in: int, size_out: int) -> np.float32:
+    """``factor`` as the float32 scale Resize takes, moved by as few ulps as it takes for
+    ONNX Runtime's output size, trunc(float32(scale) * in), to be PyTorch's,
+    floor(in * factor) in double: (30, 2.1) gives 63 in PyTorch and 62 at float32(2.1)."""
+    scale = np.float32(factor)
+    for _ in range(64):
+        got = int(np.float32(scale) * np.float32(size_in))
+        if got == size_out:
+            return scale
+        scale = np.nextafter(scale, np.float32(np.inf if got < size_out else -np.inf))
+    return np.float32(factor)
 
 
 # The softmax spellings and the ONNX op of each (opset 13 on: along one axis).

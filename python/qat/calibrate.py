@@ -1,6 +1,7 @@
 """Calibration: running data through a model to set its observers' ranges, and the
 switches that freeze and re-enable observation and fake quantization."""
 
+import inspect
 import itertools
 from typing import Iterable, Optional
 
@@ -60,17 +61,22 @@ def run_batch(where: str, model: nn.Module, batch):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
-    if inputs is batch or len(batch) < 2:
-        return model(inputs)
-    try:
-        return model(inputs)
-    except TypeError as error:
-        # (a, b) for a model of two inputs reads as (input, target): say how it was read.
-        raise TypeError(
-            f"{where}: a batch that is a {type(batch).__name__} of {len(batch)} is taken as "
-            f"(inputs, *targets), so the model was called with its first element only, and "
-            f"said: {error}. Give a model of several inputs batches of the form "
-            f"((input_1, input_2, ...), *targets), or a dict of keyword inputs") from error
+    if inputs is not batch and len(batch) > 1:
+        # (a, b) for a model of two inputs reads as (input, target): where the model's
+        # signature does not take the input alone, say how the batch was read (and only
+        # then: a TypeError from inside the model is its own).
+        try:
+            inspect.signature(getattr(model, "forward", model)).bind(inputs)
+        except TypeError as error:
+            raise TypeError(
+                f"{where}: a batch that is a {type(batch).__name__} of {len(batch)} is taken "
+                f"as (inputs, *targets), so the model was called with its first element only, "
+                f"which its forward does not take ({error}). Give a model of several inputs "
+                f"batches of the form ((input_1, input_2, ...), *targets), or a dict of "
+                f"keyword inputs") from error
+        except ValueError:
+            pass  # no signature to read: the call says what it takes
+    return model(inputs)
 
 
 def calibrate(model: nn.Module, batches: Iterable, num_batches: Optional[int] = None,

@@ -553,8 +553,9 @@ def test_a_batch_read_as_input_and_targets_says_so():
     qmodel = qat.prepare(_TwoInputs())
     x, y = torch.randn(2, 4), torch.randn(2, 4)
     expected = (r"a batch that is a tuple of 2 is taken as \(inputs, \*targets\), so the "
-                r"model was called with its first element only, and said: .*missing 1 "
-                r"required positional argument.* \(\(input_1, input_2, \.\.\.\), \*targets\)")
+                r"model was called with its first element only, which its forward does not "
+                r"take \(missing a required argument: 'y'\)\. .*\(\(input_1, input_2, "
+                r"\.\.\.\), \*targets\)")
     with pytest.raises(TypeError, match="qat.calibrate: " + expected):
         qat.calibrate(qmodel, [(x, y)], progress=False)
     # The form the message gives calibrates; compare reads batches the same way.
@@ -564,6 +565,15 @@ def test_a_batch_read_as_input_and_targets_says_so():
         qat.compare(qmodel, int_model, [(x, y)])
     with pytest.raises(TypeError, match="qat.sensitivity: " + expected):
         qat.sensitivity(_TwoInputs(), [(x, y)], progress=False)
+    # A TypeError from inside a model that takes the input is the model's own, as it was.
+    broken = qat.prepare(nn.Sequential(nn.Linear(4, 3), _RaisesTypeError()))
+    with pytest.raises(TypeError, match=r"^an error of the model's own$"):
+        qat.calibrate(broken, [(x, y)], progress=False)
+
+
+class _RaisesTypeError(nn.Module):
+    def forward(self, x):
+        raise TypeError("an error of the model's own")
 
 
 def test_export_with_an_input_that_does_not_fit_leaves_no_file(tmp_path):

@@ -194,13 +194,18 @@ def _steps_between_convs(op, onnx_op: str, tmp_path, channels_after: int = 16):
     (nn.Upsample(size=(13, 11), mode="bilinear"), 16, "Resize"),
     (nn.UpsamplingBilinear2d(scale_factor=2), 16, "Resize"),
     (lambda y: F.interpolate(y, scale_factor=1.3, recompute_scale_factor=True), 16, "Resize"),
+    # 30 x 2.1: 63 in PyTorch (double), 62 at float32(2.1) in ONNX Runtime.
+    (lambda y: F.interpolate(F.interpolate(y, size=(30, 30)), scale_factor=2.1), 16, "Resize"),
+    # An output of size 1 samples the input's middle.
+    (lambda y: F.interpolate(y, size=(1, 5), mode="bilinear"), 16, "Resize"),
     (nn.PixelShuffle(2), 4, "DepthToSpace"),
     (lambda y: F.pixel_shuffle(y, 2), 4, "DepthToSpace"),
     (nn.Softmax(dim=1), 16, "Softmax"),
     (lambda y: y.softmax(-1), 16, "Softmax"),
     (nn.LogSoftmax(dim=1), 16, "LogSoftmax"),
 ], ids=["nearest_x2", "nearest_x1.5", "nearest_to_size", "nearest_exact", "bilinear_to_size",
-        "bilinear_align_corners", "nearest_recomputed_scale", "pixel_shuffle",
+        "bilinear_align_corners", "nearest_recomputed_scale", "nearest_x2.1_of_30",
+        "bilinear_to_size_1", "pixel_shuffle",
         "pixel_shuffle_function", "softmax", "softmax_method", "log_softmax"])
 def test_resizes_pixel_shuffles_and_softmaxes_follow_the_integer_model(op, channels_after,
                                                                       onnx_op, tmp_path):
@@ -296,6 +301,22 @@ def test_float_ops_follow_the_integer_model(op, onnx_op, tmp_path):
     wrote no .onnx ('no ONNX lowering for sub') and is now its ONNX op."""
     steps = _steps_between_convs(op, onnx_op, tmp_path)
     assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99
+
+
+@needs_onnx
+@pytest.mark.parametrize("op, named", [
+    (lambda y: F.interpolate(y, scale_factor=2, mode="bicubic"), "interpolate"),
+    (lambda y: F.pad(y, (1, 1, 1, 1), mode="circular"), "pad"),
+    (lambda y: F.softmax(y, 1, dtype=torch.float64).float(), "softmax"),
+], ids=["bicubic", "circular_pad", "softmax_to_float64"])
+def test_ops_onnx_does_not_compute_as_pytorch_are_named(op, named, tmp_path):
+    """What Resize, Pad or Softmax would compute otherwise than PyTorch (bicubic
+    coefficients at the border, wrap padding, a cast) is refused by name, no file left."""
+    x = torch.randn(32, 3, 8, 8)
+    path = tmp_path / "refused.onnx"
+    with pytest.raises(TypeError, match=rf"qat.export: no ONNX lowering for {named} \(node "):
+        qat.export(calibrated(_Between(op), x), path, x[:4])
+    assert os.listdir(tmp_path) == []
 
 
 class _Norms(nn.Module):
