@@ -561,9 +561,9 @@ class _Emitter:
                            ceil_mode=int(module.ceil_mode),
                            count_include_pad=int(module.count_include_pad))
         if name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"):
-            size = module.output_size if module is not None else node.args[1]
-            if all(s == 1 for s in _tuple(size, len(self.shapes[node]) - 2)):
-                return self.op("GlobalAveragePool", [args[0]], node.name)
+            pooled = self.adaptive_pool(node, args[0], "Average")
+            if pooled is not None:
+                return pooled
         raise TypeError(f"qat.export: no ONNX lowering for {what} (node {node.name}), so no "
                         f".onnx was written")
 
@@ -725,10 +725,22 @@ class _Emitter:
             return self.op("Mul", [args[0], self.op("Tanh", [softplus], f"{node.name}_tanh")],
                            node.name)
         if type(module) in (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d) \
-                and not module.return_indices and all(
-                    s == 1 for s in _tuple(module.output_size, len(self.shapes[node]) - 2)):
-            return self.op("GlobalMaxPool", [args[0]], node.name)
+                and not module.return_indices:
+            return self.adaptive_pool(node, args[0], "Max")
         return None
+
+    def adaptive_pool(self, node: fx.Node, x: str, kind: str) -> Optional[str]:
+        """An adaptive average or max pooling (``kind``) to the output sizes the integer
+        model gave: global where they are all 1, else a pooling whose kernel and stride are
+        in / out where each input size is a multiple of its output size (PyTorch's bins are
+        then those windows: VGG's 7 x 7 of a 14 x 14 map); None otherwise."""
+        sizes_in, sizes_out = self.shapes[node.args[0]][2:], self.shapes[node][2:]
+        if all(size == 1 for size in sizes_out):
+            return self.op(f"Global{kind}Pool", [x], node.name)
+        if any(i % o for i, o in zip(sizes_in, sizes_out)):
+            return None
+        window = [i // o for i, o in zip(sizes_in, sizes_out)]
+        return self.op(f"{kind}Pool", [x], node.name, kernel_shape=window, strides=window)
 
     def reduced_axes(self, node: fx.Node) -> Tuple[List[int], int]:
         """(axes, keepdims) of a reduction called as ``x.mean(dim, keepdim)`` /

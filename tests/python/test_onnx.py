@@ -292,10 +292,12 @@ def test_layers_left_in_float_run_as_float_onnx_layers(tmp_path):
     (lambda y: torch.stack([y, y * 2]).mean(0), "Unsqueeze"),
     (lambda y: y.sum(1, keepdim=True).expand(-1, 16, -1, -1), "ReduceSum"),
     (nn.AdaptiveMaxPool2d(1), "GlobalMaxPool"),
+    (nn.AdaptiveMaxPool2d((4, 2)), "MaxPool"),
+    (nn.AdaptiveAvgPool2d((2, 4)), "AveragePool"),
 ], ids=["sub", "rsub", "div", "neg", "exp", "sqrt", "log", "pow", "matmul", "maximum", "where",
         "clamp", "clamp_max", "hardtanh", "hardtanh_function", "pad_reflect", "pad_value",
         "zero_pad", "replication_pad", "prelu", "mish", "instance_norm", "stack",
-        "sum_expand", "global_max_pool"])
+        "sum_expand", "global_max_pool", "adaptive_max_pool", "adaptive_avg_pool"])
 def test_float_ops_follow_the_integer_model(op, onnx_op, tmp_path):
     """The integer model runs these in float32 between a dequantize and a quantize; each
     wrote no .onnx ('no ONNX lowering for sub') and is now its ONNX op."""
