@@ -188,15 +188,15 @@ struct PaddingList {
     return std::vector<int64_t>(kernel_size.size(), 0);
   }
   c10::optional<std::vector<int64_t>> operator()(const torch::enumtype::kSame&) const {
-    std::vector<int64_t> sides;
+    const auto sides = same_padding(kernel_size, dilation);
+    std::vector<int64_t> left;
     for (size_t d = 0; d < kernel_size.size(); ++d) {
-      const auto total = dilation[d] * (kernel_size[d] - 1);
-      if (total % 2 != 0) {
+      if (sides[2 * d] != sides[2 * d + 1]) {
         return c10::nullopt;
       }
-      sides.push_back(total / 2);
+      left.push_back(sides[2 * d]);
     }
-    return sides;
+    return left;
   }
 };
 

@@ -352,6 +352,24 @@ std::tuple<double, int64_t> fixed_qparams(
       (hi - lo) / steps, quant_min + static_cast<int64_t>(std::nearbyint(-lo * steps / (hi - lo)))};
 }
 
+std::vector<int64_t> same_padding(at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
+  TORCH_CHECK_VALUE(
+      kernel_size.size() == dilation.size(),
+      "qat::same_padding: kernel_size and dilation must give one size per dimension, got ",
+      kernel_size, " and ", dilation);
+  std::vector<int64_t> sides;
+  for (size_t d = 0; d < kernel_size.size(); ++d) {
+    TORCH_CHECK_VALUE(
+        kernel_size[d] > 0 && dilation[d] > 0,
+        "qat::same_padding: kernel_size and dilation must be positive, got ", kernel_size, " and ",
+        dilation);
+    const auto total = dilation[d] * (kernel_size[d] - 1);
+    sides.push_back(total / 2);
+    sides.push_back(total - total / 2);
+  }
+  return sides;
+}
+
 int64_t values_per_byte(int64_t bits) {
   return bits <= 4 ? 8 / bits : 1;
 }
@@ -468,6 +486,7 @@ TORCH_LIBRARY_FRAGMENT(qat, m) {
       "fixed_qparams(float lo, float hi, int quant_min, int quant_max, bool inclusive) -> "
       "(float, int)",
       TORCH_FN(qat::fixed_qparams));
+  m.def("same_padding(int[] kernel_size, int[] dilation) -> int[]", TORCH_FN(qat::same_padding));
   m.def("values_per_byte(int bits) -> int", TORCH_FN(qat::values_per_byte));
   m.def("pack_weight(Tensor ints, int bits, int quant_min) -> Tensor", TORCH_FN(qat::pack_weight));
   m.def(

@@ -96,6 +96,15 @@ at::Tensor integer_weight(
 std::tuple<double, int64_t> fixed_qparams(
     double lo, double hi, int64_t quant_min, int64_t quant_max, bool inclusive);
 
+/// The padding "same" gives a conv, as ATen computes it: per spatial dimension d, the
+/// total dilation[d] * (kernel_size[d] - 1) split into (left, right) with left the half
+/// rounded down (an odd total pads one more on the right), flat as left_0, right_0, left_1,
+/// right_1, .... An integer conv pads both sides alike, so each front end runs a conv whose
+/// sides differ on a padded input or refuses it.
+/// @throws c10::ValueError when the lists differ in length, or a size or dilation is not
+///   positive.
+std::vector<int64_t> same_padding(at::IntArrayRef kernel_size, at::IntArrayRef dilation);
+
 /// How many integers of `bits` bits one stored byte holds: 8 / bits at 4 bits or fewer
 /// (two at 4 bits, four at 2), else 1 (stored as they are).
 int64_t values_per_byte(int64_t bits);

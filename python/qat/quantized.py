@@ -491,9 +491,9 @@ def _conv_padding(conv: nn.Module) -> Tuple[List[int], List[int], str]:
     """(the conv's own padding, the sizes ``F.pad`` pads the input by first, its mode) with
     which a conv on integer sizes computes what ``conv`` (an ``nn.Conv*d``) computes, as
     ``_conv_forward`` and ATen's string paddings do: ``"valid"`` is no padding, ``"same"``
-    pads each side by half of ``dilation * (kernel - 1)`` and zero-pads the odd one left
-    over on the right first; a ``padding_mode`` other than zeros pads the input by all of
-    it first. Integer sizes, so that the mobile optimizer of every PyTorch takes the conv
+    pads both sides by ``torch.ops.qat.same_padding``'s left sizes and zero-pads the one
+    more it gives the right first; a ``padding_mode`` other than zeros pads the input by
+    all of it first. Integer sizes, so that the mobile optimizer of every PyTorch takes the conv
     (torch 1.13's refuses a string padding)."""
     dims = len(conv.kernel_size)
     if conv.padding_mode != "zeros":
@@ -502,14 +502,12 @@ def _conv_padding(conv: nn.Module) -> Tuple[List[int], List[int], str]:
         return [0] * dims, [], "constant"
     if conv.padding != "same":
         return list(conv.padding), [], "constant"
-    own: List[int] = []
+    sides = torch.ops.qat.same_padding(list(conv.kernel_size), list(conv.dilation))
     pre_pad = [0] * (2 * dims)
     for d in range(dims):
-        total = conv.dilation[d] * (conv.kernel_size[d] - 1)
-        own.append(total // 2)
         # F.pad's sizes run from the last dimension to the first, (left, right) each.
-        pre_pad[2 * (dims - 1 - d) + 1] = total - 2 * (total // 2)
-    return own, pre_pad if any(pre_pad) else [], "constant"
+        pre_pad[2 * (dims - 1 - d) + 1] = sides[2 * d + 1] - sides[2 * d]
+    return sides[0::2], pre_pad if any(pre_pad) else [], "constant"
 
 
 def _transposed_output_padding(x: torch.Tensor, output_size: Optional[List[int]],

@@ -335,6 +335,29 @@ def _reference_pack(ints, bits, quant_min):
                          for i in range(0, len(values), per_byte)], dtype=torch.uint8)
 
 
+@pytest.mark.parametrize("kernel_size, dilation", [((3, 3), (1, 1)), ((4, 2), (1, 3)),
+                                                    ((5, 2), (2, 1)), ((1, 1), (4, 4))])
+def test_same_padding_pads_as_atens_string_padding(kernel_size, dilation):
+    # The sizes both front ends pad a conv "same" by: an input padded with them and a conv
+    # with no padding give what ATen's padding="same" gives.
+    sides = ops.same_padding(list(kernel_size), list(dilation))
+    assert len(sides) == 4
+    x = torch.randn(1, 2, 9, 8)
+    weight = torch.randn(3, 2, *kernel_size)
+    expected = torch.nn.functional.conv2d(x, weight, padding="same", dilation=dilation)
+    # F.pad takes the last dimension first.
+    padded = torch.nn.functional.pad(x, [sides[2], sides[3], sides[0], sides[1]])
+    torch.testing.assert_close(
+        torch.nn.functional.conv2d(padded, weight, dilation=dilation), expected)
+
+
+def test_same_padding_names_bad_sizes():
+    with pytest.raises(ValueError, match="one size per dimension"):
+        ops.same_padding([3, 3], [1])
+    with pytest.raises(ValueError, match="must be positive"):
+        ops.same_padding([3, 0], [1, 1])
+
+
 @pytest.mark.parametrize("bits, quant_min", [(4, -8), (4, 0), (2, -2), (8, -128)])
 def test_pack_and_unpack_store_sub_8_bit_weights_in_bytes(bits, quant_min):
     torch.manual_seed(3)
