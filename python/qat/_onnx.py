@@ -56,6 +56,8 @@ _NOT_COMPUTE = {"QuantizeLinear", "DequantizeLinear", "Reshape", "Flatten", "Ide
                 "Shape", "Slice", "Concat", "Transpose", "Squeeze", "Unsqueeze", "MaxPool",
                 "Relu", "Gather", "Split", "ReorderInput", "ReorderOutput", "Range",
                 "ConstantOfShape"}
+# PyTorch's padding modes as ONNX Pad's; circular has no Pad mode at opset 17.
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
 
 
 def available() -> Optional[str]:
@@ -586,8 +588,8 @@ class _Emitter:
                                nn.modules.padding._ReplicationPadNd)):
             mode = ("constant" if isinstance(module, nn.modules.padding._ConstantPadNd) else
                     "reflect" if isinstance(module, nn.modules.padding._ReflectionPadNd)
-                    else "edge")
-            return self.pad_as(x, rank, list(module.padding), mode,
+                    else "replicate")
+            return self.pad_as(x, rank, list(module.padding), _PAD_MODES[mode],
                                getattr(module, "value", 0.0), base)
         conv = type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
                                 nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -598,7 +600,7 @@ class _Emitter:
             # The sizes a string padding means, and what a padding mode or an asymmetric
             # "same" pads first, as the integer model's own float conv computes them.
             own, pre_pad, mode = quantized._conv_padding(module)
-            mode = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}.get(mode)
+            mode = _PAD_MODES.get(mode)
             if mode is None:
                 return None  # circular: opset 17 has no wrap padding
             pads = own * 2
@@ -671,8 +673,7 @@ class _Emitter:
             given = list(node.args[1:4]) + [None] * (4 - len(node.args))
             sizes, mode, value = (node.kwargs.get(n, g) for n, g in
                                   zip(("pad", "mode", "value"), given))
-            mode = {None: "constant", "constant": "constant", "reflect": "reflect",
-                    "replicate": "edge"}.get(mode)
+            mode = _PAD_MODES.get("constant" if mode is None else mode)
             if mode is None:
                 return None  # circular: opset 17 has no wrap padding
             x = node.args[0]
