@@ -61,22 +61,27 @@ def run_batch(where: str, model: nn.Module, batch):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
-    if inputs is not batch and len(batch) > 1:
+    try:
+        return model(inputs)
+    except TypeError as error:
+        if inputs is batch or len(batch) < 2:
+            raise
         # (a, b) for a model of two inputs reads as (input, target): where the model's
         # signature does not take the input alone, say how the batch was read (and only
-        # then: a TypeError from inside the model is its own).
+        # then: a TypeError from inside the model is its own). Read after a failed call
+        # only, so that a working loop does not pay for it on every batch.
         try:
             inspect.signature(getattr(model, "forward", model)).bind(inputs)
-        except TypeError as error:
+        except TypeError as mismatch:
             raise TypeError(
                 f"{where}: a batch that is a {type(batch).__name__} of {len(batch)} is taken "
                 f"as (inputs, *targets), so the model was called with its first element only, "
-                f"which its forward does not take ({error}). Give a model of several inputs "
+                f"which its forward does not take ({mismatch}). Give a model of several inputs "
                 f"batches of the form ((input_1, input_2, ...), *targets), or a dict of "
                 f"keyword inputs") from error
         except ValueError:
-            pass  # no signature to read: the call says what it takes
-    return model(inputs)
+            pass  # no signature to read: the call's own error says what it takes
+        raise
 
 
 def calibrate(model: nn.Module, batches: Iterable, num_batches: Optional[int] = None,
