@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -226,20 +227,28 @@ class _Emitter:
                 self.const(f"{name}.running_var", np.ones(channels, np.float32))],
                 name, epsilon=module.eps)
         elif isinstance(module, quantized.LayerNorm):
-            shape = module.normalized_shape
-            weight = (np.ones(shape, np.float32) if module.weight is None
-                      else module.weight.numpy())
-            bias = (np.zeros(shape, np.float32) if module.bias is None
-                    else module.bias.numpy())
-            y = self.op("LayerNormalization", [
-                args[0], self.const(f"{name}.weight", weight), self.const(f"{name}.bias", bias)],
-                name, axis=-len(shape), epsilon=module.eps)
+            y = self.layer_norm(args[0], module.normalized_shape, module.weight, module.bias,
+                                module.eps, name)
         elif isinstance(module, quantized.GroupNorm):
             y = self.group_norm(args[0], module, self.shapes[node.args[0]], name)
         else:
             raise TypeError(f"qat.export: no ONNX lowering for {type(module).__name__} "
                             f"({node.target}), so no .onnx was written")
         return self.output(node, op, y)
+
+    def layer_norm(self, x: str, shape: Sequence[int], weight, bias, eps: float,
+                   name: str) -> str:
+        """LayerNormalization over the last ``len(shape)`` axes; ``weight`` and ``bias``
+        are tensors, the names of graph values, or None (1 and 0)."""
+        def operand(value, what: str, default: float) -> str:
+            if isinstance(value, str):
+                return value
+            return self.const(f"{name}.{what}", np.full(tuple(shape), default, np.float32)
+                              if value is None else value.detach().float().numpy())
+
+        return self.op("LayerNormalization", [x, operand(weight, "weight", 1.0),
+                                              operand(bias, "bias", 0.0)],
+                       name, axis=-len(shape), epsilon=float(eps))
 
     def group_norm(self, x: str, module: quantized.GroupNorm, shape: Tuple[int, ...],
                    name: str) -> str:
@@ -495,17 +504,17 @@ class _Emitter:
             node.target, "__name__", node.target)
         if name in ("dropout", "identity", "contiguous"):
             return args[0]
+        if node.target is torch._assert:
+            return None  # a check of the traced shapes (ViT's), which the export holds to
         if type(module) is nn.LayerNorm:
             # Left in float (its input is not quantized).
-            shape = tuple(module.normalized_shape)
-            weight = (np.ones(shape, np.float32) if module.weight is None
-                      else module.weight.detach().float().numpy())
-            bias = (np.zeros(shape, np.float32) if module.bias is None
-                    else module.bias.detach().float().numpy())
-            return self.op("LayerNormalization", [
-                args[0], self.const(f"{node.target}.weight", weight),
-                self.const(f"{node.target}.bias", bias)],
-                node.name, axis=-len(shape), epsilon=module.eps)
+            return self.layer_norm(args[0], module.normalized_shape, module.weight,
+                                   module.bias, module.eps, str(node.target))
+        if node.target is F.layer_norm:
+            # Functional, over parameters of the model (ConvNeXt's LayerNorm2d) or none.
+            _, _, shape, weight, bias, eps = _bound(node)
+            return self.layer_norm(args[0], shape, self.env.get(weight), self.env.get(bias),
+                                   eps, node.name)
         if type(module) is nn.Embedding:
             # A table left in float (skipped in the Config): a Gather of its rows.
             weight = self.const(f"{node.target}.weight", module.weight.detach().float().numpy())
@@ -552,20 +561,12 @@ class _Emitter:
             return self.op("HardSigmoid", [args[0]], node.name, alpha=1 / 6, beta=0.5)
         if name in ("flatten", "reshape", "view", "squeeze", "unsqueeze"):
             return self.reshape(node, args[0])
-        if name in ("max_pool1d", "max_pool2d") and module is not None:
-            dims = 1 if name == "max_pool1d" else 2
-            return self.op("MaxPool", [args[0]], node.name, **self.pooling(module, dims),
-                           dilations=_tuple(module.dilation, dims),
-                           ceil_mode=int(module.ceil_mode))
-        if name in ("avg_pool1d", "avg_pool2d") and module is not None:
-            dims = 1 if name == "avg_pool1d" else 2
-            return self.op("AveragePool", [args[0]], node.name, **self.pooling(module, dims),
-                           ceil_mode=int(module.ceil_mode),
-                           count_include_pad=int(module.count_include_pad))
-        if name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"):
-            pooled = self.adaptive_pool(node, args[0], "Average")
+        if name in ("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d"):
+            pooled = self.pooling(node, module, name, args[0])
             if pooled is not None:
                 return pooled
+        if name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"):
+            return self.adaptive_pool(node, args[0], "Average")
         raise TypeError(f"qat.export: no ONNX lowering for {what} (node {node.name}), so no "
                         f".onnx was written")
 
@@ -688,12 +689,20 @@ class _Emitter:
             sizes = node.args[1:] or node.kwargs.get("size", ())
             if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
                 sizes = sizes[0]
-            if not sizes or not all(isinstance(size, int) for size in sizes):
+            if not sizes:
                 return None
             # Expand broadcasts as numpy does: a 1 keeps the input's size, as -1 does.
-            shape = np.array([1 if size == -1 else size for size in sizes], np.int64)
-            return self.op("Expand", [args[0], self.const(f"{node.name}_shape", shape)],
-                           node.name)
+            ints = [1 if size == -1 else size for size in sizes if isinstance(size, int)]
+            if len(ints) == len(sizes):
+                shape = self.const(f"{node.name}_shape", np.array(ints, np.int64))
+            else:
+                dims = [self.const(f"{node.name}_size", np.array([1 if size == -1 else size]))
+                        if isinstance(size, int) else self.size_of(size, node.name)
+                        for size in sizes]
+                if None in dims:
+                    return None
+                shape = self.op("Concat", dims, f"{node.name}_shape", axis=0)
+            return self.op("Expand", [args[0], shape], node.name)
         if target is torch.stack and node.args and isinstance(node.args[0], (tuple, list)):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             dim %= len(self.shapes[node])
@@ -728,20 +737,61 @@ class _Emitter:
         if type(module) in (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d) \
                 and not module.return_indices:
             return self.adaptive_pool(node, args[0], "Max")
+        if target in (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d) \
+                and not (node.args[2:3] or [node.kwargs.get("return_indices", False)])[0]:
+            return self.adaptive_pool(node, args[0], "Max")
         return None
 
-    def adaptive_pool(self, node: fx.Node, x: str, kind: str) -> Optional[str]:
+    def size_of(self, size: fx.Node, base: str) -> Optional[str]:
+        """A size the graph reads off a tensor (``x.shape[i]``, ``x.size(i)``: ViT's batch
+        of class tokens) as a one-element int64 value of the ONNX graph, so that it follows
+        the batch a file is run with; None for other size arithmetic."""
+        tensor = index = None
+        if size.op == "call_method" and size.target == "size" and len(size.args) == 2:
+            tensor, index = size.args
+        elif size.op == "call_function" and size.target is operator.getitem:
+            source, index = size.args
+            if isinstance(source, fx.Node) and (
+                    (source.target is getattr and source.args[1] == "shape")
+                    or (source.target == "size" and len(source.args) == 1)):
+                tensor = source.args[0]
+        if not isinstance(tensor, fx.Node) or not isinstance(index, int) or \
+                not isinstance(self.env.get(tensor), str):
+            return None
+        rank = len(self.shapes[tensor])
+        return self.op("Shape", [self.env[tensor]], f"{base}_size", start=index % rank,
+                       end=index % rank + 1)
+
+    def adaptive_pool(self, node: fx.Node, x: str, kind: str) -> str:
         """An adaptive average or max pooling (``kind``) to the output sizes the integer
-        model gave: global where they are all 1, else a pooling whose kernel and stride are
+        model gave: global where they are all 1; a pooling whose kernel and stride are
         in / out where each input size is a multiple of its output size (PyTorch's bins are
-        then those windows: VGG's 7 x 7 of a 14 x 14 map); None otherwise."""
+        then those windows: VGG's 7 x 7 of a 14 x 14 map); else PyTorch's bins one axis at
+        a time (AlexNet's 6 x 6 of a smaller map), each output the mean or max of its
+        slice (the bins of several axes are products of theirs, so axis by axis gives the
+        same mean or max)."""
         sizes_in, sizes_out = self.shapes[node.args[0]][2:], self.shapes[node][2:]
         if all(size == 1 for size in sizes_out):
             return self.op(f"Global{kind}Pool", [x], node.name)
-        if any(i % o for i, o in zip(sizes_in, sizes_out)):
-            return None
-        window = [i // o for i, o in zip(sizes_in, sizes_out)]
-        return self.op(f"{kind}Pool", [x], node.name, kernel_shape=window, strides=window)
+        if not any(i % o for i, o in zip(sizes_in, sizes_out)):
+            window = [i // o for i, o in zip(sizes_in, sizes_out)]
+            return self.op(f"{kind}Pool", [x], node.name, kernel_shape=window, strides=window)
+        reduce = "ReduceMean" if kind == "Average" else "ReduceMax"
+        for axis, (size_in, size_out) in enumerate(zip(sizes_in, sizes_out), start=2):
+            if size_in == size_out:
+                continue
+            bins = []
+            for i in range(size_out):
+                # PyTorch's bin i: [floor(i * in / out), ceil((i + 1) * in / out)).
+                start, end = i * size_in // size_out, -(-(i + 1) * size_in // size_out)
+                base = f"{node.name}_{axis}_{i}"
+                part = self.op("Slice", [x, self.const(f"{base}_start", np.array([start])),
+                                         self.const(f"{base}_end", np.array([end])),
+                                         self.const(f"{base}_axis", np.array([axis]))], base)
+                bins.append(self.op(reduce, [part], f"{base}_reduced", axes=[axis],
+                                    keepdims=1))
+            x = self.op("Concat", bins, f"{node.name}_{axis}", axis=axis)
+        return x
 
     def reduced_axes(self, node: fx.Node) -> Tuple[List[int], int]:
         """(axes, keepdims) of a reduction called as ``x.mean(dim, keepdim)`` /
@@ -1296,10 +1346,40 @@ class _Emitter:
                 else final[0] for i, final in enumerate(finals)]
         return [y, ends if lstm else ends[0]]
 
-    def pooling(self, module: nn.Module, dims: int) -> dict:
-        stride = module.stride if module.stride is not None else module.kernel_size
-        return dict(kernel_shape=_tuple(module.kernel_size, dims),
-                    strides=_tuple(stride, dims), pads=_tuple(module.padding, dims) * 2)
+    def pooling(self, node: fx.Node, module: Optional[nn.Module], name: str,
+                x: str) -> Optional[str]:
+        """A max or average pooling (``name``), a module or a call of ``F.max_pool2d`` /
+        ``F.avg_pool2d`` (1d alike) as MaxPool / AveragePool; None for options ONNX has no
+        attribute for (indices returned, a divisor override)."""
+        if module is None:
+            # The functional forms are builtins (no signature to bind): the module's
+            # arguments, in the functions' order.
+            names = (["kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                      "return_indices"] if name.startswith("max") else
+                     ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                      "divisor_override"])
+            given = dict(zip(names, node.args[1:]), **node.kwargs)
+            defaults = dict(stride=None, padding=0, dilation=1, ceil_mode=False,
+                            return_indices=False, count_include_pad=True,
+                            divisor_override=None)
+            options = SimpleNamespace(**{n: given.get(n, defaults.get(n))
+                                               for n in names})
+        else:
+            options = module
+        if getattr(options, "return_indices", False) or \
+                getattr(options, "divisor_override", None) is not None:
+            return None
+        dims = int(name[-2])  # max_pool1d: 1
+        # An empty stride (the functions' default in TorchScript's schema) is the kernel's.
+        stride = options.stride if options.stride not in (None, [], ()) else options.kernel_size
+        attributes = dict(kernel_shape=_tuple(options.kernel_size, dims),
+                          strides=_tuple(stride, dims), pads=_tuple(options.padding, dims) * 2,
+                          ceil_mode=int(options.ceil_mode))
+        if name.startswith("max"):
+            return self.op("MaxPool", [x], node.name, dilations=_tuple(options.dilation, dims),
+                           **attributes)
+        return self.op("AveragePool", [x], node.name,
+                       count_include_pad=int(options.count_include_pad), **attributes)
 
     def reshape(self, node: fx.Node, x: str) -> str:
         """Any flatten / reshape / view as a Reshape to the shape the integer model gave,

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import qat
@@ -294,13 +295,29 @@ def test_layers_left_in_float_run_as_float_onnx_layers(tmp_path):
     (nn.AdaptiveMaxPool2d(1), "GlobalMaxPool"),
     (nn.AdaptiveMaxPool2d((4, 2)), "MaxPool"),
     (nn.AdaptiveAvgPool2d((2, 4)), "AveragePool"),
+    # Sizes that do not divide the input's (AlexNet's 6 x 6 head below 224 pixels), and one
+    # above it.
+    (lambda y: F.adaptive_avg_pool2d(y, (3, 5)), "ReduceMean"),
+    (lambda y: F.adaptive_max_pool2d(y, 3), "ReduceMax"),
+    (nn.AdaptiveAvgPool2d(11), "ReduceMean"),
+    # Pooling called as functions (Inception-v3's).
+    (lambda y: F.avg_pool2d(y, kernel_size=3, stride=1, padding=1), "AveragePool"),
+    (lambda y: F.avg_pool2d(y, 3, 2, ceil_mode=True, count_include_pad=False), "AveragePool"),
+    (lambda y: F.max_pool2d(y, kernel_size=3, stride=2), "MaxPool"),
+    (lambda y: F.max_pool2d(y, 2, 1, 0, 2), "MaxPool"),
+    # ConvNeXt's layer norm over channels: F.layer_norm on its own parameters.
+    (torchvision.models.convnext.LayerNorm2d(16), "LayerNormalization"),
 ], ids=["sub", "rsub", "div", "neg", "exp", "sqrt", "log", "pow", "matmul", "maximum", "where",
         "clamp", "clamp_max", "hardtanh", "hardtanh_function", "pad_reflect", "pad_value",
         "zero_pad", "replication_pad", "prelu", "mish", "instance_norm", "stack",
-        "sum_expand", "global_max_pool", "adaptive_max_pool", "adaptive_avg_pool"])
+        "sum_expand", "global_max_pool", "adaptive_max_pool", "adaptive_avg_pool",
+        "adaptive_avg_pool_not_dividing", "adaptive_max_pool_function_not_dividing",
+        "adaptive_avg_pool_up", "avg_pool_function", "avg_pool_function_ceil",
+        "max_pool_function", "max_pool_function_dilated", "layer_norm_function"])
 def test_float_ops_follow_the_integer_model(op, onnx_op, tmp_path):
-    """The integer model runs these in float32 between a dequantize and a quantize; each
-    wrote no .onnx ('no ONNX lowering for sub') and is now its ONNX op."""
+    """The integer model runs these in float32 between a dequantize and a quantize (or, the
+    pools, on its quantized tensors); each wrote no .onnx ('no ONNX lowering for sub') and
+    is now its ONNX op."""
     steps = _steps_between_convs(op, onnx_op, tmp_path)
     assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99
 
@@ -310,10 +327,12 @@ def test_float_ops_follow_the_integer_model(op, onnx_op, tmp_path):
     (lambda y: F.interpolate(y, scale_factor=2, mode="bicubic"), "interpolate"),
     (lambda y: F.pad(y, (1, 1, 1, 1), mode="circular"), "pad"),
     (lambda y: F.softmax(y, 1, dtype=torch.float64).float(), "softmax"),
-], ids=["bicubic", "circular_pad", "softmax_to_float64"])
+    (lambda y: F.avg_pool2d(y, 2, divisor_override=3), "avg_pool2d"),
+], ids=["bicubic", "circular_pad", "softmax_to_float64", "avg_pool_divisor"])
 def test_ops_onnx_does_not_compute_as_pytorch_are_named(op, named, tmp_path):
-    """What Resize, Pad or Softmax would compute otherwise than PyTorch (bicubic
-    coefficients at the border, wrap padding, a cast) is refused by name, no file left."""
+    """What Resize, Pad, Softmax or AveragePool would compute otherwise than PyTorch
+    (bicubic coefficients at the border, wrap padding, a cast, a divisor of its own) is
+    refused by name, no file left."""
     x = torch.randn(32, 3, 8, 8)
     path = tmp_path / "refused.onnx"
     with pytest.raises(TypeError, match=rf"qat.export: no ONNX lowering for {named} \(node "):
@@ -770,6 +789,32 @@ def test_a_transformer_encoder_runs_its_projections_on_integer_kernels(tmp_path)
     assert {"Softmax", "Equal", "Where"} <= set(report["float_ops"])
     ops = _optimized_ops(path, tmp_path)
     assert ops.count("QGemm") == 13 and "Gemm" not in ops, ops
+
+
+@needs_onnx
+def test_a_vision_transformer_follows_the_integer_model_at_any_batch(tmp_path):
+    """torchvision's ViT wrote no .onnx: its shape checks (torch._assert) and its class
+    token expanded to the batch (``expand(x.shape[0], -1, -1)``) had no lowering. The
+    checks hold for the traced shapes; the class tokens follow the batch the file runs
+    with, here 5 for an example of 4."""
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+        num_classes=10)
+    x = torch.randn(32, 3, 32, 32)
+    qmodel = calibrated(model, x)
+    path = str(tmp_path / "vit.onnx")
+    int_model = qat.export(qmodel, path, x[:4])
+    with torch.no_grad():
+        expected = int_model(x[4:9])
+    got = _onnx.run_fresh(path, (x[4:9],))[0]
+    assert got.shape == expected.shape == (5, 10)
+    steps = steps_apart(qmodel, expected, got)
+    assert (steps <= 1 + 1e-3).float().mean().item() >= 0.99 and steps.max() <= 3, steps.max()
+    report = qat.read_metadata(path)["onnx"]
+    # Per layer: the query, key, value and output projections and two MLP linears; the
+    # patch embedding conv and the head.
+    assert report["layers"] == report["layers_integer"] == 2 * 6 + 2
 
 
 def _dims(value_infos) -> list:
