@@ -1019,6 +1019,27 @@ def test_metadata_is_the_shared_writers_with_the_integer_kernel_report(tmp_path)
 
 
 @needs_onnx
+def test_a_file_below_the_floor_says_why_and_is_not_kept(tmp_path, monkeypatch):
+    """A file whose outputs drift from the integer model's (ONNX Runtime's requantization,
+    carried through a deep model: torchvision's swin_v2_t at 64 pixels gave 21 dB) was
+    refused with its SQNR alone; the error now gives the floor, the reason and the formats
+    that match bit for bit. Nothing is left."""
+    x = torch.randn(32, 3, 8, 8)
+    qmodel = calibrated(_Between(nn.ReLU()), x)
+    run_fresh = _onnx.run_fresh
+
+    def drifted(file, inputs):
+        return [y + 0.3 * y.std() * torch.randn_like(y) for y in run_fresh(file, inputs)]
+
+    monkeypatch.setattr(_onnx, "run_fresh", drifted)
+    with pytest.raises(RuntimeError, match=r"dB, below the 30 dB floor\), so it was not kept: "
+                                           r"ONNX Runtime's integer kernels round .* a \.ptl or "
+                                           r"\.pt file runs PyTorch's kernels"):
+        qat.export(qmodel, tmp_path / "drifted.onnx", x[:4])
+    assert os.listdir(tmp_path) == []
+
+
+@needs_onnx
 def test_an_op_without_onnx_lowering_is_named_and_no_file_is_left(tmp_path):
     class Erf(nn.Module):
         def __init__(self):
