@@ -509,12 +509,16 @@ class _Emitter:
         if type(module) is nn.LayerNorm:
             # Left in float (its input is not quantized).
             return self.layer_norm(args[0], module.normalized_shape, module.weight,
-                                   module.bias, module.eps, str(node.target))
+                                   module.bias, module.eps, node.name)
         if node.target is F.layer_norm:
-            # Functional, over parameters of the model (ConvNeXt's LayerNorm2d) or none.
+            # Functional, over parameters of the model (ConvNeXt's LayerNorm2d) or none; a
+            # shape the graph computes, or a quantized weight, is left to the refusal.
             _, _, shape, weight, bias, eps = _bound(node)
-            return self.layer_norm(args[0], shape, self.env.get(weight), self.env.get(bias),
-                                   eps, node.name)
+            affine = [None if a is None else self.env.get(a) for a in (weight, bias)]
+            if isinstance(shape, (tuple, list)) and all(isinstance(n, int) for n in shape) \
+                    and all(a is None or isinstance(a, str) for a in affine) \
+                    and isinstance(eps, float):
+                return self.layer_norm(args[0], shape, *affine, eps, node.name)
         if type(module) is nn.Embedding:
             # A table left in float (skipped in the Config): a Gather of its rows.
             weight = self.const(f"{node.target}.weight", module.weight.detach().float().numpy())
@@ -692,11 +696,12 @@ class _Emitter:
             if not sizes:
                 return None
             # Expand broadcasts as numpy does: a 1 keeps the input's size, as -1 does.
-            ints = [1 if size == -1 else size for size in sizes if isinstance(size, int)]
-            if len(ints) == len(sizes):
-                shape = self.const(f"{node.name}_shape", np.array(ints, np.int64))
+            sizes = [(1 if size == -1 else size) if isinstance(size, int) else size
+                     for size in sizes]
+            if all(isinstance(size, int) for size in sizes):
+                shape = self.const(f"{node.name}_shape", np.array(sizes, np.int64))
             else:
-                dims = [self.const(f"{node.name}_size", np.array([1 if size == -1 else size]))
+                dims = [self.const(f"{node.name}_size", np.array([size], np.int64))
                         if isinstance(size, int) else self.size_of(size, node.name)
                         for size in sizes]
                 if None in dims:
@@ -734,12 +739,11 @@ class _Emitter:
             softplus = self.op("Softplus", [args[0]], f"{node.name}_softplus")
             return self.op("Mul", [args[0], self.op("Tanh", [softplus], f"{node.name}_tanh")],
                            node.name)
-        if type(module) in (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d) \
-                and not module.return_indices:
-            return self.adaptive_pool(node, args[0], "Max")
-        if target in (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d) \
-                and not (node.args[2:3] or [node.kwargs.get("return_indices", False)])[0]:
-            return self.adaptive_pool(node, args[0], "Max")
+        if target in (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+                      F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d):
+            indices = (module.return_indices if module is not None else
+                       (node.args[2:3] or [node.kwargs.get("return_indices", False)])[0])
+            return None if indices else self.adaptive_pool(node, args[0], "Max")
         return None
 
     def size_of(self, size: fx.Node, base: str) -> Optional[str]:
@@ -785,9 +789,11 @@ class _Emitter:
                 # PyTorch's bin i: [floor(i * in / out), ceil((i + 1) * in / out)).
                 start, end = i * size_in // size_out, -(-(i + 1) * size_in // size_out)
                 base = f"{node.name}_{axis}_{i}"
-                part = self.op("Slice", [x, self.const(f"{base}_start", np.array([start])),
-                                         self.const(f"{base}_end", np.array([end])),
-                                         self.const(f"{base}_axis", np.array([axis]))], base)
+                part = self.op("Slice", [x, self.const(f"{base}_start",
+                                                       np.array([start], np.int64)),
+                                         self.const(f"{base}_end", np.array([end], np.int64)),
+                                         self.const(f"{base}_axis", np.array([axis], np.int64))],
+                               base)
                 bins.append(self.op(reduce, [part], f"{base}_reduced", axes=[axis],
                                     keepdims=1))
             x = self.op("Concat", bins, f"{node.name}_{axis}", axis=axis)
@@ -1352,8 +1358,8 @@ class _Emitter:
         ``F.avg_pool2d`` (1d alike) as MaxPool / AveragePool; None for options ONNX has no
         attribute for (indices returned, a divisor override)."""
         if module is None:
-            # The functional forms are builtins (no signature to bind): the module's
-            # arguments, in the functions' order.
+            # F.avg_pool* are builtins (no signature to bind), F.max_pool* dispatch on
+            # return_indices: the module's arguments, in the functions' order.
             names = (["kernel_size", "stride", "padding", "dilation", "ceil_mode",
                       "return_indices"] if name.startswith("max") else
                      ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
@@ -1378,8 +1384,19 @@ class _Emitter:
         if name.startswith("max"):
             return self.op("MaxPool", [x], node.name, dilations=_tuple(options.dilation, dims),
                            **attributes)
-        return self.op("AveragePool", [x], node.name,
-                       count_include_pad=int(options.count_include_pad), **attributes)
+        count_include_pad = int(options.count_include_pad)
+        if options.ceil_mode and count_include_pad:
+            # PyTorch counts the padding but not a last window's part past it; ONNX
+            # Runtime's integer pooling divides such a window by the whole kernel. Padded
+            # first, the padding is input and count_include_pad=0 divides as PyTorch.
+            if any(_tuple(options.padding, dims)):
+                x = self.pad_as(x, len(self.shapes[node]),
+                                [p for p in reversed(_tuple(options.padding, dims))
+                                 for _ in range(2)], "constant", 0.0, f"{node.name}_pad")
+                attributes["pads"] = [0] * (2 * dims)
+            count_include_pad = 0
+        return self.op("AveragePool", [x], node.name, count_include_pad=count_include_pad,
+                       **attributes)
 
     def reshape(self, node: fx.Node, x: str) -> str:
         """Any flatten / reshape / view as a Reshape to the shape the integer model gave,

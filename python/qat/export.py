@@ -457,14 +457,15 @@ def _check_qdq_file(emitter, file: str, inputs: tuple, expected, path: str) -> N
     round their int8 requantization their own way (fp32 multipliers), so a one-step flip may
     pass from layer to layer: an SQNR floor, not equality."""
     got = emitter.run_fresh(file, inputs)
-    runtime = "ONNX Runtime" if emitter is _onnx else "ExecuTorch's XNNPACK"
+    runtime = "ONNX Runtime's" if emitter is _onnx else "XNNPACK's (ExecuTorch)"
     _check_outputs(expected, got[0] if len(got) == 1 else got, path, "the in-memory model",
                    min_sqnr_db=30.0, why=(
-                       f"{runtime}'s integer kernels round their requantization their own "
-                       f"way, and a deep model can carry such one-step differences from "
-                       f"layer to layer (a normalization right after a quantized op, as in "
-                       f"Swin V2's blocks, amplifies them); a .ptl or .pt file runs "
-                       f"PyTorch's kernels, the integer model bit for bit"))
+                       f"often {runtime} integer kernels, which round their requantization "
+                       f"their own way, and a deep model that carries such one-step "
+                       f"differences from layer to layer (a normalization right after a "
+                       f"quantized op amplifies them); otherwise an op this format computes "
+                       f"otherwise than PyTorch's kernel. A .pt file runs PyTorch's kernels, "
+                       f"the integer model bit for bit"))
 
 
 def _onnx_with_free_batch(int_model: nn.Module, inputs: tuple, metadata: dict,

@@ -305,6 +305,12 @@ def test_layers_left_in_float_run_as_float_onnx_layers(tmp_path):
     (lambda y: F.avg_pool2d(y, 3, 2, ceil_mode=True, count_include_pad=False), "AveragePool"),
     (lambda y: F.max_pool2d(y, kernel_size=3, stride=2), "MaxPool"),
     (lambda y: F.max_pool2d(y, 2, 1, 0, 2), "MaxPool"),
+    # A last window past the padding: PyTorch divides it by what it covers of the padded
+    # input (ONNX Runtime's integer pooling, given the padding as pads, by the kernel).
+    (lambda y: F.avg_pool2d(y, 3, 2, 0, True, True), "AveragePool"),
+    (nn.AvgPool2d(3, 2, 1, ceil_mode=True), "AveragePool"),
+    (lambda y: F.max_pool1d(y.flatten(2), 3, 2, 1, 1, True).unsqueeze(-1), "MaxPool"),
+    (lambda y: F.avg_pool1d(y.flatten(2), 3, 2, 1, True, False).unsqueeze(-1), "AveragePool"),
     # ConvNeXt's layer norm over channels: F.layer_norm on its own parameters.
     (torchvision.models.convnext.LayerNorm2d(16), "LayerNormalization"),
 ], ids=["sub", "rsub", "div", "neg", "exp", "sqrt", "log", "pow", "matmul", "maximum", "where",
@@ -313,7 +319,9 @@ def test_layers_left_in_float_run_as_float_onnx_layers(tmp_path):
         "sum_expand", "global_max_pool", "adaptive_max_pool", "adaptive_avg_pool",
         "adaptive_avg_pool_not_dividing", "adaptive_max_pool_function_not_dividing",
         "adaptive_avg_pool_up", "avg_pool_function", "avg_pool_function_ceil",
-        "max_pool_function", "max_pool_function_dilated", "layer_norm_function"])
+        "max_pool_function", "max_pool_function_dilated", "avg_pool_function_ceil_with_pad",
+        "avg_pool_ceil_padded", "max_pool1d_function", "avg_pool1d_function",
+        "layer_norm_function"])
 def test_float_ops_follow_the_integer_model(op, onnx_op, tmp_path):
     """The integer model runs these in float32 between a dequantize and a quantize (or, the
     pools, on its quantized tensors); each wrote no .onnx ('no ONNX lowering for sub') and
@@ -328,7 +336,9 @@ def test_float_ops_follow_the_integer_model(op, onnx_op, tmp_path):
     (lambda y: F.pad(y, (1, 1, 1, 1), mode="circular"), "pad"),
     (lambda y: F.softmax(y, 1, dtype=torch.float64).float(), "softmax"),
     (lambda y: F.avg_pool2d(y, 2, divisor_override=3), "avg_pool2d"),
-], ids=["bicubic", "circular_pad", "softmax_to_float64", "avg_pool_divisor"])
+    (lambda y: F.layer_norm(y, y.shape[-1:]), "layer_norm"),
+], ids=["bicubic", "circular_pad", "softmax_to_float64", "avg_pool_divisor",
+        "layer_norm_of_a_computed_shape"])
 def test_ops_onnx_does_not_compute_as_pytorch_are_named(op, named, tmp_path):
     """What Resize, Pad, Softmax or AveragePool would compute otherwise than PyTorch
     (bicubic coefficients at the border, wrap padding, a cast, a divisor of its own) is
@@ -1033,8 +1043,8 @@ def test_a_file_below_the_floor_says_why_and_is_not_kept(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_onnx, "run_fresh", drifted)
     with pytest.raises(RuntimeError, match=r"dB, below the 30 dB floor\), so it was not kept: "
-                                           r"ONNX Runtime's integer kernels round .* a \.ptl or "
-                                           r"\.pt file runs PyTorch's kernels"):
+                                           r"often ONNX Runtime's integer kernels, which round "
+                                           r".* A \.pt file runs PyTorch's kernels"):
         qat.export(qmodel, tmp_path / "drifted.onnx", x[:4])
     assert os.listdir(tmp_path) == []
 
