@@ -29,6 +29,7 @@ from .quantized import _conv_padding
 from .modules import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, Linear, fused,
                       lookup)
 from .modules.conv_bn import _ConvBnNd, _ReLU, fold_weights_ahead
+from .modules.registry import registered_base
 
 __all__ = ["prepare"]
 
@@ -302,10 +303,11 @@ def _fuse_conv_bn(gm: fx.GraphModule, config: Config, spec_modules: Dict[str, nn
             continue
         conv = gm.get_submodule(conv_node.target)
         bn = gm.get_submodule(bn_node.target)
-        if (type(conv) not in _CONV_BN or type(bn) is not _CONV_BN[type(conv)][0]
+        kind = registered_base(type(conv))
+        if (kind not in _CONV_BN or type(bn) is not _CONV_BN[kind][0]
                 or config.spec_for(conv_node.target, conv) is None):
             continue
-        _, conv_bn, conv_bn_relu = _CONV_BN[type(conv)]
+        _, conv_bn, conv_bn_relu = _CONV_BN[kind]
         relu_node = _single_user(bn_node)
         is_relu = _is_relu(relu_node, gm)
         if is_relu:
@@ -677,7 +679,8 @@ def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=No
     With ``torch.fx``: ConvNd -> BatchNormNd (-> ReLU) are fused into
     :class:`qat.modules.ConvBn2d` / :class:`qat.modules.ConvBnReLU2d` (and the 1d / 3d
     ones; batch norm folded into the fake-quantized weight); every module with a
-    registered QAT class (:func:`qat.register_module`) is swapped for it, with the weight
+    registered QAT class (:func:`qat.register_module`; a subclass that overrides no method
+    of a registered class too) is swapped for it, with the weight
     spec ``config.spec_for(name, module)`` gives (None: it stays in float); a
     :class:`qat.FakeQuantize` with the activation spec is inserted at each input and after
     each op whose output the integer model holds quantized: swapped modules, ``+``, ``*``,
@@ -820,9 +823,25 @@ def _prepare_keeping(model: nn.Module, config: Config, inplace: bool) -> nn.Modu
         raise
 
 
+def _warn_overriding_subclasses(model: nn.Module, config: Config) -> None:
+    """Names the layers of a model's own subclasses of a registered layer that override
+    one of its methods: no QAT class is registered for them (their computation may
+    differ), so tracing goes through them and their ops run in float."""
+    names = [name for name, module in model.named_modules()
+             if lookup(module) is None and not config.is_skipped(name, module)
+             and type(module).__module__.split(".")[0] != "torch"
+             and any(registered_base(base) is not None for base in type(module).__mro__)]
+    if names:
+        warnings.warn(
+            f"qat.prepare: these layers subclass a layer qat quantizes but override its "
+            f"methods, so they run as their code, in float: {', '.join(names)} (register a "
+            f"QAT class for the subclass with qat.register_module)", stacklevel=4)
+
+
 def _prepare(model: nn.Module, config: Config) -> nn.Module:
     # Attention layers become modules of nn.Linear projections that trace (and swap).
     model = make_traceable(model)
+    _warn_overriding_subclasses(model, config)
     try:
         gm = _trace(model)
     except Exception as error:  # noqa: BLE001 - any tracing failure takes the fallback

@@ -238,9 +238,17 @@ def test_registry(monkeypatch):
     class SubLinear(nn.Linear):
         pass
 
+    class TwiceLinear(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
     qat.register_module(Scale, QatScale)
     assert qat.modules.lookup(Scale()) is QatScale
-    assert qat.modules.lookup(SubLinear(1, 1)) is None  # exact types only
+    # A subclass that overrides nothing computes as its base; one that overrides a method
+    # may not, and torch's own (MultiheadAttention's out_proj) mark layers kept as they are.
+    assert qat.modules.lookup(SubLinear(1, 1)) is qat.modules.Linear
+    assert qat.modules.lookup(TwiceLinear(1, 1)) is None
+    assert qat.modules.lookup(nn.modules.linear.NonDynamicallyQuantizableLinear(1, 1)) is None
     with pytest.raises(TypeError, match="float_cls"):
         qat.register_module(int, QatScale)
     with pytest.raises(TypeError, match="qat_cls"):

@@ -935,3 +935,57 @@ def test_example_inputs_check_the_prepared_model_without_changing_it():
     with pytest.raises(TypeError, match=r"example_inputs must be a tensor or a tuple of "
                                         r"tensors, got dict"):
         qat.prepare(model, example_inputs={"x": torch.rand(1)})
+
+
+class _BiaslessConv(nn.Conv2d):
+    """A subclass that only changes the constructor's defaults, as models write them."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__(in_channels, out_channels, 3, padding=1, bias=False)
+
+
+class _DoubledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("conv, bn, shape", [
+    (lambda: _BiaslessConv(3, 8), nn.BatchNorm2d, (4, 3, 8, 8)),
+    (lambda: torchvision.models.video.resnet.Conv3DSimple(3, 8), nn.BatchNorm3d,
+     (4, 3, 4, 8, 8)),
+], ids=["own_subclass", "torchvision_conv3d_simple"])
+def test_subclasses_that_override_nothing_are_quantized_as_their_base(conv, bn, shape):
+    """A subclass of nn.Conv2d / nn.Conv3d that only sets the constructor's defaults
+    (torchvision's video ResNets are made of Conv3DSimple) was traced into: its conv ran
+    in float in the simulation and the integer model, without a word. It is now fused with
+    its batch norm and quantized: the integer model gives, bit for bit, what the same
+    model built from the plain base class gives."""
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(), bn(8), nn.ReLU(), nn.Flatten(1), nn.LazyLinear(4))
+    x = torch.randn(*shape)
+    model(x)
+    base = type(model[0]).__mro__[1]
+    plain = copy.deepcopy(model)
+    plain[0] = base(3, 8, model[0].kernel_size, model[0].stride, model[0].padding,
+                    bias=False)
+    plain[0].weight = model[0].weight
+    outputs = []
+    for float_model in (model, plain):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no layer left in float
+            qmodel = qat.prepare(float_model)
+        assert type(qmodel.get_submodule("0")).__name__ == f"ConvBnReLU{len(shape) - 2}d"
+        qat.calibrate(qmodel, [x], progress=False)
+        int_model = qat.convert(qmodel.eval())
+        assert isinstance(int_model.get_submodule("0"), qat.quantized._WithOutputQParams)
+        with torch.no_grad():
+            outputs.append(int_model(x))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_subclasses_that_override_a_method_are_named_as_left_in_float():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), _DoubledLinear(8, 2))
+    with pytest.warns(UserWarning, match=r"override its methods, so they run as their code, "
+                                         r"in float: 2 \(register a QAT class"):
+        qmodel = qat.prepare(model)
+    assert isinstance(qmodel.get_submodule("0"), qat.modules.Linear)

@@ -8,6 +8,7 @@ import torch
 
 from .._torch_support import eager_under_compile
 from ..config import Config, QuantSpec
+from .registry import registered_base
 
 
 def weight_spec_for(spec: Optional[QuantSpec], axis: int) -> QuantSpec:
@@ -24,8 +25,10 @@ def weight_spec_for(spec: Optional[QuantSpec], axis: int) -> QuantSpec:
 
 
 def check_float(cls, mod, float_cls, equivalents: Optional[Dict[type, type]] = None) -> None:
-    """``mod`` is a ``float_cls``, or a class that ``equivalents`` maps to it."""
-    if type(mod) is not float_cls and (equivalents or {}).get(type(mod)) is not float_cls:
+    """``mod`` is a ``float_cls`` (or a subclass that computes as it,
+    :func:`registry.registered_base`), or a class that ``equivalents`` maps to it."""
+    if registered_base(type(mod)) is not float_cls and \
+            (equivalents or {}).get(type(mod)) is not float_cls:
         raise TypeError(
             f"{cls.__module__}.{cls.__name__}.from_float: expected a "
             f"{float_cls.__module__}.{float_cls.__name__}, got {type(mod).__name__}")

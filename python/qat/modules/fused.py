@@ -11,6 +11,8 @@ from typing import Dict, Optional
 
 from torch import nn
 
+from .registry import registered_base
+
 __all__ = ["FusedConvBn1d", "FusedConvBn2d", "FusedConvBn3d", "FusedConvBnReLU1d",
            "FusedConvBnReLU2d", "FusedConvBnReLU3d", "TORCH_EQUIVALENTS"]
 
@@ -23,7 +25,7 @@ class _Fused(nn.Sequential):
     _BN: type
 
     def __init__(self, conv: nn.Module, bn: nn.Module, relu: Optional[nn.Module] = None):
-        if type(conv) is not self._CONV or type(bn) is not self._BN:
+        if registered_base(type(conv)) is not self._CONV or type(bn) is not self._BN:
             raise TypeError(
                 f"{type(self).__name__}: expected a {self._CONV.__name__} and a "
                 f"{self._BN.__name__}, got {type(conv).__name__} and {type(bn).__name__}")

@@ -4,7 +4,7 @@ from typing import Dict, Optional, Type, Union
 
 from torch import nn
 
-__all__ = ["lookup", "register_module"]
+__all__ = ["lookup", "register_module", "registered_base"]
 
 _REGISTRY: Dict[type, type] = {}
 
@@ -45,8 +45,36 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _overrides(klass: type, base: type) -> bool:
+    """Whether ``klass``'s body replaces a method (or property) of ``base``: a constructor
+    with other defaults, methods of its own, and data (``__doc__``, the ``__slotnames__``
+    that copying an instance caches on its class) leave its computation as ``base``'s."""
+    return any(name != "__init__" and hasattr(base, name) and (
+        callable(value) or isinstance(value, (property, staticmethod, classmethod)))
+        for name, value in vars(klass).items())
+
+
+def registered_base(cls: type) -> Optional[type]:
+    """The registered float class whose computation ``cls`` runs: ``cls`` itself, or, for a
+    subclass defined outside torch that overrides nothing of it (only an ``__init__`` with
+    other defaults, or methods of its own: torchvision's ``Conv3DSimple``), its nearest
+    registered base; None otherwise. A subclass that overrides a method (``forward``,
+    ``_conv_forward``, ...) may compute something else, and torch's own subclasses
+    (``NonDynamicallyQuantizableLinear``) mark layers that must stay as they are."""
+    if cls in _REGISTRY:
+        return cls
+    if cls.__module__.split(".")[0] == "torch" or cls in _REGISTRY.values():
+        return None
+    for depth, base in enumerate(cls.__mro__):
+        if base in _REGISTRY:
+            overrides = any(_overrides(klass, base) for klass in cls.__mro__[:depth])
+            return None if overrides else base
+    return None
+
+
 def lookup(float_module: Union[nn.Module, type]) -> Optional[type]:
-    """The QAT class registered for the exact type of ``float_module`` (a module or a
-    class), or None. Subclasses are not matched: their forward may differ."""
+    """The QAT class registered for the type of ``float_module`` (a module or a class) or
+    for the registered base it computes as (:func:`registered_base`), or None."""
     cls = float_module if isinstance(float_module, type) else type(float_module)
-    return _REGISTRY.get(cls)
+    base = registered_base(cls)
+    return None if base is None else _REGISTRY[base]
