@@ -35,6 +35,7 @@ from torch.ao.nn.quantized import dynamic
 
 from . import _op_roles, _transformer, quantized
 from ._pte import _QParams, _Recorder, bag_arguments, pair_value
+from .modules.registry import registered_base
 
 __all__ = ["METADATA_KEY", "OPSET", "available", "batch_layouts", "emit", "grown", "load",
            "read_metadata_text", "run_fresh"]
@@ -596,9 +597,11 @@ class _Emitter:
                     else "replicate")
             return self.pad_as(x, rank, list(module.padding), _PAD_MODES[mode],
                                getattr(module, "value", 0.0), base)
-        conv = type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
-                                nn.ConvTranspose2d, nn.ConvTranspose3d)
-        if not conv and type(module) is not nn.Linear:
+        # A subclass that computes as its base (registry.registered_base) is that layer.
+        kind = registered_base(type(module))
+        conv = kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                        nn.ConvTranspose2d, nn.ConvTranspose3d)
+        if not conv and kind is not nn.Linear:
             return None
         pre_pad: List[int] = []
         if conv and not module.transposed:

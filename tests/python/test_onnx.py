@@ -218,14 +218,21 @@ def test_resizes_pixel_shuffles_and_softmaxes_follow_the_integer_model(op, chann
     assert (steps <= 1 + 1e-3).all()
 
 
+class _PaddedConv(nn.Conv2d):
+    """A subclass that only sets the constructor's defaults: a Conv2d to every emitter."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__(in_channels, out_channels, 3, padding=1)
+
+
 class _FloatLayers(nn.Module):
     """Layers the integer model runs in float around one integer conv (``mid``): the first
-    and last skipped in the Config, convs padded by reflection, by replication and by an
-    asymmetric "same", and a grouped transposed conv."""
+    (a subclass of Conv2d) and last skipped in the Config, convs padded by reflection, by
+    replication and by an asymmetric "same", and a grouped transposed conv."""
 
     def __init__(self):
         super().__init__()
-        self.first = nn.Conv2d(3, 8, 3, padding=1)
+        self.first = _PaddedConv(3, 8)
         self.reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
         self.replicate = nn.Conv2d(8, 8, 3, padding=2, dilation=2, padding_mode="replicate")
         self.mid = nn.Conv2d(8, 8, 1)
