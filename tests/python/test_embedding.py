@@ -284,11 +284,20 @@ def test_from_float_rejects_other_classes(qat_cls):
     with pytest.raises(TypeError, match=expected + "got Linear"):
         qat_cls.from_float(nn.Linear(3, 4))
 
+    # A subclass that overrides a method may compute something else; one that overrides
+    # nothing computes as the float class (qat.modules.registry.registered_base).
     class MyEmbedding(qat_cls._FLOAT_MODULE):
-        pass
+        def forward(self, *args, **kwargs):
+            return 2 * super().forward(*args, **kwargs)
 
     with pytest.raises(TypeError, match="got MyEmbedding"):
         qat_cls.from_float(MyEmbedding(5, 2))
+
+    class PlainEmbedding(qat_cls._FLOAT_MODULE):
+        pass
+
+    float_module = PlainEmbedding(5, 2)
+    assert qat_cls.from_float(float_module).weight is float_module.weight
 
 
 @pytest.mark.parametrize("float_cls", [nn.Embedding, nn.EmbeddingBag])
