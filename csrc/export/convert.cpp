@@ -76,15 +76,11 @@ std::string dtype_literal(c10::ScalarType dtype) {
   return std::to_string(static_cast<int>(dtype));
 }
 
-// The quantized dtype of an activation range, as Python's quantized.activation_dtype:
-// exactly [0, 255] or [-128, 127]. The kernels saturate only at the dtype's limits, so a
-// narrower range (4-bit activations) would not clip where the simulation did.
+// The quantized dtype of `fq`'s activations (qat::activation_dtype), or the reason there
+// is none.
 c10::ScalarType activation_dtype(const FakeQuantizeImpl& fq, const std::string& name) {
-  if (fq.quant_min() == 0 && fq.quant_max() == 255) {
-    return c10::kQUInt8;
-  }
-  if (fq.quant_min() == -128 && fq.quant_max() == 127) {
-    return c10::kQInt8;
+  if (const auto dtype = qat::activation_dtype(fq.quant_min(), fq.quant_max())) {
+    return *dtype;
   }
   throw std::invalid_argument(fmt::format(
       "qat::convert: '{}' quantizes activations to [{}, {}], which have no integer kernel: "

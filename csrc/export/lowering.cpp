@@ -352,6 +352,16 @@ std::tuple<double, int64_t> fixed_qparams(
       (hi - lo) / steps, quant_min + static_cast<int64_t>(std::nearbyint(-lo * steps / (hi - lo)))};
 }
 
+c10::optional<c10::ScalarType> activation_dtype(int64_t quant_min, int64_t quant_max) {
+  if (quant_min == 0 && quant_max == 255) {
+    return c10::kQUInt8;
+  }
+  if (quant_min == -128 && quant_max == 127) {
+    return c10::kQInt8;
+  }
+  return c10::nullopt;
+}
+
 std::vector<int64_t> same_padding(at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
   TORCH_CHECK_VALUE(
       kernel_size.size() == dilation.size(),

@@ -4,6 +4,7 @@
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/python.h>
 
 #include <qat/qat.h>
@@ -266,6 +267,20 @@ PYBIND11_MODULE(_C, m) {
       "Deflates the records of a written TorchScript archive that are not tensor storages "
       "and drops its code's debug records (qat::detail::compact_archive, both front ends' "
       "exports).");
+
+  m.def(
+      "_activation_dtype",
+      [](int64_t quant_min, int64_t quant_max) -> py::object {
+        const auto dtype = qat::activation_dtype(quant_min, quant_max);
+        if (!dtype.has_value()) {
+          return py::none();
+        }
+        return py::reinterpret_borrow<py::object>(
+            reinterpret_cast<PyObject*>(torch::getTHPDtype(*dtype)));
+      },
+      py::arg("quant_min"), py::arg("quant_max"),
+      "The quantized dtype of activations in [quant_min, quant_max], or None "
+      "(qat::activation_dtype, both front ends' convert).");
 
   m.def("_cpu_capability", [] { return qat::cpu::capability_name(qat::cpu::capability()); });
   m.def("_best_cpu_capability", [] {

@@ -7,6 +7,7 @@
 // apart between the front ends.
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Optional.h>
 
 #include <cstdint>
@@ -95,6 +96,13 @@ at::Tensor integer_weight(
 /// @throws c10::ValueError when the range is not finite or does not hold zero.
 std::tuple<double, int64_t> fixed_qparams(
     double lo, double hi, int64_t quant_min, int64_t quant_max, bool inclusive);
+
+/// The quantized dtype the integer kernels hold activations quantized to [quant_min,
+/// quant_max] in: quint8 for [0, 255], qint8 for [-128, 127], nullopt for any other range
+/// (4-bit activations, narrow range): the kernels saturate at the dtype's limits only, so
+/// such an integer model would not clip where the simulation did. Both front ends' convert
+/// read it (Python through qat._C._activation_dtype).
+c10::optional<c10::ScalarType> activation_dtype(int64_t quant_min, int64_t quant_max);
 
 /// The padding "same" gives a conv, as ATen computes it: per spatial dimension d, the
 /// total dilation[d] * (kernel_size[d] - 1) split into (left, right) with left the half

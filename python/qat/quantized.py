@@ -54,14 +54,13 @@ LoweredOp = _C.LoweredOp
 
 
 def activation_dtype(quant_min: int, quant_max: int) -> torch.dtype:
-    """The quantized dtype of an activation range: quint8 for [0, 255], qint8 for
-    [-128, 127]. Narrower ranges (4-bit activations, narrow range) are refused: the
-    kernels saturate at the dtype's limits, so the integer model would not clip where the
-    simulation did."""
-    if (quant_min, quant_max) == (0, 255):
-        return torch.quint8
-    if (quant_min, quant_max) == (-128, 127):
-        return torch.qint8
+    """The quantized dtype of an activation range (``qat::activation_dtype``, which the C++
+    convert reads too): quint8 for [0, 255], qint8 for [-128, 127]. Narrower ranges (4-bit
+    activations, narrow range) are refused: the kernels saturate at the dtype's limits, so
+    the integer model would not clip where the simulation did."""
+    dtype = _C._activation_dtype(quant_min, quant_max)
+    if dtype is not None:
+        return dtype
     raise ValueError(
         f"qat.convert: activations quantized to [{quant_min}, {quant_max}] have no integer "
         f"kernel: the kernels hold activations in [0, 255] or [-128, 127] and saturate "

@@ -335,6 +335,21 @@ def _reference_pack(ints, bits, quant_min):
                          for i in range(0, len(values), per_byte)], dtype=torch.uint8)
 
 
+@pytest.mark.parametrize("quant_min, quant_max, dtype", [
+    (0, 255, torch.quint8), (-128, 127, torch.qint8), (0, 15, None), (-127, 127, None),
+    (0, 127, None)])
+def test_activation_dtype_is_the_range_the_kernels_saturate_at(quant_min, quant_max, dtype):
+    # The rule both front ends' convert read (qat::activation_dtype): only a dtype's whole
+    # range, where the kernels saturate as the simulation clips.
+    if dtype is None:
+        with pytest.raises(ValueError, match=rf"\[{quant_min}, {quant_max}\] have no integer"):
+            quantized.activation_dtype(quant_min, quant_max)
+    else:
+        assert quantized.activation_dtype(quant_min, quant_max) is dtype
+        info = torch.iinfo(torch.uint8 if dtype is torch.quint8 else torch.int8)
+        assert (info.min, info.max) == (quant_min, quant_max)
+
+
 @pytest.mark.parametrize("kernel_size, dilation", [((3, 3), (1, 1)), ((4, 2), (1, 3)),
                                                     ((5, 2), (2, 1)), ((1, 1), (4, 4))])
 def test_same_padding_pads_as_atens_string_padding(kernel_size, dilation):
