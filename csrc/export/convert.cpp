@@ -213,11 +213,6 @@ std::vector<int64_t> conv_padding(const Options& options, const std::string& nam
   return *padding;
 }
 
-template <size_t D>
-std::string list_of(const torch::ExpandingArray<D>& values) {
-  return literal(at::IntArrayRef(values));
-}
-
 // Resolves the names of the generated source without Python: `torch` as the aten operators
 // (as LibTorch's native resolver does) and `quantized` as PyTorch's quantized ones.
 struct OperatorResolver : torch::jit::Resolver {
@@ -939,16 +934,18 @@ class Converter {
   template <typename Options>
   static std::string max_pool(const char* op, const Options& o) {
     return fmt::format(
-        "torch.{}(x, {}, {}, {}, {}, {})", op, list_of(o.kernel_size()), list_of(o.stride()),
-        list_of(o.padding()), list_of(o.dilation()), literal(o.ceil_mode()));
+        "torch.{}(x, {}, {}, {}, {}, {})", op, literal(o.kernel_size()), literal(o.stride()),
+        literal(o.padding()), literal(o.dilation()), literal(o.ceil_mode()));
   }
 
-  // `extra`: arguments after count_include_pad (avg_pool2d's divisor_override).
-  template <typename Options>
-  static std::string avg_pool(const char* op, const Options& o, const std::string& extra = "") {
+  // avg_pool1d takes no divisor_override.
+  template <size_t D>
+  static std::string avg_pool(const torch::nn::AvgPoolOptions<D>& o) {
+    const auto divisor = o.divisor_override() ? std::to_string(*o.divisor_override()) : "None";
     return fmt::format(
-        "torch.{}(x, {}, {}, {}, {}, {}{})", op, list_of(o.kernel_size()), list_of(o.stride()),
-        list_of(o.padding()), literal(o.ceil_mode()), literal(o.count_include_pad()), extra);
+        "torch.avg_pool{}d(x, {}, {}, {}, {}, {}{})", D, literal(o.kernel_size()),
+        literal(o.stride()), literal(o.padding()), literal(o.ceil_mode()),
+        literal(o.count_include_pad()), D == 1 ? "" : ", " + divisor);
   }
 
   template <typename Options>
@@ -959,11 +956,11 @@ class Converter {
     const auto geometry =
         o.transposed()
             ? fmt::format(
-                  "{}, {}, {}, {}, {}", list_of(o.stride()), literal(conv_padding(o, name)),
-                  list_of(o.output_padding()), o.groups(), list_of(o.dilation()))
+                  "{}, {}, {}, {}, {}", literal(o.stride()), literal(conv_padding(o, name)),
+                  literal(o.output_padding()), o.groups(), literal(o.dilation()))
             : fmt::format(
-                  "{}, {}, {}, {}", list_of(o.stride()), literal(conv_padding(o, name)),
-                  list_of(o.dilation()), o.groups());
+                  "{}, {}, {}, {}", literal(o.stride()), literal(conv_padding(o, name)),
+                  literal(o.dilation()), o.groups());
     return fmt::format(
         "torch.{}(x, {}, {}, {})", op, tensor_attribute(name, "weight", weight),
         tensor_attribute(name, "bias", bias), geometry);
@@ -1008,20 +1005,14 @@ class Converter {
       // No quantized max_pool3d in the op-role table: in float, as Python's convert runs it.
       call = max_pool("max_pool3d", max3d->options);
     } else if (auto* pool = dynamic_cast<torch::nn::AvgPool1dImpl*>(&module)) {
-      call = avg_pool("avg_pool1d", pool->options);
+      call = avg_pool(pool->options);
     } else if (auto* pool2d = dynamic_cast<torch::nn::AvgPool2dImpl*>(&module)) {
-      const auto& o = pool2d->options;
-      call = avg_pool(
-          "avg_pool2d", o,
-          ", " + (o.divisor_override() ? std::to_string(*o.divisor_override()) : "None"));
+      call = avg_pool(pool2d->options);
     } else if (auto* pool3d = dynamic_cast<torch::nn::AvgPool3dImpl*>(&module)) {
-      const auto& o = pool3d->options;
-      call = avg_pool(
-          "avg_pool3d", o,
-          ", " + (o.divisor_override() ? std::to_string(*o.divisor_override()) : "None"));
+      call = avg_pool(pool3d->options);
     } else if (auto* adaptive1d = dynamic_cast<torch::nn::AdaptiveAvgPool1dImpl*>(&module)) {
       call = fmt::format(
-          "torch.adaptive_avg_pool1d(x, {})", list_of(adaptive1d->options.output_size()));
+          "torch.adaptive_avg_pool1d(x, {})", literal(adaptive1d->options.output_size()));
     } else if (auto* adaptive = dynamic_cast<torch::nn::AdaptiveAvgPool2dImpl*>(&module)) {
       call = fmt::format(
           "torch.adaptive_avg_pool2d(x, {})", output_size(*adaptive->options.output_size()));

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <cmath>
@@ -44,11 +45,7 @@ std::tuple<at::Tensor, at::Tensor> bias_levels(
 
 // The number of elements after axis `dim` of `t`: one channel's run along that axis.
 int64_t inner_size(const at::Tensor& t, int64_t dim) {
-  int64_t inner = 1;
-  for (int64_t d = dim + 1; d < t.dim(); ++d) {
-    inner *= t.size(d);
-  }
-  return inner;
+  return c10::multiply_integers(t.sizes().slice(dim + 1));
 }
 
 // Calls fn(c, begin, end), in parallel, on element ranges [begin, end) of a contiguous
@@ -422,10 +419,7 @@ at::Tensor unpack_weight(
   for (int64_t i = 0; i < per_byte; ++i) {
     parts.push_back(data.bitwise_right_shift(width * i).bitwise_and((1 << width) - 1));
   }
-  int64_t numel = 1;
-  for (const auto size : shape) {
-    numel *= size;
-  }
+  const int64_t numel = c10::multiply_integers(shape);
   const auto values = at::stack(parts, 1).flatten().slice(0, 0, numel).to(at::kShort) + quant_min;
   return values.to(at::kChar).reshape(shape);
 }

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <map>
 #include <stdexcept>
 
 namespace qat {
@@ -69,33 +70,20 @@ std::string op_json(const LoweredOp& op) {
 
 // Python's names of the dtypes (str(torch.float32)); c10 spells them "Float", "Long"...
 std::string python_dtype(c10::ScalarType type) {
-  switch (type) {
-    case c10::kFloat:
-      return "torch.float32";
-    case c10::kDouble:
-      return "torch.float64";
-    case c10::kHalf:
-      return "torch.float16";
-    case c10::kBFloat16:
-      return "torch.bfloat16";
-    case c10::kByte:
-      return "torch.uint8";
-    case c10::kChar:
-      return "torch.int8";
-    case c10::kShort:
-      return "torch.int16";
-    case c10::kInt:
-      return "torch.int32";
-    case c10::kLong:
-      return "torch.int64";
-    case c10::kBool:
-      return "torch.bool";
-    default:
-      throw std::invalid_argument(fmt::format(
-          "qat: an example input has dtype {}, which the metadata cannot name (give float, "
-          "integer or bool inputs)",
-          c10::toString(type)));
+  static const std::map<c10::ScalarType, const char*> names = {
+      {c10::kFloat, "torch.float32"}, {c10::kDouble, "torch.float64"},
+      {c10::kHalf, "torch.float16"},  {c10::kBFloat16, "torch.bfloat16"},
+      {c10::kByte, "torch.uint8"},    {c10::kChar, "torch.int8"},
+      {c10::kShort, "torch.int16"},   {c10::kInt, "torch.int32"},
+      {c10::kLong, "torch.int64"},    {c10::kBool, "torch.bool"}};
+  const auto found = names.find(type);
+  if (found == names.end()) {
+    throw std::invalid_argument(fmt::format(
+        "qat: an example input has dtype {}, which the metadata cannot name (give float, "
+        "integer or bool inputs)",
+        c10::toString(type)));
   }
+  return found->second;
 }
 
 }  // namespace

@@ -55,6 +55,12 @@ using FakeQuantizeFoldedFn = at::Tensor(
     int64_t, int64_t, c10::optional<double>, bool, bool, bool, c10::string_view,
     const c10::optional<at::Tensor>&, bool);
 
+// The registered operator `name`, checked against the signature Fn.
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
 void check_observer_name(const char* module, const QuantSpec& spec) {
   const auto& runnable = QuantSpec::module_observers();
   if (std::find(runnable.begin(), runnable.end(), spec.observer()) == runnable.end()) {
@@ -399,9 +405,7 @@ torch::Tensor FakeQuantizeImpl::forward(const torch::Tensor& given) {
   bool observe = is_observer_enabled();
   const bool quantize = is_fake_quant_enabled();
   if (relu_input && can_take_relu()) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("qat::observe_fake_quantize_relu", "")
-                         .typed<ObserveFakeQuantizeReluFn>();
+    static auto op = typed_op<ObserveFakeQuantizeReluFn>("qat::observe_fake_quantize_relu");
     return op.call(
         given, observer->min_val, observer->max_val, scale, zero_point, quant_min_, quant_max_,
         averaging_constant(spec_), spec_.symmetric(), observe, quantize, observer->nonfinite_count,
@@ -429,9 +433,7 @@ torch::Tensor FakeQuantizeImpl::forward(const torch::Tensor& given) {
   }
   // The rest of the state machine (observe, clamp a learned scale, refuse a scale never
   // observed, fake-quantize) is the operator's, which Python's FakeQuantize calls too.
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("qat::fused_observe_fake_quantize", "")
-                       .typed<FusedObserveFakeQuantizeFn>();
+  static auto op = typed_op<FusedObserveFakeQuantizeFn>("qat::fused_observe_fake_quantize");
   return op.call(
       input, observer->min_val, observer->max_val, scale, zero_point, quant_min_, quant_max_, axis,
       averaging_constant(spec_), spec_.symmetric(), observe, quantize, spec_.estimator(),
@@ -455,9 +457,7 @@ torch::Tensor FakeQuantizeImpl::forward_folded(
   if (observe) {
     ensure_channels(weight.size(0));
   }
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("qat::fake_quantize_folded", "")
-                       .typed<FakeQuantizeFoldedFn>();
+  static auto op = typed_op<FakeQuantizeFoldedFn>("qat::fake_quantize_folded");
   return op.call(
       weight, factor, observer->min_val, observer->max_val, scale, zero_point, quant_min_,
       quant_max_, averaging_constant(spec_), spec_.symmetric(), observe, quantize,
@@ -474,9 +474,7 @@ torch::Tensor FakeQuantizeImpl::linear(const torch::Tensor& input, const torch::
   if (observe) {
     ensure_channels(weight.size(0));
   }
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("qat::fake_quantized_linear", "")
-                       .typed<FakeQuantizedLinearFn>();
+  static auto op = typed_op<FakeQuantizedLinearFn>("qat::fake_quantized_linear");
   return op.call(
       input, weight, observer->min_val, observer->max_val, scale, zero_point, quant_min_,
       quant_max_, averaging_constant(spec_), spec_.symmetric(), observe, is_fake_quant_enabled(),

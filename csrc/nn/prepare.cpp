@@ -52,14 +52,6 @@ bool has_role(const torch::nn::Module& module, OpRole role) {
   return info != nullptr && info->role == role;
 }
 
-bool passes_qparams(const torch::nn::Module& module) {
-  return has_role(module, OpRole::kPassesQParams);
-}
-
-bool requantizes(const torch::nn::Module& module) {
-  return has_role(module, OpRole::kRequantizes);
-}
-
 // Attention and recurrent layers compute with their weights inside their own forward
 // (MultiheadAttention reads its out_proj's weight, never calling it): a swapped child would
 // never run, and without a graph there is nowhere to put their fake quantizers.
@@ -169,7 +161,8 @@ void check_observers(
           }
           const bool weight_only = registry.weight_only(std::type_index(typeid(child)));
           if (((swapped && !weight_only) ||
-               (sequential && (requantizes(child) || has_role(child, OpRole::kFixedRange)))) &&
+               (sequential &&
+                (has_role(child, OpRole::kRequantizes) || has_role(child, OpRole::kFixedRange)))) &&
               !config.dynamic()) {
             check(name, child, "activation", specs.activation, &LayerOverride::activation);
           }
@@ -210,7 +203,7 @@ class Preparer {
       if (config_.is_skipped(name)) {
         continue;
       }
-      if (swappable(*child)) {
+      if (registry_.contains(std::type_index(typeid(*child)))) {
         auto swapped = swap(child, name, false).ptr();
         edits_.emplace_back([&module, key = item.key(), swapped = std::move(swapped)] {
           module.replace_module(key, swapped);
@@ -219,14 +212,6 @@ class Preparer {
         this->module(*child, name);
       }
     }
-  }
-
-  bool swappable(const torch::nn::Module& module) const {
-    return registry_.contains(std::type_index(typeid(module)));
-  }
-
-  bool weight_only(const torch::nn::Module& module) const {
-    return registry_.weight_only(std::type_index(typeid(module)));
   }
 
   // Runs `build` (which makes a QAT module or FakeQuantize for the layer at `name`), naming
@@ -248,13 +233,6 @@ class Preparer {
     return for_layer(name, *module, [&] {
       return registry_.swap(module, SwapOptions{specs.weight, specs.activation, relu, name});
     });
-  }
-
-  static bool folds(const std::vector<std::shared_ptr<torch::nn::Module>>& modules, size_t i) {
-    if (i + 1 >= modules.size()) {
-      return false;
-    }
-    return fold_dims(*modules[i], *modules[i + 1]) != 0;
   }
 
   // The dimensions (1, 2 or 3) of a conv + batch norm pair that folds into one QAT layer; 0
@@ -327,7 +305,7 @@ class Preparer {
     };
     for (size_t i = 0; i < n;) {
       const auto name = path(prefix, names[i]);
-      if (!skipped(i) && weight_only(*modules[i])) {
+      if (!skipped(i) && registry_.weight_only(std::type_index(typeid(*modules[i])))) {
         // Indices in, float rows out: no activation FakeQuantize around it.
         chain.emplace_back(names[i], swap(modules[i], name, false));
         quantized = false;
@@ -336,8 +314,9 @@ class Preparer {
         ++i;
         continue;
       }
-      const bool fold = !skipped(i) && folds(modules, i) && !skipped(i + 1);
-      if (!skipped(i) && (fold || swappable(*modules[i]))) {
+      const bool fold = !skipped(i) && i + 1 < n && fold_dims(*modules[i], *modules[i + 1]) != 0 &&
+                        !skipped(i + 1);
+      if (!skipped(i) && (fold || registry_.contains(std::type_index(typeid(*modules[i]))))) {
         const auto activation = config_.spec_for(name)->activation;
         if (!quantized) {
           fake_quant(
@@ -397,7 +376,7 @@ class Preparer {
             names[i] + "_fake_quant", config_.spec_for(name)->activation, i,
             Range{role->lo, role->hi, false});
       }
-      at_input = at_input && !skipped(i) && passes_qparams(*modules[i]);
+      at_input = at_input && !skipped(i) && has_role(*modules[i], OpRole::kPassesQParams);
       ++i;
     }
 
@@ -414,14 +393,10 @@ class Preparer {
       const std::string& name, bool relu) {
     const auto specs = *config_.spec_for(name);
     return for_layer(name, *conv, [&] {
-      switch (fold_dims(*conv, *bn)) {
-        case 1:
-          return fold<1>(conv, bn, specs.weight, relu);
-        case 2:
-          return fold<2>(conv, bn, specs.weight, relu);
-        default:
-          return fold<3>(conv, bn, specs.weight, relu);
-      }
+      const auto dims = fold_dims(*conv, *bn);
+      return dims == 1   ? fold<1>(conv, bn, specs.weight, relu)
+             : dims == 2 ? fold<2>(conv, bn, specs.weight, relu)
+                         : fold<3>(conv, bn, specs.weight, relu);
     });
   }
 
