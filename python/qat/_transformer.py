@@ -494,9 +494,7 @@ def make_traceable(model: nn.Module) -> nn.Module:
     if new is not None:
         return new
     for name, child in model.named_children():
-        replaced = _traceable(child)
-        if replaced is None:
-            make_traceable(child)
-        else:
+        replaced = make_traceable(child)
+        if replaced is not child:
             setattr(model, name, replaced)
     return model

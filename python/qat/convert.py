@@ -42,27 +42,24 @@ __all__ = ["ConversionReport", "compare", "convert"]
 
 _QParams = Tuple[float, int, torch.dtype]
 
-_ADD, _ADD_METHODS, _ = _op_roles.spellings("add")
-_MUL, _MUL_METHODS, _ = _op_roles.spellings("mul")
+_ADD = _op_roles.spellings("add")
+_MUL = _op_roles.spellings("mul")
 # Ops that run on a quantized tensor and keep its qparams (the op-role table's pass-through
 # and data-movement ops with quantized kernels: the integer model moves the same integers
 # the simulation moves values), but functional dropout. Clamps (ReLU6, Hardtanh) are not
 # among them: fused into the layer before them, or requantized after them, they run in
 # float.
-_PASS_FUNCTIONS, _PASS_METHODS, _PASS_MODULES = _op_roles.with_role(
-    "passes_qparams", "moves_data", integer_kernel=True)
-_PASS_FUNCTIONS = _PASS_FUNCTIONS - {F.dropout}
+_PASS = _op_roles.with_role("passes_qparams", "moves_data", integer_kernel=True)
+_PASS = (_PASS[0] - {F.dropout}, *_PASS[1:])
 # Ops that split a quantized tensor into a tuple of quantized tensors (read by getitem).
-_SPLIT_FUNCTIONS = {torch.chunk, torch.split}
-_SPLIT_METHODS = {"chunk", "split"}
+_SPLITS = ({torch.chunk, torch.split}, {"chunk", "split"}, ())
 # Calls that read sizes, not values: they take the quantized tensor and return no tensor.
-_SIZE_METHODS = {"size", "dim", "numel"}
+_SIZE_CALLS = ({getattr}, {"size", "dim", "numel"}, ())
 # Ops whose quantized kernels write their output with the fixed qparams the simulation
 # uses (prepare's FixedQParamsFakeQuantize), rounding once. Averages (pooling, mean) are
 # not among them: their kernels round to the input's grid, and the requantization after
 # would round a second time where the simulation rounds once; they run in float.
-_FIXED_QPARAMS_FUNCTIONS, _FIXED_QPARAMS_METHODS, _FIXED_QPARAMS_MODULES = \
-    _op_roles.with_role("fixed_range", integer_kernel=True)
+_FIXED_QPARAMS = _op_roles.with_role("fixed_range", integer_kernel=True)
 
 # Float islands whose sum over positions runs in another order on a channels-last tensor,
 # the layout of the quantized convs' outputs, than on the contiguous one the simulation
@@ -170,11 +167,14 @@ def _call_argument(node: fx.Node, position: int, name: str, default):
 def _integer_activation(node: fx.Node, module: Optional[nn.Module]):
     """For a hardswish, ELU or leaky ReLU, a function of the output qparams that makes its
     integer module (the kernels compute on the dequantized input in float and round once,
-    as the simulation does); None for any other op, or one whose constants are computed."""
+    as the simulation does), and for a norm module that ``has_integer_norm`` its integer
+    norm's; None for any other op, or one whose constants are computed."""
     def called(function, module_type):
         return (node.op == "call_function" and node.target is function
                 or isinstance(module, module_type))
 
+    if module is not None and has_integer_norm(module):
+        return lambda scale, zero_point: _integer_norm(module, scale, zero_point)
     if called(F.hardswish, nn.Hardswish):
         return quantized.Hardswish
     if called(F.elu, nn.ELU):
@@ -563,14 +563,14 @@ class _Converter:
 
     def output_fake_quant(self, node: fx.Node, relu_ok: bool):
         """(FakeQuantize node whose qparams ``node``'s output takes, ReLU node between them
-        or None, whether that FakeQuantize quantizes ``node``'s output itself)."""
-        return _output_quantizer(node, self.gm, lambda n: self.fake_quant(n) is not None,
-                                 relu_ok)
-
-    def fusable(self, relu: Optional[fx.Node], fq_node: fx.Node) -> bool:
-        """Whether the integer kernel's ReLU covers ``relu``: a ReLU always; a ReLU6 when
-        the FakeQuantize after it saturates at 6 (prepare's fixed [0, 6] qparams)."""
-        return _fuses_relu(relu, self.fake_quant(fq_node), self.gm)
+        or None, whether that FakeQuantize quantizes ``node``'s output itself); (None, None,
+        False) also where the integer kernel's ReLU would not cover that ReLU (a ReLU6
+        before a FakeQuantize that does not saturate at 6: ``_fuses_relu``)."""
+        fq_node, relu, owns = _output_quantizer(
+            node, self.gm, lambda n: self.fake_quant(n) is not None, relu_ok)
+        if fq_node is None or not _fuses_relu(relu, self.fake_quant(fq_node), self.gm):
+            return None, None, False
+        return fq_node, relu, owns
 
     def bind_output(self, new: fx.Node, node: fx.Node, fq_node: fx.Node, relu,
                     owns: bool = True) -> None:
@@ -618,12 +618,9 @@ class _Converter:
         if self.qparams.get(new_input) == qparams:
             self.env[node] = new_input
             return
-        if new_input in self.qparams:
-            new = self.add_module(f"{node.name}_requantize", quantized.Requantize(*qparams),
-                                  [new_input])
-        else:
-            new = self.add_module(f"{node.name}_quantize", quantized.Quantize(*qparams),
-                                  [new_input])
+        cls = quantized.Requantize if new_input in self.qparams else quantized.Quantize
+        # Named <node>_quantize, or <node>_requantize for an input quantized already.
+        new = self.add_module(f"{node.name}_{cls.__name__.lower()}", cls(*qparams), [new_input])
         self.env[node] = new
         self.qparams[new] = qparams
 
@@ -642,27 +639,20 @@ class _Converter:
             self.env[node] = self.add_module(node.target, layer, [self.as_float(first)])
             self.report.integer.append(_describe(node) + " dynamic")
             return True
-        if isinstance(module, (LSTM, GRU)) and self.dynamic:
-            layer = _dynamic_rnn(module)
+        rnn = isinstance(module, (LSTM, GRU)) and self.dynamic
+        if rnn or isinstance(module, (Embedding, EmbeddingBag)):
+            # Float inputs (a dynamic RNN) or indices (a table): taken as they are.
+            layer = _dynamic_rnn(module) if rnn else _integer_embedding(module)
             if layer is None:
                 return False
-            node_args = fx.node.map_arg(node.args, self.as_float)
-            node_kwargs = fx.node.map_arg(node.kwargs, self.as_float)
-            self.env[node] = self.add_module(node.target, layer, node_args, node_kwargs)
-            self.report.integer.append(_describe(node) + " dynamic")
-            return True
-        if isinstance(module, (Embedding, EmbeddingBag)):
-            table = _integer_embedding(module)
-            if table is None:
-                return False
-            self.env[node] = self.add_module(node.target, table,
+            self.env[node] = self.add_module(node.target, layer,
                                              fx.node.map_arg(node.args, self.as_float),
                                              fx.node.map_arg(node.kwargs, self.as_float))
-            self.report.integer.append(_describe(node))
+            self.report.integer.append(_describe(node) + (" dynamic" if rnn else ""))
             return True
         if isinstance(module, (*_CONVS, *_TRANSPOSED, Linear)):
             fq_node, relu, owns = self.output_fake_quant(node, relu_ok=True)
-            if x is None or fq_node is None or not self.fusable(relu, fq_node):
+            if x is None or fq_node is None:
                 return False
             if len(node.args) > 1 or node.kwargs.get("output_size") is not None:
                 return False  # a transposed conv's output size chosen per call
@@ -677,14 +667,12 @@ class _Converter:
             self.bind_output(self.add_module(node.target, integer, [x]), node, fq_node, relu,
                              owns)
             return True
-        is_add = (node.op == "call_function" and node.target in _ADD) or (
-            node.op == "call_method" and node.target in _ADD_METHODS)
-        is_mul = (node.op == "call_function" and node.target in _MUL) or (
-            node.op == "call_method" and node.target in _MUL_METHODS)
+        is_add = _calls_one_of(node, self.gm, *_ADD)
+        is_mul = _calls_one_of(node, self.gm, *_MUL)
         if (is_add or is_mul) and len(node.args) == 2 and not node.kwargs:
             y = self.quantized_input(node.args[1])
             fq_node, relu, owns = self.output_fake_quant(node, relu_ok=True)
-            if x is None or y is None or fq_node is None or not self.fusable(relu, fq_node):
+            if x is None or y is None or fq_node is None:
                 return False
             scale, zero_point, _ = _qparams(self.fake_quant(fq_node))
             if is_add and not quantized.Add.takes(self.qparams[x][0], self.qparams[y][0], scale):
@@ -707,14 +695,6 @@ class _Converter:
                 self.add_module(f"{node.name}_int", quantized.Cat(dim, scale, zero_point),
                                 [inputs]), node, fq_node, None)
             return True
-        if module is not None and has_integer_norm(module):
-            fq_node, _, owns = self.output_fake_quant(node, relu_ok=False)
-            if x is None or fq_node is None or not owns:
-                return False
-            qparams = _qparams(self.fake_quant(fq_node))[:2]
-            self.bind_output(self.add_module(node.target, _integer_norm(module, *qparams), [x]),
-                             node, fq_node, None)
-            return True
         activation = _integer_activation(node, module)
         if activation is not None:
             fq_node, _, owns = self.output_fake_quant(node, relu_ok=False)
@@ -729,13 +709,10 @@ class _Converter:
             return True
         if x is None:
             return False
-        if node.op == "call_method" and node.target in _SIZE_METHODS or (
-                node.op == "call_function" and node.target is getattr):
+        if _calls_one_of(node, self.gm, *_SIZE_CALLS):
             self.env[node] = self.copy(node, quantized_args=True)
             return True
-        splits = (node.op == "call_function" and node.target in _SPLIT_FUNCTIONS) or (
-            node.op == "call_method" and node.target in _SPLIT_METHODS)
-        if splits:
+        if _calls_one_of(node, self.gm, *_SPLITS):
             # Only parts taken one by one stay quantized: a slice (split[::-1]) is a tuple,
             # which the float ops after it take as float tensors.
             if not all(u.op == "call_function" and u.target is operator.getitem
@@ -745,12 +722,12 @@ class _Converter:
             self.env[node] = new
             self.tuples[new] = self.qparams[x]
             return True
-        if self.passes(node):
+        if _calls_one_of(node, self.gm, *_PASS):
             new = self.copy(node, quantized_args=True)
             self.env[node] = new
             self.qparams[new] = self.qparams[x]
             return True
-        if self.fixed_qparams(node):
+        if _calls_one_of(node, self.gm, *_FIXED_QPARAMS):
             fq_node, _, owns = self.output_fake_quant(node, relu_ok=False)
             if fq_node is None or not owns:
                 return False
@@ -762,13 +739,6 @@ class _Converter:
             self.report.integer.append(_describe(node))
             return True
         return False
-
-    def passes(self, node: fx.Node) -> bool:
-        return _calls_one_of(node, self.gm, _PASS_FUNCTIONS, _PASS_METHODS, _PASS_MODULES)
-
-    def fixed_qparams(self, node: fx.Node) -> bool:
-        return _calls_one_of(node, self.gm, _FIXED_QPARAMS_FUNCTIONS, _FIXED_QPARAMS_METHODS,
-                             _FIXED_QPARAMS_MODULES)
 
     def float_op(self, node: fx.Node) -> None:
         inputs: List[fx.Node] = []
@@ -799,8 +769,8 @@ class _Converter:
         self.env[node] = self.copy(node, quantized_args=False)
 
 
-def _choose_backend(qmodel: nn.Module, backend: Optional[str]) -> str:
-    """The engine to convert for (the argument, else the model's Config.backend), set as
+def _choose_backend(qmodel: nn.Module, backend: Optional[str]) -> None:
+    """Sets the engine to convert for (the argument, else the model's Config.backend) as
     the process's quantized engine, with a warning when that changes it."""
     if backend is None:
         config = json.loads(getattr(qmodel, "qat_config", "{}") or "{}")
@@ -817,7 +787,6 @@ def _choose_backend(qmodel: nn.Module, backend: Optional[str]) -> str:
             f"{backend!r} for this process: the integer model runs on that engine's kernels, "
             f"which are chosen when it first runs (set the engine yourself before converting "
             f"and this warning goes away)", stacklevel=3)
-    return backend
 
 
 def convert(qmodel: nn.Module, backend: Optional[str] = None,
@@ -1071,8 +1040,7 @@ def _output_step(qmodel: nn.Module) -> float:
         module = qmodel.get_submodule(source.target) if source.op == "call_module" else None
         if isinstance(module, FakeQuantize) and module.scale.numel() == 1:
             return float(module.scale.detach())
-        if not (_calls_one_of(source, qmodel, _PASS_FUNCTIONS, _PASS_METHODS, _PASS_MODULES)
-                and source.args):
+        if not (_calls_one_of(source, qmodel, *_PASS) and source.args):
             break
         source = source.args[0]  # relu, flatten, ...: the step of their input
     raise ValueError("qat.compare: the model's output does not come from a per-tensor "

@@ -233,14 +233,8 @@ def export(model: nn.Module, path: Union[str, os.PathLike], example_inputs,
             + (" (the arguments are model, path, example_inputs)" if swapped else ""))
     kind = _choose_format(path, mobile, format)
     _check_writable(path)
-    if kind == "pte":
-        require_executorch("qat.export")
-    elif kind == "onnx":
-        require_onnx("qat.export")
-    elif kind == "ptl":
-        require_lite_interpreter("qat.export")
-    else:
-        require_torchscript("qat.export")
+    {"pte": require_executorch, "onnx": require_onnx, "ptl": require_lite_interpreter}.get(
+        kind, require_torchscript)("qat.export")
     with torch_deprecations_once():
         if kind in ("pte", "onnx"):
             return _export_qdq(model, os.fspath(path), example_inputs, kind)
@@ -690,10 +684,7 @@ def load(path: Union[str, os.PathLike]) -> Tuple[Callable, str]:
         engine = "qnnpack"  # a file written otherwise
     if engine in torch.backends.quantized.supported_engines:
         torch.backends.quantized.engine = engine
-    if lite:
-        require_lite_interpreter(path)
-    else:
-        require_torchscript(path)
+    (require_lite_interpreter if lite else require_torchscript)(path)
     try:
         with torch_deprecations_once():
             if lite:

@@ -239,12 +239,17 @@ def _labels(where: str, metric: str, batches: list, targets) -> Optional[List[to
 
 # -- measurement -----------------------------------------------------------------------
 
-def _quantizable(model: nn.Module, config: Config) -> Tuple[nn.Module, _Layers]:
+def _quantizable(model: nn.Module, config: Config,
+                 where: Optional[str] = None) -> Tuple[nn.Module, _Layers]:
     """The model prepared with ``config``'s weight specs and float activations (as for
-    dynamic quantization), and its layers with a weight FakeQuantize, in module order."""
+    dynamic quantization), and its layers with a weight FakeQuantize, in module order;
+    with ``where``, a ValueError naming it when there are none."""
     qmodel = prepare(model, dataclasses.replace(config, dynamic=True))
     layers = [(name, m) for name, m in qmodel.named_modules()
               if isinstance(getattr(m, "weight_fake_quant", None), FakeQuantize)]
+    if where is not None and not layers:
+        raise ValueError(f"{where}: the model has no layer that qat.prepare quantizes with "
+                         f"this config")
     return qmodel, layers
 
 
@@ -303,9 +308,6 @@ def _accuracy(outputs: List[torch.Tensor], labels: List[torch.Tensor]) -> float:
 def _measure(where: str, model: nn.Module, qmodel: nn.Module, layers: _Layers,
              batches: list, metric: str, bits: List[int], labels,
              progress: bool) -> SensitivityReport:
-    if not layers:
-        raise ValueError(f"{where}: the model has no layer that qat.prepare quantizes with "
-                         f"this config")
     qmodel.eval()
     disable_fake_quant(qmodel)
     disable_observer(qmodel)
@@ -384,7 +386,7 @@ def sensitivity(model: nn.Module, batches, metric: str = "sqnr",
     config = _check_config(where, "config", config)
     batches = _check_batches(where, batches)
     labels = _labels(where, metric, batches, targets)
-    qmodel, layers = _quantizable(model, config)
+    qmodel, layers = _quantizable(model, config, where)
     return _measure(where, model, qmodel, layers, batches, metric, bits, labels, progress)
 
 
@@ -538,10 +540,7 @@ def auto_precision(model: nn.Module, batches, size_budget,
     metric = _check_metric(where, metric)
     bits = _check_bits(where, candidate_bits)
     base_config = _check_config(where, "base_config", base_config)
-    qmodel, layers = _quantizable(model, base_config)
-    if not layers:
-        raise ValueError(f"{where}: the model has no layer that qat.prepare quantizes with "
-                         f"this config")
+    qmodel, layers = _quantizable(model, base_config, where)
     names = [name for name, _ in layers]
     params = {name: layer.weight.numel() for name, layer in layers}
     float_params = _float_params(model, layers)

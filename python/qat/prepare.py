@@ -37,9 +37,9 @@ __all__ = ["prepare"]
 # with convert and the C++ front end; these are its Python spellings.
 # Ops whose output the integer model requantizes, so it gets its own FakeQuantize (a clamp
 # not fused into a layer before it among them: its bound is not on its input's grid).
-_QUANTIZED_FUNCTIONS, _QUANTIZED_METHODS, _QUANTIZED_MODULES = _op_roles.with_role("requantizes")
+_QUANTIZED = _op_roles.with_role("requantizes")
 # Ops whose integer kernels keep their input's qparams: no FakeQuantize of their own.
-_PASS_FUNCTIONS, _PASS_METHODS, _PASS_MODULES = _op_roles.with_role("passes_qparams")
+_PASS = _op_roles.with_role("passes_qparams")
 _RELU_FUNCTIONS = tuple(_op_roles.spellings("relu")[0])
 # Ops whose integer kernels write their output with fixed qparams: the output range.
 _FIXED_RANGES = _op_roles.fixed_ranges()
@@ -60,10 +60,6 @@ def _reads_training(cls: type) -> bool:
             return True
         codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
     return False
-
-
-def _has_parameters(module: nn.Module) -> bool:
-    return next(module.parameters(), None) is not None
 
 
 class _Proxy(fx.Proxy):
@@ -99,7 +95,7 @@ class _Tracer(fx.Tracer):
         # flag's value at trace time would be baked into the graph and eval() would not
         # reach it.
         return super().is_leaf_module(m, module_qualified_name) or lookup(m) is not None or (
-            not _has_parameters(m) and _reads_training(type(m)))
+            next(m.parameters(), None) is None and _reads_training(type(m)))
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
@@ -181,10 +177,6 @@ def _quantize_output(module: nn.Module, inputs: Tuple[torch.Tensor],
     return module.activation_post_process(output)
 
 
-def _quantizes_own_output(module: nn.Module) -> bool:
-    return len(inspect.signature(module.forward).parameters) > 1
-
-
 def _swap_in_place(root: nn.Module, config: Config, prefix: str = "") -> List[str]:
     """Swaps the registered modules under ``root`` (named ``prefix`` in the whole model)
     by name. Each swapped module quantizes its output with a FakeQuantize child,
@@ -200,7 +192,7 @@ def _swap_in_place(root: nn.Module, config: Config, prefix: str = "") -> List[st
             qat_module, activation_spec = swapped
             if not (config.dynamic or getattr(type(qat_module), "weight_only", False)):
                 qat_module.activation_post_process = FakeQuantize(activation_spec)
-                if not _quantizes_own_output(qat_module):
+                if len(inspect.signature(qat_module.forward).parameters) <= 1:
                     qat_module.register_forward_hook(_quantize_output)
             _set_module(root, name, qat_module)
         elif (_qat_class(module, config) is None and _has_own_parameters(module)
@@ -250,11 +242,6 @@ def _takes_indices(node: fx.Node, gm: fx.GraphModule) -> bool:
                                                    (nn.Embedding, nn.EmbeddingBag))
 
 
-def _is_comparison(node: fx.Node) -> bool:
-    """Whether ``node`` compares tensors (its output is a mask, its inputs often ids)."""
-    return _op_roles.comparison(node) is not None
-
-
 def _is_relu6(node: Optional[fx.Node], gm: fx.GraphModule) -> bool:
     """Whether ``node`` is a ReLU6 of its one input."""
     return node is not None and len(node.args) == 1 and (
@@ -265,9 +252,7 @@ def _is_relu6(node: Optional[fx.Node], gm: fx.GraphModule) -> bool:
 
 def _fixed_range(node: fx.Node, gm: fx.GraphModule):
     """The fixed output range of a sigmoid / hardsigmoid / tanh call, or None."""
-    if node.op == "call_function":
-        return _FIXED_RANGES.get(node.target)
-    if node.op == "call_method":
+    if node.op in ("call_function", "call_method"):
         return _FIXED_RANGES.get(node.target)
     if node.op == "call_module":
         return _FIXED_RANGES.get(type(gm.get_submodule(node.target)))
@@ -310,10 +295,7 @@ def _fuse_conv_bn(gm: fx.GraphModule, config: Config, spec_modules: Dict[str, nn
         _, conv_bn, conv_bn_relu = _CONV_BN[kind]
         relu_node = _single_user(bn_node)
         is_relu = _is_relu(relu_node, gm)
-        if is_relu:
-            fused_module = conv_bn_relu(conv, bn, nn.ReLU())
-        else:
-            fused_module = conv_bn(conv, bn)
+        fused_module = conv_bn_relu(conv, bn, nn.ReLU()) if is_relu else conv_bn(conv, bn)
         _set_module(gm, conv_node.target, fused_module)
         spec_modules[conv_node.target] = conv
         bn_node.replace_all_uses_with(conv_node)
@@ -356,14 +338,6 @@ def _calls_one_of(node: fx.Node, gm: fx.GraphModule, functions, methods, modules
     if node.op == "call_module":
         return _op_roles.is_module_of(gm.get_submodule(node.target), modules)
     return False
-
-
-def _is_quantized_op(node: fx.Node, gm: fx.GraphModule) -> bool:
-    return _calls_one_of(node, gm, _QUANTIZED_FUNCTIONS, _QUANTIZED_METHODS, _QUANTIZED_MODULES)
-
-
-def _is_pass_through(node: fx.Node, gm: fx.GraphModule) -> bool:
-    return _calls_one_of(node, gm, _PASS_FUNCTIONS, _PASS_METHODS, _PASS_MODULES)
 
 
 def fixed_qparams_spec(spec: QuantSpec) -> QuantSpec:
@@ -465,7 +439,7 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
             # indices for an embedding, and what is compared (token ids made a mask), stay
             # as they are.
             users = [u for u in node.users
-                     if not _takes_indices(u, gm) and not _is_comparison(u)]
+                     if not _takes_indices(u, gm) and _op_roles.comparison(u) is None]
             if not node.args and users:
                 inserter.after(node, config.activation,
                                users=None if len(users) == len(node.users) else users)
@@ -500,7 +474,7 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
         elif _fixed_range(node, gm) is not None and first in inserter.quantized:
             inserter.after(node, config.activation, fixed_range=(*_fixed_range(node, gm), False))
             continue
-        elif _is_quantized_op(node, gm) and node in tensors:
+        elif _calls_one_of(node, gm, *_QUANTIZED) and node in tensors:
             spec = config.activation
             if node.op == "call_module":
                 specs = config.spec_for(node.target, gm.get_submodule(node.target))
@@ -508,7 +482,7 @@ def _prepare_graph(gm: fx.GraphModule, config: Config) -> None:
                     continue
                 spec = specs[1]
         else:
-            if _is_pass_through(node, gm) and first in inserter.quantized:
+            if _calls_one_of(node, gm, *_PASS) and first in inserter.quantized:
                 inserter.quantized.add(node)
             continue
         users = list(node.users)
@@ -646,7 +620,7 @@ def _pass_kernel_qparams(gm: fx.GraphModule, swapped, backend: str) -> None:
             continue
         source = node.args[0] if node.args else None
         # Ops such as flatten, relu and max pooling keep their input's qparams.
-        while isinstance(source, fx.Node) and _is_pass_through(source, gm) and source.args:
+        while isinstance(source, fx.Node) and _calls_one_of(source, gm, *_PASS) and source.args:
             source = source.args[0]
         if not (isinstance(source, fx.Node) and is_fake_quant(source)):
             continue
@@ -654,7 +628,6 @@ def _pass_kernel_qparams(gm: fx.GraphModule, swapped, backend: str) -> None:
             kwargs = {"input_scale": gm.graph.get_attr(f"{source.target}.scale")}
             fq_node, relu, _ = _output_quantizer(node, gm, is_fake_quant, relu_ok=True)
             if (backend == "qnnpack" and fq_node is not None and len(node.args) == 1
-                    and _computes_with_integers(gm.get_submodule(node.target))
                     and _fuses_relu(relu, gm.get_submodule(fq_node.target), gm)):
                 kwargs["kernel_qparams"] = tuple(
                     gm.graph.get_attr(f"{target}.{name}") for target, name in (
@@ -662,14 +635,6 @@ def _pass_kernel_qparams(gm: fx.GraphModule, swapped, backend: str) -> None:
                         (fq_node.target, "observer_enabled"),
                         (fq_node.target, "fake_quant_enabled")))
         node.kwargs = {**node.kwargs, **kwargs}
-
-
-def _computes_with_integers(module: nn.Module) -> bool:
-    """Whether the QAT layer takes ``kernel_qparams``: convs (batch norm folded or not,
-    transposed or not) and linears, whose kernels' arithmetic
-    qat.modules._common.requantize reproduces."""
-    return isinstance(module, (Linear, Conv1d, Conv2d, Conv3d, _ConvBnNd, ConvTranspose1d,
-                               ConvTranspose2d))
 
 
 def prepare(model: nn.Module, config: Optional[Config] = None, example_inputs=None,

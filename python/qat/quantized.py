@@ -190,6 +190,7 @@ class _IntegerLayer(_PacksOnFirstForward, _WithOutputQParams):
         # A zero bias computes what no bias does.
         self.register_buffer("bias", torch.zeros(ints.shape[self.axis]) if bias is None
                              else bias.detach().float().clone())
+        self._packed_params = None
 
     def _ints(self) -> torch.Tensor:
         if self.values_per_byte == 1:
@@ -212,8 +213,13 @@ class _IntegerLayer(_PacksOnFirstForward, _WithOutputQParams):
             ints, float(self.weight_scale[0]), int(zero_points[0]))
 
     def _lowered_weight(self) -> dict:
+        # With a conv's geometry where the layer has one (LoweredOp takes it by name).
+        geometry = {name: getattr(self, name) for name in
+                    ("stride", "padding", "dilation", "groups", "output_padding")
+                    if hasattr(self, name)}
         return {"weight": self.quantized_weight(), "bias": self.bias,
-                "weight_bits": self.weight_bits, "weight_quant_min": -self.weight_offset}
+                "weight_bits": self.weight_bits, "weight_quant_min": -self.weight_offset,
+                **geometry}
 
     def _keep_stored(self) -> None:
         self.weight_data = self.weight_data
@@ -236,11 +242,6 @@ class _ConvNd(_IntegerLayer):
         super().__init__(weight, bias, weight_bits, weight_quant_min, scale, zero_point, relu)
         self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
         self.groups = groups
-        self._packed_params = None
-
-    def _lowered_weight(self) -> dict:
-        return dict(super()._lowered_weight(), stride=self.stride, padding=self.padding,
-                    dilation=self.dilation, groups=self.groups)
 
 
 class Conv1d(_ConvNd):
@@ -306,9 +307,6 @@ class _ConvTransposeNd(_ConvNd):
                          relu, weight_bits, weight_quant_min)
         self.output_padding = list(output_padding)
 
-    def _lowered_weight(self) -> dict:
-        return dict(super()._lowered_weight(), output_padding=self.output_padding)
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, output_padding={self.output_padding}"
 
@@ -348,10 +346,6 @@ class ConvTranspose2d(_ConvTransposeNd):
 
 class _LinearBase(_IntegerLayer):
     _packed_params: Optional[torch.classes.quantized.LinearPackedParamsBase]
-
-    def __init__(self, weight, bias, weight_bits, weight_quant_min, scale, zero_point, relu):
-        super().__init__(weight, bias, weight_bits, weight_quant_min, scale, zero_point, relu)
-        self._packed_params = None
 
     def _prepack(self) -> torch.classes.quantized.LinearPackedParamsBase:
         return torch.ops.quantized.linear_prepack(self.quantized_weight(), self.bias)
@@ -424,7 +418,6 @@ class _WeightOnly(_IntegerLayer):
         super().__init__(weight, bias, weight_bits, weight_quant_min, scale, zero_point, False)
         self.quantize_output = output is not None
         self.quant_min, self.quant_max = int(quant_min), int(quant_max)
-        self._packed_params = None
 
     def _weight(self) -> torch.Tensor:
         # Writing the stored tensors back keeps torch.jit.freeze from folding the
@@ -480,10 +473,6 @@ class WeightOnlyConv(_WeightOnly):
             y = F.conv3d(x, w, self.bias, self.stride, self.padding, self.dilation,
                          self.groups)
         return self._output(y)
-
-    def _lowered_weight(self) -> dict:
-        return dict(super()._lowered_weight(), stride=self.stride, padding=self.padding,
-                    dilation=self.dilation, groups=self.groups)
 
 
 def _conv_padding(conv: nn.Module) -> Tuple[List[int], List[int], str]:
@@ -567,11 +556,6 @@ class WeightOnlyConvTranspose(_WeightOnly):
             y = F.conv_transpose3d(x, w, self.bias, self.stride, self.padding, padded,
                                    self.groups, self.dilation)
         return self._output(y)
-
-    def _lowered_weight(self) -> dict:
-        return dict(super()._lowered_weight(), stride=self.stride, padding=self.padding,
-                    output_padding=self.output_padding, dilation=self.dilation,
-                    groups=self.groups)
 
 
 class WeightOnlyLinear(_WeightOnly):
