@@ -416,10 +416,7 @@ class _Emitter:
         flat = self.qdq(self.op("Flatten", [x], f"{name}_flat", axis=len(shape) - 1),
                         self.input_qparams(node), f"{name}_flat")
         y = self.output(node, op, self.op("Gemm", [flat, w, b], name, transB=1))
-        leading = self.op("Slice", [self.op("Shape", [x], f"{name}_shape"),
-                                    self.const(f"{name}_start", np.array([0], np.int64)),
-                                    self.const(f"{name}_end", np.array([-1], np.int64))],
-                          f"{name}_leading")
+        leading = self.op("Shape", [x], f"{name}_leading", start=0, end=-1)
         out = self.const(f"{name}_features", np.array([-1], np.int64))
         target = self.op("Concat", [leading, out], f"{name}_out_shape", axis=0)
         return self.qdq(self.op("Reshape", [y, target], f"{name}_reshaped"),
@@ -524,9 +521,9 @@ class _Emitter:
             # A table left in float (skipped in the Config): a Gather of its rows.
             weight = self.const(f"{node.target}.weight", module.weight.detach().float().numpy())
             return self.op("Gather", [weight, args[0]], node.name, axis=0)
-        if name in ("relu", "sigmoid", "tanh"):
-            return self.op({"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}[name],
-                           [args[0]], node.name)
+        unary = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish"}
+        if name in unary:
+            return self.op(unary[name], [args[0]], node.name)
         if name == "cat":
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             # A list in the graph, or one node's (a split's outputs, or a slice of them).
@@ -557,8 +554,6 @@ class _Emitter:
             axes, keepdims = self.reduced_axes(node)
             return self.op("ReduceMean" if name == "mean" else "ReduceMax", [args[0]],
                            node.name, axes=axes, keepdims=keepdims)
-        if name == "hardswish":
-            return self.op("HardSwish", [args[0]], node.name)
         if name == "relu6":
             return self.op("Clip", [args[0], self.const(f"{node.name}_min", np.float32(0)),
                                     self.const(f"{node.name}_max", np.float32(6))], node.name)
@@ -891,10 +886,7 @@ class _Emitter:
                            node.name, **attributes)
         # The batch and channel sizes from the input (the batch stays free), the spatial
         # ones those the integer model gave.
-        leading = self.op("Slice", [
-            self.op("Shape", [x], f"{node.name}_shape"),
-            self.const(f"{node.name}_start", np.array([0], np.int64)),
-            self.const(f"{node.name}_end", np.array([2], np.int64))], f"{node.name}_leading")
+        leading = self.op("Shape", [x], f"{node.name}_leading", start=0, end=2)
         sizes = self.op("Concat", [leading, self.const(
             f"{node.name}_spatial", np.array(self.shapes[node][2:], np.int64))],
             f"{node.name}_sizes", axis=0)
@@ -1360,21 +1352,16 @@ class _Emitter:
         """A max or average pooling (``name``), a module or a call of ``F.max_pool2d`` /
         ``F.avg_pool2d`` (1d alike) as MaxPool / AveragePool; None for options ONNX has no
         attribute for (indices returned, a divisor override)."""
-        if module is None:
-            # F.avg_pool* are builtins (no signature to bind), F.max_pool* dispatch on
-            # return_indices: the module's arguments, in the functions' order.
-            names = (["kernel_size", "stride", "padding", "dilation", "ceil_mode",
-                      "return_indices"] if name.startswith("max") else
-                     ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                      "divisor_override"])
-            given = dict(zip(names, node.args[1:]), **node.kwargs)
-            defaults = dict(stride=None, padding=0, dilation=1, ceil_mode=False,
-                            return_indices=False, count_include_pad=True,
-                            divisor_override=None)
-            options = SimpleNamespace(**{n: given.get(n, defaults.get(n))
-                                               for n in names})
-        else:
-            options = module
+        options = module
+        if module is None and name.startswith("avg"):
+            # F.avg_pool* are builtins (no signature to bind) taking nn.AvgPool*d's arguments.
+            options = getattr(nn, f"AvgPool{name[-2]}d")(*node.args[1:], **node.kwargs)
+        elif module is None:
+            # F.max_pool* dispatch on return_indices: bound as their *_with_indices form.
+            bound = inspect.signature(getattr(F, f"{name}_with_indices")).bind(
+                *node.args, **node.kwargs)
+            bound.apply_defaults()
+            options = SimpleNamespace(**bound.arguments)
         if getattr(options, "return_indices", False) or \
                 getattr(options, "divisor_override", None) is not None:
             return None
@@ -1464,9 +1451,7 @@ class _Emitter:
                 graph_inputs.append(helper.make_tensor_value_info(
                     node.name, onnx.helper.np_dtype_to_tensor_dtype(x.numpy().dtype), shape))
             if node.op == "output":
-                outputs = node.args[0]
-                for i, out in enumerate(outputs if isinstance(outputs, (tuple, list))
-                                        else [outputs]):
+                for i, out in enumerate(_outputs_list(node.args[0])):
                     name = self.op("Identity", [self.env[out]], f"output_{i}")
                     shape = list(self.shapes[out])
                     if i < len(output_batch_dims) and output_batch_dims[i] is not None:

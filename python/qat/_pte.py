@@ -33,8 +33,7 @@ from torch.ao.nn.quantized import dynamic
 
 from . import quantized
 
-__all__ = ["available", "emit", "load", "lower", "qdq_model", "read_metadata_text",
-           "run_fresh"]
+__all__ = ["available", "emit", "load", "lower", "read_metadata_text", "run_fresh"]
 
 # What a quantized tensor of the integer model carries: scale, zero point, dtype.
 _QParams = Tuple[float, int, torch.dtype]
@@ -394,16 +393,11 @@ class _Emitter:
                 user.replace_input_with(node, copy)
 
 
-def qdq_model(int_model: fx.GraphModule, inputs: tuple) -> fx.GraphModule:
-    """The float model with quantize / dequantize pairs that computes what ``int_model``
-    (from :func:`qat.convert`) computes, ready for ``torch.export``."""
-    return _emit_qdq(int_model, inputs)[0]
-
-
 def _emit_qdq(int_model: fx.GraphModule,
               inputs: tuple) -> Tuple[fx.GraphModule, List[str], List[str]]:
-    """(:func:`qdq_model`, the layers whose sub-8-bit weights it stores as int8, the
-    embeddings whose tables it stores in float)."""
+    """(The float model with quantize / dequantize pairs that computes what ``int_model``
+    (from :func:`qat.convert`) computes, ready for ``torch.export``; the layers whose
+    sub-8-bit weights it stores as int8; the embeddings whose tables it stores in float)."""
     if not isinstance(int_model, fx.GraphModule):
         raise TypeError(f"qat.export: a .pte is written from a QAT model or one converted "
                         f"by qat.convert (a torch.fx.GraphModule), got "
@@ -422,15 +416,9 @@ _SKIP_IN_REPORT = {"getitem", "executorch_call_delegate"}
 
 def _not_delegated(program) -> List[str]:
     """The ops of the lowered program that run outside XNNPACK, by their ATen names."""
-    names = []
-    for node in program.graph_module.graph.nodes:
-        if node.op != "call_function":
-            continue
-        name = getattr(node.target, "__name__", str(node.target))
-        if name.split(".")[0] in _SKIP_IN_REPORT:
-            continue
-        names.append(name)
-    return names
+    names = [getattr(node.target, "__name__", str(node.target))
+             for node in program.graph_module.graph.nodes if node.op == "call_function"]
+    return [name for name in names if name.split(".")[0] not in _SKIP_IN_REPORT]
 
 
 def _count(graph_module, names) -> int:
@@ -541,7 +529,7 @@ def lower(model: nn.Module, inputs: tuple, metadata: Optional[dict] = None,
 
 
 def emit(int_model: fx.GraphModule, inputs: tuple, metadata: dict) -> Tuple[bytes, dict]:
-    """The ``.pte`` program of ``int_model`` (:func:`qdq_model`, then :func:`lower`), with
+    """The ``.pte`` program of ``int_model`` (:func:`_emit_qdq`, then :func:`lower`), with
     ``metadata`` and the delegation report (also naming the convs whose sub-8-bit weights
     are stored as int8) in its ``qat_metadata`` method; and that report."""
     model, int8_stored, float_stored = _emit_qdq(int_model, inputs)
@@ -611,12 +599,10 @@ def input_signature(program) -> List[Tuple[Tuple[int, ...], object]]:
     """(shape, dtype) of each input of the program's ``forward`` (the dtype as ExecuTorch's
     code where it is none of _INPUT_DTYPES)."""
     meta = program.method_meta("forward")
-    signature = []
-    for i in range(meta.num_inputs()):
-        info = meta.input_tensor_meta(i)
-        code = int(info.dtype())
-        signature.append((tuple(info.sizes()), _INPUT_DTYPES.get(code, f"ScalarType {code}")))
-    return signature
+    infos = [meta.input_tensor_meta(i) for i in range(meta.num_inputs())]
+    return [(tuple(info.sizes()), _INPUT_DTYPES.get(int(info.dtype()),
+                                                    f"ScalarType {int(info.dtype())}"))
+            for info in infos]
 
 
 def check_inputs(path: str, signature, inputs) -> None:
