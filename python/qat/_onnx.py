@@ -521,9 +521,8 @@ class _Emitter:
             # A table left in float (skipped in the Config): a Gather of its rows.
             weight = self.const(f"{node.target}.weight", module.weight.detach().float().numpy())
             return self.op("Gather", [weight, args[0]], node.name, axis=0)
-        unary = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish"}
-        if name in unary:
-            return self.op(unary[name], [args[0]], node.name)
+        if name in _UNARY_ROLES:
+            return self.op(_UNARY_ROLES[name], [args[0]], node.name)
         if name == "cat":
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             # A list in the graph, or one node's (a split's outputs, or a slice of them).
@@ -1503,6 +1502,8 @@ _SOFTMAXES = {nn.Softmax: "Softmax", F.softmax: "Softmax", torch.softmax: "Softm
               torch.log_softmax: "LogSoftmax", "log_softmax": "LogSoftmax"}
 
 
+# Float ops of one operand by their op-role name (module, function and method spellings).
+_UNARY_ROLES = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish"}
 # Float ops of one operand, and of two (a tensor and a tensor or a number), by spelling.
 _UNARY = {torch.neg: "Neg", operator.neg: "Neg", "neg": "Neg", torch.abs: "Abs",
           "abs": "Abs", torch.exp: "Exp", "exp": "Exp", torch.sqrt: "Sqrt", "sqrt": "Sqrt",
