@@ -44,9 +44,10 @@ same rotation, 51-56 ms beside qat with ``--keep-freed-memory``; qat's ratio 0.9
 every variant in one rotation (the previous default) and ``--float-and-qat`` leaves
 PyTorch's flows out; the header says which. ``--epoch`` instead trains the demo's model for
 one full Fashion-MNIST epoch (batch 128, Adam, as the demo does), float and QAT each in a
-fresh process, alternating for ``--epoch-rounds`` rounds (3), and prints each epoch's time
-and the ratio of the medians; with ``--in-process``, float and QAT step by step in turn over
-the same batches in one process (the default before the third session of 2026-12-07). In
+fresh process, alternating for ``--epoch-rounds`` rounds (3), and prints each epoch's time,
+median step and page faults per step (epoch_seconds), and the ratio of the medians; with
+``--in-process``, float and QAT step by step in turn over the same batches in one process
+(the default before the third session of 2026-12-07). In
 one process each model's steps change the other's: the demo's float epoch on torch 1.13
 took 10.2-10.6 s beside one QAT build and 12.1 s beside another whose activation
 quantizers allocate less.
@@ -61,6 +62,7 @@ import argparse
 import copy
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -321,10 +323,15 @@ def isolated_tables(args, argv: List[str]) -> list:
     return verdicts
 
 
-def epoch_seconds(variants: List[str]) -> Tuple[Dict[str, float], int, int]:
+def epoch_seconds(variants: List[str]) -> Tuple[Dict[str, float], int, int, Dict[str, str]]:
     """One Fashion-MNIST epoch of the demo's model for each of ``variants`` ("float",
     "qat"), step by step in turn over the same batches: (seconds by variant, images,
-    steps)."""
+    steps, each variant's median step and the process's page faults per step).
+
+    The faults tell an epoch's memory regime: glibc either keeps the step's large blocks
+    mapped or hands them back to the OS and faults them in again every step. On the host
+    of 2026-12-08 the demo's median step went from 22-27 ms at 1,400-2,500 faults a step to
+    30-33 ms at 3,000-6,600, float and qat alike, from one process to the next."""
     from qat.datasets import load_fashion_mnist
 
     images, labels = load_fashion_mnist(train=True)
@@ -336,39 +343,47 @@ def epoch_seconds(variants: List[str]) -> Tuple[Dict[str, float], int, int]:
               for label in variants}
     steps = {label: make_step(m, images[:1], labels[:1], torch.optim.Adam(m.parameters(), 1e-3))
              for label, m in models.items()}
-    seconds = {label: 0.0 for label in steps}
-    count = 0
+    times: Dict[str, List[float]] = {label: [] for label in steps}
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for x, y in batches(images, labels, torch.Generator().manual_seed(0)):
         for label, step in steps.items():
             start = time.perf_counter()
             step(x, y)
-            seconds[label] += time.perf_counter() - start
-        count += 1
-    return seconds, len(images), count
+            times[label].append(time.perf_counter() - start)
+    count = len(times[variants[0]])
+    per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / count
+    seconds = {label: sum(values) for label, values in times.items()}
+    regime = {label: f"median step {statistics.median(values) * 1e3:.1f} ms, "
+                     f"{per_step:.0f} page faults a step"
+              for label, values in times.items()}
+    return seconds, len(images), count, regime
 
 
 def epoch_table(args, argv: List[str]) -> None:
     """The float and QAT epochs (epoch_seconds), each in a fresh process, alternating for
     ``--epoch-rounds`` rounds, or (``--in-process``) step by step in turn in this one."""
     if args.in_process:
-        seconds, images, count = epoch_seconds(["float", "qat"])
-        rounds = [seconds]
+        seconds, images, count, regimes = epoch_seconds(["float", "qat"])
+        rounds = [(seconds, regimes)]
     else:
         rounds = []
         for _ in range(args.epoch_rounds):
-            seconds = {}
+            seconds, regimes = {}, {}
             for variant in ("float", "qat"):
-                measured, images, count = in_fresh_process(argv, ["--epoch-variant", variant])
+                measured, images, count, regime = in_fresh_process(
+                    argv, ["--epoch-variant", variant])
                 seconds.update(measured)
-            rounds.append(seconds)
+                regimes.update(regime)
+            rounds.append((seconds, regimes))
     print(f"\nFashion-MNIST epoch ({images} images, {count} steps of {DEMO_BATCH}, Adam), "
           + ("float and qat step by step in turn in one process" if args.in_process else
              f"each epoch in a fresh process, float then qat, {len(rounds)} round(s)"))
-    for number, seconds in enumerate(rounds, 1):
+    for number, (seconds, regimes) in enumerate(rounds, 1):
         print(("" if args.in_process else f"round {number}: ") + ", ".join(
-            f"{label} {value:.2f} s" for label, value in seconds.items())
+            f"{label} {value:.2f} s ({regimes[label]})" for label, value in seconds.items())
             + f", qat {seconds['qat'] / seconds['float']:.2f}x float")
-    medians = {label: statistics.median(r[label] for r in rounds) for label in ("float", "qat")}
+    medians = {label: statistics.median(r[label] for r, _ in rounds)
+               for label in ("float", "qat")}
     ratio = medians["qat"] / medians["float"]
     print(f"epoch: qat {ratio:.2f}x float, median {medians['qat']:.2f} s over "
           f"{medians['float']:.2f} s ({'<=' if ratio <= EPOCH_TARGET else '>'} "
